@@ -1,0 +1,37 @@
+# thunderline-lab: `make run` (the main job) and `make test` (the tests).
+# Both create or update .venv first; set-up is a no-op when pyproject.toml has not changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+STUDY  ?= studies/spectral_norm_ab.toml
+
+.PHONY: setup run test lint bench clean
+.DEFAULT_GOAL := run
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (thunderline-lab)" >/dev/null
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/thunderline-lab run $(STUDY)
+
+test: setup
+	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly notebooks/
+
+lint: setup
+	$(BIN)/ruff check thunderline_lab tests benchmarks
+	$(BIN)/ruff format --check thunderline_lab tests benchmarks
+	$(BIN)/mypy
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) lab .pytest_cache
