@@ -1,0 +1,656 @@
+"""ML events: the canonical envelope, the six ``ml.*`` payloads, constructors and validation.
+
+Every fact of a study enters the lab as one of these events (seed 000's taxonomy)::
+
+    ml.run.start       a training run of a trial began           priority high
+    ml.run.metric      metrics at a step (one, or a map)          priority normal
+    ml.run.stop        the training run ended                    priority high
+    ml.trial.start     an Optuna trial began                      priority high
+    ml.trial.complete  a trial ended: completed/pruned/cancelled  priority high
+    ml.trial.failed    a trial failed (error_type, error_message) priority high
+
+All route to the ``realtime`` pipeline. Names outside ``ml.*`` must carry one of the
+reserved prefixes (``system. reactor. ui. audit. evt. ml. ai. flow. grid.``); such
+events are kept in the log with a free-form payload but project nothing.
+
+Constructors are strict (a string where an int belongs is an error); leniency for other
+producers' wire formats lives in :mod:`thunderline_lab.wire`.
+
+Example:
+    >>> from thunderline_lab import events
+    >>> ev = events.run_metric(model_run_id="study-1", trial_id="trial_003",
+    ...                        metric_name="val_accuracy", metric_value=0.8765, step=42)
+    >>> ev.name, ev.priority, ev.pipeline
+    ('ml.run.metric', 'normal', 'realtime')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from thunderline_lab.errors import ThunderlineLabError
+
+__all__ = [
+    "ML_EVENT_NAMES",
+    "RESERVED_PREFIXES",
+    "TERMINAL_STATUSES",
+    "ErrorDetail",
+    "Event",
+    "EventValidationError",
+    "GenericEvent",
+    "MLEvent",
+    "RunMetric",
+    "RunMetricEvent",
+    "RunStart",
+    "RunStartEvent",
+    "RunStop",
+    "RunStopEvent",
+    "TrialComplete",
+    "TrialCompleteEvent",
+    "TrialFailed",
+    "TrialFailedEvent",
+    "TrialStart",
+    "TrialStartEvent",
+    "dump_events",
+    "event_json_schema",
+    "make_event",
+    "new_event_id",
+    "run_metric",
+    "run_start",
+    "run_stop",
+    "trial_complete",
+    "trial_failed",
+    "trial_start",
+    "utcnow",
+    "validate_event",
+    "validate_events",
+    "validate_events_json",
+]
+
+RESERVED_PREFIXES: tuple[str, ...] = (
+    "system.",
+    "reactor.",
+    "ui.",
+    "audit.",
+    "evt.",
+    "ml.",
+    "ai.",
+    "flow.",
+    "grid.",
+)
+ML_EVENT_NAMES: tuple[str, ...] = (
+    "ml.run.start",
+    "ml.run.stop",
+    "ml.run.metric",
+    "ml.trial.start",
+    "ml.trial.complete",
+    "ml.trial.failed",
+)
+TERMINAL_STATUSES: tuple[str, ...] = ("completed", "pruned", "cancelled", "failed")
+DEFAULT_SOURCE = "thunderline_lab"
+
+# ---------------------------------------------------------------------------------------------
+# Field types
+# ---------------------------------------------------------------------------------------------
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+# MLflow's rule for metric names: alphanumerics, underscores, dashes, periods, spaces, slashes.
+MetricName = Annotated[
+    str, StringConstraints(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_\-. /]+$")
+]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Metrics = dict[MetricName, FiniteFloat]
+Step = Annotated[int, Field(ge=0)]
+DurationMs = Annotated[int, Field(ge=0)]
+Rank = Annotated[int, Field(ge=1)]
+Coeff = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Timestamp = Annotated[AwareDatetime, Field(strict=False)]
+Priority = Literal["high", "normal", "low"]
+Pipeline = Literal["realtime", "batch"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Payloads (field names follow seed 000's constructors; seed 001's measurements map on metrics)
+# ---------------------------------------------------------------------------------------------
+
+
+class _TrialRef(_Strict):
+    model_run_id: Identifier
+    trial_id: Identifier
+    study: Identifier | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunStart(_TrialRef):
+    """``ml.run.start``: a training run of a trial began."""
+
+    spectral_norm: bool | None = None
+    spectral_norm_coeff: Coeff | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    mlflow_run_id: Identifier | None = None
+
+
+class RunMetric(_TrialRef):
+    """``ml.run.metric``: one metric (``metric_name``/``metric_value``) and/or a map at a step."""
+
+    step: Step
+    metric_name: MetricName | None = None
+    metric_value: FiniteFloat | None = None
+    measurements: Metrics = Field(default_factory=dict)
+    spectral_norm: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_metric_at_least(self) -> RunMetric:
+        if (self.metric_name is None) != (self.metric_value is None):
+            missing = "metric_value" if self.metric_value is None else "metric_name"
+            raise ValueError(f"{missing} is required when the other of metric_name/metric_value")
+        if self.metric_name is None and not self.measurements:
+            raise ValueError("no metric: give metric_name and metric_value, or measurements")
+        return self
+
+    def points(self) -> dict[str, float]:
+        """All metric values of this event, by name."""
+        if self.metric_name is None or self.metric_value is None:
+            return dict(self.measurements)
+        return {**self.measurements, self.metric_name: self.metric_value}
+
+
+class RunStop(_TrialRef):
+    """``ml.run.stop``: the training run ended (``success`` false for a failed run)."""
+
+    success: bool = True
+    epochs: Step | None = None
+    duration_ms: DurationMs | None = None
+    mlflow_run_id: Identifier | None = None
+    metrics: Metrics = Field(default_factory=dict)
+    artifact_uri: str | None = None
+
+
+class TrialStart(_TrialRef):
+    """``ml.trial.start``: a trial began with these parameters."""
+
+    spectral_norm: bool
+    spectral_norm_coeff: Coeff | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    mlflow_run_id: Identifier | None = None
+
+
+class TrialComplete(_TrialRef):
+    """``ml.trial.complete``: the primary event; status completed, pruned or cancelled."""
+
+    spectral_norm: bool
+    spectral_norm_coeff: Coeff | None = None
+    status: Literal["completed", "pruned", "cancelled"] = "completed"
+    mlflow_run_id: Identifier | None = None
+    metrics: Metrics = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    artifact_uri: str | None = None
+    duration_ms: DurationMs | None = None
+    rank: Rank | None = None
+
+
+class TrialFailed(_TrialRef):
+    """``ml.trial.failed``: the trial failed; ``error_type`` says how (e.g. ``diverged``)."""
+
+    error_message: str
+    error_type: Identifier
+    spectral_norm: bool | None = None
+    spectral_norm_coeff: Coeff | None = None
+    mlflow_run_id: Identifier | None = None
+    metrics: Metrics = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    duration_ms: DurationMs | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelope
+# ---------------------------------------------------------------------------------------------
+
+
+def new_event_id() -> str:
+    """A fresh event id (the idempotency key): 32 hex characters."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class _Envelope(_Strict):
+    id: Identifier
+    timestamp: Timestamp
+    source: Identifier = DEFAULT_SOURCE
+    correlation_id: Identifier | None = None
+    taxonomy_version: Literal[1] = 1
+    event_version: Literal[1] = 1
+    pipeline: Pipeline = "realtime"
+
+    def to_json(self) -> str:
+        """The canonical JSON text of this event."""
+        return self.model_dump_json()
+
+
+class RunStartEvent(_Envelope):
+    name: Literal["ml.run.start"]
+    priority: Priority = "high"
+    payload: RunStart
+
+
+class RunMetricEvent(_Envelope):
+    name: Literal["ml.run.metric"]
+    priority: Priority = "normal"
+    payload: RunMetric
+
+
+class RunStopEvent(_Envelope):
+    name: Literal["ml.run.stop"]
+    priority: Priority = "high"
+    payload: RunStop
+
+
+class TrialStartEvent(_Envelope):
+    name: Literal["ml.trial.start"]
+    priority: Priority = "high"
+    payload: TrialStart
+
+
+class TrialCompleteEvent(_Envelope):
+    name: Literal["ml.trial.complete"]
+    priority: Priority = "high"
+    payload: TrialComplete
+
+
+class TrialFailedEvent(_Envelope):
+    name: Literal["ml.trial.failed"]
+    priority: Priority = "high"
+    payload: TrialFailed
+
+
+class GenericEvent(_Envelope):
+    """An event outside ``ml.*`` under another reserved prefix: logged, not projected."""
+
+    name: Annotated[
+        str,
+        StringConstraints(
+            pattern=r"^(system|reactor|ui|audit|evt|ai|flow|grid)\.[a-z0-9_]+(\.[a-z0-9_]+)*$"
+        ),
+    ]
+    priority: Priority = "normal"
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+MLEvent = Annotated[
+    Union[  # noqa: UP007 - a discriminated union reads better spelled out
+        RunStartEvent,
+        RunMetricEvent,
+        RunStopEvent,
+        TrialStartEvent,
+        TrialCompleteEvent,
+        TrialFailedEvent,
+    ],
+    Field(discriminator="name"),
+]
+Event = (
+    RunStartEvent
+    | RunMetricEvent
+    | RunStopEvent
+    | TrialStartEvent
+    | TrialCompleteEvent
+    | TrialFailedEvent
+    | GenericEvent
+)
+
+_EVENT_CLASSES: dict[str, type[_Envelope]] = {
+    "ml.run.start": RunStartEvent,
+    "ml.run.metric": RunMetricEvent,
+    "ml.run.stop": RunStopEvent,
+    "ml.trial.start": TrialStartEvent,
+    "ml.trial.complete": TrialCompleteEvent,
+    "ml.trial.failed": TrialFailedEvent,
+}
+_ML_ADAPTER: TypeAdapter[Any] = TypeAdapter(MLEvent)
+_ML_LIST_ADAPTER: TypeAdapter[list[Any]] = TypeAdapter(list[MLEvent])
+_ANY_LIST_ADAPTER: TypeAdapter[list[Any]] = TypeAdapter(list[Event])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """One broken rule: which record, which field, the value and the rule."""
+
+    index: int | None
+    path: str
+    value: Any
+    rule: str
+    message: str
+
+    def line(self, source: str | None = None) -> str:
+        """One line naming the file (if any), the record, the field and what is wrong."""
+        where = [source] if source else []
+        if self.index is not None:
+            where.append(f"record {self.index}")
+        where.append(self.path or "<event>")
+        shown = _show(self.value)
+        value = f" (got {shown})" if shown is not None else ""
+        return f"{': '.join(where)}: {self.message}{value} [{self.rule}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (the gateway's 422 body)."""
+        return {
+            "index": self.index,
+            "path": self.path,
+            "message": self.message,
+            "rule": self.rule,
+            "value": _show(self.value),
+        }
+
+
+def _show(value: Any) -> str | None:
+    if value is _MISSING:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_MISSING: Any = object()
+
+
+class EventValidationError(ThunderlineLabError):
+    """One or more events broke the rules; ``errors`` lists every one of them."""
+
+    def __init__(self, errors: Sequence[ErrorDetail], source: str | None = None) -> None:
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        n = len(self.errors)
+        head = f"{n} invalid field{'s' if n != 1 else ''}"
+        if self.source:
+            head = f"{self.source}: {head}"
+        return head + ": " + "; ".join(e.line() for e in self.errors[:5])
+
+    def lines(self) -> list[str]:
+        """One line per error, each naming the file, record and field."""
+        return [e.line(self.source) for e in self.errors]
+
+    def with_source(self, source: str) -> EventValidationError:
+        """The same errors, attributed to a file (or other source)."""
+        return EventValidationError(self.errors, source)
+
+    def offset(self, by: int) -> EventValidationError:
+        """The same errors with record indexes shifted (for batches of a larger input)."""
+        shifted = [
+            ErrorDetail(None if e.index is None else e.index + by, e.path, e.value, e.rule, e.message)
+            for e in self.errors
+        ]
+        return EventValidationError(shifted, self.source)
+
+
+_FRIENDLY = {
+    "finite_number": "must be a finite number (NaN and infinity are rejected)",
+    "missing": "field required",
+    "extra_forbidden": "unknown field",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be a boolean (true or false)",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "timezone_aware": "must carry a timezone (e.g. 2026-11-22T12:34:56Z)",
+}
+
+
+def _details_from_pydantic(
+    exc: ValidationError, index: int | None, *, tagged: bool, prefix: tuple[Any, ...] = ()
+) -> list[ErrorDetail]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        idx = index
+        if idx is None and loc and isinstance(loc[0], int):
+            idx = loc.pop(0)
+        if tagged and loc and isinstance(loc[0], str) and loc[0] in _EVENT_CLASSES:
+            loc.pop(0)  # the discriminator's tag is not part of the field path
+        path = ".".join(str(p) for p in (*prefix, *loc))
+        rule = err["type"]
+        message = _FRIENDLY.get(rule, err["msg"])
+        if rule == "value_error":
+            message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+            rule = "constraint"
+        elif rule == "union_tag_invalid":
+            path = ".".join(str(p) for p in (*prefix, "name"))
+            rule, message = "unknown_event", f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})"
+        elif rule in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+            message = "must be " + err["msg"].removeprefix("Input should be ")
+        elif rule == "literal_error":
+            message = "must be " + err["msg"].removeprefix("Input should be ")
+        value = err.get("input", _MISSING) if rule != "missing" else _MISSING
+        out.append(ErrorDetail(idx, path, value, rule, message))
+    return out
+
+
+def _name_error(record: Mapping[str, Any], index: int | None) -> ErrorDetail | None:
+    name = record.get("name", _MISSING)
+    if name is _MISSING:
+        return ErrorDetail(index, "name", _MISSING, "missing", "field required")
+    if not isinstance(name, str):
+        return ErrorDetail(index, "name", name, "string_type", "must be a string")
+    if not name.startswith(RESERVED_PREFIXES):
+        return ErrorDetail(
+            index,
+            "name",
+            name,
+            "reserved_prefix",
+            "event name must start with a reserved prefix (" + " ".join(RESERVED_PREFIXES) + ")",
+        )
+    if name.startswith("ml.") and name not in _EVENT_CLASSES:
+        return ErrorDetail(
+            index,
+            "name",
+            name,
+            "unknown_event",
+            f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})",
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_event(record: Mapping[str, Any] | Event, index: int | None = None) -> Event:
+    """Validate one canonical event (a dict parsed from JSON, or an event object).
+
+    Raises:
+        EventValidationError: listing every broken rule with its field path.
+    """
+    if isinstance(record, _Envelope):
+        return record  # type: ignore[return-value]
+    if not isinstance(record, Mapping):
+        raise EventValidationError(
+            [ErrorDetail(index, "", record, "dict_type", "an event must be a JSON object")]
+        )
+    name_err = _name_error(record, index)
+    if name_err is not None:
+        # Report the name and anything else wrong with the envelope in one go.
+        errors = [name_err]
+        try:
+            _Envelope.model_validate({k: v for k, v in record.items() if k in _Envelope.model_fields})
+        except ValidationError as exc:
+            errors += _details_from_pydantic(exc, index, tagged=False)
+        raise EventValidationError(errors)
+    try:
+        if record["name"].startswith("ml."):
+            return _ML_ADAPTER.validate_python(record)  # type: ignore[no-any-return]
+        return GenericEvent.model_validate(record)
+    except ValidationError as exc:
+        raise EventValidationError(_details_from_pydantic(exc, index, tagged=True)) from None
+
+
+def validate_events(records: Iterable[Mapping[str, Any] | Event]) -> list[Event]:
+    """Validate many canonical events; all errors of all records are reported together.
+
+    The fast path validates the whole batch in pydantic-core; only a batch with errors is
+    walked record by record to name every fault.
+
+    Raises:
+        EventValidationError: with one :class:`ErrorDetail` per broken rule.
+    """
+    items = list(records)
+    if all(isinstance(r, _Envelope) for r in items):
+        return items  # type: ignore[return-value]
+    try:
+        return _ML_LIST_ADAPTER.validate_python(items)
+    except ValidationError:
+        pass
+    out: list[Event] = []
+    errors: list[ErrorDetail] = []
+    for i, rec in enumerate(items):
+        try:
+            out.append(validate_event(rec, i))
+        except EventValidationError as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise EventValidationError(errors)
+    return out
+
+
+def validate_events_json(data: str | bytes) -> list[Event]:
+    """Validate a JSON array (or one object) of canonical events straight from text.
+
+    Raises:
+        EventValidationError: for unparseable JSON (rule ``json_invalid``) or invalid events.
+    """
+    try:
+        return _ML_LIST_ADAPTER.validate_json(data)
+    except ValidationError:
+        pass
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        raise EventValidationError(
+            [ErrorDetail(None, "", _MISSING, "json_invalid", f"invalid JSON: {exc}")]
+        ) from None
+    return validate_events(parsed if isinstance(parsed, list) else [parsed])
+
+
+def dump_events(events: Iterable[Event]) -> list[str]:
+    """Canonical JSON text of each event."""
+    return [e.model_dump_json() for e in events]
+
+
+def event_json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of every event the lab accepts."""
+    schema = _ANY_LIST_ADAPTER.json_schema()
+    items = schema.pop("items")
+    schema.update(
+        {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "thunderline-lab events",
+            "description": "One canonical event, or an array of them. ml.* names: "
+            + ", ".join(ML_EVENT_NAMES),
+            "oneOf": [items, {"type": "array", "items": items}],
+        }
+    )
+    schema.pop("type", None)
+    return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# Smart constructors
+# ---------------------------------------------------------------------------------------------
+
+
+def make_event(
+    name: str,
+    *,
+    source: str = DEFAULT_SOURCE,
+    correlation_id: str | None = None,
+    id: str | None = None,  # noqa: A002 - the envelope's field is called id
+    timestamp: datetime | None = None,
+    priority: Priority | None = None,
+    **payload: Any,
+) -> Event:
+    """Build and validate an event: fills id, timestamp, source, priority, pipeline, versions.
+
+    Example:
+        >>> ev = make_event("ml.trial.start", model_run_id="r", trial_id="t", spectral_norm=True)
+        >>> ev.priority
+        'high'
+
+    Raises:
+        EventValidationError: a missing or wrong-typed field, an unknown name.
+    """
+    record: dict[str, Any] = {
+        "id": id or new_event_id(),
+        "name": name,
+        "timestamp": timestamp or utcnow(),
+        "source": source,
+        "correlation_id": correlation_id,
+        "payload": payload,
+    }
+    if priority is not None:
+        record["priority"] = priority
+    return validate_event(record)
+
+
+def run_start(**payload: Any) -> Event:
+    """``ml.run.start`` (see :class:`RunStart` for fields)."""
+    return make_event("ml.run.start", **payload)
+
+
+def run_metric(**payload: Any) -> Event:
+    """``ml.run.metric`` (see :class:`RunMetric` for fields)."""
+    return make_event("ml.run.metric", **payload)
+
+
+def run_stop(**payload: Any) -> Event:
+    """``ml.run.stop`` (see :class:`RunStop` for fields)."""
+    return make_event("ml.run.stop", **payload)
+
+
+def trial_start(**payload: Any) -> Event:
+    """``ml.trial.start`` (see :class:`TrialStart` for fields)."""
+    return make_event("ml.trial.start", **payload)
+
+
+def trial_complete(**payload: Any) -> Event:
+    """``ml.trial.complete`` (see :class:`TrialComplete` for fields)."""
+    return make_event("ml.trial.complete", **payload)
+
+
+def trial_failed(**payload: Any) -> Event:
+    """``ml.trial.failed`` (see :class:`TrialFailed` for fields)."""
+    return make_event("ml.trial.failed", **payload)

@@ -1,0 +1,768 @@
+"""The trial store: one SQLite file per lab holding the event log and tables derived from it.
+
+Tables (all but ``events`` are projections, rebuilt exactly by :meth:`TrialStore.replay`)::
+
+    events      append-only log: seq, unique event id, name, timestamp, run/trial, JSON body
+    model_runs  one row per model run (= Optuna study): study name, first/last event time
+    trials      one row per trial: status, spectral_norm, coeff, mlflow_run_id, parameters,
+                metrics, duration_ms, rank, artifact_uri, error, timestamps
+    metrics     metric series: (model_run_id, trial_id, name, step) -> value
+    artifacts   artifact URIs reported by trials and runs
+
+Projections are order-independent: a trial row is a fold of that trial's lifecycle events
+sorted by (timestamp, id), and a metric point keeps the value of the latest event by
+(timestamp, id). So duplicate, reordered or replayed delivery converge to the same tables.
+
+Several processes may append to one lab at once: writes take SQLite's write lock up front
+(``BEGIN IMMEDIATE``) in WAL mode with a generous busy timeout, and retry if it is still
+contended, so they queue instead of failing with "database is locked".
+
+Example:
+    >>> from thunderline_lab.store import TrialStore
+    >>> from thunderline_lab import events
+    >>> store = TrialStore(":memory:")
+    >>> store.append([events.trial_start(model_run_id="r", trial_id="t0", spectral_norm=True)])
+    AppendResult(accepted=1, duplicates=0, ids=[...], last_seq=1)
+    >>> store.trials()[["trial_id", "status", "spectral_norm"]].to_dict("records")
+    [{'trial_id': 't0', 'status': 'running', 'spectral_norm': True}]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import sqlite_utils
+
+from thunderline_lab.bus import EventBus, Subscription
+from thunderline_lab.errors import StoreError
+from thunderline_lab.events import (
+    Event,
+    EventValidationError,
+    RunMetricEvent,
+    validate_events,
+)
+
+__all__ = ["AppendResult", "StoreWriter", "TrialStore", "format_ts"]
+
+log = logging.getLogger(__name__)
+
+LIFECYCLE_EVENTS = (
+    "ml.run.start",
+    "ml.run.stop",
+    "ml.trial.start",
+    "ml.trial.complete",
+    "ml.trial.failed",
+)
+TRIAL_COLUMNS = (
+    "model_run_id",
+    "trial_id",
+    "study",
+    "status",
+    "spectral_norm",
+    "spectral_norm_coeff",
+    "mlflow_run_id",
+    "parameters",
+    "metrics",
+    "duration_ms",
+    "rank",
+    "artifact_uri",
+    "error_type",
+    "error_message",
+    "started_at",
+    "ended_at",
+    "updated_at",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    model_run_id TEXT,
+    trial_id TEXT,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_events_trial ON events (model_run_id, trial_id, name);
+CREATE TABLE IF NOT EXISTS model_runs (
+    model_run_id TEXT PRIMARY KEY,
+    study TEXT,
+    first_event_at TEXT,
+    last_event_at TEXT
+);
+CREATE TABLE IF NOT EXISTS trials (
+    model_run_id TEXT NOT NULL,
+    trial_id TEXT NOT NULL,
+    study TEXT,
+    status TEXT NOT NULL,
+    spectral_norm INTEGER,
+    spectral_norm_coeff REAL,
+    mlflow_run_id TEXT,
+    parameters TEXT NOT NULL DEFAULT '{}',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    duration_ms INTEGER,
+    rank INTEGER,
+    artifact_uri TEXT,
+    error_type TEXT,
+    error_message TEXT,
+    started_at TEXT,
+    ended_at TEXT,
+    updated_at TEXT,
+    PRIMARY KEY (model_run_id, trial_id)
+);
+CREATE INDEX IF NOT EXISTS idx_trials_spectral_norm ON trials (spectral_norm);
+CREATE INDEX IF NOT EXISTS idx_trials_mlflow_run_id ON trials (mlflow_run_id);
+CREATE INDEX IF NOT EXISTS idx_trials_status ON trials (status);
+CREATE INDEX IF NOT EXISTS idx_trials_study ON trials (study);
+CREATE TABLE IF NOT EXISTS metrics (
+    model_run_id TEXT NOT NULL,
+    trial_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    value REAL NOT NULL,
+    timestamp TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (model_run_id, trial_id, name, step)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS artifacts (
+    model_run_id TEXT NOT NULL,
+    trial_id TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    timestamp TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (model_run_id, trial_id, uri)
+);
+"""
+_PROJECTIONS = ("model_runs", "trials", "metrics", "artifacts")
+_UPSERT_METRIC = """
+INSERT INTO metrics (model_run_id, trial_id, name, step, value, timestamp, event_id)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (model_run_id, trial_id, name, step) DO UPDATE SET
+    value = excluded.value, timestamp = excluded.timestamp, event_id = excluded.event_id
+WHERE (excluded.timestamp, excluded.event_id) > (metrics.timestamp, metrics.event_id)
+"""
+_UPSERT_RUN = """
+INSERT INTO model_runs (model_run_id, study, first_event_at, last_event_at) VALUES (?, ?, ?, ?)
+ON CONFLICT (model_run_id) DO UPDATE SET
+    study = COALESCE(model_runs.study, excluded.study),
+    first_event_at = MIN(model_runs.first_event_at, excluded.first_event_at),
+    last_event_at = MAX(model_runs.last_event_at, excluded.last_event_at)
+"""
+_UPSERT_ARTIFACT = """
+INSERT INTO artifacts (model_run_id, trial_id, uri, kind, timestamp, event_id)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (model_run_id, trial_id, uri) DO UPDATE SET
+    kind = excluded.kind, timestamp = excluded.timestamp, event_id = excluded.event_id
+WHERE (excluded.timestamp, excluded.event_id) > (artifacts.timestamp, artifacts.event_id)
+"""
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def format_ts(event: Event) -> str:
+    """The event's timestamp as fixed-width UTC text (sorts as it compares)."""
+    return event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _metric_points(payload: Mapping[str, Any]) -> dict[str, float]:
+    points = dict(payload.get("measurements") or {})
+    if payload.get("metric_name") is not None:
+        points[payload["metric_name"]] = payload["metric_value"]
+    return points
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What :meth:`TrialStore.append` did: new events, duplicates skipped, their ids."""
+
+    accepted: int
+    duplicates: int
+    ids: list[str] = field(repr=False)
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One logged event as the projections need it (same shape live and on replay)."""
+
+    id: str
+    name: str
+    ts: str
+    payload: Mapping[str, Any]
+
+
+class TrialStore:
+    """The lab's SQLite trial store: append-only event log plus derived tables.
+
+    Args:
+        path: the database file (created with its parent folder), or ``":memory:"``.
+        timeout: seconds a writer waits for another process's write lock before giving up.
+    """
+
+    def __init__(self, path: str | Path = ":memory:", *, timeout: float = 120.0) -> None:
+        self.path = str(path)
+        self.timeout = timeout
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._with_write_lock(lambda: _create_schema(conn), conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the trial store: {exc}") from exc
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+
+    # -- connection plumbing --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> TrialStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _with_write_lock(self, fn: Any, conn: sqlite3.Connection | None = None) -> Any:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction, retrying while the lab is busy."""
+        conn = conn or self.conn
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.path}: lab database stayed locked: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            try:
+                result = fn()
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- writing --------------------------------------------------------------------------
+
+    def append(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
+        """Validate, skip duplicates (by event id), append and project, in one transaction.
+
+        Raises:
+            EventValidationError: if any event is invalid; nothing is written then.
+            StoreError: if the database cannot be written.
+        """
+        batch = validate_events(events)
+        with self._lock:
+            try:
+                return self._with_write_lock(lambda: self._append_locked(batch))  # type: ignore[no-any-return]
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: append failed: {exc}") from exc
+
+    def _append_locked(self, batch: Sequence[Event]) -> AppendResult:
+        unique: dict[str, Event] = {}
+        for ev in batch:
+            unique.setdefault(ev.id, ev)
+        existing = self._existing_ids(list(unique))
+        fresh = [ev for ev_id, ev in unique.items() if ev_id not in existing]
+        rows = []
+        log_rows = []
+        for ev in fresh:
+            ts = format_ts(ev)
+            payload = ev.payload
+            if isinstance(payload, Mapping):  # a GenericEvent: free-form payload
+                run_id, trial_id = payload.get("model_run_id"), payload.get("trial_id")
+                run_id = run_id if isinstance(run_id, str) else None
+                trial_id = trial_id if isinstance(trial_id, str) else None
+            else:
+                run_id, trial_id = payload.model_run_id, payload.trial_id
+            log_rows.append((ev.id, ev.name, ts, run_id, trial_id, ev.model_dump_json()))
+            if isinstance(ev, RunMetricEvent):
+                p = ev.payload
+                rows.append(_Row(ev.id, ev.name, ts, {"_points": p.points(), "step": p.step,
+                                                       "model_run_id": p.model_run_id,
+                                                       "trial_id": p.trial_id, "study": p.study}))
+            elif ev.name.startswith("ml."):
+                rows.append(_Row(ev.id, ev.name, ts, {
+                    "model_run_id": run_id, "trial_id": trial_id,
+                    "study": getattr(payload, "study", None),
+                    "artifact_uri": getattr(payload, "artifact_uri", None),
+                }))
+        self.conn.executemany(
+            "INSERT INTO events (id, name, timestamp, model_run_id, trial_id, body) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            log_rows,
+        )
+        self._project(rows)
+        last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        ids = [ev.id for ev in fresh]
+        return AppendResult(len(fresh), len(batch) - len(fresh), ids, last_seq)
+
+    def _existing_ids(self, ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            marks = ",".join("?" * len(chunk))
+            cur = self.conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", chunk)
+            found.update(r[0] for r in cur)
+        return found
+
+    def _project(self, rows: Sequence[_Row]) -> None:
+        """Project logged events into the derived tables (shared by append and replay)."""
+        metric_rows = []
+        runs: dict[str, list[Any]] = {}
+        trials: set[tuple[str, str]] = set()
+        artifact_rows = []
+        for row in rows:
+            p = row.payload
+            run_id, trial_id = p["model_run_id"], p["trial_id"]
+            r = runs.get(run_id)
+            if r is None:
+                runs[run_id] = [run_id, p.get("study"), row.ts, row.ts]
+            else:
+                r[1] = r[1] or p.get("study")
+                r[2] = min(r[2], row.ts)
+                r[3] = max(r[3], row.ts)
+            if row.name == "ml.run.metric":
+                step = p["step"]
+                for name, value in p["_points"].items():
+                    metric_rows.append((run_id, trial_id, name, step, value, row.ts, row.id))
+            else:
+                trials.add((run_id, trial_id))
+                if p.get("artifact_uri"):
+                    kind = "trial" if row.name.startswith("ml.trial.") else "run"
+                    artifact_rows.append(
+                        (run_id, trial_id, p["artifact_uri"], kind, row.ts, row.id)
+                    )
+        if metric_rows:
+            self.conn.executemany(_UPSERT_METRIC, metric_rows)
+        if runs:
+            self.conn.executemany(_UPSERT_RUN, list(runs.values()))
+        if artifact_rows:
+            self.conn.executemany(_UPSERT_ARTIFACT, artifact_rows)
+        for run_id, trial_id in trials:
+            self._refold_trial(run_id, trial_id)
+
+    def _refold_trial(self, run_id: str, trial_id: str) -> None:
+        marks = ",".join("?" * len(LIFECYCLE_EVENTS))
+        cur = self.conn.execute(
+            f"SELECT body FROM events WHERE model_run_id = ? AND trial_id = ? "
+            f"AND name IN ({marks})",
+            (run_id, trial_id, *LIFECYCLE_EVENTS),
+        )
+        bodies = [json.loads(b) for (b,) in cur]
+        row = fold_trial(bodies)
+        if row["study"] is None:
+            found = self.conn.execute(
+                "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
+            ).fetchone()
+            row["study"] = (found and found[0]) or run_id
+        cols = ", ".join(TRIAL_COLUMNS)
+        self.conn.execute(
+            f"INSERT OR REPLACE INTO trials ({cols}) VALUES ({', '.join('?' * len(TRIAL_COLUMNS))})",
+            [row[c] for c in TRIAL_COLUMNS],
+        )
+
+    def replay(self, batch_size: int = 20_000) -> dict[str, int]:
+        """Rebuild every projection from the event log (one transaction).
+
+        Returns:
+            Row counts of the rebuilt tables.
+        """
+        with self._lock:
+            try:
+                self._with_write_lock(lambda: self._replay_locked(batch_size))
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: replay failed: {exc}") from exc
+            return self.counts()
+
+    def _replay_locked(self, batch_size: int) -> None:
+        for table in _PROJECTIONS:
+            self.conn.execute(f"DELETE FROM {table}")
+        after = 0
+        while True:
+            chunk = self.conn.execute(
+                "SELECT seq, id, name, timestamp, body FROM events "
+                "WHERE seq > ? AND name LIKE 'ml.%' ORDER BY seq LIMIT ?",
+                (after, batch_size),
+            ).fetchall()
+            if not chunk:
+                return
+            rows = []
+            for _seq, ev_id, name, ts, body in chunk:
+                payload = json.loads(body)["payload"]
+                if name == "ml.run.metric":
+                    payload["_points"] = _metric_points(payload)
+                rows.append(_Row(ev_id, name, ts, payload))
+            self._project(rows)
+            after = chunk[-1][0]
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._lock:
+            try:
+                return pd.read_sql_query(sql, self.conn, params=list(params))
+            except (sqlite3.Error, pd.errors.DatabaseError) as exc:
+                raise StoreError(f"{self.path}: query failed: {exc}") from exc
+
+    def counts(self) -> dict[str, int]:
+        """Row counts of the log and every projection."""
+        with self._lock:
+            return {
+                t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("events", *_PROJECTIONS)
+            }
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest logged event (0 for an empty store)."""
+        with self._lock:
+            return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    def trials(
+        self,
+        *,
+        study: str | None = None,
+        model_run_id: str | None = None,
+        status: str | Sequence[str] | None = None,
+        spectral_norm: bool | None = None,
+        expand: bool = False,
+    ) -> pd.DataFrame:
+        """Trials as a DataFrame, optionally filtered; ``parameters``/``metrics`` are dicts.
+
+        Args:
+            expand: also add one column per metric (``metrics.NAME``) and parameter
+                (``params.NAME``).
+        """
+        where, params = [], []
+        if study is not None:
+            where.append("study = ?")
+            params.append(study)
+        if model_run_id is not None:
+            where.append("model_run_id = ?")
+            params.append(model_run_id)
+        if status is not None:
+            statuses = [status] if isinstance(status, str) else list(status)
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
+        if spectral_norm is not None:
+            where.append("spectral_norm = ?")
+            params.append(int(spectral_norm))
+        sql = "SELECT * FROM trials"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        df = self._read(sql + " ORDER BY model_run_id, started_at, trial_id", params)
+        return _decode_trials(df, expand=expand)
+
+    def trial(self, model_run_id: str, trial_id: str) -> dict[str, Any] | None:
+        """One trial as a dict, or None."""
+        df = _decode_trials(
+            self._read(
+                "SELECT * FROM trials WHERE model_run_id = ? AND trial_id = ?",
+                (model_run_id, trial_id),
+            ),
+            expand=False,
+        )
+        return None if df.empty else _jsonable(df.iloc[0].to_dict())
+
+    def model_runs(self) -> pd.DataFrame:
+        """Model runs (studies) with their trial counts by status."""
+        return self._read(
+            "SELECT r.model_run_id, r.study, r.first_event_at, r.last_event_at, "
+            "COUNT(t.trial_id) AS n_trials, "
+            "SUM(t.status = 'completed') AS n_completed, SUM(t.status = 'failed') AS n_failed, "
+            "SUM(t.status = 'pruned') AS n_pruned, SUM(t.status = 'running') AS n_running "
+            "FROM model_runs r LEFT JOIN trials t USING (model_run_id) "
+            "GROUP BY r.model_run_id ORDER BY r.first_event_at"
+        )
+
+    def metric_history(
+        self,
+        model_run_id: str,
+        trial_id: str | None = None,
+        name: str | None = None,
+        *,
+        max_points: int | None = None,
+    ) -> pd.DataFrame:
+        """Metric series (``trial_id, name, step, value``) ordered by step.
+
+        Args:
+            max_points: downsample each (trial, metric) curve to at most this many points
+                (evenly strided, always keeping the last point).
+        """
+        where, params = ["model_run_id = ?"], [model_run_id]
+        if trial_id is not None:
+            where.append("trial_id = ?")
+            params.append(trial_id)
+        if name is not None:
+            where.append("name = ?")
+            params.append(name)
+        sql = (
+            "SELECT trial_id, name, step, value FROM metrics WHERE "
+            + " AND ".join(where)
+            + " ORDER BY trial_id, name, step"
+        )
+        if max_points is not None:
+            sql = (
+                "SELECT trial_id, name, step, value FROM ("
+                "SELECT trial_id, name, step, value, "
+                "ROW_NUMBER() OVER w - 1 AS i, COUNT(*) OVER (PARTITION BY trial_id, name) AS n "
+                "FROM metrics WHERE " + " AND ".join(where) + " "
+                "WINDOW w AS (PARTITION BY trial_id, name ORDER BY step)) "
+                "WHERE n <= ? OR i = n - 1 OR i % ((n + ? - 1) / ?) = 0 "
+                "ORDER BY trial_id, name, step"
+            )
+            params += [max_points, max_points - 1, max_points - 1]
+        return self._read(sql, params)
+
+    def events_after(self, seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Logged events with sequence number > ``seq`` (oldest first), each with its ``seq``."""
+        with self._lock:
+            cur = self.conn.execute(
+                "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            )
+            return [{"seq": s, **json.loads(b)} for s, b in cur]
+
+    def iter_events(self, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:
+        """Every logged event in sequence order."""
+        after = 0
+        while True:
+            batch = self.events_after(after, batch_size)
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1]["seq"]
+
+    def mean_by_spectral_norm(
+        self, metric: str = "val_accuracy", *, study: str | None = None
+    ) -> pd.DataFrame:
+        """Seed 001's aggregate: mean (and std, count) of a metric by spectral_norm.
+
+        Only completed trials that report the metric count.
+        """
+        sql = (
+            "SELECT spectral_norm, json_extract(metrics, '$.' || ?) AS value FROM trials "
+            "WHERE status = 'completed' AND value IS NOT NULL"
+        )
+        params: list[Any] = [json.dumps(metric)]
+        if study is not None:
+            sql += " AND study = ?"
+            params.append(study)
+        df = self._read(sql, params)
+        df["spectral_norm"] = df["spectral_norm"].astype(bool)
+        out = df.groupby("spectral_norm")["value"].agg(["count", "mean", "std"]).reset_index()
+        return out.rename(columns={"count": "n", "mean": f"mean_{metric}", "std": f"std_{metric}"})
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A whole projection, sorted by its key (used to compare stores)."""
+        if name not in _PROJECTIONS:
+            raise StoreError(f"no such table: {name} (expected one of {', '.join(_PROJECTIONS)})")
+        keys = {
+            "model_runs": "model_run_id",
+            "trials": "model_run_id, trial_id",
+            "metrics": "model_run_id, trial_id, name, step",
+            "artifacts": "model_run_id, trial_id, uri",
+        }
+        return self._read(f"SELECT * FROM {name} ORDER BY {keys[name]}")
+
+
+def fold_trial(bodies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Fold one trial's lifecycle events into its row, independent of arrival order.
+
+    Events are taken in (timestamp, id) order; a later stated value overrides an earlier
+    one. A terminal ``ml.trial.*`` status beats one derived from ``ml.run.stop``, which
+    beats ``running``.
+    """
+    ordered = sorted(bodies, key=lambda b: (_ts(b), b["id"]))
+    row: dict[str, Any] = dict.fromkeys(TRIAL_COLUMNS)
+    params: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    trial_status: str | None = None
+    run_status: str | None = None
+    run_ended: str | None = None
+    for body in ordered:
+        p = body["payload"]
+        name, ts = body["name"], _ts(body)
+        row["model_run_id"], row["trial_id"] = p["model_run_id"], p["trial_id"]
+        for key in ("study", "spectral_norm", "spectral_norm_coeff", "mlflow_run_id",
+                    "duration_ms", "rank", "artifact_uri"):
+            if p.get(key) is not None:
+                row[key] = p[key]
+        params.update(p.get("parameters") or {})
+        metrics.update(p.get("metrics") or {})
+        if name in ("ml.trial.start", "ml.run.start"):
+            row["started_at"] = min(row["started_at"] or ts, ts)
+        elif name == "ml.trial.complete":
+            trial_status, row["ended_at"] = p.get("status", "completed"), ts
+        elif name == "ml.trial.failed":
+            trial_status, row["ended_at"] = "failed", ts
+            row["error_type"], row["error_message"] = p["error_type"], p["error_message"]
+        elif name == "ml.run.stop":
+            run_status = "completed" if p.get("success", True) else "failed"
+            run_ended = ts
+        row["updated_at"] = ts
+    row["status"] = trial_status or run_status or "running"
+    if trial_status is None and run_status is not None:
+        row["ended_at"] = run_ended
+    if row["spectral_norm_coeff"] is None and isinstance(
+        params.get("spectral_norm_coeff"), int | float
+    ):
+        row["spectral_norm_coeff"] = float(params["spectral_norm_coeff"])
+    if row["spectral_norm"] is not None:
+        row["spectral_norm"] = int(row["spectral_norm"])
+    row["parameters"] = json.dumps(params, sort_keys=True)
+    row["metrics"] = json.dumps(metrics, sort_keys=True)
+    return row
+
+
+def _ts(body: Mapping[str, Any]) -> str:
+    ts = body["timestamp"]
+    if isinstance(ts, str) and ts.endswith("Z") and len(ts) == 27:
+        return ts
+    from datetime import datetime
+
+    return datetime.fromisoformat(ts).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _decode_trials(df: pd.DataFrame, *, expand: bool) -> pd.DataFrame:
+    for col in ("parameters", "metrics"):
+        df[col] = df[col].map(json.loads) if len(df) else df[col]
+    df["spectral_norm"] = df["spectral_norm"].map(lambda v: None if pd.isna(v) else bool(v))
+    if expand and len(df):
+        metrics = pd.json_normalize(df["metrics"].tolist()).add_prefix("metrics.")
+        params = pd.json_normalize(df["parameters"].tolist()).add_prefix("params.")
+        df = pd.concat([df.reset_index(drop=True), metrics, params], axis=1)
+    return df
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if hasattr(v, "item") and not isinstance(v, dict | list):
+            v = v.item()
+        if isinstance(v, float) and v != v:  # NaN from pandas for SQL NULL
+            v = None
+        out[k] = v
+    return out
+
+
+class StoreWriter:
+    """Subscribes a :class:`TrialStore` to a bus and appends events in batches.
+
+    Events are buffered and appended from a background thread every ``interval`` seconds
+    (or when ``batch_size`` are waiting), so publishing costs the producer a list append.
+    Call :meth:`flush` to commit everything buffered, :meth:`close` at the end. An append
+    failure is logged and the batch kept for the next attempt; events never get lost
+    silently while the process lives.
+    """
+
+    def __init__(
+        self,
+        store: TrialStore,
+        bus: EventBus,
+        *,
+        pattern: str = "*",
+        batch_size: int = 2000,
+        interval: float = 0.25,
+        background: bool = True,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.batch_size = batch_size
+        self.interval = interval
+        self._buffer: list[Event] = []
+        self._cond = threading.Condition()
+        self._flush_lock = threading.Lock()
+        self._closed = False
+        self.errors = 0
+        self.appended = 0
+        self._sub: Subscription = bus.subscribe(pattern, self._on_event, name="StoreWriter")
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="thunderline-store", daemon=True)
+            self._thread.start()
+
+    def _on_event(self, event: Event) -> None:
+        with self._cond:
+            self._buffer.append(event)
+            if len(self._buffer) >= self.batch_size:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._closed and len(self._buffer) < self.batch_size:
+                    self._cond.wait(self.interval)
+                closed = self._closed
+            self.flush(raise_errors=False)
+            if closed:
+                return
+
+    def flush(self, *, raise_errors: bool = True) -> int:
+        """Append everything buffered now; returns how many events were new."""
+        with self._flush_lock:
+            with self._cond:
+                batch, self._buffer = self._buffer, []
+            if not batch:
+                return 0
+            try:
+                result = self.store.append(batch)
+            except EventValidationError:
+                self.errors += 1
+                log.exception("store writer dropped %d invalid events", len(batch))
+                if raise_errors:
+                    raise
+                return 0
+            except Exception:
+                self.errors += 1
+                with self._cond:
+                    self._buffer[:0] = batch  # keep them for the next attempt
+                log.exception("store writer could not append %d events; will retry", len(batch))
+                if raise_errors:
+                    raise
+                return 0
+            self.appended += result.accepted
+            return result.accepted
+
+    def close(self) -> None:
+        """Stop listening, flush what is buffered and end the background thread."""
+        self.bus.unsubscribe(self._sub)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
