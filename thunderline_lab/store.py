@@ -655,6 +655,8 @@ def _decode_trials(df: pd.DataFrame, *, expand: bool) -> pd.DataFrame:
     for col in ("parameters", "metrics"):
         df[col] = df[col].map(json.loads) if len(df) else df[col]
     df["spectral_norm"] = df["spectral_norm"].map(lambda v: None if pd.isna(v) else bool(v))
+    for col in ("duration_ms", "rank"):
+        df[col] = df[col].astype("Int64")
     if expand and len(df):
         metrics = pd.json_normalize(df["metrics"].tolist()).add_prefix("metrics.")
         params = pd.json_normalize(df["parameters"].tolist()).add_prefix("params.")

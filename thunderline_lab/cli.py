@@ -1,0 +1,185 @@
+"""The ``thunderline-lab`` command line.
+
+Every library error (:class:`~thunderline_lab.errors.ThunderlineLabError`) becomes clean
+lines on stderr — one per broken field for invalid events — and a non-zero exit; no
+tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from thunderline_lab.errors import ThunderlineLabError
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+lab_option = click.option(
+    "--lab",
+    "lab_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Lab directory (default: $THUNDERLINE_LAB_HOME or ./lab).",
+)
+
+
+def _clean_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ThunderlineLabError as exc:
+            for line in exc.lines():
+                click.echo(f"error: {line}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _read_input(path: str) -> tuple[str, str]:
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        return Path(path).read_text(encoding="utf-8"), path
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}") from exc
+
+
+def _load_events(path: str, model_run: str) -> tuple[list[Any], str]:
+    from thunderline_lab.events import EventValidationError
+    from thunderline_lab.wire import parse_json_records, to_events
+
+    text, source = _read_input(path)
+    try:
+        return to_events(parse_json_records(text, source), default_model_run_id=model_run), source
+    except EventValidationError as exc:
+        raise exc.with_source(source) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="thunderline-lab")
+def main() -> None:
+    """thunderline-lab: a Jupyter-first workbench for studying spectral normalization."""
+
+
+model_run_option = click.option(
+    "--model-run",
+    default="cerebros",
+    show_default=True,
+    help="model_run_id for seed 001 posts that carry none.",
+)
+
+
+@main.command()
+@click.argument("file", type=str)
+@model_run_option
+@_clean_errors
+def validate(file: str, model_run: str) -> None:
+    """Validate events in FILE (or - for stdin) and store nothing.
+
+    FILE holds JSON (one event or an array), JSON lines, or the seeds' Cerebros payloads.
+    """
+    events, source = _load_events(file, model_run)
+    click.echo(f"ok: {len(events)} valid event{'s' if len(events) != 1 else ''} in {source}")
+
+
+@main.command()
+@click.argument("file", type=str)
+@lab_option
+@model_run_option
+@_clean_errors
+def ingest(file: str, lab_dir: Path | None, model_run: str) -> None:
+    """Validate and append events from FILE (or -) to the lab's trial store."""
+    from thunderline_lab.lab import Lab
+
+    events, source = _load_events(file, model_run)
+    lab = Lab.resolve(lab_dir)
+    with lab.store() as store:
+        result = store.append(events)
+    click.echo(
+        f"{source}: accepted {result.accepted}, duplicates {result.duplicates} "
+        f"(store {lab.db_path}, last seq {result.last_seq})"
+    )
+
+
+@main.command()
+@lab_option
+@_clean_errors
+def replay(lab_dir: Path | None) -> None:
+    """Rebuild every table of the trial store from its event log."""
+    from thunderline_lab.lab import Lab
+
+    lab = Lab.resolve(lab_dir)
+    if not lab.db_path.exists():
+        raise click.ClickException(f"no trial store at {lab.db_path}")
+    with lab.store() as store:
+        counts = store.replay()
+    click.echo("replayed: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@main.command()
+@lab_option
+@click.option("--study", default=None, help="Only this study (model run name).")
+@click.option("--status", default=None, help="Only trials in this status.")
+@click.option("--spectral-norm/--no-spectral-norm", "spectral_norm", default=None,
+              help="Only trials with (or without) spectral normalization.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+              show_default=True)
+@_clean_errors
+def trials(lab_dir: Path | None, study: str | None, status: str | None,
+           spectral_norm: bool | None, fmt: str) -> None:
+    """List trials of the lab's store."""
+    from thunderline_lab.lab import Lab
+
+    lab = Lab.resolve(lab_dir)
+    if not lab.db_path.exists():
+        raise click.ClickException(f"no trial store at {lab.db_path}")
+    with lab.store() as store:
+        df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
+    if fmt == "json":
+        records = json.loads(df.to_json(orient="records"))
+        click.echo(json.dumps(records, indent=2))
+    elif fmt == "csv":
+        out = df.copy()
+        for col in ("parameters", "metrics"):
+            out[col] = out[col].map(lambda d: json.dumps(d, sort_keys=True))
+        click.echo(out.to_csv(index=False), nl=False)
+    else:
+        click.echo(_trials_table(df))
+
+
+def _trials_table(df: Any) -> str:
+    if df.empty:
+        return "no trials"
+    shown = df[["study", "trial_id", "status", "spectral_norm", "spectral_norm_coeff",
+                "duration_ms"]].copy()
+    for metric in ("val_accuracy", "test_accuracy", "val_loss"):
+        values = df["metrics"].map(lambda m, k=metric: m.get(k))
+        if values.notna().any():
+            shown[metric] = values.map(lambda v: "" if v is None else f"{v:.4f}")
+    shown["spectral_norm"] = shown["spectral_norm"].map({True: "on", False: "off", None: "?"})
+    shown["spectral_norm_coeff"] = shown["spectral_norm_coeff"].map(
+        lambda v: "" if v != v or v is None else f"{v:.3g}"
+    )
+    shown["duration_ms"] = shown["duration_ms"].map(lambda v: "" if v != v else f"{int(v)}")
+    return str(shown.to_string(index=False))
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of every event the lab accepts."""
+    from thunderline_lab.events import event_json_schema
+
+    click.echo(json.dumps(event_json_schema(), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

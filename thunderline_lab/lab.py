@@ -1,0 +1,81 @@
+"""The lab directory: where a study's store, Optuna storage, MLflow data and reports live.
+
+Default ``./lab``; override with ``--lab DIR`` or ``THUNDERLINE_LAB_HOME``. Embedded
+defaults, zero servers::
+
+    lab/lab.db            the trial store (event log + projections), SQLite WAL
+    lab/optuna.journal    Optuna storage (JournalFileStorage: safe for many local workers)
+    lab/mlflow.db         MLflow tracking backend (SQLite); artifacts in lab/mlartifacts/
+    lab/runs/             executed notebooks (papermill)
+    lab/reports/          SN-vs-none comparison reports
+
+Example:
+    >>> lab = Lab.resolve("/tmp/my-lab")
+    >>> lab.db_path.name
+    'lab.db'
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from thunderline_lab.store import TrialStore
+
+__all__ = ["ENV_LAB_HOME", "Lab"]
+
+ENV_LAB_HOME = "THUNDERLINE_LAB_HOME"
+
+
+@dataclass(frozen=True)
+class Lab:
+    """Paths of one lab directory (nothing is created until asked)."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike[str] | None = None) -> Lab:
+        """``path``, else ``$THUNDERLINE_LAB_HOME``, else ``./lab`` (made absolute)."""
+        chosen = path or os.environ.get(ENV_LAB_HOME) or "lab"
+        return cls(Path(chosen).expanduser().resolve())
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "lab.db"
+
+    @property
+    def optuna_journal(self) -> Path:
+        return self.root / "optuna.journal"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        """``$MLFLOW_TRACKING_URI`` if set, else the lab's SQLite backend."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def ensure(self) -> Lab:
+        """Create the lab's folders; returns self."""
+        for d in (self.root, self.runs_dir, self.reports_dir, self.mlflow_artifacts):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def store(self) -> TrialStore:
+        """Open (creating if needed) the lab's trial store."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return TrialStore(self.db_path)

@@ -1,0 +1,342 @@
+"""Reading events off the wire: JSON / JSON lines, and the seeds' Cerebros payloads.
+
+Three shapes are accepted, record by record:
+
+* a canonical event: ``{"id", "name", "timestamp", "payload", ...}`` (strict);
+* a seed 001 post: ``{"event": "ml.run.metric", "trial_id", "metadata", "measurements"}``;
+* a seed 002 trial report: ``{"trials": [{"trial_id", "status": "succeeded", ...}]}``.
+
+Leniency lives here and only here: booleans may arrive as ``true``/``"true"``/``1`` (and
+their false forms), durations as whole floats, and seed 002's ``succeeded`` means
+``completed``. Anything else wrong is an error naming the record and field.
+
+Attribution of seed 001 posts: they carry no ``model_run_id``. A post is attributed to
+``metadata.model_run_id`` (or a top-level ``model_run_id``) when present, else to the
+``default_model_run_id`` the caller names (``thunderline-lab ingest --model-run NAME``, the
+gateway's ``?model_run_id=``), which defaults to ``"cerebros"``. Seed 002 reports use their
+``run_id`` the same way.
+
+Translated events get deterministic ids (a UUID5 of the record's content), so posting the
+same payload twice is a harmless duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from thunderline_lab.events import (
+    _MISSING,
+    ML_EVENT_NAMES,
+    ErrorDetail,
+    Event,
+    EventValidationError,
+    utcnow,
+    validate_events,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_RUN_ID",
+    "lenient_bool",
+    "parse_json_records",
+    "to_events",
+    "translate_record",
+]
+
+DEFAULT_MODEL_RUN_ID = "cerebros"
+_NAMESPACE = uuid.UUID("6f1c1f0e-4d0b-4e55-9a51-7468756e6465")
+_TRUE = {"true", "1", "yes", "y", "t", "on"}
+_FALSE = {"false", "0", "no", "n", "f", "off"}
+_STATUS = {"succeeded": "completed", "success": "completed", "completed": "completed",
+           "failed": "failed"}
+
+
+class _Errors:
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+        self.items: list[ErrorDetail] = []
+
+    def add(self, path: str, value: Any, rule: str, message: str) -> None:
+        self.items.append(ErrorDetail(self.index, path, value, rule, message))
+
+
+def lenient_bool(value: Any, default: bool = False) -> bool:
+    """Seed 002's booleans: true/false, "true"/"false" (any case), 1/0, "yes"/"no"; None → default.
+
+    Raises:
+        ValueError: for anything else (e.g. ``"maybe"`` or ``2``).
+    """
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError("must be a boolean (true/false, \"true\"/\"false\", 1/0)")
+
+
+def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
+    """Parse a JSON document (one object or an array) or JSON lines into records.
+
+    Raises:
+        EventValidationError: naming the source and the line of the first bad JSON.
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EventValidationError(
+                [ErrorDetail(None, "", _MISSING, "encoding", f"not UTF-8 text: {exc}")], source
+            ) from None
+    stripped = text.strip()
+    if not stripped:
+        raise EventValidationError(
+            [ErrorDetail(None, "", _MISSING, "empty", "no events (empty input)")], source
+        )
+    try:
+        doc = json.loads(stripped)
+        return doc if isinstance(doc, list) else [doc]
+    except json.JSONDecodeError as whole_exc:
+        if "\n" not in stripped:
+            raise EventValidationError(
+                [ErrorDetail(None, "", _MISSING, "json_invalid", f"invalid JSON: {whole_exc}")],
+                source,
+            ) from None
+    records = []
+    for lineno, line in enumerate(stripped.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise EventValidationError(
+                [ErrorDetail(None, f"line {lineno}", _MISSING, "json_invalid",
+                             f"invalid JSON: {exc}")],
+                source,
+            ) from None
+    return records
+
+
+def _event_id(record: Any, salt: str = "") -> str:
+    text = json.dumps(record, sort_keys=True, default=str) + salt
+    return uuid.uuid5(_NAMESPACE, text).hex
+
+
+def _bool_field(errs: _Errors, container: Mapping[str, Any], key: str, path: str,
+                default: bool | None) -> bool | None:
+    value = container.get(key)
+    if value is None:
+        return default
+    try:
+        return lenient_bool(value)
+    except ValueError as exc:
+        errs.add(path, value, "bool_type", str(exc))
+        return default
+
+
+def _duration(errs: _Errors, value: Any, path: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        errs.add(path, value, "int_type", "must be a number of milliseconds")
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        errs.add(path, value, "finite_number", "must be a finite number")
+        return None
+    return round(value)
+
+
+def _envelope(name: str, payload: dict[str, Any], ev_id: str, timestamp: Any) -> dict[str, Any]:
+    return {"id": ev_id, "name": name, "timestamp": timestamp or utcnow(),
+            "source": "cerebros", "payload": payload}
+
+
+def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -> list[dict]:
+    errs = _Errors(index)
+    name = rec.get("event")
+    if name not in ML_EVENT_NAMES:
+        errs.add("event", name, "unknown_event",
+                 f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})")
+    trial_id = rec.get("trial_id")
+    if trial_id is None:
+        errs.add("trial_id", _MISSING, "missing", "field required")
+    metadata = rec.get("metadata") or {}
+    measurements = rec.get("measurements") or {}
+    for key, val in (("metadata", metadata), ("measurements", measurements)):
+        if not isinstance(val, Mapping):
+            errs.add(key, val, "dict_type", "must be an object")
+    unknown = set(rec) - {"event", "trial_id", "metadata", "measurements", "model_run_id",
+                          "timestamp", "id"}
+    for key in sorted(unknown):
+        errs.add(key, rec[key], "extra_forbidden", "unknown field")
+    if errs.items:
+        raise EventValidationError(errs.items)
+    meta = dict(metadata)
+    meas = dict(measurements)
+    payload: dict[str, Any] = {
+        "model_run_id": meta.pop("model_run_id", None) or rec.get("model_run_id") or default_run,
+        "trial_id": trial_id,
+    }
+    if "study" in meta:
+        payload["study"] = meta.pop("study")
+    sn_default = False if name in ("ml.trial.start", "ml.trial.complete") else None
+    spectral_norm = _bool_field(errs, meta, "spectral_norm", "metadata.spectral_norm", sn_default)
+    meta.pop("spectral_norm", None)
+    if spectral_norm is not None:
+        payload["spectral_norm"] = spectral_norm
+    if meta.get("mlflow_run_id") is not None and name != "ml.run.metric":
+        payload["mlflow_run_id"] = meta.pop("mlflow_run_id")
+    params = meta.pop("hyperparams", None) or meta.pop("parameters", None)
+    if params is not None and name not in ("ml.run.metric", "ml.run.stop"):
+        payload["parameters"] = params
+    if name == "ml.run.metric":
+        step = meta.pop("epoch", meta.pop("step", None))
+        if step is None:
+            errs.add("metadata.epoch", _MISSING, "missing",
+                     "field required (the step of these measurements)")
+        payload["step"] = step
+        payload["measurements"] = meas
+    elif name == "ml.run.stop":
+        payload["success"] = _bool_field(errs, meta, "success", "metadata.success", True)
+        meta.pop("success", None)
+        if "epochs" in meta:
+            payload["epochs"] = meta.pop("epochs")
+        payload["duration_ms"] = _duration(errs, meas.pop("duration_ms", None),
+                                           "measurements.duration_ms")
+        payload["metrics"] = meas
+    elif name == "ml.trial.complete":
+        payload["duration_ms"] = _duration(errs, meas.pop("duration_ms", None),
+                                           "measurements.duration_ms")
+        payload["metrics"] = meas
+        for key in ("status", "rank", "artifact_uri"):
+            if key in meta:
+                payload[key] = meta.pop(key)
+    elif name == "ml.trial.failed":
+        payload["error_message"] = str(meta.pop("error_message", meta.pop("error", "trial failed")))
+        payload["error_type"] = str(meta.pop("error_type", "trial_failed"))
+        payload["metrics"] = meas
+    elif meas:
+        errs.add("measurements", meas, "extra_forbidden",
+                 f"{name} carries no measurements")
+    if errs.items:
+        raise EventValidationError(errs.items)
+    payload["metadata"] = meta
+    return [_envelope(str(name), payload, rec.get("id") or _event_id(rec),
+                      rec.get("timestamp") or meta.get("timestamp"))]
+
+
+def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -> list[dict]:
+    errs = _Errors(index)
+    trials = rec.get("trials")
+    if not isinstance(trials, list):
+        raise EventValidationError([ErrorDetail(index, "trials", trials, "list_type",
+                                                "must be a list of trial reports")])
+    top_run = rec.get("run_id") or rec.get("model_run_id") or default_run
+    out = []
+    for j, t in enumerate(trials):
+        base = f"trials[{j}]"
+        if not isinstance(t, Mapping):
+            errs.add(base, t, "dict_type", "a trial report must be an object")
+            continue
+        if t.get("trial_id") is None:
+            errs.add(f"{base}.trial_id", _MISSING, "missing", "field required")
+        raw_status = t.get("status")
+        status = _STATUS.get(str(raw_status).lower()) if isinstance(raw_status, str) else None
+        if status is None:
+            errs.add(f"{base}.status", raw_status if raw_status is not None else _MISSING,
+                     "unknown_status",
+                     "unknown trial status (expected succeeded or failed)")
+            continue
+        payload: dict[str, Any] = {
+            "model_run_id": t.get("run_id") or t.get("model_run_id") or top_run,
+            "trial_id": t.get("trial_id"),
+            "spectral_norm": _bool_field(errs, t, "spectral_norm", f"{base}.spectral_norm", False),
+            "mlflow_run_id": t.get("mlflow_run_id"),
+            "metrics": t.get("metrics") or {},
+            "parameters": t.get("parameters") or {},
+            "duration_ms": _duration(errs, t.get("duration_ms"), f"{base}.duration_ms"),
+        }
+        if status == "completed":
+            name = "ml.trial.complete"
+            for key in ("artifact_uri", "rank"):
+                if t.get(key) is not None:
+                    payload[key] = t[key]
+        else:
+            name = "ml.trial.failed"
+            warnings = t.get("warnings") or []
+            message = t.get("error") or t.get("error_message") or "; ".join(map(str, warnings))
+            payload["error_message"] = str(message or "trial failed")
+            payload["error_type"] = str(t.get("error_type") or "trial_failed")
+        out.append(_envelope(name, payload, _event_id(t, salt=str(top_run)), t.get("timestamp")))
+    if errs.items:
+        raise EventValidationError(errs.items)
+    # Field paths of the validated events must point back into the trials list.
+    try:
+        validate_events(out)
+    except EventValidationError as exc:
+        raise EventValidationError([
+            ErrorDetail(index, f"trials[{e.index}].{e.path.removeprefix('payload.')}",
+                        e.value, e.rule, e.message)
+            for e in exc.errors
+        ]) from None
+    return out
+
+
+def translate_record(
+    record: Any, index: int | None = None, *, default_model_run_id: str = DEFAULT_MODEL_RUN_ID
+) -> list[Any]:
+    """Turn one wire record into canonical event records (dicts, or the event itself).
+
+    Raises:
+        EventValidationError: the record is none of the accepted shapes, or breaks a rule.
+    """
+    if isinstance(record, Mapping):
+        if "trials" in record:
+            return _from_seed002(record, index, default_model_run_id)
+        if "event" in record and "name" not in record:
+            return _from_seed001(record, index, default_model_run_id)
+        if "name" in record:
+            return [record]
+    raise EventValidationError([ErrorDetail(
+        index, "", record if not isinstance(record, Mapping) else _MISSING, "unknown_shape",
+        "not an event: expected a canonical event {name, payload, ...}, a seed 001 post "
+        "{event, trial_id, metadata, measurements} or a seed 002 report {trials: [...]}",
+    )])
+
+
+def to_events(
+    records: Sequence[Any], *, default_model_run_id: str = DEFAULT_MODEL_RUN_ID
+) -> list[Event]:
+    """Translate and validate wire records; every error of every record is reported.
+
+    Raises:
+        EventValidationError: with each error's record index and field path.
+    """
+    canonical: list[Any] = []
+    origin: list[int] = []
+    errors: list[ErrorDetail] = []
+    for i, rec in enumerate(records):
+        try:
+            translated = translate_record(rec, i, default_model_run_id=default_model_run_id)
+        except EventValidationError as exc:
+            errors.extend(exc.errors)
+            continue
+        canonical.extend(translated)
+        origin.extend([i] * len(translated))
+    try:
+        events = validate_events(canonical)
+    except EventValidationError as exc:
+        errors.extend(
+            ErrorDetail(origin[e.index] if e.index is not None else None, e.path, e.value,
+                        e.rule, e.message)
+            for e in exc.errors
+        )
+        events = []
+    if errors:
+        raise EventValidationError(sorted(errors, key=lambda e: (e.index or 0)))
+    return events
