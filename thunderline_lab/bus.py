@@ -76,7 +76,7 @@ class EventBus:
         sub = Subscription(
             pattern=pattern,
             handler=handler,
-            name=name or getattr(handler, "__qualname__", repr(handler)),
+            name=name or str(getattr(handler, "__qualname__", repr(handler))),
             _regex=re.compile(fnmatch.translate(pattern)),
         )
         with self._lock:

@@ -129,13 +129,27 @@ def replay(lab_dir: Path | None) -> None:
 @lab_option
 @click.option("--study", default=None, help="Only this study (model run name).")
 @click.option("--status", default=None, help="Only trials in this status.")
-@click.option("--spectral-norm/--no-spectral-norm", "spectral_norm", default=None,
-              help="Only trials with (or without) spectral normalization.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--spectral-norm/--no-spectral-norm",
+    "spectral_norm",
+    default=None,
+    help="Only trials with (or without) spectral normalization.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
 @_clean_errors
-def trials(lab_dir: Path | None, study: str | None, status: str | None,
-           spectral_norm: bool | None, fmt: str) -> None:
+def trials(
+    lab_dir: Path | None,
+    study: str | None,
+    status: str | None,
+    spectral_norm: bool | None,
+    fmt: str,
+) -> None:
     """List trials of the lab's store."""
     from thunderline_lab.lab import Lab
 
@@ -157,19 +171,22 @@ def trials(lab_dir: Path | None, study: str | None, status: str | None,
 
 
 def _trials_table(df: Any) -> str:
+    import pandas as pd
+
     if df.empty:
         return "no trials"
-    shown = df[["study", "trial_id", "status", "spectral_norm", "spectral_norm_coeff",
-                "duration_ms"]].copy()
+    shown = df[
+        ["study", "trial_id", "status", "spectral_norm", "spectral_norm_coeff", "duration_ms"]
+    ].copy()
     for metric in ("val_accuracy", "test_accuracy", "val_loss"):
         values = df["metrics"].map(lambda m, k=metric: m.get(k))
         if values.notna().any():
             shown[metric] = values.map(lambda v: "" if v is None else f"{v:.4f}")
     shown["spectral_norm"] = shown["spectral_norm"].map({True: "on", False: "off", None: "?"})
     shown["spectral_norm_coeff"] = shown["spectral_norm_coeff"].map(
-        lambda v: "" if v != v or v is None else f"{v:.3g}"
+        lambda v: "" if pd.isna(v) else f"{v:.3g}"
     )
-    shown["duration_ms"] = shown["duration_ms"].map(lambda v: "" if v != v else f"{int(v)}")
+    shown["duration_ms"] = shown["duration_ms"].map(lambda v: "" if pd.isna(v) else f"{int(v)}")
     return str(shown.to_string(index=False))
 
 

@@ -355,7 +355,8 @@ class ErrorDetail:
         where = [source] if source else []
         if self.index is not None:
             where.append(f"record {self.index}")
-        where.append(self.path or "<event>")
+        if self.path:
+            where.append(self.path)
         shown = _show(self.value)
         value = f" (got {shown})" if shown is not None else ""
         return f"{': '.join(where)}: {self.message}{value} [{self.rule}]"
@@ -412,12 +413,17 @@ class EventValidationError(ThunderlineLabError):
     def offset(self, by: int) -> EventValidationError:
         """The same errors with record indexes shifted (for batches of a larger input)."""
         shifted = [
-            ErrorDetail(None if e.index is None else e.index + by, e.path, e.value, e.rule, e.message)
+            ErrorDetail(
+                None if e.index is None else e.index + by, e.path, e.value, e.rule, e.message
+            )
             for e in self.errors
         ]
         return EventValidationError(shifted, self.source)
 
 
+_COMPARISONS = frozenset(
+    {"greater_than_equal", "greater_than", "less_than_equal", "less_than", "literal_error"}
+)
 _FRIENDLY = {
     "finite_number": "must be a finite number (NaN and infinity are rejected)",
     "missing": "field required",
@@ -439,7 +445,7 @@ def _details_from_pydantic(
         loc = list(err["loc"])
         idx = index
         if idx is None and loc and isinstance(loc[0], int):
-            idx = loc.pop(0)
+            idx = int(loc.pop(0))
         if tagged and loc and isinstance(loc[0], str) and loc[0] in _EVENT_CLASSES:
             loc.pop(0)  # the discriminator's tag is not part of the field path
         path = ".".join(str(p) for p in (*prefix, *loc))
@@ -450,10 +456,11 @@ def _details_from_pydantic(
             rule = "constraint"
         elif rule == "union_tag_invalid":
             path = ".".join(str(p) for p in (*prefix, "name"))
-            rule, message = "unknown_event", f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})"
-        elif rule in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-            message = "must be " + err["msg"].removeprefix("Input should be ")
-        elif rule == "literal_error":
+            rule, message = (
+                "unknown_event",
+                f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})",
+            )
+        elif rule in _COMPARISONS:
             message = "must be " + err["msg"].removeprefix("Input should be ")
         value = err.get("input", _MISSING) if rule != "missing" else _MISSING
         out.append(ErrorDetail(idx, path, value, rule, message))
@@ -497,7 +504,7 @@ def validate_event(record: Mapping[str, Any] | Event, index: int | None = None) 
         EventValidationError: listing every broken rule with its field path.
     """
     if isinstance(record, _Envelope):
-        return record  # type: ignore[return-value]
+        return record
     if not isinstance(record, Mapping):
         raise EventValidationError(
             [ErrorDetail(index, "", record, "dict_type", "an event must be a JSON object")]
@@ -507,13 +514,15 @@ def validate_event(record: Mapping[str, Any] | Event, index: int | None = None) 
         # Report the name and anything else wrong with the envelope in one go.
         errors = [name_err]
         try:
-            _Envelope.model_validate({k: v for k, v in record.items() if k in _Envelope.model_fields})
+            _Envelope.model_validate(
+                {k: v for k, v in record.items() if k in _Envelope.model_fields}
+            )
         except ValidationError as exc:
             errors += _details_from_pydantic(exc, index, tagged=False)
         raise EventValidationError(errors)
     try:
         if record["name"].startswith("ml."):
-            return _ML_ADAPTER.validate_python(record)  # type: ignore[no-any-return]
+            return _ML_ADAPTER.validate_python(record)
         return GenericEvent.model_validate(record)
     except ValidationError as exc:
         raise EventValidationError(_details_from_pydantic(exc, index, tagged=True)) from None
@@ -598,7 +607,7 @@ def make_event(
     *,
     source: str = DEFAULT_SOURCE,
     correlation_id: str | None = None,
-    id: str | None = None,  # noqa: A002 - the envelope's field is called id
+    id: str | None = None,
     timestamp: datetime | None = None,
     priority: Priority | None = None,
     **payload: Any,

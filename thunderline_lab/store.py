@@ -52,7 +52,7 @@ from thunderline_lab.events import (
     validate_events,
 )
 
-__all__ = ["AppendResult", "StoreWriter", "TrialStore", "format_ts"]
+__all__ = ["AppendResult", "StoreWriter", "TrialStore", "fold_trial", "format_ts"]
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class TrialStore:
         batch = validate_events(events)
         with self._lock:
             try:
-                return self._with_write_lock(lambda: self._append_locked(batch))  # type: ignore[no-any-return]
+                return self._with_write_lock(lambda: self._append_locked(batch))
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: append failed: {exc}") from exc
 
@@ -306,15 +306,34 @@ class TrialStore:
             log_rows.append((ev.id, ev.name, ts, run_id, trial_id, ev.model_dump_json()))
             if isinstance(ev, RunMetricEvent):
                 p = ev.payload
-                rows.append(_Row(ev.id, ev.name, ts, {"_points": p.points(), "step": p.step,
-                                                       "model_run_id": p.model_run_id,
-                                                       "trial_id": p.trial_id, "study": p.study}))
+                rows.append(
+                    _Row(
+                        ev.id,
+                        ev.name,
+                        ts,
+                        {
+                            "_points": p.points(),
+                            "step": p.step,
+                            "model_run_id": p.model_run_id,
+                            "trial_id": p.trial_id,
+                            "study": p.study,
+                        },
+                    )
+                )
             elif ev.name.startswith("ml."):
-                rows.append(_Row(ev.id, ev.name, ts, {
-                    "model_run_id": run_id, "trial_id": trial_id,
-                    "study": getattr(payload, "study", None),
-                    "artifact_uri": getattr(payload, "artifact_uri", None),
-                }))
+                rows.append(
+                    _Row(
+                        ev.id,
+                        ev.name,
+                        ts,
+                        {
+                            "model_run_id": run_id,
+                            "trial_id": trial_id,
+                            "study": getattr(payload, "study", None),
+                            "artifact_uri": getattr(payload, "artifact_uri", None),
+                        },
+                    )
+                )
         self.conn.executemany(
             "INSERT INTO events (id, name, timestamp, model_run_id, trial_id, body) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -384,9 +403,9 @@ class TrialStore:
                 "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
             ).fetchone()
             row["study"] = (found and found[0]) or run_id
-        cols = ", ".join(TRIAL_COLUMNS)
         self.conn.execute(
-            f"INSERT OR REPLACE INTO trials ({cols}) VALUES ({', '.join('?' * len(TRIAL_COLUMNS))})",
+            f"INSERT OR REPLACE INTO trials ({', '.join(TRIAL_COLUMNS)}) "
+            f"VALUES ({', '.join('?' * len(TRIAL_COLUMNS))})",
             [row[c] for c in TRIAL_COLUMNS],
         )
 
@@ -461,7 +480,8 @@ class TrialStore:
             expand: also add one column per metric (``metrics.NAME``) and parameter
                 (``params.NAME``).
         """
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if study is not None:
             where.append("study = ?")
             params.append(study)
@@ -517,7 +537,8 @@ class TrialStore:
             max_points: downsample each (trial, metric) curve to at most this many points
                 (evenly strided, always keeping the last point).
         """
-        where, params = ["model_run_id = ?"], [model_run_id]
+        where: list[str] = ["model_run_id = ?"]
+        params: list[Any] = [model_run_id]
         if trial_id is not None:
             where.append("trial_id = ?")
             params.append(trial_id)
@@ -611,8 +632,15 @@ def fold_trial(bodies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         p = body["payload"]
         name, ts = body["name"], _ts(body)
         row["model_run_id"], row["trial_id"] = p["model_run_id"], p["trial_id"]
-        for key in ("study", "spectral_norm", "spectral_norm_coeff", "mlflow_run_id",
-                    "duration_ms", "rank", "artifact_uri"):
+        for key in (
+            "study",
+            "spectral_norm",
+            "spectral_norm_coeff",
+            "mlflow_run_id",
+            "duration_ms",
+            "rank",
+            "artifact_uri",
+        ):
             if p.get(key) is not None:
                 row[key] = p[key]
         params.update(p.get("parameters") or {})

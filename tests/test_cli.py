@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from thunderline_lab import events as E
+from thunderline_lab.cli import main
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def write_events(path: Path, n: int = 3) -> list[E.Event]:
+    evs: list[E.Event] = [E.trial_start(model_run_id="s", trial_id="t0", spectral_norm=True)]
+    evs += [
+        E.run_metric(
+            model_run_id="s",
+            trial_id="t0",
+            step=i,
+            metric_name="val_loss",
+            metric_value=1.0 / (i + 1),
+        )
+        for i in range(n)
+    ]
+    evs.append(
+        E.trial_complete(
+            model_run_id="s", trial_id="t0", spectral_norm=True, metrics={"val_accuracy": 0.93}
+        )
+    )
+    path.write_text("\n".join(e.to_json() for e in evs))
+    return evs
+
+
+def test_validate_ok(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "ev.jsonl"
+    write_events(f)
+    result = runner.invoke(main, ["validate", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "ok: 5 valid events" in result.output
+
+
+def test_validate_prints_one_line_per_error(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "bad.json"
+    good = E.run_metric(model_run_id="s", trial_id="t", step=0, metric_name="a", metric_value=1.0)
+    bad = json.loads(good.to_json())
+    bad["payload"]["step"] = -2
+    bad["payload"]["metric_value"] = "high"
+    f.write_text(json.dumps([json.loads(good.to_json()), bad]))
+    result = runner.invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2
+    assert all(f"{f}: record 1: payload." in ln for ln in lines)
+    assert "Traceback" not in result.output
+
+
+def test_validate_malformed_json_names_file(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "broken.json"
+    f.write_text('[{"name": ')
+    result = runner.invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1 and f"{f}: invalid JSON" in result.output
+
+
+def test_ingest_trials_and_replay(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "ev.jsonl"
+    write_events(f)
+    lab = tmp_path / "lab"
+    result = runner.invoke(main, ["ingest", str(f), "--lab", str(lab)])
+    assert result.exit_code == 0 and "accepted 5, duplicates 0" in result.output
+    result = runner.invoke(main, ["ingest", str(f), "--lab", str(lab)])
+    assert "accepted 0, duplicates 5" in result.output
+    result = runner.invoke(main, ["trials", "--lab", str(lab), "--format", "json"])
+    rows = json.loads(result.output)
+    assert rows[0]["status"] == "completed" and rows[0]["spectral_norm"] is True
+    assert rows[0]["metrics"] == {"val_accuracy": 0.93}
+    for key in (
+        "model_run_id",
+        "trial_id",
+        "study",
+        "spectral_norm_coeff",
+        "mlflow_run_id",
+        "parameters",
+        "duration_ms",
+        "rank",
+    ):
+        assert key in rows[0]
+    table = runner.invoke(main, ["trials", "--lab", str(lab)]).output
+    assert "t0" in table and "0.9300" in table
+    csv = runner.invoke(main, ["trials", "--lab", str(lab), "--format", "csv"]).output
+    assert csv.splitlines()[0].startswith("model_run_id,trial_id")
+    result = runner.invoke(main, ["replay", "--lab", str(lab)])
+    assert result.exit_code == 0 and "events 5" in result.output and "trials 1" in result.output
+
+
+def test_ingest_from_stdin_with_seed_payload(runner: CliRunner, tmp_path: Path) -> None:
+    post = {
+        "event": "ml.run.metric",
+        "trial_id": "x",
+        "metadata": {"epoch": 0},
+        "measurements": {"loss": 1.0},
+    }
+    result = runner.invoke(
+        main,
+        ["ingest", "-", "--lab", str(tmp_path), "--model-run", "remote"],
+        input=json.dumps(post),
+    )
+    assert result.exit_code == 0, result.output
+    assert "<stdin>: accepted 1" in result.output
+
+
+def test_bad_ingest_keeps_store_intact(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "ev.jsonl"
+    write_events(f)
+    runner.invoke(main, ["ingest", str(f), "--lab", str(tmp_path)])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "ml.run.metric", "payload": {}}))
+    result = runner.invoke(main, ["ingest", str(bad), "--lab", str(tmp_path)])
+    assert result.exit_code == 1
+    rows = json.loads(
+        runner.invoke(main, ["trials", "--lab", str(tmp_path), "--format", "json"]).output
+    )
+    assert len(rows) == 1
+
+
+def test_trials_without_store_is_a_clean_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["trials", "--lab", str(tmp_path / "none")])
+    assert result.exit_code != 0 and "no trial store" in result.output
+
+
+def test_schema_is_json_schema(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["schema"])
+    schema = json.loads(result.output)
+    assert "ml.trial.complete" in json.dumps(schema)
+
+
+def test_readme_mentions_every_cli_command() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in main.commands:
+        assert re.search(rf"thunderline-lab {name}\b", readme), f"README lacks `{name}`"

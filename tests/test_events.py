@@ -1,0 +1,366 @@
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from thunderline_lab import events as E
+from thunderline_lab.events import EventValidationError
+
+
+def canonical(name: str = "ml.run.metric", **payload: Any) -> dict[str, Any]:
+    base = {"model_run_id": "run-1", "trial_id": "trial_001"}
+    if name == "ml.run.metric":
+        base.update(step=3, metric_name="val_accuracy", metric_value=0.9)
+    if name in ("ml.trial.start", "ml.trial.complete"):
+        base["spectral_norm"] = True
+    if name == "ml.trial.failed":
+        base.update(error_message="boom", error_type="diverged")
+    base.update(payload)
+    return {
+        "id": "ev-1",
+        "name": name,
+        "timestamp": "2026-11-22T12:34:56.789Z",
+        "payload": base,
+    }
+
+
+def errors_of(record: dict[str, Any]) -> list[E.ErrorDetail]:
+    with pytest.raises(EventValidationError) as info:
+        E.validate_event(record)
+    return info.value.errors
+
+
+def only_error(record: dict[str, Any]) -> E.ErrorDetail:
+    errs = errors_of(record)
+    assert len(errs) == 1, errs
+    return errs[0]
+
+
+# -- seed 000's examples validate as written, inside the canonical envelope -------------------
+
+
+def test_seed000_trial_complete_example_validates() -> None:
+    ev = E.trial_complete(
+        model_run_id="550e8400-e29b-41d4-a716-446655440000",
+        trial_id="trial_007",
+        spectral_norm=True,
+        mlflow_run_id="mlflow_abc123",
+        metrics={"val_accuracy": 0.9234, "val_loss": 0.0876, "test_accuracy": 0.9187},
+        parameters={
+            "hidden_size": 256,
+            "num_layers": 4,
+            "dropout": 0.3,
+            "spectral_norm_coeff": 1.0,
+        },
+        artifact_uri="s3://thunderline-models/run_123/trial_007",
+        duration_ms=45_000,
+        rank=3,
+    )
+    assert ev.name == "ml.trial.complete"
+    assert ev.priority == "high" and ev.pipeline == "realtime"
+    assert ev.payload.spectral_norm is True
+    assert ev.payload.status == "completed"
+    assert ev.source == "thunderline_lab"
+    assert ev.taxonomy_version == 1 and ev.event_version == 1
+    assert len(ev.id) == 32 and ev.timestamp.tzinfo is not None
+    # the canonical JSON round-trips through validation
+    again = E.validate_event(json.loads(ev.to_json()))
+    assert again == ev
+
+
+def test_seed000_run_metric_example_validates() -> None:
+    ev = E.run_metric(
+        model_run_id="test-run",
+        trial_id="trial_003",
+        metric_name="val_accuracy",
+        metric_value=0.8765,
+        step=42,
+        spectral_norm=True,
+        metadata={"learning_rate": 0.001},
+    )
+    assert ev.priority == "normal" and ev.pipeline == "realtime"
+    assert ev.payload.points() == {"val_accuracy": 0.8765}
+
+
+def test_run_metric_accepts_seed001_measurements_map() -> None:
+    ev = E.run_metric(
+        model_run_id="r",
+        trial_id="t",
+        step=1,
+        measurements={"train_loss": 0.1, "val_accuracy": 0.8},
+    )
+    assert ev.payload.points() == {"train_loss": 0.1, "val_accuracy": 0.8}
+
+
+def test_every_ml_event_has_a_constructor_with_right_priority() -> None:
+    built = [
+        E.run_start(model_run_id="r", trial_id="t"),
+        E.run_metric(model_run_id="r", trial_id="t", step=0, measurements={"a": 1.0}),
+        E.run_stop(model_run_id="r", trial_id="t"),
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm=False),
+        E.trial_complete(model_run_id="r", trial_id="t", spectral_norm=False),
+        E.trial_failed(model_run_id="r", trial_id="t", error_message="x", error_type="y"),
+    ]
+    assert [e.name for e in built] == [
+        "ml.run.start",
+        "ml.run.metric",
+        "ml.run.stop",
+        "ml.trial.start",
+        "ml.trial.complete",
+        "ml.trial.failed",
+    ]
+    assert [e.priority for e in built] == ["high", "normal", "high", "high", "high", "high"]
+    assert len({e.id for e in built}) == 6
+
+
+# -- one test per rule; each asserts the message names the field ---------------------------
+
+
+def test_required_field_missing_is_named() -> None:
+    rec = canonical()
+    del rec["payload"]["trial_id"]
+    err = only_error(rec)
+    assert err.path == "payload.trial_id" and err.rule == "missing"
+
+
+def test_required_envelope_field_missing_is_named() -> None:
+    rec = canonical()
+    del rec["timestamp"]
+    assert only_error(rec).path == "timestamp"
+
+
+def test_wrong_type_is_rejected_strictly() -> None:
+    err = only_error(canonical(step="3"))
+    assert err.path == "payload.step" and err.rule == "int_type"
+
+
+def test_bool_is_not_a_metric_value() -> None:
+    err = only_error(canonical(metric_value=True))
+    assert err.path == "payload.metric_value"
+
+
+def test_constructor_is_strict_about_types() -> None:
+    with pytest.raises(EventValidationError) as info:
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm="true")
+    assert info.value.errors[0].path == "payload.spectral_norm"
+
+
+def test_negative_step_is_rejected() -> None:
+    err = only_error(canonical(step=-1))
+    assert err.path == "payload.step" and "greater than or equal to 0" in err.message
+
+
+def test_negative_duration_is_rejected() -> None:
+    err = only_error(canonical("ml.trial.complete", duration_ms=-5))
+    assert err.path == "payload.duration_ms" and err.rule == "greater_than_equal"
+
+
+def test_rank_below_one_is_rejected() -> None:
+    err = only_error(canonical("ml.trial.complete", rank=0))
+    assert err.path == "payload.rank" and "greater than or equal to 1" in err.message
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_metric_value_is_rejected_and_says_so(bad: float) -> None:
+    err = only_error(canonical(metric_value=bad))
+    assert err.path == "payload.metric_value"
+    assert "finite" in err.message and "NaN" in err.message
+    assert str(bad) in err.line()
+
+
+def test_non_finite_measurement_names_the_metric() -> None:
+    rec = canonical(measurements={"val_loss": math.nan})
+    err = only_error(rec)
+    assert err.path == "payload.measurements.val_loss" and err.rule == "finite_number"
+
+
+def test_non_finite_trial_metric_is_rejected() -> None:
+    err = only_error(canonical("ml.trial.complete", metrics={"val_accuracy": math.inf}))
+    assert err.path == "payload.metrics.val_accuracy"
+
+
+def test_metric_event_without_any_metric_is_rejected() -> None:
+    rec = canonical()
+    del rec["payload"]["metric_name"], rec["payload"]["metric_value"]
+    err = only_error(rec)
+    assert "no metric" in err.message
+
+
+def test_metric_name_without_value_is_rejected() -> None:
+    rec = canonical()
+    del rec["payload"]["metric_value"]
+    assert "metric_value is required" in only_error(rec).message
+
+
+def test_trial_status_values() -> None:
+    for status in ("completed", "pruned", "cancelled"):
+        ev = E.validate_event(canonical("ml.trial.complete", status=status))
+        assert ev.payload.status == status
+    err = only_error(canonical("ml.trial.complete", status="exploded"))
+    assert err.path == "payload.status" and "completed" in err.message
+
+
+def test_pruned_is_kept_distinct_from_failed() -> None:
+    pruned = E.validate_event(canonical("ml.trial.complete", status="pruned"))
+    failed = E.validate_event(canonical("ml.trial.failed"))
+    assert pruned.payload.status == "pruned"
+    assert failed.name == "ml.trial.failed"
+
+
+def test_trial_events_require_spectral_norm() -> None:
+    rec = canonical("ml.trial.start")
+    del rec["payload"]["spectral_norm"]
+    assert only_error(rec).path == "payload.spectral_norm"
+
+
+def test_name_without_reserved_prefix_is_rejected() -> None:
+    err = errors_of(canonical() | {"name": "training.metric"})[0]
+    assert err.path == "name" and err.rule == "reserved_prefix"
+    assert "system." in err.message
+
+
+def test_unknown_ml_name_is_rejected() -> None:
+    err = only_error(canonical() | {"name": "ml.run.metrc"})
+    assert err.path == "name" and err.rule == "unknown_event"
+    assert "ml.run.metric" in err.message
+
+
+def test_other_reserved_prefix_is_a_generic_event() -> None:
+    ev = E.validate_event(canonical() | {"name": "system.heartbeat", "payload": {"host": "a"}})
+    assert isinstance(ev, E.GenericEvent) and ev.payload == {"host": "a"}
+
+
+def test_unknown_payload_field_is_rejected() -> None:
+    err = only_error(canonical(metric_vale=1.0))
+    assert err.path == "payload.metric_vale" and err.rule == "extra_forbidden"
+
+
+def test_naive_timestamp_is_rejected() -> None:
+    err = only_error(canonical() | {"timestamp": "2026-11-22T12:34:56"})
+    assert err.path == "timestamp" and "timezone" in err.message
+
+
+def test_spectral_norm_coeff_must_be_positive() -> None:
+    err = only_error(canonical("ml.trial.start", spectral_norm_coeff=0.0))
+    assert err.path == "payload.spectral_norm_coeff"
+
+
+def test_metric_name_must_be_mlflow_safe() -> None:
+    err = only_error(canonical(metric_name="val acc?"))
+    assert err.path == "payload.metric_name"
+
+
+def test_all_errors_of_all_records_are_reported_with_index() -> None:
+    good = canonical()
+    bad1 = canonical(step=-1, metric_value=math.nan) | {"id": "b1"}
+    bad2 = canonical() | {"id": "b2", "name": "nope"}
+    with pytest.raises(EventValidationError) as info:
+        E.validate_events([good, bad1, bad2])
+    got = {(e.index, e.path) for e in info.value.errors}
+    assert got >= {(1, "payload.step"), (1, "payload.metric_value"), (2, "name")}
+    lines = info.value.with_source("events.json").lines()
+    assert all(line.startswith("events.json: record ") for line in lines)
+
+
+def test_validate_events_json_reports_bad_json() -> None:
+    with pytest.raises(EventValidationError) as info:
+        E.validate_events_json("[{")
+    assert info.value.errors[0].rule == "json_invalid"
+
+
+def test_validate_events_json_fast_path() -> None:
+    evs = [
+        E.run_metric(model_run_id="r", trial_id="t", step=i, metric_name="a", metric_value=1.0)
+        for i in range(3)
+    ]
+    text = "[" + ",".join(e.to_json() for e in evs) + "]"
+    assert E.validate_events_json(text) == evs
+
+
+def test_make_event_fills_envelope() -> None:
+    ts = datetime(2026, 1, 2, tzinfo=UTC)
+    ev = E.make_event(
+        "ml.run.start",
+        model_run_id="r",
+        trial_id="t",
+        timestamp=ts,
+        correlation_id="c1",
+        id="fixed",
+    )
+    assert (ev.id, ev.timestamp, ev.correlation_id) == ("fixed", ts, "c1")
+
+
+def test_json_schema_covers_every_ml_event() -> None:
+    schema = E.event_json_schema()
+    text = json.dumps(schema)
+    for name in E.ML_EVENT_NAMES:
+        assert name in text
+    assert schema["$schema"].startswith("https://json-schema.org/")
+
+
+# -- property tests -------------------------------------------------------------------------
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, max_size=12)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@st.composite
+def metric_events(draw: st.DrawFn) -> E.Event:
+    measurements = draw(st.dictionaries(names, finite, max_size=5))
+    single = draw(st.booleans()) or not measurements
+    kwargs: dict[str, Any] = {"measurements": measurements}
+    if single:
+        kwargs.update(metric_name=draw(names), metric_value=draw(finite))
+    return E.run_metric(
+        model_run_id=draw(names),
+        trial_id=draw(names),
+        step=draw(st.integers(min_value=0, max_value=2**40)),
+        spectral_norm=draw(st.none() | st.booleans()),
+        **kwargs,
+    )
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(metric_events())
+def test_random_valid_events_round_trip(ev: E.Event) -> None:
+    assert E.validate_event(json.loads(ev.to_json())) == ev
+    assert E.validate_events_json("[" + ev.to_json() + "]") == [ev]
+
+
+mutation_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(metric_events(), st.data())
+def test_random_mutations_are_rejected_or_valid_never_crash(
+    ev: E.Event, data: st.DataObject
+) -> None:
+    record = json.loads(ev.to_json())
+    target = data.draw(st.sampled_from(["envelope", "payload"]))
+    container = record if target == "envelope" else record["payload"]
+    key = data.draw(st.sampled_from(sorted(container)) | names)
+    if data.draw(st.booleans()) and key in container:
+        del container[key]
+    else:
+        container[key] = data.draw(mutation_values)
+    try:
+        E.validate_event(record)
+    except EventValidationError as exc:
+        assert exc.errors
+        for err in exc.errors:
+            assert err.rule and err.message
+            assert isinstance(err.line(), str)

@@ -1,0 +1,349 @@
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import random
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from thunderline_lab import events as E
+from thunderline_lab.bus import EventBus
+from thunderline_lab.events import EventValidationError
+from thunderline_lab.store import StoreWriter, TrialStore
+
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+TABLES = ("model_runs", "trials", "metrics", "artifacts")
+
+
+def study_events(run: str = "study-a", n_trials: int = 4, epochs: int = 3) -> list[E.Event]:
+    """A small, realistic study: trial start, per-epoch metrics, completion or failure."""
+    out: list[E.Event] = []
+    t = T0
+    for i in range(n_trials):
+        tid = f"trial_{i:04d}"
+        sn = i % 2 == 0
+        params = {
+            "lr": 0.01 * (i + 1),
+            "spectral_norm": sn,
+            "spectral_norm_coeff": 2.0 if sn else None,
+        }
+        t += timedelta(seconds=1)
+        out.append(
+            E.trial_start(
+                model_run_id=run,
+                trial_id=tid,
+                spectral_norm=sn,
+                study=run,
+                parameters=params,
+                timestamp=t,
+            )
+        )
+        t += timedelta(milliseconds=1)
+        out.append(E.run_start(model_run_id=run, trial_id=tid, spectral_norm=sn, timestamp=t))
+        for step in range(epochs):
+            t += timedelta(milliseconds=10)
+            out.append(
+                E.run_metric(
+                    model_run_id=run,
+                    trial_id=tid,
+                    step=step,
+                    timestamp=t,
+                    measurements={
+                        "val_loss": 1.0 / (step + 1 + i),
+                        "val_accuracy": 0.5 + 0.1 * step,
+                    },
+                )
+            )
+        t += timedelta(milliseconds=10)
+        out.append(E.run_stop(model_run_id=run, trial_id=tid, duration_ms=30, timestamp=t))
+        t += timedelta(milliseconds=1)
+        if i == 3:
+            out.append(
+                E.trial_failed(
+                    model_run_id=run,
+                    trial_id=tid,
+                    error_type="diverged",
+                    error_message="loss is nan",
+                    spectral_norm=sn,
+                    timestamp=t,
+                )
+            )
+        else:
+            out.append(
+                E.trial_complete(
+                    model_run_id=run,
+                    trial_id=tid,
+                    spectral_norm=sn,
+                    timestamp=t,
+                    duration_ms=31,
+                    status="pruned" if i == 2 else "completed",
+                    metrics={"val_accuracy": 0.7 + i / 100},
+                    parameters=params,
+                    artifact_uri=f"file:///lab/{tid}.pt",
+                    rank=i + 1,
+                )
+            )
+    return out
+
+
+def snapshot(store: TrialStore) -> dict[str, pd.DataFrame]:
+    return {t: store.table(t) for t in TABLES}
+
+
+def assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    for table in TABLES:
+        pd.testing.assert_frame_equal(a[table], b[table], obj=table)
+
+
+@pytest.fixture(params=["memory", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> TrialStore:
+    path = ":memory:" if request.param == "memory" else tmp_path / "lab" / "lab.db"
+    return TrialStore(path)
+
+
+def test_append_projects_trials(store: TrialStore) -> None:
+    result = store.append(study_events())
+    assert result.accepted == 4 * 7 and result.duplicates == 0 and result.last_seq == 28
+    trials = store.trials().set_index("trial_id")
+    assert list(trials["status"]) == ["completed", "completed", "pruned", "failed"]
+    assert list(trials["spectral_norm"]) == [True, False, True, False]
+    assert trials.loc["trial_0000", "spectral_norm_coeff"] == 2.0
+    assert math.isnan(trials.loc["trial_0001", "spectral_norm_coeff"])
+    assert trials.loc["trial_0003", "error_type"] == "diverged"
+    assert trials.loc["trial_0000", "metrics"] == {"val_accuracy": 0.7}
+    assert trials.loc["trial_0000", "parameters"]["lr"] == 0.01
+    assert trials.loc["trial_0000", "rank"] == 1
+    assert trials.loc["trial_0000", "started_at"] < trials.loc["trial_0000", "ended_at"]
+
+
+def test_duplicates_are_skipped_by_id(store: TrialStore) -> None:
+    evs = study_events()
+    store.append(evs)
+    again = store.append(evs[:5] + evs[:2])
+    assert (again.accepted, again.duplicates) == (0, 7)
+    assert store.counts()["events"] == len(evs)
+
+
+def test_duplicate_ids_within_one_batch_are_stored_once(store: TrialStore) -> None:
+    ev = study_events()[0]
+    result = store.append([ev, ev, ev])
+    assert (result.accepted, result.duplicates) == (1, 2)
+
+
+def test_invalid_batch_stores_nothing_and_keeps_existing(store: TrialStore) -> None:
+    store.append(study_events()[:7])
+    before = snapshot(store)
+    bad = E.run_metric(model_run_id="r", trial_id="t", step=1, metric_name="a", metric_value=1.0)
+    record = bad.model_dump(mode="json")
+    record["payload"]["metric_value"] = float("nan")
+    with pytest.raises(EventValidationError) as info:
+        store.append([*study_events("other")[:3], record])
+    assert info.value.errors[0].path == "payload.metric_value"
+    assert store.counts()["events"] == 7
+    assert_same(before, snapshot(store))
+
+
+def test_replay_rebuilds_identical_tables(store: TrialStore) -> None:
+    store.append(study_events("a"))
+    store.append(study_events("b"))
+    live = snapshot(store)
+    counts = store.replay()
+    assert counts["events"] == 56 and counts["trials"] == 8
+    assert_same(live, snapshot(store))
+
+
+def test_shuffled_and_duplicated_delivery_converges() -> None:
+    evs = study_events()
+    ordered = TrialStore()
+    ordered.append(evs)
+    for seed in range(5):
+        shuffled = evs + random.Random(seed).sample(evs, k=10)
+        random.Random(seed).shuffle(shuffled)
+        other = TrialStore()
+        for i in range(0, len(shuffled), 3):
+            other.append(shuffled[i : i + 3])
+        assert_same(snapshot(ordered), snapshot(other))
+
+
+def test_complete_before_start_converges_to_same_row() -> None:
+    start = E.trial_start(
+        model_run_id="r", trial_id="t", spectral_norm=True, parameters={"lr": 0.1}, timestamp=T0
+    )
+    done = E.trial_complete(
+        model_run_id="r",
+        trial_id="t",
+        spectral_norm=True,
+        metrics={"val_accuracy": 0.9},
+        timestamp=T0 + timedelta(seconds=5),
+    )
+    a, b = TrialStore(), TrialStore()
+    a.append([start])
+    a.append([done])
+    b.append([done])
+    b.append([start])
+    assert_same(snapshot(a), snapshot(b))
+    assert a.trial("r", "t")["status"] == "completed"
+
+
+def test_later_metric_value_wins_regardless_of_arrival() -> None:
+    first = E.run_metric(
+        model_run_id="r", trial_id="t", step=1, metric_name="loss", metric_value=1.0, timestamp=T0
+    )
+    second = E.run_metric(
+        model_run_id="r",
+        trial_id="t",
+        step=1,
+        metric_name="loss",
+        metric_value=2.0,
+        timestamp=T0 + timedelta(seconds=1),
+    )
+    for order in ([first, second], [second, first]):
+        s = TrialStore()
+        for ev in order:
+            s.append([ev])
+        assert s.metric_history("r", "t", "loss")["value"].tolist() == [2.0]
+
+
+def test_run_stop_alone_marks_trial_completed_or_failed() -> None:
+    s = TrialStore()
+    s.append(
+        [
+            E.run_stop(model_run_id="r", trial_id="ok", success=True, mlflow_run_id="m1"),
+            E.run_stop(model_run_id="r", trial_id="bad", success=False),
+        ]
+    )
+    trials = s.trials().set_index("trial_id")
+    assert trials.loc["ok", "status"] == "completed" and trials.loc["ok", "mlflow_run_id"] == "m1"
+    assert trials.loc["bad", "status"] == "failed"
+
+
+def test_queries(store: TrialStore) -> None:
+    store.append(study_events("a"))
+    store.append(study_events("b", n_trials=2))
+    assert len(store.trials(study="a")) == 4
+    assert set(store.trials(status="completed")["trial_id"]) == {"trial_0000", "trial_0001"}
+    assert store.trials(spectral_norm=True)["spectral_norm"].all()
+    assert len(store.trials(status=["pruned", "failed"])) == 2
+    expanded = store.trials(study="a", expand=True)
+    assert "metrics.val_accuracy" in expanded and "params.lr" in expanded
+    hist = store.metric_history("a", "trial_0000", "val_loss")
+    assert hist["step"].tolist() == [0, 1, 2]
+    assert store.trial("a", "nope") is None
+    runs = store.model_runs().set_index("model_run_id")
+    assert runs.loc["a", "n_trials"] == 4 and runs.loc["a", "n_failed"] == 1
+
+
+def test_mean_by_spectral_norm_is_seed001_aggregate(store: TrialStore) -> None:
+    store.append(study_events("a"))
+    agg = store.mean_by_spectral_norm("val_accuracy", study="a").set_index("spectral_norm")
+    # completed only: trial 0 (SN on, 0.70) and trial 1 (SN off, 0.71)
+    assert agg.loc[True, "mean_val_accuracy"] == pytest.approx(0.70)
+    assert agg.loc[False, "mean_val_accuracy"] == pytest.approx(0.71)
+    assert agg["n"].tolist() == [1, 1]
+
+
+def test_metric_history_downsamples_keeping_last_point() -> None:
+    s = TrialStore()
+    s.append(
+        [
+            E.run_metric(
+                model_run_id="r", trial_id="t", step=i, metric_name="loss", metric_value=float(i)
+            )
+            for i in range(5000)
+        ]
+    )
+    full = s.metric_history("r", "t", "loss")
+    small = s.metric_history("r", "t", "loss", max_points=1000)
+    assert len(full) == 5000
+    assert 500 <= len(small) <= 1000
+    assert small["step"].iloc[0] == 0 and small["step"].iloc[-1] == 4999
+
+
+def test_events_after_sequence(store: TrialStore) -> None:
+    evs = study_events()
+    store.append(evs)
+    page = store.events_after(5, limit=3)
+    assert [e["seq"] for e in page] == [6, 7, 8]
+    assert page[0]["id"] == evs[5].id
+    assert len(list(store.iter_events(batch_size=7))) == len(evs)
+    assert store.last_seq() == len(evs)
+
+
+def test_generic_events_are_logged_not_projected(store: TrialStore) -> None:
+    ev = E.validate_event(
+        {
+            "id": "g1",
+            "name": "system.heartbeat",
+            "timestamp": T0.isoformat(),
+            "payload": {"host": "w1"},
+        }
+    )
+    store.append([ev])
+    assert store.counts()["events"] == 1 and store.counts()["trials"] == 0
+    assert store.replay()["events"] == 1
+
+
+def test_store_writer_batches_from_the_bus(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    bus = EventBus()
+    with StoreWriter(store, bus, interval=0.05) as writer:
+        for ev in study_events():
+            bus.publish(ev)
+    assert writer.appended == 28 and writer.errors == 0
+    assert store.counts()["events"] == 28
+
+
+def test_store_writer_retries_after_a_failed_append(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    bus = EventBus()
+    writer = StoreWriter(store, bus, background=False)
+    real_append = store.append
+    calls: list[int] = []
+
+    def flaky(events: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_append(events)
+
+    store.append = flaky  # type: ignore[method-assign]
+    bus.publish(study_events()[0])
+    with pytest.raises(sqlite3.OperationalError):
+        writer.flush()
+    assert writer.flush() == 1
+    assert writer.errors == 1 and store.counts()["events"] == 1
+    writer.close()
+
+
+def _append_worker(path: str, worker: int, n_batches: int) -> None:
+    store = TrialStore(path)
+    for b in range(n_batches):
+        evs = [
+            E.run_metric(
+                model_run_id=f"w{worker}", trial_id=f"t{b}", step=s, measurements={"loss": float(s)}
+            )
+            for s in range(50)
+        ]
+        store.append(evs)
+    store.close()
+
+
+@pytest.mark.slow
+def test_many_processes_append_without_loss_or_lock_errors(tmp_path: Path) -> None:
+    path = str(tmp_path / "lab.db")
+    TrialStore(path).close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_worker, args=(path, w, 40)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = TrialStore(path)
+    assert store.counts()["events"] == 4 * 40 * 50
+    assert store.counts()["metrics"] == 4 * 40 * 50

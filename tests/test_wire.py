@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from thunderline_lab.events import EventValidationError
+from thunderline_lab.store import TrialStore
+from thunderline_lab.wire import lenient_bool, parse_json_records, to_events
+
+SEED001_START = {
+    "event": "ml.run.start",
+    "trial_id": "abc-123",
+    "metadata": {"spectral_norm": True, "hyperparams": {"learning_rate": 0.001, "n_layers": 4}},
+}
+SEED001_METRIC = {
+    "event": "ml.run.metric",
+    "trial_id": "abc-123",
+    "metadata": {"epoch": 3},
+    "measurements": {"train_loss": 0.123, "val_accuracy": 0.891},
+}
+SEED001_STOP = {
+    "event": "ml.run.stop",
+    "trial_id": "abc-123",
+    "metadata": {"success": True, "epochs": 10, "mlflow_run_id": "mlf-1"},
+    "measurements": {"duration_ms": 45000, "final_val_accuracy": 0.9},
+}
+SEED002 = {
+    "trials": [
+        {
+            "trial_id": "trial_007",
+            "status": "succeeded",
+            "spectral_norm": True,
+            "mlflow_run_id": "mlflow_abc",
+            "metrics": {"accuracy": 0.95},
+            "parameters": {"lr": 0.001},
+        },
+        {"trial_id": "trial_008", "status": "failed", "warnings": ["out of memory"]},
+    ]
+}
+
+
+def errors(records: list[Any]) -> list[tuple[int | None, str, str]]:
+    with pytest.raises(EventValidationError) as info:
+        to_events(records)
+    return [(e.index, e.path, e.rule) for e in info.value.errors]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("False", False),
+        (1, True),
+        (0, False),
+        ("1", True),
+        ("0", False),
+        ("yes", True),
+        (None, False),
+    ],
+)
+def test_lenient_booleans(raw: Any, expected: bool) -> None:
+    assert lenient_bool(raw) is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", 2, [], {}])
+def test_lenient_booleans_still_reject_garbage(raw: Any) -> None:
+    with pytest.raises(ValueError, match="boolean"):
+        lenient_bool(raw)
+
+
+def test_seed001_posts_translate_and_attribute_to_default_run() -> None:
+    evs = to_events([SEED001_START, SEED001_METRIC, SEED001_STOP], default_model_run_id="exp-9")
+    start, metric, stop = evs
+    assert start.name == "ml.run.start" and start.payload.model_run_id == "exp-9"
+    assert start.payload.spectral_norm is True
+    assert start.payload.parameters == {"learning_rate": 0.001, "n_layers": 4}
+    assert metric.payload.step == 3
+    assert metric.payload.points() == {"train_loss": 0.123, "val_accuracy": 0.891}
+    assert stop.payload.success is True and stop.payload.duration_ms == 45000
+    assert stop.payload.mlflow_run_id == "mlf-1"
+    assert stop.payload.metrics == {"final_val_accuracy": 0.9}
+
+
+def test_seed001_metadata_model_run_id_wins() -> None:
+    post = {**SEED001_METRIC, "metadata": {"epoch": 1, "model_run_id": "explicit"}}
+    assert to_events([post])[0].payload.model_run_id == "explicit"
+
+
+def test_seed001_ids_are_deterministic_so_reposts_are_duplicates() -> None:
+    a = to_events([SEED001_METRIC])[0]
+    b = to_events([json.loads(json.dumps(SEED001_METRIC))])[0]
+    assert a.id == b.id
+    store = TrialStore()
+    assert store.append([a]).accepted == 1
+    assert store.append([b]).duplicates == 1
+
+
+def test_seed001_metric_without_epoch_names_the_field() -> None:
+    post = {**SEED001_METRIC, "metadata": {}}
+    assert errors([post]) == [(0, "metadata.epoch", "missing")]
+
+
+def test_seed001_unknown_event_name() -> None:
+    assert errors([{**SEED001_METRIC, "event": "ml.run.metrics"}])[0][1:] == (
+        "event",
+        "unknown_event",
+    )
+
+
+def test_seed001_lenient_boolean_field_error_names_path() -> None:
+    post = {**SEED001_START, "metadata": {"spectral_norm": "perhaps"}}
+    assert errors([post]) == [(0, "metadata.spectral_norm", "bool_type")]
+
+
+def test_seed001_nan_measurement_is_rejected_with_record_index() -> None:
+    post = {**SEED001_METRIC, "measurements": {"train_loss": float("nan")}}
+    errs = errors([SEED001_START, post])
+    assert errs == [(1, "payload.measurements.train_loss", "finite_number")]
+
+
+def test_seed002_report_maps_statuses_and_defaults() -> None:
+    done, failed = to_events([SEED002])
+    assert done.name == "ml.trial.complete" and done.payload.status == "completed"
+    assert done.payload.spectral_norm is True and done.payload.mlflow_run_id == "mlflow_abc"
+    assert failed.name == "ml.trial.failed" and failed.payload.error_message == "out of memory"
+    # backward-compatible defaults: spectral_norm false, mlflow_run_id null
+    assert failed.payload.spectral_norm is False and failed.payload.mlflow_run_id is None
+
+
+@pytest.mark.parametrize("flag", ["true", 1, "1", True])
+def test_seed002_lenient_spectral_norm(flag: Any) -> None:
+    report = {"trials": [{"trial_id": "t", "status": "succeeded", "spectral_norm": flag}]}
+    assert to_events([report])[0].payload.spectral_norm is True
+
+
+def test_seed002_unknown_status_is_rejected_clearly() -> None:
+    report = {
+        "trials": [{"trial_id": "t", "status": "succeeded"}, {"trial_id": "u", "status": "skipped"}]
+    }
+    assert errors([report]) == [(0, "trials[1].status", "unknown_status")]
+
+
+def test_seed002_error_paths_point_into_trials() -> None:
+    report = {
+        "trials": [{"trial_id": "t", "status": "succeeded", "metrics": {"acc": float("inf")}}]
+    }
+    assert errors([report]) == [(0, "trials[0].metrics.acc", "finite_number")]
+
+
+def test_unknown_record_shape() -> None:
+    assert errors([[1, 2]])[0][2] == "unknown_shape"
+    assert errors([{"foo": 1}])[0][2] == "unknown_shape"
+
+
+def test_parse_json_array_object_and_lines() -> None:
+    assert parse_json_records('{"a": 1}') == [{"a": 1}]
+    assert parse_json_records('[{"a": 1}, {"b": 2}]') == [{"a": 1}, {"b": 2}]
+    assert parse_json_records('{"a": 1}\n\n{"b": 2}\n') == [{"a": 1}, {"b": 2}]
+
+
+def test_parse_errors_name_source_and_line() -> None:
+    with pytest.raises(EventValidationError) as info:
+        parse_json_records('{"a": 1}\n{"b": \n', source="posts.jsonl")
+    assert info.value.lines()[0].startswith("posts.jsonl: line 2: invalid JSON")
+    with pytest.raises(EventValidationError, match="empty"):
+        parse_json_records("  ")
