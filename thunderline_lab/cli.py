@@ -198,5 +198,88 @@ def schema() -> None:
     click.echo(json.dumps(event_json_schema(), indent=2))
 
 
+@main.command()
+@click.argument("study_toml", type=click.Path(dir_okay=False, path_type=Path))
+@lab_option
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="papermill worker processes sharing the study (default: the config's).",
+)
+@click.option(
+    "-p",
+    "--parameter",
+    "overrides",
+    type=(str, str),
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Override a notebook parameter (VALUE read as JSON).",
+)
+@click.option("--no-report", is_flag=True, help="Skip the comparison report at the end.")
+@_clean_errors
+def run(
+    study_toml: Path,
+    lab_dir: Path | None,
+    workers: int | None,
+    overrides: tuple[tuple[str, str], ...],
+    no_report: bool,
+) -> None:
+    """Execute a study notebook via papermill (the workbench's main job)."""
+    from thunderline_lab.batch import load_study_config, parse_override, run_batch
+    from thunderline_lab.lab import Lab
+
+    config = load_study_config(study_toml)
+    lab = Lab.resolve(lab_dir)
+    params = dict(parse_override(name, value) for name, value in overrides)
+    click.echo(f"study {config.name}: {config.notebook.name} -> {lab.runs_dir / config.name}")
+    result = run_batch(config, lab=lab, workers=workers, overrides=params)
+    click.echo(
+        f"finished in {result.elapsed_s:,.0f}s: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+    )
+    for out in result.outputs:
+        click.echo(f"  executed notebook : {out}")
+    click.echo(
+        f"  trials            : thunderline-lab trials --lab {lab.root} --study {config.name}"
+    )
+    click.echo(f"  optuna dashboard  : thunderline-lab dashboard --lab {lab.root}")
+    click.echo(f"  mlflow ui         : mlflow ui --backend-store-uri sqlite:///{lab.mlflow_db}")
+    if not no_report:
+        report = _write_report(lab, config.name)
+        if report is not None:
+            click.echo(f"  comparison report : {report}")
+
+
+def _write_report(lab: Any, study: str) -> Path | None:
+    """The SN-vs-none report for a study, if the comparison module is available."""
+    try:
+        from thunderline_lab import compare
+    except ImportError:
+        return None
+    with lab.store() as store:
+        result = compare.compare_study(store, study)
+    out = compare.write_report(result, lab.reports_dir / study)
+    return Path(out)
+
+
+@main.command()
+@lab_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback requires a token.")
+@click.option("--port", default=8765, type=click.IntRange(0, 65535), show_default=True)
+@click.option("--token", envvar="THUNDERLINE_LAB_TOKEN", default=None, show_envvar=True,
+              help="Require this bearer token on /api/* (needed off loopback).")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@_clean_errors
+def serve(lab_dir: Path | None, host: str, port: int, token: str | None, log_level: str) -> None:
+    """Run the event gateway (ThunderGate): POST /api/events/ml, GET /api/trials, /docs."""
+    from thunderline_lab.gateway import serve as run_gateway
+    from thunderline_lab.lab import Lab
+
+    run_gateway(Lab.resolve(lab_dir), host=host, port=port, token=token, log_level=log_level)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

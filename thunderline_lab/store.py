@@ -175,7 +175,10 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 
 def format_ts(event: Event) -> str:
     """The event's timestamp as fixed-width UTC text (sorts as it compares)."""
-    return event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ts = event.timestamp
+    if ts.utcoffset():
+        ts = ts.astimezone(UTC)
+    return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _metric_points(payload: Mapping[str, Any]) -> dict[str, float]:
