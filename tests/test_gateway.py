@@ -1,0 +1,1327 @@
+"""ThunderGate: HTTP contract, group commit, security, EventClient, fuzzing, end to end.
+
+Everything runs on loopback or in-process (httpx over the ASGI app). The kill -9
+durability test lives in ``test_gateway_durability.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+import uvicorn
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from thunderline_lab import events as E
+from thunderline_lab.bus import EventBus
+from thunderline_lab.errors import GatewayError, StoreError
+from thunderline_lab.gateway import (
+    EventClient,
+    GroupCommitWriter,
+    create_app,
+    is_loopback,
+    parse_body,
+    serve,
+)
+from thunderline_lab.lab import Lab
+from thunderline_lab.store import StoreWriter, TrialStore
+
+TABLES = ("model_runs", "trials", "metrics", "artifacts")
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+TOKEN = "test-token-0123456789"
+NS = uuid.UUID("2b8a3f51-6c55-4a0e-9f0c-5e7a8d4a1b11")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def study_events(
+    run: str = "sn-study", n_trials: int = 6, epochs: int = 5, seed: int = 0
+) -> list[E.Event]:
+    """A realistic study's events with deterministic ids and timestamps.
+
+    Paired SN on/off twins (sharing ``pair_id`` and seed), per-epoch metrics, run start and
+    stop, one diverged (failed) trial and one pruned trial.
+    """
+    rng = random.Random(seed)
+    counter = iter(range(10**9))
+    t = T0
+
+    def ev_id() -> str:
+        return uuid.uuid5(NS, f"{run}-{seed}-{next(counter)}").hex
+
+    out: list[E.Event] = []
+    for i in range(n_trials):
+        tid = f"trial_{i:04d}"
+        sn = i % 2 == 0
+        coeff = 1.0 if sn else None
+        params = {
+            "lr": round(10 ** rng.uniform(-4, -2), 6),
+            "depth": 2 + i % 3,
+            "width": 64,
+            "dropout": 0.1,
+            "weight_decay": 1e-4,
+            "spectral_norm": sn,
+            "spectral_norm_coeff": coeff,
+            "seed": 100 + i // 2,
+            "pair_id": i // 2,
+            "arm": "sn" if sn else "none",
+        }
+        t += timedelta(seconds=1)
+        out.append(
+            E.trial_start(
+                id=ev_id(),
+                timestamp=t,
+                model_run_id=run,
+                trial_id=tid,
+                study=run,
+                spectral_norm=sn,
+                spectral_norm_coeff=coeff,
+                parameters=params,
+            )
+        )
+        t += timedelta(milliseconds=1)
+        out.append(
+            E.run_start(
+                id=ev_id(),
+                timestamp=t,
+                model_run_id=run,
+                trial_id=tid,
+                study=run,
+                spectral_norm=sn,
+                parameters=params,
+            )
+        )
+        diverged = i == 3
+        acc = 0.5
+        for epoch in range(epochs):
+            t += timedelta(milliseconds=20)
+            acc = min(0.99, acc + rng.uniform(0.0, 0.1))
+            out.append(
+                E.run_metric(
+                    id=ev_id(),
+                    timestamp=t,
+                    model_run_id=run,
+                    trial_id=tid,
+                    study=run,
+                    step=epoch,
+                    spectral_norm=sn,
+                    measurements={
+                        "train_loss": 1.0 / (epoch + 1),
+                        "val_loss": 1.1 / (epoch + 1),
+                        "val_accuracy": acc,
+                        "lr": params["lr"],
+                        "max_sigma": 1.0 if sn else 1.0 + epoch / 3,
+                    },
+                )
+            )
+            if diverged and epoch == 2:
+                break
+        t += timedelta(milliseconds=5)
+        out.append(
+            E.run_stop(
+                id=ev_id(),
+                timestamp=t,
+                model_run_id=run,
+                trial_id=tid,
+                study=run,
+                success=not diverged,
+                epochs=epochs,
+                duration_ms=100,
+                artifact_uri=None if diverged else f"file:///lab/runs/{tid}.pt",
+            )
+        )
+        t += timedelta(milliseconds=1)
+        if diverged:
+            out.append(
+                E.trial_failed(
+                    id=ev_id(),
+                    timestamp=t,
+                    model_run_id=run,
+                    trial_id=tid,
+                    study=run,
+                    error_type="diverged",
+                    error_message="loss is nan at epoch 2",
+                    spectral_norm=sn,
+                    parameters=params,
+                )
+            )
+        else:
+            out.append(
+                E.trial_complete(
+                    id=ev_id(),
+                    timestamp=t,
+                    model_run_id=run,
+                    trial_id=tid,
+                    study=run,
+                    spectral_norm=sn,
+                    spectral_norm_coeff=coeff,
+                    status="pruned" if i == 5 else "completed",
+                    parameters=params,
+                    metrics={
+                        "val_accuracy": acc,
+                        "test_accuracy": acc - 0.01,
+                        "generalization_gap": 0.02,
+                        "max_sigma": 1.0,
+                        "epochs": epochs,
+                    },
+                    duration_ms=101,
+                    rank=i + 1,
+                )
+            )
+    return out
+
+
+def snapshot(store: TrialStore) -> dict[str, pd.DataFrame]:
+    return {t: store.table(t) for t in TABLES}
+
+
+def assert_same(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> None:
+    for table in TABLES:
+        pd.testing.assert_frame_equal(a[table], b[table], obj=table)
+
+
+def local_store(events: list[E.Event]) -> TrialStore:
+    store = TrialStore(":memory:")
+    store.append(events)
+    return store
+
+
+def event_dict(**payload: Any) -> dict[str, Any]:
+    base = {
+        "model_run_id": "r",
+        "trial_id": "t1",
+        "step": 1,
+        "metric_name": "loss",
+        "metric_value": 0.5,
+    }
+    base.update(payload)
+    return E.run_metric(**base).model_dump(mode="json")
+
+
+class AsgiClient:
+    """A synchronous facade over httpx.AsyncClient + ASGITransport (no sockets, fast)."""
+
+    def __init__(
+        self, app: Any, headers: dict[str, str] | None = None, raise_app_exceptions: bool = True
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        self.http = httpx.AsyncClient(
+            transport=transport, base_url="http://gateway", headers=headers
+        )
+
+    def request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        return self.loop.run_until_complete(self.http.request(method, url, **kw))
+
+    def post(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def get(self, url: str, **kw: Any) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def gather(self, *requests: tuple[str, str, dict[str, Any]]) -> list[httpx.Response]:
+        async def run() -> list[httpx.Response]:
+            return list(
+                await asyncio.gather(*(self.http.request(m, u, **kw) for m, u, kw in requests))
+            )
+
+        return self.loop.run_until_complete(run())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.http.aclose())
+        self.loop.close()
+
+
+@pytest.fixture
+def store() -> TrialStore:
+    return TrialStore(":memory:")
+
+
+@pytest.fixture
+def gw(store: TrialStore) -> Iterator[AsgiClient]:
+    app = create_app(store)
+    client = AsgiClient(app)
+    yield client
+    client.close()
+    app.state.writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """Run the gateway with uvicorn on a loopback port in a background thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+def assert_names_fields(resp: httpx.Response) -> None:
+    body = resp.json()
+    assert isinstance(body.get("detail"), str) and body["detail"]
+    assert body["errors"], body
+    for err in body["errors"]:
+        assert set(err) >= {"index", "path", "message", "rule"}
+        assert isinstance(err["path"], str) and err["path"], err
+        assert err["message"]
+    assert "Traceback" not in resp.text
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /api/events/ml
+# ---------------------------------------------------------------------------------------------
+
+
+def test_202_only_after_the_events_are_committed(gw: AsgiClient, store: TrialStore) -> None:
+    evs = study_events()[:7]
+    resp = gw.post("/api/events/ml", content="[" + ",".join(e.model_dump_json() for e in evs) + "]")
+    assert resp.status_code == 202
+    body = resp.json()
+    assert body["accepted"] == 7 and body["duplicates"] == 0
+    assert body["ids"] == [e.id for e in evs]
+    assert body["last_seq"] == 7
+    # the answer arrived, so the events are in the store (read on the same connection)
+    stored = {e["id"] for e in store.events_after(0, 100)}
+    assert stored == set(body["ids"])
+
+
+def test_one_event_an_array_and_duplicates(gw: AsgiClient, store: TrialStore) -> None:
+    ev = study_events()[0]
+    one = gw.post("/api/events/ml", content=ev.model_dump_json())
+    assert (one.status_code, one.json()["accepted"]) == (202, 1)
+    again = gw.post("/api/events/ml", json=[ev.model_dump(mode="json")] * 3)
+    assert again.status_code == 202
+    assert (again.json()["accepted"], again.json()["duplicates"]) == (0, 3)
+    assert store.counts()["events"] == 1
+
+
+def test_json_lines_body(gw: AsgiClient, store: TrialStore) -> None:
+    evs = study_events()[:4]
+    resp = gw.post(
+        "/api/events/ml",
+        content="\n".join(e.model_dump_json() for e in evs) + "\n",
+        headers={"content-type": "application/x-ndjson"},
+    )
+    assert resp.status_code == 202 and resp.json()["accepted"] == 4
+    assert store.counts()["events"] == 4
+
+
+def test_seed_001_posts_with_default_attribution(gw: AsgiClient, store: TrialStore) -> None:
+    posts = [
+        {
+            "event": "ml.run.start",
+            "trial_id": "trial_007",
+            "metadata": {"spectral_norm": True, "hyperparams": {"lr": 0.001}},
+        },
+        {
+            "event": "ml.run.metric",
+            "trial_id": "trial_007",
+            "metadata": {"epoch": 0},
+            "measurements": {"train_loss": 0.9, "val_accuracy": 0.61},
+        },
+        {
+            "event": "ml.run.stop",
+            "trial_id": "trial_007",
+            "metadata": {"success": True, "epochs": 1, "mlflow_run_id": "mlflow_abc"},
+            "measurements": {"duration_ms": 1200, "final_val_accuracy": 0.61},
+        },
+    ]
+    for post in posts:
+        resp = gw.post("/api/events/ml?model_run_id=cerebros-7", json=post)
+        assert resp.status_code == 202, resp.text
+    trial = store.trial("cerebros-7", "trial_007")
+    assert trial is not None
+    assert trial["status"] == "completed" and trial["mlflow_run_id"] == "mlflow_abc"
+    history = store.metric_history("cerebros-7", "trial_007")
+    assert set(history["name"]) == {"train_loss", "val_accuracy"}
+    # the same post again is a duplicate (deterministic ids from the content)
+    resp = gw.post("/api/events/ml?model_run_id=cerebros-7", json=posts[1])
+    assert resp.json()["duplicates"] == 1
+
+
+def test_seed_002_trial_report(gw: AsgiClient, store: TrialStore) -> None:
+    report = {
+        "run_id": "cerebros-run",
+        "trials": [
+            {
+                "trial_id": "trial_007",
+                "status": "succeeded",
+                "spectral_norm": "true",
+                "mlflow_run_id": "mlflow_abc",
+                "metrics": {"accuracy": 0.95},
+                "parameters": {"lr": 0.001},
+            },
+            {"trial_id": "trial_008", "status": "failed", "spectral_norm": 0, "error": "diverged"},
+        ],
+    }
+    resp = gw.post("/api/events/ml", json=report)
+    assert resp.status_code == 202 and resp.json()["accepted"] == 2
+    trials = store.trials(model_run_id="cerebros-run").set_index("trial_id")
+    assert trials.loc["trial_007", "status"] == "completed"
+    assert bool(trials.loc["trial_007", "spectral_norm"]) is True
+    assert trials.loc["trial_008", "status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "body, rule",
+    [
+        (b"{not json", "json_invalid"),
+        (b"", "empty"),
+        (b"   \n ", "empty"),
+        (b"\xff\xfe{}", "encoding"),
+        (b"[" * 20_000 + b"]" * 20_000, "json_depth"),
+    ],
+)
+def test_400_for_unparseable_bodies(gw: AsgiClient, body: bytes, rule: str) -> None:
+    resp = gw.post("/api/events/ml", content=body)
+    assert resp.status_code == 400
+    assert_names_fields(resp)
+    assert resp.json()["errors"][0]["rule"] == rule
+
+
+def test_422_lists_every_error_with_index_and_path(gw: AsgiClient, store: TrialStore) -> None:
+    good = event_dict()
+    bad_step = event_dict()
+    bad_step["payload"]["step"] = -1
+    bad_name = {**event_dict(), "name": "ml.run.nope"}
+    bad_nan = event_dict()
+    bad_nan["payload"]["metric_value"] = "NaN"
+    no_trial = event_dict()
+    del no_trial["payload"]["trial_id"]
+    resp = gw.post("/api/events/ml", json=[good, bad_step, bad_name, bad_nan, no_trial])
+    assert resp.status_code == 422
+    assert_names_fields(resp)
+    found = {(e["index"], e["path"]) for e in resp.json()["errors"]}
+    assert {
+        (1, "payload.step"),
+        (2, "name"),
+        (3, "payload.metric_value"),
+        (4, "payload.trial_id"),
+    } <= found
+    assert store.counts()["events"] == 0  # all or nothing
+
+
+def test_422_for_values_the_store_cannot_hold(gw: AsgiClient, store: TrialStore) -> None:
+    cases = {
+        "payload.step": {**event_dict(), "payload": {**event_dict()["payload"], "step": 2**70}},
+        "timestamp": {**event_dict(), "timestamp": "9999-12-31T23:59:59-23:59"},
+        "payload.metadata.note": {
+            **event_dict(),
+            "payload": {**event_dict()["payload"], "metadata": {"note": "\ud800"}},
+        },
+    }
+    for path, record in cases.items():
+        resp = gw.post("/api/events/ml", content=json.dumps(record))
+        assert resp.status_code == 422, (path, resp.text)
+        assert_names_fields(resp)
+        assert resp.json()["errors"][0]["path"] == path
+    seed = {"trials": [{"trial_id": "t", "status": "succeeded", "duration_ms": 1e20}]}
+    resp = gw.post("/api/events/ml", json=seed)
+    assert resp.status_code == 422
+    assert resp.json()["errors"][0]["path"] == "trials[0].duration_ms"
+    assert store.counts()["events"] == 0
+
+
+def test_413_above_the_body_limit_declared_or_streamed(store: TrialStore) -> None:
+    app = create_app(store, max_body_bytes=1000)
+    gw = AsgiClient(app)
+    try:
+        resp = gw.post("/api/events/ml", content=b"[" + b" " * 2000 + b"]")
+        assert resp.status_code == 413
+        assert_names_fields(resp)
+
+        async def chunks() -> Any:  # no Content-Length: the streamed size counts
+            for _ in range(10):
+                yield b" " * 200
+
+        resp = gw.post("/api/events/ml", content=chunks())
+        assert resp.status_code == 413
+        small = gw.post("/api/events/ml", content=study_events()[0].model_dump_json())
+        assert small.status_code == 202
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_413_above_the_batch_limit(store: TrialStore) -> None:
+    app = create_app(store, max_batch_events=5)
+    gw = AsgiClient(app)
+    try:
+        evs = study_events()[:6]
+        resp = gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in evs])
+        assert resp.status_code == 413
+        assert_names_fields(resp)
+        assert "limit is 5" in resp.json()["detail"]
+        assert (
+            gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in evs[:5]]).status_code
+            == 202
+        )
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_401_without_the_token(store: TrialStore) -> None:
+    app = create_app(store, token=TOKEN)
+    gw = AsgiClient(app)
+    body = study_events()[0].model_dump_json()
+    try:
+        assert gw.post("/api/events/ml", content=body).status_code == 401
+        wrong = gw.post("/api/events/ml", content=body, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert gw.get("/api/trials").status_code == 401
+        assert gw.get("/api/events").status_code == 401
+        ok = gw.post("/api/events/ml", content=body, headers={"authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 202
+        assert gw.get("/api/trials", headers={"x-thunderline-token": TOKEN}).status_code == 200
+        assert gw.get("/healthz").status_code == 200  # liveness needs no token
+        assert store.counts()["events"] == 1
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_request_parameter_errors_name_the_parameter(gw: AsgiClient) -> None:
+    for url in ("/api/events?after=x", "/api/events?limit=0", "/api/events/ml?model_run_id="):
+        resp = gw.request("POST" if url.startswith("/api/events/ml") else "GET", url, content=b"{}")
+        assert resp.status_code == 422
+        assert_names_fields(resp)
+        assert resp.json()["errors"][0]["path"].startswith("query.")
+
+
+def test_no_stack_traces_in_error_answers(
+    store: TrialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(store)
+    gw = AsgiClient(app, raise_app_exceptions=False)  # uvicorn logs it; the client never sees it
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret internals at /srv/x.py line 3")
+
+    monkeypatch.setattr(store, "trials", boom)
+    try:
+        resp = gw.get("/api/trials")
+        assert resp.status_code == 500
+        assert "secret" not in resp.text and "Traceback" not in resp.text
+        assert resp.json()["detail"].startswith("internal error")
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# GET endpoints, OpenAPI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_events_after_pages_through_the_log(gw: AsgiClient) -> None:
+    evs = study_events()
+    gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in evs])
+    seen: list[str] = []
+    after = 0
+    while True:
+        page = gw.get(f"/api/events?after={after}&limit=7").json()
+        if not page["events"]:
+            assert page["next_after"] == after
+            break
+        assert [e["seq"] for e in page["events"]] == list(range(after + 1, page["next_after"] + 1))
+        seen += [e["id"] for e in page["events"]]
+        after = page["next_after"]
+    assert seen == [e.id for e in evs]
+
+
+def test_trials_and_one_trial(gw: AsgiClient) -> None:
+    gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in study_events()])
+    trials = gw.get("/api/trials").json()["trials"]
+    assert [t["trial_id"] for t in trials] == [f"trial_{i:04d}" for i in range(6)]
+    assert {t["status"] for t in trials} == {"completed", "failed", "pruned"}
+    only_sn = gw.get("/api/trials?spectral_norm=true&status=completed").json()["trials"]
+    assert only_sn and all(t["spectral_norm"] is True for t in only_sn)
+    one = gw.get("/api/trials/sn-study/trial_0003")
+    assert one.status_code == 200
+    assert one.json()["error_type"] == "diverged" and one.json()["rank"] is None
+    assert one.json()["parameters"]["pair_id"] == 1
+    missing = gw.get("/api/trials/sn-study/trial_9999")
+    assert missing.status_code == 404 and "trial_9999" in missing.json()["detail"]
+    health = gw.get("/healthz").json()
+    assert health["status"] == "ok" and health["last_seq"] == len(study_events())
+
+
+def test_openapi_documents_the_body_schema(gw: AsgiClient) -> None:
+    spec = gw.get("/openapi.json").json()
+    assert {
+        "/api/events/ml",
+        "/api/events",
+        "/api/trials",
+        "/api/trials/{model_run_id}/{trial_id}",
+        "/healthz",
+    } <= set(spec["paths"])
+    post = spec["paths"]["/api/events/ml"]["post"]
+    assert {"202", "400", "401", "413", "422"} <= set(post["responses"])
+    text = json.dumps(spec)
+    refs = {
+        r.split("/")[-1] for r in __import__("re").findall(r'"#/components/schemas/[^"]+"', text)
+    }
+    assert {r.strip('"') for r in refs} <= set(spec["components"]["schemas"])
+    assert "TrialCompleteEvent" in spec["components"]["schemas"]
+    assert gw.get("/docs").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Group commit
+# ---------------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_one_transaction(gw: AsgiClient, store: TrialStore) -> None:
+    evs = study_events(n_trials=6, epochs=5)
+    requests = [("POST", "/api/events/ml", {"content": e.model_dump_json()}) for e in evs]
+    # Hold the store while the requests arrive, so they queue up behind the writer.
+    with store._lock:
+        results: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: results.extend(gw.gather(*requests)))
+        t.start()
+        deadline = time.monotonic() + 10
+        writer = gw.http._transport.app.state.writer  # type: ignore[attr-defined]
+        while writer.pending_events < len(evs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    t.join()
+    assert [r.status_code for r in results] == [202] * len(evs)
+    assert writer.requests == len(evs)
+    assert writer.groups <= 2  # the first request, then everyone who queued meanwhile
+    assert store.counts()["events"] == len(evs)
+
+
+def test_a_bad_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore) -> None:
+    good = [study_events()[i].model_dump_json() for i in range(3)]
+    deep = event_dict(id="bad-one")
+    deep["payload"]["metadata"] = {"deep": json.loads("[" * 300 + "]" * 300)}
+    bad = json.dumps(deep)
+    with store._lock:
+        results: list[httpx.Response] = []
+        reqs = [("POST", "/api/events/ml", {"content": b}) for b in (good[0], bad, *good[1:])]
+        t = threading.Thread(target=lambda: results.extend(gw.gather(*reqs)))
+        t.start()
+        time.sleep(0.3)
+    t.join()
+    assert [r.status_code for r in results] == [202, 422, 202, 202]
+    assert results[1].json()["errors"][0]["path"] == "payload.metadata"
+    assert store.counts()["events"] == 3
+
+
+def test_store_failure_is_a_503_never_a_202(
+    store: TrialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(store)
+    gw = AsgiClient(app)
+
+    def fail(events: Any) -> Any:
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(store, "append", fail)
+    try:
+        resp = gw.post("/api/events/ml", content=study_events()[0].model_dump_json())
+        assert resp.status_code == 503 and resp.headers["retry-after"]
+        assert "disk full" not in resp.text
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_backpressure_when_too_many_events_wait(store: TrialStore) -> None:
+    writer = GroupCommitWriter(store, max_pending_events=20)
+    evs = study_events()
+    with store._lock:
+        first = writer.submit(evs[:8])
+        time.sleep(0.1)  # the writer takes the first request and blocks on the store
+        second = writer.submit(evs[8:16])
+        assert writer.pending_events == 16
+        with pytest.raises(GatewayError, match="retry later"):
+            writer.submit(evs[16:21])
+    assert first.result(10).accepted == 8 and second.result(10).accepted == 8
+    writer.close()
+
+
+def test_parse_body_accepts_every_wire_shape() -> None:
+    canonical = study_events()[0].model_dump_json().encode()
+    seed = b'{"event": "ml.trial.start", "trial_id": "t", "metadata": {"spectral_norm": 1}}'
+    assert [e.name for e in parse_body(canonical)] == ["ml.trial.start"]
+    assert parse_body(seed, default_model_run_id="x")[0].payload.model_run_id == "x"  # type: ignore[union-attr]
+    with pytest.raises(E.EventValidationError) as err:
+        parse_body(b"[" + b",".join([canonical] * 3) + b"]", max_events=2)
+    assert err.value.errors[0].rule == "batch_too_large"
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving, security
+# ---------------------------------------------------------------------------------------------
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert is_loopback("127.8.0.1") and is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert not is_loopback("example.org")
+
+
+def test_serve_refuses_non_loopback_without_a_token(tmp_path: Path) -> None:
+    with pytest.raises(GatewayError, match="without a token"):
+        serve(tmp_path / "lab", host="0.0.0.0")
+    with pytest.raises(GatewayError, match="too short"):
+        serve(tmp_path / "lab", host="0.0.0.0", token="abc")
+
+
+def test_cli_serve_refuses_non_loopback_without_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thunderline_lab.cli import main
+
+    monkeypatch.delenv("THUNDERLINE_LAB_TOKEN", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--lab", str(tmp_path), "--host", "0.0.0.0"])
+    assert result.exit_code == 1
+    assert "refusing to listen on 0.0.0.0 without a token" in result.output
+    assert "Traceback" not in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# EventClient
+# ---------------------------------------------------------------------------------------------
+
+
+def mock_gateway(
+    store: TrialStore, plan: list[int] | None = None, max_events: int | None = None
+) -> httpx.MockTransport:
+    """A transport answering like the gateway (parse + append), with scripted failures."""
+    plan = list(plan or [])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if plan:
+            status = plan.pop(0)
+            if status == 0:
+                raise httpx.ConnectError("connection refused")
+            return httpx.Response(status, json={"detail": "scripted", "errors": []})
+        records = json.loads(request.content)
+        if max_events is not None and len(records) > max_events:
+            return httpx.Response(413, json={"detail": "too many", "errors": []})
+        try:
+            events = parse_body(request.content)
+        except E.EventValidationError as exc:
+            return httpx.Response(
+                422,
+                json={
+                    "detail": "invalid",
+                    "errors": [{**e.as_dict(), "path": e.path or "<event>"} for e in exc.errors],
+                },
+            )
+        result = store.append(events)
+        return httpx.Response(
+            202,
+            json={
+                "accepted": result.accepted,
+                "duplicates": len(events) - result.accepted,
+                "ids": [e.id for e in events],
+                "last_seq": result.last_seq,
+            },
+        )
+
+    return httpx.MockTransport(handler)
+
+
+def test_client_retries_with_backoff(store: TrialStore) -> None:
+    client = EventClient(
+        "http://gw", transport=mock_gateway(store, [503, 0, 502]), backoff=0.001, max_retries=4
+    )
+    result = client.send(study_events()[:5])
+    assert (result.sent, result.accepted, result.spooled) == (5, 5, 0)
+    assert client.retries == 3
+    client.close()
+
+
+def test_client_without_spool_raises_when_unreachable(store: TrialStore) -> None:
+    client = EventClient(
+        "http://gw", transport=mock_gateway(store, [0] * 10), backoff=0.001, max_retries=2
+    )
+    with pytest.raises(GatewayError, match="unreachable"):
+        client.send(study_events()[:2])
+    client._http.close()
+
+
+def test_client_raises_on_rejection_naming_the_field(store: TrialStore) -> None:
+    client = EventClient("http://gw", transport=mock_gateway(store), backoff=0.001)
+    bad = event_dict()
+    bad["payload"]["step"] = -3
+    with pytest.raises(GatewayError, match=r"record 0: payload.step"):
+        client.send([bad])
+    client.close()
+
+
+def test_client_splits_batches_the_gateway_finds_too_large(store: TrialStore) -> None:
+    client = EventClient("http://gw", transport=mock_gateway(store, max_events=3), batch_size=10)
+    result = client.send(study_events())
+    assert result.accepted == len(study_events())
+    client.close()
+
+
+def test_client_spools_and_replays(store: TrialStore, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    evs = study_events()
+    client = EventClient(
+        "http://gw",
+        transport=mock_gateway(store, [0] * 5),
+        spool=spool,
+        backoff=0.001,
+        max_retries=4,
+        batch_size=10,
+    )
+    result = client.send(evs[:10])
+    assert result.spooled == 10 and client.spooled() == 10
+    assert store.counts()["events"] == 0
+    # the next successful contact replays the spool first-come
+    result = client.send(evs[10:])
+    assert result.accepted == len(evs)
+    assert client.spooled() == 0
+    assert_same(snapshot(store), snapshot(local_store(evs)))
+    client.close()
+
+
+def test_replay_moves_rejected_lines_aside(store: TrialStore, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    good = study_events()[:3]
+    bad = event_dict()
+    bad["payload"]["step"] = -1
+    lines = [
+        good[0].model_dump_json(),
+        json.dumps(bad),
+        good[1].model_dump_json(),
+        good[2].model_dump_json(),
+    ]
+    spool.write_text("\n".join(lines) + "\n")
+    client = EventClient("http://gw", transport=mock_gateway(store), spool=spool)
+    result = client.replay_spool()
+    assert (result.accepted, result.rejected) == (3, 1)
+    assert client.spooled() == 0
+    assert json.loads((tmp_path / "spool.jsonl.rejected").read_text()) == bad
+    client.close()
+
+
+def test_client_as_bus_subscriber(store: TrialStore) -> None:
+    bus = EventBus()
+    client = EventClient(
+        "http://gw", transport=mock_gateway(store), batch_size=4, flush_interval=0.01
+    )
+    client.attach(bus)
+    evs = study_events()
+    for ev in evs:
+        bus.publish(ev)
+    client.close()
+    assert bus.publish(evs[0]) == 0  # detached on close
+    assert_same(snapshot(store), snapshot(local_store(evs)))
+
+
+def test_client_reads_the_token_from_the_environment(
+    store: TrialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(202, json={"accepted": 1, "duplicates": 0, "ids": [], "last_seq": 1})
+
+    monkeypatch.setenv("THUNDERLINE_LAB_TOKEN", TOKEN)
+    client = EventClient("http://gw/", transport=httpx.MockTransport(handler))
+    client.send(study_events()[:1])
+    client.close()
+    assert seen == [f"Bearer {TOKEN}"]
+    assert client.endpoint == "http://gw/api/events/ml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Over real sockets: duplicate / reordered delivery via the spool; a worker process end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_duplicate_and_reordered_delivery_via_spool(tmp_path: Path) -> None:
+    evs = study_events(seed=3)
+    port = free_port()
+    spool = tmp_path / "spool.jsonl"
+    # gateway down: everything lands in the spool
+    client = EventClient(
+        f"http://127.0.0.1:{port}",
+        TOKEN,
+        spool=spool,
+        backoff=0.001,
+        max_retries=1,
+        batch_size=16,
+        timeout=2,
+    )
+    assert client.send(evs).spooled == len(evs)
+    # the spool is then delivered twice, shuffled, in two partial replays
+    lines = spool.read_text().splitlines()
+    rng = random.Random(7)
+    shuffled = lines + lines[: len(lines) // 2]
+    rng.shuffle(shuffled)
+    half = len(shuffled) // 2
+    spool.write_text("\n".join(shuffled[:half]) + "\n")
+    lab = Lab(tmp_path / "lab")
+    app = create_app(lab, token=TOKEN)
+    with ServerThread(app, port):
+        first = client.replay_spool()
+        spool.write_text("\n".join(shuffled[half:]) + "\n")
+        second = client.replay_spool()
+        client.close()
+    assert first.sent + second.sent == len(shuffled)
+    assert first.accepted + second.accepted == len(evs)
+    with lab.store() as gateway_store:
+        assert gateway_store.counts()["events"] == len(evs)
+        assert_same(snapshot(gateway_store), snapshot(local_store(evs)))
+
+
+def _worker_main(argv: list[str]) -> None:
+    """The worker process: a study publishing on its bus, reported through EventClient."""
+    url, token, spool, seed = argv
+    bus = EventBus()
+    client = EventClient(url, token, spool=spool, batch_size=7, flush_interval=0.02)
+    client.attach(bus)
+    for ev in study_events(seed=int(seed)):
+        bus.publish(ev)
+    client.close()
+    print(json.dumps({"sent": client.stats.sent, "spooled": client.spooled()}))
+
+
+def test_end_to_end_worker_process_matches_a_local_run(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    app = create_app(lab, token=TOKEN)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_gateway as t; "
+        "t._worker_main(sys.argv[2:])"
+    )
+    with ServerThread(app) as server:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(Path(__file__).parent),
+                server.url,
+                TOKEN,
+                str(tmp_path / "spool.jsonl"),
+                "11",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        trials_over_http = httpx.get(
+            f"{server.url}/api/trials", headers={"authorization": f"Bearer {TOKEN}"}
+        ).json()
+    evs = study_events(seed=11)
+    assert report == {"sent": len(evs), "spooled": 0}
+    # the local run: the same study on an in-process bus with a StoreWriter
+    local = TrialStore(tmp_path / "local.db")
+    bus = EventBus()
+    with StoreWriter(local, bus):
+        for ev in evs:
+            bus.publish(ev)
+    with lab.store() as remote:
+        assert remote.counts() == local.counts()
+        assert_same(snapshot(remote), snapshot(local))
+        pd.testing.assert_frame_equal(remote.trials(), local.trials())
+    assert len(trials_over_http["trials"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: >= 10,000 generated requests, zero 5xx, every 4xx names the field
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = [*E.ML_EVENT_NAMES, "ml.run.nope", "system.tick", "bogus", "", "grid.x.y"]
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(2**62, 2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+_json = st.recursive(
+    _json_scalars,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+    max_leaves=4,
+)
+_timestamps = st.sampled_from(
+    [
+        "2026-11-22T12:34:56.789Z",
+        "2026-11-22T12:34:56+02:00",
+        "2026-11-22T12:34:56",
+        "9999-12-31T23:59:59-23:59",
+        "0001-01-01T00:00:00+23:59",
+        "yesterday",
+        "",
+        0,
+        1764000000,
+        None,
+        "2026-02-30T00:00:00Z",
+    ]
+)
+_numbers = (
+    st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-5, 10**6)
+    | st.sampled_from([2**63 - 1, 2**63, 2**64, "0.5", "NaN", None, True])
+)
+_metric_names = st.sampled_from(
+    ["val_accuracy", "train_loss", "a b/c", "bad$name", "", "x" * 300, "\ud800"]
+)
+_ids = st.sampled_from(["trial_0001", "t", "", "x" * 300, 7, None, ["t"], "\ud800"])
+_OPTIONAL = {
+    "study": _ids,
+    "step": _numbers,
+    "metric_name": _metric_names,
+    "metric_value": _numbers,
+    "measurements": st.dictionaries(_metric_names, _numbers, max_size=2),
+    "metrics": st.dictionaries(_metric_names, _numbers, max_size=2),
+    "spectral_norm": _json_scalars,
+    "spectral_norm_coeff": _numbers,
+    "status": st.sampled_from(["completed", "pruned", "cancelled", "failed", "weird"]),
+    "duration_ms": _numbers,
+    "rank": _numbers,
+    "epochs": _numbers,
+    "success": _json_scalars,
+    "error_message": _json_scalars,
+    "error_type": _ids,
+    "parameters": _json,
+    "metadata": _json,
+    "artifact_uri": _json_scalars,
+    "mlflow_run_id": _ids,
+    "unexpected": _json_scalars,
+}
+
+
+@st.composite
+def _payloads(draw: st.DrawFn) -> dict[str, Any]:
+    payload: dict[str, Any] = {"model_run_id": draw(_ids), "trial_id": draw(_ids)}
+    for key in draw(st.lists(st.sampled_from(sorted(_OPTIONAL)), max_size=5, unique=True)):
+        payload[key] = draw(_OPTIONAL[key])
+    return payload
+
+
+@st.composite
+def _canonical(draw: st.DrawFn) -> Any:
+    record: dict[str, Any] = {
+        "id": draw(_ids),
+        "name": draw(st.sampled_from(_NAMES)),
+        "timestamp": draw(_timestamps),
+        "payload": draw(_payloads() | _json),
+    }
+    extra = draw(
+        st.sampled_from(
+            [
+                None,
+                "source",
+                "priority",
+                "pipeline",
+                "taxonomy_version",
+                "correlation_id",
+                "extra",
+                "-id",
+                "-name",
+                "-payload",
+            ]
+        )
+    )
+    if extra is not None and extra.startswith("-"):
+        record.pop(extra[1:])
+    elif extra is not None:
+        record[extra] = draw(_json_scalars)
+    return record
+
+
+@st.composite
+def _seed001(draw: st.DrawFn) -> Any:
+    meta = {
+        k: draw(v)
+        for k, v in draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        ("epoch", _numbers),
+                        ("step", _numbers),
+                        ("spectral_norm", _json_scalars),
+                        ("hyperparams", _json),
+                        ("success", _json_scalars),
+                        ("epochs", _numbers),
+                        ("mlflow_run_id", _ids),
+                        ("model_run_id", _ids),
+                        ("status", _json_scalars),
+                        ("rank", _numbers),
+                        ("error", _json_scalars),
+                        ("timestamp", _timestamps),
+                    ]
+                ),
+                max_size=4,
+                unique_by=lambda kv: kv[0],
+            )
+        )
+    }
+    return {
+        "event": draw(st.sampled_from([*E.ML_EVENT_NAMES, "ml.nope", 3])),
+        "trial_id": draw(_ids),
+        "metadata": meta if draw(st.booleans()) else draw(_json),
+        "measurements": draw(st.dictionaries(_metric_names, _numbers, max_size=2)),
+    }
+
+
+@st.composite
+def _seed002(draw: st.DrawFn) -> Any:
+    trial = st.fixed_dictionaries(
+        {"trial_id": _ids},
+        optional={
+            "status": st.sampled_from(["succeeded", "failed", "SUCCESS", "running", 1]),
+            "spectral_norm": st.sampled_from(["true", "false", "yes", 1, 0, 2, "maybe", None]),
+            "metrics": st.dictionaries(_metric_names, _numbers, max_size=2),
+            "parameters": _json,
+            "duration_ms": _numbers,
+            "rank": _numbers,
+            "error": _json_scalars,
+            "timestamp": _timestamps,
+        },
+    )
+    return {"run_id": draw(_ids), "trials": draw(st.lists(trial, max_size=3) | _json)}
+
+
+_records = _canonical() | _seed001() | _seed002() | _json
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> bytes:
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.binary(max_size=48))
+    if kind == 1:
+        text = draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        "{",
+                        "}",
+                        "[",
+                        "]",
+                        '"',
+                        ":",
+                        ",",
+                        "null",
+                        "1e9",
+                        "NaN",
+                        "\\ud800",
+                        '"name"',
+                        "\n",
+                        " ",
+                    ]
+                ),
+                max_size=16,
+            )
+        )
+        return "".join(text).encode()
+    records = draw(st.lists(_records, min_size=1, max_size=4))
+    if kind == 2:
+        return "\n".join(json.dumps(r) for r in records).encode()
+    if kind <= 5:
+        return json.dumps(records[0]).encode()
+    return json.dumps(records).encode()
+
+
+# Systematic single-field mutations of valid inputs: every variant is one request, and a
+# 422 must name the mutated field (or a field containing it).
+_BAD_VALUES: list[Any] = [
+    None,
+    "",
+    "x",
+    -1,
+    2**64,
+    1.5,
+    True,
+    [],
+    {},
+    "\ud800",
+    {"a": [1]},
+    "9999-12-31T23:59:59-23:59",
+]
+
+
+@st.composite
+def _valid_records(draw: st.DrawFn) -> dict[str, Any]:
+    name = draw(st.sampled_from(E.ML_EVENT_NAMES))
+    payload: dict[str, Any] = {
+        "model_run_id": "fuzz",
+        "trial_id": f"t{draw(st.integers(0, 9))}",
+        "study": "fuzz",
+        "metadata": {"host": "w1", "k": [1, 2]},
+    }
+    if name == "ml.run.metric":
+        payload["step"] = draw(st.integers(0, 100))
+        payload["measurements"] = {"val_accuracy": draw(st.floats(0, 1)), "train_loss": 0.3}
+    elif name == "ml.run.stop":
+        payload.update(
+            success=draw(st.booleans()),
+            epochs=3,
+            duration_ms=draw(st.integers(0, 10**9)),
+            metrics={"val_accuracy": 0.8},
+        )
+    elif name == "ml.trial.failed":
+        payload.update(error_message="nan loss", error_type="diverged", spectral_norm=True)
+    else:
+        payload.update(
+            spectral_norm=draw(st.booleans()),
+            spectral_norm_coeff=2.0,
+            parameters={"lr": 0.001, "depth": 3},
+            mlflow_run_id="mlf-1",
+        )
+        if name == "ml.trial.complete":
+            payload.update(
+                metrics={"val_accuracy": 0.9},
+                duration_ms=12,
+                rank=1,
+                status=draw(st.sampled_from(["completed", "pruned"])),
+            )
+    return {
+        "id": draw(st.uuids()).hex,
+        "name": name,
+        "timestamp": "2026-11-22T12:34:56.789Z",
+        "payload": payload,
+    }
+
+
+def _leaf_paths(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            yield (*prefix, key)
+            yield from _leaf_paths(sub, (*prefix, key))
+
+
+def _mutate(record: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    out = json.loads(json.dumps(record))
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return out
+
+
+_DELETE = object()
+
+
+def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
+    store = TrialStore(":memory:")
+    app = create_app(store, max_body_bytes=64 * 1024, max_batch_events=3)
+    gw = AsgiClient(app)
+    statuses: dict[int, int] = {}
+    # Defaults give > 10,000 requests (1,000 arbitrary bodies + ~60 mutations of each of
+    # 200 valid records); the environment may shrink them for quick local runs.
+    n_bodies = int(os.environ.get("TL_FUZZ_BODIES", "1000"))
+    n_valid = int(os.environ.get("TL_FUZZ_VALID", "200"))
+
+    def post(body: bytes, run: str | None = None) -> httpx.Response:
+        url = "/api/events/ml" + ("" if run is None else f"?model_run_id={run}")
+        resp = gw.post(url, content=body)
+        statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+        assert resp.status_code in (202, 400, 413, 422), (resp.status_code, resp.text, body)
+        if resp.status_code == 202:
+            ids = resp.json()["ids"]
+            marks = ",".join("?" * len(ids))
+            found = (
+                store.conn.execute(
+                    f"SELECT COUNT(*) FROM events WHERE id IN ({marks})", ids
+                ).fetchone()[0]
+                if ids
+                else 0
+            )
+            assert found == len(set(ids))
+        else:
+            assert_names_fields(resp)
+        return resp
+
+    common: dict[str, Any] = {
+        "derandomize": True,
+        "database": None,
+        "deadline": None,
+        "suppress_health_check": list(HealthCheck),
+    }
+
+    @settings(max_examples=n_bodies, **common)
+    @given(body=_bodies(), run=st.none() | st.sampled_from(["cerebros", "", "x" * 300]))
+    def arbitrary(body: bytes, run: str | None) -> None:
+        post(body, run)
+
+    @settings(max_examples=n_valid, **common)
+    @given(
+        record=_valid_records(),
+        picks=st.lists(st.integers(0, len(_BAD_VALUES) - 1), min_size=3, max_size=3),
+    )
+    def mutated(record: dict[str, Any], picks: list[int]) -> None:
+        assert post(json.dumps(record).encode()).status_code == 202
+        for path in _leaf_paths(record):
+            for value in (_DELETE, *(_BAD_VALUES[i] for i in picks)):
+                resp = post(json.dumps(_mutate(record, path, value)).encode())
+                if resp.status_code == 422:
+                    dotted = ".".join(path)
+                    named = [e["path"] for e in resp.json()["errors"]]
+                    assert any(
+                        p == dotted or p.startswith(dotted + ".") or dotted.startswith(p + ".")
+                        for p in named
+                    ), (dotted, named)
+
+    try:
+        arbitrary()
+        mutated()
+    finally:
+        gw.close()
+        app.state.writer.close()
+    total = sum(statuses.values())
+    print(f"fuzz: {total} requests, by status {dict(sorted(statuses.items()))}")
+    if "TL_FUZZ_BODIES" not in os.environ and "TL_FUZZ_VALID" not in os.environ:
+        assert total >= 10_000, statuses
+        assert statuses[202] > 500 and statuses[422] > 1000 and statuses[400] > 30

@@ -1,0 +1,1608 @@
+"""ThunderGate: the HTTP event gateway for remote workers, and the client that reports to it.
+
+The gateway is the one ingest point of a lab for workers on other processes or machines
+(seed 000's Phase 2B). It accepts the same inputs as ``thunderline-lab ingest``: canonical
+events (one, or an array, or JSON lines) and the seeds' Cerebros payloads, validates them
+with :mod:`thunderline_lab.events` / :mod:`thunderline_lab.wire`, appends them to the lab's
+:class:`~thunderline_lab.store.TrialStore`, and answers ``202`` **only after the events are
+committed**::
+
+    POST /api/events/ml[?model_run_id=NAME]   202 {"accepted", "duplicates", "ids", "last_seq"}
+                                              400 unparseable body, 401 token, 413 too large,
+                                              422 {"detail", "errors": [{index, path, message,
+                                              rule, value}]}, 503 busy / store unavailable
+    GET  /api/events?after=SEQ&limit=N        {"events": [{"seq", ...event}], "next_after"}
+    GET  /api/trials[?study=&model_run_id=&status=&spectral_norm=]   {"trials": [...]}
+    GET  /api/trials/{model_run_id}/{trial_id}                       one trial, or 404
+    GET  /healthz                              liveness + last sequence number (no token)
+    GET  /docs, /openapi.json                  OpenAPI (the request body schema included)
+
+``ids`` lists every event id of the request (new and duplicate alike): all of them are in
+the store when the answer arrives. Event ids are idempotency keys, so a client may resend a
+batch whose answer it never got.
+
+**Group commit.** Request handlers only parse and validate; they hand the events plus a
+future to one writer thread, which appends whatever requests are waiting in a single
+``TrialStore.append`` transaction and then resolves their futures. Under concurrency many
+requests share one commit (and one fsync: the gateway's connection runs SQLite with
+``synchronous=FULL``, so a 202 survives power loss, not only ``kill -9``) instead of paying
+one each. The ingest route is answered by a small ASGI layer in front of FastAPI (the
+FastAPI route documents it), which halves the CPU per request.
+
+**Security.** Binds ``127.0.0.1`` by default; :func:`serve` refuses any other address
+without a token. With a token, ``/api/*`` requires ``Authorization: Bearer TOKEN`` (or
+``X-Thunderline-Token: TOKEN``). SQL is parameterised (the store's), bodies are limited
+(8 MiB) as are events per request (50,000) and events waiting for the writer, and error
+answers never carry stack traces.
+
+:class:`EventClient` posts events in batches with retry and exponential backoff; when the
+gateway stays unreachable it appends them to a local JSON-lines spool file, replayed on the
+next successful contact (or by :meth:`EventClient.replay_spool`). It is also a bus
+subscriber (:meth:`EventClient.attach`), so a training process reports through the gateway
+exactly as it would to a local :class:`~thunderline_lab.store.StoreWriter`.
+
+Example:
+    >>> from thunderline_lab.gateway import create_app, EventClient
+    >>> from thunderline_lab.store import TrialStore
+    >>> app = create_app(TrialStore(":memory:"))          # serve with uvicorn
+    >>> # in a worker:  client = EventClient("http://127.0.0.1:8765", spool="spool.jsonl")
+    >>> #               client.attach(bus); ...; client.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pandas as pd
+import pydantic_core
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from thunderline_lab.errors import GatewayError, StoreError
+from thunderline_lab.events import (
+    _MISSING,
+    ErrorDetail,
+    Event,
+    EventValidationError,
+    MLEvent,
+    event_json_schema,
+)
+from thunderline_lab.lab import Lab
+from thunderline_lab.store import TrialStore
+from thunderline_lab.wire import (
+    DEFAULT_MODEL_RUN_ID,
+    parse_json_records,
+    to_events,
+    translate_record,
+)
+
+if TYPE_CHECKING:
+    from thunderline_lab.bus import EventBus, Subscription
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "ENV_TOKEN",
+    "MAX_BATCH_EVENTS",
+    "MAX_BODY_BYTES",
+    "EventClient",
+    "GatewayBusy",
+    "GroupCommitWriter",
+    "IngestResult",
+    "SendResult",
+    "create_app",
+    "is_loopback",
+    "parse_body",
+    "serve",
+    "storage_errors",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+ENV_TOKEN = "THUNDERLINE_LAB_TOKEN"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_BATCH_EVENTS = 50_000
+MAX_PENDING_EVENTS = 400_000
+INGEST_PATH = "/api/events/ml"
+_INT64_MAX = 2**63 - 1
+_INT_FIELDS = ("step", "duration_ms", "rank", "epochs")
+_BODY_ERRORS = {"json_invalid", "encoding", "empty", "json_depth"}
+_THREADPOOL_BODY = 256 * 1024  # parse bigger bodies off the event loop
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing a request body into validated events
+# ---------------------------------------------------------------------------------------------
+
+
+_ONE_EVENT: TypeAdapter[Any] = TypeAdapter(MLEvent)
+_EVENT_LIST: TypeAdapter[list[Any]] = TypeAdapter(list[MLEvent])
+
+
+def _looks_canonical(body: bytes) -> bool:
+    head = body[:4096]
+    return b'"name"' in head and b'"event"' not in head and b'"trials"' not in head
+
+
+def parse_body(
+    body: bytes,
+    *,
+    default_model_run_id: str = DEFAULT_MODEL_RUN_ID,
+    max_events: int = MAX_BATCH_EVENTS,
+) -> list[Event]:
+    """Parse and validate a request body: canonical events, JSON lines or seed payloads.
+
+    Events are also checked against what the store can hold (64-bit integers, timestamps
+    that convert to UTC), so a request is refused with a field path rather than failing
+    at commit.
+
+    Example:
+        >>> body = b'{"event": "ml.run.metric", "trial_id": "t1", "metadata": {"epoch": 0},'
+        >>> body += b' "measurements": {"val_accuracy": 0.5}}'
+        >>> [ev.name for ev in parse_body(body, default_model_run_id="run-1")]
+        ['ml.run.metric']
+
+    Raises:
+        EventValidationError: with rule ``json_invalid``/``encoding``/``empty``/``json_depth``
+            for an unparseable body (HTTP 400), ``batch_too_large`` above ``max_events``
+            (HTTP 413), else one detail per broken field (HTTP 422).
+    """
+    events: list[Event] | None = None
+    if _looks_canonical(body) and not _SURROGATE_ESCAPE.search(body):
+        # canonical ml.* events validate straight from the bytes in one pass; anything
+        # else (seed payloads, JSON lines, errors to name) takes the wire path below
+        with contextlib.suppress(ValidationError, RecursionError):
+            if body.lstrip()[:1] == b"{":
+                events = [_ONE_EVENT.validate_json(body)]
+            else:
+                events = _EVENT_LIST.validate_json(body)
+    records: list[Any] | None = None
+    if events is None:
+        try:
+            records = parse_json_records(body, "<body>")
+        except RecursionError:
+            raise EventValidationError(
+                [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
+            ) from None
+        _check_count(len(records), max_events)
+        if _SURROGATE_ESCAPE.search(body):
+            bad_text = _surrogate_errors(records)
+            if bad_text:
+                raise EventValidationError(bad_text)
+        try:
+            events = to_events(records, default_model_run_id=default_model_run_id)
+        except RecursionError:
+            raise EventValidationError(
+                [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
+            ) from None
+        except EventValidationError as exc:
+            raise EventValidationError(_name_missing(exc.errors, records)) from None
+    _check_count(len(events), max_events)
+    errors = storage_errors(events)
+    if errors:
+        raise EventValidationError(_wire_paths(errors, records, default_model_run_id))
+    return events
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _surrogate_errors(records: list[Any]) -> list[ErrorDetail]:
+    """Strings holding lone surrogates (``"\\ud800"`` in JSON): not text, cannot be stored."""
+    errors: list[ErrorDetail] = []
+
+    def bad(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    def walk(value: Any, path: str, index: int) -> None:
+        if isinstance(value, str):
+            if bad(value):
+                errors.append(
+                    ErrorDetail(
+                        index,
+                        path or "<event>",
+                        _MISSING,
+                        "string_unicode",
+                        "not valid Unicode text (a lone surrogate)",
+                    )
+                )
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                sub_path = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and bad(key):
+                    errors.append(
+                        ErrorDetail(
+                            index,
+                            path or "<event>",
+                            _MISSING,
+                            "string_unicode",
+                            "a key is not valid Unicode text (a lone surrogate)",
+                        )
+                    )
+                    continue
+                walk(sub, sub_path, index)
+        elif isinstance(value, list):
+            for j, sub in enumerate(value):
+                walk(sub, f"{path}[{j}]", index)
+
+    for i, rec in enumerate(records):
+        walk(rec, "", i)
+    return errors
+
+
+_CANONICAL_KEYS = frozenset({"id", "timestamp", "payload", "source", "priority", "pipeline"})
+
+
+def _name_missing(errors: list[ErrorDetail], records: list[Any]) -> list[ErrorDetail]:
+    """A record shaped like a canonical event but without ``name``: say so, on ``name``."""
+    out = []
+    for e in errors:
+        rec = records[e.index] if e.index is not None and e.index < len(records) else None
+        if e.rule == "unknown_shape" and isinstance(rec, Mapping) and _CANONICAL_KEYS & set(rec):
+            e = ErrorDetail(
+                e.index,
+                "name",
+                _MISSING,
+                "missing",
+                "field required (the event name, e.g. ml.trial.complete)",
+            )
+        out.append(e)
+    return out
+
+
+def _check_count(n: int, max_events: int) -> None:
+    if n > max_events:
+        raise EventValidationError(
+            [
+                ErrorDetail(
+                    None,
+                    "<body>",
+                    n,
+                    "batch_too_large",
+                    f"{n} events in one request; the limit is {max_events}: split the batch",
+                )
+            ]
+        )
+
+
+def storage_errors(events: Sequence[Event]) -> list[ErrorDetail]:
+    """What valid events the store still could not hold: integers beyond 64 bits and
+    timestamps that overflow when converted to UTC (cheap: run on every request).
+
+    Values that cannot be serialised (lone surrogates, extreme nesting) are rare and costly
+    to look for, so only a failed commit looks for them (:func:`_diagnose`).
+    """
+    errors: list[ErrorDetail] = []
+    for i, ev in enumerate(events):
+        try:
+            ev.timestamp.astimezone(UTC)
+        except (OverflowError, ValueError):
+            errors.append(
+                ErrorDetail(
+                    i,
+                    "timestamp",
+                    ev.timestamp.isoformat(),
+                    "datetime_range",
+                    "out of range once converted to UTC",
+                )
+            )
+        payload = ev.payload
+        if isinstance(payload, Mapping):
+            continue
+        for name in _INT_FIELDS:
+            value = getattr(payload, name, None)
+            if isinstance(value, int) and value > _INT64_MAX:
+                errors.append(
+                    ErrorDetail(
+                        i,
+                        f"payload.{name}",
+                        value,
+                        "int_range",
+                        f"must be at most {_INT64_MAX} (a 64-bit integer)",
+                    )
+                )
+    return errors
+
+
+def _diagnose(events: Sequence[Event]) -> list[ErrorDetail]:
+    """Find the fields that made an append fail (slow path: only after a failed commit)."""
+    errors = storage_errors(events)
+    for i, ev in enumerate(events):
+        try:
+            ev.model_dump_json()
+            continue
+        except (pydantic_core.PydanticSerializationError, ValueError, RecursionError):
+            pass
+        payload = ev.payload
+        fields = payload.items() if isinstance(payload, Mapping) else payload
+        for key, value in fields:
+            try:
+                pydantic_core.to_json(value)
+            except (pydantic_core.PydanticSerializationError, ValueError, RecursionError) as exc:
+                message = str(exc).split(":", 1)[-1].strip() or "cannot be stored"
+                if "depth" in message:
+                    message = "nested too deeply to store"
+                elif "surrogate" in message or "encode" in message:
+                    message = "holds text that is not valid Unicode (a lone surrogate)"
+                errors.append(ErrorDetail(i, f"payload.{key}", _MISSING, "unstorable", message))
+                break
+        else:
+            errors.append(
+                ErrorDetail(i, "<event>", _MISSING, "unstorable", "the event cannot be stored")
+            )
+    return errors
+
+
+def _wire_paths(
+    errors: list[ErrorDetail], records: list[Any] | None, default_run: str
+) -> list[ErrorDetail]:
+    """Map errors about translated events back to the posted records and their fields."""
+    if records is None:
+        return errors
+    origin: list[tuple[int, Any, int]] = []  # (record index, record, position in record)
+    for i, rec in enumerate(records):
+        try:
+            n = len(translate_record(rec, i, default_model_run_id=default_run))
+        except EventValidationError:
+            n = 0
+        origin.extend((i, rec, j) for j in range(n))
+    out = []
+    for e in errors:
+        if e.index is None or e.index >= len(origin):
+            out.append(e)
+            continue
+        i, rec, j = origin[e.index]
+        out.append(ErrorDetail(i, _seed_path(rec, j, e.path), e.value, e.rule, e.message))
+    return out
+
+
+def _seed_path(rec: Any, j: int, path: str) -> str:
+    if not isinstance(rec, Mapping) or "name" in rec:
+        return path
+    field_name = path.removeprefix("payload.")
+    if "trials" in rec:
+        return f"trials[{j}].{field_name}"
+    raw_meta = rec.get("metadata")
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
+    if path == "timestamp":
+        return "timestamp" if rec.get("timestamp") else "metadata.timestamp"
+    if field_name == "step":
+        return "metadata.epoch" if "epoch" in meta else "metadata.step"
+    if field_name == "duration_ms":
+        return "measurements.duration_ms"
+    if field_name == "metadata":
+        return "metadata"
+    if field_name == "parameters":
+        return "metadata.hyperparams" if "hyperparams" in meta else "metadata.parameters"
+    return f"metadata.{field_name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Group commit
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The gateway's answer to one request: new events, duplicates, every id, last seq."""
+
+    accepted: int
+    duplicates: int
+    ids: list[str] = field(repr=False)
+    last_seq: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "ids": self.ids,
+            "last_seq": self.last_seq,
+        }
+
+
+class GatewayBusy(GatewayError):
+    """Too many events are waiting for the writer; the client should retry later."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    events: list[Event]
+    future: concurrent.futures.Future[IngestResult]
+
+
+class GroupCommitWriter:
+    """One thread that commits many requests' events per store transaction.
+
+    :meth:`submit` queues a request's validated events and returns a future resolved
+    with its :class:`IngestResult` once they are committed (or with the error). The
+    thread drains whatever is queued, up to ``max_group_events``, into one
+    :meth:`TrialStore.append`; if that fails for a reason other than the store itself
+    (an event it cannot hold), the requests are committed one by one so only the bad one
+    fails.
+
+    Example:
+        >>> from thunderline_lab import events
+        >>> writer = GroupCommitWriter(TrialStore(":memory:"))
+        >>> ev = events.trial_start(model_run_id="r", trial_id="t", spectral_norm=True)
+        >>> writer.submit([ev]).result().accepted
+        1
+        >>> writer.close()
+    """
+
+    def __init__(
+        self,
+        store: TrialStore,
+        *,
+        max_group_events: int = MAX_BATCH_EVENTS,
+        max_pending_events: int = MAX_PENDING_EVENTS,
+        group_commit: bool = True,
+    ) -> None:
+        self.store = store
+        self.group_commit = group_commit
+        self.max_group_events = max_group_events
+        self.max_pending_events = max_pending_events
+        self._queue: deque[_Pending] = deque()
+        self._pending_events = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.groups = 0
+        self.requests = 0
+        self.committed = 0
+
+    @property
+    def pending_events(self) -> int:
+        """Events queued or being committed (not committed yet)."""
+        return self._pending_events
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="thundergate-writer", daemon=True
+            )
+            self._thread.start()
+
+    def submit(self, events: list[Event]) -> concurrent.futures.Future[IngestResult]:
+        """Queue validated events for the next group commit.
+
+        Raises:
+            GatewayBusy: more than ``max_pending_events`` would be waiting.
+            GatewayError: the writer is closed.
+        """
+        fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                raise GatewayError("the gateway is shutting down")
+            if (
+                self._pending_events
+                and self._pending_events + len(events) > self.max_pending_events
+            ):
+                raise GatewayBusy(
+                    f"{self._pending_events} events are waiting to be committed; retry later"
+                )
+            self._ensure_thread()
+            self._queue.append(_Pending(events, fut))
+            self._pending_events += len(events)
+            self._cond.notify()
+        return fut
+
+    def _take_group(self) -> list[_Pending] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            group: list[_Pending] = []
+            n = 0
+            while self._queue and (
+                not group
+                or (self.group_commit and n + len(self._queue[0].events) <= self.max_group_events)
+            ):
+                item = self._queue.popleft()
+                group.append(item)
+                n += len(item.events)
+            return group
+
+    def _run(self) -> None:
+        while True:
+            group = self._take_group()
+            if group is None:
+                return
+            live = [p for p in group if p.future.set_running_or_notify_cancel()]
+            try:
+                self._commit(group, live)
+            except BaseException as exc:  # never let the writer thread die silently
+                log.exception("gateway writer failed")
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(GatewayError(f"commit failed: {exc!r}"))
+            finally:
+                with self._cond:
+                    self._pending_events -= sum(len(p.events) for p in group)
+
+    def _commit(self, group: list[_Pending], live: list[_Pending]) -> None:
+        """Append the group in one transaction and resolve its live futures."""
+        batch = [ev for p in group for ev in p.events]
+        try:
+            result = self.store.append(batch)
+        except StoreError as exc:
+            for p in live:
+                p.future.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(group) > 1:
+                for p in group:
+                    self._commit([p], [p] if p in live else [])
+                return
+            errors = _diagnose(batch)
+            err = EventValidationError(errors) if errors else GatewayError(repr(exc))
+            for p in live:
+                p.future.set_exception(err)
+            return
+        self.groups += 1
+        self.requests += len(group)
+        self.committed += result.accepted
+        fresh = set(result.ids)
+        for p in group:
+            ids = [ev.id for ev in p.events]
+            accepted = 0
+            for ev_id in ids:
+                if ev_id in fresh:
+                    fresh.discard(ev_id)
+                    accepted += 1
+            if p in live:
+                p.future.set_result(
+                    IngestResult(accepted, len(ids) - accepted, ids, result.last_seq)
+                )
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Commit what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+class ErrorItem(BaseModel):
+    """One broken rule: record index (None for the whole body), field path, message."""
+
+    index: int | None
+    path: str
+    message: str
+    rule: str
+    value: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a summary and (for input errors) one item per broken field."""
+
+    detail: str
+    errors: list[ErrorItem] = []
+
+
+class IngestResponse(BaseModel):
+    """202: the events are committed; ``ids`` are every event id of the request."""
+
+    accepted: int
+    duplicates: int
+    ids: list[str]
+    last_seq: int
+
+
+class EventsPage(BaseModel):
+    """Logged events after a sequence number; pass ``next_after`` as the next ``after``."""
+
+    events: list[dict[str, Any]]
+    next_after: int
+
+
+class TrialsPage(BaseModel):
+    """Trial rows (as ``thunderline-lab trials --format json``)."""
+
+    trials: list[dict[str, Any]]
+
+
+class Health(BaseModel):
+    """Liveness, the newest sequence number, and the writer's counters."""
+
+    status: str
+    last_seq: int
+    pending_events: int
+    requests_committed: int
+    commits: int
+    events_committed: int
+
+
+class _Problem(Exception):
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        errors: Sequence[ErrorDetail] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = list(errors)
+        self.headers = dict(headers or {})
+
+
+def _error_item(e: ErrorDetail) -> dict[str, Any]:
+    item = e.as_dict()
+    if not item["path"]:
+        item["path"] = "<body>" if e.index is None else "<event>"
+    return item
+
+
+def _problem_response(
+    status: int,
+    detail: str,
+    errors: Sequence[ErrorDetail] = (),
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail, "errors": [_error_item(e) for e in errors]},
+        status_code=status,
+        headers=dict(headers or {}),
+    )
+
+
+def _validation_problem(exc: EventValidationError) -> _Problem:
+    rules = {e.rule for e in exc.errors}
+    if rules & {"batch_too_large"}:
+        return _Problem(413, exc.errors[0].message, exc.errors)
+    if rules & _BODY_ERRORS:
+        return _Problem(400, "the body is not parseable JSON", exc.errors)
+    n = len(exc.errors)
+    return _Problem(422, f"{n} invalid field{'s' if n != 1 else ''}", exc.errors)
+
+
+def _schema_components() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The events' JSON Schema with ``$defs`` moved to OpenAPI components."""
+    text = json.dumps(event_json_schema()).replace('"#/$defs/', '"#/components/schemas/')
+    schema = json.loads(text)
+    defs = schema.pop("$defs", {})
+    schema.pop("$schema", None)
+    seed001 = {
+        "type": "object",
+        "title": "Seed 001 post",
+        "required": ["event", "trial_id"],
+        "properties": {
+            "event": {"type": "string"},
+            "trial_id": {"type": "string"},
+            "metadata": {"type": "object"},
+            "measurements": {"type": "object"},
+        },
+    }
+    seed002 = {
+        "type": "object",
+        "title": "Seed 002 trial report",
+        "required": ["trials"],
+        "properties": {"trials": {"type": "array", "items": {"type": "object"}}},
+    }
+    body = {
+        "oneOf": [
+            *schema["oneOf"],
+            seed001,
+            seed002,
+            {"type": "array", "items": {"anyOf": [seed001, seed002]}},
+        ],
+        "description": schema.get("description", ""),
+    }
+    return body, defs
+
+
+class _ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+class _IngestFastPath:
+    """ASGI middleware answering ``POST /api/events/ml`` directly (see :func:`create_app`)."""
+
+    def __init__(self, app: Any, ingest: Any) -> None:
+        self.app = app
+        self.ingest = ingest
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if not (
+            scope["type"] == "http" and scope["path"] == INGEST_PATH and scope["method"] == "POST"
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers: list[tuple[bytes, bytes]] = []
+        try:
+            result = await self.ingest(scope, receive)
+        except _ClientGone:
+            return
+        except _Problem as exc:
+            status = exc.status
+            body = json.dumps(
+                {"detail": exc.detail, "errors": [_error_item(e) for e in exc.errors]}
+            ).encode()
+            headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        else:
+            status, body = 202, json.dumps(result.as_dict()).encode()
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _resolve_stores(
+    lab_or_store: Lab | TrialStore | str | os.PathLike[str],
+) -> tuple[TrialStore, TrialStore, list[TrialStore]]:
+    """(write store, read store, stores the app owns and must close)."""
+    if isinstance(lab_or_store, TrialStore):
+        return lab_or_store, lab_or_store, []
+    lab = lab_or_store if isinstance(lab_or_store, Lab) else Lab.resolve(lab_or_store)
+    writer = lab.store()
+    reader = TrialStore(lab.db_path)
+    return writer, reader, [writer, reader]
+
+
+def create_app(
+    lab_or_store: Lab | TrialStore | str | os.PathLike[str],
+    token: str | None = None,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_batch_events: int = MAX_BATCH_EVENTS,
+    max_pending_events: int = MAX_PENDING_EVENTS,
+    default_model_run_id: str = DEFAULT_MODEL_RUN_ID,
+    synchronous: str | None = None,
+    group_commit: bool = True,
+) -> FastAPI:
+    """The gateway's FastAPI app over a lab (directory or :class:`Lab`) or an open store.
+
+    A lab gets two connections (the writer thread's and one for reads, which WAL lets run
+    alongside writes); an open store is shared and left open at shutdown.
+
+    Example:
+        >>> from fastapi.testclient import TestClient
+        >>> app = create_app(TrialStore(":memory:"))
+        >>> with TestClient(app) as http:
+        ...     http.post("/api/events/ml", json={"event": "ml.trial.start", "trial_id": "t",
+        ...               "metadata": {"spectral_norm": True}}).status_code
+        202
+
+    Args:
+        token: when set, every ``/api/*`` request must carry it.
+        max_body_bytes: larger bodies get 413.
+        max_batch_events: more events in one request get 413.
+        max_pending_events: more events waiting for the writer get 503 + Retry-After.
+        default_model_run_id: attribution of seed 001 posts that name no run (a request
+            may override it with ``?model_run_id=``).
+        synchronous: SQLite ``synchronous`` level of the writer's connection. ``"FULL"``
+            (the default for a lab) fsyncs every commit, so a 202 survives power loss, not
+            just a crash of the gateway; ``"NORMAL"`` (WAL) survives ``kill -9`` but may lose
+            the last commits on power loss. An open store is left as it is unless given.
+        group_commit: commit many requests per transaction (on by default; off only to
+            measure what it buys).
+
+    Raises:
+        GatewayError: an unknown ``synchronous`` level.
+    """
+    write_store, read_store, owned = _resolve_stores(lab_or_store)
+    level = synchronous if synchronous is not None else ("FULL" if owned else None)
+    if level is not None:
+        if level.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise GatewayError(f"unknown synchronous level {level!r} (FULL or NORMAL)")
+        write_store.conn.execute(f"PRAGMA synchronous = {level.upper()}")
+    writer = GroupCommitWriter(
+        write_store,
+        max_group_events=max(max_batch_events, 1),
+        max_pending_events=max_pending_events,
+        group_commit=group_commit,
+    )
+    token_bytes = token.encode() if token else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await run_in_threadpool(writer.close)
+            for store in owned:
+                store.close()
+
+    app = FastAPI(
+        title="ThunderGate — thunderline-lab event gateway",
+        version="1",
+        description=(__doc__ or "").split("\n\n")[1],
+        lifespan=lifespan,
+    )
+    app.state.writer = writer
+    app.state.store = write_store
+
+    async def require_token(request: Request) -> None:
+        if token_bytes is None:
+            return
+        given = request.headers.get("x-thunderline-token")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), token_bytes):
+            raise _Problem(
+                401,
+                "missing or wrong token (Authorization: Bearer TOKEN)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.exception_handler(_Problem)
+    async def _on_problem(_request: Request, exc: _Problem) -> JSONResponse:
+        return _problem_response(exc.status, exc.detail, exc.errors, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            ErrorDetail(
+                None,
+                ".".join(str(p) for p in err.get("loc", ())) or "<request>",
+                err.get("input"),
+                err.get("type", "invalid"),
+                err.get("msg", "invalid"),
+            )
+            for err in exc.errors()
+        ]
+        return _problem_response(422, f"{len(errors)} invalid request parameter(s)", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _problem_response(exc.status_code, str(exc.detail), (), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _on_crash(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("gateway request failed: %r", exc, exc_info=exc)
+        return _problem_response(500, "internal error (see the gateway's log)")
+
+    def body_too_large(declared: int | None) -> _Problem:
+        size = f"body of {declared} bytes" if declared is not None else "body"
+        return _Problem(
+            413,
+            f"{size} exceeds the limit of {max_body_bytes} bytes",
+            [
+                ErrorDetail(
+                    None,
+                    "<body>",
+                    _MISSING if declared is None else declared,
+                    "body_too_large",
+                    f"at most {max_body_bytes} bytes per request",
+                )
+            ],
+        )
+
+    async def read_body(headers: Mapping[bytes, bytes], receive: Any) -> bytes:
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise _Problem(400, "bad Content-Length header")
+            if int(declared) > max_body_bytes:
+                raise body_too_large(int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise body_too_large(None)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def run_id_from(query: bytes) -> str:
+        values = urllib.parse.parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        given = values.get("model_run_id")
+        if not given:
+            return default_model_run_id
+        run = given[-1]
+        if not 1 <= len(run) <= 256:
+            rule = "string_too_short" if not run else "string_too_long"
+            raise _Problem(
+                422,
+                "1 invalid request parameter",
+                [ErrorDetail(None, "query.model_run_id", run, rule, "must be 1 to 256 characters")],
+            )
+        return run
+
+    async def ingest(scope: Mapping[str, Any], receive: Any) -> IngestResult:
+        """POST /api/events/ml: auth, bounded body, parse + validate, group commit."""
+        headers = dict(scope["headers"])
+        if token_bytes is not None:
+            given = headers.get(b"x-thunderline-token")
+            auth = headers.get(b"authorization", b"")
+            if given is None and auth[:7].lower() == b"bearer ":
+                given = auth[7:].strip()
+            if given is None or not hmac.compare_digest(given, token_bytes):
+                raise _Problem(
+                    401,
+                    "missing or wrong token (Authorization: Bearer TOKEN)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        default_run = run_id_from(scope.get("query_string", b""))
+        body = await read_body(headers, receive)
+        try:
+            if len(body) > _THREADPOOL_BODY:
+                events = await run_in_threadpool(
+                    parse_body, body, default_model_run_id=default_run, max_events=max_batch_events
+                )
+            else:
+                events = parse_body(
+                    body, default_model_run_id=default_run, max_events=max_batch_events
+                )
+        except EventValidationError as exc:
+            raise _validation_problem(exc) from None
+        if not events:
+            return IngestResult(0, 0, [], 0)
+        try:
+            fut = writer.submit(events)
+        except GatewayBusy as exc:
+            raise _Problem(503, str(exc), headers={"Retry-After": "1"}) from None
+        except GatewayError as exc:
+            raise _Problem(503, str(exc), headers={"Retry-After": "2"}) from None
+        try:
+            return await asyncio.wrap_future(fut)
+        except EventValidationError as exc:
+            raise _validation_problem(exc) from None
+        except StoreError:
+            log.exception("gateway could not commit %d events", len(events))
+            raise _Problem(
+                503, "the trial store is unavailable; retry later", headers={"Retry-After": "2"}
+            ) from None
+        except GatewayError:
+            raise _Problem(
+                503, "the events could not be committed; retry later", headers={"Retry-After": "2"}
+            ) from None
+
+    # The hot path skips FastAPI's routing and dependency machinery (measured: ~1 ms of
+    # CPU per request); the FastAPI route below documents it and behaves identically.
+    app.add_middleware(_IngestFastPath, ingest=ingest)
+
+    body_schema, _defs = _schema_components()
+    problem_responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": text}
+        for code, text in (
+            (400, "unparseable JSON"),
+            (401, "token missing or wrong"),
+            (413, "body or batch too large"),
+            (422, "invalid events: every error's index, field path, message"),
+            (503, "busy or the store is unavailable: retry later"),
+        )
+    }
+
+    @app.post(
+        INGEST_PATH,
+        status_code=202,
+        response_model=IngestResponse,
+        responses=problem_responses,
+        summary="Ingest ML events (canonical, arrays, JSON lines, seed 001/002 payloads)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": body_schema},
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    async def ingest_events(
+        request: Request,
+        model_run_id: str | None = Query(
+            None,
+            min_length=1,
+            max_length=256,
+            description="model_run_id for seed 001 posts that name none",
+        ),
+    ) -> Response:
+        """Validate, commit (group commit) and answer 202 once the events are durable."""
+        result = await ingest(request.scope, request.receive)
+        return Response(
+            json.dumps(result.as_dict()), status_code=202, media_type="application/json"
+        )
+
+    @app.get(
+        "/api/events",
+        response_model=EventsPage,
+        responses=problem_responses,
+        dependencies=[Depends(require_token)],
+        summary="Logged events after a sequence",
+    )
+    def list_events(
+        after: int = Query(0, ge=0, le=_INT64_MAX), limit: int = Query(1000, ge=1, le=10_000)
+    ) -> Response:
+        events = read_store.events_after(after, limit)
+        next_after = events[-1]["seq"] if events else after
+        return Response(
+            json.dumps({"events": events, "next_after": next_after}), media_type="application/json"
+        )
+
+    @app.get(
+        "/api/trials",
+        response_model=TrialsPage,
+        responses=problem_responses,
+        dependencies=[Depends(require_token)],
+        summary="Trials, optionally filtered",
+    )
+    def list_trials(
+        study: str | None = Query(None, max_length=256),
+        model_run_id: str | None = Query(None, max_length=256),
+        status: str | None = Query(None, max_length=32),
+        spectral_norm: bool | None = None,
+    ) -> Response:
+        df = read_store.trials(
+            study=study, model_run_id=model_run_id, status=status, spectral_norm=spectral_norm
+        )
+        return Response(
+            '{"trials": ' + df.to_json(orient="records") + "}", media_type="application/json"
+        )
+
+    @app.get(
+        "/api/trials/{model_run_id}/{trial_id}",
+        responses=problem_responses,
+        dependencies=[Depends(require_token)],
+        summary="One trial",
+    )
+    def get_trial(model_run_id: str, trial_id: str) -> Response:
+        row = read_store.trial(model_run_id, trial_id)
+        if row is None:
+            raise _Problem(404, f"no trial {trial_id!r} in model run {model_run_id!r}")
+        clean = {k: (None if _is_na(v) else v) for k, v in row.items()}
+        return Response(json.dumps(clean, default=str), media_type="application/json")
+
+    @app.get("/healthz", response_model=Health, summary="Liveness")
+    def healthz() -> Health:
+        return Health(
+            status="ok",
+            last_seq=read_store.last_seq(),
+            pending_events=writer.pending_events,
+            requests_committed=writer.requests,
+            commits=writer.groups,
+            events_committed=writer.committed,
+        )
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = default_openapi()
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(_defs)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _is_na(value: Any) -> bool:
+    return value is pd.NA or (isinstance(value, float) and value != value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    lab: Lab | str | os.PathLike[str] | None = None,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    log_level: str = "warning",
+    **app_options: Any,
+) -> None:
+    """Run the gateway with uvicorn until interrupted.
+
+    Raises:
+        GatewayError: a non-loopback ``host`` without a token (refused), or a bad port.
+    """
+    import uvicorn
+
+    token = token or None
+    if not is_loopback(host) and not token:
+        raise GatewayError(
+            f"refusing to listen on {host} without a token: pass --token or set ${ENV_TOKEN} "
+            f"(or bind {DEFAULT_HOST})"
+        )
+    if token is not None and len(token) < 8:
+        raise GatewayError("the token is too short (use at least 8 characters)")
+    if not 0 <= port <= 65535:
+        raise GatewayError(f"bad port {port}")
+    resolved = lab if isinstance(lab, Lab) else Lab.resolve(lab)
+    app = create_app(resolved, token, **app_options)
+    log.warning(
+        "ThunderGate on http://%s:%d (lab %s, token %s)",
+        host,
+        port,
+        resolved.root,
+        "required" if token else "off",
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SendResult:
+    """What a send or a spool replay did."""
+
+    sent: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    spooled: int = 0
+    rejected: int = 0
+
+    def __iadd__(self, other: SendResult) -> SendResult:
+        self.sent += other.sent
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.spooled += other.spooled
+        self.rejected += other.rejected
+        return self
+
+
+class _Unreachable(Exception):
+    """The gateway did not answer usefully after every retry."""
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def _record_json(item: Event | Mapping[str, Any] | str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping):
+        return json.dumps(item, default=str, separators=(",", ":"))
+    return item.model_dump_json()
+
+
+class EventClient:
+    """Report events to a ThunderGate over HTTP: batching, retry with backoff, local spool.
+
+    Events (objects, or dicts in any accepted wire shape) are sent as JSON arrays of at
+    most ``batch_size``. Connection errors, timeouts and 408/429/5xx answers are retried
+    ``max_retries`` times with exponential backoff and jitter (honouring ``Retry-After``).
+    If the gateway stays unreachable, the batch is appended to ``spool`` (JSON lines,
+    fsynced) and replayed on the next successful contact, at :meth:`close`, or by
+    :meth:`replay_spool`. Event ids are idempotency keys, so replays and retries can only
+    make duplicates, which the gateway counts and ignores. Events the gateway rejects
+    (4xx) raise :class:`~thunderline_lab.errors.GatewayError` from :meth:`send`; during a
+    replay they are moved to ``<spool>.rejected`` so they cannot block the rest.
+
+    As a bus subscriber (:meth:`attach`, or ``bus.subscribe("ml.*", client)``) events are
+    buffered and sent by a background thread every ``flush_interval`` seconds or once
+    ``batch_size`` are waiting. Without a spool, undeliverable events stay buffered (up to
+    ``max_buffer``) and are retried at the next flush.
+
+    Example:
+        >>> client = EventClient("http://127.0.0.1:8765", spool="lab/gateway-spool.jsonl")
+        >>> # client.send([events.trial_start(...)])       # synchronous, returns SendResult
+        >>> # client.attach(bus)                            # report a training process
+        >>> # client.close()                                # flush + replay the spool
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        spool: str | os.PathLike[str] | None = None,
+        batch_size: int = 1000,
+        flush_interval: float = 0.5,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff: float = 0.1,
+        max_backoff: float = 5.0,
+        max_buffer: int = 200_000,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        base = url.rstrip("/")
+        self.endpoint = base if base.endswith(INGEST_PATH) else base + INGEST_PATH
+        self.token = token if token is not None else os.environ.get(ENV_TOKEN) or None
+        self.spool = Path(spool) if spool is not None else None
+        self.batch_size = max(1, batch_size)
+        self.flush_interval = flush_interval
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_buffer = max_buffer
+        headers = {"content-type": "application/json"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        self._http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._buffer: list[str] = []
+        self._cond = threading.Condition()
+        self._send_lock = threading.RLock()
+        self._spool_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._subs: list[tuple[EventBus, Subscription]] = []
+        self.stats = SendResult()
+        self.retries = 0
+        self.last_error: str | None = None
+
+    # -- synchronous sending ----------------------------------------------------------------
+
+    def send(self, events: Iterable[Event | Mapping[str, Any] | str]) -> SendResult:
+        """Send events now (in batches); spool what cannot be delivered.
+
+        Returns:
+            Counts of sent / accepted / duplicate / spooled events.
+
+        Raises:
+            GatewayError: the gateway rejected a batch (4xx: invalid events, wrong token),
+                or it is unreachable and there is no spool.
+        """
+        records = [_record_json(e) for e in events]
+        total = SendResult()
+        with self._send_lock:
+            for i in range(0, len(records), self.batch_size):
+                total += self._deliver(records[i : i + self.batch_size])
+            if total.sent and not total.spooled:
+                total += self._maybe_replay()
+        return total
+
+    def _deliver(self, records: list[str], *, spool_on_failure: bool = True) -> SendResult:
+        try:
+            return self._post(records)
+        except _Unreachable as exc:
+            if self.spool is None or not spool_on_failure:
+                raise GatewayError(f"{self.endpoint}: gateway unreachable: {exc}") from None
+            self._append_spool(records)
+            result = SendResult(spooled=len(records))
+            self.stats += result
+            return result
+        except _Rejected as exc:
+            raise GatewayError(_rejection_message(self.endpoint, exc)) from None
+
+    def _post(self, records: list[str]) -> SendResult:
+        """POST one batch with retries; split it if the gateway says it is too large."""
+        body = ("[" + ",".join(records) + "]").encode()
+        attempt = 0
+        while True:
+            wait: float | None = None
+            try:
+                resp = self._http.post(self.endpoint, content=body)
+            except httpx.HTTPError as exc:  # connect, timeout, protocol errors
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code == 202:
+                    answer = resp.json()
+                    result = SendResult(
+                        sent=len(records),
+                        accepted=answer["accepted"],
+                        duplicates=answer["duplicates"],
+                    )
+                    self.stats += result
+                    return result
+                if resp.status_code == 413 and len(records) > 1:
+                    half = len(records) // 2
+                    first = self._post(records[:half])
+                    first += self._post(records[half:])
+                    return first
+                if resp.status_code not in _RETRY_STATUS:
+                    raise _Rejected(resp.status_code, _json_or_text(resp))
+                self.last_error = f"HTTP {resp.status_code}"
+                retry_after = resp.headers.get("retry-after", "")
+                if retry_after.isdigit():
+                    wait = min(float(retry_after), self.max_backoff)
+            if attempt >= self.max_retries:
+                raise _Unreachable(self.last_error)
+            if wait is None:
+                wait = min(self.max_backoff, self.backoff * 2**attempt)
+                wait *= 0.5 + random.random() / 2
+            attempt += 1
+            self.retries += 1
+            time.sleep(wait)
+
+    # -- the spool ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked_spool(self) -> Iterator[None]:
+        assert self.spool is not None
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with self._spool_lock, open(self.spool.with_name(self.spool.name + ".lock"), "a") as lf:
+            try:
+                import fcntl
+
+                fcntl.flock(lf, fcntl.LOCK_EX)
+            except ImportError:  # pragma: no cover - not POSIX: process-local lock only
+                pass
+            yield
+
+    def _append_spool(self, records: list[str], path: Path | None = None) -> None:
+        target = path or self.spool
+        assert target is not None
+        with self._locked_spool(), open(target, "a", encoding="utf-8") as fh:
+            fh.write("".join(r.replace("\n", " ") + "\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def spooled(self) -> int:
+        """How many events wait in the spool file."""
+        if self.spool is None or not self.spool.exists():
+            return 0
+        with self._locked_spool(), open(self.spool, encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+
+    def _maybe_replay(self) -> SendResult:
+        if self.spool is None:
+            return SendResult()
+        try:
+            if self.spool.stat().st_size == 0:
+                return SendResult()
+        except FileNotFoundError:
+            return SendResult()
+        try:
+            return self.replay_spool()
+        except GatewayError as exc:
+            log.warning("spool replay deferred: %s", exc)
+            return SendResult()
+
+    def replay_spool(self) -> SendResult:
+        """Send every spooled event; keep what still cannot be delivered.
+
+        Events the gateway rejects (4xx) go to ``<spool>.rejected`` with the reason.
+
+        Raises:
+            GatewayError: the gateway is still unreachable (the spool is kept intact).
+        """
+        if self.spool is None:
+            return SendResult()
+        total = SendResult()
+        with self._send_lock, self._locked_spool():
+            if not self.spool.exists():
+                return total
+            lines = [ln for ln in self.spool.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            remaining: list[str] = []
+            rejected: list[str] = []
+            error: str | None = None
+            for i in range(0, len(lines), self.batch_size):
+                batch = lines[i : i + self.batch_size]
+                if error is not None:
+                    remaining.extend(batch)
+                    continue
+                try:
+                    total += self._post_replay(batch, rejected)
+                except _Unreachable as exc:
+                    error = str(exc)
+                    remaining.extend(batch)
+            tmp = self.spool.with_name(self.spool.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in remaining), encoding="utf-8")
+            os.replace(tmp, self.spool)
+            if rejected:
+                with open(
+                    self.spool.with_name(self.spool.name + ".rejected"), "a", encoding="utf-8"
+                ) as fh:
+                    fh.write("".join(r + "\n" for r in rejected))
+                total.rejected += len(rejected)
+        if error is not None:
+            raise GatewayError(
+                f"{self.endpoint}: gateway unreachable, {len(remaining)} events "
+                f"kept in {self.spool}: {error}"
+            )
+        return total
+
+    def _post_replay(self, batch: list[str], rejected: list[str]) -> SendResult:
+        try:
+            return self._post(batch)
+        except _Rejected as exc:
+            if exc.status == 401:
+                raise _Unreachable("gateway refused the token (401)") from None
+            bad = _rejected_indexes(exc.body, len(batch))
+            if not bad or exc.status != 422:
+                rejected.extend(batch)  # the whole batch is unacceptable
+                return SendResult()
+            rejected.extend(batch[i] for i in sorted(bad))
+            rest = [r for i, r in enumerate(batch) if i not in bad]
+            return self._post_replay(rest, rejected) if rest else SendResult()
+
+    # -- bus subscriber -----------------------------------------------------------------------
+
+    def emit(self, event: Event | Mapping[str, Any]) -> None:
+        """Buffer one event for the background sender (the bus handler).
+
+        Raises:
+            GatewayError: the buffer is full (no spool and the gateway is unreachable).
+        """
+        record = _record_json(event)
+        with self._cond:
+            if self._closed:
+                raise GatewayError("the event client is closed")
+            if len(self._buffer) >= self.max_buffer:
+                raise GatewayError(
+                    f"{len(self._buffer)} events are waiting for "
+                    f"{self.endpoint}; dropping {_event_name(event)}"
+                )
+            self._buffer.append(record)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="thundergate-client", daemon=True
+                )
+                self._thread.start()
+            if len(self._buffer) >= self.batch_size:
+                self._cond.notify()
+
+    __call__ = emit
+
+    def attach(self, bus: EventBus, pattern: str = "ml.*") -> Subscription:
+        """Subscribe to ``bus`` so every matching event is reported through the gateway."""
+        sub = bus.subscribe(pattern, self.emit, name="EventClient")
+        self._subs.append((bus, sub))
+        return sub
+
+    def detach(self) -> None:
+        """Unsubscribe from every bus this client was attached to."""
+        for bus, sub in self._subs:
+            bus.unsubscribe(sub)
+        self._subs.clear()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._closed and len(self._buffer) < self.batch_size:
+                    self._cond.wait(self.flush_interval)
+                closed = self._closed
+            try:
+                self.flush()
+            except GatewayError as exc:
+                log.warning("event client: %s", exc)
+            if closed:
+                return
+
+    def flush(self) -> SendResult:
+        """Send everything buffered now.
+
+        Raises:
+            GatewayError: as :meth:`send`; without a spool, undelivered events stay buffered.
+        """
+        with self._send_lock:
+            with self._cond:
+                batch, self._buffer = self._buffer, []
+            if not batch:
+                return self._maybe_replay() if self._subs or self._closed else SendResult()
+            total = SendResult()
+            for i in range(0, len(batch), self.batch_size):
+                chunk = batch[i : i + self.batch_size]
+                try:
+                    total += self._deliver(chunk)
+                except GatewayError:
+                    with self._cond:  # keep the undelivered for the next attempt
+                        self._buffer[:0] = batch[i:]
+                    raise
+            if total.sent and not total.spooled:
+                total += self._maybe_replay()
+            return total
+
+    def close(self) -> None:
+        """Detach, send what is buffered, replay the spool if the gateway answers, close.
+
+        Raises:
+            GatewayError: events could not be delivered and there is no spool to keep them.
+        """
+        self.detach()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.flush()
+            self._maybe_replay()
+        finally:
+            self._http.close()
+        if self._buffer:
+            raise GatewayError(
+                f"{len(self._buffer)} events could not be delivered to "
+                f"{self.endpoint} (no spool configured)"
+            )
+
+    def __enter__(self) -> EventClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _event_name(event: Event | Mapping[str, Any]) -> str:
+    if isinstance(event, Mapping):
+        return str(event.get("name") or event.get("event") or "event")
+    return event.name
+
+
+def _json_or_text(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text[:500]
+
+
+def _rejection_message(endpoint: str, exc: _Rejected) -> str:
+    body = exc.body
+    if isinstance(body, Mapping):
+        lines = [str(body.get("detail", ""))]
+        for e in body.get("errors") or []:
+            if isinstance(e, Mapping):
+                where = f"record {e.get('index')}: " if e.get("index") is not None else ""
+                lines.append(f"{where}{e.get('path')}: {e.get('message')}")
+        return f"{endpoint}: HTTP {exc.status}: " + "; ".join(x for x in lines if x)
+    return f"{endpoint}: HTTP {exc.status}: {body}"
+
+
+def _rejected_indexes(body: Any, n: int) -> set[int]:
+    if not isinstance(body, Mapping):
+        return set()
+    out = set()
+    for e in body.get("errors") or []:
+        idx = e.get("index") if isinstance(e, Mapping) else None
+        if isinstance(idx, int) and 0 <= idx < n:
+            out.add(idx)
+    return out
