@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/thunderline-lab run $(STUDY)
 
+# nbval executes every notebook with the test profile (small budgets, same code paths) in a
+# throw-away lab; outputs are compared only where a cell asks for it, after sanitizing ids,
+# timestamps and durations.
 test: setup
 	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:randomly notebooks/
+	lab=$$(mktemp -d); THUNDERLINE_LAB_PROFILE=test THUNDERLINE_LAB_HOME=$$lab \
+	  $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/; rc=$$?; rm -rf $$lab; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check thunderline_lab tests benchmarks

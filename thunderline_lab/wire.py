@@ -50,8 +50,12 @@ DEFAULT_MODEL_RUN_ID = "cerebros"
 _NAMESPACE = uuid.UUID("6f1c1f0e-4d0b-4e55-9a51-7468756e6465")
 _TRUE = {"true", "1", "yes", "y", "t", "on"}
 _FALSE = {"false", "0", "no", "n", "f", "off"}
-_STATUS = {"succeeded": "completed", "success": "completed", "completed": "completed",
-           "failed": "failed"}
+_STATUS = {
+    "succeeded": "completed",
+    "success": "completed",
+    "completed": "completed",
+    "failed": "failed",
+}
 
 
 class _Errors:
@@ -77,7 +81,7 @@ def lenient_bool(value: Any, default: bool = False) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError("must be a boolean (true/false, \"true\"/\"false\", 1/0)")
+    raise ValueError('must be a boolean (true/false, "true"/"false", 1/0)')
 
 
 def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
@@ -115,8 +119,11 @@ def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise EventValidationError(
-                [ErrorDetail(None, f"line {lineno}", _MISSING, "json_invalid",
-                             f"invalid JSON: {exc}")],
+                [
+                    ErrorDetail(
+                        None, f"line {lineno}", _MISSING, "json_invalid", f"invalid JSON: {exc}"
+                    )
+                ],
                 source,
             ) from None
     return records
@@ -127,8 +134,9 @@ def _event_id(record: Any, salt: str = "") -> str:
     return uuid.uuid5(_NAMESPACE, text).hex
 
 
-def _bool_field(errs: _Errors, container: Mapping[str, Any], key: str, path: str,
-                default: bool | None) -> bool | None:
+def _bool_field(
+    errs: _Errors, container: Mapping[str, Any], key: str, path: str, default: bool | None
+) -> bool | None:
     value = container.get(key)
     if value is None:
         return default
@@ -152,16 +160,25 @@ def _duration(errs: _Errors, value: Any, path: str) -> int | None:
 
 
 def _envelope(name: str, payload: dict[str, Any], ev_id: str, timestamp: Any) -> dict[str, Any]:
-    return {"id": ev_id, "name": name, "timestamp": timestamp or utcnow(),
-            "source": "cerebros", "payload": payload}
+    return {
+        "id": ev_id,
+        "name": name,
+        "timestamp": timestamp or utcnow(),
+        "source": "cerebros",
+        "payload": payload,
+    }
 
 
 def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -> list[dict]:
     errs = _Errors(index)
     name = rec.get("event")
     if name not in ML_EVENT_NAMES:
-        errs.add("event", name, "unknown_event",
-                 f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})")
+        errs.add(
+            "event",
+            name,
+            "unknown_event",
+            f"unknown ml event name (expected one of {', '.join(ML_EVENT_NAMES)})",
+        )
     trial_id = rec.get("trial_id")
     if trial_id is None:
         errs.add("trial_id", _MISSING, "missing", "field required")
@@ -170,8 +187,15 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
     for key, val in (("metadata", metadata), ("measurements", measurements)):
         if not isinstance(val, Mapping):
             errs.add(key, val, "dict_type", "must be an object")
-    unknown = set(rec) - {"event", "trial_id", "metadata", "measurements", "model_run_id",
-                          "timestamp", "id"}
+    unknown = set(rec) - {
+        "event",
+        "trial_id",
+        "metadata",
+        "measurements",
+        "model_run_id",
+        "timestamp",
+        "id",
+    }
     for key in sorted(unknown):
         errs.add(key, rec[key], "extra_forbidden", "unknown field")
     if errs.items:
@@ -197,8 +221,12 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
     if name == "ml.run.metric":
         step = meta.pop("epoch", meta.pop("step", None))
         if step is None:
-            errs.add("metadata.epoch", _MISSING, "missing",
-                     "field required (the step of these measurements)")
+            errs.add(
+                "metadata.epoch",
+                _MISSING,
+                "missing",
+                "field required (the step of these measurements)",
+            )
         payload["step"] = step
         payload["measurements"] = meas
     elif name == "ml.run.stop":
@@ -206,12 +234,14 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
         meta.pop("success", None)
         if "epochs" in meta:
             payload["epochs"] = meta.pop("epochs")
-        payload["duration_ms"] = _duration(errs, meas.pop("duration_ms", None),
-                                           "measurements.duration_ms")
+        payload["duration_ms"] = _duration(
+            errs, meas.pop("duration_ms", None), "measurements.duration_ms"
+        )
         payload["metrics"] = meas
     elif name == "ml.trial.complete":
-        payload["duration_ms"] = _duration(errs, meas.pop("duration_ms", None),
-                                           "measurements.duration_ms")
+        payload["duration_ms"] = _duration(
+            errs, meas.pop("duration_ms", None), "measurements.duration_ms"
+        )
         payload["metrics"] = meas
         for key in ("status", "rank", "artifact_uri"):
             if key in meta:
@@ -221,21 +251,27 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
         payload["error_type"] = str(meta.pop("error_type", "trial_failed"))
         payload["metrics"] = meas
     elif meas:
-        errs.add("measurements", meas, "extra_forbidden",
-                 f"{name} carries no measurements")
+        errs.add("measurements", meas, "extra_forbidden", f"{name} carries no measurements")
     if errs.items:
         raise EventValidationError(errs.items)
     payload["metadata"] = meta
-    return [_envelope(str(name), payload, rec.get("id") or _event_id(rec),
-                      rec.get("timestamp") or meta.get("timestamp"))]
+    return [
+        _envelope(
+            str(name),
+            payload,
+            rec.get("id") or _event_id(rec),
+            rec.get("timestamp") or meta.get("timestamp"),
+        )
+    ]
 
 
 def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -> list[dict]:
     errs = _Errors(index)
     trials = rec.get("trials")
     if not isinstance(trials, list):
-        raise EventValidationError([ErrorDetail(index, "trials", trials, "list_type",
-                                                "must be a list of trial reports")])
+        raise EventValidationError(
+            [ErrorDetail(index, "trials", trials, "list_type", "must be a list of trial reports")]
+        )
     top_run = rec.get("run_id") or rec.get("model_run_id") or default_run
     out = []
     for j, t in enumerate(trials):
@@ -248,9 +284,12 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         raw_status = t.get("status")
         status = _STATUS.get(str(raw_status).lower()) if isinstance(raw_status, str) else None
         if status is None:
-            errs.add(f"{base}.status", raw_status if raw_status is not None else _MISSING,
-                     "unknown_status",
-                     "unknown trial status (expected succeeded or failed)")
+            errs.add(
+                f"{base}.status",
+                raw_status if raw_status is not None else _MISSING,
+                "unknown_status",
+                "unknown trial status (expected succeeded or failed)",
+            )
             continue
         payload: dict[str, Any] = {
             "model_run_id": t.get("run_id") or t.get("model_run_id") or top_run,
@@ -279,11 +318,18 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
     try:
         validate_events(out)
     except EventValidationError as exc:
-        raise EventValidationError([
-            ErrorDetail(index, f"trials[{e.index}].{e.path.removeprefix('payload.')}",
-                        e.value, e.rule, e.message)
-            for e in exc.errors
-        ]) from None
+        raise EventValidationError(
+            [
+                ErrorDetail(
+                    index,
+                    f"trials[{e.index}].{e.path.removeprefix('payload.')}",
+                    e.value,
+                    e.rule,
+                    e.message,
+                )
+                for e in exc.errors
+            ]
+        ) from None
     return out
 
 
@@ -302,11 +348,18 @@ def translate_record(
             return _from_seed001(record, index, default_model_run_id)
         if "name" in record:
             return [record]
-    raise EventValidationError([ErrorDetail(
-        index, "", record if not isinstance(record, Mapping) else _MISSING, "unknown_shape",
-        "not an event: expected a canonical event {name, payload, ...}, a seed 001 post "
-        "{event, trial_id, metadata, measurements} or a seed 002 report {trials: [...]}",
-    )])
+    raise EventValidationError(
+        [
+            ErrorDetail(
+                index,
+                "",
+                record if not isinstance(record, Mapping) else _MISSING,
+                "unknown_shape",
+                "not an event: expected a canonical event {name, payload, ...}, a seed 001 post "
+                "{event, trial_id, metadata, measurements} or a seed 002 report {trials: [...]}",
+            )
+        ]
+    )
 
 
 def to_events(
@@ -332,11 +385,12 @@ def to_events(
         events = validate_events(canonical)
     except EventValidationError as exc:
         errors.extend(
-            ErrorDetail(origin[e.index] if e.index is not None else None, e.path, e.value,
-                        e.rule, e.message)
+            ErrorDetail(
+                origin[e.index] if e.index is not None else None, e.path, e.value, e.rule, e.message
+            )
             for e in exc.errors
         )
         events = []
     if errors:
-        raise EventValidationError(sorted(errors, key=lambda e: (e.index or 0)))
+        raise EventValidationError(sorted(errors, key=lambda e: e.index or 0))
     return events
