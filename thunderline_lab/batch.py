@@ -258,6 +258,23 @@ def _study_status(lab: Lab, study: str) -> tuple[dict[str, int], float | None]:
     return counts, (max(bests) if bests else None)
 
 
+def _source_cell_index(notebook: str, index: int) -> int:
+    """The failing cell's index in the source notebook.
+
+    papermill's index counts the injected-parameters cell it adds after the ``parameters``
+    cell; the saved copy also carries papermill's error banners, so the source notebook's
+    numbering is the one a researcher can find.
+    """
+    try:
+        cells = json.loads(Path(notebook).read_text(encoding="utf-8"))["cells"]
+    except (OSError, ValueError, KeyError):
+        return index
+    for i, cell in enumerate(cells):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            return index - 1 if index > i else index
+    return index
+
+
 def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -> dict[str, Any]:
     """Run one papermill worker (in a child process); returns an error description or {}."""
     import papermill
@@ -275,7 +292,8 @@ def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -
     except PapermillExecutionError as exc:
         return {
             "cell_index": exc.cell_index,
-            "exec_count": exc.exec_count,
+            "source_index": _source_cell_index(notebook, exc.cell_index),
+            "first_line": (exc.source or "").strip().splitlines()[0][:80] if exc.source else "",
             "ename": exc.ename,
             "evalue": exc.evalue,
         }
@@ -342,7 +360,12 @@ def run_batch(
     for out, res in zip(outputs, results, strict=True):
         if res:
             cell = res.get("cell_index")
-            where = f"cell {cell}" if cell is not None else "kernel start-up"
+            if cell is None:
+                where = "kernel start-up"
+            else:
+                where = f"cell {res['source_index']}"
+                if res.get("first_line"):
+                    where += f" ({res['first_line']!r})"
             raise NotebookExecutionError(
                 f"notebook {config.notebook} failed in {where} "
                 f"({res.get('ename')}: {res.get('evalue')}); "
