@@ -281,5 +281,30 @@ def serve(lab_dir: Path | None, host: str, port: int, token: str | None, log_lev
     run_gateway(Lab.resolve(lab_dir), host=host, port=port, token=token, log_level=log_level)
 
 
+@main.command()
+@lab_option
+@click.option("--port", default=8080, type=click.IntRange(0, 65535), show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--storage", default=None,
+              help="Optuna storage URL instead of the lab's journal (e.g. postgresql+psycopg2://...).")
+@click.option("--print-command", is_flag=True, help="Only print the optuna-dashboard command.")
+@_clean_errors
+def dashboard(lab_dir: Path | None, port: int, host: str, storage: str | None,
+              print_command: bool) -> None:
+    """Open optuna-dashboard on the lab's Optuna studies (lab/optuna.journal)."""
+    import os
+    import shlex
+
+    from thunderline_lab.study import dashboard_command
+
+    argv = dashboard_command(lab_dir, host=host, port=port, storage=storage)
+    if print_command:
+        click.echo(shlex.join(argv))
+        return
+    click.echo(f"optuna-dashboard on http://{host}:{port}/ ({argv[-1] if not storage else 'RDB'})",
+               err=True)
+    os.execvp(argv[0], argv)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

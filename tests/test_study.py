@@ -1,0 +1,486 @@
+"""Tests of thunderline_lab.study: search space, paired twins, pruning, resume, workers, storage.
+
+Most studies here run a fake trainer (same signature and events as ``train_trial``, no torch)
+so they take milliseconds per trial; one test runs the real loop on a small dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from thunderline_lab.bus import EventBus
+from thunderline_lab.cli import main as cli
+from thunderline_lab.data import load_dataset
+from thunderline_lab.errors import ConfigError, StudyError
+from thunderline_lab.lab import Lab
+from thunderline_lab.study import (
+    ParamSpec,
+    SearchSpace,
+    make_storage,
+    run_study,
+    trial_id_for,
+)
+from thunderline_lab.training import EPOCH_MEASUREMENTS, TrialResult, _Emitter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return load_dataset("wine", seed=0)
+
+
+def fake_trainer(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+    """Publishes what train_trial publishes; the loss depends on lr, SN and seed only."""
+    emit = _Emitter(
+        kw["bus"], kw["model_run_id"], kw["trial_id"], kw.get("study"), config.spectral_norm
+    )
+    emit.publish("ml.run.start", spectral_norm=config.spectral_norm, parameters=kw["parameters"])
+    base = kw["lr"] * 100 + (0.1 if config.spectral_norm else 0.0) + kw["seed"] / 1000
+    history = []
+    for epoch in range(kw["epochs"]):
+        loss = base / (epoch + 1)
+        history.append({"epoch": float(epoch), "val_loss": loss})
+        emit.publish(
+            "ml.run.metric", step=epoch, measurements=dict.fromkeys(EPOCH_MEASUREMENTS, loss)
+        )
+        if kw["report"](epoch, loss):
+            emit.publish("ml.run.stop", epochs=epoch + 1, metrics={"best_val_loss": loss})
+            return TrialResult("pruned", {"best_val_loss": loss}, history, duration_ms=1)
+    metrics = {"best_val_loss": loss, "val_accuracy": 1 - loss / 10, "test_accuracy": 0.5}
+    emit.publish("ml.run.stop", epochs=kw["epochs"], metrics=metrics)
+    return TrialResult("completed", metrics, history, duration_ms=1)
+
+
+def diverging_trainer(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+    if config.spectral_norm:
+        return fake_trainer(config, dataset, **kw)
+    return TrialResult(
+        "failed",
+        {"epochs": 0.0},
+        error="non-finite training loss",
+        error_type="diverged",
+        duration_ms=1,
+    )
+
+
+def _run(tmp_path: Path, name: str = "s", **kw: Any):
+    kw.setdefault("dataset", load_dataset("wine", seed=0))
+    kw.setdefault("trainer", fake_trainer)
+    kw.setdefault("epochs", 3)
+    kw.setdefault("sampler", optuna.samplers.RandomSampler(seed=0))
+    return run_study(name, lab=tmp_path / "lab", **kw)
+
+
+# -------------------------------------------------------------------------- search space
+
+
+def test_param_spec_forms():
+    assert ParamSpec.parse("lr", [1e-4, 1e-2]) == ParamSpec("float", low=1e-4, high=1e-2, log=True)
+    assert ParamSpec.parse("dropout", [0.0, 0.5]).log is False
+    assert ParamSpec.parse("depth", [1, 4]).kind == "int"
+    assert ParamSpec.parse("width", {"choices": [32, 64]}).choices == (32, 64)
+    assert ParamSpec.parse("activation", ["relu", "gelu"]).kind == "categorical"
+    assert ParamSpec.parse("depth", 2) == ParamSpec("fixed", value=2)
+    assert ParamSpec.parse("lr", {"low": 0.1, "high": 1.0, "log": False}).log is False
+
+
+@pytest.mark.parametrize(
+    "name, spec",
+    [
+        ("lr", [0.0, 1e-2]),  # log-uniform needs low > 0
+        ("lr", [1e-2, 1e-3]),  # low > high
+        ("depth", [1.5, 3]),  # integer bounds
+        ("lr", {"lo": 1}),  # unknown key
+        ("lr", []),
+    ],
+)
+def test_param_spec_errors_name_the_parameter(name, spec):
+    with pytest.raises(ConfigError, match=name):
+        ParamSpec.parse(name, spec)
+
+
+def test_search_space_from_toml_and_unknown_names(tmp_path):
+    cfg = tmp_path / "study.toml"
+    cfg.write_text("[search_space]\nlr = [1e-3, 1e-2]\ndepth = 2\nspectral_norm_coeff = [1, 3]\n")
+    space = SearchSpace.from_toml(cfg)
+    assert space.depth.kind == "fixed" and space.spectral_norm_coeff.log
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        SearchSpace.from_dict({"learning_rate": 0.1})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[search_space]\nlr = [0, 1]\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        SearchSpace.from_toml(bad)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "cnn"])
+def test_coefficient_and_conv_mode_only_suggested_when_sn_is_on(architecture):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        values = SearchSpace().suggest(trial, architecture)
+        sn = values["spectral_norm"]
+        seen.add(sn)
+        assert ("spectral_norm_coeff" in trial.params) == sn
+        assert ("conv_sn_mode" in trial.params) == (sn and architecture == "cnn")
+        assert {"lr", "depth", "width", "dropout", "weight_decay"} <= set(trial.params)
+        study.tell(trial, 0.0)
+    assert seen == {False, True}
+
+
+def test_fixed_values_are_not_suggested():
+    study = optuna.create_study()
+    trial = study.ask()
+    space = SearchSpace.from_dict({"depth": 2, "spectral_norm": True})
+    values = space.suggest(trial)
+    assert values["depth"] == 2 and "depth" not in trial.params
+    assert values["spectral_norm"] is True and "spectral_norm_coeff" in trial.params
+
+
+# -------------------------------------------------------------------------- designs
+
+
+def test_paired_twins_share_everything_but_sn(tmp_path):
+    result = _run(tmp_path, n_trials=6)
+    assert result.counts["completed"] == 6 and result.n_run == 6
+    trials = result.study.get_trials()
+    pairs: dict[str, list] = {}
+    for t in trials:
+        pairs.setdefault(t.user_attrs["pair_id"], []).append(t)
+    assert len(pairs) == 3
+    for members in pairs.values():
+        a, b = members
+        assert {a.params["spectral_norm"], b.params["spectral_norm"]} == {False, True}
+        assert a.user_attrs["seed"] == b.user_attrs["seed"] == 0
+        shared = lambda t: {  # noqa: E731
+            k: v for k, v in t.params.items() if k not in ("spectral_norm", "spectral_norm_coeff")
+        }
+        assert shared(a) == shared(b)
+        on = a if a.params["spectral_norm"] else b
+        assert "spectral_norm_coeff" in on.params
+        assert {a.user_attrs["arm"], b.user_attrs["arm"]} == {"sn_on", "sn_off"}
+
+
+def test_paired_with_two_seeds_runs_every_arm_at_every_seed(tmp_path):
+    result = _run(tmp_path, n_trials=8, seeds=(0, 1))
+    groups: dict[str, list] = {}
+    for t in result.study.get_trials():
+        groups.setdefault(t.user_attrs["group_id"], []).append(t)
+    assert len(groups) == 2
+    for members in groups.values():
+        arms = sorted((t.user_attrs["seed"], t.params["spectral_norm"]) for t in members)
+        assert arms == [(0, False), (0, True), (1, False), (1, True)]
+        coeffs = {t.params.get("spectral_norm_coeff") for t in members if t.params["spectral_norm"]}
+        assert len(coeffs) == 1  # the SN arm keeps its coefficient across seeds
+
+
+def test_tpe_design_samples_every_trial(tmp_path):
+    result = _run(tmp_path, n_trials=4, design="tpe", sampler=None, sampler_seed=3)
+    trials = result.study.get_trials()
+    assert len(trials) == 4
+    assert all("pair_id" not in t.user_attrs for t in trials)
+    assert len({t.params["lr"] for t in trials}) == 4
+
+
+def test_paired_design_refuses_a_fixed_spectral_norm(tmp_path):
+    with pytest.raises(ConfigError, match="paired"):
+        _run(tmp_path, n_trials=2, search_space={"spectral_norm": True})
+
+
+# -------------------------------------------------------------------------- events, failures
+
+
+def test_small_real_study_lands_its_events_in_the_store(tmp_path, wine):
+    bus = EventBus()
+    result = run_study(
+        "real",
+        lab=tmp_path / "lab",
+        dataset=wine,
+        n_trials=2,
+        epochs=2,
+        bus=bus,
+        search_space={"depth": 1, "width": 8},
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    assert result.counts["completed"] == 2
+    df = result.trials
+    assert sorted(df["trial_id"]) == ["trial_0000", "trial_0001"]
+    assert set(df["status"]) == {"completed"}
+    assert set(df["spectral_norm"]) == {True, False}
+    assert (df["study"] == "real").all() and (df["model_run_id"] == "real").all()
+    assert df["metrics.test_accuracy"].notna().all()
+    assert df["metrics.lipschitz_upper"].notna().all()
+    with Lab.resolve(tmp_path / "lab").store() as store:
+        counts = store.counts()
+        events = list(store.iter_events())
+        history = store.metric_history("real", "trial_0000")
+    names = [e["name"] for e in events]
+    assert names.count("ml.trial.start") == 2 and names.count("ml.trial.complete") == 2
+    assert names.count("ml.run.start") == 2 and names.count("ml.run.stop") == 2
+    assert names.count("ml.run.metric") == 4
+    assert set(history["name"]) >= set(EPOCH_MEASUREMENTS)
+    assert counts  # projections built
+    # Optuna's user attrs carry ids and metrics for optuna-dashboard.
+    t0 = result.study.get_trials()[0]
+    assert t0.user_attrs["trial_id"] == trial_id_for(t0.number)
+    assert t0.user_attrs["model_run_id"] == "real"
+    assert "test_accuracy" in t0.user_attrs and "lipschitz_lower" in t0.user_attrs
+    complete = next(e for e in events if e["name"] == "ml.trial.complete")
+    params = complete["payload"]["parameters"]
+    assert {
+        "lr",
+        "depth",
+        "width",
+        "dropout",
+        "weight_decay",
+        "spectral_norm",
+        "seed",
+        "pair_id",
+        "arm",
+        "spectral_norm_coeff",
+    } <= set(params)
+
+
+def test_diverged_trials_are_failed_not_crashes(tmp_path):
+    result = _run(tmp_path, n_trials=4, trainer=diverging_trainer)
+    c = result.counts
+    assert c["completed"] == 2 and c["failed"] == 2 and c["finished"] == 4
+    df = result.trials
+    failed = df[df["status"] == "failed"]
+    assert set(failed["error_type"]) == {"diverged"}
+    assert not failed["spectral_norm"].any()
+
+
+def test_pruned_trials_are_recorded_as_pruned(tmp_path):
+    pruner = optuna.pruners.ThresholdPruner(upper=-1.0)  # every reported loss is above
+    result = _run(tmp_path, n_trials=4, pruner=pruner)
+    assert result.counts["pruned"] == 4
+    assert set(result.trials["status"]) == {"pruned"}
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in result.study.get_trials())
+
+
+def test_errors_stop_the_study_after_repeated_failures(tmp_path):
+    def broken(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+        raise RuntimeError("bug in the trainer")
+
+    with pytest.raises(StudyError, match="in a row"):
+        _run(tmp_path, n_trials=10, trainer=broken, max_consecutive_errors=3)
+    df = _run(tmp_path, n_trials=1, trainer=fake_trainer).trials  # resumes, store intact
+    assert set(df[df["status"] == "failed"]["error_type"]) == {"RuntimeError"}
+
+
+# -------------------------------------------------------------------------- resume, stop
+
+
+def test_rerun_resumes_and_does_nothing_when_done(tmp_path):
+    first = _run(tmp_path, n_trials=4)
+    assert first.n_run == 4
+    again = _run(tmp_path, n_trials=4)
+    assert again.n_run == 0 and again.counts["finished"] == 4
+    more = _run(tmp_path, n_trials=6)
+    assert more.n_run == 2 and more.counts["finished"] == 6
+
+
+def test_should_stop_ends_cleanly_and_the_next_run_resumes(tmp_path):
+    stop = threading.Event()
+    result = _run(
+        tmp_path, n_trials=6, should_stop=stop, progress=lambda done, total, t: stop.set()
+    )
+    assert result.stopped == "should_stop" and result.n_run == 1
+    assert result.counts["finished"] == 1 and result.counts["waiting"] == 1  # its twin
+    stop2 = threading.Event()
+    stop2.set()
+    idle = _run(tmp_path, n_trials=6, should_stop=stop2)
+    assert idle.n_run == 0 and idle.stopped == "should_stop"
+    done = _run(tmp_path, n_trials=6)
+    assert done.n_run == 5 and done.counts["finished"] == 6
+    pairs = {t.user_attrs["pair_id"] for t in done.study.get_trials()}
+    assert len(pairs) == 3  # the twin enqueued before the stop ran in the next call
+
+
+def test_should_stop_during_a_trial_cancels_and_retries_it(tmp_path):
+    stop = threading.Event()
+
+    def stopping(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+        stop.set()
+        return TrialResult("cancelled", {}, [], duration_ms=1)
+
+    result = _run(tmp_path, n_trials=4, trainer=stopping, should_stop=stop)
+    assert result.stopped == "should_stop"
+    assert result.counts["cancelled"] == 1 and result.counts["waiting"] >= 1
+    assert set(result.trials["status"]) == {"cancelled"}
+    resumed = _run(tmp_path, n_trials=4)
+    assert resumed.counts["finished"] == 4
+    retried = [t for t in resumed.study.get_trials() if "retry_of" in t.user_attrs]
+    assert retried and retried[0].user_attrs["retry_of"] == 0
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    import optuna
+    from test_study import fake_trainer
+    from thunderline_lab.data import load_dataset
+    from thunderline_lab.study import run_study
+
+    def slow(config, dataset, **kw):
+        time.sleep(float({sleep!r}))
+        return fake_trainer(config, dataset, **kw)
+
+    ready, go = Path({lab!r}).parent / "ready_{tag}", Path({lab!r}).parent / "go"
+    ready.touch()
+    while {wait!r} and not go.exists():
+        time.sleep(0.05)
+    r = run_study("mp", lab={lab!r}, dataset=load_dataset("wine", seed=0), n_trials={n},
+                  epochs=2, trainer=slow, heartbeat_interval=1, grace_period=600)
+    print("finished", r.counts["finished"], "ran", r.n_run, flush=True)
+    """
+)
+
+
+def _worker(tmp_path: Path, n: int, sleep: float, tag: str, wait: bool = False) -> subprocess.Popen:
+    script = tmp_path / f"worker_{tag}.py"
+    script.write_text(
+        _WORKER.format(
+            tests=str(Path(__file__).parent),
+            lab=str(tmp_path / "lab"),
+            n=n,
+            sleep=sleep,
+            tag=tag,
+            wait=wait,
+        )
+    )
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def _running_trials(tmp_path: Path) -> int:
+    journal = Lab.resolve(tmp_path / "lab").optuna_journal
+    if not journal.exists():
+        return 0
+    try:
+        study = optuna.load_study(study_name="mp", storage=make_storage(journal))
+    except KeyError:
+        return 0
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    return sum("worker_pid" in t.user_attrs for t in running)  # its worker is on record
+
+
+def test_worker_killed_mid_trial_leaves_a_stale_trial_that_is_failed_and_retried(tmp_path):
+    proc = _worker(tmp_path, n=3, sleep=120, tag="victim")
+    deadline = time.monotonic() + 90
+    while _running_trials(tmp_path) == 0:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the worker never started a trial"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()  # reaped: its pid is gone
+
+    result = _run(tmp_path, name="mp", n_trials=3, epochs=2)
+    assert result.counts["stale"] == 1
+    assert result.counts["finished"] == 3 and result.counts["running"] == 0
+    stale = result.trials[result.trials["error_type"] == "stale"]
+    assert len(stale) == 1 and (stale["status"] == "failed").all()
+    retried = [t for t in result.study.get_trials() if "retry_of" in t.user_attrs]
+    assert len(retried) == 1
+    dead = result.study.get_trials()[retried[0].user_attrs["retry_of"]]
+    assert dead.params == retried[0].params
+
+
+def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
+    procs = [_worker(tmp_path, n=12, sleep=0.2, tag=str(i), wait=True) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready_{i}").exists() for i in range(2)):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert "locked" not in err.lower()
+    ran = [int(out.split()[-1]) for out, _ in outs]
+    assert all(r > 0 for r in ran), ran  # both did work
+    result = _run(tmp_path, name="mp", n_trials=12, epochs=2)
+    assert result.n_run == 0
+    c = result.counts
+    assert 12 <= c["finished"] <= 13 and c["running"] == 0 and c["failed"] == 0
+    df = result.trials
+    assert len(df) == c["finished"] and set(df["status"]) == {"completed"}
+
+
+# -------------------------------------------------------------------------- storage, CLI
+
+
+def test_journal_is_the_default_storage(tmp_path):
+    result = _run(tmp_path, n_trials=1)
+    assert result.storage == str(Lab.resolve(tmp_path / "lab").optuna_journal)
+    assert Path(result.storage).stat().st_size > 0
+
+
+@pytest.mark.postgres
+def test_postgresql_rdb_storage(tmp_path):
+    url = os.environ.get("TL_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("TL_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    result = _run(tmp_path, name=name, n_trials=4, storage=url)
+    assert result.counts["completed"] == 4
+    assert "***" in result.storage or "@" not in result.storage
+    assert len(result.trials) == 4
+    again = _run(tmp_path, name=name, n_trials=6, storage=url)
+    assert again.n_run == 2 and again.counts["finished"] == 6
+    loaded = optuna.load_study(study_name=name, storage=url)
+    t = loaded.get_trials()[0]
+    assert t.user_attrs["trial_id"] == "trial_0000" and "pair_id" in t.user_attrs
+    optuna.delete_study(study_name=name, storage=url)
+
+
+def test_unreachable_rdb_storage_is_a_study_error(tmp_path):
+    with pytest.raises(StudyError, match="cannot open"):
+        make_storage("postgresql+psycopg2://nobody:secret@127.0.0.1:1/none")
+
+
+def test_study_of_another_dataset_is_refused(tmp_path):
+    _run(tmp_path, n_trials=1)
+    with pytest.raises(ConfigError, match="dataset"):
+        _run(tmp_path, n_trials=2, dataset=load_dataset("moons", seed=0))
+
+
+def test_dashboard_command_prints_the_optuna_dashboard_call(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["dashboard", "--lab", str(tmp_path / "lab"), "--print-command"])
+    assert missing.exit_code == 1 and "no Optuna journal" in missing.output
+    _run(tmp_path, n_trials=1)
+    out = runner.invoke(
+        cli,
+        ["dashboard", "--lab", str(tmp_path / "lab"), "--port", "8123", "--print-command"],
+    )
+    assert out.exit_code == 0, out.output
+    argv = out.output.split()
+    assert argv[0].endswith("optuna-dashboard")
+    assert argv[argv.index("--port") + 1] == "8123"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[-2:] == ["JournalFileStorage", str(tmp_path / "lab" / "optuna.journal")]

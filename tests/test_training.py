@@ -1,0 +1,209 @@
+"""Tests of thunderline_lab.training: the loop, its events, metrics, determinism, failures."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from thunderline_lab.bus import EventBus
+from thunderline_lab.data import load_dataset
+from thunderline_lab.errors import ConfigError
+from thunderline_lab.models import ModelConfig
+from thunderline_lab.training import (
+    EPOCH_MEASUREMENTS,
+    EvalSettings,
+    TrialResult,
+    max_sigma,
+    train_trial,
+)
+
+CONTRACT_METRICS = {
+    "train_accuracy",
+    "val_accuracy",
+    "test_accuracy",
+    "generalization_gap",
+    "test_nll",
+    "test_ece",
+    "test_brier",
+    "noise_acc_0.1",
+    "noise_acc_0.3",
+    "fgsm_acc_0.01",
+    "fgsm_acc_0.05",
+    "fgsm_acc_0.1",
+    "lipschitz_upper",
+    "lipschitz_lower",
+    "max_sigma",
+    "step_time_ms",
+    "n_params",
+    "epochs",
+    "best_val_accuracy",
+    "best_val_loss",
+}
+WALL_CLOCK = {"step_time_ms"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def wine():
+    return load_dataset("wine", seed=0)
+
+
+@pytest.fixture(scope="module")
+def moons():
+    return load_dataset("moons", seed=0)
+
+
+def _collect(bus: EventBus) -> list:
+    seen: list = []
+    bus.subscribe("*", seen.append)
+    return seen
+
+
+def _small(sn: bool = False, **kw) -> ModelConfig:
+    return ModelConfig(depth=1, width=16, spectral_norm=sn, **kw)
+
+
+def test_emits_run_start_metric_per_epoch_and_stop(wine):
+    bus = EventBus()
+    seen = _collect(bus)
+    result = train_trial(
+        _small(sn=True, spectral_norm_coeff=2.0),
+        wine,
+        bus=bus,
+        model_run_id="study-x",
+        trial_id="trial_0003",
+        study="study-x",
+        epochs=3,
+        lr=1e-2,
+        seed=0,
+        patience=None,
+        parameters={"pair_id": "g0000_s0"},
+    )
+    assert result.status == "completed"
+    names = [e.name for e in seen]
+    assert names == ["ml.run.start"] + ["ml.run.metric"] * 3 + ["ml.run.stop"]
+    start = seen[0].payload
+    assert (start.model_run_id, start.trial_id, start.study) == ("study-x", "trial_0003", "study-x")
+    assert start.spectral_norm is True and start.spectral_norm_coeff == 2.0
+    assert start.parameters["pair_id"] == "g0000_s0" and start.parameters["seed"] == 0
+    for epoch, ev in enumerate(seen[1:4]):
+        assert ev.payload.step == epoch
+        assert set(ev.payload.measurements) == set(EPOCH_MEASUREMENTS)
+    stop = seen[-1].payload
+    assert stop.success is True and stop.epochs == 3
+    assert stop.metrics == result.metrics
+
+
+def test_metrics_carry_the_contract_names(wine):
+    result = train_trial(_small(), wine, epochs=2, lr=1e-2, seed=0)
+    assert set(result.metrics) >= CONTRACT_METRICS
+    assert "ood_auroc" not in result.metrics  # no OOD points in wine
+    m = result.metrics
+    assert m["generalization_gap"] == pytest.approx(m["train_accuracy"] - m["test_accuracy"])
+    assert 0 < m["lipschitz_lower"] <= m["lipschitz_upper"]
+    assert m["n_params"] == sum(p.numel() for p in result.model.parameters())
+    assert all(math.isfinite(v) for v in m.values())
+    assert any(k.startswith("sigma/") for k in m)  # per-layer σ summary
+    assert len(result.history) == 2 and result.best_epoch in (0, 1)
+
+
+def test_two_moons_reports_ood_auroc(moons):
+    result = train_trial(_small(), moons, epochs=2, lr=1e-2, seed=0)
+    assert 0.0 <= result.metrics["ood_auroc"] <= 1.0
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(wine):
+    cfg = ModelConfig(depth=2, width=16, dropout=0.2, spectral_norm=True)
+
+    def run(seed: int) -> TrialResult:
+        return train_trial(cfg, wine, epochs=3, lr=1e-2, seed=seed, patience=None)
+
+    a, b, c = run(7), run(7), run(8)
+    strip = lambda m: {k: v for k, v in m.items() if k not in WALL_CLOCK}  # noqa: E731
+    assert strip(a.metrics) == strip(b.metrics)
+    assert a.history == b.history
+    assert strip(a.metrics) != strip(c.metrics)
+
+
+def test_non_finite_loss_fails_as_diverged_without_raising():
+    digits = load_dataset("digits", seed=0)
+    bus = EventBus()
+    seen = _collect(bus)
+    result = train_trial(ModelConfig(depth=2, width=32), digits, bus=bus, epochs=3, lr=1e20)
+    assert result.status == "failed"
+    assert result.error_type == "diverged"
+    stop = seen[-1]
+    assert stop.name == "ml.run.stop" and stop.payload.success is False
+    assert stop.payload.metadata["error_type"] == "diverged"
+
+
+def test_report_callback_prunes(wine):
+    calls: list[tuple[int, float]] = []
+
+    def report(epoch: int, val_loss: float) -> bool:
+        calls.append((epoch, val_loss))
+        return epoch == 1
+
+    result = train_trial(_small(), wine, epochs=5, lr=1e-2, report=report, patience=None)
+    assert result.status == "pruned"
+    assert [e for e, _ in calls] == [0, 1]
+    assert len(result.history) == 2
+    assert "test_accuracy" not in result.metrics  # no full evaluation for pruned trials
+    assert result.metrics["best_val_loss"] == min(v for _, v in calls)
+
+
+def test_should_stop_cancels_between_epochs(wine):
+    flag = threading.Event()
+
+    def report(epoch: int, val_loss: float) -> bool:
+        flag.set()  # the Stop button is pressed during epoch 0
+        return False
+
+    result = train_trial(_small(), wine, epochs=5, lr=1e-2, report=report, should_stop=flag)
+    assert result.status == "cancelled"
+    assert len(result.history) == 1
+
+
+def test_early_stopping_restores_best_epoch(wine):
+    # A learning rate far too high makes the validation loss jump about: patience 1 stops.
+    result = train_trial(ModelConfig(depth=2, width=64), wine, epochs=30, lr=0.5, patience=1)
+    assert result.status == "completed"
+    assert len(result.history) < 30
+    best = min(h["val_loss"] for h in result.history)
+    assert result.metrics["best_val_loss"] == best
+
+
+def test_cnn_on_flat_digits_is_reshaped_to_images():
+    digits = load_dataset("digits", seed=0)
+    cfg = ModelConfig(architecture="cnn", depth=1, width=4, spectral_norm=True)
+    settings = EvalSettings(fgsm_eps=(0.05,), noise_sigmas=(0.1,))
+    result = train_trial(cfg, digits, epochs=1, lr=1e-2, evaluation=settings)
+    assert result.status == "completed"
+    assert result.metrics["lipschitz_lower"] <= result.metrics["lipschitz_upper"]
+
+
+def test_max_sigma_is_exact_for_linear_layers():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(3, 4) * 3.0)
+        net[2].weight.copy_(torch.eye(2, 3) * 0.5)
+    assert max_sigma(net) == pytest.approx(3.0)
+    assert net.training  # mode restored
+
+
+@pytest.mark.parametrize(
+    "kw", [{"epochs": 0}, {"lr": 0.0}, {"lr": math.inf}, {"batch_size": 0}, {"patience": 0}]
+)
+def test_bad_settings_raise_config_error(wine, kw):
+    with pytest.raises(ConfigError):
+        train_trial(_small(), wine, **kw)

@@ -1,0 +1,1699 @@
+"""Optuna studies of spectral normalisation on vs off, paired and persistent.
+
+:func:`run_study` runs (or resumes) an Optuna study whose trials are :func:`train_trial`
+calls. The search space (:class:`SearchSpace`) has ``spectral_norm ∈ {False, True}``, a
+log-uniform ``spectral_norm_coeff`` suggested only when SN is on (and ``conv_sn_mode`` for
+CNNs), the learning rate, depth, width, dropout and weight decay.
+
+Designs:
+
+``"paired"`` (default)
+    Each configuration the sampler proposes is also run as its *twin* with SN flipped and the
+    same seed: the twin is enqueued as an Optuna waiting trial with the same parameters, so
+    any worker may pick it up. Twins share ``pair_id`` and ``seed`` and differ in
+    ``spectral_norm`` (``arm`` is ``"sn_on"`` / ``"sn_off"``); when SN is flipped on, the
+    coefficient is suggested in the twin. With several ``seeds`` every arm also runs at each
+    seed (``pair_id`` is per seed, ``group_id`` per configuration).
+``"tpe"``
+    Plain TPE: every trial is sampled (extra seeds are still enqueued as replicates).
+
+Bookkeeping: ``model_run_id`` = ``study`` = the study name; ``trial_id`` =
+``trial_<number:04d>``. Optuna callbacks publish ``ml.trial.complete`` (status
+``completed`` / ``pruned`` / ``cancelled``) and ``ml.trial.failed`` (``error_type``
+``diverged``, ``stale``, or the exception class); the objective publishes ``ml.trial.start``
+and :func:`train_trial` the ``ml.run.*`` events. Trial user attributes carry ``trial_id``,
+``model_run_id``, ``pair_id``, ``seed``, ``arm``, every research metric and
+``mlflow_run_id`` (when MLflow logging is on), so optuna-dashboard shows them.
+
+Storage: by default the lab's ``optuna.journal`` (Optuna's ``JournalStorage`` on a
+``JournalFileBackend``), safe for many local worker processes without SQLite lock errors and
+opened directly by ``optuna-dashboard`` (``thunderline-lab dashboard``). A ``postgresql://``
+(or any SQLAlchemy) URL uses Optuna's ``RDBStorage`` for several machines. Both record a
+heartbeat for running trials; a trial whose worker died (its process is gone on this host,
+or its heartbeat is older than the grace period) is marked failed (``ml.trial.failed`` with
+``error_type="stale"``) and re-enqueued with the same parameters.
+
+``n_trials`` is the total number of finished trials the study should have: completed,
+pruned and failed trials count; stale and cancelled ones do not (they are retried). Re-running
+a finished study does nothing; N workers calling :func:`run_study` with the same arguments
+share the work.
+
+Example:
+    >>> result = run_study("sn-demo", lab="/tmp/tl-demo-lab", n_trials=4, epochs=3)
+    ... # doctest: +SKIP
+    >>> result.counts["completed"] + result.counts["pruned"]  # doctest: +SKIP
+    4
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import tomllib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import optuna
+import pandas as pd
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from thunderline_lab import events
+from thunderline_lab.bus import EventBus
+from thunderline_lab.errors import ConfigError, StudyError, ThunderlineLabError, TrackingError
+from thunderline_lab.lab import Lab
+from thunderline_lab.training import EvalSettings, StopFlag, TrialResult, train_trial
+
+if TYPE_CHECKING:
+    from thunderline_lab.data import Dataset
+
+__all__ = [
+    "DEFAULT_SEARCH_SPACE",
+    "Design",
+    "ParamSpec",
+    "SearchSpace",
+    "StudyResult",
+    "TrainFn",
+    "count_trials",
+    "dashboard_command",
+    "make_storage",
+    "run_study",
+    "studies",
+    "trial_id_for",
+]
+
+log = logging.getLogger(__name__)
+
+Design = Literal["paired", "tpe"]
+TrainFn = Callable[..., TrialResult]
+"""Anything with :func:`~thunderline_lab.training.train_trial`'s signature."""
+
+_STATUS_ATTR = "status"  # our own verdict on a trial, kept in its user attrs
+_HOST = socket.gethostname()
+
+
+def trial_id_for(number: int) -> str:
+    """The lab's trial id of Optuna trial ``number``.
+
+    Example:
+        >>> trial_id_for(7)
+        'trial_0007'
+    """
+    return f"trial_{number:04d}"
+
+
+# =============================================================================================
+# Search space
+# =============================================================================================
+
+_LOG_BY_DEFAULT = {"lr", "weight_decay", "spectral_norm_coeff", "width"}
+_INT_PARAMS = {"depth", "width", "batch_size", "n_power_iterations", "kernel_size"}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How one hyper-parameter is chosen: fixed, a float/int range, or categorical.
+
+    Attributes:
+        kind: ``"fixed"``, ``"float"``, ``"int"`` or ``"categorical"``.
+        value: The fixed value.
+        low: Lower bound of a range.
+        high: Upper bound of a range.
+        log: Sample the range log-uniformly.
+        choices: Options of a categorical parameter.
+    """
+
+    kind: Literal["fixed", "float", "int", "categorical"]
+    value: Any = None
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    @classmethod
+    def parse(cls, name: str, spec: Any) -> ParamSpec:
+        """Read a spec: a scalar (fixed), ``[low, high]`` (range), a list of strings or
+        booleans (categorical), or a table ``{low, high, log}`` / ``{choices}`` /
+        ``{value}``.
+
+        Raises:
+            ConfigError: A malformed spec (the message names the parameter).
+
+        Example:
+            >>> ParamSpec.parse("lr", [1e-4, 1e-2]).log
+            True
+            >>> ParamSpec.parse("spectral_norm", [False, True]).kind
+            'categorical'
+        """
+        if isinstance(spec, ParamSpec):
+            return spec
+        want_int = name in _INT_PARAMS
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - {"low", "high", "log", "choices", "value"}
+            if unknown:
+                raise ConfigError(f"search_space.{name}: unknown key(s) {sorted(unknown)}")
+            if "value" in spec:
+                return cls("fixed", value=spec["value"])
+            if "choices" in spec:
+                choices = tuple(spec["choices"])
+                if not choices:
+                    raise ConfigError(f"search_space.{name}: choices is empty")
+                return cls("categorical", choices=choices)
+            if "low" in spec and "high" in spec:
+                return cls._range(name, spec["low"], spec["high"], spec.get("log"), want_int)
+            raise ConfigError(
+                f"search_space.{name}: give value, choices, or low and high (got {dict(spec)})"
+            )
+        if isinstance(spec, list | tuple):
+            items = tuple(spec)
+            numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
+            if len(items) == 2 and numeric:
+                return cls._range(name, items[0], items[1], None, want_int)
+            if not items:
+                raise ConfigError(f"search_space.{name}: an empty list")
+            return cls("categorical", choices=items)
+        if spec is None:
+            raise ConfigError(f"search_space.{name}: no value")
+        return cls("fixed", value=spec)
+
+    @classmethod
+    def _range(cls, name: str, low: Any, high: Any, log_: Any, want_int: bool) -> ParamSpec:
+        try:
+            lo, hi = float(low), float(high)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"search_space.{name}: low and high must be numbers, got {low!r}, {high!r}"
+            ) from None
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+            raise ConfigError(f"search_space.{name}: need finite low <= high, got [{lo}, {hi}]")
+        use_log = (name in _LOG_BY_DEFAULT) if log_ is None else bool(log_)
+        if use_log and lo <= 0:
+            raise ConfigError(
+                f"search_space.{name}: a log-uniform range needs low > 0, got {lo} "
+                "(set log = false, or a positive low)"
+            )
+        if want_int:
+            if not (lo.is_integer() and hi.is_integer()):
+                raise ConfigError(f"search_space.{name}: integer bounds expected, got [{lo}, {hi}]")
+            return cls("int", low=lo, high=hi, log=use_log)
+        return cls("float", low=lo, high=hi, log=use_log)
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        """Ask ``trial`` for this parameter (fixed values are returned, not suggested)."""
+        if self.kind == "fixed":
+            return self.value
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.low == self.high:
+            return int(self.low) if self.kind == "int" else self.low
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def to_dict(self) -> Any:
+        """The TOML/JSON form (the inverse of :meth:`parse`)."""
+        if self.kind == "fixed":
+            return {"value": self.value}
+        if self.kind == "categorical":
+            return {"choices": list(self.choices)}
+        low: float | int = int(self.low) if self.kind == "int" else self.low
+        high: float | int = int(self.high) if self.kind == "int" else self.high
+        return {"low": low, "high": high, "log": self.log}
+
+
+def _spec(value: Any) -> Callable[[], ParamSpec]:
+    return lambda: value
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The hyper-parameters of a study; each one fixed, a range, or categorical.
+
+    Build it from a dict or a TOML table with :meth:`from_dict` / :meth:`from_toml`; any
+    field may be given as a scalar (fixed), ``[low, high]``, a list of choices, or
+    ``{low, high, log}`` / ``{choices}`` / ``{value}``. ``lr``, ``weight_decay``, ``width``
+    and ``spectral_norm_coeff`` are log-uniform by default. ``spectral_norm_coeff`` and
+    ``conv_sn_mode`` are only suggested when SN is on (``conv_sn_mode`` only for CNNs).
+
+    Example:
+        >>> space = SearchSpace.from_dict({"lr": [1e-3, 1e-2], "depth": 2, "dropout": 0.0})
+        >>> space.depth.kind, space.lr.log
+        ('fixed', True)
+    """
+
+    spectral_norm: ParamSpec = field(
+        default_factory=_spec(ParamSpec("categorical", choices=(False, True)))
+    )
+    spectral_norm_coeff: ParamSpec = field(
+        default_factory=_spec(ParamSpec("float", low=0.5, high=4.0, log=True))
+    )
+    lr: ParamSpec = field(default_factory=_spec(ParamSpec("float", low=3e-4, high=1e-2, log=True)))
+    weight_decay: ParamSpec = field(
+        default_factory=_spec(ParamSpec("float", low=1e-6, high=1e-2, log=True))
+    )
+    depth: ParamSpec = field(default_factory=_spec(ParamSpec("int", low=1, high=3)))
+    width: ParamSpec = field(default_factory=_spec(ParamSpec("int", low=32, high=128, log=True)))
+    dropout: ParamSpec = field(default_factory=_spec(ParamSpec("float", low=0.0, high=0.3)))
+    activation: ParamSpec = field(default_factory=_spec(ParamSpec("fixed", value="relu")))
+    batchnorm: ParamSpec = field(default_factory=_spec(ParamSpec("fixed", value=False)))
+    conv_sn_mode: ParamSpec = field(
+        default_factory=_spec(ParamSpec("categorical", choices=("operator", "matrix")))
+    )
+    n_power_iterations: ParamSpec = field(default_factory=_spec(ParamSpec("fixed", value=1)))
+    batch_size: ParamSpec = field(default_factory=_spec(ParamSpec("fixed", value=64)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SearchSpace:
+        """Build from a dict (e.g. a study config's ``[search_space]`` table).
+
+        Raises:
+            ConfigError: Unknown names or malformed specs.
+        """
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"search_space: unknown parameter(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(**{k: ParamSpec.parse(k, v) for k, v in data.items()})
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], table: str = "search_space") -> SearchSpace:
+        """Read the ``[search_space]`` table of a TOML study config (missing table: defaults).
+
+        Raises:
+            ConfigError: Unreadable file or malformed table (names the file).
+        """
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read study config: {exc}") from exc
+        try:
+            return cls.from_dict(doc.get(table, {}))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML/JSON form of every parameter."""
+        return {f.name: getattr(self, f.name).to_dict() for f in fields(self)}
+
+    def with_fixed(self, **values: Any) -> SearchSpace:
+        """A copy with some parameters fixed (e.g. ``spectral_norm=True``)."""
+        data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in values.items():
+            if k not in data:
+                raise ConfigError(f"search_space: unknown parameter {k!r}")
+            data[k] = ParamSpec("fixed", value=v)
+        return SearchSpace(**data)
+
+    def suggest(self, trial: optuna.Trial, architecture: str = "mlp") -> dict[str, Any]:
+        """Suggest every parameter; conditional ones only when they apply.
+
+        Returns:
+            All values, suggested and fixed, by name.
+
+        Example:
+            >>> study = optuna.create_study()
+            >>> space = SearchSpace.from_dict({"spectral_norm": False})
+            >>> "spectral_norm_coeff" in space.suggest(study.ask())
+            False
+        """
+        out: dict[str, Any] = {
+            "spectral_norm": bool(self.spectral_norm.suggest(trial, "spectral_norm"))
+        }
+        if out["spectral_norm"]:
+            out["spectral_norm_coeff"] = float(
+                self.spectral_norm_coeff.suggest(trial, "spectral_norm_coeff")
+            )
+            if architecture == "cnn":
+                out["conv_sn_mode"] = self.conv_sn_mode.suggest(trial, "conv_sn_mode")
+        for name in (
+            "lr",
+            "weight_decay",
+            "depth",
+            "width",
+            "dropout",
+            "activation",
+            "batchnorm",
+            "n_power_iterations",
+            "batch_size",
+        ):
+            out[name] = getattr(self, name).suggest(trial, name)
+        return out
+
+
+DEFAULT_SEARCH_SPACE = SearchSpace()
+"""The default space: SN on/off, coeff 0.5–4 (log), lr 3e-4–1e-2 (log), depth 1–3, width
+32–128 (log), dropout 0–0.3, weight decay 1e-6–1e-2 (log)."""
+
+
+# =============================================================================================
+# Storage with heartbeats and stale-trial detection
+# =============================================================================================
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            state = fh.read().rsplit(")", 1)[-1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _dead_local_worker(trial: FrozenTrial) -> bool:
+    """The trial's worker process ran on this host and is gone."""
+    host, pid = trial.user_attrs.get("worker_host"), trial.user_attrs.get("worker_pid")
+    if host != _HOST or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    return not _pid_alive(pid)
+
+
+class _LabJournalStorage(JournalStorage):
+    """Optuna's journal storage plus heartbeats and stale-trial handling, and batched writes.
+
+    Optuna offers heartbeats only for RDB storages, with one thread per trial. Here one
+    long-lived thread per :func:`run_study` call (:meth:`start_heartbeat`) appends a
+    ``heartbeat`` system attribute to the trials this process is running every
+    ``heartbeat_interval`` seconds. :meth:`fail_stale` marks failed the running trials whose
+    worker process is gone on this host, or whose last beat (or start) is older than
+    ``grace_period`` seconds, and calls the stale callback for each trial it failed (a
+    trial failed by another worker first is skipped, so each is reported once).
+
+    ``set_trial_user_attrs(..., defer=True)`` queues many user attributes (one standard
+    ``SET_TRIAL_USER_ATTR`` journal line each) to be written together with this process's next
+    journal append (the next ``trial.report`` or the final state change): every append is one
+    locked, fsynced write, and the fsync is what a journal operation costs. Appends of one
+    process are serialised by the storage's lock, so the queued lines always precede the
+    operation that carries them.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        heartbeat_interval: int,
+        grace_period: int,
+        stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None,
+    ) -> None:
+        super().__init__(_BatchingFileBackend(path))
+        self.path = path
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.stale_callback = stale_callback
+        self.running: set[int] = set()
+        self._hb_stop = threading.Event()
+        self._hb_wake = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+
+    # -- heartbeat --------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        """Start the heartbeat thread (a no-op if it runs)."""
+        if self._hb_thread is not None and self._hb_thread.is_alive():
+            return
+        self._hb_stop.clear()
+        self._hb_thread = threading.Thread(
+            target=self._beat, name="thunderline-heartbeat", daemon=True
+        )
+        self._hb_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        """Stop the heartbeat thread."""
+        self._hb_stop.set()
+        self._hb_wake.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join()
+            self._hb_thread = None
+
+    def _beat(self) -> None:
+        last = time.monotonic()
+        while not self._hb_stop.is_set():
+            woken = self._hb_wake.wait(
+                max(0.0, self.heartbeat_interval - (time.monotonic() - last))
+            )
+            if self._hb_stop.is_set():
+                return
+            if woken:  # a trial started: write its queued attributes (worker identity) now
+                self._hb_wake.clear()
+                try:
+                    self.flush()
+                except Exception:
+                    log.warning("could not write queued trial attributes", exc_info=True)
+                continue
+            last = time.monotonic()
+            for trial_id in list(self.running):
+                try:
+                    self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+                except Exception:  # finished (or failed as stale) meanwhile
+                    log.debug("heartbeat for trial %s not recorded", trial_id, exc_info=True)
+
+    def wake(self) -> None:
+        """Ask the heartbeat thread to write the queued attributes soon (off this thread)."""
+        self._hb_wake.set()
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """Running trials whose worker is gone (this host) or silent past the grace period."""
+        now = time.time()
+        stale = []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if t._trial_id in self.running:
+                continue
+            if _dead_local_worker(t):
+                stale.append(t._trial_id)
+                continue
+            beat = t.system_attrs.get("heartbeat")
+            start = t.datetime_start.timestamp() if t.datetime_start else now
+            last = max(float(beat), start) if isinstance(beat, int | float) else start
+            if now - last > self.grace_period:
+                stale.append(t._trial_id)
+        return stale
+
+    def fail_stale(self, study: optuna.Study) -> list[int]:
+        """Fail the stale trials of ``study``; returns the ids this call failed."""
+        failed = []
+        for trial_id in self.stale_trial_ids(study._study_id):
+            try:
+                if self.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    failed.append(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker failed it first
+        if self.stale_callback is not None:
+            for trial_id in failed:
+                self.stale_callback(study, self.get_trial(trial_id))
+        return failed
+
+    # -- batched writes ---------------------------------------------------------------------
+    def set_trial_user_attrs(
+        self, trial_id: int, attrs: Mapping[str, Any], *, defer: bool = False
+    ) -> None:
+        """Write many user attributes in one append (or with the next one, ``defer=True``)."""
+        from optuna.storages.journal._storage import JournalOperation
+
+        if not attrs:
+            return
+        backend = cast(_BatchingFileBackend, self._backend)
+        with self._thread_lock:
+            worker_id = self._replay_result.worker_id
+            backend.queue(
+                {
+                    "op_code": JournalOperation.SET_TRIAL_USER_ATTR,
+                    "worker_id": worker_id,
+                    "trial_id": trial_id,
+                    "user_attr": {key: value},
+                }
+                for key, value in attrs.items()
+            )
+            if not defer:
+                self._flush_locked()
+
+    def set_study_user_attrs(self, study_id: int, attrs: Mapping[str, Any]) -> None:
+        """Write many study user attributes in one append."""
+        from optuna.storages.journal._storage import JournalOperation
+
+        backend = cast(_BatchingFileBackend, self._backend)
+        with self._thread_lock:
+            worker_id = self._replay_result.worker_id
+            backend.queue(
+                {
+                    "op_code": JournalOperation.SET_STUDY_USER_ATTR,
+                    "worker_id": worker_id,
+                    "study_id": study_id,
+                    "user_attr": {key: value},
+                }
+                for key, value in attrs.items()
+            )
+            self._flush_locked()
+
+    def flush(self) -> None:
+        """Write what is queued now."""
+        with self._thread_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        backend = cast(_BatchingFileBackend, self._backend)
+        if backend.pending:
+            backend.append_logs([])
+            self._sync_with_backend()
+
+
+class _BatchingFileBackend(JournalFileBackend):
+    """A journal file backend that writes queued log lines with the next append."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.pending: list[dict[str, Any]] = []
+
+    def queue(self, logs: Iterable[dict[str, Any]]) -> None:
+        self.pending.extend(logs)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        batch, self.pending = [*self.pending, *logs], []
+        if batch:
+            super().append_logs(batch)
+
+
+class _LabRDBStorage(RDBStorage):
+    """Optuna's RDB storage whose stale check also fails trials of dead local workers."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = set(super()._get_stale_trial_ids(study_id))
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            if _dead_local_worker(t):
+                stale.add(t._trial_id)
+        return sorted(stale)
+
+
+def make_storage(
+    storage: str | os.PathLike[str] | BaseStorage | None = None,
+    *,
+    lab: Lab | None = None,
+    heartbeat_interval: int = 10,
+    grace_period: int | None = None,
+    stale_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+) -> BaseStorage:
+    """The Optuna storage of a study: the lab's journal file by default, or an RDB URL.
+
+    Args:
+        storage: ``None`` (the lab's ``optuna.journal``), a journal file path, an SQLAlchemy
+            URL (``postgresql+psycopg2://user:pw@host:5432/db``, ``sqlite:///x.db``), or a
+            storage object (used as is).
+        lab: The lab whose journal is the default.
+        heartbeat_interval: Seconds between heartbeats of a running trial.
+        grace_period: Seconds without a heartbeat before a trial counts as stale
+            (default ``6 × heartbeat_interval``).
+        stale_callback: Called with ``(study, frozen_trial)`` for each trial failed as stale.
+
+    Raises:
+        StudyError: The storage cannot be opened (e.g. PostgreSQL unreachable).
+
+    Example:
+        >>> s = make_storage(lab=Lab.resolve("/tmp/tl-doc-lab"))  # doctest: +SKIP
+        >>> type(s).__name__  # doctest: +SKIP
+        '_LabJournalStorage'
+    """
+    if isinstance(storage, BaseStorage):
+        return storage
+    grace = grace_period if grace_period is not None else 6 * heartbeat_interval
+    if storage is None or "://" not in str(storage):
+        path = Path(storage) if storage is not None else (lab or Lab.resolve()).optuna_journal
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return _LabJournalStorage(
+                str(path),
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace,
+                stale_callback=stale_callback,
+            )
+        except OSError as exc:
+            raise StudyError(f"cannot open the Optuna journal {path}: {exc}") from exc
+    url = str(storage)
+    engine_kwargs: dict[str, Any] = {}
+    if not url.startswith("sqlite"):
+        engine_kwargs["pool_pre_ping"] = True
+    else:
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    try:
+        return _LabRDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace,
+            heartbeat_stale_trial_callback=stale_callback,
+        )
+    except Exception as exc:
+        raise StudyError(f"cannot open Optuna storage {_redact(url)}: {exc}") from exc
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def _set_user_attrs(
+    study: optuna.Study, trial_id: int, attrs: Mapping[str, Any], *, defer: bool = False
+) -> None:
+    storage = study._storage
+    if isinstance(storage, _LabJournalStorage):
+        storage.set_trial_user_attrs(trial_id, attrs, defer=defer)
+        return
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
+# =============================================================================================
+# Counting
+# =============================================================================================
+
+
+def _counts_toward_total(t: FrozenTrial) -> bool:
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return t.state == TrialState.FAIL and t.user_attrs.get(_STATUS_ATTR) == "failed"
+
+
+def count_trials(trials: Sequence[FrozenTrial]) -> dict[str, int]:
+    """Trials by state, plus ``finished``: the ones that count toward ``n_trials``.
+
+    ``failed`` counts trials that failed on their own (diverged, errors); ``stale`` and
+    ``cancelled`` trials (failed in Optuna, retried by the lab) are counted separately.
+
+    Example:
+        >>> count_trials([])["finished"]
+        0
+    """
+    out = dict.fromkeys(
+        ("completed", "pruned", "failed", "stale", "cancelled", "running", "waiting"), 0
+    )
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            out["completed"] += 1
+        elif t.state == TrialState.PRUNED:
+            out["pruned"] += 1
+        elif t.state == TrialState.RUNNING:
+            out["running"] += 1
+        elif t.state == TrialState.WAITING:
+            out["waiting"] += 1
+        elif t.state == TrialState.FAIL:
+            status = t.user_attrs.get(_STATUS_ATTR)
+            if status == "failed":
+                out["failed"] += 1
+            elif status == "cancelled":
+                out["cancelled"] += 1
+            else:
+                out["stale"] += 1
+    out["finished"] = out["completed"] + out["pruned"] + out["failed"]
+    return out
+
+
+# =============================================================================================
+# Running a study
+# =============================================================================================
+
+
+@dataclass
+class StudyResult:
+    """What :func:`run_study` did.
+
+    Attributes:
+        study: The :class:`optuna.Study` (its storage stays usable).
+        trials: The study's trials from the lab's store (``expand=True`` columns such as
+            ``metrics.val_accuracy``), or Optuna's ``trials_dataframe()`` when reporting
+            through a gateway.
+        counts: :func:`count_trials` of the study at the end.
+        n_run: Trials this call ran.
+        stopped: Why the loop ended: ``"done"``, ``"should_stop"``, ``"timeout"``.
+        storage: Where the Optuna study lives (password redacted).
+        elapsed_s: Wall-clock seconds of this call.
+    """
+
+    study: optuna.Study
+    trials: pd.DataFrame
+    counts: dict[str, int]
+    n_run: int
+    stopped: str
+    storage: str
+    elapsed_s: float
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+
+class _StopRequested(Exception):
+    """The should_stop flag was set during a trial (Optuna marks it failed; we retry it)."""
+
+
+class _TrialFailed(Exception):
+    """The trial failed on its own (diverged, error); recorded, the study goes on."""
+
+
+@dataclass
+class _Context:
+    name: str
+    study: optuna.Study | None
+    bus: EventBus
+    space: SearchSpace
+    design: Design
+    seeds: tuple[int, ...]
+    n_trials: int
+    architecture: str
+    dataset: str | Dataset
+    epochs: int
+    patience: int | None
+    pruning: bool
+    should_stop: StopFlag | None
+    trainer: TrainFn
+    evaluation: EvalSettings | None
+    train_kwargs: dict[str, Any]
+    tracker: Any = None
+    progress: Callable[..., Any] | None = None
+    results: dict[int, TrialResult] = field(default_factory=dict)
+    parameters: dict[int, dict[str, Any]] = field(default_factory=dict)
+    datasets: dict[int, Any] = field(default_factory=dict)
+    n_run: int = 0
+    consecutive_errors: int = 0
+    stopped: str = "done"
+    error: BaseException | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+    def publish(self, name: str, **payload: Any) -> None:
+        try:
+            event = events.make_event(
+                name,
+                model_run_id=self.name,
+                study=self.name,
+                correlation_id=f"{self.name}/{payload.get('trial_id')}",
+                **payload,
+            )
+        except ThunderlineLabError:
+            log.exception("could not build %s event", name)
+            return
+        self.bus.publish(event)
+
+    def stop_requested(self) -> bool:
+        flag = self.should_stop
+        if flag is None:
+            return False
+        if isinstance(flag, threading.Event):
+            return flag.is_set()
+        return bool(flag())
+
+    def dataset_for(self, seed: int) -> Any:
+        if not isinstance(self.dataset, str):
+            return self.dataset
+        if seed not in self.datasets:
+            from thunderline_lab.data import load_dataset
+
+            self.datasets[seed] = load_dataset(
+                self.dataset, seed=seed, **({"image": True} if self.architecture == "cnn" else {})
+            )
+        return self.datasets[seed]
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset if isinstance(self.dataset, str) else self.dataset.name
+
+
+def _room(study: optuna.Study, n_trials: int) -> int:
+    """How many more trials may be enqueued (finished + running + waiting vs n_trials)."""
+    c = count_trials(study.get_trials(deepcopy=False))
+    return n_trials - (c["finished"] + c["running"] + c["waiting"])
+
+
+def _arm(sn: bool) -> str:
+    return "sn_on" if sn else "sn_off"
+
+
+def _params_for_arm(params: Mapping[str, Any], sn: bool) -> dict[str, Any]:
+    """Suggested parameters for the other arm: SN flipped, SN-only parameters dropped."""
+    out = {k: v for k, v in params.items() if k not in ("spectral_norm_coeff", "conv_sn_mode")}
+    out["spectral_norm"] = sn
+    if sn and params.get("spectral_norm"):
+        for k in ("spectral_norm_coeff", "conv_sn_mode"):
+            if k in params:
+                out[k] = params[k]
+    return out
+
+
+def _enqueue(
+    study: optuna.Study, params: Mapping[str, Any], attrs: Mapping[str, Any], n_trials: int
+) -> bool:
+    if _room(study, n_trials) <= 0:
+        return False
+    study.enqueue_trial(dict(params), user_attrs=dict(attrs))
+    return True
+
+
+def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Group attributes of this trial; enqueue the twin / replicate seeds it is responsible for."""
+    study = trial.study
+    attrs = trial.user_attrs
+    sn = bool(values["spectral_norm"])
+    suggested = dict(trial.params)
+    seeds = ctx.seeds
+    if "group_id" in attrs:  # an enqueued twin or replicate
+        seed = int(attrs["seed"])
+        if attrs.get("leader") and len(seeds) > 1:  # SN-on twin: its coefficient is known now
+            for s in seeds[1:]:
+                _enqueue(
+                    study,
+                    suggested,
+                    _member_attrs(attrs["group_id"], s, sn, ctx.design),
+                    ctx.n_trials,
+                )
+        return {**_member_attrs(attrs["group_id"], seed, sn, ctx.design), **_retry_attrs(attrs)}
+
+    group_id = f"g{trial.number:04d}"
+    seed = seeds[0]
+    members: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    if ctx.design == "paired":
+        twin_sn = not sn
+        twin_leader = twin_sn and len(seeds) > 1
+        twin_attrs = _member_attrs(group_id, seed, twin_sn, ctx.design)
+        if twin_leader:
+            twin_attrs["leader"] = True
+        members.append((_params_for_arm(suggested, twin_sn), twin_attrs))
+        for s in seeds[1:]:
+            members.append((suggested, _member_attrs(group_id, s, sn, ctx.design)))
+            if not twin_leader:
+                members.append(
+                    (
+                        _params_for_arm(suggested, twin_sn),
+                        _member_attrs(group_id, s, twin_sn, ctx.design),
+                    )
+                )
+    else:
+        for s in seeds[1:]:
+            members.append((suggested, _member_attrs(group_id, s, sn, ctx.design)))
+    for params, member_attrs in members:
+        if not _enqueue(study, params, member_attrs, ctx.n_trials):
+            break
+    return _member_attrs(group_id, seed, sn, ctx.design)
+
+
+def _member_attrs(group_id: str, seed: int, sn: bool, design: Design) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"group_id": group_id, "seed": int(seed), "arm": _arm(sn)}
+    if design == "paired":
+        attrs["pair_id"] = f"{group_id}_s{seed}"
+    return attrs
+
+
+def _retry_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"retry_of": attrs["retry_of"]} if "retry_of" in attrs else {}
+
+
+def _event_parameters(values: Mapping[str, Any], group: Mapping[str, Any]) -> dict[str, Any]:
+    params = dict(values)
+    params.setdefault("spectral_norm_coeff", None)
+    params.update({k: v for k, v in group.items() if k != "leader"})
+    return params
+
+
+def _model_config(ctx: _Context, values: Mapping[str, Any]) -> Any:
+    from thunderline_lab.models import ModelConfig
+
+    cfg: dict[str, Any] = {
+        "architecture": ctx.architecture,
+        "depth": int(values["depth"]),
+        "width": int(values["width"]),
+        "activation": values["activation"],
+        "dropout": float(values["dropout"]),
+        "batchnorm": bool(values["batchnorm"]),
+        "spectral_norm": bool(values["spectral_norm"]),
+        "n_power_iterations": int(values["n_power_iterations"]),
+    }
+    if values["spectral_norm"]:
+        cfg["spectral_norm_coeff"] = float(values["spectral_norm_coeff"])
+        if "conv_sn_mode" in values:
+            cfg["conv_sn_mode"] = values["conv_sn_mode"]
+    return ModelConfig.from_dict(cfg)
+
+
+def _make_objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        storage = trial.study._storage
+        running = storage.running if isinstance(storage, _LabJournalStorage) else set()
+        running.add(trial._trial_id)
+        try:
+            return _run_objective(ctx, trial)
+        finally:
+            running.discard(trial._trial_id)
+
+    return objective
+
+
+def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
+    study = trial.study
+    number = trial.number
+    trial_id = trial_id_for(number)
+    values = ctx.space.suggest(trial, ctx.architecture)
+    group = _plan_group(ctx, trial, values)
+    seed = int(group["seed"])
+    sn = bool(values["spectral_norm"])
+    coeff = values.get("spectral_norm_coeff") if sn else None
+    parameters = {
+        **_event_parameters(values, group),
+        "architecture": ctx.architecture,
+        "dataset": ctx.dataset_name,
+        "epochs": ctx.epochs,
+        "patience": ctx.patience,
+        "design": ctx.design,
+    }
+    ctx.parameters[number] = parameters
+    _set_user_attrs(
+        study,
+        trial._trial_id,
+        {
+            "trial_id": trial_id,
+            "model_run_id": ctx.name,
+            **{k: v for k, v in group.items() if k != "leader"},
+            "worker_host": _HOST,
+            "worker_pid": os.getpid(),
+        },
+        defer=True,  # written by the heartbeat thread (or with the first report), not here
+    )
+    if isinstance(study._storage, _LabJournalStorage):
+        study._storage.wake()
+    ctx.publish(
+        "ml.trial.start",
+        trial_id=trial_id,
+        spectral_norm=sn,
+        spectral_norm_coeff=coeff,
+        parameters=parameters,
+    )
+
+    def report(epoch: int, val_loss: float) -> bool:
+        if not math.isfinite(val_loss):
+            return False
+        trial.report(val_loss, epoch)
+        return ctx.pruning and trial.should_prune()
+
+    started = time.perf_counter()
+    try:
+        result = ctx.trainer(
+            _model_config(ctx, values),
+            ctx.dataset_for(seed),
+            bus=ctx.bus,
+            model_run_id=ctx.name,
+            trial_id=trial_id,
+            study=ctx.name,
+            epochs=ctx.epochs,
+            lr=float(values["lr"]),
+            weight_decay=float(values["weight_decay"]),
+            batch_size=int(values["batch_size"]),
+            seed=seed,
+            patience=ctx.patience,
+            parameters=parameters,
+            report=report,
+            should_stop=ctx.should_stop,
+            evaluation=ctx.evaluation,
+            keep_model=False,
+            **ctx.train_kwargs,
+        )
+    except KeyboardInterrupt:
+        _finish_attrs(study, trial._trial_id, "interrupted", {}, None, None)
+        ctx.stopped = "interrupted"
+        raise
+    except Exception as exc:
+        duration_ms = round(1000 * (time.perf_counter() - started))
+        message = f"{type(exc).__name__}: {exc}"
+        log.exception("trial %s of study %s failed", trial_id, ctx.name)
+        result = TrialResult(
+            status="failed",
+            error=message[:2000],
+            error_type=type(exc).__name__,
+            duration_ms=duration_ms,
+        )
+    ctx.results[number] = result
+    mlflow_run_id = _mlflow_run_id(ctx, trial_id)
+    _finish_attrs(
+        study,
+        trial._trial_id,
+        result.status,
+        result.metrics,
+        result.error_type,
+        result.error,
+        duration_ms=result.duration_ms,
+        mlflow_run_id=mlflow_run_id,
+    )
+    if result.status == "pruned":
+        raise optuna.TrialPruned(f"pruned at epoch {len(result.history) - 1}")
+    if result.status == "cancelled":
+        raise _StopRequested("stopped by should_stop")
+    if result.status == "failed":
+        raise _TrialFailed(result.error or result.error_type or "failed")
+    value = result.metrics.get("best_val_loss")
+    if value is None or not math.isfinite(value):
+        raise _TrialFailed("no finite validation loss")
+    return float(value)
+
+
+def _finish_attrs(
+    study: optuna.Study,
+    trial_id: int,
+    status: str,
+    metrics: Mapping[str, float],
+    error_type: str | None,
+    error: str | None,
+    *,
+    duration_ms: int | None = None,
+    mlflow_run_id: str | None = None,
+) -> None:
+    attrs: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+    attrs[_STATUS_ATTR] = status
+    if duration_ms is not None:
+        attrs["duration_ms"] = int(duration_ms)
+    if error_type:
+        attrs["error_type"] = error_type
+        attrs["error_message"] = (error or "")[:2000]
+    if mlflow_run_id:
+        attrs["mlflow_run_id"] = mlflow_run_id
+    try:
+        _set_user_attrs(study, trial_id, attrs, defer=True)  # written with the final state
+    except Exception:  # a trial failed as stale by another worker cannot be updated
+        log.warning("could not record the results of trial %s", trial_id, exc_info=True)
+
+
+def _mlflow_run_id(ctx: _Context, trial_id: str) -> str | None:
+    lookup = getattr(ctx.tracker, "run_id_for", None)
+    if lookup is None:
+        return None
+    try:
+        value = lookup(ctx.name, trial_id)
+    except Exception:
+        log.warning("tracking: no MLflow run id for %s", trial_id, exc_info=True)
+        return None
+    return str(value) if value else None
+
+
+def _trial_payload(t: FrozenTrial) -> dict[str, Any]:
+    params = dict(t.params)
+    sn = bool(params.get("spectral_norm", False))
+    attrs = t.user_attrs
+    params.update(
+        {k: attrs[k] for k in ("group_id", "pair_id", "seed", "arm", "retry_of") if k in attrs}
+    )
+    params.setdefault("spectral_norm_coeff", None)
+    duration = None
+    if t.datetime_start and t.datetime_complete:
+        duration = max(0, round((t.datetime_complete - t.datetime_start).total_seconds() * 1000))
+    payload: dict[str, Any] = {
+        "trial_id": trial_id_for(t.number),
+        "spectral_norm": sn,
+        "spectral_norm_coeff": params["spectral_norm_coeff"] if sn else None,
+        "parameters": params,
+    }
+    if duration is not None:
+        payload["duration_ms"] = int(attrs.get("duration_ms", duration))
+    if attrs.get("mlflow_run_id"):
+        payload["mlflow_run_id"] = attrs["mlflow_run_id"]
+    return payload
+
+
+def _finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+class _EventCallback:
+    """Optuna callback: publishes ``ml.trial.complete`` / ``ml.trial.failed`` for each trial."""
+
+    def __init__(self, ctx: _Context) -> None:
+        self.ctx = ctx
+
+    def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
+        ctx = self.ctx
+        result = ctx.results.pop(t.number, None)
+        payload = _trial_payload(t)
+        if t.number in ctx.parameters:
+            payload["parameters"] = ctx.parameters.pop(t.number)
+        metrics = _finite_metrics(result.metrics if result is not None else {})
+        if result is not None:
+            payload["duration_ms"] = result.duration_ms
+        ctx.n_run += 1
+        if t.state == TrialState.COMPLETE:
+            ctx.consecutive_errors = 0
+            ctx.publish("ml.trial.complete", status="completed", metrics=metrics, **payload)
+        elif t.state == TrialState.PRUNED:
+            ctx.consecutive_errors = 0
+            ctx.publish("ml.trial.complete", status="pruned", metrics=metrics, **payload)
+        elif t.user_attrs.get(_STATUS_ATTR) == "cancelled":
+            ctx.publish("ml.trial.complete", status="cancelled", metrics=metrics, **payload)
+            _retry(study, t, ctx.n_trials)
+            ctx.stopped = "should_stop"
+            study.stop()
+        else:
+            error_type = (result.error_type if result else None) or t.user_attrs.get(
+                "error_type", "error"
+            )
+            message = (result.error if result else None) or t.user_attrs.get(
+                "error_message", "trial failed"
+            )
+            if error_type == "diverged":
+                ctx.consecutive_errors = 0
+            else:
+                ctx.consecutive_errors += 1
+            ctx.publish(
+                "ml.trial.failed",
+                error_type=str(error_type),
+                error_message=str(message),
+                metrics=metrics,
+                **payload,
+            )
+        if ctx.progress is not None:
+            try:
+                done = count_trials(study.get_trials(deepcopy=False))["finished"]
+                ctx.progress(done, ctx.n_trials, t)
+            except Exception:
+                log.exception("progress callback failed")
+
+
+class _StopCallback:
+    """Optuna callback: stop at ``n_trials`` finished (+ running), on should_stop, on errors."""
+
+    def __init__(self, ctx: _Context, max_consecutive_errors: int) -> None:
+        self.ctx = ctx
+        self.max_errors = max_consecutive_errors
+
+    def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
+        ctx = self.ctx
+        if ctx.stop_requested():
+            ctx.stopped = "should_stop"
+            study.stop()
+            return
+        if self.max_errors and ctx.consecutive_errors >= self.max_errors:
+            ctx.stopped = "errors"
+            study.stop()
+            return
+        if isinstance(study._storage, _LabJournalStorage):
+            study._storage.fail_stale(study)  # (Optuna does this itself for RDB storages)
+        c = count_trials(study.get_trials(deepcopy=False))
+        if c["finished"] + c["running"] >= ctx.n_trials:
+            study.stop()
+
+
+def _retry(study: optuna.Study, t: FrozenTrial, n_trials: int) -> bool:
+    """Enqueue a trial that did not finish (stale, cancelled) again with the same parameters."""
+    attrs: dict[str, Any] = {
+        k: t.user_attrs[k]
+        for k in ("group_id", "pair_id", "seed", "arm", "leader")
+        if k in t.user_attrs
+    }
+    if "group_id" not in attrs:
+        # A primary trial: keep its group, so its twins (already enqueued) stay paired.
+        attrs.update(group_id=f"g{t.number:04d}")
+        if "seed" in t.user_attrs:
+            attrs["seed"] = t.user_attrs["seed"]
+    if "seed" not in attrs:
+        return False
+    attrs["retry_of"] = t.number
+    try:
+        return _enqueue(study, t.params, attrs, n_trials)
+    except Exception:
+        log.exception("could not re-enqueue trial %s", t.number)
+        return False
+
+
+def _stale_callback_for(ctx: _Context) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def on_stale(study: optuna.Study, t: FrozenTrial) -> None:
+        payload = _trial_payload(t)
+        payload.pop("duration_ms", None)
+        ctx.publish(
+            "ml.trial.failed",
+            error_type="stale",
+            error_message=(
+                f"worker {t.user_attrs.get('worker_host', '?')}:"
+                f"{t.user_attrs.get('worker_pid', '?')} stopped reporting; "
+                "trial marked failed and re-enqueued"
+            ),
+            **payload,
+        )
+        _retry(study, t, ctx.n_trials)
+
+    return on_stale
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    storage = study._storage
+    if isinstance(storage, _LabJournalStorage):
+        storage.fail_stale(study)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _attach_tracking(bus: EventBus, lab: Lab, name: str) -> Any:
+    try:
+        from thunderline_lab import tracking
+    except ImportError as exc:
+        raise TrackingError(
+            f"mlflow=True needs thunderline_lab.tracking, which cannot be imported: {exc}"
+        ) from exc
+    attach = getattr(tracking, "attach", None)
+    if attach is None:
+        raise TrackingError(
+            "thunderline_lab.tracking has no attach(bus, *, lab, experiment) function"
+        )
+    return attach(bus, lab=lab, experiment=name)
+
+
+def _attach_gateway(bus: EventBus, url: str, lab: Lab) -> Any:
+    try:
+        from thunderline_lab.gateway import EventClient
+    except ImportError as exc:  # pragma: no cover - the gateway ships with the package
+        raise StudyError(f"gateway={url!r} needs thunderline_lab.gateway: {exc}") from exc
+    lab.root.mkdir(parents=True, exist_ok=True)
+    client = EventClient(url, spool=lab.root / "gateway-spool.jsonl")
+    client.attach(bus)
+    return client
+
+
+_TRIAL_END_EVENTS = frozenset({"ml.trial.complete", "ml.trial.failed"})
+
+
+class _InlineFlush:
+    """Appends a :class:`StoreWriter`'s buffer from the publishing thread every ``interval`` s.
+
+    Subscribed after the writer, so the event that triggers a flush is already buffered.
+    """
+
+    def __init__(self, writer: Any, bus: EventBus, interval: float = 0.25) -> None:
+        self.writer = writer
+        self.bus = bus
+        self.interval = interval
+        self._last = time.monotonic()
+        self._sub = bus.subscribe("*", self._on_event, name="StoreWriter.flush")
+
+    def _on_event(self, _event: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval or _event.name in _TRIAL_END_EVENTS:
+            self._last = now
+            self.writer.flush(raise_errors=False)
+
+    def close(self) -> None:
+        self.bus.unsubscribe(self._sub)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_design(
+    name: str, design: str, seeds: Sequence[int], n_trials: int, epochs: int, space: SearchSpace
+) -> tuple[int, ...]:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("a study needs a non-empty name")
+    if design not in ("paired", "tpe"):
+        raise ConfigError(f"design must be 'paired' or 'tpe', got {design!r}")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ConfigError(f"n_trials must be an integer >= 1, got {n_trials!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+    out = tuple(int(s) for s in seeds)
+    if not out or len(set(out)) != len(out):
+        raise ConfigError(f"seeds must be distinct integers (at least one), got {list(seeds)}")
+    if design == "paired" and space.spectral_norm.kind == "fixed":
+        raise ConfigError(
+            "the paired design flips spectral_norm: search_space.spectral_norm cannot be fixed "
+            "(use design='tpe' to study one arm)"
+        )
+    return out
+
+
+def _study_attrs(
+    dataset: str, architecture: str, design: str, seeds: tuple[int, ...], space: SearchSpace
+) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "architecture": architecture,
+        "design": design,
+        "seeds": list(seeds),
+        "search_space": space.to_dict(),
+    }
+
+
+def run_study(
+    name: str,
+    *,
+    lab: str | os.PathLike[str] | Lab | None = None,
+    dataset: str | Dataset = "digits",
+    architecture: str = "mlp",
+    n_trials: int = 24,
+    epochs: int = 30,
+    design: Design = "paired",
+    seeds: Sequence[int] = (0,),
+    search_space: SearchSpace | Mapping[str, Any] | None = None,
+    conv_sn_modes: Sequence[str] | None = None,
+    storage: str | os.PathLike[str] | BaseStorage | None = None,
+    bus: EventBus | None = None,
+    gateway: str | None = None,
+    mlflow: bool = False,
+    should_stop: StopFlag | None = None,
+    pruning: bool = True,
+    pruner: optuna.pruners.BasePruner | None = None,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    sampler_seed: int | None = None,
+    timeout: float | None = None,
+    progress: Callable[[int, int, FrozenTrial], Any] | None = None,
+    patience: int | None = 5,
+    evaluation: EvalSettings | None = None,
+    threads: int | None = 1,
+    heartbeat_interval: int = 10,
+    grace_period: int | None = None,
+    max_consecutive_errors: int = 3,
+    trainer: TrainFn | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+) -> StudyResult:
+    """Run, or resume, an Optuna study of spectral normalisation on vs off.
+
+    Args:
+        name: The study name (= ``model_run_id`` and ``study`` of every event).
+        lab: The lab directory (default ``$THUNDERLINE_LAB_HOME`` or ``./lab``): its trial
+            store receives the events, its ``optuna.journal`` holds the study.
+        dataset: A registered dataset name (loaded per seed; images for CNNs) or a
+            :class:`~thunderline_lab.data.Dataset`.
+        architecture: ``"mlp"`` or ``"cnn"``.
+        n_trials: The total number of finished trials (completed + pruned + failed) the study
+            should have; what is already there counts.
+        epochs: Maximum epochs per trial.
+        design: ``"paired"`` (each configuration also runs with SN flipped, same seed) or
+            ``"tpe"`` (plain TPE).
+        seeds: Seeds every configuration runs with (one trial per seed and arm).
+        search_space: A :class:`SearchSpace` or its dict form (default
+            :data:`DEFAULT_SEARCH_SPACE`).
+        conv_sn_modes: CNN only: the ``conv_sn_mode`` choices (e.g. ``("operator",
+            "matrix")``); overrides the search space's.
+        storage: ``None`` for the lab's journal; a ``postgresql+psycopg2://...`` URL (any
+            SQLAlchemy URL) for Optuna's RDB storage; a journal file path; or a storage.
+        bus: The event bus (created if None). The lab's store writer is attached to it
+            (unless ``gateway`` is given).
+        gateway: Report events through ``thunderline_lab.gateway.EventClient`` to this URL
+            (token from ``$THUNDERLINE_LAB_TOKEN``) instead of the local store.
+        mlflow: Attach ``thunderline_lab.tracking``'s MLflow logger to the bus.
+        should_stop: Checked between trials and between epochs; when set the running trial
+            is recorded as cancelled (and re-enqueued for the next run) and the call returns.
+        pruning: Prune on the intermediate validation loss (median rule by default).
+        pruner: A custom Optuna pruner (default ``MedianPruner(n_startup_trials=4,
+            n_warmup_steps=3)``).
+        sampler: A custom Optuna sampler (default multivariate TPE with constant liar).
+        sampler_seed: Seed of the default sampler (offset by the trials already in the
+            study, so a resumed study does not replay its first proposals).
+        timeout: Stop starting new trials after this many seconds.
+        progress: Called ``progress(done, n_trials, frozen_trial)`` after every trial.
+        patience: Early-stopping patience in epochs (``None``: off).
+        evaluation: What the final evaluation measures.
+        threads: ``torch.set_num_threads`` while the study runs (1: one core per worker
+            process, the fastest for these small models; ``None`` leaves it alone).
+        heartbeat_interval: Seconds between heartbeats of a running trial.
+        grace_period: Seconds without heartbeat before a trial is stale (default 6 ×
+            interval); trials of dead workers on this host are detected at once.
+        max_consecutive_errors: Stop (and raise :class:`StudyError`) after this many trials
+            in a row failed with an error other than divergence (0: never).
+        trainer: Replaces :func:`train_trial` (same signature); for tests and benchmarks.
+        train_kwargs: Extra keyword arguments passed to the trainer.
+
+    Returns:
+        A :class:`StudyResult`.
+
+    Raises:
+        ConfigError: Bad arguments, or a study of that name made with another dataset,
+            architecture or design.
+        StudyError: The storage cannot be opened, or trials keep failing with errors.
+        TrackingError: ``mlflow=True`` but the tracking module is unavailable.
+
+    Example:
+        >>> r = run_study("demo", lab="/tmp/tl-lab", n_trials=2, epochs=2)  # doctest: +SKIP
+        >>> r.counts["finished"]  # doctest: +SKIP
+        2
+    """
+    started = time.perf_counter()
+    space = (
+        search_space
+        if isinstance(search_space, SearchSpace)
+        else SearchSpace.from_dict(search_space)
+    )
+    if architecture not in ("mlp", "cnn"):
+        raise ConfigError(f"architecture must be 'mlp' or 'cnn', got {architecture!r}")
+    if conv_sn_modes is not None:
+        space = SearchSpace.from_dict(
+            {**space.to_dict(), "conv_sn_mode": {"choices": list(conv_sn_modes)}}
+        )
+    seeds_t = _check_design(name, design, seeds, n_trials, epochs, space)
+    the_lab = lab if isinstance(lab, Lab) else Lab.resolve(lab)
+    the_lab.root.mkdir(parents=True, exist_ok=True)
+    bus = bus if bus is not None else EventBus()
+
+    ctx = _Context(
+        name=name,
+        study=None,
+        bus=bus,
+        space=space,
+        design=design,
+        seeds=seeds_t,
+        n_trials=n_trials,
+        architecture=architecture,
+        dataset=dataset,
+        epochs=epochs,
+        patience=patience,
+        pruning=pruning,
+        should_stop=should_stop,
+        trainer=trainer or train_trial,
+        evaluation=evaluation,
+        train_kwargs=dict(train_kwargs or {}),
+        progress=progress,
+    )
+    the_storage = make_storage(
+        storage,
+        lab=the_lab,
+        heartbeat_interval=heartbeat_interval,
+        grace_period=grace_period,
+        stale_callback=_stale_callback_for(ctx),
+    )
+    storage_label = (
+        str(getattr(the_storage, "path", None) or the_lab.optuna_journal)
+        if isinstance(the_storage, JournalStorage)
+        else _redact(str(storage))
+    )
+
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if gateway:
+            client = _attach_gateway(bus, gateway, the_lab)
+            stack.callback(client.close)
+        else:
+            from thunderline_lab.store import StoreWriter
+
+            store = stack.enter_context(the_lab.store())
+            # No background thread: a writer thread competing for the GIL with the training
+            # loop's many small journal writes costs more than the appends themselves. The
+            # publishing thread appends what is buffered every `interval` seconds instead.
+            writer = StoreWriter(store, bus, background=False)
+            stack.callback(writer.close)
+            flusher = _InlineFlush(writer, bus)
+            stack.callback(flusher.close)
+        if mlflow:
+            ctx.tracker = _attach_tracking(bus, the_lab, name)
+            closer = getattr(ctx.tracker, "close", None)
+            if callable(closer):
+                stack.callback(closer)
+
+        study = _open_study(
+            name,
+            the_storage,
+            ctx,
+            sampler,
+            sampler_seed,
+            pruner,
+            _study_attrs(ctx.dataset_name, architecture, design, seeds_t, space),
+        )
+        ctx.study = study
+        _fail_stale(study)  # trials of dead workers: failed, reported and re-enqueued
+        if isinstance(the_storage, _LabJournalStorage):
+            the_storage.start_heartbeat()
+            stack.callback(the_storage.stop_heartbeat)
+
+        counts = count_trials(study.get_trials(deepcopy=False))
+        if counts["finished"] >= n_trials:
+            ctx.stopped = "done"
+        elif ctx.stop_requested():
+            ctx.stopped = "should_stop"
+        else:
+            with _torch_threads(threads), _quiet_optuna():
+                try:
+                    study.optimize(
+                        _make_objective(ctx),
+                        timeout=timeout,
+                        catch=(_TrialFailed, _StopRequested),
+                        callbacks=[_EventCallback(ctx), _StopCallback(ctx, max_consecutive_errors)],
+                        gc_after_trial=False,
+                    )
+                except KeyboardInterrupt:
+                    raise
+                except ThunderlineLabError:
+                    raise
+                except Exception as exc:
+                    raise StudyError(
+                        f"study {name!r} stopped: {type(exc).__name__}: {exc}"
+                    ) from exc
+            if timeout is not None and ctx.stopped == "done":
+                c = count_trials(study.get_trials(deepcopy=False))
+                if c["finished"] < n_trials and not ctx.stop_requested():
+                    ctx.stopped = "timeout"
+        if isinstance(the_storage, _LabJournalStorage):
+            the_storage.flush()
+        if writer is not None:
+            writer.flush()
+            trials_df = store.trials(study=name, expand=True)
+        else:
+            trials_df = study.trials_dataframe()
+
+    counts = count_trials(study.get_trials(deepcopy=False))
+    if ctx.stopped == "errors":
+        raise StudyError(
+            f"study {name!r}: {ctx.consecutive_errors} trials in a row failed with errors "
+            "(not divergence); see ml.trial.failed events / the trials' error_message"
+        )
+    return StudyResult(
+        study=study,
+        trials=trials_df,
+        counts=counts,
+        n_run=ctx.n_run,
+        stopped=ctx.stopped,
+        storage=storage_label,
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _open_study(
+    name: str,
+    storage: BaseStorage,
+    ctx: _Context,
+    sampler: optuna.samplers.BaseSampler | None,
+    sampler_seed: int | None,
+    pruner: optuna.pruners.BasePruner | None,
+    attrs: Mapping[str, Any],
+) -> optuna.Study:
+    try:
+        existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    except Exception as exc:
+        raise StudyError(f"cannot read studies from the Optuna storage: {exc}") from exc
+    n_existing = existing[name].n_trials if name in existing else 0
+    if sampler is None:
+        seed = None if sampler_seed is None else sampler_seed + n_existing
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constant_liar=True
+            )
+    if pruner is None:
+        pruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3)
+            if ctx.pruning
+            else optuna.pruners.NopPruner()
+        )
+    with warnings.catch_warnings(), _quiet_optuna():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                direction="minimize",
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
+        except Exception as exc:
+            raise StudyError(f"cannot create or load study {name!r}: {exc}") from exc
+    have = study.user_attrs
+    if not have:
+        if isinstance(storage, _LabJournalStorage):
+            storage.set_study_user_attrs(study._study_id, attrs)
+        else:
+            for k, v in attrs.items():
+                study.set_user_attr(k, v)
+    else:
+        for k in ("dataset", "architecture", "design"):
+            if k in have and have[k] != attrs[k]:
+                raise ConfigError(
+                    f"study {name!r} was made with {k}={have[k]!r}, not {attrs[k]!r}: "
+                    "use another study name"
+                )
+    return study
+
+
+def studies(lab: str | os.PathLike[str] | Lab | None = None) -> pd.DataFrame:
+    """The Optuna studies in a lab's journal: name, trials, best value.
+
+    Example:
+        >>> studies("/tmp/empty-lab").empty  # doctest: +SKIP
+        True
+    """
+    the_lab = lab if isinstance(lab, Lab) else Lab.resolve(lab)
+    if not the_lab.optuna_journal.exists():
+        return pd.DataFrame(columns=["study", "n_trials", "best_value"])
+    storage = JournalStorage(JournalFileBackend(str(the_lab.optuna_journal)))
+    rows = []
+    for s in optuna.get_all_study_summaries(storage):
+        best = s.best_trial.value if s.best_trial is not None else None
+        rows.append({"study": s.study_name, "n_trials": s.n_trials, "best_value": best})
+    return pd.DataFrame(rows, columns=["study", "n_trials", "best_value"])
+
+
+def dashboard_command(
+    lab: str | os.PathLike[str] | Lab | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    storage: str | None = None,
+) -> list[str]:
+    """The ``optuna-dashboard`` command line for a lab's journal (or an RDB storage URL).
+
+    Raises:
+        StudyError: The lab has no Optuna journal yet (run a study first).
+
+    Example:
+        >>> dashboard_command("/tmp/lab")[-3:]  # doctest: +SKIP
+        ['--storage-class', 'JournalFileStorage', '/tmp/lab/optuna.journal']
+    """
+    import shutil
+    import sys
+
+    exe = shutil.which("optuna-dashboard") or str(
+        Path(sys.executable).with_name("optuna-dashboard")
+    )
+    base = [exe, "--host", host, "--port", str(port)]
+    if storage:
+        return [*base, "--storage-class", "RDBStorage", storage]
+    the_lab = lab if isinstance(lab, Lab) else Lab.resolve(lab)
+    journal = the_lab.optuna_journal
+    if not journal.exists():
+        raise StudyError(f"no Optuna journal at {journal}: run a study first (thunderline-lab run)")
+    return [*base, "--storage-class", "JournalFileStorage", str(journal)]

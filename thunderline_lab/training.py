@@ -1,0 +1,685 @@
+"""One readable training loop for a trial, and the research metrics stored with it.
+
+:func:`train_trial` is the whole story of one trial, nanoGPT style: seed everything, build the
+model from a :class:`~thunderline_lab.models.ModelConfig`, train with AdamW and a cosine
+learning-rate schedule, evaluate on the validation split every epoch, stop early when the
+validation loss stops improving, restore the best epoch and measure the research metrics.
+Along the way it publishes ``ml.run.start``, one ``ml.run.metric`` per epoch (``train_loss``,
+``val_loss``, ``val_accuracy``, ``lr``, ``max_sigma``) and ``ml.run.stop`` on the bus.
+
+The loop knows nothing about Optuna: pruning is a ``report(epoch, val_loss)`` callback whose
+truthy return value ends the trial as ``"pruned"``; a ``should_stop`` flag ends it as
+``"cancelled"``. A non-finite loss ends it as ``"failed"`` with ``error_type="diverged"``
+instead of raising.
+
+Determinism: torch, numpy and :mod:`random` are seeded from ``seed`` at the start; batches come
+from the dataset's seeded loader; input noise and the Lipschitz samples use private
+generators. On the CPU with the same thread count, the same seed gives the same numbers (every
+metric except the wall-clock ones, ``step_time_ms`` and ``duration_ms``).
+
+Example:
+    >>> from thunderline_lab.data import load_dataset
+    >>> from thunderline_lab.models import ModelConfig
+    >>> ds = load_dataset("moons", seed=0)
+    >>> cfg = ModelConfig(architecture="mlp", depth=2, width=32, spectral_norm=True)
+    >>> result = train_trial(cfg, ds, epochs=3, lr=1e-2, seed=0)
+    >>> result.status, sorted(result.history[0])[:3]
+    ('completed', ['epoch', 'lr', 'max_sigma'])
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thunderline_lab import events
+from thunderline_lab.errors import ConfigError, ThunderlineLabError, TrainingError
+
+if TYPE_CHECKING:
+    from thunderline_lab.bus import EventBus
+    from thunderline_lab.data import Dataset
+    from thunderline_lab.models import ModelConfig
+
+__all__ = [
+    "EPOCH_MEASUREMENTS",
+    "EvalSettings",
+    "ReportFn",
+    "StopFlag",
+    "TrialResult",
+    "TrialStatus",
+    "max_sigma",
+    "research_metrics",
+    "seed_everything",
+    "train_trial",
+]
+
+log = logging.getLogger(__name__)
+
+TrialStatus = Literal["completed", "pruned", "failed", "cancelled"]
+ReportFn = Callable[[int, float], "bool | None"]
+"""``report(epoch, val_loss) -> should_prune``; a truthy return ends the trial as pruned."""
+StopFlag = Callable[[], bool] | threading.Event
+"""Checked between epochs: a callable returning True, or a set :class:`threading.Event`."""
+
+EPOCH_MEASUREMENTS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy", "lr", "max_sigma")
+"""The measurements of every per-epoch ``ml.run.metric`` event."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the final evaluation of a trial measures (defaults keep it to ~0.1 s on digits).
+
+    Attributes:
+        noise_sigmas: Gaussian input-noise levels for ``noise_acc_<σ>``.
+        fgsm_eps: FGSM attack sizes for ``fgsm_acc_<ε>``.
+        n_bins: Bins of the expected calibration error.
+        lipschitz: Whether to compute the Lipschitz bounds.
+        lipschitz_samples: Validation inputs used for the empirical (Jacobian) lower bound.
+        layer_sigmas: Whether to add the per-layer σ summary (``sigma/<layer>``, ...).
+    """
+
+    noise_sigmas: tuple[float, ...] = (0.1, 0.3)
+    fgsm_eps: tuple[float, ...] = (0.01, 0.05, 0.1)
+    n_bins: int = 15
+    lipschitz: bool = True
+    lipschitz_samples: int = 64
+    layer_sigmas: bool = True
+
+
+@dataclass
+class TrialResult:
+    """What one call of :func:`train_trial` produced.
+
+    Attributes:
+        status: ``"completed"``, ``"pruned"`` (the report callback asked), ``"failed"``
+            (``error_type`` says why, e.g. ``"diverged"``) or ``"cancelled"`` (should_stop).
+        metrics: Final metrics (the contract names: ``val_accuracy``, ``test_accuracy``,
+            ``lipschitz_upper``, ...); for pruned, failed or cancelled trials only what the
+            epochs measured (``best_val_loss``, ``epochs``, ...).
+        history: One dict per epoch: ``epoch`` and :data:`EPOCH_MEASUREMENTS`.
+        model: The trained model (best epoch restored), or ``None`` if not kept.
+        error: Error message of a failed trial.
+        error_type: ``"diverged"`` or the exception's class name for a failed trial.
+        duration_ms: Wall-clock duration of the whole call.
+        best_epoch: Epoch with the lowest validation loss (-1 if none finished).
+        parameters: The parameters reported with the run (config + training settings).
+    """
+
+    status: TrialStatus
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = None
+    error: str | None = None
+    error_type: str | None = None
+    duration_ms: int = 0
+    best_epoch: int = -1
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True for a completed trial."""
+        return self.status == "completed"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed :mod:`random`, numpy and torch (CPU) from one integer.
+
+    Example:
+        >>> seed_everything(3); a = torch.rand(2)
+        >>> seed_everything(3); bool(torch.equal(a, torch.rand(2)))
+        True
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _stop_requested(flag: StopFlag | None) -> bool:
+    if flag is None:
+        return False
+    if isinstance(flag, threading.Event):
+        return flag.is_set()
+    return bool(flag())
+
+
+def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    ]
+
+
+def max_sigma(model: nn.Module) -> float:
+    """Largest spectral norm over the model's Linear/Conv layers, cheaply, in eval mode.
+
+    Linear layers: the exact σ of the effective (normalised) weight by SVD. Convolutions: the
+    exact operator norm (:func:`thunderline_lab.spectral.operator_norm`) at the layer's input
+    shape when the layer's spectral norm knows it, else the σ of the reshaped kernel. Reading
+    the weight in eval mode runs no power iteration, so training is not perturbed.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.eye(3, 4) * 2.0)
+        >>> round(max_sigma(net), 4)
+        2.0
+    """
+    was_training = model.training
+    model.eval()
+    best = 0.0
+    try:
+        with torch.no_grad():
+            for _name, module in _weighted_layers(model):
+                weight = _weight_of(module)
+                if weight.ndim == 2:
+                    sigma = float(torch.linalg.matrix_norm(weight.double(), ord=2))
+                else:
+                    sigma = _conv_sigma(module, weight)
+                best = max(best, sigma)
+    finally:
+        model.train(was_training)
+    return best
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.detach()
+
+
+def _conv_sigma(module: nn.Module, weight: torch.Tensor) -> float:
+    from thunderline_lab.spectral import get_spectral_norm, operator_norm
+
+    sn = get_spectral_norm(module)
+    shape = sn.input_shape if sn is not None else getattr(module, "_tl_input_shape", None)
+    if shape is not None:
+        try:
+            return float(operator_norm(module, shape))
+        except ThunderlineLabError:
+            pass
+    return float(torch.linalg.matrix_norm(weight.double().flatten(1), ord=2))
+
+
+def _remember_conv_input_shapes(model: nn.Module, example: torch.Tensor) -> None:
+    """Record each conv's per-sample input shape (for exact operator norms without SN)."""
+    handles = []
+    for _name, module in _weighted_layers(model):
+        if _weight_of(module).ndim > 2:
+
+            def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+                m._tl_input_shape = tuple(args[0].shape[1:])  # type: ignore[assignment]
+
+            handles.append(module.register_forward_pre_hook(hook))
+    if not handles:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+def _lr_at(epoch: int, epochs: int, lr: float, min_ratio: float = 0.1) -> float:
+    """Cosine decay from ``lr`` to ``min_ratio * lr`` over ``epochs`` (constant if 1 epoch)."""
+    if epochs <= 1:
+        return lr
+    progress = epoch / (epochs - 1)
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _dataset_for(config: ModelConfig, dataset: Dataset) -> Dataset:
+    """The dataset in the shape the architecture wants (images for CNNs, flat for MLPs)."""
+    arch = getattr(config, "architecture", "mlp")
+    if arch == "cnn":
+        if len(dataset.input_shape) == 1:
+            if dataset.image_shape is None:
+                raise ConfigError(
+                    f"architecture 'cnn' needs an image dataset; {dataset.name!r} has flat "
+                    f"samples of shape {dataset.input_shape}"
+                )
+            return dataset.as_images()
+        return dataset
+    if len(dataset.input_shape) > 1:
+        return dataset.flat()
+    return dataset
+
+
+def _fgsm_clamp(dataset: Dataset) -> tuple[float, float] | None:
+    """Adversarial inputs stay in the pixel range for image datasets; tables are unbounded."""
+    if dataset.image_shape is None:
+        return None
+    return float(dataset.x_train.min()), float(dataset.x_train.max())
+
+
+def research_metrics(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    seed: int = 0,
+    settings: EvalSettings | None = None,
+) -> dict[str, float]:
+    """All research metrics of a trained model (eval mode) as finite floats.
+
+    :func:`thunderline_lab.metrics.evaluate` (train/val/test accuracy, generalisation gap,
+    NLL, ECE with 15 bins, Brier, ``noise_acc_*``, ``fgsm_acc_*``, ``ood_auroc`` when the
+    dataset has OOD points), plus ``lipschitz_upper`` / ``lipschitz_lower`` (product bound
+    and Jacobian lower bound on ``lipschitz_samples`` validation inputs), ``max_sigma``,
+    ``mean_sigma``, ``min_sigma``, ``n_sn_clamped`` and ``sigma/<layer>`` per weighted layer,
+    and ``n_params``.
+
+    Example:
+        >>> from thunderline_lab.data import load_dataset
+        >>> ds = load_dataset("moons", seed=0)
+        >>> net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> m = research_metrics(net, ds)
+        >>> m["lipschitz_lower"] <= m["lipschitz_upper"]
+        True
+    """
+    from thunderline_lab.metrics import evaluate
+
+    s = settings or EvalSettings()
+    out = evaluate(
+        model,
+        dataset,
+        noise_sigmas=s.noise_sigmas,
+        fgsm_eps=s.fgsm_eps,
+        seed=seed,
+        n_bins=s.n_bins,
+        fgsm_clamp=_fgsm_clamp(dataset),
+    )
+    out["n_params"] = float(sum(p.numel() for p in model.parameters()))
+    if s.layer_sigmas:
+        out.update(_sigma_summary(model, dataset.input_shape))
+    else:
+        out["max_sigma"] = max_sigma(model)
+    if s.lipschitz:
+        out.update(_lipschitz(model, dataset, s.lipschitz_samples, seed))
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    for k in bad:
+        log.warning("dropping non-finite metric %s", k)
+        del out[k]
+    return out
+
+
+def _sigma_summary(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
+    from thunderline_lab.spectral import layer_sigmas
+
+    try:
+        table = layer_sigmas(model, input_shape=input_shape)
+    except ThunderlineLabError as exc:
+        log.warning("layer_sigmas failed (%s); falling back to max_sigma", exc)
+        return {"max_sigma": max_sigma(model)}
+    weighted = table[table["kind"] != "batchnorm"]
+    if weighted.empty:
+        return {}
+    sigmas = weighted["sigma_exact"].astype(float)
+    out = {
+        "max_sigma": float(sigmas.max()),
+        "mean_sigma": float(sigmas.mean()),
+        "min_sigma": float(sigmas.min()),
+        "n_sn_clamped": float(weighted["clamp_active"].astype(bool).sum()),
+    }
+    for layer, sigma in zip(weighted["layer"], sigmas, strict=True):
+        out[f"sigma/{layer or 'model'}"] = float(sigma)
+    return out
+
+
+def _lipschitz(model: nn.Module, dataset: Dataset, n: int, seed: int) -> dict[str, float]:
+    from thunderline_lab.spectral import lipschitz_bound
+
+    try:
+        bound = lipschitz_bound(
+            model,
+            input_shape=dataset.input_shape,
+            inputs=dataset.x_val[: max(1, n)],
+            method="jacobian",
+            seed=seed,
+        )
+    except ThunderlineLabError as exc:
+        log.warning("lipschitz_bound not available for this model: %s", exc)
+        return {}
+    return {"lipschitz_upper": float(bound.upper), "lipschitz_lower": float(bound.lower)}
+
+
+class _Emitter:
+    """Publishes the run events of one trial (a no-op without a bus)."""
+
+    def __init__(
+        self,
+        bus: EventBus | None,
+        model_run_id: str,
+        trial_id: str,
+        study: str | None,
+        spectral_norm: bool,
+    ) -> None:
+        self.bus = bus
+        self.ids: dict[str, Any] = {"model_run_id": model_run_id, "trial_id": trial_id}
+        if study is not None:
+            self.ids["study"] = study
+        self.correlation_id = f"{model_run_id}/{trial_id}"
+        self.spectral_norm = spectral_norm
+
+    def publish(self, name: str, **payload: Any) -> None:
+        if self.bus is None:
+            return
+        event = events.make_event(name, correlation_id=self.correlation_id, **self.ids, **payload)
+        self.bus.publish(event)
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    logits = model(x)
+    loss = float(F.cross_entropy(logits.double(), y))
+    acc = float((logits.argmax(dim=1) == y).double().mean())
+    return loss, acc
+
+
+def train_trial(
+    config: ModelConfig,
+    dataset: Dataset,
+    *,
+    bus: EventBus | None = None,
+    model_run_id: str = "adhoc",
+    trial_id: str = "trial_0000",
+    epochs: int = 30,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    patience: int | None = 5,
+    parameters: Mapping[str, Any] | None = None,
+    report: ReportFn | None = None,
+    should_stop: StopFlag | None = None,
+    study: str | None = None,
+    mlflow_run_id: str | None = None,
+    evaluation: EvalSettings | None = None,
+    keep_model: bool = True,
+) -> TrialResult:
+    """Train one model configuration on one dataset and measure it.
+
+    Args:
+        config: The model (architecture, depth, width, spectral norm on/off, coefficient...).
+        dataset: A :class:`~thunderline_lab.data.Dataset`; reshaped to images for CNNs and
+            flattened for MLPs as needed.
+        bus: Where to publish ``ml.run.start`` / ``ml.run.metric`` / ``ml.run.stop``
+            (nothing is published without one).
+        model_run_id: The run (Optuna study name) the events belong to.
+        trial_id: The trial (``trial_<number:04d>`` in studies).
+        epochs: Maximum number of epochs.
+        lr: Peak learning rate of AdamW (cosine-decayed to ``lr/10`` over ``epochs``).
+        weight_decay: AdamW's decoupled weight decay.
+        batch_size: Mini-batch size.
+        seed: Seeds the model's initialisation, dropout, the batch order and the noise of
+            the robustness metrics.
+        patience: Stop after this many epochs without a lower validation loss (``None``:
+            never). The best epoch's weights are restored either way.
+        parameters: Extra parameters reported in ``ml.run.start`` (e.g. ``pair_id``).
+        report: ``report(epoch, val_loss) -> should_prune`` after every epoch.
+        should_stop: Checked between epochs; when set the trial ends as ``"cancelled"``.
+        study: The ``study`` field of the events (defaults to none).
+        mlflow_run_id: Carried in the run events when known.
+        evaluation: What the final evaluation measures (:class:`EvalSettings`).
+        keep_model: Keep the trained model in the result (else ``model`` is ``None``).
+
+    Returns:
+        A :class:`TrialResult`; never raises for a diverging run.
+
+    Raises:
+        ConfigError: Bad training settings (epochs < 1, lr <= 0, ...).
+        TrainingError: The model cannot be built for this dataset.
+
+    Example:
+        >>> from thunderline_lab.data import load_dataset
+        >>> from thunderline_lab.models import ModelConfig
+        >>> r = train_trial(ModelConfig(depth=1, width=16), load_dataset("wine", seed=0),
+        ...                 epochs=2, lr=1e-2)
+        >>> r.metrics["epochs"], "test_accuracy" in r.metrics
+        (2.0, True)
+    """
+    from thunderline_lab.models import build_model
+
+    started = time.perf_counter()
+    _check_settings(
+        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience
+    )
+    data = _dataset_for(config, dataset)
+    sn_on = bool(getattr(config, "spectral_norm", False))
+    coeff = getattr(config, "spectral_norm_coeff", None) if sn_on else None
+    params: dict[str, Any] = {
+        **_jsonable(config.to_dict()),
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "batch_size": int(batch_size),
+        "epochs": int(epochs),
+        "patience": patience,
+        "seed": int(seed),
+        "dataset": data.name,
+        **_jsonable(dict(parameters or {})),
+    }
+    emit = _Emitter(bus, model_run_id, trial_id, study, sn_on)
+    run_ids = {"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}
+
+    seed_everything(seed)
+    try:
+        model = build_model(config, data.input_shape, data.n_classes)
+    except ThunderlineLabError:
+        raise
+    except Exception as exc:
+        raise TrainingError(f"cannot build the model for {data.name!r}: {exc}") from exc
+    model = model.to(torch.float32)
+    _remember_conv_input_shapes(model, data.x_train)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    emit.publish(
+        "ml.run.start",
+        spectral_norm=sn_on,
+        spectral_norm_coeff=float(coeff) if coeff is not None else None,
+        parameters=params,
+        **run_ids,
+    )
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # A last batch of one sample would break batch norm in training mode: drop it then.
+    loader = data.loader(
+        batch_size=batch_size, seed=seed, drop_last=len(data.x_train) % batch_size == 1
+    )
+    x_val, y_val = data.x_val, data.y_val
+
+    history: list[dict[str, float]] = []
+    best_loss, best_acc, best_epoch = math.inf, 0.0, -1
+    best_state: dict[str, Any] | None = None
+    bad_epochs = 0
+    step_seconds, n_steps = 0.0, 0
+    status: TrialStatus = "completed"
+    error: str | None = None
+    error_type: str | None = None
+
+    try:
+        for epoch in range(epochs):
+            if _stop_requested(should_stop):
+                status = "cancelled"
+                break
+            lr_now = _lr_at(epoch, epochs, lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+
+            # -- train one epoch -------------------------------------------------------------
+            model.train()
+            total, seen = 0.0, 0
+            diverged = False
+            t0 = time.perf_counter()
+            for xb, yb in loader:
+                loss = F.cross_entropy(model(xb), yb)
+                if not torch.isfinite(loss):
+                    diverged = True
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # e.g. "value cannot be converted ... without overflow"
+                    raise TrainingError(f"optimizer step failed at epoch {epoch}: {exc}") from exc
+                total += float(loss.detach()) * yb.shape[0]
+                seen += int(yb.shape[0])
+                n_steps += 1
+            step_seconds += time.perf_counter() - t0
+            if diverged:
+                status, error_type = "failed", "diverged"
+                error = f"non-finite training loss at epoch {epoch}"
+                break
+            train_loss = total / max(seen, 1)
+
+            # -- validate --------------------------------------------------------------------
+            val_loss, val_acc = _validate(model, x_val, y_val)
+            if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+                status, error_type = "failed", "diverged"
+                error = f"non-finite validation loss at epoch {epoch}"
+                break
+            sigma = max_sigma(model)
+            row = {
+                "epoch": float(epoch),
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": lr_now,
+                "max_sigma": sigma,
+            }
+            history.append(row)
+            emit.publish(
+                "ml.run.metric",
+                step=epoch,
+                measurements=_finite({k: row[k] for k in EPOCH_MEASUREMENTS}),
+                spectral_norm=sn_on,
+            )
+
+            if val_loss < best_loss:
+                best_loss, best_acc, best_epoch, bad_epochs = val_loss, val_acc, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+
+            if report is not None and report(epoch, val_loss):
+                status = "pruned"
+                break
+            if patience is not None and bad_epochs >= patience:
+                break
+
+    except BaseException as exc:  # report the broken run, then let the caller see the error
+        emit.publish(
+            "ml.run.stop",
+            success=False,
+            epochs=len(history),
+            duration_ms=round(1000 * (time.perf_counter() - started)),
+            metadata={
+                "status": "failed",
+                "error_type": type(exc).__name__,
+                "error_message": str(exc)[:2000],
+            },
+            **run_ids,
+        )
+        raise
+
+    epochs_run = len(history)
+    metrics: dict[str, float] = {
+        "epochs": float(epochs_run),
+        "n_params": float(n_params),
+        "step_time_ms": 1000.0 * step_seconds / n_steps if n_steps else 0.0,
+    }
+    if best_epoch >= 0:
+        metrics.update(
+            best_val_loss=best_loss, best_val_accuracy=best_acc, best_epoch=float(best_epoch)
+        )
+    if history:
+        metrics["max_sigma"] = history[-1]["max_sigma"]
+
+    if best_state is not None and status != "failed":
+        model.load_state_dict(best_state)
+    if status == "completed":
+        if epochs_run == 0:  # pragma: no cover - epochs >= 1 is checked
+            status, error_type, error = "failed", "no_epochs", "no epoch finished"
+        else:
+            try:
+                metrics.update(research_metrics(model, data, seed=seed, settings=evaluation))
+            except TrainingError as exc:
+                status, error_type, error = "failed", "diverged", str(exc)
+    model.eval()
+
+    duration_ms = round(1000 * (time.perf_counter() - started))
+    metrics = _finite(metrics)
+    stop_meta: dict[str, Any] = {"status": status}
+    if error_type:
+        stop_meta.update(error_type=error_type, error_message=error)
+    emit.publish(
+        "ml.run.stop",
+        success=status != "failed",
+        epochs=epochs_run,
+        duration_ms=duration_ms,
+        metrics=metrics,
+        metadata=stop_meta,
+        **run_ids,
+    )
+    return TrialResult(
+        status=status,
+        metrics=metrics,
+        history=history,
+        model=model if keep_model else None,
+        error=error,
+        error_type=error_type,
+        duration_ms=duration_ms,
+        best_epoch=best_epoch,
+        parameters=params,
+    )
+
+
+def _check_settings(
+    *, epochs: int, lr: float, weight_decay: float, batch_size: int, patience: int | None
+) -> None:
+    problems = []
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        problems.append(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        problems.append(f"lr must be a finite number > 0, got {lr!r}")
+    if not (
+        isinstance(weight_decay, int | float) and math.isfinite(weight_decay) and weight_decay >= 0
+    ):
+        problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        problems.append(f"patience must be None or an integer >= 1, got {patience!r}")
+    if problems:
+        raise ConfigError("; ".join(problems))
