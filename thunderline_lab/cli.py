@@ -306,5 +306,36 @@ def dashboard(lab_dir: Path | None, port: int, host: str, storage: str | None,
     os.execvp(argv[0], argv)
 
 
+@main.command("mlflow-sync")
+@lab_option
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow to sync with (default: $MLFLOW_TRACKING_URI, else the lab's lab/mlflow.db).",
+)
+@click.option("--push/--no-push", default=True, show_default=True, help="Send pending trials.")
+@click.option(
+    "--pull/--no-pull", default=True, show_default=True, help="Adopt runs made outside the lab."
+)
+@click.option(
+    "--all-studies", is_flag=True, help="Also push studies that were run without MLflow logging."
+)
+@_clean_errors
+def mlflow_sync(
+    lab_dir: Path | None, tracking_uri: str | None, push: bool, pull: bool, all_studies: bool
+) -> None:
+    """Push what MLflow lacks (the outbox) and pull runs logged outside the lab; idempotent."""
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.tracking import sync
+
+    lab = Lab.resolve(lab_dir)
+    if not lab.db_path.exists():
+        raise click.ClickException(f"no trial store at {lab.db_path}")
+    report = sync(lab, tracking_uri=tracking_uri, push=push, pull=pull, all_studies=all_studies)
+    click.echo(f"mlflow {report.tracking_uri}: {report.summary()}")
+    for line in report.conflicts + report.errors:
+        click.echo(f"warning: {line}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,610 @@
+"""MLflow mirror: live logging off the training thread, outage survival, push/pull sync.
+
+The acceptance test runs a real ``mlflow server`` on loopback, kills it (SIGKILL) in the
+middle of a small study, finishes the study, restarts the server, runs ``mlflow-sync`` and
+checks that every trial's params, metric histories and tags are in MLflow exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from thunderline_lab import events as E
+from thunderline_lab.bus import EventBus
+from thunderline_lab.cli import main
+from thunderline_lab.lab import Lab
+from thunderline_lab.store import StoreWriter, TrialStore
+from thunderline_lab.tracking import (
+    FINAL_PREFIX,
+    MLflowLogger,
+    _link_event,
+    _param_value,
+    _parse_param,
+    _RunSync,
+    _up_to_date,
+    mlflow_links,
+    run_url,
+    sync,
+)
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+logging.getLogger("mlflow").setLevel(logging.ERROR)
+logging.getLogger("thunderline_lab.tracking").setLevel(logging.ERROR)
+
+VENV_BIN = Path(sys.executable).parent
+EPOCHS = 6
+
+
+# ---------------------------------------------------------------------------------------------
+# A small, realistic study: real (tiny) training, events as the study layer publishes them
+# ---------------------------------------------------------------------------------------------
+
+
+def _model(sn: bool, coeff: float) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, o in ((8, 16), (16, 2)):
+        lin: nn.Module = nn.Linear(i, o)
+        if sn:
+            lin = nn.utils.parametrizations.spectral_norm(lin)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _sigma_table(model: nn.Module) -> pd.DataFrame:
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            sigma = torch.linalg.matrix_norm(mod.weight.detach(), ord=2).item()
+            rows.append({"layer": name, "sigma": sigma})
+    return pd.DataFrame(rows)
+
+
+def run_trial(
+    bus: EventBus,
+    logger: MLflowLogger | None,
+    study: str,
+    number: int,
+    *,
+    after_epoch: Callable[[int, int], None] | None = None,
+) -> None:
+    """One trial: Optuna-style trial.start, run.start, a metric event per epoch, run.stop,
+    artifacts, trial.complete (pruned / failed for some numbers)."""
+    tid = f"trial_{number:04d}"
+    sn = number % 2 == 0
+    coeff = 1.0 if sn else None
+    params = {
+        "lr": 0.05,
+        "depth": 2,
+        "width": 16,
+        "dropout": 0.0,
+        "weight_decay": 1e-4,
+        "spectral_norm": sn,
+        "spectral_norm_coeff": coeff,
+        "seed": number // 2,
+        "pair_id": number // 2,
+        "arm": "sn" if sn else "none",
+    }
+    ref = {"model_run_id": study, "trial_id": tid, "study": study}
+    bus.publish(
+        E.trial_start(**ref, spectral_norm=sn, spectral_norm_coeff=coeff, parameters=params)
+    )
+    bus.publish(E.run_start(**ref, spectral_norm=sn, spectral_norm_coeff=coeff))
+    g = torch.Generator().manual_seed(number)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 2, (64,), generator=g)
+    torch.manual_seed(number)
+    model = _model(sn, coeff or 1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    history = []
+    for epoch in range(EPOCHS):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            out = model(x)
+            val_loss = nn.functional.cross_entropy(out, y).item()
+            acc = (out.argmax(1) == y).float().mean().item()
+        sigma = float(_sigma_table(model)["sigma"].max())
+        m = {
+            "train_loss": loss.item(),
+            "val_loss": val_loss,
+            "val_accuracy": acc,
+            "lr": 0.05,
+            "max_sigma": sigma,
+        }
+        history.append({"epoch": epoch, **m})
+        bus.publish(E.run_metric(**ref, step=epoch, measurements=m, spectral_norm=sn))
+        if after_epoch is not None:
+            after_epoch(number, epoch)
+    bus.publish(E.run_stop(**ref, epochs=EPOCHS, duration_ms=10))
+    if logger is not None:
+        logger.log_artifacts(tid, model=model, sigma_table=_sigma_table(model), history=history)
+    run_id = logger.run_id_for(tid) if logger is not None else None
+    metrics = {"val_accuracy": history[-1]["val_accuracy"], "test_accuracy": 0.5 + number / 100}
+    if number == 4:
+        bus.publish(
+            E.trial_failed(
+                **ref,
+                spectral_norm=sn,
+                error_type="diverged",
+                error_message="loss became NaN at epoch 5",
+                parameters=params,
+                mlflow_run_id=run_id,
+            )
+        )
+        return
+    bus.publish(
+        E.trial_complete(
+            **ref,
+            spectral_norm=sn,
+            spectral_norm_coeff=coeff,
+            status="pruned" if number == 3 else "completed",
+            parameters=params,
+            metrics=metrics,
+            mlflow_run_id=run_id,
+            duration_ms=10,
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A real MLflow server on loopback
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MlflowServer:
+    """``mlflow server`` in its own process group (so SIGKILL takes its workers too)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.root / "server-artifacts"),
+        ]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - kept open for the child
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.root / "server.log").read_text()[-2000:])
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.kill()
+        raise RuntimeError(
+            "mlflow server did not start:\n" + (self.root / "server.log").read_text()
+        )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture(scope="module")
+def client_for() -> Callable[[str], Any]:
+    from mlflow import MlflowClient
+
+    return lambda uri: MlflowClient(tracking_uri=uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# What "exactly once" means, checked against MLflow with MLflow's own client
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_params(row: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in row["parameters"].items()}
+
+
+def assert_mirrored(store: TrialStore, client: Any, study: str) -> dict[str, str]:
+    """Every trial of the study is one run with its params, tags and metric histories."""
+    exp = client.get_experiment_by_name(study)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("thunderline.role") == "study"]
+    assert len(parents) == 1
+    trial_runs = [r for r in runs if r.data.tags.get("thunderline.role") == "trial"]
+    trials = store.trials(study=study)
+    assert sorted(r.data.tags["trial_id"] for r in trial_runs) == sorted(trials["trial_id"])
+    by_trial = {r.data.tags["trial_id"]: r for r in trial_runs}
+    for row in trials.to_dict("records"):
+        run = by_trial[row["trial_id"]]
+        assert row["mlflow_run_id"] == run.info.run_id
+        assert run.data.params == expected_params(row)
+        tags = run.data.tags
+        assert tags["trial_id"] == row["trial_id"]
+        assert tags["model_run_id"] == study
+        assert tags["study"] == study
+        assert tags["constraint_method"] == ("spectral_norm" if row["spectral_norm"] else "none")
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags["trial_status"] == row["status"]
+        want_status = {"completed": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}
+        assert run.info.status == want_status[row["status"]]
+        hist = store.metric_history(study, row["trial_id"])
+        assert len(hist) == EPOCHS * 5
+        for name, series in hist.groupby("name"):
+            got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+            got.sort()
+            want = list(zip(series["step"].astype(int), series["value"], strict=True))
+            assert got == want, f"{row['trial_id']} {name}"
+        finals = {
+            k[len(FINAL_PREFIX) :]: v
+            for k, v in run.data.metrics.items()
+            if k.startswith(FINAL_PREFIX)
+        }
+        assert finals == row["metrics"]
+        arts = {
+            a.path
+            for d in ("model", "sigma", "plots")
+            for a in client.list_artifacts(run.info.run_id, d)
+        }
+        assert arts == {"model/state_dict.pt", "sigma/sigma_table.csv", "plots/learning_curve.png"}
+    return {r: run.info.run_id for r, run in by_trial.items()}
+
+
+def n_points(client: Any, run_ids: dict[str, str]) -> int:
+    return sum(
+        len(client.get_metric_history(rid, name))
+        for rid in run_ids.values()
+        for name in ("train_loss", "val_loss", "val_accuracy", "lr", "max_sigma")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance: server killed mid-study, study finishes, server back, mlflow-sync
+# ---------------------------------------------------------------------------------------------
+
+STUDY = "sn-outage"
+
+
+@pytest.mark.slow
+def test_server_killed_mid_study_then_sync_mirrors_every_trial_exactly_once(
+    server: MlflowServer,
+    tmp_path: Path,
+    client_for: Callable[[str], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    store = lab.store()
+    bus = EventBus()
+    writer = StoreWriter(store, bus, interval=0.05)
+    logger = MLflowLogger(
+        bus, lab=lab, study=STUDY, store=store, tracking_uri=server.url, flush_interval=0.2,
+        max_backoff=0.5,
+    )  # fmt: skip
+
+    def kill_mid_trial(number: int, epoch: int) -> None:
+        if number == 3 and epoch == 2:
+            assert logger.flush(60)  # trials 0-2 and half of trial 3 reached MLflow
+            server.kill()
+
+    for number in range(6):
+        run_trial(bus, logger, STUDY, number, after_epoch=kill_mid_trial)
+    assert not logger.close(timeout=20)  # MLflow is down: the rest waits in the outbox
+    writer.close()
+    assert logger.errors
+    assert logger.stats["runs_created"] == 4  # trials 0-3 got a run before the outage
+
+    # Training was untouched: every event of every trial is in the store.
+    trials = store.trials(study=STUDY)
+    assert list(trials["status"]) == [
+        "completed", "completed", "completed", "pruned", "failed", "completed"
+    ]  # fmt: skip
+    assert trials["mlflow_run_id"].notna().sum() == 4
+    links = mlflow_links(lab, store, study=STUDY).set_index("trial_id")
+    assert list(links["sync_state"]) == ["synced"] * 3 + ["pending"] * 3
+    spool = lab.root / "mlflow_outbox"
+    assert len(list(spool.glob("*/*/model/state_dict.pt"))) == 3  # trials 3-5 wait
+
+    server.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    out = CliRunner().invoke(main, ["mlflow-sync", "--lab", str(lab.root)])
+    assert out.exit_code == 0, out.output
+    assert "pushed 3 runs (2 created)" in out.output
+    assert "pulled 0 runs" in out.output
+
+    client = client_for(server.url)
+    run_ids = assert_mirrored(store, client, STUDY)
+    assert not list(spool.glob("*/*/model/state_dict.pt"))
+    links = mlflow_links(lab, store, study=STUDY).set_index("trial_id")
+    assert list(links["sync_state"]) == ["synced"] * 6
+    assert links["run_url"].iloc[0] == run_url(
+        server.url, links["experiment_id"].iloc[0], run_ids["trial_0000"]
+    )
+    parent = client.search_runs(
+        [client.get_experiment_by_name(STUDY).experiment_id], "tags.`thunderline.role` = 'study'"
+    )[0]
+    assert parent.info.status == "FINISHED"
+
+    # Idempotent: a second sync sends nothing and duplicates nothing.
+    points = n_points(client, run_ids)
+    assert points == 6 * EPOCHS * 5
+    again = sync(lab, store, tracking_uri=server.url)
+    assert (again.pushed_runs, again.pushed_points, again.pulled_runs) == (0, 0, 0)
+    # Even a forced full re-push (outbox forgotten) adds nothing.
+    store.conn.execute("DELETE FROM mlflow_outbox")
+    forced = sync(lab, store, tracking_uri=server.url)
+    assert forced.pushed_runs == 6 and forced.created_runs == 0 and forced.pushed_points == 0
+    assert n_points(client, run_ids) == points
+    assert_mirrored(store, client, STUDY)
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pull: runs logged with the mlflow API directly appear in the store
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pull_adopts_runs_logged_directly_with_the_mlflow_api(
+    server: MlflowServer, tmp_path: Path, client_for: Callable[[str], Any]
+) -> None:
+    import mlflow
+
+    if not server.alive():
+        server.start()
+    study = "pulled-study"
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    store = lab.store()
+    bus = EventBus()
+    with (
+        StoreWriter(store, bus, interval=0.05),
+        MLflowLogger(bus, lab=lab, study=study, store=store, tracking_uri=server.url) as logger,
+    ):
+        run_trial(bus, logger, study, 0)
+        assert logger.flush(60)
+    client = client_for(server.url)
+    exp_id = client.get_experiment_by_name(study).experiment_id
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.url)
+    try:
+        with mlflow.start_run(experiment_id=exp_id, run_name="by-hand") as by_hand:
+            mlflow.log_params({"lr": 0.3, "spectral_norm": True, "spectral_norm_coeff": 2.0})
+            for step in range(3):
+                mlflow.log_metrics(
+                    {"val_accuracy": 0.6 + step / 10, "val_loss": 1.0 - step / 10}, step
+                )
+        with mlflow.start_run(experiment_id=exp_id, run_name="no-sn-flag") as unknown:
+            mlflow.log_param("lr", 0.1)
+            mlflow.log_metric("val_accuracy", 0.7, step=0)
+        # A run made outside the lab but tagged with a known trial: matched, not adopted.
+        with mlflow.start_run(
+            experiment_id=exp_id, tags={"trial_id": "trial_0000", "model_run_id": study}
+        ):
+            mlflow.log_metric("extra_metric", 1.5, step=7)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    report = sync(lab, store, tracking_uri=server.url)
+    assert report.pulled_runs == 3 and report.adopted_trials == 2
+    assert (report.pushed_runs, report.errors) == (0, [])
+
+    adopted = store.trial(study, f"mlflow_{by_hand.info.run_id}")
+    assert adopted is not None
+    assert adopted["status"] == "completed"
+    assert adopted["spectral_norm"] is True and adopted["spectral_norm_coeff"] == 2.0
+    assert adopted["mlflow_run_id"] == by_hand.info.run_id
+    assert adopted["parameters"] == {"lr": 0.3, "spectral_norm": True, "spectral_norm_coeff": 2.0}
+    hist = store.metric_history(study, f"mlflow_{by_hand.info.run_id}", "val_accuracy")
+    assert list(hist["value"]) == pytest.approx([0.6, 0.7, 0.8])
+    # Without a spectral_norm param or constraint tag the lab does not guess.
+    no_flag = store.trial(study, f"mlflow_{unknown.info.run_id}")
+    assert no_flag is not None and no_flag["spectral_norm"] is None
+    assert no_flag["status"] == "completed"
+    # The matched trial keeps its own run and gains the outside point.
+    own = store.trial(study, "trial_0000")
+    assert own is not None and own["mlflow_run_id"] == logger.run_id_for("trial_0000")
+    extra = store.metric_history(study, "trial_0000", "extra_metric")
+    assert list(extra["step"]) == [7]
+    # Adopted runs get the cross-referencing tags.
+    assert client.get_run(by_hand.info.run_id).data.tags["trial_id"] == (
+        f"mlflow_{by_hand.info.run_id}"
+    )
+
+    before = store.counts()
+    again = sync(lab, store, tracking_uri=server.url)
+    assert (again.pulled_runs, again.pushed_runs) == (0, 0)
+    assert store.counts() == before
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The default: SQLite MLflow inside the lab, no server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_sqlite_backend_in_the_lab(
+    tmp_path: Path, client_for: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    study = "local-study"
+    store = lab.store()
+    bus = EventBus()
+    with (
+        StoreWriter(store, bus, interval=0.05) as writer,
+        MLflowLogger(bus, lab=lab, study=study, store=store) as logger,
+    ):
+        for number in range(2):
+            run_trial(bus, logger, study, number)
+        assert logger.flush(120)
+        assert logger.run_id_for("trial_0001", timeout=5) is not None
+        writer.flush()
+    assert lab.mlflow_db.exists()
+    assert lab.mlflow_tracking_uri == f"sqlite:///{lab.mlflow_db}"
+    client = client_for(lab.mlflow_tracking_uri)
+    assert_mirrored(store, client, study)
+    art = Path(
+        client.get_run(logger.run_id_for("trial_0000")).info.artifact_uri.removeprefix("file://")
+    )
+    assert art.is_relative_to(lab.mlflow_artifacts)
+    assert (art / "plots" / "learning_curve.png").stat().st_size > 1000
+
+    # A run logged straight into the lab's MLflow, in an experiment of its own, is pulled.
+    exp = client.create_experiment("scratch", artifact_location=(tmp_path / "scratch").as_uri())
+    run = client.create_run(exp, tags={"constraint_method": "none"})
+    client.log_param(run.info.run_id, "lr", "0.2")
+    client.log_metric(run.info.run_id, "val_accuracy", 0.75, step=1)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    out = CliRunner().invoke(main, ["mlflow-sync", "--lab", str(lab.root)])
+    assert out.exit_code == 0, out.output
+    pulled = store.trial("scratch", f"mlflow_{run.info.run_id}")
+    assert pulled is not None and pulled["spectral_norm"] is False
+    assert pulled["metrics"] == {"val_accuracy": 0.75}
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast tests: no MLflow at all
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unreachable_mlflow_never_fails_or_stalls_training(tmp_path: Path) -> None:
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    store = lab.store()
+    bus = EventBus()
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with StoreWriter(store, bus, interval=0.05):
+        logger = MLflowLogger(bus, lab=lab, study="s", store=store, tracking_uri=dead)
+        for number in range(2):
+            run_trial(bus, logger, "s", number)
+        assert logger.run_id_for("trial_0000") is None
+        assert not logger.flush(10)
+        assert not logger.close(10)
+    assert logger.errors and "Connection refused" in " ".join(logger.errors)
+    assert list(store.trials()["status"]) == ["completed", "completed"]
+    links = mlflow_links(lab, store)
+    assert list(links["sync_state"]) == ["pending", "pending"]
+    assert links["mlflow_run_id"].isna().all()
+    out = CliRunner().invoke(
+        main, ["mlflow-sync", "--lab", str(lab.root)], env={"MLFLOW_TRACKING_URI": dead}
+    )
+    assert out.exit_code == 1
+    assert "error: MLflow sync stopped" in out.output and "stays pending" in out.output
+    store.close()
+
+
+def test_a_broken_lab_directory_cannot_reach_the_publisher(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    bus = EventBus()
+    logger = MLflowLogger(
+        bus, lab=Lab.resolve(not_a_dir), study="s", tracking_uri=f"http://127.0.0.1:{_free_port()}"
+    )
+    ev = E.trial_start(model_run_id="s", trial_id="t", spectral_norm=True)
+    assert bus.publish(ev) == 1
+    logger.log_artifacts("t", sigma_table=pd.DataFrame({"sigma": [1.0]}))
+    assert not logger.close(10)
+    assert any("outbox unavailable" in e for e in logger.errors)
+    assert any("cannot write artifacts" in e for e in logger.errors)
+
+
+def test_link_event_is_harmless_to_status_and_start_time() -> None:
+    from thunderline_lab.tracking import RunRecord
+
+    store = TrialStore(":memory:")
+    run_trial_events = [
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True),
+        E.run_metric(
+            model_run_id="r", trial_id="t", step=0, metric_name="val_loss", metric_value=1
+        ),
+        E.trial_complete(model_run_id="r", trial_id="t", spectral_norm=True, status="pruned"),
+    ]
+    store.append(run_trial_events)
+    before = store.trial("r", "t")
+    run = RunRecord("abc123", "1", "RUNNING", None, None, "mlflow-artifacts:/1/abc", None, "active")
+    link = _link_event(("r", "t"), None, run)
+    assert link.name == "ml.run.start" and link.id.startswith("mlflow:")
+    assert store.append([link]).accepted == 1
+    assert store.append([_link_event(("r", "t"), None, run)]).accepted == 0  # deterministic id
+    after = store.trial("r", "t")
+    assert before is not None and after is not None
+    assert after["mlflow_run_id"] == "abc123"
+    for col in ("status", "started_at", "ended_at", "spectral_norm", "parameters", "metrics"):
+        assert after[col] == before[col], col
+
+
+@pytest.mark.parametrize(
+    "value", [True, False, None, 3, 0.001, 1e-4, 2.5, "adamw", [1, 2], {"a": 1}]
+)
+def test_params_round_trip_through_mlflow_strings(value: Any) -> None:
+    text = _param_value(value)
+    assert isinstance(text, str)
+    assert text == (str(value) if not isinstance(value, list | dict) else text)
+    assert _parse_param(text) == value
+
+
+def test_a_snapshot_is_up_to_date_only_when_everything_was_sent() -> None:
+    from thunderline_lab.tracking import RunRecord, TrialSnapshot
+
+    snap = TrialSnapshot("r", "t", spectral_norm=True, parameters={"lr": 0.1}, status="completed")
+    snap.metrics = {"test_accuracy": 0.9}
+    rs = _RunSync(snap, run=RunRecord("x", "1", "FINISHED", 1, 2, "", None, "active"))
+    assert not _up_to_date(rs)
+    rs.logged_params = snap.mlflow_params()
+    rs.logged_status = "FINISHED"
+    assert not _up_to_date(rs)  # final/test_accuracy not sent
+    rs.logged_summary = {"test_accuracy": 0.9}
+    assert _up_to_date(rs)
+    assert snap.mlflow_params() == {"lr": "0.1", "spectral_norm": "True"}

@@ -1,0 +1,2570 @@
+"""MLflow mirror of the lab: logging that never slows training, and two-way sync.
+
+Each study is an MLflow experiment (named after the study) holding one parent run; each
+trial is a nested run (``mlflow.parentRunId``) carrying
+
+* params: every hyperparameter of the trial, ``spectral_norm`` and ``spectral_norm_coeff``
+  included (MLflow's ``str`` form: ``True``, ``0.01``; dicts and lists as JSON);
+* metrics: every ``ml.run.metric`` series point at its step, with the event's timestamp, and
+  the trial's summary metrics (``ml.trial.complete`` / ``failed``) as ``final/<name>``
+  (``final/test_accuracy``...) so they never mix into the per-epoch series;
+* tags: ``trial_id``, ``model_run_id``, ``study``, ``constraint_method``
+  (``spectral_norm`` | ``none``), ``trial_status`` and ``thunderline.*`` bookkeeping;
+* artifacts: ``model/state_dict.pt``, ``sigma/sigma_table.csv`` (per-layer σ) and
+  ``plots/learning_curve.png``.
+
+Where MLflow lives: by default a SQLite backend inside the lab, no server needed::
+
+    lab/mlflow.db          tracking backend        lab/mlartifacts/   artifacts
+    mlflow ui --backend-store-uri sqlite:///lab/mlflow.db      # browse it
+
+``MLFLOW_TRACKING_URI=http://host:5000`` (or ``tracking_uri=``) switches to a tracking server.
+
+Logging (:class:`MLflowLogger`) subscribes to ``ml.*`` on the bus. The bus handler only
+appends the event to a deque (well under a microsecond); a background thread folds events
+into per-trial state and talks to MLflow in batches (``log_batch``, at most 1000 metrics a
+request, flushed every ``flush_interval`` seconds and at trial end). Every MLflow exception is
+caught on that thread: a server outage puts the logger offline with exponential back-off and
+marks the affected trials for reconciliation; training never waits and never fails. HTTP
+servers are spoken to with a small REST client with short timeouts and *no* retries (MLflow's
+own client retries a dead server for minutes); the retry policy is the outbox.
+
+The outbox lives in the lab's trial store (``lab.db``), in two tables this module owns:
+
+``mlflow_studies``  the studies mirrored to MLflow (experiment id, parent run id, URI)
+``mlflow_outbox``   one row per trial: ``state`` pending | synced, the MLflow run id, and
+                    ``synced_events``, how many of the trial's events MLflow reflects
+
+A trial of a mirrored study is pending when it has no synced row, or when the store holds
+more of its events than ``synced_events`` (events appended later, e.g. by another process).
+:func:`sync` (``thunderline-lab mlflow-sync``) re-derives everything from the store, which has
+every param, metric point and tag: it finds the trial's run by its ``trial_id`` tag (or creates
+it), logs only the params and metric points MLflow does not have yet, and marks the trial
+synced. Pushing twice, or after a partly applied batch, duplicates nothing. Metric points carry
+the event's own timestamp, so even a batch replayed by a lost response is an exact duplicate
+that MLflow's SQL store drops.
+
+Pull: runs in the lab's experiments that the store does not know (a user's own
+``mlflow.start_run``) are adopted as trials: ``ml.trial.*`` events (``ml.run.*`` when the run
+does not say whether it used spectral normalization) with deterministic ids, so re-pulling
+is idempotent. A run made outside the lab that carries the ``trial_id`` and ``model_run_id``
+tags of a known trial is matched to it instead: its metric points missing from the store are
+added, and its run id is linked.
+
+Write-back of ``mlflow_run_id``: once a trial's run exists, the logger publishes an
+``ml.run.start`` stating only ``mlflow_run_id`` (id ``mlflow:...``, deterministic; metadata
+``{"mlflow_link": true}``). Of the lifecycle events it is the one whose payload makes no
+claims beyond the link: ``spectral_norm`` is optional there (``ml.trial.start`` would have to
+restate it, and the logger may not know it), and the store's fold takes only
+``min(started_at)`` from it, so status and timestamps are untouched. ``ml.run.stop`` would
+imply completion.
+
+Example:
+    >>> from thunderline_lab.bus import EventBus
+    >>> from thunderline_lab.lab import Lab
+    >>> bus = EventBus()
+    >>> with MLflowLogger(bus, lab=Lab.resolve("/tmp/lab"), study="sn-ab") as mlf:  # doctest: +SKIP
+    ...     run_study(..., bus=bus)
+    ...     mlf.run_id_for("trial_0003")
+    '5c0f...'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import mimetypes
+import os
+import pickle
+import posixpath
+import re
+import select
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from thunderline_lab import events
+from thunderline_lab.errors import TrackingError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from thunderline_lab.bus import EventBus, Subscription
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.store import TrialStore
+
+__all__ = [
+    "FINAL_PREFIX",
+    "LINK_ID_PREFIX",
+    "MLflowLogger",
+    "SyncReport",
+    "TrialSnapshot",
+    "attach",
+    "mlflow_links",
+    "mlflow_ui_command",
+    "run_url",
+    "sync",
+]
+
+log = logging.getLogger(__name__)
+
+FINAL_PREFIX = "final/"
+"""Summary metrics of a trial are logged as ``final/<name>`` (step 0)."""
+LINK_ID_PREFIX = "mlflow:"
+"""Ids of events this module makes (links, pulled runs); they are never pushed back."""
+SOURCE = "thunderline_lab.tracking"
+
+TAG_TRIAL_ID = "trial_id"
+TAG_MODEL_RUN_ID = "model_run_id"
+TAG_STUDY = "study"
+TAG_CONSTRAINT = "constraint_method"
+TAG_STATUS = "trial_status"
+TAG_ROLE = "thunderline.role"
+TAG_SOURCE = "thunderline.source"
+TAG_LAB = "thunderline.lab"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+SOURCE_VALUE = "thunderline-lab"
+
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_STORE_TS = "%Y-%m-%dT%H:%M:%S.%fZ"
+_MLFLOW_STATUS = {
+    "completed": "FINISHED",
+    "pruned": "FINISHED",
+    "cancelled": "KILLED",
+    "failed": "FAILED",
+}
+_PERMANENT_CODES = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "RESOURCE_ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "ENDPOINT_NOT_FOUND",
+    }
+)
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+_EVENT_METRIC = re.compile(r"[A-Za-z0-9_\-. /]+")  # what an ml.run.metric name may be
+
+_OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mlflow_studies (
+    study TEXT PRIMARY KEY,
+    tracking_uri TEXT NOT NULL,
+    experiment_id TEXT,
+    parent_run_id TEXT,
+    updated_at TEXT
+);
+CREATE TABLE IF NOT EXISTS mlflow_outbox (
+    model_run_id TEXT NOT NULL,
+    trial_id TEXT NOT NULL,
+    study TEXT,
+    state TEXT NOT NULL,
+    mlflow_run_id TEXT,
+    artifact_uri TEXT,
+    synced_events INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at TEXT,
+    PRIMARY KEY (model_run_id, trial_id)
+);
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _ms(ts: datetime) -> int:
+    """Epoch milliseconds of an aware datetime (exact integer arithmetic)."""
+    return (ts - _EPOCH) // _MS
+
+
+def _store_ts_ms(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        dt = datetime.strptime(text, _STORE_TS).replace(tzinfo=UTC)
+    except ValueError:
+        dt = datetime.fromisoformat(text)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+    return _ms(dt)
+
+
+def _from_ms(ms: int | None) -> datetime:
+    if ms is None:
+        return events.utcnow()
+    return _EPOCH + timedelta(milliseconds=int(ms))
+
+
+def _now_text() -> str:
+    return events.utcnow().strftime(_STORE_TS)
+
+
+def _slug(text: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:80] or "x"
+    if clean == text:
+        return clean
+    return f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _param_value(value: Any) -> str:
+    """MLflow's string form of a parameter value (``str`` for scalars, JSON otherwise)."""
+    if isinstance(value, str):
+        text = value
+    elif value is None or isinstance(value, bool | int | float):
+        text = str(value)
+    else:
+        text = json.dumps(value, sort_keys=True, default=str)
+    return text[:MAX_PARAM_VALUE]
+
+
+def _parse_param(text: str) -> Any:
+    """Inverse of :func:`_param_value` for values read back from MLflow."""
+    if text in ("True", "true"):
+        return True
+    if text in ("False", "false"):
+        return False
+    if text == "None":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+        return value if math.isfinite(value) else text
+    except ValueError:
+        pass
+    if text[:1] in "[{":
+        with contextlib.suppress(ValueError):
+            return json.loads(text)
+    return text
+
+
+def _valid_key(key: str) -> bool:
+    norm = posixpath.normpath(key)
+    return bool(key) and len(key) <= 250 and norm == key and not key.startswith(("/", ".."))
+
+
+def _param_key(key: str) -> str | None:
+    """A parameter/tag key MLflow accepts (bad characters become ``_``), or None."""
+    clean = _BAD_KEY_CHARS.sub("_", str(key))[:250]
+    if not _valid_key(clean):
+        clean = clean.replace("/", "_").strip(".") or ""
+    return clean if _valid_key(clean) else None
+
+
+def _metric_key_ok(key: str) -> bool:
+    return _valid_key(key) and _BAD_KEY_CHARS.search(key) is None
+
+
+def _sn_from(params: Mapping[str, Any], tags: Mapping[str, str]) -> bool | None:
+    raw = params.get("spectral_norm")
+    if isinstance(raw, bool):
+        return raw
+    method = tags.get(TAG_CONSTRAINT)
+    if method == "spectral_norm":
+        return True
+    if method == "none":
+        return False
+    return None
+
+
+def _pull_id(*parts: Any) -> str:
+    digest = hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()
+    return f"{LINK_ID_PREFIX}{digest}"
+
+
+def _silence_mlflow_logging() -> None:
+    # The SQLite backend's first use runs alembic migrations that log at INFO; keep a
+    # user's explicit configuration, quieten only loggers nobody configured.
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils"):
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET:
+            lg.setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: one tiny interface over MLflow, REST (servers) or MlflowClient (SQLite, others)
+# ---------------------------------------------------------------------------------------------
+
+
+class _BackendError(Exception):
+    """An MLflow call failed; ``transient`` says whether retrying later can help."""
+
+    def __init__(self, message: str, *, transient: bool, code: str | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.code = code
+
+
+@dataclass
+class RunRecord:
+    """What the lab needs to know of an MLflow run."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+    artifact_uri: str
+    run_name: str | None
+    lifecycle_stage: str
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Point = tuple[str, float, int, int]  # key, value, timestamp ms, step
+
+
+class _Backend:
+    """The handful of MLflow operations the mirror uses."""
+
+    uri: str
+
+    def get_experiment_by_name(self, name: str) -> tuple[str, dict[str, str]] | None:
+        raise NotImplementedError
+
+    def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None
+    ) -> str:
+        raise NotImplementedError
+
+    def list_experiments(self) -> list[tuple[str, str, dict[str, str]]]:
+        raise NotImplementedError
+
+    def search_runs(self, experiment_ids: Sequence[str], filter_string: str) -> list[RunRecord]:
+        raise NotImplementedError
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        raise NotImplementedError
+
+    def create_run(
+        self, experiment_id: str, start_ms: int, tags: Mapping[str, str], run_name: str
+    ) -> RunRecord:
+        raise NotImplementedError
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Point] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def set_status(self, run_id: str, status: str, end_ms: int | None) -> None:
+        raise NotImplementedError
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
+        raise NotImplementedError
+
+    def log_artifact(self, run: RunRecord, local_file: Path, artifact_path: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections."""
+
+    # -- shared -------------------------------------------------------------------------
+
+    def wants_artifact_location(self) -> bool:
+        return False
+
+
+def _tags_list(tags: Mapping[str, str] | None) -> list[dict[str, str]]:
+    return [{"key": k, "value": v} for k, v in (tags or {}).items()]
+
+
+def _kv(items: Iterable[Mapping[str, Any]] | None) -> dict[str, Any]:
+    return {i["key"]: i.get("value") for i in items or ()}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+class _RestBackend(_Backend):
+    """MLflow's REST API over httpx: short timeouts, no retries (the outbox retries)."""
+
+    def __init__(self, uri: str, *, timeout: float = 10.0) -> None:
+        import httpx
+
+        self.uri = uri.rstrip("/")
+        headers = {"User-Agent": "thunderline-lab"}
+        auth: Any = None
+        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        elif user:
+            auth = httpx.BasicAuth(user, os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true")
+        self._httpx = httpx
+        self._http = httpx.Client(
+            base_url=self.uri,
+            headers=headers,
+            auth=auth,
+            verify=not insecure,
+            timeout=httpx.Timeout(timeout, connect=min(3.0, timeout)),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(
+        self,
+        method: str,
+        endpoint: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        api: str = "/api/2.0/mlflow/",
+    ) -> dict[str, Any]:
+        url = api + endpoint
+        try:
+            if method == "GET":
+                resp = self._http.get(url, params=dict(body or {}))
+            else:
+                resp = self._http.post(url, json=dict(body or {}))
+        except self._httpx.HTTPError as exc:
+            raise _BackendError(
+                f"{self.uri}: {endpoint}: {type(exc).__name__}: {exc}", transient=True
+            ) from exc
+        if resp.status_code == 200:
+            return resp.json() if resp.content else {}
+        try:
+            err = resp.json()
+            code, message = err.get("error_code"), err.get("message", resp.text)
+        except ValueError:
+            code, message = None, resp.text[:200]
+        transient = resp.status_code >= 500 or resp.status_code == 429
+        if code in _PERMANENT_CODES:
+            transient = False
+        raise _BackendError(
+            f"{self.uri}: {endpoint}: HTTP {resp.status_code} {code}: {message}",
+            transient=transient,
+            code=code,
+        )
+
+    @staticmethod
+    def _run(js: Mapping[str, Any]) -> RunRecord:
+        info, data = js.get("info", {}), js.get("data", {})
+        return RunRecord(
+            run_id=info.get("run_id") or info["run_uuid"],
+            experiment_id=str(info.get("experiment_id")),
+            status=info.get("status", "RUNNING"),
+            start_time=_int_or_none(info.get("start_time")),
+            end_time=_int_or_none(info.get("end_time")),
+            artifact_uri=info.get("artifact_uri", ""),
+            run_name=info.get("run_name"),
+            lifecycle_stage=info.get("lifecycle_stage", "active"),
+            params={k: str(v) for k, v in _kv(data.get("params")).items()},
+            tags={k: str(v) for k, v in _kv(data.get("tags")).items()},
+            metrics={k: float(v) for k, v in _kv(data.get("metrics")).items()},
+        )
+
+    def get_experiment_by_name(self, name: str) -> tuple[str, dict[str, str]] | None:
+        try:
+            js = self._call("GET", "experiments/get-by-name", {"experiment_name": name})
+        except _BackendError as exc:
+            if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        exp = js["experiment"]
+        if exp.get("lifecycle_stage", "active") != "active":
+            return None
+        return str(exp["experiment_id"]), _kv(exp.get("tags"))
+
+    def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None
+    ) -> str:
+        body: dict[str, Any] = {"name": name, "tags": _tags_list(tags)}
+        if artifact_location:
+            body["artifact_location"] = artifact_location
+        return str(self._call("POST", "experiments/create", body)["experiment_id"])
+
+    def list_experiments(self) -> list[tuple[str, str, dict[str, str]]]:
+        out: list[tuple[str, str, dict[str, str]]] = []
+        token = None
+        while True:
+            body: dict[str, Any] = {"max_results": 1000, "view_type": "ACTIVE_ONLY"}
+            if token:
+                body["page_token"] = token
+            js = self._call("POST", "experiments/search", body)
+            for exp in js.get("experiments", []):
+                out.append((str(exp["experiment_id"]), exp["name"], _kv(exp.get("tags"))))
+            token = js.get("next_page_token")
+            if not token:
+                return out
+
+    def search_runs(self, experiment_ids: Sequence[str], filter_string: str) -> list[RunRecord]:
+        out: list[RunRecord] = []
+        token = None
+        while True:
+            body: dict[str, Any] = {
+                "experiment_ids": list(experiment_ids),
+                "filter": filter_string,
+                "max_results": 1000,
+                "run_view_type": "ACTIVE_ONLY",
+            }
+            if token:
+                body["page_token"] = token
+            js = self._call("POST", "runs/search", body)
+            out.extend(self._run(r) for r in js.get("runs", []))
+            token = js.get("next_page_token")
+            if not token:
+                return out
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        try:
+            run = self._run(self._call("GET", "runs/get", {"run_id": run_id})["run"])
+        except _BackendError as exc:
+            if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        return run if run.lifecycle_stage == "active" else None
+
+    def create_run(
+        self, experiment_id: str, start_ms: int, tags: Mapping[str, str], run_name: str
+    ) -> RunRecord:
+        js = self._call(
+            "POST",
+            "runs/create",
+            {
+                "experiment_id": experiment_id,
+                "start_time": start_ms,
+                "run_name": run_name,
+                "tags": _tags_list(tags),
+            },
+        )
+        return self._run(js["run"])
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Point] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self._call(
+            "POST",
+            "runs/log-batch",
+            {
+                "run_id": run_id,
+                "metrics": [
+                    {"key": k, "value": v, "timestamp": ts, "step": s} for k, v, ts, s in metrics
+                ],
+                "params": _tags_list(params),
+                "tags": _tags_list(tags),
+            },
+        )
+
+    def set_status(self, run_id: str, status: str, end_ms: int | None) -> None:
+        body: dict[str, Any] = {"run_id": run_id, "status": status}
+        if end_ms is not None:
+            body["end_time"] = end_ms
+        self._call("POST", "runs/update", body)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
+        out: list[tuple[int, float, int]] = []
+        token = None
+        while True:
+            body: dict[str, Any] = {"run_id": run_id, "metric_key": key, "max_results": 25000}
+            if token:
+                body["page_token"] = token
+            js = self._call("GET", "metrics/get-history", body)
+            for m in js.get("metrics", []):
+                out.append((int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0))))
+            token = js.get("next_page_token")
+            if not token:
+                return out
+
+    def log_artifact(self, run: RunRecord, local_file: Path, artifact_path: str) -> None:
+        uri = run.artifact_uri
+        parsed = urlparse(uri)
+        if parsed.scheme == "mlflow-artifacts":
+            base = self.uri
+            if parsed.netloc:
+                base = f"{urlparse(self.uri).scheme}://{parsed.netloc}"
+            dest = posixpath.join(parsed.path.lstrip("/"), artifact_path, local_file.name)
+            mime = mimetypes.guess_type(local_file.name)[0] or "application/octet-stream"
+            try:
+                with open(local_file, "rb") as fh:
+                    resp = self._http.put(
+                        f"{base}/api/2.0/mlflow-artifacts/artifacts/{dest}",
+                        content=fh.read(),
+                        headers={"Content-Type": mime},
+                    )
+            except self._httpx.HTTPError as exc:
+                raise _BackendError(f"artifact upload {dest}: {exc}", transient=True) from exc
+            if resp.status_code != 200:
+                raise _BackendError(
+                    f"artifact upload {dest}: HTTP {resp.status_code}",
+                    transient=resp.status_code >= 500,
+                )
+        elif parsed.scheme in ("", "file"):
+            root = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
+            target = root / artifact_path
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(local_file, target / local_file.name)
+            except OSError as exc:
+                raise _BackendError(f"artifact copy to {target}: {exc}", transient=True) from exc
+        else:  # s3://, gs://, ...: MLflow's artifact repositories know them
+            try:
+                from mlflow.store.artifact.artifact_repository_registry import (
+                    get_artifact_repository,
+                )
+
+                get_artifact_repository(uri).log_artifact(str(local_file), artifact_path)
+            except Exception as exc:
+                raise _BackendError(f"artifact upload to {uri}: {exc}", transient=True) from exc
+
+
+class _ClientBackend(_Backend):
+    """MlflowClient for non-HTTP URIs (the lab's SQLite backend, databases, file stores)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        _silence_mlflow_logging()
+        try:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+        except Exception as exc:
+            raise _BackendError(f"{uri}: {exc}", transient=True) from exc
+
+    def wants_artifact_location(self) -> bool:
+        return True
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            code = getattr(exc, "error_code", None)
+            raise _BackendError(
+                f"{self.uri}: {what}: {exc}", transient=code not in _PERMANENT_CODES, code=code
+            ) from exc
+
+    @staticmethod
+    def _run(run: Any) -> RunRecord:
+        info, data = run.info, run.data
+        return RunRecord(
+            run_id=info.run_id,
+            experiment_id=str(info.experiment_id),
+            status=str(info.status),
+            start_time=info.start_time,
+            end_time=info.end_time,
+            artifact_uri=info.artifact_uri or "",
+            run_name=info.run_name,
+            lifecycle_stage=info.lifecycle_stage,
+            params=dict(data.params),
+            tags=dict(data.tags),
+            metrics={k: float(v) for k, v in data.metrics.items()},
+        )
+
+    def get_experiment_by_name(self, name: str) -> tuple[str, dict[str, str]] | None:
+        exp = self._guard("get experiment", lambda: self._client.get_experiment_by_name(name))
+        if exp is None or exp.lifecycle_stage != "active":
+            return None
+        return str(exp.experiment_id), dict(exp.tags)
+
+    def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None
+    ) -> str:
+        return str(
+            self._guard(
+                "create experiment",
+                lambda: self._client.create_experiment(
+                    name, artifact_location=artifact_location, tags=dict(tags)
+                ),
+            )
+        )
+
+    def list_experiments(self) -> list[tuple[str, str, dict[str, str]]]:
+        out: list[tuple[str, str, dict[str, str]]] = []
+        token = None
+        while True:
+            page = self._guard(
+                "search experiments",
+                functools.partial(
+                    self._client.search_experiments, max_results=1000, page_token=token
+                ),
+            )
+            out.extend((str(e.experiment_id), e.name, dict(e.tags)) for e in page)
+            token = page.token
+            if not token:
+                return out
+
+    def search_runs(self, experiment_ids: Sequence[str], filter_string: str) -> list[RunRecord]:
+        out: list[RunRecord] = []
+        token = None
+        while True:
+            page = self._guard(
+                "search runs",
+                functools.partial(
+                    self._client.search_runs,
+                    list(experiment_ids),
+                    filter_string,
+                    max_results=1000,
+                    page_token=token,
+                ),
+            )
+            out.extend(self._run(r) for r in page)
+            token = page.token
+            if not token:
+                return out
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        try:
+            run = self._guard("get run", lambda: self._client.get_run(run_id))
+        except _BackendError as exc:
+            if exc.code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        rec = self._run(run)
+        return rec if rec.lifecycle_stage == "active" else None
+
+    def create_run(
+        self, experiment_id: str, start_ms: int, tags: Mapping[str, str], run_name: str
+    ) -> RunRecord:
+        return self._run(
+            self._guard(
+                "create run",
+                lambda: self._client.create_run(
+                    experiment_id, start_time=start_ms, tags=dict(tags), run_name=run_name
+                ),
+            )
+        )
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Point] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._guard(
+            "log batch",
+            lambda: self._client.log_batch(
+                run_id,
+                metrics=[Metric(k, v, ts, s) for k, v, ts, s in metrics],
+                params=[Param(k, v) for k, v in (params or {}).items()],
+                tags=[RunTag(k, v) for k, v in (tags or {}).items()],
+                synchronous=True,
+            ),
+        )
+
+    def set_status(self, run_id: str, status: str, end_ms: int | None) -> None:
+        self._guard(
+            "update run", lambda: self._client.set_terminated(run_id, status, end_time=end_ms)
+        )
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
+        hist = self._guard("metric history", lambda: self._client.get_metric_history(run_id, key))
+        return [(int(m.step), float(m.value), int(m.timestamp)) for m in hist]
+
+    def log_artifact(self, run: RunRecord, local_file: Path, artifact_path: str) -> None:
+        self._guard(
+            "log artifact",
+            lambda: self._client.log_artifact(run.run_id, str(local_file), artifact_path),
+        )
+
+
+class _ProcessBackend(_Backend):
+    """MlflowClient in a child process, so its Python work never holds this process's GIL.
+
+    The SQLite backend spends ~0.1 s of CPU in SQLAlchemy per 1000 metrics; in the training
+    process that time is taken from the training thread. The child is a plain
+    ``python -c`` (no re-import of the caller's ``__main__``), speaking length-prefixed
+    pickles over its stdin/stdout; it exits when its stdin closes. A call that times out or
+    a dead child is a transient error; the next call starts a new child.
+    """
+
+    def __init__(self, uri: str, *, timeout: float = 120.0, first_timeout: float = 600.0) -> None:
+        self.uri = uri
+        self.timeout = timeout
+        self.first_timeout = first_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._fresh = True
+
+    def wants_artifact_location(self) -> bool:
+        return True
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        code = "from thunderline_lab.tracking import _io_worker_main; _io_worker_main()"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code, self.uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._fresh = True
+        return self._proc
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(5)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        proc = self._proc if self._proc is not None and self._proc.poll() is None else None
+        if proc is None:
+            self._kill()
+            proc = self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        timeout = self.first_timeout if self._fresh else self.timeout
+        try:
+            data = pickle.dumps((name, args))
+            proc.stdin.write(len(data).to_bytes(8, "big") + data)
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"no answer in {timeout:.0f}s")
+            head = proc.stdout.read(8)
+            if len(head) < 8:
+                raise EOFError("the MLflow worker process exited")
+            reply = pickle.loads(proc.stdout.read(int.from_bytes(head, "big")))
+        except (OSError, EOFError, TimeoutError, pickle.UnpicklingError) as exc:
+            self._kill()
+            raise _BackendError(f"{self.uri}: {name}: {exc}", transient=True) from exc
+        self._fresh = False
+        if reply[0] == "ok":
+            return reply[1]
+        raise _BackendError(reply[1], transient=reply[2], code=reply[3])
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def get_experiment_by_name(self, name: str) -> tuple[str, dict[str, str]] | None:
+        return self._call("get_experiment_by_name", name)
+
+    def create_experiment(
+        self, name: str, tags: Mapping[str, str], artifact_location: str | None
+    ) -> str:
+        return str(self._call("create_experiment", name, dict(tags), artifact_location))
+
+    def list_experiments(self) -> list[tuple[str, str, dict[str, str]]]:
+        return self._call("list_experiments")
+
+    def search_runs(self, experiment_ids: Sequence[str], filter_string: str) -> list[RunRecord]:
+        return self._call("search_runs", list(experiment_ids), filter_string)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        return self._call("get_run", run_id)
+
+    def create_run(
+        self, experiment_id: str, start_ms: int, tags: Mapping[str, str], run_name: str
+    ) -> RunRecord:
+        return self._call("create_run", experiment_id, start_ms, dict(tags), run_name)
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[Point] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self._call("log_batch", run_id, list(metrics), dict(params or {}), dict(tags or {}))
+
+    def set_status(self, run_id: str, status: str, end_ms: int | None) -> None:
+        self._call("set_status", run_id, status, end_ms)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float, int]]:
+        return self._call("metric_history", run_id, key)
+
+    def log_artifact(self, run: RunRecord, local_file: Path, artifact_path: str) -> None:
+        self._call("log_artifact", run, local_file, artifact_path)
+
+
+def _io_worker_main() -> None:
+    """The MLflow worker process of :class:`_ProcessBackend` (reads calls from stdin)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    uri = sys.argv[-1]
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the protocol
+    backend: _ClientBackend | None = None
+    while True:
+        head = inp.read(8)
+        if len(head) < 8:
+            return
+        name, args = pickle.loads(inp.read(int.from_bytes(head, "big")))
+        try:
+            if backend is None:
+                backend = _ClientBackend(uri)
+            reply: tuple[Any, ...] = ("ok", getattr(backend, name)(*args))
+        except _BackendError as exc:
+            reply = ("err", str(exc), exc.transient, exc.code)
+        except Exception as exc:
+            reply = ("err", f"{uri}: {name}: {type(exc).__name__}: {exc}", True, None)
+        data = pickle.dumps(reply)
+        out.write(len(data).to_bytes(8, "big") + data)
+        out.flush()
+
+
+def _open_backend(uri: str, *, isolate: bool = False) -> _Backend:
+    """REST for servers; MlflowClient otherwise (in a child process when ``isolate``)."""
+    if uri.startswith(("http://", "https://")):
+        return _RestBackend(uri)
+    if isolate and os.name == "posix":
+        return _ProcessBackend(uri)
+    return _ClientBackend(uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# The outbox (two tables in the lab's trial store database)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Outbox:
+    """Sync bookkeeping in the trial store's SQLite file, on a connection of its own.
+
+    A file store gets a private connection (so this thread never joins the store's own
+    transactions); an in-memory store shares ``store.conn`` under the store's lock.
+    """
+
+    def __init__(self, path: str | Path | None, store: TrialStore | None = None) -> None:
+        self._lock: Any
+        if store is not None and store.path == ":memory:":
+            self.conn = store.conn
+            self._lock = getattr(store, "_lock", threading.RLock())
+            self._own = False
+        else:
+            db = str(store.path if store is not None else path)
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(
+                db, timeout=120.0, isolation_level=None, check_same_thread=False
+            )
+            self.conn.execute("PRAGMA busy_timeout = 120000")
+            if db != ":memory:":
+                self.conn.execute("PRAGMA journal_mode = WAL")  # as the TrialStore keeps it
+            self._lock = threading.RLock()
+            self._own = True
+        self._write(lambda: [self.conn.execute(s) for s in _OUTBOX_SCHEMA.split(";") if s.strip()])
+
+    def close(self) -> None:
+        if self._own:
+            with self._lock:
+                self.conn.close()
+
+    def _write(self, fn: Callable[[], Any]) -> Any:
+        with self._lock:
+            deadline = time.monotonic() + 120.0
+            while True:
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if time.monotonic() > deadline or "locked" not in str(exc):
+                        raise
+                    time.sleep(0.05)
+            try:
+                out = fn()
+                self.conn.execute("COMMIT")
+                return out
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return list(self.conn.execute(sql, params))
+
+    # -- studies --------------------------------------------------------------------------
+
+    def mark_study(
+        self,
+        study: str,
+        tracking_uri: str,
+        experiment_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self._write(
+            lambda: self.conn.execute(
+                "INSERT INTO mlflow_studies (study, tracking_uri, experiment_id, parent_run_id, "
+                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (study) DO UPDATE SET "
+                "tracking_uri = excluded.tracking_uri, "
+                "experiment_id = COALESCE(excluded.experiment_id, mlflow_studies.experiment_id), "
+                "parent_run_id = COALESCE(excluded.parent_run_id, mlflow_studies.parent_run_id), "
+                "updated_at = excluded.updated_at",
+                (study, tracking_uri, experiment_id, parent_run_id, _now_text()),
+            )
+        )
+
+    def studies(self) -> dict[str, tuple[str, str | None, str | None]]:
+        rows = self.query(
+            "SELECT study, tracking_uri, experiment_id, parent_run_id FROM mlflow_studies"
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    # -- trials ---------------------------------------------------------------------------
+
+    def mark_pending(
+        self,
+        key: tuple[str, str],
+        study: str | None,
+        *,
+        run_id: str | None = None,
+        artifact_uri: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record that the trial is not fully in MLflow (keeps a synced row synced when only
+        its run id is being noted)."""
+        state = "pending" if run_id is None or error else None
+        self._write(
+            lambda: self.conn.execute(
+                "INSERT INTO mlflow_outbox (model_run_id, trial_id, study, state, mlflow_run_id, "
+                "artifact_uri, attempts, last_error, updated_at) "
+                "VALUES (?, ?, ?, COALESCE(?, 'pending'), ?, ?, ?, ?, ?) "
+                "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET "
+                "state = COALESCE(?, mlflow_outbox.state), "
+                "study = COALESCE(excluded.study, mlflow_outbox.study), "
+                "mlflow_run_id = COALESCE(excluded.mlflow_run_id, mlflow_outbox.mlflow_run_id), "
+                "artifact_uri = COALESCE(excluded.artifact_uri, mlflow_outbox.artifact_uri), "
+                "attempts = mlflow_outbox.attempts + excluded.attempts, "
+                "last_error = COALESCE(excluded.last_error, mlflow_outbox.last_error), "
+                "updated_at = excluded.updated_at",
+                (
+                    *key,
+                    study,
+                    state,
+                    run_id,
+                    artifact_uri,
+                    1 if error else 0,
+                    error,
+                    _now_text(),
+                    state,
+                ),
+            )
+        )
+
+    def mark_synced(
+        self, key: tuple[str, str], study: str | None, run_id: str, n_events: int
+    ) -> None:
+        self._write(
+            lambda: self.conn.execute(
+                "INSERT INTO mlflow_outbox (model_run_id, trial_id, study, state, mlflow_run_id, "
+                "synced_events, last_error, updated_at) VALUES (?, ?, ?, 'synced', ?, ?, NULL, ?) "
+                "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET state = 'synced', "
+                "study = COALESCE(excluded.study, mlflow_outbox.study), "
+                "mlflow_run_id = excluded.mlflow_run_id, "
+                "synced_events = MAX(mlflow_outbox.synced_events, excluded.synced_events), "
+                "last_error = NULL, updated_at = excluded.updated_at",
+                (*key, study, run_id, n_events, _now_text()),
+            )
+        )
+
+    def outbox(self) -> dict[tuple[str, str], tuple[str, str | None, int, str | None, str | None]]:
+        """Per trial: state, run id, synced_events, last_error, artifact_uri."""
+        rows = self.query(
+            "SELECT model_run_id, trial_id, state, mlflow_run_id, synced_events, last_error, "
+            "artifact_uri FROM mlflow_outbox"
+        )
+        return {(r[0], r[1]): (r[2], r[3], int(r[4]), r[5], r[6]) for r in rows}
+
+    # -- reads of the store's tables ------------------------------------------------------
+
+    def event_counts(self) -> dict[tuple[str, str], int]:
+        """Events per trial that MLflow should reflect (not ones this module made)."""
+        rows = self.query(
+            "SELECT model_run_id, trial_id, COUNT(*) FROM events "
+            "WHERE name LIKE 'ml.%' AND model_run_id IS NOT NULL AND trial_id IS NOT NULL "
+            "AND substr(id, 1, ?) != ? GROUP BY model_run_id, trial_id",
+            (len(LINK_ID_PREFIX), LINK_ID_PREFIX),
+        )
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def metric_points(self, key: tuple[str, str]) -> list[tuple[str, int, float, str]]:
+        return self.query(
+            "SELECT name, step, value, timestamp FROM metrics "
+            "WHERE model_run_id = ? AND trial_id = ? ORDER BY name, step",
+            key,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a trial should look like in MLflow, and pushing it there idempotently
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialSnapshot:
+    """Everything MLflow should hold for one trial (built from events or from the store)."""
+
+    model_run_id: str
+    trial_id: str
+    study: str | None = None
+    spectral_norm: bool | None = None
+    spectral_norm_coeff: float | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"
+    error_type: str | None = None
+    error_message: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    series: dict[str, dict[int, tuple[float, int]]] = field(default_factory=dict)
+    started_ms: int | None = None
+    ended_ms: int | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model_run_id, self.trial_id)
+
+    def mlflow_params(self) -> dict[str, str]:
+        """The run's params: the trial's hyperparameters plus spectral_norm and its coeff."""
+        merged: dict[str, Any] = dict(self.parameters)
+        if "spectral_norm" not in merged and self.spectral_norm is not None:
+            merged["spectral_norm"] = self.spectral_norm
+        if "spectral_norm_coeff" not in merged and self.spectral_norm_coeff is not None:
+            merged["spectral_norm_coeff"] = self.spectral_norm_coeff
+        out: dict[str, str] = {}
+        for k, v in merged.items():
+            key = _param_key(k)
+            if key is not None:
+                out[key] = _param_value(v)
+        return out
+
+    def mlflow_tags(self, ctx: _Context | None) -> dict[str, str]:
+        """The run's tags: the cross-references to the lab plus the trial's status."""
+        tags = {
+            TAG_TRIAL_ID: self.trial_id,
+            TAG_MODEL_RUN_ID: self.model_run_id,
+            TAG_RUN_NAME: self.trial_id,
+            TAG_ROLE: "trial",
+            TAG_SOURCE: SOURCE_VALUE,
+            TAG_STATUS: self.status,
+        }
+        if self.study:
+            tags[TAG_STUDY] = self.study
+        if self.spectral_norm is not None:
+            tags[TAG_CONSTRAINT] = "spectral_norm" if self.spectral_norm else "none"
+        if ctx is not None:
+            tags[TAG_PARENT] = ctx.parent_run_id
+            tags[TAG_LAB] = ctx.lab_tag
+        if self.error_type:
+            tags["error_type"] = self.error_type
+        if self.error_message:
+            tags["error_message"] = self.error_message[:MAX_TAG_VALUE]
+        return {k: v[:MAX_TAG_VALUE] for k, v in tags.items()}
+
+    def all_points(self) -> list[Point]:
+        return [
+            (k, v, ts, step)
+            for k, steps in self.series.items()
+            if _metric_key_ok(k)
+            for step, (v, ts) in sorted(steps.items())
+        ]
+
+    def summary_points(self, skip: Mapping[str, float]) -> list[Point]:
+        ts = self.ended_ms or self.started_ms or _ms(events.utcnow())
+        return [
+            (FINAL_PREFIX + k, float(v), ts, 0)
+            for k, v in sorted(self.metrics.items())
+            if _metric_key_ok(FINAL_PREFIX + k)
+            and isinstance(v, int | float)
+            and math.isfinite(v)
+            and skip.get(k) != float(v)
+        ]
+
+
+@dataclass
+class _Context:
+    """Where a study lives in MLflow."""
+
+    study: str
+    experiment_id: str
+    parent_run_id: str
+    lab_tag: str
+
+
+@dataclass
+class _RunSync:
+    """A trial's mirror state: what MLflow should have, and what it is known to have."""
+
+    snap: TrialSnapshot
+    run: RunRecord | None = None
+    logged_params: dict[str, str] = field(default_factory=dict)
+    logged_tags: dict[str, str] = field(default_factory=dict)
+    logged_summary: dict[str, float] = field(default_factory=dict)
+    logged_status: str | None = None
+    pending: list[Point] = field(default_factory=list)
+    reconcile: bool = False
+    conflicts: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+    trial_status: str | None = None
+    run_status: str | None = None
+    broken: str | None = None
+    artifacts_dir: Path | None = None
+    synced_mark: int = -1
+    linked: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run is not None else None
+
+
+@dataclass
+class _PushStats:
+    created: bool = False
+    points: int = 0
+    params: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+
+def _trial_filter(snap: TrialSnapshot) -> str:
+    clauses = []
+    for tag, value in ((TAG_TRIAL_ID, snap.trial_id), (TAG_MODEL_RUN_ID, snap.model_run_id)):
+        if "'" not in value and "\\" not in value:
+            clauses.append(f"tags.`{tag}` = '{value}'")
+    return " and ".join(clauses)
+
+
+def _find_run(backend: _Backend, ctx: _Context, snap: TrialSnapshot) -> RunRecord | None:
+    runs = [
+        r
+        for r in backend.search_runs([ctx.experiment_id], _trial_filter(snap))
+        if r.tags.get(TAG_TRIAL_ID) == snap.trial_id
+        and r.tags.get(TAG_MODEL_RUN_ID) == snap.model_run_id
+        and r.tags.get(TAG_ROLE) != "study"
+    ]
+    if not runs:
+        return None
+    return min(runs, key=lambda r: (r.start_time or 0, r.run_id))
+
+
+def _reconcile(
+    backend: _Backend, ctx: _Context, rs: _RunSync, stats: _PushStats, *, search: bool
+) -> None:
+    """Find the trial's run (or create it) and compute exactly what MLflow lacks.
+
+    ``search=False`` (a trial never sent before, no failed request) creates the run
+    without looking for it first.
+    """
+    snap = rs.snap
+    run = backend.get_run(rs.run.run_id) if rs.run is not None else None
+    if run is None and search:
+        run = _find_run(backend, ctx, snap)
+    if run is None:
+        tags = snap.mlflow_tags(ctx)
+        run = backend.create_run(
+            ctx.experiment_id, snap.started_ms or _ms(events.utcnow()), tags, snap.trial_id
+        )
+        stats.created = True
+        rs.run = run
+        rs.logged_params, rs.logged_tags, rs.logged_summary = {}, dict(tags), {}
+        rs.logged_status = None
+        rs.pending = snap.all_points()
+        rs.reconcile = False
+        return
+    rs.run = run
+    rs.logged_params = dict(run.params)
+    rs.logged_tags = dict(run.tags)
+    rs.logged_summary = {
+        k[len(FINAL_PREFIX) :]: v for k, v in run.metrics.items() if k.startswith(FINAL_PREFIX)
+    }
+    rs.logged_status = run.status if run.end_time else None
+    pending: list[Point] = []
+    for key, steps in snap.series.items():
+        if not _metric_key_ok(key):
+            continue
+        have = (
+            {s for s, _v, _t in backend.metric_history(run.run_id, key)}
+            if key in (run.metrics)
+            else set()
+        )
+        pending.extend((key, v, ts, s) for s, (v, ts) in sorted(steps.items()) if s not in have)
+    rs.pending = pending
+    rs.reconcile = False
+
+
+def _push(
+    backend: _Backend,
+    ctx: _Context,
+    rs: _RunSync,
+    *,
+    flush_points: bool = True,
+    stats: _PushStats | None = None,
+) -> _PushStats:
+    """Bring a trial's run up to date: run, params, tags, metric points, final status.
+
+    Idempotent: only what MLflow is not known to have is sent. Raises :class:`_BackendError`.
+    """
+    stats = stats or _PushStats()
+    snap = rs.snap
+    if rs.run is None or rs.reconcile:
+        _reconcile(backend, ctx, rs, stats, search=rs.reconcile)
+    assert rs.run is not None
+    run_id = rs.run.run_id
+    want_params = snap.mlflow_params()
+    new_params = {k: v for k, v in want_params.items() if k not in rs.logged_params}
+    for k, v in want_params.items():
+        if k in rs.logged_params and rs.logged_params[k] != v and k not in rs.conflicts:
+            rs.conflicts.add(k)
+            stats.conflicts.append(
+                f"{snap.model_run_id}/{snap.trial_id}: param {k}: MLflow has "
+                f"{rs.logged_params[k]!r}, the lab {v!r} (MLflow params are immutable)"
+            )
+    items = list(new_params.items())
+    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+        chunk = dict(items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        backend.log_batch(run_id, params=chunk)
+        rs.logged_params.update(chunk)
+        stats.params += len(chunk)
+    want_tags = snap.mlflow_tags(ctx)
+    new_tags = list((k, v) for k, v in want_tags.items() if rs.logged_tags.get(k) != v)
+    for i in range(0, len(new_tags), MAX_PARAMS_TAGS_PER_BATCH):
+        tchunk = dict(new_tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        backend.log_batch(run_id, tags=tchunk)
+        rs.logged_tags.update(tchunk)
+    terminal = snap.status != "running"
+    if flush_points or terminal:
+        points = rs.pending + snap.summary_points(rs.logged_summary)
+        sent = 0
+        try:
+            for i in range(0, len(points), MAX_METRICS_PER_BATCH):
+                chunk_pts = points[i : i + MAX_METRICS_PER_BATCH]
+                backend.log_batch(run_id, metrics=chunk_pts)
+                sent += len(chunk_pts)
+                stats.points += len(chunk_pts)
+                for name, value, _ts, _s in chunk_pts:
+                    if name.startswith(FINAL_PREFIX):
+                        rs.logged_summary[name[len(FINAL_PREFIX) :]] = value
+        finally:
+            rs.pending = [p for p in points[sent:] if not p[0].startswith(FINAL_PREFIX)]
+    want_status = _MLFLOW_STATUS.get(snap.status)
+    if want_status is not None and rs.logged_status != want_status:
+        backend.set_status(run_id, want_status, snap.ended_ms)
+        rs.logged_status = want_status
+    return stats
+
+
+def _up_to_date(rs: _RunSync) -> bool:
+    snap = rs.snap
+    return (
+        rs.run is not None
+        and not rs.reconcile
+        and not rs.pending
+        and snap.status != "running"
+        and rs.logged_status == _MLFLOW_STATUS.get(snap.status)
+        and all(k in rs.logged_params for k in snap.mlflow_params())
+        and not snap.summary_points(rs.logged_summary)
+    )
+
+
+def _ensure_context(
+    backend: _Backend, study: str, lab: Lab, known: tuple[str | None, str | None] = (None, None)
+) -> _Context:
+    """Find or create the study's experiment and parent run."""
+    lab_tag = str(lab.root)
+    found = backend.get_experiment_by_name(study)
+    if found is None:
+        location = None
+        if backend.wants_artifact_location():
+            location = (lab.mlflow_artifacts / _slug(study)).as_uri()
+        try:
+            exp_id = backend.create_experiment(
+                study, {TAG_LAB: lab_tag, "thunderline.study": study}, location
+            )
+        except _BackendError as exc:  # created concurrently by another worker
+            again = backend.get_experiment_by_name(study)
+            if again is None:
+                raise exc from None
+            exp_id = again[0]
+    else:
+        exp_id = found[0]
+    parent_id = known[1] if known[0] == exp_id else None
+    if parent_id is not None and backend.get_run(parent_id) is None:
+        parent_id = None
+    if parent_id is None:
+        parents = [
+            r
+            for r in backend.search_runs([exp_id], f"tags.`{TAG_ROLE}` = 'study'")
+            if r.tags.get(TAG_ROLE) == "study"
+        ]
+        if parents:
+            parent_id = min(parents, key=lambda r: (r.start_time or 0, r.run_id)).run_id
+        else:
+            parent_id = backend.create_run(
+                exp_id,
+                _ms(events.utcnow()),
+                {
+                    TAG_ROLE: "study",
+                    TAG_STUDY: study,
+                    TAG_MODEL_RUN_ID: study,
+                    TAG_SOURCE: SOURCE_VALUE,
+                    TAG_LAB: lab_tag,
+                },
+                study,
+            ).run_id
+    return _Context(study, exp_id, parent_id, lab_tag)
+
+
+def _link_event(key: tuple[str, str], study: str | None, run: RunRecord) -> events.Event:
+    """The write-back: an ``ml.run.start`` stating only the trial's ``mlflow_run_id``."""
+    return events.run_start(
+        id=_pull_id("link", key[0], key[1], run.run_id),
+        source=SOURCE,
+        model_run_id=key[0],
+        trial_id=key[1],
+        study=study,
+        mlflow_run_id=run.run_id,
+        metadata={
+            "mlflow_link": True,
+            "mlflow_experiment_id": run.experiment_id,
+            "mlflow_artifact_uri": run.artifact_uri,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def _spool_root(lab: Lab) -> Path:
+    return lab.root / "mlflow_outbox"
+
+
+def _write_artifacts(
+    directory: Path,
+    key: tuple[str, str],
+    study: str | None,
+    *,
+    state_dict: Any = None,
+    sigma_table: Any = None,
+    history: Any = None,
+    series: Mapping[str, Mapping[int, tuple[float, int]]] | None = None,
+    title: str = "",
+) -> list[Path]:
+    """Write a trial's artifacts into its spool folder (uploaded later, kept until then)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "meta.json").write_text(
+        json.dumps({"model_run_id": key[0], "trial_id": key[1], "study": study})
+    )
+    written = []
+    if state_dict is not None:
+        import torch
+
+        path = directory / "model" / "state_dict.pt"
+        path.parent.mkdir(exist_ok=True)
+        torch.save(state_dict, path)
+        written.append(path)
+    if sigma_table is not None:
+        path = directory / "sigma" / "sigma_table.csv"
+        path.parent.mkdir(exist_ok=True)
+        sigma_table.to_csv(path, index=False)
+        written.append(path)
+    curves = _curves(history, series)
+    if curves:
+        path = directory / "plots" / "learning_curve.png"
+        path.parent.mkdir(exist_ok=True)
+        _plot_learning_curve(curves, path, title)
+        written.append(path)
+    return written
+
+
+def _curves(
+    history: Any, series: Mapping[str, Mapping[int, tuple[float, int]]] | None
+) -> dict[str, list[tuple[float, float]]]:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    records: list[Mapping[str, Any]] = []
+    if history is not None:
+        if hasattr(history, "to_dict"):
+            records = history.to_dict("records")
+        else:
+            records = [dict(r) for r in history]
+    if records:
+        for i, rec in enumerate(records):
+            x = rec.get("epoch", rec.get("step", i))
+            for k, v in rec.items():
+                if k in ("epoch", "step") or isinstance(v, bool):
+                    continue
+                if isinstance(v, int | float) and math.isfinite(v):
+                    curves.setdefault(k, []).append((float(x), float(v)))
+    elif series:
+        for k, steps in series.items():
+            curves[k] = [(float(s), v) for s, (v, _ts) in sorted(steps.items())]
+    return curves
+
+
+def _plot_learning_curve(
+    curves: Mapping[str, list[tuple[float, float]]], path: Path, title: str
+) -> None:
+    """Loss, accuracy and σ curves side by side (matplotlib Agg, no pyplot: thread-safe)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = {
+        "loss": [k for k in curves if "loss" in k],
+        "accuracy": [k for k in curves if "acc" in k],
+        "max σ": [k for k in curves if "sigma" in k],
+    }
+    groups = {g: ks for g, ks in groups.items() if ks}
+    if not groups:
+        groups = {"metrics": list(curves)[:6]}
+    fig = Figure(figsize=(4.2 * len(groups), 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (label, keys) in enumerate(groups.items()):
+        ax = fig.add_subplot(1, len(groups), i + 1)
+        for k in sorted(keys):
+            xs, ys = zip(*curves[k], strict=True)
+            ax.plot(xs, ys, label=k, marker="." if len(xs) < 30 else None)
+        ax.set_xlabel("epoch")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _upload_spool(backend: _Backend, run: RunRecord, directory: Path) -> int:
+    """Upload every file of a spool folder (but meta.json), then remove the folder."""
+    n = 0
+    for file in sorted(directory.rglob("*")):
+        if file.is_file() and file.name != "meta.json":
+            rel = file.parent.relative_to(directory).as_posix()
+            backend.log_artifact(run, file, "" if rel == "." else rel)
+            n += 1
+    shutil.rmtree(directory, ignore_errors=True)
+    return n
+
+
+def _snapshot_state_dict(model: Any) -> Any:
+    """A CPU copy of a module's (or a mapping's) tensors, safe to serialise later."""
+    import torch
+
+    sd = model.state_dict() if hasattr(model, "state_dict") else dict(model)
+    return {
+        k: (v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v)
+        for k, v in sd.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The logger
+# ---------------------------------------------------------------------------------------------
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+def _has_unsent(rs: _RunSync) -> bool:
+    """Whether the trial has something MLflow does not (a running trial can be complete)."""
+    if rs.broken is not None or rs.run is None or rs.reconcile or rs.pending:
+        return True
+    if rs.artifacts_dir is not None:
+        return True
+    if rs.snap.status == "running":
+        return False
+    return rs.synced_mark != len(rs.seen)
+
+
+class MLflowLogger:
+    """Mirror a study's ``ml.*`` events to MLflow from a background thread.
+
+    Args:
+        bus: the event bus the study publishes on.
+        lab: the lab (outbox in ``lab.db``, default MLflow backend ``lab/mlflow.db``,
+            artifact spool in ``lab/mlflow_outbox/``).
+        study: the study name: the MLflow experiment, and the events mirrored (those whose
+            ``model_run_id`` or ``study`` is this name).
+        store: the lab's trial store, if open (its database holds the outbox); by default the
+            outbox opens ``lab.db`` itself.
+        tracking_uri: MLflow to talk to (default ``$MLFLOW_TRACKING_URI``, else the lab's
+            SQLite backend).
+        flush_interval: seconds between metric batches of a running trial.
+        max_backoff: longest wait (seconds) before retrying an unreachable MLflow.
+        isolate: run MlflowClient (non-HTTP backends, e.g. the lab's SQLite) in a child
+            process so its CPU work never competes with training for the GIL (default: on).
+
+    Example:
+        >>> bus = EventBus()  # doctest: +SKIP
+        >>> with MLflowLogger(bus, lab=lab, study="sn-ab") as mlf:  # doctest: +SKIP
+        ...     bus.publish(events.trial_start(model_run_id="sn-ab", trial_id="trial_0000",
+        ...                                    study="sn-ab", spectral_norm=True))
+        ...     mlf.flush(10)
+        ...     mlf.run_id_for("trial_0000")
+        '9a1b...'
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        lab: Lab,
+        study: str,
+        store: TrialStore | None = None,
+        tracking_uri: str | None = None,
+        flush_interval: float = 1.0,
+        max_backoff: float = 30.0,
+        isolate: bool = True,
+    ) -> None:
+        self.bus = bus
+        self.isolate = isolate
+        self.lab = lab
+        self.study = study
+        self.tracking_uri = tracking_uri or lab.mlflow_tracking_uri
+        self.flush_interval = flush_interval
+        self.max_backoff = max_backoff
+        self._store = store
+        self._queue: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._abandon = False
+        self._trials: dict[tuple[str, str], _RunSync] = {}
+        self._run_ids: dict[str, str] = {}
+        self._run_id_cond = threading.Condition()
+        self._backend: _Backend | None = None
+        self._ctx: _Context | None = None
+        self._existing: dict[tuple[str, str], RunRecord] = {}
+        self._outbox: _Outbox | None = None
+        self._offline_until = 0.0
+        self._failures = 0
+        self._last_points_flush = time.monotonic()
+        self.errors: list[str] = []
+        self.stats = {"points": 0, "params": 0, "runs_created": 0, "artifacts": 0, "failures": 0}
+        self._sub: Subscription = bus.subscribe("ml.*", self._on_event, name="MLflowLogger")
+        self._thread = threading.Thread(target=self._run, name="thunderline-mlflow", daemon=True)
+        self._thread.start()
+
+    # -- the training thread's side: O(1), no locks, no I/O -------------------------------
+
+    def _on_event(self, event: events.Event) -> None:
+        self._queue.append(event)
+        if event.name != "ml.run.metric":
+            self._wake.set()
+
+    def run_id_for(
+        self, trial_id: str, second: str | None = None, *, timeout: float = 0.0
+    ) -> str | None:
+        """The trial's MLflow run id once its run exists (None before; never blocks by default).
+
+        Called as ``run_id_for(trial_id)`` or ``run_id_for(model_run_id, trial_id)``.
+
+        Args:
+            trial_id: the trial (of this logger's study), or the model run id when
+                ``second`` is given.
+            second: the trial id, when the first argument is the model run id.
+            timeout: wait up to this many seconds for the run to be created.
+        """
+        key = trial_id if second is None else f"{trial_id}\x1f{second}"
+        run_id = self._run_ids.get(key)
+        if run_id is not None or timeout <= 0:
+            return run_id
+        with self._run_id_cond:
+            self._run_id_cond.wait_for(lambda: key in self._run_ids, timeout)
+        return self._run_ids.get(key)
+
+    def log_artifacts(
+        self,
+        trial_id: str,
+        *,
+        model: Any = None,
+        sigma_table: pd.DataFrame | None = None,
+        history: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None,
+        model_run_id: str | None = None,
+    ) -> None:
+        """Queue a trial's artifacts: model state_dict, per-layer σ table, learning curve.
+
+        The caller's thread only copies the tensors (a CPU snapshot) and the tables;
+        serialisation, the PNG (matplotlib Agg) and the upload happen on the logger thread,
+        and the files wait in ``lab/mlflow_outbox/`` until MLflow has them. Without
+        ``history`` the curve is drawn from the trial's ``ml.run.metric`` events.
+        """
+        payload = {
+            "state_dict": None if model is None else _snapshot_state_dict(model),
+            "sigma_table": None if sigma_table is None else sigma_table.copy(),
+            "history": None
+            if history is None
+            else (history.copy() if hasattr(history, "copy") else list(history)),
+        }
+        self._queue.append(("artifacts", (model_run_id or self.study, trial_id), payload))
+        self._wake.set()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Send everything received so far (one attempt; skipped while MLflow is down).
+
+        Returns:
+            True if MLflow has everything the logger received.
+        """
+        marker = _Flush()
+        self._queue.append(marker)
+        self._wake.set()
+        if not marker.done.wait(timeout):
+            return False
+        return self.pending() == 0
+
+    def pending(self) -> int:
+        """How many trials have something MLflow does not have yet."""
+        return sum(1 for rs in list(self._trials.values()) if _has_unsent(rs))
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Stop listening, make a last attempt to send everything and stop the thread.
+
+        Whatever MLflow could not take stays pending in the outbox for ``mlflow-sync``.
+
+        Returns:
+            True if everything reached MLflow.
+        """
+        if not self._closing:
+            self.bus.unsubscribe(self._sub)
+            self._closing = True
+            self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandon = True  # give up between two requests (each has a short timeout)
+            self._thread.join(15.0)
+        return self.pending() == 0
+
+    def __enter__(self) -> MLflowLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the logger thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._outbox = _Outbox(self.lab.db_path, self._store)
+            self._outbox.mark_study(self.study, self.tracking_uri)
+        except Exception as exc:  # the outbox is best effort too
+            self._note_error(f"outbox unavailable: {exc}")
+        while True:
+            self._wake.wait(min(self.flush_interval, 0.5))
+            self._wake.clear()
+            closing = self._closing
+            markers: list[_Flush] = []
+            try:
+                self._drain(markers)
+                due = time.monotonic() - self._last_points_flush >= self.flush_interval
+                self._pump(force=bool(markers) or closing or due, final=closing)
+            except Exception as exc:  # never let the thread die
+                self._note_error(f"logger thread: {type(exc).__name__}: {exc}")
+                log.exception("MLflow logger iteration failed")
+            for m in markers:
+                m.done.set()
+            if (closing and not self._queue) or self._abandon:
+                break
+        self._finish()
+
+    def _finish(self) -> None:
+        with contextlib.suppress(Exception):
+            self._drain([])
+        if self._outbox is not None:
+            for key, rs in self._trials.items():
+                if _has_unsent(rs):
+                    with contextlib.suppress(Exception):
+                        self._outbox.mark_pending(key, rs.snap.study)
+            self._outbox.close()
+        if self._backend is not None:
+            with contextlib.suppress(Exception):
+                self._backend.close()
+
+    def _note_error(self, message: str) -> None:
+        self.stats["failures"] += 1
+        self.errors.append(message)
+        del self.errors[:-50]
+        log.warning("MLflow: %s", message)
+
+    def _drain(self, markers: list[_Flush]) -> None:
+        q = self._queue
+        while q:
+            item = q.popleft()
+            if isinstance(item, _Flush):
+                markers.append(item)
+            elif isinstance(item, tuple):
+                self._spool(item[1], item[2])
+            else:
+                try:
+                    self._apply(item)
+                except Exception as exc:
+                    self._note_error(f"cannot mirror event {getattr(item, 'id', '?')}: {exc}")
+
+    def _state(self, key: tuple[str, str], study: str | None) -> _RunSync:
+        rs = self._trials.get(key)
+        if rs is None:
+            rs = _RunSync(TrialSnapshot(key[0], key[1], study=study or self.study))
+            existing = self._existing.get(key)
+            if existing is not None:  # a resumed study: the run exists from an earlier process
+                rs.run, rs.reconcile = existing, True
+            self._trials[key] = rs
+            if self._outbox is not None:
+                try:
+                    self._outbox.mark_pending(key, study or self.study)
+                except Exception as exc:
+                    self._note_error(f"outbox: {exc}")
+        return rs
+
+    def _apply(self, ev: Any) -> None:
+        """Fold one event into its trial's snapshot (in memory only)."""
+        if isinstance(ev, Mapping) or not hasattr(ev, "payload"):
+            ev = events.validate_event(ev)
+        p = ev.payload
+        if isinstance(p, Mapping) or ev.id.startswith(LINK_ID_PREFIX):
+            return
+        if p.model_run_id != self.study and p.study != self.study:
+            return
+        rs = self._state((p.model_run_id, p.trial_id), p.study)
+        if ev.id in rs.seen:
+            return
+        rs.seen.add(ev.id)
+        snap = rs.snap
+        ts = _ms(ev.timestamp)
+        if snap.started_ms is None:
+            snap.started_ms = ts
+        if isinstance(p, events.RunMetric):
+            for k, v in p.points().items():
+                snap.series.setdefault(k, {})[p.step] = (v, ts)
+                if _metric_key_ok(k):
+                    rs.pending.append((k, v, ts, p.step))
+            return
+        if p.study:
+            snap.study = p.study
+        for attr in ("spectral_norm", "spectral_norm_coeff"):
+            value = getattr(p, attr, None)
+            if value is not None:
+                setattr(snap, attr, value)
+        snap.parameters.update(getattr(p, "parameters", None) or {})
+        snap.metrics.update(getattr(p, "metrics", None) or {})
+        if ev.name in ("ml.trial.start", "ml.run.start"):
+            snap.started_ms = min(snap.started_ms, ts)
+        elif ev.name == "ml.trial.complete":
+            rs.trial_status, snap.ended_ms = p.status, ts
+        elif ev.name == "ml.trial.failed":
+            rs.trial_status, snap.ended_ms = "failed", ts
+            snap.error_type, snap.error_message = p.error_type, p.error_message
+        elif ev.name == "ml.run.stop":
+            rs.run_status = "completed" if p.success else "failed"
+            if rs.trial_status is None:
+                snap.ended_ms = ts
+        snap.status = rs.trial_status or rs.run_status or "running"
+
+    def _spool(self, key: tuple[str, str], payload: Mapping[str, Any]) -> None:
+        rs = self._state(key, None)
+        sn = rs.snap.spectral_norm
+        constraint = "?" if sn is None else "spectral norm" if sn else "no constraint"
+        directory = _spool_root(self.lab) / _slug(key[0]) / _slug(key[1])
+        try:
+            _write_artifacts(
+                directory,
+                key,
+                rs.snap.study,
+                state_dict=payload.get("state_dict"),
+                sigma_table=payload.get("sigma_table"),
+                history=payload.get("history"),
+                series=rs.snap.series,
+                title=f"{key[1]} ({constraint})",
+            )
+            rs.artifacts_dir = directory
+        except Exception as exc:
+            self._note_error(f"{key[1]}: cannot write artifacts: {exc}")
+
+    def _online(self) -> bool:
+        """Connect (once) and set up the study's experiment; False while backing off."""
+        if time.monotonic() < self._offline_until:
+            return False
+        if self._backend is None:
+            self._backend = _open_backend(self.tracking_uri, isolate=self.isolate)
+        if self._ctx is None:
+            ctx = _ensure_context(self._backend, self.study, self.lab)
+            self._existing = {}
+            for run in self._backend.search_runs(
+                [ctx.experiment_id], f"tags.`{TAG_ROLE}` = 'trial'"
+            ):
+                key = (run.tags.get(TAG_MODEL_RUN_ID, ""), run.tags.get(TAG_TRIAL_ID, ""))
+                if run.tags.get(TAG_ROLE) == "trial" and key not in self._existing:
+                    self._existing[key] = run
+            for key, rs in self._trials.items():
+                if rs.run is None and key in self._existing:
+                    rs.run, rs.reconcile = self._existing[key], True
+            self._ctx = ctx
+            if self._outbox is not None:
+                self._outbox.mark_study(
+                    self.study, self.tracking_uri, ctx.experiment_id, ctx.parent_run_id
+                )
+        return True
+
+    def _went_offline(self, exc: BaseException) -> None:
+        self._failures += 1
+        delay = min(self.max_backoff, 0.5 * 2 ** min(self._failures - 1, 10))
+        self._offline_until = time.monotonic() + delay
+        self._note_error(f"{exc} (offline, retry in {delay:.1f}s)")
+
+    def _pump(self, *, force: bool, final: bool) -> None:
+        """Send what is due: new runs, params, tags, metric batches, final states, files."""
+        if force:
+            self._last_points_flush = time.monotonic()
+        work = []
+        for rs in list(self._trials.values()):
+            if rs.broken is not None or not _has_unsent(rs):
+                continue
+            urgent = (
+                rs.run is None
+                or rs.reconcile
+                or rs.snap.status != "running"
+                or rs.artifacts_dir is not None
+                or len(rs.pending) >= MAX_METRICS_PER_BATCH
+            )
+            if force or urgent:
+                work.append(rs)
+        if not work and not (final and self._ctx is not None):
+            return
+        try:
+            if not self._online():
+                return
+        except Exception as exc:
+            self._went_offline(exc)
+            return
+        assert self._backend is not None and self._ctx is not None
+        for rs in work:
+            if self._abandon:
+                return
+            flush_points = force or len(rs.pending) >= MAX_METRICS_PER_BATCH
+            try:
+                self._pump_trial(rs, flush_points=flush_points)
+            except _BackendError as exc:
+                rs.reconcile = True
+                if exc.transient:
+                    self._went_offline(exc)
+                    return
+                rs.broken = str(exc)
+                self._note_error(f"{rs.snap.trial_id}: {exc}")
+                if self._outbox is not None:
+                    self._outbox.mark_pending(rs.snap.key, rs.snap.study, error=str(exc))
+        self._failures = 0
+        if final:
+            with contextlib.suppress(_BackendError):
+                self._backend.set_status(self._ctx.parent_run_id, "FINISHED", _ms(events.utcnow()))
+
+    def _pump_trial(self, rs: _RunSync, *, flush_points: bool) -> None:
+        assert self._backend is not None and self._ctx is not None
+        stats = _push(self._backend, self._ctx, rs, flush_points=flush_points)
+        self.stats["points"] += stats.points
+        self.stats["params"] += stats.params
+        self.stats["runs_created"] += int(stats.created)
+        for c in stats.conflicts:
+            self._note_error(c)
+        run = rs.run
+        assert run is not None
+        if rs.linked != run.run_id:
+            self._announce(rs, run)
+        if rs.artifacts_dir is not None:
+            if rs.artifacts_dir.exists():
+                self.stats["artifacts"] += _upload_spool(self._backend, run, rs.artifacts_dir)
+            rs.artifacts_dir = None
+        if _up_to_date(rs) and rs.synced_mark != len(rs.seen):
+            if self._outbox is not None:
+                self._outbox.mark_synced(rs.snap.key, rs.snap.study, run.run_id, len(rs.seen))
+            rs.synced_mark = len(rs.seen)
+
+    def _announce(self, rs: _RunSync, run: RunRecord) -> None:
+        """Publish the mlflow_run_id write-back and wake run_id_for waiters."""
+        rs.linked = run.run_id
+        with self._run_id_cond:
+            self._run_ids[rs.snap.trial_id] = run.run_id
+            self._run_ids[f"{rs.snap.model_run_id}\x1f{rs.snap.trial_id}"] = run.run_id
+            self._run_id_cond.notify_all()
+        if self._outbox is not None:
+            self._outbox.mark_pending(
+                rs.snap.key, rs.snap.study, run_id=run.run_id, artifact_uri=run.artifact_uri
+            )
+        try:
+            self.bus.publish(_link_event(rs.snap.key, rs.snap.study, run))
+        except Exception as exc:
+            self._note_error(f"cannot publish the mlflow_run_id of {rs.snap.trial_id}: {exc}")
+
+
+def attach(
+    bus: EventBus,
+    *,
+    lab: Lab,
+    experiment: str,
+    store: TrialStore | None = None,
+    tracking_uri: str | None = None,
+) -> MLflowLogger:
+    """Attach an :class:`MLflowLogger` for study ``experiment`` to the bus (for ``run_study``).
+
+    Example:
+        >>> logger = attach(bus, lab=lab, experiment="sn-ab")  # doctest: +SKIP
+        >>> logger.run_id_for("sn-ab", "trial_0000")  # doctest: +SKIP
+    """
+    return MLflowLogger(bus, lab=lab, study=experiment, store=store, tracking_uri=tracking_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync: push pending trials, pull runs made outside the lab
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    """What :func:`sync` did."""
+
+    tracking_uri: str
+    pushed_runs: int = 0
+    created_runs: int = 0
+    pushed_points: int = 0
+    pushed_params: int = 0
+    uploaded_artifacts: int = 0
+    pulled_runs: int = 0
+    adopted_trials: int = 0
+    pulled_points: int = 0
+    linked_trials: int = 0
+    still_pending: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        return (
+            f"pushed {self.pushed_runs} runs ({self.created_runs} created), "
+            f"{self.pushed_points} metric points, {self.pushed_params} params, "
+            f"{self.uploaded_artifacts} artifacts; pulled {self.pulled_runs} runs "
+            f"({self.adopted_trials} adopted as trials), {self.pulled_points} metric points; "
+            f"{self.still_pending} still pending"
+        )
+
+
+def _snapshot_from_store(store: TrialStore, outbox: _Outbox, key: tuple[str, str]) -> TrialSnapshot:
+    row = store.trial(*key)
+    if row is None:
+        raise TrackingError(f"{key[0]}/{key[1]}: not in the store")
+    snap = TrialSnapshot(
+        model_run_id=key[0],
+        trial_id=key[1],
+        study=row.get("study"),
+        spectral_norm=row.get("spectral_norm"),
+        spectral_norm_coeff=row.get("spectral_norm_coeff"),
+        parameters=dict(row.get("parameters") or {}),
+        status=row.get("status") or "running",
+        error_type=row.get("error_type"),
+        error_message=row.get("error_message"),
+        metrics={k: v for k, v in (row.get("metrics") or {}).items() if isinstance(v, int | float)},
+        started_ms=_store_ts_ms(row.get("started_at")),
+        ended_ms=_store_ts_ms(row.get("ended_at")),
+    )
+    for name, step, value, ts in outbox.metric_points(key):
+        snap.series.setdefault(name, {})[int(step)] = (float(value), _store_ts_ms(ts) or 0)
+    if snap.started_ms is None:
+        first = [ts for steps in snap.series.values() for _v, ts in steps.values()]
+        snap.started_ms = min(first) if first else None
+    return snap
+
+
+def sync(
+    lab: Lab,
+    store: TrialStore | None = None,
+    tracking_uri: str | None = None,
+    *,
+    push: bool = True,
+    pull: bool = True,
+    all_studies: bool = False,
+    experiments: Sequence[str] = (),
+) -> SyncReport:
+    """Push what MLflow lacks, pull runs made outside the lab; idempotent.
+
+    Args:
+        lab: the lab.
+        store: its open trial store (opened from ``lab.db`` if None).
+        tracking_uri: MLflow (default ``$MLFLOW_TRACKING_URI``, else the lab's SQLite backend).
+        push: send pending trials (those of studies mirrored by :class:`MLflowLogger`).
+        pull: adopt runs of the lab's experiments the store does not know.
+        all_studies: also push studies that never had a logger attached.
+        experiments: more experiment names to pull from.
+
+    Example:
+        >>> report = sync(Lab.resolve("lab"))  # doctest: +SKIP
+        >>> report.summary()  # doctest: +SKIP
+        'pushed 3 runs (3 created), 120 metric points, ...'
+
+    Raises:
+        TrackingError: when MLflow cannot be reached (nothing is lost: trials stay pending).
+    """
+    uri = tracking_uri or lab.mlflow_tracking_uri
+    own_store = store is None
+    if store is None:
+        store = lab.store()
+    outbox = _Outbox(lab.db_path, store)
+    report = SyncReport(uri)
+    try:
+        backend = _open_backend(uri)
+    except _BackendError as exc:
+        outbox.close()
+        if own_store:
+            store.close()
+        raise TrackingError(f"cannot reach MLflow at {uri}: {exc}") from exc
+    try:
+        contexts: dict[str, _Context] = {}
+        if push:
+            _sync_push(lab, store, outbox, backend, report, contexts, all_studies=all_studies)
+        if pull:
+            _sync_pull(lab, store, outbox, backend, report, contexts, experiments)
+    except _BackendError as exc:
+        raise TrackingError(
+            f"MLflow sync stopped: {exc} (so far: {report.summary()}; "
+            "what is left stays pending: run mlflow-sync again)"
+        ) from exc
+    finally:
+        backend.close()
+        outbox.close()
+        if own_store:
+            store.close()
+    return report
+
+
+def _context_for(
+    backend: _Backend,
+    lab: Lab,
+    outbox: _Outbox,
+    contexts: dict[str, _Context],
+    study: str,
+    uri: str,
+) -> _Context:
+    ctx = contexts.get(study)
+    if ctx is None:
+        known = outbox.studies().get(study)
+        ids = (known[1], known[2]) if known is not None and known[0] == uri else (None, None)
+        ctx = _ensure_context(backend, study, lab, ids)
+        outbox.mark_study(study, uri, ctx.experiment_id, ctx.parent_run_id)
+        contexts[study] = ctx
+    return ctx
+
+
+def _sync_push(
+    lab: Lab,
+    store: TrialStore,
+    outbox: _Outbox,
+    backend: _Backend,
+    report: SyncReport,
+    contexts: dict[str, _Context],
+    *,
+    all_studies: bool,
+) -> None:
+    tracked = outbox.studies()
+    states = outbox.outbox()
+    counts = outbox.event_counts()
+    trials = store.trials()
+    by_study: dict[str, list[tuple[str, str]]] = {}
+    for rec in trials[["model_run_id", "trial_id", "study"]].to_dict("records"):
+        key = (rec["model_run_id"], rec["trial_id"])
+        study = rec["study"] or rec["model_run_id"]
+        if study not in tracked and rec["model_run_id"] in tracked:
+            study = rec["model_run_id"]
+        if study not in tracked and not all_studies:
+            continue
+        state = states.get(key)
+        n = counts.get(key, 0)
+        if n == 0 and (state is None or state[0] == "synced"):
+            continue  # known only from MLflow (pulled): nothing to push
+        if state is not None and state[0] == "synced" and state[2] >= n:
+            continue
+        by_study.setdefault(study, []).append(key)
+    for study, keys in by_study.items():
+        ctx = _context_for(backend, lab, outbox, contexts, study, backend.uri)
+        for key in keys:
+            snap = _snapshot_from_store(store, outbox, key)
+            rs = _RunSync(snap, reconcile=True)
+            known_run = (states.get(key) or (None, None))[1]
+            if known_run:
+                rs.run = RunRecord(known_run, ctx.experiment_id, "", None, None, "", None, "")
+            try:
+                stats = _push(backend, ctx, rs)
+            except _BackendError as exc:
+                if exc.transient:
+                    outbox.mark_pending(key, study, error=str(exc))
+                    raise
+                report.errors.append(f"{key[0]}/{key[1]}: {exc}")
+                outbox.mark_pending(key, study, error=str(exc))
+                continue
+            assert rs.run is not None
+            report.pushed_runs += 1
+            report.created_runs += int(stats.created)
+            report.pushed_points += stats.points
+            report.pushed_params += stats.params
+            report.conflicts.extend(stats.conflicts)
+            row = store.trial(*key) or {}
+            if row.get("mlflow_run_id") != rs.run.run_id:
+                store.append([_link_event(key, snap.study, rs.run)])
+            outbox.mark_pending(key, study, run_id=rs.run.run_id, artifact_uri=rs.run.artifact_uri)
+            directory = _spool_root(lab) / _slug(key[0]) / _slug(key[1])
+            if directory.exists():
+                report.uploaded_artifacts += _upload_spool(backend, rs.run, directory)
+            if _up_to_date(rs) or snap.status == "running":
+                outbox.mark_synced(key, study, rs.run.run_id, counts.get(key, 0))
+        of_study = trials[(trials["study"] == study) | (trials["model_run_id"] == study)]
+        if not (of_study["status"] == "running").any():
+            parent = backend.get_run(ctx.parent_run_id)
+            if parent is not None and parent.status == "RUNNING":
+                backend.set_status(ctx.parent_run_id, "FINISHED", _ms(events.utcnow()))
+    # Artifacts spooled for trials that were otherwise synced.
+    root = _spool_root(lab)
+    if root.exists():
+        for meta in root.glob("*/*/meta.json"):
+            info = json.loads(meta.read_text())
+            key = (info["model_run_id"], info["trial_id"])
+            state = outbox.outbox().get(key)
+            if state is None or state[1] is None:
+                continue
+            run = backend.get_run(state[1])
+            if run is not None:
+                report.uploaded_artifacts += _upload_spool(backend, run, meta.parent)
+    after = outbox.outbox()
+    report.still_pending = sum(1 for s in after.values() if s[0] == "pending")
+
+
+def _pull_experiments(
+    lab: Lab, outbox: _Outbox, backend: _Backend, names: Sequence[str]
+) -> list[tuple[str, str]]:
+    own_backend = backend.uri == f"sqlite:///{lab.mlflow_db}"
+    tracked = outbox.studies()
+    known_ids = {v[1] for v in tracked.values() if v[0] == backend.uri and v[1]}
+    chosen = []
+    for exp_id, name, tags in backend.list_experiments():
+        if (
+            own_backend
+            or exp_id in known_ids
+            or name in tracked
+            or name in names
+            or tags.get(TAG_LAB) == str(lab.root)
+        ):
+            chosen.append((exp_id, name))
+    return chosen
+
+
+def _sync_pull(
+    lab: Lab,
+    store: TrialStore,
+    outbox: _Outbox,
+    backend: _Backend,
+    report: SyncReport,
+    contexts: dict[str, _Context],
+    names: Sequence[str],
+) -> None:
+    trials = store.trials()
+    known: dict[tuple[str, str], dict[str, Any]] = {
+        (r["model_run_id"], r["trial_id"]): r for r in trials.to_dict("records")
+    }
+    for exp_id, exp_name in _pull_experiments(lab, outbox, backend, names):
+        for run in backend.search_runs([exp_id], ""):
+            if run.tags.get(TAG_ROLE) == "study":
+                continue
+            tagged = TAG_TRIAL_ID in run.tags and TAG_MODEL_RUN_ID in run.tags
+            if tagged:
+                key = (run.tags[TAG_MODEL_RUN_ID], run.tags[TAG_TRIAL_ID])
+            else:
+                key = (exp_name, f"mlflow_{run.run_id}")
+            row = known.get(key)
+            ours = run.tags.get(TAG_SOURCE) == SOURCE_VALUE
+            if row is not None and ours:
+                if not row.get("mlflow_run_id"):
+                    store.append([_link_event(key, row.get("study"), run)])
+                    report.linked_trials += 1
+                continue
+            n_events, n_points = _pull_run(store, outbox, backend, run, key, exp_name, row)
+            if n_events:
+                report.pulled_runs += 1
+                report.pulled_points += n_points
+                report.adopted_trials += int(row is None)
+                report.linked_trials += int(row is not None)
+            if not tagged:
+                with contextlib.suppress(_BackendError):
+                    backend.log_batch(
+                        run.run_id,
+                        tags={TAG_TRIAL_ID: key[1], TAG_MODEL_RUN_ID: key[0], TAG_STUDY: key[0]},
+                    )
+
+
+def _pull_run(
+    store: TrialStore,
+    outbox: _Outbox,
+    backend: _Backend,
+    run: RunRecord,
+    key: tuple[str, str],
+    exp_name: str,
+    row: Mapping[str, Any] | None,
+) -> tuple[int, int]:
+    """Append the events that bring a run made outside the lab into the store."""
+    params = {k: _parse_param(v) for k, v in run.params.items()}
+    sn = _sn_from(params, run.tags)
+    coeff = params.get("spectral_norm_coeff")
+    coeff = float(coeff) if isinstance(coeff, int | float) and coeff > 0 else None
+    study = run.tags.get(TAG_STUDY) or exp_name
+    base: dict[str, Any] = {"model_run_id": key[0], "trial_id": key[1], "study": study}
+    meta = {"mlflow_pull": True, "mlflow_experiment_id": run.experiment_id}
+    out: list[events.Event] = []
+    have: dict[str, set[int]] = {}
+    for name, step, _v, _ts in outbox.metric_points(key):
+        have.setdefault(name, set()).add(int(step))
+    if row is None:
+        start = dict(base, parameters=params, mlflow_run_id=run.run_id, metadata=meta)
+        if coeff is not None:
+            start["spectral_norm_coeff"] = coeff
+        name = "ml.trial.start" if sn is not None else "ml.run.start"
+        if sn is not None:
+            start["spectral_norm"] = sn
+        out.append(
+            events.make_event(
+                name,
+                id=_pull_id("start", run.run_id),
+                source=SOURCE,
+                timestamp=_from_ms(run.start_time),
+                **start,
+            )
+        )
+    else:
+        # A trial already linked to a run keeps that link; the outside run adds what the
+        # store lacks (params, metric points) and is named in the event's metadata.
+        missing = {k: v for k, v in params.items() if k not in (row.get("parameters") or {})}
+        link = None if row.get("mlflow_run_id") else run.run_id
+        if link or missing:
+            out.append(
+                events.run_start(
+                    id=_pull_id("link", key[0], key[1], run.run_id, sorted(missing)),
+                    source=SOURCE,
+                    timestamp=_from_ms(run.start_time),
+                    mlflow_run_id=link,
+                    parameters=missing,
+                    metadata={**meta, "mlflow_run_id": run.run_id},
+                    **base,
+                )
+            )
+    by_step: dict[int, dict[str, tuple[float, int]]] = {}
+    summary: dict[str, float] = {}
+    for k in sorted(run.metrics):
+        if k.startswith(FINAL_PREFIX):
+            summary[k[len(FINAL_PREFIX) :]] = run.metrics[k]
+            continue
+        if not _metric_key_ok(k) or not _EVENT_METRIC.fullmatch(k):
+            continue
+        for step, value, ts in backend.metric_history(run.run_id, k):
+            if step < 0 or not math.isfinite(value) or step in have.get(k, ()):
+                continue
+            by_step.setdefault(step, {})[k] = (value, ts)
+    n_points = 0
+    for step, pts in sorted(by_step.items()):
+        measurements = {k: v for k, (v, _ts) in sorted(pts.items())}
+        n_points += len(measurements)
+        out.append(
+            events.run_metric(
+                id=_pull_id("metric", run.run_id, step, sorted(measurements.items())),
+                source=SOURCE,
+                timestamp=_from_ms(max(ts for _v, ts in pts.values())),
+                step=step,
+                measurements=measurements,
+                spectral_norm=sn,
+                **base,
+            )
+        )
+    adopted = row is None or bool(
+        outbox.query("SELECT 1 FROM events WHERE id = ?", (_pull_id("start", run.run_id),))
+    )
+    if (
+        adopted
+        and (row is None or row.get("status") == "running")
+        and run.status
+        in (
+            "FINISHED",
+            "FAILED",
+            "KILLED",
+        )
+    ):
+        latest = {
+            k: v
+            for k, v in run.metrics.items()
+            if not k.startswith(FINAL_PREFIX) and _EVENT_METRIC.fullmatch(k) and math.isfinite(v)
+        }
+        latest.update({k: v for k, v in summary.items() if math.isfinite(v)})
+        end = dict(base, metrics=latest, mlflow_run_id=run.run_id, metadata=meta)
+        ended = _from_ms(run.end_time or run.start_time)
+        end_id = _pull_id("end", run.run_id, run.status)
+        if sn is None:
+            out.append(
+                events.run_stop(
+                    id=end_id,
+                    source=SOURCE,
+                    timestamp=ended,
+                    success=run.status == "FINISHED",
+                    **end,
+                )
+            )
+        elif run.status == "FAILED":
+            out.append(
+                events.trial_failed(
+                    id=end_id,
+                    source=SOURCE,
+                    timestamp=ended,
+                    spectral_norm=sn,
+                    parameters=params,
+                    error_type=run.tags.get("error_type", "mlflow_failed"),
+                    error_message=run.tags.get("error_message", "run FAILED in MLflow"),
+                    **end,
+                )
+            )
+        else:
+            out.append(
+                events.trial_complete(
+                    id=end_id,
+                    source=SOURCE,
+                    timestamp=ended,
+                    spectral_norm=sn,
+                    parameters=params,
+                    status="completed" if run.status == "FINISHED" else "cancelled",
+                    **end,
+                )
+            )
+    if not out:
+        return 0, 0
+    result = store.append(out)
+    if adopted:
+        outbox.mark_synced(key, study, run.run_id, 0)
+    return result.accepted, n_points
+
+
+# ---------------------------------------------------------------------------------------------
+# Links for reports and the monitor
+# ---------------------------------------------------------------------------------------------
+
+
+def mlflow_ui_command(lab: Lab) -> str:
+    """The command that browses the lab's MLflow data with no server."""
+    return f"mlflow ui --backend-store-uri sqlite:///{lab.mlflow_db}"
+
+
+def run_url(
+    tracking_uri: str,
+    experiment_id: str | None,
+    run_id: str | None,
+    *,
+    ui_url: str = "http://127.0.0.1:5000",
+) -> str | None:
+    """The MLflow UI address of a run (``ui_url`` for a SQLite backend browsed by ``mlflow ui``).
+
+    Example:
+        >>> run_url("http://mlflow:5000", "3", "abc")
+        'http://mlflow:5000/#/experiments/3/runs/abc'
+    """
+    if not experiment_id or not run_id:
+        return None
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui_url
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def mlflow_links(
+    lab: Lab,
+    store: TrialStore | None = None,
+    *,
+    study: str | None = None,
+    ui_url: str = "http://127.0.0.1:5000",
+) -> pd.DataFrame:
+    """Each trial's MLflow run, its UI link, artifact folder and sync state (no MLflow I/O).
+
+    Columns: ``model_run_id, trial_id, study, mlflow_run_id, experiment_id, run_url,
+    artifacts_uri, sync_state`` (``synced`` | ``pending`` | ``not mirrored``). For the
+    comparison report and the monitor.
+
+    Example:
+        >>> mlflow_links(Lab.resolve("lab"), study="sn-ab")  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    own_store = store is None
+    if store is None:
+        store = lab.store()
+    outbox = _Outbox(lab.db_path, store)
+    try:
+        trials = store.trials(study=study)
+        studies = outbox.studies()
+        states = outbox.outbox()
+        counts = outbox.event_counts()
+    finally:
+        outbox.close()
+        if own_store:
+            store.close()
+    rows = []
+    for rec in trials.to_dict("records"):
+        key = (rec["model_run_id"], rec["trial_id"])
+        tracked = studies.get(rec["study"]) or studies.get(rec["model_run_id"])
+        uri, exp_id = (tracked[0], tracked[1]) if tracked else (lab.mlflow_tracking_uri, None)
+        state = states.get(key)
+        run_id = rec.get("mlflow_run_id") or (state[1] if state else None)
+        if state is None:
+            sync_state = "pending" if tracked else "not mirrored"
+        elif state[0] == "synced" and state[2] >= counts.get(key, 0):
+            sync_state = "synced"
+        else:
+            sync_state = "pending"
+        artifacts = state[4] if state else None
+        rows.append(
+            {
+                "model_run_id": key[0],
+                "trial_id": key[1],
+                "study": rec["study"],
+                "mlflow_run_id": run_id,
+                "experiment_id": exp_id,
+                "run_url": run_url(uri, exp_id, run_id, ui_url=ui_url),
+                "artifacts_uri": artifacts,
+                "sync_state": sync_state,
+            }
+        )
+    columns = [
+        "model_run_id",
+        "trial_id",
+        "study",
+        "mlflow_run_id",
+        "experiment_id",
+        "run_url",
+        "artifacts_uri",
+        "sync_state",
+    ]
+    return pd.DataFrame(rows, columns=columns)
