@@ -1,0 +1,355 @@
+"""Small MLP / CNN classifiers built from a JSON-friendly :class:`ModelConfig`.
+
+``ModelConfig`` holds plain fields only (str, int, float, bool, tuple of str), so the training
+and Optuna code can build it from trial parameters and store it as JSON (``to_dict`` /
+``from_dict``). ``build_model(config, input_shape, n_classes)`` returns a
+:class:`Classifier`, an ``nn.Sequential`` with named stages, which is what
+:func:`thunderline_lab.spectral.lipschitz_bound` walks. Spectral normalisation is applied
+only when ``spectral_norm`` is true, and then only to the layer groups named in ``sn_layers``:
+
+* ``"first"``  — the first Linear / Conv (reads the input),
+* ``"hidden"`` — every other Linear / Conv before the head,
+* ``"output"`` — the final Linear producing the logits.
+
+Architectures (``depth`` blocks of ``width`` units / channels)::
+
+    mlp  (B, *input_shape) → flatten → [Linear → BN? → act → dropout?] × depth → Linear → (B, K)
+    cnn  (B, C, H, W) → [Conv k×k → BN? → act → downsample? → dropout?] × depth
+                      → global avg pool → flatten → Linear → (B, K)
+
+In the CNN, odd-numbered blocks (1, 3, …) halve the spatial size while it is ≥ 4, by max
+pooling, average pooling or a stride-2 conv (``pooling``). Convs use ``padding=kernel_size//2``.
+
+Example:
+    >>> cfg = ModelConfig(architecture="cnn", depth=2, width=16, spectral_norm=True)
+    >>> model = build_model(cfg, input_shape=(1, 8, 8), n_classes=10)
+    >>> model(torch.zeros(4, 1, 8, 8)).shape
+    torch.Size([4, 10])
+    >>> ModelConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from thunderline_lab.errors import ConfigError
+from thunderline_lab.spectral import spectral_norm as apply_spectral_norm
+
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "CONV_SN_MODES",
+    "POOLINGS",
+    "SN_LAYER_GROUPS",
+    "Classifier",
+    "ModelConfig",
+    "build_model",
+]
+
+ARCHITECTURES = ("mlp", "cnn")
+CONV_SN_MODES = ("operator", "matrix")
+POOLINGS = ("max", "avg", "stride")
+SN_LAYER_GROUPS = ("first", "hidden", "output")
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
+
+
+def _parse_sn_layers(value: Any) -> tuple[str, ...]:
+    """``"all"``, ``"none"``, ``"first,hidden"`` or a sequence → canonical ordered tuple."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "all":
+            return SN_LAYER_GROUPS
+        items: Sequence[Any] = [] if text in ("", "none") else text.split(",")
+    elif isinstance(value, Sequence):
+        items = value
+    else:
+        raise ConfigError(f"ModelConfig.sn_layers must be a string or a list, got {value!r}")
+    names = {str(item).strip().lower() for item in items}
+    unknown = names - set(SN_LAYER_GROUPS)
+    if unknown:
+        raise ConfigError(
+            f"ModelConfig.sn_layers: unknown group(s) {sorted(unknown)}; "
+            f"choose from {list(SN_LAYER_GROUPS)}"
+        )
+    return tuple(g for g in SN_LAYER_GROUPS if g in names)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and spectral-norm settings of a classifier (plain, JSON-friendly fields).
+
+    Attributes:
+        architecture: ``"mlp"`` or ``"cnn"``.
+        depth: Number of hidden blocks (≥ 1).
+        width: Hidden units (MLP) or channels (CNN) per block.
+        activation: One of :data:`ACTIVATIONS` (``relu``, ``gelu``, ``tanh``, ``leaky_relu``,
+            ``elu``, ``silu``).
+        dropout: Dropout probability after each block's activation (0 disables it).
+        batchnorm: Batch norm after each hidden Linear / Conv (which then has no bias).
+        spectral_norm: Apply spectral normalisation; false means no SN anywhere.
+        spectral_norm_coeff: Bound on each normalised layer's spectral norm.
+        n_power_iterations: Power-iteration steps per training step.
+        conv_sn_mode: ``"operator"`` (true conv operator norm) or ``"matrix"`` (torch-style
+            reshaped kernel) for convolutions.
+        sn_layers: Which layers get SN: a subset of ``("first", "hidden", "output")``.
+            ``from_dict`` and the constructor also accept ``"all"``, ``"none"`` or a
+            comma-separated string (handy for Optuna categorical parameters).
+        kernel_size: CNN kernel size (odd).
+        pooling: CNN downsampling: ``"max"``, ``"avg"`` or ``"stride"`` (stride-2 conv).
+
+    Example:
+        >>> ModelConfig(sn_layers="hidden,output").sn_layers
+        ('hidden', 'output')
+    """
+
+    architecture: str = "mlp"
+    depth: int = 2
+    width: int = 64
+    activation: str = "relu"
+    dropout: float = 0.0
+    batchnorm: bool = False
+    spectral_norm: bool = False
+    spectral_norm_coeff: float = 1.0
+    n_power_iterations: int = 1
+    conv_sn_mode: str = "operator"
+    sn_layers: tuple[str, ...] = SN_LAYER_GROUPS
+    kernel_size: int = 3
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        # Normalise JSON-ish inputs (ints for floats, lists/strings for sn_layers), then check.
+        set_ = object.__setattr__
+        set_(self, "sn_layers", _parse_sn_layers(self.sn_layers))
+        for name in ("dropout", "spectral_norm_coeff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"ModelConfig.{name} must be a number, got {value!r}")
+            set_(self, name, float(value))
+        for name in ("depth", "width", "n_power_iterations", "kernel_size"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+                set_(self, name, value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"ModelConfig.{name} must be an integer, got {value!r}")
+        for name in ("batchnorm", "spectral_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ModelConfig.{name} must be true or false")
+        self._check()
+
+    def _check(self) -> None:
+        def choice(name: str, options: Sequence[str]) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                raise ConfigError(
+                    f"ModelConfig.{name} must be one of {list(options)}, got {value!r}"
+                )
+
+        choice("architecture", ARCHITECTURES)
+        choice("activation", tuple(ACTIVATIONS))
+        choice("conv_sn_mode", CONV_SN_MODES)
+        choice("pooling", POOLINGS)
+        if self.depth < 1:
+            raise ConfigError(f"ModelConfig.depth must be ≥ 1, got {self.depth}")
+        if self.width < 1:
+            raise ConfigError(f"ModelConfig.width must be ≥ 1, got {self.width}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.spectral_norm_coeff) and self.spectral_norm_coeff > 0):
+            raise ConfigError(
+                f"ModelConfig.spectral_norm_coeff must be > 0, got {self.spectral_norm_coeff}"
+            )
+        if self.n_power_iterations < 1:
+            raise ConfigError(
+                f"ModelConfig.n_power_iterations must be ≥ 1, got {self.n_power_iterations}"
+            )
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"ModelConfig.kernel_size must be odd, got {self.kernel_size}")
+        if self.spectral_norm and not self.sn_layers:
+            raise ConfigError("ModelConfig.sn_layers is empty but spectral_norm is true")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (``sn_layers`` as a list)."""
+        data = asdict(self)
+        data["sn_layers"] = list(self.sn_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Build from a dict such as ``to_dict()`` output or Optuna trial params.
+
+        Missing keys take their defaults; unknown keys are refused.
+
+        Raises:
+            ConfigError: Unknown keys or invalid values (the message names the key).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def sn_for(self, role: str) -> bool:
+        """Whether layers of ``role`` (``first``/``hidden``/``output``) get spectral norm."""
+        return self.spectral_norm and role in self.sn_layers
+
+    def build(self, input_shape: Sequence[int], n_classes: int) -> Classifier:
+        """Same as :func:`build_model` (nanoGPT style: the config builds the module)."""
+        return build_model(self, input_shape, n_classes)
+
+
+class Classifier(nn.Sequential):
+    """An ``nn.Sequential`` classifier that remembers how it was built.
+
+    Attributes:
+        config: The :class:`ModelConfig`.
+        input_shape: Per-sample input shape, e.g. ``(64,)`` or ``(1, 8, 8)``.
+        n_classes: Number of logits.
+        roles: Layer name → ``"first"``, ``"hidden"`` or ``"output"`` for every Linear / Conv.
+    """
+
+    def __init__(
+        self,
+        layers: OrderedDict[str, nn.Module],
+        *,
+        config: ModelConfig,
+        input_shape: tuple[int, ...],
+        n_classes: int,
+        roles: dict[str, str],
+    ) -> None:
+        super().__init__(layers)
+        self.config = config
+        self.input_shape = input_shape
+        self.n_classes = n_classes
+        self.roles = roles
+
+
+def _maybe_sn(
+    layer: nn.Module, role: str, config: ModelConfig, input_shape: tuple[int, ...] | None
+) -> nn.Module:
+    if not config.sn_for(role):
+        return layer
+    return apply_spectral_norm(
+        layer,
+        coeff=config.spectral_norm_coeff,
+        n_power_iterations=config.n_power_iterations,
+        mode="operator" if config.conv_sn_mode == "operator" else "matrix",
+        input_shape=input_shape,
+    )
+
+
+def _build_mlp(
+    config: ModelConfig, input_shape: tuple[int, ...], n_classes: int
+) -> tuple[OrderedDict[str, nn.Module], dict[str, str]]:
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    roles: dict[str, str] = {}
+    layers["flatten"] = nn.Flatten()  # (B, *input_shape) → (B, D)
+    d_in = math.prod(input_shape)
+    for i in range(config.depth):
+        role = "first" if i == 0 else "hidden"
+        fc = nn.Linear(d_in, config.width, bias=not config.batchnorm)  # (B, d_in) → (B, width)
+        layers[f"fc{i}"] = _maybe_sn(fc, role, config, None)
+        roles[f"fc{i}"] = role
+        if config.batchnorm:
+            layers[f"bn{i}"] = nn.BatchNorm1d(config.width)
+        layers[f"act{i}"] = ACTIVATIONS[config.activation]()
+        if config.dropout > 0:
+            layers[f"drop{i}"] = nn.Dropout(config.dropout)
+        d_in = config.width
+    layers["out"] = _maybe_sn(nn.Linear(d_in, n_classes), "output", config, None)  # (B, K)
+    roles["out"] = "output"
+    return layers, roles
+
+
+def _build_cnn(
+    config: ModelConfig, input_shape: tuple[int, ...], n_classes: int
+) -> tuple[OrderedDict[str, nn.Module], dict[str, str]]:
+    if len(input_shape) != 3:
+        raise ConfigError(f"cnn needs input_shape (C, H, W), got {input_shape}")
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    roles: dict[str, str] = {}
+    c, h, w = input_shape
+    k = config.kernel_size
+    for i in range(config.depth):
+        role = "first" if i == 0 else "hidden"
+        down = i % 2 == 1 and min(h, w) >= 4
+        stride = 2 if down and config.pooling == "stride" else 1
+        conv = nn.Conv2d(
+            c, config.width, k, stride=stride, padding=k // 2, bias=not config.batchnorm
+        )
+        layers[f"conv{i}"] = _maybe_sn(conv, role, config, (c, h, w))
+        roles[f"conv{i}"] = role
+        c = config.width
+        if stride == 2:
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1  # (B, c, h, w) after the strided conv
+        if config.batchnorm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c)
+        layers[f"act{i}"] = ACTIVATIONS[config.activation]()
+        if down and config.pooling != "stride":
+            pool = nn.MaxPool2d(2) if config.pooling == "max" else nn.AvgPool2d(2)
+            layers[f"pool{i}"] = pool
+            h, w = h // 2, w // 2  # (B, c, h/2, w/2)
+        if config.dropout > 0:
+            layers[f"drop{i}"] = nn.Dropout(config.dropout)
+    layers["gap"] = nn.AdaptiveAvgPool2d(1)  # (B, c, h, w) → (B, c, 1, 1)
+    layers["flatten"] = nn.Flatten()  # (B, c)
+    layers["out"] = _maybe_sn(nn.Linear(c, n_classes), "output", config, None)  # (B, K)
+    roles["out"] = "output"
+    return layers, roles
+
+
+def build_model(
+    config: ModelConfig, input_shape: Sequence[int], n_classes: int, *, seed: int | None = None
+) -> Classifier:
+    """Build the classifier described by ``config``.
+
+    Spectral normalisation never consumes the global RNG, so with the same seed a model with
+    ``spectral_norm=True`` starts from exactly the same raw weights as one without.
+
+    Args:
+        config: The architecture.
+        input_shape: Per-sample input shape: flat ``(D,)`` or an image ``(C, H, W)``
+            (flattened by the MLP; required by the CNN).
+        n_classes: Number of output logits (≥ 1).
+        seed: If given, initialise the weights from ``torch.manual_seed(seed)`` inside a forked
+            RNG (the global RNG state is left as it was).
+
+    Returns:
+        A :class:`Classifier` mapping ``(B, *input_shape)`` to logits ``(B, n_classes)``.
+
+    Raises:
+        ConfigError: An input shape or class count the architecture cannot use.
+
+    Example:
+        >>> model = build_model(ModelConfig(depth=1, width=8), (64,), 10, seed=0)
+        >>> list(model.roles.items())
+        [('fc0', 'first'), ('out', 'output')]
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ConfigError(f"input_shape must be non-empty and positive, got {tuple(input_shape)}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise ConfigError(f"n_classes must be a positive integer, got {n_classes!r}")
+    builder = _build_mlp if config.architecture == "mlp" else _build_cnn
+    if seed is None:
+        layers, roles = builder(config, shape, n_classes)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layers, roles = builder(config, shape, n_classes)
+    return Classifier(layers, config=config, input_shape=shape, n_classes=n_classes, roles=roles)
