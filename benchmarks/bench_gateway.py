@@ -181,9 +181,9 @@ class Gateway:
                 str(self.lab),
                 "--port",
                 str(self.port),
-                "--synchronous",
-                self.options.get("synchronous", "full"),
             ]
+            if self.options.get("synchronous", "full") != "full":  # full is the default
+                cmd += ["--synchronous", self.options["synchronous"]]
         else:
             args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
             code = (
@@ -191,13 +191,13 @@ class Gateway:
                 f"port={self.port}, token={TOKEN!r}, {args})"
             )
             cmd = [sys.executable, "-c", code]
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.lab.mkdir(parents=True, exist_ok=True)
+        log_path = self.lab / "gateway.log"
+        with open(log_path, "ab") as log:  # a file, not a pipe nobody drains
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
         while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"gateway exited: {err[-2000:]}")
+                raise RuntimeError(f"gateway exited: {log_path.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return time.perf_counter() - t0
@@ -210,6 +210,12 @@ class Gateway:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the gateway process has used: contention-proof."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def health(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/healthz", timeout=10).json())
@@ -345,7 +351,7 @@ def bench_batch(root: Path, rounds: int, batch_events: int, batches: int, sync: 
         f"\n[batch] {batches} × {batch_events}-event arrays per round over 2 connections vs "
         f"TrialStore.append in-process (synchronous={sync}), {rounds} interleaved rounds"
     )
-    gw_rates, direct_rates = [], []
+    gw_rates, direct_rates, gw_cpu, direct_cpu = [], [], [], []
     direct = TrialStore(root / "direct" / "lab.db")
     direct.conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     study_gw, study_direct = Study("batch-gw"), Study("batch-direct")
@@ -367,19 +373,23 @@ def bench_batch(root: Path, rounds: int, batch_events: int, batches: int, sync: 
                     c.close()
                 return sum(bad)
 
-            t0 = time.perf_counter()
+            n = batches * batch_events
+            t0, cpu0 = time.perf_counter(), gw.cpu_s()
             errors = asyncio.run(post_all())
-            gw_rate = batches * batch_events / (time.perf_counter() - t0)
+            gw_rate = n / (time.perf_counter() - t0)
+            gw_cpu.append((gw.cpu_s() - cpu0) / n)
             chunks = [study_direct.events(batch_events) for _ in range(batches)]
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             for chunk in chunks:
                 direct.append(chunk)
-            direct_rate = batches * batch_events / (time.perf_counter() - t0)
+            direct_rate = n / (time.perf_counter() - t0)
+            direct_cpu.append((time.process_time() - cpu0) / n)
             gw_rates.append(gw_rate)
             direct_rates.append(direct_rate)
             print(
                 f"  round {r + 1}: gateway {gw_rate:9,.0f} events/s  direct append "
-                f"{direct_rate:9,.0f} events/s  errors {errors}"
+                f"{direct_rate:9,.0f} events/s  errors {errors}  (CPU per event: gateway "
+                f"{gw_cpu[-1] * 1e6:.0f} µs, direct {direct_cpu[-1] * 1e6:.0f} µs)"
             )
         health = gw.health()
     direct.close()
@@ -389,6 +399,11 @@ def bench_batch(root: Path, rounds: int, batch_events: int, batches: int, sync: 
         f"ratio gateway/direct {g / d:.2f}; goal 50,000 events/s: "
         f"{'met' if g >= 50_000 else 'NOT met'}; commits {health['commits']} for "
         f"{health['requests_committed']} requests"
+    )
+    gc, dc = statistics.median(gw_cpu), statistics.median(direct_cpu)
+    print(
+        f"  CPU per event (contention-proof): gateway {gc * 1e6:.0f} µs, direct append "
+        f"{dc * 1e6:.0f} µs → one free core sustains ≈ {1 / gc:,.0f} vs {1 / dc:,.0f} events/s"
     )
 
 
@@ -401,9 +416,12 @@ def bench_latency(root: Path, rate: float, seconds: float, sync: str) -> None:
     study = Study("latency")
     bodies = iter([e.model_dump_json().encode() for e in study.events(n)])
     with Gateway(root / "latency", synchronous=sync) as gw:
+        cpu0 = gw.cpu_s()
         lat, errors, secs = asyncio.run(open_loop(gw.port, bodies, rate, n))
+        cpu = gw.cpu_s() - cpu0
         health = gw.health()
     print(f"  {fmt_ms(lat)}  achieved {n / secs:,.0f} req/s  errors {errors}")
+    print(f"  gateway CPU {cpu / n * 1e3:.2f} ms per request ({cpu / secs:.0%} of one core)")
     print(
         f"  {health['commits']} commits for {health['requests_committed']} requests "
         f"({health['requests_committed'] / max(health['commits'], 1):.1f} requests/commit); "
@@ -438,14 +456,16 @@ def bench_group(root: Path, rounds: int, seconds: float, sync: str) -> None:
                     await asyncio.gather(*(lane() for _ in range(32)))
                     return done
 
+                cpu0 = gw.cpu_s()
                 done = asyncio.run(closed_loop())
+                cpu = gw.cpu_s() - cpu0
                 health = gw.health()
             rate = done / seconds
             results[group].append(rate)
             print(
                 f"  round {r + 1} group commit {'on ' if group else 'off'}: {rate:7,.0f} req/s"
                 f"  ({health['requests_committed'] / max(health['commits'], 1):.1f} "
-                f"requests/commit)"
+                f"requests/commit, gateway CPU {cpu / max(done, 1) * 1e3:.2f} ms/request)"
             )
     on, off = statistics.median(results[True]), statistics.median(results[False])
     print(f"  median: on {on:,.0f} req/s, off {off:,.0f} req/s, ratio on/off {on / off:.2f}")
@@ -489,12 +509,15 @@ def bench_sustained(root: Path, minutes: float, sync: str) -> None:
         def tick(elapsed: float) -> None:
             samples.append((elapsed, gw.rss_mib()))
 
+        cpu0 = gw.cpu_s()
         lat, errors, secs = asyncio.run(open_loop(gw.port, bodies(), rate, n, on_tick=tick))
+        cpu = gw.cpu_s() - cpu0
         samples.append((secs, gw.rss_mib()))
         health = gw.health()
     warm = next((rss for t, rss in samples if t >= min(30.0, secs / 4)), samples[0][1])
     growth = (samples[-1][1] - warm) / warm
     print(f"  {fmt_ms(lat)}  achieved {n / secs:,.0f} req/s  errors {errors}")
+    print(f"  gateway CPU {cpu / n * 1e3:.2f} ms per request ({cpu / secs:.0%} of one core)")
     print(
         f"  RSS MiB: start {samples[0][1]:.0f}, after warm-up {warm:.0f}, end "
         f"{samples[-1][1]:.0f}, max {max(r for _, r in samples):.0f} → growth "
