@@ -44,6 +44,7 @@ from thunderline_lab.study import DEFAULT_SEARCH_SPACE, run_study
 from thunderline_lab.training import EPOCH_MEASUREMENTS, TrialResult, _Emitter
 
 N_REPORTS = 10
+DATASET = None  # loaded once in main (the lab would load it per call; bare Optuna never does)
 METRICS = {f"metric_{i:02d}": 0.5 + i / 100 for i in range(30)}
 
 
@@ -82,11 +83,11 @@ def fake_trainer(config: Any, dataset: Any, **kw: Any) -> TrialResult:
     return TrialResult(status="completed", metrics=metrics, duration_ms=1)
 
 
-def run_bare(root: Path, n: int) -> float:
+def run_bare(root: Path, n: int) -> tuple[float, float]:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     storage = JournalStorage(JournalFileBackend(str(root / "optuna.journal")))
     study = optuna.create_study(
         study_name="bench",
@@ -95,15 +96,15 @@ def run_bare(root: Path, n: int) -> float:
         pruner=_pruner(),
     )
     study.optimize(bare_objective, n_trials=n)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
-def run_lab(root: Path, n: int) -> float:
-    t0 = time.perf_counter()
+def run_lab(root: Path, n: int) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run_study(
         "bench",
         lab=root,
-        dataset="digits",
+        dataset=DATASET,
         n_trials=n,
         epochs=N_REPORTS,
         sampler=optuna.samplers.RandomSampler(seed=0),
@@ -111,7 +112,7 @@ def run_lab(root: Path, n: int) -> float:
         trainer=fake_trainer,
         threads=None,
     )
-    elapsed = (time.perf_counter() - t0) / n
+    elapsed = (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
     assert result.counts["finished"] == n, result.counts
     assert len(result.trials) == n, len(result.trials)
     return elapsed
@@ -119,31 +120,36 @@ def run_lab(root: Path, n: int) -> float:
 
 def overhead(n: int, reps: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    global DATASET
     from thunderline_lab.data import load_dataset
 
-    load_dataset("digits", seed=0)  # warm caches for both sides
+    DATASET = load_dataset("digits", seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         run_lab(Path(tmp) / "warm-lab", 4)
         (Path(tmp) / "warm-bare").mkdir()
         run_bare(Path(tmp) / "warm-bare", 4)
-    bare_ms: list[float] = []
-    lab_ms: list[float] = []
+    bare: list[tuple[float, float]] = []
+    lab: list[tuple[float, float]] = []
     for rep in range(reps):
         with tempfile.TemporaryDirectory() as tmp:
-            b, lab = Path(tmp) / "bare", Path(tmp) / "lab"
+            b, lab_dir = Path(tmp) / "bare", Path(tmp) / "lab"
             b.mkdir()
-            bare_ms.append(1000 * run_bare(b, n))
-            lab_ms.append(1000 * run_lab(lab, n))
-        print(f"  rep {rep}: bare {bare_ms[-1]:.2f} ms/trial, lab {lab_ms[-1]:.2f} ms/trial")
-    mb, ml = statistics.median(bare_ms), statistics.median(lab_ms)
-    diffs = [x - y for x, y in zip(lab_ms, bare_ms, strict=True)]
+            bare.append(run_bare(b, n))
+            lab.append(run_lab(lab_dir, n))
+        print(
+            f"  rep {rep}: bare {1000 * bare[-1][0]:.2f} ms/trial (cpu {1000 * bare[-1][1]:.2f}), "
+            f"lab {1000 * lab[-1][0]:.2f} ms/trial (cpu {1000 * lab[-1][1]:.2f})"
+        )
     print(f"P5 overhead ({n} trials x {reps} interleaved reps, {N_REPORTS} reports/trial, journal)")
-    print(f"  bare Optuna  median {mb:.2f} ms/trial")
-    print(f"  workbench    median {ml:.2f} ms/trial")
-    print(
-        f"  overhead     median {statistics.median(diffs):.2f} ms/trial "
-        f"(ratio lab/bare {ml / mb:.2f}); goal <= 10 ms/trial"
-    )
+    for i, what in ((0, "wall"), (1, "cpu ")):
+        mb = 1000 * statistics.median(x[i] for x in bare)
+        ml = 1000 * statistics.median(x[i] for x in lab)
+        diff = 1000 * statistics.median(y[i] - x[i] for x, y in zip(bare, lab, strict=True))
+        print(
+            f"  {what}: bare Optuna median {mb:.2f} ms/trial, workbench median {ml:.2f} ms/trial"
+            f" -> overhead {ml - mb:.2f} ms/trial (median of paired differences {diff:.2f};"
+            f" ratio {ml / mb:.2f}); goal <= 10 ms/trial"
+        )
 
 
 def _worker(lab: str, n: int, epochs: int) -> None:

@@ -421,7 +421,8 @@ class _LabJournalStorage(JournalStorage):
         self.stale_callback = stale_callback
         self.running: set[int] = set()
         self._hb_stop = threading.Event()
-        self._hb_wake = threading.Event()
+        self._flush_due = 0.0
+        self._hb_cond = threading.Condition()
         self._hb_thread: threading.Thread | None = None
 
     # -- heartbeat --------------------------------------------------------------------------
@@ -438,36 +439,47 @@ class _LabJournalStorage(JournalStorage):
     def stop_heartbeat(self) -> None:
         """Stop the heartbeat thread."""
         self._hb_stop.set()
-        self._hb_wake.set()
+        with self._hb_cond:
+            self._hb_cond.notify()
         if self._hb_thread is not None:
             self._hb_thread.join()
             self._hb_thread = None
 
     def _beat(self) -> None:
-        last = time.monotonic()
+        next_beat = time.monotonic() + self.heartbeat_interval
         while not self._hb_stop.is_set():
-            woken = self._hb_wake.wait(
-                max(0.0, self.heartbeat_interval - (time.monotonic() - last))
-            )
+            with self._hb_cond:
+                now = time.monotonic()
+                due = min(next_beat, self._flush_due) if self._flush_due else next_beat
+                if due > now:
+                    self._hb_cond.wait(due - now)
             if self._hb_stop.is_set():
                 return
-            if woken:  # a trial started: write its queued attributes (worker identity) now
-                self._hb_wake.clear()
+            now = time.monotonic()
+            if self._flush_due and now >= self._flush_due:
+                # A trial started a while ago and nothing has written its queued attributes
+                # (worker identity) yet: write them now, off the training thread.
+                self._flush_due = 0.0
                 try:
                     self.flush()
                 except Exception:
                     log.warning("could not write queued trial attributes", exc_info=True)
-                continue
-            last = time.monotonic()
-            for trial_id in list(self.running):
-                try:
-                    self.set_trial_system_attr(trial_id, "heartbeat", time.time())
-                except Exception:  # finished (or failed as stale) meanwhile
-                    log.debug("heartbeat for trial %s not recorded", trial_id, exc_info=True)
+            if now >= next_beat:
+                next_beat = now + self.heartbeat_interval
+                for trial_id in list(self.running):
+                    try:
+                        self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+                    except Exception:  # finished (or failed as stale) meanwhile
+                        log.debug("heartbeat for trial %s not recorded", trial_id, exc_info=True)
 
-    def wake(self) -> None:
-        """Ask the heartbeat thread to write the queued attributes soon (off this thread)."""
-        self._hb_wake.set()
+    def wake(self, delay: float = 0.5) -> None:
+        """Have the heartbeat thread write the queued attributes in ``delay`` s (if still queued).
+
+        A trial's first ``trial.report`` usually carries them before that, at no extra cost.
+        """
+        with self._hb_cond:
+            self._flush_due = time.monotonic() + delay
+            self._hb_cond.notify()
 
     def stale_trial_ids(self, study_id: int) -> list[int]:
         """Running trials whose worker is gone (this host) or silent past the grace period."""
@@ -631,13 +643,15 @@ def make_storage(
     else:
         engine_kwargs["connect_args"] = {"timeout": 60}
     try:
-        return _LabRDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=stale_callback,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _LabRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=stale_callback,
+            )
     except Exception as exc:
         raise StudyError(f"cannot open Optuna storage {_redact(url)}: {exc}") from exc
 
@@ -772,6 +786,7 @@ class _Context:
     progress: Callable[..., Any] | None = None
     results: dict[int, TrialResult] = field(default_factory=dict)
     parameters: dict[int, dict[str, Any]] = field(default_factory=dict)
+    closed_tracker: bool = False
     datasets: dict[int, Any] = field(default_factory=dict)
     n_run: int = 0
     consecutive_errors: int = 0
@@ -1014,7 +1029,21 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
             **ctx.train_kwargs,
         )
     except KeyboardInterrupt:
-        _finish_attrs(study, trial._trial_id, "interrupted", {}, None, None)
+        # Optuna marks the trial failed and re-raises; record it as cancelled (not counted),
+        # report it and enqueue it again so the next run picks it up.
+        _finish_attrs(study, trial._trial_id, "cancelled", {}, None, None)
+        if isinstance(study._storage, _LabJournalStorage):
+            study._storage.flush()
+        ctx.publish(
+            "ml.trial.complete",
+            status="cancelled",
+            trial_id=trial_id,
+            spectral_norm=sn,
+            spectral_norm_coeff=coeff,
+            parameters=parameters,
+        )
+        with contextlib.suppress(Exception):
+            _retry(study, study._storage.get_trial(trial._trial_id), ctx)
         ctx.stopped = "interrupted"
         raise
     except Exception as exc:
@@ -1082,7 +1111,10 @@ def _mlflow_run_id(ctx: _Context, trial_id: str) -> str | None:
     if lookup is None:
         return None
     try:
-        value = lookup(ctx.name, trial_id)
+        try:  # the run is made in the logger's thread, usually long before the trial ends
+            value = lookup(ctx.name, trial_id, timeout=0.5)
+        except TypeError:
+            value = lookup(ctx.name, trial_id)
     except Exception:
         log.warning("tracking: no MLflow run id for %s", trial_id, exc_info=True)
         return None
@@ -1145,7 +1177,7 @@ class _EventCallback:
             ctx.publish("ml.trial.complete", status="pruned", metrics=metrics, **payload)
         elif t.user_attrs.get(_STATUS_ATTR) == "cancelled":
             ctx.publish("ml.trial.complete", status="cancelled", metrics=metrics, **payload)
-            _retry(study, t, ctx.n_trials)
+            _retry(study, t, ctx)
             ctx.stopped = "should_stop"
             study.stop()
         else:
@@ -1198,23 +1230,37 @@ class _StopCallback:
             study.stop()
 
 
-def _retry(study: optuna.Study, t: FrozenTrial, n_trials: int) -> bool:
-    """Enqueue a trial that did not finish (stale, cancelled) again with the same parameters."""
+class _TrialCallback:
+    """The one Optuna callback (one deep copy of the trial): events, then the stop rules."""
+
+    def __init__(self, ctx: _Context, max_consecutive_errors: int) -> None:
+        self.events = _EventCallback(ctx)
+        self.stop = _StopCallback(ctx, max_consecutive_errors)
+
+    def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
+        self.events(study, t)
+        self.stop(study, t)
+
+
+def _retry(study: optuna.Study, t: FrozenTrial, ctx: _Context) -> bool:
+    """Enqueue a trial that did not finish (stale, cancelled) again with the same parameters.
+
+    Its group attributes come along (a primary whose attributes were never written keeps
+    its group id and the first seed), so the retry stays paired with its twin.
+    """
     attrs: dict[str, Any] = {
         k: t.user_attrs[k]
         for k in ("group_id", "pair_id", "seed", "arm", "leader")
         if k in t.user_attrs
     }
-    if "group_id" not in attrs:
-        # A primary trial: keep its group, so its twins (already enqueued) stay paired.
-        attrs.update(group_id=f"g{t.number:04d}")
-        if "seed" in t.user_attrs:
-            attrs["seed"] = t.user_attrs["seed"]
-    if "seed" not in attrs:
-        return False
+    attrs.setdefault("group_id", f"g{t.number:04d}")
+    attrs.setdefault("seed", ctx.seeds[0])
+    attrs.setdefault("arm", _arm(bool(t.params.get("spectral_norm", False))))
+    if ctx.design == "paired":
+        attrs.setdefault("pair_id", f"{attrs['group_id']}_s{attrs['seed']}")
     attrs["retry_of"] = t.number
     try:
-        return _enqueue(study, t.params, attrs, n_trials)
+        return _enqueue(study, t.params, attrs, ctx.n_trials)
     except Exception:
         log.exception("could not re-enqueue trial %s", t.number)
         return False
@@ -1234,7 +1280,7 @@ def _stale_callback_for(ctx: _Context) -> Callable[[optuna.Study, FrozenTrial], 
             ),
             **payload,
         )
-        _retry(study, t, ctx.n_trials)
+        _retry(study, t, ctx)
 
     return on_stale
 
@@ -1249,7 +1295,7 @@ def _fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def _attach_tracking(bus: EventBus, lab: Lab, name: str) -> Any:
+def _attach_tracking(bus: EventBus, lab: Lab, name: str, store: Any) -> Any:
     try:
         from thunderline_lab import tracking
     except ImportError as exc:
@@ -1261,7 +1307,9 @@ def _attach_tracking(bus: EventBus, lab: Lab, name: str) -> Any:
         raise TrackingError(
             "thunderline_lab.tracking has no attach(bus, *, lab, experiment) function"
         )
-    return attach(bus, lab=lab, experiment=name)
+    if store is None:
+        return attach(bus, lab=lab, experiment=name)
+    return attach(bus, lab=lab, experiment=name, store=store)
 
 
 def _attach_gateway(bus: EventBus, url: str, lab: Lab) -> Any:
@@ -1275,13 +1323,12 @@ def _attach_gateway(bus: EventBus, url: str, lab: Lab) -> Any:
     return client
 
 
-_TRIAL_END_EVENTS = frozenset({"ml.trial.complete", "ml.trial.failed"})
-
-
 class _InlineFlush:
     """Appends a :class:`StoreWriter`'s buffer from the publishing thread every ``interval`` s.
 
-    Subscribed after the writer, so the event that triggers a flush is already buffered.
+    Subscribed after the writer, so the event that triggers a flush is already buffered. The
+    run's end flushes the rest. Fewer, larger SQLite transactions also make the journal's
+    fsyncs cheaper on a shared disk.
     """
 
     def __init__(self, writer: Any, bus: EventBus, interval: float = 0.25) -> None:
@@ -1293,7 +1340,7 @@ class _InlineFlush:
 
     def _on_event(self, _event: Any) -> None:
         now = time.monotonic()
-        if now - self._last >= self.interval or _event.name in _TRIAL_END_EVENTS:
+        if now - self._last >= self.interval:
             self._last = now
             self.writer.flush(raise_errors=False)
 
@@ -1495,6 +1542,7 @@ def run_study(
 
     with contextlib.ExitStack() as stack:
         writer = None
+        store: Any = None
         if gateway:
             client = _attach_gateway(bus, gateway, the_lab)
             stack.callback(client.close)
@@ -1510,10 +1558,8 @@ def run_study(
             flusher = _InlineFlush(writer, bus)
             stack.callback(flusher.close)
         if mlflow:
-            ctx.tracker = _attach_tracking(bus, the_lab, name)
-            closer = getattr(ctx.tracker, "close", None)
-            if callable(closer):
-                stack.callback(closer)
+            ctx.tracker = _attach_tracking(bus, the_lab, name, store if writer else None)
+            stack.callback(_close_tracker, ctx)  # no-op if closed below
 
         study = _open_study(
             name,
@@ -1542,7 +1588,7 @@ def run_study(
                         _make_objective(ctx),
                         timeout=timeout,
                         catch=(_TrialFailed, _StopRequested),
-                        callbacks=[_EventCallback(ctx), _StopCallback(ctx, max_consecutive_errors)],
+                        callbacks=[_TrialCallback(ctx, max_consecutive_errors)],
                         gc_after_trial=False,
                     )
                 except KeyboardInterrupt:
@@ -1557,6 +1603,8 @@ def run_study(
                 c = count_trials(study.get_trials(deepcopy=False))
                 if c["finished"] < n_trials and not ctx.stop_requested():
                     ctx.stopped = "timeout"
+        if ctx.tracker is not None:
+            _close_tracker(ctx)  # its run-id links land in the store before we read it
         if isinstance(the_storage, _LabJournalStorage):
             the_storage.flush()
         if writer is not None:
@@ -1580,6 +1628,19 @@ def run_study(
         storage=storage_label,
         elapsed_s=time.perf_counter() - started,
     )
+
+
+def _close_tracker(ctx: _Context) -> None:
+    tracker = ctx.tracker
+    if tracker is None or ctx.closed_tracker:
+        return
+    ctx.closed_tracker = True
+    closer = getattr(tracker, "close", None)
+    if callable(closer):
+        try:
+            closer()
+        except Exception:
+            log.warning("closing the MLflow logger failed", exc_info=True)
 
 
 @contextlib.contextmanager
