@@ -207,3 +207,16 @@ def test_max_sigma_is_exact_for_linear_layers():
 def test_bad_settings_raise_config_error(wine, kw):
     with pytest.raises(ConfigError):
         train_trial(_small(), wine, **kw)
+
+
+def test_threads_are_set_for_the_call_and_restored(wine):
+    torch.set_num_threads(2)
+    seen: list[int] = []
+
+    def report(epoch: int, val_loss: float) -> bool:
+        seen.append(torch.get_num_threads())
+        return False
+
+    train_trial(_small(), wine, epochs=1, lr=1e-2, report=report, threads=1)
+    assert seen == [1]
+    assert torch.get_num_threads() == 2

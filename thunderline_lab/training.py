@@ -428,6 +428,7 @@ def train_trial(
     mlflow_run_id: str | None = None,
     evaluation: EvalSettings | None = None,
     keep_model: bool = True,
+    threads: int | None = 1,
 ) -> TrialResult:
     """Train one model configuration on one dataset and measure it.
 
@@ -454,6 +455,9 @@ def train_trial(
         mlflow_run_id: Carried in the run events when known.
         evaluation: What the final evaluation measures (:class:`EvalSettings`).
         keep_model: Keep the trained model in the result (else ``model`` is ``None``).
+        threads: ``torch.set_num_threads`` during the call (restored after); ``None`` leaves
+            it alone. One thread is the fastest for these small models (two threads on a
+            busy 2-core machine measured 25× slower per step) and keeps results identical.
 
     Returns:
         A :class:`TrialResult`; never raises for a diverging run.
@@ -470,6 +474,56 @@ def train_trial(
         >>> r.metrics["epochs"], "test_accuracy" in r.metrics
         (2.0, True)
     """
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        return _train_trial(
+            config,
+            dataset,
+            bus=bus,
+            model_run_id=model_run_id,
+            trial_id=trial_id,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            seed=seed,
+            patience=patience,
+            parameters=parameters,
+            report=report,
+            should_stop=should_stop,
+            study=study,
+            mlflow_run_id=mlflow_run_id,
+            evaluation=evaluation,
+            keep_model=keep_model,
+        )
+    finally:
+        if threads is not None and threads != before:
+            torch.set_num_threads(before)
+
+
+def _train_trial(
+    config: ModelConfig,
+    dataset: Dataset,
+    *,
+    bus: EventBus | None,
+    model_run_id: str,
+    trial_id: str,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    patience: int | None,
+    parameters: Mapping[str, Any] | None,
+    report: ReportFn | None,
+    should_stop: StopFlag | None,
+    study: str | None,
+    mlflow_run_id: str | None,
+    evaluation: EvalSettings | None,
+    keep_model: bool,
+) -> TrialResult:
     from thunderline_lab.models import build_model
 
     started = time.perf_counter()
