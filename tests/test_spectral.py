@@ -204,14 +204,28 @@ def test_more_power_iterations_track_at_least_as_well() -> None:
 
 
 # --------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize(("k", "s", "p", "d", "g"), CONV_CASES)
+def test_ungrouped_1x1_convs_use_the_exact_matrix_path() -> None:
+    for stride, padding in ((1, 0), (2, 0), (1, 1)):
+        conv = spectral_norm(nn.Conv2d(4, 8, 1, stride=stride, padding=padding), coeff=0.5)
+        sn = get_spectral_norm(conv)
+        assert sn is not None and (sn.requested_mode, sn.mode) == ("operator", "matrix")
+        assert not conv._forward_pre_hooks  # no input shape needed
+        conv.eval()
+        kernel = float(torch.linalg.matrix_norm(conv.weight.detach().flatten(1), 2))
+        assert dense_norm(conv, (4, 7, 7)) == pytest.approx(kernel, rel=1e-5)  # exact
+    grouped = get_spectral_norm(spectral_norm(nn.Conv2d(4, 8, 1, groups=2), input_shape=(4, 5, 5)))
+    assert grouped is not None and grouped.mode == "operator"
+
+
+@pytest.mark.parametrize(
+    ("k", "s", "p", "d", "g"), [c for c in CONV_CASES if not (c[0] == 1 and c[4] == 1)]
+)
 def test_adjoint_is_the_transpose_of_the_operator(k: int, s: int, p: int, d: int, g: int) -> None:
     torch.manual_seed(0)
     shape = (4, 9, 9)
     conv = nn.Conv2d(4, 8, k, stride=s, padding=p, dilation=d, groups=g).double()
     sn = SpectralNorm(conv, mode="operator")
-    if sn.mode == "matrix":
-        pytest.skip("ungrouped 1×1: matrix path")
+    assert sn.mode == "operator"
     sn.set_input_shape(shape, conv.weight.detach())
     w = conv.weight.detach()
     n_in = math.prod(shape)

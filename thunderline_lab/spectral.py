@@ -552,18 +552,17 @@ class SpectralNorm(nn.Module):
             sigma = self.sigma(weight)
             return self._rescale(weight, sigma, float(sigma.detach()))
 
-        w = weight.detach()
         if self.mode == "matrix":
-            if weight.ndim == 2:
-                w_mat, wg_mat = w, weight
-            else:
-                w_mat, wg_mat = w.flatten(1), weight.flatten(1)  # (out, in·k…)
+            wg_mat = weight if weight.ndim == 2 else weight.flatten(1)  # (out, in·k…)
+            w_mat_t = wg_mat.detach().t()  # (in·k…, out), no autograd history
             u = self._u
             for _ in range(self.n_power_iterations - 1):
-                u = _normalize(torch.mv(w_mat, _normalize(u @ w_mat, self.eps)), self.eps)
-            v = _normalize(u @ w_mat, self.eps)  # (in,) = Wᵀu / ‖Wᵀu‖, fresh, no history
+                v = _normalize(torch.mv(w_mat_t, u), self.eps)
+                u = _normalize(torch.mv(w_mat_t.t(), v), self.eps)
+            v = _normalize(torch.mv(w_mat_t, u), self.eps)  # (in,) = Wᵀu / ‖Wᵀu‖, fresh
             wv = torch.mv(wg_mat, v)  # (out,), grad flows into weight
         else:
+            w = weight.detach()
             if self._in_shape is None:
                 raise SpectralNormError(self._not_ready_message())
             u = self._u  # (1, C_out, *out)
