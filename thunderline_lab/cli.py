@@ -337,5 +337,76 @@ def mlflow_sync(
         click.echo(f"warning: {line}", err=True)
 
 
+
+@main.command("compare")
+@click.option("--study", required=True, help="The study (model run) to compare.")
+@lab_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report folder (default: LAB/reports/STUDY).",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="A metric to compare (repeatable; default: the standard set it reports).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["best", "final"]),
+    default="best",
+    show_default=True,
+    help="best: best_<metric> when the trainer reported it; final: end of training.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option(
+    "--n-boot",
+    type=click.IntRange(200, 1_000_000),
+    default=2000,
+    show_default=True,
+    help="Bootstrap resamples.",
+)
+@_clean_errors
+def compare_cmd(
+    study: str,
+    lab_dir: Path | None,
+    out_dir: Path | None,
+    metrics: tuple[str, ...],
+    mode: str,
+    seed: int,
+    n_boot: int,
+) -> None:
+    """SN vs none for a study: paired differences, bootstrap CIs, tests; report.md + PNGs."""
+    import re
+
+    from thunderline_lab.compare import compare_study, write_report
+    from thunderline_lab.lab import Lab
+
+    lab = Lab.resolve(lab_dir)
+    if not lab.db_path.exists():
+        raise click.ClickException(f"no trial store at {lab.db_path}")
+    with lab.store() as store:
+        result = compare_study(
+            store,
+            study,
+            metrics=list(metrics) or None,
+            mode=mode,  # type: ignore[arg-type]
+            seed=seed,
+            n_boot=n_boot,
+        )
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study).strip(".") or "study"
+    report = write_report(result, out_dir or lab.reports_dir / safe)
+    click.echo(
+        f"{study}: SN − none ({result.design} design, {mode} values, "
+        f"{int(result.confidence * 100)}% bootstrap CI)"
+    )
+    click.echo(result.format_table())
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"report: {report}")
+
 if __name__ == "__main__":  # pragma: no cover
     main()

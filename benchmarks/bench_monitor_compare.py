@@ -1,0 +1,505 @@
+"""P7: the SN-vs-none comparison at scale, the monitor's history query, the monitor's event rate.
+
+Goals (issue "Live training monitor ... and the SN-vs-none comparison"):
+
+* comparison over 100,000 trials and 10 M metric points ≤ 100 ms;
+* the monitor's history query (downsampled to ≤ 1,000 points per curve) ≤ 50 ms;
+* the monitor takes 10,000 events/s with ≤ 4 redraws/s and bounded memory.
+
+Setup (cached in ``--db``, rebuilt with ``--rebuild``): one lab store with study ``p7`` of
+100,000 paired trials (50,000 pairs; each trial's ``metrics`` carries the study layer's ~30
+summary metrics incl. ``sigma/<layer>``) and 20 epochs x 5 measurements of history each
+(10 M metric points), bulk-inserted into the store's tables; plus study ``p7-long``: 4
+trials x 5 curves x 50,000 steps (1 M points) for the downsampling query.
+
+Measured, medians of ``--repeats`` interleaved runs:
+
+* ``compare_study`` headline (val_accuracy; then the default 8-metric set) cold (first read of
+  the study: SQL ``json_extract`` over the trials) and warm (in-process columnar cache
+  refreshed from the event log), against the store's own SQL aggregate
+  ``mean_by_spectral_norm`` (``json_extract`` + ``GROUP BY``, no CI, no pairing);
+* the comparison's details (group learning curves over a 200-trial-per-arm sample, per-layer σ);
+* the incremental refresh after new trials arrive;
+* the monitor's history query: ``TrialStore.metric_history(..., max_points=1000)`` for the 40
+  trials the monitor shows, and for 50,000-step curves, against an index-seek prototype;
+* the monitor fed 10,000 events/s on a bus (widget mode, no frontend): redraws/s, lag, memory.
+
+Usage: python benchmarks/bench_monitor_compare.py [--db PATH] [--rebuild] [--quick]
+       [--repeats 5] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from thunderline_lab import compare as cmp
+from thunderline_lab import events as E
+from thunderline_lab.bus import EventBus
+from thunderline_lab.monitor import LiveMonitor, MonitorState
+from thunderline_lab.store import TrialStore
+
+STUDY = "p7"
+LONG = "p7-long"
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr", "max_sigma")
+TS = "2026-01-01T00:00:00.000000Z"
+N_TEST = 2000  # accuracies are k / N_TEST, as on a finite test set
+
+
+def _summary_metrics(rng: random.Random, sn: bool, pair_skill: float) -> dict[str, float]:
+    def acc(mean: float) -> float:
+        return round(min(1.0, max(0.0, rng.gauss(mean, 0.01))) * N_TEST) / N_TEST
+
+    base = 0.85 + pair_skill + (0.004 if sn else 0.0)
+    sig = [rng.uniform(0.9, 1.0) if sn else rng.uniform(1.2, 3.0) for _ in range(3)]
+    m = {
+        "train_accuracy": acc(base + 0.05),
+        "val_accuracy": acc(base - 0.005),
+        "best_val_accuracy": acc(base),
+        "test_accuracy": acc(base - 0.01),
+        "generalization_gap": rng.gauss(0.02 if sn else 0.05, 0.01),
+        "test_nll": rng.gauss(0.33 if sn else 0.36, 0.02),
+        "test_ece": abs(rng.gauss(0.02 if sn else 0.03, 0.005)),
+        "test_brier": rng.gauss(0.12, 0.01),
+        "noise_acc_0.1": acc(base - 0.03),
+        "noise_acc_0.3": acc(base - 0.1),
+        "fgsm_acc_0.01": acc(base - 0.05),
+        "fgsm_acc_0.05": acc(base - (0.15 if sn else 0.25)),
+        "fgsm_acc_0.1": acc(base - (0.3 if sn else 0.45)),
+        "lipschitz_upper": float(np.prod(sig)),
+        "lipschitz_lower": float(np.prod(sig)) * 0.2,
+        "max_sigma": max(sig),
+        "mean_sigma": sum(sig) / 3,
+        "min_sigma": min(sig),
+        "step_time_ms": rng.gauss(5.0 if sn else 4.5, 0.3),
+        "n_params": 9354.0,
+        "epochs": 20.0,
+        "best_val_loss": rng.gauss(0.3, 0.02),
+        **{f"sigma/net.{2 * i}": s for i, s in enumerate(sig)},
+    }
+    return m
+
+
+def build(db: Path, n_trials: int, epochs: int, long_steps: int) -> None:
+    """Bulk-insert the benchmark study into a fresh store (the store's own tables)."""
+    if db.exists():
+        db.unlink()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    store = TrialStore(db)
+    conn = store.conn
+    rng = random.Random(0)
+    t0 = time.perf_counter()
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO model_runs VALUES (?, ?, ?, ?)", [(STUDY, STUDY, TS, TS), (LONG, LONG, TS, TS)]
+    )
+    rows = []
+    for i in range(n_trials):
+        pair, sn = divmod(i, 2)
+        sn_on = bool(sn)
+        skill = random.Random(pair).gauss(0, 0.03)
+        params = {
+            "lr": 3e-3,
+            "depth": 3,
+            "width": 64,
+            "dropout": 0.1,
+            "weight_decay": 1e-4,
+            "spectral_norm": sn_on,
+            "spectral_norm_coeff": 1.0 if sn_on else None,
+            "seed": pair,
+            "pair_id": f"pair_{pair:06d}",
+            "arm": "sn_on" if sn_on else "sn_off",
+        }
+        metrics = _summary_metrics(rng, sn_on, skill)
+        rows.append(
+            (
+                STUDY,
+                f"trial_{i:06d}",
+                STUDY,
+                "completed",
+                int(sn_on),
+                1.0 if sn_on else None,
+                None,
+                json.dumps(params, sort_keys=True),
+                json.dumps(metrics, sort_keys=True),
+                1000,
+                None,
+                None,
+                None,
+                None,
+                TS,
+                TS,
+                TS,
+            )
+        )
+    conn.executemany(f"INSERT INTO trials VALUES ({', '.join('?' * 17)})", rows)
+    conn.execute("COMMIT")
+    print(f"  trials: {n_trials:,} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def points() -> Any:
+        for i in range(n_trials):
+            trial = f"trial_{i:06d}"
+            for step in range(epochs):
+                for name in EPOCH_METRICS:
+                    yield (STUDY, trial, name, step, 0.5 + step / (4 * epochs), TS, "bench")
+
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)", points())
+    conn.execute("COMMIT")
+    print(
+        f"  + {n_trials * epochs * len(EPOCH_METRICS):,} metric points in "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+
+    def long_points() -> Any:
+        for t in range(4):
+            for name in EPOCH_METRICS:
+                for step in range(long_steps):
+                    yield (LONG, f"trial_{t:04d}", name, step, 1.0 / (1 + step), TS, "bench")
+
+    conn.execute("BEGIN")
+    conn.executemany(
+        "INSERT INTO trials (model_run_id, trial_id, study, status, spectral_norm) "
+        "VALUES (?, ?, ?, 'running', ?)",
+        [(LONG, f"trial_{t:04d}", LONG, t % 2) for t in range(4)],
+    )
+    conn.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)", long_points())
+    conn.execute("COMMIT")
+    conn.execute("ANALYZE")
+    print(
+        f"  + {4 * 5 * long_steps:,} points of {LONG} in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    store.close()
+
+
+def median_ms(samples: list[float]) -> str:
+    return f"{statistics.median(samples) * 1000:8.1f} ms"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+# -- the monitor's history query ------------------------------------------------------------
+
+_SEEK_SQL = """
+WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?4),
+b(lo, hi) AS (SELECT MIN(step), MAX(step) FROM metrics
+              WHERE model_run_id = ?1 AND trial_id = ?2 AND name = ?3),
+s(step) AS (SELECT DISTINCT (SELECT m.step FROM metrics m
+                             WHERE m.model_run_id = ?1 AND m.trial_id = ?2 AND m.name = ?3
+                               AND m.step >= b.lo + ((b.hi - b.lo) * k.i) / (?4 - 1)
+                             ORDER BY m.step LIMIT 1)
+            FROM k, b WHERE b.lo IS NOT NULL)
+SELECT m.step, m.value FROM s JOIN metrics m
+  ON m.model_run_id = ?1 AND m.trial_id = ?2 AND m.name = ?3 AND m.step = s.step
+ORDER BY m.step
+"""
+
+
+def seek_history(store: TrialStore, run: str, trial: str, names: Any, max_points: int) -> int:
+    """Prototype: ≤ max_points per curve by index seeks (O(max_points log n) per curve)."""
+    n = 0
+    for name in names:
+        n += len(store.conn.execute(_SEEK_SQL, (run, trial, name, max_points)).fetchall())
+    return n
+
+
+def one_query_history(store: TrialStore, run: str, trials: list[str], names: Any) -> int:
+    """Prototype: every curve the monitor shows in one query (IN lists, no pandas)."""
+    sql = (
+        "SELECT trial_id, name, step, value FROM metrics WHERE model_run_id = ? "
+        f"AND trial_id IN ({','.join('?' * len(trials))}) "
+        f"AND name IN ({','.join('?' * len(names))}) ORDER BY trial_id, name, step"
+    )
+    return len(store.conn.execute(sql, [run, *trials, *names]).fetchall())
+
+
+def bench_history(store: TrialStore, repeats: int) -> None:
+    print("\nP7 monitor history query (downsampled to ≤ 1,000 points per curve)")
+    n = store_trials(store)
+    recent = [f"trial_{i:06d}" for i in range(n - 40, n)]
+    curves = ("val_accuracy", "val_loss", "train_loss")
+    long_trials = [f"trial_{t:04d}" for t in range(4)]
+    results: dict[str, list[float]] = {k: [] for k in "abcdef"}
+    counts: dict[str, int] = {}
+    cases: dict[str, Callable[[], int]] = {
+        "a": lambda: MonitorState(STUDY).load_history(store, STUDY, recent, max_points=1000),
+        "b": lambda: one_query_history(store, STUDY, recent, curves),
+        "c": lambda: len(store.metric_history(LONG, long_trials[0], "val_loss", max_points=1000)),
+        "d": lambda: seek_history(store, LONG, long_trials[0], ["val_loss"], 1000),
+        "e": lambda: sum(
+            len(store.metric_history(LONG, t, None, max_points=1000)) for t in long_trials
+        ),
+        "f": lambda: sum(seek_history(store, LONG, t, EPOCH_METRICS, 1000) for t in long_trials),
+    }
+    for _ in range(repeats):
+        for key, fn in cases.items():
+            dt, counts[key] = timed(fn)
+            results[key].append(dt)
+
+    def med(k: str) -> float:
+        return statistics.median(results[k])
+
+    print(
+        f"  1 curve of 50,000 steps: metric_history(max_points=1000)  {median_ms(results['c'])}"
+        f"  ({counts['c']:,} points)"
+    )
+    print(
+        f"    index-seek prototype                                  {median_ms(results['d'])}"
+        f"  ({counts['d']:,} points)  ratio {med('c') / med('d'):.1f}x"
+    )
+    print(
+        f"  20 curves of 50,000 steps: metric_history per trial      {median_ms(results['e'])}"
+        f"  ({counts['e']:,} points)"
+    )
+    print(
+        f"    index-seek prototype                                  {median_ms(results['f'])}"
+        f"  ({counts['f']:,} points)  ratio {med('e') / med('f'):.1f}x"
+    )
+    print(
+        f"  monitor attach, 40 trials x 3 curves of {STUDY}: load_history {median_ms(results['a'])}"
+        f"  ({counts['a']:,} points; 40 metric_history calls)"
+    )
+    print(
+        f"    one-query prototype (IN lists)                        {median_ms(results['b'])}"
+        f"  ({counts['b']:,} points)  ratio {med('a') / med('b'):.1f}x"
+    )
+
+
+def store_trials(store: TrialStore) -> int:
+    return int(
+        store.conn.execute("SELECT COUNT(*) FROM trials WHERE study = ?", (STUDY,)).fetchone()[0]
+    )
+
+
+# -- the comparison -------------------------------------------------------------------------
+
+
+def bench_compare(store: TrialStore, repeats: int) -> None:
+    n = store_trials(store)
+    points = store.conn.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+    print(
+        f"\nP7 comparison: {n:,} trials ({n // 2:,} pairs), {points:,} metric points in the store"
+    )
+    import scipy.stats  # noqa: F401  (import time is not the comparison's)
+
+    headline = ["val_accuracy"]
+    cmp.clear_cache()
+    cold, res = timed(lambda: compare_study(store, headline, details=False))
+    cmp.clear_cache()
+    cold_all, res_all = timed(lambda: compare_study(store, None, details=False))
+    cmp.clear_cache()
+    cold_details, _ = timed(lambda: compare_study(store, None, details=True))
+    warm, warm_all, warm_details, sql = [], [], [], []
+    for _ in range(repeats):
+        dt, res = timed(lambda: compare_study(store, headline, details=False))
+        warm.append(dt)
+        dt, _ = timed(lambda: store.mean_by_spectral_norm("val_accuracy", study=STUDY))
+        sql.append(dt)
+        dt, res_all = timed(lambda: compare_study(store, None, details=False))
+        warm_all.append(dt)
+        dt, _ = timed(lambda: compare_study(store, None, details=True))
+        warm_details.append(dt)
+    print(f"  headline val_accuracy, cold (first read)        {cold * 1000:8.1f} ms")
+    print(f"  headline val_accuracy, warm                      {median_ms(warm)}")
+    print(
+        f"  store.mean_by_spectral_norm (SQL GROUP BY)       {median_ms(sql)}"
+        f"  ratio SQL/warm {statistics.median(sql) / statistics.median(warm):.1f}x"
+    )
+    print(
+        f"  headline, default {len(res_all.headline)} metrics, cold          "
+        f"{cold_all * 1000:8.1f} ms"
+    )
+    print(
+        f"  headline, default {len(res_all.headline)} metrics, warm          {median_ms(warm_all)}"
+    )
+    print(f"  + details (curves of 400 trials, layer σ), cold  {cold_details * 1000:8.1f} ms")
+    print(f"  + details, warm                                  {median_ms(warm_details)}")
+    row = res.headline.iloc[0]
+    print(
+        f"  result: Δ val_accuracy {row['diff']:+.5f} [{row['ci_low']:+.5f}, "
+        f"{row['ci_high']:+.5f}], n_pairs {row['n_pairs']:,}, B {row['n_boot']}, "
+        f"p {row['p_value']:.2g}"
+    )
+    print(
+        "  n_boot per metric: "
+        + ", ".join(
+            f"{m} {b}"
+            for m, b in zip(res_all.headline["metric"], res_all.headline["n_boot"], strict=True)
+        )
+    )
+
+    # incremental: two new trials (one pair) arrive through the ordinary append path
+    new = []
+    for j, sn in enumerate((False, True)):
+        common = {"model_run_id": STUDY, "trial_id": f"new_{time.time_ns()}_{j}", "study": STUDY}
+        params = {"pair_id": "pair_new", "spectral_norm": sn}
+        new.append(E.trial_start(**common, spectral_norm=sn, parameters=params))
+        new.append(
+            E.trial_complete(
+                **common,
+                spectral_norm=sn,
+                parameters=params,
+                metrics={"best_val_accuracy": 0.9, "val_accuracy": 0.9},
+            )
+        )
+    store.append(new)
+    dt, res2 = timed(lambda: compare_study(store, headline, details=False))
+    print(
+        f"  after 1 new pair (refresh from the event log)    {dt * 1000:8.1f} ms"
+        f"  (n_pairs {res2.headline.iloc[0]['n_pairs']:,})"
+    )
+
+
+def compare_study(store: TrialStore, metrics: Any, details: bool) -> Any:
+    return cmp.compare_study(store, STUDY, metrics=metrics, details=details)
+
+
+# -- the monitor under load -----------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_monitor(seconds: float, rate: int) -> None:
+    print(f"\nP7 monitor fed {rate:,} events/s for {seconds:g} s (bus, widget mode, no frontend)")
+    n = int(seconds * rate)
+    trials = 50
+    steps = n // trials
+    evs: list[Any] = []
+    for t in range(trials):
+        common = {"model_run_id": "live", "trial_id": f"trial_{t:04d}", "study": "live"}
+        evs.append(E.trial_start(**common, spectral_norm=t % 2 == 0))
+    for step in range(steps):
+        for t in range(trials):
+            evs.append(
+                E.run_metric(
+                    model_run_id="live",
+                    trial_id=f"trial_{t:04d}",
+                    study="live",
+                    step=step,
+                    measurements={
+                        "train_loss": 1 / (step + 1),
+                        "val_loss": 1.1 / (step + 1),
+                        "val_accuracy": 1 - 1 / (step + 2),
+                        "lr": 1e-3,
+                        "max_sigma": 1.0,
+                    },
+                )
+            )
+    print(f"  {len(evs):,} events prebuilt ({trials} trials x {steps:,} epochs)")
+
+    # the fold alone, unpaced
+    state = MonitorState("live")
+    dt, _ = timed(lambda: state.apply_many(evs))
+    as_dicts = [e.model_dump(mode="json") for e in evs[:20_000]]
+    dt_d, _ = timed(lambda: MonitorState("live").apply_many(as_dicts))
+    print(
+        f"  fold rate: {len(evs) / dt:,.0f} events/s (Event objects), "
+        f"{len(as_dicts) / dt_d:,.0f} events/s (JSON dicts)"
+    )
+
+    gc.collect()
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(
+        bus, "live", mode="widget", min_interval=0.25, plot_interval=1.0, snapshot_on_finish=False
+    )
+    mon.start(display=False)
+    rss0 = rss_mb()
+    samples: list[tuple[float, int, float]] = []
+    t0 = time.monotonic()
+    batch = max(1, rate // 100)
+    for i in range(0, len(evs), batch):
+        target = t0 + i / rate
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        for ev in evs[i : i + batch]:
+            bus.publish(ev)
+        if i % rate < batch:
+            samples.append((time.monotonic() - t0, mon.state.n_points(), rss_mb()))
+    publish_s = time.monotonic() - t0
+    while mon.state.events < len(evs) and time.monotonic() - t0 < publish_s + 10:
+        time.sleep(0.01)
+    lag = time.monotonic() - t0 - publish_s
+    mon.close()
+    draws = list(mon.redraw_times)
+    per_window = [sum(1 for d in draws if w <= d < w + 1.0) for w in draws] or [0]
+    print(
+        f"  published {len(evs):,} events in {publish_s:.2f} s "
+        f"= {len(evs) / publish_s:,.0f} events/s; all folded {lag * 1000:.0f} ms after the "
+        f"last publish; dropped {getattr(mon.source, 'dropped', 0)}"
+    )
+    print(
+        f"  redraws: {mon.redraws} in {publish_s:.1f} s = {mon.redraws / publish_s:.2f}/s; "
+        f"max in any 1 s window: {max(per_window)}"
+    )
+    print(
+        "  curve points held: "
+        + ", ".join(f"{p:,}" for _, p, _ in samples[::2])
+        + f" (bound {trials} x 3 curves x 501)"
+    )
+    print(
+        f"  RSS: {rss0:.0f} MB at start, "
+        + ", ".join(f"{r:.0f}" for _, _, r in samples[::2])
+        + " MB during"
+        + f"; peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--db", type=Path, default=Path("/tmp/thunderline-bench-p7/lab.db"))
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="10,000 trials / 1 M points")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rate", type=int, default=10_000)
+    args = ap.parse_args()
+    n_trials, epochs, long_steps = (10_000, 20, 5_000) if args.quick else (100_000, 20, 50_000)
+    db = args.db if not args.quick else args.db.with_name("lab-quick.db")
+    meta = db.with_suffix(".json")
+    want = {"trials": n_trials, "epochs": epochs, "long": long_steps, "version": 1}
+    if args.rebuild or not db.exists() or not meta.exists() or json.loads(meta.read_text()) != want:
+        print(f"building {db} ({n_trials:,} trials, {n_trials * epochs * 5:,} points) ...")
+        db.parent.mkdir(parents=True, exist_ok=True)
+        build(db, n_trials, epochs, long_steps)
+        meta.write_text(json.dumps(want))
+    print(f"machine: {os.cpu_count()} CPUs, load average {load()} (shared machine)")
+    store = TrialStore(db)
+    try:
+        bench_compare(store, args.repeats)
+        bench_history(store, args.repeats)
+    finally:
+        store.close()
+    # keep the benchmark's own extra trials out of the next run
+    with TrialStore(db) as st:
+        st.conn.execute("DELETE FROM trials WHERE trial_id LIKE 'new_%'")
+    bench_monitor(args.seconds, args.rate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Tests of thunderline_lab.compare: pairing, bootstrap CIs, tests, modes, cache, report, CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from thunderline_lab import compare as cmp
+from thunderline_lab import events
+from thunderline_lab.cli import main
+from thunderline_lab.compare import (
+    bootstrap_mean_ci,
+    compare_arrays,
+    compare_study,
+    higher_is_better,
+    write_report,
+)
+from thunderline_lab.errors import StudyError
+from thunderline_lab.lab import Lab
+from thunderline_lab.monitor import synthetic_study
+from thunderline_lab.store import TrialStore
+
+STUDY = "cmp-study"
+
+
+def _trial(
+    number: int,
+    sn: bool,
+    metrics: dict[str, float],
+    *,
+    pair: str | None = None,
+    coeff: float | None = None,
+    status: str = "completed",
+    study: str = STUDY,
+    curve: Sequence[float] = (),
+) -> list[Any]:
+    common = {"model_run_id": study, "trial_id": f"trial_{number:04d}", "study": study}
+    params: dict[str, Any] = {"spectral_norm": sn}
+    if pair is not None:
+        params["pair_id"] = pair
+    out = [events.trial_start(**common, spectral_norm=sn, parameters=params)]
+    out += [
+        events.run_metric(**common, step=s, measurements={"val_accuracy": v, "train_loss": 1 - v})
+        for s, v in enumerate(curve)
+    ]
+    out.append(
+        events.trial_complete(
+            **common,
+            spectral_norm=sn,
+            spectral_norm_coeff=coeff if sn else None,
+            status=status,
+            metrics=metrics,
+            parameters=params,
+        )
+    )
+    return out
+
+
+def _paired_store(diffs: Sequence[float] | np.ndarray, base: float = 0.8) -> TrialStore:
+    store = TrialStore(":memory:")
+    evs = []
+    for i, d in enumerate(diffs):
+        evs += _trial(2 * i, False, {"acc": base + 0.01 * i}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {"acc": base + 0.01 * i + d}, pair=f"p{i}")
+    store.append(evs)
+    return store
+
+
+@pytest.fixture
+def synthetic_store() -> TrialStore:
+    store = TrialStore(":memory:")
+    store.append(synthetic_study(STUDY, n_pairs=12, epochs=6, pruned=1, failed=1))
+    return store
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_paired_comparison_matches_known_answers() -> None:
+    diffs = [0.01, 0.03, -0.005, 0.02, 0.04, 0.015, 0.025, 0.002, 0.035, 0.012]
+    res = compare_study(_paired_store(diffs), STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert res.design == "paired" and row["test"] == "wilcoxon"
+    assert row["n_pairs"] == 10
+    assert row["diff"] == pytest.approx(np.mean(diffs))
+    expected = stats.wilcoxon(np.array(diffs))
+    assert row["p_value"] == pytest.approx(expected.pvalue)  # no ties: exact, as scipy's
+    assert row["test_method"] == "exact"
+    assert row["ci_low"] < row["diff"] < row["ci_high"]
+    assert row["ci_low"] > 0 and row["favours"] == "SN"
+    assert list(res.pairs.columns) == ["pair_id", "acc"]
+    assert sorted(res.pairs["pair_id"]) == sorted(f"p{i}" for i in range(10))
+    got = dict(zip(res.pairs["pair_id"], res.pairs["acc"], strict=True))
+    assert got == pytest.approx({f"p{i}": d for i, d in enumerate(diffs)}, abs=1e-12)
+
+
+def test_rank_test_sees_ties_and_zeros_through_float_noise() -> None:
+    diffs = [0.01, 0.03, -0.01, 0.02, 0.0, 0.01, 0.03, 0.0, 0.02, 0.01, 0.02, -0.01]
+    res = compare_study(_paired_store(diffs, base=0.7), STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert row["test_method"] == "approx"
+    assert row["p_value"] == pytest.approx(stats.wilcoxon(diffs, method="approx").pvalue)
+    few = compare_arrays(
+        "acc", np.array([0.81, 0.8, 0.83, 0.82]), np.array([0.8, 0.8, 0.82, 0.81]), paired=True
+    )
+    assert few["test_method"] == "permutation"
+    assert few["p_value"] == pytest.approx(stats.wilcoxon([0.01, 0.0, 0.01, 0.01]).pvalue)
+
+
+def test_no_difference_gives_a_ci_around_zero_and_no_winner() -> None:
+    rng = np.random.default_rng(3)
+    diffs = rng.normal(0, 0.01, 40)
+    diffs -= diffs.mean()
+    res = compare_study(_paired_store(diffs), STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert row["ci_low"] < 0 < row["ci_high"]
+    assert row["favours"] == "—" and row["p_value"] > 0.05
+
+
+def test_lower_is_better_metrics_flip_the_verdict() -> None:
+    assert not higher_is_better("test_nll") and not higher_is_better("lipschitz_upper")
+    assert higher_is_better("fgsm_acc_0.05") and higher_is_better("ood_auroc")
+    row = compare_arrays(
+        "test_nll", np.array([0.3, 0.31, 0.29, 0.3]), np.array([0.4, 0.42, 0.41, 0.39]), paired=True
+    )
+    assert row["diff"] < 0 and row["favours"] == "SN"
+
+
+def test_unpaired_fallback_uses_welch() -> None:
+    store = TrialStore(":memory:")
+    rng = np.random.default_rng(0)
+    evs = []
+    for i in range(30):
+        sn = i % 2 == 1
+        evs += _trial(i, sn, {"acc": float(rng.normal(0.85 if sn else 0.80, 0.02))})
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert res.design == "unpaired" and row["test"] == "welch"
+    trials = res.trials
+    sn_v = trials.loc[trials["arm"] == "SN", "acc"].to_numpy()
+    none_v = trials.loc[trials["arm"] == "none", "acc"].to_numpy()
+    assert row["p_value"] == pytest.approx(stats.ttest_ind(sn_v, none_v, equal_var=False).pvalue)
+    assert row["diff"] == pytest.approx(sn_v.mean() - none_v.mean())
+    assert any("unpaired" in n for n in res.notes)
+    forced = compare_study(store, STUDY, metrics=["acc"], details=False, paired=False)
+    assert forced.design == "unpaired"
+
+
+def test_bootstrap_is_seeded_and_vectorised_paths_agree() -> None:
+    rng = np.random.default_rng(1)
+    discrete = rng.integers(0, 40, 4000) / 2000  # accuracies on a 2,000-example test set
+    a = bootstrap_mean_ci(discrete, seed=5, name="m")
+    assert a == bootstrap_mean_ci(discrete, seed=5, name="m")
+    assert a != bootstrap_mean_ci(discrete, seed=6, name="m")
+    # multinomial over distinct levels vs resampling indices: the same distribution
+    continuous = discrete + rng.normal(0, 1e-9, len(discrete))
+    b = bootstrap_mean_ci(continuous, seed=5, name="m", n_boot=4000)
+    se = discrete.std() / np.sqrt(len(discrete))
+    assert a[1] == pytest.approx(b[1], abs=0.25 * se)
+    assert a[2] == pytest.approx(b[2], abs=0.25 * se)
+    assert (a[2] - a[1]) == pytest.approx(2 * 1.96 * se, rel=0.1)
+
+
+def test_bootstrap_work_cap_reduces_resamples_and_says_so() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=5000)
+    est, lo, hi, b = bootstrap_mean_ci(x, n_boot=2000, max_draws=1_000_000)
+    assert b == 200 and lo < est < hi
+    diffs = rng.normal(0.01, 0.02, 3000)
+    res = compare_study(
+        _paired_store(diffs), STUDY, metrics=["acc"], details=False, max_draws=1_000_000
+    )
+    assert res.headline.loc[0, "n_boot"] == 333
+    assert any("bootstrap resamples" in n for n in res.notes)
+
+
+def test_degenerate_inputs() -> None:
+    assert np.isnan(bootstrap_mean_ci([])[0])
+    row = compare_arrays("acc", np.array([0.5, 0.5]), np.array([0.5, 0.5]), paired=True)
+    assert row["p_value"] == 1.0 and row["diff"] == 0.0 and row["favours"] == "—"
+    row = compare_arrays("acc", np.array([]), np.array([]), paired=True)
+    assert row["favours"] == "n/a" and np.isnan(row["p_value"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Study semantics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_study_default_metrics(synthetic_store: TrialStore) -> None:
+    res = compare_study(synthetic_store, STUDY)
+    metrics = res.headline["metric"].tolist()
+    assert metrics == [m for m in cmp.DEFAULT_METRICS if m != "ood_auroc"]
+    assert (res.headline["n_pairs"] == 11).all()  # the failed/pruned trials broke two pairs
+    assert res.sources["val_accuracy"] == "best_val_accuracy"
+    counts = res.counts.set_index(["status", "arm"])["n"].to_dict()
+    assert counts == {
+        ("completed", "SN"): 11,
+        ("completed", "none"): 11,
+        ("failed", "SN"): 1,
+        ("pruned", "none"): 1,
+    }
+    assert any("pruned" in n for n in res.notes) and any("failed" in n for n in res.notes)
+    lip = res.headline.set_index("metric").loc["lipschitz_upper"]
+    assert lip["diff"] < 0 and lip["favours"] == "SN"
+
+
+def test_best_and_final_modes_and_history_fallback(synthetic_store: TrialStore) -> None:
+    best = compare_study(
+        synthetic_store, STUDY, metrics=["val_accuracy", "val_loss"], details=False
+    )
+    final = compare_study(
+        synthetic_store, STUDY, metrics=["val_accuracy", "val_loss"], mode="final", details=False
+    )
+    assert best.sources == {"val_accuracy": "best_val_accuracy", "val_loss": "best_val_loss"}
+    assert final.sources == {"val_accuracy": "val_accuracy", "val_loss": "history last(val_loss)"}
+    b = best.trials.set_index("trial_id")["val_accuracy"]
+    f = final.trials.set_index("trial_id")["val_accuracy"]
+    assert (b >= f - 1e-12).all()
+    hist = synthetic_store.metric_history(STUDY, "trial_0000", "val_loss")
+    assert final.trials.set_index("trial_id").loc["trial_0000", "val_loss"] == pytest.approx(
+        hist["value"].iloc[-1]
+    )
+    train = compare_study(synthetic_store, STUDY, metrics=["train_loss"], details=False)
+    assert train.sources["train_loss"] == "history min(train_loss)"
+    with pytest.raises(StudyError, match="mode"):
+        compare_study(synthetic_store, STUDY, mode="last")  # type: ignore[arg-type]
+
+
+def test_unknown_metrics_are_noted_and_unknown_studies_refused(
+    synthetic_store: TrialStore,
+) -> None:
+    res = compare_study(synthetic_store, STUDY, metrics=["val_accuracy", "nope"], details=False)
+    assert res.headline["metric"].tolist() == ["val_accuracy"]
+    assert any("nope" in n for n in res.notes)
+    with pytest.raises(StudyError, match="none of the metrics"):
+        compare_study(synthetic_store, STUDY, metrics=["nope"], details=False)
+    with pytest.raises(StudyError, match=f"studies: {STUDY}"):
+        compare_study(synthetic_store, "missing")
+    with pytest.raises(StudyError, match="empty"):
+        compare_study(TrialStore(":memory:"), "missing")
+
+
+def test_multiple_coefficients_get_their_own_rows() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(8):
+        evs += _trial(3 * i, False, {"acc": 0.8}, pair=f"p{i}")
+        evs += _trial(3 * i + 1, True, {"acc": 0.82}, pair=f"p{i}", coeff=1.0)
+        evs += _trial(3 * i + 2, True, {"acc": 0.78}, pair=f"p{i}", coeff=4.0)
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert res.headline.loc[0, "diff"] == pytest.approx(0.0)  # SN arm: mean within each pair
+    by = res.by_coeff.set_index("coeff")["diff"]
+    assert by[1.0] == pytest.approx(0.02) and by[4.0] == pytest.approx(-0.02)
+
+
+def test_details_curves_layers_and_sampling(synthetic_store: TrialStore) -> None:
+    res = compare_study(synthetic_store, STUDY)
+    assert set(res.curves["name"]) == {"val_accuracy", "val_loss", "train_loss"}
+    c = res.curves[(res.curves["name"] == "val_accuracy") & (res.curves["arm"] == "SN")]
+    assert list(c["step"]) == list(range(6)) and (c["n"] == 11).all()
+    assert (c["ci_low"] <= c["mean"]).all() and (c["mean"] <= c["ci_high"]).all()
+    assert set(res.layer_sigma["layer"]) == {"net.0", "net.2", "net.4"}
+    sn_sigma = res.layer_sigma[res.layer_sigma["arm"] == "SN"]["mean"]
+    assert (sn_sigma <= 1.0).all()
+    assert res.accuracy_metric == "test_accuracy" and "lipschitz_upper" in res.trials
+    sampled = compare_study(synthetic_store, STUDY, curve_trials=3)
+    assert (sampled.curves["n"] <= 3).all()
+    assert any("random sample of 3 trials" in n for n in sampled.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The incremental cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cache_refreshes_from_new_events_only(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    evs = synthetic_study(STUDY, n_pairs=6, epochs=3)
+    half = len(evs) // 2
+    store.append(evs[:half])
+    cmp.clear_cache()
+    first = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    store.append(evs[half:])
+    second = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp._CACHE[cmp._store_key(store, STUDY)] is frame  # patched, not rebuilt
+    assert first.headline.loc[0, "n_pairs"] < second.headline.loc[0, "n_pairs"] == 6
+    fresh = compare_study(store, STUDY, metrics=["test_accuracy"], details=False, use_cache=False)
+    cols = ["diff", "ci_low", "ci_high", "p_value", "n_pairs"]
+    assert second.headline[cols].equals(fresh.headline[cols])
+    # a trial whose metrics change (a late duplicate-id-free correction) is re-read
+    store.append(_trial(0, False, {"test_accuracy": 0.0}, pair="pair_0000"))
+    third = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert third.trials.set_index("trial_id").loc["trial_0000", "test_accuracy"] == 0.0
+
+
+def test_cache_does_not_confuse_in_memory_stores() -> None:
+    cmp.clear_cache()
+    for diff in (0.01, -0.02, 0.03):
+        res = compare_study(_paired_store([diff] * 5), STUDY, metrics=["acc"], details=False)
+        assert res.headline.loc[0, "diff"] == pytest.approx(diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_write_report(synthetic_store: TrialStore, tmp_path: Path) -> None:
+    res = compare_study(synthetic_store, STUDY)
+    report = write_report(res, tmp_path / "out")
+    text = report.read_text()
+    assert report.name == "report.md"
+    assert "| val_accuracy | best_val_accuracy | 11 pairs |" in text
+    for fig in (
+        "paired_differences",
+        "distributions",
+        "learning_curves",
+        "accuracy_vs_lipschitz",
+        "layer_sigma",
+    ):
+        assert f"![{fig}]({fig}.png)" in text
+        assert (tmp_path / "out" / f"{fig}.png").read_bytes().startswith(b"\x89PNG")
+    assert "| completed | 11 | 11 |" in text
+    assert "<table" in res.to_html(figures=False) and "11 pairs" in res.to_html(figures=False)
+
+
+def test_cli_compare(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study("cli/ab", n_pairs=6, epochs=4))
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        [
+            "compare",
+            "--study",
+            "cli/ab",
+            "--lab",
+            str(lab.root),
+            "--metric",
+            "val_accuracy",
+            "--metric",
+            "test_nll",
+            "--mode",
+            "final",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "paired design, final values" in result.output
+    assert "val_accuracy  val_accuracy" in result.output and "test_nll" in result.output
+    report = lab.reports_dir / "cli_ab" / "report.md"
+    assert f"report: {report}" in result.output and report.exists()
+    out = tmp_path / "elsewhere"
+    result = runner.invoke(
+        main,
+        [
+            "compare",
+            "--study",
+            "cli/ab",
+            "--lab",
+            str(lab.root),
+            "--out",
+            str(out),
+            "--metric",
+            "test_accuracy",
+        ],
+    )
+    assert result.exit_code == 0 and (out / "report.md").exists()
+    bad = runner.invoke(main, ["compare", "--study", "nope", "--lab", str(lab.root)])
+    assert bad.exit_code == 1 and "error: no trials for study 'nope'" in bad.output
+    missing = runner.invoke(main, ["compare", "--study", "x", "--lab", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "no trial store" in missing.output

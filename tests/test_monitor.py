@@ -1,0 +1,558 @@
+"""Tests of thunderline_lab.monitor: the state fold, the three sources, throttling, modes."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from thunderline_lab import events
+from thunderline_lab.bus import EventBus
+from thunderline_lab.errors import GatewayError
+from thunderline_lab.monitor import (
+    BusSource,
+    Curve,
+    GatewaySource,
+    LiveMonitor,
+    MonitorState,
+    StoreSource,
+    as_source,
+    detect_frontend,
+    render_curves_png,
+    render_table_html,
+    render_text_line,
+    simulate_study,
+    synthetic_study,
+)
+from thunderline_lab.store import TrialStore
+
+STUDY = "mon-study"
+
+
+def _fold(evs: list[Any], **kw: Any) -> MonitorState:
+    state = MonitorState(STUDY, **kw)
+    state.apply_many(evs)
+    return state
+
+
+def _view(state: MonitorState) -> list[tuple[Any, ...]]:
+    """What the table shows, per trial (comparable across sources)."""
+    return [
+        (r.trial_id, r.status, r.arm, r.coeff, r.epoch, r.best, r.lipschitz, r.pair_id)
+        for r in sorted(state.rows.values(), key=lambda r: r.trial_id)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Curve and state
+# ---------------------------------------------------------------------------------------------
+
+
+def test_curve_stays_bounded_and_keeps_first_and_last_points() -> None:
+    curve = Curve(capacity=64)
+    for step in range(100_000):
+        curve.add(step, float(step) ** 0.5)
+    steps, values = curve.points()
+    assert len(steps) <= 65
+    assert steps[0] == 0 and steps[-1] == 99_999
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    gaps = {b - a for a, b in itertools.pairwise(steps[:-1])}  # the last point: the latest
+    assert len(gaps) == 1  # evenly strided
+    assert values[-1] == pytest.approx(99_999**0.5)
+
+
+def test_curve_updates_a_repeated_step_and_ignores_older_steps() -> None:
+    curve = Curve(capacity=8)
+    curve.add(0, 1.0)
+    curve.add(1, 2.0)
+    curve.add(1, 3.0)
+    curve.add(0, 9.0)
+    assert curve.points() == ([0, 1], [1.0, 3.0])
+
+
+def test_state_folds_a_paired_study() -> None:
+    evs = synthetic_study(STUDY, n_pairs=3, epochs=6, coeff=2.0, pruned=1, failed=1)
+    state = _fold(evs)
+    rows = {r.trial_id: r for r in state.rows.values()}
+    assert len(rows) == 6
+    statuses = sorted(r.status for r in rows.values())
+    assert statuses == ["completed"] * 4 + ["failed", "pruned"]
+    sn_rows = [r for r in rows.values() if r.arm == "SN"]
+    assert len(sn_rows) == 3 and all(r.coeff == 2.0 for r in sn_rows)
+    completed = [r for r in rows.values() if r.status == "completed"]
+    assert all(r.epoch == 5 and r.best is not None and r.lipschitz is not None for r in completed)
+    assert {r.pair_id for r in rows.values()} == {"pair_0000", "pair_0001", "pair_0002"}
+    s = state.summary()
+    assert (s["n_trials"], s["n_completed"], s["n_pruned"], s["n_failed"], s["n_running"]) == (
+        6,
+        4,
+        1,
+        1,
+        0,
+    )
+    assert s["arms"]["SN"]["n"] == 2 and s["arms"]["none"]["n"] == 2
+    assert s["paired"]["n"] == 2  # the pruned and the failed trial broke one pair each
+    best = max(completed, key=lambda r: r.best or 0)
+    assert s["best"]["trial_id"] == best.trial_id
+
+
+def test_best_comes_from_the_trainers_best_value_when_reported() -> None:
+    common = {"model_run_id": STUDY, "trial_id": "t", "study": STUDY}
+    state = _fold(
+        [
+            events.trial_start(**common, spectral_norm=False),
+            events.run_metric(**common, step=0, measurements={"val_accuracy": 0.5}),
+            events.run_metric(**common, step=1, measurements={"val_accuracy": 0.7}),
+            events.trial_complete(
+                **common, spectral_norm=False, metrics={"best_val_accuracy": 0.65}
+            ),
+        ]
+    )
+    assert state.rows[(STUDY, "t")].best == 0.65
+
+
+def test_dict_events_fold_like_event_objects() -> None:
+    evs = synthetic_study(STUDY, n_pairs=2, epochs=4)
+    as_dicts = [e.model_dump(mode="json") for e in evs]
+    assert _view(_fold(evs)) == _view(_fold(as_dicts))
+
+
+def test_other_studies_and_foreign_events_are_ignored() -> None:
+    evs = synthetic_study("other", n_pairs=1, epochs=2)
+    generic = events.validate_event(
+        {"id": "x1", "name": "system.ping", "timestamp": "2026-01-01T00:00:00Z", "payload": {}}
+    )
+    state = _fold([*evs, generic])
+    assert not state.rows and state.ignored == len(evs) + 1
+    everything = MonitorState()  # study=None: every study counts
+    everything.apply_many(evs)
+    assert len(everything.rows) == 2
+
+
+def test_memory_is_bounded_by_trials_not_events() -> None:
+    state = MonitorState(STUDY, curve_points=50, max_curve_trials=10)
+    for t in range(40):
+        common = {"model_run_id": STUDY, "trial_id": f"t{t}", "study": STUDY}
+        state.apply(events.trial_start(**common, spectral_norm=t % 2 == 0))
+        for step in range(300):
+            state.apply(
+                {
+                    "name": "ml.run.metric",
+                    "payload": {
+                        **common,
+                        "step": step,
+                        "measurements": {"val_accuracy": 0.5, "val_loss": 1.0, "train_loss": 1.0},
+                    },
+                }
+            )
+        state.apply(events.trial_complete(**common, spectral_norm=t % 2 == 0))
+    assert len(state.rows) == 40
+    assert len(state.curves) == 10
+    assert state.n_points() <= 10 * 3 * 51
+    assert state.events == 40 * 302
+
+
+def test_load_history_uses_downsampled_store_history() -> None:
+    store = TrialStore(":memory:")
+    common = {"model_run_id": STUDY, "trial_id": "t0", "study": STUDY}
+    store.append([events.trial_start(**common, spectral_norm=True)])
+    store.append(
+        [
+            events.run_metric(**common, step=s, measurements={"val_accuracy": s / 5000})
+            for s in range(5000)
+        ]
+    )
+    state = MonitorState(STUDY)
+    state.load_trials(store.trials(study=STUDY))
+    n = state.load_history(store, STUDY, ["t0"], max_points=1000)
+    assert 0 < n <= 1000
+    steps, _ = state.curves[(STUDY, "t0")]["val_accuracy"].points()
+    assert steps[0] == 0 and steps[-1] == 4999
+    assert state.rows[(STUDY, "t0")].epoch == 4999
+
+
+# ---------------------------------------------------------------------------------------------
+# One contract, three sources
+# ---------------------------------------------------------------------------------------------
+
+
+class _Feed:
+    """A source under test plus a way to deliver events to it."""
+
+    def __init__(self, source: Any, deliver: Callable[[list[Any]], Any]) -> None:
+        self.source = source
+        self.deliver = deliver
+
+
+def _fake_gateway(store: TrialStore, token: str) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") != f"Bearer {token}":
+            return httpx.Response(401, json={"detail": "token"})
+        after = int(request.url.params["after"])
+        limit = int(request.url.params["limit"])
+        evs = store.events_after(after, limit)
+        return httpx.Response(
+            200, json={"events": evs, "next_after": evs[-1]["seq"] if evs else after}
+        )
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.fixture(params=["bus", "store", "gateway-mock", "gateway-app"])
+def feed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[_Feed]:
+    kind = request.param
+    if kind == "bus":
+        bus = EventBus()
+        src: Any = BusSource(bus)
+        yield _Feed(src, bus.publish_many)
+        src.close()
+        return
+    store = TrialStore(tmp_path / "lab.db")
+    if kind == "store":
+        src = StoreSource(tmp_path / "lab.db", limit=7)
+        yield _Feed(src, store.append)
+        src.close()
+    elif kind == "gateway-mock":
+        client = httpx.Client(base_url="http://gw", transport=_fake_gateway(store, "s3cret-token"))
+        gsrc = GatewaySource("http://gw", "s3cret-token", client=client, limit=7)
+        yield _Feed(gsrc, store.append)
+        client.close()
+    else:
+        gateway = pytest.importorskip("thunderline_lab.gateway")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # starlette: "use httpx2" deprecation notice
+            from fastapi.testclient import TestClient
+
+        with TestClient(gateway.create_app(store, token="s3cret-token")) as http:
+            gsrc = GatewaySource(token="s3cret-token", client=http, limit=7)
+            yield _Feed(gsrc, store.append)
+    store.close()
+
+
+def test_source_delivers_every_event_once_in_order(feed: _Feed) -> None:
+    evs = synthetic_study(STUDY, n_pairs=2, epochs=5, failed=1)
+    feed.deliver(evs[:9])
+    first = feed.source.poll()
+    feed.deliver(evs[9:])
+    second = feed.source.poll()
+    assert feed.source.poll() == []
+    got = [e["id"] if isinstance(e, dict) else e.id for e in first + second]
+    assert got == [e.id for e in evs]
+
+
+def test_monitor_state_is_the_same_whatever_the_source(feed: _Feed) -> None:
+    evs = synthetic_study(STUDY, n_pairs=3, epochs=4, pruned=1)
+    mon = LiveMonitor(feed.source, STUDY, mode="text")
+    feed.deliver(evs[:15])
+    mon.pump()
+    feed.deliver(evs[15:])
+    mon.pump()
+    assert _view(mon.state) == _view(_fold(evs))
+    assert mon.state.summary()["n_done"] == 6
+
+
+def test_store_source_after_none_tails_only_new_events(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    evs = synthetic_study(STUDY, n_pairs=1, epochs=3)
+    store.append(evs[:4])
+    src = StoreSource(store, after=None)
+    store.append(evs[4:])
+    assert [e["id"] for e in src.poll()] == [e.id for e in evs[4:]]
+
+
+def test_gateway_errors_are_gateway_errors() -> None:
+    def boom(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(500, text="internal")
+
+    def garbage(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"nope": 1})
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    for handler, words in ((boom, "500"), (garbage, "malformed"), (unreachable, "cannot fetch")):
+        client = httpx.Client(base_url="http://gw", transport=httpx.MockTransport(handler))
+        with pytest.raises(GatewayError, match=words):
+            GatewaySource(client=client).poll()
+
+
+def test_as_source_wraps_buses_stores_and_urls(tmp_path: Path) -> None:
+    assert isinstance(as_source(EventBus()), BusSource)
+    assert isinstance(as_source(tmp_path / "lab"), StoreSource)
+    assert isinstance(as_source("http://127.0.0.1:1"), GatewaySource)
+
+
+def test_bus_buffer_is_bounded_but_keeps_lifecycle_events() -> None:
+    bus = EventBus()
+    src = BusSource(bus, max_buffer=5)
+    evs = synthetic_study(STUDY, n_pairs=1, epochs=10)
+    bus.publish_many(evs)
+    got = src.poll()
+    names = [e.name for e in got]
+    assert names.count("ml.trial.start") == 2 and names.count("ml.trial.complete") == 2
+    assert src.dropped == len(evs) - len(got) > 0
+
+
+def test_source_errors_do_not_stop_the_monitor() -> None:
+    calls = {"n": 0}
+
+    class Flaky:
+        label = "flaky"
+        poll_interval = 0.01
+
+        def poll(self) -> list[Any]:
+            calls["n"] += 1
+            if calls["n"] < 3:
+                raise GatewayError("gateway down")
+            return list(synthetic_study(STUDY, n_pairs=1, epochs=2))
+
+        def close(self) -> None:
+            pass
+
+    mon = LiveMonitor(Flaky(), STUDY, mode="text", text_interval=1e9).start(display=False)
+    deadline = time.monotonic() + 20
+    while mon.state.summary()["n_done"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    mon.close()
+    assert mon.source_errors >= 2 and mon.last_error == "gateway down"
+    assert mon.state.summary()["n_done"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Throttling, widgets, text mode, stop
+# ---------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr("thunderline_lab.monitor.time.monotonic", fake)
+    return fake
+
+
+def test_redraws_are_throttled_and_coalesced_whatever_the_event_rate(clock: _Clock) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.25, plot_interval=1.0)
+    mon.start(display=False, thread=False)
+    evs = synthetic_study(STUDY, n_pairs=10, epochs=100)  # 2,040 events
+    draws_at: list[float] = []
+    for i, ev in enumerate(evs):
+        bus.publish(ev)
+        if i % 10 == 0:  # the pump runs every 1 ms of fake time: 1,000 events/s
+            before = mon.redraws
+            mon.pump()
+            if mon.redraws > before:
+                draws_at.append(clock.now)
+        clock.now += 0.001
+    span = clock.now - 1000.0
+    assert mon.redraws <= 4 * span + 1
+    assert all(b - a >= 0.25 for a, b in itertools.pairwise(draws_at))
+    mon.finish()
+    assert mon.state.summary()["n_done"] == 20  # coalesced, never dropped
+    mon.close()
+
+
+def test_widget_shows_table_curves_and_panel(clock: _Clock) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", max_table_rows=4)
+    mon.start(display=False, thread=False)
+    bus.publish_many(synthetic_study(STUDY, n_pairs=3, epochs=5))
+    clock.now += 5
+    mon.pump()
+    w = mon._widgets
+    assert w["table"].value.count('<tr class="tl-trial"') == 4
+    assert "showing 4 of 6 trials" in w["table"].value
+    assert bytes(w["curves"].value).startswith(b"\x89PNG")
+    assert "6 done" in w["panel"].value and "paired Δ" in w["panel"].value
+    assert w["stop"].layout.display == "none"  # nothing to stop in the foreground
+    assert "tl-monitor" in mon.widget._dom_classes
+    mon.close()
+
+
+def test_stop_button_ends_a_background_study_cleanly() -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
+    mon.start(display=False)
+    started = threading.Event()
+
+    def study() -> dict[str, int]:
+        started.set()
+        return simulate_study(
+            bus, STUDY, n_pairs=50, epochs=20, delay=0.002, stop_event=mon.stop_event
+        )
+
+    run = mon.run_in_background(study)
+    assert started.wait(10)
+    assert mon._widgets["stop"].layout.display == ""
+    while mon.state.summary()["n_done"] < 1 and run.running:
+        time.sleep(0.01)
+    mon._widgets["stop"].click()
+    counts = run.wait(30)
+    assert counts["cancelled"] == 1
+    assert counts["completed"] < 100
+    assert mon.should_stop()
+    s = mon.state.summary()
+    assert s["n_cancelled"] == 1 and s["n_running"] == 0
+    assert "stopped" in mon._widgets["panel"].value
+    mon.close()
+
+
+def test_background_failure_is_reported_and_reraised() -> None:
+    mon = LiveMonitor.from_bus(EventBus(), STUDY, mode="text", text_interval=1e9)
+    mon.start(display=False)
+
+    def broken() -> None:
+        raise RuntimeError("no data")
+
+    run = mon.run_in_background(broken, wait=True)
+    with pytest.raises(RuntimeError, match="no data"):
+        run.wait(5)
+    assert "failed" in mon._status
+    mon.close()
+
+
+def test_text_mode_prints_occasional_lines_and_a_final_table(
+    clock: _Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="text", text_interval=10.0)
+    mon.start(thread=False)
+    for ev in synthetic_study(STUDY, n_pairs=4, epochs=50):
+        bus.publish(ev)
+        mon.pump()
+        clock.now += 0.05  # 20 events/s for ~21 s
+    mon.close()
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if ln.startswith(f"[monitor {STUDY}]")]
+    assert 3 <= len(lines) <= 5  # start, ~every 10 s, final
+    assert "8/8 done" in lines[-1] and "finished" in lines[-1]
+    assert any(ln.startswith("trial") and "lipschitz" in ln for ln in out)  # final table
+
+
+def test_papermill_like_headless_run_waits_for_the_study(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("THUNDERLINE_MONITOR", "text")
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, text_interval=1e9)
+    assert mon.headless
+    mon.start()
+    run = mon.run_in_background(lambda: simulate_study(bus, STUDY, n_pairs=2, epochs=3, delay=0))
+    assert not run.running  # returned only when the study was over
+    assert mon.state.summary()["n_done"] == 4
+    assert "finished" in capsys.readouterr().out
+
+
+def test_renderers_escape_and_describe_the_state() -> None:
+    common = {"model_run_id": STUDY, "trial_id": "<b>x</b>", "study": STUDY}
+    state = _fold([events.trial_start(**common, spectral_norm=True, spectral_norm_coeff=0.5)])
+    table = render_table_html(state)
+    assert "&lt;b&gt;x&lt;/b&gt;" in table and "<b>x</b>" not in table
+    assert "on (c=0.5)" in table
+    assert render_text_line(state).startswith(f"[monitor {STUDY}] 0/1 done, 1 running")
+    assert render_curves_png(state).startswith(b"\x89PNG")
+
+
+def test_save_snapshot_writes_png_and_html(tmp_path: Path) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="text")
+    bus.publish_many(synthetic_study(STUDY, n_pairs=1, epochs=3))
+    mon.pump()
+    png, page = mon.save_snapshot(tmp_path)
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert page.read_text().count('class="tl-trial"') == 2
+    mon.close()
+
+
+def test_from_store_snapshot_then_tail(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    evs = synthetic_study(STUDY, n_pairs=2, epochs=6)
+    store.append(evs[: len(evs) // 2])
+    mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text")
+    assert mon.state.rows and mon.state.curves  # loaded without replaying the log
+    store.append(evs[len(evs) // 2 :])
+    mon.pump()
+    assert _view(mon.state) == _view(_fold(evs))
+    mon.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Frontend detection
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_ipython(monkeypatch: pytest.MonkeyPatch, shell: Any) -> None:
+    mod = types.ModuleType("IPython")
+    mod.get_ipython = lambda: shell  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", mod)
+
+
+def test_detect_frontend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THUNDERLINE_MONITOR", raising=False)
+    _fake_ipython(monkeypatch, None)
+    assert detect_frontend()[0] == "text"
+
+    zmq_shell = type("ZMQInteractiveShell", (), {})
+    shell = zmq_shell()
+    shell.kernel = types.SimpleNamespace(_allow_stdin=False)
+    _fake_ipython(monkeypatch, shell)
+    mode, reason = detect_frontend()
+    assert mode == "text" and "headless" in reason
+    shell.kernel._allow_stdin = True
+    assert detect_frontend()[0] == "widget"
+
+    _fake_ipython(monkeypatch, type("TerminalInteractiveShell", (), {})())
+    assert detect_frontend()[0] == "text"
+
+    monkeypatch.setenv("THUNDERLINE_MONITOR", "widget")
+    assert detect_frontend() == ("widget", "$THUNDERLINE_MONITOR=widget")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real headless kernel (what papermill and nbval do)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_executed_notebook_keeps_text_lines_and_a_static_snapshot(tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("print('keep me')"),
+        nbformat.v4.new_code_cell(
+            "from thunderline_lab.bus import EventBus\n"
+            "from thunderline_lab.monitor import LiveMonitor, simulate_study\n"
+            "bus = EventBus()\n"
+            "mon = LiveMonitor.from_bus(bus, 'nb-study', text_interval=0.05).start()\n"
+            "run = mon.run_in_background(\n"
+            "    lambda: simulate_study(bus, 'nb-study', n_pairs=2, epochs=4, delay=0.01))\n"
+            "print(mon.mode, run.running)"
+        ),
+    ]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    assert nb.cells[0].outputs[0]["text"] == "keep me\n"
+    outputs = nb.cells[1].outputs
+    text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    assert "[monitor nb-study]" in text and "finished" in text
+    assert "text False" in text  # headless: the cell waited for the study
+    data = [o["data"] for o in outputs if o["output_type"] == "display_data"]
+    assert any("image/png" in d for d in data)
+    assert any('class="tl-trial"' in d.get("text/html", "") for d in data)

@@ -1,0 +1,1511 @@
+"""SN vs none: paired differences with bootstrap CIs and rank tests, curves and figures.
+
+For a study, :func:`compare_study` compares spectrally normalized trials with their
+unconstrained twins, metric by metric:
+
+* **paired** (twins share ``parameters["pair_id"]``): per pair, SN − none (each arm's mean
+  within the pair); the mean difference with a percentile bootstrap CI (seeded numpy
+  Generator, vectorised) and the Wilcoxon signed-rank test (scipy);
+* **unpaired** fall-back (no pair ids): difference of the arm means with a bootstrap CI
+  (each arm resampled) and Welch's t-test.
+
+``mode`` picks each trial's value: ``best`` uses ``best_<metric>`` when the trainer reported
+one (``best_val_accuracy``), else the metric; ``final`` uses the value at the end of
+training. Metrics a trial never summarised fall back to its metric history (max/min or
+last step). Only completed trials count by default; pruned/failed ones are tallied.
+
+The result also carries group learning curves (mean ± CI bands per arm), metric
+distributions, accuracy vs Lipschitz bound and per-layer σ (``sigma/<layer>`` metrics), and
+:func:`write_report` turns it into ``report.md`` plus PNG figures.
+
+Reading is columnar and incremental: the study's trial values are extracted with SQL
+(``json_extract`` on ``trials.metrics``) once, cached in-process by (store, study), and
+refreshed from the event log's sequence numbers (only trials with new lifecycle events are
+re-read), so repeated comparisons over a large or live study stay fast.
+
+Example:
+    >>> from thunderline_lab.store import TrialStore
+    >>> from thunderline_lab.monitor import synthetic_study
+    >>> store = TrialStore(":memory:")
+    >>> _ = store.append(synthetic_study("ab", n_pairs=8, epochs=5))
+    >>> res = compare_study(store, "ab", metrics=["val_accuracy"], details=False)
+    >>> res.design, int(res.headline.loc[0, "n_pairs"])
+    ('paired', 8)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import re
+import threading
+import weakref
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from thunderline_lab.errors import StudyError
+from thunderline_lab.store import TrialStore
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "ComparisonResult",
+    "bootstrap_mean_ci",
+    "compare_arrays",
+    "compare_study",
+    "format_headline",
+    "higher_is_better",
+    "write_report",
+]
+
+Mode = Literal["best", "final"]
+DEFAULT_METRICS: tuple[str, ...] = (
+    "val_accuracy",
+    "test_accuracy",
+    "generalization_gap",
+    "test_nll",
+    "test_ece",
+    "noise_acc_0.1",
+    "fgsm_acc_0.05",
+    "ood_auroc",
+    "lipschitz_upper",
+)
+CURVE_METRICS: tuple[str, ...] = ("val_accuracy", "val_loss", "train_loss")
+# Per-epoch measurements of the training loop: the only default metrics looked up in the
+# metric history when trials do not summarise them (an explicit --metric always may be).
+HISTORY_METRICS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy", "lr", "max_sigma")
+_LOWER_IS_BETTER = re.compile(
+    r"(loss|nll|ece|brier|gap|lipschitz|sigma|time|duration|n_params)", re.IGNORECASE
+)
+_LIFECYCLE = (
+    "ml.trial.start",
+    "ml.trial.complete",
+    "ml.trial.failed",
+    "ml.run.start",
+    "ml.run.stop",
+)
+ARM_COLORS = {"SN": "#1f77b4", "none": "#d62728"}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (losses, calibration errors, gaps,
+    Lipschitz bounds, σ and costs are lower-is-better).
+
+    Example:
+        >>> higher_is_better("test_accuracy"), higher_is_better("test_nll")
+        (True, False)
+    """
+    return _LOWER_IS_BETTER.search(metric) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """A generator per (seed, metric): a metric's CI does not depend on the others asked."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _boot_means(
+    x: np.ndarray, n_boot: int, rng: np.random.Generator, max_draws: int
+) -> tuple[np.ndarray, int]:
+    """Means of ``n_boot`` resamples (with replacement) of ``x``; returns (means, B used).
+
+    Values with few distinct levels (accuracies on a finite test set) are resampled as
+    multinomial counts over the levels: the same distribution, far fewer draws. Otherwise
+    indices are drawn in chunks; when ``n * n_boot`` exceeds ``max_draws`` the number of
+    resamples is reduced (never below 200) and reported.
+    """
+    n = len(x)
+    levels, counts = np.unique(x, return_counts=True)
+    if len(levels) * 16 <= n:
+        weights = rng.multinomial(n, counts / n, size=n_boot)
+        return weights @ levels / n, n_boot
+    b = n_boot if n * n_boot <= max_draws else max(200, max_draws // n)
+    out = np.empty(b)
+    chunk = max(1, 4_000_000 // n)
+    for start in range(0, b, chunk):
+        stop = min(b, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n), dtype=_index_dtype(n))
+        out[start:stop] = x[idx].mean(axis=1)
+    return out, b
+
+
+def _index_dtype(n: int) -> type[np.integer[Any]]:
+    if n <= np.iinfo(np.uint16).max:
+        return np.uint16  # half the random bits of int32: the bootstrap's main cost
+    return np.int32 if n <= np.iinfo(np.int32).max else np.int64
+
+
+def bootstrap_mean_ci(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray | None = None,
+    *,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    name: str = "",
+    max_draws: int = 10_000_000,
+) -> tuple[float, float, float, int]:
+    """Percentile bootstrap CI of ``mean(x)`` (or ``mean(x) - mean(y)``, arms resampled
+    independently): ``(estimate, low, high, resamples)``.
+
+    Example:
+        >>> est, lo, hi, b = bootstrap_mean_ci([0.1, 0.2, 0.15, 0.3, 0.25], seed=1)
+        >>> lo < est < hi, b
+        (True, 2000)
+    """
+    xa = np.asarray(x, dtype=float)
+    if len(xa) == 0 or (y is not None and len(y) == 0):
+        return math.nan, math.nan, math.nan, 0
+    rng = _rng(seed, name)
+    means, b = _boot_means(xa, n_boot, rng, max_draws)
+    estimate = float(xa.mean())
+    if y is not None:
+        ya = np.asarray(y, dtype=float)
+        means_y, b_y = _boot_means(ya, n_boot, rng, max_draws)
+        b = min(b, b_y)
+        means = means[:b] - means_y[:b]
+        estimate -= float(ya.mean())
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return estimate, float(lo), float(hi), b
+
+
+def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
+    """Wilcoxon signed-rank: (statistic, p, method).
+
+    Exact without ties/zeros up to n = 50; with ties or zeros, scipy's permutation version
+    up to n = 8 (its cost doubles per pair: seconds by n = 12), else the normal
+    approximation with tie correction.
+    """
+    from scipy import stats
+
+    if len(d) == 0:
+        return math.nan, math.nan, "—"
+    scale = float(np.max(np.abs(d)))
+    if scale == 0:
+        return 0.0, 1.0, "exact"
+    # Differences of floats carry rounding noise (0.85 - 0.84 != 0.01): keep 10 significant
+    # digits so true zeros and ties are seen as such.
+    d = np.round(d, int(9 - math.floor(math.log10(scale))))
+    if not np.any(d != 0):
+        return 0.0, 1.0, "exact"
+    nonzero = d[d != 0]
+    ties = len(np.unique(np.abs(nonzero))) < len(nonzero) or len(nonzero) < len(d)
+    if not ties and len(d) <= 50:
+        method = "exact"
+    elif ties and len(d) <= 8:
+        method = "auto"
+    else:
+        method = "approx"
+    res = stats.wilcoxon(d, method=method)
+    return float(res.statistic), float(res.pvalue), "permutation" if method == "auto" else method
+
+
+def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return (0.0, 1.0) if a[0] == b[0] else (math.inf * np.sign(a[0] - b[0]), 0.0)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    return float(res.statistic), float(res.pvalue)
+
+
+def compare_arrays(
+    metric: str,
+    sn: np.ndarray,
+    none: np.ndarray,
+    *,
+    paired: bool,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    max_draws: int = 10_000_000,
+) -> dict[str, Any]:
+    """One headline row from values of the two arms (aligned pairs when ``paired``).
+
+    Example:
+        >>> row = compare_arrays("acc", np.array([.9, .8, .85]), np.array([.85, .8, .8]),
+        ...                      paired=True)
+        >>> row["test"], round(row["diff"], 4)
+        ('wilcoxon', 0.0333)
+    """
+    hib = higher_is_better(metric)
+    row: dict[str, Any] = {"metric": metric, "design": "paired" if paired else "unpaired"}
+    if paired:
+        d = sn - none
+        est, lo, hi, b = bootstrap_mean_ci(
+            d, n_boot=n_boot, confidence=confidence, seed=seed, name=metric, max_draws=max_draws
+        )
+        stat, p, method = _wilcoxon(d)
+        row.update(
+            n_pairs=len(d), n_sn=len(sn), n_none=len(none), test="wilcoxon", test_method=method
+        )
+    else:
+        est, lo, hi, b = bootstrap_mean_ci(
+            sn,
+            none,
+            n_boot=n_boot,
+            confidence=confidence,
+            seed=seed,
+            name=metric,
+            max_draws=max_draws,
+        )
+        stat, p = _welch(sn, none)
+        row.update(n_pairs=0, n_sn=len(sn), n_none=len(none), test="welch", test_method="t")
+    row.update(
+        mean_sn=float(sn.mean()) if len(sn) else math.nan,
+        mean_none=float(none.mean()) if len(none) else math.nan,
+        diff=est,
+        ci_low=lo,
+        ci_high=hi,
+        statistic=stat,
+        p_value=p,
+        n_boot=b,
+        higher_is_better=hib,
+    )
+    if lo == lo and (lo > 0 or hi < 0):
+        row["favours"] = "SN" if (lo > 0) == hib else "none"
+    else:
+        row["favours"] = "—" if lo == lo else "n/a"
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Columnar, incrementally refreshed view of a study's trials
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    run: np.ndarray
+    trial: np.ndarray
+    status: np.ndarray
+    sn: np.ndarray  # 1.0 / 0.0 / nan
+    coeff: np.ndarray
+    pair: np.ndarray  # object: pair_id or None
+    columns: dict[str, np.ndarray]  # metric key -> float values (nan: missing)
+    keys: set[str]  # metric keys seen in the study's trials (sampled)
+    watermark: int
+    store_ref: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _index: dict[tuple[str, str], int] | None = None
+    _pair_codes: np.ndarray | None = None
+    # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
+    history: dict[tuple[str, str], tuple[int, np.ndarray | None]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.trial)
+
+    def index(self) -> dict[tuple[str, str], int]:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(zip(self.run, self.trial, strict=True))}
+        return self._index
+
+    def pair_codes(self) -> np.ndarray:
+        if self._pair_codes is None:
+            has = np.array([p is not None for p in self.pair], dtype=bool)
+            codes = np.full(self.n, -1, dtype=np.int64)
+            if has.any():
+                codes[has] = pd.factorize(pd.Series(self.pair[has]).astype(str))[0]
+            self._pair_codes = codes
+        return self._pair_codes
+
+
+_CACHE: OrderedDict[tuple[Any, ...], _Frame] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+_REBUILD_EVENTS = 250_000  # beyond this many new events, rebuild instead of diffing
+_REBUILD_TRIALS = 20_000
+
+
+def _store_key(store: TrialStore, study: str) -> tuple[Any, ...]:
+    if store.path == ":memory:":
+        return ("mem", id(store), study)
+    return ("file", str(Path(store.path).resolve()), study)
+
+
+def _read(store: TrialStore, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    try:
+        return store.conn.execute(sql, list(params)).fetchall()
+    except sqlite3.Error as exc:
+        from thunderline_lab.errors import StoreError
+
+        raise StoreError(f"{store.path}: comparison query failed: {exc}") from exc
+
+
+def _json_path(key: str) -> str:
+    return '$."' + key.replace('"', "") + '"'
+
+
+def _as_float(v: Any) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    return math.nan
+
+
+def _fetch_rows(
+    store: TrialStore,
+    study: str,
+    keys: Sequence[str],
+    subset: Sequence[tuple[str, str]] | None = None,
+    with_metrics_text: bool = False,
+) -> list[tuple[Any, ...]]:
+    cols = ", ".join(["json_extract(metrics, ?)"] * len(keys))
+    select = (
+        "SELECT model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
+        "json_extract(parameters, '$.pair_id')"
+        + (", metrics" if with_metrics_text else "")
+        + (", " + cols if keys else "")
+        + " FROM trials WHERE study = ?"
+    )
+    paths = [_json_path(k) for k in keys]
+    if subset is None:
+        return _read(store, select, [*paths, study])
+    out: list[tuple[Any, ...]] = []
+    for i in range(0, len(subset), 300):
+        chunk = subset[i : i + 300]
+        marks = ", ".join(["(?, ?)"] * len(chunk))
+        flat = [x for pair in chunk for x in pair]
+        out += _read(
+            store,
+            f"{select} AND (model_run_id, trial_id) IN (VALUES {marks})",
+            [*paths, study, *flat],
+        )
+    return out
+
+
+def _discover_keys(store: TrialStore, study: str, sample: int = 200) -> set[str]:
+    keys: set[str] = set()
+    for order in ("ASC", "DESC"):
+        rows = _read(
+            store,
+            f"SELECT metrics FROM trials WHERE study = ? AND status = 'completed' "
+            f"ORDER BY rowid {order} LIMIT ?",
+            [study, sample],
+        )
+        for (text,) in rows:
+            try:
+                keys.update(json.loads(text))
+            except (TypeError, ValueError):
+                continue
+    return keys
+
+
+def _build_frame(store: TrialStore, study: str, keys: Iterable[str]) -> _Frame:
+    watermark = store.last_seq()
+    discovered = _discover_keys(store, study)
+    wanted = sorted(set(keys) & discovered)
+    rows = _fetch_rows(store, study, wanted)
+    frame = _frame_from_rows(rows, wanted, discovered, watermark)
+    frame.store_ref = weakref.ref(store)
+    return frame
+
+
+def _frame_from_rows(
+    rows: list[tuple[Any, ...]], keys: Sequence[str], discovered: set[str], watermark: int
+) -> _Frame:
+    n = len(rows)
+    cols = list(zip(*rows, strict=True)) if rows else [()] * (6 + len(keys))
+    sn = np.array([math.nan if v is None else float(v) for v in cols[3]], dtype=float)
+    coeff = np.array([math.nan if v is None else float(v) for v in cols[4]], dtype=float)
+    pair = np.empty(n, dtype=object)
+    pair[:] = list(cols[5])
+    columns = {
+        k: np.array([_as_float(v) for v in cols[6 + j]], dtype=float) for j, k in enumerate(keys)
+    }
+    return _Frame(
+        run=np.array(cols[0], dtype=object),
+        trial=np.array(cols[1], dtype=object),
+        status=np.array(cols[2], dtype=object),
+        sn=sn,
+        coeff=coeff,
+        pair=pair,
+        columns=columns,
+        keys=set(discovered),
+        watermark=watermark,
+    )
+
+
+def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
+    """Bring ``frame`` up to the store's last event; None when a rebuild is cheaper."""
+    last = store.last_seq()
+    if last == frame.watermark:
+        return frame
+    if last < frame.watermark or last - frame.watermark > _REBUILD_EVENTS:
+        return None
+    marks = ", ".join("?" * len(_LIFECYCLE))
+    changed = _read(
+        store,
+        f"SELECT DISTINCT model_run_id, trial_id FROM events WHERE seq > ? AND seq <= ? "
+        f"AND name IN ({marks}) LIMIT ?",
+        [frame.watermark, last, *_LIFECYCLE, _REBUILD_TRIALS + 1],
+    )
+    if len(changed) > _REBUILD_TRIALS:
+        return None
+    keys = sorted(frame.columns)
+    rows = _fetch_rows(store, study, keys, [(r, t) for r, t in changed], with_metrics_text=True)
+    index = frame.index()
+    new_keys: set[str] = set()
+    patched: list[tuple[int, tuple[Any, ...]]] = []
+    appended: list[tuple[Any, ...]] = []
+    for row in rows:
+        with contextlib.suppress(TypeError, ValueError):
+            new_keys.update(json.loads(row[6]))
+        compact = row[:6] + row[7:]
+        i = index.get((row[0], row[1]))
+        if i is None:
+            appended.append(compact)
+        else:
+            patched.append((i, compact))
+    for i, row in patched:
+        frame.status[i] = row[2]
+        frame.sn[i] = math.nan if row[3] is None else float(row[3])
+        frame.coeff[i] = math.nan if row[4] is None else float(row[4])
+        frame.pair[i] = row[5]
+        for j, k in enumerate(keys):
+            frame.columns[k][i] = _as_float(row[6 + j])
+    if appended:
+        extra = _frame_from_rows(appended, keys, set(), last)
+        frame.run = np.concatenate([frame.run, extra.run])
+        frame.trial = np.concatenate([frame.trial, extra.trial])
+        frame.status = np.concatenate([frame.status, extra.status])
+        frame.sn = np.concatenate([frame.sn, extra.sn])
+        frame.coeff = np.concatenate([frame.coeff, extra.coeff])
+        frame.pair = np.concatenate([frame.pair, extra.pair])
+        for k in keys:
+            frame.columns[k] = np.concatenate([frame.columns[k], extra.columns[k]])
+        frame._index = None
+    if patched or appended:
+        frame._pair_codes = None
+    frame.keys |= new_keys
+    frame.watermark = last
+    return frame
+
+
+def _ensure_columns(store: TrialStore, study: str, frame: _Frame, keys: Iterable[str]) -> None:
+    missing = sorted(k for k in set(keys) & frame.keys if k not in frame.columns)
+    if not missing:
+        return
+    rows = _fetch_rows(store, study, missing)
+    index = frame.index()
+    for k in missing:
+        frame.columns[k] = np.full(frame.n, math.nan)
+    for row in rows:
+        i = index.get((row[0], row[1]))
+        if i is None:
+            continue  # a trial newer than the frame: picked up by the next refresh
+        for j, k in enumerate(missing):
+            frame.columns[k][i] = _as_float(row[6 + j])
+
+
+def _probe_keys(store: TrialStore, study: str, frame: _Frame, keys: Iterable[str]) -> None:
+    """Add keys that the sampled discovery missed but some trial reports (explicit asks)."""
+    for key in keys:
+        if key in frame.keys:
+            continue
+        found = _read(
+            store,
+            "SELECT 1 FROM trials WHERE study = ? AND json_extract(metrics, ?) IS NOT NULL LIMIT 1",
+            [study, _json_path(key)],
+        )
+        if found:
+            frame.keys.add(key)
+
+
+def _get_frame(store: TrialStore, study: str, keys: Iterable[str], use_cache: bool) -> _Frame:
+    keys = set(keys)
+    if not use_cache:
+        return _build_frame(store, study, keys)
+    ck = _store_key(store, study)
+    with _CACHE_LOCK:
+        frame = _CACHE.get(ck)
+        if frame is not None:
+            _CACHE.move_to_end(ck)
+    stale_ref = frame is not None and frame.store_ref is not None and frame.store_ref() is not store
+    if stale_ref and ck[0] == "mem":
+        frame = None  # another in-memory store reused the id
+    if frame is not None:
+        with frame.lock:
+            refreshed = _refresh(store, study, frame)
+            if refreshed is not None:
+                _ensure_columns(store, study, refreshed, keys)
+        frame = refreshed
+    if frame is None:
+        frame = _build_frame(store, study, keys)
+    with _CACHE_LOCK:
+        _CACHE[ck] = frame
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return frame
+
+
+def clear_cache() -> None:
+    """Forget every cached study view (the next comparison re-reads the store)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a metric per trial (best / final, summary or history)
+# ---------------------------------------------------------------------------------------------
+
+
+def _history_values(store: TrialStore, frame: _Frame, metric: str, mode: Mode) -> np.ndarray | None:
+    runs = sorted(set(frame.run.tolist()))
+    if not runs:
+        return None
+    if mode == "final":
+        sql = (
+            "SELECT model_run_id, trial_id, value, MAX(step) FROM metrics "
+            "WHERE model_run_id = ? AND name = ? GROUP BY model_run_id, trial_id"
+        )
+    else:
+        agg = "MAX" if higher_is_better(metric) else "MIN"
+        sql = (
+            f"SELECT model_run_id, trial_id, {agg}(value) FROM metrics "
+            "WHERE model_run_id = ? AND name = ? GROUP BY model_run_id, trial_id"
+        )
+    out = np.full(frame.n, math.nan)
+    index = frame.index()
+    found = False
+    for run in runs:
+        for row in _read(store, sql, [run, metric]):
+            i = index.get((row[0], row[1]))
+            if i is not None:
+                out[i] = float(row[2])
+                found = True
+    return out if found else None
+
+
+def _resolve(
+    store: TrialStore, frame: _Frame, metric: str, mode: Mode, *, history: bool
+) -> tuple[str, np.ndarray] | None:
+    """(source description, values per frame row) for ``metric`` under ``mode``.
+
+    Falls back to the metric history (a scan of the study's metric points, so only when
+    ``history``; the answer is kept with the frame until new events arrive).
+    """
+    best_key = f"best_{metric}"
+    if mode == "best" and best_key in frame.columns:
+        return best_key, frame.columns[best_key]
+    if metric in frame.columns:
+        return metric, frame.columns[metric]
+    if not history:
+        return None
+    cached = frame.history.get((metric, mode))
+    if cached is None or cached[0] != frame.watermark or len(cached[1] or ()) not in (0, frame.n):
+        cached = (frame.watermark, _history_values(store, frame, metric, mode))
+        frame.history[(metric, mode)] = cached
+    values = cached[1]
+    if values is None:
+        return None
+    agg = ("max" if higher_is_better(metric) else "min") if mode == "best" else "last"
+    return f"history {agg}({metric})", values
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComparisonResult:
+    """Everything :func:`compare_study` found; :func:`write_report` renders it.
+
+    Attributes:
+        headline: one row per metric: design, n_pairs, n_sn, n_none, mean_sn, mean_none,
+            diff (SN − none), ci_low, ci_high, test, statistic, p_value, n_boot, favours.
+        trials: the trials compared (arm, coeff, pair_id, one column per metric).
+        pairs: per pair, SN − none per metric (paired design).
+        by_coeff: headline rows per SN coefficient (when the study varies it).
+        counts: trials by status and arm (all statuses).
+        curves: group learning curves: arm, name, step, n, mean, ci_low, ci_high.
+        layer_sigma: per-layer σ by arm: layer, arm, n, mean, ci_low, ci_high.
+        sources: which trial value each metric used (``best_val_accuracy``, ...).
+    """
+
+    study: str
+    mode: Mode
+    design: str
+    confidence: float
+    seed: int
+    headline: pd.DataFrame
+    trial_columns: dict[str, np.ndarray] = field(repr=False)
+    pairs: pd.DataFrame
+    by_coeff: pd.DataFrame
+    counts: pd.DataFrame
+    curves: pd.DataFrame
+    layer_sigma: pd.DataFrame
+    sources: dict[str, str]
+    notes: list[str]
+    accuracy_metric: str | None = None
+
+    @functools.cached_property
+    def trials(self) -> pd.DataFrame:
+        """The trials compared: arm, coeff, pair_id and one column per metric (built lazily)."""
+        return pd.DataFrame(self.trial_columns)
+
+    def format_table(self) -> str:
+        """The headline as fixed-width text (what the CLI prints)."""
+        return format_headline(self.headline)
+
+    def to_markdown(self) -> str:
+        """The headline as a Markdown table."""
+        return _markdown_table(_headline_display(self.headline))
+
+    def _repr_html_(self) -> str:
+        return self.to_html(figures=True)
+
+    def to_html(self, *, figures: bool = True) -> str:
+        """The report as HTML: headline, per-coefficient rows, counts, notes, figures (inline
+        PNGs). Displaying a result in a notebook shows this."""
+        import base64
+
+        parts = [
+            f'<div class="tl-comparison"><h4>{_html(self.study)}: SN − none</h4>'
+            f"<p>{self.design} design · {self.mode} values · {int(self.confidence * 100)}% "
+            f"percentile bootstrap CI (seed {self.seed}) · "
+            + ("Wilcoxon signed-rank" if self.design == "paired" else "Welch's t-test")
+            + "</p>",
+            _headline_display(self.headline).to_html(index=False, escape=True),
+        ]
+        if not self.by_coeff.empty:
+            shown = _headline_display(self.by_coeff)
+            shown.insert(0, "coeff", self.by_coeff["coeff"].map(lambda c: f"{c:g}"))
+            parts += ["<p><b>By SN coefficient</b></p>", shown.to_html(index=False)]
+        parts.append(_counts_table(self.counts).to_html(index=False))
+        if self.notes:
+            parts.append("<ul>" + "".join(f"<li>{_html(n)}</li>" for n in self.notes) + "</ul>")
+        if figures:
+            for name, fig in self.figures().items():
+                data = base64.b64encode(_png(fig)).decode()
+                parts.append(f'<img alt="{name}" src="data:image/png;base64,{data}"/>')
+        return "".join(parts) + "</div>"
+
+    def figures(self) -> dict[str, Any]:
+        """The report's figures as matplotlib Figures (Agg; no pyplot state touched)."""
+        figs = {
+            "paired_differences": fig_differences(self),
+            "distributions": fig_distributions(self),
+            "learning_curves": fig_learning_curves(self),
+            "accuracy_vs_lipschitz": fig_accuracy_vs_lipschitz(self),
+            "layer_sigma": fig_layer_sigma(self),
+        }
+        return {k: v for k, v in figs.items() if v is not None}
+
+    def show(self) -> None:
+        """Display the headline and every figure inline (notebooks)."""
+        from IPython.display import HTML, Image, display
+
+        display(HTML(self._repr_html_()))
+        for fig in self.figures().values():
+            display(Image(data=_png(fig), format="png"))
+
+
+def _html(text: Any) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+def compare_study(
+    store: Any,
+    study: str,
+    *,
+    metrics: Sequence[str] | None = None,
+    mode: Mode = "best",
+    paired: bool | None = None,
+    statuses: Sequence[str] = ("completed",),
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    max_draws: int = 10_000_000,
+    details: bool = True,
+    curve_trials: int = 200,
+    use_cache: bool = True,
+) -> ComparisonResult:
+    """Compare SN against none for each metric of a study.
+
+    Args:
+        store: a :class:`TrialStore`, a lab directory or :class:`~thunderline_lab.lab.Lab`.
+        metrics: metric names (default: :data:`DEFAULT_METRICS` that the study reports).
+        mode: ``best`` (``best_<metric>`` when reported) or ``final``.
+        paired: force the design; default paired when twins share ``pair_id``.
+        statuses: trial statuses compared (default completed only).
+        n_boot: bootstrap resamples (fewer when ``n * n_boot > max_draws``, ≥ 200).
+        details: also compute learning curves, per-layer σ and the data behind the figures.
+        curve_trials: learning curves use at most this many trials per arm (a seeded random
+            sample; the figure says so when sampling happened).
+
+    Raises:
+        StudyError: the study has no trials, or no trial with a known arm.
+    """
+    if mode not in ("best", "final"):
+        raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
+    store, owned = _as_store(store)
+    try:
+        return _compare(
+            store,
+            study,
+            metrics,
+            mode,
+            paired,
+            statuses,
+            n_boot,
+            confidence,
+            seed,
+            max_draws,
+            details,
+            curve_trials,
+            use_cache,
+        )
+    finally:
+        if owned:
+            store.close()
+
+
+def _as_store(store: Any) -> tuple[TrialStore, bool]:
+    if isinstance(store, TrialStore):
+        return store, False
+    from thunderline_lab.lab import Lab
+
+    lab = store if isinstance(store, Lab) else Lab.resolve(store)
+    if not lab.db_path.exists():
+        raise StudyError(f"no trial store at {lab.db_path}")
+    return lab.store(), True
+
+
+def _compare(
+    store: TrialStore,
+    study: str,
+    metrics: Sequence[str] | None,
+    mode: Mode,
+    paired: bool | None,
+    statuses: Sequence[str],
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    max_draws: int,
+    details: bool,
+    curve_trials: int,
+    use_cache: bool,
+) -> ComparisonResult:
+    wanted = list(dict.fromkeys(metrics or DEFAULT_METRICS))
+    extra = ["lipschitz_upper", "test_accuracy", "val_accuracy", "best_val_accuracy"]
+    keys = {k for m in wanted for k in (m, f"best_{m}")} | (set(extra) if details else set())
+    frame = _get_frame(store, study, keys, use_cache)
+    if metrics is not None:
+        probe = [k for m in wanted for k in (m, f"best_{m}")]
+        with frame.lock:
+            _probe_keys(store, study, frame, probe)
+            _ensure_columns(store, study, frame, probe)
+    if frame.n == 0:
+        known = [r[0] for r in _read(store, "SELECT DISTINCT study FROM trials ORDER BY 1")]
+        raise StudyError(
+            f"no trials for study {study!r} in {store.path}"
+            + (f" (studies: {', '.join(map(str, known))})" if known else " (the store is empty)")
+        )
+    if details:
+        sigma_keys = sorted(k for k in frame.keys if k.startswith("sigma/"))
+        _ensure_columns(store, study, frame, sigma_keys)
+    notes: list[str] = []
+    counts = _counts(frame)
+    mask = np.isin(frame.status, list(statuses)) & ~np.isnan(frame.sn)
+    is_sn, is_none = mask & (frame.sn == 1.0), mask & (frame.sn == 0.0)
+    if not (is_sn.any() or is_none.any()):
+        raise StudyError(
+            f"study {study!r}: no {'/'.join(statuses)} trial with a known spectral_norm arm"
+        )
+    codes = frame.pair_codes()
+    n_pairs_possible = _complete_pairs(codes, is_sn, is_none).sum() if (codes >= 0).any() else 0
+    design_paired = bool(n_pairs_possible > 0) if paired is None else paired
+    if design_paired and n_pairs_possible == 0:
+        notes.append("paired design requested but no pair_id has both arms; nothing to pair")
+    if not design_paired and (codes >= 0).any() and paired is None:
+        notes.append("pair ids present but no complete pair: unpaired comparison (Welch)")
+    if paired is None and not (codes >= 0).any():
+        notes.append("no pair_id in parameters: unpaired comparison (Welch's t-test)")
+
+    rows, sources, pair_cols, values_by_metric = [], {}, {}, {}
+    skipped = []
+    for metric in wanted:
+        resolved = _resolve(
+            store, frame, metric, mode, history=metrics is not None or metric in HISTORY_METRICS
+        )
+        if resolved is None:
+            skipped.append(metric)
+            continue
+        source, values = resolved
+        sources[metric] = source
+        values_by_metric[metric] = values
+        row, d = _compare_metric(
+            metric,
+            values,
+            codes,
+            is_sn,
+            is_none,
+            design_paired,
+            n_boot,
+            confidence,
+            seed,
+            max_draws,
+        )
+        row["source"] = source
+        rows.append(row)
+        if d is not None:
+            pair_cols[metric] = d
+    if skipped and metrics is not None:
+        notes.append(f"not reported by any trial: {', '.join(skipped)}")
+    if not rows:
+        raise StudyError(f"study {study!r}: none of the metrics {', '.join(wanted)} is reported")
+    headline = pd.DataFrame(rows)
+    headline = headline[[c for c in _HEADLINE_COLUMNS if c in headline.columns]]
+    by_coeff = _by_coeff(
+        frame,
+        values_by_metric,
+        codes,
+        is_sn,
+        is_none,
+        design_paired,
+        n_boot,
+        confidence,
+        seed,
+        max_draws,
+    )
+    n_boot_used = sorted(set(headline["n_boot"].tolist()))
+    if any(b < n_boot for b in n_boot_used if b):
+        notes.append(
+            f"large study: {min(b for b in n_boot_used if b)} bootstrap resamples for some "
+            f"metrics (n × resamples capped at {max_draws:,}); raise max_draws for more"
+        )
+    for status, n in counts.groupby("status")["n"].sum().items():
+        if status not in statuses and n:
+            notes.append(f"{n} {status} trial(s) excluded")
+
+    sel = np.flatnonzero(is_sn | is_none)
+    arm = np.where(frame.sn[sel] == 1.0, "SN", "none")
+    trials: dict[str, np.ndarray] = {
+        "model_run_id": frame.run[sel],
+        "trial_id": frame.trial[sel],
+        "status": frame.status[sel],
+        "arm": arm,
+        "spectral_norm_coeff": frame.coeff[sel],
+        "pair_id": frame.pair[sel],
+    }
+    for metric, values in values_by_metric.items():
+        trials[metric] = values[sel]
+    accuracy_metric = None
+    curves = pd.DataFrame(columns=["arm", "name", "step", "n", "mean", "ci_low", "ci_high"])
+    layer_sigma = pd.DataFrame(columns=["layer", "arm", "n", "mean", "ci_low", "ci_high"])
+    if details:
+        for key in ("lipschitz_upper",):
+            if key in frame.columns and key not in trials:
+                trials[key] = frame.columns[key][sel]
+        for cand in ("test_accuracy", "val_accuracy"):
+            if cand in trials:
+                accuracy_metric = cand
+                break
+            res = _resolve(store, frame, cand, mode, history=True)
+            if res is not None:
+                trials[cand] = res[1][sel]
+                accuracy_metric = cand
+                break
+        sigma_keys = [k for k in frame.columns if k.startswith("sigma/")]
+        for k in sigma_keys:
+            trials[k] = frame.columns[k][sel]
+        layer_sigma = _layer_sigma(arm, {k: trials[k] for k in sigma_keys}, confidence)
+        curves, sampled = _group_curves(
+            store, frame, is_sn, is_none, curve_trials, seed, confidence
+        )
+        if sampled:
+            notes.append(
+                f"learning curves: mean ± {int(confidence * 100)}% CI over a random sample of "
+                f"{curve_trials} trials per arm"
+            )
+    pairs = pd.DataFrame(pair_cols)
+    if len(pairs):
+        pairs.insert(0, "pair_id", _pair_labels(frame, codes, is_sn, is_none))
+    return ComparisonResult(
+        study=study,
+        mode=mode,
+        design="paired" if design_paired else "unpaired",
+        confidence=confidence,
+        seed=seed,
+        headline=headline,
+        trial_columns=trials,
+        pairs=pairs,
+        by_coeff=by_coeff,
+        counts=counts,
+        curves=curves,
+        layer_sigma=layer_sigma,
+        sources=sources,
+        notes=notes,
+        accuracy_metric=accuracy_metric,
+    )
+
+
+_HEADLINE_COLUMNS = (
+    "metric",
+    "source",
+    "design",
+    "n_pairs",
+    "n_sn",
+    "n_none",
+    "mean_sn",
+    "mean_none",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "test",
+    "test_method",
+    "statistic",
+    "p_value",
+    "n_boot",
+    "higher_is_better",
+    "favours",
+)
+
+
+def _complete_pairs(codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray) -> np.ndarray:
+    size = int(codes.max()) + 1 if len(codes) and codes.max() >= 0 else 0
+    has_sn = np.bincount(codes[is_sn & (codes >= 0)], minlength=size) > 0
+    has_none = np.bincount(codes[is_none & (codes >= 0)], minlength=size) > 0
+    return np.asarray(has_sn & has_none)
+
+
+def _pair_means(
+    values: np.ndarray, codes: np.ndarray, arm: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    ok = arm & (codes >= 0) & ~np.isnan(values)
+    sums = np.bincount(codes[ok], weights=values[ok], minlength=size)
+    counts = np.bincount(codes[ok], minlength=size)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts, counts
+
+
+def _paired_diffs(
+    values: np.ndarray, codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(SN pair means, none pair means, differences, pair codes) over complete pairs."""
+    size = int(codes.max()) + 1 if len(codes) and codes.max() >= 0 else 0
+    m_sn, c_sn = _pair_means(values, codes, is_sn, size)
+    m_none, c_none = _pair_means(values, codes, is_none, size)
+    both = np.flatnonzero((c_sn > 0) & (c_none > 0))
+    return m_sn[both], m_none[both], m_sn[both] - m_none[both], both
+
+
+def _compare_metric(
+    metric: str,
+    values: np.ndarray,
+    codes: np.ndarray,
+    is_sn: np.ndarray,
+    is_none: np.ndarray,
+    paired: bool,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    max_draws: int,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    if paired:
+        sn, none, d, _ = _paired_diffs(values, codes, is_sn, is_none)
+        return (
+            compare_arrays(
+                metric,
+                sn,
+                none,
+                paired=True,
+                n_boot=n_boot,
+                confidence=confidence,
+                seed=seed,
+                max_draws=max_draws,
+            ),
+            d,
+        )
+    finite = ~np.isnan(values)
+    sn, none = values[is_sn & finite], values[is_none & finite]
+    row = compare_arrays(
+        metric,
+        sn,
+        none,
+        paired=False,
+        n_boot=n_boot,
+        confidence=confidence,
+        seed=seed,
+        max_draws=max_draws,
+    )
+    return row, None
+
+
+def _pair_labels(
+    frame: _Frame, codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray
+) -> np.ndarray:
+    complete = np.flatnonzero(_complete_pairs(codes, is_sn, is_none))
+    uniq, first = np.unique(codes, return_index=True)
+    where = dict(zip(uniq.tolist(), first.tolist(), strict=True))
+    return np.array([frame.pair[where[int(c)]] for c in complete], dtype=object)
+
+
+def _by_coeff(
+    frame: _Frame,
+    values_by_metric: Mapping[str, np.ndarray],
+    codes: np.ndarray,
+    is_sn: np.ndarray,
+    is_none: np.ndarray,
+    paired: bool,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    max_draws: int,
+) -> pd.DataFrame:
+    coeffs = np.unique(frame.coeff[is_sn & ~np.isnan(frame.coeff)])
+    if len(coeffs) < 2:
+        return pd.DataFrame()
+    rows = []
+    for c in coeffs:
+        arm = is_sn & (frame.coeff == c)
+        for metric, values in values_by_metric.items():
+            row, _ = _compare_metric(
+                metric, values, codes, arm, is_none, paired, n_boot, confidence, seed, max_draws
+            )
+            rows.append({"coeff": float(c), **row})
+    return pd.DataFrame(rows)
+
+
+def _counts(frame: _Frame) -> pd.DataFrame:
+    arm = np.where(np.isnan(frame.sn), 2, np.where(frame.sn == 1.0, 0, 1))
+    statuses, status_code = np.unique(frame.status.astype(str), return_inverse=True)
+    keys, n = np.unique(status_code * 3 + arm, return_counts=True)
+    return pd.DataFrame(
+        {
+            "status": statuses[keys // 3],
+            "arm": np.array(["SN", "none", "?"])[keys % 3],
+            "n": n,
+        }
+    )
+
+
+def _t_crit(n: np.ndarray, confidence: float) -> np.ndarray:
+    from scipy import stats
+
+    with np.errstate(invalid="ignore"):
+        return np.asarray(stats.t.ppf(0.5 + confidence / 2, np.maximum(n - 1, 1)))
+
+
+def _mean_ci_table(df: pd.DataFrame, by: list[str], confidence: float) -> pd.DataFrame:
+    g = df.groupby(by, sort=True)["value"].agg(["count", "mean", "std"]).reset_index()
+    g = g.rename(columns={"count": "n"})
+    half = _t_crit(g["n"].to_numpy(), confidence) * g["std"].to_numpy() / np.sqrt(g["n"])
+    half = np.where(g["n"] > 1, half, np.nan)
+    g["ci_low"], g["ci_high"] = g["mean"] - half, g["mean"] + half
+    return g.drop(columns=["std"])
+
+
+def _layer_sigma(
+    arm: np.ndarray, columns: Mapping[str, np.ndarray], confidence: float
+) -> pd.DataFrame:
+    if not columns:
+        return pd.DataFrame(columns=["layer", "arm", "n", "mean", "ci_low", "ci_high"])
+    long = pd.concat(
+        [
+            pd.DataFrame({"layer": key.removeprefix("sigma/"), "arm": arm, "value": values})
+            for key, values in columns.items()
+        ],
+        ignore_index=True,
+    ).dropna()
+    out = _mean_ci_table(long, ["layer", "arm"], confidence)
+    order = {k: i for i, k in enumerate(_natural_sorted(out["layer"].unique()))}
+    return out.sort_values(
+        ["layer", "arm"], key=lambda s: s.map(order) if s.name == "layer" else s
+    ).reset_index(drop=True)
+
+
+def _natural_sorted(items: Iterable[str]) -> list[str]:
+    def key(s: str) -> list[Any]:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+    return sorted(items, key=key)
+
+
+def _group_curves(
+    store: TrialStore,
+    frame: _Frame,
+    is_sn: np.ndarray,
+    is_none: np.ndarray,
+    per_arm: int,
+    seed: int,
+    confidence: float,
+) -> tuple[pd.DataFrame, bool]:
+    rng = np.random.default_rng([seed, 7])
+    picked, sampled = [], False
+    for arm, mask in (("SN", is_sn), ("none", is_none)):
+        idx = np.flatnonzero(mask)
+        if len(idx) > per_arm:
+            idx = np.sort(rng.choice(idx, per_arm, replace=False))
+            sampled = True
+        picked += [(arm, int(i)) for i in idx]
+    arm_of = {(frame.run[i], frame.trial[i]): arm for arm, i in picked}
+    parts = []
+    by_run: dict[str, list[str]] = {}
+    for run, trial in arm_of:
+        by_run.setdefault(run, []).append(trial)
+    names = list(CURVE_METRICS)
+    for run, trial_ids in by_run.items():
+        for i in range(0, len(trial_ids), 400):
+            chunk = trial_ids[i : i + 400]
+            sql = (
+                "SELECT trial_id, name, step, value FROM metrics WHERE model_run_id = ? "
+                f"AND trial_id IN ({','.join('?' * len(chunk))}) "
+                f"AND name IN ({','.join('?' * len(names))})"
+            )
+            rows = _read(store, sql, [run, *chunk, *names])
+            if rows:
+                part = pd.DataFrame(rows, columns=["trial_id", "name", "step", "value"])
+                part["arm"] = [arm_of[(run, t)] for t in part["trial_id"]]
+                parts.append(part)
+    if not parts:
+        return pd.DataFrame(
+            columns=["arm", "name", "step", "n", "mean", "ci_low", "ci_high"]
+        ), False
+    long = pd.concat(parts, ignore_index=True)
+    return _mean_ci_table(long, ["arm", "name", "step"], confidence), sampled
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _p(v: Any) -> str:
+    if v is None or v != v:
+        return "—"
+    return "<1e-16" if v < 1e-16 else (f"{v:.2g}" if v < 0.001 else f"{v:.3f}")
+
+
+def _headline_display(headline: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(
+        {
+            "metric": headline["metric"],
+            "value": headline["source"],
+            "n": [
+                f"{r.n_pairs} pairs" if r.design == "paired" else f"{r.n_sn}+{r.n_none}"
+                for r in headline.itertuples()
+            ],
+            "SN": headline["mean_sn"].map(_num),
+            "none": headline["mean_none"].map(_num),
+            "Δ SN−none": headline["diff"].map(lambda v: "—" if v != v else f"{v:+.4g}"),
+            "95% CI": [
+                "—" if lo != lo else f"[{lo:+.4g}, {hi:+.4g}]"
+                for lo, hi in zip(headline["ci_low"], headline["ci_high"], strict=True)
+            ],
+            "test": headline["test"],
+            "p": headline["p_value"].map(_p),
+            "favours": headline["favours"],
+        }
+    )
+    return out
+
+
+def format_headline(headline: pd.DataFrame) -> str:
+    """Fixed-width text of a headline table."""
+    shown = _headline_display(headline)
+    widths = {c: max(len(c), *(len(str(v)) for v in shown[c])) for c in shown.columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in shown.columns)]
+    lines.append("  ".join("-" * widths[c] for c in shown.columns))
+    for rec in shown.itertuples(index=False):
+        lines.append(
+            "  ".join(str(v).ljust(widths[c]) for c, v in zip(shown.columns, rec, strict=True))
+        )
+    return "\n".join(lines)
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, df.columns)) + " |"]
+    lines.append("|" + "|".join("---" for _ in df.columns) + "|")
+    for rec in df.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in rec) + " |")
+    return "\n".join(lines)
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=90)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _grid(n: int, cols: int = 3) -> tuple[int, int]:
+    cols = min(cols, max(n, 1))
+    return math.ceil(n / cols), cols
+
+
+def fig_differences(res: ComparisonResult) -> Any:
+    """Per metric: the paired differences (or both arms) with the mean and its CI."""
+    metrics = res.headline["metric"].tolist()
+    if not metrics:
+        return None
+    rows, cols = _grid(len(metrics))
+    fig = _new_figure(4.2 * cols, 2.8 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, rec in zip(axes, res.headline.itertuples(), strict=False):
+        if res.design == "paired" and rec.metric in res.pairs:
+            d = res.pairs[rec.metric].dropna().to_numpy()
+            if len(d):
+                ax.hist(d, bins=min(40, max(5, len(d) // 3)), color="#888", alpha=0.7)
+            ax.axvline(0, color="k", lw=1)
+            xlabel = "SN − none (per pair)"
+        else:
+            for arm in ("SN", "none"):
+                v = res.trials.loc[res.trials["arm"] == arm, rec.metric].dropna()
+                if len(v):
+                    ax.hist(
+                        v,
+                        bins=min(40, max(5, len(v) // 3)),
+                        alpha=0.5,
+                        color=ARM_COLORS[arm],
+                        label=arm,
+                    )
+            ax.legend(fontsize=7)
+            xlabel = "value by arm"
+        if rec.diff == rec.diff and res.design == "paired":
+            ax.axvspan(rec.ci_low, rec.ci_high, color="#ff7f0e", alpha=0.25)
+            ax.axvline(rec.diff, color="#ff7f0e", lw=2)
+        ax.set_title(f"{rec.metric}: Δ {_num(rec.diff)}  p={_p(rec.p_value)}", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        f"{res.study}: SN − none ({res.design}, {int(res.confidence * 100)}% CI)", fontsize=10
+    )
+    fig.tight_layout()
+    return fig
+
+
+def fig_distributions(res: ComparisonResult, max_points: int = 2000) -> Any:
+    """Per metric: box plots by arm with (subsampled) points."""
+    metrics = res.headline["metric"].tolist()
+    if not metrics:
+        return None
+    rows, cols = _grid(len(metrics), 4)
+    fig = _new_figure(3.0 * cols, 2.8 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    rng = np.random.default_rng(res.seed)
+    for ax, metric in zip(axes, metrics, strict=False):
+        data = [
+            res.trials.loc[res.trials["arm"] == arm, metric].dropna().to_numpy()
+            for arm in ("SN", "none")
+        ]
+        if any(len(d) for d in data):
+            ax.boxplot(
+                [d if len(d) else [np.nan] for d in data],
+                showfliers=False,
+                tick_labels=["SN", "none"],
+                widths=0.5,
+            )
+        for i, (arm, d) in enumerate(zip(("SN", "none"), data, strict=True)):
+            if len(d) > max_points:
+                d = rng.choice(d, max_points, replace=False)
+            ax.scatter(
+                i + 1 + rng.uniform(-0.15, 0.15, len(d)), d, s=6, alpha=0.5, color=ARM_COLORS[arm]
+            )
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def fig_learning_curves(res: ComparisonResult) -> Any:
+    """Group learning curves: per arm mean ± CI band for each curve metric."""
+    if res.curves.empty:
+        return None
+    names = [n for n in CURVE_METRICS if n in set(res.curves["name"])]
+    fig = _new_figure(4.2 * len(names), 3.0)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names, strict=True):
+        for arm in ("SN", "none"):
+            c = res.curves[(res.curves["name"] == name) & (res.curves["arm"] == arm)]
+            if c.empty:
+                continue
+            ax.plot(
+                c["step"],
+                c["mean"],
+                color=ARM_COLORS[arm],
+                lw=1.8,
+                label=f"{arm} (n≤{int(c['n'].max())})",
+            )
+            ax.fill_between(
+                c["step"], c["ci_low"], c["ci_high"], color=ARM_COLORS[arm], alpha=0.2, lw=0
+            )
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{res.study}: mean ± {int(res.confidence * 100)}% CI by arm", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def fig_accuracy_vs_lipschitz(res: ComparisonResult, max_points: int = 5000) -> Any:
+    """Accuracy against the Lipschitz upper bound (log scale), coloured by arm."""
+    acc = res.accuracy_metric
+    if acc is None or "lipschitz_upper" not in res.trials or acc not in res.trials:
+        return None
+    df = res.trials[["arm", acc, "lipschitz_upper"]].dropna()
+    df = df[df["lipschitz_upper"] > 0]
+    if df.empty:
+        return None
+    if len(df) > max_points:
+        df = df.sample(max_points, random_state=res.seed)
+    fig = _new_figure(5.0, 3.6)
+    ax = fig.subplots()
+    for arm in ("SN", "none"):
+        part = df[df["arm"] == arm]
+        ax.scatter(
+            part["lipschitz_upper"],
+            part[acc],
+            s=12,
+            alpha=0.6,
+            color=ARM_COLORS[arm],
+            label=f"{arm} (n={len(part)})",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("Lipschitz upper bound (product of σ)", fontsize=8)
+    ax.set_ylabel(acc, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.25)
+    ax.set_title(f"{res.study}: {acc} vs Lipschitz bound", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_layer_sigma(res: ComparisonResult) -> Any:
+    """Per-layer σ by arm (mean with CI error bars)."""
+    if res.layer_sigma.empty:
+        return None
+    layers = list(dict.fromkeys(res.layer_sigma["layer"]))
+    fig = _new_figure(max(4.0, 0.9 * len(layers) + 2), 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(layers))
+    for j, arm in enumerate(("SN", "none")):
+        part = res.layer_sigma[res.layer_sigma["arm"] == arm].set_index("layer").reindex(layers)
+        err = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
+        ax.bar(
+            x + (j - 0.5) * 0.38,
+            part["mean"],
+            width=0.38,
+            color=ARM_COLORS[arm],
+            yerr=np.nan_to_num(err),
+            capsize=3,
+            label=arm,
+            alpha=0.85,
+        )
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xticks(x, layers, rotation=30, fontsize=7)
+    ax.set_ylabel("σ (largest singular value)", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{res.study}: per-layer σ", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _counts_table(counts: pd.DataFrame) -> pd.DataFrame:
+    table = counts.pivot_table(
+        index="status", columns="arm", values="n", fill_value=0, aggfunc="sum"
+    ).astype(int)
+    table.columns.name = None
+    return table.reset_index()
+
+
+def write_report(res: ComparisonResult, out_dir: str | Path) -> Path:
+    """Write ``report.md`` and one PNG per figure into ``out_dir``; returns the report's path.
+
+    Figures: ``paired_differences.png``, ``distributions.png``, ``learning_curves.png``,
+    ``accuracy_vs_lipschitz.png``, ``layer_sigma.png`` (those with data).
+
+    Example:
+        >>> write_report(res, "lab/reports/ab")  # doctest: +SKIP
+        PosixPath('lab/reports/ab/report.md')
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, fig in res.figures().items():
+        path = out / f"{name}.png"
+        path.write_bytes(_png(fig))
+        paths[name] = path
+    ci = int(res.confidence * 100)
+    md = [
+        f"# SN vs none: {res.study}",
+        "",
+        f"Design: **{res.design}** · values: **{res.mode}** · {ci}% percentile bootstrap CI "
+        f"(seed {res.seed}) · test: "
+        + (
+            "Wilcoxon signed-rank on per-pair differences"
+            if res.design == "paired"
+            else "Welch's t-test"
+        ),
+        "",
+        "## Headline (SN − none)",
+        "",
+        res.to_markdown(),
+        "",
+        "`favours` names the arm whose CI excludes zero in its favour (— when it does not).",
+    ]
+    if not res.by_coeff.empty:
+        shown = _headline_display(res.by_coeff)
+        shown.insert(0, "coeff", res.by_coeff["coeff"].map(lambda c: f"{c:g}"))
+        md += ["", "## By SN coefficient", "", _markdown_table(shown)]
+    md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]
+    if res.notes:
+        md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
+    if paths:
+        md += ["", "## Figures", ""]
+        md += [f"![{name}]({path.name})" for name, path in paths.items()]
+    report = out / "report.md"
+    report.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return report

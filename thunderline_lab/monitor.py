@@ -1,0 +1,1614 @@
+"""Live training monitor: a study's trials, curves and SN-vs-none means while it runs.
+
+One monitor, three event sources behind one interface (:class:`EventSource`)::
+
+    BusSource(bus)                  the study runs in this kernel (push: a bus subscription)
+    StoreSource(lab_or_store)       another process writes the lab's store (polls events_after)
+    GatewaySource(url, token)       a remote lab's gateway (polls GET /api/events?after=SEQ)
+
+Events are folded into a pure-Python :class:`MonitorState` (per-trial rows plus bounded,
+decimated per-curve histories), separate from rendering, so it is testable and benchmarkable
+without a frontend. A pump thread drains the source and redraws at most every
+``min_interval`` seconds (default 0.25 s: ≤ 4 redraws/s) whatever the event rate, sending
+only what changed; it never calls ``clear_output`` and never prints into other cells.
+
+In JupyterLab the monitor is an ipywidgets panel: study summary, a Stop button (when the
+study runs in the background), the trial table and the learning curves (a PNG rendered
+with matplotlib's Agg backend). When there is no live frontend (papermill, nbclient, nbval,
+a plain script) it prints an occasional text line instead. Either way, when the study
+finishes the monitor leaves a static snapshot (PNG + HTML table) in the notebook, so
+executed notebooks and exported HTML show the result.
+
+Example:
+    >>> from thunderline_lab.bus import EventBus
+    >>> from thunderline_lab.monitor import LiveMonitor, synthetic_study
+    >>> bus = EventBus()
+    >>> mon = LiveMonitor.from_bus(bus, study="demo", mode="text", text_interval=1e9)
+    >>> _ = bus.publish_many(synthetic_study("demo", n_pairs=2, epochs=3))
+    >>> mon.pump()  # the pump thread does this; here by hand
+    >>> mon.state.summary()["n_completed"]
+    4
+    >>> mon.close()
+"""
+
+from __future__ import annotations
+
+import contextvars
+import html
+import io
+import logging
+import math
+import os
+import random
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast, runtime_checkable
+
+from thunderline_lab import events as ev_mod
+from thunderline_lab.bus import EventBus
+from thunderline_lab.errors import GatewayError, ThunderlineLabError
+from thunderline_lab.events import Event
+from thunderline_lab.store import TrialStore
+
+__all__ = [
+    "ARM_COLORS",
+    "BackgroundRun",
+    "BusSource",
+    "Curve",
+    "EventSource",
+    "GatewaySource",
+    "LiveMonitor",
+    "MonitorState",
+    "StoreSource",
+    "TrialRow",
+    "as_source",
+    "detect_frontend",
+    "render_curves_png",
+    "render_panel_html",
+    "render_table_html",
+    "render_table_text",
+    "render_text_line",
+    "simulate_study",
+    "synthetic_study",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_MONITOR_MODE = "THUNDERLINE_MONITOR"
+ARM_COLORS = {"SN": "#1f77b4", "none": "#d62728", "?": "#7f7f7f"}
+TERMINAL = frozenset(ev_mod.TERMINAL_STATUSES)
+LIFECYCLE = frozenset(
+    ("ml.trial.start", "ml.trial.complete", "ml.trial.failed", "ml.run.start", "ml.run.stop")
+)
+Mode = Literal["auto", "widget", "text"]
+
+# ---------------------------------------------------------------------------------------------
+# Event sources
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class EventSource(Protocol):
+    """Where a monitor's events come from: ``poll()`` returns what arrived since last time.
+
+    Events are :class:`~thunderline_lab.events.Event` objects (bus) or their JSON dicts
+    (store, gateway); :class:`MonitorState` folds either.
+    """
+
+    label: str
+    poll_interval: float
+
+    def poll(self) -> list[Any]:
+        """Events that arrived since the previous call, oldest first."""
+        ...
+
+    def close(self) -> None:
+        """Release the source (unsubscribe, close connections)."""
+        ...
+
+
+class BusSource:
+    """Push source: subscribes to an in-process :class:`~thunderline_lab.bus.EventBus`.
+
+    Publishing costs the producer one locked list append. The buffer is bounded: beyond
+    ``max_buffer`` waiting events, ``ml.run.metric`` events are dropped (counted in
+    ``dropped``) while lifecycle events are always kept.
+
+    Example:
+        >>> src = BusSource(EventBus())
+        >>> src.poll()
+        []
+    """
+
+    poll_interval = 0.05
+
+    def __init__(self, bus: EventBus, *, pattern: str = "ml.*", max_buffer: int = 500_000) -> None:
+        self.bus = bus
+        self.label = "bus"
+        self.max_buffer = max_buffer
+        self.dropped = 0
+        self._buf: list[Any] = []
+        self._lock = threading.Lock()
+        self._sub = bus.subscribe(pattern, self._on_event, name="LiveMonitor")
+
+    def _on_event(self, event: Event) -> None:
+        with self._lock:
+            if len(self._buf) >= self.max_buffer and event.name == "ml.run.metric":
+                self.dropped += 1
+                return
+            self._buf.append(event)
+
+    def poll(self) -> list[Any]:
+        with self._lock:
+            batch, self._buf = self._buf, []
+        return batch
+
+    def close(self) -> None:
+        self.bus.unsubscribe(self._sub)
+
+
+class StoreSource:
+    """Poll a lab's trial store for events after a sequence number (another process's study).
+
+    Args:
+        store: an open :class:`~thunderline_lab.store.TrialStore`, a lab directory, a
+            :class:`~thunderline_lab.lab.Lab`, or the path of a ``lab.db`` file (opened
+            here, closed by :meth:`close`).
+        after: start after this sequence number (0: from the beginning; ``None``: only
+            events logged from now on).
+        limit: events per query; up to ``max_batches`` queries per poll.
+
+    Example:
+        >>> src = StoreSource(TrialStore(":memory:"))
+        >>> src.poll(), src.after
+        ([], 0)
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        after: int | None = 0,
+        limit: int = 5000,
+        max_batches: int = 20,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.store, self._owned = _open_store(store)
+        self.label = f"store {self.store.path}"
+        self.after = self.store.last_seq() if after is None else int(after)
+        self.limit = limit
+        self.max_batches = max_batches
+        self.poll_interval = poll_interval
+
+    def poll(self) -> list[Any]:
+        out: list[Any] = []
+        for _ in range(self.max_batches):
+            batch = self.store.events_after(self.after, self.limit)
+            if not batch:
+                break
+            out.extend(batch)
+            self.after = int(batch[-1]["seq"])
+            if len(batch) < self.limit:
+                break
+        return out
+
+    def close(self) -> None:
+        if self._owned:
+            self.store.close()
+
+
+class GatewaySource:
+    """Poll a gateway's ``GET /api/events?after=SEQ&limit=N`` (a lab on another machine).
+
+    The answer is ``{"events": [...], "next_after": SEQ}``; pages are followed while full.
+
+    Args:
+        url: the gateway's base URL (``http://127.0.0.1:8765``).
+        token: sent as ``Authorization: Bearer TOKEN`` when given.
+        client: an ``httpx.Client`` to use instead of a new one (tests pass a
+            ``MockTransport`` client or FastAPI's ``TestClient``).
+
+    Raises:
+        GatewayError: from :meth:`poll` when the gateway is unreachable or answers badly.
+    """
+
+    def __init__(
+        self,
+        url: str = "",
+        token: str | None = None,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        max_pages: int = 10,
+        poll_interval: float = 0.5,
+        timeout: float = 5.0,
+        client: Any = None,
+    ) -> None:
+        import httpx
+
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._owned = client is None
+        self.client: httpx.Client = client or httpx.Client(
+            base_url=url, headers=headers, timeout=timeout
+        )
+        if client is not None and headers:
+            self.client.headers.update(headers)
+        self.label = f"gateway {url or self.client.base_url}"
+        self.after = int(after)
+        self.limit = limit
+        self.max_pages = max_pages
+        self.poll_interval = poll_interval
+
+    def poll(self) -> list[Any]:
+        import httpx
+
+        out: list[Any] = []
+        for _ in range(self.max_pages):
+            try:
+                resp = self.client.get(
+                    "/api/events", params={"after": self.after, "limit": self.limit}
+                )
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"{self.label}: cannot fetch events: {exc}") from exc
+            if resp.status_code != 200:
+                raise GatewayError(
+                    f"{self.label}: GET /api/events answered {resp.status_code}: {resp.text[:200]}"
+                )
+            try:
+                body = resp.json()
+                page, next_after = body["events"], int(body["next_after"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise GatewayError(f"{self.label}: malformed /api/events answer: {exc}") from exc
+            out.extend(page)
+            self.after = max(self.after, next_after)
+            if len(page) < self.limit:
+                break
+        return out
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
+
+
+def _open_store(store: Any) -> tuple[TrialStore, bool]:
+    if isinstance(store, TrialStore):
+        return store, False
+    from thunderline_lab.lab import Lab
+
+    if isinstance(store, Lab):
+        return TrialStore(store.db_path), True
+    path = Path(store)
+    if path.is_dir() or path.suffix != ".db":
+        return TrialStore(Lab.resolve(path).db_path), True
+    return TrialStore(path), True
+
+
+def as_source(obj: Any) -> EventSource:
+    """Wrap a bus, store, lab (path) or gateway URL as an :class:`EventSource`.
+
+    Example:
+        >>> as_source(EventBus()).label
+        'bus'
+    """
+    if isinstance(obj, EventSource):
+        return obj
+    if isinstance(obj, EventBus):
+        return BusSource(obj)
+    if isinstance(obj, str) and obj.startswith(("http://", "https://")):
+        return GatewaySource(obj)
+    return StoreSource(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# State: a pure fold of events
+# ---------------------------------------------------------------------------------------------
+
+
+class Curve:
+    """A bounded learning curve: keeps ≤ ``capacity`` evenly strided points plus the last.
+
+    When full it drops every other point and doubles its stride, so memory stays bounded
+    however long training runs, and the curve keeps its shape.
+
+    Example:
+        >>> c = Curve(capacity=10)
+        >>> for s in range(1000):
+        ...     c.add(s, float(s))
+        >>> steps, values = c.points()
+        >>> len(steps) <= 11, steps[0], steps[-1]
+        (True, 0, 999)
+    """
+
+    __slots__ = ("capacity", "count", "last_step", "last_value", "steps", "stride", "values")
+
+    def __init__(self, capacity: int = 500) -> None:
+        self.capacity = max(2, capacity)
+        self.stride = 1
+        self.count = 0
+        self.steps: list[int] = []
+        self.values: list[float] = []
+        self.last_step: int | None = None
+        self.last_value = math.nan
+
+    def add(self, step: int, value: float) -> None:
+        """Append a point; a repeated step updates it, an older step is ignored."""
+        if self.last_step is not None and step <= self.last_step:
+            if step == self.last_step:
+                self.last_value = value
+                if self.steps and self.steps[-1] == step:
+                    self.values[-1] = value
+            return
+        self.last_step, self.last_value = step, value
+        if self.count % self.stride == 0:
+            self.steps.append(step)
+            self.values.append(value)
+            if len(self.steps) > self.capacity:
+                del self.steps[1::2]
+                del self.values[1::2]
+                self.stride *= 2
+        self.count += 1
+
+    def points(self) -> tuple[list[int], list[float]]:
+        """The kept points and the latest one, in step order."""
+        if self.last_step is None or (self.steps and self.steps[-1] == self.last_step):
+            return list(self.steps), list(self.values)
+        return [*self.steps, self.last_step], [*self.values, self.last_value]
+
+    def __len__(self) -> int:
+        return len(self.steps) + (0 if not self.steps or self.steps[-1] == self.last_step else 1)
+
+
+@dataclass
+class TrialRow:
+    """One trial as the monitor shows it."""
+
+    model_run_id: str
+    trial_id: str
+    order: int
+    status: str = "running"
+    spectral_norm: bool | None = None
+    coeff: float | None = None
+    pair_id: Any = None
+    epoch: int | None = None
+    last: dict[str, float] = field(default_factory=dict)
+    best: float | None = None
+    lipschitz: float | None = None
+    error: str | None = None
+    touched: int = 0
+
+    @property
+    def arm(self) -> str:
+        """``SN``, ``none`` or ``?`` (not known yet)."""
+        return "?" if self.spectral_norm is None else ("SN" if self.spectral_norm else "none")
+
+
+def _payload_get(payload: Any) -> Callable[[str], Any]:
+    if isinstance(payload, Mapping):
+        return payload.get
+    return lambda key: getattr(payload, key, None)
+
+
+class MonitorState:
+    """Folds study events into per-trial rows and bounded learning curves.
+
+    Memory is bounded by the number of trials (one small row each), not by the number of
+    events: each curve keeps ≤ ``curve_points`` points (decimated), and only the
+    ``max_curve_trials`` most recently active trials keep curves.
+
+    Args:
+        study: only events of this study (``model_run_id`` or ``study`` field); None: all.
+        objective: the metric whose best value the table and summary show.
+        direction: ``max`` or ``min`` for the objective.
+        curve_metrics: metric names kept as curves.
+
+    Example:
+        >>> st = MonitorState(study="demo")
+        >>> st.apply_many(synthetic_study("demo", n_pairs=1, epochs=4))
+        >>> [(r.trial_id, r.status, r.arm, r.epoch) for r in st.rows.values()]
+        [('trial_0000', 'completed', 'none', 3), ('trial_0001', 'completed', 'SN', 3)]
+    """
+
+    def __init__(
+        self,
+        study: str | None = None,
+        *,
+        objective: str = "val_accuracy",
+        direction: Literal["max", "min"] = "max",
+        curve_metrics: Sequence[str] = ("val_accuracy", "val_loss", "train_loss"),
+        curve_points: int = 500,
+        max_curve_trials: int = 100,
+    ) -> None:
+        self.study = study
+        self.objective = objective
+        self.direction = direction
+        self.curve_metrics = tuple(curve_metrics)
+        self.curve_points = curve_points
+        self.max_curve_trials = max_curve_trials
+        self.rows: dict[tuple[str, str], TrialRow] = {}
+        self.curves: dict[tuple[str, str], dict[str, Curve]] = {}
+        self.version = 0
+        self.events = 0
+        self.ignored = 0
+        self.lifecycle_version = 0
+        self.studies_seen: set[str] = set()
+        self._summary_cache: tuple[int, dict[str, Any]] | None = None
+        self._sign = 1.0 if direction == "max" else -1.0
+
+    # -- folding ------------------------------------------------------------------------
+
+    def apply_many(self, events: Iterable[Any]) -> None:
+        """Fold events (Event objects or their JSON dicts), in order."""
+        for event in events:
+            self.apply(event)
+
+    def apply(self, event: Any) -> None:
+        """Fold one event; events of other studies or non-ml names are ignored."""
+        if isinstance(event, Mapping):
+            name, payload = event.get("name"), event.get("payload") or {}
+        else:
+            name, payload = event.name, event.payload
+        if not isinstance(name, str) or not name.startswith("ml."):
+            self.ignored += 1
+            return
+        get = _payload_get(payload)
+        run_id, trial_id = get("model_run_id"), get("trial_id")
+        if not isinstance(run_id, str) or not isinstance(trial_id, str):
+            self.ignored += 1
+            return
+        study = get("study") or run_id
+        if self.study is not None and self.study not in (run_id, study):
+            self.ignored += 1
+            return
+        self.studies_seen.add(study)
+        key = (run_id, trial_id)
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = TrialRow(run_id, trial_id, order=len(self.rows))
+            self.lifecycle_version += 1
+        self.events += 1
+        self.version += 1
+        row.touched = self.version
+        if name == "ml.run.metric":
+            self._apply_metric(key, row, get)
+        else:
+            self._apply_lifecycle(name, row, get)
+
+    def _apply_metric(self, key: tuple[str, str], row: TrialRow, get: Callable[[str], Any]) -> None:
+        points = dict(get("measurements") or {})
+        if get("metric_name") is not None and get("metric_value") is not None:
+            points[get("metric_name")] = get("metric_value")
+        step = get("step")
+        step = int(step) if isinstance(step, int | float) else 0
+        if row.epoch is None or step > row.epoch:
+            row.epoch = step
+        if row.spectral_norm is None and get("spectral_norm") is not None:
+            row.spectral_norm = bool(get("spectral_norm"))
+        curves = self.curves.get(key)
+        if curves is None:
+            curves = self.curves[key] = {}
+            if len(self.curves) > self.max_curve_trials:
+                self._evict_curves()
+        for metric, value in points.items():
+            if not isinstance(value, int | float):
+                continue
+            value = float(value)
+            row.last[metric] = value
+            if metric == self.objective and math.isfinite(value):
+                self._offer_best(row, value)
+            elif metric == "lipschitz_upper":
+                row.lipschitz = value
+            if metric in self.curve_metrics:
+                curve = curves.get(metric)
+                if curve is None:
+                    curve = curves[metric] = Curve(self.curve_points)
+                curve.add(step, value)
+
+    def _offer_best(self, row: TrialRow, value: float) -> None:
+        if row.best is None or self._sign * value > self._sign * row.best:
+            row.best = value
+            self.lifecycle_version += 1
+
+    def _apply_lifecycle(self, name: str, row: TrialRow, get: Callable[[str], Any]) -> None:
+        self.lifecycle_version += 1
+        sn = get("spectral_norm")
+        if sn is not None:
+            row.spectral_norm = bool(sn)
+        coeff = get("spectral_norm_coeff")
+        params = get("parameters") or {}
+        if coeff is None and isinstance(params.get("spectral_norm_coeff"), int | float):
+            coeff = params["spectral_norm_coeff"]
+        if coeff is not None:
+            row.coeff = float(coeff)
+        if row.spectral_norm is None and isinstance(params.get("spectral_norm"), bool):
+            row.spectral_norm = params["spectral_norm"]
+        if params.get("pair_id") is not None:
+            row.pair_id = params["pair_id"]
+        metrics = get("metrics") or {}
+        if metrics:
+            best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
+            if isinstance(best, int | float) and math.isfinite(best):
+                if f"best_{self.objective}" in metrics:
+                    row.best = float(best)  # the trainer's own best beats our running view
+                else:
+                    self._offer_best(row, float(best))
+            if isinstance(metrics.get("lipschitz_upper"), int | float):
+                row.lipschitz = float(metrics["lipschitz_upper"])
+            if isinstance(metrics.get("epochs"), int | float) and row.epoch is None:
+                row.epoch = int(metrics["epochs"]) - 1
+        if name == "ml.trial.complete":
+            row.status = get("status") or "completed"
+        elif name == "ml.trial.failed":
+            row.status = "failed"
+            row.error = f"{get('error_type')}: {get('error_message')}"
+        elif name == "ml.run.stop" and row.status == "running" and get("success") is False:
+            row.status = "failed"
+
+    def _evict_curves(self) -> None:
+        """Drop the curves of the least recently active trial (finished trials first)."""
+
+        def rank(key: tuple[str, str]) -> tuple[int, int]:
+            row = self.rows[key]
+            return (0 if row.status in TERMINAL else 1, row.touched)
+
+        while len(self.curves) > self.max_curve_trials:
+            del self.curves[min(self.curves, key=rank)]
+
+    # -- bulk loading (attach to a long study without replaying every event) ------------
+
+    def load_trials(self, trials: Any) -> None:
+        """Seed rows from :meth:`TrialStore.trials` (a DataFrame)."""
+        for rec in trials.to_dict("records"):
+            key = (rec["model_run_id"], rec["trial_id"])
+            row = self.rows.get(key) or TrialRow(key[0], key[1], order=len(self.rows))
+            self.rows[key] = row
+            row.status = rec["status"]
+            row.spectral_norm = rec["spectral_norm"]
+            coeff = rec.get("spectral_norm_coeff")
+            row.coeff = None if coeff is None or coeff != coeff else float(coeff)
+            params, metrics = rec.get("parameters") or {}, rec.get("metrics") or {}
+            row.pair_id = params.get("pair_id")
+            best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
+            if isinstance(best, int | float):
+                row.best = float(best)
+            if isinstance(metrics.get("lipschitz_upper"), int | float):
+                row.lipschitz = float(metrics["lipschitz_upper"])
+            if isinstance(metrics.get("epochs"), int | float):
+                row.epoch = int(metrics["epochs"]) - 1
+        self.version += 1
+        self.lifecycle_version += 1
+
+    def load_history(
+        self,
+        store: TrialStore,
+        model_run_id: str,
+        trial_ids: Sequence[str] | None = None,
+        *,
+        max_points: int = 1000,
+    ) -> int:
+        """Seed curves from the store's metric history, downsampled per curve.
+
+        Uses :meth:`TrialStore.metric_history` with ``max_points`` (one query per trial when
+        ``trial_ids`` is given). Returns the number of points loaded.
+        """
+        frames = (
+            [store.metric_history(model_run_id, None, None, max_points=max_points)]
+            if trial_ids is None
+            else [
+                store.metric_history(model_run_id, t, None, max_points=max_points)
+                for t in trial_ids
+            ]
+        )
+        wanted = {*self.curve_metrics, self.objective}
+        n = 0
+        for df in frames:
+            cols = (
+                df["trial_id"].tolist(),
+                df["name"].tolist(),
+                df["step"].tolist(),
+                df["value"].tolist(),
+            )
+            current: tuple[Any, Any] | None = None
+            curve: Curve | None = None
+            row: TrialRow | None = None
+            for trial_id, name, step, value in zip(*cols, strict=True):
+                if name not in wanted:
+                    continue
+                if current is None or current != (trial_id, name):
+                    key = (model_run_id, str(trial_id))
+                    if current is None or current[0] != trial_id:
+                        row = self.rows.get(key)
+                        if row is None:
+                            row = self.rows[key] = TrialRow(key[0], key[1], order=len(self.rows))
+                    current = (trial_id, name)
+                    curve = None
+                    if name in self.curve_metrics:
+                        curve = Curve(max(self.curve_points, 1000))
+                        self.curves.setdefault(key, {})[str(name)] = curve
+                assert row is not None
+                step, value = int(step), float(value)
+                if curve is not None:
+                    curve.add(step, value)
+                row.epoch = max(row.epoch or 0, step)
+                row.last[str(name)] = value
+                n += 1
+        self.version += 1
+        return n
+
+    # -- views --------------------------------------------------------------------------
+
+    def n_points(self) -> int:
+        """Curve points held (bounded by trials x metrics x ``curve_points``)."""
+        return sum(len(c) for curves in self.curves.values() for c in curves.values())
+
+    def best_row(self) -> TrialRow | None:
+        """The completed trial with the best objective so far (Optuna's notion of best)."""
+        best: TrialRow | None = None
+        for row in self.rows.values():
+            if (
+                row.best is not None
+                and row.status == "completed"
+                and (best is None or self._sign * row.best > self._sign * (best.best or 0.0))
+            ):
+                best = row
+        return best
+
+    def summary(self) -> dict[str, Any]:
+        """Study-level figures: counts by status, the best trial, SN-vs-none running means.
+
+        Means are over completed trials (objective's best value), with standard errors;
+        ``paired`` is the mean SN − none difference over complete pairs (by ``pair_id``).
+        """
+        if self._summary_cache is not None and self._summary_cache[0] == self.lifecycle_version:
+            out = dict(self._summary_cache[1])
+            out["events"] = self.events
+            return out
+        counts = {s: 0 for s in ("running", "completed", "pruned", "cancelled", "failed")}
+        arms: dict[str, list[float]] = {"SN": [], "none": []}
+        pairs: dict[Any, dict[str, list[float]]] = {}
+        for row in self.rows.values():
+            counts[row.status] = counts.get(row.status, 0) + 1
+            if row.status == "completed" and row.best is not None and row.arm in arms:
+                arms[row.arm].append(row.best)
+                if row.pair_id is not None:
+                    pairs.setdefault(row.pair_id, {"SN": [], "none": []})[row.arm].append(row.best)
+        diffs = [
+            sum(p["SN"]) / len(p["SN"]) - sum(p["none"]) / len(p["none"])
+            for p in pairs.values()
+            if p["SN"] and p["none"]
+        ]
+        best = self.best_row()
+        out = {
+            "study": self.study or ", ".join(sorted(self.studies_seen)) or "?",
+            "objective": self.objective,
+            "n_trials": len(self.rows),
+            **{f"n_{k}": v for k, v in counts.items()},
+            "n_done": len(self.rows) - counts["running"],
+            "best": None
+            if best is None
+            else {
+                "value": best.best,
+                "trial_id": best.trial_id,
+                "arm": best.arm,
+                "coeff": best.coeff,
+            },
+            "arms": {arm: _mean_se(values) for arm, values in arms.items()},
+            "paired": _mean_se(diffs),
+            "events": self.events,
+        }
+        self._summary_cache = (self.lifecycle_version, out)
+        return dict(out)
+
+    def table_rows(self, max_rows: int = 25) -> list[TrialRow]:
+        """Rows to show: running trials first, then the most recent; newest first."""
+        ordered = sorted(
+            self.rows.values(), key=lambda r: (r.status == "running", r.order), reverse=True
+        )
+        return ordered[:max_rows]
+
+    def curve_snapshot(self, max_trials: int = 40) -> list[tuple[TrialRow, dict[str, tuple]]]:
+        """Copies of the curves of the ``max_trials`` most recent trials (for plotting)."""
+        keys = sorted(self.curves, key=lambda k: self.rows[k].order)[-max_trials:]
+        return [
+            (self.rows[k], {name: c.points() for name, c in self.curves[k].items()}) for k in keys
+        ]
+
+
+def _mean_se(values: Sequence[float]) -> dict[str, float | int | None]:
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "se": None}
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "se": None}
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return {"n": n, "mean": mean, "se": math.sqrt(var / n)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering (pure functions of the state)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or value != value:
+        return "—"
+    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
+def _arm_label(row: TrialRow) -> str:
+    if row.spectral_norm is None:
+        return "?"
+    if not row.spectral_norm:
+        return "off"
+    return "on" if row.coeff is None else f"on (c={row.coeff:.3g})"
+
+
+_TD = "padding:2px 8px;text-align:right"
+
+
+def render_table_html(state: MonitorState, max_rows: int = 25) -> str:
+    """The trial table as an HTML fragment (``table.tl-monitor-table``, one ``tr.tl-trial``
+    per trial with ``data-trial``/``data-status``/``data-arm`` attributes)."""
+    rows = state.table_rows(max_rows)
+    best = state.best_row()
+    obj = html.escape(state.objective)
+    th = '<th style="padding:2px 8px;text-align:right">'
+    head = (
+        f"<tr>{th}trial</th>{th}status</th>{th}SN</th>{th}best {obj}</th>{th}epoch</th>"
+        f"{th}Lipschitz bound</th>{th}σ<sub>max</sub></th></tr>"
+    )
+    body = []
+    td = f'<td style="{_TD}">'
+    for row in rows:
+        star = " ★" if best is row else ""
+        color = ARM_COLORS[row.arm]
+        body.append(
+            f'<tr class="tl-trial" data-trial="{html.escape(row.trial_id)}" '
+            f'data-status="{html.escape(row.status)}" data-arm="{row.arm}">'
+            f"{td}{html.escape(row.trial_id)}{star}</td>"
+            f'<td class="tl-status-{html.escape(row.status)}" style="{_TD}">'
+            f"{html.escape(row.status)}</td>"
+            f'<td style="{_TD};color:{color};font-weight:600">{_arm_label(row)}</td>'
+            f"{td}{_fmt(row.best)}</td>"
+            f"{td}{'—' if row.epoch is None else row.epoch}</td>"
+            f"{td}{_fmt(row.lipschitz, 3)}</td>"
+            f"{td}{_fmt(row.last.get('max_sigma'), 3)}</td></tr>"
+        )
+    more = len(state.rows) - len(rows)
+    caption = (
+        f"<caption style='caption-side:bottom;text-align:left;color:#666'>"
+        f"showing {len(rows)} of {len(state.rows)} trials (running first, newest first)"
+        "</caption>"
+        if more > 0
+        else ""
+    )
+    return (
+        '<table class="tl-monitor-table" style="border-collapse:collapse;font-size:12px">'
+        f"{caption}<thead>{head}</thead><tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def _arm_text(s: Mapping[str, Any], arm: str) -> str:
+    a = s["arms"][arm]
+    if not a["n"]:
+        return f"{arm} —"
+    se = f" ± {a['se']:.4f}" if a["se"] is not None else ""
+    return f"{arm} {a['mean']:.4f}{se} (n={a['n']})"
+
+
+def render_panel_html(state: MonitorState, status: str = "") -> str:
+    """The study-level panel (``div.tl-monitor-panel``): progress, best, SN vs none."""
+    s = state.summary()
+    best = s["best"]
+    best_txt = (
+        "—"
+        if best is None
+        else f"{best['value']:.4f} ({html.escape(best['trial_id'])}, {best['arm']})"
+    )
+    p = s["paired"]
+    paired = (
+        f" · paired Δ SN−none {p['mean']:+.4f}"
+        + (f" ± {p['se']:.4f}" if p["se"] is not None else "")
+        + f" (n={p['n']} pairs)"
+        if p["n"]
+        else ""
+    )
+    return (
+        '<div class="tl-monitor-panel" style="font-size:13px;line-height:1.5">'
+        f"<b>{html.escape(str(s['study']))}</b> · "
+        f'<span class="tl-monitor-progress">{s["n_done"]} done '
+        f"({s['n_completed']} completed, {s['n_pruned']} pruned, {s['n_failed']} failed"
+        f"{', ' + str(s['n_cancelled']) + ' cancelled' if s['n_cancelled'] else ''}), "
+        f"{s['n_running']} running</span> · best {html.escape(s['objective'])} {best_txt}<br>"
+        '<span class="tl-monitor-means">running means (completed, best '
+        f"{html.escape(s['objective'])}): "
+        f'<span style="color:{ARM_COLORS["SN"]}">{_arm_text(s, "SN")}</span> | '
+        f'<span style="color:{ARM_COLORS["none"]}">{_arm_text(s, "none")}</span>{paired}</span><br>'
+        f'<span class="tl-monitor-status" style="color:#666">{html.escape(status)}</span></div>'
+    )
+
+
+def render_text_line(state: MonitorState, status: str = "") -> str:
+    """One line for logs and headless runs."""
+    s = state.summary()
+    best = s["best"]
+    best_txt = "—" if best is None else f"{best['value']:.4f} ({best['trial_id']}, {best['arm']})"
+    p = s["paired"]
+    paired = f" | paired Δ {p['mean']:+.4f} (n={p['n']})" if p["n"] else ""
+    tail = f" [{status}]" if status else ""
+    return (
+        f"[monitor {s['study']}] {s['n_done']}/{s['n_trials']} done, {s['n_running']} running"
+        f" | best {s['objective']} {best_txt} | {_arm_text(s, 'SN')} | {_arm_text(s, 'none')}"
+        f"{paired}{tail}"
+    )
+
+
+def render_table_text(state: MonitorState, max_rows: int = 25) -> str:
+    """The trial table as fixed-width text (for terminals)."""
+    lines = [f"{'trial':<14}{'status':<11}{'SN':<12}{'best':>8}{'epoch':>7}{'lipschitz':>11}"]
+    for row in state.table_rows(max_rows):
+        lines.append(
+            f"{row.trial_id:<14}{row.status:<11}{_arm_label(row):<12}{_fmt(row.best):>8}"
+            f"{'—' if row.epoch is None else row.epoch:>7}{_fmt(row.lipschitz, 3):>11}"
+        )
+    return "\n".join(lines)
+
+
+def render_curves_png(
+    state: MonitorState,
+    *,
+    max_trials: int = 40,
+    size: tuple[float, float] = (9.0, 3.2),
+    dpi: int = 80,
+) -> bytes:
+    """Learning curves (objective, and a loss) per trial, coloured by SN arm, as PNG bytes.
+
+    Uses matplotlib's Agg canvas directly (no pyplot), so it is safe off the main thread and
+    leaves the notebook's inline backend alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    snapshot = state.curve_snapshot(max_trials)
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    names = [state.objective] + [m for m in state.curve_metrics if m != state.objective]
+    present = [n for n in names if any(n in curves for _, curves in snapshot)]
+    panels = (present or [state.objective])[:2]
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, name in zip(axes, panels, strict=True):
+        for row, curves in snapshot:
+            if name not in curves:
+                continue
+            steps, values = curves[name]
+            running = row.status == "running"
+            ax.plot(
+                steps,
+                values,
+                color=ARM_COLORS[row.arm],
+                alpha=0.9 if running else 0.45,
+                lw=1.6 if running else 1.0,
+                ls="-" if row.status in ("running", "completed") else ":",
+            )
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.25)
+    handles = [
+        Line2D([0], [0], color=ARM_COLORS["SN"], lw=2, label="SN"),
+        Line2D([0], [0], color=ARM_COLORS["none"], lw=2, label="none"),
+    ]
+    axes[0].legend(handles=handles, fontsize=8, loc="best")
+    if not snapshot:
+        axes[0].text(
+            0.5,
+            0.5,
+            "waiting for metrics…",
+            ha="center",
+            va="center",
+            transform=axes[0].transAxes,
+            color="#888",
+        )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Frontend detection
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_frontend() -> tuple[Literal["widget", "text"], str]:
+    """Whether a live Jupyter frontend can show widgets here: ``(mode, reason)``.
+
+    ``$THUNDERLINE_MONITOR`` (``widget``/``text``) overrides. Otherwise widgets need a
+    Jupyter kernel (ZMQ shell) whose current request came from an interactive frontend:
+    papermill, nbclient and nbval execute with stdin disabled, JupyterLab and VS Code do not.
+    """
+    forced = os.environ.get(ENV_MONITOR_MODE, "").strip().lower()
+    if forced == "widget":
+        return "widget", f"${ENV_MONITOR_MODE}=widget"
+    if forced == "text":
+        return "text", f"${ENV_MONITOR_MODE}=text"
+    ipython_mod = sys.modules.get("IPython")
+    ip = ipython_mod.get_ipython() if ipython_mod is not None else None
+    if ip is None:
+        return "text", "not running under IPython"
+    if type(ip).__name__ != "ZMQInteractiveShell":
+        return "text", f"no notebook frontend ({type(ip).__name__})"
+    kernel = getattr(ip, "kernel", None)
+    if kernel is not None and not getattr(kernel, "_allow_stdin", True):
+        return "text", "headless execution (papermill/nbclient/nbval: stdin disabled)"
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return "text", "ipywidgets is not installed"
+    return "widget", "Jupyter frontend"
+
+
+def _in_kernel() -> bool:
+    ipython_mod = sys.modules.get("IPython")
+    ip = ipython_mod.get_ipython() if ipython_mod is not None else None
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+# ---------------------------------------------------------------------------------------------
+# The monitor
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackgroundRun:
+    """A study running in a background thread under a monitor."""
+
+    thread: threading.Thread
+    result: Any = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Wait for the study; re-raises its exception; returns its result."""
+        if not self.done.wait(timeout):
+            raise TimeoutError("the study is still running")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    @property
+    def running(self) -> bool:
+        return not self.done.is_set()
+
+
+class LiveMonitor:
+    """Live view of a running study: trial table, learning curves, SN-vs-none panel.
+
+    Args:
+        source: an :class:`EventSource` (or a bus / store / lab path / gateway URL).
+        study: only this study's events (model_run_id or study name); None: all.
+        mode: ``widget`` (ipywidgets), ``text`` (occasional lines), or ``auto``
+            (:func:`detect_frontend`).
+        min_interval: minimum seconds between redraws (0.25: at most 4 per second).
+        plot_interval: minimum seconds between re-rendering the curves PNG.
+        text_interval: minimum seconds between text lines in text mode.
+        snapshot_on_finish: leave a static PNG + HTML table when the study finishes.
+
+    Example (in a notebook; ``mode="auto"`` picks widgets or text lines)::
+
+        bus = EventBus()
+        mon = LiveMonitor.from_bus(bus, study="sn-ab").start()
+        run = mon.run_in_background(
+            lambda: run_study(config, bus=bus, stop_event=mon.stop_event))
+        # ... or in the foreground:
+        with LiveMonitor.from_bus(bus, study="sn-ab") as mon:
+            run_study(config, bus=bus, should_stop=mon.should_stop)
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        study: str | None = None,
+        *,
+        mode: Mode = "auto",
+        objective: str = "val_accuracy",
+        direction: Literal["max", "min"] = "max",
+        min_interval: float = 0.25,
+        plot_interval: float = 1.0,
+        poll_interval: float | None = None,
+        text_interval: float = 10.0,
+        max_table_rows: int = 25,
+        max_plot_trials: int = 40,
+        curve_points: int = 500,
+        max_curve_trials: int = 100,
+        snapshot_on_finish: bool = True,
+        title: str | None = None,
+    ) -> None:
+        self.source = as_source(source)
+        self.state = MonitorState(
+            study,
+            objective=objective,
+            direction=direction,
+            curve_points=curve_points,
+            max_curve_trials=max(max_curve_trials, max_plot_trials),
+        )
+        if mode == "auto":
+            self.mode, self.mode_reason = detect_frontend()
+        else:
+            self.mode, self.mode_reason = mode, "chosen"
+        self.min_interval = min_interval
+        self.plot_interval = plot_interval
+        default_poll: float = getattr(self.source, "poll_interval", 0.25)
+        self.poll_interval = float(poll_interval) if poll_interval else default_poll
+        self.text_interval = text_interval
+        self.max_table_rows = max_table_rows
+        self.max_plot_trials = max_plot_trials
+        self.snapshot_on_finish = snapshot_on_finish
+        self.title = title
+        self.stop_event = threading.Event()
+        self.redraws = 0
+        self.redraw_times: deque[float] = deque(maxlen=1000)
+        self.text_lines = 0
+        self.source_errors = 0
+        self.last_error: str | None = None
+        self._status = "starting"
+        self._drawn_version = -1
+        self._plotted_version = -1
+        self._last_draw = -math.inf
+        self._last_plot = -math.inf
+        self._last_text = -math.inf
+        self._lock = threading.RLock()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: contextvars.Context | None = None
+        self._display: Any = None
+        self._widgets: dict[str, Any] = {}
+        self._sent: dict[str, Any] = {}
+        self._started = False
+        self._finished = False
+        self._closed = False
+        self._background: BackgroundRun | None = None
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def from_bus(cls, bus: EventBus, study: str | None = None, **kwargs: Any) -> LiveMonitor:
+        """Monitor a study publishing on ``bus`` in this process."""
+        return cls(BusSource(bus), study, **kwargs)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: Any,
+        study: str | None = None,
+        *,
+        snapshot: bool = True,
+        **kwargs: Any,
+    ) -> LiveMonitor:
+        """Monitor a study that another process writes into a lab's store.
+
+        With ``snapshot`` (and a ``study``), the current trials and their downsampled
+        curves are loaded first (:meth:`MonitorState.load_trials` / ``load_history``) and
+        only newer events are tailed, instead of replaying the whole log.
+        """
+        source = StoreSource(store, after=None if snapshot and study else 0)
+        mon = cls(source, study, **kwargs)
+        if snapshot and study:
+            trials = source.store.trials(study=study)
+            mon.state.load_trials(trials)
+            recent = trials.tail(mon.max_plot_trials)
+            for run_id, part in recent.groupby("model_run_id"):
+                mon.state.load_history(source.store, str(run_id), part["trial_id"].tolist())
+        return mon
+
+    @classmethod
+    def from_gateway(
+        cls, url: str, token: str | None = None, study: str | None = None, **kwargs: Any
+    ) -> LiveMonitor:
+        """Monitor a study through a gateway's ``GET /api/events``."""
+        return cls(GatewaySource(url, token), study, **kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def headless(self) -> bool:
+        """True in text mode (no live frontend)."""
+        return self.mode == "text"
+
+    def should_stop(self) -> bool:
+        """For studies that poll: True once Stop was pressed (or :meth:`request_stop`)."""
+        return self.stop_event.is_set()
+
+    def request_stop(self) -> None:
+        """Ask the study to stop (what the Stop button does)."""
+        self.stop_event.set()
+        self._status = "stop requested — finishing the current epoch"
+        btn = self._widgets.get("stop")
+        if btn is not None:
+            btn.disabled = True
+            btn.description = "Stopping…"
+
+    def start(self, *, display: bool = True, thread: bool = True) -> LiveMonitor:
+        """Show the monitor (widget mode) and start the pump thread; returns self."""
+        if self._started:
+            return self
+        self._started = True
+        self._ctx = contextvars.copy_context()
+        self._status = f"live · {self.source.label}"
+        if self.mode == "widget":
+            self._build_widgets()
+            if display:
+                self._show_widget()
+        elif display:
+            self._emit_text(force=True)
+        if thread:
+            # A plain thread: ipykernel sends its text lines to the cell executing now (papermill
+            # keeps only those), never into an earlier cell.
+            self._thread = threading.Thread(
+                target=self._loop, name="thunderline-monitor", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> LiveMonitor:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        backoff = self.poll_interval
+        while not self._halt.wait(backoff):
+            try:
+                self.pump()
+                backoff = self.poll_interval
+            except ThunderlineLabError as exc:
+                self.source_errors += 1
+                self.last_error = str(exc)
+                self._status = f"source error (retrying): {exc}"
+                log.warning("monitor source %s failed: %s", self.source.label, exc)
+                backoff = min(max(backoff * 2, self.poll_interval), 10.0)
+                self._maybe_redraw(force=True)
+            except Exception:  # a monitor must never take the study down
+                self.source_errors += 1
+                log.exception("monitor pump failed")
+                backoff = min(max(backoff * 2, self.poll_interval), 10.0)
+
+    def pump(self, *, force: bool = False) -> None:
+        """Drain the source, fold the events and redraw if due (throttled, coalesced)."""
+        batch = self.source.poll()
+        if batch:
+            with self._lock:
+                self.state.apply_many(batch)
+        self._maybe_redraw(force=force)
+
+    def _maybe_redraw(self, *, force: bool = False) -> None:
+        if not self._started:
+            return
+        now = time.monotonic()
+        if self.mode == "text":
+            if force or now - self._last_text >= self.text_interval:
+                self._emit_text(force=force)
+            return
+        if not self._widgets:
+            return
+        if not force and now - self._last_draw < self.min_interval:
+            return
+        with self._lock:
+            version = self.state.version
+            panel = render_panel_html(self.state, self._status)
+            table = render_table_html(self.state, self.max_table_rows)
+        changed = self._set("panel", panel) | self._set("table", table)
+        if version != self._plotted_version and (
+            force or now - self._last_plot >= self.plot_interval
+        ):
+            with self._lock:
+                self._plotted_version = self.state.version
+                png = render_curves_png(self.state, max_trials=self.max_plot_trials)
+            changed |= self._set("curves", png)
+            self._last_plot = now
+        self._drawn_version = version
+        if changed:
+            self._last_draw = now
+            self.redraws += 1
+            self.redraw_times.append(now)
+
+    def _set(self, name: str, value: Any) -> bool:
+        if self._sent.get(name) == value:
+            return False
+        self._sent[name] = value
+        self._widgets[name].value = value
+        return True
+
+    def _emit_text(self, *, force: bool = False) -> None:
+        version = self.state.version
+        if not force and version == self._drawn_version:
+            return
+        with self._lock:
+            line = render_text_line(self.state, self._status)
+        self._drawn_version = version
+        self._last_text = time.monotonic()
+        self.text_lines += 1
+        print(line, flush=True)
+
+    # -- widgets ------------------------------------------------------------------------
+
+    def _build_widgets(self) -> None:
+        import ipywidgets as w
+
+        panel = w.HTML(value="")
+        table = w.HTML(value="")
+        curves = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        stop = w.Button(
+            description="Stop study",
+            button_style="danger",
+            icon="stop",
+            tooltip="Ends the study cleanly after the current epoch",
+            layout=w.Layout(display="none", width="auto"),
+        )
+        stop.on_click(lambda _b: self.request_stop())
+        curves.add_class("tl-monitor-curves")
+        stop.add_class("tl-monitor-stop")
+        title = w.HTML(value=f"<b>{html.escape(self.title)}</b>") if self.title else None
+        children = [c for c in (title, w.HBox([panel, stop]), curves, table) if c is not None]
+        box = w.VBox(children)
+        box.add_class("tl-monitor")
+        self._widgets = {"box": box, "panel": panel, "table": table, "curves": curves, "stop": stop}
+        self._maybe_redraw(force=True)
+
+    def _show_widget(self) -> None:
+        from IPython.display import display
+
+        self._display = display(self._widgets["box"], display_id=True)
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets container (None in text mode)."""
+        return self._widgets.get("box")
+
+    # -- background studies -------------------------------------------------------------
+
+    def run_in_background(
+        self, fn: Callable[[], Any], *, wait: bool | None = None
+    ) -> BackgroundRun:
+        """Run ``fn()`` (the study) in a thread; the Stop button sets :attr:`stop_event`.
+
+        ``fn`` should end cleanly once ``monitor.stop_event`` is set (pass it, or
+        ``monitor.should_stop``, to the study runner). When ``fn`` returns the monitor
+        drains the last events and finishes (final redraw and static snapshot).
+
+        Args:
+            wait: block until the study ends. Default: only without a live frontend
+                (papermill/nbval), where the notebook must not end before the study;
+                interrupting the wait stops the study cleanly.
+        """
+        if not self._started:
+            self.start()
+        run = BackgroundRun(thread=threading.Thread())
+
+        def target() -> None:
+            try:
+                run.result = fn()
+            except BaseException as exc:
+                run.error = exc
+                log.exception("the background study failed")
+            finally:
+                status = "failed" if run.error else None
+                try:
+                    if self.mode == "widget" and self._ctx is not None:
+                        # the snapshot replaces the widget from the cell that displayed it
+                        self._ctx.run(self.finish, status)
+                    else:
+                        self.finish(status)
+                finally:
+                    run.done.set()
+
+        run.thread = threading.Thread(target=target, name="thunderline-study", daemon=True)
+        self._background = run
+        stop = self._widgets.get("stop")
+        if stop is not None:
+            stop.layout.display = ""
+        run.thread.start()
+        if wait if wait is not None else self.headless:
+            try:
+                run.done.wait()
+            except KeyboardInterrupt:
+                self.request_stop()
+                run.done.wait()
+                raise
+        return run
+
+    # -- finishing ----------------------------------------------------------------------
+
+    def finish(self, status: str | None = None) -> None:
+        """Drain the source, stop the pump, draw the final state, leave the snapshot."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        self._halt.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        try:
+            batch = self.source.poll()
+            if batch:
+                with self._lock:
+                    self.state.apply_many(batch)
+        except ThunderlineLabError as exc:
+            self.last_error = str(exc)
+        if status is None:
+            status = "stopped" if self.stop_event.is_set() else "finished"
+        s = self.state.summary()
+        self._status = f"{status} · {s['events']} events · {self.source.label}"
+        stop = self._widgets.get("stop")
+        if stop is not None:
+            stop.layout.display = "none"
+        if self.mode == "widget" and self._widgets:
+            self._maybe_redraw(force=True)
+        elif self._started:
+            self._emit_text(force=True)
+        if self.snapshot_on_finish and self._started:
+            self._leave_snapshot()
+
+    def close(self) -> None:
+        """Finish and release the source (unsubscribe / close connections)."""
+        if self._closed:
+            return
+        self.finish()
+        self._closed = True
+        self.source.close()
+
+    def snapshot(self) -> tuple[bytes, str]:
+        """The current curves (PNG bytes) and panel + table (HTML)."""
+        with self._lock:
+            png = render_curves_png(self.state, max_trials=self.max_plot_trials)
+            page = render_panel_html(self.state, self._status) + render_table_html(
+                self.state, self.max_table_rows
+            )
+        return png, page
+
+    def save_snapshot(self, directory: str | Path, stem: str = "monitor") -> tuple[Path, Path]:
+        """Write ``<stem>.png`` and ``<stem>.html`` into ``directory``."""
+        png, page = self.snapshot()
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        png_path, html_path = out / f"{stem}.png", out / f"{stem}.html"
+        png_path.write_bytes(png)
+        html_path.write_text(f"<!doctype html><meta charset='utf-8'>{page}", encoding="utf-8")
+        return png_path, html_path
+
+    def _leave_snapshot(self) -> None:
+        png, page = self.snapshot()
+        if not _in_kernel():
+            print(render_table_text(self.state, self.max_table_rows), flush=True)
+            return
+        import base64
+
+        from IPython.display import HTML, Image, display
+
+        snap_html = (
+            '<div class="tl-monitor-snapshot">'
+            f'<img class="tl-monitor-curves" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode()}"/>{page}</div>'
+        )
+        if self._display is not None:
+            # The live widget becomes a static snapshot in place: it survives kernel restarts,
+            # HTML export and nbconvert, and no other output is touched.
+            self._display.update(
+                {
+                    "text/html": snap_html,
+                    "image/png": png,
+                    "text/plain": render_text_line(self.state, self._status),
+                },
+                raw=True,
+            )
+        else:
+            display(Image(data=png, format="png"), HTML(page))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic studies (demos, tests, benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+_SYNTH_LAYERS = ("net.0", "net.2", "net.4")
+
+
+def _trial_events(
+    study: str,
+    number: int,
+    pair: int,
+    sn: bool,
+    coeff: float,
+    epochs: int,
+    rng: random.Random,
+    fate: str = "completed",
+) -> Iterator[Event]:
+    trial_id = f"trial_{number:04d}"
+    params = {
+        "lr": 3e-3,
+        "depth": 3,
+        "width": 64,
+        "dropout": 0.1,
+        "weight_decay": 1e-4,
+        "spectral_norm": sn,
+        "spectral_norm_coeff": coeff if sn else None,
+        "seed": pair,
+        "pair_id": f"pair_{pair:04d}",
+        "arm": "sn" if sn else "none",
+    }
+    common = {"model_run_id": study, "trial_id": trial_id, "study": study}
+    yield ev_mod.trial_start(
+        **common, spectral_norm=sn, spectral_norm_coeff=coeff if sn else None, parameters=params
+    )
+    pair_rng = random.Random(pair)
+    ceiling = 0.86 + 0.06 * pair_rng.random() + (0.012 if sn else 0.0)
+    speed = 0.25 + 0.1 * pair_rng.random()
+    best, best_loss = 0.0, math.inf
+    sigma = 0.0
+    last_epoch = epochs - 1 if fate != "pruned" else max(1, epochs // 3)
+    for epoch in range(last_epoch + 1):
+        acc = ceiling * (1 - math.exp(-speed * (epoch + 1))) + rng.gauss(0, 0.006)
+        acc = min(max(acc, 0.0), 1.0)
+        val_loss = max(0.05, 1.2 * math.exp(-speed * (epoch + 1)) + 0.25 + rng.gauss(0, 0.01))
+        train_loss = max(0.01, val_loss * (0.85 if sn else 0.7))
+        sigma = min(coeff, 0.95 + 0.01 * epoch) if sn else 1.0 + 0.35 * epoch**0.7
+        best, best_loss = max(best, acc), min(best_loss, val_loss)
+        yield ev_mod.run_metric(
+            **common,
+            step=epoch,
+            spectral_norm=sn,
+            measurements={
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": acc,
+                "lr": 3e-3,
+                "max_sigma": sigma,
+            },
+        )
+    if fate == "failed":
+        yield ev_mod.trial_failed(
+            **common, error_type="diverged", error_message="loss became NaN", spectral_norm=sn
+        )
+        return
+    sigmas = {
+        f"sigma/{layer}": (min(coeff, 0.97) if sn else sigma * (0.6 + 0.2 * i))
+        for i, layer in enumerate(_SYNTH_LAYERS)
+    }
+    upper = math.prod(sigmas.values())
+    test_acc = best - 0.01 + rng.gauss(0, 0.004)
+    metrics = {
+        "train_accuracy": min(1.0, best + (0.01 if sn else 0.05)),
+        "val_accuracy": acc,
+        "best_val_accuracy": best,
+        "best_val_loss": best_loss,
+        "test_accuracy": test_acc,
+        "generalization_gap": 0.01 if sn else 0.05,
+        "test_nll": 0.35 - (0.04 if sn else 0.0) + rng.gauss(0, 0.01),
+        "test_ece": 0.03 - (0.01 if sn else 0.0) + abs(rng.gauss(0, 0.003)),
+        "test_brier": 0.12 + rng.gauss(0, 0.005),
+        "noise_acc_0.1": test_acc - (0.02 if sn else 0.04),
+        "noise_acc_0.3": test_acc - (0.08 if sn else 0.15),
+        "fgsm_acc_0.01": test_acc - (0.03 if sn else 0.06),
+        "fgsm_acc_0.05": test_acc - (0.12 if sn else 0.25),
+        "fgsm_acc_0.1": test_acc - (0.25 if sn else 0.45),
+        "lipschitz_upper": upper,
+        "lipschitz_lower": upper * 0.2,
+        "max_sigma": max(sigmas.values()),
+        **sigmas,
+        "step_time_ms": 4.0 + (0.6 if sn else 0.0),
+        "n_params": 9000.0,
+        "epochs": float(last_epoch + 1),
+    }
+    yield ev_mod.trial_complete(
+        **common,
+        spectral_norm=sn,
+        spectral_norm_coeff=coeff if sn else None,
+        status="pruned" if fate == "pruned" else "completed",
+        metrics=metrics if fate != "pruned" else {"val_accuracy": acc},
+        parameters=params,
+        duration_ms=100 * (last_epoch + 1),
+    )
+
+
+def _synthetic_trials(
+    study: str, n_pairs: int, epochs: int, coeff: float, seed: int, pruned: int, failed: int
+) -> Iterator[Iterator[Event]]:
+    rng = random.Random(seed)
+    fates = ["completed"] * (2 * n_pairs)
+    for i in range(min(pruned, len(fates))):
+        fates[-1 - 2 * i] = "pruned"
+    for i in range(min(failed, len(fates))):
+        fates[-2 - 2 * i] = "failed"
+    for pair in range(n_pairs):
+        arms = [False, True] if rng.random() < 0.5 or pair == 0 else [True, False]
+        for j, sn in enumerate(arms):
+            number = 2 * pair + j
+            yield _trial_events(study, number, pair, sn, coeff, epochs, rng, fates[number])
+
+
+def synthetic_study(
+    study: str = "demo",
+    *,
+    n_pairs: int = 4,
+    epochs: int = 10,
+    coeff: float = 1.0,
+    seed: int = 0,
+    pruned: int = 0,
+    failed: int = 0,
+) -> list[Event]:
+    """Events of a made-up paired SN-vs-none study (for demos, tests and benchmarks).
+
+    Follows the study layer's contract: ``trial_{n:04d}`` ids, per-epoch ``ml.run.metric``
+    with ``train_loss, val_loss, val_accuracy, lr, max_sigma``, ``ml.trial.complete`` with
+    the full metric set (incl. ``sigma/<layer>``), twins sharing ``parameters["pair_id"]``.
+
+    Example:
+        >>> evs = synthetic_study("s", n_pairs=1, epochs=2)
+        >>> [e.name for e in evs][:3]
+        ['ml.trial.start', 'ml.run.metric', 'ml.run.metric']
+    """
+    return [
+        e
+        for trial in _synthetic_trials(study, n_pairs, epochs, coeff, seed, pruned, failed)
+        for e in trial
+    ]
+
+
+def simulate_study(
+    bus: EventBus,
+    study: str = "demo",
+    *,
+    delay: float = 0.05,
+    stop_event: threading.Event | None = None,
+    **kwargs: Any,
+) -> dict[str, int]:
+    """Publish a :func:`synthetic_study` on ``bus``, sleeping ``delay`` s per event.
+
+    Honours ``stop_event`` like a real study: the running trial ends ``cancelled`` and no
+    new trial starts. Returns counts of trials by final status.
+    """
+    counts = {"completed": 0, "pruned": 0, "failed": 0, "cancelled": 0}
+    trials = _synthetic_trials(
+        study,
+        kwargs.pop("n_pairs", 4),
+        kwargs.pop("epochs", 10),
+        kwargs.pop("coeff", 1.0),
+        kwargs.pop("seed", 0),
+        kwargs.pop("pruned", 0),
+        kwargs.pop("failed", 0),
+    )
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+    for trial in trials:
+        if stop_event is not None and stop_event.is_set():
+            break
+        sn = None
+        for event in trial:
+            if stop_event is not None and stop_event.is_set() and event.name == "ml.run.metric":
+                p = cast(ev_mod.RunMetric, event.payload)
+                cancel = ev_mod.trial_complete(
+                    model_run_id=p.model_run_id,
+                    trial_id=p.trial_id,
+                    study=p.study,
+                    spectral_norm=bool(sn),
+                    status="cancelled",
+                )
+                bus.publish(cancel)
+                counts["cancelled"] += 1
+                return counts
+            if event.name == "ml.trial.start":
+                sn = event.payload.spectral_norm  # type: ignore[union-attr]
+            bus.publish(event)
+            if event.name == "ml.trial.complete":
+                counts[event.payload.status] += 1  # type: ignore[union-attr]
+            elif event.name == "ml.trial.failed":
+                counts["failed"] += 1
+            if delay:
+                time.sleep(delay)
+    return counts
