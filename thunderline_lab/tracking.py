@@ -279,6 +279,7 @@ def _param_key(key: str) -> str | None:
     return clean if _valid_key(clean) else None
 
 
+@functools.lru_cache(maxsize=4096)
 def _metric_key_ok(key: str) -> bool:
     return _valid_key(key) and _BAD_KEY_CHARS.search(key) is None
 
@@ -1780,6 +1781,10 @@ class MLflowLogger:
             self._outbox.mark_study(self.study, self.tracking_uri)
         except Exception as exc:  # the outbox is best effort too
             self._note_error(f"outbox unavailable: {exc}")
+        try:  # connect now, so the first trial's run exists as early as possible
+            self._online()
+        except Exception as exc:
+            self._went_offline(exc)
         while True:
             self._wake.wait(min(self.flush_interval, 0.5))
             self._wake.clear()
@@ -1864,10 +1869,14 @@ class MLflowLogger:
         if snap.started_ms is None:
             snap.started_ms = ts
         if isinstance(p, events.RunMetric):
+            step, series, pending = p.step, snap.series, rs.pending
             for k, v in p.points().items():
-                snap.series.setdefault(k, {})[p.step] = (v, ts)
+                steps = series.get(k)
+                if steps is None:
+                    steps = series[k] = {}
+                steps[step] = (v, ts)
                 if _metric_key_ok(k):
-                    rs.pending.append((k, v, ts, p.step))
+                    pending.append((k, v, ts, step))
             return
         if p.study:
             snap.study = p.study
