@@ -380,16 +380,18 @@ def _fetch_rows(
     paths = [_json_path(k) for k in keys]
     if subset is None:
         return _read(store, select, [*paths, study])
+    by_run: dict[str, list[str]] = {}
+    for run, trial in subset:
+        by_run.setdefault(run, []).append(trial)
     out: list[tuple[Any, ...]] = []
-    for i in range(0, len(subset), 300):
-        chunk = subset[i : i + 300]
-        marks = ", ".join(["(?, ?)"] * len(chunk))
-        flat = [x for pair in chunk for x in pair]
-        out += _read(
-            store,
-            f"{select} AND (model_run_id, trial_id) IN (VALUES {marks})",
-            [*paths, study, *flat],
-        )
+    for run, trials in by_run.items():  # primary-key lookups, not a scan of the study
+        for i in range(0, len(trials), 500):
+            chunk = trials[i : i + 500]
+            out += _read(
+                store,
+                f"{select} AND model_run_id = ? AND trial_id IN ({', '.join('?' * len(chunk))})",
+                [*paths, study, run, *chunk],
+            )
     return out
 
 
