@@ -17,7 +17,7 @@ the medians meaningless. ``--threads 0`` keeps torch's default.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_spectral.py [--rounds 40] [--steps 10] [--threads 1]
+    .venv/bin/python benchmarks/bench_spectral.py [--rounds 100] [--steps 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def _time(variant: Variant, steps: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark and print medians and ratios; returns the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (default 40)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=100, help="interleaved rounds (default 100)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per variant")
     parser.add_argument(
@@ -170,14 +170,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "cnn ours-matrix / torch-sn": 1.0,
         "cnn ours-operator / none": 1.25,
     }
-    print("one-off cost of the first eval forward after training (re-solves u/v):")
+    print("one-off cost of the first eval forward after training (solves v_eval):")
     for v in variants:
         if "ours" not in v.name:
             continue
         v.model.eval()
         with torch.no_grad():
             start = time.perf_counter()
-            v.model(v.x)  # refresh + forward
+            v.model(v.x)  # solve + forward
             mid = time.perf_counter()
             v.model(v.x)  # forward only
             end = time.perf_counter()

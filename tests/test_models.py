@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -23,6 +24,15 @@ from thunderline_lab.spectral import (
 )
 
 DIGITS_FLAT, DIGITS_IMAGE = (64,), (1, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny single-sample ops: on a busy 2-core box a second intra-op thread only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _train(model: nn.Module, input_shape: tuple[int, ...], steps: int = 5, seed: int = 0) -> None:

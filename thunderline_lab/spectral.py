@@ -8,9 +8,9 @@ operator, so a 3×3 conv "with spectral norm" can still have an operator norm of
 ``spectral_norm(module, coeff, n_power_iterations, mode)``
     A :mod:`torch.nn.utils.parametrize` parametrization implementing the *soft* bound
     ``W / max(1, σ̂(W) / coeff)`` (DUE / SNGP). σ̂ is tracked by power iteration in training
-    mode and re-solved to convergence (Lanczos) at set-up and on the first eval-mode use after
-    training (``u``/``v`` are buffers, so ``deepcopy``, ``state_dict``, ``.to()`` and eval
-    mode all work). Two modes for convolutions:
+    mode; eval mode uses the top singular vector solved to convergence (Lanczos) for the
+    current weight (``u``/``v``/``v_eval`` are buffers, so ``deepcopy``, ``state_dict``,
+    ``.to()`` and eval mode all work). Two modes for convolutions:
 
     * ``"operator"``: σ̂ is the norm of the convolution *operator* at the layer's real input
       shape (captured on the first forward, or given up front), iterated with
@@ -54,6 +54,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -92,7 +93,7 @@ _CONV_TYPES: dict[type[nn.Module], tuple[Callable[..., Tensor], Callable[..., Te
     nn.Conv2d: (F.conv2d, F.conv_transpose2d, 2),
     nn.Conv3d: (F.conv3d, F.conv_transpose3d, 3),
 }
-# Solving u/v to convergence (set-up, and first eval after training): restarted Lanczos.
+# Solving the top singular pair to convergence (set-up; eval vector): restarted Lanczos.
 _SOLVE_STEPS = 32  # Krylov dimension per restart
 _SOLVE_RESTARTS = 30
 # Residual ‖AᵀA v − σ² v‖ / σ² to stop at: the solve runs in the weight's precision (float32
@@ -144,6 +145,13 @@ def _conv_spec(
         if issubclass(base, conv_type):
             return spec
     return None
+
+
+def _fingerprint(weight: Tensor) -> str:
+    """Content hash of a weight (raw bytes, dtype and shape): tells eval mode it changed."""
+    data = weight.detach().cpu().contiguous()
+    digest = hashlib.sha1(data.view(torch.uint8).numpy().data, usedforsecurity=False)
+    return f"{digest.hexdigest()}:{data.dtype}:{tuple(data.shape)}"
 
 
 def _is_exact_1x1(module: nn.Module, weight: Tensor) -> bool:
@@ -215,18 +223,20 @@ class SpectralNorm(nn.Module):
 
     Registered on ``module.weight`` by :func:`spectral_norm`; do not build it directly.
 
-    * Set-up: ``u``/``v`` are solved to convergence (restarted Lanczos on AᵀA, in the
-      weight's precision; float64 weights are solved in float64, others in float32).
+    * Set-up: the top singular pair is solved to convergence (restarted Lanczos on AᵀA, in
+      the weight's precision: float64 weights in float64, others in float32).
     * Training mode: each evaluation runs ``n_power_iterations`` power-iteration steps on the
       detached weight (updating the ``_u``/``_v`` buffers in place), then σ̂ = ‖W v‖ with the
       gradient flowing into ``W`` (the same gradient as torch's ``uᵀ W v``).
-    * Eval mode: σ̂ = ‖W v‖ from the stored ``v``. The first eval-mode evaluation after
-      training-mode updates first re-solves ``u``/``v`` to convergence for the current weight
-      (:meth:`refresh`): one-step power iteration lags when the weights move fast or the top
-      singular direction switches (and training can exploit the lag), so without this the
-      eval-mode weight could exceed the bound by a few percent. Later eval evaluations reuse
-      the stored vectors. The "needs refresh" flag travels in ``state_dict`` (extra state),
-      so copies and reloaded models give identical outputs.
+    * Eval mode: σ̂ = ‖W v_eval‖ with a separate buffer ``_v_eval`` holding the converged top
+      right singular vector *of the current weight*. It is re-solved (:meth:`refresh`)
+      whenever the weight's content differs from the one it was solved for (a hash of the
+      weight, kept in ``state_dict`` as extra state; in-place and ``.data`` edits are caught
+      too), so eval-mode outputs meet the bound to solver precision even when one-step power
+      iteration lags (fast-moving weights, a switch of the top singular direction, or
+      training exploiting the lag). Eval never touches ``_u``/``_v``: evaluating, or how
+      often, does not change the training trajectory; copies and reloaded models give
+      identical outputs.
 
     Attributes:
         coeff: The bound on the layer's spectral norm (``coeff=1`` is a 1-Lipschitz layer).
@@ -241,6 +251,7 @@ class SpectralNorm(nn.Module):
 
     _u: Tensor
     _v: Tensor
+    _v_eval: Tensor
     _conv: Callable[..., Tensor] | None
     _conv_t: Callable[..., Tensor] | None
     _stride: tuple[int, ...]
@@ -293,7 +304,7 @@ class SpectralNorm(nn.Module):
         self.eps = eps
         self.requested_mode: SNMode = mode
         self._registering = False
-        self._stale = False  # u/v updated by training since the last solve
+        self._eval_fingerprint: str | None = None  # hash of the weight _v_eval was solved for
         self._in_shape: tuple[int, ...] | None = None
         self._out_shape: tuple[int, ...] | None = None
 
@@ -309,7 +320,8 @@ class SpectralNorm(nn.Module):
             v = torch.randn(w_mat.shape[1], generator=g, dtype=w_mat.dtype).to(w_mat.device)
             self.register_buffer("_u", w_mat.new_empty(w_mat.shape[0]))  # (out,)
             self.register_buffer("_v", _normalize(v, eps))  # (in·k…,)
-            self.refresh(weight)
+            self.register_buffer("_v_eval", self._v.clone())
+            self.refresh(weight, training_vectors=True)
             return
 
         # ---- operator mode: geometry, checked now so bad combinations fail at wrap time
@@ -345,6 +357,7 @@ class SpectralNorm(nn.Module):
         self._output_padding: tuple[int, ...] = (0,) * self._nd
         self.register_buffer("_u", weight.new_empty(0))
         self.register_buffer("_v", weight.new_empty(0))
+        self.register_buffer("_v_eval", weight.new_empty(0))
         if input_shape is not None:
             self.set_input_shape(input_shape, weight)
 
@@ -443,8 +456,9 @@ class SpectralNorm(nn.Module):
                 )
             self._u = w.new_empty((1, *out_shape))
             self._v = _normalize(a, self.eps)
+            self._v_eval = self._v.clone()
             self._in_shape, self._out_shape = shape, out_shape
-            self.refresh(w)
+            self.refresh(w, training_vectors=True)
 
     def _check_input(self, x: Tensor, weight: Tensor) -> None:
         """Forward pre-hook body: capture the input shape once, then insist on it."""
@@ -462,11 +476,16 @@ class SpectralNorm(nn.Module):
 
     # ------------------------------------------------------------------ solving u/v
     @torch.no_grad()
-    def refresh(self, weight: Tensor) -> float:
-        """Solve ``u``/``v`` to convergence for ``weight`` and clear the refresh flag.
+    def refresh(self, weight: Tensor, *, training_vectors: bool = False) -> float:
+        """Solve the top singular pair of ``weight`` to convergence into ``_v_eval``.
+
+        Restarted Lanczos on AᵀA, warm-started from ``_v_eval``; records the weight's hash so
+        eval mode knows the vector is current.
 
         Args:
             weight: The unconstrained weight (``module.parametrizations.weight.original``).
+            training_vectors: Also set the training-mode ``_u``/``_v`` (done at set-up only:
+                afterwards training keeps its own power-iteration state).
 
         Returns:
             The converged σ of ``weight`` (as this layer measures it).
@@ -488,17 +507,19 @@ class SpectralNorm(nn.Module):
                 return self._apply_adjoint(self._apply_op(x.view(in_shape), w), w).reshape(-1)
 
         g = torch.Generator().manual_seed(_INIT_SEED)
-        noise = torch.randn(self._v.numel(), generator=g, dtype=dtype)
-        start = self._v.detach().to(dtype).reshape(-1).cpu()
+        noise = torch.randn(self._v_eval.numel(), generator=g, dtype=dtype)
+        start = self._v_eval.detach().to(dtype).reshape(-1).cpu()
         start = start / torch.linalg.vector_norm(start).clamp_min(self.eps)
         start = start + 0.1 * noise / torch.linalg.vector_norm(noise)  # keep every direction
         x, _ = _lanczos_top(gram, start.to(w.device), _SOLVE_RTOL[dtype])
-        v = x.view(self._v.shape)
+        v = x.view(self._v_eval.shape)
         av = torch.mv(w, v) if self.mode == "matrix" else self._apply_op(v, w)
         sigma = torch.linalg.vector_norm(av)
-        self._v.copy_(v)
-        self._u.copy_(av / sigma.clamp_min(self.eps))
-        self._stale = False
+        self._v_eval.copy_(v)
+        if training_vectors:
+            self._v.copy_(v)
+            self._u.copy_(av / sigma.clamp_min(self.eps))
+        self._eval_fingerprint = _fingerprint(weight)
         return float(sigma)
 
     def _rescale(self, weight: Tensor, sigma: Tensor, sigma_value: float) -> Tensor:
@@ -515,10 +536,9 @@ class SpectralNorm(nn.Module):
         return weight * factor
 
     def sigma(self, weight: Tensor) -> Tensor:
-        """The eval-mode estimate σ̂ = ‖W v‖ from the stored ``v``.
+        """The eval-mode estimate σ̂ = ‖W v_eval‖ (what the eval-mode forward uses).
 
-        Calls :meth:`refresh` first if training has updated ``u``/``v`` since the last solve
-        (this is what the eval-mode forward uses).
+        Calls :meth:`refresh` first if ``weight`` is not the weight ``_v_eval`` was solved for.
 
         Args:
             weight: The unconstrained weight (``module.parametrizations.weight.original``).
@@ -528,11 +548,11 @@ class SpectralNorm(nn.Module):
         """
         if self.mode == "operator" and self._in_shape is None:
             raise SpectralNormError(self._not_ready_message())
-        if self._stale:
+        if _fingerprint(weight) != self._eval_fingerprint:
             self.refresh(weight)
         if self.mode == "matrix":
-            return torch.linalg.vector_norm(torch.mv(weight.flatten(1), self._v))
-        return torch.linalg.vector_norm(self._apply_op(self._v, weight))
+            return torch.linalg.vector_norm(torch.mv(weight.flatten(1), self._v_eval))
+        return torch.linalg.vector_norm(self._apply_op(self._v_eval, weight))
 
     def scale(self, weight: Tensor) -> float:
         """The eval-mode factor ``1 / max(1, σ̂ / coeff)`` applied to the weight."""
@@ -577,16 +597,16 @@ class SpectralNorm(nn.Module):
         # which are fresh tensors, so later updates never invalidate a pending backward.
         torch.div(wv.detach(), sigma_d.clamp_min(self.eps), out=self._u)
         self._v.copy_(v)
-        self._stale = True
         return self._rescale(weight, sigma, float(sigma_d))
 
-    def get_extra_state(self) -> dict[str, bool]:
-        """``{"stale": ...}``: whether eval mode must re-solve u/v first (see class doc)."""
-        return {"stale": self._stale}
+    def get_extra_state(self) -> dict[str, str | None]:
+        """``{"eval_fingerprint": ...}``: the hash of the weight ``_v_eval`` was solved for."""
+        return {"eval_fingerprint": self._eval_fingerprint}
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore the flag written by :meth:`get_extra_state`."""
-        self._stale = bool(state["stale"]) if isinstance(state, dict) else True
+        """Restore the hash written by :meth:`get_extra_state` (anything else forces a solve)."""
+        fingerprint = state.get("eval_fingerprint") if isinstance(state, dict) else None
+        self._eval_fingerprint = fingerprint if isinstance(fingerprint, str) else None
 
     def right_inverse(self, value: Tensor) -> Tensor:
         """Assigning ``module.weight = W`` stores ``W`` as the unconstrained weight."""
@@ -604,7 +624,7 @@ class SpectralNorm(nn.Module):
     ) -> None:
         # Operator-mode u/v carry the captured input shape: adopt the loaded shapes.
         if self.mode == "operator":
-            for name in ("_u", "_v"):
+            for name in ("_u", "_v", "_v_eval"):
                 incoming = state_dict.get(prefix + name)
                 current = self._buffers[name]
                 if (
@@ -678,9 +698,9 @@ def spectral_norm(
     """Constrain ``module.weight`` to spectral norm ≤ ``coeff`` with the soft bound.
 
     The weight becomes ``W / max(1, σ̂ / coeff)``: unchanged while σ̂ ≤ coeff, rescaled to
-    σ̂ = coeff otherwise. σ̂ is solved to convergence at set-up, tracked by power iteration
-    during training (``n_power_iterations`` steps per training-mode forward) and re-solved to
-    convergence on the first eval-mode use after training (see :class:`SpectralNorm`), so the
+    σ̂ = coeff otherwise. σ̂ is solved to convergence at set-up and tracked by power iteration
+    during training (``n_power_iterations`` steps per training-mode forward); eval mode uses a
+    vector solved to convergence for the current weight (see :class:`SpectralNorm`), so the
     eval-mode layer meets the bound to solver precision. Registered with
     :func:`torch.nn.utils.parametrize.register_parametrization`, so the raw weight is
     ``module.parametrizations.weight.original`` and optimisers keep working.
@@ -883,24 +903,29 @@ def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -
     raw = _raw_weight(work)
     scale = sn.scale(raw) if sn is not None else 1.0
     value, _ = _exact_norm(
-        work, raw, shape, sn._v if sn is not None and sn.mode == "operator" else None
+        work, raw, shape, sn._v_eval if sn is not None and sn.mode == "operator" else None
     )
     return value * scale
 
 
 # ============================================================================ diagnostics
 def _eval_copy64(model: nn.Module) -> nn.Module:
-    """Float64 eval-mode copy whose u/v are exactly what the original's eval mode would use.
+    """Float64 eval-mode copy whose ``v_eval`` is exactly what the original's eval mode uses.
 
-    Pending post-training solves (:meth:`SpectralNorm.refresh`) run on the copy *before* the
-    cast, in the original precision, as the original's own first eval forward would.
+    Pending solves (:meth:`SpectralNorm.refresh`) run on the copy *before* the cast, in the
+    original precision, as the original's own eval forward would; the cast is exact, so the
+    solved vectors stay valid and their weight hashes are re-taken afterwards.
     """
     work = copy.deepcopy(model).eval()
-    for module in work.modules():
-        sn = get_spectral_norm(module)
-        if sn is not None and sn.ready and sn.get_extra_state()["stale"]:
-            sn.refresh(_raw_weight(module))
-    return work.to(torch.float64)
+    normalised = [(m, sn) for m in work.modules() if (sn := get_spectral_norm(m)) is not None]
+    for module, sn in normalised:
+        if sn.ready:
+            sn.sigma(_raw_weight(module))  # solves _v_eval if the weight changed since
+    work.to(torch.float64)
+    for module, sn in normalised:
+        if sn.ready:
+            sn._eval_fingerprint = _fingerprint(_raw_weight(module))
+    return work
 
 
 def _resolve_input_shape(
@@ -980,7 +1005,7 @@ def _weight_layer_row(
     kind = "linear" if spec is None else f"conv{spec[2]}d"
     if sn is not None and sn.mode == "operator":
         in_shape = in_shape or sn.input_shape
-    start = sn._v if sn is not None and sn.mode == "operator" and sn.ready else None
+    start = sn._v_eval if sn is not None and sn.mode == "operator" and sn.ready else None
     sigma_raw, method = _exact_norm(module, raw, in_shape if spec is not None else None, start)
     matrix_raw = float(torch.linalg.matrix_norm(raw.flatten(1), ord=2))
     if sn is not None:
