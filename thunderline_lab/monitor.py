@@ -592,18 +592,18 @@ class MonitorState:
     ) -> int:
         """Seed curves from the store's metric history, downsampled per curve.
 
-        Uses :meth:`TrialStore.metric_history` with ``max_points`` (one query per trial when
-        ``trial_ids`` is given). Returns the number of points loaded.
+        Uses :meth:`TrialStore.metric_history` with ``max_points`` (one query for all the
+        trials and curves). Returns the number of points loaded.
         """
-        frames = (
-            [store.metric_history(model_run_id, None, None, max_points=max_points)]
-            if trial_ids is None
-            else [
-                store.metric_history(model_run_id, t, None, max_points=max_points)
-                for t in trial_ids
-            ]
-        )
         wanted = {*self.curve_metrics, self.objective}
+        frames = [
+            store.metric_history(
+                model_run_id,
+                None if trial_ids is None else list(trial_ids),
+                sorted(wanted),
+                max_points=max_points,
+            )
+        ]
         n = 0
         for df in frames:
             cols = (

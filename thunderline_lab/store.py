@@ -167,6 +167,20 @@ WHERE (excluded.timestamp, excluded.event_id) > (artifacts.timestamp, artifacts.
 """
 
 
+# Evenly spaced steps of one long curve, each found by an index seek (the first step at or
+# after each target), so downsampling costs O(max_points · log n), not O(n).
+_SEEK_SQL = """
+WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM k WHERE i + 1 < ?4)
+SELECT DISTINCT m.step, m.value FROM k JOIN metrics m
+  ON m.model_run_id = ?1 AND m.trial_id = ?2 AND m.name = ?3
+ AND m.step = (SELECT s.step FROM metrics s
+               WHERE s.model_run_id = ?1 AND s.trial_id = ?2 AND s.name = ?3
+                 AND s.step >= ?5 + ((?6 - ?5) * k.i) / (?4 - 1)
+               ORDER BY s.step LIMIT 1)
+ORDER BY m.step
+"""
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
@@ -529,42 +543,63 @@ class TrialStore:
     def metric_history(
         self,
         model_run_id: str,
-        trial_id: str | None = None,
-        name: str | None = None,
+        trial_id: str | Sequence[str] | None = None,
+        name: str | Sequence[str] | None = None,
         *,
         max_points: int | None = None,
     ) -> pd.DataFrame:
-        """Metric series (``trial_id, name, step, value``) ordered by step.
+        """Metric series (``trial_id, name, step, value``) ordered by trial, name and step.
 
         Args:
-            max_points: downsample each (trial, metric) curve to at most this many points
-                (evenly strided, always keeping the last point).
+            trial_id: one trial, several (one query for all), or None for every trial.
+            name: one metric, several, or None for all.
+            max_points: downsample each (trial, metric) curve to at most this many points,
+                evenly spaced in steps and always keeping the first and last; a long curve
+                is read by index seeks, so the cost grows with ``max_points``, not its length.
         """
         where: list[str] = ["model_run_id = ?"]
         params: list[Any] = [model_run_id]
-        if trial_id is not None:
-            where.append("trial_id = ?")
-            params.append(trial_id)
-        if name is not None:
-            where.append("name = ?")
-            params.append(name)
-        sql = (
-            "SELECT trial_id, name, step, value FROM metrics WHERE "
-            + " AND ".join(where)
-            + " ORDER BY trial_id, name, step"
-        )
-        if max_points is not None:
-            sql = (
-                "SELECT trial_id, name, step, value FROM ("
-                "SELECT trial_id, name, step, value, "
-                "ROW_NUMBER() OVER w - 1 AS i, COUNT(*) OVER (PARTITION BY trial_id, name) AS n "
-                "FROM metrics WHERE " + " AND ".join(where) + " "
-                "WINDOW w AS (PARTITION BY trial_id, name ORDER BY step)) "
-                "WHERE n <= ? OR i = n - 1 OR i % ((n + ? - 1) / ?) = 0 "
-                "ORDER BY trial_id, name, step"
+        for column, value in (("trial_id", trial_id), ("name", name)):
+            if value is None:
+                continue
+            values = [value] if isinstance(value, str) else list(value)
+            where.append(f"{column} IN ({','.join('?' * len(values))})")
+            params.extend(values)
+        cond = " AND ".join(where)
+        if max_points is None:
+            return self._read(
+                f"SELECT trial_id, name, step, value FROM metrics WHERE {cond} "
+                "ORDER BY trial_id, name, step",
+                params,
             )
-            params += [max_points, max_points - 1, max_points - 1]
-        return self._read(sql, params)
+        if max_points < 2:
+            raise StoreError(f"max_points must be at least 2 (got {max_points})")
+        with self._lock:
+            curves = self.conn.execute(
+                f"SELECT trial_id, name, COUNT(*), MIN(step), MAX(step) FROM metrics "
+                f"WHERE {cond} GROUP BY trial_id, name",
+                params,
+            ).fetchall()
+            short = [(t, n) for t, n, count, _, _ in curves if count <= max_points]
+            rows: list[tuple[Any, ...]] = []
+            for i in range(0, len(short), 400):  # whole short curves, many per query
+                chunk = short[i : i + 400]
+                pairs = " OR ".join("(trial_id = ? AND name = ?)" for _ in chunk)
+                rows += self.conn.execute(
+                    "SELECT trial_id, name, step, value FROM metrics "
+                    f"WHERE model_run_id = ? AND ({pairs})",
+                    [model_run_id, *(x for pair in chunk for x in pair)],
+                ).fetchall()
+            for t, n, count, lo, hi in curves:
+                if count > max_points:
+                    rows += [
+                        (t, n, step, value)
+                        for step, value in self.conn.execute(
+                            _SEEK_SQL, (model_run_id, t, n, max_points, lo, hi)
+                        )
+                    ]
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+        return pd.DataFrame(rows, columns=["trial_id", "name", "step", "value"])
 
     def events_after(self, seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Logged events with sequence number > ``seq`` (oldest first), each with its ``seq``."""
