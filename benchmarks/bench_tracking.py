@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -311,6 +312,7 @@ def main() -> None:
     ok = logger.close(60)
     writer.close()
     store_only.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
     med = statistics.median
     base = med(results["off"])
