@@ -92,7 +92,10 @@ CREATE TABLE IF NOT EXISTS events (
     trial_id TEXT,
     body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idx_events_trial ON events (model_run_id, trial_id, name);
+DROP INDEX IF EXISTS idx_events_trial;
+CREATE INDEX IF NOT EXISTS idx_events_lifecycle ON events (model_run_id, trial_id)
+    WHERE name IN ('ml.run.start', 'ml.run.stop', 'ml.trial.start', 'ml.trial.complete',
+                   'ml.trial.failed');
 CREATE TABLE IF NOT EXISTS model_runs (
     model_run_id TEXT PRIMARY KEY,
     study TEXT,
@@ -144,6 +147,12 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 """
 _PROJECTIONS = ("model_runs", "trials", "metrics", "artifacts")
+# Literal names (not parameters), so that SQLite can use the partial lifecycle index.
+_LIFECYCLE_SQL = (
+    "SELECT body FROM events WHERE model_run_id = ? AND trial_id = ? AND name IN ("
+    + ", ".join(f"'{n}'" for n in LIFECYCLE_EVENTS)
+    + ")"
+)
 _UPSERT_METRIC = """
 INSERT INTO metrics (model_run_id, trial_id, name, step, value, timestamp, event_id)
 VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -193,6 +202,21 @@ def format_ts(event: Event) -> str:
     if ts.utcoffset():
         ts = ts.astimezone(UTC)
     return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _ids_of(payload: Any) -> tuple[str | None, str | None]:
+    if isinstance(payload, Mapping):  # a GenericEvent: free-form payload
+        run_id, trial_id = payload.get("model_run_id"), payload.get("trial_id")
+        return (
+            run_id if isinstance(run_id, str) else None,
+            trial_id if isinstance(trial_id, str) else None,
+        )
+    return payload.model_run_id, payload.trial_id
+
+
+def _log_row(ev: Event) -> tuple[Any, ...]:
+    run_id, trial_id = _ids_of(ev.payload)
+    return (ev.id, ev.name, format_ts(ev), run_id, trial_id, ev.model_dump_json())
 
 
 def _metric_points(payload: Mapping[str, Any]) -> dict[str, float]:
@@ -307,20 +331,24 @@ class TrialStore:
         unique: dict[str, Event] = {}
         for ev in batch:
             unique.setdefault(ev.id, ev)
-        existing = self._existing_ids(list(unique))
-        fresh = [ev for ev_id, ev in unique.items() if ev_id not in existing]
+        # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
+        # the rows after the previous highest seq (the write lock is held).
+        before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [_log_row(ev) for ev in unique.values()],
+        )
+        added = {
+            ev_id
+            for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
+        }
+        fresh = [ev for ev_id, ev in unique.items() if ev_id in added]
         rows = []
-        log_rows = []
         for ev in fresh:
             ts = format_ts(ev)
             payload = ev.payload
-            if isinstance(payload, Mapping):  # a GenericEvent: free-form payload
-                run_id, trial_id = payload.get("model_run_id"), payload.get("trial_id")
-                run_id = run_id if isinstance(run_id, str) else None
-                trial_id = trial_id if isinstance(trial_id, str) else None
-            else:
-                run_id, trial_id = payload.model_run_id, payload.trial_id
-            log_rows.append((ev.id, ev.name, ts, run_id, trial_id, ev.model_dump_json()))
+            run_id, trial_id = _ids_of(payload)
             if isinstance(ev, RunMetricEvent):
                 p = ev.payload
                 rows.append(
@@ -351,24 +379,10 @@ class TrialStore:
                         },
                     )
                 )
-        self.conn.executemany(
-            "INSERT INTO events (id, name, timestamp, model_run_id, trial_id, body) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            log_rows,
-        )
         self._project(rows)
         last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         ids = [ev.id for ev in fresh]
         return AppendResult(len(fresh), len(batch) - len(fresh), ids, last_seq)
-
-    def _existing_ids(self, ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for i in range(0, len(ids), 900):
-            chunk = ids[i : i + 900]
-            marks = ",".join("?" * len(chunk))
-            cur = self.conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", chunk)
-            found.update(r[0] for r in cur)
-        return found
 
     def _project(self, rows: Sequence[_Row]) -> None:
         """Project logged events into the derived tables (shared by append and replay)."""
@@ -407,12 +421,7 @@ class TrialStore:
             self._refold_trial(run_id, trial_id)
 
     def _refold_trial(self, run_id: str, trial_id: str) -> None:
-        marks = ",".join("?" * len(LIFECYCLE_EVENTS))
-        cur = self.conn.execute(
-            f"SELECT body FROM events WHERE model_run_id = ? AND trial_id = ? "
-            f"AND name IN ({marks})",
-            (run_id, trial_id, *LIFECYCLE_EVENTS),
-        )
+        cur = self.conn.execute(_LIFECYCLE_SQL, (run_id, trial_id))
         bodies = [json.loads(b) for (b,) in cur]
         row = fold_trial(bodies)
         if row["study"] is None:
