@@ -185,11 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"ratios: {'':<23} {'of medians':>10} {'paired':>8}")
     for key, value in ratios.items():
         goal = goals.get(key)
-        verdict = (
-            ""
-            if goal is None
-            else (f"goal ≤ {goal:.2f}: " + ("met" if value <= goal else "MISSED"))
-        )
+        verdict = ""
+        if goal is not None:
+            marks = ["met" if r <= goal else "MISSED" for r in (value, paired[key])]
+            verdict = f"goal ≤ {goal:.2f}: {marks[0]} / {marks[1]}"
         print(f"  {key:<30} {value:10.3f} {paired[key]:8.3f}  {verdict}")
     return ratios
 
