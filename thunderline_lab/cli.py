@@ -270,15 +270,21 @@ def _write_report(lab: Any, study: str) -> Path | None:
 @click.option("--port", default=8765, type=click.IntRange(0, 65535), show_default=True)
 @click.option("--token", envvar="THUNDERLINE_LAB_TOKEN", default=None, show_envvar=True,
               help="Require this bearer token on /api/* (needed off loopback).")
+@click.option("--synchronous", type=click.Choice(["full", "normal"]), default="full",
+              show_default=True,
+              help="full: fsync each commit (a 202 survives power loss); normal: survives a "
+                   "crash of the gateway only.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @_clean_errors
-def serve(lab_dir: Path | None, host: str, port: int, token: str | None, log_level: str) -> None:
+def serve(lab_dir: Path | None, host: str, port: int, token: str | None, synchronous: str,
+          log_level: str) -> None:
     """Run the event gateway (ThunderGate): POST /api/events/ml, GET /api/trials, /docs."""
     from thunderline_lab.gateway import serve as run_gateway
     from thunderline_lab.lab import Lab
 
-    run_gateway(Lab.resolve(lab_dir), host=host, port=port, token=token, log_level=log_level)
+    run_gateway(Lab.resolve(lab_dir), host=host, port=port, token=token, log_level=log_level,
+                synchronous=synchronous)
 
 
 @main.command()
@@ -304,37 +310,6 @@ def dashboard(lab_dir: Path | None, port: int, host: str, storage: str | None,
     click.echo(f"optuna-dashboard on http://{host}:{port}/ ({argv[-1] if not storage else 'RDB'})",
                err=True)
     os.execvp(argv[0], argv)
-
-
-@main.command("mlflow-sync")
-@lab_option
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow to sync with (default: $MLFLOW_TRACKING_URI, else the lab's lab/mlflow.db).",
-)
-@click.option("--push/--no-push", default=True, show_default=True, help="Send pending trials.")
-@click.option(
-    "--pull/--no-pull", default=True, show_default=True, help="Adopt runs made outside the lab."
-)
-@click.option(
-    "--all-studies", is_flag=True, help="Also push studies that were run without MLflow logging."
-)
-@_clean_errors
-def mlflow_sync(
-    lab_dir: Path | None, tracking_uri: str | None, push: bool, pull: bool, all_studies: bool
-) -> None:
-    """Push what MLflow lacks (the outbox) and pull runs logged outside the lab; idempotent."""
-    from thunderline_lab.lab import Lab
-    from thunderline_lab.tracking import sync
-
-    lab = Lab.resolve(lab_dir)
-    if not lab.db_path.exists():
-        raise click.ClickException(f"no trial store at {lab.db_path}")
-    report = sync(lab, tracking_uri=tracking_uri, push=push, pull=pull, all_studies=all_studies)
-    click.echo(f"mlflow {report.tracking_uri}: {report.summary()}")
-    for line in report.conflicts + report.errors:
-        click.echo(f"warning: {line}", err=True)
 
 
 
@@ -407,6 +382,38 @@ def compare_cmd(
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"report: {report}")
+
+
+@main.command("mlflow-sync")
+@lab_option
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow to sync with (default: $MLFLOW_TRACKING_URI, else the lab's lab/mlflow.db).",
+)
+@click.option("--push/--no-push", default=True, show_default=True, help="Send pending trials.")
+@click.option(
+    "--pull/--no-pull", default=True, show_default=True, help="Adopt runs made outside the lab."
+)
+@click.option(
+    "--all-studies", is_flag=True, help="Also push studies that were run without MLflow logging."
+)
+@_clean_errors
+def mlflow_sync(
+    lab_dir: Path | None, tracking_uri: str | None, push: bool, pull: bool, all_studies: bool
+) -> None:
+    """Push what MLflow lacks (the outbox) and pull runs logged outside the lab; idempotent."""
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.tracking import sync
+
+    lab = Lab.resolve(lab_dir)
+    if not lab.db_path.exists():
+        raise click.ClickException(f"no trial store at {lab.db_path}")
+    report = sync(lab, tracking_uri=tracking_uri, push=push, pull=pull, all_studies=all_studies)
+    click.echo(f"mlflow {report.tracking_uri}: {report.summary()}")
+    for line in report.conflicts + report.errors:
+        click.echo(f"warning: {line}", err=True)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

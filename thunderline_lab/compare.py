@@ -1216,7 +1216,7 @@ def _headline_display(headline: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(
         {
             "metric": headline["metric"],
-            "value": headline["source"],
+            "value": headline.get("source", ""),
             "n": [
                 f"{r.n_pairs} pairs" if r.design == "paired" else f"{r.n_sn}+{r.n_none}"
                 for r in headline.itertuples()

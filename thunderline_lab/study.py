@@ -254,7 +254,9 @@ class SearchSpace:
         default_factory=_spec(ParamSpec("categorical", choices=(False, True)))
     )
     spectral_norm_coeff: ParamSpec = field(
-        default_factory=_spec(ParamSpec("float", low=0.5, high=4.0, log=True))
+        # σ of these small layers is ~1-2: above 2 the soft bound rarely engages and the
+        # SN arm would train exactly like its twin.
+        default_factory=_spec(ParamSpec("float", low=0.5, high=2.0, log=True))
     )
     lr: ParamSpec = field(default_factory=_spec(ParamSpec("float", low=3e-4, high=1e-2, log=True)))
     weight_decay: ParamSpec = field(
@@ -354,7 +356,7 @@ class SearchSpace:
 
 
 DEFAULT_SEARCH_SPACE = SearchSpace()
-"""The default space: SN on/off, coeff 0.5–4 (log), lr 3e-4–1e-2 (log), depth 1–3, width
+"""The default space: SN on/off, coeff 0.5–2 (log), lr 3e-4–1e-2 (log), depth 1–3, width
 32–128 (log), dropout 0–0.3, weight decay 1e-6–1e-2 (log)."""
 
 
