@@ -265,38 +265,66 @@ def _write_report(lab: Any, study: str) -> Path | None:
 
 @main.command()
 @lab_option
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; anything but loopback requires a token.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; anything but loopback requires a token.",
+)
 @click.option("--port", default=8765, type=click.IntRange(0, 65535), show_default=True)
-@click.option("--token", envvar="THUNDERLINE_LAB_TOKEN", default=None, show_envvar=True,
-              help="Require this bearer token on /api/* (needed off loopback).")
-@click.option("--synchronous", type=click.Choice(["full", "normal"]), default="full",
-              show_default=True,
-              help="full: fsync each commit (a 202 survives power loss); normal: survives a "
-                   "crash of the gateway only.")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option(
+    "--token",
+    envvar="THUNDERLINE_LAB_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="Require this bearer token on /api/* (needed off loopback).",
+)
+@click.option(
+    "--synchronous",
+    type=click.Choice(["full", "normal"]),
+    default="full",
+    show_default=True,
+    help="full: fsync each commit (a 202 survives power loss); normal: survives a "
+    "crash of the gateway only.",
+)
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+)
 @_clean_errors
-def serve(lab_dir: Path | None, host: str, port: int, token: str | None, synchronous: str,
-          log_level: str) -> None:
+def serve(
+    lab_dir: Path | None, host: str, port: int, token: str | None, synchronous: str, log_level: str
+) -> None:
     """Run the event gateway (ThunderGate): POST /api/events/ml, GET /api/trials, /docs."""
     from thunderline_lab.gateway import serve as run_gateway
     from thunderline_lab.lab import Lab
 
-    run_gateway(Lab.resolve(lab_dir), host=host, port=port, token=token, log_level=log_level,
-                synchronous=synchronous)
+    run_gateway(
+        Lab.resolve(lab_dir),
+        host=host,
+        port=port,
+        token=token,
+        log_level=log_level,
+        synchronous=synchronous,
+    )
 
 
 @main.command()
 @lab_option
 @click.option("--port", default=8080, type=click.IntRange(0, 65535), show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--storage", default=None,
-              help="Optuna storage URL instead of the lab's journal (e.g. postgresql+psycopg2://...).")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL instead of the lab's journal (e.g. postgresql+psycopg2://...).",
+)
 @click.option("--print-command", is_flag=True, help="Only print the optuna-dashboard command.")
 @_clean_errors
-def dashboard(lab_dir: Path | None, port: int, host: str, storage: str | None,
-              print_command: bool) -> None:
+def dashboard(
+    lab_dir: Path | None, port: int, host: str, storage: str | None, print_command: bool
+) -> None:
     """Open optuna-dashboard on the lab's Optuna studies (lab/optuna.journal)."""
     import os
     import shlex
@@ -307,10 +335,11 @@ def dashboard(lab_dir: Path | None, port: int, host: str, storage: str | None,
     if print_command:
         click.echo(shlex.join(argv))
         return
-    click.echo(f"optuna-dashboard on http://{host}:{port}/ ({argv[-1] if not storage else 'RDB'})",
-               err=True)
+    click.echo(
+        f"optuna-dashboard on http://{host}:{port}/ ({argv[-1] if not storage else 'RDB'})",
+        err=True,
+    )
     os.execvp(argv[0], argv)
-
 
 
 @main.command("compare")
