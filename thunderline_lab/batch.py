@@ -51,7 +51,9 @@ __all__ = [
     "BatchResult",
     "Progress",
     "StudyConfig",
+    "StudySection",
     "load_study_config",
+    "notebook_parameters",
     "parse_override",
     "run_batch",
 ]

@@ -113,6 +113,7 @@ __all__ = [
     "FINAL_PREFIX",
     "LINK_ID_PREFIX",
     "MLflowLogger",
+    "RunRecord",
     "SyncReport",
     "TrialSnapshot",
     "attach",
