@@ -1027,7 +1027,7 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
             report=report,
             should_stop=ctx.should_stop,
             evaluation=ctx.evaluation,
-            keep_model=False,
+            keep_model=ctx.tracker is not None,  # MLflow gets the state_dict and σ table
             **ctx.train_kwargs,
         )
     except KeyboardInterrupt:
@@ -1058,6 +1058,9 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
             error_type=type(exc).__name__,
             duration_ms=duration_ms,
         )
+    if result.model is not None:
+        _log_artifacts(ctx, trial_id, result)
+        result.model = None  # only MLflow needed it; don't hold every trial's weights
     ctx.results[number] = result
     mlflow_run_id = _mlflow_run_id(ctx, trial_id)
     _finish_attrs(
@@ -1080,6 +1083,26 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
     if value is None or not math.isfinite(value):
         raise _TrialFailed("no finite validation loss")
     return float(value)
+
+
+def _log_artifacts(ctx: _Context, trial_id: str, result: TrialResult) -> None:
+    """Queue the trial's MLflow artifacts; a failure here never fails the trial."""
+    log_artifacts = getattr(ctx.tracker, "log_artifacts", None)
+    model = result.model
+    if log_artifacts is None or model is None or result.status not in ("completed", "pruned"):
+        return
+    try:
+        from thunderline_lab.spectral import layer_sigmas
+
+        log_artifacts(
+            trial_id,
+            model=model,
+            sigma_table=layer_sigmas(model),
+            history=result.history,
+            model_run_id=ctx.name,
+        )
+    except Exception:
+        log.exception("could not queue MLflow artifacts of %s", trial_id)
 
 
 def _finish_attrs(
