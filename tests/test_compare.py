@@ -382,3 +382,28 @@ def test_cli_compare(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "error: no trials for study 'nope'" in bad.output
     missing = runner.invoke(main, ["compare", "--study", "x", "--lab", str(tmp_path / "none")])
     assert missing.exit_code != 0 and "no trial store" in missing.output
+
+
+def test_report_lists_mlflow_runs(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from thunderline_lab.compare import compare_study, write_report
+    from thunderline_lab.monitor import synthetic_study
+    from thunderline_lab.store import TrialStore
+
+    store = TrialStore(":memory:")
+    store.append(synthetic_study("links", n_pairs=3, epochs=3))
+    res = compare_study(store, "links", metrics=["val_accuracy"], details=False)
+    links = pd.DataFrame(
+        {
+            "trial_id": ["trial_0000", "trial_0001"],
+            "mlflow_run_id": ["abc123", None],
+            "run_url": ["http://127.0.0.1:5000/#/experiments/1/runs/abc123", None],
+            "artifacts_uri": ["file:///lab/mlartifacts/x", None],
+            "sync_state": ["synced", "not mirrored"],
+        }
+    )
+    text = write_report(res, tmp_path, mlflow_links=links).read_text()
+    assert "## MLflow runs" in text
+    assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in text
+    assert "trial_0001" not in text.split("## MLflow runs")[1]  # runs without MLflow are left out

@@ -268,10 +268,19 @@ def test_diverged_trials_are_failed_not_crashes(tmp_path):
 
 def test_pruned_trials_are_recorded_as_pruned(tmp_path):
     pruner = optuna.pruners.ThresholdPruner(upper=-1.0)  # every reported loss is above
-    result = _run(tmp_path, n_trials=4, pruner=pruner)
+    result = _run(tmp_path, n_trials=4, pruner=pruner, pruning=True)
     assert result.counts["pruned"] == 4
     assert set(result.trials["status"]) == {"pruned"}
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in result.study.get_trials())
+
+
+def test_paired_design_does_not_prune_by_default(tmp_path):
+    # Pruning one twin on the study-wide median would break its pair.
+    pruner = optuna.pruners.ThresholdPruner(upper=-1.0)  # would prune every trial
+    paired = _run(tmp_path, "paired", n_trials=4, pruner=pruner)
+    assert paired.counts["pruned"] == 0 and paired.counts["completed"] == 4
+    tpe = _run(tmp_path, "tpe", n_trials=2, pruner=pruner, design="tpe")
+    assert tpe.counts["pruned"] == 2
 
 
 def test_errors_stop_the_study_after_repeated_failures(tmp_path):

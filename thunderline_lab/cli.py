@@ -259,8 +259,19 @@ def _write_report(lab: Any, study: str) -> Path | None:
         return None
     with lab.store() as store:
         result = compare.compare_study(store, study)
-    out = compare.write_report(result, lab.reports_dir / study)
+        links = _mlflow_links(lab, store, study)
+    out = compare.write_report(result, lab.reports_dir / study, mlflow_links=links)
     return Path(out)
+
+
+def _mlflow_links(lab: Any, store: Any, study: str) -> Any:
+    """The study's MLflow run links for reports, or None when there are none to show."""
+    try:
+        from thunderline_lab.tracking import mlflow_links
+
+        return mlflow_links(lab, store, study=study)
+    except ThunderlineLabError:
+        return None
 
 
 @main.command()
@@ -401,8 +412,9 @@ def compare_cmd(
             seed=seed,
             n_boot=n_boot,
         )
+        links = _mlflow_links(lab, store, study)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study).strip(".") or "study"
-    report = write_report(result, out_dir or lab.reports_dir / safe)
+    report = write_report(result, out_dir or lab.reports_dir / safe, mlflow_links=links)
     click.echo(
         f"{study}: SN − none ({result.design} design, {mode} values, "
         f"{int(result.confidence * 100)}% bootstrap CI)"

@@ -1469,8 +1469,13 @@ def _counts_table(counts: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def write_report(res: ComparisonResult, out_dir: str | Path) -> Path:
+def write_report(
+    res: ComparisonResult, out_dir: str | Path, *, mlflow_links: pd.DataFrame | None = None
+) -> Path:
     """Write ``report.md`` and one PNG per figure into ``out_dir``; returns the report's path.
+
+    ``mlflow_links`` (from :func:`thunderline_lab.tracking.mlflow_links`) adds a table of each
+    trial's MLflow run, UI link and artifact folder.
 
     Figures: ``paired_differences.png``, ``distributions.png``, ``learning_curves.png``,
     ``accuracy_vs_lipschitz.png``, ``layer_sigma.png`` (those with data).
@@ -1511,6 +1516,18 @@ def write_report(res: ComparisonResult, out_dir: str | Path) -> Path:
     md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]
     if res.notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
+    if mlflow_links is not None and len(mlflow_links):
+        runs = mlflow_links[mlflow_links["mlflow_run_id"].notna()]
+        md += ["", "## MLflow runs", ""]
+        md += [
+            "| trial | run | artifacts | sync |",
+            "|---|---|---|---|",
+            *(
+                f"| {r.trial_id} | [{r.mlflow_run_id}]({r.run_url}) | `{r.artifacts_uri}` "
+                f"| {r.sync_state} |"
+                for r in runs.itertuples()
+            ),
+        ]
     if paths:
         md += ["", "## Figures", ""]
         md += [f"![{name}]({path.name})" for name, path in paths.items()]

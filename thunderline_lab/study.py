@@ -1439,7 +1439,7 @@ def run_study(
     gateway: str | None = None,
     mlflow: bool = False,
     should_stop: StopFlag | None = None,
-    pruning: bool = True,
+    pruning: bool | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     sampler: optuna.samplers.BaseSampler | None = None,
     sampler_seed: int | None = None,
@@ -1483,6 +1483,9 @@ def run_study(
         should_stop: Checked between trials and between epochs; when set the running trial
             is recorded as cancelled (and re-enqueued for the next run) and the call returns.
         pruning: Prune on the intermediate validation loss (median rule by default).
+            ``None`` (the default): on for ``tpe``, off for ``paired`` — pruning one twin on
+            the study-wide median breaks its pair and biases the comparison towards the arm
+            that learns faster early; pass ``True`` to prune paired studies anyway.
         pruner: A custom Optuna pruner (default ``MedianPruner(n_startup_trials=4,
             n_warmup_steps=3)``).
         sampler: A custom Optuna sampler (default multivariate TPE with constant liar).
@@ -1545,7 +1548,7 @@ def run_study(
         dataset=dataset,
         epochs=epochs,
         patience=patience,
-        pruning=pruning,
+        pruning=(design != "paired") if pruning is None else pruning,
         should_stop=should_stop,
         trainer=trainer or train_trial,
         evaluation=evaluation,
