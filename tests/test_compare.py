@@ -407,3 +407,17 @@ def test_report_lists_mlflow_runs(tmp_path: Path) -> None:
     assert "## MLflow runs" in text
     assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in text
     assert "trial_0001" not in text.split("## MLflow runs")[1]  # runs without MLflow are left out
+
+
+def test_searched_coefficient_is_grouped_in_terciles() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(9):
+        coeff = 0.5 + i * 0.25  # nine distinct coefficients, as a search produces
+        evs += _trial(2 * i, False, {"acc": 0.8}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {"acc": 0.8 + 0.01 * i}, pair=f"p{i}", coeff=coeff)
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert len(res.by_coeff) == 3 and list(res.by_coeff["n_pairs"]) == [3, 3, 3]
+    assert res.by_coeff["coeff_range"].iloc[0].startswith("0.5–")
+    assert list(res.by_coeff["diff"]) == pytest.approx([0.01, 0.04, 0.07])

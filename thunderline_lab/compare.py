@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import re
@@ -644,7 +645,9 @@ class ComparisonResult:
             diff (SN − none), ci_low, ci_high, test, statistic, p_value, n_boot, favours.
         trials: the trials compared (arm, coeff, pair_id, one column per metric).
         pairs: per pair, SN − none per metric (paired design).
-        by_coeff: headline rows per SN coefficient (when the study varies it).
+        by_coeff: headline rows per SN coefficient when the study uses a few fixed ones, or
+            per tercile of a searched coefficient (``coeff`` the group's median,
+            ``coeff_range`` its bounds).
         counts: trials by status and arm (all statuses).
         curves: group learning curves: arm, name, step, n, mean, ci_low, ci_high.
         layer_sigma: per-layer σ by arm: layer, arm, n, mean, ci_low, ci_high.
@@ -698,7 +701,7 @@ class ComparisonResult:
         ]
         if not self.by_coeff.empty:
             shown = _headline_display(self.by_coeff)
-            shown.insert(0, "coeff", self.by_coeff["coeff"].map(lambda c: f"{c:g}"))
+            shown.insert(0, "coeff", self.by_coeff["coeff_range"])
             parts += ["<p><b>By SN coefficient</b></p>", shown.to_html(index=False)]
         parts.append(_counts_table(self.counts).to_html(index=False))
         if self.notes:
@@ -1084,18 +1087,31 @@ def _by_coeff(
     seed: int,
     max_draws: int,
 ) -> pd.DataFrame:
-    coeffs = np.unique(frame.coeff[is_sn & ~np.isnan(frame.coeff)])
+    known = is_sn & ~np.isnan(frame.coeff)
+    coeffs = np.unique(frame.coeff[known])
     if len(coeffs) < 2:
         return pd.DataFrame()
+    groups: list[tuple[float, str, np.ndarray]] = []
+    if len(coeffs) <= _MAX_COEFF_LEVELS:  # a few fixed coefficients: one row each
+        groups = [(float(c), f"{c:g}", is_sn & (frame.coeff == c)) for c in coeffs]
+    else:  # a searched (continuous) coefficient: terciles, not one trial per row
+        edges = np.quantile(frame.coeff[known], [0.0, 1 / 3, 2 / 3, 1.0])
+        for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
+            upper = frame.coeff <= hi if k == len(edges) - 2 else frame.coeff < hi
+            arm = known & (frame.coeff >= lo) & upper
+            if arm.any():
+                groups.append((float(np.median(frame.coeff[arm])), f"{lo:.3g}–{hi:.3g}", arm))
     rows = []
-    for c in coeffs:
-        arm = is_sn & (frame.coeff == c)
+    for c, label, arm in groups:
         for metric, values in values_by_metric.items():
             row, _ = _compare_metric(
                 metric, values, codes, arm, is_none, paired, n_boot, confidence, seed, max_draws
             )
-            rows.append({"coeff": float(c), **row})
+            rows.append({"coeff": c, "coeff_range": label, **row})
     return pd.DataFrame(rows)
+
+
+_MAX_COEFF_LEVELS = 6
 
 
 def _counts(frame: _Frame) -> pd.DataFrame:
@@ -1511,7 +1527,7 @@ def write_report(
     ]
     if not res.by_coeff.empty:
         shown = _headline_display(res.by_coeff)
-        shown.insert(0, "coeff", res.by_coeff["coeff"].map(lambda c: f"{c:g}"))
+        shown.insert(0, "coeff", res.by_coeff["coeff_range"])
         md += ["", "## By SN coefficient", "", _markdown_table(shown)]
     md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]
     if res.notes:
