@@ -556,3 +556,24 @@ def test_executed_notebook_keeps_text_lines_and_a_static_snapshot(tmp_path: Path
     data = [o["data"] for o in outputs if o["output_type"] == "display_data"]
     assert any("image/png" in d for d in data)
     assert any('class="tl-trial"' in d.get("text/html", "") for d in data)
+
+
+def test_trial_table_links_to_the_mlflow_run() -> None:
+    from thunderline_lab.monitor import MonitorState, render_table_html
+
+    state = MonitorState("s")
+    state.apply(events.trial_start(model_run_id="s", trial_id="trial_0000", spectral_norm=True))
+    state.apply(events.trial_start(model_run_id="s", trial_id="trial_0001", spectral_norm=False))
+    # what the MLflow logger publishes once the trial's run exists
+    state.apply(
+        events.run_start(
+            model_run_id="s",
+            trial_id="trial_0000",
+            mlflow_run_id="0123456789abcdef",
+            metadata={"mlflow_link": True, "mlflow_experiment_id": "7"},
+        )
+    )
+    html = render_table_html(state, mlflow_ui="http://mlflow.local:5000")
+    assert 'href="http://mlflow.local:5000/#/experiments/7/runs/0123456789abcdef"' in html
+    assert ">01234567</a>" in html
+    assert state.rows[("s", "trial_0000")].status == "running"  # the link changes no status

@@ -380,6 +380,8 @@ class TrialRow:
     lipschitz: float | None = None
     error: str | None = None
     touched: int = 0
+    mlflow_run_id: str | None = None
+    mlflow_experiment_id: str | None = None
 
     @property
     def arm(self) -> str:
@@ -528,6 +530,11 @@ class MonitorState:
             row.spectral_norm = params["spectral_norm"]
         if params.get("pair_id") is not None:
             row.pair_id = params["pair_id"]
+        if get("mlflow_run_id"):  # from the trial's events or the MLflow logger's link event
+            row.mlflow_run_id = str(get("mlflow_run_id"))
+            experiment = (get("metadata") or {}).get("mlflow_experiment_id")
+            if experiment is not None:
+                row.mlflow_experiment_id = str(experiment)
         metrics = get("metrics") or {}
         if metrics:
             best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
@@ -751,16 +758,29 @@ def _arm_label(row: TrialRow) -> str:
 _TD = "padding:2px 8px;text-align:right"
 
 
-def render_table_html(state: MonitorState, max_rows: int = 25) -> str:
+def _mlflow_cell(row: TrialRow, ui_url: str) -> str:
+    if row.mlflow_run_id is None:
+        return "—"
+    short = html.escape(row.mlflow_run_id[:8])
+    if row.mlflow_experiment_id is None:
+        return f'<code title="{html.escape(row.mlflow_run_id)}">{short}</code>'
+    url = f"{ui_url.rstrip('/')}/#/experiments/{row.mlflow_experiment_id}/runs/{row.mlflow_run_id}"
+    return f'<a class="tl-mlflow" href="{html.escape(url)}" target="_blank">{short}</a>'
+
+
+def render_table_html(
+    state: MonitorState, max_rows: int = 25, *, mlflow_ui: str = "http://127.0.0.1:5000"
+) -> str:
     """The trial table as an HTML fragment (``table.tl-monitor-table``, one ``tr.tl-trial``
-    per trial with ``data-trial``/``data-status``/``data-arm`` attributes)."""
+    per trial with ``data-trial``/``data-status``/``data-arm`` attributes). Trials mirrored
+    to MLflow link to their run in the MLflow UI at ``mlflow_ui``."""
     rows = state.table_rows(max_rows)
     best = state.best_row()
     obj = html.escape(state.objective)
     th = '<th style="padding:2px 8px;text-align:right">'
     head = (
         f"<tr>{th}trial</th>{th}status</th>{th}SN</th>{th}best {obj}</th>{th}epoch</th>"
-        f"{th}Lipschitz bound</th>{th}σ<sub>max</sub></th></tr>"
+        f"{th}Lipschitz bound</th>{th}σ<sub>max</sub></th>{th}MLflow</th></tr>"
     )
     body = []
     td = f'<td style="{_TD}">'
@@ -777,7 +797,8 @@ def render_table_html(state: MonitorState, max_rows: int = 25) -> str:
             f"{td}{_fmt(row.best)}</td>"
             f"{td}{'—' if row.epoch is None else row.epoch}</td>"
             f"{td}{_fmt(row.lipschitz, 3)}</td>"
-            f"{td}{_fmt(row.last.get('max_sigma'), 3)}</td></tr>"
+            f"{td}{_fmt(row.last.get('max_sigma'), 3)}</td>"
+            f"{td}{_mlflow_cell(row, mlflow_ui)}</td></tr>"
         )
     more = len(state.rows) - len(rows)
     caption = (
