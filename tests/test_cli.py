@@ -143,3 +143,29 @@ def test_readme_mentions_every_cli_command() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in main.commands:
         assert re.search(rf"thunderline-lab {name}\b", readme), f"README lacks `{name}`"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["payload"].update(step=2**70), "record 0: payload.step: must be less than"),
+        (lambda r: r.update(timestamp="0001-01-01T00:00:00+05:00"), "record 0: timestamp: is out"),
+        (lambda r: r["payload"].update(metadata={"x": "\ud800"}), "record 0: cannot be written"),
+    ],
+)
+def test_unstorable_input_is_a_clean_error_naming_file_and_record(
+    runner: CliRunner, tmp_path: Path, mutate: object, expected: str
+) -> None:
+    record = json.loads(
+        E.run_metric(
+            model_run_id="s", trial_id="t", step=0, metric_name="a", metric_value=1.0
+        ).to_json()
+    )
+    mutate(record)  # type: ignore[operator]
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(record))
+    for command in (["validate", str(f)], ["ingest", str(f), "--lab", str(tmp_path / "lab")]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 1, result.output
+        assert f"error: {f}: {expected}" in result.output
+        assert "Traceback" not in result.output

@@ -364,3 +364,29 @@ def test_random_mutations_are_rejected_or_valid_never_crash(
         for err in exc.errors:
             assert err.rule and err.message
             assert isinstance(err.line(), str)
+
+
+def test_counts_beyond_sqlite_int64_are_rejected() -> None:
+    err = only_error(canonical(step=2**63))
+    assert err.path == "payload.step" and err.rule == "less_than_equal"
+    assert E.validate_event(canonical(step=2**63 - 1)).payload.step == 2**63 - 1
+
+
+def test_timestamp_that_overflows_in_utc_is_rejected() -> None:
+    err = only_error(canonical() | {"timestamp": "0001-01-01T00:00:00+05:00"})
+    assert err.path == "timestamp" and "out of range" in err.message
+
+
+def test_unserializable_text_is_named_by_record() -> None:
+    ok = E.run_metric(model_run_id="r", trial_id="t", step=0, metric_name="a", metric_value=1.0)
+    bad = E.run_metric(
+        model_run_id="r",
+        trial_id="t",
+        step=1,
+        metric_name="a",
+        metric_value=1.0,
+        metadata={"note": "\ud800"},  # a lone surrogate: json.loads lets it through
+    )
+    with pytest.raises(EventValidationError) as info:
+        E.dump_events([ok, bad])
+    assert [(e.index, e.rule) for e in info.value.errors] == [(1, "unserializable")]

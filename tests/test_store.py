@@ -347,3 +347,22 @@ def test_many_processes_append_without_loss_or_lock_errors(tmp_path: Path) -> No
     store = TrialStore(path)
     assert store.counts()["events"] == 4 * 40 * 50
     assert store.counts()["metrics"] == 4 * 40 * 50
+
+
+def test_unstorable_event_is_rejected_by_record_and_nothing_is_written(store: TrialStore) -> None:
+    store.append(study_events()[:3])
+    before = snapshot(store)
+    good = E.run_metric(model_run_id="r", trial_id="t", step=0, metric_name="a", metric_value=1.0)
+    bad = E.run_metric(
+        model_run_id="r",
+        trial_id="t",
+        step=1,
+        metric_name="a",
+        metric_value=1.0,
+        metadata={"note": "\ud800"},
+    )
+    with pytest.raises(EventValidationError) as info:
+        store.append([good, good, bad])  # the duplicate shifts positions; the index must not
+    assert [(e.index, e.rule) for e in info.value.errors] == [(2, "unserializable")]
+    assert store.counts()["events"] == 3
+    assert_same(before, snapshot(store))

@@ -87,7 +87,13 @@ def validate(file: str, model_run: str) -> None:
 
     FILE holds JSON (one event or an array), JSON lines, or the seeds' Cerebros payloads.
     """
+    from thunderline_lab.events import EventValidationError, dump_events
+
     events, source = _load_events(file, model_run)
+    try:
+        dump_events(events)  # what the store would write: catches unserializable text
+    except EventValidationError as exc:
+        raise exc.with_source(source) from None
     click.echo(f"ok: {len(events)} valid event{'s' if len(events) != 1 else ''} in {source}")
 
 
@@ -101,9 +107,14 @@ def ingest(file: str, lab_dir: Path | None, model_run: str) -> None:
     from thunderline_lab.lab import Lab
 
     events, source = _load_events(file, model_run)
+    from thunderline_lab.events import EventValidationError
+
     lab = Lab.resolve(lab_dir)
     with lab.store() as store:
-        result = store.append(events)
+        try:
+            result = store.append(events)
+        except EventValidationError as exc:
+            raise exc.with_source(source) from None
     click.echo(
         f"{source}: accepted {result.accepted}, duplicates {result.duplicates} "
         f"(store {lab.db_path}, last seq {result.last_seq})"

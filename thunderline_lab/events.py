@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -44,6 +45,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticSerializationError
 
 from thunderline_lab.errors import ThunderlineLabError
 
@@ -117,11 +119,24 @@ MetricName = Annotated[
 ]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Metrics = dict[MetricName, FiniteFloat]
-Step = Annotated[int, Field(ge=0)]
-DurationMs = Annotated[int, Field(ge=0)]
-Rank = Annotated[int, Field(ge=1)]
+INT64_MAX = 2**63 - 1  # SQLite's INTEGER: a larger count cannot be stored
+Step = Annotated[int, Field(ge=0, le=INT64_MAX)]
+DurationMs = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Rank = Annotated[int, Field(ge=1, le=INT64_MAX)]
 Coeff = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Timestamp = Annotated[AwareDatetime, Field(strict=False)]
+
+
+def _utc_representable(ts: datetime) -> datetime:
+    # Only the first and last years can overflow when shifted to UTC; skip the cost otherwise.
+    if ts.year in (1, 9999):
+        try:
+            ts.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("is out of range once converted to UTC") from None
+    return ts
+
+
+Timestamp = Annotated[AwareDatetime, Field(strict=False), AfterValidator(_utc_representable)]
 Priority = Literal["high", "normal", "low"]
 Pipeline = Literal["realtime", "batch"]
 
@@ -576,8 +591,24 @@ def validate_events_json(data: str | bytes) -> list[Event]:
 
 
 def dump_events(events: Iterable[Event]) -> list[str]:
-    """Canonical JSON text of each event."""
-    return [e.model_dump_json() for e in events]
+    """Canonical JSON text of each event.
+
+    Raises:
+        EventValidationError: naming each event that cannot be written as JSON (for example a
+            string holding a lone UTF-16 surrogate, which JSON decoding lets through).
+    """
+    out: list[str] = []
+    errors: list[ErrorDetail] = []
+    for i, ev in enumerate(events):
+        try:
+            out.append(ev.model_dump_json())
+        except (ValueError, PydanticSerializationError) as exc:
+            errors.append(
+                ErrorDetail(i, "", _MISSING, "unserializable", f"cannot be written as JSON: {exc}")
+            )
+    if errors:
+        raise EventValidationError(errors)
+    return out
 
 
 def event_json_schema() -> dict[str, Any]:

@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from thunderline_lab.events import (
     Event,
     EventValidationError,
     RunMetricEvent,
+    dump_events,
     validate_events,
 )
 
@@ -214,9 +215,9 @@ def _ids_of(payload: Any) -> tuple[str | None, str | None]:
     return payload.model_run_id, payload.trial_id
 
 
-def _log_row(ev: Event) -> tuple[Any, ...]:
+def _log_row(ev: Event, body: str) -> tuple[Any, ...]:
     run_id, trial_id = _ids_of(ev.payload)
-    return (ev.id, ev.name, format_ts(ev), run_id, trial_id, ev.model_dump_json())
+    return (ev.id, ev.name, format_ts(ev), run_id, trial_id, body)
 
 
 def _metric_points(payload: Mapping[str, Any]) -> dict[str, float]:
@@ -329,15 +330,24 @@ class TrialStore:
 
     def _append_locked(self, batch: Sequence[Event]) -> AppendResult:
         unique: dict[str, Event] = {}
-        for ev in batch:
-            unique.setdefault(ev.id, ev)
+        position: list[int] = []  # batch index of each unique event, for error messages
+        for i, ev in enumerate(batch):
+            if ev.id not in unique:
+                unique[ev.id] = ev
+                position.append(i)
+        try:
+            bodies = dump_events(unique.values())
+        except EventValidationError as exc:
+            raise EventValidationError(
+                [replace(e, index=position[e.index or 0]) for e in exc.errors]
+            ) from None
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         self.conn.executemany(
             "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            [_log_row(ev) for ev in unique.values()],
+            [_log_row(ev, body) for ev, body in zip(unique.values(), bodies, strict=True)],
         )
         added = {
             ev_id
