@@ -168,3 +168,13 @@ def test_parse_errors_name_source_and_line() -> None:
     assert info.value.lines()[0].startswith("posts.jsonl: line 2: invalid JSON")
     with pytest.raises(EventValidationError, match="empty"):
         parse_json_records("  ")
+
+
+def test_lone_surrogate_in_seed_payload_is_a_clean_error() -> None:
+    report = {"run_id": "run-\ud800", "trials": [{"trial_id": "t", "status": "succeeded"}]}
+    events = to_events([report])  # translating must not crash on the content hash
+    store = TrialStore()
+    with pytest.raises(EventValidationError) as info:
+        store.append(events)
+    assert info.value.errors[0].rule == "unserializable"
+    assert store.counts()["events"] == 0

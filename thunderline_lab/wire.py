@@ -130,7 +130,8 @@ def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
 
 
 def _event_id(record: Any, salt: str = "") -> str:
-    text = json.dumps(record, sort_keys=True, default=str) + salt
+    # ASCII-escaped JSON (json.dumps' default), so even a lone surrogate hashes cleanly.
+    text = json.dumps([record, salt], sort_keys=True, default=str)
     return uuid.uuid5(_NAMESPACE, text).hex
 
 
