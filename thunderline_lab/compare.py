@@ -893,6 +893,7 @@ def _compare(
     by_coeff = _by_coeff(
         frame,
         values_by_metric,
+        sources,
         codes,
         is_sn,
         is_none,
@@ -1078,6 +1079,7 @@ def _pair_labels(
 def _by_coeff(
     frame: _Frame,
     values_by_metric: Mapping[str, np.ndarray],
+    sources: Mapping[str, str],
     codes: np.ndarray,
     is_sn: np.ndarray,
     is_none: np.ndarray,
@@ -1107,7 +1109,7 @@ def _by_coeff(
             row, _ = _compare_metric(
                 metric, values, codes, arm, is_none, paired, n_boot, confidence, seed, max_draws
             )
-            rows.append({"coeff": c, "coeff_range": label, **row})
+            rows.append({"coeff": c, "coeff_range": label, **row, "source": sources[metric]})
     return pd.DataFrame(rows)
 
 
@@ -1238,7 +1240,7 @@ def _headline_display(headline: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(
         {
             "metric": headline["metric"],
-            "value": headline.get("source", ""),
+            "value": headline["source"],
             "n": [
                 f"{r.n_pairs} pairs" if r.design == "paired" else f"{r.n_sn}+{r.n_none}"
                 for r in headline.itertuples()

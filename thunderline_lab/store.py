@@ -344,11 +344,13 @@ class TrialStore:
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        log_rows = [_log_row(ev, body) for ev, body in zip(unique.values(), bodies, strict=True)]
         self.conn.executemany(
             "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            [_log_row(ev, body) for ev, body in zip(unique.values(), bodies, strict=True)],
+            log_rows,
         )
+        ts_of = {r[0]: r[2] for r in log_rows}  # each event's formatted timestamp, made once
         added = {
             ev_id
             for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
@@ -356,7 +358,7 @@ class TrialStore:
         fresh = [ev for ev_id, ev in unique.items() if ev_id in added]
         rows = []
         for ev in fresh:
-            ts = format_ts(ev)
+            ts = ts_of[ev.id]
             payload = ev.payload
             run_id, trial_id = _ids_of(payload)
             if isinstance(ev, RunMetricEvent):
