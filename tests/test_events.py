@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic_core import to_json
 
 from thunderline_lab import events as E
 from thunderline_lab.events import EventValidationError
@@ -390,3 +391,97 @@ def test_unserializable_text_is_named_by_record() -> None:
     with pytest.raises(EventValidationError) as info:
         E.dump_events([ok, bad])
     assert [(e.index, e.rule) for e in info.value.errors] == [(1, "unserializable")]
+
+
+# -- the records fast path agrees with the models ----------------------------------------------
+
+idents = names | st.text(min_size=1, max_size=4)
+maybe_metrics = st.dictionaries(names, finite, max_size=3)
+
+
+@st.composite
+def any_ml_event(draw: st.DrawFn) -> dict[str, Any]:
+    """A canonical ml.* event as parsed JSON, from every constructor, optional fields drawn."""
+    name = draw(st.sampled_from(E.ML_EVENT_NAMES))
+    if name == "ml.run.metric":
+        return json.loads(draw(metric_events()).to_json())
+    payload: dict[str, Any] = {"model_run_id": draw(idents), "trial_id": draw(idents)}
+    optional = {
+        "study": idents,
+        "spectral_norm_coeff": st.floats(min_value=0.01, max_value=10),
+        "mlflow_run_id": idents,
+        "metrics": maybe_metrics,
+        "parameters": st.dictionaries(names, finite | st.integers() | names, max_size=3),
+        "duration_ms": st.integers(min_value=0, max_value=10**9),
+    }
+    if name in ("ml.trial.start", "ml.trial.complete"):
+        payload["spectral_norm"] = draw(st.booleans())
+    if name == "ml.trial.complete":
+        payload["status"] = draw(st.sampled_from(["completed", "pruned", "cancelled"]))
+        payload["rank"] = draw(st.integers(min_value=1, max_value=50))
+    if name == "ml.trial.failed":
+        payload.update(error_message=draw(st.text(max_size=20)), error_type=draw(idents))
+    allowed = set(E._EVENT_CLASSES[name].model_fields["payload"].annotation.model_fields)
+    for key, strategy in optional.items():
+        if key in allowed and draw(st.booleans()):
+            payload[key] = draw(strategy)
+    return json.loads(E.make_event(name, **payload).to_json())
+
+
+def both_ways(record: Any) -> tuple[Any, Any]:
+    """(model result or error lines, records result or error lines) for one input."""
+    results = []
+    for validate in (E.validate_events, E.validate_records):
+        try:
+            results.append(validate([record]))
+        except EventValidationError as exc:
+            results.append(sorted(exc.lines()))
+    return results[0], results[1]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(any_ml_event(), st.data())
+def test_records_fast_path_agrees_with_the_models(
+    record: dict[str, Any], data: st.DataObject
+) -> None:
+    if data.draw(st.booleans()):  # mutate one field of the envelope or the payload
+        container = data.draw(st.sampled_from([record, record["payload"]]))
+        key = data.draw(st.sampled_from(sorted(container)) | names)
+        if data.draw(st.booleans()) and key in container:
+            del container[key]
+        else:
+            container[key] = data.draw(mutation_values | st.floats())
+    models, records = both_ways(record)
+    if isinstance(models[0], str):  # rejected: the same errors, named the same way
+        assert records == models
+    else:
+        assert records == [models[0].model_dump()]
+        assert to_json(records[0]).decode() == models[0].model_dump_json()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        canonical(metric_value=None),  # metric_name without a value (a Python-side rule)
+        canonical(metric_name=None, metric_value=None),  # no metric at all
+        canonical() | {"timestamp": "0001-01-01T00:00:00+05:00"},  # overflows in UTC
+        canonical() | {"name": "ml.run.bogus"},
+        canonical() | {"name": "system.heartbeat", "payload": {"x": 1}},  # generic: accepted
+    ],
+)
+def test_records_fast_path_checks_the_python_side_rules(record: dict[str, Any]) -> None:
+    models, records = both_ways(record)
+    if isinstance(models[0], str):
+        assert records == models
+    else:
+        assert records == [models[0].model_dump()]
+
+
+def test_records_of_a_mixed_batch_name_every_bad_record() -> None:
+    good = canonical()
+    with pytest.raises(EventValidationError) as info:
+        E.validate_records([good, canonical(step=-1), good, canonical(metric_value=math.nan)])
+    assert [(e.index, e.path) for e in info.value.errors] == [
+        (1, "payload.step"),
+        (3, "payload.metric_value"),
+    ]

@@ -36,21 +36,26 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC
+from datetime import UTC, datetime
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import sqlite_utils
+from pydantic_core import PydanticSerializationError, to_json
 
 from thunderline_lab.bus import EventBus, Subscription
 from thunderline_lab.errors import StoreError
 from thunderline_lab.events import (
+    ErrorDetail,
     Event,
     EventValidationError,
     RunMetricEvent,
     dump_events,
+    gc_paused,
     validate_events,
+    validate_records,
 )
 
 __all__ = ["AppendResult", "StoreWriter", "TrialStore", "fold_trial", "format_ts"]
@@ -199,14 +204,17 @@ def _create_schema(conn: sqlite3.Connection) -> None:
 
 def format_ts(event: Event) -> str:
     """The event's timestamp as fixed-width UTC text (sorts as it compares)."""
-    ts = event.timestamp
+    return _format_dt(event.timestamp)
+
+
+def _format_dt(ts: datetime) -> str:
     if ts.utcoffset():
         ts = ts.astimezone(UTC)
     return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _ids_of(payload: Any) -> tuple[str | None, str | None]:
-    if isinstance(payload, Mapping):  # a GenericEvent: free-form payload
+    if isinstance(payload, Mapping):  # a record, or a GenericEvent's free-form payload
         run_id, trial_id = payload.get("model_run_id"), payload.get("trial_id")
         return (
             run_id if isinstance(run_id, str) else None,
@@ -215,16 +223,32 @@ def _ids_of(payload: Any) -> tuple[str | None, str | None]:
     return payload.model_run_id, payload.trial_id
 
 
-def _log_row(ev: Event, body: str) -> tuple[Any, ...]:
-    run_id, trial_id = _ids_of(ev.payload)
-    return (ev.id, ev.name, format_ts(ev), run_id, trial_id, body)
-
-
 def _metric_points(payload: Mapping[str, Any]) -> dict[str, float]:
     points = dict(payload.get("measurements") or {})
     if payload.get("metric_name") is not None:
         points[payload["metric_name"]] = payload["metric_value"]
     return points
+
+
+def _projection_payload(ev: Event) -> dict[str, Any]:
+    """What the projections read of an event object (records are read as they are)."""
+    p = ev.payload
+    if isinstance(p, Mapping):
+        return dict(p)
+    if isinstance(ev, RunMetricEvent):
+        return {
+            "_points": ev.payload.points(),
+            "step": ev.payload.step,
+            "model_run_id": p.model_run_id,
+            "trial_id": p.trial_id,
+            "study": p.study,
+        }
+    return {
+        "model_run_id": p.model_run_id,
+        "trial_id": p.trial_id,
+        "study": p.study,
+        "artifact_uri": getattr(p, "artifact_uri", None),
+    }
 
 
 @dataclass(frozen=True)
@@ -237,14 +261,77 @@ class AppendResult:
     last_seq: int
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One logged event as the projections need it (same shape live and on replay)."""
+# One logged event as the projections need it (same shape live and on replay):
+# (event id, name, formatted timestamp, payload mapping; metric payloads carry "_points").
+_Row = tuple[str, str, str, Mapping[str, Any]]
 
-    id: str
-    name: str
-    ts: str
-    payload: Mapping[str, Any]
+
+# An event ready to log: its events-table row, and its projection row (None outside ml.*).
+_Pending = tuple[tuple[Any, ...], _Row | None]
+
+
+def _unique(items: Sequence[Any], id_of: Any) -> tuple[list[Any], list[int]]:
+    """First occurrence of each event id, and each one's index in the batch."""
+    seen: set[str] = set()
+    out, position = [], []
+    for i, item in enumerate(items):
+        ev_id = id_of(item)
+        if ev_id not in seen:
+            seen.add(ev_id)
+            out.append(item)
+            position.append(i)
+    return out, position
+
+
+def _unserializable(errors: list[tuple[int, Exception]]) -> EventValidationError:
+    return EventValidationError(
+        [
+            ErrorDetail(i, "", None, "unserializable", f"cannot be written as JSON: {exc}")
+            for i, exc in errors
+        ]
+    )
+
+
+def _pending_from_records(records: Sequence[dict[str, Any]]) -> list[_Pending]:
+    unique, position = _unique(records, itemgetter("id"))
+    out: list[_Pending] = []
+    errors: list[tuple[int, Exception]] = []
+    for i, r in zip(position, unique, strict=True):
+        try:
+            body = to_json(r).decode()
+        except (ValueError, PydanticSerializationError) as exc:
+            errors.append((i, exc))
+            continue
+        p, name = r["payload"], r["name"]
+        ts = _format_dt(r["timestamp"])
+        run_id, trial_id = _ids_of(p)
+        row: _Row | None = None
+        if name == "ml.run.metric":
+            p["_points"] = _metric_points(p)
+            row = (r["id"], name, ts, p)
+        elif name.startswith("ml."):
+            row = (r["id"], name, ts, p)
+        out.append(((r["id"], name, ts, run_id, trial_id, body), row))
+    if errors:
+        raise _unserializable(errors)
+    return out
+
+
+def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
+    unique, position = _unique(events, attrgetter("id"))
+    try:
+        bodies = dump_events(unique)
+    except EventValidationError as exc:
+        raise EventValidationError(
+            [replace(e, index=position[e.index or 0]) for e in exc.errors]
+        ) from None
+    out: list[_Pending] = []
+    for ev, body in zip(unique, bodies, strict=True):
+        ts = _format_dt(ev.timestamp)
+        run_id, trial_id = _ids_of(ev.payload)
+        row = (ev.id, ev.name, ts, _projection_payload(ev)) if ev.name.startswith("ml.") else None
+        out.append(((ev.id, ev.name, ts, run_id, trial_id, body), row))
+    return out
 
 
 class TrialStore:
@@ -317,84 +404,43 @@ class TrialStore:
     def append(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
         """Validate, skip duplicates (by event id), append and project, in one transaction.
 
+        Parsed JSON (dicts) takes the ingest fast path (:func:`events.validate_records`);
+        event objects are already valid and are only serialised.
+
         Raises:
             EventValidationError: if any event is invalid; nothing is written then.
             StoreError: if the database cannot be written.
         """
-        batch = validate_events(events)
-        with self._lock:
-            try:
-                return self._with_write_lock(lambda: self._append_locked(batch))
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: append failed: {exc}") from exc
+        items = list(events)
+        with gc_paused():
+            if all(isinstance(e, Mapping) for e in items):
+                pending = _pending_from_records(validate_records(items))
+            else:
+                pending = _pending_from_events(validate_events(items))
+            with self._lock:
+                try:
+                    return self._with_write_lock(lambda: self._append_locked(pending, len(items)))
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self.path}: append failed: {exc}") from exc
 
-    def _append_locked(self, batch: Sequence[Event]) -> AppendResult:
-        unique: dict[str, Event] = {}
-        position: list[int] = []  # batch index of each unique event, for error messages
-        for i, ev in enumerate(batch):
-            if ev.id not in unique:
-                unique[ev.id] = ev
-                position.append(i)
-        try:
-            bodies = dump_events(unique.values())
-        except EventValidationError as exc:
-            raise EventValidationError(
-                [replace(e, index=position[e.index or 0]) for e in exc.errors]
-            ) from None
+    def _append_locked(self, pending: list[_Pending], n_in: int) -> AppendResult:
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        log_rows = [_log_row(ev, body) for ev, body in zip(unique.values(), bodies, strict=True)]
         self.conn.executemany(
             "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            log_rows,
+            [p[0] for p in pending],
         )
-        ts_of = {r[0]: r[2] for r in log_rows}  # each event's formatted timestamp, made once
         added = {
             ev_id
             for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
         }
-        fresh = [ev for ev_id, ev in unique.items() if ev_id in added]
-        rows = []
-        for ev in fresh:
-            ts = ts_of[ev.id]
-            payload = ev.payload
-            run_id, trial_id = _ids_of(payload)
-            if isinstance(ev, RunMetricEvent):
-                p = ev.payload
-                rows.append(
-                    _Row(
-                        ev.id,
-                        ev.name,
-                        ts,
-                        {
-                            "_points": p.points(),
-                            "step": p.step,
-                            "model_run_id": p.model_run_id,
-                            "trial_id": p.trial_id,
-                            "study": p.study,
-                        },
-                    )
-                )
-            elif ev.name.startswith("ml."):
-                rows.append(
-                    _Row(
-                        ev.id,
-                        ev.name,
-                        ts,
-                        {
-                            "model_run_id": run_id,
-                            "trial_id": trial_id,
-                            "study": getattr(payload, "study", None),
-                            "artifact_uri": getattr(payload, "artifact_uri", None),
-                        },
-                    )
-                )
-        self._project(rows)
+        fresh = pending if len(added) == len(pending) else [p for p in pending if p[0][0] in added]
+        self._project([p[1] for p in fresh if p[1] is not None])
         last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        ids = [ev.id for ev in fresh]
-        return AppendResult(len(fresh), len(batch) - len(fresh), ids, last_seq)
+        ids = [p[0][0] for p in fresh]
+        return AppendResult(len(fresh), n_in - len(fresh), ids, last_seq)
 
     def _project(self, rows: Sequence[_Row]) -> None:
         """Project logged events into the derived tables (shared by append and replay)."""
@@ -402,27 +448,26 @@ class TrialStore:
         runs: dict[str, list[Any]] = {}
         trials: set[tuple[str, str]] = set()
         artifact_rows = []
-        for row in rows:
-            p = row.payload
+        for ev_id, ev_name, ts, p in rows:
             run_id, trial_id = p["model_run_id"], p["trial_id"]
             r = runs.get(run_id)
             if r is None:
-                runs[run_id] = [run_id, p.get("study"), row.ts, row.ts]
+                runs[run_id] = [run_id, p.get("study"), ts, ts]
             else:
                 r[1] = r[1] or p.get("study")
-                r[2] = min(r[2], row.ts)
-                r[3] = max(r[3], row.ts)
-            if row.name == "ml.run.metric":
+                if ts < r[2]:
+                    r[2] = ts
+                elif ts > r[3]:
+                    r[3] = ts
+            if ev_name == "ml.run.metric":
                 step = p["step"]
                 for name, value in p["_points"].items():
-                    metric_rows.append((run_id, trial_id, name, step, value, row.ts, row.id))
+                    metric_rows.append((run_id, trial_id, name, step, value, ts, ev_id))
             else:
                 trials.add((run_id, trial_id))
                 if p.get("artifact_uri"):
-                    kind = "trial" if row.name.startswith("ml.trial.") else "run"
-                    artifact_rows.append(
-                        (run_id, trial_id, p["artifact_uri"], kind, row.ts, row.id)
-                    )
+                    kind = "trial" if ev_name.startswith("ml.trial.") else "run"
+                    artifact_rows.append((run_id, trial_id, p["artifact_uri"], kind, ts, ev_id))
         if metric_rows:
             self.conn.executemany(_UPSERT_METRIC, metric_rows)
         if runs:
@@ -477,7 +522,7 @@ class TrialStore:
                 payload = json.loads(body)["payload"]
                 if name == "ml.run.metric":
                     payload["_points"] = _metric_points(payload)
-                rows.append(_Row(ev_id, name, ts, payload))
+                rows.append((ev_id, name, ts, payload))
             self._project(rows)
             after = chunk[-1][0]
 
@@ -733,8 +778,6 @@ def _ts(body: Mapping[str, Any]) -> str:
     ts = body["timestamp"]
     if isinstance(ts, str) and ts.endswith("Z") and len(ts) == 27:
         return ts
-    from datetime import datetime
-
     return datetime.fromisoformat(ts).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
