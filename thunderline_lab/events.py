@@ -570,7 +570,8 @@ def validate_events(records: Iterable[Mapping[str, Any] | Event]) -> list[Event]
     if all(isinstance(r, _Envelope) for r in items):
         return items  # type: ignore[return-value]
     try:
-        return _ML_LIST_ADAPTER.validate_python(items)
+        with gc_paused():
+            return _ML_LIST_ADAPTER.validate_python(items)
     except ValidationError:
         pass
     out: list[Event] = []
@@ -592,7 +593,8 @@ def validate_events_json(data: str | bytes) -> list[Event]:
         EventValidationError: for unparseable JSON (rule ``json_invalid``) or invalid events.
     """
     try:
-        return _ML_LIST_ADAPTER.validate_json(data)
+        with gc_paused():
+            return _ML_LIST_ADAPTER.validate_json(data)
     except ValidationError:
         pass
     try:
