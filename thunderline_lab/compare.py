@@ -311,6 +311,7 @@ class _Frame:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _index: dict[tuple[str, str], int] | None = None
     _pair_codes: np.ndarray | None = None
+    _status_codes: tuple[np.ndarray, np.ndarray] | None = None
     # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
     history: dict[tuple[str, str], tuple[int, np.ndarray | None]] = field(default_factory=dict)
 
@@ -322,6 +323,13 @@ class _Frame:
         if self._index is None:
             self._index = {k: i for i, k in enumerate(zip(self.run, self.trial, strict=True))}
         return self._index
+
+    def status_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct statuses, each trial's index into them), cached until a refresh."""
+        if self._status_codes is None:
+            names, codes = np.unique(self.status.astype(str), return_inverse=True)
+            self._status_codes = (names, codes.reshape(-1))
+        return self._status_codes
 
     def pair_codes(self) -> np.ndarray:
         if self._pair_codes is None:
@@ -505,6 +513,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         frame._index = None
     if patched or appended:
         frame._pair_codes = None
+        frame._status_codes = None
     frame.keys |= new_keys
     frame.watermark = last
     return frame
@@ -840,7 +849,9 @@ def _compare(
         _ensure_columns(store, study, frame, sigma_keys)
     notes: list[str] = []
     counts = _counts(frame)
-    mask = np.isin(frame.status, list(statuses)) & ~np.isnan(frame.sn)
+    names, status_code = frame.status_codes()
+    mask = np.isin(status_code, np.flatnonzero(np.isin(names, list(statuses))))
+    mask &= ~np.isnan(frame.sn)
     is_sn, is_none = mask & (frame.sn == 1.0), mask & (frame.sn == 0.0)
     if not (is_sn.any() or is_none.any()):
         raise StudyError(
@@ -1072,8 +1083,7 @@ def _pair_labels(
 ) -> np.ndarray:
     complete = np.flatnonzero(_complete_pairs(codes, is_sn, is_none))
     uniq, first = np.unique(codes, return_index=True)
-    where = dict(zip(uniq.tolist(), first.tolist(), strict=True))
-    return np.array([frame.pair[where[int(c)]] for c in complete], dtype=object)
+    return np.asarray(frame.pair[first[np.searchsorted(uniq, complete)]], dtype=object)
 
 
 def _by_coeff(
@@ -1118,7 +1128,7 @@ _MAX_COEFF_LEVELS = 6
 
 def _counts(frame: _Frame) -> pd.DataFrame:
     arm = np.where(np.isnan(frame.sn), 2, np.where(frame.sn == 1.0, 0, 1))
-    statuses, status_code = np.unique(frame.status.astype(str), return_inverse=True)
+    statuses, status_code = frame.status_codes()
     keys, n = np.unique(status_code * 3 + arm, return_counts=True)
     return pd.DataFrame(
         {
