@@ -485,3 +485,21 @@ def test_records_of_a_mixed_batch_name_every_bad_record() -> None:
         (1, "payload.step"),
         (3, "payload.metric_value"),
     ]
+
+
+def test_gc_pause_restores_the_collector_and_nests() -> None:
+    import gc
+
+    assert gc.isenabled()
+    with E.gc_paused():
+        with E.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer batch is still in flight
+    assert gc.isenabled()
+    gc.disable()  # a caller that turned the collector off keeps it off
+    try:
+        with E.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
