@@ -369,6 +369,31 @@ def test_redraws_are_throttled_and_coalesced_whatever_the_event_rate(clock: _Clo
     mon.close()
 
 
+def test_a_forced_final_redraw_keeps_the_rate_limit(
+    clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:  # fake time passes while the monitor waits
+        slept.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr("thunderline_lab.monitor.time.sleep", sleep)
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.25)
+    mon.start(display=False, thread=False)
+    bus.publish_many(synthetic_study(STUDY, n_pairs=2, epochs=3))
+    clock.now += 0.3
+    mon.pump()
+    clock.now += 0.1  # the study ends 0.1 s after the last redraw
+    mon.finish()
+    times = list(mon.redraw_times)
+    assert len(times) >= 2 and slept and abs(slept[-1] - 0.15) < 1e-9
+    assert all(b - a >= 0.25 - 1e-9 for a, b in itertools.pairwise(times))
+    assert "finished" in mon._widgets["panel"].value
+    mon.close()
+
+
 def test_widget_shows_table_curves_and_panel(clock: _Clock) -> None:
     bus = EventBus()
     mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", max_table_rows=4)

@@ -1219,8 +1219,14 @@ class LiveMonitor:
             return
         if not self._widgets:
             return
-        if not force and now - self._last_draw < self.min_interval:
-            return
+        wait = self.min_interval - (now - self._last_draw)
+        if wait > 0:
+            if not force:
+                return
+            # a forced redraw (the final state, a source error) still keeps the rate limit:
+            # it waits out the interval rather than making a fifth redraw within a second
+            time.sleep(wait)
+            now = time.monotonic()
         with self._lock:
             version = self.state.version
             panel = render_panel_html(self.state, self._status)
