@@ -40,12 +40,14 @@ import functools
 import itertools
 import json
 import math
+import os
 import re
 import threading
 import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,13 +120,18 @@ def higher_is_better(metric: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
-    """A generator per (seed, metric): a metric's CI does not depend on the others asked."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+def _seed_seq(seed: int, name: str, arm: int) -> np.random.SeedSequence:
+    """A seed per (seed, metric, arm): a metric's CI does not depend on the others asked."""
+    return np.random.SeedSequence([seed, zlib.crc32(name.encode()), arm])
+
+
+_BOOT_TASK = 128  # resamples per task; fixed, so results never depend on the thread count
+_PARALLEL_DRAWS = 2_000_000  # below this much work (index draws) one thread is quicker
+_CHUNK_DRAWS = 4_000_000  # indices drawn at once (memory bound per thread)
 
 
 def _boot_means(
-    x: np.ndarray, n_boot: int, rng: np.random.Generator, max_draws: int
+    x: np.ndarray, n_boot: int, seed: np.random.SeedSequence, max_draws: int
 ) -> tuple[np.ndarray, int]:
     """Means of ``n_boot`` resamples (with replacement) of ``x``; returns (means, B used).
 
@@ -132,19 +139,42 @@ def _boot_means(
     multinomial counts over the levels: the same distribution, far fewer draws. Otherwise
     indices are drawn in chunks; when ``n * n_boot`` exceeds ``max_draws`` the number of
     resamples is reduced (never below 200) and reported.
+
+    Resamples are drawn in fixed tasks of ``_BOOT_TASK``, each from its own child of
+    ``seed``; large jobs run the tasks on every core (numpy draws without the GIL), and the
+    result is the same whatever the number of threads.
     """
     n = len(x)
     levels, counts = np.unique(x, return_counts=True)
-    if len(levels) * 16 <= n:
-        weights = rng.multinomial(n, counts / n, size=n_boot)
-        return weights @ levels / n, n_boot
-    b = n_boot if n * n_boot <= max_draws else max(200, max_draws // n)
+    multinomial = len(levels) * 16 <= n
+    b = n_boot if multinomial or n * n_boot <= max_draws else max(200, max_draws // n)
     out = np.empty(b)
-    chunk = max(1, 4_000_000 // n)
-    for start in range(0, b, chunk):
-        stop = min(b, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n), dtype=_index_dtype(n))
-        out[start:stop] = x[idx].mean(axis=1)
+    tasks = [(start, min(b, start + _BOOT_TASK)) for start in range(0, b, _BOOT_TASK)]
+    seeds = seed.spawn(len(tasks))
+    dtype = _index_dtype(n)
+    rows = max(1, _CHUNK_DRAWS // n)
+
+    def run(k: int) -> None:
+        rng = np.random.default_rng(seeds[k])
+        start, stop = tasks[k]
+        if multinomial:
+            weights = rng.multinomial(n, counts / n, size=stop - start)
+            out[start:stop] = weights @ levels / n
+            return
+        for lo in range(start, stop, rows):
+            hi = min(stop, lo + rows)
+            idx = rng.integers(0, n, size=(hi - lo, n), dtype=dtype)
+            out[lo:hi] = x[idx].mean(axis=1)
+
+    # a binomial draw (one per level and resample) costs about ten index draws
+    work = b * (10 * len(levels) if multinomial else n)
+    workers = min(len(tasks), os.cpu_count() or 1)
+    if workers > 1 and work >= _PARALLEL_DRAWS:
+        with ThreadPoolExecutor(workers, thread_name_prefix="thunderline-bootstrap") as pool:
+            list(pool.map(run, range(len(tasks))))
+    else:
+        for k in range(len(tasks)):
+            run(k)
     return out, b
 
 
@@ -175,12 +205,11 @@ def bootstrap_mean_ci(
     xa = np.asarray(x, dtype=float)
     if len(xa) == 0 or (y is not None and len(y) == 0):
         return math.nan, math.nan, math.nan, 0
-    rng = _rng(seed, name)
-    means, b = _boot_means(xa, n_boot, rng, max_draws)
+    means, b = _boot_means(xa, n_boot, _seed_seq(seed, name, 0), max_draws)
     estimate = float(xa.mean())
     if y is not None:
         ya = np.asarray(y, dtype=float)
-        means_y, b_y = _boot_means(ya, n_boot, rng, max_draws)
+        means_y, b_y = _boot_means(ya, n_boot, _seed_seq(seed, name, 1), max_draws)
         b = min(b, b_y)
         means = means[:b] - means_y[:b]
         estimate -= float(ya.mean())
@@ -966,7 +995,8 @@ def _compare(
             )
     pairs = pd.DataFrame(pair_cols)
     if len(pairs):
-        pairs.insert(0, "pair_id", _pair_labels(frame, codes, is_sn, is_none))
+        labels = _pair_labels(frame, codes, is_sn, is_none)
+        pairs.insert(0, "pair_id", pd.Series(labels, dtype=object))  # no 50k-string scan
     return ComparisonResult(
         study=study,
         mode=mode,
