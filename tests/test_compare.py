@@ -170,6 +170,21 @@ def test_bootstrap_is_seeded_and_vectorised_paths_agree() -> None:
     assert (a[2] - a[1]) == pytest.approx(2 * 1.96 * se, rel=0.1)
 
 
+@pytest.mark.parametrize("discrete", [True, False])
+def test_bootstrap_gives_the_same_result_on_one_thread_or_many(
+    discrete: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thunderline_lab import compare as cmp
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 30, 3000) / 1000 if discrete else rng.normal(size=3000)
+    monkeypatch.setattr(cmp, "_PARALLEL_DRAWS", 10**12)  # never in parallel
+    serial = bootstrap_mean_ci(x, seed=3, name="acc", n_boot=1000)
+    monkeypatch.setattr(cmp, "_PARALLEL_DRAWS", 0)  # always, on every core
+    monkeypatch.setattr(cmp.os, "cpu_count", lambda: 4)
+    assert bootstrap_mean_ci(x, seed=3, name="acc", n_boot=1000) == serial
+
+
 def test_bootstrap_work_cap_reduces_resamples_and_says_so() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=5000)
