@@ -19,18 +19,28 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from thunderline_lab.events import Event
+from thunderline_lab.events import (
+    ErrorDetail,
+    Event,
+    EventValidationError,
+    new_event_id,
+    validate_event,
+    validate_events,
+)
 
-__all__ = ["EventBus", "Subscription", "TelemetryHook"]
+__all__ = ["AsyncEmitter", "EventBus", "Subscription", "TelemetryHook"]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +175,158 @@ class EventBus:
                 hook(kind, info)
             except Exception:
                 log.exception("telemetry hook %r failed", hook)
+
+
+class AsyncEmitter:
+    """The training thread's side of tracking: ``emit`` queues, a thread publishes.
+
+    Building and validating an event right after a training step costs about 100 µs on
+    these machines, ten times what a tight loop of emits suggests: the step's kernels have
+    evicted the validator from the CPU caches. ``emit`` therefore only queues the name, the
+    time and the payload (a few µs, cold or warm); a background thread fills in the id and
+    timestamp, validates the batch (the same rules and errors as the constructors) and
+    publishes the events in order. Nothing is lost silently: an invalid event's
+    :class:`~thunderline_lab.events.EventValidationError` is raised by the next ``emit``,
+    ``publish``, ``flush`` or ``close`` on the producer's side, and the valid events around
+    it are published.
+
+    Example:
+        >>> from thunderline_lab.bus import AsyncEmitter, EventBus
+        >>> bus = EventBus()
+        >>> seen = []
+        >>> _ = bus.subscribe("ml.run.*", seen.append)
+        >>> with AsyncEmitter(bus, model_run_id="r", trial_id="t0") as emit:
+        ...     emit.emit("ml.run.metric", step=0, measurements={"train_loss": 0.7})
+        >>> [(e.name, e.payload.step) for e in seen]
+        [('ml.run.metric', 0)]
+
+    Args:
+        bus: where the events go.
+        interval: seconds between two publishing rounds of the background thread.
+        correlation_id: set on every event emitted.
+        **common: payload fields of every event emitted (``model_run_id``, ``trial_id``,
+            ``study`` ...).
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        interval: float = 0.05,
+        correlation_id: str | None = None,
+        **common: Any,
+    ) -> None:
+        self.bus = bus
+        self.interval = interval
+        self.correlation_id = correlation_id
+        self.common = common
+        self.published = 0
+        self._queue: deque[Any] = deque()
+        self._drain_lock = threading.Lock()
+        self._error: EventValidationError | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="thunderline-emit", daemon=True)
+        self._thread.start()
+
+    # -- the producer's side ----------------------------------------------------------------
+
+    def emit(self, name: str, /, **payload: Any) -> None:
+        """Queue event ``name`` with ``payload`` (plus the common fields); time is now."""
+        if self._error is not None:
+            self._raise_error()
+        self._queue.append((name, time.time_ns(), payload))
+
+    def publish(self, event: Event) -> None:
+        """Queue an event built elsewhere, in order with the emitted ones."""
+        if self._error is not None:
+            self._raise_error()
+        self._queue.append(event)
+
+    def flush(self) -> None:
+        """Publish everything queued so far, now, from the calling thread.
+
+        Raises:
+            EventValidationError: for invalid events emitted since the last check.
+        """
+        self._drain()
+        if self._error is not None:
+            self._raise_error()
+
+    def close(self) -> None:
+        """Publish what is queued and stop the thread (raises like :meth:`flush`)."""
+        if not self._closed:
+            self._closed = True
+            self._stop.set()
+            self._thread.join()
+        self.flush()
+
+    def __enter__(self) -> AsyncEmitter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(EventValidationError):  # do not mask the caller's error
+            self.close()
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        assert error is not None
+        raise error
+
+    # -- the background thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._drain()
+            except Exception:  # pragma: no cover - the thread must outlive any surprise
+                log.exception("AsyncEmitter could not publish")
+        self._drain()
+
+    def _drain(self) -> None:
+        with self._drain_lock:
+            items = []
+            while self._queue:
+                items.append(self._queue.popleft())
+            if not items:
+                return
+            built = [self._build(item) for item in items]
+            try:
+                evs = validate_events(built)
+            except EventValidationError as exc:
+                evs, errors = self._valid_ones(built, exc)
+                self._error = EventValidationError(
+                    [*(self._error.errors if self._error else []), *errors]
+                )
+            for ev in evs:
+                self.bus.publish(ev)
+            self.published += len(evs)
+
+    def _build(self, item: Any) -> Any:
+        if not isinstance(item, tuple):
+            return item
+        name, t_ns, payload = item
+        return {
+            "id": new_event_id(),
+            "name": name,
+            "timestamp": datetime.fromtimestamp(t_ns / 1e9, UTC),
+            "correlation_id": self.correlation_id,
+            "payload": {**self.common, **payload},
+        }
+
+    @staticmethod
+    def _valid_ones(
+        built: list[Any], exc: EventValidationError
+    ) -> tuple[list[Event], list[ErrorDetail]]:
+        bad = {e.index for e in exc.errors}
+        good = [validate_event(b) for i, b in enumerate(built) if i not in bad]
+        errors = []
+        for e in exc.errors:
+            item = built[e.index] if e.index is not None else None
+            name = item.get("name") if isinstance(item, dict) else None
+            message = f"{e.message} (emitted {name})" if name else e.message
+            errors.append(replace(e, index=None, message=message))
+        return good, errors
