@@ -423,12 +423,18 @@ def test_stop_button_ends_a_background_study_cleanly() -> None:
             bus, STUDY, n_pairs=50, epochs=20, delay=0.002, stop_event=mon.stop_event
         )
 
+    trials_seen: list[str] = []
+
+    def click_mid_trial(ev: events.Event) -> None:  # in the second trial's 5th epoch, not between
+        if ev.payload.trial_id not in trials_seen:
+            trials_seen.append(ev.payload.trial_id)
+        if len(trials_seen) == 2 and ev.payload.step == 5 and not mon.should_stop():
+            mon._widgets["stop"].click()
+
+    bus.subscribe("ml.run.metric", click_mid_trial)
     run = mon.run_in_background(study)
     assert started.wait(10)
     assert mon._widgets["stop"].layout.display == ""
-    while mon.state.summary()["n_done"] < 1 and run.running:
-        time.sleep(0.01)
-    mon._widgets["stop"].click()
     counts = run.wait(30)
     assert counts["cancelled"] == 1
     assert counts["completed"] < 100

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thunderline_lab import events
+from thunderline_lab.bus import AsyncEmitter
 from thunderline_lab.errors import ConfigError, ThunderlineLabError, TrainingError
+from thunderline_lab.events import EventValidationError
 
 if TYPE_CHECKING:
     from thunderline_lab.bus import EventBus
@@ -359,7 +360,12 @@ def _lipschitz(model: nn.Module, dataset: Dataset, n: int, seed: int) -> dict[st
 
 
 class _Emitter:
-    """Publishes the run events of one trial (a no-op without a bus)."""
+    """Publishes the run events of one trial (a no-op without a bus).
+
+    Events are queued on the training thread and published by an :class:`AsyncEmitter`
+    thread; :meth:`close` (at the end of the run, also when it fails) publishes the rest, so
+    the run's events are all out before the trial's own events follow.
+    """
 
     def __init__(
         self,
@@ -369,18 +375,29 @@ class _Emitter:
         study: str | None,
         spectral_norm: bool,
     ) -> None:
-        self.bus = bus
-        self.ids: dict[str, Any] = {"model_run_id": model_run_id, "trial_id": trial_id}
+        ids: dict[str, Any] = {"model_run_id": model_run_id, "trial_id": trial_id}
         if study is not None:
-            self.ids["study"] = study
-        self.correlation_id = f"{model_run_id}/{trial_id}"
+            ids["study"] = study
         self.spectral_norm = spectral_norm
+        self._async = (
+            None
+            if bus is None
+            else AsyncEmitter(bus, correlation_id=f"{model_run_id}/{trial_id}", **ids)
+        )
 
     def publish(self, name: str, **payload: Any) -> None:
-        if self.bus is None:
+        if self._async is not None:
+            self._async.emit(name, **payload)
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        if self._async is None:
             return
-        event = events.make_event(name, correlation_id=self.correlation_id, **self.ids, **payload)
-        self.bus.publish(event)
+        try:
+            self._async.close()
+        except EventValidationError:
+            if raise_errors:
+                raise
+            log.exception("run events of a failed run could not be published")
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -544,7 +561,6 @@ def _train_trial(
         "dataset": data.name,
         **_jsonable(dict(parameters or {})),
     }
-    emit = _Emitter(bus, model_run_id, trial_id, study, sn_on)
     run_ids = {"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}
 
     seed_everything(seed)
@@ -558,165 +574,173 @@ def _train_trial(
     _remember_conv_input_shapes(model, data.x_train)
     n_params = sum(p.numel() for p in model.parameters())
 
-    emit.publish(
-        "ml.run.start",
-        spectral_norm=sn_on,
-        spectral_norm_coeff=float(coeff) if coeff is not None else None,
-        parameters=params,
-        **run_ids,
-    )
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    # A last batch of one sample would break batch norm in training mode: drop it then.
-    loader = data.loader(
-        batch_size=batch_size, seed=seed, drop_last=len(data.x_train) % batch_size == 1
-    )
-    x_val, y_val = data.x_val, data.y_val
-
-    history: list[dict[str, float]] = []
-    best_loss, best_acc, best_epoch = math.inf, 0.0, -1
-    best_state: dict[str, Any] | None = None
-    bad_epochs = 0
-    step_seconds, n_steps = 0.0, 0
-    status: TrialStatus = "completed"
-    error: str | None = None
-    error_type: str | None = None
-
+    emit = _Emitter(bus, model_run_id, trial_id, study, sn_on)
     try:
-        for epoch in range(epochs):
-            if _stop_requested(should_stop):
-                status = "cancelled"
-                break
-            lr_now = _lr_at(epoch, epochs, lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-
-            # -- train one epoch -------------------------------------------------------------
-            model.train()
-            total, seen = 0.0, 0
-            diverged = False
-            t0 = time.perf_counter()
-            for xb, yb in loader:
-                loss = F.cross_entropy(model(xb), yb)
-                if not torch.isfinite(loss):
-                    diverged = True
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                try:
-                    optimizer.step()
-                except RuntimeError as exc:  # e.g. "value cannot be converted ... without overflow"
-                    raise TrainingError(f"optimizer step failed at epoch {epoch}: {exc}") from exc
-                total += float(loss.detach()) * yb.shape[0]
-                seen += int(yb.shape[0])
-                n_steps += 1
-            step_seconds += time.perf_counter() - t0
-            if diverged:
-                status, error_type = "failed", "diverged"
-                error = f"non-finite training loss at epoch {epoch}"
-                break
-            train_loss = total / max(seen, 1)
-
-            # -- validate --------------------------------------------------------------------
-            val_loss, val_acc = _validate(model, x_val, y_val)
-            if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
-                status, error_type = "failed", "diverged"
-                error = f"non-finite validation loss at epoch {epoch}"
-                break
-            sigma = max_sigma(model)
-            row = {
-                "epoch": float(epoch),
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": lr_now,
-                "max_sigma": sigma,
-            }
-            history.append(row)
-            emit.publish(
-                "ml.run.metric",
-                step=epoch,
-                measurements=_finite({k: row[k] for k in EPOCH_MEASUREMENTS}),
-                spectral_norm=sn_on,
-            )
-
-            if val_loss < best_loss:
-                best_loss, best_acc, best_epoch, bad_epochs = val_loss, val_acc, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
-
-            if report is not None and report(epoch, val_loss):
-                status = "pruned"
-                break
-            if patience is not None and bad_epochs >= patience:
-                break
-
-    except BaseException as exc:  # report the broken run, then let the caller see the error
         emit.publish(
-            "ml.run.stop",
-            success=False,
-            epochs=len(history),
-            duration_ms=round(1000 * (time.perf_counter() - started)),
-            metadata={
-                "status": "failed",
-                "error_type": type(exc).__name__,
-                "error_message": str(exc)[:2000],
-            },
+            "ml.run.start",
+            spectral_norm=sn_on,
+            spectral_norm_coeff=float(coeff) if coeff is not None else None,
+            parameters=params,
             **run_ids,
         )
-        raise
 
-    epochs_run = len(history)
-    metrics: dict[str, float] = {
-        "epochs": float(epochs_run),
-        "n_params": float(n_params),
-        "step_time_ms": 1000.0 * step_seconds / n_steps if n_steps else 0.0,
-    }
-    if best_epoch >= 0:
-        metrics.update(
-            best_val_loss=best_loss, best_val_accuracy=best_acc, best_epoch=float(best_epoch)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        # A last batch of one sample would break batch norm in training mode: drop it then.
+        loader = data.loader(
+            batch_size=batch_size, seed=seed, drop_last=len(data.x_train) % batch_size == 1
         )
-    if history:
-        metrics["max_sigma"] = history[-1]["max_sigma"]
+        x_val, y_val = data.x_val, data.y_val
 
-    if best_state is not None and status != "failed":
-        model.load_state_dict(best_state)
-    if status == "completed":
-        if epochs_run == 0:  # pragma: no cover - epochs >= 1 is checked
-            status, error_type, error = "failed", "no_epochs", "no epoch finished"
-        else:
-            try:
-                metrics.update(research_metrics(model, data, seed=seed, settings=evaluation))
-            except TrainingError as exc:
-                status, error_type, error = "failed", "diverged", str(exc)
-    model.eval()
+        history: list[dict[str, float]] = []
+        best_loss, best_acc, best_epoch = math.inf, 0.0, -1
+        best_state: dict[str, Any] | None = None
+        bad_epochs = 0
+        step_seconds, n_steps = 0.0, 0
+        status: TrialStatus = "completed"
+        error: str | None = None
+        error_type: str | None = None
 
-    duration_ms = round(1000 * (time.perf_counter() - started))
-    metrics = _finite(metrics)
-    stop_meta: dict[str, Any] = {"status": status}
-    if error_type:
-        stop_meta.update(error_type=error_type, error_message=error)
-    emit.publish(
-        "ml.run.stop",
-        success=status != "failed",
-        epochs=epochs_run,
-        duration_ms=duration_ms,
-        metrics=metrics,
-        metadata=stop_meta,
-        **run_ids,
-    )
-    return TrialResult(
-        status=status,
-        metrics=metrics,
-        history=history,
-        model=model if keep_model else None,
-        error=error,
-        error_type=error_type,
-        duration_ms=duration_ms,
-        best_epoch=best_epoch,
-        parameters=params,
-    )
+        try:
+            for epoch in range(epochs):
+                if _stop_requested(should_stop):
+                    status = "cancelled"
+                    break
+                lr_now = _lr_at(epoch, epochs, lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
+
+                # -- train one epoch -------------------------------------------------------------
+                model.train()
+                total, seen = 0.0, 0
+                diverged = False
+                t0 = time.perf_counter()
+                for xb, yb in loader:
+                    loss = F.cross_entropy(model(xb), yb)
+                    if not torch.isfinite(loss):
+                        diverged = True
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    try:
+                        optimizer.step()
+                    except RuntimeError as exc:  # "value cannot be converted ... overflow"
+                        raise TrainingError(
+                            f"optimizer step failed at epoch {epoch}: {exc}"
+                        ) from exc
+                    total += float(loss.detach()) * yb.shape[0]
+                    seen += int(yb.shape[0])
+                    n_steps += 1
+                step_seconds += time.perf_counter() - t0
+                if diverged:
+                    status, error_type = "failed", "diverged"
+                    error = f"non-finite training loss at epoch {epoch}"
+                    break
+                train_loss = total / max(seen, 1)
+
+                # -- validate --------------------------------------------------------------------
+                val_loss, val_acc = _validate(model, x_val, y_val)
+                if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+                    status, error_type = "failed", "diverged"
+                    error = f"non-finite validation loss at epoch {epoch}"
+                    break
+                sigma = max_sigma(model)
+                row = {
+                    "epoch": float(epoch),
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "lr": lr_now,
+                    "max_sigma": sigma,
+                }
+                history.append(row)
+                emit.publish(
+                    "ml.run.metric",
+                    step=epoch,
+                    measurements=_finite({k: row[k] for k in EPOCH_MEASUREMENTS}),
+                    spectral_norm=sn_on,
+                )
+
+                if val_loss < best_loss:
+                    best_loss, best_acc, best_epoch, bad_epochs = val_loss, val_acc, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+
+                if report is not None and report(epoch, val_loss):
+                    status = "pruned"
+                    break
+                if patience is not None and bad_epochs >= patience:
+                    break
+
+        except BaseException as exc:  # report the broken run, then let the caller see the error
+            emit.publish(
+                "ml.run.stop",
+                success=False,
+                epochs=len(history),
+                duration_ms=round(1000 * (time.perf_counter() - started)),
+                metadata={
+                    "status": "failed",
+                    "error_type": type(exc).__name__,
+                    "error_message": str(exc)[:2000],
+                },
+                **run_ids,
+            )
+            emit.close(raise_errors=False)
+            raise
+
+        epochs_run = len(history)
+        metrics: dict[str, float] = {
+            "epochs": float(epochs_run),
+            "n_params": float(n_params),
+            "step_time_ms": 1000.0 * step_seconds / n_steps if n_steps else 0.0,
+        }
+        if best_epoch >= 0:
+            metrics.update(
+                best_val_loss=best_loss, best_val_accuracy=best_acc, best_epoch=float(best_epoch)
+            )
+        if history:
+            metrics["max_sigma"] = history[-1]["max_sigma"]
+
+        if best_state is not None and status != "failed":
+            model.load_state_dict(best_state)
+        if status == "completed":
+            if epochs_run == 0:  # pragma: no cover - epochs >= 1 is checked
+                status, error_type, error = "failed", "no_epochs", "no epoch finished"
+            else:
+                try:
+                    metrics.update(research_metrics(model, data, seed=seed, settings=evaluation))
+                except TrainingError as exc:
+                    status, error_type, error = "failed", "diverged", str(exc)
+        model.eval()
+
+        duration_ms = round(1000 * (time.perf_counter() - started))
+        metrics = _finite(metrics)
+        stop_meta: dict[str, Any] = {"status": status}
+        if error_type:
+            stop_meta.update(error_type=error_type, error_message=error)
+        emit.publish(
+            "ml.run.stop",
+            success=status != "failed",
+            epochs=epochs_run,
+            duration_ms=duration_ms,
+            metrics=metrics,
+            metadata=stop_meta,
+            **run_ids,
+        )
+        emit.close()
+        return TrialResult(
+            status=status,
+            metrics=metrics,
+            history=history,
+            model=model if keep_model else None,
+            error=error,
+            error_type=error_type,
+            duration_ms=duration_ms,
+            best_epoch=best_epoch,
+            parameters=params,
+        )
+    finally:
+        emit.close(raise_errors=False)  # idempotent; stops the thread on any way out
 
 
 def _check_settings(
