@@ -222,7 +222,7 @@ class AsyncEmitter:
         self.common = common
         self.published = 0
         self._queue: deque[Any] = deque()
-        self._drain_lock = threading.Lock()
+        self._drain_lock = threading.RLock()  # a subscriber may flush from the thread
         self._error: EventValidationError | None = None
         self._stop = threading.Event()
         self._closed = False

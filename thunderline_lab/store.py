@@ -412,16 +412,16 @@ class TrialStore:
             StoreError: if the database cannot be written.
         """
         items = list(events)
-        with gc_paused():
+        with gc_paused():  # CPU-bound batch work only: never while waiting for the lock
             if all(isinstance(e, Mapping) for e in items):
                 pending = _pending_from_records(validate_records(items))
             else:
                 pending = _pending_from_events(validate_events(items))
-            with self._lock:
-                try:
-                    return self._with_write_lock(lambda: self._append_locked(pending, len(items)))
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{self.path}: append failed: {exc}") from exc
+        with self._lock:
+            try:
+                return self._with_write_lock(lambda: self._append_locked(pending, len(items)))
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: append failed: {exc}") from exc
 
     def _append_locked(self, pending: list[_Pending], n_in: int) -> AppendResult:
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
@@ -437,7 +437,8 @@ class TrialStore:
             for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
         }
         fresh = pending if len(added) == len(pending) else [p for p in pending if p[0][0] in added]
-        self._project([p[1] for p in fresh if p[1] is not None])
+        with gc_paused():
+            self._project([p[1] for p in fresh if p[1] is not None])
         last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         ids = [p[0][0] for p in fresh]
         return AppendResult(len(fresh), n_in - len(fresh), ids, last_seq)
