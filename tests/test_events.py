@@ -459,6 +459,104 @@ def test_records_fast_path_agrees_with_the_models(
         assert to_json(records[0]).decode() == models[0].model_dump_json()
 
 
+def fast_or_models(record: Any) -> tuple[Any, Any]:
+    """(the fast path's records or None, the models' events or error lines) for one input."""
+    fast = E.fast_events([record])
+    try:
+        models: Any = E.validate_events([record])
+    except EventValidationError as exc:
+        models = sorted(exc.lines())
+    return fast, models
+
+
+def assert_fast_agrees(record: Any) -> None:
+    """The fast path only accepts what the models accept, and reads it the same way."""
+    fast, models = fast_or_models(record)
+    for given_as in (json.dumps(record, default=str).encode(),):
+        try:
+            from_text = E.fast_events(given_as)
+        except Exception as exc:  # pragma: no cover - the fast path must never raise
+            raise AssertionError(f"fast path raised {exc!r}") from exc
+        if from_text is not None:
+            assert not isinstance(models[0], str), (record, models)
+    if fast is None:
+        return
+    assert not isinstance(models[0], str), (record, models)
+    assert [E._fast_record(ev) for ev in fast] == [models[0].model_dump()]
+    assert json.loads(E.encode_fast(fast[0])) == json.loads(models[0].model_dump_json())
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(any_ml_event(), st.data())
+def test_msgspec_fast_path_never_accepts_what_the_models_refuse(
+    record: dict[str, Any], data: st.DataObject
+) -> None:
+    if data.draw(st.booleans()):
+        container = data.draw(st.sampled_from([record, record["payload"]]))
+        key = data.draw(st.sampled_from(sorted(container)) | names)
+        if data.draw(st.booleans()) and key in container:
+            del container[key]
+        else:
+            container[key] = data.draw(mutation_values | st.floats() | st.text(max_size=30))
+    assert_fast_agrees(record)
+
+
+def test_the_fast_path_accepts_every_canonical_event() -> None:
+    # not vacuous: canonical events of every kind really take the fast path, dicts and text
+    batch = [canonical(name) for name in E.ML_EVENT_NAMES]
+    for i, r in enumerate(batch):
+        r["id"] = f"ev-{i}"
+    assert E.fast_events(batch) is not None
+    fast = E.fast_events(json.dumps(batch).encode())
+    assert fast is not None and [E.FAST_NAMES[type(ev)] for ev in fast] == list(E.ML_EVENT_NAMES)
+    assert [E._fast_record(ev) for ev in fast] == [
+        ev.model_dump() for ev in E.validate_events(batch)
+    ]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        canonical(metric_name="loss\n"),  # Python's $ would match before the newline
+        canonical(metric_name="loss\n", metric_value=1.0, measurements={"a\n": 1.0}),
+        canonical() | {"timestamp": "2026-11-22T12:34:56.7899999Z"},  # models truncate
+        canonical() | {"timestamp": "2026-11-22T12:34:56.789+05:00"},
+        canonical() | {"timestamp": "2026-11-22 12:34:56Z"},
+        canonical() | {"timestamp": "2026-11-22T12:34Z"},
+        canonical() | {"timestamp": "2026-11-22T12:34:56"},  # no timezone
+        canonical() | {"timestamp": 1764000000},  # unix time: the models' lax reading
+        canonical() | {"timestamp": "9999-12-31T23:59:59-05:00"},  # overflows in UTC
+        canonical(metric_value=1),  # an int where a float belongs: accepted as 1.0
+        canonical(metric_value=True),
+        canonical(step=3.0),
+        canonical(step=True),
+        canonical(step=2**63),
+        canonical(metric_value=1e308 * 10),
+        canonical(spectral_norm=1),
+        canonical() | {"taxonomy_version": True},
+        canonical() | {"extra": 1},
+        canonical("ml.trial.complete", status="failed"),
+        canonical("ml.trial.complete", spectral_norm_coeff=0.0),
+        canonical("ml.trial.complete", rank=0),
+        canonical("ml.run.stop", metrics={"a": math.inf}),
+        canonical("ml.trial.start", parameters={"lr": math.nan}),  # free-form: kept as given
+        canonical() | {"id": ""},
+        canonical() | {"id": "x" * 257},
+        canonical() | {"name": "ml.run.bogus"},
+        canonical() | {"name": "system.heartbeat", "payload": {"x": 1}},
+    ],
+)
+def test_msgspec_fast_path_edge_cases_agree_with_the_models(record: dict[str, Any]) -> None:
+    assert_fast_agrees(record)
+
+
+def test_a_rule_the_fast_path_cannot_translate_stops_the_import() -> None:
+    from pydantic import StringConstraints
+
+    with pytest.raises(TypeError, match="cannot translate"):
+        E._fast_type(str, [StringConstraints(to_lower=True)])
+
+
 @pytest.mark.parametrize(
     "record",
     [

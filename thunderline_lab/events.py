@@ -30,13 +30,18 @@ import gc
 import json
 import math
 import os
+import re
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
+import msgspec
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -48,11 +53,14 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic_core import PydanticSerializationError, SchemaValidator
+from pydantic.fields import FieldInfo
+from pydantic.types import AllowInfNan, Strict
+from pydantic_core import PydanticSerializationError
 
 from thunderline_lab.errors import ThunderlineLabError
 
 __all__ = [
+    "FAST_NAMES",
     "ML_EVENT_NAMES",
     "RESERVED_PREFIXES",
     "TERMINAL_STATUSES",
@@ -74,7 +82,9 @@ __all__ = [
     "TrialStart",
     "TrialStartEvent",
     "dump_events",
+    "encode_fast",
     "event_json_schema",
+    "fast_events",
     "gc_paused",
     "make_event",
     "new_event_id",
@@ -611,82 +621,186 @@ def validate_events_json(data: str | bytes) -> list[Event]:
 # Records: the ingest fast path
 # ---------------------------------------------------------------------------------------------
 # Ingest (the store, the gateway, ``ingest``) needs the validated fields, not event objects.
-# The schema below is derived from the models' own core schemas, with every model turned into
-# a typed dict, so there is one definition of the rules. The two rules written as Python
-# validators are not called from Rust per record; they are checked in one plain loop after
-# the batch (see ``_record_fault``). A batch that breaks any rule is re-validated by the
-# models, which name every fault: the fast path only ever accepts, never explains.
+# The fast path validates with msgspec structs that are generated from the models' own field
+# definitions (types, bounds, lengths, patterns, defaults), so there is one definition of the
+# rules; a rule the generator cannot translate stops the import instead of being dropped.
+# The rules written as Python validators are checked in one plain loop after the batch
+# (``_any_fault``). The fast path only ever accepts: a batch it refuses, or one whose input
+# it could read differently from the models (sub-microsecond timestamps, which msgspec
+# rounds and pydantic truncates), is re-validated by the models, which name every fault.
+# ``tests/test_events.py`` checks on random inputs that both paths agree.
 
 _RECHECKED_IN_PYTHON = (_utc_representable, RunMetric._one_metric_at_least)
+_FLOAT_MAX = sys.float_info.max
 
 
-def _as_record_schema(schema: Any) -> Any:
-    if isinstance(schema, list):
-        return [_as_record_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    kind = schema.get("type")
-    if kind == "model":
-        config = schema.get("config", {})
-        fields = {}
-        for name, field in schema["schema"]["fields"].items():
-            sub = _as_record_schema(field["schema"])
-            fields[name] = {
-                "type": "typed-dict-field",
-                "schema": sub,
-                "required": sub.get("type") != "default",
-            }
-        return {
-            "type": "typed-dict",
-            "fields": fields,
-            "extra_behavior": config.get("extra_fields_behavior", "ignore"),
-            "config": {k: v for k, v in config.items() if k in ("strict", "allow_inf_nan")},
-        }
-    if kind in ("function-after", "function-before", "function-wrap", "function-plain"):
-        function = schema["function"]["function"]
-        if kind != "function-after" or not any(
-            getattr(function, "__func__", function) is getattr(f, "__func__", f)
-            for f in _RECHECKED_IN_PYTHON
-        ):
-            raise TypeError(f"a record schema cannot drop validator {function!r}")
-        return _as_record_schema(schema["schema"])
-    return {k: _as_record_schema(v) for k, v in schema.items() if k not in ("ref", "metadata")}
+def _fast_pattern(pattern: str) -> str:
+    # pydantic matches with Rust's regex, where ``$`` is the very end of the text; Python's
+    # ``$`` also matches before a final newline, so ``"loss\n"`` would slip through.
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern[:-1] + r"\Z"
+    return pattern
 
 
-_RECORDS_VALIDATOR = SchemaValidator(
-    {
-        "type": "list",
-        "items_schema": {
-            "type": "tagged-union",
-            "discriminator": "name",
-            "choices": {
-                name: _as_record_schema(cls.__pydantic_core_schema__)
-                for name, cls in _EVENT_CLASSES.items()
-            },
-        },
-    }
-)
+def _fast_type(tp: Any, metadata: Sequence[Any] = ()) -> Any:
+    """The msgspec type of a pydantic field type with its constraints (strict, as the models)."""
+    if get_origin(tp) is Annotated:
+        base, *extra = get_args(tp)
+        return _fast_type(base, [*metadata, *extra])
+    meta: dict[str, Any] = {}
+    tz = False
+    for m in metadata:
+        if isinstance(m, FieldInfo):
+            return _fast_type(tp, [*m.metadata, *(x for x in metadata if x is not m)])
+        if isinstance(m, StringConstraints):
+            if m.strip_whitespace or m.to_upper or m.to_lower or m.ascii_only:
+                raise TypeError(f"the fast path cannot translate {m!r}")
+            for key in ("min_length", "max_length"):
+                if getattr(m, key) is not None:
+                    meta[key] = getattr(m, key)
+            if m.pattern is not None:
+                meta["pattern"] = _fast_pattern(str(m.pattern))
+        elif isinstance(m, annotated_types.Ge | annotated_types.Gt | annotated_types.Le):
+            key = type(m).__name__.lower()
+            meta[key] = getattr(m, key)
+        elif isinstance(m, AllowInfNan) and not m.allow_inf_nan:
+            pass  # every float is finite below (the models' config says so too)
+        elif isinstance(m, Strict) and m.strict is False and tp is AwareDatetime:
+            pass  # a datetime may be given as text
+        elif isinstance(m, AfterValidator) and m.func in _RECHECKED_IN_PYTHON:
+            pass
+        else:
+            raise TypeError(f"the fast path cannot translate {m!r} on {tp!r}")
+    origin = get_origin(tp)
+    if origin in (Union, UnionType):
+        return Union[tuple(_fast_type(a) for a in get_args(tp))]  # noqa: UP007
+    if origin is Literal:
+        return tp
+    if origin is dict:
+        key, value = get_args(tp)
+        return dict[_fast_type(key), _fast_type(value)]  # type: ignore[misc]
+    if tp is AwareDatetime:
+        tp, tz = datetime, True
+    elif tp is float:  # finite: NaN fails both bounds, infinity one
+        if "gt" not in meta:
+            meta.setdefault("ge", -_FLOAT_MAX)
+        meta.setdefault("le", _FLOAT_MAX)
+    elif isinstance(tp, type) and issubclass(tp, BaseModel):
+        return _fast_struct(tp)
+    elif tp not in (str, int, bool, type(None), Any):
+        raise TypeError(f"the fast path cannot translate type {tp!r}")
+    if tz:
+        meta["tz"] = True
+    return Annotated[tp, msgspec.Meta(**meta)] if meta else tp
 
 
-def _any_record_fault(records: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether any record breaks a rule the models check in Python (``_utc_representable``,
-    ``_metric_fault``), in one tight loop: a function call per record would cost a third of
-    the batch."""
-    for record in records:
-        ts = record["timestamp"]
+_FAST_BY_MODEL: dict[type[BaseModel], Any] = {}
+
+
+def _fast_struct(model: type[BaseModel], tag: str | None = None) -> Any:
+    """A msgspec struct with the model's fields, in the model's order, forbidding extras."""
+    if tag is None and model in _FAST_BY_MODEL:
+        return _FAST_BY_MODEL[model]
+    fields: list[Any] = []
+    for name, info in model.model_fields.items():
+        if name == "name" and tag is not None:
+            continue  # the struct's tag
+        tp = _fast_type(info.annotation, info.metadata)
+        if info.default_factory is not None:
+            factory: Any = info.default_factory
+            fields.append((name, tp, msgspec.field(default_factory=factory)))
+        elif info.is_required():
+            fields.append((name, tp))
+        else:
+            fields.append((name, tp, info.default))
+    struct = msgspec.defstruct(
+        f"Fast{model.__name__}",
+        fields,
+        kw_only=True,
+        forbid_unknown_fields=True,
+        tag_field="name" if tag else None,
+        tag=tag,
+        module=__name__,
+    )
+    if tag is None:
+        _FAST_BY_MODEL[model] = struct
+    return struct
+
+
+_FAST_STRUCTS: dict[str, Any] = {
+    name: _fast_struct(cls, name) for name, cls in _EVENT_CLASSES.items()
+}
+_FAST_TYPE: Any = list[Union[tuple(_FAST_STRUCTS.values())]]  # type: ignore[misc]  # noqa: UP007
+_FAST_JSON = msgspec.json.Decoder(_FAST_TYPE)
+_FAST_ENCODER = msgspec.json.Encoder()
+_SUB_MICROSECOND = re.compile(r":\d\d\.\d{7}")
+_SUB_MICROSECOND_BYTES = re.compile(rb":\d\d\.\d{7}")
+_ENVELOPE_KEYS = {name: tuple(cls.model_fields) for name, cls in _EVENT_CLASSES.items()}
+
+
+def _any_fault(events: Sequence[Any]) -> bool:
+    """Whether any validated event breaks a rule the models check in Python
+    (``_utc_representable``, ``_metric_fault``), in one tight loop: a function call per
+    record would cost a third of the batch."""
+    for ev in events:
+        ts = ev.timestamp
         if ts.year in (1, 9999):
             try:
                 ts.astimezone(UTC)
             except OverflowError:
                 return True
-        if record["name"] == "ml.run.metric":
-            p = record["payload"]
-            if p["metric_name"] is None:
-                if p["metric_value"] is not None or not p["measurements"]:
+        p = ev.payload
+        if type(p) is _FAST_METRIC_PAYLOAD:
+            if p.metric_name is None:
+                if p.metric_value is not None or not p.measurements:
                     return True
-            elif p["metric_value"] is None:
+            elif p.metric_value is None:
                 return True
     return False
+
+
+_FAST_METRIC_PAYLOAD = _FAST_BY_MODEL[RunMetric]
+
+
+def fast_events(items: Sequence[Any] | bytes) -> list[Any] | None:
+    """Canonical ``ml.*`` events validated into msgspec structs, or None.
+
+    ``items`` is parsed JSON (a list of dicts) or JSON text (an array). None means the fast
+    path does not vouch for the batch — it breaks a rule, holds other event kinds, or needs
+    the models' reading — and the caller must validate it with the models, which accept it
+    or name every fault. Each struct has the model's fields; ``type(ev).name`` is not set:
+    the event's name is ``FAST_NAMES[type(ev)]``.
+    """
+    with gc_paused():
+        try:
+            if isinstance(items, bytes | bytearray | memoryview):
+                if _SUB_MICROSECOND_BYTES.search(items):
+                    return None
+                out = _FAST_JSON.decode(items)
+            else:
+                for r in items:
+                    ts = r.get("timestamp") if type(r) is dict else None
+                    if type(ts) is str and len(ts) > 27 and _SUB_MICROSECOND.search(ts):
+                        return None
+                out = msgspec.convert(items, _FAST_TYPE)
+        except (msgspec.MsgspecError, RecursionError, TypeError, ValueError):
+            return None
+    return None if _any_fault(out) else out
+
+
+FAST_NAMES: dict[type, str] = {cls: name for name, cls in _FAST_STRUCTS.items()}
+
+
+def _fast_record(ev: Any) -> dict[str, Any]:
+    name = FAST_NAMES[type(ev)]
+    out = {k: (name if k == "name" else getattr(ev, k)) for k in _ENVELOPE_KEYS[name]}
+    out["payload"] = msgspec.structs.asdict(ev.payload)
+    return out
+
+
+def encode_fast(ev: Any) -> str:
+    """Canonical JSON text of a fast-path event (the name comes first)."""
+    return _FAST_ENCODER.encode(ev).decode()
 
 
 _GC_PAUSE_LOCK = threading.Lock()
@@ -731,15 +845,11 @@ def validate_records(records: Iterable[Mapping[str, Any] | Event]) -> list[dict[
         EventValidationError: with one :class:`ErrorDetail` per broken rule.
     """
     items = list(records)
-    out: list[dict[str, Any]] | None = None
     if not any(isinstance(r, _Envelope) for r in items):
-        with gc_paused():
-            try:
-                out = _RECORDS_VALIDATOR.validate_python(items)
-            except ValidationError:
-                out = None
-        if out is not None and not _any_record_fault(out):
-            return out
+        fast = fast_events(items)
+        if fast is not None:
+            with gc_paused():
+                return [_fast_record(ev) for ev in fast]
     with gc_paused():
         return [ev.model_dump() for ev in validate_events(items)]
 
