@@ -436,3 +436,68 @@ def test_searched_coefficient_is_grouped_in_terciles() -> None:
     assert len(res.by_coeff) == 3 and list(res.by_coeff["n_pairs"]) == [3, 3, 3]
     assert res.by_coeff["coeff_range"].iloc[0].startswith("0.5–")
     assert list(res.by_coeff["diff"]) == pytest.approx([0.01, 0.04, 0.07])
+
+
+def test_first_read_extracts_only_the_keys_used_and_adds_others_on_demand(
+    synthetic_store: TrialStore,
+) -> None:
+    cmp.clear_cache()
+    best = compare_study(synthetic_store, STUDY, metrics=["val_accuracy"], details=False)
+    frame = cmp._CACHE[cmp._store_key(synthetic_store, STUDY)]
+    assert "best_val_accuracy" in frame.columns and "val_accuracy" not in frame.columns
+    final = compare_study(
+        synthetic_store, STUDY, metrics=["val_accuracy"], mode="final", details=False
+    )
+    assert cmp._CACHE[cmp._store_key(synthetic_store, STUDY)] is frame
+    assert "val_accuracy" in frame.columns  # added to the cached frame, in its row order
+    cols = ["diff", "ci_low", "ci_high", "p_value", "n_pairs", "source"]
+    for res, mode in ((best, "best"), (final, "final")):
+        fresh = compare_study(
+            synthetic_store,
+            STUDY,
+            metrics=["val_accuracy"],
+            mode=mode,  # type: ignore[arg-type]
+            details=False,
+            use_cache=False,
+        )
+        assert res.headline[cols].equals(fresh.headline[cols])
+        assert np.array_equal(
+            res.trials["val_accuracy"].to_numpy(), fresh.trials["val_accuracy"].to_numpy()
+        )
+    assert best.sources["val_accuracy"] == "best_val_accuracy"
+    assert final.sources["val_accuracy"] == "val_accuracy"
+
+
+def test_vectorised_row_conversions_match_the_per_value_ones() -> None:
+    mixed = [0.5, 3, None, True, "0.25", "n/a", '{"a": 1}', 10**400, -2.5]
+    expected = [cmp._as_float(v) for v in mixed[:-2]]
+    assert np.array_equal(cmp._floats(mixed[:-2]), np.array(expected), equal_nan=True)
+    with pytest.raises(OverflowError):  # as float() itself
+        cmp._floats(mixed)
+    numeric = [0.5, 3, None, -2.5, 2**70]
+    assert np.array_equal(
+        cmp._floats(numeric), np.array([0.5, 3.0, np.nan, -2.5, 2.0**70]), equal_nan=True
+    )
+    assert np.array_equal(
+        cmp._float_column([1, None, 0.25, "2"]), np.array([1.0, np.nan, 0.25, 2.0]), equal_nan=True
+    )
+    statuses = np.array(["pruned", "completed", "failed", "completed", "running"], dtype=object)
+    pairs = np.array(["b", None, "a", "b", 7], dtype=object)
+    frame = cmp._Frame(
+        run=statuses,
+        trial=statuses,
+        status=statuses,
+        sn=np.zeros(5),
+        coeff=np.zeros(5),
+        pair=pairs,
+        columns={},
+        keys=set(),
+        watermark=0,
+    )
+    names, codes = frame.status_codes()
+    ref_names, ref_codes = np.unique(statuses.astype(str), return_inverse=True)
+    assert names.tolist() == ref_names.tolist() and codes.tolist() == ref_codes.tolist()
+    assert frame.pair_codes().tolist() == [0, -1, 1, 0, 2]
+    frame.pair = np.array(["b", None, "a", "b", "c"], dtype=object)  # all str: no astype
+    frame._pair_codes = None
+    assert frame.pair_codes().tolist() == [0, -1, 1, 0, 2]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import math
@@ -46,7 +47,7 @@ import threading
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,8 +357,16 @@ class _Frame:
     def status_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """(distinct statuses, each trial's index into them), cached until a refresh."""
         if self._status_codes is None:
-            names, codes = np.unique(self.status.astype(str), return_inverse=True)
-            self._status_codes = (names, codes.reshape(-1))
+            if _all_str(self.status):  # hash, then sort the few distinct (np.unique's answer)
+                first, uniq = pd.factorize(self.status)
+                names = np.asarray(uniq, dtype=object).astype(str)
+                order = np.argsort(names, kind="stable")
+                rank = np.empty(len(order), dtype=np.intp)
+                rank[order] = np.arange(len(order))
+                self._status_codes = (names[order], rank[first])
+            else:
+                names, codes = np.unique(self.status.astype(str), return_inverse=True)
+                self._status_codes = (names, codes.reshape(-1))
         return self._status_codes
 
     def pair_codes(self) -> np.ndarray:
@@ -365,7 +374,10 @@ class _Frame:
             has = np.array([p is not None for p in self.pair], dtype=bool)
             codes = np.full(self.n, -1, dtype=np.int64)
             if has.any():
-                codes[has] = pd.factorize(pd.Series(self.pair[has]).astype(str))[0]
+                ids = self.pair[has]
+                if not _all_str(ids):
+                    ids = pd.Series(ids).astype(str).to_numpy()
+                codes[has] = pd.factorize(ids)[0]
             self._pair_codes = codes
         return self._pair_codes
 
@@ -406,17 +418,51 @@ def _as_float(v: Any) -> float:
     return math.nan
 
 
+_NUMERIC_TYPES = frozenset({float, int, type(None)})
+
+
+def _all_str(values: Iterable[Any]) -> bool:
+    return {str}.issuperset(map(type, values))
+
+
+def _floats(values: Sequence[Any]) -> np.ndarray:
+    """``[_as_float(v) for v in values]`` as a float array, vectorised when every value is
+    a float, an int or None (what SQLite returns for numbers and missing keys)."""
+    if _NUMERIC_TYPES.issuperset(map(type, values)):
+        with contextlib.suppress(OverflowError):
+            return np.array(values, dtype=float)  # None -> nan
+    return np.array([_as_float(v) for v in values], dtype=float)
+
+
+def _float_column(values: Sequence[Any]) -> np.ndarray:
+    """``[nan if v is None else float(v) for v in values]``, vectorised for numbers/None."""
+    if _NUMERIC_TYPES.issuperset(map(type, values)):
+        with contextlib.suppress(OverflowError):
+            return np.array(values, dtype=float)
+    return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+
+
 def _fetch_rows(
     store: TrialStore,
     study: str,
     keys: Sequence[str],
     subset: Sequence[tuple[str, str]] | None = None,
     with_metrics_text: bool = False,
+    ids_only: bool = False,
 ) -> list[tuple[Any, ...]]:
+    """Rows of (run, trial, status, sn, coeff, pair_id[, metrics text], *values of keys).
+
+    ``ids_only`` leaves status .. pair_id NULL (no JSON read of the parameters): for adding
+    metric columns to a frame that already has them.
+    """
     cols = ", ".join(["json_extract(metrics, ?)"] * len(keys))
     select = (
-        "SELECT model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
-        "json_extract(parameters, '$.pair_id')"
+        (
+            "SELECT model_run_id, trial_id, NULL, NULL, NULL, NULL"
+            if ids_only
+            else "SELECT model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
+            "json_extract(parameters, '$.pair_id')"
+        )
         + (", metrics" if with_metrics_text else "")
         + (", " + cols if keys else "")
         + " FROM trials WHERE study = ?"
@@ -456,12 +502,30 @@ def _discover_keys(store: TrialStore, study: str, sample: int = 200) -> set[str]
     return keys
 
 
-def _build_frame(store: TrialStore, study: str, keys: Iterable[str]) -> _Frame:
+KeySelector = Callable[[set[str]], Iterable[str]]
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic GC while a study's rows are read: the 100,000s of row tuples would trigger
+    full collections that cost as much as the conversion itself (none of them is cyclic)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build_frame(store: TrialStore, study: str, select: KeySelector) -> _Frame:
     watermark = store.last_seq()
     discovered = _discover_keys(store, study)
-    wanted = sorted(set(keys) & discovered)
-    rows = _fetch_rows(store, study, wanted)
-    frame = _frame_from_rows(rows, wanted, discovered, watermark)
+    wanted = sorted(set(select(discovered)) & discovered)
+    with _gc_paused():
+        rows = _fetch_rows(store, study, wanted)
+        frame = _frame_from_rows(rows, wanted, discovered, watermark)
+        del rows
     frame.store_ref = weakref.ref(store)
     return frame
 
@@ -471,13 +535,11 @@ def _frame_from_rows(
 ) -> _Frame:
     n = len(rows)
     cols = list(zip(*rows, strict=True)) if rows else [()] * (6 + len(keys))
-    sn = np.array([math.nan if v is None else float(v) for v in cols[3]], dtype=float)
-    coeff = np.array([math.nan if v is None else float(v) for v in cols[4]], dtype=float)
+    sn = _float_column(cols[3])
+    coeff = _float_column(cols[4])
     pair = np.empty(n, dtype=object)
     pair[:] = list(cols[5])
-    columns = {
-        k: np.array([_as_float(v) for v in cols[6 + j]], dtype=float) for j, k in enumerate(keys)
-    }
+    columns = {k: _floats(cols[6 + j]) for j, k in enumerate(keys)}
     return _Frame(
         run=np.array(cols[0], dtype=object),
         trial=np.array(cols[1], dtype=object),
@@ -552,7 +614,14 @@ def _ensure_columns(store: TrialStore, study: str, frame: _Frame, keys: Iterable
     missing = sorted(k for k in set(keys) & frame.keys if k not in frame.columns)
     if not missing:
         return
-    rows = _fetch_rows(store, study, missing)
+    with _gc_paused():
+        rows = _fetch_rows(store, study, missing, ids_only=True)
+        if len(rows) == frame.n and rows:
+            cols = list(zip(*rows, strict=True))
+            if cols[1] == tuple(frame.trial) and cols[0] == tuple(frame.run):  # frame order
+                for j, k in enumerate(missing):
+                    frame.columns[k] = _floats(cols[6 + j])
+                return
     index = frame.index()
     for k in missing:
         frame.columns[k] = np.full(frame.n, math.nan)
@@ -578,10 +647,10 @@ def _probe_keys(store: TrialStore, study: str, frame: _Frame, keys: Iterable[str
             frame.keys.add(key)
 
 
-def _get_frame(store: TrialStore, study: str, keys: Iterable[str], use_cache: bool) -> _Frame:
-    keys = set(keys)
+def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bool) -> _Frame:
+    """The study's frame, with the columns ``select(keys the study reports)`` asks for."""
     if not use_cache:
-        return _build_frame(store, study, keys)
+        return _build_frame(store, study, select)
     ck = _store_key(store, study)
     with _CACHE_LOCK:
         frame = _CACHE.get(ck)
@@ -594,10 +663,10 @@ def _get_frame(store: TrialStore, study: str, keys: Iterable[str], use_cache: bo
         with frame.lock:
             refreshed = _refresh(store, study, frame)
             if refreshed is not None:
-                _ensure_columns(store, study, refreshed, keys)
+                _ensure_columns(store, study, refreshed, select(refreshed.keys))
         frame = refreshed
     if frame is None:
-        frame = _build_frame(store, study, keys)
+        frame = _build_frame(store, study, select)
     with _CACHE_LOCK:
         _CACHE[ck] = frame
         while len(_CACHE) > _CACHE_SIZE:
@@ -641,6 +710,14 @@ def _history_values(store: TrialStore, frame: _Frame, metric: str, mode: Mode) -
                 out[i] = float(row[2])
                 found = True
     return out if found else None
+
+
+def _source_key(metric: str, mode: Mode, reported: set[str]) -> str | None:
+    """The summary key :func:`_resolve` reads for ``metric`` when ``reported`` are the keys
+    the study's trials report (None: not summarised, the metric history is the source)."""
+    if mode == "best" and f"best_{metric}" in reported:
+        return f"best_{metric}"
+    return metric if metric in reported else None
 
 
 def _resolve(
@@ -860,13 +937,19 @@ def _compare(
 ) -> ComparisonResult:
     wanted = list(dict.fromkeys(metrics or DEFAULT_METRICS))
     extra = ["lipschitz_upper", "test_accuracy", "val_accuracy", "best_val_accuracy"]
-    keys = {k for m in wanted for k in (m, f"best_{m}")} | (set(extra) if details else set())
-    frame = _get_frame(store, study, keys, use_cache)
+
+    def select(reported: set[str]) -> set[str]:
+        # only the key _resolve will use per metric (best_<m> when reported, in best mode):
+        # each key is a JSON read of every trial's metrics on a first read
+        keys = {k for m in wanted if (k := _source_key(m, mode, reported)) is not None}
+        return keys | (set(extra) & reported if details else set())
+
+    frame = _get_frame(store, study, select, use_cache)
     if metrics is not None:
         probe = [k for m in wanted for k in (m, f"best_{m}")]
         with frame.lock:
             _probe_keys(store, study, frame, probe)
-            _ensure_columns(store, study, frame, probe)
+            _ensure_columns(store, study, frame, select(frame.keys))
     if frame.n == 0:
         known = [r[0] for r in _read(store, "SELECT DISTINCT study FROM trials ORDER BY 1")]
         raise StudyError(
