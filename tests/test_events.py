@@ -544,6 +544,8 @@ def test_the_fast_path_accepts_every_canonical_event() -> None:
         canonical() | {"id": "x" * 257},
         canonical() | {"name": "ml.run.bogus"},
         canonical() | {"name": "system.heartbeat", "payload": {"x": 1}},
+        canonical(metadata={"deep": json.loads("[" * 300 + "]" * 300)}),  # models can't write it
+        canonical(metadata={"deep": json.loads("[" * 50 + "]" * 50)}),
     ],
 )
 def test_msgspec_fast_path_edge_cases_agree_with_the_models(record: dict[str, Any]) -> None:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import random
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from thunderline_lab import events as E
 from thunderline_lab.bus import EventBus
 from thunderline_lab.events import EventValidationError
-from thunderline_lab.store import StoreWriter, TrialStore
+from thunderline_lab.store import StoreWriter, TrialStore, format_ts
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 TABLES = ("model_runs", "trials", "metrics", "artifacts")
@@ -207,6 +208,53 @@ def test_later_metric_value_wins_regardless_of_arrival() -> None:
         for ev in order:
             s.append([ev])
         assert s.metric_history("r", "t", "loss")["value"].tolist() == [2.0]
+
+
+def test_single_metric_overrides_the_same_name_in_measurements_on_every_path() -> None:
+    ev = E.run_metric(
+        model_run_id="r",
+        trial_id="t",
+        step=4,
+        metric_name="loss",
+        metric_value=0.25,
+        measurements={"loss": 9.0, "acc": 0.5},
+        timestamp=T0,
+    )
+    as_object, as_dict = TrialStore(), TrialStore()
+    as_object.append([ev])
+    as_dict.append([json.loads(ev.to_json())])  # the msgspec fast path
+    for s in (as_object, as_dict):
+        hist = s.metric_history("r", "t")
+        assert dict(zip(hist["name"], hist["value"], strict=True)) == {"acc": 0.5, "loss": 0.25}
+        s.replay()
+        assert s.metric_history("r", "t")["value"].tolist() == hist["value"].tolist()
+    assert_same(snapshot(as_object), snapshot(as_dict))
+
+
+def test_dict_and_object_delivery_give_identical_stores() -> None:
+    evs = study_events()
+    objects, dicts = TrialStore(), TrialStore()
+    objects.append(evs)
+    dicts.append([json.loads(ev.to_json()) for ev in evs])
+    assert_same(snapshot(objects), snapshot(dicts))
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        datetime(2026, 1, 1, tzinfo=UTC),  # no microseconds
+        datetime(2026, 1, 1, 1, 2, 3, 4, tzinfo=UTC),
+        datetime(5, 1, 1, 0, 0, 0, 7, tzinfo=UTC),
+        datetime(2026, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))),
+        datetime(2026, 1, 1, 23, 30, 0, 9, tzinfo=timezone(timedelta(hours=-1))),
+    ],
+)
+def test_timestamps_are_stored_as_fixed_width_utc(ts: datetime) -> None:
+    text = format_ts(
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, timestamp=ts)
+    )
+    assert len(text) == 27 and text.endswith("Z")
+    assert datetime.fromisoformat(text) == ts
 
 
 def test_run_stop_alone_marks_trial_completed_or_failed() -> None:

@@ -86,11 +86,13 @@ __all__ = [
     "event_json_schema",
     "fast_events",
     "gc_paused",
+    "is_fast",
     "make_event",
     "new_event_id",
     "run_metric",
     "run_start",
     "run_stop",
+    "to_event",
     "trial_complete",
     "trial_failed",
     "trial_start",
@@ -721,6 +723,7 @@ def _fast_struct(model: type[BaseModel], tag: str | None = None) -> Any:
         tag_field="name" if tag else None,
         tag=tag,
         module=__name__,
+        namespace={"name": tag} if tag else None,  # read like an event: ``ev.name``
     )
     if tag is None:
         _FAST_BY_MODEL[model] = struct
@@ -738,6 +741,23 @@ _SUB_MICROSECOND_BYTES = re.compile(rb":\d\d\.\d{7}")
 _ENVELOPE_KEYS = {name: tuple(cls.model_fields) for name, cls in _EVENT_CLASSES.items()}
 
 
+# Free-form values (``metadata``, ``parameters``) nested deeper than this are left to the
+# models: their serializer stops at 255 levels, and msgspec's would write what they refuse.
+_FREE_FORM_DEPTH = 200
+
+
+def _nests_deeper(value: dict[str, Any], limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels (flat values cost one look)."""
+    stack: list[tuple[Any, int]] = [(v, 1) for v in value.values() if type(v) in (dict, list)]
+    while stack:
+        item, depth = stack.pop()
+        if depth >= limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
+    return False
+
+
 def _any_fault(events: Sequence[Any]) -> bool:
     """Whether any validated event breaks a rule the models check in Python
     (``_utc_representable``, ``_metric_fault``), in one tight loop: a function call per
@@ -750,6 +770,9 @@ def _any_fault(events: Sequence[Any]) -> bool:
             except OverflowError:
                 return True
         p = ev.payload
+        for free in (p.metadata, getattr(p, "parameters", None)):
+            if free and _nests_deeper(free, _FREE_FORM_DEPTH):
+                return True
         if type(p) is _FAST_METRIC_PAYLOAD:
             if p.metric_name is None:
                 if p.metric_value is not None or not p.measurements:
@@ -796,6 +819,16 @@ def _fast_record(ev: Any) -> dict[str, Any]:
     out = {k: (name if k == "name" else getattr(ev, k)) for k in _ENVELOPE_KEYS[name]}
     out["payload"] = msgspec.structs.asdict(ev.payload)
     return out
+
+
+def is_fast(ev: Any) -> bool:
+    """Whether ``ev`` is a struct made by :func:`fast_events`."""
+    return type(ev) in FAST_NAMES
+
+
+def to_event(ev: Any) -> Event:
+    """The event object (pydantic model) of a struct made by :func:`fast_events`."""
+    return validate_event(_fast_record(ev))
 
 
 def encode_fast(ev: Any) -> str:

@@ -89,6 +89,9 @@ from thunderline_lab.events import (
     EventValidationError,
     MLEvent,
     event_json_schema,
+    fast_events,
+    is_fast,
+    to_event,
 )
 from thunderline_lab.lab import Lab
 from thunderline_lab.store import TrialStore
@@ -180,6 +183,15 @@ def parse_body(
     """
     events: list[Event] | None = None
     if _looks_canonical(body) and not _SURROGATE_ESCAPE.search(body):
+        # canonical ml.* events: msgspec structs straight from the bytes (they read like
+        # events; the store appends them as they are). The checks of storage_errors are
+        # part of that schema.
+        text = body.strip()
+        fast = fast_events(b"[" + text + b"]" if text[:1] == b"{" else text)
+        if fast is not None:
+            _check_count(len(fast), max_events)
+            return fast
+
         # canonical ml.* events validate straight from the bytes in one pass; anything
         # else (seed payloads, JSON lines, errors to name) takes the wire path below
         with contextlib.suppress(ValidationError, RecursionError):
@@ -341,6 +353,7 @@ def storage_errors(events: Sequence[Event]) -> list[ErrorDetail]:
 
 def _diagnose(events: Sequence[Event]) -> list[ErrorDetail]:
     """Find the fields that made an append fail (slow path: only after a failed commit)."""
+    events = [to_event(ev) if is_fast(ev) else ev for ev in events]
     errors = storage_errors(events)
     for i, ev in enumerate(events):
         try:

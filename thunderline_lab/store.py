@@ -58,6 +58,8 @@ from thunderline_lab.events import (
     encode_fast,
     fast_events,
     gc_paused,
+    is_fast,
+    to_event,
     validate_events,
     validate_records,
 )
@@ -164,13 +166,37 @@ _LIFECYCLE_SQL = (
     + ", ".join(f"'{n}'" for n in LIFECYCLE_EVENTS)
     + ")"
 )
-_UPSERT_METRIC = """
-INSERT INTO metrics (model_run_id, trial_id, name, step, value, timestamp, event_id)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+# Metric points are projected inside SQLite, straight from the logged bodies of the metric
+# events in a seq range (about 1.5x faster than binding one row per point from Python). The
+# single ``metric_name``/``metric_value`` overrides the same name in ``measurements``.
+_POINT_CONFLICT = """
 ON CONFLICT (model_run_id, trial_id, name, step) DO UPDATE SET
     value = excluded.value, timestamp = excluded.timestamp, event_id = excluded.event_id
 WHERE (excluded.timestamp, excluded.event_id) > (metrics.timestamp, metrics.event_id)
 """
+_PROJECT_SINGLE_METRICS = (
+    """
+INSERT INTO metrics (model_run_id, trial_id, name, step, value, timestamp, event_id)
+SELECT model_run_id, trial_id, json_extract(body, '$.payload.metric_name'),
+       json_extract(body, '$.payload.step'), json_extract(body, '$.payload.metric_value'),
+       timestamp, id
+FROM events
+WHERE seq > ?1 AND seq <= ?2 AND name = 'ml.run.metric'
+  AND json_extract(body, '$.payload.metric_name') IS NOT NULL
+"""
+    + _POINT_CONFLICT
+)
+_PROJECT_MEASUREMENTS = (
+    """
+INSERT INTO metrics (model_run_id, trial_id, name, step, value, timestamp, event_id)
+SELECT e.model_run_id, e.trial_id, j.key, json_extract(e.body, '$.payload.step'), j.value,
+       e.timestamp, e.id
+FROM events e, json_each(e.body, '$.payload.measurements') j
+WHERE e.seq > ?1 AND e.seq <= ?2 AND e.name = 'ml.run.metric'
+  AND j.key IS NOT json_extract(e.body, '$.payload.metric_name')
+"""
+    + _POINT_CONFLICT
+)
 _UPSERT_RUN = """
 INSERT INTO model_runs (model_run_id, study, first_event_at, last_event_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (model_run_id) DO UPDATE SET
@@ -212,7 +238,13 @@ def format_ts(event: Event) -> str:
     return _format_dt(event.timestamp)
 
 
+_ENCODE_JSON = msgspec.json.Encoder().encode
+
+
 def _format_dt(ts: datetime) -> str:
+    text = _ENCODE_JSON(ts)  # '"2026-11-22T12:34:56.789000Z"' for UTC with microseconds
+    if len(text) == 29 and text[27] == 90:  # ord("Z"): already the fixed-width form
+        return text[1:28].decode()
     if ts.utcoffset():
         ts = ts.astimezone(UTC)
     return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
@@ -228,26 +260,13 @@ def _ids_of(payload: Any) -> tuple[str | None, str | None]:
     return payload.model_run_id, payload.trial_id
 
 
-def _metric_points(payload: Mapping[str, Any]) -> dict[str, float]:
-    points = dict(payload.get("measurements") or {})
-    if payload.get("metric_name") is not None:
-        points[payload["metric_name"]] = payload["metric_value"]
-    return points
-
-
 def _projection_payload(ev: Event) -> dict[str, Any]:
     """What the projections read of an event object (records are read as they are)."""
     p = ev.payload
     if isinstance(p, Mapping):
         return dict(p)
-    if isinstance(ev, RunMetricEvent):
-        return {
-            "_points": ev.payload.points(),
-            "step": ev.payload.step,
-            "model_run_id": p.model_run_id,
-            "trial_id": p.trial_id,
-            "study": p.study,
-        }
+    if isinstance(ev, RunMetricEvent):  # its points are projected from the log in SQL
+        return {"model_run_id": p.model_run_id, "trial_id": p.trial_id, "study": p.study}
     return {
         "model_run_id": p.model_run_id,
         "trial_id": p.trial_id,
@@ -267,7 +286,7 @@ class AppendResult:
 
 
 # One logged event as the projections need it (same shape live and on replay):
-# (event id, name, formatted timestamp, payload mapping; metric payloads carry "_points").
+# (event id, name, formatted timestamp, payload mapping).
 _Row = tuple[str, str, str, Mapping[str, Any]]
 
 
@@ -310,12 +329,7 @@ def _pending_from_records(records: Sequence[dict[str, Any]]) -> list[_Pending]:
         p, name = r["payload"], r["name"]
         ts = _format_dt(r["timestamp"])
         run_id, trial_id = _ids_of(p)
-        row: _Row | None = None
-        if name == "ml.run.metric":
-            p["_points"] = _metric_points(p)
-            row = (r["id"], name, ts, p)
-        elif name.startswith("ml."):
-            row = (r["id"], name, ts, p)
+        row: _Row | None = (r["id"], name, ts, p) if name.startswith("ml.") else None
         out.append(((r["id"], name, ts, run_id, trial_id, body), row))
     if errors:
         raise _unserializable(errors)
@@ -336,17 +350,9 @@ def _pending_from_fast(events: Sequence[Any]) -> list[_Pending] | None:
         p, name = ev.payload, names[type(ev)]
         ts = _format_dt(ev.timestamp)
         run_id, trial_id = p.model_run_id, p.trial_id
-        if name == "ml.run.metric":
-            points = p.measurements
-            if p.metric_name is not None:
-                points = {**points, p.metric_name: p.metric_value}
-            proj: dict[str, Any] = {
-                "_points": points,
-                "step": p.step,
-                "model_run_id": run_id,
-                "trial_id": trial_id,
-                "study": p.study,
-            }
+        proj: dict[str, Any]
+        if name == "ml.run.metric":  # its points are projected from the log in SQL
+            proj = {"model_run_id": run_id, "trial_id": trial_id, "study": p.study}
         else:
             proj = {
                 "model_run_id": run_id,
@@ -449,8 +455,9 @@ class TrialStore:
     def append(self, events: Iterable[Event | Mapping[str, Any]]) -> AppendResult:
         """Validate, skip duplicates (by event id), append and project, in one transaction.
 
-        Parsed JSON (dicts) takes the ingest fast path (:func:`events.validate_records`);
-        event objects are already valid and are only serialised.
+        Parsed JSON (dicts) takes the ingest fast path (:func:`events.fast_events`, else
+        the models); event objects and fast-path structs are already valid and are only
+        serialised.
 
         Raises:
             EventValidationError: if any event is invalid; nothing is written then.
@@ -463,8 +470,13 @@ class TrialStore:
                 pending = _pending_from_fast(fast) if fast is not None else None
                 if pending is None:
                     pending = _pending_from_records(validate_records(items))
+            elif all(is_fast(e) for e in items):  # already validated (the gateway's path)
+                pending = _pending_from_fast(items)
+                if pending is None:  # something cannot be written: let the models name it
+                    pending = _pending_from_events(validate_events([to_event(e) for e in items]))
             else:
-                pending = _pending_from_events(validate_events(items))
+                objects = [to_event(e) if is_fast(e) else e for e in items]
+                pending = _pending_from_events(validate_events(objects))
         with self._lock:
             try:
                 return self._with_write_lock(lambda: self._append_locked(pending, len(items)))
@@ -475,30 +487,37 @@ class TrialStore:
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        self.conn.executemany(
+        cur = self.conn.executemany(
             "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [p[0] for p in pending],
         )
-        added = {
-            ev_id
-            for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
-        }
-        fresh = pending if len(added) == len(pending) else [p for p in pending if p[0][0] in added]
-        with gc_paused():
-            self._project([p[1] for p in fresh if p[1] is not None])
+        if cur.rowcount == len(pending):
+            fresh = pending
+        else:
+            added = {
+                ev_id
+                for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
+            }
+            fresh = [p for p in pending if p[0][0] in added]
         last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        with gc_paused():
+            self._project([p[1] for p in fresh if p[1] is not None], before, last_seq)
         ids = [p[0][0] for p in fresh]
         return AppendResult(len(fresh), n_in - len(fresh), ids, last_seq)
 
-    def _project(self, rows: Sequence[_Row]) -> None:
-        """Project logged events into the derived tables (shared by append and replay)."""
-        metric_rows = []
+    def _project(self, rows: Sequence[_Row], after_seq: int, upto_seq: int) -> None:
+        """Project logged events into the derived tables (shared by append and replay).
+
+        ``rows`` are the ``ml.*`` events logged with sequence numbers in
+        ``(after_seq, upto_seq]``; their metric points are projected in SQL from the log.
+        """
         runs: dict[str, list[Any]] = {}
         trials: set[tuple[str, str]] = set()
         artifact_rows = []
+        any_metric = False
         for ev_id, ev_name, ts, p in rows:
-            run_id, trial_id = p["model_run_id"], p["trial_id"]
+            run_id = p["model_run_id"]
             r = runs.get(run_id)
             if r is None:
                 runs[run_id] = [run_id, p.get("study"), ts, ts]
@@ -509,16 +528,16 @@ class TrialStore:
                 elif ts > r[3]:
                     r[3] = ts
             if ev_name == "ml.run.metric":
-                step = p["step"]
-                for name, value in p["_points"].items():
-                    metric_rows.append((run_id, trial_id, name, step, value, ts, ev_id))
+                any_metric = True
             else:
+                trial_id = p["trial_id"]
                 trials.add((run_id, trial_id))
                 if p.get("artifact_uri"):
                     kind = "trial" if ev_name.startswith("ml.trial.") else "run"
                     artifact_rows.append((run_id, trial_id, p["artifact_uri"], kind, ts, ev_id))
-        if metric_rows:
-            self.conn.executemany(_UPSERT_METRIC, metric_rows)
+        if any_metric:
+            self.conn.execute(_PROJECT_SINGLE_METRICS, (after_seq, upto_seq))
+            self.conn.execute(_PROJECT_MEASUREMENTS, (after_seq, upto_seq))
         if runs:
             self.conn.executemany(_UPSERT_RUN, list(runs.values()))
         if artifact_rows:
@@ -566,13 +585,11 @@ class TrialStore:
             ).fetchall()
             if not chunk:
                 return
-            rows = []
-            for _seq, ev_id, name, ts, body in chunk:
-                payload = json.loads(body)["payload"]
-                if name == "ml.run.metric":
-                    payload["_points"] = _metric_points(payload)
-                rows.append((ev_id, name, ts, payload))
-            self._project(rows)
+            rows = [
+                (ev_id, name, ts, json.loads(body)["payload"])
+                for _seq, ev_id, name, ts, body in chunk
+            ]
+            self._project(rows, after, chunk[-1][0])
             after = chunk[-1][0]
 
     # -- reading --------------------------------------------------------------------------
