@@ -553,10 +553,26 @@ def test_msgspec_fast_path_edge_cases_agree_with_the_models(record: dict[str, An
 
 
 def test_a_rule_the_fast_path_cannot_translate_stops_the_import() -> None:
+    from typing import Annotated
+
     from pydantic import StringConstraints
 
     with pytest.raises(TypeError, match="cannot translate"):
         E._fast_type(str, [StringConstraints(to_lower=True)])
+    with pytest.raises(TypeError, match="cannot check a pattern"):
+        E._fast_type(dict[str, Annotated[str, StringConstraints(pattern="^a$")]])
+
+
+def test_metric_names_are_checked_after_the_batch_and_the_cache_admits_no_bad_name() -> None:
+    good = canonical(measurements={"val_loss": 0.5, "lr": 0.1})
+    assert E.fast_events([good]) is not None  # caches both names as matching
+    for bad_name in ("val_loss\n", "val loss!", "λ"):
+        bad = canonical(measurements={"val_loss": 0.5, bad_name: 0.1})
+        assert E.fast_events([good, bad]) is None
+        with pytest.raises(EventValidationError) as info:
+            E.validate_records([good, bad])
+        assert [e.index for e in info.value.errors] == [1]
+        assert E.fast_events([canonical(metric_name=bad_name)]) is None
 
 
 @pytest.mark.parametrize(

@@ -644,16 +644,30 @@ def _fast_pattern(pattern: str) -> str:
     return pattern
 
 
-def _fast_type(tp: Any, metadata: Sequence[Any] = ()) -> Any:
-    """The msgspec type of a pydantic field type with its constraints (strict, as the models)."""
+def _fast_type(
+    tp: Any,
+    metadata: Sequence[Any] = (),
+    patterns: list[tuple[str, str]] | None = None,
+    where: str = "value",
+) -> Any:
+    """The msgspec type of a pydantic field type with its constraints (strict, as the models).
+
+    String patterns are not given to msgspec (its per-string ``re`` call would cost more
+    than all the rest of the validation); they are collected in ``patterns`` as
+    ``(where, pattern)`` — ``where`` is ``"value"`` or ``"key"`` (of a dict) — and checked
+    after the batch against a cache of names already seen (``_any_fault``).
+    """
+    if patterns is None:
+        patterns = []
     if get_origin(tp) is Annotated:
         base, *extra = get_args(tp)
-        return _fast_type(base, [*metadata, *extra])
+        return _fast_type(base, [*metadata, *extra], patterns, where)
     meta: dict[str, Any] = {}
     tz = False
     for m in metadata:
         if isinstance(m, FieldInfo):
-            return _fast_type(tp, [*m.metadata, *(x for x in metadata if x is not m)])
+            rest = [*m.metadata, *(x for x in metadata if x is not m)]
+            return _fast_type(tp, rest, patterns, where)
         if isinstance(m, StringConstraints):
             if m.strip_whitespace or m.to_upper or m.to_lower or m.ascii_only:
                 raise TypeError(f"the fast path cannot translate {m!r}")
@@ -661,7 +675,9 @@ def _fast_type(tp: Any, metadata: Sequence[Any] = ()) -> Any:
                 if getattr(m, key) is not None:
                     meta[key] = getattr(m, key)
             if m.pattern is not None:
-                meta["pattern"] = _fast_pattern(str(m.pattern))
+                if where not in ("value", "key"):
+                    raise TypeError(f"the fast path cannot check a pattern in a {where}")
+                patterns.append((where, _fast_pattern(str(m.pattern))))
         elif isinstance(m, annotated_types.Ge | annotated_types.Gt | annotated_types.Le):
             key = type(m).__name__.lower()
             meta[key] = getattr(m, key)
@@ -675,12 +691,13 @@ def _fast_type(tp: Any, metadata: Sequence[Any] = ()) -> Any:
             raise TypeError(f"the fast path cannot translate {m!r} on {tp!r}")
     origin = get_origin(tp)
     if origin in (Union, UnionType):
-        return Union[tuple(_fast_type(a) for a in get_args(tp))]  # noqa: UP007
+        return Union[tuple(_fast_type(a, (), patterns, where) for a in get_args(tp))]  # noqa: UP007
     if origin is Literal:
         return tp
     if origin is dict:
         key, value = get_args(tp)
-        return dict[_fast_type(key), _fast_type(value)]  # type: ignore[misc]
+        fast_key = _fast_type(key, (), patterns, "key")
+        return dict[fast_key, _fast_type(value, (), patterns, "dict value")]  # type: ignore[valid-type,misc]
     if tp is AwareDatetime:
         tp, tz = datetime, True
     elif tp is float:  # finite: NaN fails both bounds, infinity one
@@ -697,6 +714,11 @@ def _fast_type(tp: Any, metadata: Sequence[Any] = ()) -> Any:
 
 
 _FAST_BY_MODEL: dict[type[BaseModel], Any] = {}
+# struct -> (field, "value" | "key", compiled pattern): the patterns checked after a batch
+_PATTERN_CHECKS: dict[Any, list[tuple[str, str, re.Pattern[str]]]] = {}
+# Strings that matched their pattern already (metric names repeat in every event); bounded.
+_MATCHED: dict[re.Pattern[str], set[str]] = {}
+_MATCHED_MAX = 100_000
 
 
 def _fast_struct(model: type[BaseModel], tag: str | None = None) -> Any:
@@ -704,10 +726,13 @@ def _fast_struct(model: type[BaseModel], tag: str | None = None) -> Any:
     if tag is None and model in _FAST_BY_MODEL:
         return _FAST_BY_MODEL[model]
     fields: list[Any] = []
+    checks: list[tuple[str, str, re.Pattern[str]]] = []
     for name, info in model.model_fields.items():
         if name == "name" and tag is not None:
             continue  # the struct's tag
-        tp = _fast_type(info.annotation, info.metadata)
+        found: list[tuple[str, str]] = []
+        tp = _fast_type(info.annotation, info.metadata, found)
+        checks += [(name, where, re.compile(pattern)) for where, pattern in found]
         if info.default_factory is not None:
             factory: Any = info.default_factory
             fields.append((name, tp, msgspec.field(default_factory=factory)))
@@ -727,6 +752,8 @@ def _fast_struct(model: type[BaseModel], tag: str | None = None) -> Any:
     )
     if tag is None:
         _FAST_BY_MODEL[model] = struct
+    if checks:
+        _PATTERN_CHECKS[struct] = checks
     return struct
 
 
@@ -758,6 +785,22 @@ def _nests_deeper(value: dict[str, Any], limit: int) -> bool:
     return False
 
 
+def _breaks_pattern(payload: Any, checks: list[tuple[str, str, re.Pattern[str]]]) -> bool:
+    for field_name, where, pattern in checks:
+        value = getattr(payload, field_name)
+        if value is None:
+            continue
+        matched = _MATCHED.setdefault(pattern, set())
+        for text in value if where == "key" else (value,):
+            if text not in matched:
+                if pattern.search(text) is None:
+                    return True
+                if len(matched) >= _MATCHED_MAX:
+                    matched.clear()
+                matched.add(text)
+    return False
+
+
 def _any_fault(events: Sequence[Any]) -> bool:
     """Whether any validated event breaks a rule the models check in Python
     (``_utc_representable``, ``_metric_fault``), in one tight loop: a function call per
@@ -770,6 +813,9 @@ def _any_fault(events: Sequence[Any]) -> bool:
             except OverflowError:
                 return True
         p = ev.payload
+        checks = _PATTERN_CHECKS.get(type(p))
+        if checks is not None and _breaks_pattern(p, checks):
+            return True
         for free in (p.metadata, getattr(p, "parameters", None)):
             if free and _nests_deeper(free, _FREE_FORM_DEPTH):
                 return True
