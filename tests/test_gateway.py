@@ -691,6 +691,27 @@ def test_parse_body_accepts_every_wire_shape() -> None:
     assert err.value.errors[0].rule == "batch_too_large"
 
 
+def test_canonical_bodies_reach_the_store_on_the_fast_path_as_the_models_read_them() -> None:
+    from thunderline_lab.gateway import _parse_for_store
+
+    evs = study_events(n_trials=2, epochs=3)
+    body = ("[" + ",".join(e.model_dump_json() for e in evs) + "]").encode()
+    fast = _parse_for_store(body, default_model_run_id="x", max_events=1000)
+    assert fast and all(E.is_fast(ev) for ev in fast)  # not the models: the fast path
+    assert [E.to_event(ev) for ev in fast] == parse_body(body) == evs
+    one = _parse_for_store(
+        evs[0].model_dump_json().encode(), default_model_run_id="x", max_events=9
+    )
+    assert [E.to_event(ev) for ev in one] == evs[:1]
+    seed = b'{"event": "ml.trial.start", "trial_id": "t", "metadata": {"spectral_norm": 1}}'
+    assert not E.is_fast(_parse_for_store(seed, default_model_run_id="x", max_events=9)[0])
+    via_fast, via_models = TrialStore(), TrialStore()
+    via_fast.append(fast)
+    via_models.append(evs)
+    for table in TABLES:
+        pd.testing.assert_frame_equal(via_fast.table(table), via_models.table(table))
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving, security
 # ---------------------------------------------------------------------------------------------

@@ -183,15 +183,6 @@ def parse_body(
     """
     events: list[Event] | None = None
     if _looks_canonical(body) and not _SURROGATE_ESCAPE.search(body):
-        # canonical ml.* events: msgspec structs straight from the bytes (they read like
-        # events; the store appends them as they are). The checks of storage_errors are
-        # part of that schema.
-        text = body.strip()
-        fast = fast_events(b"[" + text + b"]" if text[:1] == b"{" else text)
-        if fast is not None:
-            _check_count(len(fast), max_events)
-            return fast
-
         # canonical ml.* events validate straight from the bytes in one pass; anything
         # else (seed payloads, JSON lines, errors to name) takes the wire path below
         with contextlib.suppress(ValidationError, RecursionError):
@@ -228,6 +219,20 @@ def parse_body(
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _parse_for_store(body: bytes, *, default_model_run_id: str, max_events: int) -> list[Any]:
+    """What the gateway appends: canonical ``ml.*`` bodies as msgspec structs straight from
+    the bytes (:func:`events.fast_events`; the store appends them as they are, and the
+    checks of :func:`storage_errors` are part of that schema), anything else as
+    :func:`parse_body` gives it."""
+    if _looks_canonical(body) and not _SURROGATE_ESCAPE.search(body):
+        text = body.strip()
+        fast = fast_events(b"[" + text + b"]" if text[:1] == b"{" else text)
+        if fast is not None:
+            _check_count(len(fast), max_events)
+            return fast
+    return parse_body(body, default_model_run_id=default_model_run_id, max_events=max_events)
 
 
 def _surrogate_errors(records: list[Any]) -> list[ErrorDetail]:
@@ -982,10 +987,13 @@ def create_app(
         try:
             if len(body) > _THREADPOOL_BODY:
                 events = await run_in_threadpool(
-                    parse_body, body, default_model_run_id=default_run, max_events=max_batch_events
+                    _parse_for_store,
+                    body,
+                    default_model_run_id=default_run,
+                    max_events=max_batch_events,
                 )
             else:
-                events = parse_body(
+                events = _parse_for_store(
                     body, default_model_run_id=default_run, max_events=max_batch_events
                 )
         except EventValidationError as exc:
