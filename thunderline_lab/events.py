@@ -854,8 +854,9 @@ def fast_events(items: Sequence[Any] | bytes) -> list[Any] | None:
     ``items`` is parsed JSON (a list of dicts) or JSON text (an array). None means the fast
     path does not vouch for the batch — it breaks a rule, holds other event kinds, or needs
     the models' reading — and the caller must validate it with the models, which accept it
-    or name every fault. Each struct has the model's fields; ``type(ev).name`` is not set:
-    the event's name is ``FAST_NAMES[type(ev)]``.
+    or name every fault. Each struct has the model's fields and reads like an event for
+    what ingest needs (``ev.name``, ``ev.id``, ``ev.timestamp``, ``ev.payload.step``); it
+    has none of the models' methods: :func:`to_event` makes the model.
     """
     with gc_paused():
         try:
