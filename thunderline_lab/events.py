@@ -37,6 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
+from operator import attrgetter
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -801,48 +803,59 @@ def _names_unmatched(seen: dict[re.Pattern[str], set[str]]) -> bool:
 
 def _any_fault(events: Sequence[Any]) -> bool:
     """Whether any validated event breaks a rule the models check in Python
-    (``_utc_representable``, ``_metric_fault``, string patterns, free-form depth), in one
-    tight loop: a function call per record would cost a third of the batch."""
-    seen: dict[re.Pattern[str], set[str]] = {}
-    checks_of = _PATTERN_CHECKS
-    metric_payload = _FAST_METRIC_PAYLOAD
-    for ev in events:
-        ts = ev.timestamp
-        if ts.year in (1, 9999):
+    (``_utc_representable``, ``_metric_fault``, string patterns, free-form depth).
+
+    Written as whole-batch passes (comprehensions, ``map``, set unions) rather than one
+    loop over the events: per-event Python statements would cost as much as msgspec's
+    own validation of the batch.
+    """
+    if not events:
+        return False
+    years = set(map(_YEAR_OF, events))
+    if 1 in years or 9999 in years:  # only the calendar's ends can overflow in UTC
+        for ev in events:
             try:
-                ts.astimezone(UTC)
+                ev.timestamp.astimezone(UTC)
             except OverflowError:
                 return True
-        p = ev.payload
-        kind = type(p)
-        for field_name, where, pattern in checks_of.get(kind, ()):
-            value = getattr(p, field_name)
-            if value:
-                texts = seen.get(pattern)
-                if texts is None:
-                    texts = seen[pattern] = set()
-                if where == "key":
-                    texts.update(value)
-                else:
-                    texts.add(value)
-        if p.metadata and _nests_deeper(p.metadata, _FREE_FORM_DEPTH):
-            return True
-        if kind is metric_payload:
-            if p.metric_name is None:
-                if p.metric_value is not None or not p.measurements:
+    payloads = list(map(_PAYLOAD_OF, events))
+    if any(map(_METADATA_OF, payloads)) and any(
+        _nests_deeper(p.metadata, _FREE_FORM_DEPTH) for p in payloads if p.metadata
+    ):
+        return True
+    kinds = {type(p) for p in payloads}
+    groups = (
+        {kinds.pop(): payloads}
+        if len(kinds) == 1
+        else {k: [p for p in payloads if type(p) is k] for k in kinds}
+    )
+    seen: dict[re.Pattern[str], set[str]] = {}
+    for kind, group in groups.items():
+        for field_name, where, pattern in _PATTERN_CHECKS.get(kind, ()):
+            values = map(attrgetter(field_name), group)
+            texts = seen.setdefault(pattern, set())
+            if where == "key":
+                texts.update(chain.from_iterable(values))
+            else:
+                texts.update(values)
+                texts.discard(None)
+        if kind is _FAST_METRIC_PAYLOAD:
+            for p in group:
+                if (p.metric_name is None) is not (p.metric_value is None) or (
+                    p.metric_name is None and not p.measurements
+                ):
                     return True
-            elif p.metric_value is None:
-                return True
-        elif (
-            kind in _WITH_PARAMETERS
-            and p.parameters
-            and _nests_deeper(p.parameters, _FREE_FORM_DEPTH)
+        elif kind in _WITH_PARAMETERS and any(
+            _nests_deeper(p.parameters, _FREE_FORM_DEPTH) for p in group if p.parameters
         ):
             return True
     return _names_unmatched(seen)
 
 
 _FAST_METRIC_PAYLOAD = _FAST_BY_MODEL[RunMetric]
+_YEAR_OF = attrgetter("timestamp.year")
+_PAYLOAD_OF = attrgetter("payload")
+_METADATA_OF = attrgetter("metadata")
 _WITH_PARAMETERS = frozenset(
     struct for struct in _FAST_BY_MODEL.values() if "parameters" in struct.__struct_fields__
 )
