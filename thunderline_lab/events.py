@@ -885,7 +885,7 @@ def fast_events(items: Sequence[Any] | bytes) -> list[Any] | None:
                 out = msgspec.convert(items, _FAST_TYPE)
         except (msgspec.MsgspecError, RecursionError, TypeError, ValueError):
             return None
-    return None if _any_fault(out) else out
+        return None if _any_fault(out) else out
 
 
 FAST_NAMES: dict[type, str] = {cls: name for name, cls in _FAST_STRUCTS.items()}
