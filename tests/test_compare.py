@@ -479,7 +479,9 @@ def test_vectorised_row_conversions_match_the_per_value_ones() -> None:
         cmp._floats(numeric), np.array([0.5, 3.0, np.nan, -2.5, 2.0**70]), equal_nan=True
     )
     assert np.array_equal(
-        cmp._float_column([1, None, 0.25, "2"]), np.array([1.0, np.nan, 0.25, 2.0]), equal_nan=True
+        cmp._floats([1, None, 0.25, "2"], cmp._nan_or_float),
+        np.array([1.0, np.nan, 0.25, 2.0]),
+        equal_nan=True,
     )
     statuses = np.array(["pruned", "completed", "failed", "completed", "running"], dtype=object)
     pairs = np.array(["b", None, "a", "b", 7], dtype=object)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import itertools
 import json
 import math
@@ -47,7 +46,7 @@ import threading
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ import numpy as np
 import pandas as pd
 
 from thunderline_lab.errors import StudyError
+from thunderline_lab.events import gc_paused
 from thunderline_lab.store import TrialStore
 
 __all__ = [
@@ -425,21 +425,18 @@ def _all_str(values: Iterable[Any]) -> bool:
     return {str}.issuperset(map(type, values))
 
 
-def _floats(values: Sequence[Any]) -> np.ndarray:
-    """``[_as_float(v) for v in values]`` as a float array, vectorised when every value is
-    a float, an int or None (what SQLite returns for numbers and missing keys)."""
-    if _NUMERIC_TYPES.issuperset(map(type, values)):
-        with contextlib.suppress(OverflowError):
-            return np.array(values, dtype=float)  # None -> nan
-    return np.array([_as_float(v) for v in values], dtype=float)
-
-
-def _float_column(values: Sequence[Any]) -> np.ndarray:
-    """``[nan if v is None else float(v) for v in values]``, vectorised for numbers/None."""
+def _floats(values: Sequence[Any], convert: Callable[[Any], float] | None = None) -> np.ndarray:
+    """``[convert(v) for v in values]`` as a float array (``convert`` defaults to
+    :func:`_as_float`), vectorised when every value is a float, an int or None (what SQLite
+    returns for numbers and missing keys; None becomes nan)."""
     if _NUMERIC_TYPES.issuperset(map(type, values)):
         with contextlib.suppress(OverflowError):
             return np.array(values, dtype=float)
-    return np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+    return np.array([(convert or _as_float)(v) for v in values], dtype=float)
+
+
+def _nan_or_float(v: Any) -> float:
+    return math.nan if v is None else float(v)
 
 
 def _fetch_rows(
@@ -505,24 +502,11 @@ def _discover_keys(store: TrialStore, study: str, sample: int = 200) -> set[str]
 KeySelector = Callable[[set[str]], Iterable[str]]
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic GC while a study's rows are read: the 100,000s of row tuples would trigger
-    full collections that cost as much as the conversion itself (none of them is cyclic)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _build_frame(store: TrialStore, study: str, select: KeySelector) -> _Frame:
     watermark = store.last_seq()
     discovered = _discover_keys(store, study)
     wanted = sorted(set(select(discovered)) & discovered)
-    with _gc_paused():
+    with gc_paused():  # 100,000s of acyclic row tuples
         rows = _fetch_rows(store, study, wanted)
         frame = _frame_from_rows(rows, wanted, discovered, watermark)
         del rows
@@ -535,8 +519,8 @@ def _frame_from_rows(
 ) -> _Frame:
     n = len(rows)
     cols = list(zip(*rows, strict=True)) if rows else [()] * (6 + len(keys))
-    sn = _float_column(cols[3])
-    coeff = _float_column(cols[4])
+    sn = _floats(cols[3], _nan_or_float)
+    coeff = _floats(cols[4], _nan_or_float)
     pair = np.empty(n, dtype=object)
     pair[:] = list(cols[5])
     columns = {k: _floats(cols[6 + j]) for j, k in enumerate(keys)}
@@ -614,7 +598,7 @@ def _ensure_columns(store: TrialStore, study: str, frame: _Frame, keys: Iterable
     missing = sorted(k for k in set(keys) & frame.keys if k not in frame.columns)
     if not missing:
         return
-    with _gc_paused():
+    with gc_paused():  # 100,000s of acyclic row tuples
         rows = _fetch_rows(store, study, missing, ids_only=True)
         if len(rows) == frame.n and rows:
             cols = list(zip(*rows, strict=True))

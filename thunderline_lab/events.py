@@ -727,6 +727,12 @@ def _fast_struct(model: type[BaseModel], tag: str | None = None) -> Any:
     """A msgspec struct with the model's fields, in the model's order, forbidding extras."""
     if tag is None and model in _FAST_BY_MODEL:
         return _FAST_BY_MODEL[model]
+    decorators = model.__pydantic_decorators__
+    validators: list[Any] = [*decorators.model_validators.values()]
+    validators += decorators.field_validators.values()
+    for dec in validators:
+        if dec.func not in _RECHECKED_IN_PYTHON:  # a rule the structs would silently drop
+            raise TypeError(f"the fast path cannot translate validator {dec.func!r}")
     fields: list[Any] = []
     checks: list[tuple[str, str, re.Pattern[str]]] = []
     for name, info in model.model_fields.items():

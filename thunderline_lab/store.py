@@ -49,11 +49,9 @@ from pydantic_core import PydanticSerializationError, to_json
 from thunderline_lab.bus import EventBus, Subscription
 from thunderline_lab.errors import StoreError
 from thunderline_lab.events import (
-    FAST_NAMES,
     ErrorDetail,
     Event,
     EventValidationError,
-    RunMetricEvent,
     dump_events,
     encode_fast,
     fast_events,
@@ -261,13 +259,12 @@ def _ids_of(payload: Any) -> tuple[str | None, str | None]:
 
 
 def _projection_payload(ev: Event) -> dict[str, Any]:
-    """What the projections read of an event object (records are read as they are)."""
+    """What the projections read of an event object or fast-path struct (records are read
+    as they are)."""
     p = ev.payload
     if isinstance(p, Mapping):
         return dict(p)
-    if isinstance(ev, RunMetricEvent):  # its points are projected from the log in SQL
-        return {"model_run_id": p.model_run_id, "trial_id": p.trial_id, "study": p.study}
-    return {
+    return {  # a metric event's points are projected from the log in SQL
         "model_run_id": p.model_run_id,
         "trial_id": p.trial_id,
         "study": p.study,
@@ -338,30 +335,13 @@ def _pending_from_records(records: Sequence[dict[str, Any]]) -> list[_Pending]:
 
 def _pending_from_fast(events: Sequence[Any]) -> list[_Pending] | None:
     """Rows of events validated by :func:`events.fast_events` (None: one cannot be written
-    as JSON; the records path then names it)."""
+    as JSON; the models then name it)."""
     unique, _ = _unique(events, attrgetter("id"))
-    out: list[_Pending] = []
-    names = FAST_NAMES
-    for ev in unique:
-        try:
-            body = encode_fast(ev)
-        except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
-            return None
-        p, name = ev.payload, names[type(ev)]
-        ts = _format_dt(ev.timestamp)
-        run_id, trial_id = p.model_run_id, p.trial_id
-        proj: dict[str, Any]
-        if name == "ml.run.metric":  # its points are projected from the log in SQL
-            proj = {"model_run_id": run_id, "trial_id": trial_id, "study": p.study}
-        else:
-            proj = {
-                "model_run_id": run_id,
-                "trial_id": trial_id,
-                "study": p.study,
-                "artifact_uri": getattr(p, "artifact_uri", None),
-            }
-        out.append(((ev.id, name, ts, run_id, trial_id, body), (ev.id, name, ts, proj)))
-    return out
+    try:
+        bodies = [encode_fast(ev) for ev in unique]
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
+        return None
+    return _pending_rows(unique, bodies)
 
 
 def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
@@ -372,6 +352,11 @@ def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
         raise EventValidationError(
             [replace(e, index=position[e.index or 0]) for e in exc.errors]
         ) from None
+    return _pending_rows(unique, bodies)
+
+
+def _pending_rows(unique: Sequence[Any], bodies: Sequence[str]) -> list[_Pending]:
+    """The rows of distinct event objects or fast-path structs (both read as events)."""
     out: list[_Pending] = []
     for ev, body in zip(unique, bodies, strict=True):
         ts = _format_dt(ev.timestamp)
@@ -470,13 +455,11 @@ class TrialStore:
                 pending = _pending_from_fast(fast) if fast is not None else None
                 if pending is None:
                     pending = _pending_from_records(validate_records(items))
-            elif all(is_fast(e) for e in items):  # already validated (the gateway's path)
-                pending = _pending_from_fast(items)
-                if pending is None:  # something cannot be written: let the models name it
-                    pending = _pending_from_events(validate_events([to_event(e) for e in items]))
-            else:
-                objects = [to_event(e) if is_fast(e) else e for e in items]
-                pending = _pending_from_events(validate_events(objects))
+            else:  # event objects, or fast-path structs already validated (the gateway's)
+                pending = _pending_from_fast(items) if all(map(is_fast, items)) else None
+                if pending is None:  # mixed, or a struct cannot be written: the models name it
+                    objects = [to_event(e) if is_fast(e) else e for e in items]
+                    pending = _pending_from_events(validate_events(objects))
         with self._lock:
             try:
                 return self._with_write_lock(lambda: self._append_locked(pending, len(items)))
