@@ -37,8 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import chain
-from operator import attrgetter
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, itemgetter
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -797,6 +797,17 @@ def _nests_deeper(value: dict[str, Any], limit: int) -> bool:
     return False
 
 
+def _any_too_deep(maps: list[dict[str, Any]]) -> bool:
+    """Whether any free-form map nests deeper than ``_FREE_FORM_DEPTH``: one pass over all
+    the values' types first (flat maps, the usual case, cost no per-map Python call)."""
+    if not _CONTAINERS.intersection(map(type, chain.from_iterable(map(dict.values, maps)))):
+        return False
+    return any(_nests_deeper(m, _FREE_FORM_DEPTH) for m in maps if m)
+
+
+_CONTAINERS = frozenset((dict, list))
+
+
 def _names_unmatched(seen: dict[re.Pattern[str], set[str]]) -> bool:
     """Whether any string collected for a pattern fails it; matches are cached."""
     for pattern, texts in seen.items():
@@ -829,9 +840,7 @@ def _any_fault(events: Sequence[Any]) -> bool:
             except OverflowError:
                 return True
     payloads = list(map(_PAYLOAD_OF, events))
-    if any(map(_METADATA_OF, payloads)) and any(
-        _nests_deeper(p.metadata, _FREE_FORM_DEPTH) for p in payloads if p.metadata
-    ):
+    if _any_too_deep(list(map(_METADATA_OF, payloads))):
         return True
     kinds = {type(p) for p in payloads}
     groups = (
@@ -850,14 +859,14 @@ def _any_fault(events: Sequence[Any]) -> bool:
                 texts.update(values)
                 texts.discard(None)
         if kind is _FAST_METRIC_PAYLOAD:
-            for p in group:
-                if (p.metric_name is None) is not (p.metric_value is None) or (
-                    p.metric_name is None and not p.measurements
-                ):
-                    return True
-        elif kind in _WITH_PARAMETERS and any(
-            _nests_deeper(p.parameters, _FREE_FORM_DEPTH) for p in group if p.parameters
-        ):
+            # the models' _one_metric_at_least: a name and a value together, or neither and
+            # a non-empty measurements map
+            no_name = list(map(is_, map(_METRIC_NAME_OF, group), repeat(None)))
+            if no_name != list(map(is_, map(_METRIC_VALUE_OF, group), repeat(None))):
+                return True
+            if any(no_name) and not all(compress(map(_MEASUREMENTS_OF, group), no_name)):
+                return True
+        elif kind in _WITH_PARAMETERS and _any_too_deep(list(map(_PARAMETERS_OF, group))):
             return True
     return _names_unmatched(seen)
 
@@ -866,9 +875,25 @@ _FAST_METRIC_PAYLOAD = _FAST_BY_MODEL[RunMetric]
 _YEAR_OF = attrgetter("timestamp.year")
 _PAYLOAD_OF = attrgetter("payload")
 _METADATA_OF = attrgetter("metadata")
+_PARAMETERS_OF = attrgetter("parameters")
+_METRIC_NAME_OF = attrgetter("metric_name")
+_METRIC_VALUE_OF = attrgetter("metric_value")
+_MEASUREMENTS_OF = attrgetter("measurements")
 _WITH_PARAMETERS = frozenset(
     struct for struct in _FAST_BY_MODEL.values() if "parameters" in struct.__struct_fields__
 )
+
+
+def _sub_microsecond(stamps: list[Any]) -> bool:
+    """Whether a timestamp given as text has more than six decimal places (whole-list
+    passes: a batch of texts no longer than ``2026-01-01T00:00:00.123456Z`` needs no regex)."""
+    texts = stamps if set(map(type, stamps)) == {str} else [s for s in stamps if type(s) is str]
+    if not texts or max(map(len, texts)) <= 27:
+        return False
+    return any(_SUB_MICROSECOND.search(s) for s in texts if len(s) > 27)
+
+
+_TIMESTAMP_OF = itemgetter("timestamp")
 
 
 def fast_events(items: Sequence[Any] | bytes) -> list[Any] | None:
@@ -888,13 +913,11 @@ def fast_events(items: Sequence[Any] | bytes) -> list[Any] | None:
                     return None
                 out = _FAST_JSON.decode(items)
             else:
-                for r in items:
-                    ts = r.get("timestamp") if type(r) is dict else None
-                    if type(ts) is str and len(ts) > 27 and _SUB_MICROSECOND.search(ts):
-                        return None
+                if _sub_microsecond(list(map(_TIMESTAMP_OF, items))):
+                    return None
                 out = msgspec.convert(items, _FAST_TYPE)
-        except (msgspec.MsgspecError, RecursionError, TypeError, ValueError):
-            return None
+        except (msgspec.MsgspecError, RecursionError, TypeError, ValueError, KeyError):
+            return None  # KeyError: a record without a timestamp, which the models name
         return None if _any_fault(out) else out
 
 

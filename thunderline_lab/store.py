@@ -49,11 +49,11 @@ from pydantic_core import PydanticSerializationError, to_json
 from thunderline_lab.bus import EventBus, Subscription
 from thunderline_lab.errors import StoreError
 from thunderline_lab.events import (
+    FAST_NAMES,
     ErrorDetail,
     Event,
     EventValidationError,
     dump_events,
-    encode_fast,
     fast_events,
     gc_paused,
     is_fast,
@@ -248,6 +248,15 @@ def _format_dt(ts: datetime) -> str:
     return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+def _format_stamps(stamps: Sequence[datetime]) -> list[str]:
+    """``_format_dt`` of many timestamps: one msgspec encode and decode of the whole list
+    (UTC stamps with microseconds come out fixed-width already: 27 characters)."""
+    texts = msgspec.json.decode(_ENCODE_JSON(stamps), type=list[str])
+    if set(map(len, texts)) == {27}:
+        return texts
+    return [t if len(t) == 27 else _format_dt(ts) for t, ts in zip(texts, stamps, strict=True)]
+
+
 def _ids_of(payload: Any) -> tuple[str | None, str | None]:
     if isinstance(payload, Mapping):  # a record, or a GenericEvent's free-form payload
         run_id, trial_id = payload.get("model_run_id"), payload.get("trial_id")
@@ -258,18 +267,20 @@ def _ids_of(payload: Any) -> tuple[str | None, str | None]:
     return payload.model_run_id, payload.trial_id
 
 
-def _projection_payload(ev: Event) -> dict[str, Any]:
-    """What the projections read of an event object or fast-path struct (records are read
-    as they are)."""
-    p = ev.payload
+def _projection_row(ev_id: str, name: str, ts: str, p: Any) -> _Row:
+    """What the projections read of an ``ml.*`` event's payload (a mapping or a model)."""
     if isinstance(p, Mapping):
-        return dict(p)
-    return {  # a metric event's points are projected from the log in SQL
-        "model_run_id": p.model_run_id,
-        "trial_id": p.trial_id,
-        "study": p.study,
-        "artifact_uri": getattr(p, "artifact_uri", None),
-    }
+        get = p.get
+        return (
+            ev_id,
+            name,
+            ts,
+            get("model_run_id"),
+            get("trial_id"),
+            get("study"),
+            get("artifact_uri"),
+        )
+    return (ev_id, name, ts, p.model_run_id, p.trial_id, p.study, getattr(p, "artifact_uri", None))
 
 
 @dataclass(frozen=True)
@@ -282,17 +293,20 @@ class AppendResult:
     last_seq: int
 
 
-# One logged event as the projections need it (same shape live and on replay):
-# (event id, name, formatted timestamp, payload mapping).
-_Row = tuple[str, str, str, Mapping[str, Any]]
+# One logged ``ml.*`` event as the projections need it (same shape live and on replay):
+# (event id, name, formatted timestamp, model_run_id, trial_id, study, artifact_uri).
+# A metric event's points are projected from the log in SQL.
+_Row = tuple[str, str, str, Any, Any, Any, Any]
 
 
 # An event ready to log: its events-table row, and its projection row (None outside ml.*).
 _Pending = tuple[tuple[Any, ...], _Row | None]
 
 
-def _unique(items: Sequence[Any], id_of: Any) -> tuple[list[Any], list[int]]:
+def _unique(items: Sequence[Any], id_of: Any) -> tuple[Sequence[Any], list[int]]:
     """First occurrence of each event id, and each one's index in the batch."""
+    if len(set(map(id_of, items))) == len(items):  # the usual batch: no repeated id
+        return items, list(range(len(items)))
     seen: set[str] = set()
     out, position = [], []
     for i, item in enumerate(items):
@@ -326,7 +340,7 @@ def _pending_from_records(records: Sequence[dict[str, Any]]) -> list[_Pending]:
         p, name = r["payload"], r["name"]
         ts = _format_dt(r["timestamp"])
         run_id, trial_id = _ids_of(p)
-        row: _Row | None = (r["id"], name, ts, p) if name.startswith("ml.") else None
+        row = _projection_row(r["id"], name, ts, p) if name.startswith("ml.") else None
         out.append(((r["id"], name, ts, run_id, trial_id, body), row))
     if errors:
         raise _unserializable(errors)
@@ -335,13 +349,38 @@ def _pending_from_records(records: Sequence[dict[str, Any]]) -> list[_Pending]:
 
 def _pending_from_fast(events: Sequence[Any]) -> list[_Pending] | None:
     """Rows of events validated by :func:`events.fast_events` (None: one cannot be written
-    as JSON; the models then name it)."""
-    unique, _ = _unique(events, attrgetter("id"))
+    as JSON; the models then name it).
+
+    Built column by column with ``map`` and ``zip`` (no per-event Python statement): every
+    struct is an ``ml.*`` event with a typed payload.
+    """
+    unique, _ = _unique(events, _ID_OF)
     try:
-        bodies = [encode_fast(ev) for ev in unique]
+        bodies = list(map(bytes.decode, map(_ENCODE_JSON, unique)))  # as encode_fast
     except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
         return None
-    return _pending_rows(unique, bodies)
+    payloads = list(map(_PAYLOAD_OF, unique))
+    ids, names = list(map(_ID_OF, unique)), list(map(_NAME_OF, unique))
+    stamps = _format_stamps(list(map(_TIMESTAMP_OF, unique)))
+    runs, trials = list(map(_RUN_OF, payloads)), list(map(_TRIAL_OF, payloads))
+    studies = list(map(_STUDY_OF, payloads))
+    artifacts: list[str | None] = [None] * len(payloads)
+    if not _WITH_ARTIFACT.isdisjoint(map(type, payloads)):
+        artifacts = [getattr(p, "artifact_uri", None) for p in payloads]
+    logged = zip(ids, names, stamps, runs, trials, bodies, strict=True)
+    rows = zip(ids, names, stamps, runs, trials, studies, artifacts, strict=True)
+    return list(zip(logged, rows, strict=True))
+
+
+_ID_OF, _NAME_OF, _TIMESTAMP_OF = attrgetter("id"), attrgetter("name"), attrgetter("timestamp")
+_PAYLOAD_OF, _STUDY_OF = attrgetter("payload"), attrgetter("study")
+_RUN_OF, _TRIAL_OF = attrgetter("model_run_id"), attrgetter("trial_id")
+_WITH_ARTIFACT = frozenset(  # the fast-path payload structs that have an artifact_uri
+    f.type
+    for struct in FAST_NAMES
+    for f in msgspec.structs.fields(struct)
+    if f.name == "payload" and "artifact_uri" in f.type.__struct_fields__
+)
 
 
 def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
@@ -355,13 +394,13 @@ def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
     return _pending_rows(unique, bodies)
 
 
-def _pending_rows(unique: Sequence[Any], bodies: Sequence[str]) -> list[_Pending]:
-    """The rows of distinct event objects or fast-path structs (both read as events)."""
+def _pending_rows(unique: Sequence[Event], bodies: Sequence[str]) -> list[_Pending]:
+    """The rows of distinct event objects."""
     out: list[_Pending] = []
     for ev, body in zip(unique, bodies, strict=True):
         ts = _format_dt(ev.timestamp)
         run_id, trial_id = _ids_of(ev.payload)
-        row = (ev.id, ev.name, ts, _projection_payload(ev)) if ev.name.startswith("ml.") else None
+        row = _projection_row(ev.id, ev.name, ts, ev.payload) if ev.name.startswith("ml.") else None
         out.append(((ev.id, ev.name, ts, run_id, trial_id, body), row))
     return out
 
@@ -499,13 +538,12 @@ class TrialStore:
         trials: set[tuple[str, str]] = set()
         artifact_rows = []
         any_metric = False
-        for ev_id, ev_name, ts, p in rows:
-            run_id = p["model_run_id"]
+        for ev_id, ev_name, ts, run_id, trial_id, study, artifact_uri in rows:
             r = runs.get(run_id)
             if r is None:
-                runs[run_id] = [run_id, p.get("study"), ts, ts]
+                runs[run_id] = [run_id, study, ts, ts]
             else:
-                r[1] = r[1] or p.get("study")
+                r[1] = r[1] or study
                 if ts < r[2]:
                     r[2] = ts
                 elif ts > r[3]:
@@ -513,11 +551,10 @@ class TrialStore:
             if ev_name == "ml.run.metric":
                 any_metric = True
             else:
-                trial_id = p["trial_id"]
                 trials.add((run_id, trial_id))
-                if p.get("artifact_uri"):
+                if artifact_uri:
                     kind = "trial" if ev_name.startswith("ml.trial.") else "run"
-                    artifact_rows.append((run_id, trial_id, p["artifact_uri"], kind, ts, ev_id))
+                    artifact_rows.append((run_id, trial_id, artifact_uri, kind, ts, ev_id))
         if any_metric:
             self.conn.execute(_PROJECT_SINGLE_METRICS, (after_seq, upto_seq))
             self.conn.execute(_PROJECT_MEASUREMENTS, (after_seq, upto_seq))
@@ -569,7 +606,7 @@ class TrialStore:
             if not chunk:
                 return
             rows = [
-                (ev_id, name, ts, json.loads(body)["payload"])
+                _projection_row(ev_id, name, ts, json.loads(body)["payload"])
                 for _seq, ev_id, name, ts, body in chunk
             ]
             self._project(rows, after, chunk[-1][0])
