@@ -800,7 +800,9 @@ def _nests_deeper(value: dict[str, Any], limit: int) -> bool:
 def _any_too_deep(maps: list[dict[str, Any]]) -> bool:
     """Whether any free-form map nests deeper than ``_FREE_FORM_DEPTH``: one pass over all
     the values' types first (flat maps, the usual case, cost no per-map Python call)."""
-    if not _CONTAINERS.intersection(map(type, chain.from_iterable(map(dict.values, maps)))):
+    if not any(maps) or not _CONTAINERS.intersection(
+        map(type, chain.from_iterable(map(dict.values, maps)))
+    ):
         return False
     return any(_nests_deeper(m, _FREE_FORM_DEPTH) for m in maps if m)
 
@@ -854,7 +856,7 @@ def _any_fault(events: Sequence[Any]) -> bool:
             values = map(attrgetter(field_name), group)
             texts = seen.setdefault(pattern, set())
             if where == "key":
-                texts.update(chain.from_iterable(values))
+                texts.update(*values)  # the keys of every map
             else:
                 texts.update(values)
                 texts.discard(None)
