@@ -231,6 +231,24 @@ def test_single_metric_overrides_the_same_name_in_measurements_on_every_path() -
     assert_same(snapshot(as_object), snapshot(as_dict))
 
 
+def test_batches_with_and_without_single_metrics_project_every_point() -> None:
+    def metric(step: int, **kw: Any) -> dict[str, Any]:
+        ev = E.run_metric(model_run_id="r", trial_id="t", step=step, timestamp=T0, **kw)
+        return json.loads(ev.to_json())
+
+    s = TrialStore()
+    s.append([metric(0, measurements={"loss": 1.0, "acc": 0.1})])  # measurements only
+    s.append(
+        [metric(1, measurements={"loss": 0.5}), metric(1, metric_name="acc", metric_value=0.2)]
+    )
+    hist = s.metric_history("r", "t")
+    points = set(zip(hist["name"], hist["step"], hist["value"], strict=True))
+    assert points == {("loss", 0, 1.0), ("acc", 0, 0.1), ("loss", 1, 0.5), ("acc", 1, 0.2)}
+    before = snapshot(s)
+    s.replay()
+    assert_same(snapshot(s), before)
+
+
 def test_dict_and_object_delivery_give_identical_stores() -> None:
     evs = study_events()
     objects, dicts = TrialStore(), TrialStore()

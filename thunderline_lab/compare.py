@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -274,12 +275,61 @@ def compare_arrays(
 ) -> dict[str, Any]:
     """One headline row from values of the two arms (aligned pairs when ``paired``).
 
+    The row is a pure function of the arguments; for large inputs (≥ 5,000 values) it is
+    remembered by a digest of the values and arguments and a copy returned when asked again
+    (:func:`clear_cache` forgets it).
+
     Example:
         >>> row = compare_arrays("acc", np.array([.9, .8, .85]), np.array([.85, .8, .8]),
         ...                      paired=True)
         >>> row["test"], round(row["diff"], 4)
         ('wilcoxon', 0.0333)
     """
+    key = None
+    if len(sn) + len(none) >= _ROW_MEMO_MIN:
+        key = (metric, paired, n_boot, confidence, seed, max_draws, _digest(sn, none))
+        with _ROW_MEMO_LOCK:
+            cached = _ROW_MEMO.get(key)
+            if cached is not None:
+                _ROW_MEMO.move_to_end(key)
+                return dict(cached)
+    row = _compare_arrays(metric, sn, none, paired, n_boot, confidence, seed, max_draws)
+    if key is not None:
+        with _ROW_MEMO_LOCK:
+            _ROW_MEMO[key] = dict(row)
+            while len(_ROW_MEMO) > _ROW_MEMO_SIZE:
+                _ROW_MEMO.popitem(last=False)
+    return row
+
+
+# compare_arrays is a pure function of its arguments: large inputs' rows are remembered by
+# a digest of the values (a live study's refresh rarely changes every metric's arms)
+_ROW_MEMO: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+_ROW_MEMO_LOCK = threading.Lock()
+_ROW_MEMO_SIZE = 256
+_ROW_MEMO_MIN = 5_000  # values; below this the row is about as quick to recompute as to hash
+
+
+def _digest(*arrays: np.ndarray) -> bytes:
+    """A digest of the arrays' dtypes, shapes and bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.data)
+    return h.digest()
+
+
+def _compare_arrays(
+    metric: str,
+    sn: np.ndarray,
+    none: np.ndarray,
+    paired: bool,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    max_draws: int,
+) -> dict[str, Any]:
     hib = higher_is_better(metric)
     row: dict[str, Any] = {"metric": metric, "design": "paired" if paired else "unpaired"}
     if paired:
@@ -344,6 +394,9 @@ class _Frame:
     _status_codes: tuple[np.ndarray, np.ndarray] | None = None
     # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
     history: dict[tuple[str, str], tuple[int, np.ndarray | None]] = field(default_factory=dict)
+    # what the comparison derives from the rows (arms per statuses, counts): cleared whenever
+    # a refresh changes a row
+    derived: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -589,6 +642,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
     if patched or appended:
         frame._pair_codes = None
         frame._status_codes = None
+        frame.derived.clear()
     frame.keys |= new_keys
     frame.watermark = last
     return frame
@@ -659,9 +713,12 @@ def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bo
 
 
 def clear_cache() -> None:
-    """Forget every cached study view (the next comparison re-reads the store)."""
+    """Forget every cached study view and remembered statistics (the next comparison
+    re-reads the store and recomputes every CI and test)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+    with _ROW_MEMO_LOCK:
+        _ROW_MEMO.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -945,22 +1002,20 @@ def _compare(
         _ensure_columns(store, study, frame, sigma_keys)
     notes: list[str] = []
     counts = _counts(frame)
-    names, status_code = frame.status_codes()
-    mask = np.isin(status_code, np.flatnonzero(np.isin(names, list(statuses))))
-    mask &= ~np.isnan(frame.sn)
-    is_sn, is_none = mask & (frame.sn == 1.0), mask & (frame.sn == 0.0)
+    arms = _arms(frame, statuses)
+    is_sn, is_none = arms.is_sn, arms.is_none
     if not (is_sn.any() or is_none.any()):
         raise StudyError(
             f"study {study!r}: no {'/'.join(statuses)} trial with a known spectral_norm arm"
         )
     codes = frame.pair_codes()
-    n_pairs_possible = _complete_pairs(codes, is_sn, is_none).sum() if (codes >= 0).any() else 0
+    n_pairs_possible = arms.n_pairs
     design_paired = bool(n_pairs_possible > 0) if paired is None else paired
     if design_paired and n_pairs_possible == 0:
         notes.append("paired design requested but no pair_id has both arms; nothing to pair")
-    if not design_paired and (codes >= 0).any() and paired is None:
+    if not design_paired and arms.has_pair_ids and paired is None:
         notes.append("pair ids present but no complete pair: unpaired comparison (Welch)")
-    if paired is None and not (codes >= 0).any():
+    if paired is None and not arms.has_pair_ids:
         notes.append("no pair_id in parameters: unpaired comparison (Welch's t-test)")
 
     rows, sources, pair_cols, values_by_metric = [], {}, {}, {}
@@ -975,17 +1030,8 @@ def _compare(
         source, values = resolved
         sources[metric] = source
         values_by_metric[metric] = values
-        row, d = _compare_metric(
-            metric,
-            values,
-            codes,
-            is_sn,
-            is_none,
-            design_paired,
-            n_boot,
-            confidence,
-            seed,
-            max_draws,
+        row, d = _metric_row(
+            arms, metric, values, codes, design_paired, n_boot, confidence, seed, max_draws
         )
         row["source"] = source
         rows.append(row)
@@ -1016,20 +1062,11 @@ def _compare(
             f"large study: {min(b for b in n_boot_used if b)} bootstrap resamples for some "
             f"metrics (n × resamples capped at {max_draws:,}); raise max_draws for more"
         )
-    for status, n in counts.groupby("status")["n"].sum().items():
-        if status not in statuses and n:
-            notes.append(f"{n} {status} trial(s) excluded")
+    notes += arms.excluded
 
-    sel = np.flatnonzero(is_sn | is_none)
-    arm = np.where(frame.sn[sel] == 1.0, "SN", "none")
-    trials: dict[str, np.ndarray] = {
-        "model_run_id": frame.run[sel],
-        "trial_id": frame.trial[sel],
-        "status": frame.status[sel],
-        "arm": arm,
-        "spectral_norm_coeff": frame.coeff[sel],
-        "pair_id": frame.pair[sel],
-    }
+    sel = arms.sel
+    arm = arms.columns["arm"]
+    trials: dict[str, np.ndarray] = dict(arms.columns)  # read-only arrays, shared
     for metric, values in values_by_metric.items():
         trials[metric] = values[sel]
     accuracy_metric = None
@@ -1062,8 +1099,7 @@ def _compare(
             )
     pairs = pd.DataFrame(pair_cols)
     if len(pairs):
-        labels = _pair_labels(frame, codes, is_sn, is_none)
-        pairs.insert(0, "pair_id", pd.Series(labels, dtype=object))  # no 50k-string scan
+        pairs.insert(0, "pair_id", pd.Series(arms.pair_labels(), dtype=object))  # no string scan
     return ComparisonResult(
         study=study,
         mode=mode,
@@ -1175,12 +1211,121 @@ def _compare_metric(
     return row, None
 
 
-def _pair_labels(
-    frame: _Frame, codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray
-) -> np.ndarray:
-    complete = np.flatnonzero(_complete_pairs(codes, is_sn, is_none))
-    uniq, first = np.unique(codes, return_index=True)
-    return np.asarray(frame.pair[first[np.searchsorted(uniq, complete)]], dtype=object)
+def _metric_row(
+    arms: _Arms,
+    metric: str,
+    values: np.ndarray,
+    codes: np.ndarray,
+    paired: bool,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    max_draws: int,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """:func:`_compare_metric` over ``arms``, kept with them: the same values (the frame's
+    arrays are replaced or the arms dropped when a refresh changes a row) and arguments give
+    the same row."""
+    key = (metric, paired, n_boot, confidence, seed, max_draws)
+    hit = arms.rows.get(key)
+    if hit is None or hit[0] is not values:
+        row, d = _compare_metric(
+            metric,
+            values,
+            codes,
+            arms.is_sn,
+            arms.is_none,
+            paired,
+            n_boot,
+            confidence,
+            seed,
+            max_draws,
+        )
+        hit = (values, row, d)
+        arms.rows[key] = hit
+    return dict(hit[1]), hit[2]
+
+
+def _first_rows(codes: np.ndarray) -> np.ndarray:
+    """The first row of each code 0..max, for codes numbered in order of first appearance
+    (``pd.factorize``; -1: none): where the running maximum rises, in O(n)."""
+    if not len(codes):
+        return np.empty(0, dtype=np.intp)
+    before = np.maximum.accumulate(np.concatenate([[-1], codes[:-1]]))
+    return np.flatnonzero(codes > before)
+
+
+@dataclass
+class _Arms:
+    """The trials of each arm under one set of statuses, derived once per frame state."""
+
+    frame: _Frame
+    is_sn: np.ndarray
+    is_none: np.ndarray
+    complete: np.ndarray  # per pair code: both arms have a trial
+    has_pair_ids: bool
+    n_pairs: int
+    sel: np.ndarray  # frame rows in either arm
+    columns: dict[str, np.ndarray]  # the trials table's id and arm columns over sel
+    excluded: list[str]  # notes: trials of other statuses left out
+    # (metric, design, n_boot, confidence, seed, max_draws) -> (values, row, differences)
+    rows: dict[tuple[Any, ...], tuple[np.ndarray, dict[str, Any], np.ndarray | None]] = field(
+        default_factory=dict
+    )
+    _labels: np.ndarray | None = None
+
+    def pair_labels(self) -> np.ndarray:
+        """The pair id of each complete pair, in pair-code order."""
+        if self._labels is None:
+            first = _first_rows(self.frame.pair_codes())
+            labels = np.asarray(self.frame.pair[first[np.flatnonzero(self.complete)]], dtype=object)
+            labels.flags.writeable = False
+            self._labels = labels
+        return self._labels
+
+
+def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
+    """The arms of ``frame`` under ``statuses`` (cached with the frame until a refresh)."""
+    key = ("arms", tuple(statuses))
+    arms: _Arms | None = frame.derived.get(key)
+    if arms is not None:
+        return arms
+    names, status_code = frame.status_codes()
+    mask = np.isin(status_code, np.flatnonzero(np.isin(names, list(statuses))))
+    mask &= ~np.isnan(frame.sn)
+    is_sn, is_none = mask & (frame.sn == 1.0), mask & (frame.sn == 0.0)
+    codes = frame.pair_codes()
+    has_pair_ids = bool((codes >= 0).any())
+    complete = _complete_pairs(codes, is_sn, is_none)
+    sel = np.flatnonzero(is_sn | is_none)
+    columns = {
+        "model_run_id": frame.run[sel],
+        "trial_id": frame.trial[sel],
+        "status": frame.status[sel],
+        "arm": np.where(frame.sn[sel] == 1.0, "SN", "none"),
+        "spectral_norm_coeff": frame.coeff[sel],
+        "pair_id": frame.pair[sel],
+    }
+    n_status = np.bincount(status_code, minlength=len(names))
+    excluded = [
+        f"{n} {status} trial(s) excluded"
+        for status, n in zip(names.tolist(), n_status, strict=True)
+        if status not in statuses and n
+    ]
+    for arr in (is_sn, is_none, complete, sel, *columns.values()):
+        arr.flags.writeable = False  # shared by every result until the next refresh
+    arms = _Arms(
+        frame=frame,
+        is_sn=is_sn,
+        is_none=is_none,
+        complete=complete,
+        has_pair_ids=has_pair_ids,
+        n_pairs=int(complete.sum()) if has_pair_ids else 0,
+        sel=sel,
+        columns=columns,
+        excluded=excluded,
+    )
+    frame.derived[key] = arms
+    return arms
 
 
 def _by_coeff(
@@ -1224,16 +1369,21 @@ _MAX_COEFF_LEVELS = 6
 
 
 def _counts(frame: _Frame) -> pd.DataFrame:
-    arm = np.where(np.isnan(frame.sn), 2, np.where(frame.sn == 1.0, 0, 1))
-    statuses, status_code = frame.status_codes()
-    keys, n = np.unique(status_code * 3 + arm, return_counts=True)
-    return pd.DataFrame(
-        {
-            "status": statuses[keys // 3],
-            "arm": np.array(["SN", "none", "?"])[keys % 3],
-            "n": n,
-        }
-    )
+    """Trials by status and arm (a copy of the table cached with the frame)."""
+    counts: pd.DataFrame | None = frame.derived.get("counts")
+    if counts is None:
+        arm = np.where(np.isnan(frame.sn), 2, np.where(frame.sn == 1.0, 0, 1))
+        statuses, status_code = frame.status_codes()
+        keys, n = np.unique(status_code * 3 + arm, return_counts=True)
+        counts = pd.DataFrame(
+            {
+                "status": statuses[keys // 3],
+                "arm": np.array(["SN", "none", "?"])[keys % 3],
+                "n": n,
+            }
+        )
+        frame.derived["counts"] = counts
+    return counts.copy()
 
 
 def _t_crit(n: np.ndarray, confidence: float) -> np.ndarray:

@@ -184,17 +184,20 @@ WHERE seq > ?1 AND seq <= ?2 AND name = 'ml.run.metric'
 """
     + _POINT_CONFLICT
 )
-_PROJECT_MEASUREMENTS = (
-    """
+_MEASUREMENTS_SELECT = """
 INSERT INTO metrics (model_run_id, trial_id, name, step, value, timestamp, event_id)
 SELECT e.model_run_id, e.trial_id, j.key, json_extract(e.body, '$.payload.step'), j.value,
        e.timestamp, e.id
 FROM events e, json_each(e.body, '$.payload.measurements') j
 WHERE e.seq > ?1 AND e.seq <= ?2 AND e.name = 'ml.run.metric'
-  AND j.key IS NOT json_extract(e.body, '$.payload.metric_name')
 """
+_PROJECT_MEASUREMENTS = (
+    _MEASUREMENTS_SELECT
+    + "  AND j.key IS NOT json_extract(e.body, '$.payload.metric_name')"
     + _POINT_CONFLICT
 )
+# A range without single metrics: nothing overrides a measurement, one lookup less a point.
+_PROJECT_ONLY_MEASUREMENTS = _MEASUREMENTS_SELECT + _POINT_CONFLICT
 _UPSERT_RUN = """
 INSERT INTO model_runs (model_run_id, study, first_event_at, last_event_at) VALUES (?, ?, ?, ?)
 ON CONFLICT (model_run_id) DO UPDATE SET
@@ -279,8 +282,18 @@ def _projection_row(ev_id: str, name: str, ts: str, p: Any) -> _Row:
             get("trial_id"),
             get("study"),
             get("artifact_uri"),
+            get("metric_name"),
         )
-    return (ev_id, name, ts, p.model_run_id, p.trial_id, p.study, getattr(p, "artifact_uri", None))
+    return (
+        ev_id,
+        name,
+        ts,
+        p.model_run_id,
+        p.trial_id,
+        p.study,
+        getattr(p, "artifact_uri", None),
+        getattr(p, "metric_name", None),
+    )
 
 
 @dataclass(frozen=True)
@@ -294,9 +307,10 @@ class AppendResult:
 
 
 # One logged ``ml.*`` event as the projections need it (same shape live and on replay):
-# (event id, name, formatted timestamp, model_run_id, trial_id, study, artifact_uri).
-# A metric event's points are projected from the log in SQL.
-_Row = tuple[str, str, str, Any, Any, Any, Any]
+# (event id, name, formatted timestamp, model_run_id, trial_id, study, artifact_uri,
+# metric_name). A metric event's points are projected from the log in SQL; its single
+# ``metric_name`` only says whether that statement has anything to find.
+_Row = tuple[str, str, str, Any, Any, Any, Any, Any]
 
 
 # An event ready to log: its events-table row, and its projection row (None outside ml.*).
@@ -364,23 +378,31 @@ def _pending_from_fast(events: Sequence[Any]) -> list[_Pending] | None:
     stamps = _format_stamps(list(map(_TIMESTAMP_OF, unique)))
     runs, trials = list(map(_RUN_OF, payloads)), list(map(_TRIAL_OF, payloads))
     studies = list(map(_STUDY_OF, payloads))
+    kinds = set(map(type, payloads))
     artifacts: list[str | None] = [None] * len(payloads)
-    if not _WITH_ARTIFACT.isdisjoint(map(type, payloads)):
+    if not _WITH_ARTIFACT.isdisjoint(kinds):
         artifacts = [getattr(p, "artifact_uri", None) for p in payloads]
+    singles: list[str | None] = [None] * len(payloads)
+    if _METRIC_PAYLOAD in kinds:
+        singles = [getattr(p, "metric_name", None) for p in payloads]
     logged = zip(ids, names, stamps, runs, trials, bodies, strict=True)
-    rows = zip(ids, names, stamps, runs, trials, studies, artifacts, strict=True)
+    rows = zip(ids, names, stamps, runs, trials, studies, artifacts, singles, strict=True)
     return list(zip(logged, rows, strict=True))
 
 
 _ID_OF, _NAME_OF, _TIMESTAMP_OF = attrgetter("id"), attrgetter("name"), attrgetter("timestamp")
 _PAYLOAD_OF, _STUDY_OF = attrgetter("payload"), attrgetter("study")
 _RUN_OF, _TRIAL_OF = attrgetter("model_run_id"), attrgetter("trial_id")
-_WITH_ARTIFACT = frozenset(  # the fast-path payload structs that have an artifact_uri
-    f.type
-    for struct in FAST_NAMES
+_FAST_PAYLOADS = {
+    name: f.type
+    for struct, name in FAST_NAMES.items()
     for f in msgspec.structs.fields(struct)
-    if f.name == "payload" and "artifact_uri" in f.type.__struct_fields__
+    if f.name == "payload"
+}
+_WITH_ARTIFACT = frozenset(
+    t for t in _FAST_PAYLOADS.values() if "artifact_uri" in t.__struct_fields__
 )
+_METRIC_PAYLOAD = _FAST_PAYLOADS["ml.run.metric"]
 
 
 def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
@@ -537,8 +559,8 @@ class TrialStore:
         runs: dict[str, list[Any]] = {}
         trials: set[tuple[str, str]] = set()
         artifact_rows = []
-        any_metric = False
-        for ev_id, ev_name, ts, run_id, trial_id, study, artifact_uri in rows:
+        any_metric = any_single = False
+        for ev_id, ev_name, ts, run_id, trial_id, study, artifact_uri, single in rows:
             r = runs.get(run_id)
             if r is None:
                 runs[run_id] = [run_id, study, ts, ts]
@@ -550,14 +572,17 @@ class TrialStore:
                     r[3] = ts
             if ev_name == "ml.run.metric":
                 any_metric = True
+                any_single = any_single or single is not None
             else:
                 trials.add((run_id, trial_id))
                 if artifact_uri:
                     kind = "trial" if ev_name.startswith("ml.trial.") else "run"
                     artifact_rows.append((run_id, trial_id, artifact_uri, kind, ts, ev_id))
-        if any_metric:
+        if any_single:
             self.conn.execute(_PROJECT_SINGLE_METRICS, (after_seq, upto_seq))
             self.conn.execute(_PROJECT_MEASUREMENTS, (after_seq, upto_seq))
+        elif any_metric:  # no single metric in the range: nothing for it to override
+            self.conn.execute(_PROJECT_ONLY_MEASUREMENTS, (after_seq, upto_seq))
         if runs:
             self.conn.executemany(_UPSERT_RUN, list(runs.values()))
         if artifact_rows:
