@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from scipy import stats
@@ -198,6 +199,32 @@ def test_bootstrap_work_cap_reduces_resamples_and_says_so() -> None:
     assert any("bootstrap resamples" in n for n in res.notes)
 
 
+def test_large_rows_are_remembered_by_content_and_equal_recomputed_ones() -> None:
+    rng = np.random.default_rng(7)
+    sn, none = rng.integers(0, 400, 6000) / 400, rng.integers(0, 400, 6000) / 400
+    cmp.clear_cache()
+    first = compare_arrays("acc", sn, none, paired=True)
+    first["favours"] = "changed by the caller"  # a copy: the remembered row is untouched
+    again = compare_arrays("acc", sn.copy(), none.copy(), paired=True)  # equal values
+    cmp.clear_cache()
+    recomputed = compare_arrays("acc", sn, none, paired=True)
+    assert again == recomputed != first
+    shifted = sn.copy()
+    shifted[0] += 0.5  # one value differs: a different row
+    assert compare_arrays("acc", shifted, none, paired=True)["diff"] != recomputed["diff"]
+    assert compare_arrays("acc", sn, none, paired=True, seed=1) != recomputed
+
+
+def test_first_rows_of_codes_in_order_of_appearance() -> None:
+    ids = np.array([None, "b", "a", "b", None, "c", "a", "c", "d"], dtype=object)
+    codes = np.full(len(ids), -1)
+    has = ids != None  # noqa: E711  (elementwise)
+    codes[has] = pd.factorize(ids[has])[0]
+    expected = np.unique(codes[has], return_index=True)[1]  # first rows within has
+    assert cmp._first_rows(codes).tolist() == np.flatnonzero(has)[expected].tolist()
+    assert cmp._first_rows(np.array([], dtype=np.int64)).tolist() == []
+
+
 def test_degenerate_inputs() -> None:
     assert np.isnan(bootstrap_mean_ci([])[0])
     row = compare_arrays("acc", np.array([0.5, 0.5]), np.array([0.5, 0.5]), paired=True)
@@ -318,6 +345,35 @@ def test_cache_refreshes_from_new_events_only(tmp_path: Path) -> None:
     store.append(_trial(0, False, {"test_accuracy": 0.0}, pair="pair_0000"))
     third = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     assert third.trials.set_index("trial_id").loc["trial_0000", "test_accuracy"] == 0.0
+
+
+def test_repeated_comparisons_reuse_derived_state_until_a_refresh(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=8, epochs=3, pruned=1))
+    cmp.clear_cache()
+    first = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    assert frame.derived  # arms, counts and rows kept with the frame
+    second = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    pd.testing.assert_frame_equal(first.headline, second.headline)
+    pd.testing.assert_frame_equal(first.pairs, second.pairs)
+    pd.testing.assert_frame_equal(first.counts, second.counts)
+    assert first.notes == second.notes
+    # shared arrays are read-only; the trials table is the caller's own copy
+    assert not second.trial_columns["trial_id"].flags.writeable
+    second.trials.loc[0, "arm"] = "edited"
+    second.counts.loc[0, "n"] = -1
+    third = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert "edited" not in set(third.trials["arm"]) and (third.counts["n"] >= 0).all()
+    # a new pair: the derived state is rebuilt and agrees with an uncached comparison
+    store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
+    store.append(_trial(901, True, {"test_accuracy": 0.9}, pair="late"))
+    after = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    fresh = compare_study(store, STUDY, metrics=["test_accuracy"], details=False, use_cache=False)
+    assert after.headline.loc[0, "n_pairs"] == first.headline.loc[0, "n_pairs"] + 1
+    pd.testing.assert_frame_equal(after.headline, fresh.headline)
+    pd.testing.assert_frame_equal(after.pairs, fresh.pairs)
+    assert "late" in set(after.pairs["pair_id"]) and after.notes == fresh.notes
 
 
 def test_cache_does_not_confuse_in_memory_stores() -> None:

@@ -5,6 +5,8 @@ import math
 import multiprocessing as mp
 import random
 import sqlite3
+import threading
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -432,3 +434,22 @@ def test_unstorable_event_is_rejected_by_record_and_nothing_is_written(store: Tr
     assert [(e.index, e.rule) for e in info.value.errors] == [(2, "unserializable")]
     assert store.counts()["events"] == 3
     assert_same(before, snapshot(store))
+
+
+def test_a_writer_checkpoints_the_wal_in_the_background_and_stops_on_close(
+    tmp_path: Path,
+) -> None:
+    s = TrialStore(tmp_path / "lab.db")
+    s.append(study_events())
+    checkpointer = s._checkpointer
+    assert checkpointer is not None and checkpointer.alive()
+    for _ in range(200):  # the pass follows the commit shortly, on its own thread
+        if checkpointer.checkpoints:
+            break
+        time.sleep(0.05)
+    assert checkpointer.checkpoints >= 1
+    s.close()
+    assert not checkpointer.alive()
+    assert "thunderline-checkpoint" not in {t.name for t in threading.enumerate()}
+    reopened = TrialStore(tmp_path / "lab.db")
+    assert reopened.counts()["trials"] == 4

@@ -608,7 +608,15 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         return None
     keys = sorted(frame.columns)
     rows = _fetch_rows(store, study, keys, [(r, t) for r, t in changed], with_metrics_text=True)
-    index = frame.index()
+    if frame._index is None and len(rows) <= 8:  # a few trials: scan, skip the 100k-key dict
+        trial_ids, run_ids = frame.trial, frame.run
+
+        def locate(run: str, trial: str) -> int | None:
+            hits = np.flatnonzero(trial_ids == trial)
+            hits = hits[run_ids[hits] == run]
+            return int(hits[0]) if len(hits) else None
+    else:
+        locate = lambda run, trial: frame.index().get((run, trial))  # noqa: E731
     new_keys: set[str] = set()
     patched: list[tuple[int, tuple[Any, ...]]] = []
     appended: list[tuple[Any, ...]] = []
@@ -616,7 +624,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         with contextlib.suppress(TypeError, ValueError):
             new_keys.update(json.loads(row[6]))
         compact = row[:6] + row[7:]
-        i = index.get((row[0], row[1]))
+        i = locate(row[0], row[1])
         if i is None:
             appended.append(compact)
         else:
@@ -629,6 +637,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         for j, k in enumerate(keys):
             frame.columns[k][i] = _as_float(row[6 + j])
     if appended:
+        start = frame.n
         extra = _frame_from_rows(appended, keys, set(), last)
         frame.run = np.concatenate([frame.run, extra.run])
         frame.trial = np.concatenate([frame.trial, extra.trial])
@@ -638,7 +647,9 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         frame.pair = np.concatenate([frame.pair, extra.pair])
         for k in keys:
             frame.columns[k] = np.concatenate([frame.columns[k], extra.columns[k]])
-        frame._index = None
+        if frame._index is not None:  # extend the index, not rebuild it
+            for j, row in enumerate(appended, start=start):
+                frame._index[(row[0], row[1])] = j
     if patched or appended:
         frame._pair_codes = None
         frame._status_codes = None
