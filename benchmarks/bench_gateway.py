@@ -11,7 +11,8 @@ Sections (all bounded in count and time):
 
 ``batch``      events/s of POSTed arrays (5,000 events per request, 2 connections) vs the
                same events appended in-process with ``TrialStore.append`` (the ceiling),
-               interleaved rounds; goal ≥ 50,000 events/s.
+               and the floor under both: the same rows inserted bare into an events
+               table, committed; interleaved rounds; goal ≥ 50,000 events/s.
 ``latency``    single-event POSTs at 500 req/s open loop: p50/p95/p99; goal p95 ≤ 10 ms.
 ``group``      closed loop, 32 connections posting single events back to back, with group
                commit on vs off (one transaction per request): requests/s and the ratio.
@@ -52,7 +53,7 @@ import httpx
 import pandas as pd
 
 from thunderline_lab import events as E
-from thunderline_lab.store import TrialStore
+from thunderline_lab.store import TrialStore, format_ts
 
 TOKEN = "bench-token-0123456789"
 NICE = 0  # --nice: scheduling priority of the gateway and the load generator (0: unchanged)
@@ -353,12 +354,49 @@ async def open_loop(
 # ---------------------------------------------------------------------------------------------
 
 
+def sqlite_floor(db: Path, chunks: list[list[E.Event]], sync: str) -> float:
+    """events/s of the bare log insert: the same events' rows, built before the clock
+    starts, inserted into an events table alone (no validation, no projections, no HTTP)
+    and committed per chunk at the gateway's ``synchronous`` level: what any design that
+    keeps each event as a row of one SQLite file cannot beat on this machine."""
+    import sqlite3
+
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {sync.upper()}")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "id TEXT NOT NULL UNIQUE, name TEXT NOT NULL, timestamp TEXT NOT NULL, "
+        "model_run_id TEXT, trial_id TEXT, body TEXT NOT NULL)"
+    )
+    rows = [
+        [
+            (e.id, e.name, format_ts(e), e.payload.model_run_id, e.payload.trial_id, body)
+            for e, body in zip(chunk, E.dump_events(chunk), strict=True)
+        ]
+        for chunk in chunks
+    ]
+    t0 = time.perf_counter()
+    for chunk_rows in rows:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            chunk_rows,
+        )
+        conn.execute("COMMIT")
+    rate = sum(map(len, rows)) / (time.perf_counter() - t0)
+    conn.close()
+    return rate
+
+
 def bench_batch(root: Path, rounds: int, batch_events: int, batches: int, sync: str) -> None:
     print(
         f"\n[batch] {batches} × {batch_events}-event arrays per round over 2 connections vs "
         f"TrialStore.append in-process (synchronous={sync}), {rounds} interleaved rounds"
     )
-    gw_rates, direct_rates, gw_cpu, direct_cpu = [], [], [], []
+    gw_rates, direct_rates, floor_rates, gw_cpu, direct_cpu = [], [], [], [], []
+    study_floor = Study("batch-floor")
     direct = TrialStore(root / "direct" / "lab.db")
     direct.conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     study_gw, study_direct = Study("batch-gw"), Study("batch-direct")
@@ -391,11 +429,14 @@ def bench_batch(root: Path, rounds: int, batch_events: int, batches: int, sync: 
                 direct.append(chunk)
             direct_rate = n / (time.perf_counter() - t0)
             direct_cpu.append((time.process_time() - cpu0) / n)
+            floor_chunks = [study_floor.events(batch_events) for _ in range(batches)]
+            floor_rates.append(sqlite_floor(root / "floor.db", floor_chunks, sync))
             gw_rates.append(gw_rate)
             direct_rates.append(direct_rate)
             print(
                 f"  round {r + 1}: gateway {gw_rate:9,.0f} events/s  direct append "
-                f"{direct_rate:9,.0f} events/s  errors {errors}  (CPU per event: gateway "
+                f"{direct_rate:9,.0f} events/s  bare SQLite insert {floor_rates[-1]:9,.0f} "
+                f"events/s  errors {errors}  (CPU per event: gateway "
                 f"{gw_cpu[-1] * 1e6:.0f} µs, direct {direct_cpu[-1] * 1e6:.0f} µs)"
             )
         health = gw.health()
@@ -406,6 +447,11 @@ def bench_batch(root: Path, rounds: int, batch_events: int, batches: int, sync: 
         f"ratio gateway/direct {g / d:.2f}; goal 50,000 events/s: "
         f"{'met' if g >= 50_000 else 'NOT met'}; commits {health['commits']} for "
         f"{health['requests_committed']} requests"
+    )
+    f = statistics.median(floor_rates)
+    print(
+        f"  floor: the same rows inserted bare into an events table (no validation, "
+        f"projections or HTTP), committed: {f:,.0f} events/s; gateway/floor {g / f:.2f}"
     )
     gc, dc = statistics.median(gw_cpu), statistics.median(direct_cpu)
     print(

@@ -21,7 +21,11 @@ distributions, accuracy vs Lipschitz bound and per-layer σ (``sigma/<layer>`` m
 Reading is columnar and incremental: the study's trial values are extracted with SQL
 (``json_extract`` on ``trials.metrics``) once, cached in-process by (store, study), and
 refreshed from the event log's sequence numbers (only trials with new lifecycle events are
-re-read), so repeated comparisons over a large or live study stay fast.
+re-read), so repeated comparisons over a large or live study stay fast. What a comparison
+derives from the frame (the arms per statuses, counts, each metric's row) is kept with it
+until a refresh changes a row, and :func:`compare_arrays` remembers the rows of large inputs
+by a digest of their values: statistics are pure functions of the values and arguments, so a
+repeated comparison returns exactly what recomputing would.
 
 Example:
     >>> from thunderline_lab.store import TrialStore
