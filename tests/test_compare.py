@@ -278,6 +278,34 @@ def test_best_and_final_modes_and_history_fallback(synthetic_store: TrialStore) 
         compare_study(synthetic_store, STUDY, mode="last")  # type: ignore[arg-type]
 
 
+def test_pairs_that_report_only_some_metrics_line_up_in_the_pairs_table() -> None:
+    store = TrialStore()
+    store.append(synthetic_study("ab", n_pairs=8, epochs=3))
+    for i, sn in enumerate((True, False)):  # a ninth pair reporting val_accuracy only
+        common = {"model_run_id": "ab", "trial_id": f"late_{i}", "study": "ab"}
+        params = {"pair_id": "late", "spectral_norm": sn}
+        store.append(
+            [
+                events.trial_start(**common, spectral_norm=sn, parameters=params),
+                events.trial_complete(
+                    **common,
+                    spectral_norm=sn,
+                    parameters=params,
+                    duration_ms=5,
+                    metrics={"best_val_accuracy": 0.9 + i / 100, "val_accuracy": 0.9},
+                ),
+            ]
+        )
+    res = compare_study(store, "ab", details=False)
+    n_pairs = dict(zip(res.headline["metric"], res.headline["n_pairs"], strict=True))
+    assert n_pairs["val_accuracy"] == 9 and n_pairs["test_accuracy"] == 8
+    assert len(res.pairs) == 9
+    late = res.pairs[res.pairs["pair_id"] == "late"].iloc[0]
+    assert late["val_accuracy"] == pytest.approx(0.9 - 0.91)
+    assert np.isnan(late["test_accuracy"])
+    assert res.pairs["test_accuracy"].notna().sum() == 8
+
+
 def test_unknown_metrics_are_noted_and_unknown_studies_refused(
     synthetic_store: TrialStore,
 ) -> None:

@@ -1195,9 +1195,11 @@ def _compare_metric(
     confidence: float,
     seed: int,
     max_draws: int,
-) -> tuple[dict[str, Any], np.ndarray | None]:
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+    """The metric's headline row, and in a paired design its pair differences with their
+    pair codes (the pairs where both arms report the metric)."""
     if paired:
-        sn, none, d, _ = _paired_diffs(values, codes, is_sn, is_none)
+        sn, none, d, both = _paired_diffs(values, codes, is_sn, is_none)
         return (
             compare_arrays(
                 metric,
@@ -1209,7 +1211,7 @@ def _compare_metric(
                 seed=seed,
                 max_draws=max_draws,
             ),
-            d,
+            (both, d),
         )
     finite = ~np.isnan(values)
     sn, none = values[is_sn & finite], values[is_none & finite]
@@ -1239,11 +1241,12 @@ def _metric_row(
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """:func:`_compare_metric` over ``arms``, kept with them: the same values (the frame's
     arrays are replaced or the arms dropped when a refresh changes a row) and arguments give
-    the same row."""
+    the same row. The differences are given per complete pair of the arms, in pair-code
+    order (NaN where a pair lacks the metric), so every metric's column lines up."""
     key = (metric, paired, n_boot, confidence, seed, max_draws)
     hit = arms.rows.get(key)
     if hit is None or hit[0] is not values:
-        row, d = _compare_metric(
+        row, diffs = _compare_metric(
             metric,
             values,
             codes,
@@ -1255,6 +1258,12 @@ def _metric_row(
             seed,
             max_draws,
         )
+        d = None
+        if diffs is not None:
+            both, pair_d = diffs
+            complete = np.flatnonzero(arms.complete)
+            d = np.full(len(complete), np.nan)
+            d[np.searchsorted(complete, both)] = pair_d  # both: a subset of the complete
         hit = (values, row, d)
         arms.rows[key] = hit
     return dict(hit[1]), hit[2]
