@@ -440,7 +440,9 @@ def test_a_writer_checkpoints_the_wal_in_the_background_and_stops_on_close(
     tmp_path: Path,
 ) -> None:
     s = TrialStore(tmp_path / "lab.db")
-    s.append(study_events())
+    s.append(study_events(n_trials=4, epochs=3))  # a few events: no pass asked for yet
+    assert s._checkpointer is None
+    s.append(study_events(run="study-b", n_trials=40, epochs=30))  # over 1,000 events
     checkpointer = s._checkpointer
     assert checkpointer is not None and checkpointer.alive()
     for _ in range(200):  # the pass follows the commit shortly, on its own thread
@@ -452,4 +454,4 @@ def test_a_writer_checkpoints_the_wal_in_the_background_and_stops_on_close(
     assert not checkpointer.alive()
     assert "thunderline-checkpoint" not in {t.name for t in threading.enumerate()}
     reopened = TrialStore(tmp_path / "lab.db")
-    assert reopened.counts()["trials"] == 4
+    assert reopened.counts()["trials"] == 44

@@ -428,14 +428,17 @@ def _pending_rows(unique: Sequence[Event], bodies: Sequence[str]) -> list[_Pendi
     return out
 
 
+_NUDGE_EVENTS = 1000
+
+
 class _Checkpointer:
     """Copies a lab's WAL back into its database from a thread of its own.
 
     A writer that checkpoints itself stops appending while it copies and syncs about
-    16 MB; here the copy runs on another core, at most every ``interval`` seconds after a
-    commit asked for it (PASSIVE: it never blocks a writer or a reader). The writer's own
-    autocheckpoint stays on at a higher mark, so the WAL stays bounded if this thread
-    falls behind.
+    16 MB; here the copy runs on another core, ``interval`` seconds after the store asks
+    (every ``_NUDGE_EVENTS`` events appended; PASSIVE: it never blocks a writer or reader).
+    The writer's own autocheckpoint stays on at a higher mark, so the WAL stays bounded if
+    this thread falls behind.
     """
 
     def __init__(self, path: str, interval: float = 0.05) -> None:
@@ -519,6 +522,7 @@ class TrialStore:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self._checkpointer: _Checkpointer | None = None  # started by the first write
+        self._since_nudge = 0
 
     # -- connection plumbing --------------------------------------------------------------
 
@@ -530,9 +534,15 @@ class TrialStore:
                 self._checkpointer = None
             self.conn.close()
 
-    def _after_commit(self) -> None:
+    def _after_commit(self, appended: int) -> None:
+        # Checkpoint after every _NUDGE_EVENTS events: each bulk batch, while a stream of
+        # single-event commits (the gateway's) is not interrupted by a sync every 50 ms.
         if self.path == ":memory:":
             return
+        self._since_nudge += appended
+        if self._since_nudge < _NUDGE_EVENTS:
+            return
+        self._since_nudge = 0
         if self._checkpointer is None or not self._checkpointer.alive():
             self._checkpointer = _Checkpointer(self.path)
         self._checkpointer.nudge()
@@ -597,7 +607,7 @@ class TrialStore:
                 result = self._with_write_lock(lambda: self._append_locked(pending, len(items)))
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: append failed: {exc}") from exc
-            self._after_commit()
+            self._after_commit(result.accepted)
             return result
 
     def _append_locked(self, pending: list[_Pending], n_in: int) -> AppendResult:
