@@ -53,7 +53,7 @@ import httpx
 import pandas as pd
 
 from thunderline_lab import events as E
-from thunderline_lab.store import TrialStore, format_ts
+from thunderline_lab.store import PAGE_SIZE, TrialStore, format_ts
 
 TOKEN = "bench-token-0123456789"
 NICE = 0  # --nice: scheduling priority of the gateway and the load generator (0: unchanged)
@@ -362,6 +362,7 @@ def sqlite_floor(db: Path, chunks: list[list[E.Event]], sync: str) -> float:
     import sqlite3
 
     conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # as the store's
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     conn.execute(

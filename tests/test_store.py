@@ -455,3 +455,19 @@ def test_a_writer_checkpoints_the_wal_in_the_background_and_stops_on_close(
     assert "thunderline-checkpoint" not in {t.name for t in threading.enumerate()}
     reopened = TrialStore(tmp_path / "lab.db")
     assert reopened.counts()["trials"] == 44
+
+
+def test_a_new_lab_has_8_kib_pages_and_an_older_lab_keeps_its_own(tmp_path: Path) -> None:
+    new = TrialStore(tmp_path / "new.db")
+    assert new.conn.execute("PRAGMA page_size").fetchone()[0] == 8192
+    new.close()
+    old_path = tmp_path / "old.db"
+    conn = sqlite3.connect(old_path)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE placeholder (x)")
+    conn.close()
+    old = TrialStore(old_path)
+    assert old.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    assert old.append(study_events()).accepted == len(study_events())
+    assert old.counts()["trials"] == 4
