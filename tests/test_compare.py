@@ -306,6 +306,32 @@ def test_pairs_that_report_only_some_metrics_line_up_in_the_pairs_table() -> Non
     assert res.pairs["test_accuracy"].notna().sum() == 8
 
 
+def test_difference_figure_draws_differences_equal_up_to_float_noise() -> None:
+    store = TrialStore()
+    # accuracies on a 360-image set: both differences are 46/360, 4 ulps apart
+    for pair, (sn_acc, none_acc) in enumerate(((246 / 360, 200 / 360), (254 / 360, 208 / 360))):
+        for sn, acc in ((True, sn_acc), (False, none_acc)):
+            common = {"model_run_id": "ab", "trial_id": f"t{pair}{int(sn)}", "study": "ab"}
+            params = {"pair_id": pair, "spectral_norm": sn}
+            store.append(
+                [
+                    events.trial_start(**common, spectral_norm=sn, parameters=params),
+                    events.trial_complete(
+                        **common,
+                        spectral_norm=sn,
+                        parameters=params,
+                        duration_ms=5,
+                        metrics={"val_accuracy": acc},
+                    ),
+                ]
+            )
+    res = compare_study(store, "ab", metrics=["val_accuracy"], details=False)
+    d = res.pairs["val_accuracy"].to_numpy()
+    assert len(d) == 2 and d[0] != d[1] and np.allclose(d, 46 / 360)
+    fig = cmp.fig_differences(res)  # numpy cannot make 5 equal bins over a 1e-16 range
+    assert fig is not None and fig.axes[0].patches  # one bar (and the CI's span)
+
+
 def test_unknown_metrics_are_noted_and_unknown_studies_refused(
     synthetic_store: TrialStore,
 ) -> None:

@@ -1587,6 +1587,17 @@ def _grid(n: int, cols: int = 3) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
+def _hist(ax: Any, values: np.ndarray, **style: Any) -> None:
+    """A histogram of ``values``; values equal up to float noise (two pairs' differences
+    of 0.0111 and 0.0111000000001) are one bar, where equal-width bins cannot be made."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    scale = max(abs(lo), abs(hi), 1e-12)
+    if hi - lo <= scale * 1e-9:
+        ax.hist(values, bins=1, range=(lo - scale / 100, hi + scale / 100), **style)
+    else:
+        ax.hist(values, bins=min(40, max(5, len(values) // 3)), **style)
+
+
 def fig_differences(res: ComparisonResult) -> Any:
     """Per metric: the paired differences (or both arms) with the mean and its CI."""
     metrics = res.headline["metric"].tolist()
@@ -1599,20 +1610,14 @@ def fig_differences(res: ComparisonResult) -> Any:
         if res.design == "paired" and rec.metric in res.pairs:
             d = res.pairs[rec.metric].dropna().to_numpy()
             if len(d):
-                ax.hist(d, bins=min(40, max(5, len(d) // 3)), color="#888", alpha=0.7)
+                _hist(ax, d, color="#888", alpha=0.7)
             ax.axvline(0, color="k", lw=1)
             xlabel = "SN − none (per pair)"
         else:
             for arm in ("SN", "none"):
                 v = res.trials.loc[res.trials["arm"] == arm, rec.metric].dropna()
                 if len(v):
-                    ax.hist(
-                        v,
-                        bins=min(40, max(5, len(v) // 3)),
-                        alpha=0.5,
-                        color=ARM_COLORS[arm],
-                        label=arm,
-                    )
+                    _hist(ax, v.to_numpy(), alpha=0.5, color=ARM_COLORS[arm], label=arm)
             ax.legend(fontsize=7)
             xlabel = "value by arm"
         if rec.diff == rec.diff and res.design == "paired":
