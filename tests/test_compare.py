@@ -278,24 +278,28 @@ def test_best_and_final_modes_and_history_fallback(synthetic_store: TrialStore) 
         compare_study(synthetic_store, STUDY, mode="last")  # type: ignore[arg-type]
 
 
+def append_trial(
+    store: TrialStore, trial_id: str, pair_id: Any, sn: bool, metrics: dict[str, float]
+) -> None:
+    """One completed trial of study ``ab`` in a pair, with the given summary metrics."""
+    common = {"model_run_id": "ab", "trial_id": trial_id, "study": "ab"}
+    params = {"pair_id": pair_id, "spectral_norm": sn}
+    store.append(
+        [
+            events.trial_start(**common, spectral_norm=sn, parameters=params),
+            events.trial_complete(
+                **common, spectral_norm=sn, parameters=params, duration_ms=5, metrics=metrics
+            ),
+        ]
+    )
+
+
 def test_pairs_that_report_only_some_metrics_line_up_in_the_pairs_table() -> None:
     store = TrialStore()
     store.append(synthetic_study("ab", n_pairs=8, epochs=3))
     for i, sn in enumerate((True, False)):  # a ninth pair reporting val_accuracy only
-        common = {"model_run_id": "ab", "trial_id": f"late_{i}", "study": "ab"}
-        params = {"pair_id": "late", "spectral_norm": sn}
-        store.append(
-            [
-                events.trial_start(**common, spectral_norm=sn, parameters=params),
-                events.trial_complete(
-                    **common,
-                    spectral_norm=sn,
-                    parameters=params,
-                    duration_ms=5,
-                    metrics={"best_val_accuracy": 0.9 + i / 100, "val_accuracy": 0.9},
-                ),
-            ]
-        )
+        metrics = {"best_val_accuracy": 0.9 + i / 100, "val_accuracy": 0.9}
+        append_trial(store, f"late_{i}", "late", sn, metrics)
     res = compare_study(store, "ab", details=False)
     n_pairs = dict(zip(res.headline["metric"], res.headline["n_pairs"], strict=True))
     assert n_pairs["val_accuracy"] == 9 and n_pairs["test_accuracy"] == 8
@@ -311,20 +315,7 @@ def test_difference_figure_draws_differences_equal_up_to_float_noise() -> None:
     # accuracies on a 360-image set: both differences are 46/360, 4 ulps apart
     for pair, (sn_acc, none_acc) in enumerate(((246 / 360, 200 / 360), (254 / 360, 208 / 360))):
         for sn, acc in ((True, sn_acc), (False, none_acc)):
-            common = {"model_run_id": "ab", "trial_id": f"t{pair}{int(sn)}", "study": "ab"}
-            params = {"pair_id": pair, "spectral_norm": sn}
-            store.append(
-                [
-                    events.trial_start(**common, spectral_norm=sn, parameters=params),
-                    events.trial_complete(
-                        **common,
-                        spectral_norm=sn,
-                        parameters=params,
-                        duration_ms=5,
-                        metrics={"val_accuracy": acc},
-                    ),
-                ]
-            )
+            append_trial(store, f"t{pair}{int(sn)}", pair, sn, {"val_accuracy": acc})
     res = compare_study(store, "ab", metrics=["val_accuracy"], details=False)
     d = res.pairs["val_accuracy"].to_numpy()
     assert len(d) == 2 and d[0] != d[1] and np.allclose(d, 46 / 360)
