@@ -435,8 +435,9 @@ _NUDGE_EVENTS = 1000
 class _Checkpointer:
     """Copies a lab's WAL back into its database from a thread of its own.
 
-    A writer that checkpoints itself stops appending while it copies and syncs about
-    16 MB; here the copy runs on another core, ``interval`` seconds after the store asks
+    A writer that checkpoints itself stops appending while it copies the WAL back and
+    syncs the database; here the copy runs on another core, ``interval`` seconds after the
+    store asks
     (every ``_NUDGE_EVENTS`` events appended; PASSIVE: it never blocks a writer or reader).
     The writer's own autocheckpoint stays on at a higher mark, so the WAL stays bounded if
     this thread falls behind.
