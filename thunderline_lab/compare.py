@@ -1046,7 +1046,7 @@ def _compare(
         sources[metric] = source
         values_by_metric[metric] = values
         row, d = _metric_row(
-            arms, metric, values, codes, design_paired, n_boot, confidence, seed, max_draws
+            arms, metric, values, design_paired, n_boot, confidence, seed, max_draws
         )
         row["source"] = source
         rows.append(row)
@@ -1232,7 +1232,6 @@ def _metric_row(
     arms: _Arms,
     metric: str,
     values: np.ndarray,
-    codes: np.ndarray,
     paired: bool,
     n_boot: int,
     confidence: float,
@@ -1249,7 +1248,7 @@ def _metric_row(
         row, diffs = _compare_metric(
             metric,
             values,
-            codes,
+            arms.frame.pair_codes(),
             arms.is_sn,
             arms.is_none,
             paired,

@@ -63,6 +63,7 @@ from thunderline_lab.errors import ThunderlineLabError
 
 __all__ = [
     "FAST_NAMES",
+    "FAST_PAYLOADS",
     "ML_EVENT_NAMES",
     "RESERVED_PREFIXES",
     "TERMINAL_STATUSES",
@@ -85,6 +86,7 @@ __all__ = [
     "TrialStartEvent",
     "dump_events",
     "encode_fast",
+    "encode_fast_all",
     "event_json_schema",
     "fast_events",
     "gc_paused",
@@ -628,7 +630,7 @@ def validate_events_json(data: str | bytes) -> list[Event]:
 # The fast path validates with msgspec structs that are generated from the models' own field
 # definitions (types, bounds, lengths, patterns, defaults), so there is one definition of the
 # rules; a rule the generator cannot translate stops the import instead of being dropped.
-# The rules written as Python validators are checked in one plain loop after the batch
+# The rules written as Python validators are checked after the batch, in whole-batch passes
 # (``_any_fault``). The fast path only ever accepts: a batch it refuses, or one whose input
 # it could read differently from the models (sub-microsecond timestamps, which msgspec
 # rounds and pydantic truncates), is re-validated by the models, which name every fault.
@@ -924,6 +926,11 @@ def fast_events(items: Sequence[Any] | bytes) -> list[Any] | None:
 
 
 FAST_NAMES: dict[type, str] = {cls: name for name, cls in _FAST_STRUCTS.items()}
+# event name -> the struct of its payload
+FAST_PAYLOADS: dict[str, Any] = {
+    name: next(f.type for f in msgspec.structs.fields(struct) if f.name == "payload")
+    for name, struct in _FAST_STRUCTS.items()
+}
 
 
 def _fast_record(ev: Any) -> dict[str, Any]:
@@ -946,6 +953,11 @@ def to_event(ev: Any) -> Event:
 def encode_fast(ev: Any) -> str:
     """Canonical JSON text of a fast-path event (the name comes first)."""
     return _FAST_ENCODER.encode(ev).decode()
+
+
+def encode_fast_all(events: Iterable[Any]) -> list[str]:
+    """:func:`encode_fast` of every event, in one pass with no per-event Python call."""
+    return list(map(bytes.decode, map(_FAST_ENCODER.encode, events)))
 
 
 _GC_PAUSE_LOCK = threading.Lock()

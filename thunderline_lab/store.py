@@ -50,11 +50,12 @@ from pydantic_core import PydanticSerializationError, to_json
 from thunderline_lab.bus import EventBus, Subscription
 from thunderline_lab.errors import StoreError
 from thunderline_lab.events import (
-    FAST_NAMES,
+    FAST_PAYLOADS,
     ErrorDetail,
     Event,
     EventValidationError,
     dump_events,
+    encode_fast_all,
     fast_events,
     gc_paused,
     is_fast,
@@ -372,7 +373,7 @@ def _pending_from_fast(events: Sequence[Any]) -> list[_Pending] | None:
     """
     unique, _ = _unique(events, _ID_OF)
     try:
-        bodies = list(map(bytes.decode, map(_ENCODE_JSON, unique)))  # as encode_fast
+        bodies = encode_fast_all(unique)
     except (msgspec.EncodeError, TypeError, ValueError, OverflowError):
         return None
     payloads = list(map(_PAYLOAD_OF, unique))
@@ -395,16 +396,10 @@ def _pending_from_fast(events: Sequence[Any]) -> list[_Pending] | None:
 _ID_OF, _NAME_OF, _TIMESTAMP_OF = attrgetter("id"), attrgetter("name"), attrgetter("timestamp")
 _PAYLOAD_OF, _STUDY_OF = attrgetter("payload"), attrgetter("study")
 _RUN_OF, _TRIAL_OF = attrgetter("model_run_id"), attrgetter("trial_id")
-_FAST_PAYLOADS = {
-    name: f.type
-    for struct, name in FAST_NAMES.items()
-    for f in msgspec.structs.fields(struct)
-    if f.name == "payload"
-}
 _WITH_ARTIFACT = frozenset(
-    t for t in _FAST_PAYLOADS.values() if "artifact_uri" in t.__struct_fields__
+    t for t in FAST_PAYLOADS.values() if "artifact_uri" in t.__struct_fields__
 )
-_METRIC_PAYLOAD = _FAST_PAYLOADS["ml.run.metric"]
+_METRIC_PAYLOAD = FAST_PAYLOADS["ml.run.metric"]
 
 
 def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
@@ -437,10 +432,9 @@ class _Checkpointer:
 
     A writer that checkpoints itself stops appending while it copies the WAL back and
     syncs the database; here the copy runs on another core, ``interval`` seconds after the
-    store asks
-    (every ``_NUDGE_EVENTS`` events appended; PASSIVE: it never blocks a writer or reader).
-    The writer's own autocheckpoint stays on at a higher mark, so the WAL stays bounded if
-    this thread falls behind.
+    store asks (every ``_NUDGE_EVENTS`` events appended; PASSIVE: it never blocks a writer
+    or a reader). The writer's own autocheckpoint stays on at a higher mark, so the WAL
+    stays bounded if this thread falls behind.
     """
 
     def __init__(self, path: str, interval: float = 0.05) -> None:
