@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +42,34 @@ def only_error(record: dict[str, Any]) -> E.ErrorDetail:
     errs = errors_of(record)
     assert len(errs) == 1, errs
     return errs[0]
+
+
+# -- event ids ---------------------------------------------------------------------------------
+
+
+def test_new_event_ids_are_uuid7_hex_and_unique() -> None:
+    ids = [E.new_event_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for ev_id in ids[:100]:
+        assert len(ev_id) == 32 and int(ev_id, 16) >= 0
+        u = uuid.UUID(ev_id)
+        assert (u.version, u.variant) == (7, uuid.RFC_4122)
+
+
+def test_new_event_ids_sort_by_creation_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The millisecond prefix orders ids made in different milliseconds (the log's id index
+    # then grows at its right edge); within one millisecond the order is random.
+    clock = iter([1_700_000_000_000_000_000 + k * 1_000_000 for k in range(50)])
+    monkeypatch.setattr(E.time, "time_ns", lambda: next(clock))
+    ids = [E.new_event_id() for _ in range(50)]
+    assert ids == sorted(ids)
+    assert uuid.UUID(ids[0]).int >> 80 == 1_700_000_000_000
+
+
+def test_constructors_fill_a_fresh_uuid7_id() -> None:
+    a = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True)
+    b = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True)
+    assert a.id != b.id and uuid.UUID(a.id).version == 7
 
 
 # -- seed 000's examples validate as written, inside the canonical envelope -------------------

@@ -33,6 +33,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -275,8 +276,28 @@ class TrialFailed(_TrialRef):
 
 
 def new_event_id() -> str:
-    """A fresh event id (the idempotency key): 32 hex characters."""
-    return os.urandom(16).hex()
+    """A fresh event id (the idempotency key): a UUIDv7 (RFC 9562) as 32 hex characters.
+
+    The first 48 bits are the Unix time in milliseconds, the rest random (74 bits), so ids
+    made later sort later: the log's unique id index grows at its right edge instead of
+    at random pages, and appends stay as fast in a lab of millions of events as in a new
+    one (a random id costs 2x per insert once the index outgrows SQLite's page cache;
+    ``benchmarks/bench_gateway.py``'s bare-insert floor shows it).
+
+    Example:
+        >>> import uuid
+        >>> uuid.UUID(new_event_id()).version
+        7
+    """
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 random bits, 74 of them kept
+    value = (
+        (time.time_ns() // 1_000_000) << 80  # unix_ts_ms (48 bits)
+        | 0x7 << 76  # version 7
+        | (rand >> 68) << 64  # rand_a (12 bits)
+        | 0b10 << 62  # variant
+        | (rand & (1 << 62) - 1)  # rand_b (62 bits)
+    )
+    return f"{value:032x}"
 
 
 def utcnow() -> datetime:
