@@ -50,6 +50,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from thunderline_lab.bus import EventBus, Subscription
 from thunderline_lab.errors import StoreError
 from thunderline_lab.events import (
+    FAST_NAMES,
     FAST_PAYLOADS,
     ErrorDetail,
     Event,
@@ -400,6 +401,7 @@ _WITH_ARTIFACT = frozenset(
     t for t in FAST_PAYLOADS.values() if "artifact_uri" in t.__struct_fields__
 )
 _METRIC_PAYLOAD = FAST_PAYLOADS["ml.run.metric"]
+_FAST_TYPES = frozenset(FAST_NAMES)  # the struct types fast_events makes
 
 
 def _pending_from_events(events: Sequence[Event]) -> list[_Pending]:
@@ -592,13 +594,14 @@ class TrialStore:
         """
         items = list(events)
         with gc_paused():  # CPU-bound batch work only: never while waiting for the lock
-            if all(isinstance(e, Mapping) for e in items):
+            kinds = set(map(type, items))  # one C pass; ABC checks only for other types
+            if kinds <= {dict} or all(isinstance(e, Mapping) for e in items):
                 fast = fast_events(items)
                 pending = _pending_from_fast(fast) if fast is not None else None
                 if pending is None:
                     pending = _pending_from_records(validate_records(items))
             else:  # event objects, or fast-path structs already validated (the gateway's)
-                pending = _pending_from_fast(items) if all(map(is_fast, items)) else None
+                pending = _pending_from_fast(items) if kinds <= _FAST_TYPES else None
                 if pending is None:  # mixed, or a struct cannot be written: the models name it
                     objects = [to_event(e) if is_fast(e) else e for e in items]
                     pending = _pending_from_events(validate_events(objects))
