@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from thunderline_lab import events as E
 from thunderline_lab.cli import main
+from thunderline_lab.store import TrialStore
 
 
 @pytest.fixture()
@@ -169,3 +170,43 @@ def test_unstorable_input_is_a_clean_error_naming_file_and_record(
         assert result.exit_code == 1, result.output
         assert f"error: {f}: {expected}" in result.output
         assert "Traceback" not in result.output
+
+
+def test_json_lines_errors_name_each_line_and_all_are_reported(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    good = json.loads(
+        E.run_metric(
+            model_run_id="s", trial_id="t", step=0, metric_name="a", metric_value=1.0
+        ).to_json()
+    )
+    nan = {**good, "id": "n", "payload": {**good["payload"], "metric_value": float("nan")}}
+    typo = {**good, "id": "u", "name": "ml.run.metrc"}
+    f = tmp_path / "events.jsonl"
+    f.write_text(
+        "\n".join([json.dumps(good), "", json.dumps(nan), json.dumps(typo), '{"id": ', ""])
+    )
+    lab = tmp_path / "lab"
+    assert runner.invoke(main, ["ingest", "-", "--lab", str(lab)], input=json.dumps(good))
+    for command in (["validate", str(f)], ["ingest", str(f), "--lab", str(lab)]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 1, result.output
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert [e.split(": ")[2] for e in errors] == ["line 3", "line 4", "line 5"], errors
+        assert "payload.metric_value: must be a finite number" in errors[0]
+        assert "name: unknown ml event name" in errors[1]
+        assert "invalid JSON" in errors[2]
+    with TrialStore(lab / "lab.db") as store:  # the one good event from before, untouched
+        assert store.counts()["events"] == 1
+
+
+def test_json_lines_store_errors_name_the_line(runner: CliRunner, tmp_path: Path) -> None:
+    good = json.loads(E.trial_start(model_run_id="s", trial_id="t", spectral_norm=True).to_json())
+    bad = json.loads(E.trial_start(model_run_id="s", trial_id="u", spectral_norm=True).to_json())
+    bad["payload"]["parameters"] = {"x": "\ud800"}  # valid JSON, but SQLite cannot hold it
+    f = tmp_path / "events.jsonl"
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+    for command in (["validate", str(f)], ["ingest", str(f), "--lab", str(tmp_path / "lab")]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 1, result.output
+        assert f"error: {f}: line 3: cannot be written" in result.output, result.output

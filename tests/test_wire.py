@@ -7,7 +7,7 @@ import pytest
 
 from thunderline_lab.events import EventValidationError
 from thunderline_lab.store import TrialStore
-from thunderline_lab.wire import lenient_bool, parse_json_records, to_events
+from thunderline_lab.wire import lenient_bool, parse_json_records, read_json_records, to_events
 
 SEED001_START = {
     "event": "ml.run.start",
@@ -174,3 +174,23 @@ def test_lone_surrogate_in_seed_payload_is_a_clean_error() -> None:
     report = {"run_id": "run-\ud800", "trials": [{"trial_id": "t", "status": "succeeded"}]}
     # hashing the content for the event id must not crash; validation names the field
     assert errors([report]) == [(0, "trials[0].model_run_id", "string_unicode")]
+
+
+def test_a_broken_multiline_document_is_reported_at_its_own_line() -> None:
+    text = '[\n  {"id": "a",\n   "name": "ml.run.start"\n   "payload": {}}\n]\n'
+    with pytest.raises(EventValidationError) as info:
+        parse_json_records(text, source="pretty.json")
+    (line,) = info.value.lines()
+    assert line.startswith("pretty.json: line 4: invalid JSON: Expecting ','")
+
+
+def test_json_lines_keep_each_record_line_and_every_malformed_line() -> None:
+    text = '\n{"a": 1}\n{"b": \n\n{"c": "x\u2028y"}\nnope\n'
+    parsed = read_json_records(text, source="posts.jsonl")
+    assert parsed.records == [{"a": 1}, {"c": "x\u2028y"}]  # U+2028 inside a string
+    assert parsed.lines == [2, 5]
+    assert [e.line("posts.jsonl") for e in parsed.errors] == [
+        "posts.jsonl: line 3: invalid JSON: Expecting value (column 7) [json_invalid]",
+        "posts.jsonl: line 6: invalid JSON: Expecting value (column 1) [json_invalid]",
+    ]
+    assert read_json_records('[{"a": 1}]').lines is None  # one document: records by index

@@ -12,11 +12,14 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from thunderline_lab.errors import ThunderlineLabError
+
+if TYPE_CHECKING:
+    from thunderline_lab.wire import LoadedEvents
 
 __all__ = ["main"]
 
@@ -53,15 +56,11 @@ def _read_input(path: str) -> tuple[str, str]:
         raise click.BadParameter(f"cannot read {path}: {exc}") from exc
 
 
-def _load_events(path: str, model_run: str) -> tuple[list[Any], str]:
-    from thunderline_lab.events import EventValidationError
-    from thunderline_lab.wire import parse_json_records, to_events
+def _load_events(path: str, model_run: str) -> LoadedEvents:
+    from thunderline_lab.wire import load_events
 
     text, source = _read_input(path)
-    try:
-        return to_events(parse_json_records(text, source), default_model_run_id=model_run), source
-    except EventValidationError as exc:
-        raise exc.with_source(source) from None
+    return load_events(text, source, default_model_run_id=model_run)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,12 +88,13 @@ def validate(file: str, model_run: str) -> None:
     """
     from thunderline_lab.events import EventValidationError, dump_events
 
-    events, source = _load_events(file, model_run)
+    loaded = _load_events(file, model_run)
     try:
-        dump_events(events)  # what the store would write: catches unserializable text
+        dump_events(loaded.events)  # what the store would write: catches unserializable text
     except EventValidationError as exc:
-        raise exc.with_source(source) from None
-    click.echo(f"ok: {len(events)} valid event{'s' if len(events) != 1 else ''} in {source}")
+        raise loaded.locate(exc) from None
+    n = len(loaded.events)
+    click.echo(f"ok: {n} valid event{'s' if n != 1 else ''} in {loaded.source}")
 
 
 @main.command()
@@ -106,17 +106,17 @@ def ingest(file: str, lab_dir: Path | None, model_run: str) -> None:
     """Validate and append events from FILE (or -) to the lab's trial store."""
     from thunderline_lab.lab import Lab
 
-    events, source = _load_events(file, model_run)
+    loaded = _load_events(file, model_run)
     from thunderline_lab.events import EventValidationError
 
     lab = Lab.resolve(lab_dir)
     with lab.store() as store:
         try:
-            result = store.append(events)
+            result = store.append(loaded.events)
         except EventValidationError as exc:
-            raise exc.with_source(source) from None
+            raise loaded.locate(exc) from None
     click.echo(
-        f"{source}: accepted {result.accepted}, duplicates {result.duplicates} "
+        f"{loaded.source}: accepted {result.accepted}, duplicates {result.duplicates} "
         f"(store {lab.db_path}, last seq {result.last_seq})"
     )
 

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -409,18 +410,26 @@ _ANY_LIST_ADAPTER: TypeAdapter[list[Any]] = TypeAdapter(list[Event])
 
 @dataclass(frozen=True)
 class ErrorDetail:
-    """One broken rule: which record, which field, the value and the rule."""
+    """One broken rule: which record, which field, the value and the rule.
+
+    ``index`` counts records from 0 (an array's index, the gateway's ``index``); ``line``,
+    when known, is the record's 1-based line in a JSON lines file, and is what a message
+    for that file names.
+    """
 
     index: int | None
     path: str
     value: Any
     rule: str
     message: str
+    source_line: int | None = None
 
     def line(self, source: str | None = None) -> str:
         """One line naming the file (if any), the record, the field and what is wrong."""
         where = [source] if source else []
-        if self.index is not None:
+        if self.source_line is not None:
+            where.append(f"line {self.source_line}")
+        elif self.index is not None:
             where.append(f"record {self.index}")
         if self.path:
             where.append(self.path)
@@ -480,9 +489,7 @@ class EventValidationError(ThunderlineLabError):
     def offset(self, by: int) -> EventValidationError:
         """The same errors with record indexes shifted (for batches of a larger input)."""
         shifted = [
-            ErrorDetail(
-                None if e.index is None else e.index + by, e.path, e.value, e.rule, e.message
-            )
+            e if e.index is None else dataclasses.replace(e, index=e.index + by)
             for e in self.errors
         ]
         return EventValidationError(shifted, self.source)

@@ -26,6 +26,7 @@ import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from thunderline_lab.events import (
@@ -40,8 +41,12 @@ from thunderline_lab.events import (
 
 __all__ = [
     "DEFAULT_MODEL_RUN_ID",
+    "JsonInput",
+    "LoadedEvents",
     "lenient_bool",
+    "load_events",
     "parse_json_records",
+    "read_json_records",
     "to_events",
     "translate_record",
 ]
@@ -84,11 +89,32 @@ def lenient_bool(value: Any, default: bool = False) -> bool:
     raise ValueError('must be a boolean (true/false, "true"/"false", 1/0)')
 
 
-def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
-    """Parse a JSON document (one object or an array) or JSON lines into records.
+@dataclass(frozen=True)
+class JsonInput:
+    """Records read from JSON text, and where each came from.
+
+    Attributes:
+        records: the parsed records, in order.
+        lines: for JSON lines input, each record's 1-based line in the text; None for one
+            JSON document (an object or an array).
+        errors: the lines of JSON lines input that are not JSON, one error each.
+    """
+
+    records: list[Any]
+    lines: list[int] | None
+    errors: list[ErrorDetail]
+
+
+def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
+    """Read a JSON document (one object or an array) or JSON lines, keeping going past
+    malformed lines so that every one of them is reported.
+
+    Text counts as JSON lines when its first non-blank line is JSON by itself; otherwise
+    it is one document, and a syntax error is reported at its own line and column (a
+    pretty-printed file broken on line 7 is not reported as "line 1").
 
     Raises:
-        EventValidationError: naming the source and the line of the first bad JSON.
+        EventValidationError: text that is not UTF-8, is empty, or is one broken document.
     """
     if isinstance(text, bytes):
         try:
@@ -97,36 +123,98 @@ def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
             raise EventValidationError(
                 [ErrorDetail(None, "", _MISSING, "encoding", f"not UTF-8 text: {exc}")], source
             ) from None
-    stripped = text.strip()
-    if not stripped:
+    if not text.strip():
         raise EventValidationError(
             [ErrorDetail(None, "", _MISSING, "empty", "no events (empty input)")], source
         )
     try:
-        doc = json.loads(stripped)
-        return doc if isinstance(doc, list) else [doc]
+        doc = json.loads(text)
+        return JsonInput(doc if isinstance(doc, list) else [doc], None, [])
     except json.JSONDecodeError as whole_exc:
-        if "\n" not in stripped:
+        # JSON lines are split on "\n" alone: str.splitlines would also split on U+2028
+        # and other separators that JSON allows inside strings.
+        lines = [ln.removesuffix("\r") for ln in text.split("\n")]
+        first = next(ln for ln in lines if ln.strip())
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:
+            where = f"line {whole_exc.lineno}" if "\n" in text.strip() else ""
             raise EventValidationError(
-                [ErrorDetail(None, "", _MISSING, "json_invalid", f"invalid JSON: {whole_exc}")],
+                [ErrorDetail(None, where, _MISSING, "json_invalid", f"invalid JSON: {whole_exc}")],
                 source,
             ) from None
-    records = []
-    for lineno, line in enumerate(stripped.splitlines(), start=1):
+    records: list[Any] = []
+    numbers: list[int] = []
+    errors: list[ErrorDetail] = []
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
+            numbers.append(lineno)
         except json.JSONDecodeError as exc:
-            raise EventValidationError(
-                [
-                    ErrorDetail(
-                        None, f"line {lineno}", _MISSING, "json_invalid", f"invalid JSON: {exc}"
-                    )
-                ],
-                source,
-            ) from None
-    return records
+            message = f"invalid JSON: {exc.msg} (column {exc.colno})"
+            errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_invalid", message))
+    return JsonInput(records, numbers, errors)
+
+
+def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
+    """Parse a JSON document (one object or an array) or JSON lines into records.
+
+    Raises:
+        EventValidationError: naming the source and every line that is not JSON.
+    """
+    parsed = read_json_records(text, source)
+    if parsed.errors:
+        raise EventValidationError(parsed.errors, source)
+    return parsed.records
+
+
+@dataclass(frozen=True)
+class LoadedEvents:
+    """A file's events, with the record (and, for JSON lines, the line) each came from."""
+
+    events: list[Event]
+    source: str
+    origin: list[int]  # each event's record index (a seed 002 report gives several events)
+    lines: list[int] | None  # each record's 1-based line (JSON lines input), else None
+
+    def locate(self, exc: EventValidationError) -> EventValidationError:
+        """Errors about ``events`` (say, from the store) named by the file's record or line."""
+        located = []
+        for e in exc.errors:
+            if e.index is not None and 0 <= e.index < len(self.origin):
+                record = self.origin[e.index]
+                line = self.lines[record] if self.lines is not None else None
+                e = replace(e, index=record, source_line=line)
+            located.append(e)
+        return EventValidationError(located, self.source)
+
+
+def load_events(
+    text: str | bytes, source: str, *, default_model_run_id: str = DEFAULT_MODEL_RUN_ID
+) -> LoadedEvents:
+    """Read, translate and validate a file's events; errors name the file and the record
+    (for JSON lines, its line), every malformed line and every broken rule at once.
+
+    Raises:
+        EventValidationError: with every error, attributed to ``source``.
+    """
+    parsed = read_json_records(text, source)
+    found: list[tuple[int, ErrorDetail]] = [
+        (int(e.path.removeprefix("line ")), e) for e in parsed.errors
+    ]
+    events, origin, errors = _translate(parsed.records, default_model_run_id)
+    for e in errors:
+        if parsed.lines is not None and e.index is not None:
+            line = parsed.lines[e.index]
+            found.append((line, replace(e, source_line=line)))
+        else:
+            found.append((e.index or 0, e))
+    if found:
+        found.sort(key=lambda item: item[0])  # stable: a record's errors keep their order
+        raise EventValidationError([e for _, e in found], source)
+    return LoadedEvents(events, source, origin, parsed.lines)
 
 
 def _event_id(record: Any, salt: str = "") -> str:
@@ -371,6 +459,16 @@ def to_events(
     Raises:
         EventValidationError: with each error's record index and field path.
     """
+    events, _, errors = _translate(records, default_model_run_id)
+    if errors:
+        raise EventValidationError(errors)
+    return events
+
+
+def _translate(
+    records: Sequence[Any], default_model_run_id: str
+) -> tuple[list[Event], list[int], list[ErrorDetail]]:
+    """(events, each event's record index, errors by record index in record order)."""
     canonical: list[Any] = []
     origin: list[int] = []
     errors: list[ErrorDetail] = []
@@ -386,12 +484,8 @@ def to_events(
         events = validate_events(canonical)
     except EventValidationError as exc:
         errors.extend(
-            ErrorDetail(
-                origin[e.index] if e.index is not None else None, e.path, e.value, e.rule, e.message
-            )
-            for e in exc.errors
+            replace(e, index=None if e.index is None else origin[e.index]) for e in exc.errors
         )
         events = []
-    if errors:
-        raise EventValidationError(sorted(errors, key=lambda e: e.index or 0))
-    return events
+    errors.sort(key=lambda e: e.index or 0)
+    return (events, origin, []) if not errors else ([], [], errors)
