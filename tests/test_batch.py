@@ -134,6 +134,23 @@ def test_overrides_reach_the_notebook_and_unknown_ones_are_refused(tmp_path: Pat
         run_batch(cfg, lab=tmp_path / "lab", overrides={"nope": 1}, progress=False)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="IPC transport is POSIX only")
+def test_worker_kernels_talk_over_ipc_not_loopback_tcp(tmp_path: Path) -> None:
+    make_notebook(
+        tmp_path / "nb.ipynb",
+        "from ipykernel.kernelapp import IPKernelApp\n"
+        "print('transport', IPKernelApp.instance().transport)",
+    )
+    cfg = load_study_config(write_config(tmp_path, '[study]\nname = "t"\nnotebook = "nb.ipynb"\n'))
+    (out,) = run_batch(cfg, lab=tmp_path / "lab", progress=False).outputs
+    printed = [
+        "".join(o.get("text", ""))
+        for c in json.loads(out.read_text())["cells"]
+        for o in c.get("outputs", [])
+    ]
+    assert "transport ipc\n" in printed
+
+
 @pytest.mark.slow
 def test_smoke_study_with_two_workers(tmp_path: Path) -> None:
     lab = tmp_path / "lab"

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -277,11 +278,49 @@ def _source_cell_index(notebook: str, index: int) -> int:
     return index
 
 
+@functools.cache
+def _kernel_manager_class() -> type[Any] | None:
+    """The worker kernels' manager: IPC transport (Unix sockets in the user's private
+    Jupyter runtime folder) where there is one, so that a study's code and outputs do not
+    travel as plain text over loopback TCP, which any local user could listen to (and
+    ipykernel warns about on every start); None elsewhere: papermill's default."""
+    if os.name != "posix":
+        return None
+    import uuid
+
+    from jupyter_client.manager import KernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    runtime = jupyter_runtime_dir()
+    # A Unix socket path holds ~107 bytes; "<runtime>/tl-<12 hex>-ipc-<port>" must fit.
+    if len(os.fsencode(runtime)) > 80:
+        return None
+    try:
+        os.makedirs(runtime, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+
+    class IPCKernelManager(KernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs.setdefault("transport", "ipc")
+            # Each kernel its own socket files: the default name ("kernel-ipc" in the
+            # working folder) is shared by the workers of a study, which would then
+            # connect to each other's kernels.
+            kwargs.setdefault("ip", os.path.join(runtime, f"tl-{uuid.uuid4().hex[:12]}-ipc"))
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -> dict[str, Any]:
     """Run one papermill worker (in a child process); returns an error description or {}."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    engine_options: dict[str, Any] = {}
+    manager = _kernel_manager_class()
+    if manager is not None:
+        engine_options["kernel_manager_class"] = manager
     try:
         papermill.execute_notebook(
             notebook,
@@ -290,6 +329,7 @@ def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -
             kernel_name="python3",
             progress_bar=False,
             cwd=cwd,
+            **engine_options,
         )
     except PapermillExecutionError as exc:
         return {
