@@ -14,14 +14,23 @@ trials x 5 curves x 50,000 steps (1 M points) for the downsampling query.
 
 Measured, medians of ``--repeats`` interleaved runs:
 
-* ``compare_study`` headline (val_accuracy; then the default 8-metric set) cold (first read of
-  the study in the process, the in-process cache cleared before each: SQL ``json_extract``
-  over the trials), warm (in-process columnar cache refreshed from the event log; the arms,
-  counts and statistics derived from an unchanged frame are reused) and warm recomputed
-  (the frame kept, everything derived from it and every remembered statistic dropped: what
-  a comparison costs after a refresh changed rows), each repeat running every case once,
-  printed against the ≤ 100 ms goal; against the store's own SQL aggregate
-  ``mean_by_spectral_norm`` (``json_extract`` + ``GROUP BY``, no CI, no pairing);
+* ``compare_study`` headline (val_accuracy; then the default 8-metric set), each repeat running
+  every case once, printed against the ≤ 100 ms goal:
+
+  - cold, first ever: no snapshot on disk and nothing in the process (``clear_cache(store)``):
+    SQL ``json_extract`` over the trials, every statistic computed, the snapshot written;
+  - cold, new process with snapshot: the in-process cache cleared (``clear_cache()``), the
+    study's snapshot on disk (``<dir of the db>/cache/compare/``) loaded, validated against
+    the event log and refreshed from it, the remembered statistics reused (study unchanged);
+  - cold with snapshot after 1 new pair: the same, with one pair logged since the snapshot
+    (refreshed incrementally; that metric's statistics recomputed; the snapshot rewritten);
+  - warm (in-process columnar cache; the arms, counts and statistics derived from an
+    unchanged frame are reused) and warm recomputed (the frame kept, everything derived from
+    it and every remembered statistic dropped: what a comparison costs after a refresh
+    changed rows);
+
+  against the store's own SQL aggregate ``mean_by_spectral_norm`` (``json_extract`` +
+  ``GROUP BY``, no CI, no pairing); plus the snapshot's size on disk and one save's cost;
 * the comparison's details (group learning curves over a 200-trial-per-arm sample, per-layer σ);
 * the incremental refresh after new trials arrive;
 * the monitor's history query: ``TrialStore.metric_history(..., max_points=1000)`` for the 40
@@ -310,78 +319,112 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
 
     headline = ["val_accuracy"]
     keys = (
-        "cold",
+        "first",
+        "snap",
+        "snap_new",
         "warm",
         "recomputed",
         "sql",
-        "cold_all",
+        "first_all",
+        "snap_all",
+        "snap_new_all",
         "warm_all",
         "recomputed_all",
-        "cold_details",
+        "first_details",
+        "snap_details",
         "warm_details",
     )
     t: dict[str, list[float]] = {k: [] for k in keys}
+    used: dict[str, int] = {}
     for _ in range(repeats):  # interleaved: each repeat runs every case once
-        cmp.clear_cache()  # cold: the study's first read in this process
-        dt, res = timed(lambda: compare_study(store, headline, details=False))
-        t["cold"].append(dt)
-        dt, res = timed(lambda: compare_study(store, headline, details=False))
-        t["warm"].append(dt)
-        forget_statistics()
-        dt, res = timed(lambda: compare_study(store, headline, details=False))
-        t["recomputed"].append(dt)
-        dt, _ = timed(lambda: store.mean_by_spectral_norm("val_accuracy", study=STUDY))
-        t["sql"].append(dt)
-        cmp.clear_cache()
-        dt, res_all = timed(lambda: compare_study(store, None, details=False))
-        t["cold_all"].append(dt)
-        dt, res_all = timed(lambda: compare_study(store, None, details=False))
-        t["warm_all"].append(dt)
-        forget_statistics()
-        dt, res_all = timed(lambda: compare_study(store, None, details=False))
-        t["recomputed_all"].append(dt)
+        for suffix, metrics in (("", headline), ("_all", None)):
+            cmp.clear_cache(store)  # first ever: no snapshot on disk, nothing in the process
+            dt, res = timed(lambda m=metrics: compare_study(store, m, details=False))
+            t["first" + suffix].append(dt)
+            dt, res = timed(lambda m=metrics: compare_study(store, m, details=False))
+            t["warm" + suffix].append(dt)
+            forget_statistics()
+            dt, res = timed(lambda m=metrics: compare_study(store, m, details=False))
+            t["recomputed" + suffix].append(dt)
+            if not suffix:
+                dt, _ = timed(lambda: store.mean_by_spectral_norm("val_accuracy", study=STUDY))
+                t["sql"].append(dt)
+            cmp.clear_cache()  # a new process: the snapshot on disk, the study unchanged
+            before = dict(cmp.snapshot_counts)
+            dt, res = timed(lambda m=metrics: compare_study(store, m, details=False))
+            t["snap" + suffix].append(dt)
+            used["snap" + suffix] = cmp.snapshot_counts["loaded"] - before["loaded"]
+            append_pair(store)  # one new pair logged since the snapshot
+            cmp.clear_cache()
+            before = dict(cmp.snapshot_counts)
+            dt, res = timed(lambda m=metrics: compare_study(store, m, details=False))
+            t["snap_new" + suffix].append(dt)
+            used["snap_new" + suffix] = cmp.snapshot_counts["loaded"] - before["loaded"]
+            if suffix:
+                res_all = res
+            else:
+                res_one = res
+        cmp.clear_cache(store)
+        dt, _ = timed(lambda: compare_study(store, None, details=True))
+        t["first_details"].append(dt)
         cmp.clear_cache()
         dt, _ = timed(lambda: compare_study(store, None, details=True))
-        t["cold_details"].append(dt)
+        t["snap_details"].append(dt)
         dt, _ = timed(lambda: compare_study(store, None, details=True))
         t["warm_details"].append(dt)
     med = {k: statistics.median(v) for k, v in t.items()}
     goal = 0.100
 
-    def verdict(k: str) -> str:
-        return f"goal ≤ {goal * 1000:.0f} ms: {'met' if med[k] <= goal else 'NOT met'}"
+    def line(label: str, k: str) -> None:
+        verdict = f"goal ≤ {goal * 1000:.0f} ms: {'met' if med[k] <= goal else 'NOT met'}"
+        print(f"  {label:<58} {median_ms(t[k])}  {verdict}")
 
     nm = len(res_all.headline)
-    print(f"  medians of {repeats} interleaved repeats (cold: in-process cache cleared first)")
     print(
-        f"  headline val_accuracy, cold (first read)         {median_ms(t['cold'])}  "
-        + verdict("cold")
+        f"  medians of {repeats} interleaved repeats; 'new process' = in-process cache cleared "
+        "(compare.clear_cache()), 'first ever' = its snapshot on disk deleted too"
     )
+    for suffix, what in (("", "headline val_accuracy"), ("_all", f"default {nm} metrics")):
+        line(f"{what}, cold, first ever (no snapshot on disk)", "first" + suffix)
+        line(f"{what}, cold, new process with snapshot", "snap" + suffix)
+        line(f"{what}, cold with snapshot after 1 new pair", "snap_new" + suffix)
+        line(f"{what}, warm", "warm" + suffix)
+        line(f"{what}, warm recomputed", "recomputed" + suffix)
+        if not suffix:
+            print(
+                f"  {'store.mean_by_spectral_norm (SQL GROUP BY)':<58} {median_ms(t['sql'])}"
+                f"  ratio SQL/warm {med['sql'] / med['warm']:.1f}x"
+            )
+    line("+ details (curves of 400 trials, layer σ), cold, first ever", "first_details")
+    line("+ details, cold, new process with snapshot", "snap_details")
+    line("+ details, warm", "warm_details")
     print(
-        f"  headline val_accuracy, warm                      {median_ms(t['warm'])}  "
-        + verdict("warm")
+        "  snapshot loaded in the 'with snapshot' cases: "
+        + ", ".join(f"{k} {v}/1" for k, v in used.items())
+        + f"; counts this run: {cmp.snapshot_counts}"
     )
-    print(
-        f"  headline val_accuracy, warm recomputed           {median_ms(t['recomputed'])}  "
-        + verdict("recomputed")
-    )
-    print(
-        f"  store.mean_by_spectral_norm (SQL GROUP BY)       {median_ms(t['sql'])}"
-        f"  ratio SQL/warm {med['sql'] / med['warm']:.1f}x"
-    )
-    print(f"  headline, default {nm} metrics, cold             {median_ms(t['cold_all'])}")
-    print(f"  headline, default {nm} metrics, warm             {median_ms(t['warm_all'])}")
-    print(f"  headline, default {nm} metrics, warm recomputed  {median_ms(t['recomputed_all'])}")
-    print(f"  + details (curves of 400 trials, layer σ), cold  {median_ms(t['cold_details'])}")
-    print(f"  + details, warm                                  {median_ms(t['warm_details'])}")
     print(
         "  cold samples (ms): "
         + ", ".join(
             f"{k} " + "/".join(f"{x * 1000:.0f}" for x in t[k])
-            for k in ("cold", "cold_all", "cold_details")
+            for k in ("first", "snap", "snap_new", "first_all", "snap_all", "snap_new_all")
         )
     )
-    row = res.headline.iloc[0]
+    # the snapshot itself: size on disk, and what one save costs (once per change)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    path = cmp._snapshot_path(store, STUDY)
+    saves = []
+    for _ in range(3):
+        frame.saved = None
+        dt, _ = timed(lambda: cmp._save_snapshot(store, STUDY, frame))
+        saves.append(dt)
+    assert path is not None and path.exists()
+    print(
+        f"  snapshot {path.name}: {path.stat().st_size / 2**20:.1f} MB on disk "
+        f"({frame.n:,} rows, {len(frame.columns)} metric columns, {len(frame.memo)} statistic "
+        f"rows); save {median_ms(saves)} (median of 3; written once per change)"
+    )
+    row = res_one.headline.iloc[0]
     print(
         f"  result: Δ val_accuracy {row['diff']:+.5f} [{row['ci_low']:+.5f}, "
         f"{row['ci_high']:+.5f}], n_pairs {row['n_pairs']:,}, B {row['n_boot']}, "
@@ -395,11 +438,21 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         )
     )
 
-    # incremental: two new trials (one pair) arrive through the ordinary append path
-    new = []
+    # incremental, in process: one new pair arrives through the ordinary append path
+    append_pair(store)
+    dt, res2 = timed(lambda: compare_study(store, headline, details=False))
+    print(
+        f"  after 1 new pair (in-process refresh from the event log) {dt * 1000:8.1f} ms"
+        f"  (n_pairs {res2.headline.iloc[0]['n_pairs']:,})"
+    )
+
+
+def append_pair(store: TrialStore) -> None:
+    """Two new completed trials (one pair) through the ordinary append path."""
+    new, stamp = [], time.time_ns()
     for j, sn in enumerate((False, True)):
-        common = {"model_run_id": STUDY, "trial_id": f"new_{time.time_ns()}_{j}", "study": STUDY}
-        params = {"pair_id": "pair_new", "spectral_norm": sn}
+        common = {"model_run_id": STUDY, "trial_id": f"new_{stamp}_{j}", "study": STUDY}
+        params = {"pair_id": f"pair_new_{stamp}", "spectral_norm": sn}
         new.append(E.trial_start(**common, spectral_norm=sn, parameters=params))
         new.append(
             E.trial_complete(
@@ -410,11 +463,6 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
             )
         )
     store.append(new)
-    dt, res2 = timed(lambda: compare_study(store, headline, details=False))
-    print(
-        f"  after 1 new pair (refresh from the event log)    {dt * 1000:8.1f} ms"
-        f"  (n_pairs {res2.headline.iloc[0]['n_pairs']:,})"
-    )
 
 
 def forget_statistics() -> None:
@@ -544,6 +592,7 @@ def main() -> None:
         print(f"building {db} ({n_trials:,} trials, {n_trials * epochs * 5:,} points) ...")
         db.parent.mkdir(parents=True, exist_ok=True)
         build(db, n_trials, epochs, long_steps)
+        cmp.clear_cache(db)  # bulk-inserted, not logged: no older snapshot may describe it
         meta.write_text(json.dumps(want))
     print(f"machine: {os.cpu_count()} CPUs, load average {load()} (shared machine)")
     store = TrialStore(db)
@@ -552,9 +601,11 @@ def main() -> None:
         bench_history(store, args.repeats)
     finally:
         store.close()
-    # keep the benchmark's own extra trials out of the next run
+    # keep the benchmark's own extra trials out of the next run; they are deleted out of band
+    # (not through the event log), so the comparison's snapshot of the study goes with them
     with TrialStore(db) as st:
         st.conn.execute("DELETE FROM trials WHERE trial_id LIKE 'new_%'")
+        cmp.clear_cache(st)
     bench_monitor(args.seconds, args.rate)
 
 

@@ -604,3 +604,313 @@ def test_vectorised_row_conversions_match_the_per_value_ones() -> None:
     frame.pair = np.array(["b", None, "a", "b", "c"], dtype=object)  # all str: no astype
     frame._pair_codes = None
     assert frame.pair_codes().tolist() == [0, -1, 1, 0, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# The snapshot on disk (a new process's first comparison)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Spy:
+    """Counts the bulk reads of a study's trials and the statistics computed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.bulk_reads = 0
+        self.reads = 0
+        self.statistics = 0
+        fetch, stats_of = cmp._fetch_rows, cmp._compare_arrays
+
+        def spy_fetch(*args: Any, **kwargs: Any) -> Any:
+            self.reads += 1
+            subset = kwargs.get("subset", args[3] if len(args) > 3 else None)
+            self.bulk_reads += subset is None
+            return fetch(*args, **kwargs)
+
+        def spy_stats(*args: Any, **kwargs: Any) -> Any:
+            self.statistics += 1
+            return stats_of(*args, **kwargs)
+
+        monkeypatch.setattr(cmp, "_fetch_rows", spy_fetch)
+        monkeypatch.setattr(cmp, "_compare_arrays", spy_stats)
+
+
+def _assert_same_result(res: cmp.ComparisonResult, fresh: cmp.ComparisonResult) -> None:
+    """Equal results; floats (CIs, p values, differences) bit for bit."""
+    pd.testing.assert_frame_equal(res.headline, fresh.headline, check_exact=True)
+    pd.testing.assert_frame_equal(res.pairs, fresh.pairs, check_exact=True)
+    pd.testing.assert_frame_equal(res.trials, fresh.trials, check_exact=True)
+    pd.testing.assert_frame_equal(res.counts, fresh.counts, check_exact=True)
+    pd.testing.assert_frame_equal(res.by_coeff, fresh.by_coeff, check_exact=True)
+    assert res.notes == fresh.notes and res.sources == fresh.sources
+    for col in ("pair_id", "trial_id", "status"):
+        assert [type(v) for v in res.trials[col]] == [type(v) for v in fresh.trials[col]]
+    if len(res.pairs):
+        assert [type(v) for v in res.pairs["pair_id"]] == [type(v) for v in fresh.pairs["pair_id"]]
+
+
+def _fresh(store: TrialStore, study: str = STUDY, **kwargs: Any) -> cmp.ComparisonResult:
+    return compare_study(store, study, use_cache=False, **kwargs)
+
+
+@pytest.fixture
+def remember_small_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remember statistic rows of test-sized inputs too (normally only ≥ 5,000 values)."""
+    monkeypatch.setattr(cmp, "_ROW_MEMO_MIN", 0)
+
+
+def _snapshot_file_of(store: TrialStore, study: str = STUDY) -> Path:
+    path = cmp._snapshot_path(store, study)
+    assert path is not None
+    return path
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_a_new_process_reads_the_snapshot_and_gets_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=10, epochs=3, pruned=1, failed=1))
+    cmp.clear_cache(store)
+    path = _snapshot_file_of(store)
+    assert not path.exists()
+    first = compare_study(store, STUDY)
+    assert path.exists() and path.parent == tmp_path / "cache" / "compare"
+    mtime = path.stat().st_mtime_ns
+    compare_study(store, STUDY)  # nothing changed: not written again
+    assert path.stat().st_mtime_ns == mtime
+
+    cmp.clear_cache()  # a new process: nothing in memory, the snapshot on disk
+    spy = _Spy(monkeypatch)
+    loaded = cmp.snapshot_counts["loaded"]
+    again = compare_study(store, STUDY)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+    assert spy.reads == 0  # no trial re-read: the frame came from the snapshot
+    assert spy.statistics == 0  # every CI and test remembered by the snapshot
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    n = store.conn.execute("SELECT COUNT(*) FROM trials WHERE study = ?", [STUDY]).fetchone()[0]
+    assert frame.n == n == 20 and frame.memo
+    # the codes restored with the frame are those the frame would compute
+    pair_codes, status_codes = frame.pair_codes().copy(), frame.status_codes()
+    frame._pair_codes = frame._status_codes = None
+    assert np.array_equal(pair_codes, frame.pair_codes())
+    assert [c.tolist() for c in status_codes] == [c.tolist() for c in frame.status_codes()]
+
+    fresh = _fresh(store, STUDY)  # use_cache=False: read and computed from scratch
+    assert spy.bulk_reads >= 1 and spy.statistics > 0
+    _assert_same_result(again, fresh)
+    _assert_same_result(first, fresh)
+    pd.testing.assert_frame_equal(again.curves, fresh.curves, check_exact=True)
+    pd.testing.assert_frame_equal(again.layer_sigma, fresh.layer_sigma, check_exact=True)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1  # use_cache=False: the disk untouched
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_the_snapshot_is_refreshed_from_events_logged_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=8, epochs=3))
+    cmp.clear_cache(store)
+    before = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    # a new pair and a trial whose status changes, logged after the snapshot
+    store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
+    store.append(_trial(901, True, {"test_accuracy": 0.9}, pair="late"))
+    store.append(_trial(0, False, {"test_accuracy": 0.1}, pair="pair_0000", status="pruned"))
+    cmp.clear_cache()
+    spy = _Spy(monkeypatch)
+    loaded = cmp.snapshot_counts["loaded"]
+    after = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+    assert spy.bulk_reads == 0 and spy.reads == 1  # only the trials with new events
+    fresh = _fresh(store, metrics=["test_accuracy"], details=False)
+    _assert_same_result(after, fresh)
+    assert after.headline.loc[0, "n_pairs"] == before.headline.loc[0, "n_pairs"]  # +1 -1
+    assert "late" in set(after.pairs["pair_id"]) and "pair_0000" not in set(after.pairs["pair_id"])
+    assert any("1 pruned" in n for n in after.notes)
+    # the refreshed frame was saved: the next process reads nothing from the store
+    cmp.clear_cache()
+    spy.reads = spy.statistics = 0
+    again = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert spy.reads == 0 and spy.statistics == 0
+    _assert_same_result(again, fresh)
+
+
+def test_a_recreated_store_at_the_same_path_rejects_the_snapshot(tmp_path: Path) -> None:
+    db = tmp_path / "lab.db"
+    store = TrialStore(db)
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3, seed=1))
+    cmp.clear_cache(store)
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    watermark = store.last_seq()
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    store = TrialStore(db)  # the same path, the same number of events, other values
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3, seed=2))
+    assert store.last_seq() == watermark
+    cmp.clear_cache()
+    rejected = cmp.snapshot_counts["rejected"]
+    res = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp.snapshot_counts["rejected"] == rejected + 1
+    _assert_same_result(res, _fresh(store, metrics=["test_accuracy"], details=False))
+    # a store whose log is shorter than the snapshot's watermark: rejected too
+    cmp.clear_cache()
+    store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    store = TrialStore(db)
+    store.append(synthetic_study(STUDY, n_pairs=2, epochs=1, seed=3))
+    res = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp.snapshot_counts["rejected"] == rejected + 2
+    _assert_same_result(res, _fresh(store, metrics=["test_accuracy"], details=False))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign npz"])
+def test_a_corrupt_snapshot_is_ignored_and_rebuilt(tmp_path: Path, damage: str) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
+    cmp.clear_cache(store)
+    compare_study(store, STUDY, details=False)
+    path = _snapshot_file_of(store)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        with path.open("wb") as f:
+            np.savez(f, meta=np.frombuffer(b'{"format": 1}', dtype=np.uint8), sn=np.zeros(3))
+    cmp.clear_cache()
+    rejected, loaded = cmp.snapshot_counts["rejected"], cmp.snapshot_counts["loaded"]
+    res = compare_study(store, STUDY, details=False)
+    assert cmp.snapshot_counts["rejected"] == rejected + 1
+    _assert_same_result(res, _fresh(store, details=False))
+    cmp.clear_cache()  # rewritten by the rebuild: the next process loads it
+    compare_study(store, STUDY, details=False)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+
+
+def test_results_stay_equal_across_a_replay(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3, pruned=1))
+    cmp.clear_cache(store)
+    compare_study(store, STUDY, details=False)
+    store.replay()
+    cmp.clear_cache()
+    res = compare_study(store, STUDY, details=False)
+    _assert_same_result(res, _fresh(store, details=False))
+    store.replay()  # in process, too
+    _assert_same_result(compare_study(store, STUDY, details=False), _fresh(store, details=False))
+
+
+@pytest.mark.parametrize("change", ["bulk insert", "newest deleted"])
+def test_trials_changed_without_events_reject_the_snapshot(tmp_path: Path, change: str) -> None:
+    """A heuristic guard (the study's highest trials rowid when no event was logged since):
+    bulk-inserted trials and deleted newest ones, as the P7 benchmark's, are seen."""
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
+    cmp.clear_cache(store)
+    compare_study(store, STUDY, details=False)
+    # trials written out of band (not through the event log)
+    if change == "bulk insert":
+        columns = ", ".join(c for c in store_columns(store) if c != "trial_id")
+        store.conn.execute(
+            f"INSERT INTO trials (trial_id, {columns}) SELECT 'bulk', {columns} FROM trials "
+            "WHERE trial_id = 'trial_0001'"
+        )
+    else:
+        store.conn.execute("DELETE FROM trials WHERE rowid = (SELECT MAX(rowid) FROM trials)")
+    cmp.clear_cache()
+    rejected = cmp.snapshot_counts["rejected"]
+    res = compare_study(store, STUDY, details=False)
+    assert cmp.snapshot_counts["rejected"] == rejected + 1
+    _assert_same_result(res, _fresh(store, details=False))
+
+
+def store_columns(store: TrialStore) -> list[str]:
+    return [r[1] for r in store.conn.execute("PRAGMA table_info(trials)")]
+
+
+def test_an_unwritable_cache_folder_only_costs_the_snapshot(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    cmp.clear_cache()
+    unwritten = cmp.snapshot_counts["unwritten"]
+    res = compare_study(store, STUDY, details=False)
+    assert cmp.snapshot_counts["unwritten"] == unwritten + 1
+    compare_study(store, STUDY, details=False)  # unchanged: not attempted again
+    assert cmp.snapshot_counts["unwritten"] == unwritten + 1
+    _assert_same_result(res, _fresh(store, details=False))
+    cmp.clear_cache()
+    _assert_same_result(compare_study(store, STUDY, details=False), _fresh(store, details=False))
+    cmp.clear_cache(store)  # nothing to delete: no error either
+    assert not list(tmp_path.glob("**/*.npz")) and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_use_cache_false_neither_reads_nor_writes_the_snapshot(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
+    cmp.clear_cache(store)
+    _fresh(store, details=False)
+    path = _snapshot_file_of(store)
+    assert not path.exists()
+    compare_study(store, STUDY, details=False)
+    assert path.exists()
+    counts = dict(cmp.snapshot_counts)
+    path.write_bytes(b"not read")
+    _fresh(store, details=False)
+    assert cmp.snapshot_counts == counts and path.read_bytes() == b"not read"
+    cmp.clear_cache(store, study=STUDY)
+    assert not path.exists()
+    mem = TrialStore(":memory:")
+    mem.append(synthetic_study(STUDY, n_pairs=3, epochs=2))
+    assert cmp._snapshot_path(mem, STUDY) is None
+    compare_study(mem, STUDY, details=False)
+    assert cmp.snapshot_counts == counts
+
+
+def test_pair_ids_of_mixed_types_round_trip(tmp_path: Path) -> None:
+    values = np.empty(9, dtype=object)
+    values[:] = [3, "3", None, 1, 1.0, 2**40, "é/ü", 2.5, "3"]
+    arrays: dict[str, np.ndarray] = {}
+    how = cmp._encode_objects("pair", values, arrays)
+    decoded, codes = cmp._decode_objects("pair", how, arrays, len(values))
+    assert decoded.tolist() == values.tolist() and codes is None
+    assert [type(v) for v in decoded] == [type(v) for v in values]
+    for plain in (["b", None, "a", "b", None], ["x", "y", "z"]):  # codes: the frame's own
+        values = np.array(plain, dtype=object)
+        frame = cmp._Frame(
+            run=values,
+            trial=values,
+            status=np.array([v or "none" for v in plain], dtype=object),
+            sn=np.zeros(len(values)),
+            coeff=np.zeros(len(values)),
+            pair=values,
+            columns={},
+            keys=set(),
+            watermark=0,
+        )
+        for name, expected in (("pair", frame.pair_codes()), ("status", frame.status_codes()[1])):
+            column = getattr(frame, name)
+            how = cmp._encode_objects(name, column, arrays, cmp._known_codes(frame, name))
+            decoded, codes = cmp._decode_objects(name, how, arrays, len(values))
+            assert decoded.tolist() == column.tolist()
+            assert codes is not None and codes.tolist() == expected.tolist()
+
+    store = TrialStore(tmp_path / "lab.db")
+    ids: list[Any] = [3, "3", "a", 7, 2.5, None, "b"]  # 3 and "3" pair (pair codes are str)
+    for i, pair_id in enumerate(ids):
+        for sn in (True, False):
+            append_trial(store, f"t{i}_{int(sn)}", pair_id, sn, {"acc": 0.5 + 0.01 * i + 0.02 * sn})
+    cmp.clear_cache(store)
+    first = compare_study(store, "ab", metrics=["acc"], details=False)
+    cmp.clear_cache()
+    again = compare_study(store, "ab", metrics=["acc"], details=False)
+    assert cmp._CACHE[cmp._store_key(store, "ab")].saved == (0, store.last_seq())  # loaded
+    fresh = _fresh(store, "ab", metrics=["acc"], details=False)
+    _assert_same_result(again, fresh)
+    _assert_same_result(first, fresh)
+    assert {type(v) for v in again.trials["pair_id"]} == {int, str, float, type(None)}

@@ -27,6 +27,17 @@ until a refresh changes a row, and :func:`compare_arrays` remembers the rows of 
 by a digest of their values: statistics are pure functions of the values and arguments, so a
 repeated comparison returns exactly what recomputing would.
 
+The frame also persists across processes (a restarted kernel, each ``thunderline-lab
+compare``): a columnar snapshot beside the store, ``cache/compare/<study>.<tag>.npz`` (numpy
+arrays, no pickles), with the statistic rows computed over its values. A new process loads
+it, checks it against the store (format, the event id at its watermark and the log's first
+one, the study's newest trials row) and refreshes it from the event log as above; a snapshot
+that does not match, or cannot be read, is ignored and rewritten. It is saved (atomically,
+last writer wins) when a comparison changed its rows, columns or statistics; an unwritable
+folder only means no snapshot. Like the store's projections it never changes a result, only
+its cost; ``use_cache=False`` neither reads nor writes it (nor any remembered statistic),
+and ``clear_cache(store)`` deletes it.
+
 Example:
     >>> from thunderline_lab.store import TrialStore
     >>> from thunderline_lab.monitor import synthetic_study
@@ -40,13 +51,16 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
+import secrets
 import threading
 import weakref
 import zlib
@@ -290,19 +304,26 @@ def compare_arrays(
         ('wilcoxon', 0.0333)
     """
     key = None
-    if len(sn) + len(none) >= _ROW_MEMO_MIN:
+    sink = _ROW_SINK.get()
+    if len(sn) + len(none) >= _ROW_MEMO_MIN and (sink is None or sink.use_memo):
         key = (metric, paired, n_boot, confidence, seed, max_draws, _digest(sn, none))
         with _ROW_MEMO_LOCK:
             cached = _ROW_MEMO.get(key)
             if cached is not None:
                 _ROW_MEMO.move_to_end(key)
-                return dict(cached)
+        if cached is not None:
+            if sink is not None:
+                sink.rows.append((key, cached))
+            return dict(cached)
     row = _compare_arrays(metric, sn, none, paired, n_boot, confidence, seed, max_draws)
     if key is not None:
+        kept = dict(row)
         with _ROW_MEMO_LOCK:
-            _ROW_MEMO[key] = dict(row)
+            _ROW_MEMO[key] = kept
             while len(_ROW_MEMO) > _ROW_MEMO_SIZE:
                 _ROW_MEMO.popitem(last=False)
+        if sink is not None:
+            sink.rows.append((key, kept))
     return row
 
 
@@ -312,6 +333,20 @@ _ROW_MEMO: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
 _ROW_MEMO_LOCK = threading.Lock()
 _ROW_MEMO_SIZE = 256
 _ROW_MEMO_MIN = 5_000  # values; below this the row is about as quick to recompute as to hash
+
+
+@dataclass
+class _RowSink:
+    """What one comparison asks of :func:`compare_arrays`: whether remembered rows may be
+    used, and the (key, row) pairs it used or made (kept with the study's snapshot)."""
+
+    use_memo: bool = True
+    rows: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+
+
+_ROW_SINK: contextvars.ContextVar[_RowSink | None] = contextvars.ContextVar(
+    "thunderline_compare_rows", default=None
+)
 
 
 def _digest(*arrays: np.ndarray) -> bytes:
@@ -396,11 +431,19 @@ class _Frame:
     _index: dict[tuple[str, str], int] | None = None
     _pair_codes: np.ndarray | None = None
     _status_codes: tuple[np.ndarray, np.ndarray] | None = None
+    _str_codes: set[str] = field(default_factory=set)  # codes computed from str (and None)
     # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
     history: dict[tuple[str, str], tuple[int, np.ndarray | None]] = field(default_factory=dict)
     # what the comparison derives from the rows (arms per statuses, counts): cleared whenever
     # a refresh changes a row
     derived: dict[Any, Any] = field(default_factory=dict)
+    # the on-disk snapshot: ``version`` counts changes of rows, columns or keys; ``saved`` is
+    # the (version, watermark) last saved or loaded; ``memo`` the statistic rows computed
+    # over the frame's values (kept with the snapshot, most recently used last)
+    version: int = 0
+    saved: tuple[int, int] | None = None
+    memo: OrderedDict[tuple[Any, ...], dict[str, Any]] = field(default_factory=OrderedDict)
+    memo_dirty: bool = False
 
     @property
     def n(self) -> int:
@@ -416,12 +459,10 @@ class _Frame:
         if self._status_codes is None:
             if _all_str(self.status):  # hash, then sort the few distinct (np.unique's answer)
                 first, uniq = pd.factorize(self.status)
-                names = np.asarray(uniq, dtype=object).astype(str)
-                order = np.argsort(names, kind="stable")
-                rank = np.empty(len(order), dtype=np.intp)
-                rank[order] = np.arange(len(order))
-                self._status_codes = (names[order], rank[first])
+                self._status_codes = _sorted_codes(first, uniq)
+                self._str_codes.add("status")
             else:
+                self._str_codes.discard("status")
                 names, codes = np.unique(self.status.astype(str), return_inverse=True)
                 self._status_codes = (names, codes.reshape(-1))
         return self._status_codes
@@ -430,13 +471,25 @@ class _Frame:
         if self._pair_codes is None:
             has = np.array([p is not None for p in self.pair], dtype=bool)
             codes = np.full(self.n, -1, dtype=np.int64)
+            self._str_codes.add("pair")
             if has.any():
                 ids = self.pair[has]
                 if not _all_str(ids):
                     ids = pd.Series(ids).astype(str).to_numpy()
+                    self._str_codes.discard("pair")
                 codes[has] = pd.factorize(ids)[0]
             self._pair_codes = codes
         return self._pair_codes
+
+
+def _sorted_codes(first: np.ndarray, uniq: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values sorted, each row's index into them) from codes in order of first
+    appearance (``pd.factorize``) and their distinct values: ``np.unique``'s answer."""
+    names = np.asarray(uniq, dtype=object).astype(str)
+    order = np.argsort(names, kind="stable")
+    rank = np.empty(len(order), dtype=np.intp)
+    rank[order] = np.arange(len(order))
+    return names[order], rank[first]
 
 
 _CACHE: OrderedDict[tuple[Any, ...], _Frame] = OrderedDict()
@@ -658,6 +711,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         frame._pair_codes = None
         frame._status_codes = None
         frame.derived.clear()
+        frame.version += 1
     frame.keys |= new_keys
     frame.watermark = last
     return frame
@@ -674,7 +728,9 @@ def _ensure_columns(store: TrialStore, study: str, frame: _Frame, keys: Iterable
             if cols[1] == tuple(frame.trial) and cols[0] == tuple(frame.run):  # frame order
                 for j, k in enumerate(missing):
                     frame.columns[k] = _floats(cols[6 + j])
+                frame.version += 1
                 return
+    frame.version += 1
     index = frame.index()
     for k in missing:
         frame.columns[k] = np.full(frame.n, math.nan)
@@ -698,6 +754,7 @@ def _probe_keys(store: TrialStore, study: str, frame: _Frame, keys: Iterable[str
         )
         if found:
             frame.keys.add(key)
+            frame.version += 1
 
 
 def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bool) -> _Frame:
@@ -712,6 +769,8 @@ def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bo
     stale_ref = frame is not None and frame.store_ref is not None and frame.store_ref() is not store
     if stale_ref and ck[0] == "mem":
         frame = None  # another in-memory store reused the id
+    if frame is None:  # the study's first read in this process: its snapshot on disk
+        frame = _load_snapshot(store, study)
     if frame is not None:
         with frame.lock:
             refreshed = _refresh(store, study, frame)
@@ -727,13 +786,368 @@ def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bo
     return frame
 
 
-def clear_cache() -> None:
-    """Forget every cached study view and remembered statistics (the next comparison
-    re-reads the store and recomputes every CI and test)."""
+def clear_cache(store: Any = None, *, study: str | None = None) -> None:
+    """Forget every cached study view and remembered statistic of this process (the next
+    comparison reads the study's snapshot on disk, if any, else the store).
+
+    With ``store`` (a :class:`TrialStore`, its database file, a lab directory or
+    :class:`~thunderline_lab.lab.Lab`), also delete the comparison snapshots on disk beside
+    it (``study``'s only, when given): the next comparison re-reads the store and
+    recomputes every CI and test.
+    """
     with _CACHE_LOCK:
         _CACHE.clear()
     with _ROW_MEMO_LOCK:
         _ROW_MEMO.clear()
+    if store is None:
+        return
+    db = _db_path(store)
+    folder = _snapshot_dir(db)
+    if folder is None:
+        return
+    doomed = (
+        [_snapshot_file(db, study)]
+        if study is not None
+        else [*folder.glob("*.npz"), *folder.glob("*.tmp")]
+    )
+    for path in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# The study's frame on disk: a derived cache, like the store's projections
+# ---------------------------------------------------------------------------------------------
+#
+# ``<folder of the store>/cache/compare/<study>.<tag>.npz``: the frame's columns (numpy
+# arrays; object columns as codes plus a JSON list of their distinct values, never pickles)
+# and a JSON ``meta`` member: the format, the study, the store's identity (the watermark,
+# the id of the event logged at it, the log's first event id, the study's highest trials
+# rowid at a given last seq), the keys and columns, and the statistic rows computed over the
+# frame's values. A snapshot that does not match the store is ignored (and overwritten by
+# the next save); a missing, unreadable or unwritable one only costs a read of the store.
+
+_log = logging.getLogger(__name__)
+SNAPSHOT_FORMAT = 1  # bump whenever the frame's layout or meaning changes
+_SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
+_SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
+_OBJECT_COLUMNS = ("run", "trial", "status", "pair")
+# what the snapshots did in this process (tests and benchmarks look)
+snapshot_counts: dict[str, int] = {"loaded": 0, "rejected": 0, "saved": 0, "unwritten": 0}
+
+
+def _db_path(store: Any) -> str:
+    if isinstance(store, TrialStore):
+        return store.path
+    from thunderline_lab.lab import Lab
+
+    if isinstance(store, Lab):
+        return str(store.db_path)
+    path = Path(store).expanduser()
+    return str(path if path.is_file() else Lab.resolve(path).db_path)
+
+
+def _snapshot_dir(db: str) -> Path | None:
+    if db == ":memory:" or not db:
+        return None
+    return Path(db).resolve().parent / "cache" / "compare"
+
+
+def _snapshot_file(db: str, study: str) -> Path:
+    folder = _snapshot_dir(db)
+    assert folder is not None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", study).strip("._")[:48] or "study"
+    tag = hashlib.blake2b(f"{Path(db).name}\0{study}".encode(), digest_size=6).hexdigest()
+    return folder / f"{safe}.{tag}.npz"
+
+
+def _snapshot_path(store: TrialStore, study: str) -> Path | None:
+    """Where ``study``'s snapshot of ``store`` lives (None: an in-memory store)."""
+    return None if _snapshot_dir(store.path) is None else _snapshot_file(store.path, study)
+
+
+def _identity(store: TrialStore, study: str, watermark: int) -> dict[str, Any]:
+    """The store as a snapshot knows it, in one read: the id of the event at ``watermark``,
+    the log's first event id, and the study's highest trials rowid with the log's last seq
+    (a projection rewritten without events, as a bulk import or a deleted row, moves it)."""
+    row = _read(
+        store,
+        "SELECT (SELECT id FROM events WHERE seq = ?), "
+        "(SELECT id FROM events ORDER BY seq LIMIT 1), "
+        "(SELECT MAX(rowid) FROM trials WHERE study = ?), "
+        "(SELECT COALESCE(MAX(seq), 0) FROM events)",
+        [watermark, study],
+    )[0]
+    return {"watermark_id": row[0], "first_id": row[1], "rowid_max": row[2], "rowid_seq": row[3]}
+
+
+def _encode_objects(
+    name: str,
+    values: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    known: tuple[str, np.ndarray, Sequence[Any]] | None = None,
+) -> dict[str, Any]:
+    """Store an object column in ``arrays`` without pickles; returns how to decode it.
+
+    ``known``: (kind, codes, distinct values) the frame already computed for a column of
+    strings and None: ``first`` codes in order of first appearance (-1: None), as the pair
+    codes; ``sorted`` indices into the sorted distinct values, as the status codes. Either
+    is stored with the distinct strings as JSON, and restored as the codes. Otherwise
+    strings (run and trial ids) are joined by NUL, and anything else (pair ids of several
+    types) is one JSON list, which keeps each value's type (3 stays 3, "3" "3", None None).
+    """
+    items = values.tolist()
+    if known is not None:
+        kind, codes, uniques = known
+        dtype = np.int32 if len(uniques) < 2**31 else np.int64
+        arrays[f"{name}.codes"] = np.asarray(codes).astype(dtype)
+        text = json.dumps(list(uniques), ensure_ascii=False)
+    elif _all_str(items) and (text := "\0".join(items)).count("\0") == max(0, len(items) - 1):
+        kind = "joined"  # strings without NUL: joined by NUL (a few times quicker than JSON)
+    else:
+        kind = "list"
+        text = json.dumps(items, ensure_ascii=False, allow_nan=True)
+    arrays[f"{name}.text"] = np.frombuffer(text.encode(), dtype=np.uint8)
+    return {"kind": kind}
+
+
+def _decode_objects(
+    name: str, how: Mapping[str, Any], data: Mapping[str, np.ndarray], n: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the object column, its codes (as stored) or None)."""
+    kind = how["kind"]
+    raw = data[f"{name}.text"].tobytes()
+    items = (raw.decode().split("\0") if n else []) if kind == "joined" else json.loads(raw)
+    if not isinstance(items, list):
+        raise ValueError(f"{name}: not a list")
+    if kind in ("list", "joined"):
+        values = np.empty(len(items), dtype=object)
+        values[:] = items
+        codes = None
+    elif kind in ("first", "sorted"):
+        codes = data[f"{name}.codes"].astype(np.intp)
+        if len(codes) and (codes.min() < -1 or codes.max() >= len(items)):
+            raise ValueError(f"{name}: codes out of range")
+        table = np.empty(len(items) + 1, dtype=object)
+        table[: len(items)] = items  # code -1: None (the last slot)
+        values = table[codes]
+    else:
+        raise ValueError(f"{name}: unknown encoding {kind!r}")
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} values for {n} rows")
+    return values, codes
+
+
+def _known_codes(frame: _Frame, name: str) -> tuple[str, np.ndarray, Sequence[Any]] | None:
+    """The codes of a column of strings (and None) that the frame computes anyway."""
+    values = getattr(frame, name)
+    if name == "pair":
+        codes = frame.pair_codes()  # pd.factorize of the ids: first appearance, -1: None
+        if "pair" in frame._str_codes:
+            return "first", codes, values[_first_rows(codes)].tolist()
+    if name == "status":
+        names, codes = frame.status_codes()  # np.unique's answer
+        if "status" not in frame._str_codes:
+            return None
+        first = np.empty(len(names), dtype=np.intp)
+        first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # each name's first row
+        return "sorted", codes, values[first].tolist()  # the values, not their str copies
+    return None
+
+
+def _memo_key_json(key: tuple[Any, ...]) -> list[Any]:
+    return [*key[:-1], key[-1].hex()]
+
+
+def _memo_key(item: Sequence[Any]) -> tuple[Any, ...]:
+    metric, paired, n_boot, confidence, seed, max_draws, digest = item
+    return (metric, paired, n_boot, confidence, seed, max_draws, bytes.fromhex(digest))
+
+
+def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, np.ndarray]:
+    """The frame as arrays for ``np.savez`` (the caller holds the frame's lock)."""
+    arrays: dict[str, np.ndarray] = {"sn": frame.sn, "coeff": frame.coeff}
+    objects = {
+        name: _encode_objects(name, getattr(frame, name), arrays, _known_codes(frame, name))
+        for name in _OBJECT_COLUMNS
+    }
+    columns = sorted(frame.columns)
+    for j, name in enumerate(columns):
+        arrays[f"col{j}"] = frame.columns[name]
+    rows = []
+    for key, row in frame.memo.items():
+        item = [_memo_key_json(key), row]
+        try:
+            json.dumps(item)
+        except (TypeError, ValueError):  # a value JSON cannot hold: recomputed when asked
+            continue
+        rows.append(item)
+    meta = {
+        "format": SNAPSHOT_FORMAT,
+        "study": study,
+        "store": Path(store.path).name,
+        "n": frame.n,
+        "watermark": frame.watermark,
+        **_identity(store, study, frame.watermark),
+        "keys": sorted(frame.keys),
+        "columns": columns,
+        "objects": objects,
+        "rows": rows,
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return arrays
+
+
+def _save_snapshot(store: TrialStore, study: str, frame: _Frame) -> Path | None:
+    """Write ``frame``'s snapshot atomically (a temporary file in the same folder, then
+    ``os.replace``: readers see the old file or the new one, the last writer wins); returns
+    its path, or None when it could not be written (only the next new process pays)."""
+    path = _snapshot_path(store, study)
+    if path is None:
+        return None
+    with frame.lock:
+        state = (frame.version, frame.watermark)
+        members: dict[str, Any] = _snapshot_arrays(store, study, frame)  # no object arrays
+        frame.saved, frame.memo_dirty = state, False  # once per change, written or not
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **members)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+    except OSError as exc:
+        _log.debug("comparison snapshot %s not written: %s", path, exc)
+        snapshot_counts["unwritten"] += 1
+        return None
+    snapshot_counts["saved"] += 1
+    return path
+
+
+def _load_snapshot(store: TrialStore, study: str) -> _Frame | None:
+    """``study``'s frame from its snapshot, if there is one and it matches the store (the
+    caller refreshes it from the event log); None otherwise."""
+    path = _snapshot_path(store, study)
+    if path is None:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {name: npz[name] for name in npz.files}
+        frame = _frame_from_snapshot(store, study, data)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a truncated, corrupt or foreign file: only a cache miss
+        _log.debug("comparison snapshot %s ignored: %s: %s", path, type(exc).__name__, exc)
+        frame = None
+    if frame is None:
+        snapshot_counts["rejected"] += 1
+        return None
+    snapshot_counts["loaded"] += 1
+    with _ROW_MEMO_LOCK:  # the statistics computed over these values (exact keys)
+        for key, row in frame.memo.items():
+            _ROW_MEMO.setdefault(key, row)
+            _ROW_MEMO.move_to_end(key)
+        while len(_ROW_MEMO) > _ROW_MEMO_SIZE:
+            _ROW_MEMO.popitem(last=False)
+    return frame
+
+
+def _frame_from_snapshot(
+    store: TrialStore, study: str, data: Mapping[str, np.ndarray]
+) -> _Frame | None:
+    meta = json.loads(data["meta"].tobytes())
+    why = None
+    watermark = meta["watermark"]
+    if meta["format"] != SNAPSHOT_FORMAT:
+        why = f"format {meta['format']}, not {SNAPSHOT_FORMAT}"
+    elif meta["study"] != study or meta["store"] != Path(store.path).name:
+        why = "another study's"
+    elif not isinstance(watermark, int) or watermark < 0:
+        why = f"watermark {watermark!r}"
+    else:
+        now = _identity(store, study, watermark)
+        if watermark > now["rowid_seq"]:
+            why = f"watermark {watermark} past the log's last seq {now['rowid_seq']}"
+        elif now["watermark_id"] != meta["watermark_id"]:
+            why = "another event log (the event at the watermark differs)"
+        elif meta["first_id"] is not None and now["first_id"] != meta["first_id"]:
+            why = "another event log (the first event differs)"
+        elif now["rowid_seq"] == meta["rowid_seq"] and now["rowid_max"] != meta["rowid_max"]:
+            why = "the study's trials changed without events"
+    if why is not None:
+        _log.debug("comparison snapshot of %r rejected: %s", study, why)
+        return None
+    n = int(meta["n"])
+
+    def floats(name: str) -> np.ndarray:
+        a = data[name]
+        if a.dtype != np.float64 or a.shape != (n,):
+            raise ValueError(f"{name}: {a.dtype} {a.shape} for {n} rows")
+        return a
+
+    objects = {
+        name: _decode_objects(name, meta["objects"][name], data, n) for name in _OBJECT_COLUMNS
+    }
+    frame = _Frame(
+        run=objects["run"][0],
+        trial=objects["trial"][0],
+        status=objects["status"][0],
+        sn=floats("sn"),
+        coeff=floats("coeff"),
+        pair=objects["pair"][0],
+        columns={str(k): floats(f"col{j}") for j, k in enumerate(meta["columns"])},
+        keys={str(k) for k in meta["keys"]},
+        watermark=watermark,
+        store_ref=weakref.ref(store),
+        saved=(0, watermark),
+    )
+    if meta["objects"]["pair"]["kind"] == "first":  # the codes pair_codes() computed
+        frame._pair_codes = objects["pair"][1]
+        frame._str_codes.add("pair")
+    if meta["objects"]["status"]["kind"] == "sorted":  # status_codes(): (names, codes)
+        names = np.asarray(json.loads(data["status.text"].tobytes()), dtype=object).astype(str)
+        codes = objects["status"][1]
+        assert codes is not None
+        frame._status_codes = (names, codes)
+        frame._str_codes.add("status")
+    for item, row in meta["rows"]:
+        if isinstance(row, dict):
+            frame.memo[_memo_key(item)] = row
+    return frame
+
+
+def _remember_rows(frame: _Frame, sink: _RowSink | None) -> None:
+    """Keep the statistic rows a comparison used or made with the frame (its snapshot)."""
+    if sink is None:
+        return
+    with frame.lock:
+        for key, row in sink.rows:
+            if key in frame.memo:
+                frame.memo.move_to_end(key)
+            else:
+                frame.memo[key] = row
+                frame.memo_dirty = True
+        while len(frame.memo) > _SNAPSHOT_ROWS:
+            frame.memo.popitem(last=False)
+
+
+def _maybe_save(store: TrialStore, study: str, frame: _Frame) -> None:
+    """Save the frame's snapshot when its rows, columns or statistics changed since the last
+    save or load (or its watermark moved far), not on every comparison."""
+    saved = frame.saved
+    if (
+        saved is not None
+        and saved[0] == frame.version
+        and not frame.memo_dirty
+        and frame.watermark - saved[1] <= _SNAPSHOT_LAG
+    ):
+        return
+    _save_snapshot(store, study, frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -944,6 +1358,7 @@ def compare_study(
     if mode not in ("best", "final"):
         raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
     store, owned = _as_store(store)
+    token = _ROW_SINK.set(_RowSink(use_memo=use_cache))
     try:
         return _compare(
             store,
@@ -961,6 +1376,7 @@ def compare_study(
             use_cache,
         )
     finally:
+        _ROW_SINK.reset(token)
         if owned:
             store.close()
 
@@ -1115,6 +1531,9 @@ def _compare(
     pairs = pd.DataFrame(pair_cols)
     if len(pairs):
         pairs.insert(0, "pair_id", pd.Series(arms.pair_labels(), dtype=object))  # no string scan
+    if use_cache:  # the frame and the statistics over it, for the next process
+        _remember_rows(frame, _ROW_SINK.get())
+        _maybe_save(store, study, frame)
     return ComparisonResult(
         study=study,
         mode=mode,
