@@ -129,10 +129,27 @@ def test_no_difference_gives_a_ci_around_zero_and_no_winner() -> None:
 def test_lower_is_better_metrics_flip_the_verdict() -> None:
     assert not higher_is_better("test_nll") and not higher_is_better("lipschitz_upper")
     assert higher_is_better("fgsm_acc_0.05") and higher_is_better("ood_auroc")
-    row = compare_arrays(
-        "test_nll", np.array([0.3, 0.31, 0.29, 0.3]), np.array([0.4, 0.42, 0.41, 0.39]), paired=True
-    )
-    assert row["diff"] < 0 and row["favours"] == "SN"
+    sn = np.array([0.3, 0.31, 0.29, 0.3, 0.32, 0.28, 0.3, 0.31])
+    none = np.array([0.4, 0.42, 0.41, 0.39, 0.43, 0.38, 0.41, 0.4])
+    row = compare_arrays("test_nll", sn, none, paired=True)
+    assert row["diff"] < 0 and row["p_value"] < 0.05 and row["favours"] == "SN"
+
+
+def test_a_verdict_needs_the_ci_and_the_test_to_agree() -> None:
+    # Four pairs that all favour SN: the percentile CI excludes zero, but no Wilcoxon test
+    # of four pairs can reach p < 0.05 (its smallest p is 0.125), so no arm is named.
+    sn, none = np.array([0.3, 0.31, 0.29, 0.3]), np.array([0.4, 0.42, 0.41, 0.39])
+    row = compare_arrays("test_nll", sn, none, paired=True)
+    assert row["ci_high"] < 0 and row["p_value"] == pytest.approx(0.125)
+    assert row["favours"] == "—"
+    # the same differences eight times over: both agree, SN is named
+    row = compare_arrays("test_nll", np.tile(sn, 2), np.tile(none, 2), paired=True)
+    assert row["ci_high"] < 0 and row["p_value"] < 0.05 and row["favours"] == "SN"
+    # six pairs (p = 2/64): named at 95%, not at 99%, where the test must reach p < 0.01
+    sn6, none6 = np.append(sn, [0.32, 0.28]), np.append(none, [0.43, 0.38])
+    assert compare_arrays("test_nll", sn6, none6, paired=True)["favours"] == "SN"
+    strict = compare_arrays("test_nll", sn6, none6, paired=True, confidence=0.99)
+    assert strict["p_value"] == pytest.approx(2 / 64) and strict["favours"] == "—"
 
 
 def test_unpaired_fallback_uses_welch() -> None:
