@@ -931,3 +931,39 @@ def test_pair_ids_of_mixed_types_round_trip(tmp_path: Path) -> None:
     _assert_same_result(again, fresh)
     _assert_same_result(first, fresh)
     assert {type(v) for v in again.trials["pair_id"]} == {int, str, float, type(None)}
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_a_live_study_does_not_rewrite_its_snapshot_on_every_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
+    cmp.clear_cache(store)
+    saved = cmp.snapshot_counts["saved"]
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp.snapshot_counts["saved"] == saved + 1  # a read from scratch: saved at once
+    for k in range(3):  # new pairs while the study runs: compared, not written each time
+        store.append(_trial(700 + 2 * k, False, {"test_accuracy": 0.5}, pair=f"live{k}"))
+        store.append(_trial(701 + 2 * k, True, {"test_accuracy": 0.8}, pair=f"live{k}"))
+        res = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+        assert res.headline.loc[0, "n_pairs"] == 7 + k
+    assert cmp.snapshot_counts["saved"] == saved + 1
+    # forgetting the study (as a process exit does) writes what changed, once
+    cmp.clear_cache()
+    assert cmp.snapshot_counts["saved"] == saved + 2
+    spy = _Spy(monkeypatch)
+    again = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert spy.reads == 0 and spy.statistics == 0 and again.headline.loc[0, "n_pairs"] == 9
+    # a snapshot older than a minute is rewritten by the next changed comparison
+    store.append(_trial(800, False, {"test_accuracy": 0.4}, pair="late"))
+    store.append(_trial(801, True, {"test_accuracy": 0.9}, pair="late"))
+    clock = cmp.time.monotonic() + 61
+    monkeypatch.setattr(cmp.time, "monotonic", lambda: clock)
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp.snapshot_counts["saved"] == saved + 3
+    # a pending save for a store closed before exit is dropped quietly
+    store.append(_trial(802, False, {"test_accuracy": 0.4}, pair="last"))
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    store.close()
+    assert cmp.flush_snapshots() == 0

@@ -33,8 +33,10 @@ arrays, no pickles), with the statistic rows computed over its values. A new pro
 it, checks it against the store (format, the event id at its watermark and the log's first
 one, the study's newest trials row) and refreshes it from the event log as above; a snapshot
 that does not match, or cannot be read, is ignored and rewritten. It is saved (atomically,
-last writer wins) when a comparison changed its rows, columns or statistics; an unwritable
-folder only means no snapshot. Like the store's projections it never changes a result, only
+last writer wins) after a read from scratch, and after changes (new trials, statistics) once
+it is a minute or 10,000 events behind, or when the process forgets the study or exits, so a
+live study's comparisons do not rewrite it each time; an unwritable folder only means no
+snapshot. Like the store's projections it never changes a result, only
 its cost; ``use_cache=False`` neither reads nor writes it (nor any remembered statistic),
 and ``clear_cache(store)`` deletes it.
 
@@ -50,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import functools
@@ -62,6 +65,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import weakref
 import zlib
 from collections import OrderedDict
@@ -446,6 +450,7 @@ class _Frame:
     # over the frame's values (kept with the snapshot, most recently used last)
     version: int = 0
     saved: tuple[int, int] | None = None
+    saved_time: float = 0.0  # time.monotonic() of the last save or load
     memo: OrderedDict[tuple[Any, ...], dict[str, Any]] = field(default_factory=OrderedDict)
     memo_dirty: bool = False
 
@@ -791,14 +796,16 @@ def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bo
 
 
 def clear_cache(store: Any = None, *, study: str | None = None) -> None:
-    """Forget every cached study view and remembered statistic of this process (the next
-    comparison reads the study's snapshot on disk, if any, else the store).
+    """Forget every cached study view and remembered statistic of this process, after
+    writing the snapshots it changed (the next comparison reads the study's snapshot on
+    disk, if any, else the store).
 
     With ``store`` (a :class:`TrialStore`, its database file, a lab directory or
     :class:`~thunderline_lab.lab.Lab`), also delete the comparison snapshots on disk beside
     it (``study``'s only, when given): the next comparison re-reads the store and
     recomputes every CI and test.
     """
+    flush_snapshots()  # what this process changed reaches the disk, as at exit
     with _CACHE_LOCK:
         _CACHE.clear()
     with _ROW_MEMO_LOCK:
@@ -835,6 +842,7 @@ _log = logging.getLogger(__name__)
 SNAPSHOT_FORMAT = 2  # bump whenever the frame's layout or meaning changes (2: favours)
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
+_SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
 _OBJECT_COLUMNS = ("run", "trial", "status", "pair")
 # what the snapshots did in this process (tests and benchmarks look)
 snapshot_counts: dict[str, int] = {"loaded": 0, "rejected": 0, "saved": 0, "unwritten": 0}
@@ -1013,6 +1021,7 @@ def _save_snapshot(store: TrialStore, study: str, frame: _Frame) -> Path | None:
         state = (frame.version, frame.watermark)
         members: dict[str, Any] = _snapshot_arrays(store, study, frame)  # no object arrays
         frame.saved, frame.memo_dirty = state, False  # once per change, written or not
+        frame.saved_time = time.monotonic()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1109,6 +1118,7 @@ def _frame_from_snapshot(
         watermark=watermark,
         store_ref=weakref.ref(store),
         saved=(0, watermark),
+        saved_time=time.monotonic(),
     )
     if meta["objects"]["pair"]["kind"] == "first":  # the codes pair_codes() computed
         frame._pair_codes = objects["pair"][1]
@@ -1141,17 +1151,58 @@ def _remember_rows(frame: _Frame, sink: _RowSink | None) -> None:
 
 
 def _maybe_save(store: TrialStore, study: str, frame: _Frame) -> None:
-    """Save the frame's snapshot when its rows, columns or statistics changed since the last
-    save or load (or its watermark moved far), not on every comparison."""
+    """Save the frame's snapshot once it differs from the one on disk, but not on every
+    comparison of a live study.
+
+    A frame read from scratch is saved at once (the read is what a snapshot spares). A
+    changed frame (a refresh, new statistics) is saved when its snapshot is ``_SNAPSHOT_LAG``
+    events or ``_SNAPSHOT_AGE`` seconds behind, else at the latest when this process
+    forgets it (:func:`clear_cache`) or exits: a new process refreshes a snapshot that is a
+    few trials behind from the event log anyway, and rewriting ~14 MB for 100,000 trials
+    after every new pair would cost each comparison ~40 ms.
+    """
     saved = frame.saved
-    if (
-        saved is not None
-        and saved[0] == frame.version
-        and not frame.memo_dirty
-        and frame.watermark - saved[1] <= _SNAPSHOT_LAG
-    ):
+    if saved is None:
+        _save_snapshot(store, study, frame)
         return
-    _save_snapshot(store, study, frame)
+    if saved[0] == frame.version and not frame.memo_dirty:
+        return
+    behind = frame.watermark - saved[1] > _SNAPSHOT_LAG
+    if behind or time.monotonic() - frame.saved_time > _SNAPSHOT_AGE:
+        _save_snapshot(store, study, frame)
+        with _PENDING_LOCK:
+            _PENDING.pop(id(frame), None)
+        return
+    with _PENDING_LOCK:
+        _PENDING[id(frame)] = (weakref.ref(store), study, frame)
+    _register_flush()
+
+
+_PENDING: dict[int, tuple[Any, str, _Frame]] = {}  # frames changed since their last save
+_PENDING_LOCK = threading.Lock()
+
+
+@functools.cache
+def _register_flush() -> None:
+    atexit.register(flush_snapshots)
+
+
+def flush_snapshots() -> int:
+    """Save every comparison snapshot this process changed but has not written yet (run at
+    exit and by :func:`clear_cache`); returns how many were written."""
+    with _PENDING_LOCK:
+        pending = list(_PENDING.values())
+        _PENDING.clear()
+    written = 0
+    for store_ref, study, frame in pending:
+        store = store_ref()
+        if store is None:
+            continue
+        try:
+            written += _save_snapshot(store, study, frame) is not None
+        except Exception as exc:  # a closed store at exit: the next process reads it afresh
+            _log.debug("comparison snapshot of %r not flushed: %s", study, exc)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------
