@@ -967,3 +967,40 @@ def test_a_live_study_does_not_rewrite_its_snapshot_on_every_comparison(
     compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     store.close()
     assert cmp.flush_snapshots() == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pair_means_by_gather_equal_the_sums_bit_for_bit(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_pairs = 300
+    codes = np.repeat(np.arange(n_pairs), 2)
+    is_sn = np.tile([True, False], n_pairs)
+    values = rng.choice([0.25, 0.5, -0.0, 0.0, 1 / 3, np.nan], size=len(codes))
+    drop = rng.random(len(codes)) < 0.1  # some pairs lack an arm, some trials a pair id
+    codes[drop & (rng.random(len(codes)) < 0.5)] = -1
+    is_none = ~is_sn & ~drop
+    frame_codes = codes.copy()
+    frame = cmp._Frame(
+        run=np.array(["r"] * len(codes), dtype=object),
+        trial=np.array([f"t{i}" for i in range(len(codes))], dtype=object),
+        status=np.array(["completed"] * len(codes), dtype=object),
+        sn=np.where(is_sn, 1.0, np.where(is_none, 0.0, np.nan)),
+        coeff=np.full(len(codes), np.nan),
+        pair=np.array([None if c < 0 else f"p{c}" for c in frame_codes], dtype=object),
+        columns={"m": values},
+        keys={"m"},
+        watermark=0,
+    )
+    arms = cmp._arms(frame, ["completed"])
+    rows = arms.pair_rows()
+    assert rows is not None
+    pc = frame.pair_codes()
+    gathered = cmp._paired_diffs(values, pc, arms.is_sn, arms.is_none, rows)
+    summed = cmp._paired_diffs(values, pc, arms.is_sn, arms.is_none)
+    for a, b in zip(gathered, summed, strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()  # -0.0 and NaN alike
+    # a pair with two SN trials: no gather, the sums
+    frame.pair[2] = frame.pair[0]
+    frame._pair_codes = None
+    frame.derived.clear()
+    assert cmp._arms(frame, ["completed"]).pair_rows() is None

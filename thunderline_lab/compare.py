@@ -1647,10 +1647,30 @@ def _pair_means(
         return sums / counts, counts
 
 
+# per complete pair (codes ascending): its code, its SN trial's row, its none trial's row
+_PairRows = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def _paired_diffs(
-    values: np.ndarray, codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray
+    values: np.ndarray,
+    codes: np.ndarray,
+    is_sn: np.ndarray,
+    is_none: np.ndarray,
+    rows: _PairRows | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(SN pair means, none pair means, differences, pair codes) over complete pairs."""
+    """(SN pair means, none pair means, differences, pair codes) over complete pairs.
+
+    ``rows`` (:meth:`_Arms.pair_rows`, when every pair has at most one trial per arm): each
+    pair's mean is its one trial's value, gathered instead of summed per pair; ``0.0 + x``
+    is exactly what the sum over one value gives (``-0.0`` included), so both ways agree
+    bit for bit.
+    """
+    if rows is not None:
+        idx, sn_rows, none_rows = rows
+        m_sn, m_none = values[sn_rows] + 0.0, values[none_rows] + 0.0
+        ok = ~(np.isnan(m_sn) | np.isnan(m_none))
+        m_sn, m_none = m_sn[ok], m_none[ok]
+        return m_sn, m_none, m_sn - m_none, idx[ok]
     size = int(codes.max()) + 1 if len(codes) and codes.max() >= 0 else 0
     m_sn, c_sn = _pair_means(values, codes, is_sn, size)
     m_none, c_none = _pair_means(values, codes, is_none, size)
@@ -1669,11 +1689,12 @@ def _compare_metric(
     confidence: float,
     seed: int,
     max_draws: int,
+    rows: _PairRows | None = None,
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     """The metric's headline row, and in a paired design its pair differences with their
     pair codes (the pairs where both arms report the metric)."""
     if paired:
-        sn, none, d, both = _paired_diffs(values, codes, is_sn, is_none)
+        sn, none, d, both = _paired_diffs(values, codes, is_sn, is_none, rows)
         return (
             compare_arrays(
                 metric,
@@ -1730,6 +1751,7 @@ def _metric_row(
             confidence,
             seed,
             max_draws,
+            arms.pair_rows() if paired else None,
         )
         d = None
         if diffs is not None:
@@ -1769,6 +1791,29 @@ class _Arms:
         default_factory=dict
     )
     _labels: np.ndarray | None = None
+    _pair_rows: _PairRows | None = None
+    _pair_rows_known: bool = False
+
+    def pair_rows(self) -> _PairRows | None:
+        """Each complete pair's code and its SN and none trials' rows, when no pair has two
+        trials in one arm (the paired design's usual shape); else None (means by sums)."""
+        if not self._pair_rows_known:
+            codes = self.frame.pair_codes()
+            size = len(self.complete)
+            found = []
+            for arm in (self.is_sn, self.is_none):
+                member = arm & (codes >= 0)
+                arm_codes = codes[member]
+                if len(arm_codes) and np.bincount(arm_codes, minlength=size).max() > 1:
+                    break
+                rows = np.full(size, -1, dtype=np.intp)
+                rows[arm_codes] = np.flatnonzero(member)
+                found.append(rows)
+            else:
+                idx = np.flatnonzero(self.complete)
+                self._pair_rows = (idx, found[0][idx], found[1][idx])
+            self._pair_rows_known = True
+        return self._pair_rows
 
     def pair_labels(self) -> np.ndarray:
         """The pair id of each complete pair, in pair-code order."""
