@@ -94,6 +94,7 @@ __all__ = [
     "fig_distributions",
     "fig_layer_sigma",
     "fig_learning_curves",
+    "flush_snapshots",
     "format_headline",
     "higher_is_better",
     "write_report",
