@@ -151,6 +151,23 @@ def test_worker_kernels_talk_over_ipc_not_loopback_tcp(tmp_path: Path) -> None:
     assert "transport ipc\n" in printed
 
 
+def test_kernel_transport_tcp_on_request_and_a_bad_value_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_notebook(
+        tmp_path / "nb.ipynb",
+        "from ipykernel.kernelapp import IPKernelApp\n"
+        "print('transport', IPKernelApp.instance().transport)",
+    )
+    cfg = load_study_config(write_config(tmp_path, '[study]\nname = "t"\nnotebook = "nb.ipynb"\n'))
+    monkeypatch.setenv("THUNDERLINE_LAB_KERNEL_TRANSPORT", "tcp")
+    (out,) = run_batch(cfg, lab=tmp_path / "lab", progress=False).outputs
+    assert "transport tcp" in out.read_text()
+    monkeypatch.setenv("THUNDERLINE_LAB_KERNEL_TRANSPORT", "carrier-pigeon")
+    with pytest.raises(ConfigError, match="THUNDERLINE_LAB_KERNEL_TRANSPORT='carrier-pigeon'"):
+        run_batch(cfg, lab=tmp_path / "lab", progress=False)
+
+
 @pytest.mark.slow
 def test_smoke_study_with_two_workers(tmp_path: Path) -> None:
     lab = tmp_path / "lab"

@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import multiprocessing as mp
@@ -278,13 +277,28 @@ def _source_cell_index(notebook: str, index: int) -> int:
     return index
 
 
-@functools.cache
+def _kernel_transport() -> str:
+    """``THUNDERLINE_LAB_KERNEL_TRANSPORT``: ``ipc`` (the default) or ``tcp``.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    transport = os.environ.get("THUNDERLINE_LAB_KERNEL_TRANSPORT", "ipc").strip().lower()
+    if transport not in ("ipc", "tcp"):
+        raise ConfigError(
+            f"THUNDERLINE_LAB_KERNEL_TRANSPORT={transport!r}: expected 'ipc' or 'tcp'"
+        )
+    return transport
+
+
 def _kernel_manager_class() -> type[Any] | None:
     """The worker kernels' manager: IPC transport (Unix sockets in the user's private
     Jupyter runtime folder) where there is one, so that a study's code and outputs do not
     travel as plain text over loopback TCP, which any local user could listen to (and
-    ipykernel warns about on every start); None elsewhere: papermill's default."""
-    if os.name != "posix":
+    ipykernel warns about on every start); None elsewhere: papermill's default.
+    ``THUNDERLINE_LAB_KERNEL_TRANSPORT=tcp`` keeps TCP (a runtime folder on a file system
+    without Unix sockets)."""
+    if os.name != "posix" or _kernel_transport() == "tcp":
         return None
     import uuid
 
@@ -357,9 +371,11 @@ def run_batch(
     """Execute the study's notebook with papermill, ``workers`` processes on one study.
 
     Raises:
-        ConfigError: an override names a parameter the notebook does not declare.
+        ConfigError: an override names a parameter the notebook does not declare, or
+            ``THUNDERLINE_LAB_KERNEL_TRANSPORT`` is neither ``ipc`` nor ``tcp``.
         NotebookExecutionError: a worker's notebook failed; names notebook, cell and copy.
     """
+    _kernel_transport()  # a bad setting is refused here, not in each worker
     lab_obj = lab if isinstance(lab, Lab) else Lab.resolve(lab)
     lab_obj.ensure()
     n_workers = workers or config.workers
