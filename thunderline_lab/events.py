@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -37,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from itertools import chain, compress, repeat
 from operator import attrgetter, is_, itemgetter
@@ -488,10 +487,7 @@ class EventValidationError(ThunderlineLabError):
 
     def offset(self, by: int) -> EventValidationError:
         """The same errors with record indexes shifted (for batches of a larger input)."""
-        shifted = [
-            e if e.index is None else dataclasses.replace(e, index=e.index + by)
-            for e in self.errors
-        ]
+        shifted = [e if e.index is None else replace(e, index=e.index + by) for e in self.errors]
         return EventValidationError(shifted, self.source)
 
 
