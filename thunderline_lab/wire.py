@@ -181,14 +181,18 @@ class LoadedEvents:
 
     def locate(self, exc: EventValidationError) -> EventValidationError:
         """Errors about ``events`` (say, from the store) named by the file's record or line."""
-        located = []
-        for e in exc.errors:
-            if e.index is not None and 0 <= e.index < len(self.origin):
-                record = self.origin[e.index]
-                line = self.lines[record] if self.lines is not None else None
-                e = replace(e, index=record, source_line=line)
-            located.append(e)
+        located = [
+            _at_record(e, self.origin[e.index], self.lines)
+            if e.index is not None and 0 <= e.index < len(self.origin)
+            else e
+            for e in exc.errors
+        ]
         return EventValidationError(located, self.source)
+
+
+def _at_record(e: ErrorDetail, record: int, lines: list[int] | None) -> ErrorDetail:
+    """``e`` as an error of the input's ``record`` (and of its line, for JSON lines)."""
+    return replace(e, index=record, source_line=None if lines is None else lines[record])
 
 
 def load_events(
@@ -206,11 +210,9 @@ def load_events(
     ]
     events, origin, errors = _translate(parsed.records, default_model_run_id)
     for e in errors:
-        if parsed.lines is not None and e.index is not None:
-            line = parsed.lines[e.index]
-            found.append((line, replace(e, source_line=line)))
-        else:
-            found.append((e.index or 0, e))
+        if e.index is not None:
+            e = _at_record(e, e.index, parsed.lines)
+        found.append(((e.index or 0) if e.source_line is None else e.source_line, e))
     if found:
         found.sort(key=lambda item: item[0])  # stable: a record's errors keep their order
         raise EventValidationError([e for _, e in found], source)
