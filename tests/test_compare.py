@@ -992,7 +992,7 @@ def test_pair_means_by_gather_equal_the_sums_bit_for_bit(seed: int) -> None:
         watermark=0,
     )
     arms = cmp._arms(frame, ["completed"])
-    rows = arms.pair_rows()
+    rows = arms.pair_rows
     assert rows is not None
     pc = frame.pair_codes()
     gathered = cmp._paired_diffs(values, pc, arms.is_sn, arms.is_none, rows)
@@ -1003,4 +1003,4 @@ def test_pair_means_by_gather_equal_the_sums_bit_for_bit(seed: int) -> None:
     frame.pair[2] = frame.pair[0]
     frame._pair_codes = None
     frame.derived.clear()
-    assert cmp._arms(frame, ["completed"]).pair_rows() is None
+    assert cmp._arms(frame, ["completed"]).pair_rows is None

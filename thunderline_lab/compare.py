@@ -1661,7 +1661,7 @@ def _paired_diffs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(SN pair means, none pair means, differences, pair codes) over complete pairs.
 
-    ``rows`` (:meth:`_Arms.pair_rows`, when every pair has at most one trial per arm): each
+    ``rows`` (:attr:`_Arms.pair_rows`, when every pair has at most one trial per arm): each
     pair's mean is its one trial's value, gathered instead of summed per pair; ``0.0 + x``
     is exactly what the sum over one value gives (``-0.0`` included), so both ways agree
     bit for bit.
@@ -1752,7 +1752,7 @@ def _metric_row(
             confidence,
             seed,
             max_draws,
-            arms.pair_rows() if paired else None,
+            arms.pair_rows if paired else None,
         )
         d = None
         if diffs is not None:
@@ -1792,29 +1792,24 @@ class _Arms:
         default_factory=dict
     )
     _labels: np.ndarray | None = None
-    _pair_rows: _PairRows | None = None
-    _pair_rows_known: bool = False
 
+    @functools.cached_property
     def pair_rows(self) -> _PairRows | None:
         """Each complete pair's code and its SN and none trials' rows, when no pair has two
         trials in one arm (the paired design's usual shape); else None (means by sums)."""
-        if not self._pair_rows_known:
-            codes = self.frame.pair_codes()
-            size = len(self.complete)
-            found = []
-            for arm in (self.is_sn, self.is_none):
-                member = arm & (codes >= 0)
-                arm_codes = codes[member]
-                if len(arm_codes) and np.bincount(arm_codes, minlength=size).max() > 1:
-                    break
-                rows = np.full(size, -1, dtype=np.intp)
-                rows[arm_codes] = np.flatnonzero(member)
-                found.append(rows)
-            else:
-                idx = np.flatnonzero(self.complete)
-                self._pair_rows = (idx, found[0][idx], found[1][idx])
-            self._pair_rows_known = True
-        return self._pair_rows
+        codes = self.frame.pair_codes()
+        size = len(self.complete)
+        found = []
+        for arm in (self.is_sn, self.is_none):
+            member = arm & (codes >= 0)
+            arm_codes = codes[member]
+            if len(arm_codes) and np.bincount(arm_codes, minlength=size).max() > 1:
+                return None
+            rows = np.full(size, -1, dtype=np.intp)
+            rows[arm_codes] = np.flatnonzero(member)
+            found.append(rows)
+        idx = np.flatnonzero(self.complete)
+        return idx, found[0][idx], found[1][idx]
 
     def pair_labels(self) -> np.ndarray:
         """The pair id of each complete pair, in pair-code order."""
