@@ -675,6 +675,14 @@ def remember_small_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cmp, "_ROW_MEMO_MIN", 0)
 
 
+def _lab_store(tmp_path: Path, **study: Any) -> TrialStore:
+    """A lab's store holding a synthetic study, with no comparison snapshot on disk yet."""
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, **study))
+    cmp.clear_cache(store)
+    return store
+
+
 def _snapshot_file_of(store: TrialStore, study: str = STUDY) -> Path:
     path = cmp._snapshot_path(store, study)
     assert path is not None
@@ -685,9 +693,7 @@ def _snapshot_file_of(store: TrialStore, study: str = STUDY) -> Path:
 def test_a_new_process_reads_the_snapshot_and_gets_the_same_result(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=10, epochs=3, pruned=1, failed=1))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=10, epochs=3, pruned=1, failed=1)
     path = _snapshot_file_of(store)
     assert not path.exists()
     first = compare_study(store, STUDY)
@@ -725,9 +731,7 @@ def test_a_new_process_reads_the_snapshot_and_gets_the_same_result(
 def test_the_snapshot_is_refreshed_from_events_logged_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=8, epochs=3))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=8, epochs=3)
     before = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     # a new pair and a trial whose status changes, logged after the snapshot
     store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
@@ -784,9 +788,7 @@ def test_a_recreated_store_at_the_same_path_rejects_the_snapshot(tmp_path: Path)
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign npz"])
 def test_a_corrupt_snapshot_is_ignored_and_rebuilt(tmp_path: Path, damage: str) -> None:
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3)
     compare_study(store, STUDY, details=False)
     path = _snapshot_file_of(store)
     data = path.read_bytes()
@@ -810,9 +812,7 @@ def test_a_corrupt_snapshot_is_ignored_and_rebuilt(tmp_path: Path, damage: str) 
 
 
 def test_results_stay_equal_across_a_replay(tmp_path: Path) -> None:
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3, pruned=1))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3, pruned=1)
     compare_study(store, STUDY, details=False)
     store.replay()
     cmp.clear_cache()
@@ -826,9 +826,7 @@ def test_results_stay_equal_across_a_replay(tmp_path: Path) -> None:
 def test_trials_changed_without_events_reject_the_snapshot(tmp_path: Path, change: str) -> None:
     """A heuristic guard (the study's highest trials rowid when no event was logged since):
     bulk-inserted trials and deleted newest ones, as the P7 benchmark's, are seen."""
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3)
     compare_study(store, STUDY, details=False)
     # trials written out of band (not through the event log)
     if change == "bulk insert":
@@ -868,9 +866,7 @@ def test_an_unwritable_cache_folder_only_costs_the_snapshot(tmp_path: Path) -> N
 
 
 def test_use_cache_false_neither_reads_nor_writes_the_snapshot(tmp_path: Path) -> None:
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3)
     _fresh(store, details=False)
     path = _snapshot_file_of(store)
     assert not path.exists()
@@ -937,9 +933,7 @@ def test_pair_ids_of_mixed_types_round_trip(tmp_path: Path) -> None:
 def test_a_live_study_does_not_rewrite_its_snapshot_on_every_comparison(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = TrialStore(tmp_path / "lab.db")
-    store.append(synthetic_study(STUDY, n_pairs=6, epochs=3))
-    cmp.clear_cache(store)
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3)
     saved = cmp.snapshot_counts["saved"]
     compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     assert cmp.snapshot_counts["saved"] == saved + 1  # a read from scratch: saved at once
@@ -979,14 +973,13 @@ def test_pair_means_by_gather_equal_the_sums_bit_for_bit(seed: int) -> None:
     drop = rng.random(len(codes)) < 0.1  # some pairs lack an arm, some trials a pair id
     codes[drop & (rng.random(len(codes)) < 0.5)] = -1
     is_none = ~is_sn & ~drop
-    frame_codes = codes.copy()
     frame = cmp._Frame(
         run=np.array(["r"] * len(codes), dtype=object),
         trial=np.array([f"t{i}" for i in range(len(codes))], dtype=object),
         status=np.array(["completed"] * len(codes), dtype=object),
         sn=np.where(is_sn, 1.0, np.where(is_none, 0.0, np.nan)),
         coeff=np.full(len(codes), np.nan),
-        pair=np.array([None if c < 0 else f"p{c}" for c in frame_codes], dtype=object),
+        pair=np.array([None if c < 0 else f"p{c}" for c in codes], dtype=object),
         columns={"m": values},
         keys={"m"},
         watermark=0,
