@@ -471,3 +471,26 @@ def test_a_new_lab_has_8_kib_pages_and_an_older_lab_keeps_its_own(tmp_path: Path
     assert old.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
     assert old.append(study_events()).accepted == len(study_events())
     assert old.counts()["trials"] == 4
+
+
+def test_opening_a_lab_waits_while_another_process_is_creating_it(tmp_path: Path) -> None:
+    # Another connection is mid-way through creating the lab (a write transaction on the
+    # new file): switching to WAL needs its exclusive lock, which SQLite refuses at once,
+    # without its busy timeout. The store waits for it as for any other writer.
+    path = tmp_path / "lab.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE from_the_other_process (x)")
+    releaser = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    releaser.start()
+    try:
+        store = TrialStore(path, timeout=30)
+    finally:
+        releaser.join()
+        other.close()
+    with store:
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        store.append([E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True)])
+        assert store.counts()["trials"] == 1
+        tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+        assert "from_the_other_process" in tables

@@ -232,6 +232,27 @@ ORDER BY m.step
 """
 
 
+def _while_busy(action: Any, path: str, timeout: float) -> Any:
+    """``action()``, retried with backoff while another connection holds the lab's lock
+    (SQLite's "database is locked" / "busy"), for up to ``timeout`` seconds.
+
+    Raises:
+        StoreError: the lab stayed locked.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise StoreError(f"{path}: lab database stayed locked: {exc}") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
@@ -512,7 +533,10 @@ class TrialStore:
             # (benchmarks/bench_core.py), where 16 KiB measured no better.
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             if self.path != ":memory:":
-                conn.execute("PRAGMA journal_mode = WAL")
+                # Switching a new lab to WAL needs its exclusive lock, and SQLite answers
+                # "locked" at once, without its busy timeout, while another process is
+                # still creating the lab's tables: wait for it like any writer.
+                _while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"), self.path, timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
             # The WAL is copied back by a thread of this store's (``_Checkpointer``) after
             # commits; the writer checkpoints itself only past 64 MB, if that thread lags.
@@ -558,26 +582,14 @@ class TrialStore:
     def _with_write_lock(self, fn: Any, conn: sqlite3.Connection | None = None) -> Any:
         """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction, retrying while the lab is busy."""
         conn = conn or self.conn
-        deadline = time.monotonic() + self.timeout
-        delay = 0.01
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise StoreError(f"{self.path}: lab database stayed locked: {exc}") from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
-                continue
-            try:
-                result = fn()
-                conn.execute("COMMIT")
-                return result
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        _while_busy(lambda: conn.execute("BEGIN IMMEDIATE"), self.path, self.timeout)
+        try:
+            result = fn()
+            conn.execute("COMMIT")
+            return result
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     # -- writing --------------------------------------------------------------------------
 
