@@ -997,3 +997,76 @@ def test_pair_means_by_gather_equal_the_sums_bit_for_bit(seed: int) -> None:
     frame._pair_codes = None
     frame.derived.clear()
     assert cmp._arms(frame, ["completed"]).pair_rows is None
+
+
+def _codes_recomputed(frame: cmp._Frame) -> tuple[list[int], list[str], list[int]]:
+    pair_codes, status_codes = frame._pair_codes, frame._status_codes
+    frame._pair_codes = frame._status_codes = None
+    try:
+        names, codes = frame.status_codes()
+        return frame.pair_codes().tolist(), names.tolist(), codes.tolist()
+    finally:
+        frame._pair_codes, frame._status_codes = pair_codes, status_codes
+
+
+def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> None:
+    """A live study's new trials extend the frame's pair and status codes instead of a
+    recount of every trial; a change that would renumber them (a trial moving to another
+    pair, a status no trial had) recounts. Either way the codes and the comparison are
+    those computed from scratch."""
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=6, epochs=2))
+    cmp.clear_cache()
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    start = events.trial_start(
+        model_run_id=STUDY,
+        trial_id="trial_0800",
+        study=STUDY,
+        spectral_norm=True,
+        parameters={"pair_id": "late", "spectral_norm": True},
+    )
+    # (what arrives, pair codes extended, status codes extended)
+    steps: list[tuple[str, list[Any], bool, bool]] = [
+        ("a running trial with a new pair id", [start], True, False),  # a new status
+        (
+            "it completes; its partner arrives",
+            _trial(800, True, {"test_accuracy": 0.9}, pair="late")
+            + _trial(801, False, {"test_accuracy": 0.7}, pair="late"),
+            True,
+            False,
+        ),  # none running
+        (
+            "a trial without a pair id, and one of an old pair",
+            _trial(802, True, {"test_accuracy": 0.8})
+            + _trial(803, True, {"test_accuracy": 0.6}, pair="late"),
+            True,
+            True,
+        ),
+        (
+            "a trial moves to another pair",
+            _trial(802, True, {"test_accuracy": 0.8}, pair="moved"),
+            False,
+            True,
+        ),
+        (
+            "a status no trial had",
+            _trial(804, False, {"test_accuracy": 0.5}, pair="moved", status="pruned"),
+            True,
+            False,
+        ),
+    ]
+    for label, evs, pairs_kept, statuses_kept in steps:
+        names_before = frame.status_codes()[0]
+        store.append(evs)
+        res = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+        assert cmp._CACHE[cmp._store_key(store, STUDY)] is frame, label  # refreshed in place
+        extended = frame._pair_lookup is not None and frame._pair_lookup[0] is frame._pair_codes
+        assert extended is pairs_kept, label
+        assert (frame.status_codes()[0] is names_before) is statuses_kept, label
+        names, codes = frame.status_codes()
+        assert (frame.pair_codes().tolist(), names.tolist(), codes.tolist()) == _codes_recomputed(
+            frame
+        ), label
+        _assert_same_result(res, _fresh(store, metrics=["test_accuracy"], details=False))
+    assert "pruned" in frame.status_codes()[0].tolist()

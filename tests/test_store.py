@@ -160,6 +160,26 @@ def test_replay_rebuilds_identical_tables(store: TrialStore) -> None:
     assert_same(live, snapshot(store))
 
 
+def test_trials_keep_the_order_they_first_appeared_in(store: TrialStore) -> None:
+    """A trial's row is updated in place: the table lists trials in order of first
+    appearance in the log, however the log was cut into batches, and a replay agrees."""
+
+    def trial(tid: str, *, done: bool) -> E.Event:
+        make = E.trial_complete if done else E.trial_start
+        return make(model_run_id="r", trial_id=tid, study="s", spectral_norm=True)
+
+    def order() -> list[str]:
+        return [t for (t,) in store.conn.execute("SELECT trial_id FROM trials ORDER BY rowid")]
+
+    store.append([trial("b", done=False), trial("a", done=False)])
+    store.append([trial("a", done=True)])  # a's row is updated, not moved to the end
+    store.append([trial("c", done=False), trial("b", done=True), trial("d", done=True)])
+    assert order() == ["b", "a", "c", "d"]
+    assert store.trial("r", "a")["status"] == "completed"
+    store.replay()  # one batch: the same order
+    assert order() == ["b", "a", "c", "d"]
+
+
 def test_shuffled_and_duplicated_delivery_converges() -> None:
     evs = study_events()
     ordered = TrialStore()

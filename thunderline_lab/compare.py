@@ -72,6 +72,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -439,6 +440,7 @@ class _Frame:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _index: dict[tuple[str, str], int] | None = None
     _pair_codes: np.ndarray | None = None
+    _pair_lookup: tuple[np.ndarray, dict[Any, int]] | None = None  # (codes, id -> code)
     _status_codes: tuple[np.ndarray, np.ndarray] | None = None
     _str_codes: set[str] = field(default_factory=set)  # codes computed from str (and None)
     # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
@@ -490,6 +492,60 @@ class _Frame:
                 codes[has] = pd.factorize(ids)[0]
             self._pair_codes = codes
         return self._pair_codes
+
+    def codes_after_refresh(self, start: int, patched: Mapping[int, Any]) -> None:
+        """Keep the pair and status codes through a refresh that appended the rows from
+        ``start`` and changed the rows of ``patched`` (row -> its pair id before): each is
+        extended where that gives exactly what :meth:`pair_codes` / :meth:`status_codes`
+        would compute again (a live study's new trials), else dropped and recomputed."""
+        self._pair_codes = self._extended_pair_codes(start, patched)
+        self._status_codes = self._extended_status_codes(start, patched)
+
+    def _extended_pair_codes(self, start: int, patched: Mapping[int, Any]) -> np.ndarray | None:
+        codes = self._pair_codes
+        if codes is None or "pair" not in self._str_codes:
+            return None  # not computed, or ids of mixed types (compared as their str)
+        if any(
+            type(self.pair[i]) is not type(old) or self.pair[i] != old for i, old in patched.items()
+        ):
+            return None  # a trial changed pair: codes after it would be renumbered
+        new = self.pair[start:]
+        if not {str, type(None)}.issuperset(map(type, new)):
+            return None
+        if self._pair_lookup is None or self._pair_lookup[0] is not codes:
+            first = _first_rows(codes)  # codes in order of first appearance: code k's row
+            ids = self.pair[first].tolist()
+            self._pair_lookup = (codes, {pid: k for k, pid in enumerate(ids)})
+        lookup = self._pair_lookup[1]
+        extra = np.empty(len(new), dtype=np.int64)
+        for j, pid in enumerate(new.tolist()):
+            if pid is None:
+                extra[j] = -1
+            else:  # a new id takes the next code, as pd.factorize numbers them
+                extra[j] = lookup.setdefault(pid, len(lookup))
+        out = np.concatenate([codes[:start], extra])
+        self._pair_lookup = (out, lookup)
+        return out
+
+    def _extended_status_codes(
+        self, start: int, patched: Mapping[int, Any]
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        known = self._status_codes
+        if known is None or "status" not in self._str_codes:
+            return None
+        names, codes = known
+        index = {name: k for k, name in enumerate(names.tolist())}
+        try:  # KeyError: a status not seen before (names change), or not a str
+            extra = np.array([index[s] for s in self.status[start:].tolist()], dtype=codes.dtype)
+            fixed = [(i, index[self.status[i]]) for i in patched]
+        except (KeyError, TypeError):
+            return None
+        out = np.concatenate([codes[:start], extra])
+        for i, k in fixed:
+            out[i] = k
+        if fixed and np.bincount(out, minlength=len(names)).min() == 0:
+            return None  # a status that no trial has any more: the names change
+        return names, out
 
 
 def _sorted_codes(first: np.ndarray, uniq: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -567,7 +623,8 @@ def _fetch_rows(
     with_metrics_text: bool = False,
     ids_only: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """Rows of (run, trial, status, sn, coeff, pair_id[, metrics text], *values of keys).
+    """Rows of (run, trial, status, sn, coeff, pair_id[, metrics text], *values of keys),
+    in the trials table's order (its rowid: the order trials first appeared in the log).
 
     ``ids_only`` leaves status .. pair_id NULL (no JSON read of the parameters): for adding
     metric columns to a frame that already has them.
@@ -591,15 +648,17 @@ def _fetch_rows(
     for run, trial in subset:
         by_run.setdefault(run, []).append(trial)
     out: list[tuple[Any, ...]] = []
+    by_rowid = select.replace("SELECT ", "SELECT rowid, ", 1)
     for run, trials in by_run.items():  # primary-key lookups, not a scan of the study
         for i in range(0, len(trials), 500):
             chunk = trials[i : i + 500]
             out += _read(
                 store,
-                f"{select} AND model_run_id = ? AND trial_id IN ({', '.join('?' * len(chunk))})",
+                f"{by_rowid} AND model_run_id = ? AND trial_id IN ({', '.join('?' * len(chunk))})",
                 [*paths, study, run, *chunk],
             )
-    return out
+    out.sort(key=itemgetter(0))
+    return [row[1:] for row in out]
 
 
 def _discover_keys(store: TrialStore, study: str, sample: int = 200) -> set[str]:
@@ -696,6 +755,8 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
             appended.append(compact)
         else:
             patched.append((i, compact))
+    pairs_before = {i: frame.pair[i] for i, _ in patched}
+    start = frame.n
     for i, row in patched:
         frame.status[i] = row[2]
         frame.sn[i] = math.nan if row[3] is None else float(row[3])
@@ -704,7 +765,6 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         for j, k in enumerate(keys):
             frame.columns[k][i] = _as_float(row[6 + j])
     if appended:
-        start = frame.n
         extra = _frame_from_rows(appended, keys, set(), last)
         frame.run = np.concatenate([frame.run, extra.run])
         frame.trial = np.concatenate([frame.trial, extra.trial])
@@ -718,8 +778,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
             for j, row in enumerate(appended, start=start):
                 frame._index[(row[0], row[1])] = j
     if patched or appended:
-        frame._pair_codes = None
-        frame._status_codes = None
+        frame.codes_after_refresh(start, pairs_before)
         frame.derived.clear()
         frame.version += 1
     frame.keys |= new_keys
@@ -1912,7 +1971,9 @@ def _counts(frame: _Frame) -> pd.DataFrame:
     if counts is None:
         arm = np.where(np.isnan(frame.sn), 2, np.where(frame.sn == 1.0, 0, 1))
         statuses, status_code = frame.status_codes()
-        keys, n = np.unique(status_code * 3 + arm, return_counts=True)
+        n_all = np.bincount(status_code * 3 + arm, minlength=3 * len(statuses))
+        keys = np.flatnonzero(n_all)  # np.unique's answer, without the sort
+        n = n_all[keys]
         counts = pd.DataFrame(
             {
                 "status": statuses[keys // 3],

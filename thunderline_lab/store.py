@@ -217,6 +217,14 @@ ON CONFLICT (model_run_id, trial_id, uri) DO UPDATE SET
 WHERE (excluded.timestamp, excluded.event_id) > (artifacts.timestamp, artifacts.event_id)
 """
 
+# A trial's row is updated in place: it keeps its rowid, so the table lists trials in the
+# order they first appeared (REPLACE would delete it and append it as the newest row).
+_UPSERT_TRIAL = (
+    f"INSERT INTO trials ({', '.join(TRIAL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(TRIAL_COLUMNS))}) "
+    "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in TRIAL_COLUMNS[2:])  # all but the key
+)
 
 # Evenly spaced steps of one long curve, each found by an index seek (the first step at or
 # after each target), so downsampling costs O(max_points · log n), not O(n).
@@ -655,7 +663,10 @@ class TrialStore:
         ``(after_seq, upto_seq]``; their metric points are projected in SQL from the log.
         """
         runs: dict[str, list[Any]] = {}
-        trials: set[tuple[str, str]] = set()
+        # trials in order of first appearance: a new trial's row is created (its rowid
+        # given) in log order, so the table's order does not depend on how the log was
+        # cut into batches (an append's or a replay's)
+        trials: dict[tuple[str, str], None] = {}
         artifact_rows = []
         any_metric = any_single = False
         for ev_id, ev_name, ts, run_id, trial_id, study, artifact_uri, single in rows:
@@ -672,7 +683,7 @@ class TrialStore:
                 any_metric = True
                 any_single = any_single or single is not None
             else:
-                trials.add((run_id, trial_id))
+                trials[run_id, trial_id] = None
                 if artifact_uri:
                     kind = "trial" if ev_name.startswith("ml.trial.") else "run"
                     artifact_rows.append((run_id, trial_id, artifact_uri, kind, ts, ev_id))
@@ -697,11 +708,7 @@ class TrialStore:
                 "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
             ).fetchone()
             row["study"] = (found and found[0]) or run_id
-        self.conn.execute(
-            f"INSERT OR REPLACE INTO trials ({', '.join(TRIAL_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(TRIAL_COLUMNS))})",
-            [row[c] for c in TRIAL_COLUMNS],
-        )
+        self.conn.execute(_UPSERT_TRIAL, [row[c] for c in TRIAL_COLUMNS])
 
     def replay(self, batch_size: int = 20_000) -> dict[str, int]:
         """Rebuild every projection from the event log (one transaction).
