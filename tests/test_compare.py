@@ -1044,6 +1044,21 @@ def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> N
             True,
         ),
         (
+            "ten trials at once (ids looked up in a dict, not scanned)",
+            [
+                ev
+                for k in range(10)
+                for ev in _trial(
+                    810 + k,
+                    k % 2 == 0,
+                    {"test_accuracy": 0.5 + k / 50},
+                    pair=f"batch{k // 2}" if k < 8 else "late",
+                )
+            ],
+            True,
+            True,
+        ),
+        (
             "a trial moves to another pair",
             _trial(802, True, {"test_accuracy": 0.8}, pair="moved"),
             False,
@@ -1063,6 +1078,8 @@ def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> N
         assert cmp._CACHE[cmp._store_key(store, STUDY)] is frame, label  # refreshed in place
         extended = frame._pair_lookup is not None and frame._pair_lookup[0] is frame._pair_codes
         assert extended is pairs_kept, label
+        if "dict" in label:  # more new trials than a scan is for
+            assert frame._pair_lookup is not None and frame._pair_lookup[1] is not None
         assert (frame.status_codes()[0] is names_before) is statuses_kept, label
         names, codes = frame.status_codes()
         assert (frame.pair_codes().tolist(), names.tolist(), codes.tolist()) == _codes_recomputed(

@@ -440,7 +440,8 @@ class _Frame:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _index: dict[tuple[str, str], int] | None = None
     _pair_codes: np.ndarray | None = None
-    _pair_lookup: tuple[np.ndarray, dict[Any, int]] | None = None  # (codes, id -> code)
+    # (the pair codes, each id's code or None: not built, a few new rows scan for ids)
+    _pair_lookup: tuple[np.ndarray, dict[Any, int] | None] | None = None
     _status_codes: tuple[np.ndarray, np.ndarray] | None = None
     _str_codes: set[str] = field(default_factory=set)  # codes computed from str (and None)
     # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
@@ -509,20 +510,34 @@ class _Frame:
             type(self.pair[i]) is not type(old) or self.pair[i] != old for i, old in patched.items()
         ):
             return None  # a trial changed pair: codes after it would be renumbered
-        new = self.pair[start:]
+        new = self.pair[start:].tolist()
         if not {str, type(None)}.issuperset(map(type, new)):
             return None
-        if self._pair_lookup is None or self._pair_lookup[0] is not codes:
-            first = _first_rows(codes)  # codes in order of first appearance: code k's row
-            ids = self.pair[first].tolist()
-            self._pair_lookup = (codes, {pid: k for k, pid in enumerate(ids)})
-        lookup = self._pair_lookup[1]
+        lookup = None
+        if self._pair_lookup is not None and self._pair_lookup[0] is codes:
+            lookup = self._pair_lookup[1]
+        if lookup is None and len(new) > _SCAN_ROWS:  # many new rows: one dict of every id
+            ids = self.pair[_first_rows(codes)].tolist()  # code k's id (first appearance)
+            lookup = {pid: k for k, pid in enumerate(ids)}
+        known = self.pair[:start]
+        next_code = int(codes[:start].max(initial=-1)) + 1
+        seen: dict[str, int] = {}
         extra = np.empty(len(new), dtype=np.int64)
-        for j, pid in enumerate(new.tolist()):
+        for j, pid in enumerate(new):
             if pid is None:
                 extra[j] = -1
-            else:  # a new id takes the next code, as pd.factorize numbers them
-                extra[j] = lookup.setdefault(pid, len(lookup))
+                continue
+            code = lookup.get(pid) if lookup is not None else seen.get(pid)
+            if code is None and lookup is None:  # a few new rows: scan for the id
+                hits = np.flatnonzero(known == pid)
+                code = int(codes[hits[0]]) if len(hits) else None
+            if code is None:  # a new id takes the next code, as pd.factorize numbers them
+                code, next_code = next_code, next_code + 1
+            if lookup is not None:
+                lookup[pid] = code
+            else:
+                seen[pid] = code
+            extra[j] = code
         out = np.concatenate([codes[:start], extra])
         self._pair_lookup = (out, lookup)
         return out
@@ -563,6 +578,7 @@ _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 4
 _REBUILD_EVENTS = 250_000  # beyond this many new events, rebuild instead of diffing
 _REBUILD_TRIALS = 20_000
+_SCAN_ROWS = 8  # up to this many changed trials a refresh scans for them (no 100k-key dict)
 
 
 def _store_key(store: TrialStore, study: str) -> tuple[Any, ...]:
@@ -734,7 +750,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         return None
     keys = sorted(frame.columns)
     rows = _fetch_rows(store, study, keys, [(r, t) for r, t in changed], with_metrics_text=True)
-    if frame._index is None and len(rows) <= 8:  # a few trials: scan, skip the 100k-key dict
+    if frame._index is None and len(rows) <= _SCAN_ROWS:  # a few: scan, skip the 100k-key dict
         trial_ids, run_ids = frame.trial, frame.run
 
         def locate(run: str, trial: str) -> int | None:
