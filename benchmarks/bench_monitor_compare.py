@@ -445,6 +445,17 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         f"  after 1 new pair (in-process refresh from the event log) {dt * 1000:8.1f} ms"
         f"  (n_pairs {res2.headline.iloc[0]['n_pairs']:,})"
     )
+    # what no cache can save after new trials: the headline's statistics over the new pairs
+    d = res2.pairs["val_accuracy"].to_numpy()
+    d = d[~np.isnan(d)]
+    boot, wilcoxon = [], []
+    for _ in range(repeats):
+        boot.append(timed(lambda: cmp.bootstrap_mean_ci(d, seed=0, name="val_accuracy"))[0])
+        wilcoxon.append(timed(lambda: cmp._wilcoxon(d))[0])
+    print(
+        f"    of which no cache can save: the bootstrap of the {len(d):,} pair differences "
+        f"{median_ms(boot)}, the Wilcoxon test {median_ms(wilcoxon)}"
+    )
 
 
 def append_pair(store: TrialStore) -> None:
