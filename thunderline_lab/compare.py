@@ -519,27 +519,24 @@ class _Frame:
         if lookup is None and len(new) > _SCAN_ROWS:  # many new rows: one dict of every id
             ids = self.pair[_first_rows(codes)].tolist()  # code k's id (first appearance)
             lookup = {pid: k for k, pid in enumerate(ids)}
+        scan = lookup is None  # a few new rows: each new id is looked for among the known
+        found: dict[Any, int] = {} if lookup is None else lookup
         known = self.pair[:start]
         next_code = int(codes[:start].max(initial=-1)) + 1
-        seen: dict[str, int] = {}
         extra = np.empty(len(new), dtype=np.int64)
         for j, pid in enumerate(new):
             if pid is None:
                 extra[j] = -1
                 continue
-            code = lookup.get(pid) if lookup is not None else seen.get(pid)
-            if code is None and lookup is None:  # a few new rows: scan for the id
+            code = found.get(pid)
+            if code is None and scan:
                 hits = np.flatnonzero(known == pid)
                 code = int(codes[hits[0]]) if len(hits) else None
             if code is None:  # a new id takes the next code, as pd.factorize numbers them
                 code, next_code = next_code, next_code + 1
-            if lookup is not None:
-                lookup[pid] = code
-            else:
-                seen[pid] = code
-            extra[j] = code
+            found[pid] = extra[j] = code
         out = np.concatenate([codes[:start], extra])
-        self._pair_lookup = (out, lookup)
+        self._pair_lookup = (out, None if scan else found)
         return out
 
     def _extended_status_codes(
@@ -645,32 +642,30 @@ def _fetch_rows(
     ``ids_only`` leaves status .. pair_id NULL (no JSON read of the parameters): for adding
     metric columns to a frame that already has them.
     """
-    cols = ", ".join(["json_extract(metrics, ?)"] * len(keys))
-    select = (
+    columns = (
         (
-            "SELECT model_run_id, trial_id, NULL, NULL, NULL, NULL"
+            "model_run_id, trial_id, NULL, NULL, NULL, NULL"
             if ids_only
-            else "SELECT model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
+            else "model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
             "json_extract(parameters, '$.pair_id')"
         )
         + (", metrics" if with_metrics_text else "")
-        + (", " + cols if keys else "")
-        + " FROM trials WHERE study = ?"
+        + "".join(", json_extract(metrics, ?)" for _ in keys)
     )
     paths = [_json_path(k) for k in keys]
     if subset is None:
-        return _read(store, select, [*paths, study])
+        return _read(store, f"SELECT {columns} FROM trials WHERE study = ?", [*paths, study])
     by_run: dict[str, list[str]] = {}
     for run, trial in subset:
         by_run.setdefault(run, []).append(trial)
     out: list[tuple[Any, ...]] = []
-    by_rowid = select.replace("SELECT ", "SELECT rowid, ", 1)
     for run, trials in by_run.items():  # primary-key lookups, not a scan of the study
         for i in range(0, len(trials), 500):
             chunk = trials[i : i + 500]
             out += _read(
                 store,
-                f"{by_rowid} AND model_run_id = ? AND trial_id IN ({', '.join('?' * len(chunk))})",
+                f"SELECT rowid, {columns} FROM trials WHERE study = ? AND model_run_id = ? "
+                f"AND trial_id IN ({', '.join('?' * len(chunk))})",
                 [*paths, study, run, *chunk],
             )
     out.sort(key=itemgetter(0))
