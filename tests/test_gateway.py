@@ -864,6 +864,99 @@ def test_replay_moves_rejected_lines_aside(store: TrialStore, tmp_path: Path) ->
     client.close()
 
 
+def test_replay_keeps_line_separators_inside_strings(store: TrialStore, tmp_path: Path) -> None:
+    # JSON allows U+2028, U+2029 and NEL unescaped inside strings: a spooled line holding
+    # them is one event, not three pieces glued back together
+    spool = tmp_path / "spool.jsonl"
+    failed = E.trial_failed(
+        model_run_id="r",
+        trial_id="t",
+        error_type="crash",
+        error_message="boom\u2028line two\x85x\u2029end",
+    )
+    client = EventClient(
+        "http://gw",
+        transport=mock_gateway(store, [0] * 2),
+        spool=spool,
+        max_retries=1,
+        backoff=0.001,
+    )
+    assert client.send([failed]).spooled == 1
+    result = client.replay_spool()
+    assert (result.sent, result.accepted, result.rejected) == (1, 1, 0)
+    assert store.trial("r", "t")["error_message"] == "boom\u2028line two\x85x\u2029end"
+    client.close()
+
+
+def test_replay_sets_aside_a_torn_line_alone(store: TrialStore, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    good = study_events()[:5]
+    torn = good[0].model_dump_json()[:40]  # a crash mid-write
+    spool.write_text("".join(e.model_dump_json() + "\n" for e in good) + torn + "\n")
+    client = EventClient("http://gw", transport=mock_gateway(store), spool=spool)
+    result = client.replay_spool()
+    assert (result.accepted, result.rejected) == (5, 1)
+    assert store.counts()["events"] == 5
+    assert (tmp_path / "spool.jsonl.rejected").read_text() == torn + "\n"
+    assert client.spooled() == 0
+    client.close()
+
+
+def test_background_rejection_is_set_aside_and_the_rest_delivered(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool.jsonl"
+    bus = EventBus()
+    client = EventClient(
+        "http://gw", transport=mock_gateway(store), spool=spool, flush_interval=0.01
+    )
+    client.attach(bus)
+    poison = event_dict()
+    poison["payload"]["step"] = -1
+    evs = study_events()
+    client.emit(poison)
+    for ev in evs:
+        bus.publish(ev)
+    client.close()  # nothing left behind, nothing raised
+    assert_same(snapshot(store), snapshot(local_store(evs)))
+    assert json.loads((tmp_path / "spool.jsonl.rejected").read_text()) == poison
+    assert client.stats.rejected == 1 and client.spooled() == 0
+
+
+def test_background_rejection_without_spool_is_dropped_not_blocking(
+    store: TrialStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = EventClient("http://gw", transport=mock_gateway(store), flush_interval=0.01)
+    poison = event_dict()
+    poison["payload"]["step"] = -1
+    evs = study_events()[:4]
+    client.emit(poison)
+    for ev in evs:
+        client.emit(ev)
+    client.close()
+    assert store.counts()["events"] == 4
+    assert client.stats.rejected == 1
+    assert "rejected" in caplog.text and "payload.step" in caplog.text
+
+
+def test_background_refused_token_keeps_the_events_in_the_spool(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool.jsonl"
+    evs = study_events()[:3]
+    client = EventClient(
+        "http://gw", transport=mock_gateway(store, [401] * 10), spool=spool, flush_interval=0.01
+    )
+    for ev in evs:
+        client.emit(ev)
+    client.close()  # the token is wrong: the events wait in the spool, none is lost
+    assert store.counts()["events"] == 0
+    assert client.spooled() == 3
+    replay = EventClient("http://gw", transport=mock_gateway(store), spool=spool)
+    assert replay.replay_spool().accepted == 3
+    replay.close()
+
+
 def test_client_as_bus_subscriber(store: TrialStore) -> None:
     bus = EventBus()
     client = EventClient(

@@ -7,7 +7,13 @@ import pytest
 
 from thunderline_lab.events import EventValidationError
 from thunderline_lab.store import TrialStore
-from thunderline_lab.wire import lenient_bool, parse_json_records, read_json_records, to_events
+from thunderline_lab.wire import (
+    lenient_bool,
+    load_events,
+    parse_json_records,
+    read_json_records,
+    to_events,
+)
 
 SEED001_START = {
     "event": "ml.run.start",
@@ -194,3 +200,60 @@ def test_json_lines_keep_each_record_line_and_every_malformed_line() -> None:
         "posts.jsonl: line 6: invalid JSON: Expecting value (column 1) [json_invalid]",
     ]
     assert read_json_records('[{"a": 1}]').lines is None  # one document: records by index
+
+
+def test_seed001_posts_into_different_runs_are_different_events() -> None:
+    post = {"event": "ml.trial.start", "trial_id": "trial_0"}
+    (a,) = to_events([post], default_model_run_id="runA")
+    (b,) = to_events([post], default_model_run_id="runB")
+    assert (a.payload.model_run_id, b.payload.model_run_id) == ("runA", "runB")
+    assert a.id != b.id
+    # the same post into the same run is still the same event (a harmless duplicate)
+    assert to_events([post], default_model_run_id="runA")[0].id == a.id
+
+
+def test_seed002_misspelt_fields_are_rejected_with_a_suggestion() -> None:
+    report = {
+        "rnu_id": "x",
+        "trials": [
+            {
+                "trial_id": "a",
+                "status": "succeeded",
+                "metrcs": {"accuracy": 0.9},
+                "spectral_nrom": True,
+            }
+        ],
+    }
+    with pytest.raises(EventValidationError) as info:
+        to_events([report])
+    found = {e.path: e.message for e in info.value.errors}
+    assert set(found) == {"rnu_id", "trials[0].metrcs", "trials[0].spectral_nrom"}
+    assert "did you mean 'run_id'?" in found["rnu_id"]
+    assert "did you mean 'metrics'?" in found["trials[0].metrcs"]
+    assert "did you mean 'spectral_norm'?" in found["trials[0].spectral_nrom"]
+
+
+def test_json_lines_with_a_broken_first_line_report_every_line() -> None:
+    good = json.dumps(SEED001_START)
+    text = "{bad\n" + good + '\n{"x":\n{"event": "ml.nope", "trial_id": "t"}\n'
+    with pytest.raises(EventValidationError) as info:
+        load_events(text, "events.jsonl")
+    found = [(e.source_line or e.path, e.rule) for e in info.value.errors]
+    assert ("line 1", "json_invalid") in found and ("line 3", "json_invalid") in found
+    assert (4, "unknown_event") in found
+
+
+def test_too_deep_json_is_a_clean_error_in_documents_and_lines() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(EventValidationError) as info:
+        parse_json_records(deep, "deep.json")
+    assert info.value.errors[0].rule == "json_depth"
+    with pytest.raises(EventValidationError) as info:
+        parse_json_records(json.dumps(SEED001_START) + "\n" + deep + "\n", "deep.jsonl")
+    assert [(e.path, e.rule) for e in info.value.errors] == [("line 2", "json_depth")]
+
+
+def test_a_byte_order_mark_is_ignored() -> None:
+    text = "\ufeff" + json.dumps(SEED001_START)
+    assert parse_json_records(text) == [SEED001_START]
+    assert parse_json_records(text.encode("utf-8")) == [SEED001_START]

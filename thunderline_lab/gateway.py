@@ -1233,6 +1233,23 @@ class _Unreachable(Exception):
     """The gateway did not answer usefully after every retry."""
 
 
+class _Undelivered(Exception):
+    """Records that could not be delivered and have no spool to wait in."""
+
+    def __init__(self, records: list[str], reason: str) -> None:
+        super().__init__(reason)
+        self.records = records
+        self.reason = reason
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 class _Rejected(Exception):
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(status)
@@ -1448,9 +1465,18 @@ class EventClient:
         with self._send_lock, self._locked_spool():
             if not self.spool.exists():
                 return total
-            lines = [ln for ln in self.spool.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            # split on "\n" alone: str.splitlines would also cut at U+2028, U+2029 and NEL,
+            # which JSON allows unescaped inside strings
+            lines = [ln for ln in self.spool.read_text(encoding="utf-8").split("\n") if ln.strip()]
             remaining: list[str] = []
-            rejected: list[str] = []
+            # a line that is not JSON (torn by a crash mid-write) is set aside on its own
+            # instead of making the gateway refuse its whole batch with a 400
+            rejected = [ln for ln in lines if not _is_json(ln)]
+            if rejected:
+                log.warning(
+                    "%s: %d spooled lines are not JSON; moved aside", self.spool, len(rejected)
+                )
+                lines = [ln for ln in lines if _is_json(ln)]
             error: str | None = None
             for i in range(0, len(lines), self.batch_size):
                 batch = lines[i : i + self.batch_size]
@@ -1479,11 +1505,15 @@ class EventClient:
         return total
 
     def _post_replay(self, batch: list[str], rejected: list[str]) -> SendResult:
+        """POST ``batch``; the records the gateway rejects (4xx) are added to ``rejected``
+        and the rest sent again. A refused token (401) counts as unreachable: the events
+        are kept, not rejected."""
         try:
             return self._post(batch)
         except _Rejected as exc:
             if exc.status == 401:
                 raise _Unreachable("gateway refused the token (401)") from None
+            log.warning("%s", _rejection_message(self.endpoint, exc))
             bad = _rejected_indexes(exc.body, len(batch))
             if not bad or exc.status != 422:
                 rejected.extend(batch)  # the whole batch is unacceptable
@@ -1491,6 +1521,43 @@ class EventClient:
             rejected.extend(batch[i] for i in sorted(bad))
             rest = [r for i, r in enumerate(batch) if i not in bad]
             return self._post_replay(rest, rejected) if rest else SendResult()
+
+    def _set_aside(self, rejected: list[str]) -> SendResult:
+        """Records the gateway will never accept: to ``<spool>.rejected`` (JSON lines, to
+        be mended and sent again), or, without a spool, dropped with an error logged."""
+        if self.spool is not None:
+            self._append_spool(rejected, self.spool.with_name(self.spool.name + ".rejected"))
+        else:
+            log.error(
+                "event client: %d events rejected by %s and dropped (no spool to keep them)",
+                len(rejected),
+                self.endpoint,
+            )
+        result = SendResult(rejected=len(rejected))
+        self.stats += result
+        return result
+
+    def _deliver_background(self, records: list[str]) -> SendResult:
+        """Deliver buffered events: rejected ones are set aside so that they cannot block
+        the rest; undeliverable ones (unreachable, refused token) go to the spool, or, with
+        none, raise :class:`GatewayError` for the caller to keep them buffered."""
+        rejected: list[str] = []
+        try:
+            result = self._post_replay(records, rejected)
+        except _Unreachable as exc:
+            sent = set(rejected)
+            kept = [r for r in records if r not in sent]
+            if rejected:
+                self._set_aside(rejected)
+            if self.spool is None:
+                raise _Undelivered(kept, f"{self.endpoint}: {exc}") from None
+            self._append_spool(kept)
+            spooled = SendResult(spooled=len(kept), rejected=len(rejected))
+            self.stats += SendResult(spooled=len(kept))
+            return spooled
+        if rejected:
+            result += self._set_aside(rejected)
+        return result
 
     # -- bus subscriber -----------------------------------------------------------------------
 
@@ -1560,11 +1627,14 @@ class EventClient:
             for i in range(0, len(batch), self.batch_size):
                 chunk = batch[i : i + self.batch_size]
                 try:
-                    total += self._deliver(chunk)
-                except GatewayError:
+                    total += self._deliver_background(chunk)
+                except _Undelivered as exc:
                     with self._cond:  # keep the undelivered for the next attempt
-                        self._buffer[:0] = batch[i:]
-                    raise
+                        self._buffer[:0] = exc.records + batch[i + self.batch_size :]
+                    raise GatewayError(
+                        f"gateway unreachable, {len(self._buffer)} events kept buffered "
+                        f"(no spool): {exc.reason}"
+                    ) from None
             if total.sent and not total.spooled:
                 total += self._maybe_replay()
             return total

@@ -22,6 +22,7 @@ same payload twice is a harmless duplicate.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import uuid
@@ -123,6 +124,7 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
             raise EventValidationError(
                 [ErrorDetail(None, "", _MISSING, "encoding", f"not UTF-8 text: {exc}")], source
             ) from None
+    text = text.removeprefix("\ufeff")  # a byte order mark (Windows editors write one)
     if not text.strip():
         raise EventValidationError(
             [ErrorDetail(None, "", _MISSING, "empty", "no events (empty input)")], source
@@ -130,14 +132,17 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
     try:
         doc = json.loads(text)
         return JsonInput(doc if isinstance(doc, list) else [doc], None, [])
+    except RecursionError:
+        raise EventValidationError(
+            [ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP)], source
+        ) from None
     except json.JSONDecodeError as whole_exc:
         # JSON lines are split on "\n" alone: str.splitlines would also split on U+2028
         # and other separators that JSON allows inside strings.
         lines = [ln.removesuffix("\r") for ln in text.split("\n")]
-        first = next(ln for ln in lines if ln.strip())
-        try:
-            json.loads(first)
-        except json.JSONDecodeError:
+        # JSON lines when one line holds a whole record by itself (a broken first line
+        # must not hide the others); else one document, broken where the parser says
+        if not any(_is_record_line(ln) for ln in lines if ln.strip()):
             where = f"line {whole_exc.lineno}" if "\n" in text.strip() else ""
             raise EventValidationError(
                 [ErrorDetail(None, where, _MISSING, "json_invalid", f"invalid JSON: {whole_exc}")],
@@ -155,7 +160,22 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         except json.JSONDecodeError as exc:
             message = f"invalid JSON: {exc.msg} (column {exc.colno})"
             errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_invalid", message))
+        except RecursionError:
+            errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_depth", _TOO_DEEP))
     return JsonInput(records, numbers, errors)
+
+
+def _is_record_line(line: str) -> bool:
+    """Whether ``line`` alone is a non-empty JSON object or array (a record of JSON lines;
+    a line of a pretty-printed document hardly ever is)."""
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict | list) and len(value) > 0
+
+
+_TOO_DEEP = "invalid JSON: nested too deeply"
 
 
 def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
@@ -225,6 +245,50 @@ def _event_id(record: Any, salt: str = "") -> str:
     return uuid.uuid5(_NAMESPACE, text).hex
 
 
+_SEED001_FIELDS = frozenset(
+    {"event", "trial_id", "metadata", "measurements", "model_run_id", "timestamp", "id"}
+)
+_SEED002_REPORT_FIELDS = frozenset({"trials", "run_id", "model_run_id"})
+_SEED002_TRIAL_FIELDS = frozenset(
+    {
+        "trial_id",
+        "run_id",
+        "model_run_id",
+        "status",
+        "spectral_norm",
+        "mlflow_run_id",
+        "metrics",
+        "parameters",
+        "duration_ms",
+        "artifact_uri",
+        "rank",
+        "warnings",
+        "error",
+        "error_message",
+        "error_type",
+        "timestamp",
+    }
+)
+
+
+def _unknown_fields(
+    errs: _Errors, record: Mapping[str, Any], known: frozenset[str], prefix: str
+) -> None:
+    """Report each key of ``record`` outside ``known`` (a misspelt ``metrcs`` would
+    otherwise be dropped silently, and a misspelt ``spectral_norm`` put a trial in the
+    wrong arm)."""
+    for key in sorted(set(record) - known, key=str):
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        expected = ", ".join(sorted(known))
+        errs.add(
+            f"{prefix}{key}",
+            record[key],
+            "extra_forbidden",
+            f"unknown field{hint}; expected {expected}",
+        )
+
+
 def _bool_field(
     errs: _Errors, container: Mapping[str, Any], key: str, path: str, default: bool | None
 ) -> bool | None:
@@ -278,25 +342,17 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
     for key, val in (("metadata", metadata), ("measurements", measurements)):
         if not isinstance(val, Mapping):
             errs.add(key, val, "dict_type", "must be an object")
-    unknown = set(rec) - {
-        "event",
-        "trial_id",
-        "metadata",
-        "measurements",
-        "model_run_id",
-        "timestamp",
-        "id",
-    }
-    for key in sorted(unknown):
-        errs.add(key, rec[key], "extra_forbidden", "unknown field")
+    _unknown_fields(errs, rec, _SEED001_FIELDS, "")
     if errs.items:
         raise EventValidationError(errs.items)
     meta = dict(metadata)
     meas = dict(measurements)
-    payload: dict[str, Any] = {
-        "model_run_id": meta.pop("model_run_id", None) or rec.get("model_run_id") or default_run,
-        "trial_id": trial_id,
-    }
+    own_run = meta.pop("model_run_id", None) or rec.get("model_run_id")
+    payload: dict[str, Any] = {"model_run_id": own_run or default_run, "trial_id": trial_id}
+    # A post that names no run of its own is told apart by the run it is ingested into
+    # (every Cerebros run has a trial_0); the default run keeps the unsalted id, so logs
+    # ingested before stay idempotent.
+    salt = "" if own_run or default_run == DEFAULT_MODEL_RUN_ID else str(default_run)
     if "study" in meta:
         payload["study"] = meta.pop("study")
     sn_default = False if name in ("ml.trial.start", "ml.trial.complete") else None
@@ -350,7 +406,7 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
         _envelope(
             str(name),
             payload,
-            rec.get("id") or _event_id(rec),
+            rec.get("id") or _event_id(rec, salt),
             rec.get("timestamp") or meta.get("timestamp"),
         )
     ]
@@ -364,12 +420,14 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
             [ErrorDetail(index, "trials", trials, "list_type", "must be a list of trial reports")]
         )
     top_run = rec.get("run_id") or rec.get("model_run_id") or default_run
+    _unknown_fields(errs, rec, _SEED002_REPORT_FIELDS, "")
     out = []
     for j, t in enumerate(trials):
         base = f"trials[{j}]"
         if not isinstance(t, Mapping):
             errs.add(base, t, "dict_type", "a trial report must be an object")
             continue
+        _unknown_fields(errs, t, _SEED002_TRIAL_FIELDS, f"{base}.")
         if t.get("trial_id") is None:
             errs.add(f"{base}.trial_id", _MISSING, "missing", "field required")
         raw_status = t.get("status")
