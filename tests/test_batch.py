@@ -134,6 +134,24 @@ def test_overrides_reach_the_notebook_and_unknown_ones_are_refused(tmp_path: Pat
         run_batch(cfg, lab=tmp_path / "lab", overrides={"nope": 1}, progress=False)
 
 
+@pytest.mark.parametrize(("source", "value"), [("config", '"four"'), ("override", "four")])
+def test_a_trial_budget_that_is_not_a_number_is_refused_before_anything_runs(
+    tmp_path: Path, source: str, value: str
+) -> None:
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')")
+    text = '[study]\nname = "o"\nnotebook = "nb.ipynb"\n'
+    overrides = {}
+    if source == "config":
+        text += f"[parameters]\nn_trials = {value}\n"
+    else:
+        overrides = {"n_trials": value}
+    cfg = load_study_config(write_config(tmp_path, text))
+    where = "-p n_trials" if source == "override" else "parameters.n_trials"
+    with pytest.raises(ConfigError, match=f"{where}: must be a whole number of trials"):
+        run_batch(cfg, lab=tmp_path / "lab", overrides=overrides, progress=False)
+    assert not (tmp_path / "lab").exists()  # refused before the lab was laid out
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="IPC transport is POSIX only")
 def test_worker_kernels_talk_over_ipc_not_loopback_tcp(tmp_path: Path) -> None:
     make_notebook(

@@ -210,3 +210,48 @@ def test_json_lines_store_errors_name_the_line(runner: CliRunner, tmp_path: Path
         result = runner.invoke(main, command)
         assert result.exit_code == 1, result.output
         assert f"error: {f}: line 3: cannot be written" in result.output, result.output
+
+
+def test_trials_json_keeps_every_digit_and_status_is_checked(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    lab = tmp_path / "lab"
+    params = {"lr": 0.00012345678901234, "tiny": 1.2345678901234e-12}
+    with TrialStore(lab / "lab.db") as store:
+        store.append(
+            [E.trial_start(model_run_id="s", trial_id="t", spectral_norm=False, parameters=params)]
+        )
+    out = runner.invoke(main, ["trials", "--lab", str(lab), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    (row,) = json.loads(out.output)
+    assert row["parameters"] == params and row["ended_at"] is None
+    bogus = runner.invoke(main, ["trials", "--lab", str(lab), "--status", "bogus"])
+    assert bogus.exit_code == 2 and "'bogus' is not one of" in bogus.output
+
+
+def test_a_file_in_the_way_of_the_lab_is_a_clean_error(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "ev.jsonl"
+    write_events(f)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for args, env in (
+        (["--lab", str(afile / "sub")], None),
+        ([], str(afile)),
+    ):
+        if env:
+            monkeypatch.setenv("THUNDERLINE_LAB_HOME", env)
+        result = runner.invoke(main, ["ingest", str(f), *args])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: lab directory ")
+        assert "Traceback" not in result.output
+        assert afile.read_text() == "not a folder"
+
+
+def test_deeply_nested_json_is_a_clean_error(runner: CliRunner, tmp_path: Path) -> None:
+    f = tmp_path / "deep.json"
+    f.write_text("[" * 3000 + "]" * 3000)
+    result = runner.invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1
+    assert f"error: {f}: invalid JSON: nested too deeply [json_depth]" in result.output

@@ -587,6 +587,30 @@ def test_trials_and_one_trial(gw: AsgiClient) -> None:
     assert health["status"] == "ok" and health["last_seq"] == len(study_events())
 
 
+def test_a_trial_whose_ids_hold_slashes_is_found_when_they_are_encoded(gw: AsgiClient) -> None:
+    start = E.trial_start(model_run_id="r/1", trial_id="a/b", spectral_norm=True)
+    assert gw.post("/api/events/ml", json=start.model_dump(mode="json")).status_code == 202
+    one = gw.get("/api/trials/r%2F1/a%2Fb")
+    assert one.status_code == 200, one.text
+    assert (one.json()["model_run_id"], one.json()["trial_id"]) == ("r/1", "a/b")
+    ambiguous = gw.get("/api/trials/r/1/a/b")
+    assert ambiguous.status_code == 404 and "%2F" in ambiguous.json()["detail"]
+
+
+def test_trials_keep_every_digit_of_their_floats(gw: AsgiClient) -> None:
+    params = {"lr": 0.00012345678901234, "tiny": 1.2345678901234e-12}
+    evs = [
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, parameters=params),
+        E.trial_complete(
+            model_run_id="r", trial_id="t", spectral_norm=True, metrics={"big": 123456789012.345}
+        ),
+    ]
+    gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in evs])
+    (trial,) = gw.get("/api/trials").json()["trials"]
+    assert trial["parameters"] == params and trial["metrics"] == {"big": 123456789012.345}
+    assert trial["rank"] is None and trial["ended_at"]
+
+
 def test_openapi_documents_the_body_schema(gw: AsgiClient) -> None:
     spec = gw.get("/openapi.json").json()
     assert {

@@ -17,7 +17,7 @@ import pytest
 from thunderline_lab import events as E
 from thunderline_lab.bus import EventBus
 from thunderline_lab.events import EventValidationError
-from thunderline_lab.store import StoreWriter, TrialStore, format_ts
+from thunderline_lab.store import SCHEMA_VERSION, StoreWriter, TrialStore, format_ts
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 TABLES = ("model_runs", "trials", "metrics", "artifacts")
@@ -514,3 +514,28 @@ def test_opening_a_lab_waits_while_another_process_is_creating_it(tmp_path: Path
         assert store.counts()["trials"] == 1
         tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
         assert "from_the_other_process" in tables
+
+
+def test_an_existing_lab_opens_for_reading_while_a_writer_holds_the_lock(tmp_path: Path) -> None:
+    db = tmp_path / "lab.db"
+    with TrialStore(db) as first:
+        first.append([E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True)])
+        first.conn.execute("BEGIN IMMEDIATE")  # a writer in the middle of its transaction
+        try:
+            reader = TrialStore(db, timeout=0.2)  # would raise "stayed locked" if it wrote
+            assert reader.trials()["trial_id"].tolist() == ["t"]
+            reader.close()
+        finally:
+            first.conn.execute("ROLLBACK")
+
+
+def test_a_lab_of_an_older_schema_version_is_brought_up_to_date(tmp_path: Path) -> None:
+    db = tmp_path / "lab.db"
+    TrialStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 0")  # as labs made before the version was kept
+    conn.execute("DROP TABLE artifacts")
+    conn.close()
+    with TrialStore(db) as store:
+        assert store.counts()["artifacts"] == 0
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -499,6 +499,12 @@ def test_study_of_another_dataset_is_refused(tmp_path):
         _run(tmp_path, n_trials=2, dataset=load_dataset("moons", seed=0))
 
 
+def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'cifar'; available: .*digits"):
+        _run(tmp_path, n_trials=2, dataset="cifar")
+    assert not (tmp_path / "lab" / "optuna.journal").exists()
+
+
 def test_dashboard_command_prints_the_optuna_dashboard_call(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(cli, ["dashboard", "--lab", str(tmp_path / "lab"), "--print-command"])

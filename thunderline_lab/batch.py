@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import multiprocessing as mp
@@ -358,6 +359,26 @@ def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -
     return {}
 
 
+def _n_trials(
+    config: StudyConfig,
+    params: Mapping[str, Any],
+    declared: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+) -> int:
+    """The study's trial budget (for the progress line), refused unless a whole number."""
+    if "n_trials" in params:
+        value = params["n_trials"]
+    else:  # the notebook's default, as the source text papermill read
+        try:
+            value = ast.literal_eval(str(declared.get("n_trials") or 0))
+        except (ValueError, SyntaxError):
+            return 0  # an expression: no progress total, the notebook decides
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        where = "-p n_trials" if "n_trials" in overrides else f"{config.path}: parameters.n_trials"
+        raise ConfigError(f"{where}: must be a whole number of trials (got {value!r})")
+    return int(value)
+
+
 def run_batch(
     config: StudyConfig,
     *,
@@ -377,7 +398,6 @@ def run_batch(
     """
     _kernel_transport()  # a bad setting is refused here, not in each worker
     lab_obj = lab if isinstance(lab, Lab) else Lab.resolve(lab)
-    lab_obj.ensure()
     n_workers = workers or config.workers
     declared = notebook_parameters(config.notebook)
     params = {**config.parameters, **(overrides or {})}
@@ -390,12 +410,13 @@ def run_batch(
     missing = [p for p in RUNNER_PARAMETERS if p not in declared]
     if missing:
         raise ConfigError(f"{config.notebook}: parameters cell must declare {', '.join(missing)}")
+    total = _n_trials(config, params, declared, overrides or {})
+    lab_obj.ensure()  # only once the run is known to be acceptable
     params.update(study_name=config.name, lab_dir=str(lab_obj.root))
     out_dir = lab_obj.runs_dir / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     outputs = [out_dir / f"{config.notebook.stem}-{stamp}-w{i}.ipynb" for i in range(n_workers)]
-    total = int(params.get("n_trials") or declared.get("n_trials") or 0)
     bar = Progress(total, stream=stream or sys.stderr) if progress and total else None
     cwd = str(config.notebook.parent)
     started = time.monotonic()

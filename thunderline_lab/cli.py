@@ -43,6 +43,10 @@ def _clean_errors(fn: F) -> F:
             for line in exc.lines():
                 click.echo(f"error: {line}", err=True)
             sys.exit(1)
+        except OSError as exc:  # a path the user gave: a file in the way, no permission, ...
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -139,7 +143,12 @@ def replay(lab_dir: Path | None) -> None:
 @main.command()
 @lab_option
 @click.option("--study", default=None, help="Only this study (model run name).")
-@click.option("--status", default=None, help="Only trials in this status.")
+@click.option(
+    "--status",
+    default=None,
+    type=click.Choice(["running", "completed", "pruned", "cancelled", "failed"]),
+    help="Only trials in this status.",
+)
 @click.option(
     "--spectral-norm/--no-spectral-norm",
     "spectral_norm",
@@ -170,8 +179,9 @@ def trials(
     with lab.store() as store:
         df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
     if fmt == "json":
-        records = json.loads(df.to_json(orient="records"))
-        click.echo(json.dumps(records, indent=2))
+        from thunderline_lab.store import trial_records
+
+        click.echo(json.dumps(trial_records(df), indent=2, default=str))
     elif fmt == "csv":
         out = df.copy()
         for col in ("parameters", "metrics"):

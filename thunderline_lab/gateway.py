@@ -94,7 +94,7 @@ from thunderline_lab.events import (
     to_event,
 )
 from thunderline_lab.lab import Lab
-from thunderline_lab.store import TrialStore
+from thunderline_lab.store import TrialStore, trial_records
 from thunderline_lab.wire import (
     DEFAULT_MODEL_RUN_ID,
     parse_json_records,
@@ -1100,7 +1100,7 @@ def create_app(
             study=study, model_run_id=model_run_id, status=status, spectral_norm=spectral_norm
         )
         return Response(
-            '{"trials": ' + df.to_json(orient="records") + "}", media_type="application/json"
+            json.dumps({"trials": trial_records(df)}, default=str), media_type="application/json"
         )
 
     @app.get(
@@ -1115,6 +1115,26 @@ def create_app(
             raise _Problem(404, f"no trial {trial_id!r} in model run {model_run_id!r}")
         clean = {k: (None if _is_na(v) else v) for k, v in row.items()}
         return Response(json.dumps(clean, default=str), media_type="application/json")
+
+    # Ids may hold "/": sent percent-encoded (%2F), they reach the router decoded, as
+    # more than two segments; the raw path still tells the two ids apart.
+    @app.get(
+        "/api/trials/{ids:path}",
+        responses=problem_responses,
+        dependencies=[Depends(require_token)],
+        include_in_schema=False,
+    )
+    def get_trial_encoded(request: Request, ids: str) -> Response:
+        raw = request.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0]
+        parts = raw.removeprefix("/api/trials/").split("/")
+        if len(parts) != 2 or not all(parts):
+            raise _Problem(
+                404,
+                f"no trial at /api/trials/{ids}: expected /api/trials/{{model_run_id}}/"
+                "{trial_id}, with any '/' inside an id sent as %2F",
+            )
+        run, trial = (urllib.parse.unquote(part) for part in parts)
+        return get_trial(run, trial)
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     def healthz() -> Health:
@@ -1279,12 +1299,16 @@ class EventClient:
     :meth:`replay_spool`. Event ids are idempotency keys, so replays and retries can only
     make duplicates, which the gateway counts and ignores. Events the gateway rejects
     (4xx) raise :class:`~thunderline_lab.errors.GatewayError` from :meth:`send`; during a
-    replay they are moved to ``<spool>.rejected`` so they cannot block the rest.
+    replay, and from the background sender, they are moved to ``<spool>.rejected`` (the
+    reason is logged) so they cannot block the rest; a spooled line that is not JSON (torn
+    by a crash) goes there too.
 
     As a bus subscriber (:meth:`attach`, or ``bus.subscribe("ml.*", client)``) events are
     buffered and sent by a background thread every ``flush_interval`` seconds or once
-    ``batch_size`` are waiting. Without a spool, undeliverable events stay buffered (up to
-    ``max_buffer``) and are retried at the next flush.
+    ``batch_size`` are waiting. A refused token (401) counts as unreachable: the events are
+    spooled, not rejected. Without a spool, undeliverable events stay buffered (up to
+    ``max_buffer``) and are retried at the next flush, and rejected ones are dropped with an
+    error logged.
 
     Example:
         >>> client = EventClient("http://127.0.0.1:8765", spool="lab/gateway-spool.jsonl")
@@ -1454,7 +1478,8 @@ class EventClient:
     def replay_spool(self) -> SendResult:
         """Send every spooled event; keep what still cannot be delivered.
 
-        Events the gateway rejects (4xx) go to ``<spool>.rejected`` with the reason.
+        Events the gateway rejects (4xx), and lines that are not JSON, go to
+        ``<spool>.rejected``; the reason is logged.
 
         Raises:
             GatewayError: the gateway is still unreachable (the spool is kept intact).

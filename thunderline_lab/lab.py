@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from thunderline_lab.errors import ConfigError
 from thunderline_lab.store import TrialStore
 
 __all__ = ["ENV_LAB_HOME", "Lab"]
@@ -70,12 +71,33 @@ class Lab:
         return self.root / "reports"
 
     def ensure(self) -> Lab:
-        """Create the lab's folders; returns self."""
+        """Create the lab's folders; returns self.
+
+        Raises:
+            ConfigError: a folder cannot be made (a file in the way, no permission).
+        """
         for d in (self.root, self.runs_dir, self.reports_dir, self.mlflow_artifacts):
-            d.mkdir(parents=True, exist_ok=True)
+            self._mkdir(d)
         return self
 
     def store(self) -> TrialStore:
-        """Open (creating if needed) the lab's trial store."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Open (creating if needed) the lab's trial store.
+
+        Raises:
+            ConfigError: the lab folder cannot be made.
+            StoreError: the store cannot be opened.
+        """
+        self._mkdir(self.root)
         return TrialStore(self.db_path)
+
+    def _mkdir(self, d: Path) -> None:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ConfigError(
+                f"lab directory {self.root}: {d} exists and is not a folder"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"lab directory {self.root}: cannot create {d}: {exc.strerror or exc}"
+            ) from None

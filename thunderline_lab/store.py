@@ -65,7 +65,14 @@ from thunderline_lab.events import (
     validate_records,
 )
 
-__all__ = ["AppendResult", "StoreWriter", "TrialStore", "fold_trial", "format_ts"]
+__all__ = [
+    "AppendResult",
+    "StoreWriter",
+    "TrialStore",
+    "fold_trial",
+    "format_ts",
+    "trial_records",
+]
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +268,18 @@ def _while_busy(action: Any, path: str, timeout: float) -> Any:
             delay = min(delay * 2, 0.5)
 
 
+# Bumped whenever _SCHEMA changes; a lab at this version is opened without a write.
+SCHEMA_VERSION = 1
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
+    # Checked again under the write lock: another process may have just done it.
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def format_ts(event: Event) -> str:
@@ -549,7 +564,10 @@ class TrialStore:
             # The WAL is copied back by a thread of this store's (``_Checkpointer``) after
             # commits; the writer checkpoints itself only past 64 MB, if that thread lags.
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
-            self._with_write_lock(lambda: _create_schema(conn), conn)
+            # A lab whose schema is current is opened without taking the write lock, so
+            # reading (`trials`, a monitor, a report) never waits for a writer's commit.
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                self._with_write_lock(lambda: _create_schema(conn), conn)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the trial store: {exc}") from exc
         self.conn = conn
@@ -1015,10 +1033,16 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     for k, v in row.items():
         if hasattr(v, "item") and not isinstance(v, dict | list):
             v = v.item()
-        if isinstance(v, float) and v != v:  # NaN from pandas for SQL NULL
+        if v is pd.NA or (isinstance(v, float) and v != v):  # pandas' marks of SQL NULL
             v = None
         out[k] = v
     return out
+
+
+def trial_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows of a :meth:`TrialStore.trials` frame as plain JSON-ready dicts (SQL NULL as
+    ``None``), every float kept exactly (``DataFrame.to_json`` rounds to 10 digits)."""
+    return [_jsonable(row) for row in df.to_dict("records")]
 
 
 class StoreWriter:

@@ -1527,6 +1527,13 @@ def run_study(
     )
     if architecture not in ("mlp", "cnn"):
         raise ConfigError(f"architecture must be 'mlp' or 'cnn', got {architecture!r}")
+    from thunderline_lab.data import available_datasets
+
+    if isinstance(dataset, str) and dataset not in available_datasets():
+        # refused before any trial runs (each trial would fail on it, one by one)
+        raise ConfigError(
+            f"unknown dataset {dataset!r}; available: {', '.join(available_datasets())}"
+        )
     if conv_sn_modes is not None:
         space = SearchSpace.from_dict(
             {**space.to_dict(), "conv_sn_mode": {"choices": list(conv_sn_modes)}}
