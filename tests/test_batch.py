@@ -104,6 +104,8 @@ def test_progress_is_readable_without_a_tty() -> None:
     assert len(lines) == 2 and "\r" not in out.getvalue()
     assert lines[0].startswith("trials 1/4") and "best val_accuracy 0.9000" in lines[0]
     assert lines[1].startswith("trials 4/4") and "ETA -" in lines[1]
+    bar.update({"completed": 3, "pruned": 1}, 0.95, final=True)  # a run's closing update
+    assert out.getvalue().splitlines() == lines  # the same state is not printed twice
 
 
 def test_failing_notebook_names_notebook_cell_and_saved_copy(tmp_path: Path) -> None:

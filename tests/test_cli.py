@@ -255,3 +255,13 @@ def test_deeply_nested_json_is_a_clean_error(runner: CliRunner, tmp_path: Path) 
     result = runner.invoke(main, ["validate", str(f)])
     assert result.exit_code == 1
     assert f"error: {f}: invalid JSON: nested too deeply [json_depth]" in result.output
+
+
+def test_an_unreadable_input_is_an_error_line(runner: CliRunner, tmp_path: Path) -> None:
+    missing = runner.invoke(main, ["validate", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 1
+    assert missing.output.startswith(f"error: {tmp_path / 'nope.json'}: cannot read: ")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"name": "caf\xe9"}')
+    result = runner.invoke(main, ["validate", str(latin)])
+    assert result.exit_code == 1 and f"error: {latin}: not UTF-8 text" in result.output

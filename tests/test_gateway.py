@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -753,6 +754,51 @@ def test_serve_refuses_non_loopback_without_a_token(tmp_path: Path) -> None:
         serve(tmp_path / "lab", host="0.0.0.0")
     with pytest.raises(GatewayError, match="too short"):
         serve(tmp_path / "lab", host="0.0.0.0", token="abc")
+
+
+def test_serve_refuses_a_busy_port_and_a_token_padded_with_spaces(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(GatewayError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
+            serve(tmp_path / "lab", port=port)
+    with pytest.raises(GatewayError, match="whitespace"):
+        serve(tmp_path / "lab", token=" secret-token ")
+
+
+def test_serve_on_port_0_says_the_port_it_got(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "thunderline_lab.cli",
+            "serve",
+            "--lab",
+            str(tmp_path),
+            "--port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"ThunderGate on http://127\.0\.0\.1:(\d+) ", line)
+        assert found, line
+        port = int(found.group(1))
+        assert port != 0
+        for _ in range(100):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1.0)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health.json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_cli_serve_refuses_non_loopback_without_a_token(

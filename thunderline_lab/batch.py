@@ -208,6 +208,7 @@ class Progress:
     every_s: float = 10.0
     _last_print: float = 0.0
     _last_done: int = -1
+    _last_state: str = ""
     _start: float = field(default_factory=time.monotonic)
 
     def update(self, counts: Mapping[str, int], best: float | None, *, final: bool = False) -> None:
@@ -225,12 +226,15 @@ class Progress:
         left = max(self.total - done, 0)
         eta = f"{left / rate:,.0f}s" if rate > 0 and left else "-"
         best_txt = f"{best:.4f}" if best is not None else "-"
-        line = (
+        state = (
             f"trials {done}/{self.total} (completed {counts.get('completed', 0)}, pruned "
             f"{counts.get('pruned', 0)}, failed {counts.get('failed', 0)}, running "
-            f"{counts.get('running', 0)}) | best val_accuracy {best_txt} | "
-            f"elapsed {elapsed:,.0f}s | ETA {eta}"
+            f"{counts.get('running', 0)}) | best val_accuracy {best_txt}"
         )
+        if final and not tty and state == self._last_state:
+            return  # the last line printed already says it
+        self._last_state = state
+        line = f"{state} | elapsed {elapsed:,.0f}s | ETA {eta}"
         if tty and not final:
             self.stream.write("\r" + line[:160].ljust(160))
         else:

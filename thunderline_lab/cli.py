@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from thunderline_lab.errors import ThunderlineLabError
+from thunderline_lab.errors import ConfigError, ThunderlineLabError
 
 if TYPE_CHECKING:
     from thunderline_lab.wire import LoadedEvents
@@ -55,9 +55,11 @@ def _read_input(path: str) -> tuple[str, str]:
     if path == "-":
         return sys.stdin.read(), "<stdin>"
     try:
-        return Path(path).read_text(encoding="utf-8"), path
-    except (OSError, UnicodeDecodeError) as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc}") from exc
+        return Path(path).read_bytes().decode("utf-8"), path
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def _load_events(path: str, model_run: str) -> LoadedEvents:

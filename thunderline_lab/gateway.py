@@ -61,6 +61,7 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -1203,26 +1204,57 @@ def serve(
         )
     if token is not None and len(token) < 8:
         raise GatewayError("the token is too short (use at least 8 characters)")
+    if token is not None and token != token.strip():
+        # a Bearer value arrives stripped: such a token could never be matched
+        raise GatewayError("the token has leading or trailing whitespace")
     if not 0 <= port <= 65535:
         raise GatewayError(f"bad port {port}")
     resolved = lab if isinstance(lab, Lab) else Lab.resolve(lab)
     app = create_app(resolved, token, **app_options)
+    # Bound here, not by uvicorn: a busy port is refused before saying "on …", and port 0
+    # is logged as the port the system chose.
+    sock = _listen(host, port)
+    url_host = f"[{host}]" if ":" in host else host
     log.warning(
         "ThunderGate on http://%s:%d (lab %s, token %s)",
-        host,
-        port,
+        url_host,
+        sock.getsockname()[1],
         resolved.root,
         "required" if token else "off",
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    with sock:
+        uvicorn.run(
+            app,
+            fd=sock.fileno(),
+            log_level=log_level,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+        )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (as uvicorn would make it).
+
+    Raises:
+        GatewayError: the address cannot be used (port taken, unknown host, ...).
+    """
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 # ---------------------------------------------------------------------------------------------
