@@ -629,7 +629,12 @@ def test_openapi_documents_the_body_schema(gw: AsgiClient) -> None:
     }
     assert {r.strip('"') for r in refs} <= set(spec["components"]["schemas"])
     assert "TrialCompleteEvent" in spec["components"]["schemas"]
-    assert gw.get("/docs").status_code == 200
+    docs = gw.get("/docs")
+    assert docs.status_code == 200
+    # Swagger UI from the installed package: /docs works on a machine without internet
+    assert "cdn." not in docs.text and "/docs/static/swagger-ui-bundle.js" in docs.text
+    bundle = gw.get("/docs/static/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and "SwaggerUIBundle" in bundle.text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -872,7 +872,10 @@ def create_app(
         version="1",
         description=(__doc__ or "").split("\n\n")[1],
         lifespan=lifespan,
+        docs_url=None,  # served below from the installed Swagger UI, not a CDN
+        redoc_url=None,
     )
+    _serve_docs(app)
     app.state.writer = writer
     app.state.store = write_store
 
@@ -1159,6 +1162,26 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the ``swagger-ui-bundle`` package (FastAPI's default page
+    loads it from a CDN, and is blank on a machine without internet)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} — API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )
 
 
 def _is_na(value: Any) -> bool:
