@@ -267,7 +267,8 @@ def run(
         f"  trials            : thunderline-lab trials --lab {lab.root} --study {config.name}"
     )
     click.echo(f"  optuna dashboard  : thunderline-lab dashboard --lab {lab.root}")
-    click.echo(f"  mlflow ui         : mlflow ui --backend-store-uri sqlite:///{lab.mlflow_db}")
+    if lab.mlflow_db.exists():  # the study logged to MLflow (its `mlflow` parameter)
+        click.echo(f"  mlflow ui         : mlflow ui --backend-store-uri {lab.mlflow_tracking_uri}")
     if not no_report:
         report = _write_report(lab, config.name)
         if report is not None:
@@ -292,9 +293,12 @@ def _mlflow_links(lab: Any, store: Any, study: str) -> Any:
     try:
         from thunderline_lab.tracking import mlflow_links
 
-        return mlflow_links(lab, store, study=study)
+        links = mlflow_links(lab, store, study=study)
     except ThunderlineLabError:
         return None
+    # a study run without MLflow gets no (empty) "MLflow runs" section in its report
+    mirrored = links["mlflow_run_id"].notna() | (links["sync_state"] != "not mirrored")
+    return links if mirrored.any() else None
 
 
 @main.command()
