@@ -250,6 +250,45 @@ def test_degenerate_inputs() -> None:
     assert row["favours"] == "n/a" and np.isnan(row["p_value"])
 
 
+def test_one_value_gives_no_bootstrap_ci_and_no_verdict() -> None:
+    est, lo, hi, b = bootstrap_mean_ci([0.3])
+    assert est == 0.3 and np.isnan(lo) and np.isnan(hi) and b == 0
+    est, lo, hi, b = bootstrap_mean_ci([0.9, 0.8, 0.85], [0.7])  # one value in an arm
+    assert est == pytest.approx(0.85 - 0.7) and np.isnan(lo) and np.isnan(hi) and b == 0
+    one_pair = compare_arrays("acc", np.array([0.85]), np.array([0.8]), paired=True)
+    assert one_pair["diff"] == pytest.approx(0.05) and one_pair["n_pairs"] == 1
+    assert np.isnan(one_pair["ci_low"]) and np.isnan(one_pair["ci_high"])
+    assert one_pair["favours"] == "n/a"
+    shown = cmp._headline_display(pd.DataFrame([{**one_pair, "source": "acc"}]))
+    assert shown.loc[0, "95% CI"] == "n/a" and shown.loc[0, "n"] == "1 pair"
+    unpaired = compare_arrays("acc", np.array([0.9]), np.array([0.8]), paired=False)
+    assert np.isnan(unpaired["ci_low"]) and np.isnan(unpaired["p_value"])
+    assert unpaired["favours"] == "n/a"
+    two = compare_arrays("acc", np.array([0.85, 0.9]), np.array([0.8, 0.8]), paired=True)
+    assert two["ci_low"] < two["ci_high"]  # two pairs: a CI (if a wide one), no verdict
+    assert two["favours"] == "—"
+
+
+def test_welch_is_undefined_for_two_constant_arms() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(4):  # two trials per arm, each arm constant, no pair ids
+        evs += _trial(i, i % 2 == 1, {"acc": 0.9 if i % 2 else 0.8})
+    store.append(evs)
+    row = compare_study(store, STUDY, metrics=["acc"], details=False).headline.iloc[0]
+    assert row["test"] == "welch" and row["diff"] == pytest.approx(0.1)
+    assert np.isnan(row["statistic"]) and np.isnan(row["p_value"])
+    assert row["favours"] == "n/a"  # no test, no verdict
+    equal = compare_arrays("acc", np.array([0.8, 0.8]), np.array([0.8, 0.8]), paired=False)
+    assert np.isnan(equal["p_value"]) and equal["favours"] == "n/a"
+    # one constant arm still has a defined t: the other arm's variance, its n - 1 d.o.f.
+    sn, none = np.array([0.75, 0.75, 0.75]), np.array([0.6, 0.62, 0.59])
+    row2 = compare_arrays("acc", sn, none, paired=False)
+    t = (sn.mean() - none.mean()) / np.sqrt(none.var(ddof=1) / 3)
+    assert row2["statistic"] == pytest.approx(t)
+    assert row2["p_value"] == pytest.approx(2 * stats.t.sf(t, 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # Study semantics
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +332,103 @@ def test_best_and_final_modes_and_history_fallback(synthetic_store: TrialStore) 
     assert train.sources["train_loss"] == "history min(train_loss)"
     with pytest.raises(StudyError, match="mode"):
         compare_study(synthetic_store, STUDY, mode="last")  # type: ignore[arg-type]
+    # no final_val_accuracy in these trials: the summary is used, and the notes say so
+    assert any("final_<metric>" in n and "val_accuracy" in n for n in final.notes)
+    assert not any("final_<metric>" in n for n in best.notes)
+
+
+def _early_stopped_summary(epoch_val_acc: Sequence[float], best: int, test_acc: float) -> dict:
+    """A trial summary as the trainer reports it after early stopping: the research metrics
+    measured on the restored best epoch, ``best_*`` at it and ``final_*`` at the last."""
+    return {
+        "val_accuracy": epoch_val_acc[best],
+        "best_val_accuracy": epoch_val_acc[best],
+        "final_val_accuracy": epoch_val_acc[-1],
+        "best_val_loss": 0.3,
+        "final_val_loss": 0.5,
+        "test_accuracy": test_acc,
+    }
+
+
+def test_final_mode_reads_the_last_epoch_and_best_mode_the_best_one() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(5):
+        none = _early_stopped_summary([0.70, 0.80, 0.78 - 0.01 * i], 1, 0.79)
+        sn = _early_stopped_summary([0.72, 0.84, 0.83, 0.80 - 0.01 * i], 1, 0.82)
+        evs += _trial(2 * i, False, none, pair=f"p{i}") + _trial(2 * i + 1, True, sn, pair=f"p{i}")
+    store.append(evs)
+    wanted = ["val_accuracy", "val_loss", "test_accuracy"]
+    best = compare_study(store, STUDY, metrics=wanted, mode="best", details=False)
+    final = compare_study(store, STUDY, metrics=wanted, mode="final", details=False)
+    assert best.sources == {
+        "val_accuracy": "best_val_accuracy",
+        "val_loss": "best_val_loss",
+        "test_accuracy": "test_accuracy",
+    }
+    assert final.sources == {
+        "val_accuracy": "final_val_accuracy",
+        "val_loss": "final_val_loss",
+        "test_accuracy": "test_accuracy",
+    }
+    b, f = best.headline.set_index("metric"), final.headline.set_index("metric")
+    assert b.loc["val_accuracy", "diff"] == pytest.approx(0.04)  # 0.84 - 0.80 at the best
+    assert f.loc["val_accuracy", "diff"] == pytest.approx(0.02)  # 0.80 - 0.78 at the last
+    assert b.loc["val_loss", "mean_sn"] == 0.3 and f.loc["val_loss", "mean_sn"] == 0.5
+    # measured once after training, on the restored model: the same in both modes
+    cols = ["diff", "ci_low", "ci_high", "p_value"]
+    assert b.loc["test_accuracy", cols].equals(f.loc["test_accuracy", cols])
+    assert not any("final_<metric>" in n for n in final.notes)
+    # the details' accuracy column follows the mode too (no plain val_accuracy read)
+    detailed = compare_study(store, STUDY, metrics=["val_accuracy"], mode="final")
+    assert detailed.trials["val_accuracy"].tolist() == final.trials["val_accuracy"].tolist()
+
+
+def test_final_mode_of_trainer_results_is_the_last_epoch_trained() -> None:
+    """End to end: the trainer stops early and restores its best epoch; ``final`` compares
+    the last epoch's validation values, ``best`` the best epoch's, ``test_accuracy`` is
+    the restored model's in both."""
+    import torch
+
+    from thunderline_lab.data import load_dataset
+    from thunderline_lab.models import ModelConfig
+    from thunderline_lab.training import EvalSettings, train_trial
+
+    wine = load_dataset("wine", seed=0)
+    quick = EvalSettings(noise_sigmas=(), fgsm_eps=(), lipschitz=False, layer_sigmas=False)
+    store, results = TrialStore(":memory:"), {}
+    before = torch.get_num_threads()
+    try:
+        for sn in (False, True):
+            # lr far too high: the validation loss jumps about and patience 1 stops early
+            r = train_trial(
+                ModelConfig(depth=2, width=64, spectral_norm=sn),
+                wine,
+                epochs=30,
+                lr=0.5,
+                patience=1,
+                seed=0,
+                evaluation=quick,
+                keep_model=False,
+                threads=1,
+            )
+            assert r.status == "completed" and r.best_epoch < len(r.history) - 1
+            store.append(_trial(int(sn), sn, r.metrics, pair="p0"))
+            results["SN" if sn else "none"] = r
+    finally:
+        torch.set_num_threads(before)
+    wanted = ["val_accuracy", "val_loss", "test_accuracy"]
+    best = compare_study(store, STUDY, metrics=wanted, details=False)
+    final = compare_study(store, STUDY, metrics=wanted, mode="final", details=False)
+    assert final.sources["val_accuracy"] == "final_val_accuracy"
+    for arm, r in results.items():
+        last, at_best = r.history[-1], r.history[r.best_epoch]
+        b = best.trials.set_index("arm").loc[arm]
+        f = final.trials.set_index("arm").loc[arm]
+        assert f["val_loss"] == last["val_loss"] != b["val_loss"] == at_best["val_loss"]
+        assert f["val_accuracy"] == last["val_accuracy"]
+        assert b["val_accuracy"] == at_best["val_accuracy"]
+        assert f["test_accuracy"] == b["test_accuracy"] == r.metrics["test_accuracy"]
 
 
 def append_trial(
@@ -467,6 +603,122 @@ def test_write_report(synthetic_store: TrialStore, tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"{fig}.png").read_bytes().startswith(b"\x89PNG")
     assert "| completed | 11 | 11 |" in text
     assert "<table" in res.to_html(figures=False) and "11 pairs" in res.to_html(figures=False)
+
+
+def test_the_ci_column_is_named_by_the_confidence(
+    synthetic_store: TrialStore, tmp_path: Path
+) -> None:
+    res = compare_study(synthetic_store, STUDY, confidence=0.9)
+    report = write_report(res, tmp_path / "out").read_text()
+    shown = {
+        "text": res.format_table(),
+        "markdown": res.to_markdown(),
+        "html": res.to_html(figures=False),
+        "report": report,
+        "format_headline": cmp.format_headline(res.headline),  # the headline knows its level
+    }
+    for where, text in shown.items():
+        assert "90% CI" in text and "95%" not in text, where
+    assert "90% CI" in cmp.format_headline(res.headline, confidence=0.9)
+    assert "99% CI" in cmp.format_headline(res.headline, confidence=0.99)
+    assert cmp._percent(0.975) == "97.5%" and cmp._percent(0.29) == "29%"
+    fig = cmp.fig_differences(res)
+    assert "90% CI" in fig.get_suptitle()
+
+
+def test_headline_numbers_share_one_format_and_pairs_are_counted_in_words() -> None:
+    row = {
+        "metric": "acc",
+        "source": "acc",
+        "design": "paired",
+        "n_pairs": 1,
+        "n_sn": 1,
+        "n_none": 1,
+        "mean_sn": 0.5,
+        "mean_none": 0.6,
+        "diff": -0.13333333,
+        "ci_low": -0.26666667,
+        "ci_high": 0.0,
+        "test": "wilcoxon",
+        "p_value": float("nan"),
+        "favours": "n/a",
+    }
+    rows = [row, {**row, "n_pairs": 3, "diff": -0.0, "ci_low": -2e-5, "ci_high": 3e-5}]
+    shown = cmp._headline_display(pd.DataFrame(rows), 0.95)
+    assert shown["95% CI"].tolist() == ["[-0.2667, +0.0000]", "[-2.00e-05, +3.00e-05]"]
+    assert shown["Δ SN−none"].tolist() == ["-0.1333", "+0.00e+00"]  # no "-0", one format
+    assert shown["n"].tolist() == ["1 pair", "3 pairs"]
+    assert shown["p"].tolist() == ["n/a", "n/a"]
+
+
+def _curve_store(n_per_arm: int, spread: float) -> TrialStore:
+    """Pairs whose learning curves spread widely at epoch 1 (one pair: SN high, none low)."""
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(n_per_arm):
+        hi = i % 2 == 0
+        for sn in (False, True):
+            acc1 = 0.5 + (spread if hi == sn else -spread)
+            evs += _trial(
+                2 * i + sn,
+                sn,
+                {"acc": 0.8 + 0.01 * i, "sigma/fc": 0.05 if hi else 2.0},
+                pair=f"p{i}",
+                curve=[0.1, acc1, 0.98, 0.99],
+            )
+    store.append(evs)
+    return store
+
+
+def test_small_samples_get_no_bands_and_bands_stay_in_range() -> None:
+    two = compare_study(_curve_store(2, 0.45), STUDY, metrics=["acc"])
+    assert (two.curves["n"] == 2).all()
+    assert two.curves[["ci_low", "ci_high"]].isna().all().all()  # t ≈ 12.7: no band at all
+    assert two.layer_sigma[["ci_low", "ci_high"]].isna().all().all()
+    fig = cmp.fig_learning_curves(two)
+    assert "no band below 3 trials" in fig.get_suptitle()
+    assert cmp.fig_layer_sigma(two) is not None  # NaN error bars: none drawn, no warning
+
+    res = compare_study(_curve_store(3, 0.45), STUDY, metrics=["acc"])
+    c = res.curves.set_index(["name", "arm", "step"])
+    assert not c[["ci_low", "ci_high"]].isna().any().any()
+    acc, loss = c.loc["val_accuracy"], c.loc["train_loss"]
+    assert (acc["ci_low"] >= 0).all() and (acc["ci_high"] <= 1).all()
+    assert acc.loc[("SN", 1), "ci_low"] == 0.0 and acc.loc[("SN", 1), "ci_high"] == 1.0
+    assert (loss["ci_low"] >= 0).all() and loss.loc[("SN", 1), "ci_low"] == 0.0
+    assert (c["ci_low"] <= c["mean"]).all() and (c["mean"] <= c["ci_high"]).all()
+    sigma = res.layer_sigma
+    assert (sigma["ci_low"] >= 0).all() and (sigma["ci_low"] == 0).any()  # clipped, not < 0
+    # epochs are whole numbers on the curves' axis; counts on the histograms' y axis
+    fig = cmp.fig_learning_curves(res)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "epoch"
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_difference_figure_labels_counts_and_explains_empty_axes() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(3):  # every pair: no difference at all
+        evs += _trial(2 * i, False, {"acc": 0.8}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {"acc": 0.8, "sn_only": 1.0}, pair=f"p{i}")
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc", "sn_only"], details=False)
+    fig = cmp.fig_differences(res)
+    fig.canvas.draw()
+    zero, empty = fig.axes[0], fig.axes[1]
+    assert zero.get_ylabel() == "pairs" and zero.patches
+    lo, hi = zero.get_xlim()
+    assert hi - lo > 1e-3  # a readable axis around 0, not a ×1e-14 one
+    assert all(float(t).is_integer() for t in zero.get_yticks())
+    assert [t.get_text() for t in empty.texts] == ["no complete pairs"]
+
+    unpaired = TrialStore(":memory:")
+    unpaired.append(_trial(0, True, {"acc": 0.9}) + _trial(1, False, {"acc": 0.8}))
+    one_each = compare_study(unpaired, STUDY, metrics=["acc"], details=False)
+    assert one_each.headline.loc[0, "favours"] == "n/a"
+    assert cmp.fig_differences(one_each).axes[0].get_ylabel() == "trials"
 
 
 def test_cli_compare(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from thunderline_lab.errors import ConfigError
 from thunderline_lab.models import ModelConfig
 from thunderline_lab.training import (
     EPOCH_MEASUREMENTS,
+    FINAL_MEASUREMENTS,
     EvalSettings,
     TrialResult,
     max_sigma,
@@ -41,6 +42,12 @@ CONTRACT_METRICS = {
     "epochs",
     "best_val_accuracy",
     "best_val_loss",
+    "best_train_loss",
+    "best_epoch",
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_accuracy",
+    "final_max_sigma",
 }
 WALL_CLOCK = {"step_time_ms"}
 
@@ -181,6 +188,35 @@ def test_early_stopping_restores_best_epoch(wine):
     assert len(result.history) < 30
     best = min(h["val_loss"] for h in result.history)
     assert result.metrics["best_val_loss"] == best
+
+
+def test_summary_keeps_the_best_epoch_and_the_last_epoch_trained(wine):
+    # lr far too high: the validation loss jumps about, patience 1 stops after the best epoch
+    result = train_trial(ModelConfig(depth=2, width=64), wine, epochs=30, lr=0.5, patience=1)
+    m, history = result.metrics, result.history
+    assert result.status == "completed" and result.best_epoch < len(history) - 1
+    best = min(range(len(history)), key=lambda e: history[e]["val_loss"])
+    assert result.best_epoch == best and m["best_epoch"] == best
+    # best_*: every value at the lowest validation loss (not each measurement's own best)
+    assert m["best_val_loss"] == history[best]["val_loss"]
+    assert m["best_val_accuracy"] == history[best]["val_accuracy"]
+    assert m["best_train_loss"] == history[best]["train_loss"]
+    # final_*: the last epoch trained, before the best weights were restored
+    assert set(FINAL_MEASUREMENTS) <= set(EPOCH_MEASUREMENTS)
+    for k in FINAL_MEASUREMENTS:
+        assert m[f"final_{k}"] == history[-1][k], k
+    assert m["final_val_loss"] > m["best_val_loss"]
+    # the research metrics describe the restored best epoch
+    assert m["val_accuracy"] == pytest.approx(m["best_val_accuracy"], abs=1e-12)
+
+
+def test_pruned_trials_report_their_last_epoch(wine):
+    result = train_trial(
+        _small(), wine, epochs=5, lr=1e-2, report=lambda e, _loss: e == 1, patience=None
+    )
+    assert result.status == "pruned" and len(result.history) == 2
+    for k in FINAL_MEASUREMENTS:
+        assert result.metrics[f"final_{k}"] == result.history[-1][k]
 
 
 def test_cnn_on_flat_digits_is_reshaped_to_images():

@@ -401,7 +401,12 @@ def dashboard(
     type=click.Choice(["best", "final"]),
     default="best",
     show_default=True,
-    help="best: best_<metric> when the trainer reported it; final: end of training.",
+    help=(
+        "best: the value at the best epoch (lowest validation loss, whose weights are "
+        "restored); final: the value at the last epoch trained. Metrics measured after "
+        "training on the restored model (test_*, robustness, calibration) are the same in "
+        "both modes."
+    ),
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option(
@@ -444,7 +449,7 @@ def compare_cmd(
     report = write_report(result, out_dir or lab.reports_dir / safe, mlflow_links=links)
     click.echo(
         f"{study}: SN − none ({result.design} design, {mode} values, "
-        f"{int(result.confidence * 100)}% bootstrap CI)"
+        f"{result.confidence * 100:.4g}% bootstrap CI)"
     )
     click.echo(result.format_table())
     for note in result.notes:

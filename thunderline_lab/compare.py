@@ -9,10 +9,25 @@ unconstrained twins, metric by metric:
 * **unpaired** fall-back (no pair ids): difference of the arm means with a bootstrap CI
   (each arm resampled) and Welch's t-test.
 
-``mode`` picks each trial's value: ``best`` uses ``best_<metric>`` when the trainer reported
-one (``best_val_accuracy``), else the metric; ``final`` uses the value at the end of
-training. Metrics a trial never summarised fall back to its metric history (max/min or
-last step). Only completed trials count by default; pruned/failed ones are tallied.
+``mode`` picks each trial's value. The trainer stops early on the validation loss and
+restores the best epoch's weights (:mod:`thunderline_lab.training`):
+
+* ``best``: the value at the best epoch (the lowest validation loss, whose weights are
+  restored): ``best_<metric>`` when the trial reports it (``best_val_accuracy``), else the
+  metric's summary value;
+* ``final``: the value at the last epoch trained: ``final_<metric>`` when the trial reports
+  it (``final_val_accuracy``), else the metric's summary value.
+
+Metrics measured once after training, on the restored model (``test_*``, robustness,
+calibration, Lipschitz bounds, σ) have no per-epoch value: they are the same in both modes.
+Metrics a trial never summarised fall back to its metric history (its max/min in ``best``
+mode, its last step in ``final`` mode). Only completed trials count by default;
+pruned/failed ones are tallied.
+
+Uncertainty is shown only where it is defined: a bootstrap CI needs two values per resampled
+sample (a single pair gives none), Welch's test some variance, and the t-interval bands of
+the learning curves and per-layer σ three trials; bands are clipped to the metric's range
+(accuracies in [0, 1], losses and σ ≥ 0). Undefined values are NaN, shown as ``n/a``.
 
 The result also carries group learning curves (mean ± CI bands per arm), metric
 distributions, accuracy vs Lipschitz bound and per-layer σ (``sigma/<layer>`` metrics), and
@@ -66,6 +81,7 @@ import re
 import secrets
 import threading
 import time
+import warnings
 import weakref
 import zlib
 from collections import OrderedDict
@@ -223,22 +239,27 @@ def bootstrap_mean_ci(
     """Percentile bootstrap CI of ``mean(x)`` (or ``mean(x) - mean(y)``, arms resampled
     independently): ``(estimate, low, high, resamples)``.
 
+    A sample of one value says nothing about its spread: with fewer than two values in
+    ``x`` (or in ``y``) the CI is ``(nan, nan)`` and no resample is drawn (``resamples`` 0),
+    never a zero-width interval.
+
     Example:
         >>> est, lo, hi, b = bootstrap_mean_ci([0.1, 0.2, 0.15, 0.3, 0.25], seed=1)
         >>> lo < est < hi, b
         (True, 2000)
     """
     xa = np.asarray(x, dtype=float)
-    if len(xa) == 0 or (y is not None and len(y) == 0):
+    ya = None if y is None else np.asarray(y, dtype=float)
+    if len(xa) == 0 or (ya is not None and len(ya) == 0):
         return math.nan, math.nan, math.nan, 0
+    estimate = float(xa.mean()) - (0.0 if ya is None else float(ya.mean()))
+    if len(xa) < 2 or (ya is not None and len(ya) < 2):
+        return estimate, math.nan, math.nan, 0
     means, b = _boot_means(xa, n_boot, _seed_seq(seed, name, 0), max_draws)
-    estimate = float(xa.mean())
-    if y is not None:
-        ya = np.asarray(y, dtype=float)
+    if ya is not None:
         means_y, b_y = _boot_means(ya, n_boot, _seed_seq(seed, name, 1), max_draws)
         b = min(b, b_y)
         means = means[:b] - means_y[:b]
-        estimate -= float(ya.mean())
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return estimate, float(lo), float(hi), b
@@ -276,13 +297,19 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Welch's t-test: (statistic, p); NaN where it is undefined (fewer than two values in
+    an arm, or no variance in either arm: t would be 0/0 or ±∞ whatever the data)."""
     from scipy import stats
 
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
-    if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return (0.0, 1.0) if a[0] == b[0] else (math.inf * np.sign(a[0] - b[0]), 0.0)
-    res = stats.ttest_ind(a, b, equal_var=False)
+    constant = np.ptp(a) == 0, np.ptp(b) == 0
+    if all(constant):
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        if any(constant):  # its variance is exactly 0, not "nearly identical" data
+            warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        res = stats.ttest_ind(a, b, equal_var=False)
     return float(res.statistic), float(res.pvalue)
 
 
@@ -412,11 +439,13 @@ def _compare_arrays(
     # A verdict needs the CI and the test to agree at the same level: with a handful of
     # pairs the percentile bootstrap CI is too narrow (4 pairs: 35 distinct resample means)
     # while the exact Wilcoxon p cannot fall below 0.125, so a CI alone would name a winner.
-    agrees = p == p and p < 1 - confidence
-    if lo == lo and (lo > 0 or hi < 0) and agrees:
+    # Without a CI or a test (a single pair, constant arms) there is nothing to judge: n/a.
+    if lo != lo or p != p:
+        row["favours"] = "n/a"
+    elif (lo > 0 or hi < 0) and p < 1 - confidence:
         row["favours"] = "SN" if (lo > 0) == hib else "none"
     else:
-        row["favours"] = "—" if lo == lo else "n/a"
+        row["favours"] = "—"
     return row
 
 
@@ -910,7 +939,9 @@ def clear_cache(store: Any = None, *, study: str | None = None) -> None:
 # the next save); a missing, unreadable or unwritable one only costs a read of the store.
 
 _log = logging.getLogger(__name__)
-SNAPSHOT_FORMAT = 2  # bump whenever the frame's layout or meaning changes (2: favours)
+# bump whenever the frame's layout or meaning changes (2: favours; 3: no CI from one value,
+# no Welch test of two constant arms)
+SNAPSHOT_FORMAT = 3
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
@@ -1310,9 +1341,11 @@ def _history_values(store: TrialStore, frame: _Frame, metric: str, mode: Mode) -
 
 def _source_key(metric: str, mode: Mode, reported: set[str]) -> str | None:
     """The summary key :func:`_resolve` reads for ``metric`` when ``reported`` are the keys
-    the study's trials report (None: not summarised, the metric history is the source)."""
-    if mode == "best" and f"best_{metric}" in reported:
-        return f"best_{metric}"
+    the study's trials report (None: not summarised, the metric history is the source):
+    ``<mode>_<metric>`` (``best_val_accuracy``, ``final_val_accuracy``) when reported, else
+    the metric itself."""
+    if f"{mode}_{metric}" in reported:
+        return f"{mode}_{metric}"
     return metric if metric in reported else None
 
 
@@ -1324,9 +1357,9 @@ def _resolve(
     Falls back to the metric history (a scan of the study's metric points, so only when
     ``history``; the answer is kept with the frame until new events arrive).
     """
-    best_key = f"best_{metric}"
-    if mode == "best" and best_key in frame.columns:
-        return best_key, frame.columns[best_key]
+    mode_key = f"{mode}_{metric}"  # best_<metric> / final_<metric>
+    if mode_key in frame.columns:
+        return mode_key, frame.columns[mode_key]
     if metric in frame.columns:
         return metric, frame.columns[metric]
     if not history:
@@ -1388,11 +1421,11 @@ class ComparisonResult:
 
     def format_table(self) -> str:
         """The headline as fixed-width text (what the CLI prints)."""
-        return format_headline(self.headline)
+        return format_headline(self.headline, confidence=self.confidence)
 
     def to_markdown(self) -> str:
         """The headline as a Markdown table."""
-        return _markdown_table(_headline_display(self.headline))
+        return _markdown_table(_headline_display(self.headline, self.confidence))
 
     def _repr_html_(self) -> str:
         return self.to_html(figures=True)
@@ -1404,14 +1437,14 @@ class ComparisonResult:
 
         parts = [
             f'<div class="tl-comparison"><h4>{_html(self.study)}: SN − none</h4>'
-            f"<p>{self.design} design · {self.mode} values · {int(self.confidence * 100)}% "
-            f"percentile bootstrap CI (seed {self.seed}) · "
+            f"<p>{self.design} design · {self.mode} values ({_html(_MODE_TEXT[self.mode])}) · "
+            f"{_percent(self.confidence)} percentile bootstrap CI (seed {self.seed}) · "
             + ("Wilcoxon signed-rank" if self.design == "paired" else "Welch's t-test")
             + "</p>",
-            _headline_display(self.headline).to_html(index=False, escape=True),
+            _headline_display(self.headline, self.confidence).to_html(index=False, escape=True),
         ]
         if not self.by_coeff.empty:
-            shown = _headline_display(self.by_coeff)
+            shown = _headline_display(self.by_coeff, self.confidence)
             shown.insert(0, "coeff", self.by_coeff["coeff_range"])
             parts += ["<p><b>By SN coefficient</b></p>", shown.to_html(index=False)]
         parts.append(_counts_table(self.counts).to_html(index=False))
@@ -1443,6 +1476,18 @@ class ComparisonResult:
             display(Image(data=_png(fig), format="png"))
 
 
+_MODE_TEXT = {
+    "best": "value at the best epoch: the lowest validation loss, whose weights are restored",
+    "final": "value at the last epoch trained",
+}
+_MODES_NOTE = (
+    "Modes: best = the value at the best epoch (the lowest validation loss, whose weights "
+    "are restored); final = the value at the last epoch trained. Metrics measured after "
+    "training on the restored model (test_*, robustness, calibration) are the same in both "
+    "modes; the `value` column names the key each metric was read from."
+)
+
+
 def _html(text: Any) -> str:
     import html
 
@@ -1469,11 +1514,20 @@ def compare_study(
 
     Args:
         store: a :class:`TrialStore`, a lab directory or :class:`~thunderline_lab.lab.Lab`.
-        metrics: metric names (default: :data:`DEFAULT_METRICS` that the study reports).
-        mode: ``best`` (``best_<metric>`` when reported) or ``final``.
+        metrics: metric names. ``None`` (the default): those of :data:`DEFAULT_METRICS`
+            that the study reports, silently leaving out the others; any other metric a
+            trial reports (``test_brier``, ``sigma/<layer>``, ...) only when named here.
+        mode: ``best``: the value at the best epoch (the lowest validation loss, whose
+            weights the trainer restores): ``best_<metric>`` when reported. ``final``: the
+            value at the last epoch trained: ``final_<metric>`` when reported. Either falls
+            back to the metric's summary value, then to its history (max/min for ``best``,
+            the last step for ``final``). Metrics measured after training on the restored
+            model (``test_*``, robustness, calibration) are the same in both modes.
         paired: force the design; default paired when twins share ``pair_id``.
         statuses: trial statuses compared (default completed only).
         n_boot: bootstrap resamples (fewer when ``n * n_boot > max_draws``, ≥ 200).
+        confidence: level of the CIs, the bands and the verdict (``favours`` needs
+            p < 1 − confidence); tables and figures name it.
         details: also compute learning curves, per-layer σ and the data behind the figures.
         curve_trials: learning curves use at most this many trials per arm (a seeded random
             sample; the figure says so when sampling happened).
@@ -1534,17 +1588,21 @@ def _compare(
     use_cache: bool,
 ) -> ComparisonResult:
     wanted = list(dict.fromkeys(metrics or DEFAULT_METRICS))
-    extra = ["lipschitz_upper", "test_accuracy", "val_accuracy", "best_val_accuracy"]
+    # details: the Lipschitz bound and the accuracy plotted against it
+    extra = ("test_accuracy", "val_accuracy")
 
     def select(reported: set[str]) -> set[str]:
-        # only the key _resolve will use per metric (best_<m> when reported, in best mode):
-        # each key is a JSON read of every trial's metrics on a first read
+        # only the key _resolve will use per metric (<mode>_<m> when reported): each key is a
+        # JSON read of every trial's metrics on a first read
         keys = {k for m in wanted if (k := _source_key(m, mode, reported)) is not None}
-        return keys | (set(extra) & reported if details else set())
+        if details:
+            keys |= {k for m in extra if (k := _source_key(m, mode, reported)) is not None}
+            keys |= {"lipschitz_upper"} & reported
+        return keys
 
     frame = _get_frame(store, study, select, use_cache)
     if metrics is not None:
-        probe = [k for m in wanted for k in (m, f"best_{m}")]
+        probe = [k for m in wanted for k in (m, f"{mode}_{m}")]
         with frame.lock:
             _probe_keys(store, study, frame, probe)
             _ensure_columns(store, study, frame, select(frame.keys))
@@ -1596,10 +1654,19 @@ def _compare(
             pair_cols[metric] = d
     if skipped and metrics is not None:
         notes.append(f"not reported by any trial: {', '.join(skipped)}")
+    # a per-epoch metric without final_<m>: its summary describes the restored best epoch
+    summarised = [m for m, src in sources.items() if src == m and m in HISTORY_METRICS]
+    if mode == "final" and summarised:
+        notes.append(
+            f"final mode: no final_<metric> reported for {', '.join(summarised)}: read from "
+            "the trial summary, measured on the restored best-epoch model (as in best mode), "
+            "not at the last epoch trained"
+        )
     if not rows:
         raise StudyError(f"study {study!r}: none of the metrics {', '.join(wanted)} is reported")
     headline = pd.DataFrame(rows)
     headline = headline[[c for c in _HEADLINE_COLUMNS if c in headline.columns]]
+    headline.attrs["confidence"] = confidence  # format_headline names the CI column by it
     by_coeff = _by_coeff(
         frame,
         values_by_metric,
@@ -1613,6 +1680,7 @@ def _compare(
         seed,
         max_draws,
     )
+    by_coeff.attrs["confidence"] = confidence
     n_boot_used = sorted(set(headline["n_boot"].tolist()))
     if any(b < n_boot for b in n_boot_used if b):
         notes.append(
@@ -1651,7 +1719,7 @@ def _compare(
         )
         if sampled:
             notes.append(
-                f"learning curves: mean ± {int(confidence * 100)}% CI over a random sample of "
+                f"learning curves: mean ± {_percent(confidence)} CI over a random sample of "
                 f"{curve_trials} trials per arm"
             )
     pairs = pd.DataFrame(pair_cols)
@@ -2003,12 +2071,52 @@ def _t_crit(n: np.ndarray, confidence: float) -> np.ndarray:
         return np.asarray(stats.t.ppf(0.5 + confidence / 2, np.maximum(n - 1, 1)))
 
 
-def _mean_ci_table(df: pd.DataFrame, by: list[str], confidence: float) -> pd.DataFrame:
+_UNIT_RANGE = re.compile(r"(accuracy|_acc\b|_acc_|auroc|ece)", re.IGNORECASE)
+_NON_NEGATIVE = re.compile(
+    r"(loss|nll|brier|sigma|lipschitz|entropy|time|duration|n_params|epochs|^lr$)", re.IGNORECASE
+)
+_MIN_BAND_N = 3  # trials behind a t-interval band (n = 2: t ≈ 12.7 at 95%, a useless band)
+
+
+@functools.lru_cache(maxsize=1024)
+def _value_range(metric: str) -> tuple[float, float]:
+    """The range a metric's values (and so a band around their mean) can take: [0, 1] for
+    accuracies, AUROC and ECE, [-1, 1] for the generalisation gap (an accuracy difference),
+    [0, ∞) for losses, Brier, σ, Lipschitz bounds and costs, else unbounded.
+
+    Example:
+        >>> _value_range("val_accuracy"), _value_range("val_loss"), _value_range("x")
+        ((0.0, 1.0), (0.0, inf), (-inf, inf))
+    """
+    if _UNIT_RANGE.search(metric):
+        return 0.0, 1.0
+    if "gap" in metric.lower():
+        return -1.0, 1.0
+    if _NON_NEGATIVE.search(metric):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def _mean_ci_table(
+    df: pd.DataFrame, by: list[str], confidence: float, *, metric: str = "", metric_col: str = ""
+) -> pd.DataFrame:
+    """Per group of ``by``: n, mean and a t-interval (ci_low, ci_high) of ``value``.
+
+    The interval is NaN below ``_MIN_BAND_N`` values and clipped to the range of the
+    metric (``metric``, or each group's ``metric_col``): an accuracy band stays in [0, 1]."""
     g = df.groupby(by, sort=True)["value"].agg(["count", "mean", "std"]).reset_index()
     g = g.rename(columns={"count": "n"})
     half = _t_crit(g["n"].to_numpy(), confidence) * g["std"].to_numpy() / np.sqrt(g["n"])
-    half = np.where(g["n"] > 1, half, np.nan)
-    g["ci_low"], g["ci_high"] = g["mean"] - half, g["mean"] + half
+    half = np.where(g["n"] >= _MIN_BAND_N, half, np.nan)
+    if metric_col:
+        ranges = {m: _value_range(str(m)) for m in g[metric_col].unique()}
+        low = g[metric_col].map(lambda m: ranges[m][0]).to_numpy(dtype=float)
+        high = g[metric_col].map(lambda m: ranges[m][1]).to_numpy(dtype=float)
+    else:
+        low, high = _value_range(metric)
+    with np.errstate(invalid="ignore"):  # NaN bands stay NaN
+        g["ci_low"] = np.clip(g["mean"] - half, low, high)
+        g["ci_high"] = np.clip(g["mean"] + half, low, high)
     return g.drop(columns=["std"])
 
 
@@ -2024,7 +2132,7 @@ def _layer_sigma(
         ],
         ignore_index=True,
     ).dropna()
-    out = _mean_ci_table(long, ["layer", "arm"], confidence)
+    out = _mean_ci_table(long, ["layer", "arm"], confidence, metric="sigma")
     order = {k: i for i, k in enumerate(_natural_sorted(out["layer"].unique()))}
     return out.sort_values(
         ["layer", "arm"], key=lambda s: s.map(order) if s.name == "layer" else s
@@ -2079,7 +2187,8 @@ def _group_curves(
             columns=["arm", "name", "step", "n", "mean", "ci_low", "ci_high"]
         ), False
     long = pd.concat(parts, ignore_index=True)
-    return _mean_ci_table(long, ["arm", "name", "step"], confidence), sampled
+    table = _mean_ci_table(long, ["arm", "name", "step"], confidence, metric_col="name")
+    return table, sampled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2099,26 +2208,49 @@ def _num(v: Any, digits: int = 4) -> str:
 
 def _p(v: Any) -> str:
     if v is None or v != v:
-        return "—"
+        return "n/a"
     return "<1e-16" if v < 1e-16 else (f"{v:.2g}" if v < 0.001 else f"{v:.3f}")
 
 
-def _headline_display(headline: pd.DataFrame) -> pd.DataFrame:
+def _percent(confidence: float) -> str:
+    """``95%`` for 0.95, ``97.5%`` for 0.975 (not ``int(100 * c)``: 0.29 * 100 < 29)."""
+    return f"{confidence * 100:.4g}%"
+
+
+def _signed(values: Sequence[float]) -> list[str]:
+    """Signed numbers shown side by side (an estimate and its CI) in one format: 4 decimals,
+    or 3 significant digits in scientific notation when the largest is ≥ 1e4 or < 1e-3, so a
+    bound of zero reads ``+0.0000`` beside ``-0.2667`` (not ``+0``); NaN is ``n/a``."""
+    finite = [abs(v) for v in values if v == v and not math.isinf(v)]
+    scale = max(finite, default=0.0)
+    spec = "+.2e" if scale and (scale >= 1e4 or scale < 1e-3) else "+.4f"
+    return ["n/a" if v != v else format(v + 0.0, spec) for v in values]  # + 0.0: no -0
+
+
+def _headline_display(headline: pd.DataFrame, confidence: float | None = None) -> pd.DataFrame:
+    """The headline as strings: the CI column is named by ``confidence`` (default: the
+    headline's ``attrs["confidence"]``, which :func:`compare_study` sets, else 0.95)."""
+    if confidence is None:
+        confidence = float(headline.attrs.get("confidence", 0.95))
+    delta, ci = [], []
+    for d, lo, hi in zip(headline["diff"], headline["ci_low"], headline["ci_high"], strict=True):
+        d_s, lo_s, hi_s = _signed([d, lo, hi])
+        delta.append("—" if d != d else d_s)
+        ci.append("n/a" if lo != lo or hi != hi else f"[{lo_s}, {hi_s}]")
     out = pd.DataFrame(
         {
             "metric": headline["metric"],
             "value": headline["source"],
             "n": [
-                f"{r.n_pairs} pairs" if r.design == "paired" else f"{r.n_sn}+{r.n_none}"
+                (f"{r.n_pairs} pair" + ("" if r.n_pairs == 1 else "s"))
+                if r.design == "paired"
+                else f"{r.n_sn}+{r.n_none}"
                 for r in headline.itertuples()
             ],
             "SN": headline["mean_sn"].map(_num),
             "none": headline["mean_none"].map(_num),
-            "Δ SN−none": headline["diff"].map(lambda v: "—" if v != v else f"{v:+.4g}"),
-            "95% CI": [
-                "—" if lo != lo else f"[{lo:+.4g}, {hi:+.4g}]"
-                for lo, hi in zip(headline["ci_low"], headline["ci_high"], strict=True)
-            ],
+            "Δ SN−none": delta,
+            f"{_percent(confidence)} CI": ci,
             "test": headline["test"],
             "p": headline["p_value"].map(_p),
             "favours": headline["favours"],
@@ -2127,9 +2259,10 @@ def _headline_display(headline: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def format_headline(headline: pd.DataFrame) -> str:
-    """Fixed-width text of a headline table."""
-    shown = _headline_display(headline)
+def format_headline(headline: pd.DataFrame, *, confidence: float | None = None) -> str:
+    """Fixed-width text of a headline table; its CI column is named by ``confidence``
+    (default: the level :func:`compare_study` computed the headline at)."""
+    shown = _headline_display(headline, confidence)
     widths = {c: max(len(c), *(len(str(v)) for v in shown[c])) for c in shown.columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in shown.columns)]
     lines.append("  ".join("-" * widths[c] for c in shown.columns))
@@ -2175,13 +2308,34 @@ def _grid(n: int, cols: int = 3) -> tuple[int, int]:
 
 def _hist(ax: Any, values: np.ndarray, **style: Any) -> None:
     """A histogram of ``values``; values equal up to float noise (two pairs' differences
-    of 0.0111 and 0.0111000000001) are one bar, where equal-width bins cannot be made."""
+    of 0.0111 and 0.0111000000001) are one bar, where equal-width bins cannot be made. The
+    bar is 2% of the value wide (±0.01 around zero: no ×1e-14 axis for all-zero values)."""
     lo, hi = float(np.min(values)), float(np.max(values))
-    scale = max(abs(lo), abs(hi), 1e-12)
-    if hi - lo <= scale * 1e-9:
-        ax.hist(values, bins=1, range=(lo - scale / 100, hi + scale / 100), **style)
+    scale = max(abs(lo), abs(hi))
+    if hi - lo <= max(scale * 1e-9, 1e-12):
+        half = scale / 100 if scale > 1e-9 else 0.01
+        ax.hist(values, bins=1, range=(lo - half, hi + half), **style)
     else:
         ax.hist(values, bins=min(40, max(5, len(values) // 3)), **style)
+
+
+def _no_data(ax: Any, text: str) -> None:
+    """Say why an axis is empty (instead of blank axes)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _few_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=5)
 
 
 def fig_differences(res: ComparisonResult) -> Any:
@@ -2193,29 +2347,40 @@ def fig_differences(res: ComparisonResult) -> Any:
     fig = _new_figure(4.2 * cols, 2.8 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, rec in zip(axes, res.headline.itertuples(), strict=False):
-        if res.design == "paired" and rec.metric in res.pairs:
-            d = res.pairs[rec.metric].dropna().to_numpy()
-            if len(d):
-                _hist(ax, d, color="#888", alpha=0.7)
+        ax.set_title(f"{rec.metric}: Δ {_num(rec.diff)}  p={_p(rec.p_value)}", fontsize=9)
+        if res.design == "paired":
+            d = res.pairs[rec.metric].dropna().to_numpy() if rec.metric in res.pairs else []
+            if not len(d):
+                _no_data(ax, "no complete pairs")
+                continue
+            _hist(ax, np.asarray(d), color="#888", alpha=0.7)
             ax.axvline(0, color="k", lw=1)
-            xlabel = "SN − none (per pair)"
+            if rec.ci_low == rec.ci_low and rec.ci_high == rec.ci_high:
+                ax.axvspan(rec.ci_low, rec.ci_high, color="#ff7f0e", alpha=0.25)
+            if rec.diff == rec.diff:
+                ax.axvline(rec.diff, color="#ff7f0e", lw=2)
+            ax.set_xlabel("SN − none (per pair)", fontsize=8)
+            ax.set_ylabel("pairs", fontsize=8)
         else:
+            drawn = False
             for arm in ("SN", "none"):
                 v = res.trials.loc[res.trials["arm"] == arm, rec.metric].dropna()
                 if len(v):
                     _hist(ax, v.to_numpy(), alpha=0.5, color=ARM_COLORS[arm], label=arm)
+                    drawn = True
+            if not drawn:
+                _no_data(ax, "no values")
+                continue
             ax.legend(fontsize=7)
-            xlabel = "value by arm"
-        if rec.diff == rec.diff and res.design == "paired":
-            ax.axvspan(rec.ci_low, rec.ci_high, color="#ff7f0e", alpha=0.25)
-            ax.axvline(rec.diff, color="#ff7f0e", lw=2)
-        ax.set_title(f"{rec.metric}: Δ {_num(rec.diff)}  p={_p(rec.p_value)}", fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_xlabel("value by arm", fontsize=8)
+            ax.set_ylabel("trials", fontsize=8)
+        ax.yaxis.set_major_locator(_integer_ticks())  # counts
+        ax.xaxis.set_major_locator(_few_ticks())  # readable labels on a 4-inch axis
         ax.tick_params(labelsize=7)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     fig.suptitle(
-        f"{res.study}: SN − none ({res.design}, {int(res.confidence * 100)}% CI)", fontsize=10
+        f"{res.study}: SN − none ({res.design}, {_percent(res.confidence)} CI)", fontsize=10
     )
     fig.tight_layout()
     return fig
@@ -2257,10 +2422,12 @@ def fig_distributions(res: ComparisonResult, max_points: int = 2000) -> Any:
 
 
 def fig_learning_curves(res: ComparisonResult) -> Any:
-    """Group learning curves: per arm mean ± CI band for each curve metric."""
+    """Group learning curves: per arm mean ± CI band for each curve metric (no band where
+    fewer than three trials reach an epoch; bands clipped to the metric's range)."""
     if res.curves.empty:
         return None
     names = [n for n in CURVE_METRICS if n in set(res.curves["name"])]
+    missing_bands = bool(res.curves["ci_low"].isna().any())
     fig = _new_figure(4.2 * len(names), 3.0)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names, strict=True):
@@ -2280,10 +2447,15 @@ def fig_learning_curves(res: ComparisonResult) -> Any:
             )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(_integer_ticks())
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{res.study}: mean ± {int(res.confidence * 100)}% CI by arm", fontsize=10)
+    fig.suptitle(
+        f"{res.study}: mean ± {_percent(res.confidence)} CI by arm"
+        + (f" (no band below {_MIN_BAND_N} trials)" if missing_bands else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -2322,7 +2494,7 @@ def fig_accuracy_vs_lipschitz(res: ComparisonResult, max_points: int = 5000) -> 
 
 
 def fig_layer_sigma(res: ComparisonResult) -> Any:
-    """Per-layer σ by arm (mean with CI error bars)."""
+    """Per-layer σ by arm (mean with CI error bars; none below three trials, never below 0)."""
     if res.layer_sigma.empty:
         return None
     layers = list(dict.fromkeys(res.layer_sigma["layer"]))
@@ -2337,7 +2509,7 @@ def fig_layer_sigma(res: ComparisonResult) -> Any:
             part["mean"],
             width=0.38,
             color=ARM_COLORS[arm],
-            yerr=np.nan_to_num(err),
+            yerr=err,  # NaN (no CI): no error bar drawn
             capsize=3,
             label=arm,
             alpha=0.85,
@@ -2381,28 +2553,31 @@ def write_report(
         path = out / f"{name}.png"
         path.write_bytes(_png(fig))
         paths[name] = path
-    ci = int(res.confidence * 100)
     md = [
         f"# SN vs none: {res.study}",
         "",
-        f"Design: **{res.design}** · values: **{res.mode}** · {ci}% percentile bootstrap CI "
-        f"(seed {res.seed}) · test: "
+        f"Design: **{res.design}** · values: **{res.mode}** ({_MODE_TEXT[res.mode]}) · "
+        f"{_percent(res.confidence)} percentile bootstrap CI (seed {res.seed}) · test: "
         + (
             "Wilcoxon signed-rank on per-pair differences"
             if res.design == "paired"
             else "Welch's t-test"
         ),
         "",
+        _MODES_NOTE,
+        "",
         "## Headline (SN − none)",
         "",
         res.to_markdown(),
         "",
-        f"`favours` names the arm whose {res.confidence:.0%} CI excludes zero in its favour "
+        f"`favours` names the arm whose {_percent(res.confidence)} CI excludes zero in its "
+        "favour "
         f"when the {'Wilcoxon' if res.design == 'paired' else 'Welch'} test agrees "
-        f"(p < {1 - res.confidence:.2g}); — otherwise.",
+        f"(p < {1 - res.confidence:.2g}); — otherwise; n/a when there is no CI or no test "
+        "(a single pair or value per arm, or two constant arms).",
     ]
     if not res.by_coeff.empty:
-        shown = _headline_display(res.by_coeff)
+        shown = _headline_display(res.by_coeff, res.confidence)
         shown.insert(0, "coeff", res.by_coeff["coeff_range"])
         md += ["", "## By SN coefficient", "", _markdown_table(shown)]
     md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]

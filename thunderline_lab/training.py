@@ -7,6 +7,15 @@ validation loss stops improving, restore the best epoch and measure the research
 Along the way it publishes ``ml.run.start``, one ``ml.run.metric`` per epoch (``train_loss``,
 ``val_loss``, ``val_accuracy``, ``lr``, ``max_sigma``) and ``ml.run.stop`` on the bus.
 
+Best and final: the *best* epoch is the one with the lowest validation loss; its weights are
+restored before the research metrics are measured, so ``val_accuracy``, ``test_*``, the
+robustness and calibration metrics all describe the best epoch's model. The summary also
+keeps the training curve's two ends of interest: ``best_<m>`` (``best_val_loss``,
+``best_val_accuracy``, ``best_train_loss``: the values *at the best epoch*, so
+``best_val_accuracy`` is the validation accuracy at the lowest validation loss, not the highest
+accuracy seen) and ``final_<m>`` for :data:`FINAL_MEASUREMENTS` (the values at the last epoch
+trained, before the best weights were restored).
+
 The loop knows nothing about Optuna: pruning is a ``report(epoch, val_loss)`` callback whose
 truthy return value ends the trial as ``"pruned"``; a ``should_stop`` flag ends it as
 ``"cancelled"``. A non-finite loss ends it as ``"failed"`` with ``error_type="diverged"``
@@ -55,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EPOCH_MEASUREMENTS",
+    "FINAL_MEASUREMENTS",
     "EvalSettings",
     "ReportFn",
     "StopFlag",
@@ -76,6 +86,10 @@ StopFlag = Callable[[], bool] | threading.Event
 
 EPOCH_MEASUREMENTS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy", "lr", "max_sigma")
 """The measurements of every per-epoch ``ml.run.metric`` event."""
+
+FINAL_MEASUREMENTS: tuple[str, ...] = ("train_loss", "val_loss", "val_accuracy", "max_sigma")
+"""Per-epoch measurements summarised as ``final_<m>``: the last epoch trained (the learning
+rate, a schedule, is left out)."""
 
 
 @dataclass(frozen=True)
@@ -106,9 +120,14 @@ class TrialResult:
     Attributes:
         status: ``"completed"``, ``"pruned"`` (the report callback asked), ``"failed"``
             (``error_type`` says why, e.g. ``"diverged"``) or ``"cancelled"`` (should_stop).
-        metrics: Final metrics (the contract names: ``val_accuracy``, ``test_accuracy``,
-            ``lipschitz_upper``, ...); for pruned, failed or cancelled trials only what the
-            epochs measured (``best_val_loss``, ``epochs``, ...).
+        metrics: The trial's summary (the contract names: ``val_accuracy``,
+            ``test_accuracy``, ``lipschitz_upper``, ..., measured on the restored best-epoch
+            model), plus ``best_val_loss``, ``best_val_accuracy``, ``best_train_loss`` (the
+            values at the epoch with the lowest validation loss: ``best_val_accuracy`` is
+            *not* the highest validation accuracy seen), ``best_epoch``, ``epochs`` (how many
+            were trained) and ``final_<m>`` for :data:`FINAL_MEASUREMENTS` (the values at the
+            last epoch trained); for pruned, failed or cancelled trials only what the epochs
+            measured (``best_*``, ``final_*``, ``epochs``, ...).
         history: One dict per epoch: ``epoch`` and :data:`EPOCH_MEASUREMENTS`.
         model: The trained model (best epoch restored), or ``None`` if not kept.
         error: Error message of a failed trial.
@@ -464,7 +483,9 @@ def train_trial(
         seed: Seeds the model's initialisation, dropout, the batch order and the noise of
             the robustness metrics.
         patience: Stop after this many epochs without a lower validation loss (``None``:
-            never). The best epoch's weights are restored either way.
+            never). The best epoch's weights are restored either way: the research metrics
+            (``val_accuracy``, ``test_*``, robustness, calibration) describe the best epoch,
+            ``final_<m>`` the last one trained.
         parameters: Extra parameters reported in ``ml.run.start`` (e.g. ``pair_id``).
         report: ``report(epoch, val_loss) -> should_prune`` after every epoch.
         should_stop: Checked between epochs; when set the trial ends as ``"cancelled"``.
@@ -592,7 +613,8 @@ def _train_trial(
         x_val, y_val = data.x_val, data.y_val
 
         history: list[dict[str, float]] = []
-        best_loss, best_acc, best_epoch = math.inf, 0.0, -1
+        best_loss, best_epoch = math.inf, -1
+        best_row: dict[str, float] = {}  # the epoch with the lowest validation loss
         best_state: dict[str, Any] | None = None
         bad_epochs = 0
         step_seconds, n_steps = 0.0, 0
@@ -661,7 +683,7 @@ def _train_trial(
                 )
 
                 if val_loss < best_loss:
-                    best_loss, best_acc, best_epoch, bad_epochs = val_loss, val_acc, epoch, 0
+                    best_loss, best_row, best_epoch, bad_epochs = val_loss, row, epoch, 0
                     best_state = copy.deepcopy(model.state_dict())
                 else:
                     bad_epochs += 1
@@ -694,12 +716,17 @@ def _train_trial(
             "n_params": float(n_params),
             "step_time_ms": 1000.0 * step_seconds / n_steps if n_steps else 0.0,
         }
-        if best_epoch >= 0:
+        if best_epoch >= 0:  # the values at the lowest validation loss (not each one's best)
             metrics.update(
-                best_val_loss=best_loss, best_val_accuracy=best_acc, best_epoch=float(best_epoch)
+                best_val_loss=best_row["val_loss"],
+                best_val_accuracy=best_row["val_accuracy"],
+                best_train_loss=best_row["train_loss"],
+                best_epoch=float(best_epoch),
             )
         if history:
-            metrics["max_sigma"] = history[-1]["max_sigma"]
+            last = history[-1]  # the last epoch trained, before the best one is restored
+            metrics.update({f"final_{k}": last[k] for k in FINAL_MEASUREMENTS})
+            metrics["max_sigma"] = last["max_sigma"]
 
         if best_state is not None and status != "failed":
             model.load_state_dict(best_state)
