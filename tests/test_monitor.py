@@ -17,9 +17,11 @@ import pytest
 
 from thunderline_lab import events
 from thunderline_lab.bus import EventBus
-from thunderline_lab.errors import GatewayError
+from thunderline_lab.errors import GatewayError, StoreError, ThunderlineLabError
 from thunderline_lab.monitor import (
+    BackgroundRun,
     BusSource,
+    CombinedSource,
     Curve,
     GatewaySource,
     LiveMonitor,
@@ -28,7 +30,9 @@ from thunderline_lab.monitor import (
     as_source,
     detect_frontend,
     render_curves_png,
+    render_panel_html,
     render_table_html,
+    render_table_text,
     render_text_line,
     simulate_study,
     synthetic_study,
@@ -286,6 +290,7 @@ def test_gateway_errors_are_gateway_errors() -> None:
 
 
 def test_as_source_wraps_buses_stores_and_urls(tmp_path: Path) -> None:
+    TrialStore(tmp_path / "lab" / "lab.db").close()
     assert isinstance(as_source(EventBus()), BusSource)
     assert isinstance(as_source(tmp_path / "lab"), StoreSource)
     assert isinstance(as_source("http://127.0.0.1:1"), GatewaySource)
@@ -445,17 +450,27 @@ def test_stop_button_ends_a_background_study_cleanly() -> None:
     mon.close()
 
 
-def test_background_failure_is_reported_and_reraised() -> None:
+def test_background_failure_is_reported_once_and_reraised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     mon = LiveMonitor.from_bus(EventBus(), STUDY, mode="text", text_interval=1e9)
     mon.start(display=False)
 
     def broken() -> None:
         raise RuntimeError("no data")
 
-    run = mon.run_in_background(broken, wait=True)
+    # waited for (as under papermill): raised in the cell that ran the study
+    with (
+        caplog.at_level("DEBUG", logger="thunderline_lab.monitor"),
+        pytest.raises(RuntimeError, match="no data"),
+    ):
+        mon.run_in_background(broken, wait=True)
+    assert not [r for r in caplog.records if r.exc_info]  # the traceback shows once, raised
+    assert "failed (RuntimeError: no data)" in mon._status
+    run = mon._background
+    assert run is not None
     with pytest.raises(RuntimeError, match="no data"):
         run.wait(5)
-    assert "failed" in mon._status
     mon.close()
 
 
@@ -608,3 +623,379 @@ def test_trial_table_links_to_the_mlflow_run() -> None:
     assert 'href="http://mlflow.local:5000/#/experiments/7/runs/0123456789abcdef"' in html
     assert ">01234567</a>" in html
     assert state.rows[("s", "trial_0000")].status == "running"  # the link changes no status
+
+
+# ---------------------------------------------------------------------------------------------
+# "best" means what the trainer means: the objective at the lowest val_loss so far
+# ---------------------------------------------------------------------------------------------
+
+
+def _epochs(trial: str, points: list[tuple[float, float]]) -> list[Any]:
+    common = {"model_run_id": STUDY, "trial_id": trial, "study": STUDY}
+    return [events.trial_start(**common, spectral_norm=True)] + [
+        events.run_metric(**common, step=i, measurements={"val_accuracy": a, "val_loss": v})
+        for i, (a, v) in enumerate(points)
+    ]
+
+
+def test_running_best_is_the_objective_at_the_lowest_val_loss() -> None:
+    # accuracy keeps rising while the loss turns up after epoch 1 (over-confidence)
+    evs = _epochs("t", [(0.70, 0.9), (0.80, 0.5), (0.85, 0.6), (0.86, 0.7)])
+    state = _fold(evs)
+    row = state.rows[(STUDY, "t")]
+    assert row.best == 0.80 and row.best_step == 1 and row.best_loss == 0.5
+    common = {"model_run_id": STUDY, "trial_id": "t", "study": STUDY}
+    state.apply(
+        events.trial_complete(
+            **common,
+            spectral_norm=True,
+            metrics={"best_val_accuracy": 0.80, "best_val_loss": 0.5, "val_accuracy": 0.86},
+        )
+    )
+    assert row.best == 0.80  # the trainer's best is the running one: it does not fall
+
+
+def test_running_best_takes_metrics_reported_one_by_one_at_a_step() -> None:
+    common = {"model_run_id": STUDY, "trial_id": "t", "study": STUDY}
+
+    def metric(step: int, name: str, value: float) -> events.Event:
+        return events.run_metric(**common, step=step, metric_name=name, metric_value=value)
+
+    state = _fold(
+        [
+            events.trial_start(**common, spectral_norm=False),
+            metric(0, "val_accuracy", 0.6),  # the objective before the loss of its epoch
+            metric(0, "val_loss", 1.0),
+            metric(1, "val_loss", 0.8),  # the loss before the objective
+            metric(1, "val_accuracy", 0.7),
+            metric(2, "val_loss", 0.9),
+            metric(2, "val_accuracy", 0.95),
+        ]
+    )
+    assert state.rows[(STUDY, "t")].best == 0.7
+
+
+def test_running_best_is_the_maximum_without_a_val_loss() -> None:
+    common = {"model_run_id": STUDY, "trial_id": "t", "study": STUDY}
+    state = _fold(
+        [
+            events.run_metric(**common, step=s, measurements={"val_accuracy": a})
+            for s, a in enumerate((0.5, 0.9, 0.7))
+        ]
+    )
+    assert state.rows[(STUDY, "t")].best == 0.9
+    plain = MonitorState(STUDY, selection_metric=None)  # the old rule, on request
+    plain.apply_many(_epochs("u", [(0.70, 0.9), (0.80, 0.5), (0.85, 0.6)]))
+    assert plain.rows[(STUDY, "u")].best == 0.85
+
+
+def test_snapshot_of_a_running_trial_uses_the_same_rule(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(_epochs("t", [(0.70, 0.9), (0.80, 0.5), (0.85, 0.6)]))
+    mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text")
+    assert mon.state.rows[(STUDY, "t")].best == 0.80
+    mon.close()
+    store.close()
+
+
+def test_labels_say_what_best_and_the_plus_minus_are() -> None:
+    state = _fold(synthetic_study(STUDY, n_pairs=3, epochs=4))
+    line = render_text_line(state)
+    assert "val_accuracy at lowest val_loss" in line
+    assert "s.e. (n=3)" in line and "± " in line
+    table = render_table_html(state)
+    assert "val_accuracy at lowest val_loss</th>" in table
+    assert 'title="val_accuracy at the epoch with the lowest val_loss so far' in table
+    assert "s.e." in render_panel_html(state)
+    assert "* best: val_accuracy at the epoch with the lowest val_loss" in render_table_text(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing labs, outages and what the final line says
+# ---------------------------------------------------------------------------------------------
+
+
+def test_from_store_on_a_missing_lab_is_an_error_and_creates_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "typo_lab"
+    with pytest.raises(StoreError, match=r"no trial store at .*typo_lab.*lab\.db") as err:
+        LiveMonitor.from_store(typo, study=STUDY, mode="text")
+    assert isinstance(err.value, ThunderlineLabError)
+    with pytest.raises(StoreError):
+        StoreSource(tmp_path / "other.db")
+    assert not typo.exists() and not (tmp_path / "other.db").exists()
+    mon = LiveMonitor.from_store(tmp_path / "new_lab", STUDY, mode="text", create=True)
+    assert (tmp_path / "new_lab" / "lab.db").exists()  # on request (a study about to start)
+    mon.close()
+
+
+class _Outage:
+    """A source that fails ``fail`` times (``GatewayError``), then delivers a small study."""
+
+    label = "gateway http://gw"
+    poll_interval = 0.001
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.calls = 0
+
+    def poll(self) -> list[Any]:
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise GatewayError("gateway http://gw: cannot fetch events: connection refused")
+        if self.calls == self.fail + 1:
+            return list(synthetic_study(STUDY, n_pairs=1, epochs=2))
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def _wait_for(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not cond():
+        assert time.monotonic() < deadline, "the monitor's pump thread never got there"
+        time.sleep(0.005)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "thunderline_lab.monitor" and r.levelname == "WARNING"
+    ]
+
+
+def test_an_outage_warns_once_and_its_recovery_once(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _Outage(fail=5)
+    mon = LiveMonitor(source, STUDY, mode="text", text_interval=1e9)
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        mon.start()
+        _wait_for(lambda: mon.state.summary()["n_done"] == 2)
+        mon.close()
+    warned = _warnings(caplog)
+    assert len(warned) == 2, warned
+    assert "failed" in warned[0] and "recovered after 5 failed polls" in warned[1]
+    assert mon.source_errors == 5
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")]
+    assert len(lines) == 2  # the first line and the final one: no line per retry
+    assert "finished · 8 events · gateway http://gw" in lines[-1]
+
+
+def test_an_unreachable_gateway_says_it_never_connected(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    client = httpx.Client(base_url="http://127.0.0.1:18999", transport=httpx.MockTransport(refuse))
+    source = GatewaySource("http://127.0.0.1:18999", client=client, poll_interval=0.001)
+    mon = LiveMonitor(source, STUDY, mode="text", text_interval=1e9)
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        mon.start()
+        _wait_for(lambda: mon.source_errors >= 6)
+        mon.close()
+    client.close()
+    assert len(_warnings(caplog)) == 1  # one warning, not one per retry
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")]
+    assert len(lines) == 2
+    assert "never connected to gateway http://127.0.0.1:18999" in lines[-1]
+    assert "connection refused" in lines[-1]
+
+
+def test_status_lines_during_an_outage_keep_the_text_interval(
+    clock: _Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _Outage(fail=1000)
+    mon = LiveMonitor(source, STUDY, mode="text", text_interval=10.0)
+    mon.start(thread=False)
+    for _ in range(300):  # a retry every 0.1 s for 30 s
+        with pytest.raises(GatewayError):
+            mon.pump()
+        mon._source_failed(GatewayError("gateway http://gw: cannot fetch events: refused"))
+        mon._maybe_redraw()
+        clock.now += 0.1
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")]
+    assert len(lines) == 2  # the first line, then the error status once (it did not change)
+    assert "source error (retrying)" in lines[-1]
+    mon.close()
+
+
+def test_final_status_says_what_a_snapshot_loaded(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=2, epochs=3))
+    mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text", text_interval=1e9)
+    mon.start(display=False, thread=False)
+    mon.finish()
+    assert "4 trials loaded from the store, then 0 new events" in mon._status
+    mon.close()
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Following a study: this kernel's bus plus every worker's events in the store
+# ---------------------------------------------------------------------------------------------
+
+
+def test_combined_source_shows_every_worker_and_counts_each_event_once(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    bus = EventBus()
+    mon = LiveMonitor.from_store(tmp_path, STUDY, bus=bus, mode="text", text_interval=1e9)
+    assert "bus + store" in mon.source.label
+    ours = synthetic_study(STUDY, n_pairs=1, epochs=3)  # trial_0000, trial_0001
+    theirs = [  # another worker's trials of the same study, only in the store
+        e
+        for e in synthetic_study(STUDY, n_pairs=2, epochs=3)
+        if e.payload.trial_id in ("trial_0002", "trial_0003")
+    ]
+    bus.publish_many(ours)
+    mon.pump()
+    assert len(mon.state.rows) == 2  # at once, before the store has them
+    store.append(ours)  # this kernel's writer catches up: the same events again
+    store.append(theirs)
+    mon.pump()
+    assert _view(mon.state) == _view(_fold([*ours, *theirs]))
+    assert mon.state.events == len(ours) + len(theirs)
+    assert mon.source.duplicates == len(ours)
+    mon.close()
+    store.close()
+
+
+def test_combined_source_keeps_events_when_one_source_fails() -> None:
+    bus = EventBus()
+    outage = _Outage(fail=1)
+    src = CombinedSource(BusSource(bus), outage)
+    ours = synthetic_study("ours", n_pairs=1, epochs=2)
+    bus.publish_many(ours)
+    with pytest.raises(GatewayError):
+        src.poll()
+    got = src.poll()  # the bus's events, kept, then the recovered source's
+    assert [e.id for e in got[: len(ours)]] == [e.id for e in ours]
+    assert {e.payload.study for e in got[len(ours) :]} == {STUDY}
+    assert src.poll() == []
+
+
+def test_study_finished_after_a_quiet_spell_with_no_trial_running(clock: _Clock) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="text", text_interval=1e9)
+    mon.start(display=False, thread=False)
+    assert not mon.study_finished(quiet=0.0)  # nothing seen yet: not finished
+    evs = synthetic_study(STUDY, n_pairs=1, epochs=3)
+    bus.publish_many(evs[:-1])  # the second trial still runs
+    mon.pump()
+    clock.now += 100
+    assert not mon.study_finished(quiet=30.0)
+    bus.publish(evs[-1])
+    mon.pump()
+    assert not mon.study_finished(quiet=30.0)  # the next trial may be about to start
+    clock.now += 31
+    mon.pump()
+    assert mon.study_finished(quiet=30.0)
+    mon.close()
+
+
+def test_wait_for_running_trials_of_other_workers() -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="text", text_interval=1e9, poll_interval=0.01)
+    mon.start(display=False)
+    evs = synthetic_study(STUDY, n_pairs=1, epochs=2)
+    bus.publish_many(evs[:-1])  # another worker's trial still runs
+    late = threading.Timer(0.3, lambda: bus.publish(evs[-1]))
+    late.start()
+    assert mon.wait_for_running_trials(quiet=60.0, poll=0.01)  # sees it running, waits
+    assert not late.is_alive() and mon.state.summary()["n_done"] == 2
+    dead = {"model_run_id": STUDY, "trial_id": "dead_worker_trial", "study": STUDY}
+    bus.publish(events.trial_start(**dead, spectral_norm=True))  # it never ends
+    _wait_for(lambda: mon.state.summary()["n_running"] == 1)
+    assert not mon.wait_for_running_trials(quiet=0.2, poll=0.01)  # nothing new: gives up
+    mon.request_stop()
+    assert not mon.wait_for_running_trials(quiet=60.0)  # Stop: no waiting
+    mon.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiting for a background study: interrupt = Stop; widget events with jupyter-ui-poll
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_ui_poll(monkeypatch: pytest.MonkeyPatch, on_poll: Callable[[], None]) -> list[int]:
+    """Install a stand-in for jupyter_ui_poll; records the poll calls."""
+    import contextlib
+
+    calls: list[int] = []
+
+    @contextlib.contextmanager
+    def ui_events() -> Iterator[Callable[[int], None]]:
+        def poll(n: int) -> None:
+            calls.append(n)
+            on_poll()
+
+        yield poll
+
+    mod = types.ModuleType("jupyter_ui_poll")
+    mod.ui_events = ui_events  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "jupyter_ui_poll", mod)
+    return calls
+
+
+def _long_study(bus: EventBus, mon: LiveMonitor) -> Callable[[], dict[str, int]]:
+    return lambda: simulate_study(
+        bus, STUDY, n_pairs=500, epochs=20, delay=0.001, stop_event=mon.stop_event
+    )
+
+
+def test_waiting_handles_stop_clicks_when_jupyter_ui_poll_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
+    mon.start(display=False)
+    run = mon.run_in_background(_long_study(bus, mon))
+    assert run.keep_ui_live and mon._widgets["stop"].layout.display == ""
+
+    def deliver_click() -> None:  # what a queued comm message does when polled
+        if mon.state.summary()["n_running"] and not mon.should_stop():
+            mon._widgets["stop"].click()
+
+    calls = _fake_ui_poll(monkeypatch, deliver_click)
+    counts = run.wait(60)
+    assert calls and mon.should_stop()
+    # stopped early: the running trial cancelled, or none started after the click
+    assert counts["cancelled"] <= 1 and sum(counts.values()) < 1000
+    mon.close()
+
+
+def test_interrupting_the_wait_stops_the_study_cleanly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
+    mon.start(display=False)
+    run = mon.run_in_background(_long_study(bus, mon))
+    _wait_for(lambda: mon.state.summary()["n_running"] > 0)
+
+    def interrupt() -> None:  # the kernel's interrupt arrives while the cell waits
+        raise KeyboardInterrupt
+
+    _fake_ui_poll(monkeypatch, interrupt)
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        counts = run.wait(60)  # returns: the results cells can run on what finished
+    assert mon.should_stop() and counts["cancelled"] <= 1 and sum(counts.values()) < 1000
+    assert any("interrupted" in m for m in _warnings(caplog))
+    assert "stopped" in mon._widgets["panel"].value
+    mon.close()
+
+
+def test_without_jupyter_ui_poll_waiting_is_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "jupyter_ui_poll", None)  # import fails
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
+    mon.start(display=False)
+    run = mon.run_in_background(
+        lambda: simulate_study(bus, STUDY, n_pairs=1, epochs=2, delay=0), wait=False
+    )
+    assert run.wait(60)["completed"] == 2
+    with pytest.raises(TimeoutError):
+        BackgroundRun(stop=lambda: None, keep_ui_live=True).wait(0.01)
+    mon.close()

@@ -6,6 +6,10 @@ One monitor, three event sources behind one interface (:class:`EventSource`)::
     StoreSource(lab_or_store)       another process writes the lab's store (polls events_after)
     GatewaySource(url, token)       a remote lab's gateway (polls GET /api/events?after=SEQ)
 
+and :class:`CombinedSource` to follow several as one, each event once:
+``LiveMonitor.from_store(lab, study, bus=bus)`` shows this kernel's events at once (bus)
+and every worker's of the same study (the lab's store).
+
 Events are folded into a pure-Python :class:`MonitorState` (per-trial rows plus bounded,
 decimated per-curve histories), separate from rendering, so it is testable and benchmarkable
 without a frontend. A pump thread drains the source and redraws at most every
@@ -13,11 +17,11 @@ without a frontend. A pump thread drains the source and redraws at most every
 only what changed; it never calls ``clear_output`` and never prints into other cells.
 
 In JupyterLab the monitor is an ipywidgets panel: study summary, a Stop button (when the
-study runs in the background), the trial table and the learning curves (a PNG rendered
-with matplotlib's Agg backend). When there is no live frontend (papermill, nbclient, nbval,
-a plain script) it prints an occasional text line instead. Either way, when the study
-finishes the monitor leaves a static snapshot (PNG + HTML table) in the notebook, so
-executed notebooks and exported HTML show the result.
+study runs in the background: :meth:`LiveMonitor.run_in_background`), the trial table and
+the learning curves (a PNG rendered with matplotlib's Agg backend). When there is no live
+frontend (papermill, nbclient, nbval, a plain script) it prints an occasional text line
+instead. Either way, when the study finishes the monitor leaves a static snapshot (PNG +
+HTML table) in the notebook, so executed notebooks and exported HTML show the result.
 
 Example:
     >>> from thunderline_lab.bus import EventBus
@@ -51,7 +55,7 @@ from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from thunderline_lab import events as ev_mod
 from thunderline_lab.bus import EventBus
-from thunderline_lab.errors import GatewayError, ThunderlineLabError
+from thunderline_lab.errors import GatewayError, StoreError, ThunderlineLabError
 from thunderline_lab.events import Event
 from thunderline_lab.store import TrialStore
 
@@ -59,6 +63,7 @@ __all__ = [
     "ARM_COLORS",
     "BackgroundRun",
     "BusSource",
+    "CombinedSource",
     "Curve",
     "EventSource",
     "GatewaySource",
@@ -127,9 +132,16 @@ class BusSource:
 
     poll_interval = 0.05
 
-    def __init__(self, bus: EventBus, *, pattern: str = "ml.*", max_buffer: int = 500_000) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        pattern: str = "ml.*",
+        max_buffer: int = 500_000,
+        label: str = "bus",
+    ) -> None:
         self.bus = bus
-        self.label = "bus"
+        self.label = label
         self.max_buffer = max_buffer
         self.dropped = 0
         self._buf: list[Any] = []
@@ -162,6 +174,11 @@ class StoreSource:
         after: start after this sequence number (0: from the beginning; ``None``: only
             events logged from now on).
         limit: events per query; up to ``max_batches`` queries per poll.
+        create: create the lab's store when there is none; by default a missing store is
+            an error (a mistyped path would otherwise make a new, empty lab to watch).
+
+    Raises:
+        StoreError: there is no trial store at that path (and ``create`` is false).
 
     Example:
         >>> src = StoreSource(TrialStore(":memory:"))
@@ -177,8 +194,9 @@ class StoreSource:
         limit: int = 5000,
         max_batches: int = 20,
         poll_interval: float = 0.5,
+        create: bool = False,
     ) -> None:
-        self.store, self._owned = _open_store(store)
+        self.store, self._owned = _open_store(store, create=create)
         self.label = f"store {self.store.path}"
         self.after = self.store.last_seq() if after is None else int(after)
         self.limit = limit
@@ -275,17 +293,73 @@ class GatewaySource:
             self.client.close()
 
 
-def _open_store(store: Any) -> tuple[TrialStore, bool]:
+def _open_store(store: Any, *, create: bool = False) -> tuple[TrialStore, bool]:
     if isinstance(store, TrialStore):
         return store, False
     from thunderline_lab.lab import Lab
 
     if isinstance(store, Lab):
-        return TrialStore(store.db_path), True
-    path = Path(store)
-    if path.is_dir() or path.suffix != ".db":
-        return TrialStore(Lab.resolve(path).db_path), True
-    return TrialStore(path), True
+        db_path = store.db_path
+    else:
+        path = Path(store)
+        db_path = Lab.resolve(path).db_path if path.is_dir() or path.suffix != ".db" else path
+    if not create and not db_path.exists():
+        raise StoreError(
+            f"no trial store at {db_path} (check the lab directory; "
+            "a study's first events create it)"
+        )
+    return TrialStore(db_path), True
+
+
+class CombinedSource:
+    """Several sources followed as one; an event that more than one delivers counts once.
+
+    The study notebook's monitor combines this kernel's bus (its own events at once) with
+    the lab's store (every worker's events of the study, this kernel's among them a moment
+    later, when they are written). Duplicates are recognised by event id among the last
+    ``memory`` ids seen. A source that fails keeps what the others delivered for the next
+    poll and re-raises.
+
+    Example:
+        >>> bus = EventBus()
+        >>> src = CombinedSource(BusSource(bus), BusSource(bus))
+        >>> _ = bus.publish_many(synthetic_study("demo", n_pairs=1, epochs=2))
+        >>> len(src.poll()), src.duplicates
+        (8, 8)
+    """
+
+    def __init__(self, *sources: EventSource, memory: int = 20_000) -> None:
+        if not sources:
+            raise ValueError("CombinedSource needs at least one source")
+        self.sources = list(sources)
+        self.label = " + ".join(s.label for s in self.sources)
+        # the slowest source's pace: a store is not queried more often than on its own
+        self.poll_interval = max(s.poll_interval for s in self.sources)
+        self.memory = memory
+        self.duplicates = 0
+        self._seen: dict[str, None] = {}  # insertion-ordered: the oldest id first
+        self._pending: list[Any] = []
+
+    def poll(self) -> list[Any]:
+        for src in self.sources:
+            for event in src.poll():
+                event_id = (
+                    event.get("id") if isinstance(event, Mapping) else getattr(event, "id", None)
+                )
+                if event_id is not None:
+                    if event_id in self._seen:
+                        self.duplicates += 1
+                        continue
+                    self._seen[event_id] = None
+                    if len(self._seen) > self.memory:
+                        del self._seen[next(iter(self._seen))]
+                self._pending.append(event)
+        batch, self._pending = self._pending, []
+        return batch
+
+    def close(self) -> None:
+        for src in self.sources:
+            src.close()
 
 
 def as_source(obj: Any) -> EventSource:
@@ -365,7 +439,13 @@ class Curve:
 
 @dataclass
 class TrialRow:
-    """One trial as the monitor shows it."""
+    """One trial as the monitor shows it.
+
+    ``best`` is the objective at the epoch with the lowest selection metric so far
+    (``val_loss``): the trainer's own ``best_val_accuracy``, the weights it restores; a
+    running maximum only while no ``val_loss`` has been reported. ``best_loss`` and
+    ``best_step`` are that epoch's selection metric and step.
+    """
 
     model_run_id: str
     trial_id: str
@@ -377,6 +457,9 @@ class TrialRow:
     epoch: int | None = None
     last: dict[str, float] = field(default_factory=dict)
     best: float | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    objective_step: int | None = None
     lipschitz: float | None = None
     error: str | None = None
     touched: int = 0
@@ -406,6 +489,10 @@ class MonitorState:
         study: only events of this study (``model_run_id`` or ``study`` field); None: all.
         objective: the metric whose best value the table and summary show.
         direction: ``max`` or ``min`` for the objective.
+        selection_metric: the metric (lower is better) whose best epoch picks a trial's
+            ``best`` objective value, as the trainer does: ``val_accuracy`` at the lowest
+            ``val_loss``. ``None``, or a trial that reports no such metric: the best
+            objective value seen.
         curve_metrics: metric names kept as curves.
 
     Example:
@@ -421,6 +508,7 @@ class MonitorState:
         *,
         objective: str = "val_accuracy",
         direction: Literal["max", "min"] = "max",
+        selection_metric: str | None = "val_loss",
         curve_metrics: Sequence[str] = ("val_accuracy", "val_loss", "train_loss"),
         curve_points: int = 500,
         max_curve_trials: int = 100,
@@ -428,6 +516,7 @@ class MonitorState:
         self.study = study
         self.objective = objective
         self.direction = direction
+        self.selection_metric = selection_metric
         self.curve_metrics = tuple(curve_metrics)
         self.curve_points = curve_points
         self.max_curve_trials = max_curve_trials
@@ -495,25 +584,52 @@ class MonitorState:
             curves = self.curves[key] = {}
             if len(self.curves) > self.max_curve_trials:
                 self._evict_curves()
+        objective = loss = None
         for metric, value in points.items():
             if not isinstance(value, int | float):
                 continue
             value = float(value)
             row.last[metric] = value
             if metric == self.objective and math.isfinite(value):
-                self._offer_best(row, value)
+                objective = value
             elif metric == "lipschitz_upper":
                 row.lipschitz = value
+            if metric == self.selection_metric and math.isfinite(value):
+                loss = value
             if metric in self.curve_metrics:
                 curve = curves.get(metric)
                 if curve is None:
                     curve = curves[metric] = Curve(self.curve_points)
                 curve.add(step, value)
+        if objective is not None or loss is not None:
+            self._offer_epoch(row, step, objective, loss)
+
+    def _offer_epoch(
+        self, row: TrialRow, step: int, objective: float | None, loss: float | None
+    ) -> None:
+        """The trainer's rule for a trial's best: the objective at the lowest loss so far."""
+        if objective is not None:
+            row.objective_step = step
+        if loss is not None and (row.best_loss is None or loss < row.best_loss):
+            row.best_loss, row.best_step = loss, step
+            if objective is None and row.objective_step == step:
+                objective = row.last.get(self.objective)  # reported earlier at this step
+            if objective is not None:
+                self._set_best(row, objective)
+        elif objective is not None:
+            if row.best_loss is None:  # no loss reported (yet): the best value seen
+                self._offer_best(row, objective)
+            elif row.best_step == step:  # the objective of the best epoch, reported after it
+                self._set_best(row, objective)
+
+    def _set_best(self, row: TrialRow, value: float) -> None:
+        if row.best != value:
+            row.best = value
+            self.lifecycle_version += 1
 
     def _offer_best(self, row: TrialRow, value: float) -> None:
         if row.best is None or self._sign * value > self._sign * row.best:
-            row.best = value
-            self.lifecycle_version += 1
+            self._set_best(row, value)
 
     def _apply_lifecycle(self, name: str, row: TrialRow, get: Callable[[str], Any]) -> None:
         self.lifecycle_version += 1
@@ -540,8 +656,8 @@ class MonitorState:
             best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
             if isinstance(best, int | float) and math.isfinite(best):
                 if f"best_{self.objective}" in metrics:
-                    row.best = float(best)  # the trainer's own best beats our running view
-                else:
+                    self._set_best(row, float(best))  # the trainer's own word is final
+                elif row.best_loss is None:  # the final value only counts without a loss
                     self._offer_best(row, float(best))
             if isinstance(metrics.get("lipschitz_upper"), int | float):
                 row.lipschitz = float(metrics["lipschitz_upper"])
@@ -600,9 +716,15 @@ class MonitorState:
         """Seed curves from the store's metric history, downsampled per curve.
 
         Uses :meth:`TrialStore.metric_history` with ``max_points`` (one query for all the
-        trials and curves). Returns the number of points loaded.
+        trials and curves). A running trial's ``best`` is taken from the loaded points by
+        the same rule as live events (the objective at the lowest ``selection_metric``).
+        Returns the number of points loaded.
         """
         wanted = {*self.curve_metrics, self.objective}
+        if self.selection_metric is not None:
+            wanted.add(self.selection_metric)
+        # per running trial: step -> (objective, selection metric), replayed in step order
+        epochs: dict[tuple[str, str], dict[int, list[float | None]]] = {}
         frames = [
             store.metric_history(
                 model_run_id,
@@ -642,11 +764,42 @@ class MonitorState:
                     curve.add(step, value)
                 row.epoch = max(row.epoch or 0, step)
                 row.last[str(name)] = value
+                if (row.status == "running" or row.best is None) and math.isfinite(value):
+                    key = (model_run_id, str(trial_id))
+                    pair = epochs.setdefault(key, {}).setdefault(step, [None, None])
+                    if name == self.objective:
+                        pair[0] = value
+                    if name == self.selection_metric:
+                        pair[1] = value
                 n += 1
+        for key, steps in epochs.items():
+            row = self.rows[key]
+            for step in sorted(steps):
+                objective, loss = steps[step]
+                self._offer_epoch(row, step, objective, loss)
         self.version += 1
+        self.lifecycle_version += 1
         return n
 
     # -- views --------------------------------------------------------------------------
+
+    @property
+    def best_label(self) -> str:
+        """What a trial's ``best`` means, for headers: ``val_accuracy at lowest val_loss``."""
+        if self.selection_metric and self.selection_metric != self.objective:
+            return f"{self.objective} at lowest {self.selection_metric}"
+        return f"best {self.objective}"
+
+    @property
+    def best_help(self) -> str:
+        """A sentence explaining :attr:`best_label` (tooltips, text footnotes)."""
+        if self.selection_metric and self.selection_metric != self.objective:
+            return (
+                f"{self.objective} at the epoch with the lowest {self.selection_metric} so far "
+                f"(the weights the trainer keeps; the best {self.objective} seen while a "
+                f"trial reports no {self.selection_metric})"
+            )
+        return f"the best {self.objective} seen"
 
     def n_points(self) -> int:
         """Curve points held (bounded by trials x metrics x ``curve_points``)."""
@@ -667,7 +820,8 @@ class MonitorState:
     def summary(self) -> dict[str, Any]:
         """Study-level figures: counts by status, the best trial, SN-vs-none running means.
 
-        Means are over completed trials (objective's best value), with standard errors;
+        Means are over completed trials (each trial's ``best``: :attr:`best_label`), with
+        standard errors (``se``);
         ``paired`` is the mean SN − none difference over complete pairs (by ``pair_id``).
         """
         if self._summary_cache is not None and self._summary_cache[0] == self.lifecycle_version:
@@ -776,10 +930,14 @@ def render_table_html(
     to MLflow link to their run in the MLflow UI at ``mlflow_ui``."""
     rows = state.table_rows(max_rows)
     best = state.best_row()
-    obj = html.escape(state.objective)
     th = '<th style="padding:2px 8px;text-align:right">'
+    th_best = (
+        f'<th class="tl-best" style="padding:2px 8px;text-align:right" '
+        f'title="{html.escape(state.best_help)}">'
+    )
     head = (
-        f"<tr>{th}trial</th>{th}status</th>{th}SN</th>{th}best {obj}</th>{th}epoch</th>"
+        f"<tr>{th}trial</th>{th}status</th>{th}SN</th>"
+        f"{th_best}{html.escape(state.best_label)}</th>{th}epoch</th>"
         f"{th}Lipschitz bound</th>{th}σ<sub>max</sub></th>{th}MLflow</th></tr>"
     )
     body = []
@@ -818,7 +976,7 @@ def _arm_text(s: Mapping[str, Any], arm: str) -> str:
     a = s["arms"][arm]
     if not a["n"]:
         return f"{arm} —"
-    se = f" ± {a['se']:.4f}" if a["se"] is not None else ""
+    se = f" ± {a['se']:.4f} s.e." if a["se"] is not None else ""
     return f"{arm} {a['mean']:.4f}{se} (n={a['n']})"
 
 
@@ -834,20 +992,22 @@ def render_panel_html(state: MonitorState, status: str = "") -> str:
     p = s["paired"]
     paired = (
         f" · paired Δ SN−none {p['mean']:+.4f}"
-        + (f" ± {p['se']:.4f}" if p["se"] is not None else "")
+        + (f" ± {p['se']:.4f} s.e." if p["se"] is not None else "")
         + f" (n={p['n']} pairs)"
         if p["n"]
         else ""
     )
+    label = html.escape(state.best_label)
+    helptext = html.escape(state.best_help)
     return (
         '<div class="tl-monitor-panel" style="font-size:13px;line-height:1.5">'
         f"<b>{html.escape(str(s['study']))}</b> · "
         f'<span class="tl-monitor-progress">{s["n_done"]} done '
         f"({s['n_completed']} completed, {s['n_pruned']} pruned, {s['n_failed']} failed"
         f"{', ' + str(s['n_cancelled']) + ' cancelled' if s['n_cancelled'] else ''}), "
-        f"{s['n_running']} running</span> · best {html.escape(s['objective'])} {best_txt}<br>"
-        '<span class="tl-monitor-means">running means (completed, best '
-        f"{html.escape(s['objective'])}): "
+        f'{s["n_running"]} running</span> · <span title="{helptext}">best trial '
+        f"({label}) {best_txt}</span><br>"
+        f'<span class="tl-monitor-means">running means (completed trials, {label}): '
         f'<span style="color:{ARM_COLORS["SN"]}">{_arm_text(s, "SN")}</span> | '
         f'<span style="color:{ARM_COLORS["none"]}">{_arm_text(s, "none")}</span>{paired}</span><br>'
         f'<span class="tl-monitor-status" style="color:#666">{html.escape(status)}</span></div>'
@@ -860,23 +1020,30 @@ def render_text_line(state: MonitorState, status: str = "") -> str:
     best = s["best"]
     best_txt = "—" if best is None else f"{best['value']:.4f} ({best['trial_id']}, {best['arm']})"
     p = s["paired"]
-    paired = f" | paired Δ {p['mean']:+.4f} (n={p['n']})" if p["n"] else ""
+    paired = (
+        f" | paired Δ {p['mean']:+.4f}"
+        + (f" ± {p['se']:.4f} s.e." if p["se"] is not None else "")
+        + f" (n={p['n']})"
+        if p["n"]
+        else ""
+    )
     tail = f" [{status}]" if status else ""
     return (
         f"[monitor {s['study']}] {s['n_done']}/{s['n_trials']} done, {s['n_running']} running"
-        f" | best {s['objective']} {best_txt} | {_arm_text(s, 'SN')} | {_arm_text(s, 'none')}"
-        f"{paired}{tail}"
+        f" | best trial ({state.best_label}) {best_txt}"
+        f" | {_arm_text(s, 'SN')} | {_arm_text(s, 'none')}{paired}{tail}"
     )
 
 
 def render_table_text(state: MonitorState, max_rows: int = 25) -> str:
-    """The trial table as fixed-width text (for terminals)."""
-    lines = [f"{'trial':<14}{'status':<11}{'SN':<12}{'best':>8}{'epoch':>7}{'lipschitz':>11}"]
+    """The trial table as fixed-width text (for terminals), with a note on ``best``."""
+    lines = [f"{'trial':<14}{'status':<11}{'SN':<12}{'best*':>8}{'epoch':>7}{'lipschitz':>11}"]
     for row in state.table_rows(max_rows):
         lines.append(
             f"{row.trial_id:<14}{row.status:<11}{_arm_label(row):<12}{_fmt(row.best):>8}"
             f"{'—' if row.epoch is None else row.epoch:>7}{_fmt(row.lipschitz, 3):>11}"
         )
+    lines.append(f"* best: {state.best_help}")
     return "\n".join(lines)
 
 
@@ -988,24 +1155,82 @@ def _in_kernel() -> bool:
 
 @dataclass
 class BackgroundRun:
-    """A study running in a background thread under a monitor."""
+    """A study running in a background thread under a monitor (see
+    :meth:`LiveMonitor.run_in_background`), or one that already ran (``thread`` None).
 
-    thread: threading.Thread
+    Attributes:
+        stop: asks the study to stop (the monitor's :meth:`~LiveMonitor.request_stop`).
+        keep_ui_live: while :meth:`wait` blocks a live notebook, let widget events (the Stop
+            button) through, when `jupyter-ui-poll <https://pypi.org/project/jupyter-ui-poll/>`_
+            is installed.
+        monitor: the monitor following the study, if any.
+    """
+
+    thread: threading.Thread | None = None
     result: Any = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    stop: Callable[[], None] | None = None
+    keep_ui_live: bool = False
+    monitor: LiveMonitor | None = None
 
     def wait(self, timeout: float | None = None) -> Any:
-        """Wait for the study; re-raises its exception; returns its result."""
-        if not self.done.wait(timeout):
+        """Wait for the study; returns its result, or re-raises its exception.
+
+        Interrupting the kernel while waiting stops the study cleanly, as the Stop button
+        does: the running trial ends cancelled, and ``wait`` returns once the study has
+        ended (a second interrupt stops waiting). A cell that blocks the kernel also holds
+        back widget messages, so the Stop button cannot answer while a notebook waits here,
+        unless jupyter-ui-poll is installed (``pip install jupyter-ui-poll``), which lets
+        them through.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed and the study still runs.
+        """
+        try:
+            ended = self._wait_done(timeout)
+        except KeyboardInterrupt:
+            if self.stop is None or self.done.is_set():
+                raise
+            self.stop()
+            log.warning("interrupted: the study stops after the current epoch; waiting for it")
+            self.done.wait()
+            ended = True
+        if not ended:
             raise TimeoutError("the study is still running")
         if self.error is not None:
             raise self.error
         return self.result
 
+    def _wait_done(self, timeout: float | None) -> bool:
+        ui_events = _ui_events() if self.keep_ui_live else None
+        if ui_events is None or threading.current_thread() is not threading.main_thread():
+            return self.done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with ui_events() as poll:
+                while not self.done.wait(0.1):
+                    poll(10)  # handle pending widget messages (a Stop click) now
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                return True
+        except Exception:  # an ipykernel that jupyter-ui-poll does not know: plain waiting
+            log.debug("jupyter-ui-poll failed; waiting without widget events", exc_info=True)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self.done.wait(left)
+
     @property
     def running(self) -> bool:
         return not self.done.is_set()
+
+
+def _ui_events() -> Callable[[], Any] | None:
+    """jupyter-ui-poll's ``ui_events`` when it is installed (an optional extra)."""
+    try:
+        from jupyter_ui_poll import ui_events
+    except ImportError:
+        return None
+    return cast(Callable[[], Any], ui_events)
 
 
 class LiveMonitor:
@@ -1018,18 +1243,26 @@ class LiveMonitor:
             (:func:`detect_frontend`).
         min_interval: minimum seconds between redraws (0.25: at most 4 per second).
         plot_interval: minimum seconds between re-rendering the curves PNG.
-        text_interval: minimum seconds between text lines in text mode.
+        text_interval: minimum seconds between text lines in text mode (status changes
+            such as a source outage included: one warning is logged per outage, one line
+            when it recovers).
         snapshot_on_finish: leave a static PNG + HTML table when the study finishes.
+        selection_metric: a trial's ``best`` is the objective at the epoch with the lowest
+            value of this metric, as the trainer's ``best_val_accuracy``
+            (:class:`MonitorState`).
 
     Example (in a notebook; ``mode="auto"`` picks widgets or text lines)::
 
         bus = EventBus()
         mon = LiveMonitor.from_bus(bus, study="sn-ab").start()
         run = mon.run_in_background(
-            lambda: run_study(config, bus=bus, stop_event=mon.stop_event))
-        # ... or in the foreground:
+            lambda: run_study("sn-ab", bus=bus, should_stop=mon.stop_event))
+        result = run.wait()  # in a later cell: waits for the study
+        # ... or in the foreground (no Stop button: a busy kernel cannot handle a click):
         with LiveMonitor.from_bus(bus, study="sn-ab") as mon:
-            run_study(config, bus=bus, should_stop=mon.should_stop)
+            run_study("sn-ab", bus=bus, should_stop=mon.should_stop)
+
+    :func:`thunderline_lab.notebook.start_study` does the former for the study notebook.
     """
 
     def __init__(
@@ -1050,12 +1283,14 @@ class LiveMonitor:
         max_curve_trials: int = 100,
         snapshot_on_finish: bool = True,
         title: str | None = None,
+        selection_metric: str | None = "val_loss",
     ) -> None:
         self.source = as_source(source)
         self.state = MonitorState(
             study,
             objective=objective,
             direction=direction,
+            selection_metric=selection_metric,
             curve_points=curve_points,
             max_curve_trials=max(max_curve_trials, max_plot_trials),
         )
@@ -1076,9 +1311,16 @@ class LiveMonitor:
         self.redraws = 0
         self.redraw_times: deque[float] = deque(maxlen=1000)
         self.text_lines = 0
-        self.source_errors = 0
+        self.source_errors = 0  # failed polls, all told
+        self.polls_ok = 0  # successful polls: 0 with errors means "never connected"
+        self.pumps = 0  # polls folded into the state
         self.last_error: str | None = None
+        self.loaded_trials = 0  # trials loaded from a store's snapshot (from_store)
+        self._failing = False  # in an outage: warned once, says so again on recovery
+        self._outage_errors = 0
+        self._last_event_at = time.monotonic()
         self._status = "starting"
+        self._drawn_status = ""
         self._drawn_version = -1
         self._plotted_version = -1
         self._last_draw = -math.inf
@@ -1110,22 +1352,36 @@ class LiveMonitor:
         study: str | None = None,
         *,
         snapshot: bool = True,
+        bus: EventBus | None = None,
+        create: bool = False,
         **kwargs: Any,
     ) -> LiveMonitor:
-        """Monitor a study that another process writes into a lab's store.
+        """Monitor a study that other processes (workers) write into a lab's store.
 
         With ``snapshot`` (and a ``study``), the current trials and their downsampled
         curves are loaded first (:meth:`MonitorState.load_trials` / ``load_history``) and
         only newer events are tailed, instead of replaying the whole log.
+
+        Args:
+            bus: also follow this kernel's bus (a :class:`CombinedSource`): its events show
+                at once, every worker's as they reach the store.
+            create: create the store if the lab has none (a study about to start here).
+
+        Raises:
+            StoreError: no trial store at ``store`` (a mistyped lab path), unless ``create``.
         """
-        source = StoreSource(store, after=None if snapshot and study else 0)
+        store_source = StoreSource(store, after=None if snapshot and study else 0, create=create)
+        source: EventSource = store_source
+        if bus is not None:
+            source = CombinedSource(BusSource(bus), store_source)
         mon = cls(source, study, **kwargs)
         if snapshot and study:
-            trials = source.store.trials(study=study)
+            trials = store_source.store.trials(study=study)
             mon.state.load_trials(trials)
+            mon.loaded_trials = len(trials)
             recent = trials.tail(mon.max_plot_trials)
             for run_id, part in recent.groupby("model_run_id"):
-                mon.state.load_history(source.store, str(run_id), part["trial_id"].tolist())
+                mon.state.load_history(store_source.store, str(run_id), part["trial_id"].tolist())
         return mon
 
     @classmethod
@@ -1141,6 +1397,54 @@ class LiveMonitor:
     def headless(self) -> bool:
         """True in text mode (no live frontend)."""
         return self.mode == "text"
+
+    def idle_seconds(self) -> float:
+        """Seconds since the source last delivered events of this study (or since start)."""
+        return time.monotonic() - self._last_event_at
+
+    def study_finished(self, quiet: float = 60.0) -> bool:
+        """Whether the followed study looks finished: it has trials, none of them runs, and
+        nothing new arrived for ``quiet`` seconds.
+
+        The events carry no study-level end (``ml.run.stop`` ends one trial's run), and a
+        study starts its next trial right after the last one finished, so a quiet spell with
+        no trial running is the sign; ``quiet`` covers a worker still loading its data.
+        """
+        s = self.state.summary()
+        return s["n_trials"] > 0 and s["n_running"] == 0 and self.idle_seconds() >= quiet
+
+    def wait_for_running_trials(self, quiet: float = 60.0, poll: float = 0.2) -> bool:
+        """Wait while trials of the study still run elsewhere (other workers), so the final
+        view is the whole study's; returns True once none runs.
+
+        Gives up (False) when nothing new arrived for ``quiet`` seconds (a worker that died
+        mid-trial leaves its trial "running" until a study run marks it failed), and at once
+        when Stop was pressed.
+        """
+        self._catch_up(poll)
+        while not self.stop_event.is_set():
+            if self.state.summary()["n_running"] == 0:
+                return True
+            if self.idle_seconds() >= quiet:
+                return False
+            if self._status.startswith("live"):
+                self._status = (
+                    f"this worker is done; following other workers' trials · {self.source.label}"
+                )
+            time.sleep(poll)
+        return False
+
+    def _catch_up(self, poll: float) -> None:
+        """Return once a whole pump ran after this call (the state holds what arrived)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            if not self._finished:
+                self.pump()
+            return
+        target = self.pumps + 2  # the one under way may have polled before this call
+        deadline = time.monotonic() + 10 * self.poll_interval + 1.0
+        while self.pumps < target and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(min(poll, self.poll_interval))
 
     def should_stop(self) -> bool:
         """For studies that poll: True once Stop was pressed (or :meth:`request_stop`)."""
@@ -1161,6 +1465,7 @@ class LiveMonitor:
             return self
         self._started = True
         self._ctx = contextvars.copy_context()
+        self._last_event_at = time.monotonic()
         self._status = f"live · {self.source.label}"
         if self.mode == "widget":
             self._build_widgets()
@@ -1189,24 +1494,59 @@ class LiveMonitor:
             try:
                 self.pump()
                 backoff = self.poll_interval
-            except ThunderlineLabError as exc:
-                self.source_errors += 1
-                self.last_error = str(exc)
-                self._status = f"source error (retrying): {exc}"
-                log.warning("monitor source %s failed: %s", self.source.label, exc)
+            except Exception as exc:  # a monitor must never take the study down
+                self._source_failed(exc)
                 backoff = min(max(backoff * 2, self.poll_interval), 10.0)
-                self._maybe_redraw(force=True)
-            except Exception:  # a monitor must never take the study down
-                self.source_errors += 1
-                log.exception("monitor pump failed")
-                backoff = min(max(backoff * 2, self.poll_interval), 10.0)
+                try:
+                    self._maybe_redraw()  # throttled like any redraw: no line per retry
+                except Exception:
+                    log.debug("monitor redraw failed", exc_info=True)
+
+    def _source_failed(self, exc: Exception) -> None:
+        """Count a failed poll; warn once per outage (the recovery is announced once too)."""
+        self.source_errors += 1
+        self._outage_errors += 1
+        known = isinstance(exc, ThunderlineLabError)
+        self.last_error = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        self._status = f"source error (retrying): {self.last_error}"
+        if self._failing:
+            log.debug("monitor source %s still failing: %s", self.source.label, exc)
+            return
+        self._failing = True
+        if known:
+            label, message = self.source.label, str(exc)
+            log.warning(
+                "monitor source failed: %s (retrying quietly; one more line when it recovers)",
+                message if message.startswith(label) else f"{label}: {message}",
+            )
+        else:
+            log.warning("monitor pump failed (retrying quietly)", exc_info=True)
+
+    def _source_ok(self) -> None:
+        self.polls_ok += 1
+        if not self._failing:
+            return
+        self._failing = False
+        log.warning(
+            "monitor source %s recovered after %d failed polls",
+            self.source.label,
+            self._outage_errors,
+        )
+        self._outage_errors = 0
+        if not self._finished:
+            self._status = f"live · {self.source.label}"
 
     def pump(self, *, force: bool = False) -> None:
         """Drain the source, fold the events and redraw if due (throttled, coalesced)."""
         batch = self.source.poll()
+        self._source_ok()
         if batch:
             with self._lock:
+                before = self.state.events
                 self.state.apply_many(batch)
+                if self.state.events != before:
+                    self._last_event_at = time.monotonic()
+        self.pumps += 1
         self._maybe_redraw(force=force)
 
     def _maybe_redraw(self, *, force: bool = False) -> None:
@@ -1254,12 +1594,12 @@ class LiveMonitor:
         return True
 
     def _emit_text(self, *, force: bool = False) -> None:
-        version = self.state.version
-        if not force and version == self._drawn_version:
+        version, status = self.state.version, self._status
+        if not force and version == self._drawn_version and status == self._drawn_status:
             return
         with self._lock:
-            line = render_text_line(self.state, self._status)
-        self._drawn_version = version
+            line = render_text_line(self.state, status)
+        self._drawn_version, self._drawn_status = version, status
         self._last_text = time.monotonic()
         self.text_lines += 1
         print(line, flush=True)
@@ -1307,26 +1647,31 @@ class LiveMonitor:
         """Run ``fn()`` (the study) in a thread; the Stop button sets :attr:`stop_event`.
 
         ``fn`` should end cleanly once ``monitor.stop_event`` is set (pass it, or
-        ``monitor.should_stop``, to the study runner). When ``fn`` returns the monitor
-        drains the last events and finishes (final redraw and static snapshot).
+        ``monitor.should_stop``, as the study runner's ``should_stop``). When ``fn`` returns
+        the monitor drains the last events and finishes (final redraw and static snapshot).
+        :meth:`BackgroundRun.wait` returns the study's result (or raises its error, with its
+        traceback: the monitor itself only shows the error in its status line).
 
         Args:
-            wait: block until the study ends. Default: only without a live frontend
-                (papermill/nbval), where the notebook must not end before the study;
-                interrupting the wait stops the study cleanly.
+            wait: block until the study ends (and raise its error here). Default: only
+                without a live frontend (papermill/nbval), where the notebook must not end
+                before the study; interrupting the wait stops the study cleanly.
         """
         if not self._started:
             self.start()
-        run = BackgroundRun(thread=threading.Thread())
+        run = BackgroundRun(
+            stop=self.request_stop, keep_ui_live=self.mode == "widget", monitor=self
+        )
 
         def target() -> None:
             try:
                 run.result = fn()
             except BaseException as exc:
+                # not logged here: wait() re-raises it with its traceback, and the status
+                # line names it, so it shows once
                 run.error = exc
-                log.exception("the background study failed")
             finally:
-                status = "failed" if run.error else None
+                status = f"failed ({type(run.error).__name__}: {run.error})" if run.error else None
                 try:
                     if self.mode == "widget" and self._ctx is not None:
                         # the snapshot replaces the widget from the cell that displayed it
@@ -1343,12 +1688,7 @@ class LiveMonitor:
             stop.layout.display = ""
         run.thread.start()
         if wait if wait is not None else self.headless:
-            try:
-                run.done.wait()
-            except KeyboardInterrupt:
-                self.request_stop()
-                run.done.wait()
-                raise
+            run.wait()  # the study's error is raised here, in the cell that ran it
         return run
 
     # -- finishing ----------------------------------------------------------------------
@@ -1367,12 +1707,13 @@ class LiveMonitor:
             if batch:
                 with self._lock:
                     self.state.apply_many(batch)
+            self._source_ok()
         except ThunderlineLabError as exc:
+            self.source_errors += 1
             self.last_error = str(exc)
         if status is None:
             status = "stopped" if self.stop_event.is_set() else "finished"
-        s = self.state.summary()
-        self._status = f"{status} · {s['events']} events · {self.source.label}"
+        self._status = self._final_status(status)
         stop = self._widgets.get("stop")
         if stop is not None:
             stop.layout.display = "none"
@@ -1382,6 +1723,19 @@ class LiveMonitor:
             self._emit_text(force=True)
         if self.snapshot_on_finish and self._started:
             self._leave_snapshot()
+
+    def _final_status(self, status: str) -> str:
+        label = self.source.label
+        if self.polls_ok == 0 and self.source_errors:
+            error = str(self.last_error)
+            error = error[len(label) + 2 :] if error.startswith(f"{label}: ") else error
+            return f"{status} · never connected to {label} (last error: {error})"
+        events = self.state.events
+        if self.loaded_trials:
+            seen = f"{self.loaded_trials} trials loaded from the store, then {events} new events"
+        else:
+            seen = f"{events} events"
+        return f"{status} · {seen} · {label}"
 
     def close(self) -> None:
         """Finish and release the source (unsubscribe / close connections)."""

@@ -11,14 +11,18 @@ Example:
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from thunderline_lab.errors import ConfigError
 from thunderline_lab.lab import Lab
+
+if TYPE_CHECKING:
+    from thunderline_lab.monitor import BackgroundRun, LiveMonitor
 
 __all__ = [
     "PROFILES",
@@ -28,6 +32,8 @@ __all__ = [
     "effective_profile",
     "ensure_studies",
     "follow",
+    "start_study",
+    "study_names",
 ]
 
 PROFILE_ENV = "THUNDERLINE_LAB_PROFILE"
@@ -53,26 +59,169 @@ def apply_profile(params: Mapping[str, Any], profile: str | None = None) -> dict
     return {k: overrides.get(k, v) for k, v in params.items()}
 
 
+FollowEnd = Literal["finished", "timeout", "interrupted"]
+
+
 def follow(
-    monitor: Any,
+    monitor: LiveMonitor,
     *,
     timeout: float | None = None,
     until: Callable[[], bool] | None = None,
+    quiet: float = 60.0,
     poll: float = 0.5,
-) -> None:
-    """Keep a started monitor following its source until ``until()`` or ``timeout``.
+    finish: bool = True,
+) -> FollowEnd:
+    """Keep a started monitor following its study until the study finishes.
 
-    The monitor's own pump thread does the redrawing; this only waits. Interrupting the
-    kernel ends the wait cleanly.
+    The study counts as finished when ``until()`` is true (a caller that knows, e.g. the
+    process running the study has ended), else when the monitor sees it finished
+    (:meth:`~thunderline_lab.monitor.LiveMonitor.study_finished`: it has trials, none
+    runs, and nothing new arrived for ``quiet`` seconds). ``timeout`` (seconds; None: no
+    limit) is an upper bound on the wait. The monitor's own pump thread does the
+    redrawing; this only waits. Interrupting the kernel ends the wait cleanly.
+
+    Args:
+        finish: finish the monitor at the end (final line and static snapshot), with a
+            status saying why following ended.
+
+    Returns:
+        ``"finished"``, ``"timeout"`` or ``"interrupted"``.
+
+    Example:
+        >>> from thunderline_lab.bus import EventBus
+        >>> from thunderline_lab.monitor import LiveMonitor, synthetic_study
+        >>> bus = EventBus()
+        >>> mon = LiveMonitor.from_bus(bus, "demo", mode="text")
+        >>> mon = mon.start(display=False, thread=False)
+        >>> _ = bus.publish_many(synthetic_study("demo", n_pairs=1, epochs=2))
+        >>> mon.pump()  # doctest: +ELLIPSIS
+        [monitor demo] 2/2 done, 0 running ...
+        >>> follow(mon, quiet=0.0, finish=False)  # no trial runs, nothing new for 0 s
+        'finished'
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    end: FollowEnd = "finished"
     try:
-        while not (until is not None and until()):
+        while not (until() if until is not None else monitor.study_finished(quiet)):
             if deadline is not None and time.monotonic() >= deadline:
-                return
+                end = "timeout"
+                break
             time.sleep(poll)
     except KeyboardInterrupt:
-        return
+        end = "interrupted"
+    if finish:
+        if end == "timeout":
+            status = f"stopped following after {timeout:g} s (the study may still run)"
+        elif end == "interrupted":
+            status = "stopped following (interrupted; the study may still run)"
+        else:
+            status = "finished"
+        monitor.finish(status)
+    return end
+
+
+def study_names(studies: str | Sequence[str]) -> list[str]:
+    """The study names a notebook parameter gives: a name, a list of names, or a JSON list.
+
+    ``papermill -p studies smoke`` passes a string; a string is one name (or, if it starts
+    with ``[``, a JSON list of names), never a sequence of one-letter names.
+
+    Raises:
+        ConfigError: anything else (a number, a mapping, an empty list, a non-string or
+            empty name).
+
+    Example:
+        >>> study_names("smoke"), study_names(["a", "b"]), study_names('["a", "b"]')
+        (['smoke'], ['a', 'b'], ['a', 'b'])
+    """
+    value: Any = studies
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"studies: not a JSON list of study names: {studies!r}") from exc
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(
+            f"studies: expected a study name or a list of names, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ConfigError(f"studies: every study name must be a non-empty string, got {bad[0]!r}")
+    if not value:
+        raise ConfigError("studies: no study named (expected a name or a list of names)")
+    return list(dict.fromkeys(value))  # each once, in the order given
+
+
+def start_study(
+    name: str,
+    *,
+    lab: Lab,
+    monitor: bool = True,
+    gateway: str | None = None,
+    worker_index: int = 0,
+    monitor_options: Mapping[str, Any] | None = None,
+    other_workers_quiet: float = 60.0,
+    **study_kwargs: Any,
+) -> BackgroundRun:
+    """Run the study notebook's study (:func:`thunderline_lab.study.run_study`) under a
+    live monitor; ``run.wait()`` gives its :class:`~thunderline_lab.study.StudyResult`.
+
+    With a monitor the study runs in a background thread, so the kernel stays free and the
+    monitor's Stop button works (it ends the study after the current epoch). In a live
+    notebook the call returns at once; without a frontend (papermill, nbval) it waits for
+    the study (and raises its error). Without a monitor the study runs here, in the
+    foreground.
+
+    The monitor follows the whole study: this kernel's events at once (its bus) and every
+    other worker's as they reach the lab's store (``thunderline-lab run --workers N`` runs
+    N copies of the notebook on one study). When this kernel's share is done while other
+    workers' trials still run, it waits for them
+    (:meth:`~thunderline_lab.monitor.LiveMonitor.wait_for_running_trials`, giving up after
+    ``other_workers_quiet`` seconds without news), so the final snapshot and the results
+    cells show the whole study. When the study reports through a ``gateway``, the local
+    store has none of it: the monitor then shows this kernel's trials only, and says so.
+
+    Args:
+        name: the study name.
+        lab: the lab the study writes to.
+        monitor: follow the study with a :class:`~thunderline_lab.monitor.LiveMonitor`.
+        gateway: report events through this gateway instead of the lab's store.
+        worker_index: this notebook's index among the batch workers (for labels).
+        monitor_options: keyword arguments of the monitor (``mode``, ``text_interval``, …).
+        other_workers_quiet: see above.
+        **study_kwargs: passed to :func:`~thunderline_lab.study.run_study`.
+    """
+    from thunderline_lab.bus import EventBus
+    from thunderline_lab.monitor import BackgroundRun, BusSource, LiveMonitor
+    from thunderline_lab.study import run_study
+
+    if not monitor:
+        run = BackgroundRun()
+        run.result = run_study(name, lab=lab, gateway=gateway, **study_kwargs)
+        run.done.set()
+        return run
+    bus = EventBus()
+    options = dict(monitor_options or {})
+    if gateway:
+        scope = f"worker {worker_index}: this kernel's trials only (the study reports to {gateway})"
+        options.setdefault("title", f"{name} · {scope}")
+        mon = LiveMonitor(BusSource(bus, label=f"bus · {scope}"), name, **options)
+    else:
+        mon = LiveMonitor.from_store(lab, name, bus=bus, create=True, **options)
+    mon.start()
+
+    def study() -> Any:
+        result = run_study(
+            name, lab=lab, bus=bus, gateway=gateway, should_stop=mon.stop_event, **study_kwargs
+        )
+        if not gateway:  # other workers' trials still running: the final view waits for them
+            mon.wait_for_running_trials(quiet=other_workers_quiet)
+        return result
+
+    return mon.run_in_background(study)
 
 
 def _run_small_study(lab_root: str, study: str) -> None:
@@ -91,6 +240,7 @@ def background_demo_study(
     """
     if effective_profile(profile) != "test":
         return None
+    lab.store().close()  # the lab exists before the monitor looks for it
     proc = mp.get_context("spawn").Process(
         target=_run_small_study, args=(str(lab.root), study), daemon=True
     )
@@ -98,15 +248,17 @@ def background_demo_study(
     return proc
 
 
-def ensure_studies(lab: Lab, studies: Sequence[str], profile: str | None = None) -> list[str]:
+def ensure_studies(lab: Lab, studies: str | Sequence[str], profile: str | None = None) -> list[str]:
     """Under the test profile, run a small real study for each named study the lab lacks.
 
     Returns the names that had to be run. Under other profiles a missing study is an error,
     since comparing nothing would silently show nothing.
 
     Raises:
-        ConfigError: a study has no trials in the lab (and the profile is not ``test``).
+        ConfigError: a study has no trials in the lab (and the profile is not ``test``), or
+            ``studies`` is not a name or a list of names (:func:`study_names`).
     """
+    studies = study_names(studies)
     with lab.store() as store:
         known = set(store.trials()["study"]) if store.counts()["trials"] else set()
     missing = [s for s in studies if s not in known]

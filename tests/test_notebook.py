@@ -1,0 +1,364 @@
+"""Tests of thunderline_lab.notebook (the helpers the notebooks call) and of the notebooks'
+shape: thin cells that call the package, saved without outputs, examples that match the API."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import inspect
+import json
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from thunderline_lab import events
+from thunderline_lab import monitor as monitor_mod
+from thunderline_lab import notebook as notebook_mod
+from thunderline_lab.bus import EventBus
+from thunderline_lab.errors import ConfigError
+from thunderline_lab.lab import Lab
+from thunderline_lab.monitor import LiveMonitor, simulate_study, synthetic_study
+from thunderline_lab.notebook import ensure_studies, follow, start_study, study_names
+from thunderline_lab.training import TrialResult
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("THUNDERLINE_MONITOR", raising=False)
+    monkeypatch.delenv("THUNDERLINE_LAB_PROFILE", raising=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# study_names: one name or a list, never a string taken letter by letter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_study_names_accepts_a_name_or_a_list() -> None:
+    assert study_names("smoke") == ["smoke"]  # papermill -p studies smoke
+    assert study_names(["a", "b", "a"]) == ["a", "b"]
+    assert study_names(("a",)) == ["a"]
+    assert study_names('["spectral_norm_ab", "smoke"]') == ["spectral_norm_ab", "smoke"]
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (3, "got int 3"),
+        ({"a": 1}, "got dict"),
+        (None, "got NoneType"),
+        ([], "no study named"),
+        (["ok", 7], "non-empty string, got 7"),
+        ([""], "non-empty string"),
+        ('["unclosed"', "not a JSON list"),
+        ('{"a": 1}', None),  # a string that is not a list: one (odd) name, kept as given
+    ],
+)
+def test_study_names_rejects_everything_else_clearly(value: Any, words: str | None) -> None:
+    if words is None:
+        assert study_names(value) == [value]
+        return
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        study_names(value)
+
+
+def test_ensure_studies_takes_a_single_name_as_one_study(tmp_path: Path) -> None:
+    lab = Lab.resolve(tmp_path / "lab")
+    with pytest.raises(ConfigError, match=r"no trials for smoke \(") as err:
+        ensure_studies(lab, "smoke", profile="full")
+    assert "s, m" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# follow: until the study finishes, with the timeout as an upper bound
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_monitor(bus: EventBus, study: str = "f") -> LiveMonitor:
+    return LiveMonitor.from_bus(bus, study, mode="text", text_interval=1e9).start(display=False)
+
+
+def test_follow_ends_when_the_study_has_finished(capsys: pytest.CaptureFixture[str]) -> None:
+    bus = EventBus()
+    mon = _text_monitor(bus)
+    bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2))
+    assert follow(mon, timeout=None, quiet=0.05, poll=0.01) == "finished"
+    assert mon._finished and mon.state.summary()["n_done"] == 2
+    assert "[finished · 8 events" in capsys.readouterr().out
+    mon.close()
+
+
+def test_follow_keeps_following_a_running_trial_until_the_timeout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bus = EventBus()
+    mon = _text_monitor(bus)
+    bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2)[:-1])  # a trial still runs
+    assert follow(mon, timeout=0.3, quiet=0.0, poll=0.01) == "timeout"
+    assert "stopped following after 0.3 s (the study may still run)" in capsys.readouterr().out
+    mon.close()
+
+
+def test_follow_until_wins_over_the_quiet_rule() -> None:
+    bus = EventBus()
+    mon = _text_monitor(bus)
+    bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2))
+    ended = threading.Event()
+    threading.Timer(0.2, ended.set).start()
+    assert follow(mon, quiet=0.0, poll=0.01, until=ended.is_set, finish=False) == "finished"
+    assert ended.is_set() and not mon._finished
+    mon.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# start_study: the study notebook's study, in the background under a monitor
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_trainer(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+    """Publishes per-epoch metrics like train_trial (no torch): milliseconds per trial."""
+    ids = {"model_run_id": kw["model_run_id"], "trial_id": kw["trial_id"], "study": kw["study"]}
+    history = []
+    for epoch in range(kw["epochs"]):
+        loss = 1.0 / (epoch + 1) + (0.05 if config.spectral_norm else 0.0)
+        point = {"val_loss": loss, "val_accuracy": 1 - loss / 2}
+        history.append({"epoch": float(epoch), **point})
+        kw["bus"].publish(events.run_metric(**ids, step=epoch, measurements=point))
+    metrics = {"val_accuracy": 1 - loss / 2, "best_val_accuracy": 1 - loss / 2}
+    return TrialResult("completed", {**metrics, "best_val_loss": loss}, history, duration_ms=1)
+
+
+def _other_worker(lab: Lab, study: str, n: int) -> None:
+    """Another worker's finished trials of the same study, as its events reach the store."""
+    with lab.store() as store:
+        for i in range(n):
+            ids = {"model_run_id": study, "trial_id": f"w1_trial_{i:04d}", "study": study}
+            store.append(
+                [
+                    events.trial_start(**ids, spectral_norm=bool(i % 2)),
+                    events.trial_complete(
+                        **ids, spectral_norm=bool(i % 2), metrics={"best_val_accuracy": 0.9}
+                    ),
+                ]
+            )
+
+
+def _other_worker_still_running(lab: Lab, study: str, ours: int) -> threading.Thread:
+    """Another worker's trial that runs on until this worker's ``ours`` trials completed."""
+    ids = {"model_run_id": study, "trial_id": "w1_trial_late", "study": study}
+    with lab.store() as store:
+        store.append([events.trial_start(**ids, spectral_norm=True)])
+
+    def finish_late() -> None:
+        with lab.store() as store:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                done = store.trials(study=study, status="completed")
+                if (~done["trial_id"].str.startswith("w1_")).sum() >= ours:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.3)
+            store.append(
+                [events.trial_complete(**ids, spectral_norm=True, metrics={"val_accuracy": 0.5})]
+            )
+
+    thread = threading.Thread(target=finish_late, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_start_study_follows_every_workers_trials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    _other_worker(lab, "multi", 3)
+    late = _other_worker_still_running(lab, "multi", ours=4)
+    run = start_study(
+        "multi",
+        lab=lab,
+        worker_index=0,
+        n_trials=4,
+        epochs=2,
+        dataset="wine",
+        trainer=fake_trainer,
+        monitor_options={"text_interval": 1e9},
+    )
+    assert not run.running  # no frontend here: the call waited for the study
+    result = run.wait()
+    assert result.counts["completed"] == 4
+    mon = run.monitor
+    assert mon is not None and "bus + store" in mon.source.label
+    ids = {r.trial_id for r in mon.state.rows.values()}
+    assert {f"w1_trial_{i:04d}" for i in range(3)} <= ids  # the other worker's trials
+    # ... including the one that ended after this worker's share: the view waited for it
+    assert not late.is_alive() and mon.state.rows[("multi", "w1_trial_late")].status == (
+        "completed"
+    )
+    assert len(ids) == 8 and mon.state.summary()["n_done"] == 8
+    final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")][-1]
+    assert "8/8 done" in final and "4 trials loaded from the store" in final
+
+
+def _fake_run_study(calls: list[dict[str, Any]]) -> Any:
+    def run_study(name: str, *, bus: EventBus | None = None, **kw: Any) -> dict[str, int]:
+        calls.append({"name": name, "bus": bus, **kw})
+        if bus is None:
+            return {"completed": 0}
+        stop = kw["should_stop"]
+        assert isinstance(stop, threading.Event)  # the monitor's: the Stop button sets it
+        return simulate_study(
+            bus,
+            name,
+            n_pairs=kw.get("n_pairs", 1),
+            epochs=5,
+            delay=kw.get("delay", 0.0),
+            stop_event=stop,
+        )
+
+    return run_study
+
+
+def test_start_study_with_a_gateway_says_it_shows_this_kernels_trials_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("thunderline_lab.study.run_study", _fake_run_study(calls))
+    lab = Lab.resolve(tmp_path / "lab")
+    run = start_study("gw", lab=lab, gateway="http://gw.example:8765", worker_index=1)
+    assert run.wait()["completed"] == 2
+    assert calls[0]["gateway"] == "http://gw.example:8765"
+    assert run.monitor is not None
+    assert "worker 1: this kernel's trials only" in run.monitor.source.label
+    final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")][-1]
+    assert "this kernel's trials only" in final
+    assert not lab.db_path.exists()  # nothing was written to a local store
+
+
+def test_start_study_without_a_monitor_runs_in_the_foreground(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("thunderline_lab.study.run_study", _fake_run_study(calls))
+    run = start_study("fg", lab=Lab.resolve(tmp_path / "lab"), monitor=False, n_trials=2)
+    assert not run.running and run.thread is None and run.monitor is None
+    assert run.wait() == {"completed": 0} and calls[0]["n_trials"] == 2
+
+
+def test_in_jupyterlab_the_stop_button_shows_and_stops_the_running_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented path: run the study cell, watch, press Stop, run the results cells."""
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("thunderline_lab.study.run_study", _fake_run_study(calls))
+    monkeypatch.setattr(LiveMonitor, "_show_widget", lambda self: None)  # no frontend here
+    run = start_study(
+        "ui",
+        lab=Lab.resolve(tmp_path / "lab"),
+        n_pairs=200,
+        delay=0.001,
+        monitor_options={"mode": "widget", "min_interval": 0.01},
+    )
+    mon = run.monitor
+    assert mon is not None and run.running  # the cell returned while the study runs
+    button = mon._widgets["stop"]
+    assert button.layout.display == ""  # visible
+    deadline = time.monotonic() + 30
+    while not mon.state.summary()["n_running"]:  # watch until a trial runs
+        assert run.running and time.monotonic() < deadline
+        time.sleep(0.005)
+    button.click()  # the kernel is idle: the click is handled at once
+    counts = run.wait(60)  # the results cell
+    assert mon.should_stop() and counts["cancelled"] <= 1  # mid-trial or between trials
+    assert sum(counts.values()) < 400  # ended early: no trial started after the click
+    assert button.layout.display == "none" and "stopped" in mon._status
+
+
+# ---------------------------------------------------------------------------------------------
+# The notebooks: thin, saved clean, calling the real API
+# ---------------------------------------------------------------------------------------------
+
+
+def _cells(name: str) -> list[dict[str, Any]]:
+    cells: list[dict[str, Any]] = json.loads((NOTEBOOKS / name).read_text())["cells"]
+    return cells
+
+
+def _source(cell: dict[str, Any]) -> str:
+    src = cell["source"]
+    return src if isinstance(src, str) else "".join(src)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebooks_are_saved_without_outputs_and_keep_their_parameters(name: str) -> None:
+    cells = _cells(name)
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    params = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+    assert len(params) == 1
+    ast.parse(_source(params[0]))  # plain assignments papermill can override
+
+
+def _calls(source: str, func: str) -> list[ast.Call]:
+    tree = ast.parse(source)
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", getattr(node.func, "attr", None)) == func
+    ]
+
+
+def test_the_study_notebook_runs_the_study_in_the_background_and_waits_later() -> None:
+    from thunderline_lab.study import run_study
+
+    code = [_source(c) for c in _cells("spectral_norm_study.ipynb") if c["cell_type"] == "code"]
+    starts = [i for i, src in enumerate(code) if _calls(src, "start_study")]
+    waits = [i for i, src in enumerate(code) if "run.wait()" in src]
+    assert len(starts) == 1 and waits and min(waits) > starts[0]
+    assert not any(_calls(src, "run_study") for src in code)  # the package runs it
+    (call,) = _calls(code[starts[0]], "start_study")
+    accepted = set(inspect.signature(start_study).parameters) | set(
+        inspect.signature(run_study).parameters
+    )
+    given = {k.arg for k in call.keywords if k.arg is not None}
+    assert given <= accepted, given - accepted
+
+
+def test_the_compare_notebook_normalises_its_studies_parameter() -> None:
+    code = [_source(c) for c in _cells("compare_constraints.ipynb") if c["cell_type"] == "code"]
+    first_use = next(i for i, src in enumerate(code) if "ensure_studies(" in src)
+    assert "studies = study_names(studies)" in code[first_use]
+
+
+def test_the_live_monitor_notebook_follows_until_the_study_finishes() -> None:
+    code = [_source(c) for c in _cells("live_monitor.ipynb") if c["cell_type"] == "code"]
+    (call,) = [c for src in code for c in _calls(src, "follow")]
+    given = {k.arg for k in call.keywords}
+    assert {"timeout", "quiet"} <= given <= set(inspect.signature(follow).parameters)
+    assert ".ensure()" not in "".join(code)  # a mistyped lab is an error, not a new lab
+
+
+@pytest.mark.parametrize("module", [monitor_mod, notebook_mod])
+def test_doc_examples_run(module: Any) -> None:
+    failed, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failed == 0
+
+
+def test_run_study_calls_in_the_docs_use_its_real_keywords() -> None:
+    from thunderline_lab.study import run_study
+
+    accepted = set(inspect.signature(run_study).parameters)
+    texts = [inspect.getsource(monitor_mod), inspect.getsource(notebook_mod)]
+    found = 0
+    for text in texts:
+        for call in re.finditer(r"run_study\(([^()]*(?:\([^()]*\)[^()]*)*)\)", text):
+            keywords = set(re.findall(r"(\w+)=", call.group(1))) - {"lambda"}
+            found += 1
+            assert keywords <= accepted, (call.group(0), keywords - accepted)
+    assert found >= 2
