@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import time
@@ -915,28 +916,8 @@ def test_wait_for_running_trials_of_other_workers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Waiting for a background study: interrupt = Stop; widget events with jupyter-ui-poll
+# Waiting for a background study: an interrupt stops it as the Stop button does
 # ---------------------------------------------------------------------------------------------
-
-
-def _fake_ui_poll(monkeypatch: pytest.MonkeyPatch, on_poll: Callable[[], None]) -> list[int]:
-    """Install a stand-in for jupyter_ui_poll; records the poll calls."""
-    import contextlib
-
-    calls: list[int] = []
-
-    @contextlib.contextmanager
-    def ui_events() -> Iterator[Callable[[int], None]]:
-        def poll(n: int) -> None:
-            calls.append(n)
-            on_poll()
-
-        yield poll
-
-    mod = types.ModuleType("jupyter_ui_poll")
-    mod.ui_events = ui_events  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "jupyter_ui_poll", mod)
-    return calls
 
 
 def _long_study(bus: EventBus, mon: LiveMonitor) -> Callable[[], dict[str, int]]:
@@ -945,40 +926,18 @@ def _long_study(bus: EventBus, mon: LiveMonitor) -> Callable[[], dict[str, int]]
     )
 
 
-def test_waiting_handles_stop_clicks_when_jupyter_ui_poll_is_installed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    bus = EventBus()
-    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
-    mon.start(display=False)
-    run = mon.run_in_background(_long_study(bus, mon))
-    assert run.keep_ui_live and mon._widgets["stop"].layout.display == ""
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to the own process is POSIX only")
+def test_interrupting_the_wait_stops_the_study_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    import signal
 
-    def deliver_click() -> None:  # what a queued comm message does when polled
-        if mon.state.summary()["n_running"] and not mon.should_stop():
-            mon._widgets["stop"].click()
-
-    calls = _fake_ui_poll(monkeypatch, deliver_click)
-    counts = run.wait(60)
-    assert calls and mon.should_stop()
-    # stopped early: the running trial cancelled, or none started after the click
-    assert counts["cancelled"] <= 1 and sum(counts.values()) < 1000
-    mon.close()
-
-
-def test_interrupting_the_wait_stops_the_study_cleanly(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+    assert threading.current_thread() is threading.main_thread()  # where SIGINT lands
     bus = EventBus()
     mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
     mon.start(display=False)
     run = mon.run_in_background(_long_study(bus, mon))
     _wait_for(lambda: mon.state.summary()["n_running"] > 0)
-
-    def interrupt() -> None:  # the kernel's interrupt arrives while the cell waits
-        raise KeyboardInterrupt
-
-    _fake_ui_poll(monkeypatch, interrupt)
+    # the kernel's interrupt (■) arrives while the cell waits: a real SIGINT
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
     with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
         counts = run.wait(60)  # returns: the results cells can run on what finished
     assert mon.should_stop() and counts["cancelled"] <= 1 and sum(counts.values()) < 1000
@@ -987,8 +946,7 @@ def test_interrupting_the_wait_stops_the_study_cleanly(
     mon.close()
 
 
-def test_without_jupyter_ui_poll_waiting_is_plain(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "jupyter_ui_poll", None)  # import fails
+def test_waiting_returns_the_result_or_times_out() -> None:
     bus = EventBus()
     mon = LiveMonitor.from_bus(bus, STUDY, mode="widget", min_interval=0.01)
     mon.start(display=False)
@@ -997,5 +955,5 @@ def test_without_jupyter_ui_poll_waiting_is_plain(monkeypatch: pytest.MonkeyPatc
     )
     assert run.wait(60)["completed"] == 2
     with pytest.raises(TimeoutError):
-        BackgroundRun(stop=lambda: None, keep_ui_live=True).wait(0.01)
+        BackgroundRun(stop=lambda: None).wait(0.01)
     mon.close()

@@ -1160,9 +1160,6 @@ class BackgroundRun:
 
     Attributes:
         stop: asks the study to stop (the monitor's :meth:`~LiveMonitor.request_stop`).
-        keep_ui_live: while :meth:`wait` blocks a live notebook, let widget events (the Stop
-            button) through, when `jupyter-ui-poll <https://pypi.org/project/jupyter-ui-poll/>`_
-            is installed.
         monitor: the monitor following the study, if any.
     """
 
@@ -1171,7 +1168,6 @@ class BackgroundRun:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     stop: Callable[[], None] | None = None
-    keep_ui_live: bool = False
     monitor: LiveMonitor | None = None
 
     def wait(self, timeout: float | None = None) -> Any:
@@ -1180,9 +1176,8 @@ class BackgroundRun:
         Interrupting the kernel while waiting stops the study cleanly, as the Stop button
         does: the running trial ends cancelled, and ``wait`` returns once the study has
         ended (a second interrupt stops waiting). A cell that blocks the kernel also holds
-        back widget messages, so the Stop button cannot answer while a notebook waits here,
-        unless jupyter-ui-poll is installed (``pip install jupyter-ui-poll``), which lets
-        them through.
+        back widget messages (ipykernel handles them between cells), so the Stop button
+        cannot answer while a notebook waits here: interrupt the kernel (■) instead.
 
         Raises:
             TimeoutError: ``timeout`` seconds passed and the study still runs.
@@ -1203,34 +1198,15 @@ class BackgroundRun:
         return self.result
 
     def _wait_done(self, timeout: float | None) -> bool:
-        ui_events = _ui_events() if self.keep_ui_live else None
-        if ui_events is None or threading.current_thread() is not threading.main_thread():
-            return self.done.wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            with ui_events() as poll:
-                while not self.done.wait(0.1):
-                    poll(10)  # handle pending widget messages (a Stop click) now
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return False
-                return True
-        except Exception:  # an ipykernel that jupyter-ui-poll does not know: plain waiting
-            log.debug("jupyter-ui-poll failed; waiting without widget events", exc_info=True)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            return self.done.wait(left)
+        while not self.done.wait(0.1):  # in slices: an interrupt is taken at once
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+        return True
 
     @property
     def running(self) -> bool:
         return not self.done.is_set()
-
-
-def _ui_events() -> Callable[[], Any] | None:
-    """jupyter-ui-poll's ``ui_events`` when it is installed (an optional extra)."""
-    try:
-        from jupyter_ui_poll import ui_events
-    except ImportError:
-        return None
-    return cast(Callable[[], Any], ui_events)
 
 
 class LiveMonitor:
@@ -1659,9 +1635,7 @@ class LiveMonitor:
         """
         if not self._started:
             self.start()
-        run = BackgroundRun(
-            stop=self.request_stop, keep_ui_live=self.mode == "widget", monitor=self
-        )
+        run = BackgroundRun(stop=self.request_stop, monitor=self)
 
         def target() -> None:
             try:
