@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from thunderline_lab.errors import ConfigError, ThunderlineLabError
+from thunderline_lab.errors import ConfigError, StoreError, ThunderlineLabError
 
 if TYPE_CHECKING:
     from thunderline_lab.wire import LoadedEvents
@@ -136,7 +136,7 @@ def replay(lab_dir: Path | None) -> None:
 
     lab = Lab.resolve(lab_dir)
     if not lab.db_path.exists():
-        raise click.ClickException(f"no trial store at {lab.db_path}")
+        raise StoreError(f"no trial store at {lab.db_path}")
     with lab.store() as store:
         counts = store.replay()
     click.echo("replayed: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -177,7 +177,7 @@ def trials(
 
     lab = Lab.resolve(lab_dir)
     if not lab.db_path.exists():
-        raise click.ClickException(f"no trial store at {lab.db_path}")
+        raise StoreError(f"no trial store at {lab.db_path}")
     with lab.store() as store:
         df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
     if fmt == "json":
@@ -434,7 +434,7 @@ def compare_cmd(
 
     lab = Lab.resolve(lab_dir)
     if not lab.db_path.exists():
-        raise click.ClickException(f"no trial store at {lab.db_path}")
+        raise StoreError(f"no trial store at {lab.db_path}")
     with lab.store() as store:
         result = compare_study(
             store,
@@ -481,7 +481,7 @@ def mlflow_sync(
 
     lab = Lab.resolve(lab_dir)
     if not lab.db_path.exists():
-        raise click.ClickException(f"no trial store at {lab.db_path}")
+        raise StoreError(f"no trial store at {lab.db_path}")
     report = sync(lab, tracking_uri=tracking_uri, push=push, pull=pull, all_studies=all_studies)
     click.echo(f"mlflow {report.tracking_uri}: {report.summary()}")
     for line in report.conflicts + report.errors:
