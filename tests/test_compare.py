@@ -126,6 +126,20 @@ def test_no_difference_gives_a_ci_around_zero_and_no_winner() -> None:
     assert row["favours"] == "—" and row["p_value"] > 0.05
 
 
+def test_pairs_identical_in_every_metric_are_pointed_out() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i, d in enumerate([0.0, 0.02, 0.0]):
+        evs += _trial(2 * i, False, {"acc": 0.8, "loss": 0.5}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {"acc": 0.8 + d, "loss": 0.5}, pair=f"p{i}")
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc", "loss"], details=False)
+    (note,) = [n for n in res.notes if "identical" in n]
+    assert note.startswith("2 of 3 pairs are identical in every metric compared")
+    res = compare_study(_paired_store([0.01, 0.02, 0.03]), STUDY, metrics=["acc"], details=False)
+    assert not [n for n in res.notes if "identical" in n]
+
+
 def test_lower_is_better_metrics_flip_the_verdict() -> None:
     assert not higher_is_better("test_nll") and not higher_is_better("lipschitz_upper")
     assert higher_is_better("fgsm_acc_0.05") and higher_is_better("ood_auroc")

@@ -1688,6 +1688,13 @@ def _compare(
             f"metrics (n × resamples capped at {max_draws:,}); raise max_draws for more"
         )
     notes += arms.excluded
+    same = _identical_pairs(pair_cols)
+    if same:
+        notes.append(
+            f"{same} of {len(next(iter(pair_cols.values())))} pairs are identical in every "
+            "metric compared: SN left those trials unchanged (the soft bound W / max(1, σ/c) "
+            "does nothing while every σ stays ≤ c); a longer budget or a smaller c lets it act"
+        )
 
     sel = arms.sel
     arm = arms.columns["arm"]
@@ -1788,6 +1795,15 @@ def _pair_means(
 
 # per complete pair (codes ascending): its code, its SN trial's row, its none trial's row
 _PairRows = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _identical_pairs(pair_cols: Mapping[str, np.ndarray]) -> int:
+    """How many pairs have a difference of exactly 0 in every metric they report."""
+    if not pair_cols:
+        return 0
+    d = np.column_stack(list(pair_cols.values()))
+    known = ~np.isnan(d)
+    return int(np.count_nonzero(known.any(axis=1) & np.all(~known | (d == 0), axis=1)))
 
 
 def _paired_diffs(
