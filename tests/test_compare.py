@@ -518,6 +518,22 @@ def test_multiple_coefficients_get_their_own_rows() -> None:
     assert by[1.0] == pytest.approx(0.02) and by[4.0] == pytest.approx(-0.02)
 
 
+def test_a_searched_coefficient_of_a_few_trials_gets_no_row_per_trial() -> None:
+    def study(n_pairs: int) -> TrialStore:
+        store = TrialStore(":memory:")
+        evs = []
+        for i in range(n_pairs):  # every SN trial its own coefficient (a searched one)
+            evs += _trial(2 * i, False, {"acc": 0.8}, pair=f"p{i}")
+            evs += _trial(2 * i + 1, True, {"acc": 0.81}, pair=f"p{i}", coeff=0.5 + 0.1 * i)
+        store.append(evs)
+        return store
+
+    few = compare_study(study(4), STUDY, metrics=["acc"], details=False)
+    assert few.by_coeff.empty  # 4 trials, 4 coefficients: no table of single trials
+    many = compare_study(study(9), STUDY, metrics=["acc"], details=False)
+    assert len(many.by_coeff) == 3 and (many.by_coeff["n_pairs"] == 3).all()  # terciles
+
+
 def test_details_curves_layers_and_sampling(synthetic_store: TrialStore) -> None:
     res = compare_study(synthetic_store, STUDY)
     assert set(res.curves["name"]) == {"val_accuracy", "val_loss", "train_loss"}

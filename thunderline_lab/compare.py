@@ -2038,8 +2038,12 @@ def _by_coeff(
     if len(coeffs) < 2:
         return pd.DataFrame()
     groups: list[tuple[float, str, np.ndarray]] = []
-    if len(coeffs) <= _MAX_COEFF_LEVELS:  # a few fixed coefficients: one row each
+    n_known = int(np.count_nonzero(known))
+    if len(coeffs) <= _MAX_COEFF_LEVELS and n_known >= 2 * len(coeffs):
+        # a few fixed coefficients, each tried more than once: one row each
         groups = [(float(c), f"{c:g}", is_sn & (frame.coeff == c)) for c in coeffs]
+    elif n_known < 6:  # a few trials of a searched coefficient: one trial per row says nothing
+        return pd.DataFrame()
     else:  # a searched (continuous) coefficient: terciles, not one trial per row
         edges = np.quantile(frame.coeff[known], [0.0, 1 / 3, 2 / 3, 1.0])
         for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
