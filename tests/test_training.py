@@ -237,6 +237,34 @@ def test_max_sigma_is_exact_for_linear_layers():
     assert net.training  # mode restored
 
 
+def test_max_sigma_of_matrix_mode_sn_convs_is_their_operator_norm():
+    # matrix-mode SN bounds the reshaped kernel, not the convolution: the reported sigma must
+    # be the convolution's true operator norm (it used to be the reshaped kernel's, <= c)
+    from thunderline_lab.models import build_model
+    from thunderline_lab.spectral import layer_sigmas
+    from thunderline_lab.training import _remember_conv_input_shapes
+
+    digits = load_dataset("digits", seed=0, image=True)
+    cfg = ModelConfig(
+        architecture="cnn",
+        depth=2,
+        width=8,
+        spectral_norm=True,
+        spectral_norm_coeff=1.0,
+        conv_sn_mode="matrix",
+        sn_layers="first,hidden",
+    )
+    model = build_model(cfg, (1, 8, 8), 10, seed=0)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "parametrizations"):
+                module.parametrizations.weight.original.mul_(5)
+    _remember_conv_input_shapes(model, digits.x_train)
+    exact = layer_sigmas(model, (1, 8, 8))["sigma_exact"].max()
+    assert exact > 1.5  # the convolutions exceed c = 1 as operators
+    assert max_sigma(model) == pytest.approx(exact, rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "kw", [{"epochs": 0}, {"lr": 0.0}, {"lr": math.inf}, {"batch_size": 0}, {"patience": 0}]
 )

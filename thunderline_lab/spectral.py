@@ -117,7 +117,7 @@ ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float | Callable[[nn.Module], float]
     nn.SiLU: 1.09984,  # ≈ 1.099839
     nn.Mish: 1.08850,  # ≈ 1.088499
     nn.LeakyReLU: lambda m: max(1.0, abs(cast(nn.LeakyReLU, m).negative_slope)),
-    nn.ELU: lambda m: max(1.0, cast(nn.ELU, m).alpha),
+    nn.ELU: lambda m: max(1.0, abs(cast(nn.ELU, m).alpha)),
     nn.Identity: 1.0,
     nn.Flatten: 1.0,
     nn.Unflatten: 1.0,

@@ -224,7 +224,9 @@ def _conv_sigma(module: nn.Module, weight: torch.Tensor) -> float:
     from thunderline_lab.spectral import get_spectral_norm, operator_norm
 
     sn = get_spectral_norm(module)
-    shape = sn.input_shape if sn is not None else getattr(module, "_tl_input_shape", None)
+    # operator-mode SN knows its input shape; matrix-mode SN does not (its bound is on the
+    # reshaped kernel), so the shape recorded by a forward pass gives the true norm
+    shape = (sn.input_shape if sn is not None else None) or getattr(module, "_tl_input_shape", None)
     if shape is not None:
         try:
             return float(operator_norm(module, shape))
