@@ -123,6 +123,21 @@ def test_failing_notebook_names_notebook_cell_and_saved_copy(tmp_path: Path) -> 
     assert "'if not boom:'" in message
 
 
+@pytest.mark.timeout(300)  # a dead kernel used to hang the run for good (IPC transport)
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_a_kernel_killed_mid_cell_fails_the_run_instead_of_hanging_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    monkeypatch.setenv("THUNDERLINE_LAB_KERNEL_TRANSPORT", transport)
+    make_notebook(
+        tmp_path / "dies.ipynb", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
+    )
+    cfg = write_config(tmp_path, '[study]\nname = "d"\nnotebook = "dies.ipynb"\n')
+    with pytest.raises(NotebookExecutionError, match="kernel died") as info:
+        run_batch(load_study_config(cfg), lab=tmp_path / "lab", progress=False)
+    assert "DeadKernelError" in str(info.value)
+
+
 def test_overrides_reach_the_notebook_and_unknown_ones_are_refused(tmp_path: Path) -> None:
     make_notebook(tmp_path / "nb.ipynb", "assert boom is True and n_trials == 7")
     cfg = load_study_config(

@@ -307,7 +307,10 @@ def _kernel_manager_class() -> type[Any] | None:
         return None
     import uuid
 
-    from jupyter_client.manager import KernelManager
+    # the async manager, as papermill's default: nbclient polls an async client for the
+    # kernel's death between messages; a blocking client (KernelManager's) holds its event
+    # loop in the reply wait, so a killed kernel hung the run for good
+    from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.paths import jupyter_runtime_dir
 
     runtime = jupyter_runtime_dir()
@@ -319,7 +322,7 @@ def _kernel_manager_class() -> type[Any] | None:
     except OSError:
         return None
 
-    class IPCKernelManager(KernelManager):
+    class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs: Any) -> None:
             kwargs.setdefault("transport", "ipc")
             # Each kernel its own socket files: the default name ("kernel-ipc" in the
@@ -443,7 +446,9 @@ def run_batch(
     for out, res in zip(outputs, results, strict=True):
         if res:
             cell = res.get("cell_index")
-            if cell is None:
+            if res.get("ename") == "DeadKernelError":
+                where = "a cell whose kernel died (killed, or out of memory)"
+            elif cell is None:
                 where = "kernel start-up"
             else:
                 where = f"cell {res['source_index']}"
