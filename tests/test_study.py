@@ -499,6 +499,21 @@ def test_study_of_another_dataset_is_refused(tmp_path):
         _run(tmp_path, n_trials=2, dataset=load_dataset("moons", seed=0))
 
 
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"epochs": 5}, "epochs"),
+        ({"seeds": (0, 1)}, "seeds"),
+        ({"search_space": {"lr": [1e-3, 1e-2]}}, "search_space"),
+    ],
+)
+def test_resuming_with_other_epochs_seeds_or_space_is_refused(tmp_path, change, key):
+    _run(tmp_path, n_trials=2)
+    with pytest.raises(ConfigError, match=f"made with {key}=.*not be comparable"):
+        _run(tmp_path, n_trials=4, **change)
+    assert _run(tmp_path, n_trials=4).counts["completed"] == 4  # the same settings resume
+
+
 def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown dataset 'cifar'; available: .*digits"):
         _run(tmp_path, n_trials=2, dataset="cifar")

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -1411,15 +1412,30 @@ def _check_design(
 
 
 def _study_attrs(
-    dataset: str, architecture: str, design: str, seeds: tuple[int, ...], space: SearchSpace
+    dataset: str,
+    architecture: str,
+    design: str,
+    seeds: tuple[int, ...],
+    space: SearchSpace,
+    epochs: int,
 ) -> dict[str, Any]:
-    return {
-        "dataset": dataset,
-        "architecture": architecture,
-        "design": design,
-        "seeds": list(seeds),
-        "search_space": space.to_dict(),
-    }
+    # JSON-normal (lists, not tuples), as a resumed study reads them back from its storage
+    return json.loads(
+        json.dumps(
+            {
+                "dataset": dataset,
+                "architecture": architecture,
+                "design": design,
+                "seeds": list(seeds),
+                "search_space": space.to_dict(),
+                "epochs": epochs,
+            }
+        )
+    )
+
+
+# What a resumed study must keep: trials made otherwise are not comparable with its others.
+_FIXED_ATTRS = ("dataset", "architecture", "design", "seeds", "epochs", "search_space")
 
 
 def run_study(
@@ -1603,7 +1619,7 @@ def run_study(
             sampler,
             sampler_seed,
             pruner,
-            _study_attrs(ctx.dataset_name, architecture, design, seeds_t, space),
+            _study_attrs(ctx.dataset_name, architecture, design, seeds_t, space, epochs),
         )
         ctx.study = study
         _fail_stale(study)  # trials of dead workers: failed, reported and re-enqueued
@@ -1736,11 +1752,11 @@ def _open_study(
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
     else:
-        for k in ("dataset", "architecture", "design"):
+        for k in _FIXED_ATTRS:  # (studies made before a key was kept do not have it)
             if k in have and have[k] != attrs[k]:
                 raise ConfigError(
-                    f"study {name!r} was made with {k}={have[k]!r}, not {attrs[k]!r}: "
-                    "use another study name"
+                    f"study {name!r} was made with {k}={have[k]!r}, not {attrs[k]!r}: its "
+                    "trials would not be comparable; use another study name"
                 )
     return study
 
