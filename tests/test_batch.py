@@ -106,6 +106,12 @@ def test_progress_is_readable_without_a_tty() -> None:
     assert lines[1].startswith("trials 4/4") and "ETA -" in lines[1]
     bar.update({"completed": 3, "pruned": 1}, 0.95, final=True)  # a run's closing update
     assert out.getvalue().splitlines() == lines  # the same state is not printed twice
+    # a stale trial (its worker died) is retried: not done, and said apart
+    retried = Progress(total=4, stream=io.StringIO(), every_s=0.0)
+    retried.update({"completed": 4, "stale": 1}, 0.9, final=True)
+    assert retried.stream.getvalue().startswith(
+        "trials 4/4 (completed 4, pruned 0, failed 0, running 0, stale 1)"
+    )
 
 
 def test_failing_notebook_names_notebook_cell_and_saved_copy(tmp_path: Path) -> None:

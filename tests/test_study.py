@@ -520,6 +520,16 @@ def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):
     assert not (tmp_path / "lab" / "optuna.journal").exists()
 
 
+def test_dashboard_with_an_unreachable_storage_is_one_clean_line(tmp_path):
+    url = "postgresql+psycopg2://u:pw@127.0.0.1:9/x"
+    out = CliRunner().invoke(cli, ["dashboard", "--storage", url, "--port", "8124"])
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert (
+        "error: cannot open Optuna storage postgresql+psycopg2://u:***@127.0.0.1:9/x" in out.output
+    )
+    assert "pw@" not in out.output
+
+
 def test_dashboard_command_prints_the_optuna_dashboard_call(tmp_path):
     runner = CliRunner()
     missing = runner.invoke(cli, ["dashboard", "--lab", str(tmp_path / "lab"), "--print-command"])

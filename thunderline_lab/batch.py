@@ -212,7 +212,8 @@ class Progress:
     _start: float = field(default_factory=time.monotonic)
 
     def update(self, counts: Mapping[str, int], best: float | None, *, final: bool = False) -> None:
-        done = sum(counts.get(s, 0) for s in ("completed", "pruned", "failed", "cancelled"))
+        # what counts toward n_trials (run_study): stale and cancelled trials are retried
+        done = sum(counts.get(s, 0) for s in ("completed", "pruned", "failed"))
         now = time.monotonic()
         tty = self.stream.isatty()
         if (
@@ -229,7 +230,9 @@ class Progress:
         state = (
             f"trials {done}/{self.total} (completed {counts.get('completed', 0)}, pruned "
             f"{counts.get('pruned', 0)}, failed {counts.get('failed', 0)}, running "
-            f"{counts.get('running', 0)}) | best val_accuracy {best_txt}"
+            f"{counts.get('running', 0)}"
+            + "".join(f", {s} {counts[s]}" for s in ("stale", "cancelled") if counts.get(s))
+            + f") | best val_accuracy {best_txt}"
         )
         if final and not tty and state == self._last_state:
             return  # the last line printed already says it
@@ -252,8 +255,10 @@ def _study_status(lab: Lab, study: str) -> tuple[dict[str, int], float | None]:
         conn = sqlite3.connect(f"file:{lab.db_path}?mode=ro", uri=True, timeout=5)
         try:
             rows = conn.execute(
-                "SELECT status, COUNT(*), MAX(json_extract(metrics, '$.val_accuracy')) "
-                "FROM trials WHERE study = ? GROUP BY status",
+                # a trial failed as stale (its worker died) is retried: counted apart
+                "SELECT CASE WHEN status = 'failed' AND error_type = 'stale' THEN 'stale' "
+                "ELSE status END AS s, COUNT(*), MAX(json_extract(metrics, '$.val_accuracy')) "
+                "FROM trials WHERE study = ? GROUP BY s",
                 (study,),
             ).fetchall()
         finally:

@@ -373,6 +373,10 @@ def dashboard(
     if print_command:
         click.echo(shlex.join(argv))
         return
+    if storage:  # reachable? (else optuna-dashboard dies in a long traceback)
+        from thunderline_lab.study import make_storage
+
+        make_storage(storage)  # StudyError: one line, the password redacted
     click.echo(
         f"optuna-dashboard on http://{host}:{port}/ ({argv[-1] if not storage else 'RDB'})",
         err=True,
