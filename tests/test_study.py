@@ -514,6 +514,17 @@ def test_resuming_with_other_epochs_seeds_or_space_is_refused(tmp_path, change, 
     assert _run(tmp_path, n_trials=4).counts["completed"] == 4  # the same settings resume
 
 
+def test_a_budget_that_splits_a_pair_is_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="thunderline_lab.study"):
+        _run(tmp_path, n_trials=3)
+    (msg,) = [r.getMessage() for r in caplog.records if "not a multiple" in r.getMessage()]
+    assert "n_trials=3 is not a multiple of 2" in msg and "n_trials=4 keeps" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="thunderline_lab.study"):
+        _run(tmp_path, name="whole", n_trials=4)
+    assert not [r for r in caplog.records if "not a multiple" in r.getMessage()]
+
+
 def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown dataset 'cifar'; available: .*digits"):
         _run(tmp_path, n_trials=2, dataset="cifar")

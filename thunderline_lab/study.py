@@ -1408,6 +1408,21 @@ def _check_design(
             "the paired design flips spectral_norm: search_space.spectral_norm cannot be fixed "
             "(use design='tpe' to study one arm)"
         )
+    group = (2 if design == "paired" else 1) * len(out)
+    if n_trials % group:
+        log.warning(
+            "study %r: n_trials=%d is not a multiple of %d (each configuration runs %s): the "
+            "last configuration will miss %d of its trials, which a later resume does not "
+            "add; n_trials=%d keeps every group whole",
+            name,
+            n_trials,
+            group,
+            "with SN on and off" + (f" for {len(out)} seeds" if len(out) > 1 else "")
+            if design == "paired"
+            else f"for {len(out)} seeds",
+            group - n_trials % group,
+            n_trials + group - n_trials % group,
+        )
     return out
 
 
