@@ -525,6 +525,21 @@ def test_a_budget_that_splits_a_pair_is_warned_about(tmp_path, caplog):
     assert not [r for r in caplog.records if "not a multiple" in r.getMessage()]
 
 
+def test_resuming_completes_a_pair_that_an_odd_budget_cut(tmp_path):
+    first = _run(tmp_path, name="odd", n_trials=3)
+    arms = {(t.user_attrs["group_id"], t.user_attrs["arm"]) for t in first.study.get_trials()}
+    (orphan,) = [g for g, _ in arms if sum(1 for h, _ in arms if h == g) == 1]
+    resumed = _run(tmp_path, name="odd", n_trials=4)
+    groups: dict[str, set[str]] = {}
+    for t in resumed.study.get_trials():
+        groups.setdefault(t.user_attrs["group_id"], set()).add(t.user_attrs["arm"])
+    assert groups[orphan] == {"sn_on", "sn_off"}  # its twin ran, not a new configuration
+    assert all(arms == {"sn_on", "sn_off"} for arms in groups.values())
+    twin = [t for t in resumed.study.get_trials() if t.user_attrs["group_id"] == orphan]
+    hyper = [{k: v for k, v in t.params.items() if "spectral" not in k} for t in twin]
+    assert hyper[0] == hyper[1]  # the same configuration, SN flipped
+
+
 def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown dataset 'cifar'; available: .*digits"):
         _run(tmp_path, n_trials=2, dataset="cifar")

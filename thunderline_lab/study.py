@@ -912,6 +912,46 @@ def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -
     return _member_attrs(group_id, seed, sn, ctx.design)
 
 
+def _complete_open_pairs(study: optuna.Study, ctx: _Context) -> int:
+    """Enqueue the missing twin of each finished trial whose pair an earlier run's budget
+    cut (a paired study of one seed; n_trials odd), before any new configuration is
+    sampled; returns how many were enqueued.
+
+    Only groups whose members have all finished count: a running trial enqueues its own
+    twin (and a dead worker's is failed as stale and retried), so workers starting side by
+    side never enqueue a twin twice.
+    """
+    if ctx.design != "paired" or len(ctx.seeds) != 1:
+        return 0
+    groups: dict[str, list[FrozenTrial]] = {}
+    busy: set[str] = set()
+    for t in study.get_trials(deepcopy=False):
+        group = t.user_attrs.get("group_id")
+        if group is None:
+            continue
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            busy.add(group)
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+            t.state == TrialState.FAIL and t.user_attrs.get(_STATUS_ATTR) == "failed"
+        ):
+            groups.setdefault(group, []).append(t)
+    added = 0
+    for group, members in sorted(groups.items()):
+        arms = {t.user_attrs.get("arm") for t in members}
+        if group in busy or len(arms) != 1 or None in arms:
+            continue
+        twin_sn = arms == {"sn_off"}
+        params = _params_for_arm(members[0].params, twin_sn)
+        if not _enqueue(
+            study, params, _member_attrs(group, ctx.seeds[0], twin_sn, ctx.design), ctx.n_trials
+        ):
+            break
+        added += 1
+    if added:
+        log.info("study %r: %d twins enqueued to complete pairs of an earlier run", ctx.name, added)
+    return added
+
+
 def _member_attrs(group_id: str, seed: int, sn: bool, design: Design) -> dict[str, Any]:
     attrs: dict[str, Any] = {"group_id": group_id, "seed": int(seed), "arm": _arm(sn)}
     if design == "paired":
@@ -1412,8 +1452,8 @@ def _check_design(
     if n_trials % group:
         log.warning(
             "study %r: n_trials=%d is not a multiple of %d (each configuration runs %s): the "
-            "last configuration will miss %d of its trials, which a later resume does not "
-            "add; n_trials=%d keeps every group whole",
+            "last configuration will miss %d of its trials (a resume with a larger n_trials "
+            "runs a single seed's missing twin first); n_trials=%d keeps every group whole",
             name,
             n_trials,
             group,
@@ -1638,6 +1678,7 @@ def run_study(
         )
         ctx.study = study
         _fail_stale(study)  # trials of dead workers: failed, reported and re-enqueued
+        _complete_open_pairs(study, ctx)  # a twin an earlier, smaller budget left out
         if isinstance(the_storage, _LabJournalStorage):
             the_storage.start_heartbeat()
             stack.callback(the_storage.stop_heartbeat)
