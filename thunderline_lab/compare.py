@@ -1798,12 +1798,23 @@ _PairRows = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _identical_pairs(pair_cols: Mapping[str, np.ndarray]) -> int:
-    """How many pairs have a difference of exactly 0 in every metric they report."""
-    if not pair_cols:
+    """How many pairs have a difference of exactly 0 in every metric they report.
+
+    Metric by metric, stopping once no pair can qualify (the usual case in a real study,
+    after the first metric): no pairs × metrics copy on every comparison.
+    """
+    same: np.ndarray | None = None
+    reported: np.ndarray | None = None
+    for d in pair_cols.values():
+        missing = np.isnan(d)
+        zero_or_missing = (d == 0) | missing
+        same = zero_or_missing if same is None else same & zero_or_missing
+        if not same.any():
+            return 0
+        reported = ~missing if reported is None else reported | ~missing
+    if same is None or reported is None:
         return 0
-    d = np.column_stack(list(pair_cols.values()))
-    known = ~np.isnan(d)
-    return int(np.count_nonzero(known.any(axis=1) & np.all(~known | (d == 0), axis=1)))
+    return int(np.count_nonzero(same & reported))
 
 
 def _paired_diffs(

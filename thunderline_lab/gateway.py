@@ -1551,12 +1551,15 @@ class EventClient:
             remaining: list[str] = []
             # a line that is not JSON (torn by a crash mid-write) is set aside on its own
             # instead of making the gateway refuse its whole batch with a 400
-            rejected = [ln for ln in lines if not _is_json(ln)]
+            rejected: list[str] = []
+            parsed: list[str] = []
+            for ln in lines:
+                (parsed if _is_json(ln) else rejected).append(ln)
             if rejected:
                 log.warning(
                     "%s: %d spooled lines are not JSON; moved aside", self.spool, len(rejected)
                 )
-                lines = [ln for ln in lines if _is_json(ln)]
+            lines = parsed
             error: str | None = None
             for i in range(0, len(lines), self.batch_size):
                 batch = lines[i : i + self.batch_size]
