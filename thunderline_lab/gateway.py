@@ -73,7 +73,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import pandas as pd
 import pydantic_core
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -1117,8 +1116,8 @@ def create_app(
         row = read_store.trial(model_run_id, trial_id)
         if row is None:
             raise _Problem(404, f"no trial {trial_id!r} in model run {model_run_id!r}")
-        clean = {k: (None if _is_na(v) else v) for k, v in row.items()}
-        return Response(json.dumps(clean, default=str), media_type="application/json")
+        # store.trial gives JSON-ready values already (SQL NULL as None)
+        return Response(json.dumps(row, default=str), media_type="application/json")
 
     # Ids may hold "/": sent percent-encoded (%2F), they reach the router decoded, as
     # more than two segments; the raw path still tells the two ids apart.
@@ -1182,10 +1181,6 @@ def _serve_docs(app: FastAPI) -> None:
             swagger_css_url="/docs/static/swagger-ui.css",
             swagger_favicon_url="/docs/static/favicon-32x32.png",
         )
-
-
-def _is_na(value: Any) -> bool:
-    return value is pd.NA or (isinstance(value, float) and value != value)
 
 
 # ---------------------------------------------------------------------------------------------
