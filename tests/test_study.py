@@ -29,6 +29,10 @@ from thunderline_lab.lab import Lab
 from thunderline_lab.study import (
     ParamSpec,
     SearchSpace,
+    _complete_open_pairs,
+    _Context,
+    _group_lock,
+    _member_attrs,
     make_storage,
     run_study,
     trial_id_for,
@@ -538,6 +542,186 @@ def test_resuming_completes_a_pair_that_an_odd_budget_cut(tmp_path):
     twin = [t for t in resumed.study.get_trials() if t.user_attrs["group_id"] == orphan]
     hyper = [{k: v for k, v in t.params.items() if "spectral" not in k} for t in twin]
     assert hyper[0] == hyper[1]  # the same configuration, SN flipped
+
+
+_COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _members(study: optuna.Study) -> dict[str, list[tuple[int, str]]]:
+    """(seed, arm) of each group's counted trials, sorted; a member run twice shows twice."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for t in study.get_trials():
+        if t.state in _COUNTED:
+            member = (t.user_attrs["seed"], t.user_attrs["arm"])
+            groups.setdefault(t.user_attrs["group_id"], []).append(member)
+    return {g: sorted(m) for g, m in groups.items()}
+
+
+def _whole(seeds: tuple[int, ...], arms: tuple[str, ...]) -> list[tuple[int, str]]:
+    return sorted((s, a) for s in seeds for a in arms)
+
+
+def _hyper(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {k: v for k, v in t.params.items() if not k.startswith("spectral_norm")}
+
+
+def _context(study: optuna.Study, n_trials: int, seeds: tuple[int, ...] = (0, 1)) -> _Context:
+    return _Context(
+        name=study.study_name,
+        study=study,
+        bus=EventBus(),
+        space=SearchSpace(),
+        design="paired",
+        seeds=seeds,
+        n_trials=n_trials,
+        architecture="mlp",
+        dataset="wine",
+        epochs=3,
+        patience=None,
+        pruning=False,
+        should_stop=None,
+        trainer=fake_trainer,
+        evaluation=None,
+        train_kwargs={},
+    )
+
+
+@pytest.mark.parametrize("sampler_seed", [0, 1])  # the cut configuration starts SN off / on
+@pytest.mark.parametrize("cut", [5, 6, 7])
+def test_resuming_completes_every_seed_and_arm_of_a_group_the_budget_cut(
+    tmp_path, caplog, cut, sampler_seed
+):
+    seeds = (0, 1)
+    sampler = optuna.samplers.RandomSampler(seed=sampler_seed)
+    first = _run(tmp_path, name="cut", n_trials=cut, seeds=seeds, sampler=sampler)
+    before = _members(first.study)
+    (short,) = [g for g, m in before.items() if len(m) < 4]
+    with caplog.at_level("INFO", logger="thunderline_lab.study"):
+        resumed = _run(tmp_path, name="cut", n_trials=8, seeds=seeds, sampler=sampler)
+    assert "enqueued to complete groups" in caplog.text
+    assert resumed.n_run == 8 - cut and resumed.counts["finished"] == 8
+    # the cut group is whole, each member once, and no new configuration was started
+    assert _members(resumed.study) == {g: _whole(seeds, ("sn_off", "sn_on")) for g in before}
+    group = [t for t in resumed.study.get_trials() if t.user_attrs["group_id"] == short]
+    assert all(t.user_attrs["pair_id"] == f"{short}_s{t.user_attrs['seed']}" for t in group)
+    assert len({tuple(sorted(_hyper(t).items())) for t in group}) == 1
+    on = [t for t in group if t.params["spectral_norm"]]
+    assert len({t.params["spectral_norm_coeff"] for t in on}) == 1  # one coefficient per arm
+    assert not any("spectral_norm_coeff" in t.params for t in group if t not in on)
+
+
+def test_resuming_an_unpaired_study_completes_the_seeds_of_a_cut_configuration(tmp_path):
+    # Seeds draw different data splits: a configuration seen at its first seed only would
+    # weigh that split more in its arm. Its parameters, coefficient included, are known.
+    seeds = (0, 1, 2)
+    first = _run(tmp_path, name="tpe", design="tpe", seeds=seeds, n_trials=4)
+    assert sorted(len(m) for m in _members(first.study).values()) == [1, 3]
+    resumed = _run(tmp_path, name="tpe", design="tpe", seeds=seeds, n_trials=6)
+    assert resumed.n_run == 2
+    members = _members(resumed.study)
+    assert members.keys() == _members(first.study).keys()
+    for group_id, m in members.items():
+        (arm,) = {a for _, a in m}
+        assert m == _whole(seeds, (arm,))
+        group = [t for t in resumed.study.get_trials() if t.user_attrs["group_id"] == group_id]
+        assert all(t.params == group[0].params for t in group)
+        assert not any("pair_id" in t.user_attrs for t in group)
+
+
+def test_a_cut_group_with_a_waiting_member_is_completed_without_running_it_twice(tmp_path):
+    stop = threading.Event()
+    first = _run(
+        tmp_path,
+        name="w",
+        n_trials=6,
+        seeds=(0, 1),
+        should_stop=stop,
+        progress=lambda done, total, t: stop.set() if done == 5 else None,
+    )
+    # the cut configuration's twin waits; its other seed is beyond the budget
+    assert first.counts["finished"] == 5 and first.counts["waiting"] == 1
+    resumed = _run(tmp_path, name="w", n_trials=8, seeds=(0, 1))
+    assert resumed.n_run == 3 and resumed.counts["waiting"] == 0
+    whole = _whole((0, 1), ("sn_off", "sn_on"))
+    assert _members(resumed.study) == {"g0000": whole, "g0004": whole}
+
+
+def test_completing_groups_respects_the_budget_busy_groups_and_waiting_members(tmp_path):
+    first = _run(tmp_path, name="b", n_trials=6, seeds=(0, 1))
+    study = first.study
+    assert _members(study)["g0004"] == [(0, "sn_off"), (0, "sn_on")]
+    # a member running (another worker's): the group is busy, nothing is enqueued
+    study.enqueue_trial({}, user_attrs=_member_attrs("g0004", 1, False, "paired"))
+    running = study.ask()
+    assert _complete_open_pairs(study, _context(study, n_trials=10)) == 0
+    # failed without a verdict (stale): it stands for nothing, so its member is missing
+    study.tell(running, state=optuna.trial.TrialState.FAIL)
+    assert _complete_open_pairs(study, _context(study, n_trials=7)) == 1  # budget: one
+    assert _complete_open_pairs(study, _context(study, n_trials=8)) == 1  # the other one
+    assert _complete_open_pairs(study, _context(study, n_trials=12)) == 0  # both wait
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted((t.user_attrs["arm"], t.user_attrs["pair_id"]) for t in waiting) == [
+        ("sn_off", "g0004_s1"),
+        ("sn_on", "g0004_s1"),
+    ]
+    resumed = _run(tmp_path, name="b", n_trials=8, seeds=(0, 1))
+    assert resumed.n_run == 2
+    assert _members(resumed.study)["g0004"] == _whole((0, 1), ("sn_off", "sn_on"))
+    by_arm = {t.user_attrs["pair_id"] + t.user_attrs["arm"]: t for t in resumed.study.get_trials()}
+    for arm in ("sn_off", "sn_on"):  # the seed-1 members run the seed-0 member's parameters
+        assert by_arm[f"g0004_s1{arm}"].params == by_arm[f"g0004_s0{arm}"].params
+
+
+def test_workers_resuming_side_by_side_take_turns_to_complete_groups(tmp_path):
+    first = _run(tmp_path, name="side", n_trials=6, seeds=(0, 1))
+    study = first.study
+    found: list[int] = []
+    other = threading.Thread(
+        target=lambda: found.append(_complete_open_pairs(study, _context(study, n_trials=8)))
+    )
+    with _group_lock(study._storage):  # one worker's turn: it completes the group
+        other.start()
+        other.join(timeout=0.5)
+        assert other.is_alive()  # the other worker waits for it ...
+        for sn in (False, True):
+            study.enqueue_trial({}, user_attrs=_member_attrs("g0004", 1, sn, "paired"))
+    other.join(timeout=60)
+    assert found == [0]  # ... and then finds the members waiting
+    stale = threading.Thread(target=study._storage.fail_stale, args=(study,))
+    with _group_lock(study._storage):  # failing and retrying stale trials takes turns too
+        stale.start()
+        stale.join(timeout=0.5)
+        assert stale.is_alive()
+    stale.join(timeout=60)
+    assert not stale.is_alive()
+
+
+def test_a_retried_leader_does_not_enqueue_its_replicates_again(tmp_path):
+    # The SN-on twin of an SN-off configuration (the leader) enqueues the SN-on members of
+    # the other seeds; cancelled and retried, it must not enqueue them a second time.
+    stop = threading.Event()
+
+    def stop_at_the_leader(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+        group = kw["parameters"]["group_id"]
+        twin = kw["trial_id"] != trial_id_for(int(group[1:]))
+        if config.spectral_norm and twin and kw["seed"] == 0 and not stop.is_set():
+            stop.set()
+            return TrialResult("cancelled", {}, [], duration_ms=1)
+        return fake_trainer(config, dataset, **kw)
+
+    first = _run(
+        tmp_path,
+        name="lead",
+        n_trials=12,
+        seeds=(0, 1),
+        trainer=stop_at_the_leader,
+        should_stop=stop,
+    )
+    assert first.counts["cancelled"] == 1
+    resumed = _run(tmp_path, name="lead", n_trials=12, seeds=(0, 1))
+    assert resumed.counts["finished"] == 12 and resumed.counts["waiting"] == 0
+    whole = _whole((0, 1), ("sn_off", "sn_on"))
+    assert list(_members(resumed.study).values()) == [whole] * 3
 
 
 def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):

@@ -36,7 +36,9 @@ or its heartbeat is older than the grace period) is marked failed (``ml.trial.fa
 ``n_trials`` is the total number of finished trials the study should have: completed,
 pruned and failed trials count; stale and cancelled ones do not (they are retried). Re-running
 a finished study does nothing; N workers calling :func:`run_study` with the same arguments
-share the work.
+share the work. A budget that is not a multiple of the group size (2 × seeds paired, seeds
+unpaired) leaves the last group short; a resume with a larger ``n_trials`` first enqueues
+the members that group misses, then samples new configurations.
 
 Example:
     >>> result = run_study("sn-demo", lab="/tmp/tl-demo-lab", n_trials=4, epochs=3)
@@ -65,7 +67,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import optuna
 import pandas as pd
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from thunderline_lab import events
@@ -502,17 +504,23 @@ class _LabJournalStorage(JournalStorage):
         return stale
 
     def fail_stale(self, study: optuna.Study) -> list[int]:
-        """Fail the stale trials of ``study``; returns the ids this call failed."""
+        """Fail the stale trials of ``study``; returns the ids this call failed.
+
+        Failing a trial and enqueuing its retry (the stale callback) happen under the group
+        lock (:func:`_group_lock`): a worker completing cut groups meanwhile would otherwise
+        see the member failed, not yet retried, and enqueue it a second time.
+        """
         failed = []
-        for trial_id in self.stale_trial_ids(study._study_id):
-            try:
-                if self.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                    failed.append(trial_id)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another worker failed it first
-        if self.stale_callback is not None:
-            for trial_id in failed:
-                self.stale_callback(study, self.get_trial(trial_id))
+        with _group_lock(self):
+            for trial_id in self.stale_trial_ids(study._study_id):
+                try:
+                    if self.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                        failed.append(trial_id)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # another worker failed it first
+            if self.stale_callback is not None:
+                for trial_id in failed:
+                    self.stale_callback(study, self.get_trial(trial_id))
         return failed
 
     # -- batched writes ---------------------------------------------------------------------
@@ -875,7 +883,11 @@ def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -
     if "group_id" in attrs:  # an enqueued twin or replicate
         seed = int(attrs["seed"])
         if attrs.get("leader") and len(seeds) > 1:  # SN-on twin: its coefficient is known now
+            # A retried leader (stale, cancelled) finds the replicates its first run enqueued.
+            have = _group_states(study.get_trials(deepcopy=False)).get(attrs["group_id"])
             for s in seeds[1:]:
+                if have is not None and (s, _arm(sn)) in have.members:
+                    continue
                 _enqueue(
                     study,
                     suggested,
@@ -912,43 +924,148 @@ def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -
     return _member_attrs(group_id, seed, sn, ctx.design)
 
 
-def _complete_open_pairs(study: optuna.Study, ctx: _Context) -> int:
-    """Enqueue the missing twin of each finished trial whose pair an earlier run's budget
-    cut (a paired study of one seed; n_trials odd), before any new configuration is
-    sampled; returns how many were enqueued.
+@dataclass
+class _GroupState:
+    """One group (configuration) of a study as a resume sees it.
 
-    Only groups whose members have all finished count: a running trial enqueues its own
-    twin (and a dead worker's is failed as stale and retried), so workers starting side by
-    side never enqueue a twin twice.
+    Attributes:
+        members: ``(seed, arm)`` of the members that finished (counted), run or wait; a
+            stale or cancelled trial stands for nothing (its retry is a member of its own).
+        params: Per arm, the parameters of a finished member (what a missing member of that
+            arm is enqueued with).
+        busy: A member runs: it may still be enqueuing the group's other members.
     """
-    if ctx.design != "paired" or len(ctx.seeds) != 1:
-        return 0
-    groups: dict[str, list[FrozenTrial]] = {}
-    busy: set[str] = set()
-    for t in study.get_trials(deepcopy=False):
-        group = t.user_attrs.get("group_id")
+
+    members: set[tuple[int, str]] = field(default_factory=set)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    busy: bool = False
+
+
+def _group_states(trials: Sequence[FrozenTrial]) -> dict[str, _GroupState]:
+    """The groups of a study's trials, by ``group_id``."""
+    groups: dict[str, _GroupState] = {}
+    for t in trials:
+        attrs = t.user_attrs
+        group = attrs.get("group_id")
         if group is None:
+            if t.state == TrialState.RUNNING:
+                # A new configuration: it enqueues its members before its (deferred)
+                # attributes are written; its group id is its number's.
+                groups.setdefault(f"g{t.number:04d}", _GroupState()).busy = True
             continue
-        if t.state in (TrialState.RUNNING, TrialState.WAITING):
-            busy.add(group)
-        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
-            t.state == TrialState.FAIL and t.user_attrs.get(_STATUS_ATTR) == "failed"
-        ):
-            groups.setdefault(group, []).append(t)
+        state = groups.setdefault(str(group), _GroupState())
+        seed, arm = attrs.get("seed"), attrs.get("arm")
+        if t.state == TrialState.RUNNING:
+            state.busy = True
+        elif _counts_toward_total(t):
+            if arm is not None:
+                state.params.setdefault(str(arm), dict(t.params))
+        elif t.state != TrialState.WAITING:
+            continue  # stale or cancelled: its retry, if any, is its own trial
+        if seed is not None and arm is not None:
+            state.members.add((int(seed), str(arm)))
+    return groups
+
+
+@contextlib.contextmanager
+def _group_lock(storage: BaseStorage) -> Iterator[None]:
+    """Serialise reading which members a group misses and enqueuing them.
+
+    Worker processes resuming side by side (``thunderline-lab run --workers N``) would each
+    read the same cut groups and each enqueue the same members. On the lab's journal a lock
+    file next to it (``optuna.journal.groups.lock``: Optuna's own NFS-safe open lock, which a
+    waiting worker breaks after 30 s in case its holder died) makes the read-then-enqueue
+    atomic. Other storages (RDB) go without: workers started at the same instant may then
+    enqueue a member twice.
+    """
+    if not isinstance(storage, _LabJournalStorage):
+        yield
+        return
+    lock = JournalFileOpenLock(storage.path + ".groups")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(RuntimeError):  # broken meanwhile by a worker that waited
+            lock.release()
+
+
+def _missing_members(
+    group_id: str, group: _GroupState, ctx: _Context
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """``(params, attrs)`` of each member a group lacks, first seed first.
+
+    Paired: both arms at every seed; unpaired: the group's arm at every seed. A missing arm
+    takes the other arm's configuration, SN flipped. When the SN arm never ran its
+    coefficient is still to be suggested: as for the twin of an SN-off configuration, one
+    member (the first seed, ``leader``) is enqueued and enqueues the other seeds with it.
+    """
+    arms = ("sn_off", "sn_on") if ctx.design == "paired" else tuple(sorted(group.params))
+    plan: dict[str, tuple[dict[str, Any], tuple[int, ...], bool]] = {}
+    for arm in arms:
+        sn = arm == "sn_on"
+        seeds = tuple(s for s in ctx.seeds if (s, arm) not in group.members)
+        if not seeds:
+            continue
+        if arm in group.params:
+            plan[arm] = (group.params[arm], seeds, False)
+            continue
+        params = _params_for_arm(group.params[_arm(not sn)], sn)
+        if not sn or len(ctx.seeds) == 1:
+            plan[arm] = (params, seeds, False)
+        elif len(seeds) == len(ctx.seeds):  # no SN member at all: a leader suggests it
+            plan[arm] = (params, ctx.seeds[:1], True)
+        # else an SN member waits (the leader): it enqueues the other seeds when it runs
+    out = []
+    for seed in ctx.seeds:
+        for arm, (params, seeds, leader) in plan.items():
+            if seed in seeds:
+                attrs = _member_attrs(group_id, seed, arm == "sn_on", ctx.design)
+                if leader:
+                    attrs["leader"] = True
+                out.append((params, attrs))
+    return out
+
+
+def _complete_open_pairs(study: optuna.Study, ctx: _Context) -> int:
+    """Enqueue the members of groups an earlier run's budget cut, before any new
+    configuration is sampled; returns how many were enqueued.
+
+    A group is whole when it has each arm (paired) or its one arm (unpaired) at every seed;
+    an n_trials that is not a multiple of the group size leaves the last group short.
+    Completing it lets every pair be compared (same group and seed, both arms) and keeps
+    each arm's seeds balanced: seeds draw different data splits, so a configuration seen at
+    the first seed only weighs that split more. The unpaired design has the same gap, and
+    there the missing members' parameters (coefficient included) are known from the others.
+
+    Only groups with a finished member and none running count: a running member may still
+    be enqueuing the others (a new configuration, a leader its replicates), and a dead
+    worker's is failed as stale and retried first. A waiting member counts as present, so
+    none is enqueued twice, and workers resuming side by side take turns
+    (:func:`_group_lock`). ``n_trials`` bounds what is enqueued, as for every member.
+    """
+    if ctx.design != "paired" and len(ctx.seeds) == 1:
+        return 0  # groups of one trial
     added = 0
-    for group, members in sorted(groups.items()):
-        arms = {t.user_attrs.get("arm") for t in members}
-        if group in busy or len(arms) != 1 or None in arms:
-            continue
-        twin_sn = arms == {"sn_off"}
-        params = _params_for_arm(members[0].params, twin_sn)
-        if not _enqueue(
-            study, params, _member_attrs(group, ctx.seeds[0], twin_sn, ctx.design), ctx.n_trials
-        ):
-            break
-        added += 1
+    with _group_lock(study._storage):
+        groups = _group_states(study.get_trials(deepcopy=False))
+        budget_left = True
+        for group_id, group in sorted(groups.items()):
+            if group.busy or not group.params:
+                continue
+            for params, attrs in _missing_members(group_id, group, ctx):
+                budget_left = _enqueue(study, params, attrs, ctx.n_trials)
+                if not budget_left:
+                    break
+                added += 1
+            if not budget_left:
+                break
     if added:
-        log.info("study %r: %d twins enqueued to complete pairs of an earlier run", ctx.name, added)
+        log.info(
+            "study %r: %d trials enqueued to complete groups an earlier run's budget cut",
+            ctx.name,
+            added,
+        )
     return added
 
 
@@ -1453,7 +1570,7 @@ def _check_design(
         log.warning(
             "study %r: n_trials=%d is not a multiple of %d (each configuration runs %s): the "
             "last configuration will miss %d of its trials (a resume with a larger n_trials "
-            "runs a single seed's missing twin first); n_trials=%d keeps every group whole",
+            "runs them first); n_trials=%d keeps every group whole",
             name,
             n_trials,
             group,
@@ -1678,7 +1795,7 @@ def run_study(
         )
         ctx.study = study
         _fail_stale(study)  # trials of dead workers: failed, reported and re-enqueued
-        _complete_open_pairs(study, ctx)  # a twin an earlier, smaller budget left out
+        _complete_open_pairs(study, ctx)  # members of groups an earlier, smaller budget cut
         if isinstance(the_storage, _LabJournalStorage):
             the_storage.start_heartbeat()
             stack.callback(the_storage.stop_heartbeat)
