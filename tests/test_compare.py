@@ -304,6 +304,173 @@ def test_welch_is_undefined_for_two_constant_arms() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Multiple comparisons: Holm over the metrics of one comparison
+# ---------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("p", "expected"),
+    [
+        # sorted 0.005·4, 0.01·3, 0.03·2, 0.04·1 = 0.02, 0.03, 0.06, 0.04 -> max-so-far 0.06
+        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),
+        # monotonicity: 0.02·1 < 0.019·2, raised to it
+        ([0.001, 0.02, 0.019], [0.003, 0.038, 0.038]),
+        # ties share one value whatever their order
+        ([0.02, 0.02, 0.04], [0.06, 0.06, 0.06]),
+        ([0.01, 0.5, 0.01], [0.03, 0.5, 0.03]),
+        # NaN: no test, out of the family (m = 2) and left NaN
+        ([NAN, 0.01, 0.02, NAN], [NAN, 0.02, 0.02, NAN]),
+        # capped at 1
+        ([0.4, 0.7, 0.9], [1.0, 1.0, 1.0]),
+        ([0.3, 0.6], [0.6, 0.6]),
+        # a family of one is unadjusted; none at all stays empty / NaN
+        ([0.03], [0.03]),
+        ([NAN, 0.03], [NAN, 0.03]),
+        ([NAN], [NAN]),
+        ([], []),
+    ],
+)
+def test_holm_matches_hand_computed_values(p: list[float], expected: list[float]) -> None:
+    got = cmp._holm(p)
+    assert got.shape == (len(p),)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)  # NaN where NaN
+
+
+def test_holm_follows_its_definition_on_random_families() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        m = int(rng.integers(1, 10))
+        p = rng.choice([0.001, 0.01, 0.02, 0.04, 0.2, 0.9], m)  # ties, small and large
+        p = np.where(rng.random(m) < 0.2, np.nan, p * rng.choice([1.0, 0.5], m))
+        tested = [i for i in range(m) if p[i] == p[i]]
+        order = sorted(tested, key=lambda i: p[i])
+        k = len(order)
+        # step-down: p(i) adjusted = min(1, max over j <= i of (k - j) * p(j)), j from 0
+        want = np.full(m, np.nan)
+        for i, idx in enumerate(order):
+            want[idx] = min(1.0, max((k - j) * p[order[j]] for j in range(i + 1)))
+        got = cmp._holm(p)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+        assert all(got[i] >= p[i] for i in tested)  # never below the raw p
+
+
+def _family_store(path: str | Path = ":memory:") -> TrialStore:
+    """8 pairs and three higher-is-better metrics, each's differences distinct in size (the
+    exact Wilcoxon test): ``acc_a`` all positive (p = 2/256); ``acc_b`` and ``acc_c`` with
+    the third smallest negative (p = 10/256 each, a tie); ``sn_only`` reported by SN trials
+    only (no pair, no p-value). Every CI lies above zero."""
+    store = TrialStore(path)
+    evs = []
+    for i in range(8):
+        base = 0.7 + 0.01 * i
+        step = 0.001 * (i + 1) * (-1 if i == 2 else 1)
+        none = {"acc_a": base, "acc_b": base, "acc_c": base}
+        sn = {
+            "acc_a": base + abs(step),
+            "acc_b": base + step,
+            "acc_c": base + 2 * step,
+            "sn_only": 0.5,
+        }
+        evs += _trial(2 * i, False, none, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, sn, pair=f"p{i}")
+    store.append(evs)
+    return store
+
+
+FAMILY = ["acc_a", "acc_b", "acc_c", "sn_only"]
+
+
+def test_compare_study_adjusts_p_over_its_metrics_and_judges_on_it() -> None:
+    res = compare_study(_family_store(), STUDY, metrics=FAMILY, details=False)
+    head = res.headline.set_index("metric")
+    cols = list(res.headline.columns)
+    assert cols[cols.index("p_value") + 1] == "p_holm"
+    assert head["p_value"].tolist()[:3] == pytest.approx([2 / 256, 10 / 256, 10 / 256])
+    # 3 tests (sn_only has none): 3·2/256; 2·10/256 (the tie); max(1·10/256, 2·10/256)
+    assert head["p_holm"].tolist()[:3] == pytest.approx([6 / 256, 20 / 256, 20 / 256])
+    assert np.isnan(head.loc["sn_only", "p_value"]) and np.isnan(head.loc["sn_only", "p_holm"])
+    assert (head.loc[["acc_a", "acc_b", "acc_c"], "ci_low"] > 0).all()
+    # raw p < 0.05 everywhere, but only acc_a survives the adjustment
+    assert head["favours"].tolist() == ["SN", "—", "—", "n/a"]
+
+    text = res.format_table()
+    assert text.splitlines()[0].split()[-3:] == ["p", "p_holm", "favours"]
+    assert text.splitlines()[-1].startswith("p_holm: p adjusted by Holm's step-down method")
+    assert "over 3 tests" in text.splitlines()[-1] and "family-wise" in text
+    assert cmp.format_headline(res.headline) == text
+    assert "over 3 tests" in res.to_html(figures=False)
+    shown = cmp._headline_display(res.headline)
+    assert shown["p_holm"].tolist() == ["0.023", "0.078", "0.078", "n/a"]
+    fig = cmp.fig_differences(res)
+    assert "(Holm 0.078)" in fig.axes[1].get_title()
+
+
+def test_report_states_the_family_and_judges_on_the_adjusted_p(tmp_path: Path) -> None:
+    res = compare_study(_family_store(), STUDY, metrics=FAMILY, details=False)
+    text = write_report(res, tmp_path).read_text()
+    lines = text.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| metric |"))
+    assert "| p | p_holm | favours |" in header
+    assert "| acc_b | acc_b | 8 pairs |" in text and "| 0.039 | 0.078 | — |" in text
+    note = [ln for ln in lines if ln.startswith("p_holm:")]
+    assert len(note) == 1 and "Holm's step-down method over 3 tests" in note[0]
+    assert "(p_holm < 0.05)" in text and "(p < 0.05)" not in text
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_a_single_metric_is_not_adjusted_and_remembered_rows_stay_raw() -> None:
+    store = _family_store()
+    family = compare_study(store, STUDY, metrics=FAMILY, details=False)
+    # the same row compared alone, through the remembered statistics: p_holm = p, and
+    # the verdict on its own p (the family's adjustment never reaches the cached row)
+    alone = compare_study(store, STUDY, metrics=["acc_b"], details=False)
+    row = alone.headline.iloc[0]
+    assert row["p_holm"] == row["p_value"] == pytest.approx(10 / 256)
+    assert row["favours"] == "SN"
+    assert alone.format_table().splitlines()[-1] == (
+        "p_holm: one test (one metric with a p-value): p_holm = p, unadjusted."
+    )
+    again = compare_study(store, STUDY, metrics=FAMILY, details=False)
+    _assert_same_result(again, family)
+    _assert_same_result(family, _fresh(store, metrics=FAMILY, details=False))
+
+
+def test_per_coefficient_rows_are_adjusted_within_each_coefficient(tmp_path: Path) -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(8):
+        base = {"acc": 0.8 + 0.01 * i, "acc2": 0.6 + 0.01 * i}
+        up = {k: v + 0.001 * (i + 1) for k, v in base.items()}
+        down = {k: v - 0.002 * (i + 1) for k, v in base.items()}
+        evs += _trial(3 * i, False, base, pair=f"p{i}")
+        evs += _trial(3 * i + 1, True, up, pair=f"p{i}", coeff=1.0)
+        evs += _trial(3 * i + 2, True, down, pair=f"p{i}", coeff=4.0)
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc", "acc2"], details=False)
+    by = res.by_coeff
+    assert len(by) == 4 and by["p_value"].tolist() == pytest.approx([2 / 256] * 4)
+    assert by["p_holm"].tolist() == pytest.approx([4 / 256] * 4)  # 2 tests per coefficient
+    assert by["favours"].tolist() == ["SN", "SN", "none", "none"]
+    report = write_report(res, tmp_path).read_text()
+    assert "within each coefficient's comparison (not across them), over 2 tests" in report
+
+
+def test_a_table_of_rows_put_together_by_hand_is_adjusted_when_shown() -> None:
+    sn = np.array([0.71, 0.72, 0.73, 0.74, 0.75, 0.76])
+    none = sn - np.array([0.001, 0.002, 0.003, 0.004, 0.005, 0.006])
+    rows = [{**compare_arrays(m, sn, none, paired=True), "source": m} for m in ("acc_x", "acc_y")]
+    assert [r["favours"] for r in rows] == ["SN", "SN"]  # p = 2/64 each, alone
+    table = pd.DataFrame(rows)
+    shown = cmp._headline_display(table, 0.95)
+    assert shown["p_holm"].tolist() == ["0.062", "0.062"]
+    assert shown["favours"].tolist() == ["—", "—"]
+    assert "over 2 tests" in cmp.format_headline(table, confidence=0.95)
+    assert "p_holm" not in table.columns  # the caller's table is left as it was
+
+
+# ---------------------------------------------------------------------------------------------
 # Study semantics
 # ---------------------------------------------------------------------------------------------
 
@@ -1369,3 +1536,31 @@ def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> N
         ), label
         _assert_same_result(res, _fresh(store, metrics=["test_accuracy"], details=False))
     assert "pruned" in frame.status_codes()[0].tolist()
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_the_adjustment_is_made_over_rows_read_from_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _family_store(tmp_path / "lab.db")
+    cmp.clear_cache(store)
+    first = compare_study(store, STUDY, metrics=FAMILY, details=False)
+    assert _snapshot_file_of(store).exists()
+    # the snapshot keeps each metric's row as compare_arrays made it (no p_holm, the
+    # verdict on its own p): a row does not depend on the metrics it was compared beside
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    kept = {row["metric"]: row for row in frame.memo.values()}
+    assert set(kept) == set(FAMILY) and not any("p_holm" in row for row in kept.values())
+    assert kept["acc_b"]["favours"] == "SN"
+
+    cmp.clear_cache()  # a new process: its rows come from the snapshot
+    spy = _Spy(monkeypatch)
+    loaded = cmp.snapshot_counts["loaded"]
+    again = compare_study(store, STUDY, metrics=FAMILY, details=False)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1 and spy.statistics == 0
+    assert again.headline.set_index("metric")["p_holm"].tolist()[:3] == pytest.approx(
+        [6 / 256, 20 / 256, 20 / 256]
+    )
+    assert again.headline["favours"].tolist() == ["SN", "—", "—", "n/a"]
+    _assert_same_result(again, first)
+    _assert_same_result(again, _fresh(store, metrics=FAMILY, details=False))

@@ -9,6 +9,11 @@ unconstrained twins, metric by metric:
 * **unpaired** fall-back (no pair ids): difference of the arm means with a bootstrap CI
   (each arm resampled) and Welch's t-test.
 
+Every metric is tested at once, so each p-value comes with ``p_holm``: adjusted by Holm's
+step-down method over the comparison's metrics that have a p-value (the family-wise error
+rate, whatever the dependence between the metrics, which is strong here), and a verdict
+(``favours``) is read from it. Tables and the report say how many tests the family holds.
+
 ``mode`` picks each trial's value. The trainer stops early on the validation loss and
 restores the best epoch's weights (:mod:`thunderline_lab.training`):
 
@@ -436,17 +441,124 @@ def _compare_arrays(
         n_boot=b,
         higher_is_better=hib,
     )
-    # A verdict needs the CI and the test to agree at the same level: with a handful of
-    # pairs the percentile bootstrap CI is too narrow (4 pairs: 35 distinct resample means)
-    # while the exact Wilcoxon p cannot fall below 0.125, so a CI alone would name a winner.
-    # Without a CI or a test (a single pair, constant arms) there is nothing to judge: n/a.
-    if lo != lo or p != p:
-        row["favours"] = "n/a"
-    elif (lo > 0 or hi < 0) and p < 1 - confidence:
-        row["favours"] = "SN" if (lo > 0) == hib else "none"
-    else:
-        row["favours"] = "—"
+    row["favours"] = _verdict(lo, hi, p, confidence, hib)
     return row
+
+
+def _verdict(lo: float, hi: float, p: float, confidence: float, hib: bool) -> str:
+    """The arm a CI ``[lo, hi]`` of SN − none and a test's ``p`` agree on: SN, none, — (no
+    agreement) or n/a (no CI or no test).
+
+    A verdict needs the CI and the test to agree at the same level: with a handful of
+    pairs the percentile bootstrap CI is too narrow (4 pairs: 35 distinct resample means)
+    while the exact Wilcoxon p cannot fall below 0.125, so a CI alone would name a winner.
+    Without a CI or a test (a single pair, constant arms) there is nothing to judge: n/a.
+    A comparison of several metrics passes each one's multiplicity-adjusted p
+    (:func:`_holm_rows`): with eight metrics tested, a raw p < 0.05 somewhere is no news.
+    """
+    if lo != lo or p != p:
+        return "n/a"
+    if (lo > 0 or hi < 0) and p < 1 - confidence:
+        return "SN" if (lo > 0) == hib else "none"
+    return "—"
+
+
+def _holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of one family of p-values; NaN (no test) is left out of
+    the family and stays NaN.
+
+    The headline tests every metric at once, and its metrics are strongly correlated (the
+    accuracies, NLL and ECE of the same models): Holm controls the family-wise error rate
+    under any dependence between the tests, and rejects at least what Bonferroni does.
+    Benjamini–Hochberg (``scipy.stats.false_discovery_control``) controls the false
+    discovery rate instead, a weaker promise than "no false verdict" for a table this small.
+
+    With ``m`` p-values in increasing order ``p(1) ≤ … ≤ p(m)``, ``p(k)`` becomes
+    ``max over j ≤ k of (m − j + 1)·p(j)``, capped at 1: monotone in ``p``, so tied p-values
+    share one adjusted value, and a family of one is left as it is.
+
+    Example:
+        >>> _holm([0.01, 0.04, 0.02, float("nan")]).tolist()
+        [0.03, 0.04, 0.04, nan]
+    """
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    order = tested[np.argsort(p[tested], kind="stable")]
+    out[order] = np.minimum(np.maximum.accumulate((m - np.arange(m)) * p[order]), 1.0)
+    return out
+
+
+def _families(table: pd.DataFrame) -> list[np.ndarray]:
+    """The rows of each family of tests in a table of comparison rows: the whole table (one
+    comparison, a row per metric), or each SN coefficient's rows of a per-coefficient table
+    (each group is its own comparison of SN at that coefficient with none, adjusted as one
+    family by :func:`_by_coeff`)."""
+    keys = [c for c in ("coeff", "coeff_range") if c in table.columns]
+    if not keys or table.empty:
+        return [np.arange(len(table))]
+    groups = table.groupby(keys, sort=False, dropna=False).indices
+    return [np.asarray(rows) for rows in groups.values()]
+
+
+def _holm_rows(rows: Sequence[Mapping[str, Any]], confidence: float) -> list[dict[str, Any]]:
+    """The rows of one comparison (one family of tests, a row per metric) with ``p_holm``,
+    their ``p_value`` adjusted by :func:`_holm`, beside it, and ``favours`` judged on it.
+
+    Computed over the rows a comparison assembled, never stored with them: a metric's row
+    is remembered (in memory, in the snapshot) whatever metrics it was compared beside, and
+    its family is only known here; the remembered row keeps its verdict on its own p.
+    """
+    adjusted = _holm([row["p_value"] for row in rows]).tolist()
+    out = []
+    for row, q in zip(rows, adjusted, strict=True):
+        new: dict[str, Any] = {}
+        for key, value in row.items():
+            if key != "p_holm":
+                new[key] = value
+            if key == "p_value":
+                new["p_holm"] = q
+        hib = row.get("higher_is_better")
+        hib = higher_is_better(str(row["metric"])) if hib is None else bool(hib)
+        new["favours"] = _verdict(row["ci_low"], row["ci_high"], q, confidence, hib)
+        out.append(new)
+    return out
+
+
+def _with_holm(table: pd.DataFrame, confidence: float) -> pd.DataFrame:
+    """``table`` with ``p_holm`` over each of its families (:func:`_families`), and
+    ``favours`` judged on it (:func:`_holm_rows`)."""
+    if not len(table):
+        return table.assign(p_holm=pd.Series(dtype=float))
+    records = table.to_dict("records")
+    for family in _families(table):
+        adjusted = _holm_rows([records[i] for i in family], confidence)
+        for i, row in zip(family, adjusted, strict=True):
+            records[i] = row
+    out = pd.DataFrame(records, index=table.index)
+    out.attrs.update(table.attrs)
+    return out
+
+
+def _holm_note(table: pd.DataFrame) -> str:
+    """One line saying what ``p_holm`` adjusts for in ``table``: the family (how many tests)
+    and the method."""
+    p = table["p_value"].to_numpy(dtype=float) if "p_value" in table.columns else np.array([])
+    sizes = sorted({int(np.count_nonzero(~np.isnan(p[rows]))) for rows in _families(table)})
+    sizes = [m for m in sizes if m] or [0]  # a coefficient without any test: no family
+    per_coeff = "coeff_range" in table.columns
+    where = "within each coefficient's comparison (not across them), " if per_coeff else ""
+    if sizes[-1] == 0:
+        return "p_holm: no metric has a p-value: nothing to adjust."
+    if sizes[-1] == 1:
+        return f"p_holm: {where}one test (one metric with a p-value): p_holm = p, unadjusted."
+    count = f"{sizes[0]}–{sizes[-1]}" if len(sizes) > 1 else f"{sizes[0]}"
+    return (
+        f"p_holm: p adjusted by Holm's step-down method {where}over {count} tests (one per "
+        "metric with a p-value), controlling the family-wise error rate however the metrics "
+        "correlate; favours uses p_holm; CIs are per metric, not adjusted."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1386,12 +1498,13 @@ class ComparisonResult:
 
     Attributes:
         headline: one row per metric: design, n_pairs, n_sn, n_none, mean_sn, mean_none,
-            diff (SN − none), ci_low, ci_high, test, statistic, p_value, n_boot, favours.
+            diff (SN − none), ci_low, ci_high, test, statistic, p_value, p_holm (Holm over
+            the metrics with a p-value), n_boot, favours (judged on p_holm).
         trials: the trials compared (arm, coeff, pair_id, one column per metric).
         pairs: per pair, SN − none per metric (paired design).
         by_coeff: headline rows per SN coefficient when the study uses a few fixed ones, or
             per tercile of a searched coefficient (``coeff`` the group's median,
-            ``coeff_range`` its bounds).
+            ``coeff_range`` its bounds); p_holm adjusts within each group's metrics.
         counts: trials by status and arm (all statuses).
         curves: group learning curves: arm, name, step, n, mean, ci_low, ci_high.
         layer_sigma: per-layer σ by arm: layer, arm, n, mean, ci_low, ci_high.
@@ -1442,11 +1555,13 @@ class ComparisonResult:
             + ("Wilcoxon signed-rank" if self.design == "paired" else "Welch's t-test")
             + "</p>",
             _headline_display(self.headline, self.confidence).to_html(index=False, escape=True),
+            f"<p>{_html(_holm_note(self.headline))}</p>",
         ]
         if not self.by_coeff.empty:
             shown = _headline_display(self.by_coeff, self.confidence)
             shown.insert(0, "coeff", self.by_coeff["coeff_range"])
             parts += ["<p><b>By SN coefficient</b></p>", shown.to_html(index=False)]
+            parts.append(f"<p>{_html(_holm_note(self.by_coeff))}</p>")
         parts.append(_counts_table(self.counts).to_html(index=False))
         if self.notes:
             parts.append("<ul>" + "".join(f"<li>{_html(n)}</li>" for n in self.notes) + "</ul>")
@@ -1527,7 +1642,7 @@ def compare_study(
         statuses: trial statuses compared (default completed only).
         n_boot: bootstrap resamples (fewer when ``n * n_boot > max_draws``, ≥ 200).
         confidence: level of the CIs, the bands and the verdict (``favours`` needs
-            p < 1 − confidence); tables and figures name it.
+            p_holm < 1 − confidence); tables and figures name it.
         details: also compute learning curves, per-layer σ and the data behind the figures.
         curve_trials: learning curves use at most this many trials per arm (a seeded random
             sample; the figure says so when sampling happened).
@@ -1664,7 +1779,9 @@ def _compare(
         )
     if not rows:
         raise StudyError(f"study {study!r}: none of the metrics {', '.join(wanted)} is reported")
-    headline = pd.DataFrame(rows)
+    # the metrics' p-values as one family (Holm), over the rows as remembered: the
+    # adjustment is never cached, so no remembered row or snapshot lacks it
+    headline = pd.DataFrame(_holm_rows(rows, confidence))
     headline = headline[[c for c in _HEADLINE_COLUMNS if c in headline.columns]]
     headline.attrs["confidence"] = confidence  # format_headline names the CI column by it
     by_coeff = _by_coeff(
@@ -1770,6 +1887,7 @@ _HEADLINE_COLUMNS = (
     "test_method",
     "statistic",
     "p_value",
+    "p_holm",
     "n_boot",
     "higher_is_better",
     "favours",
@@ -2064,11 +2182,13 @@ def _by_coeff(
                 groups.append((float(np.median(frame.coeff[arm])), f"{lo:.3g}–{hi:.3g}", arm))
     rows = []
     for c, label, arm in groups:
+        group = []
         for metric, values in values_by_metric.items():
             row, _ = _compare_metric(
                 metric, values, codes, arm, is_none, paired, n_boot, confidence, seed, max_draws
             )
-            rows.append({"coeff": c, "coeff_range": label, **row, "source": sources[metric]})
+            group.append({"coeff": c, "coeff_range": label, **row, "source": sources[metric]})
+        rows += _holm_rows(group, confidence)  # each coefficient's comparison: one family
     return pd.DataFrame(rows)
 
 
@@ -2260,9 +2380,15 @@ def _signed(values: Sequence[float]) -> list[str]:
 
 def _headline_display(headline: pd.DataFrame, confidence: float | None = None) -> pd.DataFrame:
     """The headline as strings: the CI column is named by ``confidence`` (default: the
-    headline's ``attrs["confidence"]``, which :func:`compare_study` sets, else 0.95)."""
+    headline's ``attrs["confidence"]``, which :func:`compare_study` sets, else 0.95).
+
+    A table without ``p_holm`` (rows of :func:`compare_arrays` put together by hand) gets
+    it here, its rows taken as one family, and ``favours`` judged on it: no table shows
+    raw p-values of several metrics without their adjustment."""
     if confidence is None:
         confidence = float(headline.attrs.get("confidence", 0.95))
+    if "p_holm" not in headline.columns:
+        headline = _with_holm(headline, float(headline.attrs.get("confidence", confidence)))
     delta, ci = [], []
     for d, lo, hi in zip(headline["diff"], headline["ci_low"], headline["ci_high"], strict=True):
         d_s, lo_s, hi_s = _signed([d, lo, hi])
@@ -2284,6 +2410,7 @@ def _headline_display(headline: pd.DataFrame, confidence: float | None = None) -
             f"{_percent(confidence)} CI": ci,
             "test": headline["test"],
             "p": headline["p_value"].map(_p),
+            "p_holm": headline["p_holm"].map(_p),
             "favours": headline["favours"],
         }
     )
@@ -2292,7 +2419,8 @@ def _headline_display(headline: pd.DataFrame, confidence: float | None = None) -
 
 def format_headline(headline: pd.DataFrame, *, confidence: float | None = None) -> str:
     """Fixed-width text of a headline table; its CI column is named by ``confidence``
-    (default: the level :func:`compare_study` computed the headline at)."""
+    (default: the level :func:`compare_study` computed the headline at). A last line says
+    what ``p_holm`` adjusts for (the family of tests, the method)."""
     shown = _headline_display(headline, confidence)
     widths = {c: max(len(c), *(len(str(v)) for v in shown[c])) for c in shown.columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in shown.columns)]
@@ -2301,6 +2429,7 @@ def format_headline(headline: pd.DataFrame, *, confidence: float | None = None) 
         lines.append(
             "  ".join(str(v).ljust(widths[c]) for c, v in zip(shown.columns, rec, strict=True))
         )
+    lines.append(_holm_note(headline))
     return "\n".join(lines)
 
 
@@ -2377,8 +2506,11 @@ def fig_differences(res: ComparisonResult) -> Any:
     rows, cols = _grid(len(metrics))
     fig = _new_figure(4.2 * cols, 2.8 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    several = int(res.headline["p_value"].notna().sum()) > 1  # p_holm differs from p
     for ax, rec in zip(axes, res.headline.itertuples(), strict=False):
-        ax.set_title(f"{rec.metric}: Δ {_num(rec.diff)}  p={_p(rec.p_value)}", fontsize=9)
+        p_holm = getattr(rec, "p_holm", math.nan)
+        p_text = f"p={_p(rec.p_value)}" + (f" (Holm {_p(p_holm)})" if several else "")
+        ax.set_title(f"{rec.metric}: Δ {_num(rec.diff)}  {p_text}", fontsize=9)
         if res.design == "paired":
             d = res.pairs[rec.metric].dropna().to_numpy() if rec.metric in res.pairs else []
             if not len(d):
@@ -2601,16 +2733,19 @@ def write_report(
         "",
         res.to_markdown(),
         "",
+        _holm_note(res.headline),
+        "",
         f"`favours` names the arm whose {_percent(res.confidence)} CI excludes zero in its "
         "favour "
-        f"when the {'Wilcoxon' if res.design == 'paired' else 'Welch'} test agrees "
-        f"(p < {1 - res.confidence:.2g}); — otherwise; n/a when there is no CI or no test "
-        "(a single pair or value per arm, or two constant arms).",
+        f"when the {'Wilcoxon' if res.design == 'paired' else 'Welch'} test agrees after "
+        f"Holm's adjustment (p_holm < {1 - res.confidence:.2g}); — otherwise; n/a when there "
+        "is no CI or no test (a single pair or value per arm, or two constant arms).",
     ]
     if not res.by_coeff.empty:
         shown = _headline_display(res.by_coeff, res.confidence)
         shown.insert(0, "coeff", res.by_coeff["coeff_range"])
         md += ["", "## By SN coefficient", "", _markdown_table(shown)]
+        md += ["", _holm_note(res.by_coeff)]
     md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]
     if res.notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
