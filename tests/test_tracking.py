@@ -7,6 +7,7 @@ checks that every trial's params, metric histories and tags are in MLflow exactl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -264,7 +265,7 @@ def client_for() -> Callable[[str], Any]:
 
 
 def expected_params(row: dict[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in row["parameters"].items()}
+    return applicable_params(row)  # spectral_norm_coeff=None of the SN-off arm left out
 
 
 def assert_mirrored(store: TrialStore, client: Any, study: str) -> dict[str, str]:
@@ -619,3 +620,312 @@ def test_a_snapshot_is_up_to_date_only_when_everything_was_sent() -> None:
     rs.logged_summary = {"test_accuracy": 0.9}
     assert _up_to_date(rs)
     assert snap.mlflow_params() == {"lr": "0.1", "spectral_norm": "True"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Several tracking URIs, params that apply, the study's parent run (local file stores)
+# ---------------------------------------------------------------------------------------------
+
+SN_ONLY = ("spectral_norm_coeff", "n_power_iterations", "conv_sn_mode", "sn_layers")
+CNN_ONLY = ("kernel_size", "pooling", "conv_sn_mode")
+
+
+def study_events(study: str, arms: list[bool], *, architecture: str = "mlp") -> list[E.Event]:
+    """A finished study's events as run_study and train_trial publish them: the study's
+    parameters (``spectral_norm_coeff`` None for the SN-off arm) in ``ml.trial.start``, the
+    model config (every field, whether it applies or not) plus those in ``ml.run.start``."""
+    from thunderline_lab.models import ModelConfig
+
+    out: list[E.Event] = []
+    for number, sn in enumerate(arms):
+        ref = {"model_run_id": study, "trial_id": f"trial_{number:04d}", "study": study}
+        coeff = 1.5 if sn else None
+        params: dict[str, Any] = {
+            "spectral_norm": sn,
+            "spectral_norm_coeff": coeff,
+            "lr": 0.01 * (number + 1),
+            "weight_decay": 1e-4,
+            "depth": 2,
+            "width": 16,
+            "dropout": 0.0,
+            "activation": "relu",
+            "batchnorm": False,
+            "n_power_iterations": 1,
+            "batch_size": 64,
+            "seed": number // 2,
+            "pair_id": number // 2,
+            "group_id": number // 2,
+            "arm": "sn_on" if sn else "sn_off",
+            "architecture": architecture,
+            "dataset": "digits",
+            "epochs": 2,
+            "patience": None,
+            "design": "paired",
+        }
+        if sn and architecture == "cnn":
+            params["conv_sn_mode"] = "operator"
+        config = ModelConfig(
+            architecture=architecture, depth=2, width=16, spectral_norm=sn,
+            spectral_norm_coeff=coeff or 1.0,
+        ).to_dict()  # fmt: skip
+        out += [
+            E.trial_start(**ref, spectral_norm=sn, spectral_norm_coeff=coeff, parameters=params),
+            E.run_start(
+                **ref, spectral_norm=sn, spectral_norm_coeff=coeff, parameters={**config, **params}
+            ),
+            *(
+                E.run_metric(**ref, step=s, measurements={"val_loss": 1.0 - s / 10 - number / 100})
+                for s in range(2)
+            ),
+            E.run_stop(**ref, epochs=2),
+            E.trial_complete(
+                **ref,
+                spectral_norm=sn,
+                spectral_norm_coeff=coeff,
+                parameters=params,
+                metrics={"test_accuracy": 0.5 + number / 100},
+            ),
+        ]
+    return out
+
+
+def applicable_params(row: dict[str, Any]) -> dict[str, str]:
+    """The params a trial's run should carry: no SN settings without SN, no CNN settings
+    for an MLP."""
+    params = row["parameters"]
+    drop = set()
+    if params.get("spectral_norm") is False:
+        drop |= set(SN_ONLY)
+    if params.get("architecture") not in (None, "cnn"):
+        drop |= set(CNN_ONLY)
+    return {k: _param_value(v) for k, v in params.items() if k not in drop}
+
+
+def file_client(uri: str) -> Any:
+    """MLflow's client of a file store (an absolute URI: MLflow caches stores by URI text)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri if "://" in uri else Path(uri).resolve().as_uri())
+
+
+def trial_runs(uri: str, study: str) -> tuple[Any, dict[str, Any]]:
+    """The study's parent run and its trial runs by trial_id, read with MLflow's client."""
+    client = file_client(uri)
+    exp = client.get_experiment_by_name(study)
+    assert exp is not None, f"no experiment {study!r} in {uri}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("thunderline.role") == "study"]
+    assert len(parents) == 1
+    trials = [r for r in runs if r.data.tags.get("thunderline.role") == "trial"]
+    by_trial = {r.data.tags["trial_id"]: r for r in trials}
+    assert len(by_trial) == len(trials), "a trial has two runs"
+    return parents[0], by_trial
+
+
+def assert_copy(uri: str, store: TrialStore, study: str) -> dict[str, str]:
+    """The study is complete in the MLflow at ``uri``: one run per trial with its params,
+    metric history, final metrics and status."""
+    client = file_client(uri)
+    parent, by_trial = trial_runs(uri, study)
+    trials = store.trials(study=study)
+    assert sorted(by_trial) == sorted(trials["trial_id"])
+    for row in trials.to_dict("records"):
+        run = by_trial[row["trial_id"]]
+        assert run.data.params == applicable_params(row), row["trial_id"]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        hist = sorted(
+            (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")
+        )
+        want = store.metric_history(study, row["trial_id"], "val_loss")
+        assert hist == list(zip(want["step"].astype(int), want["value"], strict=True))
+        assert run.data.metrics[FINAL_PREFIX + "test_accuracy"] == row["metrics"]["test_accuracy"]
+    return {t: r.info.run_id for t, r in by_trial.items()}
+
+
+@pytest.fixture
+def file_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Work in tmp_path, where ./mlruns-a and ./mlruns-b are MLflow file stores."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses them otherwise
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_each_tracking_uri_gets_its_own_complete_copy(file_stores: Path) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    store.append(study_events("multi", [True, False, True, False]))
+    sync_a = ["mlflow-sync", "--lab", str(lab.root), "--tracking-uri", "./mlruns-a"]
+    out = CliRunner().invoke(main, [*sync_a, "--all-studies"])
+    assert out.exit_code == 0, out.output
+    assert "pushed 4 runs (4 created)" in out.output
+    runs_a = assert_copy("./mlruns-a", store, "multi")
+    assert dict(zip(store.trials()["trial_id"], store.trials()["mlflow_run_id"], strict=True)) == (
+        runs_a
+    )
+
+    # The user switches MLFLOW_TRACKING_URI: B gets every trial, A is not touched.
+    out = CliRunner().invoke(
+        main, ["mlflow-sync", "--lab", str(lab.root)], env={"MLFLOW_TRACKING_URI": "./mlruns-b"}
+    )
+    assert out.exit_code == 0, out.output
+    assert "pushed 4 runs (4 created)" in out.output
+    runs_b = assert_copy("./mlruns-b", store, "multi")
+    assert set(runs_b.values()).isdisjoint(runs_a.values())
+    assert assert_copy("./mlruns-a", store, "multi") == runs_a
+    # The trials keep their link to the MLflow they were first mirrored to.
+    assert set(store.trials()["mlflow_run_id"]) == set(runs_a.values())
+    links_b = mlflow_links(lab, store, study="multi", tracking_uri="./mlruns-b")
+    assert dict(zip(links_b["trial_id"], links_b["mlflow_run_id"], strict=True)) == runs_b
+    assert set(links_b["sync_state"]) == {"synced"}
+
+    # Each copy stays idempotent, however its URI is spelt.
+    for uri in ("./mlruns-b", "./mlruns-a", (file_stores / "mlruns-a").as_uri()):
+        again = sync(lab, store, tracking_uri=uri)
+        assert (again.pushed_runs, again.created_runs, again.pushed_points) == (0, 0, 0), uri
+        assert (again.pushed_params, again.errors, again.still_pending) == (0, [], 0), uri
+    assert assert_copy("./mlruns-a", store, "multi") == runs_a
+    assert assert_copy("./mlruns-b", store, "multi") == runs_b
+    store.close()
+
+
+def test_an_outbox_from_before_per_uri_keys_is_migrated_to_its_study_uri(
+    file_stores: Path,
+) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    store.append(study_events("old", [True, False]))
+    first = sync(lab, store, tracking_uri="./mlruns-a", all_studies=True)
+    assert first.created_runs == 2
+    runs_a = assert_copy("./mlruns-a", store, "old")
+    # Rewrite the bookkeeping as a lab made before the outbox knew its tracking URI: one
+    # row per study (the URI as the user spelt it) and one per trial.
+    conn = store.conn
+    studies = conn.execute(
+        "SELECT study, experiment_id, parent_run_id, updated_at FROM mlflow_studies"
+    ).fetchall()
+    outbox = conn.execute(
+        "SELECT model_run_id, trial_id, study, state, mlflow_run_id, artifact_uri, "
+        "synced_events, attempts, last_error, updated_at FROM mlflow_outbox"
+    ).fetchall()
+    assert len(studies) == 1 and len(outbox) == 2
+    conn.executescript(
+        """
+        DROP TABLE mlflow_studies;
+        DROP TABLE mlflow_outbox;
+        CREATE TABLE mlflow_studies (study TEXT PRIMARY KEY, tracking_uri TEXT NOT NULL,
+            experiment_id TEXT, parent_run_id TEXT, updated_at TEXT);
+        CREATE TABLE mlflow_outbox (model_run_id TEXT NOT NULL, trial_id TEXT NOT NULL,
+            study TEXT, state TEXT NOT NULL, mlflow_run_id TEXT, artifact_uri TEXT,
+            synced_events INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT, updated_at TEXT, PRIMARY KEY (model_run_id, trial_id));
+        """
+    )
+    conn.executemany("INSERT INTO mlflow_studies VALUES (?, './mlruns-a', ?, ?, ?)", studies)
+    conn.executemany("INSERT INTO mlflow_outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outbox)
+
+    links = mlflow_links(lab, store, study="old")  # opening the outbox migrates it
+    assert dict(zip(links["trial_id"], links["mlflow_run_id"], strict=True)) == runs_a
+    assert set(links["sync_state"]) == {"synced"}
+    assert set(links["run_url"].isna()) == {False}
+    again = sync(lab, store, tracking_uri="./mlruns-a")
+    assert (again.pushed_runs, again.created_runs, again.pushed_points) == (0, 0, 0)
+    to_b = sync(lab, store, tracking_uri="./mlruns-b")
+    assert (to_b.pushed_runs, to_b.created_runs) == (2, 2)
+    assert_copy("./mlruns-b", store, "old")
+    assert assert_copy("./mlruns-a", store, "old") == runs_a
+    store.close()
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "cnn"])
+def test_params_that_do_not_apply_to_a_trial_are_left_out(architecture: str) -> None:
+    from thunderline_lab.tracking import TrialSnapshot
+
+    for ev in study_events("s", [True, False], architecture=architecture):
+        if ev.name != "ml.run.start":
+            continue
+        p = ev.payload
+        snap = TrialSnapshot(
+            "s", p.trial_id, spectral_norm=p.spectral_norm,
+            spectral_norm_coeff=p.spectral_norm_coeff, parameters=dict(p.parameters),
+        )  # fmt: skip
+        got = snap.mlflow_params()
+        assert all(got[k] != "None" for k in {*SN_ONLY, *CNN_ONLY} & set(got)), got
+        assert got["architecture"] == architecture and got["lr"] == _param_value(p.parameters["lr"])
+        sn_keys = {k for k in SN_ONLY if k in got}
+        cnn_keys = {k for k in ("kernel_size", "pooling") if k in got}
+        if p.spectral_norm:
+            assert got["spectral_norm"] == "True" and got["spectral_norm_coeff"] == "1.5"
+            assert sn_keys >= {"spectral_norm_coeff", "n_power_iterations", "sn_layers"}
+            assert ("conv_sn_mode" in got) == (architecture == "cnn")
+        else:
+            assert got["spectral_norm"] == "False" and sn_keys == set()
+        assert bool(cnn_keys) == (architecture == "cnn")
+        assert got["patience"] == "None"  # applies: no early stopping
+    # The lab's constraint flag alone (no spectral_norm parameter) decides too.
+    snap = TrialSnapshot("s", "t", spectral_norm=False, parameters={"spectral_norm_coeff": None})
+    assert snap.mlflow_params() == {"spectral_norm": "False"}
+
+
+def test_the_parent_run_carries_the_study_settings(file_stores: Path) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    store.append(study_events("described", [True, False, True, False]))
+    report = sync(lab, store, tracking_uri="./mlruns-a", all_studies=True)
+    assert report.errors == []
+    parent, _ = trial_runs("./mlruns-a", "described")
+    assert parent.data.params == {
+        "study": "described",
+        "design": "paired",
+        "dataset": "digits",
+        "architecture": "mlp",
+        "epochs": "2",
+    }
+    tags = parent.data.tags
+    assert tags["n_trials"] == "4"
+    assert tags["seeds"] == "[0, 1]"
+    space = json.loads(tags["search_space"])
+    assert space["lr"] == [0.01, 0.04]
+    assert space["spectral_norm"] == [False, True]
+    assert space["spectral_norm_coeff"] == [1.5]
+    assert space["activation"] == ["relu"]
+    assert not {"seed", "pair_id", "group_id", "arm", "design", "epochs"} & set(space)
+
+    # More trials later (a resumed study): the summary follows, the settings stay.
+    more = [
+        ev
+        for ev in study_events("described", [True, False, True, False, True, False])
+        if ev.payload.trial_id in ("trial_0004", "trial_0005")
+    ]
+    store.append(more)
+    again = sync(lab, store, tracking_uri="./mlruns-a")
+    assert (again.created_runs, again.conflicts, again.errors) == (2, [], [])
+    parent, _ = trial_runs("./mlruns-a", "described")
+    assert parent.data.tags["n_trials"] == "6" and parent.data.tags["seeds"] == "[0, 1, 2]"
+    assert json.loads(parent.data.tags["search_space"])["lr"] == [0.01, 0.06]
+    assert parent.data.params["epochs"] == "2"
+    store.close()
+
+
+def test_the_logger_gives_the_parent_run_the_study_settings(file_stores: Path) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    bus = EventBus()
+    uri = (file_stores / "mlruns-live").as_uri()
+    with (
+        StoreWriter(store, bus, interval=0.05),
+        MLflowLogger(
+            bus, lab=lab, study="live", store=store, tracking_uri=uri, isolate=False
+        ) as logger,
+    ):
+        for ev in study_events("live", [True, False]):
+            bus.publish(ev)
+        assert wait_synced(logger, 60)
+    assert not logger.errors
+    parent, runs = trial_runs(uri, "live")
+    assert parent.data.params["design"] == "paired" and parent.data.params["study"] == "live"
+    assert parent.data.tags["n_trials"] == "2"
+    assert "spectral_norm_coeff" not in runs["trial_0001"].data.params
+    assert runs["trial_0000"].data.params["spectral_norm_coeff"] == "1.5"
+    store.close()

@@ -3,8 +3,13 @@
 Each study is an MLflow experiment (named after the study) holding one parent run; each
 trial is a nested run (``mlflow.parentRunId``) carrying
 
-* params: every hyperparameter of the trial, ``spectral_norm`` and ``spectral_norm_coeff``
-  included (MLflow's ``str`` form: ``True``, ``0.01``; dicts and lists as JSON);
+* params: every hyperparameter of the trial that applies to it, ``spectral_norm`` and
+  ``spectral_norm_coeff`` included (MLflow's ``str`` form: ``True``, ``0.01``; dicts and lists
+  as JSON). A setting that means nothing for the trial is left out rather than logged as
+  ``None`` or as a default that was never used: the spectral-norm settings
+  (``spectral_norm_coeff``, ``n_power_iterations``, ``conv_sn_mode``, ``sn_layers``) of a
+  trial without SN, the convolution settings (``kernel_size``, ``pooling``,
+  ``conv_sn_mode``) of an MLP;
 * metrics: every ``ml.run.metric`` series point at its step, with the event's timestamp, and
   the trial's summary metrics (``ml.trial.complete`` / ``failed``) as ``final/<name>``
   (``final/test_accuracy``...) so they never mix into the per-epoch series;
@@ -31,13 +36,27 @@ own client retries a dead server for minutes); the retry policy is the outbox. O
 (the lab's SQLite) run MlflowClient in a child process: SQLAlchemy spends ~0.1 s of CPU per
 1000 metrics, which in-process would be taken from the training thread through the GIL.
 
-The outbox lives in the lab's trial store (``lab.db``), in two tables this module owns:
+The parent run of a study carries the study's settings as params: ``study`` and the settings
+``run_study`` refuses to change on a resume (``design``, ``dataset``, ``architecture``,
+``epochs``, when every trial agrees). What grows as trials are added is in tags, which MLflow
+lets us update (params are write-once): ``n_trials`` (trials of the study in the lab),
+``seeds`` and ``search_space`` (per hyperparameter, ``[min, max]`` of the numbers the trials
+used, else the values they used).
 
-``mlflow_studies``  the studies mirrored to MLflow (experiment id, parent run id, URI)
-``mlflow_outbox``   one row per trial: ``state`` pending | synced, the MLflow run id, and
-                    ``synced_events``, how many of the trial's events MLflow reflects
+The outbox lives in the lab's trial store (``lab.db``), in two tables this module owns, both
+per tracking URI (each MLflow a lab is mirrored to holds its own complete copy):
 
-A trial of a mirrored study is pending when it has no synced row, or when the store holds
+``mlflow_studies``  per study and URI: the experiment id and parent run id
+``mlflow_outbox``   per URI and trial: ``state`` pending | synced, the MLflow run id, and
+                    ``synced_events``, how many of the trial's events that MLflow reflects
+
+URIs are compared in one spelling (a local path as an absolute ``file://`` URI, a server
+without its trailing ``/``), so ``./mlruns`` and ``file:///abs/mlruns`` are one store and
+``./mlruns`` run from two folders are two. The trial store's ``mlflow_run_id`` stays the
+link to the first MLflow the trial reached; :func:`mlflow_links` gives any URI's runs.
+
+A trial of a mirrored study (one mirrored to any URI) is pending for a URI when it has no
+synced row for that URI, or when the store holds
 more of its events than ``synced_events`` (events appended later, e.g. by another process).
 :func:`sync` (``thunderline-lab mlflow-sync``) re-derives everything from the store, which has
 every param, metric point and tag: it finds the trial's run by its ``trial_id`` tag (or creates
@@ -174,13 +193,15 @@ _EVENT_METRIC = re.compile(r"[A-Za-z0-9_\-. /]+")  # what an ml.run.metric name 
 
 _OUTBOX_SCHEMA = """
 CREATE TABLE IF NOT EXISTS mlflow_studies (
-    study TEXT PRIMARY KEY,
+    study TEXT NOT NULL,
     tracking_uri TEXT NOT NULL,
     experiment_id TEXT,
     parent_run_id TEXT,
-    updated_at TEXT
+    updated_at TEXT,
+    PRIMARY KEY (study, tracking_uri)
 );
 CREATE TABLE IF NOT EXISTS mlflow_outbox (
+    tracking_uri TEXT NOT NULL,
     model_run_id TEXT NOT NULL,
     trial_id TEXT NOT NULL,
     study TEXT,
@@ -191,9 +212,22 @@ CREATE TABLE IF NOT EXISTS mlflow_outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
     updated_at TEXT,
-    PRIMARY KEY (model_run_id, trial_id)
+    PRIMARY KEY (tracking_uri, model_run_id, trial_id)
 );
 """
+_OUTBOX_COLUMNS = (
+    "model_run_id, trial_id, study, state, mlflow_run_id, artifact_uri, synced_events, "
+    "attempts, last_error, updated_at"
+)
+# Params that mean something only with spectral normalization, or only for a CNN.
+_SN_ONLY_PARAMS = frozenset(
+    {"spectral_norm_coeff", "n_power_iterations", "conv_sn_mode", "sn_layers"}
+)
+_CNN_ONLY_PARAMS = frozenset({"kernel_size", "pooling", "conv_sn_mode"})
+# The study settings run_study refuses to change on a resume: the parent run's params.
+_STUDY_PARAMS = ("design", "dataset", "architecture", "epochs")
+# Per-trial bookkeeping of a study's design, not part of its search space.
+_DESIGN_PARAMS = frozenset({"seed", "pair_id", "group_id", "arm", "retry_of"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +267,23 @@ def _slug(text: str) -> str:
     if clean == text:
         return clean
     return f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _uri_key(uri: str) -> str:
+    """One spelling per MLflow, so the outbox keeps one copy per store.
+
+    A local path (``./mlruns``) or ``file:`` URI becomes an absolute ``file://`` URI: the same
+    store spelt two ways is one copy, and ``./mlruns`` run from two folders is two. A server
+    loses its trailing ``/``; other URIs (``sqlite:///...``, ``databricks``) are kept as given.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        return uri.rstrip("/")
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(unquote(parsed.path)).expanduser().resolve().as_uri()
+    if parsed.scheme == "" or (os.name == "nt" and len(parsed.scheme) == 1):  # C:\...
+        return Path(uri).expanduser().resolve().as_uri()
+    return uri
 
 
 def _param_value(value: Any) -> str:
@@ -285,6 +336,19 @@ def _param_key(key: str) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _metric_key_ok(key: str) -> bool:
     return _valid_key(key) and _BAD_KEY_CHARS.search(key) is None
+
+
+def _applicable(params: Mapping[str, Any], spectral_norm: bool | None = None) -> dict[str, Any]:
+    """The parameters that apply to a trial (see :meth:`TrialSnapshot.mlflow_params`)."""
+    sn = params.get("spectral_norm") if spectral_norm is None else spectral_norm
+    architecture = params.get("architecture")
+    cnn = not isinstance(architecture, str) or architecture == "cnn"
+    return {
+        k: v
+        for k, v in params.items()
+        if not (k in _SN_ONLY_PARAMS and (v is None or sn is False))
+        and not (k in _CNN_ONLY_PARAMS and (v is None or not cnn))
+    }
 
 
 def _sn_from(params: Mapping[str, Any], tags: Mapping[str, str]) -> bool | None:
@@ -969,10 +1033,17 @@ class _Outbox:
     """Sync bookkeeping in the trial store's SQLite file, on a connection of its own.
 
     A file store gets a private connection (so this thread never joins the store's own
-    transactions); an in-memory store shares ``store.conn`` under the store's lock.
+    transactions); an in-memory store shares ``store.conn`` under the store's lock. The trial
+    rows written and read are those of ``tracking_uri`` (a :func:`_uri_key`).
     """
 
-    def __init__(self, path: str | Path | None, store: TrialStore | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        store: TrialStore | None = None,
+        tracking_uri: str | None = None,
+    ) -> None:
+        self.uri = tracking_uri
         self._lock: Any
         if store is not None and store.path == ":memory:":
             self.conn = store.conn
@@ -989,7 +1060,54 @@ class _Outbox:
                 self.conn.execute("PRAGMA journal_mode = WAL")  # as the TrialStore keeps it
             self._lock = threading.RLock()
             self._own = True
-        self._write(lambda: [self.conn.execute(s) for s in _OUTBOX_SCHEMA.split(";") if s.strip()])
+        self._write(self._create)
+
+    def _create(self) -> None:
+        """Create the tables; migrate those of a lab made before they were per tracking URI."""
+        outbox_cols = [r[1] for r in self.conn.execute("PRAGMA table_info(mlflow_outbox)")]
+        study_keys = [r[1] for r in self.conn.execute("PRAGMA table_info(mlflow_studies)") if r[5]]
+        old_studies = study_keys == ["study"]
+        if old_studies:
+            self.conn.execute("ALTER TABLE mlflow_studies RENAME TO mlflow_studies_v1")
+        if outbox_cols and "tracking_uri" not in outbox_cols:
+            self.conn.execute("ALTER TABLE mlflow_outbox RENAME TO mlflow_outbox_v1")
+        for statement in _OUTBOX_SCHEMA.split(";"):
+            if statement.strip():
+                self.conn.execute(statement)
+        if old_studies:
+            self.conn.execute(
+                "INSERT INTO mlflow_studies (study, tracking_uri, experiment_id, parent_run_id, "
+                "updated_at) SELECT study, tracking_uri, experiment_id, parent_run_id, "
+                "updated_at FROM mlflow_studies_v1"
+            )
+            self.conn.execute("DROP TABLE mlflow_studies_v1")
+            # The URIs as the user spelt them, in this process's spelling (a relative path is
+            # taken from here: a wrong guess only costs one reconciling sync, never a copy).
+            for (uri,) in list(
+                self.conn.execute("SELECT DISTINCT tracking_uri FROM mlflow_studies")
+            ):
+                self.conn.execute(
+                    "UPDATE mlflow_studies SET tracking_uri = ? WHERE tracking_uri = ?",
+                    (_uri_key(uri), uri),
+                )
+        if outbox_cols and "tracking_uri" not in outbox_cols:
+            # A trial's row belongs to the URI its study was mirrored to. Rows of no mirrored
+            # study (runs pulled from an experiment) are dropped: the next pull remakes them.
+            self.conn.execute(
+                f"INSERT INTO mlflow_outbox (tracking_uri, {_OUTBOX_COLUMNS}) "
+                "SELECT COALESCE("
+                "(SELECT s.tracking_uri FROM mlflow_studies s WHERE s.study = o.study), "
+                "(SELECT s.tracking_uri FROM mlflow_studies s WHERE s.study = o.model_run_id)"
+                ") AS uri, "
+                f"{', '.join('o.' + c.strip() for c in _OUTBOX_COLUMNS.split(','))} "
+                "FROM mlflow_outbox_v1 o WHERE uri IS NOT NULL"
+            )
+            self.conn.execute("DROP TABLE mlflow_outbox_v1")
+
+    def _key_uri(self) -> str:
+        if self.uri is None:
+            raise TrackingError("the MLflow outbox was opened without a tracking URI")
+        return self.uri
 
     def close(self) -> None:
         if self._own:
@@ -1031,8 +1149,8 @@ class _Outbox:
         self._write(
             lambda: self.conn.execute(
                 "INSERT INTO mlflow_studies (study, tracking_uri, experiment_id, parent_run_id, "
-                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (study) DO UPDATE SET "
-                "tracking_uri = excluded.tracking_uri, "
+                "updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (study, tracking_uri) DO UPDATE SET "
                 "experiment_id = COALESCE(excluded.experiment_id, mlflow_studies.experiment_id), "
                 "parent_run_id = COALESCE(excluded.parent_run_id, mlflow_studies.parent_run_id), "
                 "updated_at = excluded.updated_at",
@@ -1040,9 +1158,13 @@ class _Outbox:
             )
         )
 
-    def studies(self) -> dict[str, tuple[str, str | None, str | None]]:
+    def studies(self, uri: str | None = None) -> dict[str, tuple[str, str | None, str | None]]:
+        """Per study: URI, experiment id, parent run id; those of ``uri``, else of the URI
+        each study was last mirrored to (any URI: the study is mirrored)."""
         rows = self.query(
-            "SELECT study, tracking_uri, experiment_id, parent_run_id FROM mlflow_studies"
+            "SELECT study, tracking_uri, experiment_id, parent_run_id FROM mlflow_studies "
+            "WHERE ? IS NULL OR tracking_uri = ? ORDER BY updated_at, tracking_uri",
+            (uri, uri),
         )
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
@@ -1060,12 +1182,13 @@ class _Outbox:
         """Record that the trial is not fully in MLflow (keeps a synced row synced when only
         its run id is being noted)."""
         state = "pending" if run_id is None or error else None
+        uri = self._key_uri()
         self._write(
             lambda: self.conn.execute(
-                "INSERT INTO mlflow_outbox (model_run_id, trial_id, study, state, mlflow_run_id, "
-                "artifact_uri, attempts, last_error, updated_at) "
-                "VALUES (?, ?, ?, COALESCE(?, 'pending'), ?, ?, ?, ?, ?) "
-                "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET "
+                "INSERT INTO mlflow_outbox (tracking_uri, model_run_id, trial_id, study, state, "
+                "mlflow_run_id, artifact_uri, attempts, last_error, updated_at) "
+                "VALUES (?, ?, ?, ?, COALESCE(?, 'pending'), ?, ?, ?, ?, ?) "
+                "ON CONFLICT (tracking_uri, model_run_id, trial_id) DO UPDATE SET "
                 "state = COALESCE(?, mlflow_outbox.state), "
                 "study = COALESCE(excluded.study, mlflow_outbox.study), "
                 "mlflow_run_id = COALESCE(excluded.mlflow_run_id, mlflow_outbox.mlflow_run_id), "
@@ -1074,6 +1197,7 @@ class _Outbox:
                 "last_error = COALESCE(excluded.last_error, mlflow_outbox.last_error), "
                 "updated_at = excluded.updated_at",
                 (
+                    uri,
                     *key,
                     study,
                     state,
@@ -1090,24 +1214,31 @@ class _Outbox:
     def mark_synced(
         self, key: tuple[str, str], study: str | None, run_id: str, n_events: int
     ) -> None:
+        uri = self._key_uri()
         self._write(
             lambda: self.conn.execute(
-                "INSERT INTO mlflow_outbox (model_run_id, trial_id, study, state, mlflow_run_id, "
-                "synced_events, last_error, updated_at) VALUES (?, ?, ?, 'synced', ?, ?, NULL, ?) "
-                "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET state = 'synced', "
+                "INSERT INTO mlflow_outbox (tracking_uri, model_run_id, trial_id, study, state, "
+                "mlflow_run_id, synced_events, last_error, updated_at) "
+                "VALUES (?, ?, ?, ?, 'synced', ?, ?, NULL, ?) "
+                "ON CONFLICT (tracking_uri, model_run_id, trial_id) DO UPDATE SET "
+                "state = 'synced', "
                 "study = COALESCE(excluded.study, mlflow_outbox.study), "
                 "mlflow_run_id = excluded.mlflow_run_id, "
                 "synced_events = MAX(mlflow_outbox.synced_events, excluded.synced_events), "
                 "last_error = NULL, updated_at = excluded.updated_at",
-                (*key, study, run_id, n_events, _now_text()),
+                (uri, *key, study, run_id, n_events, _now_text()),
             )
         )
 
-    def outbox(self) -> dict[tuple[str, str], tuple[str, str | None, int, str | None, str | None]]:
-        """Per trial: state, run id, synced_events, last_error, artifact_uri."""
+    def outbox(
+        self, uri: str | None = None
+    ) -> dict[tuple[str, str], tuple[str, str | None, int, str | None, str | None]]:
+        """Per trial of ``uri`` (default: this outbox's): state, run id, synced_events,
+        last_error, artifact_uri."""
         rows = self.query(
             "SELECT model_run_id, trial_id, state, mlflow_run_id, synced_events, last_error, "
-            "artifact_uri FROM mlflow_outbox"
+            "artifact_uri FROM mlflow_outbox WHERE tracking_uri = ?",
+            (uri or self._key_uri(),),
         )
         return {(r[0], r[1]): (r[2], r[3], int(r[4]), r[5], r[6]) for r in rows}
 
@@ -1159,14 +1290,23 @@ class TrialSnapshot:
         return (self.model_run_id, self.trial_id)
 
     def mlflow_params(self) -> dict[str, str]:
-        """The run's params: the trial's hyperparameters plus spectral_norm and its coeff."""
+        """The run's params: the trial's hyperparameters that apply to it, spectral_norm and
+        its coeff included.
+
+        A trial's parameters hold every field of its model config and the study's
+        conditional parameters, applicable or not (``spectral_norm_coeff=None`` or a default
+        coefficient in the SN-off arm, ``kernel_size`` in an MLP). Logged, they would read as
+        settings the trial used, and MLflow params can never be corrected; so the SN settings
+        of a trial without SN, the CNN settings of another architecture, and a conditional
+        parameter stated as None are left out.
+        """
         merged: dict[str, Any] = dict(self.parameters)
-        if "spectral_norm" not in merged and self.spectral_norm is not None:
-            merged["spectral_norm"] = self.spectral_norm
+        if self.spectral_norm is not None:  # the trial's own flag, as its tags state it
+            merged.setdefault("spectral_norm", self.spectral_norm)
         if "spectral_norm_coeff" not in merged and self.spectral_norm_coeff is not None:
             merged["spectral_norm_coeff"] = self.spectral_norm_coeff
         out: dict[str, str] = {}
-        for k, v in merged.items():
+        for k, v in _applicable(merged, self.spectral_norm).items():
             key = _param_key(k)
             if key is not None:
                 out[key] = _param_value(v)
@@ -1447,6 +1587,69 @@ def _ensure_context(
     return _Context(study, exp_id, parent_id, lab_tag)
 
 
+def _study_summary(
+    study: str, trial_params: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The parent run's params and summary tags, from the parameters of the study's trials.
+
+    Params are write-once in MLflow, so they hold only what cannot change: the study's name
+    and the settings ``run_study`` keeps fixed across resumes, when every trial states the
+    same value. The rest grows as trials are added and goes in tags: ``n_trials``, ``seeds``
+    and ``search_space`` (``[min, max]`` of a numeric hyperparameter the trials varied, else
+    the values they used; a value of None is a parameter that did not apply).
+    """
+    trial_params = [_applicable(p) for p in trial_params]
+    params = {"study": _param_value(study)}
+    for k in _STUDY_PARAMS:
+        values = {_param_value(p[k]) for p in trial_params if p.get(k) is not None}
+        if len(values) == 1 and all(p.get(k) is not None for p in trial_params):
+            params[k] = values.pop()
+    tags = {"n_trials": str(len(trial_params))}
+    seeds = {p["seed"] for p in trial_params if type(p.get("seed")) is int}
+    if seeds:
+        tags["seeds"] = json.dumps(sorted(seeds))
+    space: dict[str, Any] = {}
+    names = sorted({k for p in trial_params for k in p} - set(_STUDY_PARAMS) - _DESIGN_PARAMS)
+    for k in names:
+        used = [p[k] for p in trial_params if p.get(k) is not None]
+        numbers = [v for v in used if isinstance(v, int | float) and not isinstance(v, bool)]
+        if not used:
+            continue
+        if len(numbers) == len(used) and min(numbers) != max(numbers):
+            space[k] = [min(numbers), max(numbers)]
+        else:
+            distinct = {json.dumps(v, sort_keys=True, default=str): v for v in used}
+            space[k] = [distinct[t] for t in sorted(distinct)][:20]
+    text = json.dumps(space, sort_keys=True, default=str)
+    if len(text) <= MAX_TAG_VALUE:  # else too many parameters to show: left out, not cut
+        tags["search_space"] = text
+    return params, tags
+
+
+def _push_study(
+    backend: _Backend, ctx: _Context, params: Mapping[str, str], tags: Mapping[str, str]
+) -> tuple[int, list[str]]:
+    """Give the study's parent run its params (those it lacks) and summary tags.
+
+    Returns:
+        How many params were logged, and the params MLflow holds with another value.
+    """
+    parent = backend.get_run(ctx.parent_run_id)
+    if parent is None:
+        return 0, []
+    new = {k: v for k, v in params.items() if k not in parent.params}
+    conflicts = [
+        f"{ctx.study}: study param {k}: MLflow has {parent.params[k]!r}, the lab {v!r} "
+        "(MLflow params are immutable)"
+        for k, v in params.items()
+        if k in parent.params and parent.params[k] != v
+    ]
+    changed = {k: v for k, v in tags.items() if parent.tags.get(k) != v}
+    if new or changed:
+        backend.log_batch(ctx.parent_run_id, params=new, tags=changed)
+    return len(new), conflicts
+
+
 def _link_event(key: tuple[str, str], study: str | None, run: RunRecord) -> events.Event:
     """The write-back: an ``ml.run.start`` stating only the trial's ``mlflow_run_id``."""
     return events.run_start(
@@ -1657,7 +1860,7 @@ class MLflowLogger:
         self.isolate = isolate
         self.lab = lab
         self.study = study
-        self.tracking_uri = tracking_uri or lab.mlflow_tracking_uri
+        self.tracking_uri = _uri_key(tracking_uri or lab.mlflow_tracking_uri)
         self.flush_interval = flush_interval
         self.max_backoff = max_backoff
         self._store = store
@@ -1675,6 +1878,8 @@ class MLflowLogger:
         self._offline_until = 0.0
         self._failures = 0
         self._last_points_flush = time.monotonic()
+        self._summary_due = False  # a trial began or ended: the parent run's tags may change
+        self._summary_sent: tuple[dict[str, str], dict[str, str]] | None = None
         self.errors: list[str] = []
         self.stats = {"points": 0, "params": 0, "runs_created": 0, "artifacts": 0, "failures": 0}
         self._sub: Subscription = bus.subscribe("ml.*", self._on_event, name="MLflowLogger")
@@ -1780,7 +1985,7 @@ class MLflowLogger:
 
     def _run(self) -> None:
         try:
-            self._outbox = _Outbox(self.lab.db_path, self._store)
+            self._outbox = _Outbox(self.lab.db_path, self._store, self.tracking_uri)
             self._outbox.mark_study(self.study, self.tracking_uri)
         except Exception as exc:  # the outbox is best effort too
             self._note_error(f"outbox unavailable: {exc}")
@@ -1847,6 +2052,7 @@ class MLflowLogger:
             if existing is not None:  # a resumed study: the run exists from an earlier process
                 rs.run, rs.reconcile = existing, True
             self._trials[key] = rs
+            self._summary_due = True
             if self._outbox is not None:
                 try:
                     self._outbox.mark_pending(key, study or self.study)
@@ -1893,6 +2099,7 @@ class MLflowLogger:
             snap.started_ms = min(snap.started_ms, ts)
         elif ev.name == "ml.trial.complete":
             rs.trial_status, snap.ended_ms = p.status, ts
+            self._summary_due = True
         elif ev.name == "ml.trial.failed":
             rs.trial_status, snap.ended_ms = "failed", ts
             snap.error_type, snap.error_message = p.error_type, p.error_message
@@ -1995,9 +2202,45 @@ class MLflowLogger:
                 if self._outbox is not None:
                     self._outbox.mark_pending(rs.snap.key, rs.snap.study, error=str(exc))
         self._failures = 0
+        if self._summary_due or final:
+            self._summary_due = False
+            try:
+                self._push_summary()
+            except _BackendError as exc:
+                self._summary_due = exc.transient
+                self._note_error(f"study {self.study}: parent run: {exc}")
         if final:
             with contextlib.suppress(_BackendError):
                 self._backend.set_status(self._ctx.parent_run_id, "FINISHED", _ms(events.utcnow()))
+
+    def _push_summary(self) -> None:
+        """The parent run's params and tags, from the store's trials of the study (other
+        workers' too) and this logger's own, which the store may not have yet."""
+        assert self._backend is not None and self._ctx is not None
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        if self._outbox is not None:
+            with contextlib.suppress(sqlite3.Error):  # no trial store (events go to a gateway)
+                for mr, tid, text in self._outbox.query(
+                    "SELECT model_run_id, trial_id, parameters FROM trials "
+                    "WHERE study = ? OR model_run_id = ?",
+                    (self.study, self.study),
+                ):
+                    rows[(mr, tid)] = json.loads(text or "{}")
+        for key, rs in list(self._trials.items()):
+            row = {**rows.get(key, {}), **rs.snap.parameters}
+            if rs.snap.spectral_norm is not None:
+                row.setdefault("spectral_norm", rs.snap.spectral_norm)
+            rows[key] = row
+        if not rows:
+            return
+        summary = _study_summary(self.study, list(rows.values()))
+        if summary == self._summary_sent:
+            return
+        n, conflicts = _push_study(self._backend, self._ctx, *summary)
+        self.stats["params"] += n
+        for c in conflicts:
+            self._note_error(c)
+        self._summary_sent = summary
 
     def _pump_trial(self, rs: _RunSync, *, flush_points: bool) -> None:
         assert self._backend is not None and self._ctx is not None
@@ -2126,6 +2369,10 @@ def sync(
 ) -> SyncReport:
     """Push what MLflow lacks, pull runs made outside the lab; idempotent.
 
+    Each tracking URI gets its own complete copy of every mirrored study (the outbox is kept
+    per URI): syncing to a second MLflow creates its runs, syncing again to either one sends
+    nothing. The study's parent run gets its settings and summary too.
+
     Args:
         lab: the lab.
         store: its open trial store (opened from ``lab.db`` if None).
@@ -2143,11 +2390,11 @@ def sync(
     Raises:
         TrackingError: when MLflow cannot be reached (nothing is lost: trials stay pending).
     """
-    uri = tracking_uri or lab.mlflow_tracking_uri
+    uri = _uri_key(tracking_uri or lab.mlflow_tracking_uri)
     own_store = store is None
     if store is None:
         store = lab.store()
-    outbox = _Outbox(lab.db_path, store)
+    outbox = _Outbox(lab.db_path, store, uri)
     report = SyncReport(uri)
     try:
         backend = _open_backend(uri)
@@ -2185,8 +2432,8 @@ def _context_for(
 ) -> _Context:
     ctx = contexts.get(study)
     if ctx is None:
-        known = outbox.studies().get(study)
-        ids = (known[1], known[2]) if known is not None and known[0] == uri else (None, None)
+        known = outbox.studies(uri).get(study)
+        ids = (known[1], known[2]) if known is not None else (None, None)
         ctx = _ensure_context(backend, study, lab, ids)
         outbox.mark_study(study, uri, ctx.experiment_id, ctx.parent_run_id)
         contexts[study] = ctx
@@ -2208,6 +2455,7 @@ def _sync_push(
     counts = outbox.event_counts()
     trials = store.trials()
     by_study: dict[str, list[tuple[str, str]]] = {}
+    mirrored: set[str] = set()  # studies with trials of the lab's own (not only pulled ones)
     for rec in trials[["model_run_id", "trial_id", "study"]].to_dict("records"):
         key = (rec["model_run_id"], rec["trial_id"])
         study = rec["study"] or rec["model_run_id"]
@@ -2219,6 +2467,7 @@ def _sync_push(
         n = counts.get(key, 0)
         if n == 0 and (state is None or state[0] == "synced"):
             continue  # known only from MLflow (pulled): nothing to push
+        mirrored.add(study)
         if state is not None and state[0] == "synced" and state[2] >= n:
             continue
         by_study.setdefault(study, []).append(key)
@@ -2245,8 +2494,10 @@ def _sync_push(
             report.pushed_points += stats.points
             report.pushed_params += stats.params
             report.conflicts.extend(stats.conflicts)
-            row = store.trial(*key) or {}
-            if row.get("mlflow_run_id") != rs.run.run_id:
+            # The store links a trial to one run: the first MLflow it reached keeps it, so a
+            # copy in another MLflow does not take the link away (it is in this URI's outbox).
+            linked = (store.trial(*key) or {}).get("mlflow_run_id")
+            if linked != rs.run.run_id and linked in (None, known_run):
                 store.append([_link_event(key, snap.study, rs.run)])
             outbox.mark_pending(key, study, run_id=rs.run.run_id, artifact_uri=rs.run.artifact_uri)
             directory = _spool_root(lab) / _slug(key[0]) / _slug(key[1])
@@ -2259,6 +2510,20 @@ def _sync_push(
             parent = backend.get_run(ctx.parent_run_id)
             if parent is not None and parent.status == "RUNNING":
                 backend.set_status(ctx.parent_run_id, "FINISHED", _ms(events.utcnow()))
+    # Every mirrored study's parent run gets the study's settings and summary (also one
+    # mirrored before parent runs had them, or whose trials were all synced already).
+    for study in sorted(mirrored):
+        of_study = trials[(trials["study"] == study) | (trials["model_run_id"] == study)]
+        if of_study.empty:
+            continue
+        ctx = _context_for(backend, lab, outbox, contexts, study, backend.uri)
+        rows = [
+            {**p, "spectral_norm": sn} if sn is not None and "spectral_norm" not in p else p
+            for p, sn in zip(of_study["parameters"], of_study["spectral_norm"], strict=True)
+        ]
+        n, conflicts = _push_study(backend, ctx, *_study_summary(study, rows))
+        report.pushed_params += n
+        report.conflicts.extend(conflicts)
     # Artifacts spooled for trials that were otherwise synced.
     root = _spool_root(lab)
     if root.exists():
@@ -2280,7 +2545,7 @@ def _pull_experiments(
 ) -> list[tuple[str, str]]:
     own_backend = backend.uri == f"sqlite:///{lab.mlflow_db}"
     tracked = outbox.studies()
-    known_ids = {v[1] for v in tracked.values() if v[0] == backend.uri and v[1]}
+    known_ids = {v[1] for v in outbox.studies(backend.uri).values() if v[1]}
     chosen = []
     for exp_id, name, tags in backend.list_experiments():
         if (
@@ -2518,12 +2783,16 @@ def mlflow_links(
     *,
     study: str | None = None,
     ui_url: str = "http://127.0.0.1:5000",
+    tracking_uri: str | None = None,
 ) -> pd.DataFrame:
     """Each trial's MLflow run, its UI link, artifact folder and sync state (no MLflow I/O).
 
     Columns: ``model_run_id, trial_id, study, mlflow_run_id, experiment_id, run_url,
     artifacts_uri, sync_state`` (``synced`` | ``pending`` | ``not mirrored``). For the
     comparison report and the monitor.
+
+    ``tracking_uri`` chooses which MLflow's copy (a lab may be mirrored to several); by
+    default each study's latest one, and a trial's run is the one the store links it to.
 
     Example:
         >>> mlflow_links(Lab.resolve("lab"), study="sn-ab")  # doctest: +SKIP
@@ -2533,11 +2802,14 @@ def mlflow_links(
     own_store = store is None
     if store is None:
         store = lab.store()
+    chosen = _uri_key(tracking_uri) if tracking_uri else None
     outbox = _Outbox(lab.db_path, store)
     try:
         trials = store.trials(study=study)
-        studies = outbox.studies()
-        states = outbox.outbox()
+        studies = outbox.studies(chosen)
+        default_uri = chosen or _uri_key(lab.mlflow_tracking_uri)
+        uris = {v[0] for v in studies.values()} | {default_uri}
+        states_of = {u: outbox.outbox(u) for u in uris}
         counts = outbox.event_counts()
     finally:
         outbox.close()
@@ -2547,9 +2819,12 @@ def mlflow_links(
     for rec in trials.to_dict("records"):
         key = (rec["model_run_id"], rec["trial_id"])
         tracked = studies.get(rec["study"]) or studies.get(rec["model_run_id"])
-        uri, exp_id = (tracked[0], tracked[1]) if tracked else (lab.mlflow_tracking_uri, None)
-        state = states.get(key)
-        run_id = rec.get("mlflow_run_id") or (state[1] if state else None)
+        uri, exp_id = (tracked[0], tracked[1]) if tracked else (default_uri, None)
+        state = states_of[uri].get(key)
+        if chosen is None:
+            run_id = rec.get("mlflow_run_id") or (state[1] if state else None)
+        else:  # the store's link may be to a run in another MLflow
+            run_id = state[1] if state else None
         if state is None:
             sync_state = "pending" if tracked else "not mirrored"
         elif state[0] == "synced" and state[2] >= counts.get(key, 0):
