@@ -16,7 +16,7 @@ import pytest
 
 from thunderline_lab import events as E
 from thunderline_lab.bus import EventBus
-from thunderline_lab.events import EventValidationError
+from thunderline_lab.events import EventConflictError, EventValidationError
 from thunderline_lab.store import SCHEMA_VERSION, StoreWriter, TrialStore, format_ts
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -136,6 +136,47 @@ def test_duplicate_ids_within_one_batch_are_stored_once(store: TrialStore) -> No
     ev = study_events()[0]
     result = store.append([ev, ev, ev])
     assert (result.accepted, result.duplicates) == (1, 2)
+
+
+def test_an_id_that_names_another_event_is_refused_and_nothing_is_written(
+    store: TrialStore,
+) -> None:
+    evs = study_events()
+    store.append(evs[:6])
+    before = snapshot(store)
+    metric = next(e for e in evs[:6] if e.name == "ml.run.metric")
+    changed = metric.model_dump(mode="json")
+    key = next(iter(changed["payload"]["measurements"]))
+    changed["payload"]["measurements"][key] = 123.0
+    fresh = study_events("other")[:3]
+    for batch in ([*fresh, changed], [*fresh, *E.validate_events([changed])]):
+        with pytest.raises(EventConflictError) as info:
+            store.append(batch)
+        (err,) = info.value.errors
+        assert (err.index, err.path, err.rule) == (3, f"payload.measurements.{key}", "id_conflict")
+        assert metric.id in err.message and "logged event" in err.message
+        assert err.value == 123.0
+        assert_same(before, snapshot(store))  # the fresh events of the batch are not written
+
+
+def test_a_resent_event_restamped_or_encoded_otherwise_is_a_duplicate(store: TrialStore) -> None:
+    evs = study_events()
+    store.append(evs)
+    restamped = [e.model_dump(mode="json") | {"timestamp": "2031-01-01T00:00:00Z"} for e in evs]
+    again = store.append(restamped)  # dicts take the fast path, the first were models
+    assert (again.accepted, again.duplicates) == (0, len(evs))
+
+
+def test_an_id_repeated_with_other_content_in_one_batch_is_refused(store: TrialStore) -> None:
+    ev = study_events()[0]
+    other = ev.model_dump(mode="json")
+    other["name"] = "ml.run.start"
+    with pytest.raises(EventConflictError) as info:
+        store.append([ev, ev, other])
+    (err,) = info.value.errors
+    assert (err.index, err.path) == (2, "name")
+    assert "record 0 of this batch" in err.message
+    assert store.counts()["events"] == 0
 
 
 def test_invalid_batch_stores_nothing_and_keeps_existing(store: TrialStore) -> None:

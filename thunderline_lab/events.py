@@ -70,6 +70,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ErrorDetail",
     "Event",
+    "EventConflictError",
     "EventValidationError",
     "GenericEvent",
     "MLEvent",
@@ -483,12 +484,22 @@ class EventValidationError(ThunderlineLabError):
 
     def with_source(self, source: str) -> EventValidationError:
         """The same errors, attributed to a file (or other source)."""
-        return EventValidationError(self.errors, source)
+        return type(self)(self.errors, source)
 
     def offset(self, by: int) -> EventValidationError:
         """The same errors with record indexes shifted (for batches of a larger input)."""
         shifted = [e if e.index is None else replace(e, index=e.index + by) for e in self.errors]
-        return EventValidationError(shifted, self.source)
+        return type(self)(shifted, self.source)
+
+
+class EventConflictError(EventValidationError):
+    """An event id already names another event (logged, or earlier in the same batch).
+
+    An id is the event's idempotency key: sending the same event again is harmless and
+    counted as a duplicate, but the same id with another name or payload is a second,
+    different event that would otherwise be dropped without a word. Nothing of the batch
+    is written then. The timestamp does not count: a retried post may be stamped anew.
+    """
 
 
 _COMPARISONS = frozenset(

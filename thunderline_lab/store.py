@@ -45,7 +45,7 @@ from typing import Any
 import msgspec
 import pandas as pd
 import sqlite_utils
-from pydantic_core import PydanticSerializationError, to_json
+from pydantic_core import PydanticSerializationError, to_json, to_jsonable_python
 
 from thunderline_lab.bus import EventBus, Subscription
 from thunderline_lab.errors import StoreError
@@ -54,6 +54,7 @@ from thunderline_lab.events import (
     FAST_PAYLOADS,
     ErrorDetail,
     Event,
+    EventConflictError,
     EventValidationError,
     dump_events,
     encode_fast_all,
@@ -380,6 +381,108 @@ def _unique(items: Sequence[Any], id_of: Any) -> tuple[Sequence[Any], list[int]]
     return out, position
 
 
+# A later record of a batch whose id an earlier one has, with other content: (its index,
+# the id, the first record's index, the first record's content, its content).
+_Variant = tuple[int, str, int, dict[str, Any], dict[str, Any]]
+
+
+def _variants(items: Sequence[Any]) -> list[_Variant]:
+    """The batch's repeated ids that come with other content than their first record's.
+
+    Which record is wrong is decided in the transaction: the one that differs from the
+    logged event if the id is logged already, else the later one.
+    """
+    first: dict[str, int] = {}
+    out: list[_Variant] = []
+    for i, item in enumerate(items):
+        ev_id = _item_id(item)
+        if ev_id is None:
+            continue
+        j = first.setdefault(ev_id, i)
+        if j != i:
+            before, content = _content(items[j]), _content(item)
+            if _difference(before, content) is not None:
+                out.append((i, ev_id, j, before, content))
+    return out
+
+
+def _content(item: Any) -> dict[str, Any]:
+    """An event's name and payload as plain JSON values (a record, a struct or a model)."""
+    if isinstance(item, Mapping):
+        return {"name": item.get("name"), "payload": item.get("payload")}
+    if isinstance(item, Event):  # a generic event's payload is a plain dict already
+        return {"name": item.name, "payload": to_jsonable_python(item.payload)}
+    return {"name": item.name, "payload": msgspec.to_builtins(item.payload)}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` without the empty fields two encoders may write or leave out (None, {}, [])."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items() if v is not None and v != {} and v != []}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first field where two events' contents differ: (path, a's value, b's value)."""
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(a.keys() | b.keys()):
+            found = _difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _difference(x, y, f"{path}[{k}]")
+            if found is not None:
+                return found
+        return None
+    same = a == b and (type(a) is type(b) or _both_numbers(a, b))
+    return None if same else (path, a, b)
+
+
+def _both_numbers(a: Any, b: Any) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b))
+
+
+def _conflict(index: int, ev_id: str, found: tuple[str, Any, Any], where: str) -> ErrorDetail:
+    path, before, now = found
+    shown = "absent" if before is None else _shown(before)
+    return ErrorDetail(
+        index,
+        path or "id",
+        now,
+        "id_conflict",
+        f"event id {ev_id!r} already names another event ({where} has {path or 'it'} = "
+        f"{shown}): an id names one event, send a new event with a new id",
+    )
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Conflicts(Exception):
+    """Ids of a batch that name other events: (index or None for the id's first record,
+    id, (path, other value, this value), where the other event is)."""
+
+    def __init__(self, found: list[tuple[int | None, str, tuple[str, Any, Any], str]]) -> None:
+        super().__init__(f"{len(found)} conflicting ids")
+        self.found = found
+
+
+def _body_content(body: str) -> dict[str, Any]:
+    event = json.loads(body)
+    return {"name": event.get("name"), "payload": event.get("payload")}
+
+
+def _item_id(item: Any) -> Any:
+    return item.get("id") if isinstance(item, Mapping) else getattr(item, "id", None)
+
+
 def _unserializable(errors: list[tuple[int, Exception]]) -> EventValidationError:
     return EventValidationError(
         [
@@ -628,6 +731,8 @@ class TrialStore:
 
         Raises:
             EventValidationError: if any event is invalid; nothing is written then.
+            EventConflictError: an event's id already names another event (logged, or
+                earlier in the batch) with another name or payload; nothing is written.
             StoreError: if the database cannot be written.
         """
         items = list(events)
@@ -643,15 +748,28 @@ class TrialStore:
                 if pending is None:  # mixed, or a struct cannot be written: the models name it
                     objects = [to_event(e) if is_fast(e) else e for e in items]
                     pending = _pending_from_events(validate_events(objects))
+            # repeated ids (a retried batch sent twice over): their records must agree
+            variants = _variants(items) if len(pending) < len(items) else []
         with self._lock:
             try:
-                result = self._with_write_lock(lambda: self._append_locked(pending, len(items)))
+                result = self._with_write_lock(
+                    lambda: self._append_locked(pending, len(items), variants)
+                )
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: append failed: {exc}") from exc
+            except _Conflicts as exc:  # rolled back: nothing of the batch is written
+                ids = list(map(_item_id, items))
+                errors = [
+                    _conflict(ids.index(ev_id) if i is None else i, ev_id, found, where)
+                    for i, ev_id, found, where in exc.found
+                ]
+                raise EventConflictError(sorted(errors, key=lambda e: e.index or 0)) from None
             self._after_commit(result.accepted)
             return result
 
-    def _append_locked(self, pending: list[_Pending], n_in: int) -> AppendResult:
+    def _append_locked(
+        self, pending: list[_Pending], n_in: int, variants: Sequence[_Variant] = ()
+    ) -> AppendResult:
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
@@ -662,17 +780,57 @@ class TrialStore:
         )
         if cur.rowcount == len(pending):
             fresh = pending
+            if variants:
+                self._check_duplicates([], variants)
         else:
             added = {
                 ev_id
                 for (ev_id,) in self.conn.execute("SELECT id FROM events WHERE seq > ?", (before,))
             }
             fresh = [p for p in pending if p[0][0] in added]
+            self._check_duplicates([p[0] for p in pending if p[0][0] not in added], variants)
         last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         with gc_paused():
             self._project([p[1] for p in fresh if p[1] is not None], before, last_seq)
         ids = [p[0][0] for p in fresh]
         return AppendResult(len(fresh), n_in - len(fresh), ids, last_seq)
+
+    def _check_duplicates(
+        self, logged_rows: Sequence[tuple[Any, ...]], variants: Sequence[_Variant]
+    ) -> None:
+        """Raise :class:`_Conflicts` if a batch's id names another event than the logged
+        one, or (an id new to the log) than the batch's first record with it.
+
+        Only batches with duplicates pay for this (a retried post, a replayed spool): the
+        logged bodies of their ids are read back and compared field by field.
+        """
+        found: list[tuple[int | None, str, tuple[str, Any, Any], str]] = []
+        logged: dict[str, str] = {}
+        for i in range(0, len(logged_rows), 500):
+            chunk = logged_rows[i : i + 500]
+            logged.update(
+                self.conn.execute(
+                    f"SELECT id, body FROM events WHERE id IN ({', '.join('?' * len(chunk))})",
+                    [r[0] for r in chunk],
+                ).fetchall()
+            )
+        for row in logged_rows:
+            ev_id, body = row[0], row[5]
+            if logged[ev_id] != body:  # the same text is the same event: the usual resend
+                diff = _difference(_body_content(logged[ev_id]), _body_content(body))
+                if diff is not None:
+                    found.append((None, ev_id, diff, "the logged event"))
+        for index, ev_id, first, first_content, content in variants:
+            if ev_id in logged:
+                diff = _difference(_body_content(logged[ev_id]), content)
+                where = "the logged event"
+            else:  # the batch's first record of the id was logged now
+                diff = _difference(first_content, content)
+                where = f"record {first} of this batch"
+            if diff is not None:
+                found.append((index, ev_id, diff, where))
+        if found:
+            raise _Conflicts(found)
 
     def _project(self, rows: Sequence[_Row], after_seq: int, upto_seq: int) -> None:
         """Project logged events into the derived tables (shared by append and replay).
