@@ -7,6 +7,7 @@ durability test lives in ``test_gateway_durability.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -598,6 +599,104 @@ def test_a_trial_whose_ids_hold_slashes_is_found_when_they_are_encoded(gw: AsgiC
     assert ambiguous.status_code == 404 and "%2F" in ambiguous.json()["detail"]
 
 
+def _long_curve(run: str, trial: str, n: int) -> list[E.Event]:
+    common = {"model_run_id": run, "trial_id": trial}
+    return [
+        E.trial_start(**common, spectral_norm=True),
+        *(
+            E.run_metric(**common, step=s, measurements={"loss": 1 / (s + 1), "acc": s / n})
+            for s in range(n)
+        ),
+    ]
+
+
+def test_trial_metrics_are_the_stores_downsampled_history(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    store.append(_long_curve("r", "t", 3000))
+    store.append(study_events())
+    for run, trial, query, names, max_points in (
+        ("r", "t", "max_points=100", None, 100),
+        ("r", "t", "names=acc&max_points=50", ["acc"], 50),
+        ("r", "t", "", None, 1000),  # the default: 1000 points a curve
+        ("sn-study", "trial_0001", "names=val_loss,lr", ["val_loss", "lr"], 1000),
+    ):
+        url = f"/api/trials/{run}/{trial}/metrics?{query}"
+        resp = gw.get(url)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert (body["model_run_id"], body["trial_id"]) == (run, trial)
+        want = store.metric_history(run, trial, names, max_points=max_points)
+        assert len(want) > 0
+        got = [
+            (trial, name, step, value)
+            for name, curve in sorted(body["metrics"].items())
+            for step, value in zip(curve["steps"], curve["values"], strict=True)
+        ]
+        assert got == list(want.itertuples(index=False, name=None)), url
+        assert all(len(c["steps"]) <= max_points for c in body["metrics"].values())
+    started = E.trial_start(model_run_id="r", trial_id="quiet", spectral_norm=False)
+    store.append([started])
+    quiet = gw.get("/api/trials/r/quiet/metrics")  # a trial without metrics yet
+    assert quiet.status_code == 200 and quiet.json()["metrics"] == {}
+    missing = gw.get("/api/trials/r/nope/metrics")
+    assert missing.status_code == 404 and "'nope'" in missing.json()["detail"]
+
+
+def test_trial_metrics_limits_name_the_parameter_and_need_the_token(store: TrialStore) -> None:
+    store.append(_long_curve("r", "t", 10))
+    app = create_app(store, token=TOKEN)
+    gw = AsgiClient(app, headers={"authorization": f"Bearer {TOKEN}"})
+    try:
+        for query, field in (
+            ("max_points=1", "query.max_points"),
+            ("max_points=10001", "query.max_points"),
+            ("max_points=many", "query.max_points"),
+            ("names=acc,,loss", "query.names"),
+            ("names=", "query.names"),
+            ("names=" + ",".join(f"m{i}" for i in range(101)), "query.names"),
+        ):
+            resp = gw.get(f"/api/trials/r/t/metrics?{query}")
+            assert resp.status_code == 422, query
+            assert_names_fields(resp)
+            assert [e["path"] for e in resp.json()["errors"]] == [field], query
+        # the encoded route (ids holding '/') validates the same
+        assert gw.get("/api/trials/r%2Fx/t/metrics?max_points=1").status_code == 422
+        assert gw.get("/api/trials/r/t/metrics?max_points=2").status_code == 200
+        no_token = gw.get("/api/trials/r/t/metrics", headers={"authorization": "Bearer nope"})
+        assert no_token.status_code == 401
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_the_metrics_route_and_the_trial_route_never_take_each_others_paths(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    store.append(_long_curve("r/1", "a/b", 5))  # ids holding '/': sent as %2F
+    store.append(_long_curve("r", "metrics", 3))  # a trial named "metrics"
+    store.append(_long_curve("r", "t/metrics", 4))  # ... and one named "t/metrics"
+    store.append(_long_curve("r", "1", 2))  # what /api/trials/r%2F1 decodes to
+    slashed = gw.get("/api/trials/r%2F1/a%2Fb/metrics?names=acc")
+    assert slashed.status_code == 200, slashed.text
+    assert (slashed.json()["model_run_id"], slashed.json()["trial_id"]) == ("r/1", "a/b")
+    assert slashed.json()["metrics"]["acc"]["steps"] == [0, 1, 2, 3, 4]
+    named = gw.get("/api/trials/r/metrics")  # the trial "metrics", not a metrics route
+    assert named.status_code == 200 and named.json()["trial_id"] == "metrics"
+    assert gw.get("/api/trials/r/metrics/metrics").json()["metrics"]["acc"]["steps"] == [0, 1, 2]
+    encoded = gw.get("/api/trials/r/t%2Fmetrics")  # trial "t/metrics", not t's metrics
+    assert encoded.status_code == 200 and encoded.json()["trial_id"] == "t/metrics"
+    curves = gw.get("/api/trials/r/t%2Fmetrics/metrics").json()["metrics"]
+    assert curves["loss"]["steps"] == [0, 1, 2, 3]
+    one_id = gw.get("/api/trials/r%2F1")  # one id, not trial "1" of run "r"
+    assert one_id.status_code == 404 and "%2F" in one_id.json()["detail"]
+    assert gw.get("/api/trials/r/1").json()["trial_id"] == "1"
+    assert gw.get("/api/trials/r/1/a/b/metrics").status_code == 404
+    spec = gw.get("/openapi.json").json()
+    route = spec["paths"]["/api/trials/{model_run_id}/{trial_id}/metrics"]["get"]
+    assert {p["name"] for p in route["parameters"]} >= {"names", "max_points"}
+
+
 def test_trials_keep_every_digit_of_their_floats(gw: AsgiClient) -> None:
     params = {"lr": 0.00012345678901234, "tiny": 1.2345678901234e-12}
     evs = [
@@ -676,6 +775,40 @@ def test_a_bad_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore
     assert [r.status_code for r in results] == [202, 422, 202, 202]
     assert results[1].json()["errors"][0]["path"] == "payload.metadata"
     assert store.counts()["events"] == 3
+
+
+def _restated(ev: E.Event) -> dict[str, Any]:
+    """``ev``'s id with another payload: a second event under the first one's name."""
+    other = ev.model_dump(mode="json")
+    other["payload"]["trial_id"] = "somebody-else"
+    return other
+
+
+def test_409_when_an_id_already_names_another_event(gw: AsgiClient, store: TrialStore) -> None:
+    evs = study_events()
+    assert gw.post("/api/events/ml", content=evs[0].model_dump_json()).status_code == 202
+    resp = gw.post("/api/events/ml", json=[evs[1].model_dump(mode="json"), _restated(evs[0])])
+    assert resp.status_code == 409
+    (err,) = resp.json()["errors"]
+    assert (err["index"], err["path"], err["rule"]) == (1, "payload.trial_id", "id_conflict")
+    assert evs[0].id in err["message"]
+    assert store.counts()["events"] == 1  # evs[1] was not written either
+
+
+def test_a_conflicting_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore) -> None:
+    evs = study_events()[:3]
+    bodies = [evs[0].model_dump_json(), json.dumps(_restated(evs[0])), evs[1].model_dump_json()]
+    with store._lock:  # the writer waits: the three requests queue for one group
+        results: list[httpx.Response] = []
+        reqs = [("POST", "/api/events/ml", {"content": b}) for b in bodies]
+        t = threading.Thread(target=lambda: results.extend(gw.gather(*reqs)))
+        t.start()
+        time.sleep(0.3)
+    t.join()
+    assert [r.status_code for r in results] == [202, 409, 202]
+    assert store.counts()["events"] == 2
+    assert store.trial("sn-study", "trial_0000") is not None
+    assert store.trial("sn-study", "somebody-else") is None
 
 
 def test_store_failure_is_a_503_never_a_202(
@@ -848,7 +981,12 @@ def mock_gateway(
                     "errors": [{**e.as_dict(), "path": e.path or "<event>"} for e in exc.errors],
                 },
             )
-        result = store.append(events)
+        try:
+            result = store.append(events)
+        except E.EventConflictError as exc:
+            return httpx.Response(
+                409, json={"detail": "conflict", "errors": [e.as_dict() for e in exc.errors]}
+            )
         return httpx.Response(
             202,
             json={
@@ -996,6 +1134,23 @@ def test_background_rejection_is_set_aside_and_the_rest_delivered(
     assert_same(snapshot(store), snapshot(local_store(evs)))
     assert json.loads((tmp_path / "spool.jsonl.rejected").read_text()) == poison
     assert client.stats.rejected == 1 and client.spooled() == 0
+
+
+def test_background_conflict_is_set_aside_alone(store: TrialStore, tmp_path: Path) -> None:
+    evs = study_events()
+    store.append(evs[:1])
+    client = EventClient(
+        "http://gw",
+        transport=mock_gateway(store),
+        spool=tmp_path / "spool.jsonl",
+        flush_interval=0.01,
+    )
+    for record in [_restated(evs[0]), *(e.model_dump(mode="json") for e in evs)]:
+        client.emit(record)
+    client.close()
+    assert_same(snapshot(store), snapshot(local_store(evs)))
+    assert json.loads((tmp_path / "spool.jsonl.rejected").read_text()) == _restated(evs[0])
+    assert client.stats.rejected == 1
 
 
 def test_background_rejection_without_spool_is_dropped_not_blocking(
@@ -1457,7 +1612,8 @@ def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
         url = "/api/events/ml" + ("" if run is None else f"?model_run_id={run}")
         resp = gw.post(url, content=body)
         statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-        assert resp.status_code in (202, 400, 413, 422), (resp.status_code, resp.text, body)
+        # 409: the generators reuse ids (few distinct ones) with other payloads
+        assert resp.status_code in (202, 400, 409, 413, 422), (resp.status_code, resp.text, body)
         if resp.status_code == 202:
             ids = resp.json()["ids"]
             marks = ",".join("?" * len(ids))
@@ -1485,12 +1641,17 @@ def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
     def arbitrary(body: bytes, run: str | None) -> None:
         post(body, run)
 
+    ids = itertools.count()
+
     @settings(max_examples=n_valid, **common)
     @given(
         record=_valid_records(),
         picks=st.lists(st.integers(0, len(_BAD_VALUES) - 1), min_size=3, max_size=3),
     )
     def mutated(record: dict[str, Any], picks: list[int]) -> None:
+        # an id of its own (derandomized draws repeat ids): a mutation that stays valid
+        # under the same id is a conflict (409), as it should be
+        record = {**record, "id": f"fuzz-{next(ids):06d}"}
         assert post(json.dumps(record).encode()).status_code == 202
         for path in _leaf_paths(record):
             for value in (_DELETE, *(_BAD_VALUES[i] for i in picks)):
@@ -1513,4 +1674,5 @@ def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
     print(f"fuzz: {total} requests, by status {dict(sorted(statuses.items()))}")
     if "TL_FUZZ_BODIES" not in os.environ and "TL_FUZZ_VALID" not in os.environ:
         assert total >= 10_000, statuses
-        assert statuses[202] > 500 and statuses[422] > 1000 and statuses[400] > 30
+        assert statuses[202] > 300 and statuses[422] > 1000 and statuses[400] > 30
+        assert statuses[409] > 1000  # valid mutations under a logged id

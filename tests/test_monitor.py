@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import sys
 import threading
 import time
@@ -12,6 +13,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
@@ -957,3 +959,172 @@ def test_waiting_returns_the_result_or_times_out() -> None:
     with pytest.raises(TimeoutError):
         BackgroundRun(stop=lambda: None).wait(0.01)
     mon.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attaching through a gateway: the study's snapshot, then only newer events (as from_store)
+# ---------------------------------------------------------------------------------------------
+
+GW_TOKEN = "gw-token-0123456789"
+SLASHED = "team/sn-ab"  # a model_run_id with a "/": the gateway's routes take it as %2F
+
+
+class _Recorded:
+    """ASGI wrapper that records every request the gateway receives (path and query)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            query = dict(parse_qsl(scope["query_string"].decode()))
+            self.requests.append((scope["path"], query))
+        await self.app(scope, receive, send)
+
+    def events_afters(self) -> list[int]:
+        return [int(q["after"]) for path, q in self.requests if path == "/api/events"]
+
+
+class _Gateway:
+    """The lab's gateway served by uvicorn on a loopback port, in a thread."""
+
+    def __init__(self, store: TrialStore, port: int | None = None) -> None:
+        import uvicorn
+
+        from thunderline_lab.gateway import create_app
+
+        self.app = _Recorded(create_app(store, token=GW_TOKEN))
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> _Gateway:
+        self.thread.start()
+        _wait_for(lambda: self.server.started or not self.thread.is_alive())
+        assert self.server.started, "the gateway did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _curves(state: MonitorState) -> dict[tuple[str, str], dict[str, Any]]:
+    return {key: {n: c.points() for n, c in cs.items()} for key, cs in state.curves.items()}
+
+
+def _two_studies(store: TrialStore) -> tuple[list[Any], list[Any]]:
+    """A lab whose log is mostly another study: 10 long trials of it around 6 of ours."""
+    ours = synthetic_study(SLASHED, n_pairs=3, epochs=1200, pruned=1)  # > 1000 points a curve
+    theirs = synthetic_study("other-study", n_pairs=5, epochs=300)
+    store.append(theirs[:1500])
+    store.append(ours)
+    store.append(theirs[1500:])
+    return ours, theirs
+
+
+def test_from_gateway_attaches_like_from_store_without_replaying_the_log(
+    tmp_path: Path,
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    _two_studies(store)
+    attached_at = store.last_seq()
+    assert attached_at > 9_000  # replaying it would take ten requests (1,000 events each)
+    opts: dict[str, Any] = {"mode": "text", "max_plot_trials": 4}
+    with _Gateway(store) as gw:
+        mon = LiveMonitor.from_gateway(gw.url, GW_TOKEN, SLASHED, **opts)
+        local = LiveMonitor.from_store(tmp_path, SLASHED, **opts)
+        # the snapshot alone, before any poll: the same trials and downsampled curves
+        assert _view(mon.state) == _view(local.state)
+        assert len(mon.state.rows) == 6
+        assert _curves(mon.state) == _curves(local.state)
+        assert len(mon.state.curves) == 4  # the recent trials' curves only, as from_store
+        assert max(len(c) for cs in mon.state.curves.values() for c in cs.values()) <= 1001
+        assert mon.loaded_trials == local.loaded_trials == 6
+        paths = [path for path, _ in gw.app.requests]
+        assert paths[:2] == ["/healthz", "/api/trials"]
+        assert gw.app.requests[1][1] == {"study": SLASHED}
+        assert len(paths) == 2 + 4  # one metrics request per recent trial, no events yet
+        assert all(p.startswith("/api/trials/team/sn-ab/trial_") for p in paths[2:])
+        assert mon.source.after == attached_at
+
+        mon.pump()
+        assert gw.app.events_afters() == [attached_at]  # not 0: the log is not replayed
+        assert mon.state.events == mon.state.ignored == 0  # no other study's events came
+
+        more = [  # two new trials of ours, and more of the other study
+            e
+            for e in synthetic_study(SLASHED, n_pairs=4, epochs=3, seed=7)
+            if e.payload.trial_id in ("trial_0006", "trial_0007")
+        ]
+        store.append([*more, *synthetic_study("other-study", n_pairs=1, epochs=2, seed=9)])
+        mon.pump()
+        local.pump()
+        assert gw.app.events_afters() == [attached_at, attached_at]
+        assert _view(mon.state) == _view(local.state)
+        assert len(mon.state.rows) == 8
+        assert mon.state.events == len(more)
+        mon.finish()
+        assert f"6 trials loaded from the gateway, then {len(more)} new events" in mon._status
+        mon.close()
+        local.close()
+    store.close()
+
+
+def test_from_gateway_without_snapshot_replays_the_log_from_0(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    ours, theirs = _two_studies(store)
+    with _Gateway(store) as gw:
+        mon = LiveMonitor.from_gateway(gw.url, GW_TOKEN, SLASHED, snapshot=False, mode="text")
+        assert not mon.state.rows and not gw.app.requests  # nothing loaded: it replays
+        while not gw.app.events_afters() or mon.source.after < store.last_seq():
+            mon.pump()
+        assert gw.app.events_afters()[0] == 0
+        assert _view(mon.state) == _view(_fold_study(ours))
+        assert mon.state.ignored == len(theirs)
+        mon.close()
+    store.close()
+
+
+def test_from_gateway_started_before_its_gateway_attaches_when_it_comes_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    _two_studies(store)
+    port = _free_port()
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        mon = LiveMonitor.from_gateway(
+            f"http://127.0.0.1:{port}", GW_TOKEN, SLASHED, mode="text", poll_interval=0.01
+        )
+        assert not mon.state.rows  # nobody answered: the pump takes the snapshot
+        mon.start(display=False)
+        _wait_for(lambda: mon.source_errors >= 3)
+        with _Gateway(store, port=port) as gw:
+            _wait_for(lambda: mon.polls_ok > 0)
+            mon.close()
+    local = LiveMonitor.from_store(tmp_path, SLASHED, mode="text")
+    assert _view(mon.state) == _view(local.state) and len(mon.state.rows) == 6
+    assert mon.loaded_trials == 6
+    assert gw.app.requests[0][0] == "/healthz"
+    assert 0 not in gw.app.events_afters()  # attached with a snapshot, not a replay
+    warned = _warnings(caplog)
+    assert len(warned) == 2, warned  # one when it failed, one when it recovered
+    assert "cannot fetch the last sequence number" in warned[0]
+    assert "recovered after" in warned[1]
+    local.close()
+    store.close()
+
+
+def _fold_study(evs: list[Any]) -> MonitorState:
+    state = MonitorState(SLASHED)
+    state.apply_many(evs)
+    return state

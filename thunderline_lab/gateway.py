@@ -10,10 +10,13 @@ committed**::
     POST /api/events/ml[?model_run_id=NAME]   202 {"accepted", "duplicates", "ids", "last_seq"}
                                               400 unparseable body, 401 token, 413 too large,
                                               422 {"detail", "errors": [{index, path, message,
-                                              rule, value}]}, 503 busy / store unavailable
+                                              rule, value}]}, 409 an id already names another
+                                              event (same body), 503 busy / store unavailable
     GET  /api/events?after=SEQ&limit=N        {"events": [{"seq", ...event}], "next_after"}
     GET  /api/trials[?study=&model_run_id=&status=&spectral_norm=]   {"trials": [...]}
     GET  /api/trials/{model_run_id}/{trial_id}                       one trial, or 404
+    GET  /api/trials/{model_run_id}/{trial_id}/metrics[?names=a,b&max_points=N]
+                                               its metric curves, downsampled (or 404)
     GET  /healthz                              liveness + last sequence number (no token)
     GET  /docs, /openapi.json                  OpenAPI (the request body schema included)
 
@@ -86,6 +89,7 @@ from thunderline_lab.events import (
     _MISSING,
     ErrorDetail,
     Event,
+    EventConflictError,
     EventValidationError,
     MLEvent,
     event_json_schema,
@@ -120,6 +124,8 @@ __all__ = [
     "Health",
     "IngestResponse",
     "IngestResult",
+    "MetricCurve",
+    "MetricHistory",
     "SendResult",
     "TrialsPage",
     "create_app",
@@ -139,6 +145,8 @@ MAX_BATCH_EVENTS = 50_000
 MAX_PENDING_EVENTS = 400_000
 INGEST_PATH = "/api/events/ml"
 _INT64_MAX = 2**63 - 1
+_MAX_METRIC_POINTS = 10_000  # per curve of GET .../metrics: a bounded answer for any curve
+_MAX_METRIC_NAMES = 100
 _INT_FIELDS = ("step", "duration_ms", "rank", "epochs")
 _BODY_ERRORS = {"json_invalid", "encoding", "empty", "json_depth"}
 _THREADPOOL_BODY = 256 * 1024  # parse bigger bodies off the event loop
@@ -587,8 +595,11 @@ class GroupCommitWriter:
                 for p in group:
                     self._commit([p], [p] if p in live else [])
                 return
-            errors = _diagnose(batch)
-            err = EventValidationError(errors) if errors else GatewayError(repr(exc))
+            if isinstance(exc, EventConflictError):  # an id that names another event
+                err: Exception = exc
+            else:
+                errors = _diagnose(batch)
+                err = EventValidationError(errors) if errors else GatewayError(repr(exc))
             for p in live:
                 p.future.set_exception(err)
             return
@@ -661,6 +672,21 @@ class TrialsPage(BaseModel):
     trials: list[dict[str, Any]]
 
 
+class MetricCurve(BaseModel):
+    """One metric's points, in step order."""
+
+    steps: list[int]
+    values: list[float]
+
+
+class MetricHistory(BaseModel):
+    """A trial's metric curves by name (:meth:`TrialStore.metric_history`, downsampled)."""
+
+    model_run_id: str
+    trial_id: str
+    metrics: dict[str, MetricCurve]
+
+
 class Health(BaseModel):
     """Liveness, the newest sequence number, and the writer's counters."""
 
@@ -714,6 +740,14 @@ def _validation_problem(exc: EventValidationError) -> _Problem:
     if rules & _BODY_ERRORS:
         return _Problem(400, "the body is not parseable JSON", exc.errors)
     n = len(exc.errors)
+    if isinstance(exc, EventConflictError):
+        return _Problem(
+            409,
+            "1 event id already names another event"
+            if n == 1
+            else f"{n} event ids already name other events",
+            exc.errors,
+        )
     return _Problem(422, f"{n} invalid field{'s' if n != 1 else ''}", exc.errors)
 
 
@@ -1033,6 +1067,11 @@ def create_app(
         for code, text in (
             (400, "unparseable JSON"),
             (401, "token missing or wrong"),
+            (
+                409,
+                "an event id already names another event (its content differs): nothing "
+                "of the request is written",
+            ),
             (413, "body or batch too large"),
             (422, "invalid events: every error's index, field path, message"),
             (503, "busy or the store is unavailable: retry later"),
@@ -1106,38 +1145,124 @@ def create_app(
             json.dumps({"trials": trial_records(df)}, default=str), media_type="application/json"
         )
 
-    @app.get(
-        "/api/trials/{model_run_id}/{trial_id}",
-        responses=problem_responses,
-        dependencies=[Depends(require_token)],
-        summary="One trial",
-    )
-    def get_trial(model_run_id: str, trial_id: str) -> Response:
+    def one_trial(model_run_id: str, trial_id: str) -> Response:
         row = read_store.trial(model_run_id, trial_id)
         if row is None:
             raise _Problem(404, f"no trial {trial_id!r} in model run {model_run_id!r}")
         # store.trial gives JSON-ready values already (SQL NULL as None)
         return Response(json.dumps(row, default=str), media_type="application/json")
 
-    # Ids may hold "/": sent percent-encoded (%2F), they reach the router decoded, as
-    # more than two segments; the raw path still tells the two ids apart.
+    def trial_metrics(
+        model_run_id: str, trial_id: str, names: str | None, max_points: int
+    ) -> Response:
+        wanted = None if names is None else names.split(",")
+        if wanted is not None and (not all(wanted) or len(wanted) > _MAX_METRIC_NAMES):
+            rule = "too_many_names" if all(wanted) else "empty_name"
+            raise _Problem(
+                422,
+                "1 invalid request parameter",
+                [
+                    ErrorDetail(
+                        None,
+                        "query.names",
+                        names,
+                        rule,
+                        f"1 to {_MAX_METRIC_NAMES} comma-separated metric names, none empty",
+                    )
+                ],
+            )
+        df = read_store.metric_history(model_run_id, trial_id, wanted, max_points=max_points)
+        # no points: a trial without (those) metrics yet, or no such trial (the only 404)
+        if df.empty and read_store.trial(model_run_id, trial_id) is None:
+            raise _Problem(404, f"no trial {trial_id!r} in model run {model_run_id!r}")
+        curves: dict[str, dict[str, list[Any]]] = {}
+        for name, step, value in zip(
+            df["name"].tolist(), df["step"].tolist(), df["value"].tolist(), strict=True
+        ):
+            curve = curves.setdefault(name, {"steps": [], "values": []})
+            curve["steps"].append(int(step))
+            curve["values"].append(float(value))
+        body = {"model_run_id": model_run_id, "trial_id": trial_id, "metrics": curves}
+        return Response(json.dumps(body), media_type="application/json")
+
+    def at_trial_path(
+        request: Request, names: str | None = None, max_points: int = 1000
+    ) -> Response:
+        """``/api/trials/{model_run_id}/{trial_id}[/metrics]``, read from the raw path.
+
+        Ids may hold "/": sent percent-encoded (%2F), they reach the router decoded, as
+        more segments than they are (``r%2F1/a%2Fb`` as ``r/1/a/b``, and ``r/t%2Fmetrics``
+        as the metrics of trial ``t``), so every trial route decides on the raw path.
+        """
+        scope = request.scope
+        raw = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
+        parts = raw.decode("latin-1").split("?", 1)[0].removeprefix("/api/trials/").split("/")
+        metrics = len(parts) == 3 and parts[2] == "metrics"
+        if metrics:
+            parts = parts[:2]
+        if len(parts) != 2 or not all(parts):
+            raise _Problem(
+                404,
+                f"no trial at {scope['path']}: expected /api/trials/{{model_run_id}}/"
+                "{trial_id}[/metrics], with any '/' inside an id sent as %2F",
+            )
+        run, trial = (urllib.parse.unquote(part) for part in parts)
+        if metrics:
+            return trial_metrics(run, trial, names, max_points)
+        return one_trial(run, trial)
+
+    names_query = Query(
+        None,
+        max_length=_MAX_METRIC_NAMES * 251,
+        description="comma-separated metric names (default: every metric of the trial)",
+    )
+    max_points_query = Query(
+        1000,
+        ge=2,
+        le=_MAX_METRIC_POINTS,
+        description="at most this many points per curve, evenly spaced in steps, "
+        "the first and last always kept",
+    )
+
+    @app.get(
+        "/api/trials/{model_run_id}/{trial_id}",
+        responses=problem_responses,
+        dependencies=[Depends(require_token)],
+        summary="One trial",
+    )
+    def get_trial(request: Request, model_run_id: str, trial_id: str) -> Response:
+        return at_trial_path(request)
+
+    @app.get(
+        "/api/trials/{model_run_id}/{trial_id}/metrics",
+        response_model=MetricHistory,
+        responses=problem_responses,
+        dependencies=[Depends(require_token)],
+        summary="A trial's metric curves, downsampled (TrialStore.metric_history)",
+    )
+    def get_trial_metrics(
+        request: Request,
+        model_run_id: str,
+        trial_id: str,
+        names: str | None = names_query,
+        max_points: int = max_points_query,
+    ) -> Response:
+        return at_trial_path(request, names, max_points)
+
+    # ids holding an encoded "/" reach the router as more segments (see at_trial_path)
     @app.get(
         "/api/trials/{ids:path}",
         responses=problem_responses,
         dependencies=[Depends(require_token)],
         include_in_schema=False,
     )
-    def get_trial_encoded(request: Request, ids: str) -> Response:
-        raw = request.scope.get("raw_path", b"").decode("latin-1").split("?", 1)[0]
-        parts = raw.removeprefix("/api/trials/").split("/")
-        if len(parts) != 2 or not all(parts):
-            raise _Problem(
-                404,
-                f"no trial at /api/trials/{ids}: expected /api/trials/{{model_run_id}}/"
-                "{trial_id}, with any '/' inside an id sent as %2F",
-            )
-        run, trial = (urllib.parse.unquote(part) for part in parts)
-        return get_trial(run, trial)
+    def get_trial_encoded(
+        request: Request,
+        ids: str,
+        names: str | None = names_query,
+        max_points: int = max_points_query,
+    ) -> Response:
+        return at_trial_path(request, names, max_points)
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     def healthz() -> Health:
@@ -1593,7 +1718,7 @@ class EventClient:
                 raise _Unreachable("gateway refused the token (401)") from None
             log.warning("%s", _rejection_message(self.endpoint, exc))
             bad = _rejected_indexes(exc.body, len(batch))
-            if not bad or exc.status != 422:
+            if not bad or exc.status not in (409, 422):
                 rejected.extend(batch)  # the whole batch is unacceptable
                 return SendResult()
             rejected.extend(batch[i] for i in sorted(bad))

@@ -8,7 +8,9 @@ One monitor, three event sources behind one interface (:class:`EventSource`)::
 
 and :class:`CombinedSource` to follow several as one, each event once:
 ``LiveMonitor.from_store(lab, study, bus=bus)`` shows this kernel's events at once (bus)
-and every worker's of the same study (the lab's store).
+and every worker's of the same study (the lab's store). ``from_store`` and ``from_gateway``
+attach to a running study with a snapshot (its trials and the downsampled curves of the
+recent ones) and then tail only newer events, however long the lab's log.
 
 Events are folded into a pure-Python :class:`MonitorState` (per-trial rows plus bounded,
 decimated per-curve histories), separate from rendering, so it is testable and benchmarkable
@@ -47,11 +49,14 @@ import random
 import sys
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, runtime_checkable
+
+import pandas as pd
 
 from thunderline_lab import events as ev_mod
 from thunderline_lab.bus import EventBus
@@ -224,6 +229,8 @@ class GatewaySource:
     """Poll a gateway's ``GET /api/events?after=SEQ&limit=N`` (a lab on another machine).
 
     The answer is ``{"events": [...], "next_after": SEQ}``; pages are followed while full.
+    :meth:`last_seq`, :meth:`trials` and :meth:`metric_history` read what
+    :meth:`LiveMonitor.from_gateway` attaches with, shaped as the store's reads.
 
     Args:
         url: the gateway's base URL (``http://127.0.0.1:8765``).
@@ -262,31 +269,89 @@ class GatewaySource:
         self.max_pages = max_pages
         self.poll_interval = poll_interval
 
-    def poll(self) -> list[Any]:
+    def _get(self, path: str, params: Mapping[str, Any], what: str, *keys: str) -> list[Any]:
+        """GET ``path`` and the answer's ``keys``; every failure a :class:`GatewayError`."""
         import httpx
 
+        try:
+            resp = self.client.get(path, params=dict(params))
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"{self.label}: cannot fetch {what}: {exc}") from exc
+        route = path.split("?", 1)[0]
+        if resp.status_code != 200:
+            raise GatewayError(
+                f"{self.label}: GET {route} answered {resp.status_code}: {resp.text[:200]}"
+            )
+        try:
+            body = resp.json()
+            return [body[key] for key in keys]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise GatewayError(f"{self.label}: malformed {route} answer: {exc}") from exc
+
+    def poll(self) -> list[Any]:
         out: list[Any] = []
         for _ in range(self.max_pages):
+            params = {"after": self.after, "limit": self.limit}
+            page, next_after = self._get("/api/events", params, "events", "events", "next_after")
             try:
-                resp = self.client.get(
-                    "/api/events", params={"after": self.after, "limit": self.limit}
-                )
-            except httpx.HTTPError as exc:
-                raise GatewayError(f"{self.label}: cannot fetch events: {exc}") from exc
-            if resp.status_code != 200:
-                raise GatewayError(
-                    f"{self.label}: GET /api/events answered {resp.status_code}: {resp.text[:200]}"
-                )
-            try:
-                body = resp.json()
-                page, next_after = body["events"], int(body["next_after"])
-            except (ValueError, KeyError, TypeError) as exc:
+                next_after = int(next_after)
+            except (ValueError, TypeError) as exc:
                 raise GatewayError(f"{self.label}: malformed /api/events answer: {exc}") from exc
             out.extend(page)
             self.after = max(self.after, next_after)
             if len(page) < self.limit:
                 break
         return out
+
+    # -- the snapshot a monitor attaches with (LiveMonitor.from_gateway) ----------------
+    # The same reads as TrialStore's, over HTTP, so MonitorState loads either.
+
+    def last_seq(self) -> int:
+        """The newest sequence number of the gateway's log (``GET /healthz``)."""
+        (seq,) = self._get("/healthz", {}, "the last sequence number", "last_seq")
+        if not isinstance(seq, int):
+            raise GatewayError(f"{self.label}: malformed /healthz answer: last_seq={seq!r}")
+        return seq
+
+    def trials(self, *, study: str | None = None, model_run_id: str | None = None) -> pd.DataFrame:
+        """A study's trials (``GET /api/trials``) as the DataFrame ``TrialStore.trials`` gives."""
+        params = {k: v for k, v in (("study", study), ("model_run_id", model_run_id)) if v}
+        (rows,) = self._get("/api/trials", params, "trials", "trials")
+        return pd.DataFrame(rows, columns=None if rows else ["model_run_id", "trial_id"])
+
+    def metric_history(
+        self,
+        model_run_id: str,
+        trial_id: str | Sequence[str] | None = None,
+        name: str | Sequence[str] | None = None,
+        *,
+        max_points: int = 1000,
+    ) -> pd.DataFrame:
+        """Trials' curves, downsampled (``GET /api/trials/{run}/{trial}/metrics``, one
+        request per trial), as the DataFrame ``TrialStore.metric_history`` gives."""
+        if trial_id is None:
+            trial_ids = self.trials(model_run_id=model_run_id)["trial_id"].tolist()
+        else:
+            trial_ids = [trial_id] if isinstance(trial_id, str) else list(trial_id)
+        params: dict[str, Any] = {"max_points": max_points}
+        if name is not None:
+            params["names"] = name if isinstance(name, str) else ",".join(name)
+        run = urllib.parse.quote(model_run_id, safe="")
+        rows: list[tuple[str, str, int, float]] = []
+        for trial in trial_ids:
+            path = f"/api/trials/{run}/{urllib.parse.quote(trial, safe='')}/metrics"
+            (curves,) = self._get(path, params, f"the metrics of trial {trial!r}", "metrics")
+            try:
+                for metric, points in curves.items():
+                    steps, values = points["steps"], points["values"]
+                    rows += [
+                        (trial, metric, int(s), float(v))
+                        for s, v in zip(steps, values, strict=True)
+                    ]
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise GatewayError(f"{self.label}: malformed {path} answer: {exc}") from exc
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+        return pd.DataFrame(rows, columns=["trial_id", "name", "step", "value"])
 
     def close(self) -> None:
         if self._owned:
@@ -709,7 +774,7 @@ class MonitorState:
 
     def load_history(
         self,
-        store: TrialStore,
+        store: TrialStore | GatewaySource,
         model_run_id: str,
         trial_ids: Sequence[str] | None = None,
         *,
@@ -718,8 +783,9 @@ class MonitorState:
         """Seed curves from the store's metric history, downsampled per curve.
 
         Uses :meth:`TrialStore.metric_history` with ``max_points`` (one query for all the
-        trials and curves). A running trial's ``best`` is taken from the loaded points by
-        the same rule as live events (the objective at the lowest ``selection_metric``).
+        trials and curves), or a gateway's (:meth:`GatewaySource.metric_history`). A running
+        trial's ``best`` is taken from the loaded points by the same rule as live events (the
+        objective at the lowest ``selection_metric``).
         Returns the number of points loaded.
         """
         wanted = {*self.curve_metrics, self.objective}
@@ -1289,7 +1355,9 @@ class LiveMonitor:
         self.polls_ok = 0  # successful polls: 0 with errors means "never connected"
         self.pumps = 0  # polls folded into the state
         self.last_error: str | None = None
-        self.loaded_trials = 0  # trials loaded from a store's snapshot (from_store)
+        self.loaded_trials = 0  # trials loaded from a snapshot (from_store, from_gateway)
+        self._loaded_from = "the store"
+        self._attach: Callable[[], None] | None = None  # a snapshot still to take
         self._failing = False  # in an outage: warned once, says so again on recovery
         self._outage_errors = 0
         self._last_event_at = time.monotonic()
@@ -1350,20 +1418,74 @@ class LiveMonitor:
             source = CombinedSource(BusSource(bus), store_source)
         mon = cls(source, study, **kwargs)
         if snapshot and study:
-            trials = store_source.store.trials(study=study)
-            mon.state.load_trials(trials)
-            mon.loaded_trials = len(trials)
-            recent = trials.tail(mon.max_plot_trials)
-            for run_id, part in recent.groupby("model_run_id"):
-                mon.state.load_history(store_source.store, str(run_id), part["trial_id"].tolist())
+            mon._load_snapshot(store_source.store, study)
         return mon
 
     @classmethod
     def from_gateway(
-        cls, url: str, token: str | None = None, study: str | None = None, **kwargs: Any
+        cls,
+        url: str,
+        token: str | None = None,
+        study: str | None = None,
+        *,
+        snapshot: bool = True,
+        client: Any = None,
+        **kwargs: Any,
     ) -> LiveMonitor:
-        """Monitor a study through a gateway's ``GET /api/events``."""
-        return cls(GatewaySource(url, token), study, **kwargs)
+        """Monitor a study through a lab's gateway, as :meth:`from_store` does a store.
+
+        With ``snapshot`` (and a ``study``) the monitor attaches with the study's trials
+        (``GET /api/trials?study=``) and the downsampled curves of its recent trials
+        (``GET /api/trials/{run}/{trial}/metrics``), then tails only the events logged after
+        the log's end at that moment (``GET /healthz``'s ``last_seq``): the other studies'
+        events, and this one's already summed up, never cross the network. Without, it
+        replays the whole log from sequence 0 (``GET /api/events?after=``).
+
+        The snapshot is taken here; when the gateway cannot answer yet, the pump takes it
+        on its first poll instead, with the same retries and one warning per outage as the
+        polls (a monitor started before its gateway still attaches).
+
+        Args:
+            client: an ``httpx.Client`` to use (as :class:`GatewaySource`'s).
+        """
+        source = GatewaySource(url, token, client=client)
+        mon = cls(source, study, **kwargs)
+        if snapshot and study:
+
+            def attach() -> None:
+                after = source.last_seq()  # first: what the snapshot misses is tailed
+                mon._load_snapshot(source, study)
+                source.after = after
+
+            mon._attach = attach
+            try:
+                mon._attach_now()
+            except GatewayError as exc:
+                log.debug("monitor attach deferred to the pump: %s", exc)
+        return mon
+
+    def _load_snapshot(self, reader: TrialStore | GatewaySource, study: str) -> None:
+        """Load the study's trials and the downsampled curves of the recent ones."""
+        trials = reader.trials(study=study)
+        with self._lock:
+            self.state.load_trials(trials)
+            self.loaded_trials = len(trials)
+            self._loaded_from = "the gateway" if isinstance(reader, GatewaySource) else "the store"
+        recent = trials.tail(self.max_plot_trials)
+        for run_id, part in recent.groupby("model_run_id"):
+            with self._lock:
+                self.state.load_history(reader, str(run_id), part["trial_id"].tolist())
+
+    def _attach_now(self) -> None:
+        """Take a pending snapshot (from_gateway); it raises as a failed poll does."""
+        attach = self._attach
+        if attach is not None:
+            attach()
+            self._attach = None
+
+    def _poll(self) -> list[Any]:
+        self._attach_now()
+        return self.source.poll()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -1512,7 +1634,7 @@ class LiveMonitor:
 
     def pump(self, *, force: bool = False) -> None:
         """Drain the source, fold the events and redraw if due (throttled, coalesced)."""
-        batch = self.source.poll()
+        batch = self._poll()
         self._source_ok()
         if batch:
             with self._lock:
@@ -1675,7 +1797,7 @@ class LiveMonitor:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         try:
-            batch = self.source.poll()
+            batch = self._poll()
             if batch:
                 with self._lock:
                     self.state.apply_many(batch)
@@ -1704,7 +1826,10 @@ class LiveMonitor:
             return f"{status} · never connected to {label} (last error: {error})"
         events = self.state.events
         if self.loaded_trials:
-            seen = f"{self.loaded_trials} trials loaded from the store, then {events} new events"
+            seen = (
+                f"{self.loaded_trials} trials loaded from {self._loaded_from}, "
+                f"then {events} new events"
+            )
         else:
             seen = f"{events} events"
         return f"{status} · {seen} · {label}"
