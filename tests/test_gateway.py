@@ -348,6 +348,19 @@ def test_json_lines_body(gw: AsgiClient, store: TrialStore) -> None:
     assert store.counts()["events"] == 4
 
 
+def test_json_lines_errors_name_their_lines(gw: AsgiClient, store: TrialStore) -> None:
+    good, bad = event_dict(id="good"), event_dict(id="bad", step=2)
+    bad["payload"]["step"] = -1
+    body = "\n" + json.dumps(good) + "\n\n" + json.dumps(bad) + "\n"
+    resp = gw.post("/api/events/ml", content=body)
+    assert resp.status_code == 422
+    (err,) = resp.json()["errors"]
+    assert (err["index"], err["line"], err["path"]) == (1, 4, "payload.step")
+    array = gw.post("/api/events/ml", json=[good, bad])  # no lines in one document
+    assert array.status_code == 422 and "line" not in array.json()["errors"][0]
+    assert store.counts()["events"] == 0
+
+
 def test_seed_001_posts_with_default_attribution(gw: AsgiClient, store: TrialStore) -> None:
     posts = [
         {

@@ -438,14 +438,17 @@ class ErrorDetail:
         return f"{': '.join(where)}: {self.message}{value} [{self.rule}]"
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (the gateway's 422 body)."""
-        return {
+        """JSON-friendly form (the gateway's 422 body); ``line`` only where known."""
+        out = {
             "index": self.index,
             "path": self.path,
             "message": self.message,
             "rule": self.rule,
             "value": _show(self.value),
         }
+        if self.source_line is not None:
+            out["line"] = self.source_line
+        return out
 
 
 def _show(value: Any) -> str | None:

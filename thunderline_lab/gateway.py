@@ -70,7 +70,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,7 +101,7 @@ from thunderline_lab.lab import Lab
 from thunderline_lab.store import TrialStore, trial_records
 from thunderline_lab.wire import (
     DEFAULT_MODEL_RUN_ID,
-    parse_json_records,
+    read_json_records,
     to_events,
     translate_record,
 )
@@ -199,9 +199,13 @@ def parse_body(
             else:
                 events = _EVENT_LIST.validate_json(body)
     records: list[Any] | None = None
+    lines: list[int] | None = None  # JSON lines: each record's line in the body
     if events is None:
         try:
-            records = parse_json_records(body, "<body>")
+            parsed = read_json_records(body, "<body>")
+            if parsed.errors:
+                raise EventValidationError(parsed.errors, "<body>")
+            records, lines = parsed.records, parsed.lines
         except RecursionError:
             raise EventValidationError(
                 [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
@@ -218,12 +222,29 @@ def parse_body(
                 [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
             ) from None
         except EventValidationError as exc:
-            raise EventValidationError(_name_missing(exc.errors, records)) from None
+            raise EventValidationError(
+                _at_lines(_name_missing(exc.errors, records), lines)
+            ) from None
     _check_count(len(events), max_events)
     errors = storage_errors(events)
     if errors:
-        raise EventValidationError(_wire_paths(errors, records, default_model_run_id))
+        raise EventValidationError(
+            _at_lines(_wire_paths(errors, records, default_model_run_id), lines)
+        )
     return events
+
+
+def _at_lines(errors: Sequence[ErrorDetail], lines: list[int] | None) -> list[ErrorDetail]:
+    """A JSON-lines body's errors with their records' lines (``index`` counts records, and
+    blank lines are skipped, so the index alone does not find a line in the body)."""
+    if lines is None:
+        return list(errors)
+    return [
+        e
+        if e.index is None or not 0 <= e.index < len(lines)
+        else replace(e, source_line=lines[e.index])
+        for e in errors
+    ]
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -641,6 +662,7 @@ class ErrorItem(BaseModel):
     message: str
     rule: str
     value: str | None = None
+    line: int | None = None  # a JSON-lines body's record: its 1-based line
 
 
 class ErrorBody(BaseModel):
