@@ -701,6 +701,27 @@ def test_snapshot_of_a_running_trial_uses_the_same_rule(tmp_path: Path) -> None:
     store.close()
 
 
+def test_snapshot_of_a_pruned_trial_agrees_with_a_replay(tmp_path: Path) -> None:
+    common = {"model_run_id": STUDY, "trial_id": "p", "study": STUDY, "spectral_norm": False}
+    evs = [
+        events.trial_start(**common),
+        *_epochs("p", [(0.70, 0.9), (0.80, 0.5), (0.85, 0.6)]),
+        # pruned: the trainer reports what it trained, no best_val_accuracy
+        events.trial_complete(**common, status="pruned", metrics={"val_accuracy": 0.85}),
+    ]
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(evs)
+    mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text")
+    assert mon.state.rows[(STUDY, "p")].best == _fold(evs).rows[(STUDY, "p")].best == 0.80
+    mon.close()
+    trained = [*evs[:-1], events.trial_complete(**common, metrics={"best_val_accuracy": 0.75})]
+    store.append(trained[-1:])  # a trainer's own best is final, whatever the curve says
+    mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text")
+    assert mon.state.rows[(STUDY, "p")].best == 0.75
+    mon.close()
+    store.close()
+
+
 def test_labels_say_what_best_and_the_plus_minus_are() -> None:
     state = _fold(synthetic_study(STUDY, n_pairs=3, epochs=4))
     line = render_text_line(state)

@@ -526,6 +526,7 @@ class TrialRow:
     best: float | None = None
     best_loss: float | None = None
     best_step: int | None = None
+    best_final: bool = False  # the trainer's own best_<objective>: no curve overrides it
     objective_step: int | None = None
     lipschitz: float | None = None
     error: str | None = None
@@ -724,6 +725,7 @@ class MonitorState:
             if isinstance(best, int | float) and math.isfinite(best):
                 if f"best_{self.objective}" in metrics:
                     self._set_best(row, float(best))  # the trainer's own word is final
+                    row.best_final = True
                 elif row.best_loss is None:  # the final value only counts without a loss
                     self._offer_best(row, float(best))
             if isinstance(metrics.get("lipschitz_upper"), int | float):
@@ -762,9 +764,12 @@ class MonitorState:
             row.coeff = None if coeff is None or coeff != coeff else float(coeff)
             params, metrics = rec.get("parameters") or {}, rec.get("metrics") or {}
             row.pair_id = params.get("pair_id")
+            # the trainer's best_<objective> is final; a trial without it (pruned, failed)
+            # gets its last value until load_history finds the best by the live rule
             best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
             if isinstance(best, int | float):
                 row.best = float(best)
+                row.best_final = f"best_{self.objective}" in metrics
             if isinstance(metrics.get("lipschitz_upper"), int | float):
                 row.lipschitz = float(metrics["lipschitz_upper"])
             if isinstance(metrics.get("epochs"), int | float):
@@ -783,9 +788,10 @@ class MonitorState:
         """Seed curves from the store's metric history, downsampled per curve.
 
         Uses :meth:`TrialStore.metric_history` with ``max_points`` (one query for all the
-        trials and curves), or a gateway's (:meth:`GatewaySource.metric_history`). A running
-        trial's ``best`` is taken from the loaded points by the same rule as live events (the
-        objective at the lowest ``selection_metric``).
+        trials and curves), or a gateway's (:meth:`GatewaySource.metric_history`). A trial's
+        ``best`` is taken from the loaded points by the same rule as live events (the
+        objective at the lowest ``selection_metric``), unless the trainer reported its own
+        ``best_<objective>`` (a running trial, or a pruned or failed one, has none).
         Returns the number of points loaded.
         """
         wanted = {*self.curve_metrics, self.objective}
@@ -832,7 +838,7 @@ class MonitorState:
                     curve.add(step, value)
                 row.epoch = max(row.epoch or 0, step)
                 row.last[str(name)] = value
-                if (row.status == "running" or row.best is None) and math.isfinite(value):
+                if not row.best_final and math.isfinite(value):
                     key = (model_run_id, str(trial_id))
                     pair = epochs.setdefault(key, {}).setdefault(step, [None, None])
                     if name == self.objective:
@@ -842,6 +848,8 @@ class MonitorState:
                 n += 1
         for key, steps in epochs.items():
             row = self.rows[key]
+            if any(loss is not None for _objective, loss in steps.values()):
+                row.best = row.best_loss = row.best_step = None  # a last value, not the best
             for step in sorted(steps):
                 objective, loss = steps[step]
                 self._offer_epoch(row, step, objective, loss)
