@@ -343,3 +343,42 @@ def test_register_custom_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
     register_dataset("broken", lambda seed=0: "nope", overwrite=True)  # type: ignore[arg-type,return-value]
     with pytest.raises(ConfigError, match="not a Dataset"):
         load_dataset("broken")
+
+
+@pytest.mark.parametrize("name", ["digits", "moons", "wine"])
+@pytest.mark.parametrize("seed", [1.5, "0", None, True])
+def test_a_seed_that_is_not_an_integer_is_refused(name: str, seed: object) -> None:
+    # 1.5 used to be truncated to seed 1 (a different split than the one recorded in meta)
+    with pytest.raises(ConfigError, match=r"seed must be an integer, got"):
+        load_dataset(name, seed=seed)  # type: ignore[arg-type]
+
+
+def test_numpy_integer_seeds_are_accepted() -> None:
+    a, b = load_dataset("wine", seed=np.int64(3)), load_dataset("wine", seed=3)
+    assert torch.equal(a.x_train, b.x_train)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("n_samples", 1500.0),
+        ("n_samples", "100"),
+        ("n_ood", 2.5),
+        ("n_ood", -1),
+        ("noise", math.nan),
+        ("noise", math.inf),
+        ("noise", "0.1"),
+        ("ood_margin", math.nan),
+        ("ood_box", math.inf),
+    ],
+)
+def test_bad_moons_options_are_config_errors_naming_the_option(option: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"moons {option} must be"):
+        load_dataset("moons", seed=0, **{option: value})
+
+
+@pytest.mark.parametrize("batch_size", [2.5, "8", None, True])
+def test_loader_refuses_a_batch_size_that_is_not_an_integer(batch_size: object) -> None:
+    ds = load_dataset("wine", seed=0)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        ds.loader(batch_size)  # type: ignore[arg-type]

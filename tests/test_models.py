@@ -108,6 +108,21 @@ def test_bad_config_values_are_refused_naming_the_key(data: dict[str, object], k
         ModelConfig.from_dict(data)
 
 
+def test_a_mistyped_key_gets_a_did_you_mean() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['depht'\].*did you mean 'depth'"):
+        ModelConfig.from_dict({"depht": 3})
+    with pytest.raises(
+        ConfigError, match=r"'spectral_norm_coef'.*did you mean 'spectral_norm_coeff'"
+    ):
+        ModelConfig.from_dict({"spectral_norm_coef": 0.5})
+
+
+@pytest.mark.parametrize("data", [None, 5, "depth=2", [("depth", 2)]])
+def test_from_dict_refuses_what_is_not_a_mapping(data: object) -> None:
+    with pytest.raises(ConfigError, match=r"ModelConfig\.from_dict needs a mapping"):
+        ModelConfig.from_dict(data)  # type: ignore[arg-type]
+
+
 def test_integral_floats_from_json_are_accepted() -> None:
     cfg = ModelConfig.from_dict({"depth": 3.0, "width": 32.0})
     assert (cfg.depth, cfg.width) == (3, 32)
@@ -142,6 +157,13 @@ def test_mlp_takes_flat_or_image_inputs_and_cnn_needs_images() -> None:
         build_model(replace(cfg, architecture="cnn"), DIGITS_FLAT, 10)
     with pytest.raises(ConfigError, match="n_classes"):
         build_model(cfg, DIGITS_FLAT, 0)
+
+
+@pytest.mark.parametrize("shape", [64, "64", (64.5,), None, (8, "8"), (True,)])
+def test_build_model_refuses_an_input_shape_that_is_not_a_tuple_of_ints(shape: object) -> None:
+    # "64" used to build a model for shape (6, 4) and (64.5,) one for (64,), silently
+    with pytest.raises(ConfigError, match=r"input_shape must be a sequence of positive integers"):
+        build_model(ModelConfig(depth=1, width=4), shape, 10)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg", "stride"])

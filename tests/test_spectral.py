@@ -552,3 +552,83 @@ def test_lipschitz_upper_with_sn_is_below_the_product_of_coeffs() -> None:
     assert bound.lower <= bound.upper
     cap = 0.9 * 0.9 * 2.0 * ACTIVATION_LIPSCHITZ[nn.GELU] * (1 + TOL) ** 3  # type: ignore[operator]
     assert bound.upper <= cap
+
+
+# --------------------------------------------------------------------------- foreign modules
+def test_diagnostics_of_a_layer_under_torch_spectral_norm_use_its_effective_weight() -> None:
+    # torch's (hard) SN rescales a small weight *up* to σ = 1: the raw weight's norm is not
+    # the layer's, and a product of raw norms is not an upper bound on the Lipschitz constant
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 4)
+    with torch.no_grad():
+        linear.weight.mul_(0.1)
+    net = nn.Sequential(torch_spectral_norm(linear)).eval()
+    effective = float(torch.linalg.matrix_norm(net[0].weight.detach().double(), ord=2))
+    original = linear.parametrizations.weight.original.detach()
+    raw = float(torch.linalg.matrix_norm(original.double(), ord=2))
+    assert effective > 5 * raw
+    row = layer_sigmas(net).iloc[0]
+    assert row["sigma_raw"] == pytest.approx(raw, rel=1e-6)
+    assert row["sigma_exact"] == pytest.approx(effective, rel=1e-6)
+    assert row["sigma_matrix"] == pytest.approx(effective, rel=1e-6)
+    bound = lipschitz_bound(net, input_shape=(4,))
+    assert bound.lower <= bound.upper
+    assert bound.upper == pytest.approx(effective, rel=1e-5)
+
+    conv = torch_spectral_norm(nn.Conv2d(1, 2, 3, padding=1))
+    with torch.no_grad():
+        conv.parametrizations.weight.original.mul_(0.1)
+    conv(torch.randn(1, 1, 6, 6))  # one training step of torch's power iteration
+    conv.eval()
+    plain = nn.Conv2d(1, 2, 3, padding=1)
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight.detach())
+    assert operator_norm(conv, (1, 6, 6)) == pytest.approx(operator_norm(plain, (1, 6, 6)))
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.ConvTranspose2d(1, 1, 3),  # its weight, flattened, is not its operator
+        nn.Embedding(4, 4),
+        nn.Bilinear(3, 3, 2),
+        nn.LSTM(4, 4),
+        nn.ReLU(),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_operator_norm_refuses_what_is_not_a_linear_or_conv(module: nn.Module) -> None:
+    with pytest.raises(SpectralNormError, match=r"operator_norm supports nn\.Linear"):
+        operator_norm(module, (1, 8, 8))
+
+
+def test_operator_norm_refuses_an_input_shape_the_conv_cannot_take() -> None:
+    with pytest.raises(SpectralNormError, match=r"input_shape \(2, 6, 6\)"):
+        operator_norm(nn.Conv2d(1, 2, 3), (2, 6, 6))
+    with pytest.raises(SpectralNormError, match=r"input_shape \(1, 1, 1\)"):
+        operator_norm(nn.Conv2d(1, 2, 3), (1, 1, 1))
+
+
+def test_diagnostics_refuse_an_input_shape_the_model_cannot_take() -> None:
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(SpectralNormError, match=r"input_shape \(5,\)"):
+        layer_sigmas(net, input_shape=(5,))
+    with pytest.raises(SpectralNormError, match=r"input_shape \(5,\)"):
+        lipschitz_bound(net, input_shape=(5,))
+    with pytest.raises(SpectralNormError, match=r"input_shape \(3,\)"):
+        lipschitz_bound(nn.Sequential(nn.Embedding(10, 4)), input_shape=(3,))
+
+
+def test_spectral_norm_refuses_lazy_and_legacy_normalised_layers() -> None:
+    with pytest.raises(SpectralNormError, match="uninitialised"):
+        spectral_norm(nn.LazyLinear(3))
+    with pytest.raises(SpectralNormError, match=r"torch\.nn\.utils\.spectral_norm"):
+        spectral_norm(torch.nn.utils.spectral_norm(nn.Linear(3, 3)))
+    with pytest.raises(SpectralNormError, match="coeff"):
+        spectral_norm(nn.Linear(3, 3), coeff=True)  # type: ignore[arg-type]
+    with pytest.raises(SpectralNormError, match="eps"):
+        spectral_norm(nn.Linear(3, 3), eps=-1.0)
+    # a lazy layer after its first forward is an ordinary one
+    lazy = nn.LazyLinear(3)
+    lazy(torch.randn(2, 5))
+    assert get_spectral_norm(spectral_norm(lazy)) is not None

@@ -266,11 +266,45 @@ def test_max_sigma_of_matrix_mode_sn_convs_is_their_operator_norm():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"epochs": 0}, {"lr": 0.0}, {"lr": math.inf}, {"batch_size": 0}, {"patience": 0}]
+    "kw",
+    [
+        {"epochs": 0},
+        {"lr": 0.0},
+        {"lr": math.inf},
+        {"batch_size": 0},
+        {"patience": 0},
+        {"patience": True},
+        {"seed": None},
+        {"seed": 1.5},
+        {"seed": "1"},
+        {"threads": 0},
+        {"threads": -1},
+    ],
 )
 def test_bad_settings_raise_config_error(wine, kw):
-    with pytest.raises(ConfigError):
+    (key,) = kw
+    with pytest.raises(ConfigError, match=rf"{key} must be"):
         train_trial(_small(), wine, **kw)
+
+
+def test_a_config_or_dataset_of_the_wrong_type_is_refused(wine):
+    with pytest.raises(ConfigError, match=r"ModelConfig\.from_dict"):
+        train_trial({"depth": 1}, wine, epochs=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"load_dataset"):
+        train_trial(_small(), "wine", epochs=1)  # type: ignore[arg-type]
+
+
+def test_an_lr_beyond_float32_fails_as_diverged_without_raising(wine):
+    # AdamW's step (lr / bias correction) overflows float32 on the very first step
+    bus = EventBus()
+    seen = _collect(bus)
+    result = train_trial(_small(), wine, bus=bus, epochs=2, lr=1e38)
+    assert result.status == "failed"
+    assert result.error_type == "diverged"
+    assert result.error is not None and "epoch 0" in result.error
+    stop = seen[-1]
+    assert stop.name == "ml.run.stop" and stop.payload.success is False
+    assert stop.payload.metadata["error_type"] == "diverged"
 
 
 def test_threads_are_set_for_the_call_and_restored(wine):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -73,6 +74,38 @@ _SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 
 # --------------------------------------------------------------------------- batching
+
+
+def _check_seed(seed: Any) -> int:
+    """``seed`` as a Python int; anything else is refused rather than coerced.
+
+    ``int(1.5)`` would silently give seed 1's split while ``meta`` records 1.5, and ``"0"``
+    or ``True`` are typos for a number, not seeds.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def _check_count(what: str, value: Any, minimum: int) -> int:
+    """A count such as ``batch_size`` or ``n_samples``: an integer ≥ ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_real(what: str, value: Any, *, positive: bool = False) -> float:
+    """A finite real ≥ 0 (> 0 if ``positive``)."""
+    number = float(value) if isinstance(value, numbers.Real) else math.nan
+    ok = (
+        not isinstance(value, bool)
+        and math.isfinite(number)
+        and (number > 0 if positive else number >= 0)
+    )
+    if not ok:
+        rule = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{what} must be a finite number {rule}, got {value!r}")
+    return number
 
 
 def _mix_seed(*parts: int) -> int:
@@ -144,9 +177,14 @@ class BatchLoader:
     epoch: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        self.batch_size = int(self.batch_size)
+        # no int() coercion: 2.5 would become 2 and "8" would be accepted
+        batch_size: Any = self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        self.seed = _check_seed(self.seed)
 
     def __len__(self) -> int:
         n = self.x.shape[0]
@@ -519,13 +557,14 @@ def stratified_split(
         ``(train_idx, val_idx, test_idx)`` as sorted ``int64`` arrays.
 
     Raises:
-        ConfigError: Bad fractions, or too few samples of some class to stratify.
+        ConfigError: Bad fractions or seed, or too few samples of some class to stratify.
 
     Example:
         >>> tr, va, te = stratified_split(np.array([0, 1] * 50), seed=0)
         >>> len(tr), len(va), len(te)
         (60, 20, 20)
     """
+    seed = _check_seed(seed)
     f_train, f_val, f_test = _check_fractions(fractions)
     labels = np.asarray(y.cpu().numpy() if isinstance(y, torch.Tensor) else y).reshape(-1)
     idx = np.arange(labels.shape[0])
@@ -716,22 +755,22 @@ def load_moons_dataset(
         The ``"moons"`` :class:`Dataset` with ``ood`` of shape ``(n_ood, 2)``.
 
     Raises:
-        ConfigError: A parameter is out of range, or the box is too small to hold
-            OOD points at the requested margin.
+        ConfigError: A parameter of the wrong type or out of range, or the box is too
+            small to hold OOD points at the requested margin.
 
     Example:
         >>> ds = load_moons_dataset(seed=0)
         >>> ds.input_shape, tuple(ds.ood.shape)
         ((2,), (200, 2))
     """
-    if n_samples < 20:
-        raise ConfigError(f"moons n_samples must be >= 20, got {n_samples}")
-    if noise < 0 or n_ood < 0 or ood_margin < 0:
-        raise ConfigError(
-            f"moons noise, n_ood and ood_margin must be >= 0, got {noise}, {n_ood}, {ood_margin}"
-        )
-    if not ood_box > 0:
-        raise ConfigError(f"moons ood_box must be > 0, got {ood_box}")
+    # Checked here so that sklearn's and numpy's own errors (InvalidParameterError,
+    # OverflowError, TypeError) never reach the caller.
+    seed = _check_seed(seed)
+    n_samples = _check_count("moons n_samples", n_samples, 20)
+    n_ood = _check_count("moons n_ood", n_ood, 0)
+    noise = _check_real("moons noise", noise)
+    ood_margin = _check_real("moons ood_margin", ood_margin)
+    ood_box = _check_real("moons ood_box", ood_box, positive=True)
     x, y = make_moons(n_samples=n_samples, noise=noise, random_state=_mix_seed(seed) % (2**32))
     rng = np.random.default_rng(np.random.SeedSequence([int(seed) % 2**64, 0x00D]))
     centre = np.array([0.5, 0.25])

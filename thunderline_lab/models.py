@@ -31,7 +31,9 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -193,15 +195,30 @@ class ModelConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Build from a dict such as ``to_dict()`` output or Optuna trial params.
 
-        Missing keys take their defaults; unknown keys are refused.
+        Missing keys take their defaults; unknown keys are refused, with the closest known
+        key suggested (a typo such as ``depht`` would otherwise silently keep the default).
 
         Raises:
-            ConfigError: Unknown keys or invalid values (the message names the key).
+            ConfigError: Not a mapping, unknown keys or invalid values (the message names the
+                key).
         """
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"ModelConfig.from_dict needs a mapping of field names to values, "
+                f"got {type(data).__name__} {data!r}"
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ConfigError(f"ModelConfig: unknown key(s) {unknown}; known: {sorted(known)}")
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                if close:
+                    hints.append(f"{key!r}: did you mean {close[0]!r}?")
+            hint = f" ({'; '.join(hints)})" if hints else ""
+            raise ConfigError(
+                f"ModelConfig: unknown key(s) {unknown}{hint}; known: {sorted(known)}"
+            )
         return cls(**dict(data))
 
     def sn_for(self, role: str) -> bool:
@@ -340,6 +357,17 @@ def build_model(
         >>> list(model.roles.items())
         [('fc0', 'first'), ('out', 'output')]
     """
+    # Refuse rather than coerce: int("64"[i]) would build a model for shape (6, 4), and
+    # int(64.5) one for a shape the data does not have.
+    if isinstance(input_shape, str | bytes) or not isinstance(input_shape, Sequence):
+        raise ConfigError(
+            f"input_shape must be a sequence of positive integers such as (64,) or (1, 8, 8), "
+            f"got {input_shape!r}"
+        )
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in input_shape):
+        raise ConfigError(
+            f"input_shape must be a sequence of positive integers, got {tuple(input_shape)!r}"
+        )
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
         raise ConfigError(f"input_shape must be non-empty and positive, got {tuple(input_shape)}")

@@ -271,10 +271,22 @@ class SpectralNorm(nn.Module):
         eps: float = 1e-12,
     ) -> None:
         super().__init__()
-        if not (isinstance(coeff, int | float) and math.isfinite(coeff) and coeff > 0):
+        if not (
+            isinstance(coeff, int | float)
+            and not isinstance(coeff, bool)
+            and math.isfinite(coeff)
+            and coeff > 0
+        ):
             raise SpectralNormError(
                 f"spectral_norm: coeff must be a finite number > 0, got {coeff!r}"
             )
+        if not (
+            isinstance(eps, int | float)
+            and not isinstance(eps, bool)
+            and math.isfinite(eps)
+            and eps > 0
+        ):
+            raise SpectralNormError(f"spectral_norm: eps must be a finite number > 0, got {eps!r}")
         if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int):
             raise SpectralNormError(
                 f"spectral_norm: n_power_iterations must be an int, got {n_power_iterations!r}"
@@ -732,7 +744,20 @@ def spectral_norm(
             f"{_base_type(module).__name__}.weight is already parametrized; spectral_norm must "
             "be its only parametrization (apply it once, and first)"
         )
-    if not isinstance(getattr(module, "weight", None), nn.Parameter):
+    if hasattr(module, "weight_orig"):
+        # torch's legacy hook-based SN turns `weight` into a plain attribute recomputed from
+        # `weight_orig` before every forward: a second normalisation would fight it
+        raise SpectralNormError(
+            f"{type(module).__name__} already has torch.nn.utils.spectral_norm (weight_orig); "
+            "remove it with torch.nn.utils.remove_spectral_norm first"
+        )
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise SpectralNormError(
+            f"{type(module).__name__}.weight is uninitialised (a lazy module has no shape yet): "
+            "run one forward pass first, then apply spectral_norm"
+        )
+    if not isinstance(weight, nn.Parameter):
         raise SpectralNormError(f"{type(module).__name__} has no weight parameter")
     sn = SpectralNorm(
         module,
@@ -768,6 +793,19 @@ def _raw_weight(module: nn.Module) -> Tensor:
     if parametrize.is_parametrized(module, "weight"):
         plist = cast(nn.ModuleDict, module.parametrizations)["weight"]
         return cast(Tensor, plist.original).detach()
+    return cast(Tensor, module.weight).detach()
+
+
+def _foreign_weight(module: nn.Module) -> Tensor | None:
+    """The weight another parametrization (e.g. torch's spectral_norm) computes, else None.
+
+    Such a parametrization changes the weight the layer uses (torch's hard SN even scales a
+    small weight *up* to σ = 1), so norms of the unconstrained ``original`` say nothing about
+    the layer. On the eval-mode copies the diagnostics work on, reading ``module.weight`` runs
+    the parametrization without training-time side effects (no power iteration).
+    """
+    if get_spectral_norm(module) is not None or not parametrize.is_parametrized(module, "weight"):
+        return None
     return cast(Tensor, module.weight).detach()
 
 
@@ -860,7 +898,11 @@ def _exact_norm(
     circular = conv.padding_mode == "circular" and all(s == 1 for s in conv.stride)
     if circular and same_size and symmetric:
         return _circular_conv_norm(weight, in_shape[1:], conv.dilation, conv.groups), "fft"
-    assert len(in_shape) == nd + 1
+    if len(in_shape) != nd + 1:
+        raise SpectralNormError(
+            f"a conv{nd}d needs a per-sample input_shape (C, {', '.join('*' * nd)}), "
+            f"got input_shape {in_shape}"
+        )
 
     def apply(x: Tensor) -> Tensor:
         return conv._conv_forward(x, weight, None)
@@ -888,6 +930,10 @@ def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -
     Returns:
         The operator norm as a float.
 
+    Raises:
+        SpectralNormError: Not a Linear/Conv layer, or a conv input shape that is missing or
+            that the layer cannot take.
+
     Example:
         >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
         >>> with torch.no_grad():
@@ -895,16 +941,30 @@ def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -
         >>> round(operator_norm(conv, (1, 32, 32)), 1)  # → 9 as the image grows
         8.9
     """
+    if not _is_weighted(module):
+        # anything else (ConvTranspose, Embedding, Bilinear, ...) would get the norm of its
+        # flattened weight, which is not its operator norm
+        raise SpectralNormError(
+            "operator_norm supports nn.Linear and nn.Conv1d/2d/3d, "
+            f"got {_base_type(module).__name__}"
+        )
     work = copy.deepcopy(module).to(torch.float64).eval()
     sn = get_spectral_norm(work)
-    shape = tuple(input_shape) if input_shape is not None else None
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
     if shape is None and sn is not None:
         shape = sn.input_shape
-    raw = _raw_weight(work)
+    foreign = _foreign_weight(work)
+    raw = _raw_weight(work) if foreign is None else foreign
     scale = sn.scale(raw) if sn is not None else 1.0
-    value, _ = _exact_norm(
-        work, raw, shape, sn._v_eval if sn is not None and sn.mode == "operator" else None
-    )
+    try:
+        value, _ = _exact_norm(
+            work, raw, shape, sn._v_eval if sn is not None and sn.mode == "operator" else None
+        )
+    except RuntimeError as exc:  # torch's own complaint about the shape, e.g. too small
+        raise SpectralNormError(
+            f"operator_norm: the {_base_type(module).__name__} cannot take input_shape "
+            f"{shape}: {exc}"
+        ) from exc
     return value * scale
 
 
@@ -954,7 +1014,13 @@ def _record_input_shapes(
         dtype = param.dtype if param is not None else torch.float64
         device = param.device if param is not None else torch.device("cpu")
         with torch.no_grad():
-            model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+            try:
+                model(torch.zeros((1, *input_shape), dtype=dtype, device=device))
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise SpectralNormError(
+                    f"cannot run the model on an input of per-sample input_shape {input_shape} "
+                    f"(a float tensor): {exc}"
+                ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -1016,6 +1082,11 @@ def _weight_layer_row(
     else:
         estimate = effective = coeff = math.nan
         scale, mode, clamp = 1.0, None, False
+    sigma_exact, sigma_matrix = sigma_raw * scale, matrix_raw * scale
+    foreign = _foreign_weight(module)
+    if foreign is not None:  # e.g. torch's spectral_norm: measure the weight the layer uses
+        sigma_exact, method = _exact_norm(module, foreign, in_shape if spec else None, None)
+        sigma_matrix = float(torch.linalg.matrix_norm(foreign.flatten(1), ord=2))
     return {
         "layer": name,
         "kind": kind,
@@ -1026,8 +1097,8 @@ def _weight_layer_row(
         "sigma_raw": sigma_raw,
         "sigma_estimate": estimate,
         "sigma_effective": effective,
-        "sigma_exact": sigma_raw * scale,
-        "sigma_matrix": matrix_raw * scale,
+        "sigma_exact": sigma_exact,
+        "sigma_matrix": sigma_matrix,
         "clamp_active": clamp,
         "method": method,
     }
@@ -1042,7 +1113,8 @@ def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
     ``layer``, ``kind``, ``sn``, ``mode``, ``coeff``, ``input_shape`` (per sample)
         What the layer is.
     ``sigma_raw``
-        Exact norm of the unconstrained weight (as the layer's operator).
+        Exact norm of the unconstrained weight (as the layer's operator); for a layer under
+        another parametrization (e.g. torch's ``spectral_norm``), of its ``original``.
     ``sigma_estimate``
         The SN's eval-mode estimate σ̂ = ‖W v‖ of the raw weight (NaN without SN).
     ``sigma_effective``
@@ -1051,7 +1123,8 @@ def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
         Exact norm of the eval-mode effective weight: SVD for matrices; for convs the
         operator norm at the real input shape by dense SVD (small maps), Lanczos to
         convergence, or FFT for circular convs (``method`` says ``svd``, ``lanczos`` or
-        ``fft``). For batch norm, ``max |γ| / √(var + eps)``.
+        ``fft``). For batch norm, ``max |γ| / √(var + eps)``. Under another parametrization
+        (``sn`` is false) this is the norm of the weight that parametrization computes.
     ``sigma_matrix``
         SVD norm of the reshaped effective kernel (what torch's SN normalises).
     ``clamp_active``
@@ -1065,7 +1138,8 @@ def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
         One row per layer, in ``named_modules`` order.
 
     Raises:
-        SpectralNormError: A conv layer whose input shape cannot be determined.
+        SpectralNormError: A conv layer whose input shape cannot be determined, or an
+            ``input_shape`` the model cannot run on.
 
     Example:
         >>> net = nn.Sequential(spectral_norm(nn.Linear(8, 4), coeff=0.1), nn.ReLU())

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import random
 import threading
 import time
@@ -500,10 +501,12 @@ def train_trial(
             busy 2-core machine measured 25× slower per step) and keeps results identical.
 
     Returns:
-        A :class:`TrialResult`; never raises for a diverging run.
+        A :class:`TrialResult`; never raises for a diverging run (a non-finite loss, or an
+        optimizer step that overflows float32 as an lr beyond ~1e37 does).
 
     Raises:
-        ConfigError: Bad training settings (epochs < 1, lr <= 0, ...).
+        ConfigError: Bad training settings (epochs < 1, lr <= 0, a non-integer seed or
+            thread count, ...), or a config / dataset of the wrong type.
         TrainingError: The model cannot be built for this dataset.
 
     Example:
@@ -514,6 +517,10 @@ def train_trial(
         >>> r.metrics["epochs"], "test_accuracy" in r.metrics
         (2.0, True)
     """
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):  # checked before torch.set_num_threads, which raises a bare RuntimeError
+        raise ConfigError(f"threads must be None or an integer >= 1, got {threads!r}")
     before = torch.get_num_threads()
     if threads is not None and threads != before:
         torch.set_num_threads(threads)
@@ -564,12 +571,29 @@ def _train_trial(
     evaluation: EvalSettings | None,
     keep_model: bool,
 ) -> TrialResult:
-    from thunderline_lab.models import build_model
+    from thunderline_lab.data import Dataset
+    from thunderline_lab.models import ModelConfig, build_model
 
     started = time.perf_counter()
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(
+            f"config must be a ModelConfig, got {type(config).__name__} {config!r}; "
+            "build one with ModelConfig(...) or ModelConfig.from_dict(...)"
+        )
+    if not isinstance(dataset, Dataset):
+        raise ConfigError(
+            f"dataset must be a Dataset, got {type(dataset).__name__} {dataset!r}; "
+            "build one with thunderline_lab.data.load_dataset(name, seed=...)"
+        )
     _check_settings(
-        epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, patience=patience
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        patience=patience,
+        seed=seed,
     )
+    seed = int(seed)  # numpy integers too: random.seed() accepts only Python ints
     data = _dataset_for(config, dataset)
     sn_on = bool(getattr(config, "spectral_norm", False))
     coeff = getattr(config, "spectral_norm_coeff", None) if sn_on else None
@@ -636,28 +660,34 @@ def _train_trial(
                 # -- train one epoch -------------------------------------------------------------
                 model.train()
                 total, seen = 0.0, 0
-                diverged = False
+                diverged: str | None = None  # why, when the run diverged
                 t0 = time.perf_counter()
                 for xb, yb in loader:
                     loss = F.cross_entropy(model(xb), yb)
                     if not torch.isfinite(loss):
-                        diverged = True
+                        diverged = f"non-finite training loss at epoch {epoch}"
                         break
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     try:
                         optimizer.step()
-                    except RuntimeError as exc:  # "value cannot be converted ... overflow"
-                        raise TrainingError(
-                            f"optimizer step failed at epoch {epoch}: {exc}"
-                        ) from exc
+                    except RuntimeError as exc:
+                        # An lr beyond float32 (AdamW's lr / bias correction, ~1e37) raises
+                        # "value cannot be converted to type float without overflow" on the
+                        # first step: that run diverged like one with a NaN loss, and must end
+                        # the same way (failed, "diverged") rather than as a crash.
+                        if "overflow" not in str(exc):
+                            raise TrainingError(
+                                f"optimizer step failed at epoch {epoch}: {exc}"
+                            ) from exc
+                        diverged = f"optimizer step overflowed at epoch {epoch}: {exc}"
+                        break
                     total += float(loss.detach()) * yb.shape[0]
                     seen += int(yb.shape[0])
                     n_steps += 1
                 step_seconds += time.perf_counter() - t0
-                if diverged:
-                    status, error_type = "failed", "diverged"
-                    error = f"non-finite training loss at epoch {epoch}"
+                if diverged is not None:
+                    status, error_type, error = "failed", "diverged", diverged
                     break
                 train_loss = total / max(seen, 1)
 
@@ -773,7 +803,13 @@ def _train_trial(
 
 
 def _check_settings(
-    *, epochs: int, lr: float, weight_decay: float, batch_size: int, patience: int | None
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    patience: int | None,
+    seed: int,
 ) -> None:
     problems = []
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -786,7 +822,11 @@ def _check_settings(
         problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, int) or patience < 1
+    ):
         problems.append(f"patience must be None or an integer >= 1, got {patience!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        problems.append(f"seed must be an integer, got {seed!r}")
     if problems:
         raise ConfigError("; ".join(problems))
