@@ -2,15 +2,26 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 from click.testing import CliRunner
 
-from thunderline_lab.batch import Progress, load_study_config, parse_override, run_batch
+from thunderline_lab import events as E
+from thunderline_lab.batch import (
+    BatchResult,
+    Progress,
+    _reserve_outputs,
+    load_study_config,
+    parse_override,
+    run_batch,
+)
 from thunderline_lab.cli import main
 from thunderline_lab.errors import ConfigError, NotebookExecutionError
 from thunderline_lab.store import TrialStore
@@ -19,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STUDIES = sorted((ROOT / "studies").glob("*.toml"))
 
 
-def make_notebook(path: Path, body: str) -> Path:
+def make_notebook(path: Path, body: str, extra_params: str = "") -> Path:
     params = nbformat.v4.new_code_cell(
         'study_name = "x"\nlab_dir = None\nworker_index = 0\nn_trials = 1\nboom = False'
+        + extra_params
     )
     params.metadata["tags"] = ["parameters"]
     nb = nbformat.v4.new_notebook(
@@ -67,10 +79,46 @@ def test_default_study_has_a_real_budget() -> None:
         ),
         ('[study\nname = "a"\n', "invalid TOML"),
         ('[study]\nname = "a"\nnotebook = "nb.ipynb"\n[extra]\n', "extra: unknown key"),
+        # a near miss is named
+        (
+            '[study]\nname = "a"\nnoteboook = "nb.ipynb"\n',
+            "study.noteboook: unknown key (did you mean 'notebook'?)",
+        ),
+        (
+            '[studdy]\nname = "a"\nnotebook = "nb.ipynb"\n',
+            "studdy: unknown key (did you mean 'study'?)",
+        ),
+        (
+            '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameter]\nn_trials = 2\n',
+            "parameter: unknown key (did you mean 'parameters'?)",
+        ),
+        (
+            '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\nn_trails = 3\n',
+            "(did you mean 'n_trials'?)",
+        ),
+        # "." and ".." would put lab/runs/<name> on the lab itself or outside it
+        ('[study]\nname = ".."\nnotebook = "nb.ipynb"\n', "study.name: must be letters"),
+        ('[study]\nname = "."\nnotebook = "nb.ipynb"\n', "not starting with '.'"),
+        ('[study]\nname = "../x"\nnotebook = "nb.ipynb"\n', "study.name: must be letters"),
+        ('[study]\nname = "a b"\nnotebook = "nb.ipynb"\n', "study.name: must be letters"),
+        # not a notebook: the config's field is named, not only the notebook file
+        ('[study]\nname = "a"\nnotebook = "study.toml"\n', "study.notebook: study.toml is not"),
+        ('[study]\nname = "a"\nnotebook = "broken.ipynb"\n', "study.notebook: "),
+        # a value of another kind than the notebook's default fails deep in a cell, or
+        # (a text where a flag is tested) silently runs as true
+        (
+            '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\nboom = "no"\n',
+            "parameters.boom: must be true or false, as the notebook's default False",
+        ),
+        (
+            '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\nn_trials = 2.5\n',
+            "parameters.n_trials: must be a whole number",
+        ),
     ],
 )
 def test_broken_configs_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     make_notebook(tmp_path / "nb.ipynb", "pass")
+    (tmp_path / "broken.ipynb").write_text('{"not": "a notebook"}')
     cfg = write_config(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_study_config(cfg)
@@ -168,9 +216,10 @@ def test_a_trial_budget_that_is_not_a_number_is_refused_before_anything_runs(
         text += f"[parameters]\nn_trials = {value}\n"
     else:
         overrides = {"n_trials": value}
-    cfg = load_study_config(write_config(tmp_path, text))
     where = "-p n_trials" if source == "override" else "parameters.n_trials"
-    with pytest.raises(ConfigError, match=f"{where}: must be a whole number of trials"):
+    # (a config's value is refused as soon as the config is read)
+    with pytest.raises(ConfigError, match=f"{where}: must be a whole number"):
+        cfg = load_study_config(write_config(tmp_path, text))
         run_batch(cfg, lab=tmp_path / "lab", overrides=overrides, progress=False)
     assert not (tmp_path / "lab").exists()  # refused before the lab was laid out
 
@@ -244,3 +293,174 @@ def test_smoke_study_with_two_workers(tmp_path: Path) -> None:
     assert set(trials["spectral_norm"]) == {True, False}  # both SN arms present
     assert "comparison report" in proc.stdout and (lab / "reports" / "smoke" / "report.md").exists()
     assert "optuna dashboard" in proc.stdout and "mlflow ui" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-p", "n_trials", "0"], "-p n_trials: must be a whole number of trials >= 1 (got 0)"),
+        (["-p", "n_trials", "NaN"], "-p n_trials: must be a whole number"),  # was a traceback
+        (["-p", "n_trials", "Infinity"], "-p n_trials: must be a whole number"),
+        (["-p", "boom", "maybe"], "-p boom: must be true or false"),  # was silently true
+        (["-p", "n_trails=2"], "-p n_trails: not a parameter of nb.ipynb (did you mean"),
+        (["-p", "study_name=other"], "-p study_name: set by the runner"),
+    ],
+)
+def test_bad_overrides_are_refused_in_one_line_before_anything_runs(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')")
+    cfg = write_config(tmp_path, '[study]\nname = "o"\nnotebook = "nb.ipynb"\n')
+    result = CliRunner().invoke(main, ["run", str(cfg), "--lab", str(tmp_path / "lab"), *args])
+    assert result.exit_code == 1, result.output
+    assert f"error: {expected}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "lab").exists()
+
+
+def test_name_equals_value_overrides_and_the_profile_budget_in_the_progress_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # -p NAME=VALUE was read as NAME and the next "-p" as its value ("unexpected extra
+    # argument"); under THUNDERLINE_LAB_PROFILE=test the notebook runs 4 trials, and the
+    # progress line said "trials 4/3"
+    make_notebook(
+        tmp_path / "nb.ipynb",
+        "assert boom is True and n_trials == 3 and epochs == 1",
+        extra_params='\nepochs = 30\nprofile = "full"',
+    )
+    cfg = write_config(tmp_path, '[study]\nname = "o"\nnotebook = "nb.ipynb"\n')
+    monkeypatch.setenv("THUNDERLINE_LAB_PROFILE", "test")
+    args = ["run", str(cfg), "--lab", str(tmp_path / "lab"), "--no-report"]
+    result = CliRunner().invoke(
+        main, [*args, "-p", "n_trials=3", "-p", "boom=true", "-p", "epochs", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "trials 0/4 " in result.output and "/3 " not in result.output
+
+
+def test_rerunning_a_finished_study_says_it_resumed_and_had_nothing_left(tmp_path: Path) -> None:
+    make_notebook(tmp_path / "nb.ipynb", "pass")
+    cfg = write_config(tmp_path, '[study]\nname = "r"\nnotebook = "nb.ipynb"\n')
+    with TrialStore(tmp_path / "lab" / "lab.db") as store:
+        store.append(
+            [
+                E.trial_start(
+                    model_run_id="r", trial_id="t0", spectral_norm=False, study="r", parameters={}
+                ),
+                E.trial_complete(
+                    model_run_id="r",
+                    trial_id="t0",
+                    spectral_norm=False,
+                    status="completed",
+                    metrics={"val_accuracy": 0.9},
+                ),
+            ]
+        )
+    args = ["run", str(cfg), "--lab", str(tmp_path / "lab"), "--no-report"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "resuming study r: 1 of 1 trials already finished are kept" in result.output
+    assert "nothing left to run" in result.output
+
+
+def test_resumed_progress_and_result_count_this_runs_trials_apart() -> None:
+    out = io.StringIO()
+    bar = Progress(total=4, stream=out, every_s=0.0, done_before=3)
+    bar.update({"completed": 3}, 0.9)  # nothing new yet: no pace to tell an ETA from
+    assert "ETA -" in out.getvalue()
+    result = BatchResult(
+        config=None,  # type: ignore[arg-type]
+        lab=None,  # type: ignore[arg-type]
+        outputs=[],
+        elapsed_s=1.0,
+        counts={"completed": 4, "cancelled": 1},
+        counts_before={"completed": 3, "cancelled": 1},
+        total=4,
+    )
+    assert (result.done_before, result.done_now) == (3, 1)
+
+
+def test_executed_copies_of_runs_started_in_the_same_second_do_not_overwrite(
+    tmp_path: Path,
+) -> None:
+    first = _reserve_outputs(tmp_path, "nb", 2)
+    second = _reserve_outputs(tmp_path, "nb", 2)
+    assert not set(first) & set(second) and all(p.exists() for p in first + second)
+    assert [p.name.endswith(f"-w{i}.ipynb") for i, p in enumerate(second)] == [True, True]
+
+
+def test_a_worker_killed_outright_fails_the_run_with_a_clean_error(tmp_path: Path) -> None:
+    # the kernel's parent is the worker process: kill -9 it, as the OOM killer would
+    make_notebook(tmp_path / "nb.ipynb", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
+    cfg = load_study_config(write_config(tmp_path, '[study]\nname = "k"\nnotebook = "nb.ipynb"\n'))
+    with pytest.raises(NotebookExecutionError, match="its worker process") as info:
+        run_batch(cfg, lab=tmp_path / "lab", progress=False)
+    assert "exit code -9" in str(info.value)
+
+
+def test_a_notebook_failing_after_failed_trials_says_where_to_see_why(tmp_path: Path) -> None:
+    make_notebook(
+        tmp_path / "nb.ipynb",
+        "import pathlib\n"
+        "from thunderline_lab import events as E\n"
+        "from thunderline_lab.store import TrialStore\n"
+        "with TrialStore(pathlib.Path(lab_dir) / 'lab.db') as s:\n"
+        "    ids = dict(model_run_id=study_name, trial_id='t0', spectral_norm=False)\n"
+        "    s.append([E.trial_start(**ids, study=study_name, parameters={}),\n"
+        "              E.trial_failed(**ids, error_type='diverged', error_message='nan')])\n"
+        "raise KeyError('metrics.val_accuracy')",
+    )
+    cfg = load_study_config(write_config(tmp_path, '[study]\nname = "f"\nnotebook = "nb.ipynb"\n'))
+    with pytest.raises(NotebookExecutionError) as info:
+        run_batch(cfg, lab=tmp_path / "lab", progress=False)
+    assert "1 trial(s) of this run failed" in str(info.value)
+    assert "--study f --status failed" in str(info.value)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_stops_its_workers_and_kernels_and_says_how_to_resume(
+    tmp_path: Path, signum: int
+) -> None:
+    # the signal reaches the runner alone (kill PID, a CI cancel, `timeout`): it used to
+    # wait for the whole notebook, then print "Aborted!" (SIGTERM: left the workers running)
+    lab = tmp_path / "lab"
+    make_notebook(
+        tmp_path / "nb.ipynb",
+        "import os, pathlib, time\n"
+        "pathlib.Path(lab_dir, 'kernel.pid').write_text(str(os.getpid()))\n"
+        "for _ in range(1200):\n"
+        "    time.sleep(0.1)\n"
+        "pathlib.Path(lab_dir, 'finished').write_text('')",
+    )
+    cfg = write_config(tmp_path, '[study]\nname = "i"\nnotebook = "nb.ipynb"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thunderline_lab.cli", "run", str(cfg), "--lab", str(lab)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        while not (lab / "kernel.pid").exists() and proc.poll() is None:
+            time.sleep(0.2)
+        kernel = int((lab / "kernel.pid").read_text())
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err and "Aborted!" not in err
+    assert not (lab / "finished").exists()
+    (executed,) = (lab / "runs" / "i").glob("*.ipynb")
+    assert "KeyboardInterrupt" in executed.read_text()  # the kernel was interrupted, and saved
+    for _ in range(50):  # no kernel left behind (reaped at once; the loop spares a slow reaper)
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"kernel {kernel} still running")

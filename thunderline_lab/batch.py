@@ -29,15 +29,19 @@ Example:
 from __future__ import annotations
 
 import ast
+import contextlib
+import difflib
 import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +53,7 @@ from thunderline_lab.errors import ConfigError, NotebookExecutionError
 from thunderline_lab.lab import Lab
 
 __all__ = [
+    "BatchInterrupted",
     "BatchResult",
     "Progress",
     "StudyConfig",
@@ -67,8 +72,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# The study name names folders (lab/runs/<name>, lab/reports/<name>): no separators, and no
+# leading dot, so that "." and ".." cannot point at the lab itself or outside it.
+_NAME_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$"
+_NAME_RULE = (
+    "must be letters, digits, '_', '-' or '.', not starting with '.' "
+    "(it names the folders lab/runs/<name> and lab/reports/<name>)"
+)
+
+
 class StudySection(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, pattern=_NAME_PATTERN)
     notebook: str = Field(min_length=1)
     description: str = ""
     workers: int = Field(default=1, ge=1, le=64)
@@ -122,23 +136,39 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
-            key = ".".join(str(x) for x in err["loc"])
+            loc = [str(x) for x in err["loc"]]
+            key = ".".join(loc)
             msg = {"extra_forbidden": "unknown key", "missing": "required key missing"}.get(
                 err["type"], err["msg"]
             )
+            if err["type"] == "extra_forbidden":
+                section = StudySection if loc[:1] == ["study"] else _StudyFile
+                msg += _did_you_mean(loc[-1], section.model_fields)
+            elif err["type"] == "string_pattern_mismatch" and loc == ["study", "name"]:
+                msg = _NAME_RULE
             shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
             problems.append(f"{p}: {key}: {msg}{shown}")
         raise _MultiConfigError(problems) from None
     notebook = _resolve_notebook(p, doc.study.notebook)
     if notebook is None:
         raise ConfigError(f"{p}: study.notebook: notebook not found: {doc.study.notebook}")
-    declared = notebook_parameters(notebook)
+    if notebook.suffix != ".ipynb":
+        raise ConfigError(
+            f"{p}: study.notebook: {doc.study.notebook} is not a Jupyter notebook (.ipynb)"
+        )
+    try:
+        declared = notebook_parameters(notebook)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: study.notebook: {exc}") from exc
     unknown = sorted(set(doc.parameters) - set(declared))
     if unknown:
         raise ConfigError(
-            f"{p}: parameters.{unknown[0]}: not a parameter of {doc.study.notebook} "
+            f"{p}: parameters.{unknown[0]}: not a parameter of {doc.study.notebook}"
+            f"{_did_you_mean(unknown[0], declared)} "
             f"(its parameters cell declares: {', '.join(sorted(declared))})"
         )
+    for name, value in doc.parameters.items():
+        _check_type(f"{p}: parameters.{name}", value, declared[name])
     return StudyConfig(
         path=p.resolve(),
         name=doc.study.name,
@@ -158,6 +188,54 @@ class _MultiConfigError(ConfigError):
         return self.problems
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss among ``known``, else ``""``."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# What a value must be, judged by the notebook's default for it: the notebook's code was
+# written for that kind (a text where a list is iterated fails deep in a cell, a text where
+# a flag is tested is silently true).
+_KINDS: tuple[tuple[type | tuple[type, ...], tuple[type, ...], str], ...] = (
+    (bool, (bool,), "true or false"),
+    (int, (int,), "a whole number"),
+    (float, (int, float), "a number"),
+    (str, (str,), "text"),
+    ((list, tuple), (list, tuple), "a list"),
+    (dict, (dict,), "a table"),
+)
+
+
+def _check_type(where: str, value: Any, default_source: Any) -> None:
+    """Refuse ``value`` unless it is of the kind of the notebook's default.
+
+    ``default_source`` is the default as written in the parameters cell; a default that is
+    ``None`` or an expression (not a literal) accepts anything.
+
+    Raises:
+        ConfigError: naming ``where``, the kind expected and the value.
+    """
+    try:
+        default = ast.literal_eval(str(default_source))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return
+    for kind, accepted, label in _KINDS:
+        if isinstance(default, kind):
+            ok = isinstance(value, accepted) and not (isinstance(value, bool) and kind is not bool)
+            if not ok:
+                hint = (
+                    f"; -p reads VALUE as JSON, text in quotes: '\"{value}\"'"
+                    if kind is str and where.startswith("-p ")
+                    else ""
+                )
+                raise ConfigError(
+                    f"{where}: must be {label}, as the notebook's default {default_source} "
+                    f"(got {value!r}{hint})"
+                )
+            return
+
+
 def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, Any]:
     """The names (and inferred defaults) declared in a notebook's ``parameters`` cell.
 
@@ -167,7 +245,9 @@ def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, Any]:
     import papermill
 
     try:
-        declared = papermill.inspect_notebook(str(notebook))
+        with warnings.catch_warnings():  # its "does not end in .ipynb" warning: ours is better
+            warnings.simplefilter("ignore", UserWarning)
+            declared = papermill.inspect_notebook(str(notebook))
     except Exception as exc:  # papermill raises several kinds for unreadable notebooks
         raise ConfigError(f"{notebook}: cannot inspect notebook: {exc}") from exc
     if not declared:
@@ -193,6 +273,37 @@ class BatchResult:
     elapsed_s: float
     counts: dict[str, int] = field(default_factory=dict)
     best: float | None = None
+    counts_before: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+
+    @property
+    def done_before(self) -> int:
+        """Trials the study had finished before this run (it resumed them)."""
+        return _done(self.counts_before)
+
+    @property
+    def done_now(self) -> int:
+        """Trials this run finished (0: the study had nothing left to run)."""
+        return max(_done(self.counts) - self.done_before, 0)
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """A batch run stopped by Ctrl-C (or SIGTERM): its workers were stopped first.
+
+    A :class:`KeyboardInterrupt`, not a ``ThunderlineLabError``: nothing is wrong, the user
+    asked to stop, and code that knows nothing of batch runs stops as on any Ctrl-C. It
+    carries what the run got done (``result``: counts, executed copies) so the CLI can say
+    where things stand; the study keeps its finished trials and the next run resumes it.
+    """
+
+    def __init__(self, result: BatchResult) -> None:
+        super().__init__(f"batch run of study {result.config.name} interrupted")
+        self.result = result
+
+
+def _done(counts: Mapping[str, int]) -> int:
+    # what counts toward n_trials (run_study): stale and cancelled trials are retried
+    return sum(counts.get(s, 0) for s in ("completed", "pruned", "failed"))
 
 
 @dataclass
@@ -206,14 +317,14 @@ class Progress:
     total: int
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     every_s: float = 10.0
+    done_before: int = 0  # trials a resumed study had finished: not this run's pace
     _last_print: float = 0.0
     _last_done: int = -1
     _last_state: str = ""
     _start: float = field(default_factory=time.monotonic)
 
     def update(self, counts: Mapping[str, int], best: float | None, *, final: bool = False) -> None:
-        # what counts toward n_trials (run_study): stale and cancelled trials are retried
-        done = sum(counts.get(s, 0) for s in ("completed", "pruned", "failed"))
+        done = _done(counts)
         now = time.monotonic()
         tty = self.stream.isatty()
         if (
@@ -223,7 +334,7 @@ class Progress:
         ):
             return
         elapsed = now - self._start
-        rate = done / elapsed if elapsed > 0 else 0.0
+        rate = max(done - self.done_before, 0) / elapsed if elapsed > 0 else 0.0
         left = max(self.total - done, 0)
         eta = f"{left / rate:,.0f}s" if rate > 0 and left else "-"
         best_txt = f"{best:.4f}" if best is not None else "-"
@@ -342,12 +453,19 @@ def _kernel_manager_class() -> type[Any] | None:
 def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -> dict[str, Any]:
     """Run one papermill worker (in a child process); returns an error description or {}."""
     import papermill
+    from jupyter_client.manager import AsyncKernelManager
     from papermill.exceptions import PapermillExecutionError
 
-    engine_options: dict[str, Any] = {}
-    manager = _kernel_manager_class()
-    if manager is not None:
-        engine_options["kernel_manager_class"] = manager
+    base: type[Any] = _kernel_manager_class() or AsyncKernelManager
+
+    class TrackedKernelManager(base):
+        """The kernel manager, kept where :func:`_interrupt_kernel` can reach it."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            _KERNELS.append(self)
+
+    engine_options: dict[str, Any] = {"kernel_manager_class": TrackedKernelManager}
     try:
         papermill.execute_notebook(
             notebook,
@@ -377,7 +495,12 @@ def _n_trials(
     declared: Mapping[str, Any],
     overrides: Mapping[str, Any],
 ) -> int:
-    """The study's trial budget (for the progress line), refused unless a whole number."""
+    """The study's trial budget (for the progress line), refused unless a whole number >= 1.
+
+    A notebook with a ``profile`` parameter runs the budget of its profile
+    (:func:`thunderline_lab.notebook.apply_profile`: ``$THUNDERLINE_LAB_PROFILE=test`` runs
+    4 trials whatever ``n_trials`` says), so the progress total is that budget too.
+    """
     if "n_trials" in params:
         value = params["n_trials"]
     else:  # the notebook's default, as the source text papermill read
@@ -385,10 +508,132 @@ def _n_trials(
             value = ast.literal_eval(str(declared.get("n_trials") or 0))
         except (ValueError, SyntaxError):
             return 0  # an expression: no progress total, the notebook decides
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if value == 0:
+            return 0  # not declared: no progress total
+    # an int only: floats (1e300, NaN) are refused by the notebook's study, or break int()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         where = "-p n_trials" if "n_trials" in overrides else f"{config.path}: parameters.n_trials"
-        raise ConfigError(f"{where}: must be a whole number of trials (got {value!r})")
+        raise ConfigError(f"{where}: must be a whole number of trials >= 1 (got {value!r})")
+    if "profile" in declared:
+        from thunderline_lab.notebook import apply_profile
+
+        try:
+            profile = params.get("profile", ast.literal_eval(str(declared["profile"])))
+        except (ValueError, SyntaxError):
+            profile = None
+        value = apply_profile({"n_trials": value}, profile)["n_trials"]
     return int(value)
+
+
+# This worker process's kernel managers (one per papermill run), for an interrupt to reach.
+_KERNELS: list[Any] = []
+
+# The runner asks a worker to stop with this signal, not SIGINT: during a run nbclient takes
+# SIGINT over and shuts the kernel down mid-cell, which the kernel reports as tracebacks
+# ("Socket operation on non-socket") while the study's running trials die with it.
+_STOP_SIGNAL = getattr(signal, "SIGUSR1", signal.SIGINT)
+
+
+def _interrupt_kernel(signum: int, frame: Any) -> None:
+    """Interrupt the worker's kernel as Jupyter's ■ does: the running cell raises
+    KeyboardInterrupt (the study records its running trials as cancelled and stops), the
+    notebook fails in that cell, papermill saves the executed copy and shuts the kernel down.
+    No kernel yet (still starting): stop the worker here."""
+    for km in _KERNELS:
+        pid = getattr(km.provisioner, "pid", None) if km.has_kernel else None
+        if pid:
+            os.kill(pid, signal.SIGINT)
+            return
+    raise KeyboardInterrupt
+
+
+def _worker(conn: Any, notebook: str, output: str, parameters: dict[str, Any], cwd: str) -> None:
+    """A worker process: run :func:`_execute` and send its result to the runner.
+
+    The worker leaves the runner's process group, so a Ctrl-C in the terminal reaches the
+    runner alone, which passes it on once to every worker (papermill then shuts its kernel
+    down; the study records the running trials as cancelled, to be retried). A worker whose
+    runner died (killed outright) stops the same way instead of running the study on
+    unseen.
+    """
+    if hasattr(os, "setpgid"):
+        # a session leader already, or not allowed: stay in the group
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)
+    signal.signal(_STOP_SIGNAL, _interrupt_kernel)
+    runner = os.getppid()
+
+    def stop_when_orphaned() -> None:
+        while os.getppid() == runner:
+            time.sleep(1.0)
+        os.kill(os.getpid(), _STOP_SIGNAL)
+        time.sleep(30.0)  # the cell did not give way: shut the kernel down (nbclient)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_orphaned, daemon=True).start()
+    try:
+        result = _execute(notebook, output, parameters, cwd)
+    except KeyboardInterrupt:  # stopped before papermill took the signal over
+        result = {"cell_index": None, "ename": "KeyboardInterrupt", "evalue": "interrupted"}
+    try:
+        conn.send(result)
+    finally:
+        conn.close()
+
+
+def _reserve_outputs(out_dir: Path, stem: str, n_workers: int) -> list[Path]:
+    """Names for the workers' executed copies, ``<stem>-<UTC time>-w<i>.ipynb``, made
+    empty files at once so that a run started in the same second (another terminal, a
+    quick re-run) takes ``<stem>-<time>-2-w<i>`` instead of overwriting them."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for attempt in range(1, 1000):
+        tag = stamp if attempt == 1 else f"{stamp}-{attempt}"
+        paths = [out_dir / f"{stem}-{tag}-w{i}.ipynb" for i in range(n_workers)]
+        made: list[Path] = []
+        try:
+            for path in paths:
+                path.open("x").close()
+                made.append(path)
+        except FileExistsError:
+            for path in made:
+                path.unlink(missing_ok=True)
+            continue
+        return paths
+    raise ConfigError(f"{out_dir}: cannot find a free name for the executed notebooks")
+
+
+def _stop_workers(procs: Sequence[Any], grace_s: float = 30.0) -> None:
+    """Pass an interrupt on to the workers and wait for them to end.
+
+    ``_STOP_SIGNAL`` first (the worker interrupts its kernel: see :func:`_interrupt_kernel`);
+    after ``grace_s`` seconds, or at a second Ctrl-C, SIGTERM (papermill shuts the kernel
+    down), then SIGKILL.
+    """
+    from multiprocessing.connection import wait
+
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, _STOP_SIGNAL)
+    for action in ("terminate", "kill", None):
+        deadline = time.monotonic() + grace_s
+        try:
+            while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+                wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: harder at once
+        if action is None or not any(p.is_alive() for p in procs):
+            break
+        for p in procs:
+            if p.is_alive():
+                getattr(p, action)()
+        grace_s = 10.0
+    for p in procs:
+        p.join(timeout=5.0)
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (CI cancel, timeout): stop the workers as for Ctrl-C
 
 
 def run_batch(
@@ -404,9 +649,11 @@ def run_batch(
     """Execute the study's notebook with papermill, ``workers`` processes on one study.
 
     Raises:
-        ConfigError: an override names a parameter the notebook does not declare, or
+        ConfigError: an override names a parameter the notebook does not declare (or one
+            the runner sets), has the wrong kind of value, or
             ``THUNDERLINE_LAB_KERNEL_TRANSPORT`` is neither ``ipc`` nor ``tcp``.
         NotebookExecutionError: a worker's notebook failed; names notebook, cell and copy.
+        BatchInterrupted: Ctrl-C or SIGTERM; the workers were stopped first.
     """
     _kernel_transport()  # a bad setting is refused here, not in each worker
     lab_obj = lab if isinstance(lab, Lab) else Lab.resolve(lab)
@@ -416,61 +663,140 @@ def run_batch(
     unknown = sorted(set(params) - set(declared))
     if unknown:
         raise ConfigError(
-            f"-p {unknown[0]}: not a parameter of {config.notebook.name} "
+            f"-p {unknown[0]}: not a parameter of {config.notebook.name}"
+            f"{_did_you_mean(unknown[0], declared)} "
             f"(its parameters cell declares: {', '.join(sorted(declared))})"
         )
     missing = [p for p in RUNNER_PARAMETERS if p not in declared]
     if missing:
         raise ConfigError(f"{config.notebook}: parameters cell must declare {', '.join(missing)}")
+    for name, value in (overrides or {}).items():
+        if name in RUNNER_PARAMETERS:
+            raise ConfigError(
+                f"-p {name}: set by the runner (the study's name is study.name in "
+                f"{config.path.name}, the lab is --lab, worker_index counts the workers)"
+            )
+        _check_type(f"-p {name}", value, declared[name])
     total = _n_trials(config, params, declared, overrides or {})
     lab_obj.ensure()  # only once the run is known to be acceptable
     params.update(study_name=config.name, lab_dir=str(lab_obj.root))
     out_dir = lab_obj.runs_dir / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    outputs = [out_dir / f"{config.notebook.stem}-{stamp}-w{i}.ipynb" for i in range(n_workers)]
-    bar = Progress(total, stream=stream or sys.stderr) if progress and total else None
+    outputs = _reserve_outputs(out_dir, config.notebook.stem, n_workers)
+    out_stream = stream or sys.stderr
+    counts_before, _ = _study_status(lab_obj, config.name)
+    if progress and _done(counts_before):
+        left = f" of {total}" if total else ""
+        out_stream.write(
+            f"resuming study {config.name}: {_done(counts_before)}{left} trials already "
+            "finished are kept\n"
+        )
+    bar = (
+        Progress(total, stream=out_stream, done_before=_done(counts_before))
+        if progress and total
+        else None
+    )
     cwd = str(config.notebook.parent)
     started = time.monotonic()
+
+    def result_so_far() -> BatchResult:
+        counts, best = _study_status(lab_obj, config.name)
+        return BatchResult(
+            config=config,
+            lab=lab_obj,
+            outputs=[o for o in outputs if o.exists()],
+            elapsed_s=time.monotonic() - started,
+            counts=counts,
+            best=best if best is None or math.isfinite(best) else None,
+            counts_before=counts_before,
+            total=total,
+        )
+
+    from multiprocessing.connection import wait
+
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-        futures: list[Future[dict[str, Any]]] = [
-            pool.submit(
-                _execute, str(config.notebook), str(out), {**params, "worker_index": i}, cwd
+    procs: list[Any] = []
+    pipes: list[Any] = []
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if in_main else None
+    try:
+        try:
+            for i, out in enumerate(outputs):
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_worker,
+                    args=(send, str(config.notebook), str(out), {**params, "worker_index": i}, cwd),
+                    name=f"{config.name}-w{i}",
+                )
+                proc.start()
+                send.close()
+                procs.append(proc)
+                pipes.append(recv)
+            while any(p.is_alive() for p in procs):
+                wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+                if bar is not None:
+                    bar.update(*_study_status(lab_obj, config.name))
+        except KeyboardInterrupt:
+            out_stream.write(
+                f"\ninterrupted: stopping {len(procs)} worker(s) of study {config.name} "
+                "(Ctrl-C again to stop them at once)\n"
             )
-            for i, out in enumerate(outputs)
-        ]
-        while not all(f.done() for f in futures):
-            time.sleep(0.5)
-            if bar is not None:
-                bar.update(*_study_status(lab_obj, config.name))
-        results = [f.result() for f in futures]
-    counts, best = _study_status(lab_obj, config.name)
+            out_stream.flush()
+            _stop_workers(procs)
+            for out in outputs:  # names reserved for workers that never wrote
+                if out.exists() and out.stat().st_size == 0:
+                    out.unlink()
+            raise BatchInterrupted(result_so_far()) from None
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    results: list[dict[str, Any]] = []
+    for proc, recv in zip(procs, pipes, strict=True):
+        proc.join()
+        try:
+            res: dict[str, Any] | None = recv.recv() if recv.poll() else None
+        except (EOFError, OSError):  # the pipe's end closed with nothing in it
+            res = None
+        if res is None:  # killed (out of memory, kill -9) before it could say anything
+            res = {
+                "cell_index": None,
+                "ename": "WorkerDied",
+                "evalue": f"the worker process ended with exit code {proc.exitcode}",
+            }
+        results.append(res)
+        recv.close()
+    result = result_so_far()
     if bar is not None:
-        bar.update(counts, best, final=True)
+        bar.update(result.counts, result.best, final=True)
     for out, res in zip(outputs, results, strict=True):
         if res:
             cell = res.get("cell_index")
             if res.get("ename") == "DeadKernelError":
                 where = "a cell whose kernel died (killed, or out of memory)"
+            elif res.get("ename") == "WorkerDied":
+                where = "its worker process (killed, or out of memory)"
             elif cell is None:
                 where = "kernel start-up"
             else:
                 where = f"cell {res['source_index']}"
                 if res.get("first_line"):
                     where += f" ({res['first_line']!r})"
+            failed = result.counts.get("failed", 0) - counts_before.get("failed", 0)
+            trials = (
+                f"; {failed} trial(s) of this run failed: thunderline-lab trials --lab "
+                f"{lab_obj.root} --study {config.name} --status failed --format json shows why"
+                if failed > 0
+                else ""
+            )
+            saved = (
+                f"executed copy saved at {out}"
+                if out.exists() and out.stat().st_size
+                else f"no executed copy (the worker ended before writing {out})"
+            )
             raise NotebookExecutionError(
                 f"notebook {config.notebook} failed in {where} "
-                f"({res.get('ename')}: {res.get('evalue')}); "
-                f"executed copy saved at {out}"
+                f"({res.get('ename')}: {res.get('evalue')}); {saved}{trials}"
             )
         if on_output is not None:
             on_output(out)
-    return BatchResult(
-        config=config,
-        lab=lab_obj,
-        outputs=outputs,
-        elapsed_s=time.monotonic() - started,
-        counts=counts,
-        best=best if best is None or math.isfinite(best) else None,
-    )
+    return result

@@ -221,7 +221,38 @@ def schema() -> None:
     click.echo(json.dumps(event_json_schema(), indent=2))
 
 
-@main.command()
+class _RunCommand(click.Command):
+    """``run``'s command: ``-p NAME=VALUE`` is read as ``-p NAME VALUE``.
+
+    Researchers used to Hydra or ``key=value`` overrides type ``-p epochs=1``; click's
+    two-value option then took the next ``-p`` as the value and failed on the rest with
+    "Got unexpected extra argument". A parameter name never holds ``=``, so the first ``=``
+    of the word after ``-p`` can only separate name and value.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        split: list[str] = []
+        words = iter(args)
+        for word in words:
+            split.append(word)
+            if word == "--":
+                split.extend(words)
+                break
+            if word in ("-p", "--parameter"):
+                name = next(words, None)
+                if name is None:
+                    break
+                if "=" in name:
+                    split.extend(name.split("=", 1))
+                else:  # NAME VALUE: the value is passed as it is, '=' and all
+                    split.append(name)
+                    value = next(words, None)
+                    if value is not None:
+                        split.append(value)
+        return super().parse_args(ctx, split)
+
+
+@main.command(cls=_RunCommand)
 @click.argument("study_toml", type=click.Path(dir_okay=False, path_type=Path))
 @lab_option
 @click.option(
@@ -237,7 +268,7 @@ def schema() -> None:
     type=(str, str),
     multiple=True,
     metavar="NAME VALUE",
-    help="Override a notebook parameter (VALUE read as JSON).",
+    help="Override a notebook parameter (VALUE read as JSON); -p NAME=VALUE works too.",
 )
 @click.option("--no-report", is_flag=True, help="Skip the comparison report at the end.")
 @_clean_errors
@@ -248,17 +279,45 @@ def run(
     overrides: tuple[tuple[str, str], ...],
     no_report: bool,
 ) -> None:
-    """Execute a study notebook via papermill (the workbench's main job)."""
-    from thunderline_lab.batch import load_study_config, parse_override, run_batch
+    """Execute a study notebook via papermill (the workbench's main job).
+
+    Ctrl-C stops the workers (their running trials are recorded as cancelled), keeps the
+    study's finished trials and exits with 130; running the same command again resumes.
+    """
+    from thunderline_lab.batch import (
+        BatchInterrupted,
+        load_study_config,
+        parse_override,
+        run_batch,
+    )
     from thunderline_lab.lab import Lab
 
     config = load_study_config(study_toml)
     lab = Lab.resolve(lab_dir)
     params = dict(parse_override(name, value) for name, value in overrides)
     click.echo(f"study {config.name}: {config.notebook.name} -> {lab.runs_dir / config.name}")
-    result = run_batch(config, lab=lab, workers=workers, overrides=params)
+    try:
+        result = run_batch(config, lab=lab, workers=workers, overrides=params)
+    except BatchInterrupted as stop:
+        got = stop.result
+        click.echo(
+            f"interrupted after {got.elapsed_s:,.0f}s: study {config.name} keeps its "
+            f"{got.done_before + got.done_now} finished trial(s)"
+            + "".join(f", {k} {v}" for k, v in sorted(got.counts.items()))
+            + "; run the same command again to resume",
+            err=True,
+        )
+        for out in got.outputs:
+            click.echo(f"  executed notebook : {out}", err=True)
+        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
+    finished_before = result.done_before and result.done_before >= result.total > 0
+    new = (
+        "nothing left to run (the study had finished its trials already)"
+        if finished_before and not result.done_now
+        else f"{result.done_now} new trial(s)"
+    )
     click.echo(
-        f"finished in {result.elapsed_s:,.0f}s: "
+        f"finished in {result.elapsed_s:,.0f}s: {new}; study: "
         + ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
     )
     for out in result.outputs:
