@@ -21,6 +21,7 @@ import optuna
 import pytest
 from click.testing import CliRunner
 
+from thunderline_lab import study as study_module
 from thunderline_lab.bus import EventBus
 from thunderline_lab.cli import main as cli
 from thunderline_lab.data import load_dataset
@@ -33,6 +34,7 @@ from thunderline_lab.study import (
     _Context,
     _group_lock,
     _member_attrs,
+    _retry,
     make_storage,
     run_study,
     trial_id_for,
@@ -475,9 +477,7 @@ def test_journal_is_the_default_storage(tmp_path):
 
 @pytest.mark.postgres
 def test_postgresql_rdb_storage(tmp_path):
-    url = os.environ.get("TL_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("TL_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    url = _postgres_url()
     name = f"pg-{uuid.uuid4().hex[:8]}"
     result = _run(tmp_path, name=name, n_trials=4, storage=url)
     assert result.counts["completed"] == 4
@@ -679,7 +679,7 @@ def test_workers_resuming_side_by_side_take_turns_to_complete_groups(tmp_path):
     other = threading.Thread(
         target=lambda: found.append(_complete_open_pairs(study, _context(study, n_trials=8)))
     )
-    with _group_lock(study._storage):  # one worker's turn: it completes the group
+    with _group_lock(study._storage, "side"):  # one worker's turn: it completes the group
         other.start()
         other.join(timeout=0.5)
         assert other.is_alive()  # the other worker waits for it ...
@@ -688,12 +688,180 @@ def test_workers_resuming_side_by_side_take_turns_to_complete_groups(tmp_path):
     other.join(timeout=60)
     assert found == [0]  # ... and then finds the members waiting
     stale = threading.Thread(target=study._storage.fail_stale, args=(study,))
-    with _group_lock(study._storage):  # failing and retrying stale trials takes turns too
+    with _group_lock(study._storage, "side"):  # failing and retrying stale trials takes turns too
         stale.start()
         stale.join(timeout=0.5)
         assert stale.is_alive()
     stale.join(timeout=60)
     assert not stale.is_alive()
+
+
+def _postgres_url() -> str:
+    url = os.environ.get("TL_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("TL_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+    return url
+
+
+def _shared_storage(backend: str, tmp_path: Path) -> Any:
+    """What every worker of a test passes as ``storage`` (one object for in-memory)."""
+    if backend == "journal":
+        return str(tmp_path / "optuna.journal")
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'optuna.db'}"
+    if backend == "postgresql":
+        return _postgres_url()
+    return optuna.storages.InMemoryStorage()
+
+
+_BACKENDS = ["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), "memory"]
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_workers_resuming_at_the_same_instant_enqueue_each_missing_member_once(
+    tmp_path, monkeypatch, backend
+):
+    shared = _shared_storage(backend, tmp_path)
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    first = _run(tmp_path, name=name, n_trials=6, seeds=(0, 1), storage=shared)
+    assert _members(first.study)["g0004"] == [(0, "sn_off"), (0, "sn_on")]
+    try:
+        # Each worker, having read the groups, waits for the other to have read them too:
+        # without the lock both read before either enqueues, and both enqueue the two
+        # members. With it the second reads only after the first enqueued (its wait times out).
+        has_read = [threading.Event(), threading.Event()]
+        me = threading.local()
+        read_groups = study_module._group_states
+
+        def read_then_wait(trials):
+            groups = read_groups(trials)
+            has_read[me.i].set()
+            has_read[1 - me.i].wait(timeout=1)
+            return groups
+
+        monkeypatch.setattr(study_module, "_group_states", read_then_wait)
+        start = threading.Barrier(2)
+        added: list[int] = []
+
+        def worker(i: int) -> None:
+            me.i = i
+            storage = shared if backend == "memory" else make_storage(shared)
+            study = optuna.load_study(study_name=name, storage=storage)
+            start.wait()
+            # (a budget with room for the members twice: it does not stop the second)
+            added.append(_complete_open_pairs(study, _context(study, n_trials=12)))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert sorted(added) == [0, 2]
+        monkeypatch.undo()
+        waiting = first.study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+        assert sorted((t.user_attrs["pair_id"], t.user_attrs["arm"]) for t in waiting) == [
+            ("g0004_s1", "sn_off"),
+            ("g0004_s1", "sn_on"),
+        ]
+        resumed = _run(tmp_path, name=name, n_trials=8, seeds=(0, 1), storage=shared)
+        assert resumed.n_run == 2 and resumed.counts["waiting"] == 0
+        whole = _whole((0, 1), ("sn_off", "sn_on"))
+        assert _members(resumed.study) == {"g0000": whole, "g0004": whole}
+    finally:
+        if backend == "postgresql":
+            optuna.delete_study(study_name=name, storage=shared)
+
+
+@pytest.mark.parametrize("retry_first", [False, True])
+def test_a_retry_and_a_worker_completing_groups_enqueue_a_failed_member_once(tmp_path, retry_first):
+    # A stale member failed (e.g. by Optuna before a trial starts, on RDB storages) and not
+    # yet retried is missing from its group: the retry and a resuming worker completing the
+    # group must not both enqueue it.
+    first = _run(tmp_path, name="f", n_trials=6, seeds=(0, 1))
+    study = first.study
+    study.enqueue_trial({}, user_attrs=_member_attrs("g0004", 1, False, "paired"))
+    running = study.ask()
+    study.tell(running, state=optuna.trial.TrialState.FAIL)
+    failed = study.get_trials()[running.number]
+    ctx = _context(study, n_trials=8)
+    if retry_first:
+        assert _retry(study, failed, ctx) is True
+        assert _complete_open_pairs(study, ctx) == 1  # only the SN-on member
+    else:
+        assert _complete_open_pairs(study, ctx) == 2
+        assert _retry(study, failed, ctx) is False  # the member waits already
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.user_attrs["arm"] for t in waiting) == ["sn_off", "sn_on"]
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_the_group_lock_is_released_when_its_holder_raises(tmp_path, monkeypatch, caplog, backend):
+    shared = _shared_storage(backend, tmp_path)
+    if backend == "memory":
+        mine = theirs = shared
+    else:
+        mine, theirs = make_storage(shared), make_storage(shared)
+    monkeypatch.setattr(study_module, "_GROUP_LOCK_TIMEOUT", 5)
+    with pytest.raises(RuntimeError, match="boom"), _group_lock(mine, "s"):
+        raise RuntimeError("boom")
+    got: list[bool] = []
+    other = threading.Thread(target=lambda: got.append(_take_group_lock(theirs, "s")))
+    with caplog.at_level("WARNING"):
+        other.start()
+        other.join(timeout=60)
+    assert got == [True]
+    assert "going ahead without it" not in caplog.text
+    assert "Forcibly releasing" not in caplog.text  # (a lock file left behind is broken)
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def _take_group_lock(storage: Any, name: str) -> bool:
+    with _group_lock(storage, name):
+        return True
+
+
+_LOCK_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from thunderline_lab.study import _group_lock, make_storage
+    with _group_lock(make_storage(sys.argv[1]), sys.argv[2]):
+        print("held", flush=True)
+        time.sleep(600)
+    """
+)
+
+
+@pytest.mark.postgres
+def test_postgresql_group_lock_is_per_study_and_dies_with_its_holder(tmp_path, monkeypatch, caplog):
+    url = _postgres_url()
+    name = f"pg-lock-{uuid.uuid4().hex[:8]}"
+    with subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, url, name],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            storage = make_storage(url)
+            monkeypatch.setattr(study_module, "_GROUP_LOCK_TIMEOUT", 1)
+            with caplog.at_level("WARNING"):
+                with _group_lock(storage, f"{name}-other"):  # another study: not held
+                    pass
+                assert "going ahead without it" not in caplog.text
+                with _group_lock(storage, name):  # held by the other process: waits, goes ahead
+                    pass
+                assert f"study {name!r}: the group lock" in caplog.text
+                assert "going ahead without it" in caplog.text
+            holder.kill()  # dies holding it: the server ends its session and frees the lock
+            holder.wait(timeout=60)
+            caplog.clear()
+            monkeypatch.setattr(study_module, "_GROUP_LOCK_TIMEOUT", 30)
+            with caplog.at_level("WARNING"), _group_lock(storage, name):
+                pass
+            assert "going ahead without it" not in caplog.text
+        finally:
+            holder.kill()  # (a no-op once it is dead)
 
 
 def test_a_retried_leader_does_not_enqueue_its_replicates_again(tmp_path):

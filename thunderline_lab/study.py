@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -511,7 +512,7 @@ class _LabJournalStorage(JournalStorage):
         see the member failed, not yet retried, and enqueue it a second time.
         """
         failed = []
-        with _group_lock(self):
+        with _group_lock(self, study.study_name):
             for trial_id in self.stale_trial_ids(study._study_id):
                 try:
                     if self.set_trial_state_values(trial_id, state=TrialState.FAIL):
@@ -967,26 +968,193 @@ def _group_states(trials: Sequence[FrozenTrial]) -> dict[str, _GroupState]:
     return groups
 
 
+_GROUP_LOCK_TIMEOUT = 30
+"""Seconds a worker waits for the group lock before it goes ahead without it (a holder that
+hangs, or whose death the database has not noticed yet): as long as Optuna's journal lock
+file waits before it breaks a lock."""
+
+_held = threading.local()  # the group locks this thread holds (see _group_lock)
+_process_locks: dict[str, threading.Lock] = {}
+_process_locks_guard = threading.Lock()
+_warned_dialects: set[str] = set()
+
+
 @contextlib.contextmanager
-def _group_lock(storage: BaseStorage) -> Iterator[None]:
+def _group_lock(storage: BaseStorage, study_name: str) -> Iterator[None]:
     """Serialise reading which members a group misses and enqueuing them.
 
-    Worker processes resuming side by side (``thunderline-lab run --workers N``) would each
-    read the same cut groups and each enqueue the same members. On the lab's journal a lock
-    file next to it (``optuna.journal.groups.lock``: Optuna's own NFS-safe open lock, which a
-    waiting worker breaks after 30 s in case its holder died) makes the read-then-enqueue
-    atomic. Other storages (RDB) go without: workers started at the same instant may then
-    enqueue a member twice.
+    Worker processes resuming side by side (``thunderline-lab run --workers N``, or workers
+    on several machines sharing PostgreSQL) would each read the same cut groups and each
+    enqueue the same members; a worker re-enqueuing a stale or cancelled trial would race
+    them the same way. The lock makes each read-then-enqueue atomic, per storage:
+
+    * the lab's journal: a lock file next to it (``optuna.journal.groups.lock``: Optuna's own
+      NFS-safe open lock, which a waiting worker breaks after :data:`_GROUP_LOCK_TIMEOUT`
+      seconds in case its holder died);
+    * PostgreSQL: a transaction-level advisory lock keyed by the study name
+      (``pg_advisory_xact_lock``) on a connection of its own, so other studies do not wait.
+      It is released when the lock's transaction ends, and by the server when the
+      holder's connection dies; a waiter gives up after :data:`_GROUP_LOCK_TIMEOUT` seconds
+      (``lock_timeout``), warns and goes ahead;
+    * MySQL / MariaDB: a named lock (``GET_LOCK``) keyed by the study name, on a connection
+      of its own (released by the server when it dies);
+    * an SQLite file: a lock file next to the database, as for the journal;
+    * in-memory storages: a lock of this process (no other process sees them). Other
+      dialects get that too, with a warning: workers in other processes may then enqueue a
+      member twice.
+
+    Re-entrant within a thread (failing a stale trial under the lock retries it, which
+    takes the lock again).
     """
-    if not isinstance(storage, _LabJournalStorage):
+    lock_id, lock = _group_lock_for(storage, study_name)
+    held: set[tuple[Any, ...]] = _held.__dict__.setdefault("ids", set())
+    if lock_id in held:
         yield
         return
-    lock = JournalFileOpenLock(storage.path + ".groups")
+    with lock:
+        held.add(lock_id)
+        try:
+            yield
+        finally:
+            held.discard(lock_id)
+
+
+def _group_lock_for(
+    storage: BaseStorage, study_name: str
+) -> tuple[tuple[Any, ...], contextlib.AbstractContextManager[None]]:
+    """``(identity, lock)`` of the group lock of a study in ``storage`` (not yet taken)."""
+    if isinstance(storage, _LabJournalStorage):
+        path = storage.path + ".groups"
+        return ("file", path), _file_lock(path)
+    if isinstance(storage, RDBStorage):
+        engine = storage.engine
+        dialect = engine.dialect.name
+        where = str(engine.url)  # (password masked)
+        if dialect == "postgresql":
+            key = _advisory_lock_key(study_name)
+            return (dialect, where, key), _pg_advisory_lock(engine, key, study_name)
+        if dialect in ("mysql", "mariadb"):
+            name = f"thunderline-lab:{_advisory_lock_key(study_name) & (2**64 - 1):016x}"
+            return (dialect, where, name), _mysql_named_lock(engine, name, study_name)
+        database = engine.url.database or ":memory:"
+        if dialect == "sqlite" and database != ":memory:" and "mode=memory" not in database:
+            path = os.path.abspath(database) + ".groups"
+            return ("file", path), _file_lock(path)
+        if dialect != "sqlite" and dialect not in _warned_dialects:
+            _warned_dialects.add(dialect)
+            log.warning(
+                "no cross-process group lock for %s storages: workers resuming side by side "
+                "may enqueue a member of a cut group twice",
+                dialect,
+            )
+    return ("process", study_name), _process_lock(study_name)
+
+
+def _advisory_lock_key(study_name: str) -> int:
+    """A signed 64-bit key for the study's group lock (PostgreSQL advisory locks)."""
+    digest = hashlib.blake2b(f"thunderline-lab groups {study_name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    lock = JournalFileOpenLock(path, grace_period=_GROUP_LOCK_TIMEOUT)
     lock.acquire()
     try:
         yield
     finally:
         with contextlib.suppress(RuntimeError):  # broken meanwhile by a worker that waited
+            lock.release()
+
+
+@contextlib.contextmanager
+def _pg_advisory_lock(engine: Any, key: int, study_name: str) -> Iterator[None]:
+    import sqlalchemy as sa
+
+    try:
+        conn = engine.connect()
+    except sa.exc.SQLAlchemyError as exc:
+        raise StudyError(f"study {study_name!r}: cannot take the group lock: {exc}") from exc
+    try:
+        try:
+            conn.execute(
+                sa.text("SELECT set_config('lock_timeout', :ms, true)"),
+                {"ms": f"{_GROUP_LOCK_TIMEOUT * 1000}ms"},
+            )
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        except sa.exc.SQLAlchemyError as exc:
+            pgcode = getattr(getattr(exc, "orig", None), "pgcode", None)
+            if pgcode != "55P03":  # lock_not_available: lock_timeout ran out
+                raise StudyError(
+                    f"study {study_name!r}: cannot take the group lock: {exc}"
+                ) from exc
+            conn.rollback()
+            log.warning(
+                "study %r: the group lock (PostgreSQL advisory lock %d) was held for more "
+                "than %d s; going ahead without it",
+                study_name,
+                key,
+                _GROUP_LOCK_TIMEOUT,
+            )
+        yield
+    finally:
+        # Ending the transaction releases the lock; so does the server if the connection died.
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            conn.rollback()
+        conn.close()
+
+
+@contextlib.contextmanager
+def _mysql_named_lock(engine: Any, name: str, study_name: str) -> Iterator[None]:
+    import sqlalchemy as sa
+
+    try:
+        conn = engine.connect()
+    except sa.exc.SQLAlchemyError as exc:
+        raise StudyError(f"study {study_name!r}: cannot take the group lock: {exc}") from exc
+    got = None
+    try:
+        try:
+            got = conn.execute(
+                sa.text("SELECT GET_LOCK(:name, :timeout)"),
+                {"name": name, "timeout": _GROUP_LOCK_TIMEOUT},
+            ).scalar()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StudyError(f"study {study_name!r}: cannot take the group lock: {exc}") from exc
+        if got != 1:
+            log.warning(
+                "study %r: the group lock (MySQL lock %s) was not free within %d s; "
+                "going ahead without it",
+                study_name,
+                name,
+                _GROUP_LOCK_TIMEOUT,
+            )
+        yield
+    finally:
+        try:
+            if got == 1:
+                conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        except sa.exc.SQLAlchemyError:
+            conn.invalidate()  # a session's lock must not go back to the pool with it
+        finally:
+            conn.close()
+
+
+@contextlib.contextmanager
+def _process_lock(study_name: str) -> Iterator[None]:
+    with _process_locks_guard:
+        lock = _process_locks.setdefault(study_name, threading.Lock())
+    acquired = lock.acquire(timeout=_GROUP_LOCK_TIMEOUT)
+    if not acquired:
+        log.warning(
+            "study %r: the group lock was held for more than %d s; going ahead without it",
+            study_name,
+            _GROUP_LOCK_TIMEOUT,
+        )
+    try:
+        yield
+    finally:
+        if acquired:
             lock.release()
 
 
@@ -1047,7 +1215,7 @@ def _complete_open_pairs(study: optuna.Study, ctx: _Context) -> int:
     if ctx.design != "paired" and len(ctx.seeds) == 1:
         return 0  # groups of one trial
     added = 0
-    with _group_lock(study._storage):
+    with _group_lock(study._storage, study.study_name):
         groups = _group_states(study.get_trials(deepcopy=False))
         budget_left = True
         for group_id, group in sorted(groups.items()):
@@ -1429,7 +1597,9 @@ def _retry(study: optuna.Study, t: FrozenTrial, ctx: _Context) -> bool:
     """Enqueue a trial that did not finish (stale, cancelled) again with the same parameters.
 
     Its group attributes come along (a primary whose attributes were never written keeps
-    its group id and the first seed), so the retry stays paired with its twin.
+    its group id and the first seed), so the retry stays paired with its twin. Under the
+    group lock (:func:`_group_lock`), and not when another trial already stands for the
+    member (a worker completing cut groups saw it failed before this retry).
     """
     attrs: dict[str, Any] = {
         k: t.user_attrs[k]
@@ -1443,7 +1613,19 @@ def _retry(study: optuna.Study, t: FrozenTrial, ctx: _Context) -> bool:
         attrs.setdefault("pair_id", f"{attrs['group_id']}_s{attrs['seed']}")
     attrs["retry_of"] = t.number
     try:
-        return _enqueue(study, t.params, attrs, ctx.n_trials)
+        with _group_lock(study._storage, study.study_name):
+            others = [u for u in study.get_trials(deepcopy=False) if u.number != t.number]
+            group = _group_states(others).get(str(attrs["group_id"]))
+            if group is not None and (int(attrs["seed"]), str(attrs["arm"])) in group.members:
+                log.info(
+                    "trial %s not re-enqueued: group %s has its member (seed %s, %s) already",
+                    t.number,
+                    attrs["group_id"],
+                    attrs["seed"],
+                    attrs["arm"],
+                )
+                return False
+            return _enqueue(study, t.params, attrs, ctx.n_trials)
     except Exception:
         log.exception("could not re-enqueue trial %s", t.number)
         return False
@@ -1473,7 +1655,13 @@ def _fail_stale(study: optuna.Study) -> None:
     if isinstance(storage, _LabJournalStorage):
         storage.fail_stale(study)
         return
-    with warnings.catch_warnings():
+    # Under the group lock, as on the journal: a worker completing cut groups meanwhile
+    # would see a member failed and not yet retried. (Optuna also fails stale trials before
+    # each trial it starts, without the lock: there `_retry` takes it and finds the member.)
+    with (
+        _group_lock(storage, study.study_name),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
