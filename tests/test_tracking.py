@@ -790,6 +790,36 @@ def test_each_tracking_uri_gets_its_own_complete_copy(file_stores: Path) -> None
     store.close()
 
 
+def rewrite_as_old_outbox(store: TrialStore, spelt: str) -> tuple[int, int]:
+    """Rewrite the bookkeeping as a lab made before the outbox knew its tracking URI: one row
+    per study (its URI as the user spelt it) and one per trial; how many of each."""
+    conn = store.conn
+    studies = conn.execute(
+        "SELECT study, experiment_id, parent_run_id, updated_at FROM mlflow_studies"
+    ).fetchall()
+    outbox = conn.execute(
+        "SELECT model_run_id, trial_id, study, state, mlflow_run_id, artifact_uri, "
+        "synced_events, attempts, last_error, updated_at FROM mlflow_outbox"
+    ).fetchall()
+    conn.executescript(
+        """
+        DROP TABLE mlflow_studies;
+        DROP TABLE mlflow_outbox;
+        DROP TABLE IF EXISTS mlflow_artifacts;
+        CREATE TABLE mlflow_studies (study TEXT PRIMARY KEY, tracking_uri TEXT NOT NULL,
+            experiment_id TEXT, parent_run_id TEXT, updated_at TEXT);
+        CREATE TABLE mlflow_outbox (model_run_id TEXT NOT NULL, trial_id TEXT NOT NULL,
+            study TEXT, state TEXT NOT NULL, mlflow_run_id TEXT, artifact_uri TEXT,
+            synced_events INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT, updated_at TEXT, PRIMARY KEY (model_run_id, trial_id));
+        """
+    )
+    conn.executemany("INSERT INTO mlflow_studies VALUES (?, ?, ?, ?, ?)",
+                     [(s[0], spelt, *s[1:]) for s in studies])  # fmt: skip
+    conn.executemany("INSERT INTO mlflow_outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outbox)
+    return len(studies), len(outbox)
+
+
 def test_an_outbox_from_before_per_uri_keys_is_migrated_to_its_study_uri(
     file_stores: Path,
 ) -> None:
@@ -799,31 +829,7 @@ def test_an_outbox_from_before_per_uri_keys_is_migrated_to_its_study_uri(
     first = sync(lab, store, tracking_uri="./mlruns-a", all_studies=True)
     assert first.created_runs == 2
     runs_a = assert_copy("./mlruns-a", store, "old")
-    # Rewrite the bookkeeping as a lab made before the outbox knew its tracking URI: one
-    # row per study (the URI as the user spelt it) and one per trial.
-    conn = store.conn
-    studies = conn.execute(
-        "SELECT study, experiment_id, parent_run_id, updated_at FROM mlflow_studies"
-    ).fetchall()
-    outbox = conn.execute(
-        "SELECT model_run_id, trial_id, study, state, mlflow_run_id, artifact_uri, "
-        "synced_events, attempts, last_error, updated_at FROM mlflow_outbox"
-    ).fetchall()
-    assert len(studies) == 1 and len(outbox) == 2
-    conn.executescript(
-        """
-        DROP TABLE mlflow_studies;
-        DROP TABLE mlflow_outbox;
-        CREATE TABLE mlflow_studies (study TEXT PRIMARY KEY, tracking_uri TEXT NOT NULL,
-            experiment_id TEXT, parent_run_id TEXT, updated_at TEXT);
-        CREATE TABLE mlflow_outbox (model_run_id TEXT NOT NULL, trial_id TEXT NOT NULL,
-            study TEXT, state TEXT NOT NULL, mlflow_run_id TEXT, artifact_uri TEXT,
-            synced_events INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-            last_error TEXT, updated_at TEXT, PRIMARY KEY (model_run_id, trial_id));
-        """
-    )
-    conn.executemany("INSERT INTO mlflow_studies VALUES (?, './mlruns-a', ?, ?, ?)", studies)
-    conn.executemany("INSERT INTO mlflow_outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", outbox)
+    assert rewrite_as_old_outbox(store, "./mlruns-a") == (1, 2)
 
     links = mlflow_links(lab, store, study="old")  # opening the outbox migrates it
     assert dict(zip(links["trial_id"], links["mlflow_run_id"], strict=True)) == runs_a
@@ -835,6 +841,64 @@ def test_an_outbox_from_before_per_uri_keys_is_migrated_to_its_study_uri(
     assert (to_b.pushed_runs, to_b.created_runs) == (2, 2)
     assert_copy("./mlruns-b", store, "old")
     assert assert_copy("./mlruns-a", store, "old") == runs_a
+    store.close()
+
+
+def test_runs_pulled_into_an_old_outbox_are_recorded_again_by_the_next_pull(
+    file_stores: Path,
+) -> None:
+    from mlflow import MlflowClient
+
+    uri = (file_stores / "mlruns-a").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("scratch"), tags={"constraint_method": "none"})
+    client.log_metric(run.info.run_id, "val_accuracy", 0.75, step=1)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    store.append(study_events("old", [True]))
+    sync(lab, store, tracking_uri=uri, all_studies=True)
+    pulled = sync(lab, store, tracking_uri=uri, experiments=["scratch"])
+    assert pulled.adopted_trials == 1
+    adopted = f"mlflow_{run.info.run_id}"
+
+    def links() -> dict[str, tuple[str, str]]:
+        df = mlflow_links(lab, store, tracking_uri=uri)
+        return {r.trial_id: (r.mlflow_run_id, r.sync_state) for r in df.itertuples()}
+
+    before = links()
+    assert before[adopted] == (run.info.run_id, "synced")
+    # The adopted run's study ("scratch") was never mirrored: migrating drops its row ...
+    assert rewrite_as_old_outbox(store, uri) == (1, 2)
+    assert links()[adopted][1] == "not mirrored"
+    counts = store.counts()
+    # ... and the next pull records it again, adopting nothing twice.
+    again = sync(lab, store, tracking_uri=uri, experiments=["scratch"])
+    assert (again.pulled_runs, again.adopted_trials, again.pushed_runs) == (0, 0, 0)
+    assert store.counts() == counts
+    assert links() == before
+    store.close()
+
+
+def test_a_run_the_lab_cannot_hold_is_named_and_the_pull_goes_on(file_stores: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = (file_stores / "mlruns-a").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("scratch")
+    bad = client.create_run(exp, tags={"trial_id": "", "model_run_id": "by-hand"})
+    good = client.create_run(exp, tags={"constraint_method": "none"})
+    for run in (bad, good):
+        client.log_metric(run.info.run_id, "val_accuracy", 0.75, step=1)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    report = sync(lab, store, tracking_uri=uri, experiments=["scratch"])
+    assert (report.pulled_runs, report.adopted_trials) == (1, 1)
+    assert store.trial("scratch", f"mlflow_{good.info.run_id}") is not None
+    assert len(report.errors) == 1
+    assert f"experiment 'scratch': run {bad.info.run_id}: not pulled: " in report.errors[0]
+    assert "payload.trial_id" in report.errors[0]
     store.close()
 
 
@@ -929,3 +993,176 @@ def test_the_logger_gives_the_parent_run_the_study_settings(file_stores: Path) -
     assert "spectral_norm_coeff" not in runs["trial_0001"].data.params
     assert runs["trial_0000"].data.params["spectral_norm_coeff"] == "1.5"
     store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts reach every tracking URI the lab is mirrored to
+# ---------------------------------------------------------------------------------------------
+
+ARTIFACTS = {"model/state_dict.pt", "sigma/sigma_table.csv", "plots/learning_curve.png"}
+
+
+def log_with_artifacts(
+    lab: Lab, store: TrialStore, uri: str, study: str, numbers: list[int]
+) -> None:
+    """Run trials ``numbers`` of a study live with a logger on ``uri``, artifacts included."""
+    bus = EventBus()
+    arms = [n % 2 == 0 for n in range(max(numbers) + 1)]
+    wanted = {f"trial_{n:04d}" for n in numbers}
+    with (
+        StoreWriter(store, bus, interval=0.05) as writer,
+        MLflowLogger(
+            bus, lab=lab, study=study, store=store, tracking_uri=uri, isolate=False
+        ) as mlf,
+    ):
+        for ev in study_events(study, arms):
+            if ev.payload.trial_id in wanted:
+                bus.publish(ev)
+        for n in numbers:
+            model = _model(arms[n], 1.0)
+            history = [{"epoch": s, "val_loss": 1.0 - s / 10} for s in range(2)]
+            mlf.log_artifacts(
+                f"trial_{n:04d}", model=model, sigma_table=_sigma_table(model), history=history
+            )
+        assert wait_synced(mlf, 60)
+        writer.flush()
+    assert not mlf.errors
+
+
+def artifacts_of(uri: str, study: str) -> dict[str, dict[str, bytes]]:
+    """Per trial, its run's artifact files (path -> content), read from the file store."""
+    out = {}
+    for trial_id, run in trial_runs(uri, study)[1].items():
+        root = Path(run.info.artifact_uri.removeprefix("file://"))
+        out[trial_id] = {
+            f.relative_to(root).as_posix(): f.read_bytes() for f in root.rglob("*") if f.is_file()
+        }
+    return out
+
+
+def test_every_tracking_uri_gets_the_artifacts_once(file_stores: Path) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    spool = lab.root / "mlflow_outbox"
+    uri_a = (file_stores / "mlruns-a").as_uri()
+    log_with_artifacts(lab, store, uri_a, "arts", [0, 1])
+    in_a = artifacts_of(uri_a, "arts")
+    assert {t: set(files) for t, files in in_a.items()} == {
+        "trial_0000": ARTIFACTS,
+        "trial_0001": ARTIFACTS,
+    }
+    assert not list(spool.glob("*/*/*/*"))  # A was the only MLflow of the lab: spool emptied
+
+    # B mirrors the lab later: it gets the artifacts from A's copy.
+    to_b = sync(lab, store, tracking_uri="./mlruns-b")
+    assert (to_b.created_runs, to_b.uploaded_artifacts, to_b.errors) == (2, 6, [])
+    assert artifacts_of("./mlruns-b", "arts") == in_a
+
+    # Trials logged to A from now on wait in the spool until B has them too.
+    log_with_artifacts(lab, store, uri_a, "arts", [2, 3])
+    assert len(list(spool.glob("*/*/model/state_dict.pt"))) == 2
+    to_b = sync(lab, store, tracking_uri="./mlruns-b")
+    assert (to_b.created_runs, to_b.uploaded_artifacts, to_b.errors) == (2, 6, [])
+    in_a = artifacts_of(uri_a, "arts")
+    assert len(in_a) == 4 and all(set(files) == ARTIFACTS for files in in_a.values())
+    assert artifacts_of("./mlruns-b", "arts") == in_a
+    assert not list(spool.glob("*/*/*/*"))  # every MLflow has them: the spool is emptied
+
+    # A re-sync to either MLflow uploads nothing again.
+    for uri in ("./mlruns-b", uri_a):
+        again = sync(lab, store, tracking_uri=uri)
+        assert (again.uploaded_artifacts, again.pushed_runs, again.errors) == (0, 0, []), uri
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_tracking_uri_mirrored_later_gets_the_artifacts_of_a_server(
+    server: MlflowServer, file_stores: Path, client_for: Callable[[str], Any]
+) -> None:
+    if not server.alive():
+        server.start()
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    log_with_artifacts(lab, store, server.url, "served-arts", [0])
+    assert not list((lab.root / "mlflow_outbox").glob("*/*/*/*"))  # the server has them
+    to_b = sync(lab, store, tracking_uri="./mlruns-b")  # downloaded from the server
+    assert (to_b.uploaded_artifacts, to_b.errors) == (3, [])
+    in_b = artifacts_of("./mlruns-b", "served-arts")["trial_0000"]
+    assert set(in_b) == ARTIFACTS
+    client = client_for(server.url)
+    trial = store.trial("served-arts", "trial_0000")
+    assert trial is not None
+    got = client.download_artifacts(
+        trial["mlflow_run_id"], "sigma/sigma_table.csv", str(file_stores)
+    )
+    assert Path(got).read_bytes() == in_b["sigma/sigma_table.csv"]
+    assert sync(lab, store, tracking_uri="./mlruns-b").uploaded_artifacts == 0
+    store.close()
+
+
+def test_an_unreadable_spool_record_is_reported_not_a_traceback(file_stores: Path) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    store.append(study_events("spooled", [True]))
+    spool = lab.root / "mlflow_outbox"
+
+    def spool_folder(name: str) -> Path:  # artifacts whose meta.json a crash cut short
+        folder = spool / "spooled" / name
+        (folder / "sigma").mkdir(parents=True)
+        (folder / "sigma" / "sigma_table.csv").write_text("layer,sigma\n0,1.0\n")
+        (folder / "meta.json").write_text('{"model_run_id": "spooled", "tri')
+        return folder
+
+    # The folder of a trial being pushed is found by its name: uploaded, no warning.
+    spool_folder("trial_0000")
+    sync_a = ["mlflow-sync", "--lab", str(lab.root), "--tracking-uri", "./mlruns-a"]
+    out = CliRunner().invoke(main, [*sync_a, "--all-studies"])
+    assert out.exit_code == 0, out.output
+    assert "pushed 1 runs (1 created)" in out.output and "1 artifacts" in out.output
+    assert "warning" not in out.output
+    assert not list(spool.rglob("*.csv"))
+    # Any other is named in a warning and kept for the user to look at.
+    stray = spool_folder("trial_0007")
+    out = CliRunner().invoke(main, sync_a)
+    assert out.exit_code == 0, out.output
+    assert "pushed 0 runs" in out.output
+    assert f"warning: {stray / 'meta.json'}: unreadable artifact spool record" in out.output
+    assert (stray / "sigma" / "sigma_table.csv").exists()
+    store.close()
+
+
+def test_a_tracking_uri_that_is_not_mlflow_is_a_clean_error(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class WebPage(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b"<html><body>a web app, not MLflow</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _page
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebPage)
+    thread = threading.Thread(target=web.serve_forever, daemon=True)
+    thread.start()
+    try:
+        lab = Lab.resolve(tmp_path / "lab").ensure()
+        lab.store().close()
+        url = f"http://127.0.0.1:{web.server_address[1]}"
+        out = CliRunner().invoke(
+            main, ["mlflow-sync", "--lab", str(lab.root), "--tracking-uri", url]
+        )
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert out.exit_code == 1
+    assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
+    assert "error: MLflow sync stopped" in out.output
+    assert f"is {url} an MLflow tracking server?" in out.output

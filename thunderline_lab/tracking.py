@@ -43,12 +43,21 @@ lets us update (params are write-once): ``n_trials`` (trials of the study in the
 ``seeds`` and ``search_space`` (per hyperparameter, ``[min, max]`` of the numbers the trials
 used, else the values they used).
 
-The outbox lives in the lab's trial store (``lab.db``), in two tables this module owns, both
+The outbox lives in the lab's trial store (``lab.db``), in three tables this module owns, all
 per tracking URI (each MLflow a lab is mirrored to holds its own complete copy):
 
-``mlflow_studies``  per study and URI: the experiment id and parent run id
-``mlflow_outbox``   per URI and trial: ``state`` pending | synced, the MLflow run id, and
-                    ``synced_events``, how many of the trial's events that MLflow reflects
+``mlflow_studies``    per study and URI: the experiment id and parent run id
+``mlflow_outbox``     per URI and trial: ``state`` pending | synced, the MLflow run id, and
+                      ``synced_events``, how many of the trial's events that MLflow reflects
+``mlflow_artifacts``  per URI, trial and artifact file: the run it was uploaded to and the
+                      file's sha256
+
+Artifacts wait in ``lab/mlflow_outbox/<model_run_id>/<trial_id>/`` (the spool) until every
+tracking URI the trial's study is mirrored to has them (a URI the study was ever logged or
+synced to counts); then the spooled files are removed. A URI that starts mirroring the study
+after that gets them from another URI's copy: a folder on this machine (a file store, the
+lab's SQLite backend) is copied, a tracking server's is downloaded. Each upload is recorded,
+so a re-sync sends no file twice (a file logged again with new content is sent again).
 
 URIs are compared in one spelling (a local path as an absolute ``file://`` URI, a server
 without its trailing ``/``), so ``./mlruns`` and ``file:///abs/mlruns`` are one store and
@@ -108,10 +117,11 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -214,6 +224,17 @@ CREATE TABLE IF NOT EXISTS mlflow_outbox (
     updated_at TEXT,
     PRIMARY KEY (tracking_uri, model_run_id, trial_id)
 );
+CREATE TABLE IF NOT EXISTS mlflow_artifacts (
+    tracking_uri TEXT NOT NULL,
+    model_run_id TEXT NOT NULL,
+    trial_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    mlflow_run_id TEXT NOT NULL,
+    artifact_uri TEXT NOT NULL,
+    uploaded_at TEXT NOT NULL,
+    PRIMARY KEY (tracking_uri, model_run_id, trial_id, path)
+);
 """
 _OUTBOX_COLUMNS = (
     "model_run_id, trial_id, study, state, mlflow_run_id, artifact_uri, synced_events, "
@@ -228,6 +249,8 @@ _CNN_ONLY_PARAMS = frozenset({"kernel_size", "pooling", "conv_sn_mode"})
 _STUDY_PARAMS = ("design", "dataset", "architecture", "epochs")
 # Per-trial bookkeeping of a study's design, not part of its search space.
 _DESIGN_PARAMS = frozenset({"seed", "pair_id", "group_id", "arm", "retry_of"})
+_SPOOL_META = "meta.json"  # a spool folder's trial (model_run_id, trial_id, study)
+_PART = ".part"  # a spooled file still being written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +547,17 @@ class _RestBackend(_Backend):
                 f"{self.uri}: {endpoint}: {type(exc).__name__}: {exc}", transient=True
             ) from exc
         if resp.status_code == 200:
-            return resp.json() if resp.content else {}
+            try:
+                js = resp.json() if resp.content else {}
+            except ValueError:
+                js = None
+            if not isinstance(js, dict):  # e.g. a web page: the URI is not MLflow's API
+                raise _BackendError(
+                    f"{self.uri}: {endpoint}: the answer is not MLflow's (not a JSON object: "
+                    f"{resp.text[:60]!r}); is {self.uri} an MLflow tracking server?",
+                    transient=False,
+                )
+            return js
         try:
             err = resp.json()
             code, message = err.get("error_code"), err.get("message", resp.text)
@@ -672,27 +705,47 @@ class _RestBackend(_Backend):
             if not token:
                 return out
 
+    def _proxied(self, artifact_uri: str, path: str) -> str:
+        """The address of an ``mlflow-artifacts:`` artifact on this server."""
+        parsed = urlparse(artifact_uri)
+        base = self.uri
+        if parsed.netloc:
+            base = f"{urlparse(self.uri).scheme}://{parsed.netloc}"
+        return f"{base}/api/2.0/mlflow-artifacts/artifacts/" + posixpath.join(
+            parsed.path.lstrip("/"), path
+        )
+
+    def download_artifact(self, artifact_uri: str, path: str, dest: Path) -> None:
+        """Save ``path`` of a run whose artifacts this server proxies (``mlflow-artifacts:``)."""
+        url = self._proxied(artifact_uri, path)
+        try:
+            resp = self._http.get(url)
+        except self._httpx.HTTPError as exc:
+            raise _BackendError(f"artifact download {url}: {exc}", transient=True) from exc
+        if resp.status_code != 200:
+            raise _BackendError(
+                f"artifact download {url}: HTTP {resp.status_code}",
+                transient=resp.status_code >= 500,
+            )
+        try:
+            dest.write_bytes(resp.content)
+        except OSError as exc:
+            raise _BackendError(f"artifact download to {dest}: {exc}", transient=True) from exc
+
     def log_artifact(self, run: RunRecord, local_file: Path, artifact_path: str) -> None:
         uri = run.artifact_uri
         parsed = urlparse(uri)
         if parsed.scheme == "mlflow-artifacts":
-            base = self.uri
-            if parsed.netloc:
-                base = f"{urlparse(self.uri).scheme}://{parsed.netloc}"
-            dest = posixpath.join(parsed.path.lstrip("/"), artifact_path, local_file.name)
+            url = self._proxied(uri, posixpath.join(artifact_path, local_file.name))
             mime = mimetypes.guess_type(local_file.name)[0] or "application/octet-stream"
             try:
                 with open(local_file, "rb") as fh:
-                    resp = self._http.put(
-                        f"{base}/api/2.0/mlflow-artifacts/artifacts/{dest}",
-                        content=fh.read(),
-                        headers={"Content-Type": mime},
-                    )
-            except self._httpx.HTTPError as exc:
-                raise _BackendError(f"artifact upload {dest}: {exc}", transient=True) from exc
+                    resp = self._http.put(url, content=fh.read(), headers={"Content-Type": mime})
+            except (OSError, self._httpx.HTTPError) as exc:
+                raise _BackendError(f"artifact upload {url}: {exc}", transient=True) from exc
             if resp.status_code != 200:
                 raise _BackendError(
-                    f"artifact upload {dest}: HTTP {resp.status_code}",
+                    f"artifact upload {url}: HTTP {resp.status_code}",
                     transient=resp.status_code >= 500,
                 )
         elif parsed.scheme in ("", "file"):
@@ -1092,7 +1145,10 @@ class _Outbox:
                 )
         if outbox_cols and "tracking_uri" not in outbox_cols:
             # A trial's row belongs to the URI its study was mirrored to. Rows of no mirrored
-            # study (runs pulled from an experiment) are dropped: the next pull remakes them.
+            # study (runs adopted from an experiment the lab does not mirror) are dropped: the
+            # URI they were pulled from is not known, and they hold nothing the store lacks
+            # (the run id is in the adopted trial's events). The next pull of that experiment
+            # records them again (:func:`_pull_run`).
             self.conn.execute(
                 f"INSERT INTO mlflow_outbox (tracking_uri, {_OUTBOX_COLUMNS}) "
                 "SELECT COALESCE("
@@ -1259,6 +1315,48 @@ class _Outbox:
             "SELECT name, step, value, timestamp FROM metrics "
             "WHERE model_run_id = ? AND trial_id = ? ORDER BY name, step",
             key,
+        )
+
+    # -- artifacts ------------------------------------------------------------------------
+
+    def mirror_uris(self, studies: Iterable[str | None]) -> set[str]:
+        """Every tracking URI any of ``studies`` is mirrored to."""
+        names = sorted({s for s in studies if s})
+        if not names:
+            return set()
+        rows = self.query(
+            "SELECT DISTINCT tracking_uri FROM mlflow_studies "
+            f"WHERE study IN ({', '.join('?' * len(names))})",
+            names,
+        )
+        return {r[0] for r in rows}
+
+    def artifact_copies(
+        self, key: tuple[str, str] | None = None
+    ) -> dict[tuple[str, str], dict[str, dict[str, _ArtifactCopy]]]:
+        """Per trial (``key``'s, else every one), per tracking URI, per artifact path: the
+        copy that URI's run of the trial was given."""
+        rows = self.query(
+            "SELECT model_run_id, trial_id, tracking_uri, path, digest, mlflow_run_id, "
+            "artifact_uri, uploaded_at FROM mlflow_artifacts "
+            "WHERE ? IS NULL OR (model_run_id = ? AND trial_id = ?)",
+            (None, None, None) if key is None else (key[0], *key),
+        )
+        out: dict[tuple[str, str], dict[str, dict[str, _ArtifactCopy]]] = {}
+        for mr, tid, uri, path, *copy in rows:
+            out.setdefault((mr, tid), {}).setdefault(uri, {})[path] = _ArtifactCopy(*copy)
+        return out
+
+    def mark_artifact(self, key: tuple[str, str], path: str, digest: str, run: RunRecord) -> None:
+        """Record that this URI's run of the trial holds ``path`` with content ``digest``."""
+        uri = self._key_uri()
+        self._write(
+            lambda: self.conn.execute(
+                "INSERT OR REPLACE INTO mlflow_artifacts (tracking_uri, model_run_id, trial_id, "
+                "path, digest, mlflow_run_id, artifact_uri, uploaded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (uri, *key, path, digest, run.run_id, run.artifact_uri, _now_text()),
+            )
         )
 
 
@@ -1676,6 +1774,22 @@ def _spool_root(lab: Lab) -> Path:
     return lab.root / "mlflow_outbox"
 
 
+def _spool_dir(lab: Lab, key: tuple[str, str]) -> Path:
+    return _spool_root(lab) / _slug(key[0]) / _slug(key[1])
+
+
+@contextlib.contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """A temporary name to write ``path`` under, renamed into place once complete (a crash
+    never leaves half a file for the upload to take as the artifact)."""
+    part = path.with_name(path.name + _PART)
+    try:
+        yield part
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def _write_artifacts(
     directory: Path,
     key: tuple[str, str],
@@ -1687,29 +1801,32 @@ def _write_artifacts(
     series: Mapping[str, Mapping[int, tuple[float, int]]] | None = None,
     title: str = "",
 ) -> list[Path]:
-    """Write a trial's artifacts into its spool folder (uploaded later, kept until then)."""
+    """Write a trial's artifacts into its spool folder (see :func:`_mirror_artifacts` for how
+    long they stay)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "meta.json").write_text(
-        json.dumps({"model_run_id": key[0], "trial_id": key[1], "study": study})
-    )
+    with _written_whole(directory / _SPOOL_META) as part:
+        part.write_text(json.dumps({"model_run_id": key[0], "trial_id": key[1], "study": study}))
     written = []
     if state_dict is not None:
         import torch
 
         path = directory / "model" / "state_dict.pt"
         path.parent.mkdir(exist_ok=True)
-        torch.save(state_dict, path)
+        with _written_whole(path) as part:
+            torch.save(state_dict, part)
         written.append(path)
     if sigma_table is not None:
         path = directory / "sigma" / "sigma_table.csv"
         path.parent.mkdir(exist_ok=True)
-        sigma_table.to_csv(path, index=False)
+        with _written_whole(path) as part:
+            sigma_table.to_csv(part, index=False)
         written.append(path)
     curves = _curves(history, series)
     if curves:
         path = directory / "plots" / "learning_curve.png"
         path.parent.mkdir(exist_ok=True)
-        _plot_learning_curve(curves, path, title)
+        with _written_whole(path) as part:
+            _plot_learning_curve(curves, part, title)
         written.append(path)
     return written
 
@@ -1767,19 +1884,261 @@ def _plot_learning_curve(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
 
 
-def _upload_spool(backend: _Backend, run: RunRecord, directory: Path) -> int:
-    """Upload every file of a spool folder (but meta.json), then remove the folder."""
-    n = 0
+@dataclass(frozen=True)
+class _ArtifactCopy:
+    """An artifact file as one tracking URI's run of a trial holds it (``mlflow_artifacts``)."""
+
+    digest: str
+    run_id: str
+    artifact_uri: str
+    uploaded_at: str
+
+
+_NO_COPY = _ArtifactCopy("", "", "", "")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _spooled(directory: Path | None) -> dict[str, tuple[Path, str]]:
+    """The artifact files of a spool folder: per artifact path (``model/state_dict.pt``), the
+    file and its sha256 (meta.json and files still being written left out)."""
+    out: dict[str, tuple[Path, str]] = {}
+    if directory is None or not directory.is_dir():
+        return out
     for file in sorted(directory.rglob("*")):
-        if file.is_file() and file.name != "meta.json":
-            rel = file.parent.relative_to(directory).as_posix()
-            backend.log_artifact(run, file, "" if rel == "." else rel)
-            n += 1
-    shutil.rmtree(directory, ignore_errors=True)
-    return n
+        rel = file.relative_to(directory).as_posix()
+        if rel == _SPOOL_META or file.name.endswith(_PART) or not file.is_file():
+            continue
+        with contextlib.suppress(FileNotFoundError):  # sent everywhere by another process
+            out[rel] = (file, _digest(file))
+    return out
+
+
+def _read_spool(
+    lab: Lab,
+) -> tuple[dict[tuple[str, str], tuple[Path, str | None]], dict[Path, str]]:
+    """The spool folders by trial (folder, study), and the unreadable ones (folder: why)."""
+    found: dict[tuple[str, str], tuple[Path, str | None]] = {}
+    errors: dict[Path, str] = {}
+    root = _spool_root(lab)
+    if not root.is_dir():
+        return found, errors
+    for meta in sorted(root.glob(f"*/*/{_SPOOL_META}")):
+        try:
+            info = json.loads(meta.read_text(encoding="utf-8"))
+            key = (info["model_run_id"], info["trial_id"])
+            if not all(isinstance(k, str) and k for k in key):
+                raise ValueError("model_run_id and trial_id must be non-empty strings")
+            study = info.get("study")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            errors[meta.parent] = (
+                f"{meta}: unreadable artifact spool record ({what}); "
+                f"the artifacts in {meta.parent} are not uploaded"
+            )
+            continue
+        found[key] = (meta.parent, study if isinstance(study, str) else None)
+    return found, errors
+
+
+def _artifacts_due(
+    uri: str,
+    run_id: str,
+    spooled: Mapping[str, tuple[Path, str]],
+    copies: Mapping[str, Mapping[str, _ArtifactCopy]],
+    *,
+    fetch: bool,
+) -> list[tuple[str, str]]:
+    """The artifacts (path, sha256) the trial's run ``run_id`` in ``uri`` lacks.
+
+    A trial has each file of its spool folder and, for an artifact no longer spooled, the
+    newest copy any tracking URI got. The run lacks one it was not given with that content
+    (or was given as another run, one since replaced). ``fetch=False``: spooled ones only.
+    """
+    newest: dict[str, _ArtifactCopy] = {}
+    for files in copies.values():
+        for path, copy in files.items():
+            if path not in newest or copy.uploaded_at > newest[path].uploaded_at:
+                newest[path] = copy
+    mine = copies.get(uri, {})
+    due = []
+    for path in sorted(set(spooled) | (set(newest) if fetch else set())):
+        digest = spooled[path][1] if path in spooled else newest[path].digest
+        have = mine.get(path)
+        if have is None or have.digest != digest or have.run_id != run_id:
+            due.append((path, digest))
+    return due
+
+
+def _same(run: RunRecord) -> RunRecord:
+    return run
+
+
+def _is_local(artifact_uri: str) -> bool:
+    return urlparse(artifact_uri).scheme in ("", "file")
+
+
+def _fetch_artifact(
+    source_uri: str, copy: _ArtifactCopy, path: str, into: Path, sources: dict[str, _Backend]
+) -> Path:
+    """Copy ``path`` of another tracking URI's run (``copy``) to ``into/path``."""
+    dest = into / path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    parsed = urlparse(copy.artifact_uri)
+    if _is_local(copy.artifact_uri):  # a folder on this machine (file store, the lab's SQLite)
+        root = Path(unquote(parsed.path) if parsed.scheme == "file" else copy.artifact_uri)
+        try:
+            shutil.copyfile(root / path, dest)
+        except OSError as exc:
+            raise _BackendError(f"{root / path}: {exc}", transient=True) from exc
+        return dest
+    if parsed.scheme == "mlflow-artifacts":  # proxied by the tracking server
+        source = sources.get(source_uri)
+        if source is None and source_uri.startswith(("http://", "https://")):
+            source = sources[source_uri] = _RestBackend(source_uri)
+        if not isinstance(source, _RestBackend):
+            raise _BackendError(
+                f"{copy.artifact_uri}: served by a tracking server, {source_uri} is not one",
+                transient=False,
+            )
+        source.download_artifact(copy.artifact_uri, path, dest)
+        return dest
+    try:  # s3://, gs://, ...: MLflow's artifact repositories know them
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        got = get_artifact_repository(copy.artifact_uri).download_artifacts(path, str(into))
+    except Exception as exc:
+        raise _BackendError(f"{copy.artifact_uri}/{path}: {exc}", transient=True) from exc
+    if Path(got) != dest:
+        shutil.move(got, dest)
+    return dest
+
+
+def _fetch_any(
+    uri: str,
+    copies: Mapping[str, Mapping[str, _ArtifactCopy]],
+    path: str,
+    digest: str,
+    into: Path,
+    sources: dict[str, _Backend],
+) -> tuple[Path | None, str]:
+    """Fetch ``path`` from a copy with content ``digest`` (one on this machine first); the
+    file, or None and why."""
+    holders = sorted(
+        (
+            (u, files[path])
+            for u, files in copies.items()
+            if files.get(path, _NO_COPY).digest == digest
+        ),
+        key=lambda c: (not _is_local(c[1].artifact_uri), c[0] == uri, c[0]),
+    )
+    why = []
+    for source_uri, copy in holders:
+        try:
+            return _fetch_artifact(source_uri, copy, path, into, sources), ""
+        except _BackendError as exc:
+            why.append(str(exc))
+    return None, "; ".join(why) or "no MLflow holds it"
+
+
+def _mirror_artifacts(
+    backend: _Backend,
+    outbox: _Outbox,
+    key: tuple[str, str],
+    run_id: str,
+    get_run: Callable[[], RunRecord | None],
+    *,
+    directory: Path | None,
+    studies: Iterable[str | None],
+    copies: Mapping[str, Mapping[str, _ArtifactCopy]] | None = None,
+    sources: dict[str, _Backend] | None = None,
+) -> tuple[int, list[str]]:
+    """Give the trial's run in ``outbox.uri`` every artifact of the trial it lacks.
+
+    The artifacts a trial's logger wrote wait in its spool folder
+    (``lab/mlflow_outbox/<model_run_id>/<trial_id>/``); each upload is recorded per tracking
+    URI, run and content (``mlflow_artifacts``), so a re-sync sends nothing twice. A spooled
+    file is removed once every tracking URI the trial's study is mirrored to holds it. A URI
+    that starts mirroring the study after that gets its files from another URI's copy
+    (``sources`` given; ``None``: the spool only): a folder on this machine (file store, the
+    lab's SQLite backend) is copied, a tracking server's is downloaded.
+
+    Args:
+        run_id: the trial's run in this URI; ``get_run`` gives its record, asked only when a
+            file is due.
+        directory: the trial's spool folder.
+        studies: the trial's study names (its study, its model run id).
+        copies: the trial's recorded copies (read from the outbox when None).
+        sources: backends of other URIs opened to fetch from (filled as needed).
+
+    Returns:
+        How many files were uploaded, and one line per file no copy could be fetched of.
+
+    Raises:
+        _BackendError: an upload to this URI failed.
+    """
+    uri = outbox._key_uri()
+    if copies is None:
+        copies = outbox.artifact_copies(key).get(key, {})
+    spooled = _spooled(directory)
+    due = _artifacts_due(uri, run_id, spooled, copies, fetch=sources is not None)
+    uploaded, errors = 0, []
+    run = get_run() if due else None
+    if due and run is None:
+        errors.append(f"{key[0]}/{key[1]}: run {run_id} is gone from {uri}: artifacts not sent")
+        due = []
+    if due:
+        assert run is not None
+        with tempfile.TemporaryDirectory(prefix="thunderline-artifacts-") as tmp:
+            for path, digest in due:
+                if path in spooled:
+                    local = spooled[path][0]
+                else:
+                    assert sources is not None
+                    fetched, why = _fetch_any(uri, copies, path, digest, Path(tmp), sources)
+                    if fetched is None:
+                        errors.append(
+                            f"{key[0]}/{key[1]}: artifact {path}: no copy could be fetched for "
+                            f"{uri} ({why})"
+                        )
+                        continue
+                    local, digest = fetched, _digest(fetched)
+                backend.log_artifact(run, local, posixpath.dirname(path))
+                outbox.mark_artifact(key, path, digest, run)
+                uploaded += 1
+    if spooled and directory is not None:
+        _prune_spool(outbox, key, directory, spooled, outbox.mirror_uris(studies) | {uri})
+    return uploaded, errors
+
+
+def _prune_spool(
+    outbox: _Outbox,
+    key: tuple[str, str],
+    directory: Path,
+    spooled: Mapping[str, tuple[Path, str]],
+    mirrors: set[str],
+) -> None:
+    """Remove the spooled files every tracking URI in ``mirrors`` holds (and the folder once
+    no artifact is left in it)."""
+    copies = outbox.artifact_copies(key).get(key, {})
+    for path, (file, digest) in spooled.items():
+        if all(copies.get(u, {}).get(path, _NO_COPY).digest == digest for u in mirrors):
+            with contextlib.suppress(OSError):
+                if _digest(file) == digest:  # not rewritten meanwhile
+                    file.unlink()
+    if not any(f.is_file() for f in directory.rglob("*") if f.name != _SPOOL_META):
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            directory.parent.rmdir()  # the model run's folder, once empty
 
 
 def _snapshot_state_dict(model: Any) -> Any:
@@ -1927,8 +2286,9 @@ class MLflowLogger:
 
         The caller's thread only copies the tensors (a CPU snapshot) and the tables;
         serialisation, the PNG (matplotlib Agg) and the upload happen on the logger thread,
-        and the files wait in ``lab/mlflow_outbox/`` until MLflow has them. Without
-        ``history`` the curve is drawn from the trial's ``ml.run.metric`` events.
+        and the files wait in ``lab/mlflow_outbox/`` until every MLflow the study is mirrored
+        to has them (``mlflow-sync`` sends them to the others). Without ``history`` the curve
+        is drawn from the trial's ``ml.run.metric`` events.
         """
         payload = {
             "state_dict": None if model is None else _snapshot_state_dict(model),
@@ -2113,7 +2473,7 @@ class MLflowLogger:
         rs = self._state(key, None)
         sn = rs.snap.spectral_norm
         constraint = "?" if sn is None else "spectral norm" if sn else "no constraint"
-        directory = _spool_root(self.lab) / _slug(key[0]) / _slug(key[1])
+        directory = _spool_dir(self.lab, key)
         try:
             _write_artifacts(
                 directory,
@@ -2255,13 +2615,32 @@ class MLflowLogger:
         if rs.linked != run.run_id:
             self._announce(rs, run)
         if rs.artifacts_dir is not None:
-            if rs.artifacts_dir.exists():
-                self.stats["artifacts"] += _upload_spool(self._backend, run, rs.artifacts_dir)
+            self.stats["artifacts"] += self._send_artifacts(rs, run)
             rs.artifacts_dir = None
         if _up_to_date(rs) and rs.synced_mark != len(rs.seen):
             if self._outbox is not None:
                 self._outbox.mark_synced(rs.snap.key, rs.snap.study, run.run_id, len(rs.seen))
             rs.synced_mark = len(rs.seen)
+
+    def _send_artifacts(self, rs: _RunSync, run: RunRecord) -> int:
+        """Upload the trial's spooled artifacts; they stay spooled for the other tracking URIs
+        its study is mirrored to (:func:`_mirror_artifacts`), or for good without an outbox."""
+        assert self._backend is not None
+        if self._outbox is None:
+            files = _spooled(rs.artifacts_dir)
+            for path, (file, _digest) in files.items():
+                self._backend.log_artifact(run, file, posixpath.dirname(path))
+            return len(files)
+        n, _ = _mirror_artifacts(
+            self._backend,
+            self._outbox,
+            rs.snap.key,
+            run.run_id,
+            functools.partial(_same, run),
+            directory=rs.artifacts_dir,
+            studies=(rs.snap.study, rs.snap.model_run_id, self.study),
+        )
+        return n
 
     def _announce(self, rs: _RunSync, run: RunRecord) -> None:
         """Publish the mlflow_run_id write-back and wake run_id_for waiters."""
@@ -2370,8 +2749,10 @@ def sync(
     """Push what MLflow lacks, pull runs made outside the lab; idempotent.
 
     Each tracking URI gets its own complete copy of every mirrored study (the outbox is kept
-    per URI): syncing to a second MLflow creates its runs, syncing again to either one sends
-    nothing. The study's parent run gets its settings and summary too.
+    per URI): syncing to a second MLflow creates its runs and gives them the trials' artifacts
+    (from the spool, else copied from another MLflow's copy), syncing again to either one sends
+    nothing. The study's parent run gets its settings and summary too. An artifact that cannot
+    be had is a line in ``errors``; the rest of the sync goes on.
 
     Args:
         lab: the lab.
@@ -2406,7 +2787,20 @@ def sync(
     try:
         contexts: dict[str, _Context] = {}
         if push:
-            _sync_push(lab, store, outbox, backend, report, contexts, all_studies=all_studies)
+            artifacts = _SyncArtifacts(lab, outbox, backend, report)
+            try:
+                _sync_push(
+                    lab,
+                    store,
+                    outbox,
+                    backend,
+                    report,
+                    contexts,
+                    artifacts,
+                    all_studies=all_studies,
+                )
+            finally:
+                artifacts.close()
         if pull:
             _sync_pull(lab, store, outbox, backend, report, contexts, experiments)
     except _BackendError as exc:
@@ -2440,6 +2834,73 @@ def _context_for(
     return ctx
 
 
+class _SyncArtifacts:
+    """The artifact side of one :func:`sync`: every trial's run in this MLflow gets the
+    trial's artifacts it lacks (:func:`_mirror_artifacts`), each trial once."""
+
+    def __init__(self, lab: Lab, outbox: _Outbox, backend: _Backend, report: SyncReport) -> None:
+        self.lab = lab
+        self.outbox = outbox
+        self.backend = backend
+        self.report = report
+        self.spool, self.unreadable = _read_spool(lab)
+        self.copies = outbox.artifact_copies()
+        self.sources: dict[str, _Backend] = {}  # other MLflows, opened to fetch artifacts from
+        self.done: set[tuple[str, str]] = set()
+        self.used: set[Path] = set()
+
+    def remaining(self) -> list[tuple[str, str]]:
+        """The trials with spooled or recorded artifacts not yet looked at."""
+        return sorted((set(self.spool) | set(self.copies)) - self.done)
+
+    def unsent(self) -> list[str]:
+        """One line per spool folder left alone: its meta.json is unreadable and its name is
+        not that of a trial pushed in this sync."""
+        return [
+            why
+            for folder, why in sorted(self.unreadable.items())
+            if folder not in self.used and folder.is_dir()
+        ]
+
+    def send(
+        self,
+        key: tuple[str, str],
+        run_id: str,
+        get_run: Callable[[], RunRecord | None],
+        study: str | None,
+    ) -> None:
+        """Upload what the trial's run ``run_id`` lacks; a permanent failure is reported."""
+        directory, spool_study = self.spool.get(key, (None, None))
+        if directory is None and _spool_dir(self.lab, key).is_dir():  # meta.json unreadable
+            directory = _spool_dir(self.lab, key)
+        if directory is not None:
+            self.used.add(directory)
+        self.done.add(key)
+        try:
+            n, errors = _mirror_artifacts(
+                self.backend,
+                self.outbox,
+                key,
+                run_id,
+                get_run,
+                directory=directory,
+                studies=(study, spool_study, key[0]),
+                copies=self.copies.get(key, {}),
+                sources=self.sources,
+            )
+        except _BackendError as exc:
+            if exc.transient:
+                raise
+            self.report.errors.append(f"{key[0]}/{key[1]}: artifacts: {exc}")
+            return
+        self.report.uploaded_artifacts += n
+        self.report.errors.extend(errors)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
+
+
 def _sync_push(
     lab: Lab,
     store: TrialStore,
@@ -2447,6 +2908,7 @@ def _sync_push(
     backend: _Backend,
     report: SyncReport,
     contexts: dict[str, _Context],
+    artifacts: _SyncArtifacts,
     *,
     all_studies: bool,
 ) -> None:
@@ -2500,9 +2962,7 @@ def _sync_push(
             if linked != rs.run.run_id and linked in (None, known_run):
                 store.append([_link_event(key, snap.study, rs.run)])
             outbox.mark_pending(key, study, run_id=rs.run.run_id, artifact_uri=rs.run.artifact_uri)
-            directory = _spool_root(lab) / _slug(key[0]) / _slug(key[1])
-            if directory.exists():
-                report.uploaded_artifacts += _upload_spool(backend, rs.run, directory)
+            artifacts.send(key, rs.run.run_id, functools.partial(_same, rs.run), study)
             if _up_to_date(rs) or snap.status == "running":
                 outbox.mark_synced(key, study, rs.run.run_id, counts.get(key, 0))
         of_study = trials[(trials["study"] == study) | (trials["model_run_id"] == study)]
@@ -2524,18 +2984,14 @@ def _sync_push(
         n, conflicts = _push_study(backend, ctx, *_study_summary(study, rows))
         report.pushed_params += n
         report.conflicts.extend(conflicts)
-    # Artifacts spooled for trials that were otherwise synced.
-    root = _spool_root(lab)
-    if root.exists():
-        for meta in root.glob("*/*/meta.json"):
-            info = json.loads(meta.read_text())
-            key = (info["model_run_id"], info["trial_id"])
-            state = outbox.outbox().get(key)
-            if state is None or state[1] is None:
-                continue
-            run = backend.get_run(state[1])
-            if run is not None:
-                report.uploaded_artifacts += _upload_spool(backend, run, meta.parent)
+    # Artifacts of trials that were otherwise synced: spooled after their run was, or held
+    # by another MLflow of the lab and not by this one.
+    states = outbox.outbox()
+    for key in artifacts.remaining():
+        run_id = (states.get(key) or (None, None))[1]
+        if run_id is not None:
+            artifacts.send(key, run_id, functools.partial(backend.get_run, run_id), None)
+    report.errors.extend(artifacts.unsent())
     after = outbox.outbox()
     report.still_pending = sum(1 for s in after.values() if s[0] == "pending")
 
@@ -2572,6 +3028,7 @@ def _sync_pull(
     known: dict[tuple[str, str], dict[str, Any]] = {
         (r["model_run_id"], r["trial_id"]): r for r in trials.to_dict("records")
     }
+    recorded = outbox.outbox()
     for exp_id, exp_name in _pull_experiments(lab, outbox, backend, names):
         for run in backend.search_runs([exp_id], ""):
             if run.tags.get(TAG_ROLE) == "study":
@@ -2588,7 +3045,16 @@ def _sync_pull(
                     store.append([_link_event(key, row.get("study"), run)])
                     report.linked_trials += 1
                 continue
-            n_events, n_points = _pull_run(store, outbox, backend, run, key, exp_name, row)
+            try:
+                n_events, n_points = _pull_run(
+                    store, outbox, backend, run, key, exp_name, row, recorded=key in recorded
+                )
+            except events.EventValidationError as exc:  # e.g. a tag the events cannot hold
+                report.errors.append(
+                    f"experiment {exp_name!r}: run {run.run_id}: not pulled: "
+                    + "; ".join(exc.lines())
+                )
+                continue
             if n_events:
                 report.pulled_runs += 1
                 report.pulled_points += n_points
@@ -2610,8 +3076,14 @@ def _pull_run(
     key: tuple[str, str],
     exp_name: str,
     row: Mapping[str, Any] | None,
+    *,
+    recorded: bool = False,
 ) -> tuple[int, int]:
-    """Append the events that bring a run made outside the lab into the store."""
+    """Append the events that bring a run made outside the lab into the store.
+
+    An adopted run's trial is recorded synced in this URI's outbox (again, when its row is
+    missing: ``recorded`` False, e.g. dropped by the migration of an old outbox).
+    """
     params = {k: _parse_param(v) for k, v in run.params.items()}
     sn = _sn_from(params, run.tags)
     coeff = params.get("spectral_norm_coeff")
@@ -2740,12 +3212,10 @@ def _pull_run(
                     **end,
                 )
             )
-    if not out:
-        return 0, 0
-    result = store.append(out)
-    if adopted:
+    accepted = store.append(out).accepted if out else 0
+    if adopted and (out or not recorded):
         outbox.mark_synced(key, study, run.run_id, 0)
-    return result.accepted, n_points
+    return accepted, n_points
 
 
 # ---------------------------------------------------------------------------------------------
