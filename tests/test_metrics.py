@@ -329,3 +329,117 @@ def test_evaluate_on_digits_images_without_ood() -> None:
     assert all(math.isfinite(v) for v in m.values())
     with pytest.raises(ConfigError, match="twice"):
         evaluate(cnn, ds, noise_sigmas=(0.1, 0.1), fgsm_eps=())
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("n_bins", [2.5, 15.0, True, 0, -3, math.nan, "15", None, 10**12])
+def test_n_bins_must_be_an_integer_in_range(n_bins: object) -> None:
+    probs, labels = torch.tensor([[0.7, 0.3], [0.4, 0.6]]), torch.tensor([0, 1])
+    with pytest.raises(ConfigError, match="n_bins"):
+        ece(probs, labels, n_bins=n_bins)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="n_bins"):
+        calibration_bins(probs, labels, n_bins=n_bins)  # type: ignore[arg-type]
+
+
+def test_numpy_integers_are_integers() -> None:
+    np = pytest.importorskip("numpy")
+    probs, labels = torch.tensor([[0.7, 0.3], [0.4, 0.6]]), torch.tensor([0, 1])
+    assert ece(probs, labels, n_bins=np.int64(2)) == ece(probs, labels, n_bins=2)
+    model, x = nn.Linear(2, 2), torch.randn(5, 2)
+    assert torch.equal(predict(model, x, batch_size=np.int32(2)), predict(model, x))
+
+
+def test_model_metrics_refuse_coerced_or_malformed_arguments() -> None:
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(2, 2), torch.randn(6, 2), torch.tensor([0, 1, 0, 1, 0, 1])
+    for batch_size in (0, 2.5, True, "4"):
+        with pytest.raises(ConfigError, match="batch_size"):
+            predict(model, x, batch_size=batch_size)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="batch_size"):
+            fgsm_perturb(model, x, y, 0.1, batch_size=batch_size)  # type: ignore[arg-type]
+    for seed in (2.5, math.nan, "1", None):
+        with pytest.raises(ConfigError, match="seed"):
+            noise_accuracy(model, x, y, 0.1, seed=seed)  # type: ignore[arg-type]
+    for level in ("0.1", True, math.nan, math.inf, None):
+        with pytest.raises(ConfigError, match="sigma"):
+            noise_accuracy(model, x, y, level)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="eps"):
+            fgsm_perturb(model, x, y, level)  # type: ignore[arg-type]
+    for clamp in ((1.0, 0.0), (0.0,), (0.0, math.nan), "01"):
+        with pytest.raises(ConfigError, match="clamp"):
+            fgsm_perturb(model, x, y, 0.1, clamp=clamp)  # type: ignore[arg-type]
+    with pytest.raises(TrainingError, match=r"\[0, 2\)"):
+        fgsm_perturb(model, x, torch.tensor([0, 1, 0, 1, 0, 5]), 0.1)
+    with pytest.raises(TrainingError, match="floating-point"):
+        noise_accuracy(model, torch.ones(6, 2, dtype=torch.long), y, 0.5)
+    assert fgsm_perturb(model, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), 0.1).shape == (
+        0,
+        2,
+    )
+    with pytest.raises(TrainingError, match=r"torch\.Tensor"):
+        predict(model, [[0.0, 1.0]])  # type: ignore[arg-type]
+
+
+def test_nan_scores_and_non_tensors_are_refused() -> None:
+    labels = torch.tensor([0, 1])
+    nan_logits = torch.tensor([[math.nan, 0.0], [0.0, 1.0]])
+    with pytest.raises(TrainingError, match="NaN"):
+        accuracy(nan_logits, labels)  # argmax would silently pick the NaN
+    with pytest.raises(TrainingError, match="NaN"):
+        nll(nan_logits, labels)
+    with pytest.raises(TrainingError, match=r"\+inf"):
+        nll(torch.tensor([[math.inf, 0.0], [0.0, 1.0]]), labels)
+    # -inf masks a class: fine unless it is the label's
+    assert nll(torch.tensor([[0.0, -math.inf], [0.0, 0.0]]), labels) == pytest.approx(
+        math.log(2) / 2
+    )
+    with pytest.raises(TrainingError, match=r"torch\.Tensor"):
+        accuracy([[1.0, 0.0]], labels)  # type: ignore[arg-type]
+    with pytest.raises(TrainingError, match=r"labels must be a torch\.Tensor"):
+        accuracy(torch.zeros(2, 2), [0, 1])  # type: ignore[arg-type]
+
+
+def test_auroc_refuses_scores_that_are_not_one_per_sample() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+    with pytest.raises(TrainingError, match=r"shape \(n,\)"):
+        auroc(probs, probs)  # flattening would mix samples and classes
+    assert auroc(torch.tensor([[0.1], [0.2]]), torch.tensor([[0.5]])) == 1.0  # a column is fine
+    with pytest.raises(TrainingError, match="numbers"):
+        auroc(["low"], [1.0])  # type: ignore[arg-type]
+
+
+def test_metric_key_refuses_what_is_not_a_finite_number() -> None:
+    for value in (math.nan, math.inf, "0.1", None, True):
+        with pytest.raises(ConfigError, match="finite number"):
+            metric_key("noise_acc", value)  # type: ignore[arg-type]
+
+
+def test_evaluate_checks_its_arguments_before_computing_anything() -> None:
+    calls = 0
+
+    class Counting(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return super().forward(x)
+
+    ds = load_dataset("moons", seed=0)
+    model = Counting(2, 2)
+    bad: list[dict[str, object]] = [
+        {"noise_sigmas": 0.1},
+        {"noise_sigmas": (0.1, "0.3")},
+        {"fgsm_eps": (math.nan,)},
+        {"n_bins": 2.5},
+        {"seed": 1.5},
+        {"batch_size": 0},
+        {"fgsm_clamp": (1.0, 0.0)},
+    ]
+    for kwargs in bad:
+        with pytest.raises(ConfigError, match=next(iter(kwargs))):
+            evaluate(model, ds, **kwargs)  # type: ignore[arg-type]
+    assert calls == 0
+    np = pytest.importorskip("numpy")
+    m = evaluate(model, ds, noise_sigmas=np.array([0.1]), fgsm_eps=torch.tensor([0.05]))
+    assert {"noise_acc_0.1", "fgsm_acc_0.05"} <= set(m)

@@ -12,8 +12,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from thunderline_lab import models
 from thunderline_lab.errors import ConfigError
-from thunderline_lab.models import ACTIVATIONS, Classifier, ModelConfig, build_model
+from thunderline_lab.models import (
+    ACTIVATIONS,
+    MAX_DEPTH,
+    MAX_KERNEL_SIZE,
+    MAX_POWER_ITERATIONS,
+    MAX_WIDTH,
+    Classifier,
+    ModelConfig,
+    build_model,
+)
 from thunderline_lab.spectral import (
     ACTIVATION_LIPSCHITZ,
     SpectralNorm,
@@ -337,3 +347,85 @@ def test_export_of_a_built_model_gives_the_same_outputs() -> None:
     plain = export(model)
     assert isinstance(plain, Classifier) and plain.config == cfg
     assert torch.equal(plain(x), model.eval()(x))
+
+
+# --------------------------------------------------------------------------- size limits
+def _refuse_to_allocate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any layer construction fail loudly: a refused config must not allocate first."""
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a layer was allocated before the size was checked")
+
+    for cls in (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d):
+        monkeypatch.setattr(cls, "__init__", boom)
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "high"),
+    [
+        ({"depth": 10_000}, "depth", MAX_DEPTH),
+        ({"depth": MAX_DEPTH + 1}, "depth", MAX_DEPTH),
+        ({"width": 10**9}, "width", MAX_WIDTH),
+        ({"width": -1}, "width", MAX_WIDTH),
+        ({"n_power_iterations": 10**9}, "n_power_iterations", MAX_POWER_ITERATIONS),
+        ({"kernel_size": 10**6 + 1}, "kernel_size", MAX_KERNEL_SIZE),
+    ],
+)
+def test_sizes_are_bounded_and_the_message_names_the_field(
+    data: dict[str, object], key: str, high: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_to_allocate(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"ModelConfig\.{key} must be .*between 1 and {high}"):
+        build_model(ModelConfig.from_dict({"architecture": "cnn", **data}), DIGITS_IMAGE, 10)
+    # the limits themselves are accepted, and typos still get their did-you-mean
+    assert getattr(ModelConfig.from_dict({key: high}), key) == high
+    with pytest.raises(ConfigError, match=rf"did you mean '{key}'"):
+        ModelConfig.from_dict({key + "x": high})
+
+
+def test_build_model_refuses_a_model_too_large_to_allocate(monkeypatch: pytest.MonkeyPatch) -> None:
+    _refuse_to_allocate(monkeypatch)
+    with pytest.raises(ConfigError, match=rf"depth=2, width={MAX_WIDTH}\).*parameters"):
+        build_model(ModelConfig(depth=2, width=MAX_WIDTH), DIGITS_FLAT, 10)
+    with pytest.raises(ConfigError, match="MAX_PARAMETERS"):
+        build_model(ModelConfig(depth=1, width=64), (10**7,), 10)  # a huge flattened input
+    with pytest.raises(ConfigError, match="MAX_PARAMETERS"):
+        build_model(ModelConfig(depth=1, width=64), DIGITS_FLAT, 10**9)  # a huge head
+    with pytest.raises(ConfigError, match="MAX_ACTIVATIONS"):
+        build_model(ModelConfig(architecture="cnn", width=64), (1, 8192, 8192), 10)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "shape"),
+    [
+        (ModelConfig(depth=3, width=16, batchnorm=True), DIGITS_FLAT),
+        (ModelConfig(depth=2, width=8, spectral_norm=True), (3, 5, 5)),
+        (ModelConfig(architecture="cnn", depth=3, width=8, kernel_size=5), DIGITS_IMAGE),
+        (ModelConfig(architecture="cnn", depth=2, width=4, batchnorm=True), (3, 9, 9)),
+    ],
+)
+def test_the_parameter_limit_counts_exactly(
+    cfg: ModelConfig, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = sum(p.numel() for p in build_model(cfg, shape, 10).parameters())
+    monkeypatch.setattr(models, "MAX_PARAMETERS", n)
+    build_model(cfg, shape, 10)  # exactly at the limit
+    monkeypatch.setattr(models, "MAX_PARAMETERS", n - 1)
+    with pytest.raises(ConfigError, match=f"{n:,} parameters"):
+        build_model(cfg, shape, 10)
+
+
+def test_numpy_integers_are_accepted_and_stay_plain_ints() -> None:
+    np = pytest.importorskip("numpy")
+    cfg = ModelConfig.from_dict({"depth": np.int64(2), "width": np.int32(8), "dropout": 0})
+    assert (cfg.depth, cfg.width) == (2, 8) and type(cfg.depth) is int
+    assert json.loads(json.dumps(cfg.to_dict()))["width"] == 8
+    model = build_model(cfg, DIGITS_FLAT, np.int64(10), seed=np.int64(0))
+    assert model.n_classes == 10 and type(model.n_classes) is int
+
+
+def test_build_model_refuses_a_config_that_is_not_a_model_config_and_a_bad_seed() -> None:
+    with pytest.raises(ConfigError, match=r"needs a ModelConfig.*from_dict"):
+        build_model({"depth": 2}, DIGITS_FLAT, 10)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="seed"):
+        build_model(ModelConfig(depth=1, width=4), DIGITS_FLAT, 10, seed=2.5)  # type: ignore[arg-type]

@@ -589,7 +589,6 @@ def test_diagnostics_of_a_layer_under_torch_spectral_norm_use_its_effective_weig
 @pytest.mark.parametrize(
     "module",
     [
-        nn.ConvTranspose2d(1, 1, 3),  # its weight, flattened, is not its operator
         nn.Embedding(4, 4),
         nn.Bilinear(3, 3, 2),
         nn.LSTM(4, 4),
@@ -632,3 +631,260 @@ def test_spectral_norm_refuses_lazy_and_legacy_normalised_layers() -> None:
     lazy = nn.LazyLinear(3)
     lazy(torch.randn(2, 5))
     assert get_spectral_norm(spectral_norm(lazy)) is not None
+
+
+# --------------------------------------------------------------------------- transposed convs
+CONV_T_CASES = [
+    # (dims, kernel, stride, padding, output_padding, dilation, groups)
+    (1, 3, 2, 1, 1, 1, 1),
+    (2, 3, 2, 1, 1, 1, 1),
+    (2, 4, 2, 1, 0, 1, 2),
+    (2, 3, 1, 2, 0, 2, 1),
+    (2, 1, 2, 0, 1, 1, 1),  # 1×1, stride 2: zeros interleaved, still the matrix norm
+    (2, 1, 1, 1, 0, 1, 1),  # 1×1 with padding: the border is cropped, not the matrix norm
+    (3, 2, 2, 0, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize(("dims", "k", "s", "p", "op", "d", "g"), CONV_T_CASES)
+def test_layer_sigmas_measures_transposed_convs_as_operators(
+    dims: int, k: int, s: int, p: int, op: int, d: int, g: int
+) -> None:
+    torch.manual_seed(dims * 1000 + k * 100 + s * 10 + p + op + d + g)
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    layer = cls(4, 6, k, stride=s, padding=p, output_padding=op, dilation=d, groups=g)
+    shape = (4, *([3] * dims if dims == 3 else [5] * dims))
+    table = layer_sigmas(nn.Sequential(layer), input_shape=shape)
+    assert len(table) == 1  # it used to be silently missing
+    row = table.iloc[0]
+    expected = dense_norm(layer, shape)
+    assert row["kind"] == f"conv_transpose{dims}d"
+    assert row["input_shape"] == shape
+    assert row["sigma_exact"] == pytest.approx(expected, rel=1e-6)
+    assert row["sigma_raw"] == pytest.approx(expected, rel=1e-6)
+    assert not row["sn"] and math.isnan(row["sigma_estimate"])
+    # torch's SN reshapes a transposed kernel along its output channels (dim=1)
+    kernel = layer.weight.detach().double().transpose(0, 1).flatten(1)
+    assert row["sigma_matrix"] == pytest.approx(float(torch.linalg.matrix_norm(kernel, 2)))
+    assert operator_norm(layer, shape) == pytest.approx(expected, rel=1e-6)
+    bound = lipschitz_bound(nn.Sequential(layer), input_shape=shape, n_samples=2)
+    assert bound.lower == pytest.approx(bound.upper, rel=1e-5)  # tight for one linear map
+
+
+def test_a_transposed_conv_has_the_norm_of_the_conv_it_is_the_adjoint_of() -> None:
+    torch.manual_seed(0)
+    up = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1, bias=False)
+    down = nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False)  # (3, 2, 3, 3) weights both
+    with torch.no_grad():
+        down.weight.copy_(up.weight)
+    # (3, 6, 6) → (2, 12, 12) is the adjoint of (2, 12, 12) → (3, 6, 6)
+    sigma = operator_norm(up, (3, 6, 6))
+    assert sigma == pytest.approx(operator_norm(down, (2, 12, 12)), rel=1e-9)
+    kernel = float(torch.linalg.matrix_norm(up.weight.detach().double().flatten(1), 2))
+    assert abs(sigma - kernel) > 0.05 * sigma  # the flattened kernel is not the operator
+    big = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1)  # 8·10·10 inputs: Lanczos
+    row = layer_sigmas(nn.Sequential(big), input_shape=(8, 10, 10)).iloc[0]
+    assert row["method"] == "lanczos"
+    assert row["sigma_exact"] == pytest.approx(dense_norm(big, (8, 10, 10)), rel=1e-7)
+    with pytest.raises(SpectralNormError, match="input shape"):
+        operator_norm(up)
+    with pytest.raises(SpectralNormError, match="cannot take"):
+        operator_norm(up, (2, 6, 6))
+
+
+class _Upsample(nn.Module):
+    """A decoder step that asks its transposed conv for an exact output size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(x, output_size=(2 * x.shape[-2], 2 * x.shape[-1]))  # output_padding 1
+
+
+def test_a_transposed_conv_is_measured_at_the_output_size_it_was_asked_for() -> None:
+    torch.manual_seed(0)
+    model = _Upsample()
+    row = layer_sigmas(model, input_shape=(2, 4, 4)).set_index("layer").loc["up"]
+    assert row["sigma_exact"] == pytest.approx(dense_norm(model, (2, 4, 4)), rel=1e-6)
+
+
+def test_lipschitz_bound_of_a_model_with_a_transposed_conv() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 3, padding=1),
+    )
+    bound = lipschitz_bound(net, input_shape=(2, 4, 4), n_samples=8)
+    assert 0 < bound.lower <= bound.upper
+    assert [f.kind for f in bound.factors] == ["conv_transpose2d", "ReLU", "conv2d"]
+    assert bound.factors[0].factor == pytest.approx(dense_norm(net[0], (2, 4, 4)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- other layers
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
+        self.gru = nn.GRU(6, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        out, _ = self.gru(out)
+        return self.head(out)
+
+
+def test_layer_sigmas_reports_every_recurrent_weight_matrix() -> None:
+    torch.manual_seed(0)
+    model = _Recurrent()
+    torch_spectral_norm(model.gru, name="weight_hh_l0")
+    table = layer_sigmas(model)
+    per_direction = ["weight_ih_l{}{}", "weight_hh_l{}{}", "weight_hr_l{}{}"]
+    lstm_names = [
+        "lstm." + n.format(layer, suffix)
+        for layer in (0, 1)
+        for suffix in ("", "_reverse")
+        for n in per_direction
+    ]
+    assert list(table["layer"]) == [*lstm_names, "gru.weight_ih_l0", "gru.weight_hh_l0", "head"]
+    assert list(table["kind"]) == ["lstm"] * 12 + ["gru", "gru", "linear"]
+    rows = table.set_index("layer")
+    for name in lstm_names:
+        matrix = getattr(model.lstm, name.split(".")[1]).detach().double()
+        assert rows.loc[name, "sigma_exact"] == pytest.approx(
+            float(torch.linalg.matrix_norm(matrix, 2)), rel=1e-6
+        )
+        assert rows.loc[name, "method"] == "svd"
+    # under torch's SN the σ is that of the weight it computes, the raw σ that of `original`
+    gru_eval = copy.deepcopy(model.gru).eval()
+    effective = float(torch.linalg.matrix_norm(gru_eval.weight_hh_l0.detach().double(), 2))
+    original = gru_eval.parametrizations.weight_hh_l0.original.detach().double()
+    assert effective == pytest.approx(1.0, rel=1e-2)
+    assert rows.loc["gru.weight_hh_l0", "sigma_exact"] == pytest.approx(effective, rel=1e-6)
+    assert rows.loc["gru.weight_hh_l0", "sigma_raw"] == pytest.approx(
+        float(torch.linalg.matrix_norm(original, 2)), rel=1e-6
+    )
+    # a σ per matrix is not a Lipschitz constant of a recurrent layer
+    with pytest.raises(SpectralNormError, match="cannot bound"):
+        lipschitz_bound(nn.Sequential(nn.RNN(3, 3)), input_shape=(2, 3))
+
+
+def test_layers_holding_a_weight_matrix_that_is_not_measured_say_so() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2), nn.LayerNorm(2))
+    table = layer_sigmas(model)
+    assert list(table["layer"]) == ["0", "2"]  # LayerNorm's gain is no weight matrix
+    embedding = table.iloc[0]
+    assert embedding["kind"] == "embedding" and embedding["method"] == "not measured"
+    assert math.isnan(embedding["sigma_exact"]) and math.isnan(embedding["sigma_raw"])
+    assert table.iloc[1]["method"] == "svd"
+    attention = layer_sigmas(nn.MultiheadAttention(4, 2)).set_index("layer")
+    assert attention.loc["", "method"] == "not measured"  # its input projection
+    assert attention.loc["out_proj", "kind"] == "linear"
+
+
+# --------------------------------------------------------------------------- legacy torch SN
+def test_diagnostics_of_a_layer_under_torch_legacy_spectral_norm_before_its_first_forward() -> None:
+    # torch's legacy SN recomputes `weight` from weight_orig, u and v before every forward; until
+    # the first forward the attribute is the raw weight, not the one the layer uses
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 4)
+    with torch.no_grad():
+        linear.weight.mul_(0.1)
+    net = nn.Sequential(torch.nn.utils.spectral_norm(linear)).eval()
+    before = net[0].weight.clone()
+    effective = dense_norm(net[0], (4,))  # what the eval-mode forward really computes
+    raw = float(torch.linalg.matrix_norm(linear.weight_orig.detach().double(), 2))
+    assert abs(effective - raw) > 0.5 * raw
+    row = layer_sigmas(net).iloc[0]  # no input_shape: no forward inside the diagnostics
+    assert row["sigma_raw"] == pytest.approx(raw, rel=1e-6)
+    assert row["sigma_exact"] == pytest.approx(effective, rel=1e-6)
+    assert row["sigma_matrix"] == pytest.approx(effective, rel=1e-6)
+    assert operator_norm(net[0]) == pytest.approx(effective, rel=1e-6)
+    bound = lipschitz_bound(net, input_shape=(4,))
+    assert bound.lower <= bound.upper
+    assert bound.upper == pytest.approx(effective, rel=1e-5)
+    assert torch.equal(net[0].weight, before)  # the model itself is not touched
+    plain = export(net)
+    assert not hasattr(plain[0], "weight_orig") and isinstance(plain[0].weight, nn.Parameter)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(plain(x), net(x))
+
+
+def test_diagnostics_of_a_legacy_spectral_norm_layer_after_an_optimiser_step() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.utils.spectral_norm(nn.Conv2d(1, 2, 3, padding=1))
+    head = torch.nn.utils.spectral_norm(nn.Linear(2 * 6 * 6, 3))
+    net = nn.Sequential(conv, nn.Flatten(), head)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss = -net(torch.randn(4, 1, 6, 6)).pow(2).mean()  # training forward: power iteration
+    opt.zero_grad()
+    loss.backward()
+    opt.step()  # `weight` is now stale (weight_orig moved) and a non-leaf (deepcopy refuses it)
+    table = layer_sigmas(net, input_shape=(1, 6, 6)).set_index("layer")
+    assert operator_norm(conv, (1, 6, 6)) == pytest.approx(table.loc["0", "sigma_exact"])
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 1, 6, 6))  # for dense_norm's deepcopy: leaf weights
+    assert table.loc["0", "sigma_exact"] == pytest.approx(dense_norm(conv, (1, 6, 6)), rel=1e-6)
+    assert table.loc["2", "sigma_exact"] == pytest.approx(dense_norm(head, (72,)), rel=1e-6)
+    rnn = nn.GRU(3, 4)
+    torch.nn.utils.spectral_norm(rnn, name="weight_hh_l0")
+    rnn(torch.randn(2, 1, 3))  # training mode: power iteration, a non-leaf weight_hh_l0
+    rows = layer_sigmas(rnn).set_index("layer")
+    x = torch.randn(2, 1, 3)
+    exported = export(rnn)
+    with torch.no_grad():
+        rnn.eval()(torch.zeros(1, 1, 3))  # the eval-mode forward computes the weight it uses
+    used = rnn.weight_hh_l0.detach().double()
+    assert rows.loc["weight_hh_l0", "sigma_exact"] == pytest.approx(
+        float(torch.linalg.matrix_norm(used, 2)), rel=1e-6
+    )
+    torch.testing.assert_close(exported(x)[0], rnn(x)[0])
+    assert not hasattr(exported, "weight_hh_l0_orig")
+
+
+# --------------------------------------------------------------------------- bad input
+def test_diagnostics_refuse_lazy_layers_and_malformed_arguments_cleanly() -> None:
+    with pytest.raises(SpectralNormError, match="uninitialised"):
+        layer_sigmas(nn.Sequential(nn.LazyLinear(3)))
+    with pytest.raises(SpectralNormError, match="uninitialised"):
+        operator_norm(nn.LazyConv2d(2, 3), (1, 8, 8))
+    # with an input shape the diagnostics' own forward initialises their copy
+    assert layer_sigmas(nn.Sequential(nn.LazyLinear(3)), input_shape=(4,)).loc[0, "kind"] == (
+        "linear"
+    )
+    net = nn.Sequential(nn.Linear(4, 4))
+    for bad in (4, "4", (4.5,), (True,), (0,)):
+        with pytest.raises(SpectralNormError, match="input_shape must be"):
+            layer_sigmas(net, input_shape=bad)  # type: ignore[arg-type]
+        with pytest.raises(SpectralNormError, match="input_shape must be"):
+            lipschitz_bound(net, input_shape=bad)  # type: ignore[arg-type]
+    with pytest.raises(SpectralNormError, match="input_shape must be"):
+        operator_norm(nn.Conv2d(1, 1, 3), (1, 8.5, 8))  # type: ignore[arg-type]
+    with pytest.raises(SpectralNormError, match="input_shape must be"):
+        spectral_norm(nn.Conv2d(1, 1, 3), input_shape=(1, 8.5, 8))  # type: ignore[arg-type]
+    for kwargs in ({"n_samples": 0}, {"n_samples": 2.5}, {"ascent_steps": 0}, {"seed": 0.5}):
+        with pytest.raises(SpectralNormError, match=next(iter(kwargs))):
+            lipschitz_bound(net, input_shape=(4,), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(SpectralNormError, match="non-empty"):
+        lipschitz_bound(net, inputs=torch.zeros(0, 4))
+    with pytest.raises(SpectralNormError, match="finite"):
+        lipschitz_bound(net, inputs=torch.full((2, 4), math.nan))
+
+
+class _WithUnusedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Conv2d(1, 2, 3, padding=1)
+        self.unused = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_conv_the_forward_never_runs_is_named_in_the_error() -> None:
+    with pytest.raises(SpectralNormError, match=r"layer 'unused'.*did not run"):
+        layer_sigmas(_WithUnusedConv(), input_shape=(1, 6, 6))

@@ -237,6 +237,28 @@ def test_max_sigma_is_exact_for_linear_layers():
     assert net.training  # mode restored
 
 
+def test_sigma_metrics_leave_out_layers_not_measured():
+    from thunderline_lab.training import _sigma_summary
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.bil = torch.nn.Bilinear(3, 3, 2)  # listed by layer_sigmas as "not measured"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.bil(h, h)
+
+    with torch.no_grad():
+        net = Net()
+        net.fc.weight.copy_(torch.eye(3, 4) * 2.0)
+    out = _sigma_summary(net, (4,))
+    assert set(out) == {"max_sigma", "mean_sigma", "min_sigma", "n_sn_clamped", "sigma/fc"}
+    assert out["max_sigma"] == pytest.approx(2.0)
+    assert all(math.isfinite(v) for v in out.values())
+
+
 def test_max_sigma_of_matrix_mode_sn_convs_is_their_operator_norm():
     # matrix-mode SN bounds the reshaped kernel, not the convolution: the reported sigma must
     # be the convolution's true operator norm (it used to be the reshaped kernel's, <= c)

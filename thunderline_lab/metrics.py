@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -62,12 +63,64 @@ DEFAULT_BATCH_SIZE = 4096
 """Samples per forward pass in the model-based metrics."""
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-./]+$")
+_MAX_BINS = 100_000  # more bins than this only allocates; ECE needs far fewer
 
 
 # --------------------------------------------------------------------------- checks
 
 
+def _check_int(what: str, value: object, minimum: int | None = None) -> int:
+    """An integer argument (``n_bins``, ``batch_size``, ``seed``): refused, never coerced.
+
+    ``int(2.5)`` would silently use 2 bins, ``int(nan)`` raises a bare ValueError, and
+    ``True`` is a typo for a number.
+    """
+    rule = f" >= {minimum}" if minimum is not None else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{what} must be an integer{rule}, got {value!r}")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{what} must be an integer{rule}, got {value!r}")
+    return number
+
+
+def _real(value: object) -> float:
+    """``value`` as a float if it is a real number (or a one-element real tensor), else NaN."""
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value) if value.dtype != torch.bool else math.nan
+    return math.nan
+
+
+def _check_real(what: str, value: object) -> float:
+    """A finite real ``>= 0`` (noise level, attack size)."""
+    number = _real(value)
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _check_tensor(value: object, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TrainingError(
+            f"{what} must be a torch.Tensor, got {type(value).__name__} "
+            "(convert with torch.as_tensor)"
+        )
+    return value
+
+
+def _check_inputs(x: object, what: str = "x") -> torch.Tensor:
+    x = _check_tensor(x, what)
+    if x.ndim < 1:
+        raise TrainingError(f"{what} must have a batch dimension (n, ...), got a 0-d tensor")
+    return x
+
+
 def _check_labels(labels: torch.Tensor, n: int, n_classes: int | None = None) -> torch.Tensor:
+    labels = _check_tensor(labels, "labels")
     if labels.ndim != 1 or labels.shape[0] != n:
         raise TrainingError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -78,10 +131,13 @@ def _check_labels(labels: torch.Tensor, n: int, n_classes: int | None = None) ->
 
 
 def _check_scores(scores: torch.Tensor, what: str) -> None:
+    _check_tensor(scores, what)
     if scores.ndim != 2 or scores.shape[1] < 1:
         raise TrainingError(f"{what} must have shape (n, n_classes), got {tuple(scores.shape)}")
     if scores.shape[0] == 0:
         raise TrainingError(f"{what} is empty")
+    if scores.dtype.is_floating_point and bool(torch.isnan(scores.detach()).any()):
+        raise TrainingError(f"{what} contain NaN (diverged model?)")
 
 
 def _check_probs(probs: torch.Tensor) -> torch.Tensor:
@@ -132,7 +188,7 @@ def accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
         0.5
     """
     _check_scores(outputs, "outputs")
-    y = _check_labels(labels.to(outputs.device), outputs.shape[0])
+    y = _check_labels(_check_tensor(labels, "labels").to(outputs.device), outputs.shape[0])
     return float((outputs.detach().argmax(dim=1) == y).double().mean())
 
 
@@ -147,14 +203,21 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
         labels: Class indices, shape ``(n,)``.
 
     Returns:
-        Mean NLL in nats.
+        Mean NLL in nats (``inf`` if a label's logit is ``-inf``).
+
+    Raises:
+        TrainingError: Malformed shapes or labels, or logits that are NaN or ``+inf``
+            (whose softmax is undefined).
 
     Example:
         >>> round(nll(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])), 4)  # log 2
         0.6931
     """
     _check_scores(logits, "logits")
-    y = _check_labels(labels.to(logits.device), logits.shape[0], logits.shape[1])
+    if bool(torch.isposinf(logits.detach()).any()):
+        raise TrainingError("logits contain +inf: their softmax (and the NLL) is undefined")
+    n, n_classes = logits.shape
+    y = _check_labels(_check_tensor(labels, "labels").to(logits.device), n, n_classes)
     return float(F.cross_entropy(logits.detach().double(), y))
 
 
@@ -175,9 +238,16 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
         0.25
     """
     p = _check_probs(probs)
-    y = _check_labels(labels.to(p.device), p.shape[0], p.shape[1])
+    y = _check_labels(_check_tensor(labels, "labels").to(p.device), p.shape[0], p.shape[1])
     onehot = F.one_hot(y, num_classes=p.shape[1]).double()
     return float(((p - onehot) ** 2).sum(dim=1).mean())
+
+
+def _check_n_bins(n_bins: object) -> int:
+    value = _check_int("n_bins", n_bins, minimum=1)
+    if value > _MAX_BINS:
+        raise ConfigError(f"n_bins must be at most {_MAX_BINS}, got {n_bins!r}")
+    return value
 
 
 def calibration_bins(
@@ -191,7 +261,7 @@ def calibration_bins(
     Args:
         probs: Class probabilities, shape ``(n, n_classes)``.
         labels: Class indices, shape ``(n,)``.
-        n_bins: Number of bins.
+        n_bins: Number of bins: an integer from 1 to 100 000.
 
     Returns:
         Dict of float64 tensors of length ``n_bins``: ``"lower"``, ``"upper"``
@@ -199,18 +269,17 @@ def calibration_bins(
         bin; 0 for empty bins).
 
     Raises:
-        ConfigError: ``n_bins < 1``.
+        ConfigError: ``n_bins`` is not an integer (``2.5``, ``True``, NaN), ``< 1`` or
+            more than 100 000.
 
     Example:
         >>> bins = calibration_bins(torch.tensor([[0.7, 0.3]]), torch.tensor([0]), n_bins=2)
         >>> bins["count"].tolist(), bins["confidence"].round(decimals=4).tolist()
         ([0.0, 1.0], [0.0, 0.7])
     """
-    if isinstance(n_bins, bool) or int(n_bins) < 1:
-        raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}")
-    n_bins = int(n_bins)
+    n_bins = _check_n_bins(n_bins)
     p = _check_probs(probs)
-    y = _check_labels(labels.to(p.device), p.shape[0], p.shape[1])
+    y = _check_labels(_check_tensor(labels, "labels").to(p.device), p.shape[0], p.shape[1])
     conf, pred = p.max(dim=1)
     correct = (pred == y).double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=p.device)
@@ -238,13 +307,14 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     Args:
         probs: Class probabilities, shape ``(n, n_classes)``.
         labels: Class indices, shape ``(n,)``.
-        n_bins: Number of bins (15 is the common default).
+        n_bins: Number of bins (15 is the common default): an integer from 1 to 100 000.
 
     Returns:
         ECE in ``[0, 1]``.
 
     Raises:
-        ConfigError: ``n_bins < 1``.
+        ConfigError: ``n_bins`` is not an integer (``2.5``, ``True``, NaN), ``< 1`` or
+            more than 100 000.
 
     Example:
         >>> # always 90 % confident, right half of the time: ECE = 0.4
@@ -290,18 +360,28 @@ def auroc(scores_in: torch.Tensor | np.ndarray, scores_out: torch.Tensor | np.nd
         Area under the ROC curve (``sklearn.metrics.roc_auc_score``).
 
     Raises:
-        TrainingError: Either set is empty or a score is not finite.
+        TrainingError: Either set is empty, is not one score per sample (a 2-D array such as
+            class probabilities would be flattened into the wrong samples), or holds a score
+            that is not a finite number.
 
     Example:
         >>> auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.9]))
         1.0
     """
 
-    def arr(s: torch.Tensor | np.ndarray) -> np.ndarray:
-        a = s.detach().cpu().double().numpy() if isinstance(s, torch.Tensor) else np.asarray(s)
-        return np.asarray(a, dtype=np.float64).reshape(-1)
+    def arr(s: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
+        try:
+            a = s.detach().cpu().double().numpy() if isinstance(s, torch.Tensor) else s
+            a = np.asarray(a, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"auroc: {what} must be numbers, got {s!r:.80}") from exc
+        if a.ndim > 2 or (a.ndim == 2 and a.shape[1] != 1):
+            raise TrainingError(
+                f"auroc: {what} must have shape (n,) (one score per sample), got {a.shape}"
+            )
+        return a.reshape(-1)
 
-    a_in, a_out = arr(scores_in), arr(scores_out)
+    a_in, a_out = arr(scores_in, "scores_in"), arr(scores_out, "scores_out")
     if a_in.size == 0 or a_out.size == 0:
         raise TrainingError("auroc needs at least one in- and one out-of-distribution score")
     scores = np.concatenate([a_in, a_out])
@@ -328,15 +408,17 @@ def predict(
         Detached float logits on the CPU, shape ``(n, n_classes)``.
 
     Raises:
-        TrainingError: The model's output is not 2-D or not finite.
+        ConfigError: ``batch_size`` is not an integer >= 1.
+        TrainingError: ``x`` is not a batch tensor, or the model's output is not 2-D or not
+            finite.
 
     Example:
         >>> model = torch.nn.Linear(2, 3)
         >>> tuple(predict(model, torch.zeros(5, 2)).shape)
         (5, 3)
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    x = _check_inputs(x)
     device = _device_of(model)
     outs: list[torch.Tensor] = []
     with _eval_mode(model), torch.no_grad():
@@ -381,7 +463,8 @@ def noise_accuracy(
         Accuracy in ``[0, 1]``.
 
     Raises:
-        ConfigError: ``sigma`` is negative or not finite.
+        ConfigError: ``sigma`` is not a finite number >= 0, or ``seed`` / ``batch_size`` is
+            not an integer (``int(2.5)`` would silently reuse seed 2's noise).
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -389,12 +472,31 @@ def noise_accuracy(
         >>> noise_accuracy(model, x, y, 0.1, seed=1) == noise_accuracy(model, x, y, 0.1, seed=1)
         True
     """
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ConfigError(f"noise sigma must be a finite number >= 0, got {sigma!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    sigma = _check_real("noise sigma", sigma)
+    seed = _check_int("seed", seed)
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    x = _check_inputs(x)
+    y = _check_tensor(y, "y")
+    if not x.dtype.is_floating_point:  # the noise, cast to an integer dtype, would vanish
+        raise TrainingError(f"noise_accuracy needs floating-point inputs, got dtype {x.dtype}")
+    gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
     x_noisy = x.detach().cpu() + sigma * noise
     return accuracy(predict(model, x_noisy, batch_size=batch_size), y.cpu())
+
+
+def _check_clamp(clamp: object, what: str = "clamp") -> tuple[float, float] | None:
+    """``None`` or a ``(low, high)`` pair of non-NaN numbers with ``low <= high``."""
+    if clamp is None:
+        return None
+    pair = tuple(clamp) if isinstance(clamp, Sequence) and not isinstance(clamp, str) else ()
+    ok = len(pair) == 2 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(float(v))
+        for v in pair
+    )
+    if not ok or float(pair[0]) > float(pair[1]):
+        raise ConfigError(f"{what} must be a (low, high) pair with low <= high, got {clamp!r}")
+    return float(pair[0]), float(pair[1])
 
 
 def fgsm_perturb(
@@ -424,7 +526,10 @@ def fgsm_perturb(
         Adversarial inputs on the CPU, same shape as ``x``.
 
     Raises:
-        ConfigError: ``eps`` is negative or not finite.
+        ConfigError: ``eps`` is not a finite number >= 0, ``batch_size`` is not an integer
+            >= 1, or ``clamp`` is not a ``(low, high)`` pair with ``low <= high``.
+        TrainingError: Malformed inputs or labels, a label outside the model's classes, or
+            a model output that is not ``(n, n_classes)``.
 
     Example:
         >>> model = torch.nn.Linear(2, 2)
@@ -432,19 +537,37 @@ def fgsm_perturb(
         >>> bool((fgsm_perturb(model, x, y, 0.1) - x).abs().max() <= 0.1 + 1e-7)
         True
     """
-    if not math.isfinite(eps) or eps < 0:
-        raise ConfigError(f"FGSM eps must be a finite number >= 0, got {eps!r}")
-    x = x.detach().cpu()
-    y = _check_labels(y.cpu(), x.shape[0])
-    if eps == 0:
+    eps = _check_real("FGSM eps", eps)
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    clamp = _check_clamp(clamp)
+    x = _check_inputs(x).detach().cpu()
+    y = _check_labels(_check_tensor(y, "y").cpu(), x.shape[0])
+    if eps == 0 or x.shape[0] == 0:
         return x.clone()
+    if not x.dtype.is_floating_point:
+        raise TrainingError(f"FGSM needs floating-point inputs, got dtype {x.dtype}")
     device = _device_of(model)
     pieces: list[torch.Tensor] = []
     with _eval_mode(model), torch.enable_grad():
         for start in range(0, x.shape[0], batch_size):
             xb = x[start : start + batch_size].to(device).requires_grad_(True)
             yb = y[start : start + batch_size].to(device)
-            loss = F.cross_entropy(model(xb), yb, reduction="sum")
+            logits = model(xb)
+            if (
+                not isinstance(logits, torch.Tensor)
+                or logits.ndim != 2
+                or logits.shape[0] != xb.shape[0]
+            ):
+                got = (
+                    tuple(logits.shape)
+                    if isinstance(logits, torch.Tensor)
+                    else type(logits).__name__
+                )
+                raise TrainingError(
+                    f"model output must have shape ({xb.shape[0]}, n_classes), got {got}"
+                )
+            _check_labels(yb, yb.shape[0], logits.shape[1])
+            loss = F.cross_entropy(logits, yb, reduction="sum")
             (grad,) = torch.autograd.grad(loss, xb)
             pieces.append((xb.detach() + eps * grad.sign()).cpu())
     x_adv = torch.cat(pieces)
@@ -526,13 +649,17 @@ def metric_key(prefix: str, value: float) -> str:
     MLflow accepts in metric names (letters, digits, ``_ - . /``).
 
     Raises:
-        ConfigError: The result would not be a valid metric name.
+        ConfigError: ``value`` is not a finite number, or the result would not be a valid
+            metric name.
 
     Example:
         >>> metric_key("fgsm_acc", 0.05), metric_key("noise_acc", 1e-5)
         ('fgsm_acc_0.05', 'noise_acc_1e-05')
     """
-    key = f"{prefix}_{float(value):g}"
+    number = _real(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"the value of metric {prefix!r} must be a finite number, got {value!r}")
+    key = f"{prefix}_{number:g}"
     if not _KEY_RE.match(key):
         raise ConfigError(f"{key!r} is not a valid metric name")
     return key
@@ -579,7 +706,10 @@ def evaluate(
         ``{metric_name: value}``; every value is a finite ``float``.
 
     Raises:
-        ConfigError: Two noise levels or attack sizes format to the same key.
+        ConfigError: A malformed argument (``noise_sigmas`` / ``fgsm_eps`` not a sequence of
+            finite numbers >= 0, a non-integer ``seed``, ``n_bins`` or ``batch_size``, a bad
+            ``fgsm_clamp``), checked before any metric is computed; or two noise levels or
+            attack sizes that format to the same key.
         TrainingError: The model output is malformed or not finite.
 
     Example:
@@ -589,6 +719,21 @@ def evaluate(
         >>> sorted(k for k in m if "acc_" in k)
         ['fgsm_acc_0.05', 'noise_acc_0.1']
     """
+    # Check every argument first: a typo should not surface after minutes of evaluation.
+    levels: dict[str, list[float]] = {}
+    for what, values in (("noise_sigmas", noise_sigmas), ("fgsm_eps", fgsm_eps)):
+        try:
+            if isinstance(values, str | bytes):
+                raise TypeError(what)
+            items = list(values)  # tuples, lists, numpy arrays, tensors
+        except TypeError:
+            raise ConfigError(f"{what} must be a sequence of numbers, got {values!r}") from None
+        levels[what] = [_check_real(f"{what}[{i}]", v) for i, v in enumerate(items)]
+    seed = _check_int("seed", seed)
+    n_bins = _check_n_bins(n_bins)
+    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    fgsm_clamp = _check_clamp(fgsm_clamp, "fgsm_clamp")
+
     out: dict[str, float] = {}
     test_probs: torch.Tensor | None = None
     splits: tuple[Split, ...] = ("train", "val", "test")
@@ -610,12 +755,12 @@ def evaluate(
     out["test_entropy_mean"] = float(h_test.mean())
 
     x_test, y_test = dataset.x_test, dataset.y_test
-    for i, sigma in enumerate(noise_sigmas):
+    for i, sigma in enumerate(levels["noise_sigmas"]):
         key = metric_key("noise_acc", sigma)
         if key in out:
             raise ConfigError(f"noise_sigmas give the metric {key!r} twice: {list(noise_sigmas)}")
         out[key] = noise_accuracy(model, x_test, y_test, sigma, seed + i, batch_size=batch_size)
-    for eps in fgsm_eps:
+    for eps in levels["fgsm_eps"]:
         key = metric_key("fgsm_acc", eps)
         if key in out:
             raise ConfigError(f"fgsm_eps give the metric {key!r} twice: {list(fgsm_eps)}")

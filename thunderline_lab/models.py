@@ -49,12 +49,33 @@ __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
     "CONV_SN_MODES",
+    "MAX_ACTIVATIONS",
+    "MAX_DEPTH",
+    "MAX_KERNEL_SIZE",
+    "MAX_PARAMETERS",
+    "MAX_POWER_ITERATIONS",
+    "MAX_WIDTH",
     "POOLINGS",
     "SN_LAYER_GROUPS",
     "Classifier",
     "ModelConfig",
     "build_model",
 ]
+
+# Bounds that keep a typo (depth=10_000, width=10**9) from allocating until the machine
+# swaps: far above what this workbench's small MLPs/CNNs need, far below a memory blow-up.
+MAX_DEPTH = 100
+"""Most hidden blocks a :class:`ModelConfig` accepts."""
+MAX_WIDTH = 16_384
+"""Most units / channels per block."""
+MAX_KERNEL_SIZE = 31
+"""Largest CNN kernel size."""
+MAX_POWER_ITERATIONS = 1_000
+"""Most power-iteration steps per training step."""
+MAX_PARAMETERS = 100_000_000
+"""Most parameters :func:`build_model` builds (400 MB of float32 weights, before Adam)."""
+MAX_ACTIVATIONS = 2**25
+"""Most elements in one CNN block's per-sample activation (operator-mode SN allocates it)."""
 
 ARCHITECTURES = ("mlp", "cnn")
 CONV_SN_MODES = ("operator", "matrix")
@@ -97,21 +118,22 @@ class ModelConfig:
 
     Attributes:
         architecture: ``"mlp"`` or ``"cnn"``.
-        depth: Number of hidden blocks (≥ 1).
-        width: Hidden units (MLP) or channels (CNN) per block.
+        depth: Number of hidden blocks (1 to :data:`MAX_DEPTH`).
+        width: Hidden units (MLP) or channels (CNN) per block (1 to :data:`MAX_WIDTH`).
         activation: One of :data:`ACTIVATIONS` (``relu``, ``gelu``, ``tanh``, ``leaky_relu``,
             ``elu``, ``silu``).
         dropout: Dropout probability after each block's activation (0 disables it).
         batchnorm: Batch norm after each hidden Linear / Conv (which then has no bias).
         spectral_norm: Apply spectral normalisation; false means no SN anywhere.
         spectral_norm_coeff: Bound on each normalised layer's spectral norm.
-        n_power_iterations: Power-iteration steps per training step.
+        n_power_iterations: Power-iteration steps per training step (1 to
+            :data:`MAX_POWER_ITERATIONS`).
         conv_sn_mode: ``"operator"`` (true conv operator norm) or ``"matrix"`` (torch-style
             reshaped kernel) for convolutions.
         sn_layers: Which layers get SN: a subset of ``("first", "hidden", "output")``.
             ``from_dict`` and the constructor also accept ``"all"``, ``"none"`` or a
             comma-separated string (handy for Optuna categorical parameters).
-        kernel_size: CNN kernel size (odd).
+        kernel_size: CNN kernel size (odd, at most :data:`MAX_KERNEL_SIZE`).
         pooling: CNN downsampling: ``"max"``, ``"avg"`` or ``"stride"`` (stride-2 conv).
 
     Example:
@@ -139,16 +161,16 @@ class ModelConfig:
         set_(self, "sn_layers", _parse_sn_layers(self.sn_layers))
         for name in ("dropout", "spectral_norm_coeff"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ConfigError(f"ModelConfig.{name} must be a number, got {value!r}")
             set_(self, name, float(value))
         for name in ("depth", "width", "n_power_iterations", "kernel_size"):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
-                value = int(value)
-                set_(self, name, value)
-            if isinstance(value, bool) or not isinstance(value, int):
+                value = int(value)  # JSON / Optuna may give 3.0
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ConfigError(f"ModelConfig.{name} must be an integer, got {value!r}")
+            set_(self, name, int(value))  # numpy integers too: keep the fields plain
         for name in ("batchnorm", "spectral_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ModelConfig.{name} must be true or false")
@@ -166,22 +188,25 @@ class ModelConfig:
         choice("activation", tuple(ACTIVATIONS))
         choice("conv_sn_mode", CONV_SN_MODES)
         choice("pooling", POOLINGS)
-        if self.depth < 1:
-            raise ConfigError(f"ModelConfig.depth must be ≥ 1, got {self.depth}")
-        if self.width < 1:
-            raise ConfigError(f"ModelConfig.width must be ≥ 1, got {self.width}")
+        for name, high in (
+            ("depth", MAX_DEPTH),
+            ("width", MAX_WIDTH),
+            ("n_power_iterations", MAX_POWER_ITERATIONS),
+        ):
+            value = getattr(self, name)
+            if not 1 <= value <= high:
+                raise ConfigError(f"ModelConfig.{name} must be between 1 and {high}, got {value}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.spectral_norm_coeff) and self.spectral_norm_coeff > 0):
             raise ConfigError(
                 f"ModelConfig.spectral_norm_coeff must be > 0, got {self.spectral_norm_coeff}"
             )
-        if self.n_power_iterations < 1:
+        if not 1 <= self.kernel_size <= MAX_KERNEL_SIZE or self.kernel_size % 2 == 0:
             raise ConfigError(
-                f"ModelConfig.n_power_iterations must be ≥ 1, got {self.n_power_iterations}"
+                f"ModelConfig.kernel_size must be odd and between 1 and {MAX_KERNEL_SIZE}, "
+                f"got {self.kernel_size}"
             )
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ConfigError(f"ModelConfig.kernel_size must be odd, got {self.kernel_size}")
         if self.spectral_norm and not self.sn_layers:
             raise ConfigError("ModelConfig.sn_layers is empty but spectral_norm is true")
 
@@ -330,6 +355,25 @@ def _build_cnn(
     return layers, roles
 
 
+def _size(config: ModelConfig, input_shape: tuple[int, ...], n_classes: int) -> tuple[int, int]:
+    """(parameter count, largest per-sample block activation) of the model, without building it.
+
+    Counts weights, biases and batch-norm affine parameters, so it is exact for both
+    architectures; the activation is the largest ``channels × H × W`` a CNN block produces
+    (0 for an MLP, whose activations are bounded by the width).
+    """
+    width, depth = config.width, config.depth
+    extra = 2 * width if config.batchnorm else width  # BN γ, β, or the bias
+    if config.architecture == "mlp":
+        d_in = math.prod(input_shape)
+        hidden = d_in * width + (depth - 1) * width * width + depth * extra
+        return hidden + width * n_classes + n_classes, 0
+    c, h, w = input_shape
+    k2 = config.kernel_size**2
+    hidden = c * width * k2 + (depth - 1) * width * width * k2 + depth * extra
+    return hidden + width * n_classes + n_classes, width * h * w  # first block: full size
+
+
 def build_model(
     config: ModelConfig, input_shape: Sequence[int], n_classes: int, *, seed: int | None = None
 ) -> Classifier:
@@ -350,13 +394,22 @@ def build_model(
         A :class:`Classifier` mapping ``(B, *input_shape)`` to logits ``(B, n_classes)``.
 
     Raises:
-        ConfigError: An input shape or class count the architecture cannot use.
+        ConfigError: Not a :class:`ModelConfig`, an input shape or class count the
+            architecture cannot use, a non-integer seed, or a model larger than
+            :data:`MAX_PARAMETERS` parameters (or, for a CNN, :data:`MAX_ACTIVATIONS`
+            activation elements per sample in a block); it is refused before anything is
+            allocated.
 
     Example:
         >>> model = build_model(ModelConfig(depth=1, width=8), (64,), 10, seed=0)
         >>> list(model.roles.items())
         [('fc0', 'first'), ('out', 'output')]
     """
+    if not isinstance(config, ModelConfig):
+        raise ConfigError(
+            f"build_model needs a ModelConfig (ModelConfig.from_dict builds one from a dict), "
+            f"got {type(config).__name__}"
+        )
     # Refuse rather than coerce: int("64"[i]) would build a model for shape (6, 4), and
     # int(64.5) one for a shape the data does not have.
     if isinstance(input_shape, str | bytes) or not isinstance(input_shape, Sequence):
@@ -371,13 +424,35 @@ def build_model(
     shape = tuple(int(s) for s in input_shape)
     if not shape or any(s < 1 for s in shape):
         raise ConfigError(f"input_shape must be non-empty and positive, got {tuple(input_shape)}")
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+    if isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral) or n_classes < 1:
         raise ConfigError(f"n_classes must be a positive integer, got {n_classes!r}")
+    n_classes = int(n_classes)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ConfigError(f"seed must be an integer or None, got {seed!r}")
+    if config.architecture == "cnn" and len(shape) != 3:
+        raise ConfigError(f"cnn needs input_shape (C, H, W), got {shape}")
+    n_params, activations = _size(config, shape, n_classes)
+    what = (
+        f"ModelConfig(architecture={config.architecture!r}, depth={config.depth}, "
+        f"width={config.width}"
+        + (f", kernel_size={config.kernel_size}" if config.architecture == "cnn" else "")
+        + f") on input_shape {shape} with n_classes={n_classes}"
+    )
+    if n_params > MAX_PARAMETERS:
+        raise ConfigError(
+            f"{what} would have {n_params:,} parameters, more than MAX_PARAMETERS="
+            f"{MAX_PARAMETERS:,}: reduce width, depth or the input size"
+        )
+    if activations > MAX_ACTIVATIONS:
+        raise ConfigError(
+            f"{what} would produce {activations:,} activation elements per sample in a block, "
+            f"more than MAX_ACTIVATIONS={MAX_ACTIVATIONS:,}: reduce width or the image size"
+        )
     builder = _build_mlp if config.architecture == "mlp" else _build_cnn
     if seed is None:
         layers, roles = builder(config, shape, n_classes)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(int(seed))
             layers, roles = builder(config, shape, n_classes)
     return Classifier(layers, config=config, input_shape=shape, n_classes=n_classes, roles=roles)

@@ -23,9 +23,12 @@ operator, so a 3×3 conv "with spectral norm" can still have an operator norm of
 
 ``layer_sigmas(model)``
     Per layer: exact σ of the raw weight, the SN's own estimate, the exact σ of the eval-mode
-    effective weight (SVD for matrices; for convs the operator norm at the real input shape, by
-    Lanczos to convergence, dense SVD for small maps, or FFT for circular convolutions), the
-    reshaped-kernel σ and whether the clamp is active.
+    effective weight (SVD for matrices; for convs and transposed convs the operator norm at the
+    real input shape, by Lanczos to convergence, dense SVD for small maps, or FFT for circular
+    convolutions), the reshaped-kernel σ and whether the clamp is active. Recurrent layers get
+    one row per weight matrix; any other layer holding a weight matrix gets a "not measured"
+    row, so nothing is silently left out. Layers under torch's own spectral norm (the
+    parametrization or the legacy hook) are measured at the weight they use in eval mode.
 
 ``lipschitz_bound(model)``
     Product upper bound over a sequential model (activations, batch norm and pooling
@@ -57,6 +60,7 @@ import copy
 import hashlib
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypeVar, cast
@@ -68,6 +72,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _TorchLegacySpectralNorm
 
 from thunderline_lab.errors import SpectralNormError
 
@@ -92,6 +97,13 @@ _CONV_TYPES: dict[type[nn.Module], tuple[Callable[..., Tensor], Callable[..., Te
     nn.Conv1d: (F.conv1d, F.conv_transpose1d, 1),
     nn.Conv2d: (F.conv2d, F.conv_transpose2d, 2),
     nn.Conv3d: (F.conv3d, F.conv_transpose3d, 3),
+}
+# Transposed convolutions (diagnostics only; spectral_norm refuses them): the forward function
+# and the number of spatial dimensions.
+_CONV_TRANSPOSE_TYPES: dict[type[nn.Module], tuple[Callable[..., Tensor], int]] = {
+    nn.ConvTranspose1d: (F.conv_transpose1d, 1),
+    nn.ConvTranspose2d: (F.conv_transpose2d, 2),
+    nn.ConvTranspose3d: (F.conv_transpose3d, 3),
 }
 # Solving the top singular pair to convergence (set-up; eval vector): restarted Lanczos.
 _SOLVE_STEPS = 32  # Krylov dimension per restart
@@ -145,6 +157,35 @@ def _conv_spec(
         if issubclass(base, conv_type):
             return spec
     return None
+
+
+def _conv_transpose_spec(module: nn.Module) -> tuple[Callable[..., Tensor], int] | None:
+    base = _base_type(module)
+    for conv_type, spec in _CONV_TRANSPOSE_TYPES.items():
+        if issubclass(base, conv_type):
+            return spec
+    return None
+
+
+def _check_shape(input_shape: Any, what: str) -> tuple[int, ...] | None:
+    """A per-sample input shape as a tuple of ints; anything else is refused, not coerced.
+
+    ``int(8.5)`` would measure the operator at a size the layer never sees, and ``8`` or
+    ``"8"`` are typos for ``(8,)``.
+    """
+    if input_shape is None:
+        return None
+    if (
+        isinstance(input_shape, str | bytes)
+        or not isinstance(input_shape, Sequence)
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in input_shape)
+        or any(s < 1 for s in input_shape)
+    ):
+        raise SpectralNormError(
+            f"{what}: input_shape must be a per-sample shape of positive integers such as "
+            f"(8,) or (3, 32, 32), got {input_shape!r}"
+        )
+    return tuple(int(s) for s in input_shape)
 
 
 def _fingerprint(weight: Tensor) -> str:
@@ -299,6 +340,7 @@ class SpectralNorm(nn.Module):
             raise SpectralNormError(
                 f"spectral_norm: mode must be 'operator' or 'matrix', got {mode!r}"
             )
+        input_shape = _check_shape(input_shape, "spectral_norm")
         base = _base_type(module)
         spec = _conv_spec(module)
         if issubclass(base, nn.Linear):
@@ -789,24 +831,77 @@ def get_spectral_norm(module: nn.Module) -> SpectralNorm | None:
 
 
 # ============================================================================ exact norms
-def _raw_weight(module: nn.Module) -> Tensor:
-    if parametrize.is_parametrized(module, "weight"):
-        plist = cast(nn.ModuleDict, module.parametrizations)["weight"]
+def _legacy_spectral_norm(
+    module: nn.Module, name: str = "weight"
+) -> _TorchLegacySpectralNorm | None:
+    """The hook of torch's legacy ``torch.nn.utils.spectral_norm`` on ``module.<name>``, or None.
+
+    That hook keeps the parameter as ``<name>_orig`` and turns ``<name>`` into a plain
+    attribute that it recomputes before every forward: until the first forward it is the raw
+    weight, afterwards whatever the last forward computed (stale after an optimiser step, and
+    not converted by ``.to(dtype)``). It must never be read as the layer's weight.
+    """
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _TorchLegacySpectralNorm) and hook.name == name:
+            return hook
+    return None
+
+
+def _copy_module(model: M) -> M:
+    """``copy.deepcopy`` that also copies a model trained under torch's hook-based norms.
+
+    Torch's legacy ``spectral_norm`` (and ``weight_norm``) store the weight they compute as a
+    plain attribute; after a training-mode forward it is a non-leaf tensor, which
+    ``deepcopy`` refuses. Those attributes are recomputed before every forward (and the
+    diagnostics never read them), so a detached copy stands in for them.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _check_materialised(module: nn.Module) -> None:
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        raise SpectralNormError(
+            f"the {_base_type(module).__name__} is uninitialised (a lazy module has no weight "
+            "shape yet): run one forward pass first (layer_sigmas and lipschitz_bound run one "
+            "on their copy when they know the input_shape)"
+        )
+
+
+def _raw_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """The unconstrained tensor behind ``module.<name>`` (``original`` / ``<name>_orig``)."""
+    if parametrize.is_parametrized(module, name):
+        plist = cast(nn.ModuleDict, module.parametrizations)[name]
         return cast(Tensor, plist.original).detach()
-    return cast(Tensor, module.weight).detach()
+    if _legacy_spectral_norm(module, name) is not None:
+        return cast(Tensor, getattr(module, name + "_orig")).detach()
+    return cast(Tensor, getattr(module, name)).detach()
 
 
-def _foreign_weight(module: nn.Module) -> Tensor | None:
-    """The weight another parametrization (e.g. torch's spectral_norm) computes, else None.
+def _foreign_weight(module: nn.Module, name: str = "weight") -> Tensor | None:
+    """The weight another normalisation (e.g. torch's spectral_norm) computes, else None.
 
-    Such a parametrization changes the weight the layer uses (torch's hard SN even scales a
+    Such a normalisation changes the weight the layer uses (torch's hard SN even scales a
     small weight *up* to σ = 1), so norms of the unconstrained ``original`` say nothing about
     the layer. On the eval-mode copies the diagnostics work on, reading ``module.weight`` runs
-    the parametrization without training-time side effects (no power iteration).
+    a parametrization without training-time side effects (no power iteration). Torch's legacy
+    hook-based SN is evaluated as its eval-mode forward does, ``W_orig / (uᵀ W_orig v)`` from
+    the layer's current ``u``/``v`` (before the layer's first training-mode forward those are
+    torch's random initial vectors, and that is the weight its eval-mode forward really uses).
     """
-    if get_spectral_norm(module) is not None or not parametrize.is_parametrized(module, "weight"):
+    if name == "weight" and get_spectral_norm(module) is not None:
         return None
-    return cast(Tensor, module.weight).detach()
+    if parametrize.is_parametrized(module, name):
+        return cast(Tensor, getattr(module, name)).detach()
+    legacy = _legacy_spectral_norm(module, name)
+    if legacy is not None:
+        with torch.no_grad():
+            return legacy.compute_weight(module, do_power_iteration=False).detach()
+    return None
 
 
 def _linear_map_norm(
@@ -871,10 +966,96 @@ def _circular_conv_norm(
     return float(torch.linalg.matrix_norm(mats, ord=2).max())
 
 
-def _exact_norm(
-    module: nn.Module, weight: Tensor, in_shape: tuple[int, ...] | None, start: Tensor | None
+def _transpose_output_padding(
+    convt: nn.ConvTranspose2d, in_shape: tuple[int, ...], out_shape: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    """The output padding a transposed conv used: from its real output shape if known.
+
+    ``forward(x, output_size=...)`` overrides ``module.output_padding``; the operator (and
+    its norm) is the one that ran, so the recorded output shape decides.
+    """
+    if out_shape is None:
+        return tuple(int(p) for p in convt.output_padding)
+    pads = []
+    for n, m, k, s, p, d in zip(
+        in_shape[1:],
+        out_shape[1:],
+        convt.kernel_size,
+        convt.stride,
+        cast(tuple[int, ...], convt.padding),
+        convt.dilation,
+        strict=True,
+    ):
+        op = m - ((n - 1) * s - 2 * p + d * (k - 1) + 1)
+        if not 0 <= op < max(s, d):
+            raise SpectralNormError(
+                f"unexpected {type(convt).__name__} output size {m} for input size {n}"
+            )
+        pads.append(op)
+    return tuple(pads)
+
+
+def _conv_transpose_norm(
+    module: nn.Module,
+    weight: Tensor,
+    in_shape: tuple[int, ...] | None,
+    out_shape: tuple[int, ...] | None,
 ) -> tuple[float, str]:
-    """Exact ‖layer‖₂ (bias excluded) for ``weight`` used in ``module``'s geometry."""
+    """Exact ‖A‖₂ of a transposed convolution (the adjoint of a conv; bias excluded).
+
+    The norm of the reshaped kernel is not the operator's. An ungrouped, unpadded 1×1 kernel
+    maps every input pixel to its own output pixel, so there it *is* the matrix norm; every
+    other geometry is measured as the linear map it is, at the layer's input shape (dense SVD
+    for small maps, Lanczos on AᵀA otherwise, with Aᵀ — a plain convolution — by autograd).
+    """
+    spec = _conv_transpose_spec(module)
+    assert spec is not None
+    fn, nd = spec
+    convt = cast(nn.ConvTranspose2d, module)  # any _ConvTransposeNd: same attributes
+    padding = cast(tuple[int, ...], convt.padding)
+    if all(k == 1 for k in weight.shape[2:]) and convt.groups == 1 and not any(padding):
+        return float(torch.linalg.matrix_norm(weight.flatten(1), ord=2)), "svd"
+    kind = f"conv_transpose{nd}d"
+    if in_shape is None:
+        raise SpectralNormError(
+            f"the exact norm of a {kind} depends on its input shape; pass input_shape"
+        )
+    if len(in_shape) != nd + 1:
+        raise SpectralNormError(
+            f"a {kind} needs a per-sample input_shape (C, {', '.join('*' * nd)}), "
+            f"got input_shape {in_shape}"
+        )
+    output_padding = _transpose_output_padding(convt, in_shape, out_shape)
+
+    def apply(x: Tensor) -> Tensor:
+        return fn(
+            x,
+            weight,
+            None,
+            convt.stride,
+            convt.padding,
+            output_padding,
+            convt.groups,
+            convt.dilation,
+        )
+
+    return _linear_map_norm(apply, in_shape)
+
+
+def _exact_norm(
+    module: nn.Module,
+    weight: Tensor,
+    in_shape: tuple[int, ...] | None,
+    start: Tensor | None,
+    out_shape: tuple[int, ...] | None = None,
+) -> tuple[float, str]:
+    """Exact ‖layer‖₂ (bias excluded) for ``weight`` used in ``module``'s geometry.
+
+    ``out_shape`` (per sample) is only used by transposed convs, whose forward can be told
+    its output size.
+    """
+    if _conv_transpose_spec(module) is not None:
+        return _conv_transpose_norm(module, weight, in_shape, out_shape)
     spec = _conv_spec(module)
     if spec is None or _is_exact_1x1(module, weight):
         return float(torch.linalg.matrix_norm(weight.flatten(1), ord=2)), "svd"
@@ -895,14 +1076,14 @@ def _exact_norm(
     symmetric = padding != "same" or all(
         d * (k - 1) % 2 == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
     )
-    circular = conv.padding_mode == "circular" and all(s == 1 for s in conv.stride)
-    if circular and same_size and symmetric:
-        return _circular_conv_norm(weight, in_shape[1:], conv.dilation, conv.groups), "fft"
     if len(in_shape) != nd + 1:
         raise SpectralNormError(
             f"a conv{nd}d needs a per-sample input_shape (C, {', '.join('*' * nd)}), "
             f"got input_shape {in_shape}"
         )
+    circular = conv.padding_mode == "circular" and all(s == 1 for s in conv.stride)
+    if circular and same_size and symmetric:
+        return _circular_conv_norm(weight, in_shape[1:], conv.dilation, conv.groups), "fft"
 
     def apply(x: Tensor) -> Tensor:
         return conv._conv_forward(x, weight, None)
@@ -915,24 +1096,27 @@ def _linear_module_norm(module: nn.Module, in_shape: tuple[int, ...]) -> float:
 
 
 def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -> float:
-    """Exact spectral norm of a Linear/Conv layer's eval-mode effective weight (no bias).
+    """Exact spectral norm of a Linear/Conv/ConvTranspose layer's eval-mode weight (no bias).
 
     SVD for Linear layers and ungrouped 1×1 convs; for other convs the operator at
     ``input_shape`` (exact adjoint by autograd, any padding mode), by dense SVD when it has at
     most 512 inputs, Lanczos to convergence otherwise, or FFT for size-preserving stride-1
-    circular convolutions. Computed in float64 on a copy.
+    circular convolutions. A transposed conv is measured as the operator it is (the adjoint
+    of a conv, so it has that conv's norm), with the module's ``output_padding``; the norm of
+    its reshaped kernel is not its operator norm. Computed in float64 on a copy.
 
     Args:
-        module: The layer (spectral-normalised or not).
-        input_shape: Per-sample input shape ``(C, *spatial)``; optional for Linear layers and
-            for operator-mode SN layers that have captured it.
+        module: The layer (spectral-normalised or not, also by torch's own spectral norm).
+        input_shape: Per-sample input shape ``(C, *spatial)``; optional for Linear layers,
+            ungrouped unpadded 1×1 (transposed) convs and operator-mode SN layers that have
+            captured it.
 
     Returns:
         The operator norm as a float.
 
     Raises:
-        SpectralNormError: Not a Linear/Conv layer, or a conv input shape that is missing or
-            that the layer cannot take.
+        SpectralNormError: Not a Linear/Conv/ConvTranspose layer, an uninitialised lazy
+            layer, or a conv input shape that is missing or that the layer cannot take.
 
     Example:
         >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
@@ -942,15 +1126,16 @@ def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -
         8.9
     """
     if not _is_weighted(module):
-        # anything else (ConvTranspose, Embedding, Bilinear, ...) would get the norm of its
-        # flattened weight, which is not its operator norm
+        # anything else (Embedding, Bilinear, LSTM, ...) would get the norm of its flattened
+        # weight, which is not its operator norm
         raise SpectralNormError(
-            "operator_norm supports nn.Linear and nn.Conv1d/2d/3d, "
+            "operator_norm supports nn.Linear, nn.Conv1d/2d/3d and nn.ConvTranspose1d/2d/3d, "
             f"got {_base_type(module).__name__}"
         )
-    work = copy.deepcopy(module).to(torch.float64).eval()
+    shape = _check_shape(input_shape, "operator_norm")
+    _check_materialised(module)
+    work = _copy_module(module).to(torch.float64).eval()
     sn = get_spectral_norm(work)
-    shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
     if shape is None and sn is not None:
         shape = sn.input_shape
     foreign = _foreign_weight(work)
@@ -976,7 +1161,7 @@ def _eval_copy64(model: nn.Module) -> nn.Module:
     original precision, as the original's own eval forward would; the cast is exact, so the
     solved vectors stay valid and their weight hashes are re-taken afterwards.
     """
-    work = copy.deepcopy(model).eval()
+    work = _copy_module(model).eval()
     normalised = [(m, sn) for m in work.modules() if (sn := get_spectral_norm(m)) is not None]
     for module, sn in normalised:
         if sn.ready:
@@ -989,18 +1174,24 @@ def _eval_copy64(model: nn.Module) -> nn.Module:
 
 
 def _resolve_input_shape(
-    model: nn.Module, input_shape: Sequence[int] | None
+    model: nn.Module, input_shape: Sequence[int] | None, what: str
 ) -> tuple[int, ...] | None:
     if input_shape is not None:
-        return tuple(int(s) for s in input_shape)
-    found = getattr(model, "input_shape", None)
-    return tuple(int(s) for s in found) if found is not None else None
+        return _check_shape(input_shape, what)
+    return _check_shape(getattr(model, "input_shape", None), f"{what} (model.input_shape)")
 
 
 def _record_input_shapes(
-    model: nn.Module, input_shape: tuple[int, ...], targets: dict[str, nn.Module]
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    targets: dict[str, nn.Module],
+    out_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Per-sample input shapes of ``targets`` from one forward of a zero input (eval mode)."""
+    """Per-sample input shapes of ``targets`` from one forward of a zero input (eval mode).
+
+    If ``out_shapes`` is given, it receives the per-sample output shapes of the transposed
+    convs among ``targets`` (their forward may be told an output size).
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, mod in targets.items():
@@ -1009,6 +1200,14 @@ def _record_input_shapes(
             shapes[name] = tuple(args[0].shape[1:])
 
         handles.append(mod.register_forward_pre_hook(hook))
+        if out_shapes is not None and _conv_transpose_spec(mod) is not None:
+
+            def out_hook(
+                _m: nn.Module, _args: tuple[Any, ...], output: Tensor, name: str = name
+            ) -> None:
+                out_shapes[name] = tuple(output.shape[1:])
+
+            handles.append(mod.register_forward_hook(out_hook))
     try:
         param = next(itertools.chain(model.parameters(), model.buffers()), None)
         dtype = param.dtype if param is not None else torch.float64
@@ -1028,7 +1227,32 @@ def _record_input_shapes(
 
 
 def _is_weighted(module: nn.Module) -> bool:
-    return issubclass(_base_type(module), nn.Linear) or _conv_spec(module) is not None
+    """A layer whose weight is a linear operator this module measures exactly."""
+    return (
+        issubclass(_base_type(module), nn.Linear)
+        or _conv_spec(module) is not None
+        or _conv_transpose_spec(module) is not None
+    )
+
+
+def _layer_kind(module: nn.Module) -> str:
+    spec, tspec = _conv_spec(module), _conv_transpose_spec(module)
+    if spec is not None:
+        return f"conv{spec[2]}d"
+    if tspec is not None:
+        return f"conv_transpose{tspec[1]}d"
+    return "linear"
+
+
+def _kernel_matrix(module: nn.Module, weight: Tensor) -> Tensor:
+    """The reshaped kernel torch's SN normalises: output channels × everything else.
+
+    A transposed conv stores its weight as ``(C_in, C_out / groups, *k)``; torch's SN
+    reshapes it along ``dim=1``.
+    """
+    if _conv_transpose_spec(module) is not None:
+        return weight.transpose(0, 1).flatten(1)
+    return weight.flatten(1)
 
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -1060,20 +1284,23 @@ _SIGMA_COLUMNS = [
     "clamp_active",
     "method",
 ]
+_NOT_MEASURED = "not measured"
 
 
 def _weight_layer_row(
-    name: str, module: nn.Module, in_shape: tuple[int, ...] | None
+    name: str,
+    module: nn.Module,
+    in_shape: tuple[int, ...] | None,
+    out_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
+    _check_materialised(module)
     sn = get_spectral_norm(module)
     raw = _raw_weight(module)
-    spec = _conv_spec(module)
-    kind = "linear" if spec is None else f"conv{spec[2]}d"
     if sn is not None and sn.mode == "operator":
         in_shape = in_shape or sn.input_shape
     start = sn._v_eval if sn is not None and sn.mode == "operator" and sn.ready else None
-    sigma_raw, method = _exact_norm(module, raw, in_shape if spec is not None else None, start)
-    matrix_raw = float(torch.linalg.matrix_norm(raw.flatten(1), ord=2))
+    sigma_raw, method = _exact_norm(module, raw, in_shape, start, out_shape)
+    matrix_raw = float(torch.linalg.matrix_norm(_kernel_matrix(module, raw), ord=2))
     if sn is not None:
         estimate = float(sn.sigma(raw))
         scale = 1.0 / max(1.0, estimate / sn.coeff)
@@ -1085,11 +1312,11 @@ def _weight_layer_row(
     sigma_exact, sigma_matrix = sigma_raw * scale, matrix_raw * scale
     foreign = _foreign_weight(module)
     if foreign is not None:  # e.g. torch's spectral_norm: measure the weight the layer uses
-        sigma_exact, method = _exact_norm(module, foreign, in_shape if spec else None, None)
-        sigma_matrix = float(torch.linalg.matrix_norm(foreign.flatten(1), ord=2))
+        sigma_exact, method = _exact_norm(module, foreign, in_shape, None, out_shape)
+        sigma_matrix = float(torch.linalg.matrix_norm(_kernel_matrix(module, foreign), ord=2))
     return {
         "layer": name,
-        "kind": kind,
+        "kind": _layer_kind(module),
         "sn": sn is not None,
         "mode": mode,
         "coeff": coeff,
@@ -1104,57 +1331,144 @@ def _weight_layer_row(
     }
 
 
+def _recurrent_weight_names(module: nn.RNNBase) -> list[str]:
+    """``weight_ih_l0``, ``weight_hh_l0`` (, ``weight_hr_l0``), … in torch's order."""
+    kinds = ["ih", "hh"] + (["hr"] if module.proj_size > 0 else [])
+    suffixes = ["", "_reverse"] if module.bidirectional else [""]
+    return [
+        f"weight_{k}_l{layer}{suffix}"
+        for layer in range(module.num_layers)
+        for suffix in suffixes
+        for k in kinds
+    ]
+
+
+def _recurrent_rows(name: str, module: nn.Module) -> list[dict[str, Any]]:
+    """One row per weight matrix of an RNN/LSTM/GRU: the σ of the (gate-stacked) matrix.
+
+    These are the per-matrix norms SN on a recurrent layer constrains (torch's spectral_norm
+    with ``name="weight_hh_l0"``); they are not Lipschitz factors of the recurrent layer.
+    """
+    rnn = cast(nn.RNNBase, module)
+    kind = _base_type(module).__name__.lower()
+    rows = []
+    for tensor_name in _recurrent_weight_names(rnn):
+        raw = _raw_weight(rnn, tensor_name)
+        foreign = _foreign_weight(rnn, tensor_name)
+        sigma_raw = float(torch.linalg.matrix_norm(raw, ord=2))
+        sigma = sigma_raw if foreign is None else float(torch.linalg.matrix_norm(foreign, ord=2))
+        rows.append(
+            {
+                **dict.fromkeys(_SIGMA_COLUMNS, math.nan),
+                "layer": f"{name}.{tensor_name}" if name else tensor_name,
+                "kind": kind,
+                "sn": False,
+                "mode": None,
+                "input_shape": None,
+                "sigma_raw": sigma_raw,
+                "sigma_exact": sigma,
+                "sigma_matrix": sigma,
+                "clamp_active": False,
+                "method": "svd",
+            }
+        )
+    return rows
+
+
+def _holds_weight_matrix(module: nn.Module) -> bool:
+    """Whether ``module`` itself owns a weight matrix (a ≥ 2-D parameter, or a normalised one)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return False  # holds the ``original`` of its parent's weight, reported with the parent
+    if parametrize.is_parametrized(module):
+        return True
+    return any(
+        not isinstance(p, nn.parameter.UninitializedParameter) and p.ndim >= 2
+        for p in module.parameters(recurse=False)
+    )
+
+
 def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> pd.DataFrame:
-    """Spectral diagnostics of every Linear, Conv and BatchNorm layer, as a DataFrame.
+    """Spectral diagnostics of every layer with a weight matrix, as a DataFrame.
 
     Works on a float64 eval-mode copy; the model itself (weights, u/v buffers, RNG) is not
-    touched. Columns:
+    touched. Rows:
+
+    * Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d layers: the norm of the layer as the
+      linear operator it is (below), whatever normalises its weight — this package's
+      :func:`spectral_norm` (``sn`` true), torch's ``parametrizations.spectral_norm``, or
+      torch's legacy ``torch.nn.utils.spectral_norm`` hook (measured at the weight its
+      eval-mode forward computes, ``W_orig / (uᵀ W_orig v)``, even before its first forward).
+    * BatchNorm1d/2d/3d: the closed-form factor of the eval-mode affine map.
+    * RNN, LSTM and GRU: one row per weight matrix, named ``<layer>.weight_ih_l0``,
+      ``<layer>.weight_hh_l0`` (``…_reverse``, ``weight_hr_…``), with the exact σ of the
+      gate-stacked matrix — the per-layer σ SN on recurrent weights constrains. It is not a
+      Lipschitz constant of the recurrent layer (:func:`lipschitz_bound` refuses those).
+    * Any other layer owning a weight matrix (Embedding, Bilinear, the input projection of
+      MultiheadAttention, custom modules, …): a row with ``method`` ``"not measured"`` and NaN
+      σ, so a layer is never silently missing from an SN-versus-none comparison.
+
+    Columns:
 
     ``layer``, ``kind``, ``sn``, ``mode``, ``coeff``, ``input_shape`` (per sample)
-        What the layer is.
+        What the layer is (``kind``: ``linear``, ``conv2d``, ``conv_transpose2d``,
+        ``batchnorm``, ``lstm``, …, or the class name of a layer not measured).
     ``sigma_raw``
         Exact norm of the unconstrained weight (as the layer's operator); for a layer under
-        another parametrization (e.g. torch's ``spectral_norm``), of its ``original``.
+        another normalisation (e.g. torch's ``spectral_norm``), of its ``original`` /
+        ``weight_orig``.
     ``sigma_estimate``
         The SN's eval-mode estimate σ̂ = ‖W v‖ of the raw weight (NaN without SN).
     ``sigma_effective``
         What the SN believes the effective norm is: ``min(σ̂, coeff)`` (NaN without SN).
     ``sigma_exact``
-        Exact norm of the eval-mode effective weight: SVD for matrices; for convs the
-        operator norm at the real input shape by dense SVD (small maps), Lanczos to
-        convergence, or FFT for circular convs (``method`` says ``svd``, ``lanczos`` or
-        ``fft``). For batch norm, ``max |γ| / √(var + eps)``. Under another parametrization
-        (``sn`` is false) this is the norm of the weight that parametrization computes.
+        Exact norm of the eval-mode effective weight: SVD for matrices; for convs and
+        transposed convs the operator norm at the real input shape (and, for transposed
+        convs, the real output size) by dense SVD (small maps), Lanczos to convergence, or
+        FFT for circular convs (``method`` says ``svd``, ``lanczos`` or ``fft``). For batch
+        norm, ``max |γ| / √(var + eps)``. Under another normalisation (``sn`` is false) this
+        is the norm of the weight that normalisation computes.
     ``sigma_matrix``
-        SVD norm of the reshaped effective kernel (what torch's SN normalises).
+        SVD norm of the reshaped effective kernel (what torch's SN normalises; for a
+        transposed conv reshaped along its output channels, as torch does).
     ``clamp_active``
         Whether σ̂ > coeff, i.e. the weight is being rescaled.
+    ``method``
+        How ``sigma_exact`` was found, or ``"not measured"``.
 
     Args:
         model: Any module; conv input shapes are found by one forward of a zero input.
         input_shape: Per-sample model input shape; defaults to ``model.input_shape``.
 
     Returns:
-        One row per layer, in ``named_modules`` order.
+        One row per layer (per weight matrix for recurrent layers), in ``named_modules``
+        order.
 
     Raises:
-        SpectralNormError: A conv layer whose input shape cannot be determined, or an
-            ``input_shape`` the model cannot run on.
+        SpectralNormError: A conv layer whose input shape cannot be determined, an
+            uninitialised lazy layer without ``input_shape``, or an ``input_shape`` that is
+            not a shape or that the model cannot run on.
 
     Example:
         >>> net = nn.Sequential(spectral_norm(nn.Linear(8, 4), coeff=0.1), nn.ReLU())
         >>> list(layer_sigmas(net)[["layer", "kind", "clamp_active"]].itertuples(index=False))
         [Pandas(layer='0', kind='linear', clamp_active=True)]
     """
+    shape = _resolve_input_shape(model, input_shape, "layer_sigmas")
     work = _eval_copy64(model)
-    shape = _resolve_input_shape(model, input_shape)
     weighted = {n: m for n, m in work.named_modules() if _is_weighted(m)}
     targets = {**weighted, **{n: m for n, m in work.named_modules() if isinstance(m, _BN_TYPES)}}
-    in_shapes = _record_input_shapes(work, shape, targets) if shape is not None else {}
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    in_shapes = _record_input_shapes(work, shape, targets, out_shapes) if shape is not None else {}
     rows: list[dict[str, Any]] = []
     for name, module in work.named_modules():
         if name in weighted:
-            rows.append(_weight_layer_row(name, module, in_shapes.get(name)))
+            try:
+                row = _weight_layer_row(name, module, in_shapes.get(name), out_shapes.get(name))
+            except SpectralNormError as exc:
+                unused = shape is not None and name not in in_shapes
+                why = f" (it did not run in the model's forward on input_shape {shape})"
+                raise SpectralNormError(f"layer {name!r}: {exc}{why if unused else ''}") from exc
+            rows.append(row)
         elif isinstance(module, _BN_TYPES):
             factor = _bn_factor(module)
             rows.append(
@@ -1169,6 +1483,21 @@ def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
                     "sigma_exact": factor,
                     "clamp_active": False,
                     "method": "closed-form",
+                }
+            )
+        elif issubclass(_base_type(module), nn.RNNBase):
+            rows.extend(_recurrent_rows(name, module))
+        elif _holds_weight_matrix(module):
+            rows.append(
+                {
+                    **dict.fromkeys(_SIGMA_COLUMNS, math.nan),
+                    "layer": name,
+                    "kind": _base_type(module).__name__.lower(),
+                    "sn": False,
+                    "mode": None,
+                    "input_shape": None,
+                    "clamp_active": False,
+                    "method": _NOT_MEASURED,
                 }
             )
     return pd.DataFrame(rows, columns=_SIGMA_COLUMNS)
@@ -1250,10 +1579,15 @@ def _as_tuple(x: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
     return tuple(int(v) for v in x)
 
 
-def _module_factor(name: str, module: nn.Module, in_shape: tuple[int, ...]) -> LayerFactor:
+def _module_factor(
+    name: str,
+    module: nn.Module,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...] | None = None,
+) -> LayerFactor:
     base = _base_type(module)
     if _is_weighted(module):
-        row = _weight_layer_row(name, module, in_shape)
+        row = _weight_layer_row(name, module, in_shape, out_shape)
         return LayerFactor(name, row["kind"], row["sigma_exact"])
     if isinstance(module, _BN_TYPES):
         return LayerFactor(name, "batchnorm", _bn_factor(module))
@@ -1294,7 +1628,8 @@ def _module_factor(name: str, module: nn.Module, in_shape: tuple[int, ...]) -> L
         return LayerFactor(name, base.__name__, _linear_module_norm(module, in_shape))
     raise SpectralNormError(
         f"lipschitz_bound cannot bound layer {name!r} ({base.__name__}); supported: Linear, "
-        "Conv1d/2d/3d, BatchNorm (with running stats), pooling, dropout, flatten and the "
+        "Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm (with running stats), pooling, "
+        "dropout, flatten and the "
         f"activations {sorted(t.__name__ for t in ACTIVATION_LIPSCHITZ)}"
     )
 
@@ -1348,9 +1683,10 @@ def lipschitz_bound(
     """Upper and lower bounds on the L2 Lipschitz constant of a sequential model (eval mode).
 
     The upper bound is the product over the model's layers, in order, of: the exact norm of
-    each Linear/Conv effective weight (as :func:`layer_sigmas`), ``max |γ|/√(var+eps)`` for
-    batch norm, ``max |f'|`` for activations (:data:`ACTIVATION_LIPSCHITZ`), the exact norm of
-    average pooling and ``√(window multiplicity)`` for max pooling. The lower bound is the
+    each Linear/Conv/ConvTranspose effective weight (as :func:`layer_sigmas`),
+    ``max |γ|/√(var+eps)`` for batch norm, ``max |f'|`` for activations
+    (:data:`ACTIVATION_LIPSCHITZ`), the exact norm of average pooling and
+    ``√(window multiplicity)`` for max pooling. The lower bound is the
     largest Jacobian spectral norm over sample inputs (``"jacobian"``), the largest
     difference quotient found by gradient ascent (``"ascent"``), or both. Since both bound
     the same constant, ``upper ≥ lower``.
@@ -1370,7 +1706,9 @@ def lipschitz_bound(
         A :class:`LipschitzBound`.
 
     Raises:
-        SpectralNormError: A non-sequential model, an unsupported layer, or no input shape.
+        SpectralNormError: A non-sequential model, an unsupported layer (recurrent layers
+            included), no input shape, empty or non-finite ``inputs``, or a non-integer
+            ``n_samples``, ``ascent_steps`` or ``seed``.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -1384,7 +1722,22 @@ def lipschitz_bound(
     """
     if method not in ("jacobian", "ascent", "both"):
         raise SpectralNormError(f"method must be 'jacobian', 'ascent' or 'both', got {method!r}")
-    shape = _resolve_input_shape(model, input_shape)
+    for what, value, minimum in (("n_samples", n_samples, 1), ("ascent_steps", ascent_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise SpectralNormError(
+                f"lipschitz_bound: {what} must be an integer >= {minimum}, got {value!r}"
+            )
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise SpectralNormError(f"lipschitz_bound: seed must be an integer, got {seed!r}")
+    if inputs is not None:
+        if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 1:
+            raise SpectralNormError(
+                "lipschitz_bound: inputs must be a non-empty tensor (B, *input_shape), got "
+                + (f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else repr(inputs))
+            )
+        if not bool(torch.isfinite(inputs.detach()).all()):
+            raise SpectralNormError("lipschitz_bound: inputs must be finite (NaN or inf found)")
+    shape = _resolve_input_shape(model, input_shape, "lipschitz_bound")
     if shape is None and inputs is not None:
         shape = tuple(inputs.shape[1:])
     if shape is None:
@@ -1397,11 +1750,15 @@ def lipschitz_bound(
             f"lipschitz_bound needs an nn.Sequential model (a chain), got {type(model).__name__}"
         )
     leaves = dict(_sequential_leaves(work))
-    in_shapes = _record_input_shapes(work, shape, leaves)
-    factors = tuple(_module_factor(name, mod, in_shapes[name]) for name, mod in leaves.items())
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    in_shapes = _record_input_shapes(work, shape, leaves, out_shapes)
+    factors = tuple(
+        _module_factor(name, mod, in_shapes[name], out_shapes.get(name))
+        for name, mod in leaves.items()
+    )
     upper = math.prod(f.factor for f in factors) * (1.0 + _UPPER_SLACK)
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(int(seed))
     if inputs is not None:
         x = inputs.detach().to(torch.float64)
         if tuple(x.shape[1:]) != shape:
@@ -1425,7 +1782,9 @@ def export(model: M) -> M:
 
     Every parametrization (ours, or torch's) is removed with ``leave_parametrized=True`` after
     switching the copy to eval mode, so no power iteration runs and the folded weight is
-    exactly the one the original uses in eval mode. The input-shape hooks are removed too.
+    exactly the one the original uses in eval mode; torch's legacy hook-based
+    ``torch.nn.utils.spectral_norm`` is folded the same way (``remove_spectral_norm``, which
+    keeps the eval-mode weight). The input-shape hooks are removed too.
     The result has plain ``weight`` parameters, no ``u``/``v`` buffers, and is returned in eval
     mode; its outputs equal the original's eval-mode outputs.
 
@@ -1445,13 +1804,15 @@ def export(model: M) -> M:
         >>> torch.equal(plain(x), net(x)), parametrize.is_parametrized(plain[0])
         (True, False)
     """
-    plain = copy.deepcopy(model).eval()
+    plain = _copy_module(model).eval()
     for module in plain.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
             if isinstance(hook, _InputShapeHook):
                 if not hook.sn.ready:
                     raise SpectralNormError("export: " + hook.sn._not_ready_message())
                 del module._forward_pre_hooks[key]
+            elif isinstance(hook, _TorchLegacySpectralNorm):
+                torch.nn.utils.remove_spectral_norm(module, hook.name)
         if parametrize.is_parametrized(module):
             # deepcopy shares the injected Parametrized* class with the original, and
             # remove_parametrizations deletes the property from that class: give the copy its

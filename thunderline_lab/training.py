@@ -349,7 +349,8 @@ def _sigma_summary(model: nn.Module, input_shape: Sequence[int]) -> dict[str, fl
     except ThunderlineLabError as exc:
         log.warning("layer_sigmas failed (%s); falling back to max_sigma", exc)
         return {"max_sigma": max_sigma(model)}
-    weighted = table[table["kind"] != "batchnorm"]
+    # batch norm is no weight matrix; a layer listed as "not measured" has no σ (NaN)
+    weighted = table[(table["kind"] != "batchnorm") & (table["method"] != "not measured")]
     if weighted.empty:
         return {}
     sigmas = weighted["sigma_exact"].astype(float)
