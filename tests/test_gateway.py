@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -224,10 +225,16 @@ class AsgiClient:
     """A synchronous facade over httpx.AsyncClient + ASGITransport (no sockets, fast)."""
 
     def __init__(
-        self, app: Any, headers: dict[str, str] | None = None, raise_app_exceptions: bool = True
+        self,
+        app: Any,
+        headers: dict[str, str] | None = None,
+        raise_app_exceptions: bool = True,
+        root_path: str = "",
     ) -> None:
         self.loop = asyncio.new_event_loop()
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        transport = httpx.ASGITransport(
+            app=app, raise_app_exceptions=raise_app_exceptions, root_path=root_path
+        )
         self.http = httpx.AsyncClient(
             transport=transport, base_url="http://gateway", headers=headers
         )
@@ -277,10 +284,12 @@ def free_port() -> int:
 class ServerThread:
     """Run the gateway with uvicorn on a loopback port in a background thread."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, root_path: str = "") -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="error", root_path=root_path
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -564,6 +573,167 @@ def test_no_stack_traces_in_error_answers(
         app.state.writer.close()
 
 
+def raw_request(
+    app: Any,
+    method: str,
+    path: bytes,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body: bytes = b"",
+) -> tuple[int, dict[str, Any]]:
+    """One request straight to the ASGI app, its bytes as given (an HTTP client would
+    percent-encode a query or refuse a header that a raw socket can send)."""
+    sent: list[dict[str, Any]] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": urllib.parse.unquote(path.decode("latin-1")),
+        "raw_path": path,
+        "root_path": "",
+        "query_string": query,
+        "headers": [(b"host", b"gateway"), *(headers or [])],
+        "server": ("gateway", 80),
+        "client": ("127.0.0.1", 5000),
+    }
+    asyncio.run(app(scope, receive, send))
+    body_out = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body_out)
+
+
+def test_a_number_too_long_to_read_is_a_422_naming_its_field(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    huge = "9" * 5000  # Python reads at most 4300 digits into an int
+    canonical = event_dict()
+    text = json.dumps(canonical).replace('"step": 1', f'"step": {huge}')
+    seed = (
+        '{"event": "ml.run.metric", "trial_id": "t", "metadata": {"epoch": 1}, '
+        f'"measurements": {{"loss": -{huge}}}}}'
+    )
+    lines = json.dumps(event_dict()) + "\n\n" + text  # JSON lines: record 1 on line 3
+    for body, index, path, line in (
+        (text, 0, "payload.step", None),
+        ("[" + json.dumps(event_dict()) + "," + text + "]", 1, "payload.step", None),
+        (seed, 0, "measurements.loss", None),
+        (lines, 1, "payload.step", 3),
+    ):
+        resp = gw.post("/api/events/ml", content=body)
+        assert resp.status_code == 422, resp.text
+        assert_names_fields(resp)
+        (err,) = resp.json()["errors"]
+        assert (err["index"], err["path"], err["rule"]) == (index, path, "number_too_long")
+        assert err.get("line") == line
+        assert "5000 digits" in err["message"]
+        assert len(err["value"]) < 100
+    with pytest.raises(E.EventValidationError, match=r"payload\.step"):
+        parse_body(text.encode())
+    assert store.counts()["events"] == 0
+
+
+def test_model_run_id_in_the_query_is_read_as_utf8(store: TrialStore) -> None:
+    app = create_app(store)
+    seed = b'{"event": "ml.trial.start", "trial_id": "t", "metadata": {"spectral_norm": true}}'
+    try:
+        for query in (b"model_run_id=caf\xc3\xa9", b"model_run_id=caf%C3%A9"):
+            status, answer = raw_request(app, "POST", b"/api/events/ml", query, body=seed)
+            assert status == 202, answer
+        assert store.trials()["model_run_id"].tolist() == ["caf\u00e9"]  # not "cafÃ©"
+        for query in (b"model_run_id=%FF", b"model_run_id=caf\xe9"):
+            status, answer = raw_request(app, "POST", b"/api/events/ml", query, body=seed)
+            assert status == 422, answer
+            (err,) = answer["errors"]
+            assert (err["path"], err["rule"]) == ("query.model_run_id", "string_unicode")
+        assert store.counts()["events"] == 1
+    finally:
+        app.state.writer.close()
+
+
+def test_a_compressed_body_is_refused_naming_the_header(gw: AsgiClient, store: TrialStore) -> None:
+    import gzip
+
+    body = study_events()[0].model_dump_json().encode()
+    for encoding in ("gzip", "br", "deflate, gzip"):
+        resp = gw.post(
+            "/api/events/ml", content=gzip.compress(body), headers={"content-encoding": encoding}
+        )
+        assert resp.status_code == 415, resp.text
+        assert_names_fields(resp)
+        assert resp.json()["errors"][0]["path"] == "header.content-encoding"
+        assert "uncompressed" in resp.json()["detail"]
+    assert store.counts()["events"] == 0
+    plain = gw.post("/api/events/ml", content=body, headers={"content-encoding": "identity"})
+    assert plain.status_code == 202
+
+
+def test_another_web_page_cannot_post_events_through_the_browser(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # without a token the gateway trusts loopback; a page on another site that the
+    # researcher has open must not be able to write into the lab with a "simple" POST
+    body = study_events()[0].model_dump_json()
+    resp = gw.post(
+        "/api/events/ml",
+        content=body,
+        headers={
+            "content-type": "text/plain",
+            "origin": "https://evil.example",
+            "sec-fetch-site": "cross-site",
+        },
+    )
+    assert resp.status_code == 403, resp.text
+    assert_names_fields(resp)
+    assert resp.json()["errors"][0]["path"] == "header.sec-fetch-site"
+    assert store.counts()["events"] == 0
+    docs_page = gw.post(  # /docs "Try it out": the gateway's own page
+        "/api/events/ml", content=body, headers={"sec-fetch-site": "same-origin"}
+    )
+    assert docs_page.status_code == 202
+    assert store.counts()["events"] == 1
+
+
+def test_header_errors_name_the_header_and_tokens_compare_as_sent_bytes(
+    store: TrialStore,
+) -> None:
+    token = "t\u00f6ken-0123456789"  # not ASCII: its UTF-8 bytes arrive as they are
+    app = create_app(store, token=token)
+    body = study_events()[0].model_dump_json().encode()
+    auth = [(b"authorization", b"Bearer " + token.encode())]
+    try:
+        status, answer = raw_request(app, "POST", b"/api/events/ml", headers=auth, body=body)
+        assert status == 202, answer
+        status, answer = raw_request(app, "GET", b"/api/events", headers=auth)
+        assert status == 200, answer  # the GET routes read the same bytes
+        assert [e["seq"] for e in answer["events"]] == [1]
+        for method, path in (("POST", b"/api/events/ml"), ("GET", b"/api/trials")):
+            status, answer = raw_request(
+                app, method, path, headers=[(b"authorization", b"Token abc")], body=body
+            )
+            assert status == 401
+            assert answer["errors"][0]["path"] == "header.authorization", answer
+        status, answer = raw_request(
+            app,
+            "POST",
+            b"/api/events/ml",
+            headers=[*auth, (b"content-length", b"-1")],
+            body=body,
+        )
+        assert status == 400
+        assert answer["errors"][0]["path"] == "header.content-length", answer
+    finally:
+        app.state.writer.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # GET endpoints, OpenAPI
 # ---------------------------------------------------------------------------------------------
@@ -708,6 +878,122 @@ def test_the_metrics_route_and_the_trial_route_never_take_each_others_paths(
     spec = gw.get("/openapi.json").json()
     route = spec["paths"]["/api/trials/{model_run_id}/{trial_id}/metrics"]["get"]
     assert {p["name"] for p in route["parameters"]} >= {"names", "max_points"}
+
+
+def _mounted_under(prefix: str, app: Any, kind: str) -> Any:
+    """``app`` as a sub-application at ``prefix`` of another app (Starlette or FastAPI)."""
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    if kind == "starlette":
+        return Starlette(routes=[Mount(prefix, app=app)])
+    outer = FastAPI()
+    outer.mount(prefix, app)
+    return outer
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "root_path",  # uvicorn --root-path: the path the app sees starts with the prefix
+        "fastapi_root_path",  # FastAPI(root_path=...): the path arrives without the prefix
+        "starlette_mount",
+        "fastapi_mount",
+    ],
+)
+def test_every_route_and_the_docs_work_under_a_path_prefix(store: TrialStore, setup: str) -> None:
+    store.append(_long_curve("r/1", "a/b", 5))  # ids holding '/': sent as %2F
+    store.append(_long_curve("r", "t", 3))
+    app = create_app(store)
+    if setup == "root_path":
+        gw = AsgiClient(app, root_path="/tg")
+    elif setup == "fastapi_root_path":
+        app.root_path = "/tg"
+        gw = AsgiClient(app)
+    else:
+        gw = AsgiClient(_mounted_under("/tg", app, setup.removesuffix("_mount")))
+    # the path the app is sent (a proxy in front of it strips its prefix, or not)
+    at = "" if setup == "fastapi_root_path" else "/tg"
+    try:
+        one = gw.get(f"{at}/api/trials/r/t")
+        assert one.status_code == 200, one.text
+        assert one.json()["trial_id"] == "t"
+        slashed = gw.get(f"{at}/api/trials/r%2F1/a%2Fb")
+        assert slashed.status_code == 200, slashed.text
+        assert (slashed.json()["model_run_id"], slashed.json()["trial_id"]) == ("r/1", "a/b")
+        curves = gw.get(f"{at}/api/trials/r%2F1/a%2Fb/metrics?names=acc&max_points=2")
+        assert curves.status_code == 200, curves.text
+        assert curves.json()["metrics"]["acc"]["steps"] == [0, 4]
+        assert gw.get(f"{at}/api/trials/r/t/metrics").json()["metrics"]["loss"]["steps"] == [
+            0,
+            1,
+            2,
+        ]
+        ambiguous = gw.get(f"{at}/api/trials/r/1/a/b")
+        assert ambiguous.status_code == 404 and "%2F" in ambiguous.json()["detail"]
+        assert gw.get(f"{at}/api/trials/r/nope").status_code == 404
+        assert gw.get(f"{at}/api/trials/r/t/metrics?max_points=1").status_code == 422
+        posted = E.trial_start(model_run_id="p", trial_id="q", spectral_norm=False)
+        resp = gw.post(f"{at}/api/events/ml", content=posted.model_dump_json())
+        assert resp.status_code == 202, resp.text
+        assert gw.get(f"{at}/api/trials/p/q").json()["spectral_norm"] is False
+        assert gw.get(f"{at}/api/trials").json()["trials"]
+        assert gw.get(f"{at}/api/events?limit=1").json()["next_after"] == 1
+        assert gw.get(f"{at}/healthz").json()["status"] == "ok"
+        # /docs points the browser at the prefixed URLs, which the proxy maps back
+        docs = gw.get(f"{at}/docs")
+        assert docs.status_code == 200
+        for url in (
+            "/tg/openapi.json",
+            "/tg/docs/static/swagger-ui-bundle.js",
+            "/tg/docs/static/swagger-ui.css",
+        ):
+            assert f"'{url}'" in docs.text or f'"{url}"' in docs.text, url
+            assert gw.get(at + url.removeprefix("/tg")).status_code == 200, url
+        spec = gw.get(f"{at}/openapi.json").json()
+        assert {"url": "/tg"} in spec["servers"]  # "Try it out" calls the prefixed paths
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_uvicorn_root_path_behind_a_prefix_stripping_proxy(store: TrialStore) -> None:
+    store.append(_long_curve("r/1", "a/b", 3))
+    app = create_app(store)
+    try:
+        with ServerThread(app, root_path="/thundergate") as server:
+            # the proxy maps /thundergate/... to the gateway's /...
+            one = httpx.get(f"{server.url}/api/trials/r%2F1/a%2Fb", timeout=10)
+            assert one.status_code == 200, one.text
+            assert one.json()["trial_id"] == "a/b"
+            curves = httpx.get(f"{server.url}/api/trials/r%2F1/a%2Fb/metrics", timeout=10)
+            assert curves.json()["metrics"]["acc"]["steps"] == [0, 1, 2]
+            docs = httpx.get(f"{server.url}/docs", timeout=10)
+            assert "'/thundergate/openapi.json'" in docs.text
+            started = E.trial_start(model_run_id="p", trial_id="q", spectral_norm=True)
+            with EventClient(server.url) as client:  # in real life: the proxy's URL
+                sent = client.send([started])
+            assert sent.accepted == 1
+    finally:
+        app.state.writer.close()
+    assert store.trial("p", "q") is not None
+
+
+def test_serve_passes_the_root_path_to_uvicorn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        app.state.writer.close()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    serve(tmp_path / "lab", port=0, root_path="/thundergate/")
+    assert seen["root_path"] == "/thundergate"
+    serve(tmp_path / "lab", port=0)
+    assert seen["root_path"] == ""
 
 
 def test_trials_keep_every_digit_of_their_floats(gw: AsgiClient) -> None:
@@ -914,8 +1200,10 @@ def test_serve_refuses_a_busy_port_and_a_token_padded_with_spaces(tmp_path: Path
         port = taken.getsockname()[1]
         with pytest.raises(GatewayError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
             serve(tmp_path / "lab", port=port)
-    with pytest.raises(GatewayError, match="whitespace"):
-        serve(tmp_path / "lab", token=" secret-token ")
+        with pytest.raises(GatewayError, match="whitespace"):
+            serve(tmp_path / "lab", port=port, token=" secret-token ")
+        with pytest.raises(GatewayError, match="printable ASCII"):  # no HTTP client sends it
+            serve(tmp_path / "lab", port=port, token="t\u00f6ken-0123456789")
 
 
 def test_serve_on_port_0_says_the_port_it_got(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ committed**::
 
     POST /api/events/ml[?model_run_id=NAME]   202 {"accepted", "duplicates", "ids", "last_seq"}
                                               400 unparseable body, 401 token, 413 too large,
+                                              403 another site's browser page, 415 compressed,
                                               422 {"detail", "errors": [{index, path, message,
                                               rule, value}]}, 409 an id already names another
                                               event (same body), 503 busy / store unavailable
@@ -34,9 +35,15 @@ FastAPI route documents it), which halves the CPU per request.
 
 **Security.** Binds ``127.0.0.1`` by default; :func:`serve` refuses any other address
 without a token. With a token, ``/api/*`` requires ``Authorization: Bearer TOKEN`` (or
-``X-Thunderline-Token: TOKEN``). SQL is parameterised (the store's), bodies are limited
-(8 MiB) as are events per request (50,000) and events waiting for the writer, and error
-answers never carry stack traces.
+``X-Thunderline-Token: TOKEN``). A browser request from another site (``Sec-Fetch-Site:
+cross-site``: any web page the user has open) cannot post events, token or not. SQL is
+parameterised (the store's), bodies are limited (8 MiB) as are events per request (50,000)
+and events waiting for the writer, and error answers never carry stack traces.
+
+**Behind a reverse proxy.** Every route and ``/docs`` work under a path prefix: uvicorn's
+``--root-path`` (:func:`serve`'s ``root_path``), ``FastAPI(root_path=...)``, or the app
+mounted in another ASGI app (whose lifespan should then enter the gateway's,
+``app.router.lifespan_context(app)``, so that the writer and the lab are closed at shutdown).
 
 :class:`EventClient` posts events in batches with retry and exponential backoff; when the
 gateway stays unreachable it appends them to a local JSON-lines spool file, replayed on the
@@ -203,13 +210,15 @@ def parse_body(
     if events is None:
         try:
             parsed = read_json_records(body, "<body>")
-            if parsed.errors:
-                raise EventValidationError(parsed.errors, "<body>")
-            records, lines = parsed.records, parsed.lines
         except RecursionError:
             raise EventValidationError(
                 [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
             ) from None
+        except ValueError:  # an integer longer than int() reads: not a JSON syntax error
+            raise EventValidationError(_long_number_errors(body)) from None
+        if parsed.errors:
+            raise EventValidationError(parsed.errors, "<body>")
+        records, lines = parsed.records, parsed.lines
         _check_count(len(records), max_events)
         if _SURROGATE_ESCAPE.search(body):
             bad_text = _surrogate_errors(records)
@@ -248,6 +257,64 @@ def _at_lines(errors: Sequence[ErrorDetail], lines: list[int] | None) -> list[Er
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _LongNumber(str):
+    """A JSON integer with more digits than ``int()`` reads (``sys.get_int_max_str_digits``,
+    4300 by default: Python's guard against quadratic-time parsing)."""
+
+
+def _read_int(digits: str) -> int | _LongNumber:
+    try:
+        return int(digits)
+    except ValueError:
+        return _LongNumber(digits)
+
+
+def _long_number_errors(body: bytes) -> list[ErrorDetail]:
+    """Where a body holds integers too long to read, by record and field (slow path: only
+    after the body failed to parse for that reason)."""
+    text = body.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    records: list[Any] = []
+    lines: list[int] | None = None
+    try:
+        doc = json.loads(text, parse_int=_read_int)
+        records = doc if isinstance(doc, list) else [doc]
+    except (ValueError, RecursionError):  # JSON lines (as read_json_records reads them)
+        lines = []
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                with contextlib.suppress(ValueError, RecursionError):
+                    records.append(json.loads(line, parse_int=_read_int))
+                    lines.append(lineno)
+    errors: list[ErrorDetail] = []
+
+    def walk(value: Any, path: str, index: int) -> None:
+        if isinstance(value, _LongNumber):
+            n = len(value.lstrip("-"))
+            errors.append(
+                ErrorDetail(
+                    index,
+                    path or "<event>",
+                    f"{value[:12]}…",
+                    "number_too_long",
+                    f"a number of {n} digits: too long to read (at most 4300)",
+                )
+            )
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                walk(sub, f"{path}.{key}" if path else str(key), index)
+        elif isinstance(value, list):
+            for j, sub in enumerate(value):
+                walk(sub, f"{path}[{j}]", index)
+
+    for i, rec in enumerate(records):
+        walk(rec, "", i)
+    if not errors:
+        errors.append(
+            ErrorDetail(None, "<body>", _MISSING, "number_too_long", "a number is too long to read")
+        )
+    return _at_lines(errors, lines)
 
 
 def _parse_for_store(body: bytes, *, default_model_run_id: str, max_events: int) -> list[Any]:
@@ -808,6 +875,43 @@ def _schema_components() -> tuple[dict[str, Any], dict[str, Any]]:
     return body, defs
 
 
+def _route_path(scope: Mapping[str, Any]) -> str:
+    """The path the app routes on: ``path`` without the ``root_path`` it was mounted or
+    served at (uvicorn ``--root-path``, a Starlette ``Mount``), as Starlette's router
+    takes it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
+def _path_ids(scope: Mapping[str, Any], route_prefix: str) -> list[str]:
+    """The decoded segments of the route path after ``route_prefix``, split only where the
+    client sent a "/" (a percent-encoded "%2F" stays inside its segment).
+
+    The router sees the decoded path, so ``r%2F1/t`` arrives as ``r/1/t``; the raw path
+    keeps the difference. Whatever prefix the app is served under, the route path is the
+    end of the path, so it is found as the shortest tail of the raw segments that
+    decodes to it. Without a raw path (or one that does not match) the decoded
+    segments are all there is.
+    """
+    tail = _route_path(scope).removeprefix(route_prefix)
+    raw = scope.get("raw_path")
+    if raw:
+        decoded = [
+            urllib.parse.unquote(seg) for seg in raw.decode("latin-1").split("?", 1)[0].split("/")
+        ]
+        size = -1  # the length of the last k decoded segments joined with "/"
+        for k in range(1, len(decoded) + 1):
+            size += len(decoded[-k]) + 1
+            if size >= len(tail):
+                if size == len(tail) and "/".join(decoded[-k:]) == tail:
+                    return decoded[-k:]
+                break
+    return tail.split("/")
+
+
 class _ClientGone(Exception):
     """The client disconnected before sending its whole body."""
 
@@ -821,7 +925,9 @@ class _IngestFastPath:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if not (
-            scope["type"] == "http" and scope["path"] == INGEST_PATH and scope["method"] == "POST"
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and _route_path(scope) == INGEST_PATH
         ):
             await self.app(scope, receive, send)
             return
@@ -934,6 +1040,42 @@ def create_app(
     app.state.writer = writer
     app.state.store = write_store
 
+    def token_problem() -> _Problem:
+        return _Problem(
+            401,
+            "missing or wrong token (Authorization: Bearer TOKEN)",
+            [
+                ErrorDetail(
+                    None,
+                    "header.authorization",
+                    _MISSING,
+                    "token",
+                    "Authorization: Bearer TOKEN (or X-Thunderline-Token: TOKEN) with the "
+                    "gateway's token",
+                )
+            ],
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    def cross_site_problem() -> _Problem:
+        # Without a token the gateway trusts whatever reaches loopback, and a browser
+        # sends a cross-site "simple" POST (text/plain, no preflight) from any web page the
+        # user has open. Browsers mark such requests; HTTP clients and the gateway's own
+        # /docs page never send "cross-site".
+        return _Problem(
+            403,
+            "a browser request from another site cannot post events",
+            [
+                ErrorDetail(
+                    None,
+                    "header.sec-fetch-site",
+                    "cross-site",
+                    "cross_site",
+                    "events are posted by workers (HTTP clients), not by other web pages",
+                )
+            ],
+        )
+
     async def require_token(request: Request) -> None:
         if token_bytes is None:
             return
@@ -941,12 +1083,10 @@ def create_app(
         auth = request.headers.get("authorization", "")
         if given is None and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
-        if given is None or not hmac.compare_digest(given.encode(), token_bytes):
-            raise _Problem(
-                401,
-                "missing or wrong token (Authorization: Bearer TOKEN)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        # Starlette decodes headers as latin-1: encoding back gives the bytes as sent,
+        # compared as the ingest route compares them
+        if given is None or not hmac.compare_digest(given.encode("latin-1"), token_bytes):
+            raise token_problem()
 
     @app.exception_handler(_Problem)
     async def _on_problem(_request: Request, exc: _Problem) -> JSONResponse:
@@ -995,7 +1135,19 @@ def create_app(
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                raise _Problem(400, "bad Content-Length header")
+                raise _Problem(
+                    400,
+                    "bad Content-Length header",
+                    [
+                        ErrorDetail(
+                            None,
+                            "header.content-length",
+                            declared.decode("latin-1"),
+                            "header_invalid",
+                            "must be the body's size in bytes (a non-negative integer)",
+                        )
+                    ],
+                )
             if int(declared) > max_body_bytes:
                 raise body_too_large(int(declared))
         chunks: list[bytes] = []
@@ -1013,11 +1165,30 @@ def create_app(
                 return b"".join(chunks)
 
     def run_id_from(query: bytes) -> str:
-        values = urllib.parse.parse_qs(query.decode("latin-1"), keep_blank_values=True)
+        # latin-1 maps bytes (raw or %-escaped) to characters one to one: the value's bytes
+        # are then read as UTF-8, as the body is (raw UTF-8 bytes are not taken as latin-1)
+        values = urllib.parse.parse_qs(
+            query.decode("latin-1"), keep_blank_values=True, encoding="latin-1"
+        )
         given = values.get("model_run_id")
         if not given:
             return default_model_run_id
-        run = given[-1]
+        try:
+            run = given[-1].encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Problem(
+                422,
+                "1 invalid request parameter",
+                [
+                    ErrorDetail(
+                        None,
+                        "query.model_run_id",
+                        given[-1].encode("latin-1").decode("utf-8", errors="replace"),
+                        "string_unicode",
+                        "not UTF-8 text (percent-encode the UTF-8 bytes of the name)",
+                    )
+                ],
+            ) from None
         if not 1 <= len(run) <= 256:
             rule = "string_too_short" if not run else "string_too_long"
             raise _Problem(
@@ -1030,17 +1201,31 @@ def create_app(
     async def ingest(scope: Mapping[str, Any], receive: Any) -> IngestResult:
         """POST /api/events/ml: auth, bounded body, parse + validate, group commit."""
         headers = dict(scope["headers"])
+        if headers.get(b"sec-fetch-site", b"").strip().lower() == b"cross-site":
+            raise cross_site_problem()
         if token_bytes is not None:
             given = headers.get(b"x-thunderline-token")
             auth = headers.get(b"authorization", b"")
             if given is None and auth[:7].lower() == b"bearer ":
                 given = auth[7:].strip()
             if given is None or not hmac.compare_digest(given, token_bytes):
-                raise _Problem(
-                    401,
-                    "missing or wrong token (Authorization: Bearer TOKEN)",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+                raise token_problem()
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding not in (b"", b"identity"):
+            shown = encoding.decode("latin-1")
+            raise _Problem(
+                415,
+                f"Content-Encoding {shown!r} is not supported: send the body uncompressed",
+                [
+                    ErrorDetail(
+                        None,
+                        "header.content-encoding",
+                        shown,
+                        "unsupported_encoding",
+                        "only uncompressed bodies (identity) are read",
+                    )
+                ],
+            )
         default_run = run_id_from(scope.get("query_string", b""))
         body = await read_body(headers, receive)
         try:
@@ -1089,12 +1274,14 @@ def create_app(
         for code, text in (
             (400, "unparseable JSON"),
             (401, "token missing or wrong"),
+            (403, "a browser request from another site (Sec-Fetch-Site: cross-site)"),
             (
                 409,
                 "an event id already names another event (its content differs): nothing "
                 "of the request is written",
             ),
             (413, "body or batch too large"),
+            (415, "a compressed body (Content-Encoding): send it uncompressed"),
             (422, "invalid events: every error's index, field path, message"),
             (503, "busy or the store is unavailable: retry later"),
         )
@@ -1214,11 +1401,11 @@ def create_app(
 
         Ids may hold "/": sent percent-encoded (%2F), they reach the router decoded, as
         more segments than they are (``r%2F1/a%2Fb`` as ``r/1/a/b``, and ``r/t%2Fmetrics``
-        as the metrics of trial ``t``), so every trial route decides on the raw path.
+        as the metrics of trial ``t``), so every trial route decides on the raw path
+        (:func:`_path_ids`, which also holds behind a path prefix or in a mount).
         """
         scope = request.scope
-        raw = scope.get("raw_path") or urllib.parse.quote(scope["path"]).encode()
-        parts = raw.decode("latin-1").split("?", 1)[0].removeprefix("/api/trials/").split("/")
+        parts = _path_ids(scope, "/api/trials/")
         metrics = len(parts) == 3 and parts[2] == "metrics"
         if metrics:
             parts = parts[:2]
@@ -1228,7 +1415,7 @@ def create_app(
                 f"no trial at {scope['path']}: expected /api/trials/{{model_run_id}}/"
                 "{trial_id}[/metrics], with any '/' inside an id sent as %2F",
             )
-        run, trial = (urllib.parse.unquote(part) for part in parts)
+        run, trial = parts
         if metrics:
             return trial_metrics(run, trial, names, max_points)
         return one_trial(run, trial)
@@ -1314,19 +1501,30 @@ def _serve_docs(app: FastAPI) -> None:
     """``/docs``: Swagger UI from the ``swagger-ui-bundle`` package (FastAPI's default page
     loads it from a CDN, and is blank on a machine without internet)."""
     from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.staticfiles import StaticFiles
+    from starlette.responses import FileResponse
     from swagger_ui_bundle import swagger_ui_path
 
-    app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
+    # a route, not a StaticFiles mount: a mount finds no file when the server sets a
+    # root_path without putting it in the path (FastAPI(root_path=...) does)
+    assets = {p.name: p for p in Path(swagger_ui_path).iterdir() if p.is_file()}
+
+    @app.get("/docs/static/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> Response:
+        if name not in assets:
+            raise _Problem(404, f"no file {name!r} in /docs/static")
+        return FileResponse(assets[name])
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> Response:
+    def docs(request: Request) -> Response:
+        # the browser's URLs carry the prefix the app is served under (a reverse proxy's
+        # path, uvicorn --root-path, a mount), as FastAPI's own /docs does
+        root = request.scope.get("root_path", "").rstrip("/")
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
+            openapi_url=root + (app.openapi_url or "/openapi.json"),
             title=f"{app.title} — API",
-            swagger_js_url="/docs/static/swagger-ui-bundle.js",
-            swagger_css_url="/docs/static/swagger-ui.css",
-            swagger_favicon_url="/docs/static/favicon-32x32.png",
+            swagger_js_url=f"{root}/docs/static/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs/static/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs/static/favicon-32x32.png",
         )
 
 
@@ -1352,9 +1550,15 @@ def serve(
     port: int = DEFAULT_PORT,
     token: str | None = None,
     log_level: str = "warning",
+    root_path: str = "",
     **app_options: Any,
 ) -> None:
     """Run the gateway with uvicorn until interrupted.
+
+    Args:
+        root_path: the path prefix a reverse proxy serves the gateway under (e.g.
+            ``/thundergate``, the proxy stripping it before passing requests on), as
+            uvicorn's ``--root-path``: ``/docs`` and OpenAPI then name the public URLs.
 
     Raises:
         GatewayError: a non-loopback ``host`` without a token (refused), or a bad port.
@@ -1372,8 +1576,12 @@ def serve(
     if token is not None and token != token.strip():
         # a Bearer value arrives stripped: such a token could never be matched
         raise GatewayError("the token has leading or trailing whitespace")
+    if token is not None and not (token.isascii() and token.isprintable()):
+        # HTTP clients (httpx, so EventClient) refuse to send anything else in a header
+        raise GatewayError("the token must be printable ASCII")
     if not 0 <= port <= 65535:
         raise GatewayError(f"bad port {port}")
+    root_path = "/" + root_path.strip("/") if root_path.strip("/") else ""
     resolved = lab if isinstance(lab, Lab) else Lab.resolve(lab)
     app = create_app(resolved, token, **app_options)
     # Bound here, not by uvicorn: a busy port is refused before saying "on …", and port 0
@@ -1381,16 +1589,18 @@ def serve(
     sock = _listen(host, port)
     url_host = f"[{host}]" if ":" in host else host
     log.warning(
-        "ThunderGate on http://%s:%d (lab %s, token %s)",
+        "ThunderGate on http://%s:%d (lab %s, token %s%s)",
         url_host,
         sock.getsockname()[1],
         resolved.root,
         "required" if token else "off",
+        f", served at {root_path} behind a proxy" if root_path else "",
     )
     with sock:
         uvicorn.run(
             app,
             fd=sock.fileno(),
+            root_path=root_path,
             log_level=log_level,
             access_log=False,
             server_header=False,
