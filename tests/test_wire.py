@@ -257,3 +257,16 @@ def test_a_byte_order_mark_is_ignored() -> None:
     text = "\ufeff" + json.dumps(SEED001_START)
     assert parse_json_records(text) == [SEED001_START]
     assert parse_json_records(text.encode("utf-8")) == [SEED001_START]
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["document", "json-lines"])
+def test_an_integer_too_long_to_read_names_its_record_and_field(jsonl: bool) -> None:
+    start = '{"name": "ml.run.start", "model_run_id": "r"}'
+    metric = '{"name": "ml.run.metric", "payload": {"step": ' + "9" * 5000 + "}}"
+    text = f"{start}\n{metric}\n" if jsonl else f"[{start}, {metric}]"
+    with pytest.raises(EventValidationError) as info:
+        read_json_records(text, "events.jsonl")
+    (err,) = info.value.errors
+    assert (err.index, err.path, err.rule) == (1, "payload.step", "number_too_long")
+    assert err.source_line == (2 if jsonl else None)
+    assert "events.jsonl" in str(info.value) and "5000 digits" in str(info.value)

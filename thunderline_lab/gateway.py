@@ -77,7 +77,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +108,7 @@ from thunderline_lab.lab import Lab
 from thunderline_lab.store import TrialStore, trial_records
 from thunderline_lab.wire import (
     DEFAULT_MODEL_RUN_ID,
+    at_lines,
     read_json_records,
     to_events,
     translate_record,
@@ -214,8 +215,6 @@ def parse_body(
             raise EventValidationError(
                 [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
             ) from None
-        except ValueError:  # an integer longer than int() reads: not a JSON syntax error
-            raise EventValidationError(_long_number_errors(body)) from None
         if parsed.errors:
             raise EventValidationError(parsed.errors, "<body>")
         records, lines = parsed.records, parsed.lines
@@ -232,89 +231,18 @@ def parse_body(
             ) from None
         except EventValidationError as exc:
             raise EventValidationError(
-                _at_lines(_name_missing(exc.errors, records), lines)
+                at_lines(_name_missing(exc.errors, records), lines)
             ) from None
     _check_count(len(events), max_events)
     errors = storage_errors(events)
     if errors:
         raise EventValidationError(
-            _at_lines(_wire_paths(errors, records, default_model_run_id), lines)
+            at_lines(_wire_paths(errors, records, default_model_run_id), lines)
         )
     return events
 
 
-def _at_lines(errors: Sequence[ErrorDetail], lines: list[int] | None) -> list[ErrorDetail]:
-    """A JSON-lines body's errors with their records' lines (``index`` counts records, and
-    blank lines are skipped, so the index alone does not find a line in the body)."""
-    if lines is None:
-        return list(errors)
-    return [
-        e
-        if e.index is None or not 0 <= e.index < len(lines)
-        else replace(e, source_line=lines[e.index])
-        for e in errors
-    ]
-
-
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-class _LongNumber(str):
-    """A JSON integer with more digits than ``int()`` reads (``sys.get_int_max_str_digits``,
-    4300 by default: Python's guard against quadratic-time parsing)."""
-
-
-def _read_int(digits: str) -> int | _LongNumber:
-    try:
-        return int(digits)
-    except ValueError:
-        return _LongNumber(digits)
-
-
-def _long_number_errors(body: bytes) -> list[ErrorDetail]:
-    """Where a body holds integers too long to read, by record and field (slow path: only
-    after the body failed to parse for that reason)."""
-    text = body.decode("utf-8", errors="replace").removeprefix("\ufeff")
-    records: list[Any] = []
-    lines: list[int] | None = None
-    try:
-        doc = json.loads(text, parse_int=_read_int)
-        records = doc if isinstance(doc, list) else [doc]
-    except (ValueError, RecursionError):  # JSON lines (as read_json_records reads them)
-        lines = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if line.strip():
-                with contextlib.suppress(ValueError, RecursionError):
-                    records.append(json.loads(line, parse_int=_read_int))
-                    lines.append(lineno)
-    errors: list[ErrorDetail] = []
-
-    def walk(value: Any, path: str, index: int) -> None:
-        if isinstance(value, _LongNumber):
-            n = len(value.lstrip("-"))
-            errors.append(
-                ErrorDetail(
-                    index,
-                    path or "<event>",
-                    f"{value[:12]}…",
-                    "number_too_long",
-                    f"a number of {n} digits: too long to read (at most 4300)",
-                )
-            )
-        elif isinstance(value, Mapping):
-            for key, sub in value.items():
-                walk(sub, f"{path}.{key}" if path else str(key), index)
-        elif isinstance(value, list):
-            for j, sub in enumerate(value):
-                walk(sub, f"{path}[{j}]", index)
-
-    for i, rec in enumerate(records):
-        walk(rec, "", i)
-    if not errors:
-        errors.append(
-            ErrorDetail(None, "<body>", _MISSING, "number_too_long", "a number is too long to read")
-        )
-    return _at_lines(errors, lines)
 
 
 def _parse_for_store(body: bytes, *, default_model_run_id: str, max_events: int) -> list[Any]:

@@ -22,6 +22,7 @@ same payload twice is a harmless duplicate.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_MODEL_RUN_ID",
     "JsonInput",
     "LoadedEvents",
+    "at_lines",
     "lenient_bool",
     "load_events",
     "parse_json_records",
@@ -148,6 +150,8 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
                 [ErrorDetail(None, where, _MISSING, "json_invalid", f"invalid JSON: {whole_exc}")],
                 source,
             ) from None
+    except ValueError:  # an integer longer than int() reads: not a JSON syntax error
+        raise EventValidationError(_long_number_errors(text), source) from None
     records: list[Any] = []
     numbers: list[int] = []
     errors: list[ErrorDetail] = []
@@ -162,7 +166,79 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
             errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_invalid", message))
         except RecursionError:
             errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_depth", _TOO_DEEP))
+        except ValueError:  # an integer longer than int() reads: not a JSON syntax error
+            raise EventValidationError(_long_number_errors(text), source) from None
     return JsonInput(records, numbers, errors)
+
+
+def at_lines(errors: Sequence[ErrorDetail], lines: list[int] | None) -> list[ErrorDetail]:
+    """A JSON-lines body's errors with their records' lines (``index`` counts records, and
+    blank lines are skipped, so the index alone does not find a line in the body)."""
+    if lines is None:
+        return list(errors)
+    return [
+        e
+        if e.index is None or not 0 <= e.index < len(lines)
+        else replace(e, source_line=lines[e.index])
+        for e in errors
+    ]
+
+
+class _LongNumber(str):
+    """A JSON integer with more digits than ``int()`` reads (``sys.get_int_max_str_digits``,
+    4300 by default: Python's guard against quadratic-time parsing)."""
+
+
+def _read_int(digits: str) -> int | _LongNumber:
+    try:
+        return int(digits)
+    except ValueError:
+        return _LongNumber(digits)
+
+
+def _long_number_errors(text: str) -> list[ErrorDetail]:
+    """Where a body holds integers too long to read, by record and field (slow path: only
+    after the body failed to parse for that reason)."""
+    records: list[Any] = []
+    lines: list[int] | None = None
+    try:
+        doc = json.loads(text, parse_int=_read_int)
+        records = doc if isinstance(doc, list) else [doc]
+    except (ValueError, RecursionError):  # JSON lines (as read_json_records reads them)
+        lines = []
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if line.strip():
+                with contextlib.suppress(ValueError, RecursionError):
+                    records.append(json.loads(line, parse_int=_read_int))
+                    lines.append(lineno)
+    errors: list[ErrorDetail] = []
+
+    def walk(value: Any, path: str, index: int) -> None:
+        if isinstance(value, _LongNumber):
+            n = len(value.lstrip("-"))
+            errors.append(
+                ErrorDetail(
+                    index,
+                    path or "<event>",
+                    f"{value[:12]}…",
+                    "number_too_long",
+                    f"a number of {n} digits: too long to read (at most 4300)",
+                )
+            )
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                walk(sub, f"{path}.{key}" if path else str(key), index)
+        elif isinstance(value, list):
+            for j, sub in enumerate(value):
+                walk(sub, f"{path}[{j}]", index)
+
+    for i, rec in enumerate(records):
+        walk(rec, "", i)
+    if not errors:
+        errors.append(
+            ErrorDetail(None, "<body>", _MISSING, "number_too_long", "a number is too long to read")
+        )
+    return at_lines(errors, lines)
 
 
 def _is_record_line(line: str) -> bool:
