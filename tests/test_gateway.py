@@ -994,6 +994,13 @@ def test_serve_passes_the_root_path_to_uvicorn(
     assert seen["root_path"] == "/thundergate"
     serve(tmp_path / "lab", port=0)
     assert seen["root_path"] == ""
+    from thunderline_lab.cli import main
+
+    result = CliRunner().invoke(
+        main, ["serve", "--lab", str(tmp_path / "lab"), "--port", "0", "--root-path", "/tg"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["root_path"] == "/tg"
 
 
 def test_trials_keep_every_digit_of_their_floats(gw: AsgiClient) -> None:

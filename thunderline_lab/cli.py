@@ -390,9 +390,22 @@ def _mlflow_links(lab: Any, store: Any, study: str) -> Any:
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
 )
+@click.option(
+    "--root-path",
+    default="",
+    metavar="PREFIX",
+    help="Path prefix a reverse proxy serves the gateway under (e.g. /thundergate), the "
+    "proxy stripping it; routes and /docs work there.",
+)
 @_clean_errors
 def serve(
-    lab_dir: Path | None, host: str, port: int, token: str | None, synchronous: str, log_level: str
+    lab_dir: Path | None,
+    host: str,
+    port: int,
+    token: str | None,
+    synchronous: str,
+    log_level: str,
+    root_path: str,
 ) -> None:
     """Run the event gateway (ThunderGate): POST /api/events/ml, GET /api/trials, /docs."""
     from thunderline_lab.gateway import serve as run_gateway
@@ -405,6 +418,7 @@ def serve(
         token=token,
         log_level=log_level,
         synchronous=synchronous,
+        root_path=root_path,
     )
 
 
