@@ -50,6 +50,11 @@ def _trial(
         events.run_metric(**common, step=s, measurements={"val_accuracy": v, "train_loss": 1 - v})
         for s, v in enumerate(curve)
     ]
+    if status == "failed":
+        failed = events.trial_failed(
+            **common, spectral_norm=sn, error_message="nan loss", error_type="diverged"
+        )
+        return [*out, failed]
     out.append(
         events.trial_complete(
             **common,
@@ -942,7 +947,7 @@ def test_cli_compare(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "paired design, final values" in result.output
     assert "val_accuracy  val_accuracy" in result.output and "test_nll" in result.output
-    report = lab.reports_dir / "cli_ab" / "report.md"
+    report = lab.reports_dir / "cli_ab-b5b00e4e" / "report.md"  # report_folder("cli/ab")
     assert f"report: {report}" in result.output and report.exists()
     out = tmp_path / "elsewhere"
     result = runner.invoke(
@@ -1564,3 +1569,291 @@ def test_the_adjustment_is_made_over_rows_read_from_a_snapshot(
     assert again.headline["favours"].tolist() == ["SN", "—", "—", "n/a"]
     _assert_same_result(again, first)
     _assert_same_result(again, _fresh(store, metrics=FAMILY, details=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Awkward studies: extreme, non-finite and missing values, one arm, typos, report folders
+# ---------------------------------------------------------------------------------------------
+
+_SN8 = np.array([1.04, 1.2, 1.1, 1.3, 1.05, 1.15, 1.25, 1.12])
+_NONE8 = np.array([1.0, 0.9, 0.95, 1.02, 0.97, 1.01, 0.99, 0.93])
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("scale", [1e-300, 1e-170, 1e200, 1e300])
+def test_statistics_do_not_depend_on_the_unit_of_the_values(paired: bool, scale: float) -> None:
+    # Welch's variance of values ~1e-170 underflowed (p = 0: "favours SN" from nothing),
+    # of values ~1e200 overflowed; the rank test's rounding of differences ~1e-300 did
+    ref = compare_arrays("x", _SN8, _NONE8, paired=paired)
+    got = compare_arrays("x", _SN8 * scale, _NONE8 * scale, paired=paired)
+    assert 0 < ref["p_value"] < 1
+    assert got["p_value"] == pytest.approx(ref["p_value"], rel=1e-9)
+    assert got["statistic"] == pytest.approx(ref["statistic"], rel=1e-9)
+    assert got["favours"] == ref["favours"] and got["test_method"] == ref["test_method"]
+    for key in ("diff", "ci_low", "ci_high", "mean_sn", "mean_none"):
+        assert got[key] == pytest.approx(ref[key] * scale, rel=1e-9, abs=0), key
+    assert got["note"] == ""
+
+
+@pytest.mark.filterwarnings("error")
+def test_values_near_the_float_limit_give_means_and_say_when_a_difference_overflows() -> None:
+    sn = np.array([1.0, 1.2, 1.1, 1.3, 1.25, 1.15]) * 1e308
+    none = np.array([0.9, 1.0, 0.95, 1.05, 0.92, 0.99]) * 1e308
+    row = compare_arrays("x", sn, none, paired=False)  # their sums overflow, not their means
+    assert row["mean_sn"] == pytest.approx(7.0 / 6 * 1e308, rel=1e-12)
+    assert row["diff"] == pytest.approx((7.0 - 5.81) * 1e308 / 6, rel=1e-12)
+    assert row["ci_low"] < row["diff"] < row["ci_high"] and 0 < row["p_value"] < 1
+    # SN − none itself is beyond the float64 range: no estimate, no CI, no verdict, said so
+    big = compare_arrays("x", sn * 1.3, -none * 1.5, paired=True)
+    assert np.isnan(big["diff"]) and np.isnan(big["ci_low"]) and np.isnan(big["ci_high"])
+    assert big["p_value"] == pytest.approx(1 / 32)  # the rank test needs no sum
+    assert big["favours"] == "n/a" and "beyond the float64 range" in big["note"]
+    assert np.isfinite(big["mean_sn"]) and np.isfinite(big["mean_none"])
+    shown = cmp._headline_display(pd.DataFrame([{**big, "source": "x"}]))
+    assert shown.loc[0, "95% CI"] == "n/a" and shown.loc[0, "favours"] == "n/a"
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("paired", [True, False])
+def test_non_finite_values_are_left_out_and_counted(paired: bool) -> None:
+    sn, none = _SN8.copy(), _NONE8.copy()
+    sn[1], none[4] = np.nan, np.inf
+    row = compare_arrays("x", sn, none, paired=paired)
+    if paired:  # the pairs 1 and 4 are left out
+        keep = np.isfinite(sn) & np.isfinite(none)
+        clean = compare_arrays("x", sn[keep], none[keep], paired=True)
+        assert row["n_pairs"] == 6
+    else:
+        clean = compare_arrays("x", sn[np.isfinite(sn)], none[np.isfinite(none)], paired=False)
+        assert (row["n_sn"], row["n_none"]) == (7, 7)
+    for key in ("diff", "ci_low", "ci_high", "p_value", "mean_sn", "mean_none", "favours"):
+        assert row[key] == clean[key], key
+    assert "2 non-finite values (NaN or ±inf) left out" in row["note"]
+    est, lo, hi, b = bootstrap_mean_ci([0.1, np.inf, 0.3])  # no mean to speak of
+    assert np.isnan([est, lo, hi]).all() and b == 0
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("paired", [True, False])
+def test_an_infinite_value_in_the_store_is_left_out_with_a_note(
+    paired: bool, tmp_path: Path
+) -> None:
+    # written out of band (the event log refuses them): JSON 1e999 reads back as inf
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(6):
+        pair = f"p{i}" if paired else None
+        evs += _trial(2 * i, False, {"acc": 0.8 + 0.01 * i}, pair=pair)
+        evs += _trial(2 * i + 1, True, {"acc": 0.82 + 0.012 * i}, pair=pair)
+    store.append(evs)
+    store.conn.execute(
+        "UPDATE trials SET metrics = json_set(metrics, '$.acc', json('1e999')) "
+        "WHERE trial_id = 'trial_0003'"
+    )
+    res = compare_study(store, STUDY, metrics=["acc"], use_cache=False)
+    row = res.headline.iloc[0]
+    if paired:
+        assert row["n_pairs"] == 5
+    else:
+        assert (row["n_sn"], row["n_none"]) == (5, 6)
+    assert np.isfinite([row["diff"], row["ci_low"], row["ci_high"], row["p_value"]]).all()
+    assert any(n.startswith("acc: 1 non-finite value (±inf) left out") for n in res.notes)
+    text = write_report(res, tmp_path / "r").read_text()
+    assert "1 non-finite value" in text and "1 non-finite value" in res.to_html()
+
+
+def _study_store(*trials: list[Any]) -> TrialStore:
+    store = TrialStore(":memory:")
+    store.append([e for t in trials for e in t])
+    return store
+
+
+def test_an_unknown_study_is_refused_with_the_closest_names() -> None:
+    store = _study_store(
+        *(_trial(i, i % 2 == 0, {"acc": 0.8}, study=f"zz-{i:02d}") for i in range(30))
+    )
+    store.append(_trial(0, True, {"acc": 0.8}, study="cli/ab"))
+    with pytest.raises(StudyError, match=r"did you mean 'cli/ab'\?") as err:
+        compare_study(store, "cli/AB")
+    assert "and 11 more" in str(err.value)  # 31 studies: 20 named, the rest counted
+    with pytest.raises(StudyError, match=r"did you mean 'zz-07'"):
+        compare_study(store, "zz_07")
+    with pytest.raises(StudyError, match=r"no complete trial .*\(trials by status: completed 1\)"):
+        compare_study(store, "cli/ab", statuses=["complete"])
+
+
+def test_a_misspelled_metric_gets_the_closest_names(synthetic_store: TrialStore) -> None:
+    with pytest.raises(StudyError, match=r"did you mean 'val_accuracy'\?") as err:
+        compare_study(synthetic_store, STUDY, metrics=["val_acuracy"], details=False)
+    assert "test_accuracy" in str(err.value)  # what the study reports
+    res = compare_study(
+        synthetic_store, STUDY, metrics=["val_accuracy", "test_acurracy"], details=False
+    )
+    (note,) = [n for n in res.notes if "test_acurracy" in n]
+    assert note == "not reported by any trial: test_acurracy (did you mean 'test_accuracy'?)"
+
+
+def test_a_study_with_one_arm_says_there_is_nothing_to_compare() -> None:
+    store = _study_store(
+        *(_trial(i, True, {"acc": 0.8 + 0.01 * i}, pair=f"p{i}") for i in range(4))
+    )
+    res = compare_study(store, STUDY, metrics=["acc"])
+    assert res.headline.loc[0, "favours"] == "n/a"
+    assert any("no completed trial without SN" in n for n in res.notes)
+    assert not any("Welch" in n for n in res.notes)  # no design to speak of
+    assert res.headline.loc[0, "note"] == "no value in the none arm: nothing to compare"
+
+
+def test_undefined_statistics_come_with_their_reason() -> None:
+    one_pair = compare_study(
+        _study_store(
+            _trial(0, True, {"acc": 0.9}, pair="p"), _trial(1, False, {"acc": 0.8}, pair="p")
+        ),
+        STUDY,
+        metrics=["acc"],
+    )
+    assert "acc: a single pair: no CI, no verdict" in one_pair.notes[0]
+    one_each = compare_study(
+        _study_store(_trial(0, True, {"acc": 0.9}), _trial(1, False, {"acc": 0.8})),
+        STUDY,
+        metrics=["acc"],
+    )
+    assert any("acc: a single value in an arm: no CI, no Welch test" in n for n in one_each.notes)
+    constant = _study_store(*(_trial(i, i % 2 == 0, {"acc": 0.9, "c": 3.0}) for i in range(6)))
+    res = compare_study(constant, STUDY, metrics=["acc", "c"], details=False)
+    assert res.headline["favours"].tolist() == ["n/a", "n/a"]
+    assert any(n.startswith("c: both arms are constant") for n in res.notes)
+    sn_only = _study_store(
+        *(
+            _trial(
+                2 * i + sn,
+                sn,
+                {"acc": 0.8 + i / 100, **({"x": 1.0 + i} if sn else {})},
+                pair=f"p{i}",
+            )
+            for i in range(4)
+            for sn in (False, True)
+        )
+    )
+    res = compare_study(sn_only, STUDY, metrics=["acc", "x"], details=False)
+    assert any(n.startswith("x: only SN trials report it") for n in res.notes)
+    assert res.headline["note"].tolist()[0] == ""
+
+
+def test_pairs_missing_a_twin_a_value_or_with_repeats_are_pointed_out() -> None:
+    evs = []
+    for i in range(6):
+        twin = "completed" if i > 1 else ("pruned" if i else "failed")
+        evs += _trial(
+            2 * i, True, {"acc": 0.82 + i / 100}, pair=f"p{i}", curve=[0.5, 0.6] if i != 2 else ()
+        )
+        evs += _trial(
+            2 * i + 1, False, {"acc": 0.8 + i / 100}, pair=f"p{i}", status=twin, curve=[0.5, 0.55]
+        )
+    res = compare_study(_study_store(evs), STUDY, metrics=["acc", "val_accuracy"], mode="final")
+    assert res.headline["n_pairs"].tolist() == [4, 3]
+    assert any(n.startswith("2 pairs have a twin in one arm only") for n in res.notes)
+    assert "val_accuracy: 1 of 4 pairs lacks a value in an arm: left out" in res.notes
+    seeds = [
+        _trial(4 * i + k, k < 2, {"acc": 0.8 + i / 100 + k / 1000}, pair=f"p{i}")
+        for i in range(5)
+        for k in range(4)
+    ]
+    res = compare_study(_study_store(*seeds), STUDY, metrics=["acc"], details=False)
+    assert res.headline.loc[0, "n_pairs"] == 5
+    assert any("several trials in an arm" in n for n in res.notes)
+
+
+@pytest.mark.filterwarnings("error")
+def test_huge_values_in_a_study_give_a_report(tmp_path: Path) -> None:
+    store = _study_store(
+        *(
+            _trial(
+                2 * i + sn,
+                sn,
+                {"h": (1.5 + i / 50) * 1e308 * (1 if sn else -0.9), "acc": 0.8},
+                pair=f"p{i}",
+            )
+            for i in range(6)
+            for sn in (False, True)
+        )
+    )
+    res = compare_study(store, STUDY, metrics=["h", "acc"])
+    row = res.headline.iloc[0]
+    assert np.isnan(row["diff"]) and row["favours"] == "n/a"
+    assert any(n.startswith("h: SN − none is beyond the float64 range") for n in res.notes)
+    text = write_report(res, tmp_path / "r").read_text()
+    assert "beyond the float64 range" in text and "<img" in res.to_html()
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+def test_bands_of_extreme_values_are_neither_unbounded_nor_zero_width(scale: float) -> None:
+    # a variance of σ ~1e300 overflowed (a band to infinity), of σ ~1e-300 underflowed
+    def sigma_bands(scale: float) -> pd.DataFrame:
+        store = _study_store(
+            *(
+                _trial(2 * i + sn, sn, {"acc": 0.8, "sigma/fc": (1 + i / 10 + sn / 20) * scale})
+                for i in range(4)
+                for sn in (False, True)
+            )
+        )
+        return compare_study(store, STUDY, metrics=["acc"]).layer_sigma
+
+    ref, got = sigma_bands(1.0), sigma_bands(scale)
+    assert (ref["ci_low"] > 0).all() and (ref["ci_high"] > ref["mean"]).all()
+    for col in ("mean", "ci_low", "ci_high"):
+        assert got[col].tolist() == pytest.approx((ref[col] * scale).tolist(), rel=1e-9, abs=0), col
+
+
+def test_write_report_refuses_a_file_in_the_way_with_one_clear_error(
+    synthetic_store: TrialStore, tmp_path: Path
+) -> None:
+    from thunderline_lab.errors import ThunderlineLabError
+
+    res = compare_study(synthetic_store, STUDY, metrics=["val_accuracy"], details=False)
+    blocker = tmp_path / "taken"
+    blocker.write_text("notes")
+    for target in (blocker, blocker / "sub"):
+        with pytest.raises(ThunderlineLabError, match="is not a folder") as err:
+            write_report(res, target)
+        assert str(blocker) in str(err.value)
+    assert blocker.read_text() == "notes"
+    (tmp_path / "out" / "report.md").mkdir(parents=True)
+    with pytest.raises(ThunderlineLabError, match=r"report\.md"):
+        write_report(res, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.png"))  # nothing half-written beside it
+
+
+def test_a_report_rewritten_in_its_folder_keeps_no_stale_figures(
+    synthetic_store: TrialStore, tmp_path: Path
+) -> None:
+    full = compare_study(synthetic_store, STUDY)
+    write_report(full, tmp_path)
+    assert (tmp_path / "learning_curves.png").exists()
+    (tmp_path / "mine.png").write_bytes(b"x")  # not a figure of the report: left alone
+    write_report(compare_study(synthetic_store, STUDY, details=False), tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["distributions.png", "mine.png", "paired_differences.png", "report.md"]
+
+
+@pytest.mark.parametrize("study", ["lr $\\frac$ 1e-3", "x$^$", "étude ü 1", "a|b *c*"])
+def test_any_study_name_gets_figures_and_a_report(study: str, tmp_path: Path) -> None:
+    store = TrialStore(":memory:")
+    store.append(synthetic_study(study, n_pairs=3, epochs=3))
+    res = compare_study(store, study)
+    report = write_report(res, tmp_path / cmp.report_folder(study)).read_text()
+    assert report.startswith(f"# SN vs none: {study}")
+    assert study in res.figures()["paired_differences"].get_suptitle().replace("\\$", "$")
+    assert "<img" in res.to_html()
+
+
+def test_report_folders_are_safe_and_distinct_per_study() -> None:
+    names = ["cli/ab", "cli ab", "cli_ab", "étude ü", "ätude ö", "../up", ".hidden", "a" * 300]
+    folders = [cmp.report_folder(n) for n in names]
+    assert len(set(folders)) == len(names)
+    assert folders[2] == "cli_ab" and folders[3].startswith("étude_ü")  # safe names kept
+    for f in folders:
+        assert "/" not in f and not f.startswith(".") and 0 < len(f) <= 80
+    assert cmp.report_folder("cli/ab") == cmp.report_folder("cli/ab")

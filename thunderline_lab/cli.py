@@ -343,7 +343,9 @@ def _write_report(lab: Any, study: str) -> Path | None:
     with lab.store() as store:
         result = compare.compare_study(store, study)
         links = _mlflow_links(lab, store, study)
-    out = compare.write_report(result, lab.reports_dir / study, mlflow_links=links)
+    out = compare.write_report(
+        result, lab.reports_dir / compare.report_folder(study), mlflow_links=links
+    )
     return Path(out)
 
 
@@ -504,9 +506,7 @@ def compare_cmd(
     n_boot: int,
 ) -> None:
     """SN vs none for a study: paired differences, bootstrap CIs, tests; report.md + PNGs."""
-    import re
-
-    from thunderline_lab.compare import compare_study, write_report
+    from thunderline_lab.compare import compare_study, report_folder, write_report
     from thunderline_lab.lab import Lab
 
     lab = Lab.resolve(lab_dir)
@@ -522,8 +522,8 @@ def compare_cmd(
             n_boot=n_boot,
         )
         links = _mlflow_links(lab, store, study)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study).strip(".") or "study"
-    report = write_report(result, out_dir or lab.reports_dir / safe, mlflow_links=links)
+    folder = out_dir or lab.reports_dir / report_folder(study)
+    report = write_report(result, folder, mlflow_links=links)
     click.echo(
         f"{study}: SN − none ({result.design} design, {mode} values, "
         f"{result.confidence * 100:.4g}% bootstrap CI)"

@@ -32,7 +32,12 @@ pruned/failed ones are tallied.
 Uncertainty is shown only where it is defined: a bootstrap CI needs two values per resampled
 sample (a single pair gives none), Welch's test some variance, and the t-interval bands of
 the learning curves and per-layer σ three trials; bands are clipped to the metric's range
-(accuracies in [0, 1], losses and σ ≥ 0). Undefined values are NaN, shown as ``n/a``.
+(accuracies in [0, 1], losses and σ ≥ 0). Undefined values are NaN, shown as ``n/a``, and
+each headline row's ``note`` (also one of the result's notes) says why: one arm without
+values, a single pair or value, constant arms, a difference beyond the float64 range. A
+NaN or ±inf value (written to a store out of band) is left out and counted, never averaged
+in; values of extreme magnitude (1e300, 1e-300) are compared in units of a power of two, so
+no mean overflows and no variance underflows into a spurious p = 0.
 
 The result also carries group learning curves (mean ± CI bands per arm), metric
 distributions, accuracy vs Lipschitz bound and per-layer σ (``sigma/<layer>`` metrics), and
@@ -119,6 +124,7 @@ __all__ = [
     "flush_snapshots",
     "format_headline",
     "higher_is_better",
+    "report_folder",
     "write_report",
 ]
 
@@ -246,7 +252,10 @@ def bootstrap_mean_ci(
 
     A sample of one value says nothing about its spread: with fewer than two values in
     ``x`` (or in ``y``) the CI is ``(nan, nan)`` and no resample is drawn (``resamples`` 0),
-    never a zero-width interval.
+    never a zero-width interval. The mean of values that are not all finite is undefined:
+    a NaN or ±inf anywhere gives ``(nan, nan, nan, 0)``. Values of extreme magnitude
+    (1e300, 1e-300) are resampled in units of a power of two, so no sum overflows; an
+    estimate or bound beyond the float64 range itself is ±inf.
 
     Example:
         >>> est, lo, hi, b = bootstrap_mean_ci([0.1, 0.2, 0.15, 0.3, 0.25], seed=1)
@@ -257,9 +266,16 @@ def bootstrap_mean_ci(
     ya = None if y is None else np.asarray(y, dtype=float)
     if len(xa) == 0 or (ya is not None and len(ya) == 0):
         return math.nan, math.nan, math.nan, 0
+    arrays = (xa,) if ya is None else (xa, ya)
+    k = _exponent(*arrays)
+    if k is None:
+        return math.nan, math.nan, math.nan, 0
+    if k:
+        xa = np.ldexp(xa, -k)
+        ya = None if ya is None else np.ldexp(ya, -k)
     estimate = float(xa.mean()) - (0.0 if ya is None else float(ya.mean()))
     if len(xa) < 2 or (ya is not None and len(ya) < 2):
-        return estimate, math.nan, math.nan, 0
+        return _unscaled(estimate, k), math.nan, math.nan, 0
     means, b = _boot_means(xa, n_boot, _seed_seq(seed, name, 0), max_draws)
     if ya is not None:
         means_y, b_y = _boot_means(ya, n_boot, _seed_seq(seed, name, 1), max_draws)
@@ -267,7 +283,49 @@ def bootstrap_mean_ci(
         means = means[:b] - means_y[:b]
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return estimate, float(lo), float(hi), b
+    return _unscaled(estimate, k), _unscaled(float(lo), k), _unscaled(float(hi), k), b
+
+
+# Magnitudes beyond which values are handled in units of a power of two: squares (a
+# variance) and sums of up to 2**500 values stay within the float64 range.
+_EXTREME = 2.0**200
+
+
+def _exponent(*arrays: np.ndarray) -> int | None:
+    """The power of two ``k`` to divide finite values by (``np.ldexp(x, -k)``, exact) so
+    that their largest magnitude is about 1, or 0 when it is not extreme (below 2**200
+    and above 2**-200: no scaling, results bit for bit as computed directly); None when
+    a value is NaN or ±inf. Every statistic here is computed in those units and scaled
+    back: means and differences are scale-equivariant, the t and rank tests invariant."""
+    m = 0.0
+    for a in arrays:
+        if len(a):
+            m = max(m, abs(float(a.max())), abs(float(a.min())))  # NaN propagates
+    if not math.isfinite(m):
+        return None
+    if m == 0.0 or 1 / _EXTREME <= m <= _EXTREME:
+        return 0
+    return math.frexp(m)[1]
+
+
+def _unscaled(v: float, k: int) -> float:
+    """``v * 2**k``: ±inf where the result is beyond the float64 range, NaN stays NaN."""
+    if not k or v != v:
+        return v
+    try:
+        return math.ldexp(v, k)
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+def _mean(x: np.ndarray) -> float:
+    """``x.mean()`` of finite values, without overflow of their sum (NaN when empty)."""
+    if not len(x):
+        return math.nan
+    k = _exponent(x)
+    if not k:
+        return float(x.mean())
+    return _unscaled(float(np.ldexp(x, -k).mean()), k)
 
 
 def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
@@ -281,6 +339,11 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
 
     if len(d) == 0:
         return math.nan, math.nan, "—"
+    k = _exponent(d)
+    if k is None:  # compare_arrays passes finite differences only
+        return math.nan, math.nan, "—"
+    if k:  # 1e-300 or 1e300: ranks and signs are the same in units of 2**k
+        d = np.ldexp(d, -k)
     scale = float(np.max(np.abs(d)))
     if scale == 0:
         return 0.0, 1.0, "exact"
@@ -308,6 +371,11 @@ def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
+    k = _exponent(a, b)
+    if k is None:
+        return math.nan, math.nan
+    if k:  # t is the same in units of 2**k; variances of 1e-170 or 1e200 are not
+        a, b = np.ldexp(a, -k), np.ldexp(b, -k)
     constant = np.ptp(a) == 0, np.ptp(b) == 0
     if all(constant):
         return math.nan, math.nan
@@ -334,6 +402,11 @@ def compare_arrays(
     The row is a pure function of the arguments; for large inputs (≥ 5,000 values) it is
     remembered by a digest of the values and arguments and a copy returned when asked again
     (:func:`clear_cache` forgets it).
+
+    Non-finite values (NaN, ±inf) are left out (paired: the pairs with one), and counted in
+    ``n_nonfinite``; ``note`` says in words why a statistic is undefined ("" when none is),
+    and ``overflow`` is True when SN − none is beyond the float64 range (no estimate, no CI,
+    no verdict; the rank or t test, being scale-free, still has its p).
 
     Example:
         >>> row = compare_arrays("acc", np.array([.9, .8, .85]), np.array([.85, .8, .8]),
@@ -409,12 +482,19 @@ def _compare_arrays(
 ) -> dict[str, Any]:
     hib = higher_is_better(metric)
     row: dict[str, Any] = {"metric": metric, "design": "paired" if paired else "unpaired"}
+    sn, none, n_nonfinite = _finite_values(sn, none, paired)
     if paired:
-        d = sn - none
+        with np.errstate(over="ignore"):
+            d = sn - none
+        k = 0
+        if not np.isfinite(d).all():  # finite values whose difference is beyond float64
+            k = _exponent(sn, none) or 0
+            d = np.ldexp(sn, -k) - np.ldexp(none, -k)  # in units of 2**k: |d| <= 2
         est, lo, hi, b = bootstrap_mean_ci(
             d, n_boot=n_boot, confidence=confidence, seed=seed, name=metric, max_draws=max_draws
         )
-        stat, p, method = _wilcoxon(d)
+        est, lo, hi = (_unscaled(v, k) for v in (est, lo, hi))
+        stat, p, method = _wilcoxon(d)  # ranks: the same in any unit
         row.update(
             n_pairs=len(d), n_sn=len(sn), n_none=len(none), test="wilcoxon", test_method=method
         )
@@ -430,9 +510,13 @@ def _compare_arrays(
         )
         stat, p = _welch(sn, none)
         row.update(n_pairs=0, n_sn=len(sn), n_none=len(none), test="welch", test_method="t")
+    # an estimate or bound beyond the float64 range is ±inf: shown and judged as undefined
+    overflow = any(math.isinf(v) for v in (est, lo, hi))
+    if overflow:
+        est, lo, hi = math.nan, math.nan, math.nan
     row.update(
-        mean_sn=float(sn.mean()) if len(sn) else math.nan,
-        mean_none=float(none.mean()) if len(none) else math.nan,
+        mean_sn=_mean(sn),
+        mean_none=_mean(none),
         diff=est,
         ci_low=lo,
         ci_high=hi,
@@ -440,9 +524,57 @@ def _compare_arrays(
         p_value=p,
         n_boot=b,
         higher_is_better=hib,
+        n_nonfinite=n_nonfinite,
+        overflow=overflow,
     )
     row["favours"] = _verdict(lo, hi, p, confidence, hib)
+    row["note"] = _row_note(row)
     return row
+
+
+def _finite_values(
+    sn: np.ndarray, none: np.ndarray, paired: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The finite values of each arm (paired: the pairs finite in both), and how many
+    values were left out (NaN or ±inf: no mean, no rank)."""
+    ok_sn, ok_none = np.isfinite(sn), np.isfinite(none)
+    if ok_sn.all() and ok_none.all():
+        return sn, none, 0
+    if paired:
+        keep = ok_sn & ok_none
+        left_out = int(np.count_nonzero(~ok_sn) + np.count_nonzero(~ok_none))
+        return sn[keep], none[keep], left_out
+    left_out = len(sn) + len(none) - int(np.count_nonzero(ok_sn) + np.count_nonzero(ok_none))
+    return sn[ok_sn], none[ok_none], left_out
+
+
+def _left_out(n: int, kind: str) -> str:
+    return f"{n} non-finite value{'s' if n > 1 else ''} ({kind}) left out"
+
+
+def _row_note(row: Mapping[str, Any]) -> str:
+    """Why a row's statistics are undefined or rest on fewer values than given ("" when
+    nothing needs saying): what tables show as n/a, in words."""
+    why = []
+    left_out = int(row.get("n_nonfinite") or 0)
+    if left_out:
+        why.append(_left_out(left_out, "NaN or ±inf"))
+    n_sn, n_none = int(row["n_sn"]), int(row["n_none"])
+    if row["design"] == "paired":
+        if row["n_pairs"] == 0:
+            why.append("no pair has a value in both arms: nothing to compare")
+        elif row["n_pairs"] == 1:
+            why.append("a single pair: no CI, no verdict (its rank test cannot give p < 1)")
+    elif n_sn == 0 or n_none == 0:
+        empty = " or ".join(arm for arm, n in (("SN", n_sn), ("none", n_none)) if n == 0)
+        why.append(f"no value in the {empty} arm: nothing to compare")
+    elif min(n_sn, n_none) < 2:
+        why.append("a single value in an arm: no CI, no Welch test")
+    elif row["p_value"] != row["p_value"]:
+        why.append("both arms are constant: Welch's t is undefined (0/0), no verdict")
+    if row.get("overflow"):
+        why.append("SN − none is beyond the float64 range (±1.8e308): no estimate, no CI")
+    return "; ".join(why)
 
 
 def _verdict(lo: float, hi: float, p: float, confidence: float, hib: bool) -> str:
@@ -1052,8 +1184,9 @@ def clear_cache(store: Any = None, *, study: str | None = None) -> None:
 
 _log = logging.getLogger(__name__)
 # bump whenever the frame's layout or meaning changes (2: favours; 3: no CI from one value,
-# no Welch test of two constant arms)
-SNAPSHOT_FORMAT = 3
+# no Welch test of two constant arms; 4: non-finite values left out, extreme magnitudes
+# scaled, a note per row)
+SNAPSHOT_FORMAT = 4
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
@@ -1499,7 +1632,8 @@ class ComparisonResult:
     Attributes:
         headline: one row per metric: design, n_pairs, n_sn, n_none, mean_sn, mean_none,
             diff (SN − none), ci_low, ci_high, test, statistic, p_value, p_holm (Holm over
-            the metrics with a p-value), n_boot, favours (judged on p_holm).
+            the metrics with a p-value), n_boot, favours (judged on p_holm), note (why a
+            value is n/a or rests on fewer trials than the arms hold; "" otherwise).
         trials: the trials compared (arm, coeff, pair_id, one column per metric).
         pairs: per pair, SN − none per metric (paired design).
         by_coeff: headline rows per SN coefficient when the study uses a few fixed ones, or
@@ -1648,7 +1782,9 @@ def compare_study(
             sample; the figure says so when sampling happened).
 
     Raises:
-        StudyError: the study has no trials, or no trial with a known arm.
+        StudyError: the study has no trials (naming the store's studies, the closest
+            first), no trial of ``statuses`` with a known arm (naming the statuses it
+            has), or none of ``metrics`` (naming the closest ones it reports).
     """
     if mode not in ("best", "final"):
         raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
@@ -1723,9 +1859,10 @@ def _compare(
             _ensure_columns(store, study, frame, select(frame.keys))
     if frame.n == 0:
         known = [r[0] for r in _read(store, "SELECT DISTINCT study FROM trials ORDER BY 1")]
+        known = [str(k) for k in known if k is not None]
         raise StudyError(
             f"no trials for study {study!r} in {store.path}"
-            + (f" (studies: {', '.join(map(str, known))})" if known else " (the store is empty)")
+            + (f" ({_known_names('studies', known, study)})" if known else " (the store is empty)")
         )
     if details:
         sigma_keys = sorted(k for k in frame.keys if k.startswith("sigma/"))
@@ -1735,18 +1872,42 @@ def _compare(
     arms = _arms(frame, statuses)
     is_sn, is_none = arms.is_sn, arms.is_none
     if not (is_sn.any() or is_none.any()):
+        by_status = counts.groupby("status", sort=True)["n"].sum()
         raise StudyError(
-            f"study {study!r}: no {'/'.join(statuses)} trial with a known spectral_norm arm"
+            f"study {study!r}: no {'/'.join(statuses)} trial with a known spectral_norm arm "
+            "(trials by status: "
+            + ", ".join(f"{status} {n}" for status, n in by_status.items())
+            + ")"
         )
     codes = frame.pair_codes()
     n_pairs_possible = arms.n_pairs
     design_paired = bool(n_pairs_possible > 0) if paired is None else paired
-    if design_paired and n_pairs_possible == 0:
+    one_arm = not (is_sn.any() and is_none.any())
+    if one_arm:  # no design can compare anything: say so, not which test was not run
+        missing, present = ("none", "SN") if is_sn.any() else ("SN", "none")
+        notes.append(
+            f"no {'/'.join(statuses)} trial "
+            + ("without SN" if missing == "none" else "with SN")
+            + f" ({missing} arm): nothing to compare the {present} arm with"
+        )
+    elif design_paired and n_pairs_possible == 0:
         notes.append("paired design requested but no pair_id has both arms; nothing to pair")
-    if not design_paired and arms.has_pair_ids and paired is None:
+    elif not design_paired and arms.has_pair_ids and paired is None:
         notes.append("pair ids present but no complete pair: unpaired comparison (Welch)")
-    if paired is None and not arms.has_pair_ids:
+    elif paired is None and not arms.has_pair_ids:
         notes.append("no pair_id in parameters: unpaired comparison (Welch's t-test)")
+    if design_paired and not one_arm and arms.n_incomplete:
+        half = arms.n_incomplete
+        notes.append(
+            f"{half} pair{'s have' if half > 1 else ' has'} a twin in one arm only (the other "
+            f"failed, was pruned, is running or is not {'/'.join(statuses)}): left out of the "
+            "paired comparison"
+        )
+    if design_paired and n_pairs_possible and arms.pair_rows is None:
+        notes.append(
+            "some pairs have several trials in an arm (seeds, repeats): each arm's mean "
+            "within a pair is compared, and n counts pairs, not trials"
+        )
 
     rows, sources, pair_cols, values_by_metric = [], {}, {}, {}
     skipped = []
@@ -1768,7 +1929,11 @@ def _compare(
         if d is not None:
             pair_cols[metric] = d
     if skipped and metrics is not None:
-        notes.append(f"not reported by any trial: {', '.join(skipped)}")
+        names = _metric_names(store, frame)
+        notes.append(
+            "not reported by any trial: "
+            + ", ".join(m + (f" ({h})" if (h := _did_you_mean(m, names)) else "") for m in skipped)
+        )
     # a per-epoch metric without final_<m>: its summary describes the restored best epoch
     summarised = [m for m, src in sources.items() if src == m and m in HISTORY_METRICS]
     if mode == "final" and summarised:
@@ -1778,7 +1943,13 @@ def _compare(
             "not at the last epoch trained"
         )
     if not rows:
-        raise StudyError(f"study {study!r}: none of the metrics {', '.join(wanted)} is reported")
+        names = _metric_names(store, frame)
+        hints = [h for m in wanted if (h := _did_you_mean(m, names))]
+        raise StudyError(
+            f"study {study!r}: none of the metrics {', '.join(wanted)} is reported"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + (f"; {_known_names('it reports', sorted(names), '')}" if names else "")
+        )
     # the metrics' p-values as one family (Holm), over the rows as remembered: the
     # adjustment is never cached, so no remembered row or snapshot lacks it
     headline = pd.DataFrame(_holm_rows(rows, confidence))
@@ -1805,6 +1976,7 @@ def _compare(
             f"metrics (n × resamples capped at {max_draws:,}); raise max_draws for more"
         )
     notes += arms.excluded
+    notes += [f"{row['metric']}: {row['note']}" for row in rows if row.get("note")]
     same = _identical_pairs(pair_cols)
     if same:
         notes.append(
@@ -1871,6 +2043,46 @@ def _compare(
     )
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``did you mean 'x'?`` naming the known names closest to ``name`` ("" if none is
+    close): same name but for case or punctuation first, then by similarity."""
+    import difflib
+
+    known = sorted(set(known))
+
+    def squash(s: str) -> str:
+        return re.sub(r"[\W_]+", "", s.casefold())
+
+    close = [k for k in known if squash(k) == squash(name) and k != name]
+    close += difflib.get_close_matches(name, known, n=3, cutoff=0.75)
+    close = list(dict.fromkeys(close))[:3]
+    return f"did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def _known_names(what: str, known: Sequence[str], asked: str, limit: int = 20) -> str:
+    """``what: a, b, c`` (the first ``limit``, then how many more), with a did-you-mean
+    for ``asked`` first."""
+    hint = _did_you_mean(asked, known) if asked else ""
+    shown = ", ".join(known[:limit])
+    more = f" and {len(known) - limit} more" if len(known) > limit else ""
+    return (f"{hint} " if hint else "") + f"{what}: {shown}{more}"
+
+
+def _metric_names(store: TrialStore, frame: _Frame) -> set[str]:
+    """The metric names the study reports (summaries, without ``best_``/``final_``, and
+    per-epoch histories): what a misspelled metric is matched against (not on a hot path:
+    only when a metric asked for is not found)."""
+    names = {re.sub(r"^(best|final)_", "", k) for k in frame.keys}
+    for i in range(min(frame.n, 5)):  # a few trials' histories (primary-key seeks)
+        rows = _read(
+            store,
+            "SELECT DISTINCT name FROM metrics WHERE model_run_id = ? AND trial_id = ?",
+            [frame.run[i], frame.trial[i]],
+        )
+        names.update(str(r[0]) for r in rows)
+    return names
+
+
 _HEADLINE_COLUMNS = (
     "metric",
     "source",
@@ -1891,24 +2103,34 @@ _HEADLINE_COLUMNS = (
     "n_boot",
     "higher_is_better",
     "favours",
+    "note",
 )
 
 
-def _complete_pairs(codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray) -> np.ndarray:
+def _complete_pairs(
+    codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """(per pair code: both arms have a trial, how many pairs have a trial in one arm only)."""
     size = int(codes.max()) + 1 if len(codes) and codes.max() >= 0 else 0
     has_sn = np.bincount(codes[is_sn & (codes >= 0)], minlength=size) > 0
     has_none = np.bincount(codes[is_none & (codes >= 0)], minlength=size) > 0
-    return np.asarray(has_sn & has_none)
+    return np.asarray(has_sn & has_none), int(np.count_nonzero(has_sn != has_none))
 
 
 def _pair_means(
     values: np.ndarray, codes: np.ndarray, arm: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    ok = arm & (codes >= 0) & ~np.isnan(values)
+    ok = arm & (codes >= 0) & np.isfinite(values)
     sums = np.bincount(codes[ok], weights=values[ok], minlength=size)
     counts = np.bincount(codes[ok], minlength=size)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / counts, counts
+        means = sums / counts
+    if np.isinf(sums).any():  # finite values whose sum is beyond float64: in units of 2**k
+        k = _exponent(values[ok]) or 0
+        sums = np.bincount(codes[ok], weights=np.ldexp(values[ok], -k), minlength=size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.ldexp(sums / counts, k)
+    return means, counts
 
 
 # per complete pair (codes ascending): its code, its SN trial's row, its none trial's row
@@ -1952,14 +2174,16 @@ def _paired_diffs(
     if rows is not None:
         idx, sn_rows, none_rows = rows
         m_sn, m_none = values[sn_rows] + 0.0, values[none_rows] + 0.0
-        ok = ~(np.isnan(m_sn) | np.isnan(m_none))
+        ok = np.isfinite(m_sn) & np.isfinite(m_none)  # NaN: no value; ±inf: left out
         m_sn, m_none = m_sn[ok], m_none[ok]
-        return m_sn, m_none, m_sn - m_none, idx[ok]
+        with np.errstate(over="ignore"):  # beyond float64: ±inf, as compare_arrays says
+            return m_sn, m_none, m_sn - m_none, idx[ok]
     size = int(codes.max()) + 1 if len(codes) and codes.max() >= 0 else 0
     m_sn, c_sn = _pair_means(values, codes, is_sn, size)
     m_none, c_none = _pair_means(values, codes, is_none, size)
     both = np.flatnonzero((c_sn > 0) & (c_none > 0))
-    return m_sn[both], m_none[both], m_sn[both] - m_none[both], both
+    with np.errstate(over="ignore"):
+        return m_sn[both], m_none[both], m_sn[both] - m_none[both], both
 
 
 def _compare_metric(
@@ -1992,7 +2216,7 @@ def _compare_metric(
             ),
             (both, d),
         )
-    finite = ~np.isnan(values)
+    finite = np.isfinite(values)  # NaN: no value; ±inf: left out (noted by _metric_row)
     sn, none = values[is_sn & finite], values[is_none & finite]
     row = compare_arrays(
         metric,
@@ -2043,9 +2267,46 @@ def _metric_row(
             complete = np.flatnonzero(arms.complete)
             d = np.full(len(complete), np.nan)
             d[np.searchsorted(complete, both)] = pair_d  # both: a subset of the complete
+        row["note"] = _study_row_note(arms, values, row)
         hit = (values, row, d)
         arms.rows[key] = hit
     return dict(hit[1]), hit[2]
+
+
+def _study_row_note(arms: _Arms, values: np.ndarray, row: dict[str, Any]) -> str:
+    """The row's note (:func:`_row_note`) in the study's terms: the ±inf values among the
+    trials compared (left out; NaN there is only no value), which arm reports a metric that
+    no pair has in both, and how many pairs (or trials) lack a value. Vectorised; run once
+    per metric and frame state (kept with the row by :func:`_metric_row`)."""
+    inf = np.isinf(values)
+    n_inf = int(np.count_nonzero(inf[arms.sel])) if inf.any() else 0
+    row["n_nonfinite"] = n_inf
+    why = [_left_out(n_inf, "±inf")] if n_inf else []
+    a_value = "a finite value" if n_inf else "a value"
+    n_pairs = int(row["n_pairs"])
+    if row["design"] == "paired" and n_pairs == 0:
+        has = [bool(np.isfinite(values[arm]).any()) for arm in (arms.is_sn, arms.is_none)]
+        if has[0] != has[1]:
+            why.append(f"only {'SN' if has[0] else 'none'} trials report it: nothing to compare")
+        elif not has[0]:
+            why.append("no trial compared reports it")
+        else:
+            why.append("no pair has a value in both arms: nothing to compare")
+        return "; ".join(why)
+    if row["design"] == "paired" and n_pairs < arms.n_pairs:
+        n_lack = arms.n_pairs - n_pairs
+        verb = "lack" if n_lack > 1 else "lacks"
+        why.append(f"{n_lack} of {arms.n_pairs} pairs {verb} {a_value} in an arm: left out")
+    elif row["design"] == "unpaired" and row["n_sn"] and row["n_none"]:
+        lacking = [
+            f"{total - int(row[key])} of {total} {arm}"
+            for arm, key, total in (("SN", "n_sn", arms.n_sn), ("none", "n_none", arms.n_none))
+            if int(row[key]) < total
+        ]
+        if lacking:
+            why.append(f"{' and '.join(lacking)} trials lack {a_value}: left out")
+    rest = _row_note({**row, "n_nonfinite": 0})
+    return "; ".join([*why, rest] if rest else why)
 
 
 def _first_rows(codes: np.ndarray) -> np.ndarray:
@@ -2067,6 +2328,9 @@ class _Arms:
     complete: np.ndarray  # per pair code: both arms have a trial
     has_pair_ids: bool
     n_pairs: int
+    n_incomplete: int  # pair ids with a trial in one arm only
+    n_sn: int  # trials in each arm
+    n_none: int
     sel: np.ndarray  # frame rows in either arm
     columns: dict[str, np.ndarray]  # the trials table's id and arm columns over sel
     excluded: list[str]  # notes: trials of other statuses left out
@@ -2116,7 +2380,7 @@ def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
     is_sn, is_none = mask & (frame.sn == 1.0), mask & (frame.sn == 0.0)
     codes = frame.pair_codes()
     has_pair_ids = bool((codes >= 0).any())
-    complete = _complete_pairs(codes, is_sn, is_none)
+    complete, n_incomplete = _complete_pairs(codes, is_sn, is_none)
     sel = np.flatnonzero(is_sn | is_none)
     columns = {
         "model_run_id": frame.run[sel],
@@ -2141,6 +2405,9 @@ def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
         complete=complete,
         has_pair_ids=has_pair_ids,
         n_pairs=int(complete.sum()) if has_pair_ids else 0,
+        n_incomplete=n_incomplete,
+        n_sn=int(np.count_nonzero(is_sn)),
+        n_none=int(np.count_nonzero(is_none)),
         sel=sel,
         columns=columns,
         excluded=excluded,
@@ -2254,9 +2521,30 @@ def _mean_ci_table(
     """Per group of ``by``: n, mean and a t-interval (ci_low, ci_high) of ``value``.
 
     The interval is NaN below ``_MIN_BAND_N`` values and clipped to the range of the
-    metric (``metric``, or each group's ``metric_col``): an accuracy band stays in [0, 1]."""
-    g = df.groupby(by, sort=True)["value"].agg(["count", "mean", "std"]).reset_index()
+    metric (``metric``, or each group's ``metric_col``): an accuracy band stays in [0, 1].
+    Non-finite values are left out; a group of extreme magnitude (1e300, 1e-300) is
+    summarised in units of a power of two of its own, so its variance neither overflows
+    (a band to infinity) nor underflows (a band of zero width)."""
+    values = df["value"].to_numpy(dtype=float)
+    if not np.isfinite(values).all():
+        df, values = df[np.isfinite(values)], values[np.isfinite(values)]
+    magnitude = np.abs(values)
+    nonzero = magnitude[magnitude > 0]
+    extreme = len(nonzero) > 0 and (
+        float(nonzero.max()) > _EXTREME or float(nonzero.min()) < 1 / _EXTREME
+    )
+    if extreme:  # each group's largest magnitude scaled to about 1, exactly (a power of 2)
+        top = pd.Series(magnitude, index=df.index).groupby([df[c] for c in by]).transform("max")
+        exps = np.frexp(top.to_numpy())[1]
+        df = df.assign(value=np.ldexp(values, -exps), _exp=exps)
+    grouped = df.groupby(by, sort=True)
+    g = grouped["value"].agg(["count", "mean", "std"]).reset_index()
     g = g.rename(columns={"count": "n"})
+    if extreme:
+        exps = grouped["_exp"].first().to_numpy()
+        g["mean"] = np.ldexp(g["mean"].to_numpy(), exps)
+        with np.errstate(over="ignore"):  # a spread beyond float64: an unbounded band
+            g["std"] = np.ldexp(g["std"].to_numpy(), exps)
     half = _t_crit(g["n"].to_numpy(), confidence) * g["std"].to_numpy() / np.sqrt(g["n"])
     half = np.where(g["n"] >= _MIN_BAND_N, half, np.nan)
     if metric_col:
@@ -2282,7 +2570,8 @@ def _layer_sigma(
             for key, values in columns.items()
         ],
         ignore_index=True,
-    ).dropna()
+    )
+    long = long[np.isfinite(long["value"].to_numpy(dtype=float))]
     out = _mean_ci_table(long, ["layer", "arm"], confidence, metric="sigma")
     order = {k: i for i, k in enumerate(_natural_sorted(out["layer"].unique()))}
     return out.sort_values(
@@ -2479,6 +2768,33 @@ def _hist(ax: Any, values: np.ndarray, **style: Any) -> None:
         ax.hist(values, bins=min(40, max(5, len(values) // 3)), **style)
 
 
+def _drawable(ax: Any, *arrays: np.ndarray) -> bool:
+    """Whether an axis can span ``arrays`` (finite values): not when their range, with the
+    axis' margins, is beyond float64 (values near ±1.8e308); the axis then says so."""
+    values = [a for a in arrays if len(a)]
+    if not values:
+        return True
+    lo = min(float(np.min(a)) for a in values)
+    hi = max(float(np.max(a)) for a in values)
+    with np.errstate(over="ignore"):
+        ok = math.isfinite((hi - lo) * 1.25)
+    if not ok:
+        _no_data(ax, "values span beyond the float64 range: not drawn")
+    return ok
+
+
+def _finite(values: pd.Series | np.ndarray) -> np.ndarray:
+    """The finite values (what the statistics used: NaN is no value, ±inf left out)."""
+    a = np.asarray(values, dtype=float)
+    return a[np.isfinite(a)]
+
+
+def _plain(text: Any) -> str:
+    """``text`` shown as written in a figure: ``$`` starts no mathtext (a study named
+    ``lr $\\frac$`` would fail to draw)."""
+    return str(text).replace("$", r"\$")
+
+
 def _no_data(ax: Any, text: str) -> None:
     """Say why an axis is empty (instead of blank axes)."""
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8)
@@ -2510,11 +2826,15 @@ def fig_differences(res: ComparisonResult) -> Any:
     for ax, rec in zip(axes, res.headline.itertuples(), strict=False):
         p_holm = getattr(rec, "p_holm", math.nan)
         p_text = f"p={_p(rec.p_value)}" + (f" (Holm {_p(p_holm)})" if several else "")
-        ax.set_title(f"{rec.metric}: Δ {_num(rec.diff)}  {p_text}", fontsize=9)
+        ax.set_title(f"{_plain(rec.metric)}: Δ {_num(rec.diff)}  {p_text}", fontsize=9)
         if res.design == "paired":
-            d = res.pairs[rec.metric].dropna().to_numpy() if rec.metric in res.pairs else []
+            raw = res.pairs[rec.metric] if rec.metric in res.pairs else pd.Series(dtype=float)
+            d = _finite(raw)
             if not len(d):
-                _no_data(ax, "no complete pairs")
+                big = raw.notna().any()  # ±inf: beyond float64, as the headline says
+                _no_data(ax, "differences beyond the float64 range" if big else "no complete pairs")
+                continue
+            if not _drawable(ax, d):
                 continue
             _hist(ax, np.asarray(d), color="#888", alpha=0.7)
             ax.axvline(0, color="k", lw=1)
@@ -2526,10 +2846,15 @@ def fig_differences(res: ComparisonResult) -> Any:
             ax.set_ylabel("pairs", fontsize=8)
         else:
             drawn = False
-            for arm in ("SN", "none"):
-                v = res.trials.loc[res.trials["arm"] == arm, rec.metric].dropna()
+            by_arm = {
+                arm: _finite(res.trials.loc[res.trials["arm"] == arm, rec.metric])
+                for arm in ("SN", "none")
+            }
+            if not _drawable(ax, *by_arm.values()):
+                continue
+            for arm, v in by_arm.items():
                 if len(v):
-                    _hist(ax, v.to_numpy(), alpha=0.5, color=ARM_COLORS[arm], label=arm)
+                    _hist(ax, v, alpha=0.5, color=ARM_COLORS[arm], label=arm)
                     drawn = True
             if not drawn:
                 _no_data(ax, "no values")
@@ -2543,7 +2868,8 @@ def fig_differences(res: ComparisonResult) -> Any:
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     fig.suptitle(
-        f"{res.study}: SN − none ({res.design}, {_percent(res.confidence)} CI)", fontsize=10
+        f"{_plain(res.study)}: SN − none ({res.design}, {_percent(res.confidence)} CI)",
+        fontsize=10,
     )
     fig.tight_layout()
     return fig
@@ -2559,24 +2885,24 @@ def fig_distributions(res: ComparisonResult, max_points: int = 2000) -> Any:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     rng = np.random.default_rng(res.seed)
     for ax, metric in zip(axes, metrics, strict=False):
-        data = [
-            res.trials.loc[res.trials["arm"] == arm, metric].dropna().to_numpy()
-            for arm in ("SN", "none")
-        ]
+        data = [_finite(res.trials.loc[res.trials["arm"] == arm, metric]) for arm in ("SN", "none")]
+        ax.set_title(_plain(metric), fontsize=9)
+        if not _drawable(ax, *data):
+            continue
         if any(len(d) for d in data):
-            ax.boxplot(
-                [d if len(d) else [np.nan] for d in data],
-                showfliers=False,
-                tick_labels=["SN", "none"],
-                widths=0.5,
-            )
+            with np.errstate(over="ignore"):  # its (unshown) mean of values near 1.8e308
+                ax.boxplot(
+                    [d if len(d) else [np.nan] for d in data],
+                    showfliers=False,
+                    tick_labels=["SN", "none"],
+                    widths=0.5,
+                )
         for i, (arm, d) in enumerate(zip(("SN", "none"), data, strict=True)):
             if len(d) > max_points:
                 d = rng.choice(d, max_points, replace=False)
             ax.scatter(
                 i + 1 + rng.uniform(-0.15, 0.15, len(d)), d, s=6, alpha=0.5, color=ARM_COLORS[arm]
             )
-        ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
@@ -2615,7 +2941,7 @@ def fig_learning_curves(res: ComparisonResult) -> Any:
         ax.grid(alpha=0.25)
         ax.legend(fontsize=7)
     fig.suptitle(
-        f"{res.study}: mean ± {_percent(res.confidence)} CI by arm"
+        f"{_plain(res.study)}: mean ± {_percent(res.confidence)} CI by arm"
         + (f" (no band below {_MIN_BAND_N} trials)" if missing_bands else ""),
         fontsize=10,
     )
@@ -2628,8 +2954,8 @@ def fig_accuracy_vs_lipschitz(res: ComparisonResult, max_points: int = 5000) -> 
     acc = res.accuracy_metric
     if acc is None or "lipschitz_upper" not in res.trials or acc not in res.trials:
         return None
-    df = res.trials[["arm", acc, "lipschitz_upper"]].dropna()
-    df = df[df["lipschitz_upper"] > 0]
+    df = res.trials[["arm", acc, "lipschitz_upper"]]
+    df = df[np.isfinite(df[acc]) & np.isfinite(df["lipschitz_upper"]) & (df["lipschitz_upper"] > 0)]
     if df.empty:
         return None
     if len(df) > max_points:
@@ -2651,7 +2977,7 @@ def fig_accuracy_vs_lipschitz(res: ComparisonResult, max_points: int = 5000) -> 
     ax.set_ylabel(acc, fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.25)
-    ax.set_title(f"{res.study}: {acc} vs Lipschitz bound", fontsize=9)
+    ax.set_title(f"{_plain(res.study)}: {acc} vs Lipschitz bound", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -2678,10 +3004,10 @@ def fig_layer_sigma(res: ComparisonResult) -> Any:
             alpha=0.85,
         )
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    ax.set_xticks(x, layers, rotation=30, fontsize=7)
+    ax.set_xticks(x, [_plain(layer) for layer in layers], rotation=30, fontsize=7)
     ax.set_ylabel("σ (largest singular value)", fontsize=8)
     ax.legend(fontsize=7)
-    ax.set_title(f"{res.study}: per-layer σ", fontsize=9)
+    ax.set_title(f"{_plain(res.study)}: per-layer σ", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -2694,6 +3020,26 @@ def _counts_table(counts: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def report_folder(study: str) -> str:
+    """A folder name for ``study``'s report (``LAB/reports/<name>``): the study's name
+    itself when it is a safe one (letters of any script, digits, ``_ - .``, not starting
+    with a dot, up to 64 characters), else a safe version with a short hash of the name,
+    so that two studies (``cli/ab``, ``cli ab``) never share a folder and none escapes it.
+
+    Example:
+        >>> report_folder("mnist-sn"), report_folder("étude"), report_folder("cli/ab")
+        ('mnist-sn', 'étude', 'cli_ab-b5b00e4e')
+    """
+    import unicodedata
+
+    name = unicodedata.normalize("NFC", study)
+    safe = re.sub(r"[^\w.-]+", "_", name).strip("._")[:64]
+    if safe == study:
+        return safe
+    tag = hashlib.blake2b(study.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+    return f"{safe or 'study'}-{tag}"
+
+
 def write_report(
     res: ComparisonResult, out_dir: str | Path, *, mlflow_links: pd.DataFrame | None = None
 ) -> Path:
@@ -2703,19 +3049,22 @@ def write_report(
     trial's MLflow run, UI link and artifact folder.
 
     Figures: ``paired_differences.png``, ``distributions.png``, ``learning_curves.png``,
-    ``accuracy_vs_lipschitz.png``, ``layer_sigma.png`` (those with data).
+    ``accuracy_vs_lipschitz.png``, ``layer_sigma.png`` (those with data; one left in the
+    folder by an earlier report is deleted when this one has no data for it). Each file is
+    written atomically, ``report.md`` last.
+
+    Raises:
+        ConfigError: ``out_dir`` cannot be made or written (a file in the way, no
+            permission); the message names the path at fault.
 
     Example:
         >>> write_report(res, "lab/reports/ab")  # doctest: +SKIP
         PosixPath('lab/reports/ab/report.md')
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for name, fig in res.figures().items():
-        path = out / f"{name}.png"
-        path.write_bytes(_png(fig))
-        paths[name] = path
+    # everything is drawn before the folder is touched: a figure that cannot be drawn
+    # leaves no half-written report
+    pngs = {f"{name}.png": _png(fig) for name, fig in res.figures().items()}
     md = [
         f"# SN vs none: {res.study}",
         "",
@@ -2739,7 +3088,8 @@ def write_report(
         "favour "
         f"when the {'Wilcoxon' if res.design == 'paired' else 'Welch'} test agrees after "
         f"Holm's adjustment (p_holm < {1 - res.confidence:.2g}); — otherwise; n/a when there "
-        "is no CI or no test (a single pair or value per arm, or two constant arms).",
+        "is no CI or no test (a single pair or value per arm, two constant arms, an arm "
+        "without values: the notes say which, metric by metric).",
     ]
     if not res.by_coeff.empty:
         shown = _headline_display(res.by_coeff, res.confidence)
@@ -2761,9 +3111,60 @@ def write_report(
                 for r in runs.itertuples()
             ),
         ]
-    if paths:
+    if pngs:
         md += ["", "## Figures", ""]
-        md += [f"![{name}]({path.name})" for name, path in paths.items()]
-    report = out / "report.md"
-    report.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return report
+        md += [f"![{name.removesuffix('.png')}]({name})" for name in pngs]
+    files = {**pngs, "report.md": ("\n".join(md) + "\n").encode("utf-8")}
+    return _write_files(out, files, stale=[f"{name}.png" for name in _FIGURE_NAMES])
+
+
+_FIGURE_NAMES = (
+    "paired_differences",
+    "distributions",
+    "learning_curves",
+    "accuracy_vs_lipschitz",
+    "layer_sigma",
+)
+
+
+def _write_files(out: Path, files: Mapping[str, bytes], stale: Iterable[str]) -> Path:
+    """Write ``files`` (name -> bytes, ``report.md`` last, each atomically) into the folder
+    ``out`` and delete the ``stale`` ones not among them (a figure an earlier report drew
+    that this one has no data for: it would describe another comparison); returns the
+    report's path.
+
+    Raises:
+        ConfigError: the folder cannot be made or written (a file in the way, no
+            permission), naming the path at fault; nothing is written when a target is
+            a folder.
+    """
+    from thunderline_lab.errors import ConfigError
+
+    def unwritable(path: Any, exc: OSError) -> ConfigError:
+        return ConfigError(f"report folder {out}: cannot write {path}: {exc.strerror or exc}")
+
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"report folder {out}: {blocker} exists and is not a folder")
+    for name in files:
+        if (out / name).is_dir():
+            raise ConfigError(f"report folder {out}: {out / name} is a folder, not a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise unwritable(exc.filename or out, exc) from None
+    for name, data in files.items():
+        path = out / name
+        tmp = out / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise unwritable(path, exc) from None
+    for name in stale:
+        if name not in files:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                (out / name).unlink()
+    return out / "report.md"
