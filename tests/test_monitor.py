@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
+import re
 import socket
 import sys
 import threading
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,13 @@ import pytest
 
 from thunderline_lab import events
 from thunderline_lab.bus import EventBus
-from thunderline_lab.errors import GatewayError, StoreError, ThunderlineLabError
+from thunderline_lab.errors import (
+    ConfigError,
+    GatewayError,
+    StoreError,
+    StudyError,
+    ThunderlineLabError,
+)
 from thunderline_lab.monitor import (
     BackgroundRun,
     BusSource,
@@ -1149,3 +1158,231 @@ def _fold_study(evs: list[Any]) -> MonitorState:
     state = MonitorState(SLASHED)
     state.apply_many(evs)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# A researcher's notebook: dropped monitors, outages, wrong tokens, re-runs, odd values
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["text", "widget"])
+def test_a_monitor_nobody_holds_stops_its_pump_and_releases_its_source(mode: str) -> None:
+    # a re-run cell rebinds `mon`: the old monitor must not poll (and print, and render)
+    # forever, nor keep a bus subscription that buffers every event for nobody
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode=mode, text_interval=1e9, poll_interval=0.005).start(
+        display=False
+    )
+    thread = mon._thread
+    assert thread is not None
+    while not mon.pumps:
+        time.sleep(0.005)
+    ref = weakref.ref(mon)
+    del mon
+    _wait_for(lambda: gc.collect() >= 0 and ref() is None)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert not bus.subscriptions
+    never_started = LiveMonitor.from_bus(bus, STUDY, mode="text")
+    assert len(bus.subscriptions) == 1
+    del never_started
+    gc.collect()
+    assert not bus.subscriptions
+
+
+class _Blackout:
+    """A source that delivers a finished study, then fails while ``down`` is set."""
+
+    label = "gateway http://gw"
+    poll_interval = 0.001
+
+    def __init__(self) -> None:
+        self.down = threading.Event()
+        self.calls = 0
+
+    def poll(self) -> list[Any]:
+        self.calls += 1
+        if self.calls == 1:
+            return list(synthetic_study(STUDY, n_pairs=1, epochs=2))
+        if self.down.is_set():
+            raise GatewayError("gateway http://gw: cannot fetch events: connection refused")
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_outage_is_not_a_quiet_spell() -> None:
+    # between two trials the gateway goes away: no news is not "the study has finished"
+    source = _Blackout()
+    mon = LiveMonitor(source, STUDY, mode="text", text_interval=1e9).start(display=False)
+    _wait_for(lambda: mon.state.summary()["n_done"] == 2)
+    source.down.set()
+    _wait_for(lambda: mon.source_errors > 0)
+    assert not mon.study_finished(quiet=0.0)
+    ok = mon.polls_ok
+    source.down.clear()  # it comes back, and nothing happened meanwhile: now it is quiet
+    _wait_for(lambda: mon.polls_ok > ok)
+    assert mon.study_finished(quiet=0.0)
+    mon.close()
+
+
+def test_from_gateway_with_a_wrong_token_fails_at_once(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=1, epochs=2))
+    with _Gateway(store) as gw:
+        for token in ("not-the-token", None):
+            with pytest.raises(GatewayError, match=r"401.*token") as err:
+                LiveMonitor.from_gateway(gw.url, token, STUDY, mode="text")
+            assert "not-the-token" not in str(err.value)  # never echo a secret
+        mon = LiveMonitor.from_gateway(gw.url, GW_TOKEN, STUDY, mode="text")
+        assert len(mon.state.rows) == 2
+        mon.close()
+    store.close()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8765", "localhost:8765", "ftp://gw", "http://"])
+def test_a_gateway_url_that_is_no_http_url_is_refused_at_once(url: str) -> None:
+    with pytest.raises(GatewayError, match="http:// or https://"):
+        LiveMonitor.from_gateway(url, "t", STUDY, mode="text")
+
+
+def test_a_monitor_runs_one_study_at_a_time() -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="widget").start(display=False)
+    release = threading.Event()
+    run = mon.run_in_background(lambda: release.wait(60), wait=False)
+    with pytest.raises(StudyError, match="still running") as err:
+        mon.run_in_background(lambda: None, wait=False)
+    assert isinstance(err.value, ThunderlineLabError)
+    release.set()
+    assert run.wait(60) is True
+    with pytest.raises(StudyError, match="finished"):  # its final snapshot is taken
+        mon.run_in_background(lambda: None, wait=False)
+    mon.close()
+
+
+def test_non_finite_values_in_raw_events_do_not_break_the_fold() -> None:
+    common = {"model_run_id": STUDY, "trial_id": "t", "study": STUDY}
+    nan, inf = float("nan"), float("inf")
+    state = _fold(
+        [
+            {"name": "ml.trial.start", "payload": {**common, "spectral_norm": True}},
+            {
+                "name": "ml.trial.complete",
+                "payload": {
+                    **common,
+                    "status": "completed",
+                    "metrics": {"epochs": nan, "best_val_accuracy": inf, "lipschitz_upper": inf},
+                },
+            },
+            {"name": "ml.trial.start", "payload": {**common, "trial_id": "u"}},
+            {
+                "name": "ml.trial.complete",
+                "payload": {**common, "trial_id": "u", "metrics": {"epochs": inf}},
+            },
+        ]
+    )
+    t, u = state.rows[(STUDY, "t")], state.rows[(STUDY, "u")]
+    assert (t.status, t.epoch, t.best) == ("completed", None, None)
+    assert (u.status, u.epoch) == ("completed", None)
+    assert "inf" in render_table_text(state)
+
+
+def test_a_thousand_trial_study_shows_a_page_and_says_so() -> None:
+    state = _fold(synthetic_study(STUDY, n_pairs=500, epochs=2))
+    assert len(state.rows) == 1000
+    table = render_table_html(state, max_rows=25)
+    assert table.count('<tr class="tl-trial"') == 25
+    assert "showing 25 of 1000 trials" in table
+    text = render_table_text(state, max_rows=25).splitlines()
+    assert len(text) == 1 + 25 + 2  # header, rows, what is left out, the note on best
+    assert "… 975 more trials (showing 25 of 1000: running first, newest first)" in text
+
+
+def test_from_store_waits_for_a_study_that_has_not_started_yet(tmp_path: Path) -> None:
+    # the researcher opens the monitor first, then starts the study in a terminal
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study("older-study", n_pairs=1, epochs=2))
+    mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text", text_interval=1e9)
+    mon.start(display=False, thread=False)
+    mon.pump()
+    assert not mon.state.rows and not mon.study_finished(quiet=0.0)  # waiting, not failed
+    store.append(synthetic_study(STUDY, n_pairs=1, epochs=2))
+    mon.pump()
+    assert mon.state.summary()["n_done"] == 2 and mon.study_finished(quiet=0.0)
+    assert mon.state.ignored == 0  # the older study was before the monitor: never read
+    mon.close()
+    with pytest.raises(StoreError, match="pass create=True"):  # no lab there at all
+        LiveMonitor.from_store(tmp_path / "new_lab", STUDY, mode="text")
+    store.close()
+
+
+def test_a_gateway_that_goes_away_mid_follow_and_comes_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    evs = synthetic_study(STUDY, n_pairs=2, epochs=2)
+    store.append(evs[:8])  # the first pair, finished
+    port = _free_port()
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        with _Gateway(store, port=port) as gw:
+            mon = LiveMonitor.from_gateway(
+                gw.url, GW_TOKEN, STUDY, mode="text", text_interval=1e9, poll_interval=0.01
+            )
+            mon.start(display=False)
+            _wait_for(lambda: mon.polls_ok > 0)
+        _wait_for(lambda: mon.source_errors > 0)  # gone: between two trials, nothing runs
+        assert mon.state.summary()["n_done"] == 2
+        assert not mon.study_finished(quiet=0.0)  # it cannot tell, so not finished
+        store.append(evs[8:])  # meanwhile the study goes on
+        with _Gateway(store, port=port):
+            _wait_for(lambda: mon.state.summary()["n_done"] == 4)
+            mon.close()
+    assert mon.state.events == len(evs) - 8  # each new event once, none lost
+    warned = _warnings(caplog)
+    assert len(warned) == 2 and "recovered after" in warned[1], warned
+    store.close()
+
+
+def test_reading_the_state_while_the_pump_folds_sees_whole_batches() -> None:
+    # follow() (the kernel's thread) asks study_finished() while the pump thread folds a
+    # batch of new trials: it must not read the rows mid-fold (before: "RuntimeError:
+    # dictionary changed size during iteration" out of follow)
+    state = MonitorState(STUDY)
+    evs = synthetic_study(STUDY, n_pairs=2, epochs=2)
+    paused, proceed = threading.Event(), threading.Event()
+
+    def batch() -> Iterator[Any]:
+        yield from evs[:4]  # the first trial's events, then the fold is held up
+        paused.set()
+        assert proceed.wait(30)
+        yield from evs[4:]
+
+    fold = threading.Thread(target=state.apply_many, args=(batch(),))
+    fold.start()
+    assert paused.wait(30)
+    seen: list[int] = []
+    reader = threading.Thread(target=lambda: seen.append(state.summary()["n_trials"]))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive()  # it waits for the batch to be folded
+    proceed.set()
+    fold.join(30)
+    reader.join(30)
+    assert seen == [4]
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"mode": "widgets"}, "mode: expected 'auto', 'widget' or 'text', got 'widgets'"),
+        ({"direction": "maximize"}, "direction: expected 'max' or 'min', got 'maximize'"),
+    ],
+)
+def test_a_misspelt_monitor_option_is_a_config_error(options: dict[str, Any], words: str) -> None:
+    # mode="widgets" showed nothing at all, and did not wait under papermill either
+    bus = EventBus()
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        LiveMonitor.from_bus(bus, STUDY, **options)
+    assert not bus.subscriptions  # nothing left subscribed

@@ -19,10 +19,16 @@ from thunderline_lab import events
 from thunderline_lab import monitor as monitor_mod
 from thunderline_lab import notebook as notebook_mod
 from thunderline_lab.bus import EventBus
-from thunderline_lab.errors import ConfigError
+from thunderline_lab.errors import ConfigError, StudyError
 from thunderline_lab.lab import Lab
 from thunderline_lab.monitor import LiveMonitor, simulate_study, synthetic_study
-from thunderline_lab.notebook import ensure_studies, follow, start_study, study_names
+from thunderline_lab.notebook import (
+    apply_profile,
+    ensure_studies,
+    follow,
+    start_study,
+    study_names,
+)
 from thunderline_lab.training import TrialResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,3 +368,146 @@ def test_run_study_calls_in_the_docs_use_its_real_keywords() -> None:
             found += 1
             assert keywords <= accepted, (call.group(0), keywords - accepted)
     assert found >= 2
+
+
+# ---------------------------------------------------------------------------------------------
+# What a researcher runs into: odd parameters, re-run cells, interrupts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "profile", "words"),
+    [
+        ({"n_trials": 24}, "nope", "profile: unknown profile 'nope' (expected full, test)"),
+        ({"n_trials": 24}, ["test"], "profile: expected a profile name (full, test), got list"),
+        ({"n_trials": 24}, 3, "profile: expected a profile name (full, test), got int 3"),
+        (None, "test", "params: expected a mapping of parameter names to values, got NoneType"),
+        ([("n_trials", 24)], "test", "params: expected a mapping of parameter names"),
+        ("n_trials", "test", "params: expected a mapping of parameter names to values, got str"),
+    ],
+)
+def test_apply_profile_names_the_parameter_at_fault(params: Any, profile: Any, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        apply_profile(params, profile)
+
+
+def test_an_unknown_profile_from_the_environment_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THUNDERLINE_LAB_PROFILE", "tset")
+    with pytest.raises(ConfigError, match=r"\$THUNDERLINE_LAB_PROFILE: unknown profile 'tset'"):
+        apply_profile({"n_trials": 24}, "test")
+
+
+@pytest.mark.parametrize(
+    ("value", "names"),
+    [
+        ("smoke,spectral_norm_ab", ["smoke", "spectral_norm_ab"]),  # papermill -p studies a,b
+        ("smoke, spectral_norm_ab ", ["smoke", "spectral_norm_ab"]),
+        (" smoke ", ["smoke"]),
+        ("a,b,a", ["a", "b"]),
+        (["a,b"], ["a,b"]),  # a list says exactly which names: kept as given
+    ],
+)
+def test_study_names_splits_a_comma_separated_string(value: Any, names: list[str]) -> None:
+    assert study_names(value) == names
+
+
+def test_study_names_refuses_an_empty_name_in_a_comma_separated_string() -> None:
+    with pytest.raises(ConfigError, match=re.escape("studies: an empty name in 'a,,b'")):
+        study_names("a,,b")
+
+
+def _hold_until(release: threading.Event, calls: list[dict[str, Any]]) -> Any:
+    def run_study(name: str, **kw: Any) -> dict[str, int]:
+        calls.append({"name": name, **kw})
+        while not (release.is_set() or kw["should_stop"].is_set()):
+            time.sleep(0.005)
+        return {"completed": 0, "stopped": int(kw["should_stop"].is_set())}
+
+    return run_study
+
+
+def test_re_running_the_study_cell_while_the_study_runs_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+    release = threading.Event()
+    monkeypatch.setattr("thunderline_lab.study.run_study", _hold_until(release, calls))
+    monkeypatch.setattr(LiveMonitor, "_show_widget", lambda self: None)  # JupyterLab-like
+    lab = Lab.resolve(tmp_path / "lab")
+    widget = {"mode": "widget", "min_interval": 0.01}
+    run = start_study("cell", lab=lab, monitor_options=widget)
+    try:
+        assert run.running  # the cell returned; the study runs on
+        for again in (
+            {"name": "cell", "monitor_options": widget},
+            {"name": "other", "monitor_options": widget},
+            {"name": "cell", "monitor": False},
+        ):
+            with pytest.raises(StudyError, match=r"study 'cell' .*still running") as err:
+                start_study(lab=lab, **again)
+            assert "run.stop()" in str(err.value)
+        assert len(calls) == 1  # no second, competing study
+        assert run.running
+    finally:
+        assert run.stop is not None
+        run.stop()
+        result = run.wait(60)
+    assert result["stopped"] == 1
+    release.set()  # the next study returns at once
+    again = start_study("cell", lab=lab, monitor_options={"mode": "text", "text_interval": 1e9})
+    assert not again.running and len(calls) == 2  # once stopped, the cell may run again
+    assert again.wait()["stopped"] == 0
+
+
+def test_follow_starts_a_monitor_that_was_not_started() -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, "f", mode="text", text_interval=1e9)
+    bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2))
+    assert follow(mon, timeout=60, quiet=0.0, poll=0.01) == "finished"
+    assert mon.state.summary()["n_done"] == 2
+    mon.close()
+
+
+def test_an_interrupt_ends_following_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    bus = EventBus()
+    mon = _text_monitor(bus)
+    bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2)[:-1])  # a trial still runs
+
+    def interrupt() -> bool:
+        raise KeyboardInterrupt  # the kernel's ■, while follow() waits
+
+    assert follow(mon, quiet=0.0, poll=0.01, until=interrupt) == "interrupted"
+    assert mon._finished
+    out = capsys.readouterr().out
+    assert "stopped following (interrupted; the study may still run)" in out
+    assert "trial_0000" in out  # the final table
+    mon.close()
+
+
+@pytest.mark.slow
+def test_following_under_papermill_leaves_a_png_and_a_table(tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    lab = Lab.resolve(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study("pm", n_pairs=2, epochs=3))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "from thunderline_lab.monitor import LiveMonitor\n"
+            "from thunderline_lab.notebook import follow\n"
+            f"mon = LiveMonitor.from_store({str(lab.root)!r}, study='pm').start()\n"
+            "print(mon.mode)\n"
+            "follow(mon, timeout=60, quiet=0.0, poll=0.05)"
+        )
+    ]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    lines = text.splitlines()
+    assert "text" in lines  # headless: text lines, no widget
+    assert lines[-1].startswith("[monitor pm] 4/4 done") and "finished" in lines[-1]
+    data = [o["data"] for o in outputs if o["output_type"] in ("display_data", "execute_result")]
+    assert any(bytes(d.get("image/png", ""), "ascii")[:8] for d in data)
+    assert any(d.get("text/html", "").count('class="tl-trial"') == 4 for d in data)
+    assert any(d.get("text/plain") == "'finished'" for d in data)

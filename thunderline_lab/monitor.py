@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import contextvars
+import functools
 import html
 import io
 import logging
@@ -50,17 +51,34 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, cast, runtime_checkable
+from typing import (
+    Any,
+    Concatenate,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeGuard,
+    TypeVar,
+    cast,
+    runtime_checkable,
+)
 
 import pandas as pd
 
 from thunderline_lab import events as ev_mod
 from thunderline_lab.bus import EventBus
-from thunderline_lab.errors import GatewayError, StoreError, ThunderlineLabError
+from thunderline_lab.errors import (
+    ConfigError,
+    GatewayError,
+    StoreError,
+    StudyError,
+    ThunderlineLabError,
+)
 from thunderline_lab.events import Event
 from thunderline_lab.store import TrialStore
 
@@ -239,7 +257,9 @@ class GatewaySource:
             ``MockTransport`` client or FastAPI's ``TestClient``).
 
     Raises:
-        GatewayError: from :meth:`poll` when the gateway is unreachable or answers badly.
+        GatewayError: ``url`` is no ``http://`` or ``https://`` URL (here, at once); from
+            :meth:`poll` when the gateway is unreachable or answers badly
+            (:attr:`last_status` is then the status of its answer, None without one).
     """
 
     def __init__(
@@ -256,6 +276,13 @@ class GatewaySource:
     ) -> None:
         import httpx
 
+        if client is None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise GatewayError(
+                    f"gateway URL {url!r}: expected an http:// or https:// URL with a host, "
+                    "such as http://127.0.0.1:8765"
+                )
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._owned = client is None
         self.client: httpx.Client = client or httpx.Client(
@@ -264,6 +291,7 @@ class GatewaySource:
         if client is not None and headers:
             self.client.headers.update(headers)
         self.label = f"gateway {url or self.client.base_url}"
+        self.last_status: int | None = None  # of the last answer (None: no answer)
         self.after = int(after)
         self.limit = limit
         self.max_pages = max_pages
@@ -273,14 +301,19 @@ class GatewaySource:
         """GET ``path`` and the answer's ``keys``; every failure a :class:`GatewayError`."""
         import httpx
 
+        self.last_status = None
         try:
             resp = self.client.get(path, params=dict(params))
         except httpx.HTTPError as exc:
             raise GatewayError(f"{self.label}: cannot fetch {what}: {exc}") from exc
+        self.last_status = resp.status_code
         route = path.split("?", 1)[0]
         if resp.status_code != 200:
+            hint = ""
+            if resp.status_code in (401, 403):
+                hint = " (a missing or wrong token: pass the one the gateway was started with)"
             raise GatewayError(
-                f"{self.label}: GET {route} answered {resp.status_code}: {resp.text[:200]}"
+                f"{self.label}: GET {route} answered {resp.status_code}{hint}: {resp.text[:200]}"
             )
         try:
             body = resp.json()
@@ -370,8 +403,8 @@ def _open_store(store: Any, *, create: bool = False) -> tuple[TrialStore, bool]:
         db_path = Lab.resolve(path).db_path if path.is_dir() or path.suffix != ".db" else path
     if not create and not db_path.exists():
         raise StoreError(
-            f"no trial store at {db_path} (check the lab directory; "
-            "a study's first events create it)"
+            f"no trial store at {db_path} (check the lab directory; a study's first events "
+            "create it: to watch a new lab before its first study starts, pass create=True)"
         )
     return TrialStore(db_path), True
 
@@ -540,10 +573,32 @@ class TrialRow:
         return "?" if self.spectral_norm is None else ("SN" if self.spectral_norm else "none")
 
 
+def _finite(value: Any) -> TypeGuard[float]:
+    """A finite number (raw event dicts may carry NaN or infinity; validated events not)."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _payload_get(payload: Any) -> Callable[[str], Any]:
     if isinstance(payload, Mapping):
         return payload.get
     return lambda key: getattr(payload, key, None)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[MonitorState, _P], _R],
+) -> Callable[Concatenate[MonitorState, _P], _R]:
+    """Run a :class:`MonitorState` method holding its lock (never during a fold)."""
+
+    @functools.wraps(method)
+    def locked(self: MonitorState, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class MonitorState:
@@ -552,6 +607,11 @@ class MonitorState:
     Memory is bounded by the number of trials (one small row each), not by the number of
     events: each curve keeps ≤ ``curve_points`` points (decimated), and only the
     ``max_curve_trials`` most recently active trials keep curves.
+
+    Thread-safe: a fold and the views (:meth:`summary`, :meth:`table_rows`, …) hold
+    :attr:`lock`, so a notebook cell or :func:`~thunderline_lab.notebook.follow` reading
+    the state while the monitor's pump thread folds sees it before or after a batch, never
+    half-changed (nor fails with "dictionary changed size during iteration").
 
     Args:
         study: only events of this study (``model_run_id`` or ``study`` field); None: all.
@@ -597,16 +657,22 @@ class MonitorState:
         self.studies_seen: set[str] = set()
         self._summary_cache: tuple[int, dict[str, Any]] | None = None
         self._sign = 1.0 if direction == "max" else -1.0
+        self.lock = threading.RLock()
 
     # -- folding ------------------------------------------------------------------------
 
     def apply_many(self, events: Iterable[Any]) -> None:
         """Fold events (Event objects or their JSON dicts), in order."""
-        for event in events:
-            self.apply(event)
+        with self.lock:
+            for event in events:
+                self._apply(event)
 
     def apply(self, event: Any) -> None:
         """Fold one event; events of other studies or non-ml names are ignored."""
+        with self.lock:
+            self._apply(event)
+
+    def _apply(self, event: Any) -> None:
         if isinstance(event, Mapping):
             name, payload = event.get("name"), event.get("payload") or {}
         else:
@@ -730,7 +796,7 @@ class MonitorState:
                     self._offer_best(row, float(best))
             if isinstance(metrics.get("lipschitz_upper"), int | float):
                 row.lipschitz = float(metrics["lipschitz_upper"])
-            if isinstance(metrics.get("epochs"), int | float) and row.epoch is None:
+            if _finite(metrics.get("epochs")) and row.epoch is None:
                 row.epoch = int(metrics["epochs"]) - 1
         if name == "ml.trial.complete":
             row.status = get("status") or "completed"
@@ -752,6 +818,7 @@ class MonitorState:
 
     # -- bulk loading (attach to a long study without replaying every event) ------------
 
+    @_locked
     def load_trials(self, trials: Any) -> None:
         """Seed rows from :meth:`TrialStore.trials` (a DataFrame)."""
         for rec in trials.to_dict("records"):
@@ -767,16 +834,17 @@ class MonitorState:
             # the trainer's best_<objective> is final; a trial without it (pruned, failed)
             # gets its last value until load_history finds the best by the live rule
             best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
-            if isinstance(best, int | float):
+            if _finite(best):
                 row.best = float(best)
                 row.best_final = f"best_{self.objective}" in metrics
             if isinstance(metrics.get("lipschitz_upper"), int | float):
                 row.lipschitz = float(metrics["lipschitz_upper"])
-            if isinstance(metrics.get("epochs"), int | float):
+            if _finite(metrics.get("epochs")):
                 row.epoch = int(metrics["epochs"]) - 1
         self.version += 1
         self.lifecycle_version += 1
 
+    @_locked
     def load_history(
         self,
         store: TrialStore | GatewaySource,
@@ -877,10 +945,12 @@ class MonitorState:
             )
         return f"the best {self.objective} seen"
 
+    @_locked
     def n_points(self) -> int:
         """Curve points held (bounded by trials x metrics x ``curve_points``)."""
         return sum(len(c) for curves in self.curves.values() for c in curves.values())
 
+    @_locked
     def best_row(self) -> TrialRow | None:
         """The completed trial with the best objective so far (Optuna's notion of best)."""
         best: TrialRow | None = None
@@ -893,6 +963,7 @@ class MonitorState:
                 best = row
         return best
 
+    @_locked
     def summary(self) -> dict[str, Any]:
         """Study-level figures: counts by status, the best trial, SN-vs-none running means.
 
@@ -940,6 +1011,7 @@ class MonitorState:
         self._summary_cache = (self.lifecycle_version, out)
         return dict(out)
 
+    @_locked
     def table_rows(self, max_rows: int = 25) -> list[TrialRow]:
         """Rows to show: running trials first, then the most recent; newest first."""
         ordered = sorted(
@@ -947,6 +1019,7 @@ class MonitorState:
         )
         return ordered[:max_rows]
 
+    @_locked
     def curve_snapshot(self, max_trials: int = 40) -> list[tuple[TrialRow, dict[str, tuple]]]:
         """Copies of the curves of the ``max_trials`` most recent trials (for plotting)."""
         keys = sorted(self.curves, key=lambda k: self.rows[k].order)[-max_trials:]
@@ -1110,10 +1183,17 @@ def render_text_line(state: MonitorState, status: str = "") -> str:
 def render_table_text(state: MonitorState, max_rows: int = 25) -> str:
     """The trial table as fixed-width text (for terminals), with a note on ``best``."""
     lines = [f"{'trial':<14}{'status':<11}{'SN':<12}{'best*':>8}{'epoch':>7}{'lipschitz':>11}"]
-    for row in state.table_rows(max_rows):
+    rows = state.table_rows(max_rows)
+    for row in rows:
         lines.append(
             f"{row.trial_id:<14}{row.status:<11}{_arm_label(row):<12}{_fmt(row.best):>8}"
             f"{'—' if row.epoch is None else row.epoch:>7}{_fmt(row.lipschitz, 3):>11}"
+        )
+    more = len(state.rows) - len(rows)
+    if more > 0:
+        lines.append(
+            f"… {more} more trials (showing {len(rows)} of {len(state.rows)}: "
+            "running first, newest first)"
         )
     lines.append(f"* best: {state.best_help}")
     return "\n".join(lines)
@@ -1311,6 +1391,11 @@ class LiveMonitor:
             run_study("sn-ab", bus=bus, should_stop=mon.should_stop)
 
     :func:`thunderline_lab.notebook.start_study` does the former for the study notebook.
+
+    Keep a reference to the monitor (``mon = ...``): one that nobody holds any more (a
+    re-run cell rebound ``mon``) stops polling and releases its source when it is
+    garbage-collected. (IPython's ``Out`` history holds a cell's last value: end such a
+    cell with ``mon.start();`` or an assignment.)
     """
 
     def __init__(
@@ -1333,6 +1418,7 @@ class LiveMonitor:
         title: str | None = None,
         selection_metric: str | None = "val_loss",
     ) -> None:
+        _check_options({"mode": mode, "direction": direction})
         self.source = as_source(source)
         self.state = MonitorState(
             study,
@@ -1376,7 +1462,7 @@ class LiveMonitor:
         self._last_draw = -math.inf
         self._last_plot = -math.inf
         self._last_text = -math.inf
-        self._lock = threading.RLock()
+        self._lock = self.state.lock  # one lock: the pump's fold and every read of the state
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: contextvars.Context | None = None
@@ -1387,12 +1473,18 @@ class LiveMonitor:
         self._finished = False
         self._closed = False
         self._background: BackgroundRun | None = None
+        # A monitor nobody holds any more (a re-run cell rebound its name) stops its pump
+        # thread and releases its source: it neither polls nor buffers events for nobody.
+        # The pump thread and the Stop button hold it weakly for that.
+        self._release = weakref.finalize(self, _release_monitor, self._halt, self.source)
+        self._release.atexit = False
 
     # -- constructors -------------------------------------------------------------------
 
     @classmethod
     def from_bus(cls, bus: EventBus, study: str | None = None, **kwargs: Any) -> LiveMonitor:
         """Monitor a study publishing on ``bus`` in this process."""
+        _check_options(kwargs)
         return cls(BusSource(bus), study, **kwargs)
 
     @classmethod
@@ -1412,6 +1504,12 @@ class LiveMonitor:
         curves are loaded first (:meth:`MonitorState.load_trials` / ``load_history``) and
         only newer events are tailed, instead of replaying the whole log.
 
+        A study the lab has no trials of yet is waited for: open the monitor, then start
+        the study (elsewhere); its trials show as their events arrive, and
+        :func:`~thunderline_lab.notebook.follow` does not call it finished before it had
+        any. A lab without a trial store, though, is an error (a mistyped path would
+        otherwise be watched forever), unless ``create``.
+
         Args:
             bus: also follow this kernel's bus (a :class:`CombinedSource`): its events show
                 at once, every worker's as they reach the store.
@@ -1420,6 +1518,7 @@ class LiveMonitor:
         Raises:
             StoreError: no trial store at ``store`` (a mistyped lab path), unless ``create``.
         """
+        _check_options(kwargs)
         store_source = StoreSource(store, after=None if snapshot and study else 0, create=create)
         source: EventSource = store_source
         if bus is not None:
@@ -1451,11 +1550,17 @@ class LiveMonitor:
 
         The snapshot is taken here; when the gateway cannot answer yet, the pump takes it
         on its first poll instead, with the same retries and one warning per outage as the
-        polls (a monitor started before its gateway still attaches).
+        polls (a monitor started before its gateway still attaches). A gateway that refuses
+        the token, though, is an error here: retrying would not help.
 
         Args:
             client: an ``httpx.Client`` to use (as :class:`GatewaySource`'s).
+
+        Raises:
+            GatewayError: ``url`` is no ``http(s)://`` URL, or (with a snapshot) the gateway
+                answers 401 or 403: a wrong or missing ``token``.
         """
+        _check_options(kwargs)
         source = GatewaySource(url, token, client=client)
         mon = cls(source, study, **kwargs)
         if snapshot and study:
@@ -1469,6 +1574,9 @@ class LiveMonitor:
             try:
                 mon._attach_now()
             except GatewayError as exc:
+                if source.last_status in (401, 403):  # a wrong token stays wrong
+                    mon._release()
+                    raise
                 log.debug("monitor attach deferred to the pump: %s", exc)
         return mon
 
@@ -1513,7 +1621,12 @@ class LiveMonitor:
         The events carry no study-level end (``ml.run.stop`` ends one trial's run), and a
         study starts its next trial right after the last one finished, so a quiet spell with
         no trial running is the sign; ``quiet`` covers a worker still loading its data.
+        While the source fails (a gateway gone away) nothing can be told: not finished. Once
+        it answers again, what it missed is delivered (the log keeps it), so a spell with
+        nothing new, outage included, then counts.
         """
+        if self._failing or self._attach is not None:
+            return False
         s = self.state.summary()
         return s["n_trials"] > 0 and s["n_running"] == 0 and self.idle_seconds() >= quiet
 
@@ -1581,7 +1694,10 @@ class LiveMonitor:
             # A plain thread: ipykernel sends its text lines to the cell executing now (papermill
             # keeps only those), never into an earlier cell.
             self._thread = threading.Thread(
-                target=self._loop, name="thunderline-monitor", daemon=True
+                target=_pump_loop,
+                args=(weakref.ref(self), self._halt, self.poll_interval),
+                name="thunderline-monitor",
+                daemon=True,
             )
             self._thread.start()
         return self
@@ -1592,19 +1708,18 @@ class LiveMonitor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _loop(self) -> None:
-        backoff = self.poll_interval
-        while not self._halt.wait(backoff):
+    def _pump_in_thread(self, backoff: float) -> float:
+        """One pass of the pump thread; returns the seconds to wait before the next."""
+        try:
+            self.pump()
+            return self.poll_interval
+        except Exception as exc:  # a monitor must never take the study down
+            self._source_failed(exc)
             try:
-                self.pump()
-                backoff = self.poll_interval
-            except Exception as exc:  # a monitor must never take the study down
-                self._source_failed(exc)
-                backoff = min(max(backoff * 2, self.poll_interval), 10.0)
-                try:
-                    self._maybe_redraw()  # throttled like any redraw: no line per retry
-                except Exception:
-                    log.debug("monitor redraw failed", exc_info=True)
+                self._maybe_redraw()  # throttled like any redraw: no line per retry
+            except Exception:
+                log.debug("monitor redraw failed", exc_info=True)
+            return min(max(backoff * 2, self.poll_interval), 10.0)
 
     def _source_failed(self, exc: Exception) -> None:
         """Count a failed poll; warn once per outage (the recovery is announced once too)."""
@@ -1723,7 +1838,7 @@ class LiveMonitor:
             tooltip="Ends the study cleanly after the current epoch",
             layout=w.Layout(display="none", width="auto"),
         )
-        stop.on_click(lambda _b: self.request_stop())
+        stop.on_click(_weak_method(self.request_stop))  # widgets live on: hold self weakly
         curves.add_class("tl-monitor-curves")
         stop.add_class("tl-monitor-stop")
         title = w.HTML(value=f"<b>{html.escape(self.title)}</b>") if self.title else None
@@ -1760,7 +1875,23 @@ class LiveMonitor:
             wait: block until the study ends (and raise its error here). Default: only
                 without a live frontend (papermill/nbval), where the notebook must not end
                 before the study; interrupting the wait stops the study cleanly.
+
+        Raises:
+            StudyError: a study this monitor runs is still running (one study per monitor:
+                the first to end would finish the monitor under the other), or the monitor
+                has finished (make a new one).
         """
+        previous = self._background
+        if previous is not None and previous.running:
+            raise StudyError(
+                "a study is still running under this monitor: stop it (run.stop(), or the "
+                "Stop button) and wait for it (run.wait()) before starting another"
+            )
+        if self._finished:
+            raise StudyError(
+                "this monitor has finished (its final snapshot is taken): make a new monitor "
+                "for another study"
+            )
         if not self._started:
             self.start()
         run = BackgroundRun(stop=self.request_stop, monitor=self)
@@ -1848,7 +1979,7 @@ class LiveMonitor:
             return
         self.finish()
         self._closed = True
-        self.source.close()
+        self._release()
 
     def snapshot(self) -> tuple[bytes, str]:
         """The current curves (PNG bytes) and panel + table (HTML)."""
@@ -1896,6 +2027,52 @@ class LiveMonitor:
             )
         else:
             display(Image(data=png, format="png"), HTML(page))
+
+
+_CHOICES = {"mode": ("auto", "widget", "text"), "direction": ("max", "min")}
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Refuse a misspelt ``mode`` or ``direction`` (before any source is opened).
+
+    Raises:
+        ConfigError: naming the option, what it accepts and what it got.
+    """
+    for name, choices in _CHOICES.items():
+        if name in options and options[name] not in choices:
+            accepted = " or ".join([", ".join(map(repr, choices[:-1])), repr(choices[-1])])
+            raise ConfigError(f"{name}: expected {accepted}, got {options[name]!r}")
+
+
+def _release_monitor(halt: threading.Event, source: EventSource) -> None:
+    """Stop a monitor's pump and release its source (close, or the monitor collected)."""
+    halt.set()
+    try:
+        source.close()
+    except Exception:  # also runs at garbage collection: never raise there
+        log.debug("closing the monitor's source failed", exc_info=True)
+
+
+def _pump_loop(ref: weakref.ref[LiveMonitor], halt: threading.Event, backoff: float) -> None:
+    """The pump thread: holds the monitor only while pumping, so it can be collected."""
+    while not halt.wait(backoff):
+        monitor = ref()
+        if monitor is None:
+            return
+        backoff = monitor._pump_in_thread(backoff)
+        del monitor
+
+
+def _weak_method(method: Callable[[], Any]) -> Callable[[Any], None]:
+    """A widget callback calling ``method`` (bound) while its object lives."""
+    ref = weakref.WeakMethod(method)
+
+    def call(_widget: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from thunderline_lab.errors import ConfigError
+from thunderline_lab.errors import ConfigError, StudyError
 from thunderline_lab.lab import Lab
 
 if TYPE_CHECKING:
@@ -46,15 +47,36 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def effective_profile(profile: str | None = None) -> str:
-    """``$THUNDERLINE_LAB_PROFILE`` if set, else ``profile``, else ``"full"``."""
-    chosen = os.environ.get(PROFILE_ENV) or profile or "full"
+    """``$THUNDERLINE_LAB_PROFILE`` if set, else ``profile``, else ``"full"``.
+
+    Raises:
+        ConfigError: the profile is unknown or not a name; the message says where it came
+            from (``profile`` or ``$THUNDERLINE_LAB_PROFILE``).
+    """
+    expected = ", ".join(PROFILES)
+    env = os.environ.get(PROFILE_ENV)
+    where, chosen = (f"${PROFILE_ENV}", env) if env else ("profile", profile or "full")
+    if not isinstance(chosen, str):
+        raise ConfigError(
+            f"{where}: expected a profile name ({expected}), got {type(chosen).__name__} {chosen!r}"
+        )
     if chosen not in PROFILES:
-        raise ConfigError(f"profile: unknown profile {chosen!r} (expected {', '.join(PROFILES)})")
+        raise ConfigError(f"{where}: unknown profile {chosen!r} (expected {expected})")
     return chosen
 
 
 def apply_profile(params: Mapping[str, Any], profile: str | None = None) -> dict[str, Any]:
-    """``params`` with the profile's overrides applied (only keys present in ``params``)."""
+    """``params`` with the profile's overrides applied (only keys present in ``params``).
+
+    Raises:
+        ConfigError: ``params`` is not a mapping, or the profile is unknown
+            (:func:`effective_profile`).
+    """
+    if not isinstance(params, Mapping):
+        raise ConfigError(
+            "params: expected a mapping of parameter names to values, "
+            f"got {type(params).__name__} {params!r}"
+        )
     overrides = PROFILES[effective_profile(profile)]
     return {k: overrides.get(k, v) for k, v in params.items()}
 
@@ -78,7 +100,8 @@ def follow(
     (:meth:`~thunderline_lab.monitor.LiveMonitor.study_finished`: it has trials, none
     runs, and nothing new arrived for ``quiet`` seconds). ``timeout`` (seconds; None: no
     limit) is an upper bound on the wait. The monitor's own pump thread does the
-    redrawing; this only waits. Interrupting the kernel ends the wait cleanly.
+    redrawing; this only waits (and starts the monitor, if that was forgotten).
+    Interrupting the kernel ends the wait cleanly.
 
     Args:
         finish: finish the monitor at the end (final line and static snapshot), with a
@@ -99,6 +122,8 @@ def follow(
         >>> follow(mon, quiet=0.0, finish=False)  # no trial runs, nothing new for 0 s
         'finished'
     """
+    if not monitor._started:  # a monitor that never polls would never see the study end
+        monitor.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     end: FollowEnd = "finished"
     try:
@@ -121,18 +146,23 @@ def follow(
 
 
 def study_names(studies: str | Sequence[str]) -> list[str]:
-    """The study names a notebook parameter gives: a name, a list of names, or a JSON list.
+    """The study names a notebook parameter gives: a name, a comma-separated string of
+    names, a list of names, or a JSON list.
 
-    ``papermill -p studies smoke`` passes a string; a string is one name (or, if it starts
-    with ``[``, a JSON list of names), never a sequence of one-letter names.
+    ``papermill -p studies smoke`` passes a string; a string is one name, or several
+    separated by commas (``-p studies smoke,spectral_norm_ab``; spaces around each are
+    dropped), or, if it starts with ``[``, a JSON list of names; never a sequence of
+    one-letter names. A list's names are kept as given (a name with a comma goes in a list).
 
     Raises:
-        ConfigError: anything else (a number, a mapping, an empty list, a non-string or
-            empty name).
+        ConfigError: anything else (a number, a mapping, None, an empty list, a non-string
+            or empty name).
 
     Example:
-        >>> study_names("smoke"), study_names(["a", "b"]), study_names('["a", "b"]')
+        >>> study_names("smoke"), study_names("a, b"), study_names(["a", "b"])
         (['smoke'], ['a', 'b'], ['a', 'b'])
+        >>> study_names('["a", "b"]')
+        ['a', 'b']
     """
     value: Any = studies
     if isinstance(value, str) and value.lstrip().startswith("["):
@@ -141,7 +171,9 @@ def study_names(studies: str | Sequence[str]) -> list[str]:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"studies: not a JSON list of study names: {studies!r}") from exc
     if isinstance(value, str):
-        value = [value]
+        value = [part.strip() for part in value.split(",")]
+        if len(value) > 1 and not all(value):
+            raise ConfigError(f"studies: an empty name in {studies!r}")
     if not isinstance(value, list | tuple):
         raise ConfigError(
             f"studies: expected a study name or a list of names, "
@@ -184,6 +216,12 @@ def start_study(
     cells show the whole study. When the study reports through a ``gateway``, the local
     store has none of it: the monitor then shows this kernel's trials only, and says so.
 
+    One study at a time per kernel: while a study this function started still runs (the
+    researcher re-runs the cell), another call is refused, not run beside it as a second,
+    competing study. Stop the first with ``run.stop()`` (its Stop button went with the
+    cell's output) and wait for it with ``run.wait()``, then run the cell again: the study
+    resumes.
+
     Args:
         name: the study name.
         lab: the lab the study writes to.
@@ -193,35 +231,76 @@ def start_study(
         monitor_options: keyword arguments of the monitor (``mode``, ``text_interval``, …).
         other_workers_quiet: see above.
         **study_kwargs: passed to :func:`~thunderline_lab.study.run_study`.
+
+    Raises:
+        StudyError: a study this function started is still running in this kernel.
     """
     from thunderline_lab.bus import EventBus
-    from thunderline_lab.monitor import BackgroundRun, BusSource, LiveMonitor
+    from thunderline_lab.monitor import BusSource, LiveMonitor
     from thunderline_lab.study import run_study
 
-    if not monitor:
-        run = BackgroundRun()
-        run.result = run_study(name, lab=lab, gateway=gateway, **study_kwargs)
-        run.done.set()
+    reserved = _hold_kernel(name)  # refused while another study of ours runs
+    try:
+        if not monitor:
+            reserved.result = run_study(name, lab=lab, gateway=gateway, **study_kwargs)
+            return reserved
+        bus = EventBus()
+        options = dict(monitor_options or {})
+        if gateway:
+            scope = (
+                f"worker {worker_index}: this kernel's trials only (the study reports to {gateway})"
+            )
+            options.setdefault("title", f"{name} · {scope}")
+            mon = LiveMonitor(BusSource(bus, label=f"bus · {scope}"), name, **options)
+        else:
+            mon = LiveMonitor.from_store(lab, name, bus=bus, create=True, **options)
+        mon.start()
+
+        def study() -> Any:
+            result = run_study(
+                name, lab=lab, bus=bus, gateway=gateway, should_stop=mon.stop_event, **study_kwargs
+            )
+            if not gateway:  # other workers' trials still running: the final view waits
+                mon.wait_for_running_trials(quiet=other_workers_quiet)
+            return result
+
+        run = mon.run_in_background(study, wait=False)
+        _hold_kernel(name, run)  # the background run holds the kernel from now on
+    finally:
+        reserved.done.set()  # the foreground study has ended, or its placeholder is replaced
+    if mon.headless:
+        run.wait()  # no frontend (papermill, nbval): the study's error is raised in this cell
+    return run
+
+
+# The study start_study runs in this kernel, as (name, run): one at a time.
+_kernel_study: tuple[str, BackgroundRun] | None = None
+_kernel_lock = threading.Lock()
+
+
+def _hold_kernel(name: str, run: BackgroundRun | None = None) -> BackgroundRun:
+    """Record ``run`` as the kernel's study; without one, check that none runs and hold the
+    kernel with a placeholder run (until ``run`` replaces it, or it is marked done).
+
+    Raises:
+        StudyError: another study started here still runs.
+    """
+    from thunderline_lab.monitor import BackgroundRun
+
+    global _kernel_study
+    with _kernel_lock:
+        if run is None:
+            held = _kernel_study
+            if held is not None and held[1].running:
+                raise StudyError(
+                    f"study {held[0]!r} (started by start_study) is still running in this "
+                    f"kernel: not starting {name!r} beside it. Stop it with run.stop() and "
+                    "wait for it with run.wait() (run: what start_study returned), then run "
+                    "this cell again"
+                )
+            run = BackgroundRun()
+        _kernel_study = (name, run)
         return run
-    bus = EventBus()
-    options = dict(monitor_options or {})
-    if gateway:
-        scope = f"worker {worker_index}: this kernel's trials only (the study reports to {gateway})"
-        options.setdefault("title", f"{name} · {scope}")
-        mon = LiveMonitor(BusSource(bus, label=f"bus · {scope}"), name, **options)
-    else:
-        mon = LiveMonitor.from_store(lab, name, bus=bus, create=True, **options)
-    mon.start()
-
-    def study() -> Any:
-        result = run_study(
-            name, lab=lab, bus=bus, gateway=gateway, should_stop=mon.stop_event, **study_kwargs
-        )
-        if not gateway:  # other workers' trials still running: the final view waits for them
-            mon.wait_for_running_trials(quiet=other_workers_quiet)
-        return result
-
-    return mon.run_in_background(study)
 
 
 def _run_small_study(lab_root: str, study: str) -> None:
