@@ -1067,14 +1067,21 @@ def _file_lock(path: str) -> Iterator[None]:
             lock.release()
 
 
+def _lock_connection(engine: Any, study_name: str) -> Any:
+    """A connection of its own for a group lock, apart from the storage's sessions."""
+    import sqlalchemy as sa
+
+    try:
+        return engine.connect()
+    except sa.exc.SQLAlchemyError as exc:
+        raise StudyError(f"study {study_name!r}: cannot take the group lock: {exc}") from exc
+
+
 @contextlib.contextmanager
 def _pg_advisory_lock(engine: Any, key: int, study_name: str) -> Iterator[None]:
     import sqlalchemy as sa
 
-    try:
-        conn = engine.connect()
-    except sa.exc.SQLAlchemyError as exc:
-        raise StudyError(f"study {study_name!r}: cannot take the group lock: {exc}") from exc
+    conn = _lock_connection(engine, study_name)
     try:
         try:
             conn.execute(
@@ -1108,10 +1115,7 @@ def _pg_advisory_lock(engine: Any, key: int, study_name: str) -> Iterator[None]:
 def _mysql_named_lock(engine: Any, name: str, study_name: str) -> Iterator[None]:
     import sqlalchemy as sa
 
-    try:
-        conn = engine.connect()
-    except sa.exc.SQLAlchemyError as exc:
-        raise StudyError(f"study {study_name!r}: cannot take the group lock: {exc}") from exc
+    conn = _lock_connection(engine, study_name)
     got = None
     try:
         try:
