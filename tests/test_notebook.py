@@ -7,6 +7,7 @@ import ast
 import doctest
 import inspect
 import json
+import math
 import re
 import threading
 import time
@@ -465,6 +466,28 @@ def test_follow_starts_a_monitor_that_was_not_started() -> None:
     bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2))
     assert follow(mon, timeout=60, quiet=0.0, poll=0.01) == "finished"
     assert mon.state.summary()["n_done"] == 2
+    mon.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("timeout", "60"),
+        ("timeout", -1),
+        ("timeout", math.nan),
+        ("quiet", None),
+        ("quiet", True),
+        ("poll", 0),
+        ("poll", math.inf),
+        ("until", True),
+    ],
+)
+def test_follow_refuses_bad_durations_before_starting_the_monitor(option: str, value: Any) -> None:
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, "f", mode="text", text_interval=1e9)
+    with pytest.raises(ConfigError, match=f"follow: {option} must be"):
+        follow(mon, **{option: value})
+    assert not mon._started  # refused before anything ran
     mon.close()
 
 

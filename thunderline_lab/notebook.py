@@ -84,6 +84,25 @@ def apply_profile(params: Mapping[str, Any], profile: str | None = None) -> dict
 FollowEnd = Literal["finished", "timeout", "interrupted"]
 
 
+def _check_seconds(
+    name: str, value: Any, *, allow_none: bool = False, positive: bool = False
+) -> None:
+    """Refuse a duration that is not a number of seconds (>= 0; a poll finite and > 0)."""
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and value == value  # not NaN
+        and not (positive and value == float("inf"))  # a poll of inf would never look
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        rule = "> 0" if positive else ">= 0"
+        none = " or None" if allow_none else ""
+        raise ConfigError(f"follow: {name} must be a number of seconds {rule}{none}, got {value!r}")
+
+
 def follow(
     monitor: LiveMonitor,
     *,
@@ -110,6 +129,10 @@ def follow(
     Returns:
         ``"finished"``, ``"timeout"`` or ``"interrupted"``.
 
+    Raises:
+        ConfigError: ``timeout`` or ``quiet`` is not a number >= 0 (``timeout`` may be
+            None), ``poll`` not a number > 0, or ``until`` not callable.
+
     Example:
         >>> from thunderline_lab.bus import EventBus
         >>> from thunderline_lab.monitor import LiveMonitor, synthetic_study
@@ -122,6 +145,11 @@ def follow(
         >>> follow(mon, quiet=0.0, finish=False)  # no trial runs, nothing new for 0 s
         'finished'
     """
+    _check_seconds("timeout", timeout, allow_none=True)
+    _check_seconds("quiet", quiet)
+    _check_seconds("poll", poll, positive=True)
+    if until is not None and not callable(until):
+        raise ConfigError(f"follow: until must be a function returning a bool, got {until!r}")
     if not monitor._started:  # a monitor that never polls would never see the study end
         monitor.start()
     deadline = None if timeout is None else time.monotonic() + timeout
