@@ -1857,3 +1857,10 @@ def test_report_folders_are_safe_and_distinct_per_study() -> None:
     for f in folders:
         assert "/" not in f and not f.startswith(".") and 0 < len(f) <= 80
     assert cmp.report_folder("cli/ab") == cmp.report_folder("cli/ab")
+
+
+def test_the_report_title_shows_a_study_name_as_it_is(tmp_path: Path) -> None:
+    from thunderline_lab.compare import _md_text
+
+    assert _md_text("spectral_norm_ab") == "spectral_norm_ab"  # plain names stay readable
+    assert _md_text("a *b* [x](y)") == r"a \*b\* \[x\]\(y\)"

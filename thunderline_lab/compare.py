@@ -3020,6 +3020,14 @@ def _counts_table(counts: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def _md_text(text: str) -> str:
+    """``text`` shown as it is in Markdown (a study named ``a *b*`` is not set in italics);
+    a plain name (letters, digits, ``_ - .``, which Markdown leaves alone) is kept as it is."""
+    if re.fullmatch(r"[\w.-]+", text):
+        return text
+    return re.sub(r"([\\`*_{}\[\]()#+!|<>~-])", r"\\\1", text)
+
+
 def report_folder(study: str) -> str:
     """A folder name for ``study``'s report (``LAB/reports/<name>``): the study's name
     itself when it is a safe one (letters of any script, digits, ``_ - .``, not starting
@@ -3066,7 +3074,7 @@ def write_report(
     # leaves no half-written report
     pngs = {f"{name}.png": _png(fig) for name, fig in res.figures().items()}
     md = [
-        f"# SN vs none: {res.study}",
+        f"# SN vs none: {_md_text(res.study)}",
         "",
         f"Design: **{res.design}** · values: **{res.mode}** ({_MODE_TEXT[res.mode]}) · "
         f"{_percent(res.confidence)} percentile bootstrap CI (seed {res.seed}) · test: "
