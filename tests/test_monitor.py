@@ -1386,3 +1386,37 @@ def test_a_misspelt_monitor_option_is_a_config_error(options: dict[str, Any], wo
     with pytest.raises(ConfigError, match=re.escape(words)):
         LiveMonitor.from_bus(bus, STUDY, **options)
     assert not bus.subscriptions  # nothing left subscribed
+
+
+def test_a_gateway_whose_log_now_ends_before_the_position_is_followed_from_its_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = TrialStore(tmp_path / "old.db"), TrialStore(tmp_path / "new.db")
+    old.append(synthetic_study(STUDY, n_pairs=2, epochs=5))
+    new.append(synthetic_study("other", n_pairs=1, epochs=1))
+    serving = {"store": old}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        store = serving["store"]
+        if request.url.path == "/healthz":
+            return httpx.Response(200, json={"status": "ok", "last_seq": store.last_seq()})
+        after = int(request.url.params["after"])
+        evs = store.events_after(after, int(request.url.params["limit"]))
+        return httpx.Response(
+            200, json={"events": evs, "next_after": evs[-1]["seq"] if evs else after}
+        )
+
+    client = httpx.Client(base_url="http://gw", transport=httpx.MockTransport(handler))
+    source = GatewaySource(client=client, log_check_interval=0.0)
+    assert len(source.poll()) == old.last_seq() > new.last_seq()
+    assert source.poll() == [] and source.log_restarts == 0  # the same log: nothing new
+    serving["store"] = new  # the gateway restarted on another lab
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        assert source.poll() == []  # nothing after the old position: the log is checked
+    assert source.log_restarts == 1 and source.after == 0
+    assert "before this monitor's position" in caplog.text
+    got = source.poll()
+    assert [e["id"] for e in got] == [e["id"] for e in new.events_after(0, 1000)]
+    client.close()
+    old.close()
+    new.close()

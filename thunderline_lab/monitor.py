@@ -255,6 +255,11 @@ class GatewaySource:
         token: sent as ``Authorization: Bearer TOKEN`` when given.
         client: an ``httpx.Client`` to use instead of a new one (tests pass a
             ``MockTransport`` client or FastAPI's ``TestClient``).
+        log_check_interval: while nothing new arrives, every this many seconds the
+            gateway's last sequence number (``GET /healthz``) is compared with the
+            position: a log that now ends before it (the gateway restarted on another lab,
+            or its log was replaced) is warned about and followed from its start, instead
+            of waiting for ever for numbers it will take long to reach.
 
     Raises:
         GatewayError: ``url`` is no ``http://`` or ``https://`` URL (here, at once); from
@@ -273,6 +278,7 @@ class GatewaySource:
         poll_interval: float = 0.5,
         timeout: float = 5.0,
         client: Any = None,
+        log_check_interval: float = 10.0,
     ) -> None:
         import httpx
 
@@ -296,6 +302,9 @@ class GatewaySource:
         self.limit = limit
         self.max_pages = max_pages
         self.poll_interval = poll_interval
+        self.log_check_interval = log_check_interval
+        self.log_restarts = 0  # times the gateway's log was found to end before `after`
+        self._log_checked_at = time.monotonic()
 
     def _get(self, path: str, params: Mapping[str, Any], what: str, *keys: str) -> list[Any]:
         """GET ``path`` and the answer's ``keys``; every failure a :class:`GatewayError`."""
@@ -334,7 +343,27 @@ class GatewaySource:
             self.after = max(self.after, next_after)
             if len(page) < self.limit:
                 break
+        if not out and self.after > 0:
+            self._check_log_position()
         return out
+
+    def _check_log_position(self) -> None:
+        now = time.monotonic()
+        if now - self._log_checked_at < self.log_check_interval:
+            return
+        self._log_checked_at = now
+        seq = self.last_seq()
+        if seq < self.after:
+            log.warning(
+                "%s: its log ends at sequence number %d, before this monitor's position %d "
+                "(the gateway restarted on another lab, or its log was replaced): following "
+                "its log from the start",
+                self.label,
+                seq,
+                self.after,
+            )
+            self.after = 0
+            self.log_restarts += 1
 
     # -- the snapshot a monitor attaches with (LiveMonitor.from_gateway) ----------------
     # The same reads as TrialStore's, over HTTP, so MonitorState loads either.
