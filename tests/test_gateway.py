@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1001,6 +1002,42 @@ def test_serve_passes_the_root_path_to_uvicorn(
     )
     assert result.exit_code == 0, result.output
     assert seen["root_path"] == "/tg"
+
+
+def test_a_gateway_without_a_token_answers_only_loopback_host_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    apps: list[Any] = []
+
+    def fake_run(app: Any, **kwargs: Any) -> None:
+        apps.append(app)
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    serve(tmp_path / "lab", port=0, allowed_hosts=["lab.example"])
+    serve(tmp_path / "lab2", port=0, token="a-long-token")
+    tokenless, with_token = apps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+
+    event = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True).model_dump(
+        mode="json"
+    )
+    with TestClient(tokenless, base_url="http://127.0.0.1:8765") as http:
+        for host in ("127.0.0.1:8765", "localhost", "[::1]:8765", "lab.localhost", "LAB.example"):
+            assert http.get("/healthz", headers={"host": host}).status_code == 200, host
+        # DNS rebinding: the attacker's name now points at 127.0.0.1, its requests are
+        # same-origin for the browser, but they still say whose name they were sent to
+        for host in ("attacker.example", "attacker.example:8765", "127.0.0.1.nip.io", "[bad"):
+            resp = http.post("/api/events/ml", json=event, headers={"host": host})
+            assert resp.status_code == 403, host
+            assert resp.json()["errors"][0]["path"] == "header.host"
+            assert http.get("/api/trials", headers={"host": host}).status_code == 403
+        assert tokenless.state.store.counts()["events"] == 0  # nothing was written
+        assert http.post("/api/events/ml", json=event).status_code == 202
+    with TestClient(with_token, base_url="http://lab.example") as http:  # the token protects
+        resp = http.get("/healthz", headers={"authorization": "Bearer a-long-token"})
+        assert resp.status_code == 200
 
 
 def test_trials_keep_every_digit_of_their_floats(gw: AsgiClient) -> None:

@@ -399,6 +399,14 @@ def _mlflow_links(lab: Any, store: Any, study: str) -> Any:
     help="Path prefix a reverse proxy serves the gateway under (e.g. /thundergate), the "
     "proxy stripping it; routes and /docs work there.",
 )
+@click.option(
+    "--allow-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Without a token only requests to localhost or a loopback address are answered "
+    "(DNS rebinding); also answer this Host name (a local proxy passing its name on).",
+)
 @_clean_errors
 def serve(
     lab_dir: Path | None,
@@ -408,6 +416,7 @@ def serve(
     synchronous: str,
     log_level: str,
     root_path: str,
+    allowed_hosts: tuple[str, ...],
 ) -> None:
     """Run the event gateway (ThunderGate): POST /api/events/ml, GET /api/trials, /docs."""
     from thunderline_lab.gateway import serve as run_gateway
@@ -421,6 +430,7 @@ def serve(
         log_level=log_level,
         synchronous=synchronous,
         root_path=root_path,
+        allowed_hosts=allowed_hosts,
     )
 
 

@@ -132,6 +132,7 @@ __all__ = [
     "Health",
     "IngestResponse",
     "IngestResult",
+    "LoopbackHostOnly",
     "MetricCurve",
     "MetricHistory",
     "SendResult",
@@ -1471,6 +1472,66 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class LoopbackHostOnly:
+    """ASGI middleware: answer only requests addressed to a loopback name (403 otherwise).
+
+    A gateway without a token trusts whatever reaches loopback. A web page can still reach
+    it by DNS rebinding: ``attacker.example`` is re-pointed at 127.0.0.1 after the page
+    loaded, and the page's requests then count as same-origin (``Sec-Fetch-Site`` does not
+    tell), but they still carry ``Host: attacker.example``. :func:`serve` wraps a gateway
+    that runs without a token in this, as Jupyter checks the Host of a local server.
+    ``localhost``, ``*.localhost``, loopback addresses and the names in ``allowed`` pass
+    (a proxy that passes on the public name: ``--allow-host NAME``, or use a token).
+    """
+
+    def __init__(self, app: Any, allowed: Iterable[str] = ()) -> None:
+        self.app = app
+        self.allowed = {h.strip().lower() for h in allowed if h.strip()}
+
+    @property
+    def state(self) -> Any:
+        """The wrapped app's state (its writer, its store)."""
+        return self.app.state
+
+    def host_allowed(self, value: str) -> bool:
+        """Whether a ``Host`` header value names a loopback host or an allowed name."""
+        try:
+            name = urllib.parse.urlsplit("//" + value.strip()).hostname or ""
+        except ValueError:
+            return False
+        return (
+            is_loopback(name)
+            or name == "localhost"
+            or name.endswith(".localhost")
+            or name in self.allowed
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raw = dict(scope["headers"]).get(b"host")
+            value = raw.decode("latin-1") if raw is not None else ""
+            if raw is not None and not self.host_allowed(value):
+                shown = value[:100]
+                response = _problem_response(
+                    403,
+                    f"not a loopback host: {shown}",
+                    [
+                        ErrorDetail(
+                            None,
+                            "header.host",
+                            shown,
+                            "host",
+                            "a gateway without a token answers requests to localhost or a "
+                            "loopback address only (DNS rebinding); start it with a token, "
+                            "or --allow-host NAME for a proxy that passes this name on",
+                        )
+                    ],
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def serve(
     lab: Lab | str | os.PathLike[str] | None = None,
     *,
@@ -1479,11 +1540,17 @@ def serve(
     token: str | None = None,
     log_level: str = "warning",
     root_path: str = "",
+    allowed_hosts: Iterable[str] = (),
     **app_options: Any,
 ) -> None:
     """Run the gateway with uvicorn until interrupted.
 
+    Without a token the gateway answers only requests addressed to a loopback name
+    (:class:`LoopbackHostOnly`: another web page reaching it by DNS rebinding gets 403).
+
     Args:
+        allowed_hosts: more ``Host`` names a gateway without a token answers (a proxy on
+            this machine that passes its public name on).
         root_path: the path prefix a reverse proxy serves the gateway under (e.g.
             ``/thundergate``, the proxy stripping it before passing requests on), as
             uvicorn's ``--root-path``: ``/docs`` and OpenAPI then name the public URLs.
@@ -1511,7 +1578,9 @@ def serve(
         raise GatewayError(f"bad port {port}")
     root_path = "/" + root_path.strip("/") if root_path.strip("/") else ""
     resolved = lab if isinstance(lab, Lab) else Lab.resolve(lab)
-    app = create_app(resolved, token, **app_options)
+    app: Any = create_app(resolved, token, **app_options)
+    if token is None:
+        app = LoopbackHostOnly(app, allowed_hosts)
     # Bound here, not by uvicorn: a busy port is refused before saying "on …", and port 0
     # is logged as the port the system chose.
     sock = _listen(host, port)
