@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -1072,6 +1073,84 @@ def test_every_tracking_uri_gets_the_artifacts_once(file_stores: Path) -> None:
     for uri in ("./mlruns-b", uri_a):
         again = sync(lab, store, tracking_uri=uri)
         assert (again.uploaded_artifacts, again.pushed_runs, again.errors) == (0, 0, []), uri
+    store.close()
+
+
+def mirror_rows(lab: Lab) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows of the three per-URI MLflow tables of the lab, read on a connection of its own."""
+    conn = sqlite3.connect(lab.db_path)
+    try:
+        return {
+            table: sorted(conn.execute(f"SELECT * FROM {table}"))
+            for table in ("mlflow_studies", "mlflow_outbox", "mlflow_artifacts")
+        }
+    finally:
+        conn.close()
+
+
+def spooled_files(spool: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(spool).as_posix(): p.read_bytes()
+        for p in spool.rglob("*")
+        if p.is_file() and p.name != "meta.json"
+    }
+
+
+def test_forgetting_a_tracking_uri_frees_the_spool_and_a_later_sync_starts_afresh(
+    file_stores: Path,
+) -> None:
+    lab = Lab.resolve(file_stores / "lab").ensure()
+    store = lab.store()
+    spool = lab.root / "mlflow_outbox"
+    uri_a, uri_b = (file_stores / "mlruns-a").as_uri(), (file_stores / "mlruns-b").as_uri()
+    log_with_artifacts(lab, store, uri_a, "arts", [0, 1])
+    assert sync(lab, store, tracking_uri="./mlruns-b").uploaded_artifacts == 6
+    log_with_artifacts(lab, store, uri_a, "arts", [2, 3])
+    assert len(spooled_files(spool)) == 6  # trials 2 and 3 wait for B
+
+    # An unknown URI is a clean error naming the URIs the lab knows; nothing changes.
+    rows, files = mirror_rows(lab), spooled_files(spool)
+    forget = ["mlflow-sync", "--lab", str(lab.root), "--forget"]
+    out = CliRunner().invoke(main, [*forget, "./mlruns-c"])
+    assert out.exit_code == 1, out.output
+    assert isinstance(out.exception, SystemExit)  # no traceback
+    uri_c = (file_stores / "mlruns-c").as_uri()
+    assert (
+        f"error: ./mlruns-c: not a tracking URI of this lab (as {uri_c}); "
+        f"it knows {uri_a}, {uri_b}" in out.output
+    )
+    # --forget does not sync in the same call.
+    out = CliRunner().invoke(main, [*forget, "./mlruns-b", "--all-studies"])
+    assert out.exit_code == 2 and "--forget cannot be combined with --all-studies" in out.output
+    assert (mirror_rows(lab), spooled_files(spool)) == (rows, files)
+
+    # Forgetting B (spelt another way): A holds every spooled file, so all of them are freed.
+    out = CliRunner().invoke(main, [*forget, "mlruns-b"])
+    assert out.exit_code == 0, out.output
+    assert (
+        f"mlflow {uri_b}: forgot 1 studies, 2 trial rows and 6 artifact records; "
+        "freed 6 spooled files (0 still spooled for the other MLflows)" in out.output
+    )
+    assert spooled_files(spool) == {}
+    # Only B's rows are gone, A's are as they were.
+    assert mirror_rows(lab) == {t: [r for r in rs if uri_b not in r] for t, rs in rows.items()}
+    # A trial logged to A from now on no longer waits for B.
+    log_with_artifacts(lab, store, uri_a, "arts", [4])
+    assert spooled_files(spool) == {}
+
+    # Syncing to B again treats it as a new MLflow: every trial and artifact (from A's copy);
+    # the runs B still holds are found by their trial_id tag, not made twice.
+    to_b = sync(lab, store, tracking_uri="./mlruns-b")
+    assert (to_b.pushed_runs, to_b.created_runs, to_b.uploaded_artifacts, to_b.errors) == (
+        5,
+        3,
+        15,
+        [],
+    )
+    in_a = artifacts_of(uri_a, "arts")
+    assert len(in_a) == 5 and artifacts_of("./mlruns-b", "arts") == in_a
+    again = sync(lab, store, tracking_uri="./mlruns-b")
+    assert (again.uploaded_artifacts, again.pushed_runs, again.errors) == (0, 0, [])
     store.close()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from thunderline_lab.errors import ConfigError, StoreError, ThunderlineLabError
 
@@ -558,17 +559,55 @@ def compare_cmd(
 @click.option(
     "--all-studies", is_flag=True, help="Also push studies that were run without MLflow logging."
 )
+@click.option(
+    "--forget",
+    "forget_uri",
+    metavar="URI",
+    default=None,
+    help="Instead of syncing, forget this MLflow (a retired one): drop the lab's records of it "
+    "and free the spooled artifacts the other MLflows hold. Syncing to it later starts afresh.",
+)
 @_clean_errors
 def mlflow_sync(
-    lab_dir: Path | None, tracking_uri: str | None, push: bool, pull: bool, all_studies: bool
+    lab_dir: Path | None,
+    tracking_uri: str | None,
+    push: bool,
+    pull: bool,
+    all_studies: bool,
+    forget_uri: str | None,
 ) -> None:
-    """Push what MLflow lacks (the outbox) and pull runs logged outside the lab; idempotent."""
-    from thunderline_lab.lab import Lab
-    from thunderline_lab.tracking import sync
+    """Push what MLflow lacks (the outbox) and pull runs logged outside the lab; idempotent.
 
+    With --forget URI it only forgets that MLflow (no sync in the same call).
+    """
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.tracking import forget_tracking_uri, sync
+
+    if forget_uri is not None:
+        ctx = click.get_current_context()
+        sync_options = {
+            "tracking_uri": "--tracking-uri",
+            "push": "--push/--no-push",
+            "pull": "--pull/--no-pull",
+            "all_studies": "--all-studies",
+        }
+        given = [
+            flag
+            for name, flag in sync_options.items()
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+        ]
+        if given:
+            raise click.UsageError(
+                f"--forget cannot be combined with {', '.join(given)}: "
+                "forget first, then sync in another call"
+            )
     lab = Lab.resolve(lab_dir)
     if not lab.db_path.exists():
         raise StoreError(f"no trial store at {lab.db_path}")
+    if forget_uri is not None:
+        forgot = forget_tracking_uri(lab, forget_uri)
+        click.echo(f"mlflow {forgot.tracking_uri}: {forgot.summary()}")
+        return
     report = sync(lab, tracking_uri=tracking_uri, push=push, pull=pull, all_studies=all_studies)
     click.echo(f"mlflow {report.tracking_uri}: {report.summary()}")
     for line in report.conflicts + report.errors:

@@ -58,6 +58,9 @@ synced to counts); then the spooled files are removed. A URI that starts mirrori
 after that gets them from another URI's copy: a folder on this machine (a file store, the
 lab's SQLite backend) is copied, a tracking server's is downloaded. Each upload is recorded,
 so a re-sync sends no file twice (a file logged again with new content is sent again).
+A URI that will never be synced again (a retired MLflow) would keep every new trial's
+artifacts in the spool: :func:`forget_tracking_uri` (``mlflow-sync --forget URI``) drops its
+rows from the three tables and frees the spooled files the remaining URIs hold.
 
 URIs are compared in one spelling (a local path as an absolute ``file://`` URI, a server
 without its trailing ``/``), so ``./mlruns`` and ``file:///abs/mlruns`` are one store and
@@ -141,11 +144,13 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL_PREFIX",
     "LINK_ID_PREFIX",
+    "ForgetReport",
     "MLflowLogger",
     "RunRecord",
     "SyncReport",
     "TrialSnapshot",
     "attach",
+    "forget_tracking_uri",
     "mlflow_links",
     "mlflow_ui_command",
     "run_url",
@@ -2810,6 +2815,100 @@ def sync(
         ) from exc
     finally:
         backend.close()
+        outbox.close()
+        if own_store:
+            store.close()
+    return report
+
+
+@dataclass
+class ForgetReport:
+    """What :func:`forget_tracking_uri` did."""
+
+    tracking_uri: str
+    studies: int = 0
+    trials: int = 0
+    artifacts: int = 0
+    freed_files: int = 0
+    still_spooled: int = 0
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        return (
+            f"forgot {self.studies} studies, {self.trials} trial rows and {self.artifacts} "
+            f"artifact records; freed {self.freed_files} spooled files "
+            f"({self.still_spooled} still spooled for the other MLflows)"
+        )
+
+
+_URI_TABLES = ("mlflow_studies", "mlflow_outbox", "mlflow_artifacts")
+
+
+def forget_tracking_uri(
+    lab: Lab, tracking_uri: str, store: TrialStore | None = None
+) -> ForgetReport:
+    """Stop mirroring the lab to ``tracking_uri`` (a retired MLflow): drop its outbox rows.
+
+    Its rows in ``mlflow_studies``, ``mlflow_outbox`` and ``mlflow_artifacts`` (every study)
+    are deleted in one transaction; then each spooled artifact file every remaining tracking
+    URI of its study already holds is removed (files no remaining URI is mirrored to are
+    kept: nothing else holds them). MLflow itself, and the trial store's ``mlflow_run_id``
+    links, are not touched. Syncing to the URI later treats it as a new one: it gets every
+    trial and artifact again (existing runs are found by their ``trial_id`` tag). Forget a URI
+    no :class:`MLflowLogger` is still logging to: a logger would record it again.
+
+    Args:
+        lab: the lab.
+        tracking_uri: the MLflow to forget, in any spelling (compared as :func:`_uri_key`).
+        store: its open trial store (opened from ``lab.db`` if None).
+
+    Raises:
+        TrackingError: the lab has no record of ``tracking_uri`` (nothing is changed; the
+            message names the URIs it knows).
+    """
+    uri = _uri_key(tracking_uri)
+    own_store = store is None
+    if store is None:
+        store = lab.store()
+    outbox = _Outbox(lab.db_path, store, uri)
+    report = ForgetReport(uri)
+    try:
+
+        def delete() -> tuple[int, int, int]:
+            known = sorted(
+                {
+                    row[0]
+                    for table in _URI_TABLES
+                    for row in outbox.conn.execute(f"SELECT DISTINCT tracking_uri FROM {table}")
+                }
+            )
+            if uri not in known:
+                raise TrackingError(
+                    f"{tracking_uri}: not a tracking URI of this lab (as {uri}); it knows "
+                    + (", ".join(known) if known else "none")
+                )
+            studies, trials, artifacts = (
+                outbox.conn.execute(f"DELETE FROM {table} WHERE tracking_uri = ?", (uri,)).rowcount
+                for table in _URI_TABLES
+            )
+            return studies, trials, artifacts
+
+        report.studies, report.trials, report.artifacts = outbox._write(delete)
+        spool, _unreadable = _read_spool(lab)  # an unreadable folder is left to the user
+        rows = outbox.query("SELECT DISTINCT model_run_id, trial_id, study FROM mlflow_outbox")
+        trial_studies: dict[tuple[str, str], set[str | None]] = {}
+        for mr, tid, study in rows:
+            trial_studies.setdefault((mr, tid), set()).add(study)
+        for key, (directory, spool_study) in sorted(spool.items()):
+            spooled = _spooled(directory)
+            studies = {spool_study, key[0]} | trial_studies.get(key, set())
+            mirrors = outbox.mirror_uris(studies)
+            if spooled and mirrors:
+                _prune_spool(outbox, key, directory, spooled, mirrors)
+            left = sum(1 for file, _digest in spooled.values() if file.exists())
+            report.freed_files += len(spooled) - left
+            report.still_spooled += left
+    finally:
         outbox.close()
         if own_store:
             store.close()
