@@ -1865,3 +1865,38 @@ def test_the_report_title_shows_a_study_name_as_it_is(tmp_path: Path) -> None:
 
     assert _md_text("spectral_norm_ab") == "spectral_norm_ab"  # plain names stay readable
     assert _md_text("a *b* [x](y)") == r"a \*b\* \[x\]\(y\)"
+
+
+def test_details_are_read_once_per_state_of_the_log(
+    synthetic_store: TrialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[int] = []
+    real = cmp._group_curves
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmp, "_group_curves", counting)
+    first = compare_study(synthetic_store, STUDY)
+    first.curves["mean"] = -1.0  # the caller's copy to change
+    again = compare_study(synthetic_store, STUDY)
+    assert len(reads) == 1  # nothing new in the log: the curves were not read again
+    assert len(again.curves) > 0 and (again.curves["mean"] != -1.0).all()
+    # a late metric point of a compared trial (reordered delivery) moves the log on
+    done = synthetic_store.trials(study=STUDY, status="completed").iloc[0]
+    synthetic_store.append(
+        [
+            events.run_metric(
+                model_run_id=done["model_run_id"],
+                trial_id=done["trial_id"],
+                study=STUDY,
+                step=99,
+                measurements={"val_loss": 0.5},
+            )
+        ]
+    )
+    late = compare_study(synthetic_store, STUDY)
+    assert len(reads) == 2
+    assert 99 in set(late.curves["step"])
+    assert compare_study(synthetic_store, STUDY, use_cache=False).curves.equals(late.curves)

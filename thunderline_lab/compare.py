@@ -2009,10 +2009,32 @@ def _compare(
         sigma_keys = [k for k in frame.columns if k.startswith("sigma/")]
         for k in sigma_keys:
             trials[k] = frame.columns[k][sel]
-        layer_sigma = _layer_sigma(arm, {k: trials[k] for k in sigma_keys}, confidence)
-        curves, sampled = _group_curves(
-            store, frame, is_sn, is_none, curve_trials, seed, confidence
+        # The details read every sampled trial's curves from the store: kept for the
+        # frame's state and the log's position (a late metric point moves the watermark),
+        # the latest only, so comparing again with nothing new does not read them again.
+        details_key = (
+            "details",
+            frame.watermark,
+            frame.version,
+            tuple(statuses),
+            curve_trials,
+            seed,
+            confidence,
+            tuple(sigma_keys),
         )
+        cached = frame.derived.get(details_key) if use_cache else None
+        if cached is None:
+            layer_sigma = _layer_sigma(arm, {k: trials[k] for k in sigma_keys}, confidence)
+            curves, sampled = _group_curves(
+                store, frame, is_sn, is_none, curve_trials, seed, confidence
+            )
+            if use_cache:
+                for old in [k for k in frame.derived if isinstance(k, tuple) and k[0] == "details"]:
+                    del frame.derived[old]
+                frame.derived[details_key] = (layer_sigma, curves, sampled)
+        else:
+            layer_sigma, curves, sampled = cached
+        layer_sigma, curves = layer_sigma.copy(), curves.copy()  # the caller's to change
         if sampled:
             notes.append(
                 f"learning curves: mean ± {_percent(confidence)} CI over a random sample of "
