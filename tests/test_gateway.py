@@ -756,6 +756,26 @@ def test_events_after_pages_through_the_log(gw: AsgiClient) -> None:
     assert seen == [e.id for e in evs]
 
 
+def test_a_page_of_large_events_ends_at_the_byte_budget(
+    gw: AsgiClient, store: TrialStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import thunderline_lab.gateway as gateway_module
+
+    evs = study_events()
+    store.append(evs)
+    monkeypatch.setattr(gateway_module, "EVENTS_PAGE_BYTES", 1)  # each event "large"
+    seen: list[str] = []
+    after = 0
+    while True:
+        page = gw.get(f"/api/events?after={after}&limit=1000").json()
+        if not page["events"]:
+            break
+        assert len(page["events"]) == 1  # one event a page, not the whole log at once
+        seen += [e["id"] for e in page["events"]]
+        after = page["next_after"]
+    assert seen == [e.id for e in evs]
+
+
 def test_trials_and_one_trial(gw: AsgiClient) -> None:
     gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in study_events()])
     trials = gw.get("/api/trials").json()["trials"]

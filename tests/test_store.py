@@ -403,6 +403,16 @@ def test_events_after_sequence(store: TrialStore) -> None:
     assert store.last_seq() == len(evs)
 
 
+def test_events_after_ends_a_page_at_max_bytes(store: TrialStore) -> None:
+    evs = study_events()
+    store.append(evs)
+    bodies = [len(b) for (b,) in store.conn.execute("SELECT body FROM events ORDER BY seq")]
+    page = store.events_after(0, limit=100, max_bytes=bodies[0] + bodies[1])
+    assert [e["seq"] for e in page] == [1, 2]  # ends with the event that reaches the budget
+    assert [e["seq"] for e in store.events_after(0, limit=100, max_bytes=1)] == [1]  # >= 1
+    assert len(store.events_after(0, limit=5, max_bytes=10**9)) == 5  # limit still applies
+
+
 def test_generic_events_are_logged_not_projected(store: TrialStore) -> None:
     ev = E.validate_event(
         {

@@ -121,6 +121,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "ENV_TOKEN",
+    "EVENTS_PAGE_BYTES",
     "MAX_BATCH_EVENTS",
     "MAX_BODY_BYTES",
     "ErrorBody",
@@ -145,6 +146,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# GET /api/events ends a page once its events' JSON reaches this size (and holds at least
+# one): ``limit`` large events would otherwise all be read into memory for one answer. A
+# client pages on with ``next_after`` as always.
+EVENTS_PAGE_BYTES = 8 * 1024 * 1024
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -678,7 +684,10 @@ class IngestResponse(BaseModel):
 
 
 class EventsPage(BaseModel):
-    """Logged events after a sequence number; pass ``next_after`` as the next ``after``."""
+    """Logged events after a sequence number; pass ``next_after`` as the next ``after``.
+
+    A page holds at most ``limit`` events and ends once their JSON reaches 8 MiB
+    (:data:`EVENTS_PAGE_BYTES`), so a short page does not mean the log has no more."""
 
     events: list[dict[str, Any]]
     next_after: int
@@ -1257,7 +1266,7 @@ def create_app(
     def list_events(
         after: int = Query(0, ge=0, le=_INT64_MAX), limit: int = Query(1000, ge=1, le=10_000)
     ) -> Response:
-        events = read_store.events_after(after, limit)
+        events = read_store.events_after(after, limit, max_bytes=EVENTS_PAGE_BYTES)
         next_after = events[-1]["seq"] if events else after
         return Response(
             json.dumps({"events": events, "next_after": next_after}), media_type="application/json"

@@ -1059,13 +1059,29 @@ class TrialStore:
         rows.sort(key=lambda r: (r[0], r[1], r[2]))
         return pd.DataFrame(rows, columns=["trial_id", "name", "step", "value"])
 
-    def events_after(self, seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Logged events with sequence number > ``seq`` (oldest first), each with its ``seq``."""
+    def events_after(
+        self, seq: int = 0, limit: int = 1000, *, max_bytes: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Logged events with sequence number > ``seq`` (oldest first), each with its ``seq``.
+
+        ``max_bytes`` bounds the page by the events' JSON size as well (a page of 10,000
+        large events would otherwise all be held at once): the page ends with the event that
+        reaches it, and holds at least one event.
+        """
         with self._lock:
             cur = self.conn.execute(
                 "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             )
-            return [{"seq": s, **json.loads(b)} for s, b in cur]
+            if max_bytes is None:
+                return [{"seq": s, **json.loads(b)} for s, b in cur]
+            page: list[dict[str, Any]] = []
+            size = 0
+            for s, b in cur:
+                page.append({"seq": s, **json.loads(b)})
+                size += len(b)
+                if size >= max_bytes:
+                    break
+            return page
 
     def iter_events(self, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:
         """Every logged event in sequence order."""
