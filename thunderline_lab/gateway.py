@@ -1014,17 +1014,19 @@ def create_app(
             ],
         )
 
-    async def require_token(request: Request) -> None:
+    def check_token(headers: Mapping[bytes, bytes]) -> None:
+        """The token as sent (raw header bytes), on every route alike."""
         if token_bytes is None:
             return
-        given = request.headers.get("x-thunderline-token")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
+        given = headers.get(b"x-thunderline-token")
+        auth = headers.get(b"authorization", b"")
+        if given is None and auth[:7].lower() == b"bearer ":
             given = auth[7:].strip()
-        # Starlette decodes headers as latin-1: encoding back gives the bytes as sent,
-        # compared as the ingest route compares them
-        if given is None or not hmac.compare_digest(given.encode("latin-1"), token_bytes):
+        if given is None or not hmac.compare_digest(given, token_bytes):
             raise token_problem()
+
+    async def require_token(request: Request) -> None:
+        check_token(dict(request.scope["headers"]))
 
     @app.exception_handler(_Problem)
     async def _on_problem(_request: Request, exc: _Problem) -> JSONResponse:
@@ -1141,13 +1143,7 @@ def create_app(
         headers = dict(scope["headers"])
         if headers.get(b"sec-fetch-site", b"").strip().lower() == b"cross-site":
             raise cross_site_problem()
-        if token_bytes is not None:
-            given = headers.get(b"x-thunderline-token")
-            auth = headers.get(b"authorization", b"")
-            if given is None and auth[:7].lower() == b"bearer ":
-                given = auth[7:].strip()
-            if given is None or not hmac.compare_digest(given, token_bytes):
-                raise token_problem()
+        check_token(headers)
         encoding = headers.get(b"content-encoding", b"").strip().lower()
         if encoding not in (b"", b"identity"):
             shown = encoding.decode("latin-1")
@@ -1508,12 +1504,7 @@ class LoopbackHostOnly:
             name = urllib.parse.urlsplit("//" + value.strip()).hostname or ""
         except ValueError:
             return False
-        return (
-            is_loopback(name)
-            or name == "localhost"
-            or name.endswith(".localhost")
-            or name in self.allowed
-        )
+        return is_loopback(name) or name.endswith(".localhost") or name in self.allowed
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
