@@ -1140,6 +1140,53 @@ def test_a_bad_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore
     assert store.counts()["events"] == 3
 
 
+@pytest.mark.parametrize("restated", [False, True])
+def test_an_event_sent_in_two_requests_of_one_group_is_stored_once(
+    gw: AsgiClient, store: TrialStore, restated: bool
+) -> None:
+    evs = study_events()[:4]
+    records = [e.model_dump(mode="json") for e in evs]
+    repeat = _restated(evs[2]) if restated else records[2]
+    bodies = [json.dumps(records[1:3]), json.dumps([repeat, records[3]])]
+    writer = gw.http._transport.app.state.writer  # type: ignore[attr-defined]
+
+    def wait_for(pending: int, queued: int) -> None:
+        deadline = time.monotonic() + 10
+        while (writer.pending_events, len(writer._queue)) != (pending, queued):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    other = AsgiClient(gw.http._transport.app)  # type: ignore[attr-defined]  # its own loop
+    with store._lock:  # the writer takes the first request and waits: the next two queue
+        first: list[httpx.Response] = []
+        t1 = threading.Thread(
+            target=lambda: first.append(
+                other.post("/api/events/ml", content=evs[0].model_dump_json())
+            )
+        )
+        t1.start()
+        wait_for(1, 0)  # taken by the writer
+        results: list[httpx.Response] = []
+        reqs = [("POST", "/api/events/ml", {"content": b}) for b in bodies]
+        t2 = threading.Thread(target=lambda: results.extend(gw.gather(*reqs)))
+        t2.start()
+        wait_for(5, 2)
+    t1.join()
+    t2.join()
+    other.close()
+    assert first[0].status_code == 202
+    if restated:  # whichever went first is logged; the other names another event: 409
+        assert sorted(r.status_code for r in results) == [202, 409]
+        (err,) = next(r for r in results if r.status_code == 409).json()["errors"]
+        assert (err["path"], err["rule"]) == ("payload.trial_id", "id_conflict")
+        assert store.counts()["events"] == 3
+        return
+    assert [r.status_code for r in results] == [202, 202]
+    counts = sorted((r.json()["accepted"], r.json()["duplicates"]) for r in results)
+    assert counts == [(1, 1), (2, 0)]  # whichever went first logged evs[2]
+    assert writer.groups == 2 and store.counts()["events"] == 4
+
+
 def _restated(ev: E.Event) -> dict[str, Any]:
     """``ev``'s id with another payload: a second event under the first one's name."""
     other = ev.model_dump(mode="json")
@@ -1183,7 +1230,7 @@ def test_store_failure_is_a_503_never_a_202(
     def fail(events: Any) -> Any:
         raise StoreError("disk full")
 
-    monkeypatch.setattr(store, "append", fail)
+    monkeypatch.setattr(store, "append_prepared", fail)
     try:
         resp = gw.post("/api/events/ml", content=study_events()[0].model_dump_json())
         assert resp.status_code == 503 and resp.headers["retry-after"]

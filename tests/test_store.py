@@ -17,7 +17,13 @@ import pytest
 from thunderline_lab import events as E
 from thunderline_lab.bus import EventBus
 from thunderline_lab.events import EventConflictError, EventValidationError
-from thunderline_lab.store import SCHEMA_VERSION, StoreWriter, TrialStore, format_ts
+from thunderline_lab.store import (
+    SCHEMA_VERSION,
+    PreparedBatch,
+    StoreWriter,
+    TrialStore,
+    format_ts,
+)
 
 T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 TABLES = ("model_runs", "trials", "metrics", "artifacts")
@@ -136,6 +142,62 @@ def test_duplicate_ids_within_one_batch_are_stored_once(store: TrialStore) -> No
     ev = study_events()[0]
     result = store.append([ev, ev, ev])
     assert (result.accepted, result.duplicates) == (1, 2)
+
+
+def test_a_large_batch_is_logged_in_order_and_counted_across_statements(tmp_path: Path) -> None:
+    """Over 512 events (rows per INSERT) and 256 trials (rows per refold), in sizes that
+    are no multiple of either: every event once, in the batch's order, and the same
+    tables as event-by-event appends."""
+    evs = study_events(n_trials=301, epochs=1)  # 5 events a trial: 1,505
+    big, small = TrialStore(tmp_path / "big.db"), TrialStore(tmp_path / "small.db")
+    first = big.append(evs[:37])
+    result = big.append(evs[:700] + evs[1000:])  # 37 logged, 300 left for later
+    assert (result.accepted, result.duplicates) == (1505 - 37 - 300, 37)
+    assert big.append(evs).accepted == 300
+    for ev in evs:
+        small.append([ev])
+    logged = [r["id"] for r in big.iter_events()]
+    assert logged[:37] == [e.id for e in evs[:37]] and len(logged) == len(set(logged)) == 1505
+    assert logged[37 : 1505 - 300] == [e.id for e in evs[37:700] + evs[1000:]]
+    assert first.accepted == 37
+    trials = big.trials()
+    assert len(trials) == 301 and list(trials["trial_id"]) == [f"trial_{i:04d}" for i in range(301)]
+    assert_same(snapshot(big), snapshot(small))
+
+
+def test_prepared_batches_append_as_the_events_would(tmp_path: Path) -> None:
+    evs = study_events()
+    direct, prepared = TrialStore(tmp_path / "a.db"), TrialStore(tmp_path / "b.db")
+    direct.append(evs)
+    batch = prepared.prepare(evs[:7])
+    assert len(batch) == 7 and prepared.counts()["events"] == 0  # nothing written yet
+    halves = PreparedBatch.join([batch, prepared.prepare(evs[7:])])
+    assert halves is not None
+    result = prepared.append_prepared(halves)
+    assert (result.accepted, result.duplicates) == (len(evs), 0)
+    assert_same(snapshot(direct), snapshot(prepared))
+
+
+def test_prepared_batches_sharing_an_id_are_not_joined(store: TrialStore) -> None:
+    evs = study_events()
+    a, b = store.prepare(evs[:3]), store.prepare(evs[2:5])
+    assert PreparedBatch.join([a, b]) is None  # the repeat must be checked as in one batch
+    assert PreparedBatch.join([a]) is a
+
+
+def test_a_joined_batch_names_the_conflicting_record_by_its_joined_index(
+    store: TrialStore,
+) -> None:
+    evs = study_events()
+    other = evs[0].model_dump(mode="json")
+    other["name"] = "ml.run.start"
+    joined = PreparedBatch.join([store.prepare(evs[1:4]), store.prepare([evs[0], evs[0], other])])
+    assert joined is not None
+    with pytest.raises(EventConflictError) as info:
+        store.append_prepared(joined)
+    (err,) = info.value.errors
+    assert (err.index, err.rule) == (5, "id_conflict") and "record 3" in err.message
+    assert store.counts()["events"] == 0
 
 
 def test_an_id_that_names_another_event_is_refused_and_nothing_is_written(

@@ -105,7 +105,7 @@ from thunderline_lab.events import (
     to_event,
 )
 from thunderline_lab.lab import Lab
-from thunderline_lab.store import TrialStore, trial_records
+from thunderline_lab.store import PreparedBatch, TrialStore, trial_records
 from thunderline_lab.wire import (
     DEFAULT_MODEL_RUN_ID,
     at_lines,
@@ -491,6 +491,7 @@ class GatewayBusy(GatewayError):
 @dataclass(eq=False)
 class _Pending:
     events: list[Event]
+    prepared: PreparedBatch
     future: concurrent.futures.Future[IngestResult]
 
 
@@ -546,13 +547,22 @@ class GroupCommitWriter:
             )
             self._thread.start()
 
-    def submit(self, events: list[Event]) -> concurrent.futures.Future[IngestResult]:
+    def submit(
+        self, events: list[Event], prepared: PreparedBatch | None = None
+    ) -> concurrent.futures.Future[IngestResult]:
         """Queue validated events for the next group commit.
 
+        ``prepared`` is ``store.prepare(events)`` when the caller made it already (the
+        gateway does, in the thread that parsed the request); otherwise it is made here,
+        in the caller's thread: the writer thread only runs transactions.
+
         Raises:
+            EventValidationError: an event cannot be written (from ``store.prepare``).
             GatewayBusy: more than ``max_pending_events`` would be waiting.
             GatewayError: the writer is closed.
         """
+        if prepared is None:
+            prepared = self.store.prepare(events)
         fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
         with self._cond:
             if self._closed:
@@ -565,7 +575,7 @@ class GroupCommitWriter:
                     f"{self._pending_events} events are waiting to be committed; retry later"
                 )
             self._ensure_thread()
-            self._queue.append(_Pending(events, fut))
+            self._queue.append(_Pending(events, prepared, fut))
             self._pending_events += len(events)
             self._cond.notify()
         return fut
@@ -608,7 +618,10 @@ class GroupCommitWriter:
         """Append the group in one transaction and resolve its live futures."""
         batch = [ev for p in group for ev in p.events]
         try:
-            result = self.store.append(batch)
+            joined = PreparedBatch.join([p.prepared for p in group])
+            if joined is None:  # an id in two requests: one batch skips or checks the repeat
+                joined = self.store.prepare(batch)
+            result = self.store.append_prepared(joined)
         except StoreError as exc:
             for p in live:
                 p.future.set_exception(exc)
@@ -1138,6 +1151,22 @@ def create_app(
             )
         return run
 
+    def parse_and_prepare(body: bytes, default_run: str) -> tuple[list[Any], PreparedBatch | None]:
+        """A request's events, validated and serialised for the writer (None: no events);
+        run where the request is parsed, so the writer thread only runs transactions."""
+        events = _parse_for_store(
+            body, default_model_run_id=default_run, max_events=max_batch_events
+        )
+        if not events:
+            return events, None
+        try:
+            return events, write_store.prepare(events)
+        except EventValidationError:  # an event that validates but cannot be written
+            errors = _diagnose(events)  # names the field, where the encoder only knew "<event>"
+            if errors:
+                raise EventValidationError(errors) from None
+            raise
+
     async def ingest(scope: Mapping[str, Any], receive: Any) -> IngestResult:
         """POST /api/events/ml: auth, bounded body, parse + validate, group commit."""
         headers = dict(scope["headers"])
@@ -1164,22 +1193,15 @@ def create_app(
         body = await read_body(headers, receive)
         try:
             if len(body) > _THREADPOOL_BODY:
-                events = await run_in_threadpool(
-                    _parse_for_store,
-                    body,
-                    default_model_run_id=default_run,
-                    max_events=max_batch_events,
-                )
+                events, prepared = await run_in_threadpool(parse_and_prepare, body, default_run)
             else:
-                events = _parse_for_store(
-                    body, default_model_run_id=default_run, max_events=max_batch_events
-                )
+                events, prepared = parse_and_prepare(body, default_run)
         except EventValidationError as exc:
             raise _validation_problem(exc) from None
-        if not events:
+        if prepared is None:
             return IngestResult(0, 0, [], 0)
         try:
-            fut = writer.submit(events)
+            fut = writer.submit(events, prepared)
         except GatewayBusy as exc:
             raise _Problem(503, str(exc), headers={"Retry-After": "1"}) from None
         except GatewayError as exc:

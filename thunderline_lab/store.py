@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import chain
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
@@ -171,11 +173,33 @@ _PROJECTIONS = ("model_runs", "trials", "metrics", "artifacts")
 PAGE_SIZE = 8192
 WAL_CHECKPOINT_PAGES = 8000  # the writer's own checkpoints: a backstop (64 MB of 8 KiB pages)
 # Literal names (not parameters), so that SQLite can use the partial lifecycle index.
-_LIFECYCLE_SQL = (
-    "SELECT body FROM events WHERE model_run_id = ? AND trial_id = ? AND name IN ("
-    + ", ".join(f"'{n}'" for n in LIFECYCLE_EVENTS)
-    + ")"
-)
+_LIFECYCLE_NAMES = ", ".join(f"'{n}'" for n in LIFECYCLE_EVENTS)
+
+
+@functools.cache
+def _lifecycle_sql(n: int) -> str:
+    """The lifecycle events of ``n`` trials (2n parameters: run, trial), by index seeks."""
+    keys = ", ".join(["(?, ?)"] * n)
+    return (
+        f"SELECT e.model_run_id, e.trial_id, e.body FROM (VALUES {keys}) k JOIN events e "
+        f"ON e.model_run_id = k.column1 AND e.trial_id = k.column2 "
+        f"AND e.name IN ({_LIFECYCLE_NAMES})"
+    )
+
+
+_REFOLD_TRIALS = 256  # trials per statement when trials are refolded
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``items`` in chunks of ``size``, the rest in chunks of powers of two: a statement
+    per chunk, of a few sizes only (each one's SQL is made and compiled once)."""
+    i, n = 0, len(items)
+    while i < n:
+        step = size if n - i >= size else 1 << ((n - i).bit_length() - 1)
+        yield items[i : i + step]
+        i += step
+
+
 # Metric points are projected inside SQLite, straight from the logged bodies of the metric
 # events in a seq range (about 1.5x faster than binding one row per point from Python). The
 # single ``metric_name``/``metric_value`` overrides the same name in ``measurements``.
@@ -225,14 +249,31 @@ ON CONFLICT (model_run_id, trial_id, uri) DO UPDATE SET
 WHERE (excluded.timestamp, excluded.event_id) > (artifacts.timestamp, artifacts.event_id)
 """
 
+
+@functools.cache
+def _insert_events_sql(n: int) -> str:
+    """INSERT OR IGNORE ``n`` rows into the log."""
+    return (
+        "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
+        f"VALUES {', '.join(['(?, ?, ?, ?, ?, ?)'] * n)}"
+    )
+
+
+_INSERT_ROWS = 512  # rows per INSERT (6 parameters each; SQLite allows 32,766)
+
+
 # A trial's row is updated in place: it keeps its rowid, so the table lists trials in the
 # order they first appeared (REPLACE would delete it and append it as the newest row).
-_UPSERT_TRIAL = (
-    f"INSERT INTO trials ({', '.join(TRIAL_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(TRIAL_COLUMNS))}) "
-    "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in TRIAL_COLUMNS[2:])  # all but the key
-)
+@functools.cache
+def _upsert_trials_sql(n: int) -> str:
+    """Insert or update ``n`` trials' rows (in the order given)."""
+    one = f"({', '.join('?' * len(TRIAL_COLUMNS))})"
+    return (
+        f"INSERT INTO trials ({', '.join(TRIAL_COLUMNS)}) VALUES {', '.join([one] * n)} "
+        "ON CONFLICT (model_run_id, trial_id) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in TRIAL_COLUMNS[2:])  # all but the key
+    )
+
 
 # Evenly spaced steps of one long curve, each found by an index seek (the first step at or
 # after each target), so downsampling costs O(max_points · log n), not O(n).
@@ -384,6 +425,39 @@ def _unique(items: Sequence[Any], id_of: Any) -> tuple[Sequence[Any], list[int]]
 # A later record of a batch whose id an earlier one has, with other content: (its index,
 # the id, the first record's index, the first record's content, its content).
 _Variant = tuple[int, str, int, dict[str, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedBatch:
+    """A batch validated and serialised by :meth:`TrialStore.prepare`, ready to append."""
+
+    items: list[Any] = field(repr=False)  # the records as given (errors index them)
+    pending: list[_Pending] = field(repr=False)  # one row pair per distinct event id
+    variants: list[_Variant] = field(repr=False)  # repeated ids with other content
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def join(cls, batches: Sequence[PreparedBatch]) -> PreparedBatch | None:
+        """The batches as one (for one transaction), or None when an event id is in more
+        than one of them: such a group must be prepared again as one batch, so that the
+        repeats are skipped (or their differences found) as within a batch."""
+        if len(batches) == 1:
+            return batches[0]
+        pending = [p for b in batches for p in b.pending]
+        if len({p[0][0] for p in pending}) < len(pending):
+            return None
+        items = [item for b in batches for item in b.items]
+        variants: list[_Variant] = []
+        offset = 0
+        for b in batches:
+            variants += [
+                (i + offset, ev_id, j + offset, first, content)
+                for i, ev_id, j, first, content in b.variants
+            ]
+            offset += len(b.items)
+        return cls(items, pending, variants)
 
 
 def _variants(items: Sequence[Any]) -> list[_Variant]:
@@ -727,13 +801,24 @@ class TrialStore:
 
         Parsed JSON (dicts) takes the ingest fast path (:func:`events.fast_events`, else
         the models); event objects and fast-path structs are already valid and are only
-        serialised.
+        serialised. The same as ``append_prepared(prepare(events))``.
 
         Raises:
             EventValidationError: if any event is invalid; nothing is written then.
             EventConflictError: an event's id already names another event (logged, or
                 earlier in the batch) with another name or payload; nothing is written.
             StoreError: if the database cannot be written.
+        """
+        return self.append_prepared(self.prepare(events))
+
+    def prepare(self, events: Iterable[Event | Mapping[str, Any]]) -> PreparedBatch:
+        """Validate and serialise a batch for :meth:`append_prepared`, without touching the
+        database: the CPU work of an append, which a writer can leave to other threads
+        (the gateway prepares each request as it parses it, so its one writer thread only
+        runs transactions).
+
+        Raises:
+            EventValidationError: if any event is invalid.
         """
         items = list(events)
         with gc_paused():  # CPU-bound batch work only: never while waiting for the lock
@@ -750,6 +835,18 @@ class TrialStore:
                     pending = _pending_from_events(validate_events(objects))
             # repeated ids (a retried batch sent twice over): their records must agree
             variants = _variants(items) if len(pending) < len(items) else []
+        return PreparedBatch(items, pending, variants)
+
+    def append_prepared(self, batch: PreparedBatch) -> AppendResult:
+        """Append a batch made by :meth:`prepare` (of this store or another) in one
+        transaction: duplicates (by event id) skipped, the rest logged and projected.
+
+        Raises:
+            EventConflictError: an event's id already names another event (logged, or
+                earlier in the batch) with another name or payload; nothing is written.
+            StoreError: if the database cannot be written.
+        """
+        items, pending, variants = batch.items, batch.pending, batch.variants
         with self._lock:
             try:
                 result = self._with_write_lock(
@@ -773,12 +870,7 @@ class TrialStore:
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-        cur = self.conn.executemany(
-            "INSERT OR IGNORE INTO events (id, name, timestamp, model_run_id, trial_id, body) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [p[0] for p in pending],
-        )
-        if cur.rowcount == len(pending):
+        if self._insert_events([p[0] for p in pending]) == len(pending):
             fresh = pending
             if variants:
                 self._check_duplicates([], variants)
@@ -794,6 +886,20 @@ class TrialStore:
             self._project([p[1] for p in fresh if p[1] is not None], before, last_seq)
         ids = [p[0][0] for p in fresh]
         return AppendResult(len(fresh), n_in - len(fresh), ids, last_seq)
+
+    def _insert_events(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """INSERT OR IGNORE the rows into the log; returns how many were inserted.
+
+        Many rows per statement, not one statement per row: sqlite3 lets go of the GIL
+        once per statement, so a gateway's other threads parse the next requests on the
+        other core while the log is written, instead of taking turns with the writer at
+        every row (measured: 48,000 → 56,000 events/s through the gateway).
+        """
+        inserted = 0
+        for chunk in _chunks(rows, _INSERT_ROWS):
+            sql = _insert_events_sql(len(chunk))
+            inserted += self.conn.execute(sql, list(chain.from_iterable(chunk))).rowcount
+        return inserted
 
     def _check_duplicates(
         self, logged_rows: Sequence[tuple[Any, ...]], variants: Sequence[_Variant]
@@ -872,19 +978,29 @@ class TrialStore:
             self.conn.executemany(_UPSERT_RUN, list(runs.values()))
         if artifact_rows:
             self.conn.executemany(_UPSERT_ARTIFACT, artifact_rows)
-        for run_id, trial_id in trials:
-            self._refold_trial(run_id, trial_id)
+        if trials:
+            self._refold_trials(list(trials))
 
-    def _refold_trial(self, run_id: str, trial_id: str) -> None:
-        cur = self.conn.execute(_LIFECYCLE_SQL, (run_id, trial_id))
-        bodies = [json.loads(b) for (b,) in cur]
-        row = fold_trial(bodies)
-        if row["study"] is None:
-            found = self.conn.execute(
-                "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
-            ).fetchone()
-            row["study"] = (found and found[0]) or run_id
-        self.conn.execute(_UPSERT_TRIAL, [row[c] for c in TRIAL_COLUMNS])
+    def _refold_trials(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Fold each trial's logged lifecycle events into its row, in the order given (a new
+        trial's row is created in that order). A few statements for many trials, not a few
+        per trial (sqlite3 lets go of the GIL once per statement)."""
+        bodies: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in keys}
+        for chunk in _chunks(keys, _REFOLD_TRIALS):
+            cur = self.conn.execute(_lifecycle_sql(len(chunk)), list(chain.from_iterable(chunk)))
+            for run_id, trial_id, body in cur:
+                bodies[run_id, trial_id].append(json.loads(body))
+        rows = []
+        for (run_id, _), found in bodies.items():
+            row = fold_trial(found)
+            if row["study"] is None:
+                known = self.conn.execute(
+                    "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
+                ).fetchone()
+                row["study"] = (known and known[0]) or run_id
+            rows.append([row[c] for c in TRIAL_COLUMNS])
+        for chunk in _chunks(rows, _REFOLD_TRIALS):
+            self.conn.execute(_upsert_trials_sql(len(chunk)), list(chain.from_iterable(chunk)))
 
     def replay(self, batch_size: int = 20_000) -> dict[str, int]:
         """Rebuild every projection from the event log (one transaction).
