@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -1179,6 +1180,53 @@ def test_a_new_process_reads_the_snapshot_and_gets_the_same_result(
     pd.testing.assert_frame_equal(again.curves, fresh.curves, check_exact=True)
     pd.testing.assert_frame_equal(again.layer_sigma, fresh.layer_sigma, check_exact=True)
     assert cmp.snapshot_counts["loaded"] == loaded + 1  # use_cache=False: the disk untouched
+
+
+def test_a_new_process_gets_the_details_from_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _lab_store(tmp_path, n_pairs=10, epochs=3, pruned=1, failed=1)
+    first = compare_study(store, STUDY, curve_trials=4)  # sampled curves: 4 of 10 per arm
+    reads: list[int] = []
+    real = cmp._group_curves
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cmp, "_group_curves", counting)
+    cmp.clear_cache()  # a new process: the snapshot on disk
+    again = compare_study(store, STUDY, curve_trials=4)
+    assert reads == []  # the curves came with the snapshot, not from the metrics table
+    pd.testing.assert_frame_equal(again.curves, first.curves, check_exact=True)
+    pd.testing.assert_frame_equal(again.layer_sigma, first.layer_sigma, check_exact=True)
+    assert any("random sample of 4 trials" in n for n in again.notes)
+    assert len(first.curves) and len(first.layer_sigma)
+
+    cmp.clear_cache()  # other details than the snapshot's: computed, then kept in turn
+    other = compare_study(store, STUDY, curve_trials=200)
+    assert len(reads) == 1 and not any("random sample" in n for n in other.notes)
+    cmp.clear_cache()
+    compare_study(store, STUDY, curve_trials=200)
+    assert len(reads) == 1
+
+
+def test_a_snapshot_with_malformed_details_recomputes_them(tmp_path: Path) -> None:
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3)
+    first = compare_study(store, STUDY)
+    path = _snapshot_file_of(store)
+    with np.load(path) as npz:
+        data = {k: npz[k] for k in npz.files}
+    meta = json.loads(data["meta"].tobytes())
+    meta["details"]["curves"]["data"] = meta["details"]["curves"]["data"][:-1]
+    data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **data)
+    cmp.clear_cache()
+    loaded = cmp.snapshot_counts["loaded"]
+    again = compare_study(store, STUDY)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1  # the frame is still used
+    pd.testing.assert_frame_equal(again.curves, first.curves, check_exact=True)
 
 
 @pytest.mark.usefixtures("remember_small_rows")

@@ -1353,8 +1353,75 @@ def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, 
         "objects": objects,
         "rows": rows,
     }
+    details = _details_json(frame)
+    if details is not None:
+        meta["details"] = details
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     return arrays
+
+
+# The details (group curves, per-layer σ) in a snapshot: small tables, kept as JSON columns.
+
+
+def _table_json(df: pd.DataFrame) -> dict[str, Any]:
+    return {
+        "columns": [str(c) for c in df.columns],
+        "dtypes": [str(t) for t in df.dtypes],
+        "data": [df[c].tolist() for c in df.columns],
+    }
+
+
+def _table_from_json(item: Mapping[str, Any]) -> pd.DataFrame:
+    columns, dtypes, data = item["columns"], item["dtypes"], item["data"]
+    if not len(columns) == len(dtypes) == len(data):
+        raise ValueError("details: columns, dtypes and data differ in length")
+    return pd.DataFrame(
+        {c: pd.Series(v, dtype=t) for c, t, v in zip(columns, dtypes, data, strict=True)},
+        columns=columns,
+    )
+
+
+def _details_json(frame: _Frame) -> dict[str, Any] | None:
+    """The details computed for the frame's current state, as JSON (None: none)."""
+    for key, value in frame.derived.items():
+        if isinstance(key, tuple) and key[0] == "details" and key[1] == frame.watermark:
+            layer_sigma, curves, sampled = value
+            item = {
+                "key": [list(key[2]), *key[3:6], list(key[6])],
+                "layer_sigma": _table_json(layer_sigma),
+                "curves": _table_json(curves),
+                "sampled": bool(sampled),
+            }
+            try:
+                json.dumps(item)
+            except (TypeError, ValueError):  # recomputed when asked
+                return None
+            return item
+    return None
+
+
+def _details_from_json(frame: _Frame, item: Any) -> None:
+    """Put a snapshot's details into ``frame.derived``; a malformed entry is ignored."""
+    try:
+        statuses, curve_trials, seed, confidence, sigma_keys = item["key"]
+        key = (
+            "details",
+            frame.watermark,
+            tuple(str(s) for s in statuses),
+            int(curve_trials),
+            int(seed),
+            float(confidence),
+            tuple(str(k) for k in sigma_keys),
+        )
+        value = (
+            _table_from_json(item["layer_sigma"]),
+            _table_from_json(item["curves"]),
+            bool(item["sampled"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        _log.debug("comparison snapshot details ignored: %s: %s", type(exc).__name__, exc)
+        return
+    frame.derived[key] = value
 
 
 def _save_snapshot(store: TrialStore, study: str, frame: _Frame) -> Path | None:
@@ -1479,6 +1546,8 @@ def _frame_from_snapshot(
     for item, row in meta["rows"]:
         if isinstance(row, dict):
             frame.memo[_memo_key(item)] = row
+    if "details" in meta:
+        _details_from_json(frame, meta["details"])
     return frame
 
 
@@ -2015,7 +2084,6 @@ def _compare(
         details_key = (
             "details",
             frame.watermark,
-            frame.version,
             tuple(statuses),
             curve_trials,
             seed,
@@ -2032,6 +2100,7 @@ def _compare(
                 for old in [k for k in frame.derived if isinstance(k, tuple) and k[0] == "details"]:
                     del frame.derived[old]
                 frame.derived[details_key] = (layer_sigma, curves, sampled)
+                frame.memo_dirty = True  # kept with the snapshot, for the next process
         else:
             layer_sigma, curves, sampled = cached
         layer_sigma, curves = layer_sigma.copy(), curves.copy()  # the caller's to change

@@ -70,6 +70,7 @@ from thunderline_lab.events import (
 
 __all__ = [
     "AppendResult",
+    "PreparedBatch",
     "StoreWriter",
     "TrialStore",
     "fold_trial",
