@@ -163,6 +163,8 @@ def test_a_large_batch_is_logged_in_order_and_counted_across_statements(tmp_path
     trials = big.trials()
     assert len(trials) == 301 and list(trials["trial_id"]) == [f"trial_{i:04d}" for i in range(301)]
     assert_same(snapshot(big), snapshot(small))
+    big.close()  # their WAL checkpoint threads with them
+    small.close()
 
 
 def test_prepared_batches_append_as_the_events_would(tmp_path: Path) -> None:
@@ -176,6 +178,8 @@ def test_prepared_batches_append_as_the_events_would(tmp_path: Path) -> None:
     result = prepared.append_prepared(halves)
     assert (result.accepted, result.duplicates) == (len(evs), 0)
     assert_same(snapshot(direct), snapshot(prepared))
+    direct.close()
+    prepared.close()
 
 
 def test_prepared_batches_sharing_an_id_are_not_joined(store: TrialStore) -> None:
