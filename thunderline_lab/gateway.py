@@ -25,13 +25,16 @@ committed**::
 the store when the answer arrives. Event ids are idempotency keys, so a client may resend a
 batch whose answer it never got.
 
-**Group commit.** Request handlers only parse and validate; they hand the events plus a
-future to one writer thread, which appends whatever requests are waiting in a single
-``TrialStore.append`` transaction and then resolves their futures. Under concurrency many
-requests share one commit (and one fsync: the gateway's connection runs SQLite with
-``synchronous=FULL``, so a 202 survives power loss, not only ``kill -9``) instead of paying
-one each. The ingest route is answered by a small ASGI layer in front of FastAPI (the
-FastAPI route documents it), which halves the CPU per request.
+**Group commit.** Request handlers parse, validate and serialise (``TrialStore.prepare``,
+in a worker thread for large bodies); they hand the prepared batch plus a future to one
+writer thread, which appends whatever requests are waiting in a single
+``TrialStore.append_prepared`` transaction and then resolves their futures. The writer
+runs only transactions, and the store writes many rows per SQLite statement, so the GIL is
+let go for whole statements and the next requests are parsed on the other core meanwhile.
+Under concurrency many requests share one commit (and one fsync: the gateway's connection
+runs SQLite with ``synchronous=FULL``, so a 202 survives power loss, not only ``kill -9``)
+instead of paying one each. The ingest route is answered by a small ASGI layer in front
+of FastAPI (the FastAPI route documents it), which halves the CPU per request.
 
 **Security.** Binds ``127.0.0.1`` by default; :func:`serve` refuses any other address
 without a token. With a token, ``/api/*`` requires ``Authorization: Bearer TOKEN`` (or
@@ -501,7 +504,8 @@ class GroupCommitWriter:
     :meth:`submit` queues a request's validated events and returns a future resolved
     with its :class:`IngestResult` once they are committed (or with the error). The
     thread drains whatever is queued, up to ``max_group_events``, into one
-    :meth:`TrialStore.append`; if that fails for a reason other than the store itself
+    :meth:`TrialStore.append_prepared` (their batches joined; requests that share an event
+    id are prepared again as one batch); if that fails for a reason other than the store itself
     (an event it cannot hold), the requests are committed one by one so only the bad one
     fails.
 
