@@ -1182,11 +1182,8 @@ def test_a_new_process_reads_the_snapshot_and_gets_the_same_result(
     assert cmp.snapshot_counts["loaded"] == loaded + 1  # use_cache=False: the disk untouched
 
 
-def test_a_new_process_gets_the_details_from_the_snapshot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = _lab_store(tmp_path, n_pairs=10, epochs=3, pruned=1, failed=1)
-    first = compare_study(store, STUDY, curve_trials=4)  # sampled curves: 4 of 10 per arm
+def _count_curve_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one each time the comparison reads learning curves."""
     reads: list[int] = []
     real = cmp._group_curves
 
@@ -1195,6 +1192,15 @@ def test_a_new_process_gets_the_details_from_the_snapshot(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cmp, "_group_curves", counting)
+    return reads
+
+
+def test_a_new_process_gets_the_details_from_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _lab_store(tmp_path, n_pairs=10, epochs=3, pruned=1, failed=1)
+    first = compare_study(store, STUDY, curve_trials=4)  # sampled curves: 4 of 10 per arm
+    reads = _count_curve_reads(monkeypatch)
     cmp.clear_cache()  # a new process: the snapshot on disk
     again = compare_study(store, STUDY, curve_trials=4)
     assert reads == []  # the curves came with the snapshot, not from the metrics table
@@ -1918,14 +1924,7 @@ def test_the_report_title_shows_a_study_name_as_it_is(tmp_path: Path) -> None:
 def test_details_are_read_once_per_state_of_the_log(
     synthetic_store: TrialStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reads: list[int] = []
-    real = cmp._group_curves
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        reads.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cmp, "_group_curves", counting)
+    reads = _count_curve_reads(monkeypatch)
     first = compare_study(synthetic_store, STUDY)
     first.curves["mean"] = -1.0  # the caller's copy to change
     again = compare_study(synthetic_store, STUDY)
