@@ -469,16 +469,35 @@ def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
 # -------------------------------------------------------------------------- storage, CLI
 
 
+# Database servers the RDB tests run against: (the variable naming one, its name in words).
+_SERVERS = {
+    "postgresql": ("TL_TEST_POSTGRES_URL", "PostgreSQL"),
+    "mysql": ("TL_TEST_MYSQL_URL", "MariaDB"),
+}
+_SERVER_PARAMS = [
+    pytest.param("postgresql", marks=pytest.mark.postgres),
+    pytest.param("mysql", marks=pytest.mark.mysql),
+]
+
+
+def _server_url(server: str) -> str:
+    variable, what = _SERVERS[server]
+    url = os.environ.get(variable)
+    if not url:
+        pytest.skip(f"{variable} is not set (.ci/run starts {what} and sets it)")
+    return url
+
+
 def test_journal_is_the_default_storage(tmp_path):
     result = _run(tmp_path, n_trials=1)
     assert result.storage == str(Lab.resolve(tmp_path / "lab").optuna_journal)
     assert Path(result.storage).stat().st_size > 0
 
 
-@pytest.mark.postgres
-def test_postgresql_rdb_storage(tmp_path):
-    url = _postgres_url()
-    name = f"pg-{uuid.uuid4().hex[:8]}"
+@pytest.mark.parametrize("server", _SERVER_PARAMS)
+def test_rdb_server_storage(tmp_path, server):
+    url = _server_url(server)
+    name = f"rdb-{uuid.uuid4().hex[:8]}"
     result = _run(tmp_path, name=name, n_trials=4, storage=url)
     assert result.counts["completed"] == 4
     assert result.storage.endswith(url.rsplit("@", 1)[-1])
@@ -696,25 +715,18 @@ def test_workers_resuming_side_by_side_take_turns_to_complete_groups(tmp_path):
     assert not stale.is_alive()
 
 
-def _postgres_url() -> str:
-    url = os.environ.get("TL_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("TL_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
-    return url
-
-
 def _shared_storage(backend: str, tmp_path: Path) -> Any:
     """What every worker of a test passes as ``storage`` (one object for in-memory)."""
     if backend == "journal":
         return str(tmp_path / "optuna.journal")
     if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'optuna.db'}"
-    if backend == "postgresql":
-        return _postgres_url()
+    if backend in _SERVERS:
+        return _server_url(backend)
     return optuna.storages.InMemoryStorage()
 
 
-_BACKENDS = ["journal", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), "memory"]
+_BACKENDS = ["journal", "sqlite", *_SERVER_PARAMS, "memory"]
 
 
 @pytest.mark.parametrize("backend", _BACKENDS)
@@ -768,7 +780,7 @@ def test_workers_resuming_at_the_same_instant_enqueue_each_missing_member_once(
         whole = _whole((0, 1), ("sn_off", "sn_on"))
         assert _members(resumed.study) == {"g0000": whole, "g0004": whole}
     finally:
-        if backend == "postgresql":
+        if backend in _SERVERS:
             optuna.delete_study(study_name=name, storage=shared)
 
 
@@ -831,10 +843,12 @@ _LOCK_HOLDER = textwrap.dedent(
 )
 
 
-@pytest.mark.postgres
-def test_postgresql_group_lock_is_per_study_and_dies_with_its_holder(tmp_path, monkeypatch, caplog):
-    url = _postgres_url()
-    name = f"pg-lock-{uuid.uuid4().hex[:8]}"
+@pytest.mark.parametrize("server", _SERVER_PARAMS)
+def test_a_server_group_lock_is_per_study_and_dies_with_its_holder(
+    tmp_path, monkeypatch, caplog, server
+):
+    url = _server_url(server)
+    name = f"rdb-lock-{uuid.uuid4().hex[:8]}"
     with subprocess.Popen(
         [sys.executable, "-c", _LOCK_HOLDER, url, name],
         stdout=subprocess.PIPE,
