@@ -232,9 +232,9 @@ def _boot_means(
 
 
 def _index_dtype(n: int) -> type[np.integer[Any]]:
-    if n <= np.iinfo(np.uint16).max:
-        return np.uint16  # half the random bits of int32: the bootstrap's main cost
-    return np.int32 if n <= np.iinfo(np.int32).max else np.int64
+    # 32-bit bounded draws are numpy's quick path: 2.9x quicker than uint16 ones (numpy 2.4,
+    # 10 M draws: 28 vs 82 ms), though these carry half the bits
+    return np.uint32 if n <= np.iinfo(np.uint32).max else np.int64
 
 
 def bootstrap_mean_ci(
@@ -1185,8 +1185,9 @@ def clear_cache(store: Any = None, *, study: str | None = None) -> None:
 _log = logging.getLogger(__name__)
 # bump whenever the frame's layout or meaning changes (2: favours; 3: no CI from one value,
 # no Welch test of two constant arms; 4: non-finite values left out, extreme magnitudes
-# scaled, a note per row)
-SNAPSHOT_FORMAT = 4
+# scaled, a note per row; 5: bootstrap indices drawn as uint32, so other resamples than
+# the rows remembered before; the details kept)
+SNAPSHOT_FORMAT = 5
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
