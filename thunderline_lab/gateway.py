@@ -495,9 +495,12 @@ class GatewayBusy(GatewayError):
 
 @dataclass(eq=False)
 class _Pending:
-    events: list[Event]
-    prepared: PreparedBatch
+    prepared: PreparedBatch  # the request's events (``prepared.items``), ready to append
     future: concurrent.futures.Future[IngestResult]
+
+    @property
+    def events(self) -> list[Any]:
+        return self.prepared.items
 
 
 class GroupCommitWriter:
@@ -581,7 +584,7 @@ class GroupCommitWriter:
                     f"{self._pending_events} events are waiting to be committed; retry later"
                 )
             self._ensure_thread()
-            self._queue.append(_Pending(events, prepared, fut))
+            self._queue.append(_Pending(prepared, fut))
             self._pending_events += len(events)
             self._cond.notify()
         return fut
@@ -622,11 +625,10 @@ class GroupCommitWriter:
 
     def _commit(self, group: list[_Pending], live: list[_Pending]) -> None:
         """Append the group in one transaction and resolve its live futures."""
-        batch = [ev for p in group for ev in p.events]
         try:
             joined = PreparedBatch.join([p.prepared for p in group])
             if joined is None:  # an id in two requests: one batch skips or checks the repeat
-                joined = self.store.prepare(batch)
+                joined = self.store.prepare([ev for p in group for ev in p.events])
             result = self.store.append_prepared(joined)
         except StoreError as exc:
             for p in live:
@@ -640,7 +642,7 @@ class GroupCommitWriter:
             if isinstance(exc, EventConflictError):  # an id that names another event
                 err: Exception = exc
             else:
-                errors = _diagnose(batch)
+                errors = _diagnose(group[0].events)
                 err = EventValidationError(errors) if errors else GatewayError(repr(exc))
             for p in live:
                 p.future.set_exception(err)

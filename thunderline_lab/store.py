@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -1189,14 +1190,12 @@ class TrialStore:
             cur = self.conn.execute(
                 "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
             )
-            if max_bytes is None:
-                return [{"seq": s, **json.loads(b)} for s, b in cur]
             page: list[dict[str, Any]] = []
-            size = 0
+            size, limit_bytes = 0, math.inf if max_bytes is None else max_bytes
             for s, b in cur:
                 page.append({"seq": s, **json.loads(b)})
                 size += len(b)
-                if size >= max_bytes:
+                if size >= limit_bytes:
                     break
             return page
 
