@@ -237,7 +237,8 @@ def seek_history(store: TrialStore, run: str, trial: str, names: Any, max_points
 
 
 def one_query_history(store: TrialStore, run: str, trials: list[str], names: Any) -> int:
-    """Prototype: every curve the monitor shows in one query (IN lists, no pandas)."""
+    """Floor: every curve the monitor shows in one query (IN lists, no downsampling, no
+    pandas, not folded into a monitor)."""
     sql = (
         "SELECT trial_id, name, step, value FROM metrics WHERE model_run_id = ? "
         f"AND trial_id IN ({','.join('?' * len(trials))}) "
@@ -294,10 +295,10 @@ def bench_history(store: TrialStore, repeats: int) -> None:
     )
     print(
         f"  monitor attach, 40 trials x 3 curves of {STUDY}: load_history {median_ms(results['a'])}"
-        f"  ({counts['a']:,} points; 40 metric_history calls)"
+        f"  ({counts['a']:,} points; one metric_history call, folded into the monitor)"
     )
     print(
-        f"    one-query prototype (IN lists)                        {median_ms(results['b'])}"
+        f"    one raw query, not folded (IN lists)                  {median_ms(results['b'])}"
         f"  ({counts['b']:,} points)  ratio {med('a') / med('b'):.1f}x"
     )
 
