@@ -464,3 +464,109 @@ def test_an_interrupted_run_stops_its_workers_and_kernels_and_says_how_to_resume
         time.sleep(0.2)
     else:
         pytest.fail(f"kernel {kernel} still running")
+
+
+def _serve(lab: Path, port: int, token: str) -> subprocess.Popen[str]:
+    """``thunderline-lab serve`` on a loopback port, answering once it is up."""
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "thunderline_lab.cli", "serve"),
+            *("--port", str(port), "--lab", str(lab), "--token", token),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "serve ended"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.1)
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_a_study_run_through_a_gateway_reports_there_and_reads_its_results_back(
+    tmp_path: Path,
+) -> None:
+    """`run --gateway URL`: the events go to the gateway's lab, not the worker's store; the
+    progress line, the notebook's results cells and the report read the lab's mirror of
+    the gateway's log, which holds the same trials as the gateway's own store."""
+    port, token = _port(), "gateway-token-0123"
+    server = _serve(tmp_path / "server", port, token)
+    try:
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "thunderline_lab.cli", "run"),
+                *(str(ROOT / "studies" / "smoke.toml"), "--lab", str(tmp_path / "worker")),
+                *("--gateway", f"http://127.0.0.1:{port}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env={**os.environ, "THUNDERLINE_LAB_TOKEN": token},
+        )
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trials 4/4 (completed 4" in proc.stderr  # the progress line followed the gateway
+    assert f"http://127.0.0.1:{port}/api/trials?study=smoke" in proc.stdout
+    served = TrialStore(tmp_path / "server" / "lab.db").trials(study="smoke")
+    mirror = tmp_path / "worker" / "gateway-mirror" / f"127.0.0.1-{port}.db"
+    mirrored = TrialStore(mirror).trials(study="smoke")
+    assert len(served) == 4 and set(served["status"]) == {"completed"}
+    key = ["model_run_id", "trial_id"]
+    assert (
+        served.sort_values(key)
+        .reset_index(drop=True)
+        .equals(mirrored.sort_values(key).reset_index(drop=True))
+    )
+    local = tmp_path / "worker" / "lab.db"
+    assert not local.exists() or TrialStore(local).trials(study="smoke").empty
+    report = (tmp_path / "worker" / "reports" / "smoke" / "report.md").read_text()
+    assert "val_accuracy" in report
+    (executed,) = (tmp_path / "worker" / "runs" / "smoke").glob("*.ipynb")
+    nb = json.loads(executed.read_text())
+    shown = "".join(  # the results cell's trial table: the four trials, read back
+        "".join(out.get("data", {}).get("text/plain", ""))
+        for cell in nb["cells"]
+        for out in cell.get("outputs", [])
+    )
+    assert all(t in shown for t in served["trial_id"])
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("127.0.0.1:8765", "expected an http:// or https:// URL with a host"),
+        ("http://127.0.0.1:{port}", "Connection refused"),
+    ],
+)
+def test_a_gateway_that_does_not_answer_is_refused_before_anything_runs(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')", "\ngateway = None")
+    cfg = write_config(tmp_path, '[study]\nname = "o"\nnotebook = "nb.ipynb"\n')
+    url = url.format(port=_port())  # nothing listens there
+    result = CliRunner().invoke(
+        main, ["run", str(cfg), "--lab", str(tmp_path / "lab"), "--gateway", url]
+    )
+    assert result.exit_code == 1, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "lab").exists()

@@ -35,6 +35,7 @@ from thunderline_lab.monitor import (
     BusSource,
     CombinedSource,
     Curve,
+    GatewayMirror,
     GatewaySource,
     LiveMonitor,
     MonitorState,
@@ -1420,3 +1421,86 @@ def test_a_gateway_whose_log_now_ends_before_the_position_is_followed_from_its_s
     client.close()
     old.close()
     new.close()
+
+
+def _trials(store: TrialStore) -> Any:
+    return store.trials().sort_values(["model_run_id", "trial_id"]).reset_index(drop=True)
+
+
+def test_gateway_mirror_copies_the_log_and_then_reads_only_what_is_new(tmp_path: Path) -> None:
+    from thunderline_lab.lab import Lab
+
+    served = TrialStore(tmp_path / "served.db")
+    study = synthetic_study(SLASHED, n_pairs=2, epochs=3)
+    served.append(study[:10])
+    lab = Lab.resolve(tmp_path / "worker")
+    with _Gateway(served) as gw, GatewayMirror(lab, gw.url, GW_TOKEN) as mirror:
+        assert mirror.sync() == 10
+        position = served.last_seq()
+        served.append(study[10:])
+        asked = len(gw.app.events_afters())
+        assert mirror.sync() == len(study) - 10
+        assert gw.app.events_afters()[asked] == position  # from where the last sync ended
+        assert mirror.sync() == 0
+        with mirror.store() as copy:
+            assert _trials(copy).equals(_trials(served))
+            assert copy.last_seq() == len(study)
+    assert mirror.path.parent == lab.root / "gateway-mirror"
+
+
+def test_gateway_mirror_starts_again_when_the_gateway_serves_another_log(tmp_path: Path) -> None:
+    from thunderline_lab.lab import Lab
+
+    lab = Lab.resolve(tmp_path / "worker")
+    first = TrialStore(tmp_path / "first.db")
+    first.append(synthetic_study("first", n_pairs=2, epochs=3))
+    port = _free_port()
+    with _Gateway(first, port) as gw, GatewayMirror(lab, gw.url, GW_TOKEN) as mirror:
+        mirror.sync()
+    # the same address now serves a shorter log: restarted on another lab
+    shorter = TrialStore(tmp_path / "shorter.db")
+    shorter.append(synthetic_study("second", n_pairs=1, epochs=1))
+    with _Gateway(shorter, port) as gw, GatewayMirror(lab, gw.url, GW_TOKEN) as mirror:
+        mirror.sync()
+        with mirror.store() as copy:
+            assert _trials(copy).equals(_trials(shorter))  # nothing of the first log is left
+    # a longer log that logs one of the mirror's ids with other content
+    other = TrialStore(tmp_path / "other.db")
+    filler = synthetic_study("filler", n_pairs=3, epochs=3)
+    clash = events.trial_start(model_run_id="clash", trial_id="t", spectral_norm=True)
+    clash = clash.model_copy(update={"id": shorter.events_after(0, 1)[0]["id"]})
+    other.append([*filler, clash])
+    with _Gateway(other, port) as gw, GatewayMirror(lab, gw.url, GW_TOKEN) as mirror:
+        mirror.sync()
+        with mirror.store() as copy:
+            assert _trials(copy).equals(_trials(other))
+
+
+def test_gateway_mirror_refuses_a_bad_url_and_creates_nothing_when_unreachable(
+    tmp_path: Path,
+) -> None:
+    from thunderline_lab.lab import Lab
+
+    lab = Lab.resolve(tmp_path / "worker")
+    with pytest.raises(GatewayError, match="expected an http:// or https:// URL"):
+        GatewayMirror(lab, "127.0.0.1:8765")
+    with (
+        GatewayMirror(lab, f"http://127.0.0.1:{_free_port()}", timeout=2) as mirror,
+        pytest.raises(GatewayError, match="cannot fetch events"),
+    ):
+        mirror.sync()
+    assert not lab.root.exists()
+
+
+def test_a_study_the_lab_has_no_trials_of_is_waited_for_with_the_closest_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study("smoke", n_pairs=1, epochs=2))
+    assert store.studies() == ["smoke"]
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        LiveMonitor.from_store(store, "smok", mode="text")._release()
+        LiveMonitor.from_store(store, "smoke", mode="text")._release()  # known: no notice
+    (notice,) = _warnings(caplog)
+    assert "no trials of study 'smok' in this lab yet: waiting for them" in notice
+    assert "did you mean 'smoke'?" in notice and "the lab's studies: smoke" in notice

@@ -27,6 +27,7 @@ from thunderline_lab.notebook import (
     apply_profile,
     ensure_studies,
     follow,
+    results_store,
     start_study,
     study_names,
 )
@@ -77,9 +78,18 @@ def test_study_names_rejects_everything_else_clearly(value: Any, words: str | No
 
 def test_ensure_studies_takes_a_single_name_as_one_study(tmp_path: Path) -> None:
     lab = Lab.resolve(tmp_path / "lab")
-    with pytest.raises(ConfigError, match=r"no trials for smoke \(") as err:
+    with lab.store() as store:
+        store.append(synthetic_study("smokey", n_pairs=1, epochs=1))
+    with pytest.raises(ConfigError, match=r"no trials for 'smoke' \(did you mean") as err:
         ensure_studies(lab, "smoke", profile="full")
-    assert "s, m" not in str(err.value)
+    assert "s, m" not in str(err.value) and "studies in this lab: smokey" in str(err.value)
+
+
+def test_ensure_studies_in_a_mistyped_lab_creates_nothing(tmp_path: Path) -> None:
+    lab = Lab.resolve(tmp_path / "no-such-lab")
+    with pytest.raises(ConfigError, match=r"no trial store at .*check lab_dir"):
+        ensure_studies(lab, "smoke", profile="full")
+    assert not lab.root.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,15 +155,15 @@ def _other_worker(lab: Lab, study: str, n: int) -> None:
     """Another worker's finished trials of the same study, as its events reach the store."""
     with lab.store() as store:
         for i in range(n):
-            ids = {"model_run_id": study, "trial_id": f"w1_trial_{i:04d}", "study": study}
-            store.append(
-                [
-                    events.trial_start(**ids, spectral_norm=bool(i % 2)),
-                    events.trial_complete(
-                        **ids, spectral_norm=bool(i % 2), metrics={"best_val_accuracy": 0.9}
-                    ),
-                ]
-            )
+            store.append(_other_workers_trial(study, i))
+
+
+def _other_workers_trial(study: str, i: int) -> list[Any]:
+    ids = {"model_run_id": study, "trial_id": f"w1_trial_{i:04d}", "study": study}
+    return [
+        events.trial_start(**ids, spectral_norm=bool(i % 2)),
+        events.trial_complete(**ids, spectral_norm=bool(i % 2), metrics={"best_val_accuracy": 0.9}),
+    ]
 
 
 def _other_worker_still_running(lab: Lab, study: str, ours: int) -> threading.Thread:
@@ -231,19 +241,41 @@ def _fake_run_study(calls: list[dict[str, Any]]) -> Any:
     return run_study
 
 
-def test_start_study_with_a_gateway_says_it_shows_this_kernels_trials_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_a_study_reporting_through_a_gateway_is_followed_and_read_back_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[dict[str, Any]] = []
-    monkeypatch.setattr("thunderline_lab.study.run_study", _fake_run_study(calls))
+    """The monitor follows the gateway (every worker's trials) and this kernel's bus; the
+    results cells read the study back from the lab's mirror of the gateway's log."""
+    from test_monitor import GW_TOKEN, _Gateway
+
+    from thunderline_lab.gateway import EventClient
+    from thunderline_lab.store import TrialStore
+
+    served = TrialStore(tmp_path / "served.db")
+    for i in range(2):  # another worker's trials, already at the gateway
+        served.append(_other_workers_trial("gw", i))
+    monkeypatch.setenv("THUNDERLINE_LAB_TOKEN", GW_TOKEN)
+
+    def run_study(name: str, *, bus: EventBus, gateway: str, **kw: Any) -> dict[str, int]:
+        client = EventClient(gateway, spool=tmp_path / "spool.jsonl")  # as run_study does
+        client.attach(bus)
+        try:
+            return simulate_study(bus, name, n_pairs=1, epochs=3, stop_event=kw["should_stop"])
+        finally:
+            client.close()
+
+    monkeypatch.setattr("thunderline_lab.study.run_study", run_study)
     lab = Lab.resolve(tmp_path / "lab")
-    run = start_study("gw", lab=lab, gateway="http://gw.example:8765", worker_index=1)
-    assert run.wait()["completed"] == 2
-    assert calls[0]["gateway"] == "http://gw.example:8765"
-    assert run.monitor is not None
-    assert "worker 1: this kernel's trials only" in run.monitor.source.label
-    final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")][-1]
-    assert "this kernel's trials only" in final
+    with _Gateway(served) as gw:
+        run = start_study("gw", lab=lab, gateway=gw.url, monitor_options={"text_interval": 1e9})
+        assert run.wait()["completed"] == 2
+        mon = run.monitor
+        assert mon is not None and f"bus + gateway {gw.url}" in mon.source.label
+        ids = {r.trial_id for r in mon.state.rows.values()}
+        assert len(ids) == 4 and any(t.startswith("w1_") for t in ids)  # the whole study
+        with results_store(lab, gw.url) as store:
+            assert len(store.trials(study="gw")) == 4
+            assert store.trials(study="gw").equals(served.trials(study="gw"))
     assert not lab.db_path.exists()  # nothing was written to a local store
 
 

@@ -6,6 +6,7 @@ so they take milliseconds per trial; one test runs the real loop on a small data
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -343,6 +344,39 @@ def test_should_stop_during_a_trial_cancels_and_retries_it(tmp_path):
     assert resumed.counts["finished"] == 4
     retried = [t for t in resumed.study.get_trials() if "retry_of" in t.user_attrs]
     assert retried and retried[0].user_attrs["retry_of"] == 0
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_a_stop_or_a_recorded_failure_leaves_no_optuna_traceback(tmp_path):
+    """A Stop (should_stop) cancels the trial and a diverged one is recorded as failed by
+    the lab; Optuna's "Trial N failed ... because of the following error" warning with its
+    traceback read as a crash in the notebook. Other Optuna warnings still come through."""
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    seen = _Collect()
+    optimize_log.addHandler(seen)
+    try:
+        stop = threading.Event()
+
+        def stopping(config: Any, dataset: Any, **kw: Any) -> TrialResult:
+            stop.set()
+            return TrialResult("cancelled", {}, [], duration_ms=1)
+
+        stopped = _run(tmp_path, n_trials=4, trainer=stopping, should_stop=stop)
+        diverged = _run(tmp_path, "diverging", n_trials=4, trainer=diverging_trainer)
+        optimize_log.warning("Trial 99 failed with value None.")  # not one of ours
+    finally:
+        optimize_log.removeHandler(seen)
+    assert stopped.counts["cancelled"] == 1 and diverged.counts["failed"] == 2
+    assert seen.messages == ["Trial 99 failed with value None."]
+    assert not optimize_log.filters  # the filter lives as long as the study runs
 
 
 def test_keyboard_interrupt_records_the_trial_as_cancelled_and_resumes(tmp_path):

@@ -32,6 +32,7 @@ import ast
 import contextlib
 import difflib
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -49,8 +50,10 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from thunderline_lab.errors import ConfigError, NotebookExecutionError
+from thunderline_lab.errors import ConfigError, GatewayError, NotebookExecutionError
 from thunderline_lab.lab import Lab
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BatchInterrupted",
@@ -275,6 +278,8 @@ class BatchResult:
     best: float | None = None
     counts_before: dict[str, int] = field(default_factory=dict)
     total: int = 0
+    gateway: str | None = None  # the study reported through this gateway
+    store_path: Path | None = None  # the store its results are in (a gateway's: the mirror)
 
     @property
     def done_before(self) -> int:
@@ -357,13 +362,54 @@ class Progress:
         self._last_print, self._last_done = now, done
 
 
-def _study_status(lab: Lab, study: str) -> tuple[dict[str, int], float | None]:
-    if not lab.db_path.exists():
+class _Status:
+    """A study's trial counts and best value, from the lab's store or, for a study that
+    reports through a gateway, from the lab's mirror of the gateway's log (synced on each
+    read; a gateway that stops answering leaves the last counts, with one warning)."""
+
+    def __init__(self, lab: Lab, study: str, gateway: str | None) -> None:
+        self.study = study
+        self.mirror: Any = None
+        self.db_path = lab.db_path
+        self._warned = False
+        if gateway:
+            from thunderline_lab.monitor import GatewayMirror
+
+            self.mirror = GatewayMirror(lab, gateway)
+            self.db_path = self.mirror.path
+            try:
+                self.mirror.sync()  # unreachable, a refused token: said before any work
+            except GatewayError as exc:
+                self.mirror.close()
+                reason = str(exc).removeprefix(f"{self.mirror.source.label}: ")
+                raise GatewayError(
+                    f"study {study} reports through the gateway {gateway}: {reason} (is it "
+                    "running, `thunderline-lab serve`? is the URL right? does "
+                    "$THUNDERLINE_LAB_TOKEN hold its token?)"
+                ) from exc
+
+    def read(self) -> tuple[dict[str, int], float | None]:
+        if self.mirror is not None:
+            try:
+                self.mirror.sync()
+            except GatewayError as exc:
+                if not self._warned:
+                    log.warning("progress: %s (counts as last synced)", exc)
+                    self._warned = True
+        return _study_status(self.db_path, self.study)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+
+
+def _study_status(db_path: Path, study: str) -> tuple[dict[str, int], float | None]:
+    if not db_path.exists():
         return {}, None
     import sqlite3
 
     try:
-        conn = sqlite3.connect(f"file:{lab.db_path}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
         try:
             rows = conn.execute(
                 # a trial failed as stale (its worker died) is retried: counted apart
@@ -654,6 +700,10 @@ def run_batch(
             ``THUNDERLINE_LAB_KERNEL_TRANSPORT`` is neither ``ipc`` nor ``tcp``.
         NotebookExecutionError: a worker's notebook failed; names notebook, cell and copy.
         BatchInterrupted: Ctrl-C or SIGTERM; the workers were stopped first.
+        GatewayError: the study reports through a gateway (its ``gateway`` parameter) that
+            does not answer, or refuses the token (``$THUNDERLINE_LAB_TOKEN``): said before
+            any worker starts. The progress line then follows the lab's mirror of the
+            gateway's log (:class:`~thunderline_lab.monitor.GatewayMirror`).
     """
     _kernel_transport()  # a bad setting is refused here, not in each worker
     lab_obj = lab if isinstance(lab, Lab) else Lab.resolve(lab)
@@ -678,13 +728,36 @@ def run_batch(
             )
         _check_type(f"-p {name}", value, declared[name])
     total = _n_trials(config, params, declared, overrides or {})
+    gateway = params.get("gateway") or None
+    if gateway is not None and not isinstance(gateway, str):
+        raise ConfigError(f"gateway = {gateway!r}: expected a URL such as http://127.0.0.1:8765")
+    status = _Status(lab_obj, config.name, gateway)
     lab_obj.ensure()  # only once the run is known to be acceptable
+    try:
+        return _run_workers(
+            config, lab_obj, params, n_workers, total, status, progress, stream, on_output
+        )
+    finally:
+        status.close()
+
+
+def _run_workers(
+    config: StudyConfig,
+    lab_obj: Lab,
+    params: dict[str, Any],
+    n_workers: int,
+    total: int,
+    status: _Status,
+    progress: bool,
+    stream: TextIO | None,
+    on_output: Callable[[Path], None] | None,
+) -> BatchResult:
     params.update(study_name=config.name, lab_dir=str(lab_obj.root))
     out_dir = lab_obj.runs_dir / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = _reserve_outputs(out_dir, config.notebook.stem, n_workers)
     out_stream = stream or sys.stderr
-    counts_before, _ = _study_status(lab_obj, config.name)
+    counts_before, _ = status.read()
     if progress and _done(counts_before):
         left = f" of {total}" if total else ""
         out_stream.write(
@@ -700,7 +773,7 @@ def run_batch(
     started = time.monotonic()
 
     def result_so_far() -> BatchResult:
-        counts, best = _study_status(lab_obj, config.name)
+        counts, best = status.read()
         return BatchResult(
             config=config,
             lab=lab_obj,
@@ -710,6 +783,8 @@ def run_batch(
             best=best if best is None or math.isfinite(best) else None,
             counts_before=counts_before,
             total=total,
+            gateway=params.get("gateway") or None,
+            store_path=status.db_path,
         )
 
     from multiprocessing.connection import wait
@@ -735,7 +810,7 @@ def run_batch(
             while any(p.is_alive() for p in procs):
                 wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
                 if bar is not None:
-                    bar.update(*_study_status(lab_obj, config.name))
+                    bar.update(*status.read())
         except KeyboardInterrupt:
             out_stream.write(
                 f"\ninterrupted: stopping {len(procs)} worker(s) of study {config.name} "

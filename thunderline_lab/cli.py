@@ -271,6 +271,14 @@ class _RunCommand(click.Command):
     metavar="NAME VALUE",
     help="Override a notebook parameter (VALUE read as JSON); -p NAME=VALUE works too.",
 )
+@click.option(
+    "--gateway",
+    metavar="URL",
+    default=None,
+    help="Report the study's events through this gateway (thunderline-lab serve) instead of "
+    "the lab's store; its token from $THUNDERLINE_LAB_TOKEN. Progress and the report read "
+    "the lab's mirror of the gateway's log.",
+)
 @click.option("--no-report", is_flag=True, help="Skip the comparison report at the end.")
 @_clean_errors
 def run(
@@ -278,6 +286,7 @@ def run(
     lab_dir: Path | None,
     workers: int | None,
     overrides: tuple[tuple[str, str], ...],
+    gateway: str | None,
     no_report: bool,
 ) -> None:
     """Execute a study notebook via papermill (the workbench's main job).
@@ -296,6 +305,10 @@ def run(
     config = load_study_config(study_toml)
     lab = Lab.resolve(lab_dir)
     params = dict(parse_override(name, value) for name, value in overrides)
+    if gateway is not None:
+        if params.get("gateway", gateway) != gateway:
+            raise click.UsageError(f"--gateway {gateway} and -p gateway {params['gateway']}")
+        params["gateway"] = gateway
     click.echo(f"study {config.name}: {config.notebook.name} -> {lab.runs_dir / config.name}")
     try:
         result = run_batch(config, lab=lab, workers=workers, overrides=params)
@@ -323,25 +336,34 @@ def run(
     )
     for out in result.outputs:
         click.echo(f"  executed notebook : {out}")
-    click.echo(
-        f"  trials            : thunderline-lab trials --lab {lab.root} --study {config.name}"
-    )
+    if result.gateway:
+        click.echo(
+            f"  trials            : {result.gateway.rstrip('/')}/api/trials?study={config.name}"
+        )
+        click.echo(f"  gateway mirror    : {result.store_path}")
+    else:
+        click.echo(
+            f"  trials            : thunderline-lab trials --lab {lab.root} --study {config.name}"
+        )
     click.echo(f"  optuna dashboard  : thunderline-lab dashboard --lab {lab.root}")
     if lab.mlflow_db.exists():  # the study logged to MLflow (its `mlflow` parameter)
         click.echo(f"  mlflow ui         : mlflow ui --backend-store-uri {lab.mlflow_tracking_uri}")
     if not no_report:
-        report = _write_report(lab, config.name)
+        report = _write_report(lab, config.name, result.store_path)
         if report is not None:
             click.echo(f"  comparison report : {report}")
 
 
-def _write_report(lab: Any, study: str) -> Path | None:
-    """The SN-vs-none report for a study, if the comparison module is available."""
+def _write_report(lab: Any, study: str, db_path: Path | None = None) -> Path | None:
+    """The SN-vs-none report for a study (from ``db_path``, default the lab's store), if the
+    comparison module is available."""
     try:
         from thunderline_lab import compare
     except ImportError:
         return None
-    with lab.store() as store:
+    from thunderline_lab.store import TrialStore
+
+    with TrialStore(db_path) if db_path is not None else lab.store() as store:
         result = compare.compare_study(store, study)
         links = _mlflow_links(lab, store, study)
     out = compare.write_report(

@@ -43,6 +43,7 @@ import contextvars
 import functools
 import html
 import io
+import json
 import logging
 import math
 import os
@@ -79,7 +80,7 @@ from thunderline_lab.errors import (
     StudyError,
     ThunderlineLabError,
 )
-from thunderline_lab.events import Event
+from thunderline_lab.events import Event, EventConflictError
 from thunderline_lab.store import TrialStore
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "CombinedSource",
     "Curve",
     "EventSource",
+    "GatewayMirror",
     "GatewaySource",
     "LiveMonitor",
     "MonitorState",
@@ -418,6 +420,154 @@ class GatewaySource:
     def close(self) -> None:
         if self._owned:
             self.client.close()
+
+
+def _warn_unknown_study(store: TrialStore, study: str) -> None:
+    """A study the lab has no trials of is waited for; when the lab has others, say so
+    (with the closest names) rather than wait in silence for a mistyped name."""
+    import difflib
+
+    try:
+        known = store.studies()
+    except ThunderlineLabError:  # a notice only: never the reason a monitor fails to open
+        return
+    if not known or study in known:
+        return
+    close = difflib.get_close_matches(study, known, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+    shown = ", ".join(known[:20]) + (f", … ({len(known)} in all)" if len(known) > 20 else "")
+    log.warning(
+        "no trials of study %r in this lab yet: waiting for them (%sthe lab's studies: %s)",
+        study,
+        hint,
+        shown,
+    )
+
+
+class GatewayMirror:
+    """A local copy of a gateway's event log, as a trial store the lab's tools read.
+
+    A study that reports through a gateway (``thunderline-lab run --gateway URL``,
+    ``run_study(gateway=...)``) leaves none of its events in the local lab's store. The
+    mirror brings them back: :meth:`sync` appends the events the gateway logged since the
+    last sync (``GET /api/events?after=``, page by page) to ``<lab>/gateway-mirror/
+    <host>-<port>.db``, whose tables (trials, metric series) are derived from the events
+    exactly as the gateway's own are; the comparison, the trial table and the batch
+    runner's progress read it as any lab's store. Ids are idempotency keys, so a sync
+    interrupted anywhere (or two processes syncing at once) only re-reads a page.
+
+    Where it has reached is kept beside it (``.json``: the gateway's sequence number). A
+    gateway whose log now ends before that (restarted on another lab), or that logs an
+    event whose id the mirror holds with other content, is mirrored again from the start.
+
+    Args:
+        lab: the local lab the mirror belongs to.
+        url: the gateway's base URL.
+        token: the gateway's token (default: ``$THUNDERLINE_LAB_TOKEN``).
+        client: an ``httpx.Client`` to use (tests pass FastAPI's ``TestClient``).
+
+    Raises:
+        GatewayError: ``url`` is no ``http(s)://`` URL (here); from :meth:`sync`, the
+            gateway is unreachable, refuses the token or answers badly.
+    """
+
+    PAGE = 10_000  # events per GET (the gateway's largest page)
+
+    def __init__(
+        self,
+        lab: Any,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        client: Any = None,
+    ) -> None:
+        from thunderline_lab.gateway import ENV_TOKEN
+
+        token = token if token is not None else os.environ.get(ENV_TOKEN) or None
+        self.source = GatewaySource(
+            url, token, limit=self.PAGE, max_pages=1, timeout=timeout, client=client
+        )
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        slug = "".join(
+            c if c.isalnum() or c in "-." else "_"
+            for c in f"{parts.hostname or 'gateway'}-{parts.port or parts.scheme}{parts.path}"
+        ).rstrip("_")
+        self.path = Path(lab.root) / "gateway-mirror" / f"{slug}.db"
+        self.state_path = self.path.with_suffix(".json")
+
+    def _after(self) -> int:
+        try:
+            state = json.loads(self.state_path.read_text())
+            return int(state["after"]) if state.get("url") == self.url else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0  # no state (or a torn one): re-read from the start, duplicates skipped
+
+    def _save_after(self, after: int) -> None:
+        tmp = self.state_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"url": self.url, "after": after}))
+        os.replace(tmp, self.state_path)
+
+    def _reset(self) -> None:
+        for p in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            p.unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
+
+    def sync(self) -> int:
+        """Append what the gateway logged since the last sync; returns how many events
+        were new to the mirror."""
+        after = self._after()
+        if after and self.source.last_seq() < after:
+            log.warning(
+                "%s: its log ends before the mirror's position %d (restarted on another "
+                "lab?): mirroring it again from the start",
+                self.source.label,
+                after,
+            )
+            self._reset()
+            after = 0
+        self.source.after = after
+        page = self.source.poll()  # an unreachable gateway: nothing is created
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        added = 0
+        for attempt in (1, 2):
+            try:
+                with TrialStore(self.path) as store:
+                    while True:  # to an empty page: one may end early at the byte limit
+                        if not page:
+                            return added
+                        added += store.append(
+                            [{k: v for k, v in e.items() if k != "seq"} for e in page]
+                        ).accepted
+                        self._save_after(self.source.after)
+                        page = self.source.poll()
+            except EventConflictError:
+                if attempt == 2:
+                    raise
+                log.warning(
+                    "%s: it logged an event the mirror holds with other content (its log "
+                    "was replaced?): mirroring it again from the start",
+                    self.source.label,
+                )
+                self._reset()
+                self.source.after, added = 0, 0
+                page = self.source.poll()
+        return added  # pragma: no cover - the loop returns or raises
+
+    def store(self) -> TrialStore:
+        """The mirror's trial store (as it stands: :meth:`sync` first to bring it up to date)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return TrialStore(self.path)
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> GatewayMirror:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _open_store(store: Any, *, create: bool = False) -> tuple[TrialStore, bool]:
@@ -1555,6 +1705,8 @@ class LiveMonitor:
         mon = cls(source, study, **kwargs)
         if snapshot and study:
             mon._load_snapshot(store_source.store, study)
+        if study and bus is None and not mon.state.rows:
+            _warn_unknown_study(store_source.store, study)
         return mon
 
     @classmethod
@@ -1566,6 +1718,7 @@ class LiveMonitor:
         *,
         snapshot: bool = True,
         client: Any = None,
+        bus: EventBus | None = None,
         **kwargs: Any,
     ) -> LiveMonitor:
         """Monitor a study through a lab's gateway, as :meth:`from_store` does a store.
@@ -1584,6 +1737,9 @@ class LiveMonitor:
 
         Args:
             client: an ``httpx.Client`` to use (as :class:`GatewaySource`'s).
+            bus: also follow this kernel's bus (a :class:`CombinedSource`): a study this
+                kernel reports through the gateway shows its own events at once, every
+                worker's as the gateway logs them.
 
         Raises:
             GatewayError: ``url`` is no ``http(s)://`` URL, or (with a snapshot) the gateway
@@ -1591,7 +1747,10 @@ class LiveMonitor:
         """
         _check_options(kwargs)
         source = GatewaySource(url, token, client=client)
-        mon = cls(source, study, **kwargs)
+        followed: EventSource = source
+        if bus is not None:
+            followed = CombinedSource(BusSource(bus), source)
+        mon = cls(followed, study, **kwargs)
         if snapshot and study:
 
             def attach() -> None:

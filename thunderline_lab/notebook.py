@@ -24,6 +24,7 @@ from thunderline_lab.lab import Lab
 
 if TYPE_CHECKING:
     from thunderline_lab.monitor import BackgroundRun, LiveMonitor
+    from thunderline_lab.store import TrialStore
 
 __all__ = [
     "PROFILES",
@@ -33,6 +34,7 @@ __all__ = [
     "effective_profile",
     "ensure_studies",
     "follow",
+    "results_store",
     "start_study",
     "study_names",
 ]
@@ -241,8 +243,9 @@ def start_study(
     workers' trials still run, it waits for them
     (:meth:`~thunderline_lab.monitor.LiveMonitor.wait_for_running_trials`, giving up after
     ``other_workers_quiet`` seconds without news), so the final snapshot and the results
-    cells show the whole study. When the study reports through a ``gateway``, the local
-    store has none of it: the monitor then shows this kernel's trials only, and says so.
+    cells show the whole study. When the study reports through a ``gateway``, the monitor
+    follows the gateway's log instead of the lab's store (the token from
+    ``$THUNDERLINE_LAB_TOKEN``), and :func:`results_store` reads the study back from it.
 
     One study at a time per kernel: while a study this function started still runs (the
     researcher re-runs the cell), another call is refused, not run beside it as a second,
@@ -264,7 +267,7 @@ def start_study(
         StudyError: a study this function started is still running in this kernel.
     """
     from thunderline_lab.bus import EventBus
-    from thunderline_lab.monitor import BusSource, LiveMonitor
+    from thunderline_lab.monitor import LiveMonitor
     from thunderline_lab.study import run_study
 
     reserved = _hold_kernel(name)  # refused while another study of ours runs
@@ -274,12 +277,11 @@ def start_study(
             return reserved
         bus = EventBus()
         options = dict(monitor_options or {})
-        if gateway:
-            scope = (
-                f"worker {worker_index}: this kernel's trials only (the study reports to {gateway})"
-            )
-            options.setdefault("title", f"{name} · {scope}")
-            mon = LiveMonitor(BusSource(bus, label=f"bus · {scope}"), name, **options)
+        if gateway:  # every worker's trials, as the gateway logs them
+            from thunderline_lab.gateway import ENV_TOKEN
+
+            token = os.environ.get(ENV_TOKEN) or None
+            mon = LiveMonitor.from_gateway(gateway, token, name, bus=bus, **options)
         else:
             mon = LiveMonitor.from_store(lab, name, bus=bus, create=True, **options)
         mon.start()
@@ -288,8 +290,8 @@ def start_study(
             result = run_study(
                 name, lab=lab, bus=bus, gateway=gateway, should_stop=mon.stop_event, **study_kwargs
             )
-            if not gateway:  # other workers' trials still running: the final view waits
-                mon.wait_for_running_trials(quiet=other_workers_quiet)
+            # other workers' trials still running: the final view waits
+            mon.wait_for_running_trials(quiet=other_workers_quiet)
             return result
 
         run = mon.run_in_background(study, wait=False)
@@ -299,6 +301,24 @@ def start_study(
     if mon.headless:
         run.wait()  # no frontend (papermill, nbval): the study's error is raised in this cell
     return run
+
+
+def results_store(lab: Lab, gateway: str | None = None, token: str | None = None) -> TrialStore:
+    """The trial store a study's results are read from: the lab's own, or, for a study that
+    reported through a ``gateway``, the lab's mirror of the gateway's log brought up to date
+    (:class:`~thunderline_lab.monitor.GatewayMirror`; the token defaults to
+    ``$THUNDERLINE_LAB_TOKEN``).
+
+    Raises:
+        GatewayError: the gateway is unreachable, refuses the token or answers badly.
+    """
+    if not gateway:
+        return lab.store()
+    from thunderline_lab.monitor import GatewayMirror
+
+    with GatewayMirror(lab, gateway, token) as mirror:
+        mirror.sync()
+        return mirror.store()
 
 
 # The study start_study runs in this kernel, as (name, run): one at a time.
@@ -365,14 +385,25 @@ def ensure_studies(lab: Lab, studies: str | Sequence[str], profile: str | None =
         ConfigError: a study has no trials in the lab (and the profile is not ``test``), or
             ``studies`` is not a name or a list of names (:func:`study_names`).
     """
+    import difflib
+
     studies = study_names(studies)
-    with lab.store() as store:
-        known = set(store.trials()["study"]) if store.counts()["trials"] else set()
-    missing = [s for s in studies if s not in known]
-    if missing and effective_profile(profile) != "test":
+    test = effective_profile(profile) == "test"
+    if not test and not lab.db_path.exists():  # a mistyped lab_dir: create nothing there
         raise ConfigError(
-            f"{lab.db_path}: no trials for {', '.join(missing)} "
-            f"(studies in this lab: {', '.join(sorted(known)) or 'none'})"
+            f"no trial store at {lab.db_path} (check lab_dir; a study's first events create it)"
+        )
+    with lab.store() as store:
+        known = store.studies()
+    missing = [s for s in studies if s not in known]
+    if missing and not test:
+        close = {m: difflib.get_close_matches(m, known, n=1, cutoff=0.6) for m in missing}
+        names = ", ".join(
+            repr(m) + (f" (did you mean {close[m][0]!r}?)" if close[m] else "") for m in missing
+        )
+        raise ConfigError(
+            f"{lab.db_path}: no trials for {names} "
+            f"(studies in this lab: {', '.join(known) or 'none'})"
         )
     for study in missing:
         _run_small_study(str(lab.root), study)

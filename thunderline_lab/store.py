@@ -1209,6 +1209,11 @@ class TrialStore:
             yield from batch
             after = batch[-1]["seq"]
 
+    def studies(self) -> list[str]:
+        """The names of the studies the lab has trials of, sorted."""
+        df = self._read("SELECT DISTINCT study FROM trials WHERE study IS NOT NULL ORDER BY 1")
+        return [str(s) for s in df["study"]]
+
     def mean_by_spectral_norm(
         self, metric: str = "val_accuracy", *, study: str | None = None
     ) -> pd.DataFrame:

@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -2063,10 +2064,46 @@ def _close_tracker(ctx: _Context) -> None:
 def _quiet_optuna() -> Iterator[None]:
     before = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    recorded = _LabRecordedFailures()
+    optimize_log.addFilter(recorded)
     try:
         yield
     finally:
+        optimize_log.removeFilter(recorded)
         optuna.logging.set_verbosity(before)
+
+
+_OPTUNA_TRIAL_FAILED = re.compile(r"Trial (\d+) failed with ")
+
+
+class _LabRecordedFailures(logging.Filter):
+    """Drops Optuna's two warnings ("Trial N failed with parameters ... because of the
+    following error" with its traceback, then "Trial N failed with value None") for a trial
+    the lab ended itself: a clean stop (the Stop button, ``should_stop``: the trial is
+    cancelled and retried) or a failure it records (``ml.trial.failed``, with the error in
+    the trial table). In a notebook the traceback of a Stop read as a crash. Any other
+    failure of a trial is still logged by Optuna."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dropped: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        m = _OPTUNA_TRIAL_FAILED.match(message)
+        if m is None:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, _StopRequested | _TrialFailed):
+            self._dropped.add(m.group(1))
+            return False
+        if m.group(1) in self._dropped and message.startswith(
+            f"Trial {m.group(1)} failed with value"
+        ):
+            self._dropped.discard(m.group(1))
+            return False
+        return True
 
 
 def _open_study(
