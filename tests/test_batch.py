@@ -314,6 +314,7 @@ def test_bad_overrides_are_refused_in_one_line_before_anything_runs(
     result = CliRunner().invoke(main, ["run", str(cfg), "--lab", str(tmp_path / "lab"), *args])
     assert result.exit_code == 1, result.output
     assert f"error: {expected}" in result.output and "Traceback" not in result.output
+    assert "study o:" not in result.output  # no "running into runs/o" line before a refusal
     assert not (tmp_path / "lab").exists()
 
 

@@ -691,8 +691,12 @@ def run_batch(
     progress: bool = True,
     stream: TextIO | None = None,
     on_output: Callable[[Path], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> BatchResult:
     """Execute the study's notebook with papermill, ``workers`` processes on one study.
+
+    ``on_start`` is called once the run is accepted (overrides, the budget and the gateway
+    checked), just before the lab is created and the workers start.
 
     Raises:
         ConfigError: an override names a parameter the notebook does not declare (or one
@@ -732,6 +736,8 @@ def run_batch(
     if gateway is not None and not isinstance(gateway, str):
         raise ConfigError(f"gateway = {gateway!r}: expected a URL such as http://127.0.0.1:8765")
     status = _Status(lab_obj, config.name, gateway)
+    if on_start is not None:
+        on_start()
     lab_obj.ensure()  # only once the run is known to be acceptable
     try:
         return _run_workers(

@@ -309,9 +309,13 @@ def run(
         if params.get("gateway", gateway) != gateway:
             raise click.UsageError(f"--gateway {gateway} and -p gateway {params['gateway']}")
         params["gateway"] = gateway
-    click.echo(f"study {config.name}: {config.notebook.name} -> {lab.runs_dir / config.name}")
+
+    def started() -> None:
+        where = lab.runs_dir / config.name
+        click.echo(f"study {config.name}: {config.notebook.name} -> {where}")
+
     try:
-        result = run_batch(config, lab=lab, workers=workers, overrides=params)
+        result = run_batch(config, lab=lab, workers=workers, overrides=params, on_start=started)
     except BatchInterrupted as stop:
         got = stop.result
         click.echo(
