@@ -136,14 +136,42 @@ def test_pairs_identical_in_every_metric_are_pointed_out() -> None:
     store = TrialStore(":memory:")
     evs = []
     for i, d in enumerate([0.0, 0.02, 0.0]):
-        evs += _trial(2 * i, False, {"acc": 0.8, "loss": 0.5}, pair=f"p{i}")
-        evs += _trial(2 * i + 1, True, {"acc": 0.8 + d, "loss": 0.5}, pair=f"p{i}")
+        # wall-clock times differ between twins even when SN changed nothing
+        none = {"acc": 0.8, "loss": 0.5, "step_time_ms": 3.0 + i}
+        evs += _trial(2 * i, False, none, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {**none, "acc": 0.8 + d, "step_time_ms": 9.0}, pair=f"p{i}")
     store.append(evs)
     res = compare_study(store, STUDY, metrics=["acc", "loss"], details=False)
-    (note,) = [n for n in res.notes if "identical" in n]
-    assert note.startswith("2 of 3 pairs are identical in every metric compared")
+    (note,) = [n for n in res.notes if "SN left those trials unchanged" in n]
+    assert note.startswith(
+        "2 of 3 pairs report the same value in both arms for every summary metric"
+    )
     res = compare_study(_paired_store([0.01, 0.02, 0.03]), STUDY, metrics=["acc"], details=False)
-    assert not [n for n in res.notes if "identical" in n]
+    assert not [n for n in res.notes if "unchanged" in n]
+
+
+def test_twins_equal_in_the_metrics_compared_only_are_not_called_unchanged() -> None:
+    # n_params and lr are equal between twins by design; the accuracy differs in every pair
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(4):
+        same = {"n_params": 1000.0 + i, "lr": 0.01}
+        evs += _trial(2 * i, False, {**same, "acc": 0.8}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {**same, "acc": 0.82 + i / 100}, pair=f"p{i}")
+    store.append(evs)
+    for metrics in (["n_params"], ["n_params", "lr"]):
+        res = compare_study(store, STUDY, metrics=metrics, details=False)
+        assert not [n for n in res.notes if "unchanged" in n], res.notes
+        for row in res.headline.itertuples():
+            # every difference is 0: the rank test is undefined, not p = 1
+            assert row.diff == 0 and np.isnan(row.p_value) and np.isnan(row.p_holm)
+            assert row.favours == "n/a"
+            assert row.note.startswith("every pair's difference is zero")
+        assert "p_holm: no metric has a p-value" in cmp._holm_note(res.headline)
+    # beside a metric that differs, the all-zero one is left out of Holm's family
+    res = compare_study(store, STUDY, metrics=["acc", "n_params"], details=False)
+    p, p_holm = res.headline["p_value"].tolist(), res.headline["p_holm"].tolist()
+    assert p_holm[0] == p[0] and np.isnan(p_holm[1])  # a family of one test
 
 
 def test_lower_is_better_metrics_flip_the_verdict() -> None:
@@ -265,7 +293,15 @@ def test_first_rows_of_codes_in_order_of_appearance() -> None:
 def test_degenerate_inputs() -> None:
     assert np.isnan(bootstrap_mean_ci([])[0])
     row = compare_arrays("acc", np.array([0.5, 0.5]), np.array([0.5, 0.5]), paired=True)
-    assert row["p_value"] == 1.0 and row["diff"] == 0.0 and row["favours"] == "—"
+    # no nonzero difference: the Wilcoxon test is undefined (was p = 1.0, favours "—")
+    assert np.isnan(row["p_value"]) and row["diff"] == 0.0 and row["favours"] == "n/a"
+    assert np.isnan(row["statistic"]) and "every pair's difference is zero" in row["note"]
+    noise = compare_arrays(  # differences equal to 0 up to float noise
+        "acc", np.array([0.85, 0.75, 0.65]), np.array([0.84, 0.74, 0.64]) + 0.01, paired=True
+    )
+    assert np.isnan(noise["p_value"]) and noise["favours"] == "n/a"
+    one = compare_arrays("acc", np.array([0.5]), np.array([0.5]), paired=True)
+    assert np.isnan(one["p_value"]) and one["note"].startswith("a single pair, whose difference")
     row = compare_arrays("acc", np.array([]), np.array([]), paired=True)
     assert row["favours"] == "n/a" and np.isnan(row["p_value"])
 
@@ -666,11 +702,18 @@ def test_difference_figure_draws_differences_equal_up_to_float_noise() -> None:
 def test_unknown_metrics_are_noted_and_unknown_studies_refused(
     synthetic_store: TrialStore,
 ) -> None:
-    res = compare_study(synthetic_store, STUDY, metrics=["val_accuracy", "nope"], details=False)
+    # a known metric this study does not report (no OOD points): noted, not refused
+    res = compare_study(
+        synthetic_store, STUDY, metrics=["val_accuracy", "ood_auroc"], details=False
+    )
     assert res.headline["metric"].tolist() == ["val_accuracy"]
-    assert any("nope" in n for n in res.notes)
+    assert "not reported by any trial: ood_auroc" in res.notes
     with pytest.raises(StudyError, match="none of the metrics"):
-        compare_study(synthetic_store, STUDY, metrics=["nope"], details=False)
+        compare_study(synthetic_store, STUDY, metrics=["ood_auroc"], details=False)
+    # a name that is no metric at all: refused, alone or beside valid ones
+    for metrics in (["nope"], ["val_accuracy", "nope"]):
+        with pytest.raises(StudyError, match="no trial reports the metric 'nope'"):
+            compare_study(synthetic_store, STUDY, metrics=metrics, details=False)
     with pytest.raises(StudyError, match=f"studies: {STUDY}"):
         compare_study(synthetic_store, "missing")
     with pytest.raises(StudyError, match="empty"):
@@ -1741,11 +1784,57 @@ def test_a_misspelled_metric_gets_the_closest_names(synthetic_store: TrialStore)
     with pytest.raises(StudyError, match=r"did you mean 'val_accuracy'\?") as err:
         compare_study(synthetic_store, STUDY, metrics=["val_acuracy"], details=False)
     assert "test_accuracy" in str(err.value)  # what the study reports
-    res = compare_study(
-        synthetic_store, STUDY, metrics=["val_accuracy", "test_acurracy"], details=False
+    # beside valid names too: a misspelling must not drop a test from Holm's family
+    with pytest.raises(StudyError) as err:
+        compare_study(
+            synthetic_store,
+            STUDY,
+            metrics=["val_accuracy", "test_acurracy", "test_ecce"],
+            details=False,
+        )
+    assert str(err.value).startswith(
+        f"study {STUDY!r}: no trial reports the metrics 'test_acurracy' (did you mean "
+        "'test_accuracy'?), 'test_ecce' (did you mean 'test_ece'?), and no known metric has "
+        "those names; it reports: "
     )
-    (note,) = [n for n in res.notes if "test_acurracy" in n]
-    assert note == "not reported by any trial: test_acurracy (did you mean 'test_accuracy'?)"
+    # best_/final_ variants resolve as before; a layer's σ is matched by name
+    res = compare_study(synthetic_store, STUDY, metrics=["best_val_accuracy"], details=False)
+    assert res.headline["metric"].tolist() == ["best_val_accuracy"]
+    with pytest.raises(StudyError, match=r"did you mean 'sigma/net.2'"):
+        compare_study(synthetic_store, STUDY, metrics=["sigma/net.2", "sigma/net2"])
+
+
+def test_cli_compare_refuses_a_misspelled_metric(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study(STUDY, n_pairs=4, epochs=3))
+    args = ["compare", "--lab", str(lab.root), "--study", STUDY, "--metric", "val_accuracy"]
+    result = CliRunner().invoke(main, [*args, "--metric", "test_ecce"])
+    assert result.exit_code == 1, result.output
+    assert "error: study" in result.output and "did you mean 'test_ece'?" in result.output
+    assert "report:" not in result.output  # nothing written for a refused comparison
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ("val_accuracy", ["val_accuracy"]),
+        ("val_accuracy,test_ece", ["val_accuracy", "test_ece"]),
+        (" val_accuracy , test_ece ", ["val_accuracy", "test_ece"]),
+        (("val_accuracy", "test_ece"), ["val_accuracy", "test_ece"]),
+    ],
+)
+def test_metrics_as_one_name_or_a_comma_separated_string(
+    synthetic_store: TrialStore, metrics: Any, expected: list[str]
+) -> None:
+    res = compare_study(synthetic_store, STUDY, metrics=metrics, details=False)
+    assert res.headline["metric"].tolist() == expected
+
+
+@pytest.mark.parametrize("metrics", ["", "val_accuracy,,test_ece", ["val_accuracy", 3], 3])
+def test_metrics_that_are_no_names_are_refused(synthetic_store: TrialStore, metrics: Any) -> None:
+    with pytest.raises(StudyError, match="metrics: "):
+        compare_study(synthetic_store, STUDY, metrics=metrics, details=False)
 
 
 def test_a_study_with_one_arm_says_there_is_nothing_to_compare() -> None:
@@ -1783,7 +1872,8 @@ def test_undefined_statistics_come_with_their_reason() -> None:
             _trial(
                 2 * i + sn,
                 sn,
-                {"acc": 0.8 + i / 100, **({"x": 1.0 + i} if sn else {})},
+                # acc differs between twins: all-zero differences would get a note (no p)
+                {"acc": 0.8 + i / 100 + sn / 50, **({"x": 1.0 + i} if sn else {})},
                 pair=f"p{i}",
             )
             for i in range(4)
@@ -1947,3 +2037,178 @@ def test_details_are_read_once_per_state_of_the_log(
     assert len(reads) == 2
     assert 99 in set(late.curves["step"])
     assert compare_study(synthetic_store, STUDY, use_cache=False).curves.equals(late.curves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values written to the store out of band: NaN (which SQLite's JSON functions refuse),
+# values that are no number, broken JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_metric(store: TrialStore, trial_id: str, key: str, value: Any) -> None:
+    """Set ``key`` of a trial's metrics as Python's json writes it (NaN as the bare token
+    ``NaN``, which SQLite 3.40's json_extract refuses as malformed JSON)."""
+    (text,) = store.conn.execute(
+        "SELECT metrics FROM trials WHERE trial_id = ?", [trial_id]
+    ).fetchone()
+    metrics = json.loads(text)
+    metrics[key] = value
+    store.conn.execute(
+        "UPDATE trials SET metrics = ? WHERE trial_id = ?", [json.dumps(metrics), trial_id]
+    )
+
+
+def _six_pairs(path: str | Path = ":memory:", paired: bool = True) -> TrialStore:
+    store = TrialStore(str(path))
+    evs = []
+    for i in range(6):
+        pair = f"p{i}" if paired else None
+        evs += _trial(2 * i, False, {"acc": 0.8 + 0.01 * i, "loss": 0.5 + i / 50}, pair=pair)
+        evs += _trial(2 * i + 1, True, {"acc": 0.82 + 0.012 * i, "loss": 0.4 + i / 40}, pair=pair)
+    store.append(evs)
+    return store
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("metrics", [["acc"], ["acc", "loss"]])
+def test_a_nan_written_to_the_store_is_left_out_and_counted(
+    paired: bool, metrics: list[str]
+) -> None:
+    store = _six_pairs(paired=paired)
+    _write_metric(store, "trial_0003", "acc", float("nan"))
+    res = compare_study(store, STUDY, metrics=metrics, use_cache=False)
+    row = res.headline.set_index("metric").loc["acc"]
+    if paired:
+        assert row["n_pairs"] == 5
+    else:
+        assert (row["n_sn"], row["n_none"]) == (5, 6)
+    assert np.isfinite([row["diff"], row["ci_low"], row["ci_high"], row["p_value"]]).all()
+    assert row["note"].startswith("1 non-finite value (NaN) left out")
+    assert any(n.startswith("acc: 1 non-finite value (NaN) left out") for n in res.notes)
+    if "loss" in metrics:  # the other metric of the same trials: untouched
+        loss = res.headline.set_index("metric").loc["loss"]
+        assert loss["note"] == "" and loss["n_pairs" if paired else "n_sn"] == 6
+
+
+def test_a_nan_in_a_metric_not_compared_or_in_the_parameters_changes_nothing() -> None:
+    store = _six_pairs()
+    expected = compare_study(store, STUDY, metrics=["acc"], details=False, use_cache=False)
+    _write_metric(store, "trial_0002", "other", float("nan"))
+    params = json.dumps({"spectral_norm": False, "pair_id": "p1", "lr": float("nan")})
+    store.conn.execute("UPDATE trials SET parameters = ? WHERE trial_id = 'trial_0002'", [params])
+    for metrics in (["acc"], "acc,loss"):
+        res = compare_study(store, STUDY, metrics=metrics, details=False, use_cache=False)
+        got = res.headline.set_index("metric").loc["acc"]
+        assert got["n_pairs"] == 6 and got["note"] == ""
+        assert got["p_value"] == expected.headline.loc[0, "p_value"]
+        assert got["diff"] == expected.headline.loc[0, "diff"]
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_values_that_are_no_number_are_counted_and_named(paired: bool) -> None:
+    store = _six_pairs(paired=paired)
+    _write_metric(store, "trial_0001", "acc", "abc")
+    _write_metric(store, "trial_0004", "acc", [1, 2])
+    res = compare_study(store, STUDY, metrics=["acc"], use_cache=False)
+    row = res.headline.iloc[0]
+    if paired:  # trial_0001 is SN in pair p0, trial_0004 none in pair p2
+        assert row["n_pairs"] == 4
+    else:
+        assert (row["n_sn"], row["n_none"]) == (5, 5)
+    assert row["note"].startswith(
+        "2 values are not a number (trial_0001: 'abc', trial_0004: '[1,2]') and were left out"
+    )
+    assert np.isfinite(row["p_value"])  # the comparison goes on without them
+    one = _six_pairs(paired=paired)
+    _write_metric(one, "trial_0001", "acc", "abc")
+    note = compare_study(one, STUDY, metrics=["acc"], use_cache=False).headline.loc[0, "note"]
+    assert note.startswith("1 value is not a number (trial_0001: 'abc') and was left out")
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_odd_values_are_counted_the_same_from_a_snapshot(tmp_path: Path) -> None:
+    store = _six_pairs(tmp_path / "lab.db")
+    _write_metric(store, "trial_0001", "acc", "abc")
+    _write_metric(store, "trial_0003", "acc", float("nan"))
+    store.conn.commit()
+    first = compare_study(store, STUDY, metrics=["acc"], details=False)
+    cmp.clear_cache()  # a new process: the frame comes from the snapshot
+    loaded = cmp.snapshot_counts["loaded"]
+    again = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+    note = again.headline.loc[0, "note"]
+    assert note == first.headline.loc[0, "note"]
+    assert "1 non-finite value (NaN) left out" in note and "trial_0001: 'abc'" in note
+
+
+def test_broken_json_in_the_store_names_the_trial_and_column() -> None:
+    from thunderline_lab.errors import StoreError
+
+    store = _six_pairs()
+    store.conn.execute("UPDATE trials SET metrics = '{\"acc\": 0.8' WHERE trial_id = 'trial_0005'")
+    for metrics in (["acc"], ["loss", "acc"]):
+        with pytest.raises(StoreError, match="not valid JSON") as err:
+            compare_study(store, STUDY, metrics=metrics, use_cache=False)
+        assert (
+            "trials row (model_run_id 'cmp-study', trial_id 'trial_0005'): column metrics"
+            in str(err.value)
+        )
+
+
+def test_cli_compare_of_a_store_with_a_nan(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study(STUDY, n_pairs=4, epochs=3))
+        _write_metric(store, "trial_0002", "test_accuracy", float("nan"))
+        store.conn.commit()
+    args = ["compare", "--lab", str(lab.root), "--study", STUDY]
+    result = CliRunner().invoke(main, args)  # was: error: ...: malformed JSON, exit 1
+    assert result.exit_code == 0, result.output
+    assert "note: test_accuracy: 1 non-finite value (NaN) left out" in result.output
+    result = CliRunner().invoke(main, [*args, "--metric", "val_accuracy"])
+    assert result.exit_code == 0, result.output
+
+
+def test_wilcoxon_p_of_tied_differences_is_never_below_the_exact_minimum() -> None:
+    for n in (9, 10, 15, 20):
+        row = compare_arrays("acc", np.full(n, 0.9), np.full(n, 0.8), paired=True)
+        assert row["test_method"] == "approx"
+        # no outcome is more extreme than all n of one sign (2 * 0.5**n, two-sided): the
+        # exact p is never below it; the normal approximation is, for few pairs
+        approx = stats.wilcoxon(np.full(n, 0.1), method="approx").pvalue
+        assert row["p_value"] == pytest.approx(max(approx, 2 * 0.5**n))
+        if n <= 10:
+            assert approx < 2 * 0.5**n and row["p_value"] == pytest.approx(2 * 0.5**n)
+    # zeros are dropped: the floor counts the nonzero differences only
+    d = np.r_[np.zeros(3), np.full(9, 0.1)]
+    row = compare_arrays("acc", 0.8 + d, np.full(12, 0.8), paired=True)
+    assert row["p_value"] == pytest.approx(2 * 0.5**9)
+    # far from the floor, the approximation is left as it is
+    diffs = np.array([0.01, 0.03, -0.01, 0.02, 0.0, 0.01, 0.03, 0.0, 0.02, 0.01, 0.02, -0.01])
+    row = compare_arrays("acc", 0.7 + diffs, np.full(12, 0.7), paired=True)
+    assert row["p_value"] == pytest.approx(stats.wilcoxon(diffs, method="approx").pvalue)
+
+
+def test_odd_values_follow_the_trials_through_refreshes() -> None:
+    store = _six_pairs()
+    p6 = [_trial(12, False, {"acc": 0.9}, pair="p6"), _trial(13, True, {"acc": 0.95}, pair="p6")]
+    store.append([t[0] for t in p6])  # started: running when first compared
+    before = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert before.headline.loc[0, "n_pairs"] == 6
+    store.append([e for t in p6 for e in t[1:]])  # completed: rows patched by the refresh
+    store.append(
+        _trial(14, False, {"acc": 0.7}, pair="p7") + _trial(15, True, {"acc": 0.75}, pair="p7")
+    )  # rows appended by the refresh
+    _write_metric(store, "trial_0013", "acc", "abc")
+    _write_metric(store, "trial_0014", "acc", float("nan"))
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    _assert_same_result(res, _fresh(store, metrics=["acc"], details=False))
+    note = res.headline.loc[0, "note"]
+    assert note.startswith("1 non-finite value (NaN) left out; 1 value is not a number")
+    assert "(trial_0013: 'abc')" in note and res.headline.loc[0, "n_pairs"] == 6
+    # a value put right, and its trial's next event: the refresh forgets the odd value
+    _write_metric(store, "trial_0013", "acc", 0.96)
+    store.append(_trial(13, True, {"acc": 0.96}, pair="p6")[1:])
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    _assert_same_result(res, _fresh(store, metrics=["acc"], details=False))
+    assert "not a number" not in res.headline.loc[0, "note"]

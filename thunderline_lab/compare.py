@@ -334,6 +334,10 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
     Exact without ties/zeros up to n = 50; with ties or zeros, scipy's permutation version
     up to n = 8 (its cost doubles per pair: seconds by n = 12), else the normal
     approximation with tie correction.
+
+    Differences that are all zero (up to float noise) leave the test undefined: zeros are
+    dropped, and no signed rank is left to test (scipy's p = 1 would read as evidence of
+    no effect). They give ``(nan, nan, "—")``, as other undefined statistics do.
     """
     from scipy import stats
 
@@ -346,12 +350,12 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
         d = np.ldexp(d, -k)
     scale = float(np.max(np.abs(d)))
     if scale == 0:
-        return 0.0, 1.0, "exact"
+        return math.nan, math.nan, "—"
     # Differences of floats carry rounding noise (0.85 - 0.84 != 0.01): keep 10 significant
     # digits so true zeros and ties are seen as such.
     d = np.round(d, int(9 - math.floor(math.log10(scale))))
     if not np.any(d != 0):
-        return 0.0, 1.0, "exact"
+        return math.nan, math.nan, "—"
     nonzero = d[d != 0]
     ties = len(np.unique(np.abs(nonzero))) < len(nonzero) or len(nonzero) < len(d)
     if not ties and len(d) <= 50:
@@ -361,7 +365,17 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
     else:
         method = "approx"
     res = stats.wilcoxon(d, method=method)
-    return float(res.statistic), float(res.pvalue), "permutation" if method == "auto" else method
+    p = float(res.pvalue)
+    if method == "approx":
+        # The normal approximation is anti-conservative in the tail for few pairs with ties
+        # (10 equal differences: p = 0.0016). Whatever the ties, no sign assignment of the
+        # n nonzero differences (zeros are dropped) is rarer than all n of one sign, which
+        # has probability 0.5**n per tail: the exact (permutation) p-value, two-sided, is
+        # never below 2 * 0.5**n. Raising the approximation to that floor only moves it
+        # towards the exact value, costs nothing, and is negligible beyond a few dozen
+        # pairs; the permutation test itself costs 2**n (seconds by n = 12).
+        p = max(p, min(1.0, 2.0 * 0.5 ** len(nonzero)))
+    return float(res.statistic), p, "permutation" if method == "auto" else method
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -564,7 +578,15 @@ def _row_note(row: Mapping[str, Any]) -> str:
         if row["n_pairs"] == 0:
             why.append("no pair has a value in both arms: nothing to compare")
         elif row["n_pairs"] == 1:
-            why.append("a single pair: no CI, no verdict (its rank test cannot give p < 1)")
+            if row["p_value"] != row["p_value"]:
+                why.append("a single pair, whose difference is zero: no CI, no test, no verdict")
+            else:
+                why.append("a single pair: no CI, no verdict (its rank test cannot give p < 1)")
+        elif row["p_value"] != row["p_value"]:  # finite differences: no p only when all 0
+            why.append(
+                "every pair's difference is zero: the Wilcoxon test is undefined (no signed "
+                "rank to test), no p-value, no verdict"
+            )
     elif n_sn == 0 or n_none == 0:
         empty = " or ".join(arm for arm, n in (("SN", n_sn), ("none", n_none)) if n == 0)
         why.append(f"no value in the {empty} arm: nothing to compare")
@@ -709,6 +731,10 @@ class _Frame:
     columns: dict[str, np.ndarray]  # metric key -> float values (nan: missing)
     keys: set[str]  # metric keys seen in the study's trials (sampled)
     watermark: int
+    # metric key -> {row: description} of stored values that are no usable number: "nan"
+    # (NaN written out of band), else the value's repr ('abc', '[1,2]'); read as nan in
+    # ``columns``, counted and named by each row's note. Empty in a healthy study.
+    odd: dict[str, dict[int, str]] = field(default_factory=dict)
     store_ref: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     _index: dict[tuple[str, str], int] | None = None
@@ -872,12 +898,94 @@ def _json_path(key: str) -> str:
     return '$."' + key.replace('"', "") + '"'
 
 
+def _malformed_json(exc: BaseException) -> bool:
+    """Whether ``exc`` (a :class:`StoreError` from :func:`_read`) is SQLite refusing a JSON
+    text: ``NaN`` or ``Infinity`` written into a trial's metrics out of band (SQLite before
+    3.42 rejects those tokens; Python's json writes and reads them), or broken JSON."""
+    import sqlite3
+
+    cause = exc.__cause__
+    return isinstance(cause, sqlite3.Error) and "malformed JSON" in str(cause)
+
+
+class _StoredNaN:
+    """A NaN read from a trial's JSON by the Python fallback (:func:`_fetch_rows_parsed`):
+    a value written to the store, unlike a missing key; it becomes nan in the frame and is
+    counted (:attr:`_Frame.odd`)."""
+
+    def __repr__(self) -> str:
+        return "NaN"
+
+
+_STORED_NAN = _StoredNaN()
+
+
+def _parse_json(store: TrialStore, text: Any, run: Any, trial: Any, column: str) -> Any:
+    """``text``, a JSON column of a trials row, parsed as Python's json reads it (``NaN``,
+    ``Infinity`` accepted); None for NULL.
+
+    Raises:
+        StoreError: the text is not JSON, naming the row (model_run_id, trial_id) and the
+            column.
+    """
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:
+        from thunderline_lab.errors import StoreError
+
+        raise StoreError(
+            f"{store.path}: trials row (model_run_id {run!r}, trial_id {trial!r}): "
+            f"column {column} is not valid JSON: {exc}"
+        ) from None
+
+
+def _json_value(obj: Any, key: str) -> Any:
+    """What ``json_extract(text, _json_path(key))`` gives for the parsed ``obj``: None when
+    missing or null, 1/0 for true/false, numbers as they are, arrays and objects as JSON
+    text; a NaN as :data:`_STORED_NAN`."""
+    if not isinstance(obj, dict):
+        return None
+    v = obj.get(key.replace('"', ""))
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, float) and v != v:
+        return _STORED_NAN
+    if isinstance(v, list | dict):
+        return json.dumps(v, separators=(",", ":"))
+    return v
+
+
 def _as_float(v: Any) -> float:
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, int | float):
         return float(v)
     return math.nan
+
+
+def _odd_value(v: Any) -> str | None:
+    """How a stored metric value that is no usable number is described: ``"nan"`` for a
+    NaN (:data:`_STORED_NAN`), else its repr, shortened ('abc', '[1,2]'); None for a
+    number (±inf included: counted apart) or a missing value."""
+    if v is None or isinstance(v, int | float):
+        return None
+    if v is _STORED_NAN:
+        return "nan"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:36] + "…" + text[-1]
+
+
+def _set_odd(odd: dict[str, dict[int, str]], key: str, i: int, v: Any) -> None:
+    """Record (or forget) row ``i``'s value ``v`` of ``key`` in a frame's ``odd``."""
+    what = _odd_value(v)
+    if what is not None:
+        odd.setdefault(key, {})[i] = what
+    elif key in odd:
+        odd[key].pop(i, None)
+        if not odd[key]:
+            del odd[key]
 
 
 _NUMERIC_TYPES = frozenset({float, int, type(None)})
@@ -887,13 +995,26 @@ def _all_str(values: Iterable[Any]) -> bool:
     return {str}.issuperset(map(type, values))
 
 
-def _floats(values: Sequence[Any], convert: Callable[[Any], float] | None = None) -> np.ndarray:
+def _floats(
+    values: Sequence[Any],
+    convert: Callable[[Any], float] | None = None,
+    odd: dict[int, str] | None = None,
+) -> np.ndarray:
     """``[convert(v) for v in values]`` as a float array (``convert`` defaults to
     :func:`_as_float`), vectorised when every value is a float, an int or None (what SQLite
-    returns for numbers and missing keys; None becomes nan)."""
+    returns for numbers and missing keys; None becomes nan).
+
+    ``odd``: filled with {position: description} of the values that are no usable number
+    (:func:`_odd_value`: text, a list, a stored NaN); only values of other types than those
+    can be, so the vectorised path has none to look for.
+    """
     if _NUMERIC_TYPES.issuperset(map(type, values)):
         with contextlib.suppress(OverflowError):
             return np.array(values, dtype=float)
+    if odd is not None:
+        for i, v in enumerate(values):
+            if (what := _odd_value(v)) is not None:
+                odd[i] = what
     return np.array([(convert or _as_float)(v) for v in values], dtype=float)
 
 
@@ -914,7 +1035,30 @@ def _fetch_rows(
 
     ``ids_only`` leaves status .. pair_id NULL (no JSON read of the parameters): for adding
     metric columns to a frame that already has them.
+
+    When SQLite refuses a row's JSON (a NaN written out of band, or broken JSON), and only
+    then, the rows are read again and their JSON parsed in Python
+    (:func:`_fetch_rows_parsed`): NaN values arrive as :data:`_STORED_NAN`, broken JSON is
+    an error naming the row.
     """
+    try:
+        return _fetch_rows_sql(store, study, keys, subset, with_metrics_text, ids_only)
+    except Exception as exc:
+        if not _malformed_json(exc):
+            raise
+        _log.debug("comparison of %r: %s; parsing the trials' JSON in Python", study, exc)
+    return _fetch_rows_parsed(store, study, keys, subset, with_metrics_text, ids_only)
+
+
+def _fetch_rows_sql(
+    store: TrialStore,
+    study: str,
+    keys: Sequence[str],
+    subset: Sequence[tuple[str, str]] | None,
+    with_metrics_text: bool,
+    ids_only: bool,
+) -> list[tuple[Any, ...]]:
+    """:func:`_fetch_rows` with ``json_extract`` (the usual path)."""
     columns = (
         (
             "model_run_id, trial_id, NULL, NULL, NULL, NULL"
@@ -945,6 +1089,69 @@ def _fetch_rows(
     return [row[1:] for row in out]
 
 
+def _trial_rows(
+    store: TrialStore,
+    study: str,
+    columns: str,
+    subset: Sequence[tuple[str, str]] | None,
+) -> list[tuple[Any, ...]]:
+    """(rowid, ``columns``...) of the study's trials (``subset``: those (run, trial)), in
+    rowid order."""
+    if subset is None:
+        return _read(
+            store, f"SELECT rowid, {columns} FROM trials WHERE study = ? ORDER BY rowid", [study]
+        )
+    by_run: dict[str, list[str]] = {}
+    for run, trial in subset:
+        by_run.setdefault(run, []).append(trial)
+    out: list[tuple[Any, ...]] = []
+    for run, trials in by_run.items():
+        for i in range(0, len(trials), 500):
+            chunk = trials[i : i + 500]
+            out += _read(
+                store,
+                f"SELECT rowid, {columns} FROM trials WHERE study = ? AND model_run_id = ? "
+                f"AND trial_id IN ({', '.join('?' * len(chunk))})",
+                [study, run, *chunk],
+            )
+    out.sort(key=itemgetter(0))
+    return out
+
+
+def _fetch_rows_parsed(
+    store: TrialStore,
+    study: str,
+    keys: Sequence[str],
+    subset: Sequence[tuple[str, str]] | None = None,
+    with_metrics_text: bool = False,
+    ids_only: bool = False,
+) -> list[tuple[Any, ...]]:
+    """:func:`_fetch_rows` with the JSON parsed in Python: the fallback when SQLite refuses
+    a row's JSON. The same rows, but a NaN value is :data:`_STORED_NAN` (SQLite has none).
+
+    Raises:
+        StoreError: a row's metrics or parameters are not JSON, naming the row and column.
+    """
+    rows = _trial_rows(
+        store,
+        study,
+        "model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, parameters, metrics",
+        subset,
+    )
+    out: list[tuple[Any, ...]] = []
+    for _, run, trial, status, sn, coeff, params_text, metrics_text in rows:
+        if ids_only:
+            head: tuple[Any, ...] = (run, trial, None, None, None, None)
+        else:
+            pair = _json_value(_parse_json(store, params_text, run, trial, "parameters"), "pair_id")
+            pair = None if pair is _STORED_NAN else pair
+            head = (run, trial, status, sn, coeff, pair)
+        metrics = _parse_json(store, metrics_text, run, trial, "metrics") if keys else None
+        values = tuple(_json_value(metrics, k) for k in keys)
+        out.append(head + ((metrics_text,) if with_metrics_text else ()) + values)
+    return out
+
+
 def _discover_keys(store: TrialStore, study: str, sample: int = 200) -> set[str]:
     keys: set[str] = set()
     for order in ("ASC", "DESC"):
@@ -955,10 +1162,12 @@ def _discover_keys(store: TrialStore, study: str, sample: int = 200) -> set[str]
             [study, sample],
         )
         for (text,) in rows:
-            try:
-                keys.update(json.loads(text))
+            try:  # Python's json reads the NaN that SQLite's json_extract refuses
+                obj = json.loads(text)
             except (TypeError, ValueError):
-                continue
+                continue  # broken JSON: _fetch_rows names the trial
+            if isinstance(obj, dict):
+                keys.update(obj)
     return keys
 
 
@@ -986,7 +1195,12 @@ def _frame_from_rows(
     coeff = _floats(cols[4], _nan_or_float)
     pair = np.empty(n, dtype=object)
     pair[:] = list(cols[5])
-    columns = {k: _floats(cols[6 + j]) for j, k in enumerate(keys)}
+    columns, odd = {}, {}
+    for j, k in enumerate(keys):
+        found: dict[int, str] = {}
+        columns[k] = _floats(cols[6 + j], odd=found)
+        if found:
+            odd[k] = found
     return _Frame(
         run=np.array(cols[0], dtype=object),
         trial=np.array(cols[1], dtype=object),
@@ -997,6 +1211,7 @@ def _frame_from_rows(
         columns=columns,
         keys=set(discovered),
         watermark=watermark,
+        odd=odd,
     )
 
 
@@ -1047,7 +1262,10 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         frame.coeff[i] = math.nan if row[4] is None else float(row[4])
         frame.pair[i] = row[5]
         for j, k in enumerate(keys):
-            frame.columns[k][i] = _as_float(row[6 + j])
+            v = row[6 + j]
+            frame.columns[k][i] = _as_float(v)
+            if type(v) is not float or k in frame.odd:  # a number: nothing to note or forget
+                _set_odd(frame.odd, k, i, v)
     if appended:
         extra = _frame_from_rows(appended, keys, set(), last)
         frame.run = np.concatenate([frame.run, extra.run])
@@ -1058,6 +1276,8 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         frame.pair = np.concatenate([frame.pair, extra.pair])
         for k in keys:
             frame.columns[k] = np.concatenate([frame.columns[k], extra.columns[k]])
+        for k, found in extra.odd.items():
+            frame.odd.setdefault(k, {}).update((start + i, what) for i, what in found.items())
         if frame._index is not None:  # extend the index, not rebuild it
             for j, row in enumerate(appended, start=start):
                 frame._index[(row[0], row[1])] = j
@@ -1080,7 +1300,10 @@ def _ensure_columns(store: TrialStore, study: str, frame: _Frame, keys: Iterable
             cols = list(zip(*rows, strict=True))
             if cols[1] == tuple(frame.trial) and cols[0] == tuple(frame.run):  # frame order
                 for j, k in enumerate(missing):
-                    frame.columns[k] = _floats(cols[6 + j])
+                    found: dict[int, str] = {}
+                    frame.columns[k] = _floats(cols[6 + j], odd=found)
+                    if found:
+                        frame.odd[k] = found
                 frame.version += 1
                 return
     frame.version += 1
@@ -1093,21 +1316,52 @@ def _ensure_columns(store: TrialStore, study: str, frame: _Frame, keys: Iterable
             continue  # a trial newer than the frame: picked up by the next refresh
         for j, k in enumerate(missing):
             frame.columns[k][i] = _as_float(row[6 + j])
+            _set_odd(frame.odd, k, i, row[6 + j])
 
 
 def _probe_keys(store: TrialStore, study: str, frame: _Frame, keys: Iterable[str]) -> None:
-    """Add keys that the sampled discovery missed but some trial reports (explicit asks)."""
-    for key in keys:
-        if key in frame.keys:
-            continue
-        found = _read(
-            store,
-            "SELECT 1 FROM trials WHERE study = ? AND json_extract(metrics, ?) IS NOT NULL LIMIT 1",
-            [study, _json_path(key)],
-        )
+    """Add keys that the sampled discovery missed but some trial reports (explicit asks).
+
+    When SQLite refuses a trial's JSON (a NaN written out of band), the study's metrics are
+    parsed in Python instead (a broken one is an error naming its trial).
+    """
+    todo = [k for k in dict.fromkeys(keys) if k not in frame.keys]
+    for n, key in enumerate(todo):
+        try:
+            found = _read(
+                store,
+                "SELECT 1 FROM trials WHERE study = ? AND json_extract(metrics, ?) IS NOT NULL "
+                "LIMIT 1",
+                [study, _json_path(key)],
+            )
+        except Exception as exc:
+            if not _malformed_json(exc):
+                raise
+            reported = _reported_keys_parsed(store, study, todo[n:])
+            frame.keys |= reported
+            frame.version += bool(reported)
+            return
         if found:
             frame.keys.add(key)
             frame.version += 1
+
+
+def _reported_keys_parsed(store: TrialStore, study: str, keys: Sequence[str]) -> set[str]:
+    """Which of ``keys`` some trial of the study reports (not null), its metrics parsed in
+    Python (:func:`_probe_keys`' fallback).
+
+    Raises:
+        StoreError: a trial's metrics are not JSON, naming the row.
+    """
+    left, found = set(keys), set()
+    for _, run, trial, text in _trial_rows(store, study, "model_run_id, trial_id, metrics", None):
+        obj = _parse_json(store, text, run, trial, "metrics")
+        hits = {k for k in left if _json_value(obj, k) is not None}
+        found |= hits
+        left -= hits
+        if not left:
+            break
+    return found
 
 
 def _get_frame(store: TrialStore, study: str, select: KeySelector, use_cache: bool) -> _Frame:
@@ -1186,8 +1440,9 @@ _log = logging.getLogger(__name__)
 # bump whenever the frame's layout or meaning changes (2: favours; 3: no CI from one value,
 # no Welch test of two constant arms; 4: non-finite values left out, extreme magnitudes
 # scaled, a note per row; 5: bootstrap indices drawn as uint32, so other resamples than
-# the rows remembered before; the details kept)
-SNAPSHOT_FORMAT = 5
+# the rows remembered before; the details kept; 6: stored values that are no usable number
+# kept (``odd``), no Wilcoxon p from differences that are all zero)
+SNAPSHOT_FORMAT = 6
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
@@ -1353,6 +1608,7 @@ def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, 
         "columns": columns,
         "objects": objects,
         "rows": rows,
+        "odd": {k: sorted(found.items()) for k, found in frame.odd.items() if found},
     }
     details = _details_json(frame)
     if details is not None:
@@ -1531,6 +1787,10 @@ def _frame_from_snapshot(
         columns={str(k): floats(f"col{j}") for j, k in enumerate(meta["columns"])},
         keys={str(k) for k in meta["keys"]},
         watermark=watermark,
+        odd={
+            str(k): {int(i): str(what) for i, what in found if 0 <= int(i) < n}
+            for k, found in meta["odd"].items()
+        },
         store_ref=weakref.ref(store),
         saved=(0, watermark),
         saved_time=time.monotonic(),
@@ -1817,7 +2077,7 @@ def compare_study(
     store: Any,
     study: str,
     *,
-    metrics: Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
     mode: Mode = "best",
     paired: bool | None = None,
     statuses: Sequence[str] = ("completed",),
@@ -1833,9 +2093,14 @@ def compare_study(
 
     Args:
         store: a :class:`TrialStore`, a lab directory or :class:`~thunderline_lab.lab.Lab`.
-        metrics: metric names. ``None`` (the default): those of :data:`DEFAULT_METRICS`
-            that the study reports, silently leaving out the others; any other metric a
-            trial reports (``test_brier``, ``sigma/<layer>``, ...) only when named here.
+        metrics: metric names: a list, one name, or a comma-separated string of names
+            (``"val_accuracy,test_ece"``, what ``papermill -p metrics`` passes; spaces
+            around each are dropped). ``None`` (the default): those of
+            :data:`DEFAULT_METRICS` that the study reports, silently leaving out the
+            others; any other metric a trial reports (``test_brier``, ``sigma/<layer>``,
+            ...) only when named here. A name given here that no trial reports and that
+            is no metric the workbench knows (a misspelling) is refused with the closest
+            names; a known metric this study does not report is only noted.
         mode: ``best``: the value at the best epoch (the lowest validation loss, whose
             weights the trainer restores): ``best_<metric>`` when reported. ``final``: the
             value at the last epoch trained: ``final_<metric>`` when reported. Either falls
@@ -1854,10 +2119,13 @@ def compare_study(
     Raises:
         StudyError: the study has no trials (naming the store's studies, the closest
             first), no trial of ``statuses`` with a known arm (naming the statuses it
-            has), or none of ``metrics`` (naming the closest ones it reports).
+            has), none of ``metrics``, or a name in ``metrics`` that no trial reports and
+            no known metric has (naming the closest ones it reports); ``metrics`` with an
+            empty or non-text name.
     """
     if mode not in ("best", "final"):
         raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
+    metrics = _metric_list(metrics)
     store, owned = _as_store(store)
     token = _ROW_SINK.set(_RowSink(use_memo=use_cache))
     try:
@@ -1880,6 +2148,36 @@ def compare_study(
         _ROW_SINK.reset(token)
         if owned:
             store.close()
+
+
+def _metric_list(metrics: str | Sequence[str] | None) -> list[str] | None:
+    """The metric names ``metrics`` gives: a list of names, one name, or several separated
+    by commas (spaces around each dropped); never a sequence of one-letter names. None
+    and an empty list are the default set (None).
+
+    Raises:
+        StudyError: an empty name (``"a,,b"``, ``""``) or a name that is not text.
+
+    Example:
+        >>> _metric_list("val_accuracy"), _metric_list("val_accuracy, test_ece")
+        (['val_accuracy'], ['val_accuracy', 'test_ece'])
+    """
+    if metrics is None:
+        return None
+    if isinstance(metrics, str):
+        names: list[Any] = [part.strip() for part in metrics.split(",")]
+    elif isinstance(metrics, Iterable) and not isinstance(metrics, bytes | Mapping):
+        names = list(metrics)
+        if not names:
+            return None
+    else:
+        raise StudyError(
+            f"metrics: a metric name, a comma-separated string or a list of names, not {metrics!r}"
+        )
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise StudyError(f"metrics: {name!r} is not a metric name (in {metrics!r})")
+    return names
 
 
 def _as_store(store: Any) -> tuple[TrialStore, bool]:
@@ -1988,22 +2286,30 @@ def _compare(
         if resolved is None:
             skipped.append(metric)
             continue
-        source, values = resolved
-        sources[metric] = source
-        values_by_metric[metric] = values
-        row, d = _metric_row(
-            arms, metric, values, design_paired, n_boot, confidence, seed, max_draws
-        )
-        row["source"] = source
-        rows.append(row)
-        if d is not None:
-            pair_cols[metric] = d
+        sources[metric], values_by_metric[metric] = resolved
     if skipped and metrics is not None:
         names = _metric_names(store, frame)
+        _refuse_unknown_metrics(study, skipped, names)
         notes.append(
             "not reported by any trial: "
             + ", ".join(m + (f" ({h})" if (h := _did_you_mean(m, names)) else "") for m in skipped)
         )
+    for metric, values in values_by_metric.items():
+        row, d = _metric_row(
+            arms,
+            metric,
+            values,
+            design_paired,
+            n_boot,
+            confidence,
+            seed,
+            max_draws,
+            frame.odd.get(sources[metric]),
+        )
+        row["source"] = sources[metric]
+        rows.append(row)
+        if d is not None:
+            pair_cols[metric] = d
     # a per-epoch metric without final_<m>: its summary describes the restored best epoch
     summarised = [m for m, src in sources.items() if src == m and m in HISTORY_METRICS]
     if mode == "final" and summarised:
@@ -2047,11 +2353,12 @@ def _compare(
         )
     notes += arms.excluded
     notes += [f"{row['metric']}: {row['note']}" for row in rows if row.get("note")]
-    same = _identical_pairs(pair_cols)
+    same = _identical_twins(store, study, arms, pair_cols)
     if same:
         notes.append(
-            f"{same} of {len(next(iter(pair_cols.values())))} pairs are identical in every "
-            "metric compared: SN left those trials unchanged (the soft bound W / max(1, σ/c) "
+            f"{same} of {len(next(iter(pair_cols.values())))} pairs report the same value in "
+            "both arms for every summary metric (wall-clock times aside), not only those "
+            "compared: SN left those trials unchanged (the soft bound W / max(1, σ/c) "
             "does nothing while every σ stays ≤ c); a longer budget or a smaller c lets it act"
         )
 
@@ -2132,6 +2439,69 @@ def _compare(
         sources=sources,
         notes=notes,
         accuracy_metric=accuracy_metric,
+    )
+
+
+# Metrics the workbench's trainer reports (summaries and per-epoch histories; best_/final_
+# variants of each too): a name among these that a study does not report (ood_auroc of a
+# dataset without OOD points) is only noted when asked for; any other unreported name is
+# refused as a misspelling (:func:`_refuse_unknown_metrics`).
+KNOWN_METRICS: frozenset[str] = frozenset(
+    {
+        *DEFAULT_METRICS,
+        *CURVE_METRICS,
+        *HISTORY_METRICS,
+        "epoch",
+        "epochs",
+        "best_epoch",
+        "train_accuracy",
+        "train_nll",
+        "val_nll",
+        "val_ece",
+        "val_brier",
+        "test_brier",
+        "test_entropy_mean",
+        "lipschitz_lower",
+        "mean_sigma",
+        "min_sigma",
+        "n_sn_clamped",
+        "n_params",
+        "step_time_ms",
+    }
+)
+
+
+def _is_known_metric(name: str) -> bool:
+    """Whether ``name`` (or the metric of ``best_<m>`` / ``final_<m>``) is in
+    :data:`KNOWN_METRICS`."""
+    return name in KNOWN_METRICS or re.sub(r"^(best|final)_", "", name) in KNOWN_METRICS
+
+
+def _refuse_unknown_metrics(study: str, skipped: Sequence[str], reported: set[str]) -> None:
+    """Refuse the metrics asked for by name that no trial reports (``skipped``) and that
+    are no known metric: a misspelling would otherwise drop a test from the comparison
+    (and from Holm's family) with only a note.
+
+    Raises:
+        StudyError: naming each such metric with the closest names the study reports
+            (else the closest known ones), and what the study reports.
+    """
+    unknown = [m for m in skipped if not _is_known_metric(m)]
+    if not unknown:
+        return
+    described = []
+    for m in unknown:
+        hint = _did_you_mean(m, reported) or _did_you_mean(m, KNOWN_METRICS)
+        described.append(f"{m!r}" + (f" ({hint})" if hint else ""))
+    raise StudyError(
+        f"study {study!r}: no trial reports the metric{'s' if len(unknown) > 1 else ''} "
+        + ", ".join(described)
+        + (
+            ", and no known metric has that name"
+            if len(unknown) == 1
+            else ", and no known metric has those names"
+        )
+        + (f"; {_known_names('it reports', sorted(reported), '')}" if reported else "")
     )
 
 
@@ -2229,8 +2599,9 @@ def _pair_means(
 _PairRows = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _identical_pairs(pair_cols: Mapping[str, np.ndarray]) -> int:
-    """How many pairs have a difference of exactly 0 in every metric they report.
+def _identical_pairs(pair_cols: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Per complete pair (the columns' order): a difference of exactly 0 in every metric
+    compared that it reports (None: no pair).
 
     Metric by metric, stopping once no pair can qualify (the usual case in a real study,
     after the first metric): no pairs × metrics copy on every comparison.
@@ -2242,11 +2613,69 @@ def _identical_pairs(pair_cols: Mapping[str, np.ndarray]) -> int:
         zero_or_missing = (d == 0) | missing
         same = zero_or_missing if same is None else same & zero_or_missing
         if not same.any():
-            return 0
+            return None
         reported = ~missing if reported is None else reported | ~missing
     if same is None or reported is None:
+        return None
+    same &= reported
+    return same if same.any() else None
+
+
+# wall-clock measurements, which differ between runs of the very same computation
+_WALL_CLOCK = re.compile(r"(^|_)(time|duration)(_|$)")
+
+
+def _identical_twins(
+    store: TrialStore, study: str, arms: _Arms, pair_cols: Mapping[str, np.ndarray]
+) -> int:
+    """How many complete pairs are identical twins: every trial of the pair reports the
+    same summary metrics with the same values (wall-clock times aside), so SN changed
+    nothing in them.
+
+    The metrics compared are only a first filter: the ones named (``n_params``, ``lr``)
+    may be equal between twins by design while the others differ. Only the pairs equal in
+    every metric compared are read from the store (their whole metrics), so a real study,
+    where none is, costs nothing more; the count is kept with the arms.
+    """
+    same = _identical_pairs(pair_cols)
+    if same is None:
         return 0
-    return int(np.count_nonzero(same & reported))
+    cand = np.flatnonzero(arms.complete)[same]  # pair codes
+    key = cand.tobytes()
+    if key in arms.twins:
+        return arms.twins[key]
+    frame = arms.frame
+    codes = frame.pair_codes()
+    member = np.flatnonzero((arms.is_sn | arms.is_none) & np.isin(codes, cand))
+    subset = list(zip(frame.run[member].tolist(), frame.trial[member].tolist(), strict=True))
+    by_trial = {
+        (run, trial): text
+        for _, run, trial, text in _trial_rows(
+            store, study, "model_run_id, trial_id, metrics", subset
+        )
+    }
+    seen: dict[int, str | None] = {}  # pair code -> the canonical metrics of its trials
+    differ: set[int] = set()
+    for i in member.tolist():
+        code = int(codes[i])
+        if code in differ:
+            continue
+        try:
+            obj = json.loads(by_trial.get((frame.run[i], frame.trial[i])) or "null")
+        except (TypeError, ValueError):
+            obj = None
+        text = (
+            json.dumps(
+                {k: v for k, v in obj.items() if not _WALL_CLOCK.search(str(k))}, sort_keys=True
+            )
+            if isinstance(obj, dict)
+            else None
+        )
+        if text is None or seen.setdefault(code, text) != text:
+            differ.add(code)
+    n = len(cand) - len(differ)
+    arms.twins[key] = n
+    return n
 
 
 def _paired_diffs(
@@ -2332,11 +2761,15 @@ def _metric_row(
     confidence: float,
     seed: int,
     max_draws: int,
+    odd: Mapping[int, str] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """:func:`_compare_metric` over ``arms``, kept with them: the same values (the frame's
     arrays are replaced or the arms dropped when a refresh changes a row) and arguments give
     the same row. The differences are given per complete pair of the arms, in pair-code
-    order (NaN where a pair lacks the metric), so every metric's column lines up."""
+    order (NaN where a pair lacks the metric), so every metric's column lines up.
+
+    ``odd``: the frame rows whose stored value is no usable number (:attr:`_Frame.odd` of
+    the metric's key), for the note."""
     key = (metric, paired, n_boot, confidence, seed, max_draws)
     hit = arms.rows.get(key)
     if hit is None or hit[0] is not values:
@@ -2359,22 +2792,52 @@ def _metric_row(
             complete = np.flatnonzero(arms.complete)
             d = np.full(len(complete), np.nan)
             d[np.searchsorted(complete, both)] = pair_d  # both: a subset of the complete
-        row["note"] = _study_row_note(arms, values, row)
+        row["note"] = _study_row_note(arms, values, row, odd)
         hit = (values, row, d)
         arms.rows[key] = hit
     return dict(hit[1]), hit[2]
 
 
-def _study_row_note(arms: _Arms, values: np.ndarray, row: dict[str, Any]) -> str:
-    """The row's note (:func:`_row_note`) in the study's terms: the ±inf values among the
-    trials compared (left out; NaN there is only no value), which arm reports a metric that
-    no pair has in both, and how many pairs (or trials) lack a value. Vectorised; run once
-    per metric and frame state (kept with the row by :func:`_metric_row`)."""
+def _study_row_note(
+    arms: _Arms, values: np.ndarray, row: dict[str, Any], odd: Mapping[int, str] | None = None
+) -> str:
+    """The row's note (:func:`_row_note`) in the study's terms: the non-finite values among
+    the trials compared (±inf, and NaN written to the store; left out and counted, while a
+    nan in ``values`` is otherwise only no value), the values that are no number (text, a
+    list: left out, counted and named, ``odd``), which arm reports a metric that no pair
+    has in both, and how many pairs (or trials) lack a value. Vectorised; run once per
+    metric and frame state (kept with the row by :func:`_metric_row`)."""
     inf = np.isinf(values)
     n_inf = int(np.count_nonzero(inf[arms.sel])) if inf.any() else 0
-    row["n_nonfinite"] = n_inf
-    why = [_left_out(n_inf, "±inf")] if n_inf else []
-    a_value = "a finite value" if n_inf else "a value"
+    nan_rows: list[int] = []
+    bad: list[tuple[int, str]] = []
+    if odd:  # rare: stored values that are no usable number, among the trials compared
+        compared = arms.is_sn | arms.is_none
+        for i, what in sorted(odd.items()):
+            if i < len(compared) and compared[i]:
+                if what == "nan":
+                    nan_rows.append(i)
+                else:
+                    bad.append((i, what))
+    n_nonfinite = n_inf + len(nan_rows)
+    row["n_nonfinite"] = n_nonfinite
+    row["n_not_number"] = len(bad)
+    kind = "NaN or ±inf" if n_inf and nan_rows else ("±inf" if n_inf else "NaN")
+    why = [_left_out(n_nonfinite, kind)] if n_nonfinite else []
+    if bad:
+        trial = arms.frame.trial
+        named = ", ".join(f"{trial[i]}: {what}" for i, what in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        was = "values are" if len(bad) > 1 else "value is"
+        why.append(
+            f"{len(bad)} {was} not a number ({named}{more}) and "
+            f"{'were' if len(bad) > 1 else 'was'} left out"
+        )
+    a_value = (
+        ("a finite numeric value" if bad else "a finite value")
+        if n_nonfinite
+        else ("a numeric value" if bad else "a value")
+    )
     n_pairs = int(row["n_pairs"])
     if row["design"] == "paired" and n_pairs == 0:
         has = [bool(np.isfinite(values[arm]).any()) for arm in (arms.is_sn, arms.is_none)]
@@ -2430,6 +2893,8 @@ class _Arms:
     rows: dict[tuple[Any, ...], tuple[np.ndarray, dict[str, Any], np.ndarray | None]] = field(
         default_factory=dict
     )
+    # candidate pair codes (bytes) -> how many are identical twins (_identical_twins)
+    twins: dict[bytes, int] = field(default_factory=dict)
     _labels: np.ndarray | None = None
 
     @functools.cached_property
