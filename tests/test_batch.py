@@ -571,3 +571,23 @@ def test_a_gateway_that_does_not_answer_is_refused_before_anything_runs(
     assert result.exit_code == 1, result.output
     assert expected in result.output and "Traceback" not in result.output
     assert not (tmp_path / "lab").exists()
+
+
+def test_the_progress_counts_survive_a_nan_written_into_a_trial(tmp_path: Path) -> None:
+    import sqlite3
+
+    from thunderline_lab.batch import _study_status
+
+    store = TrialStore(tmp_path / "lab.db")
+    for i, acc in enumerate((0.5, 0.75)):
+        ids = {"model_run_id": "s", "trial_id": f"t{i}", "study": "s"}
+        store.append(
+            [
+                E.trial_start(**ids, spectral_norm=bool(i)),
+                E.trial_complete(**ids, spectral_norm=bool(i), metrics={"val_accuracy": acc}),
+            ]
+        )
+    store.close()
+    with sqlite3.connect(tmp_path / "lab.db") as conn:  # out of band: the store refuses NaN
+        conn.execute("UPDATE trials SET metrics = '{\"val_accuracy\": NaN}' WHERE trial_id = 't1'")
+    assert _study_status(tmp_path / "lab.db", "s") == ({"completed": 2}, 0.5)

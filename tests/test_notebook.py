@@ -373,6 +373,8 @@ def test_the_compare_notebook_normalises_its_studies_parameter() -> None:
     code = [_source(c) for c in _cells("compare_constraints.ipynb") if c["cell_type"] == "code"]
     first_use = next(i for i, src in enumerate(code) if "ensure_studies(" in src)
     assert "studies = study_names(studies)" in code[first_use]
+    # a mistyped lab_dir is refused by ensure_studies before lab.store() could create it
+    assert code[first_use].index("ensure_studies(") < code[first_use].index("lab.store()")
 
 
 def test_the_live_monitor_notebook_follows_until_the_study_finishes() -> None:

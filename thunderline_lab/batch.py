@@ -408,16 +408,24 @@ def _study_status(db_path: Path, study: str) -> tuple[dict[str, int], float | No
         return {}, None
     import sqlite3
 
+    # a trial failed as stale (its worker died) is retried: counted apart
+    sql = (
+        "SELECT CASE WHEN status = 'failed' AND error_type = 'stale' THEN 'stale' "
+        "ELSE status END AS s, COUNT(*), MAX({best}) FROM trials WHERE study = ? GROUP BY s"
+    )
+    best = "json_extract(metrics, '$.val_accuracy')"
     try:
         conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
         try:
-            rows = conn.execute(
-                # a trial failed as stale (its worker died) is retried: counted apart
-                "SELECT CASE WHEN status = 'failed' AND error_type = 'stale' THEN 'stale' "
-                "ELSE status END AS s, COUNT(*), MAX(json_extract(metrics, '$.val_accuracy')) "
-                "FROM trials WHERE study = ? GROUP BY s",
-                (study,),
-            ).fetchall()
+            try:
+                rows = conn.execute(sql.format(best=best), (study,)).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "malformed JSON" not in str(exc):
+                    raise
+                # a NaN written into a trial's metrics out of band (SQLite before 3.42
+                # refuses the token): that trial has no best value, the others count
+                best = f"CASE WHEN json_valid(metrics) THEN {best} END"
+                rows = conn.execute(sql.format(best=best), (study,)).fetchall()
         finally:
             conn.close()
     except sqlite3.Error:
