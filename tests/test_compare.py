@@ -2212,3 +2212,42 @@ def test_odd_values_follow_the_trials_through_refreshes() -> None:
     res = compare_study(store, STUDY, metrics=["acc"], details=False)
     _assert_same_result(res, _fresh(store, metrics=["acc"], details=False))
     assert "not a number" not in res.headline.loc[0, "note"]
+
+
+def test_identical_twins_are_remembered_per_pair_through_refreshes_and_snapshots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twins are checked on their whole metrics (a store read) once per pair: a refresh
+    reads only new candidate pairs, and a new process takes the verdicts from the
+    snapshot; the counts are the same as computed afresh."""
+    store = TrialStore(tmp_path / "lab.db")
+
+    def pair(i: int, d: float) -> list[Any]:
+        none = {"acc": 0.8, "loss": 0.5 + i / 100}
+        return _trial(2 * i, False, none, pair=f"p{i}") + _trial(
+            2 * i + 1, True, {**none, "loss": none["loss"] + d}, pair=f"p{i}"
+        )
+
+    store.append([e for i, d in enumerate([0.0, 0.01, 0.0]) for e in pair(i, d)])
+    read: list[int] = []
+    real = cmp._trial_rows
+
+    def counted(store: Any, study: str, columns: str, subset: Any) -> Any:
+        if subset is not None and columns == "model_run_id, trial_id, metrics":
+            read.append(len(subset))
+        return real(store, study, columns, subset)
+
+    monkeypatch.setattr(cmp, "_trial_rows", counted)
+
+    def unchanged() -> str:
+        res = compare_study(store, STUDY, metrics=["acc"], details=False)
+        (note,) = [n for n in res.notes if "SN left those trials unchanged" in n]
+        return note.split(" pairs report")[0]
+
+    assert unchanged() == "2 of 3" and read == [6]  # acc is equal in all 3: all read
+    store.append(pair(3, 0.0))
+    assert unchanged() == "3 of 4" and read == [6, 2]  # only the new pair
+    cmp.clear_cache()  # a new process: the verdicts come with the snapshot
+    assert unchanged() == "3 of 4" and read == [6, 2]
+    cmp.clear_cache(store)  # no snapshot: computed afresh, the same count
+    assert unchanged() == "3 of 4" and read == [6, 2, 8]

@@ -102,6 +102,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import numpy as np
 import pandas as pd
 
@@ -735,6 +736,9 @@ class _Frame:
     # (NaN written out of band), else the value's repr ('abc', '[1,2]'); read as nan in
     # ``columns``, counted and named by each row's note. Empty in a healthy study.
     odd: dict[str, dict[int, str]] = field(default_factory=dict)
+    # pair id -> whether its trials are identical twins (_identical_twins), for the pairs
+    # asked about; a refresh forgets the pairs of the trials it changed
+    twins: dict[Any, bool] = field(default_factory=dict)
     store_ref: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     _index: dict[tuple[str, str], int] | None = None
@@ -1255,6 +1259,10 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         else:
             patched.append((i, compact))
     pairs_before = {i: frame.pair[i] for i, _ in patched}
+    if frame.twins:
+        for pid in [*pairs_before.values(), *(r[5] for _, r in patched), *(r[5] for r in appended)]:
+            with contextlib.suppress(TypeError):  # an unhashable pair id is never cached
+                frame.twins.pop(pid, None)
     start = frame.n
     for i, row in patched:
         frame.status[i] = row[2]
@@ -1441,7 +1449,7 @@ _log = logging.getLogger(__name__)
 # no Welch test of two constant arms; 4: non-finite values left out, extreme magnitudes
 # scaled, a note per row; 5: bootstrap indices drawn as uint32, so other resamples than
 # the rows remembered before; the details kept; 6: stored values that are no usable number
-# kept (``odd``), no Wilcoxon p from differences that are all zero)
+# kept (``odd``), no Wilcoxon p from differences that are all zero; the identical twins known)
 SNAPSHOT_FORMAT = 6
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
@@ -1609,6 +1617,7 @@ def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, 
         "objects": objects,
         "rows": rows,
         "odd": {k: sorted(found.items()) for k, found in frame.odd.items() if found},
+        "twins": [[pid, same] for pid, same in frame.twins.items()],
     }
     details = _details_json(frame)
     if details is not None:
@@ -1791,6 +1800,7 @@ def _frame_from_snapshot(
             str(k): {int(i): str(what) for i, what in found if 0 <= int(i) < n}
             for k, found in meta["odd"].items()
         },
+        twins={pid: bool(same) for pid, same in meta.get("twins", ()) if _hashable(pid)},
         store_ref=weakref.ref(store),
         saved=(0, watermark),
         saved_time=time.monotonic(),
@@ -2623,6 +2633,7 @@ def _identical_pairs(pair_cols: Mapping[str, np.ndarray]) -> np.ndarray | None:
 
 # wall-clock measurements, which differ between runs of the very same computation
 _WALL_CLOCK = re.compile(r"(^|_)(time|duration)(_|$)")
+_JSON_OBJECT = msgspec.json.Decoder(dict)
 
 
 def _identical_twins(
@@ -2647,6 +2658,14 @@ def _identical_twins(
     frame = arms.frame
     codes = frame.pair_codes()
     member = np.flatnonzero((arms.is_sn | arms.is_none) & np.isin(codes, cand))
+    known = frame.twins
+    pids = frame.pair[member].tolist()
+    cached = [_hashable(pid) and pid in known for pid in pids]
+    n = len({pid for pid, hit in zip(pids, cached, strict=True) if hit and known[pid]})
+    member = member[~np.asarray(cached, dtype=bool)]
+    if not len(member):
+        arms.twins[key] = n
+        return n
     subset = list(zip(frame.run[member].tolist(), frame.trial[member].tolist(), strict=True))
     by_trial = {
         (run, trial): text
@@ -2654,28 +2673,48 @@ def _identical_twins(
             store, study, "model_run_id, trial_id, metrics", subset
         )
     }
-    seen: dict[int, str | None] = {}  # pair code -> the canonical metrics of its trials
+    keys: set[str] = set()  # every key met so far
+    wall: list[str] = []  # those that are wall-clock measurements (one regex per key)
+    seen: dict[int, dict[str, Any]] = {}  # pair code -> the metrics of its first trial
     differ: set[int] = set()
     for i in member.tolist():
         code = int(codes[i])
         if code in differ:
             continue
+        text = by_trial.get((frame.run[i], frame.trial[i]))
         try:
-            obj = json.loads(by_trial.get((frame.run[i], frame.trial[i])) or "null")
-        except (TypeError, ValueError):
-            obj = None
-        text = (
-            json.dumps(
-                {k: v for k, v in obj.items() if not _WALL_CLOCK.search(str(k))}, sort_keys=True
-            )
-            if isinstance(obj, dict)
-            else None
-        )
-        if text is None or seen.setdefault(code, text) != text:
+            obj = _JSON_OBJECT.decode(text) if isinstance(text, str | bytes) else None
+        except msgspec.DecodeError:
+            try:  # NaN written out of band: Python's json reads it (and NaN != NaN)
+                obj = json.loads(text) if isinstance(text, str | bytes) else None
+            except ValueError:
+                obj = None
+        if not isinstance(obj, dict):
             differ.add(code)
-    n = len(cand) - len(differ)
+            continue
+        new = obj.keys() - keys
+        if new:
+            keys |= new
+            wall += [k for k in new if _WALL_CLOCK.search(str(k))]
+        for k in wall:
+            obj.pop(k, None)
+        if seen.setdefault(code, obj) != obj:
+            differ.add(code)
+    for i in member.tolist():  # remembered per pair id, with the frame (and its snapshot)
+        pid = frame.pair[i]
+        if _hashable(pid):
+            known[pid] = int(codes[i]) not in differ
+    n += len({int(c) for c in codes[member].tolist()} - differ)
     arms.twins[key] = n
     return n
+
+
+def _hashable(v: Any) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 def _paired_diffs(
