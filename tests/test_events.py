@@ -652,3 +652,63 @@ def test_gc_pause_restores_the_collector_and_nests() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "make, path",
+    [
+        (
+            lambda v: E.trial_start(
+                model_run_id="r", trial_id="t", spectral_norm=True, parameters={"lr": v}
+            ),
+            "payload.parameters.lr",
+        ),
+        (
+            lambda v: E.run_metric(
+                model_run_id="r",
+                trial_id="t",
+                step=1,
+                measurements={"a": 1.0},
+                metadata={"x": [1, {"y": v}]},
+            ),
+            "payload.metadata.x[1].y",
+        ),
+        (lambda v: E.make_event("system.note", v={"w": v}), "payload.v.w"),
+    ],
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_free_form_fields_refuse_nan_and_infinity(make: Any, path: str, value: float) -> None:
+    # the store would write them as null without a word
+    with pytest.raises(EventValidationError) as info:
+        make(value)
+    [err] = info.value.errors
+    assert (err.path, err.rule) == (path, "finite_number")
+
+
+def test_both_paths_refuse_nan_in_free_form_maps() -> None:
+    ev = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, metadata={"x": 1.5})
+    record = ev.model_dump(mode="json")
+    assert E.fast_events([record]) is not None
+    for bad in ({"x": math.nan}, {"x": {"y": [math.inf]}}):
+        broken = {**record, "payload": {**record["payload"], "metadata": bad}}
+        assert E.fast_events([broken]) is None
+        with pytest.raises(EventValidationError) as info:
+            E.validate_records([broken])
+        assert info.value.errors[0].rule == "finite_number"
+        assert info.value.errors[0].path.startswith("payload.metadata.x")
+
+
+@pytest.mark.parametrize(
+    "given, missing",
+    [({"metric_name": "loss"}, "metric_value"), ({"metric_value": 0.5}, "metric_name")],
+)
+def test_a_metric_name_without_its_value_is_named_plainly(
+    given: dict[str, Any], missing: str
+) -> None:
+    with pytest.raises(EventValidationError) as info:
+        E.run_metric(model_run_id="r", trial_id="t", step=1, **given)
+    [err] = info.value.errors
+    other = next(iter(given))
+    assert err.message == (
+        f"{missing} is required with {other} (give both, or neither and measurements)"
+    )

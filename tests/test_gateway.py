@@ -39,6 +39,8 @@ from thunderline_lab.errors import GatewayError, StoreError
 from thunderline_lab.gateway import (
     EventClient,
     GroupCommitWriter,
+    SendError,
+    SendResult,
     create_app,
     is_loopback,
     parse_body,
@@ -466,6 +468,39 @@ def test_422_lists_every_error_with_index_and_path(gw: AsgiClient, store: TrialS
     assert store.counts()["events"] == 0  # all or nothing
 
 
+def test_nan_and_infinity_in_free_form_fields_are_a_422_never_null(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    start = (
+        '{"id":"uf-15","timestamp":"2026-12-04T00:00:00Z","name":"ml.trial.start",'
+        '"payload":{"model_run_id":"uf","trial_id":"t5","spectral_norm":true,'
+        '"parameters":{"lr":NaN},"metadata":{"x":Infinity}}}'
+    )
+    generic = (
+        '{"id":"g-1","timestamp":"2026-12-04T00:00:00Z","name":"system.note",'
+        '"payload":{"v":-Infinity}}'
+    )
+    for body, expected in (
+        (start, [(0, "payload.parameters.lr"), (0, "payload.metadata.x")]),
+        (f"[{generic}]", [(0, "payload.v")]),
+        (
+            f"{generic}\n{start}\n",
+            [(0, "payload.v"), (1, "payload.parameters.lr"), (1, "payload.metadata.x")],
+        ),
+    ):
+        resp = gw.post("/api/events/ml", content=body)
+        assert resp.status_code == 422, resp.text
+        assert_names_fields(resp)
+        errors = resp.json()["errors"]
+        assert sorted((e["index"], e["path"]) for e in errors) == sorted(expected)
+        assert {e["rule"] for e in errors} == {"finite_number"}
+    assert store.counts()["events"] == 0
+    # "NaN" as text is still text
+    ok = start.replace("NaN", '"NaN"').replace("Infinity", '"Infinity"')
+    assert gw.post("/api/events/ml", content=ok).status_code == 202
+    assert store.trial("uf", "t5")["parameters"] == {"lr": "NaN"}
+
+
 def test_422_for_values_the_store_cannot_hold(gw: AsgiClient, store: TrialStore) -> None:
     cases = {
         "payload.step": {**event_dict(), "payload": {**event_dict()["payload"], "step": 2**70}},
@@ -793,6 +828,21 @@ def test_trials_and_one_trial(gw: AsgiClient) -> None:
     assert health["status"] == "ok" and health["last_seq"] == len(study_events())
 
 
+def test_an_unknown_status_filter_is_a_422_naming_the_allowed_ones(gw: AsgiClient) -> None:
+    resp = gw.get("/api/trials", params={"status": "bogus"})
+    assert resp.status_code == 422
+    [error] = resp.json()["errors"]
+    assert error["path"] == "query.status"
+    for status in ("running", *E.TERMINAL_STATUSES):
+        assert status in error["message"]
+        assert gw.get("/api/trials", params={"status": status}).status_code == 200
+
+
+def test_healthz_answers_head(gw: AsgiClient) -> None:
+    resp = gw.request("HEAD", "/healthz")
+    assert resp.status_code == 200 and resp.content == b""
+
+
 def test_a_trial_whose_ids_hold_slashes_is_found_when_they_are_encoded(gw: AsgiClient) -> None:
     start = E.trial_start(model_run_id="r/1", trial_id="a/b", spectral_norm=True)
     assert gw.post("/api/events/ml", json=start.model_dump(mode="json")).status_code == 202
@@ -1102,6 +1152,41 @@ def test_openapi_documents_the_body_schema(gw: AsgiClient) -> None:
 # ---------------------------------------------------------------------------------------------
 # Group commit
 # ---------------------------------------------------------------------------------------------
+
+
+def test_openapi_declares_the_token_where_it_is_checked(store: TrialStore) -> None:
+    app = create_app(store, token=TOKEN)
+    http = AsgiClient(app)
+    try:
+        spec = http.get("/openapi.json").json()
+        schemes = spec["components"]["securitySchemes"]
+        assert schemes["bearerToken"] == {
+            **schemes["bearerToken"],
+            "type": "http",
+            "scheme": "bearer",
+        }
+        assert schemes["tokenHeader"]["name"] == "X-Thunderline-Token"
+        either = [{"bearerToken": []}, {"tokenHeader": []}]
+        ops = {(m, path): op for path, item in spec["paths"].items() for m, op in item.items()}
+        for (method, path), op in ops.items():
+            assert op.get("security") == (None if path == "/healthz" else either), path
+            codes = set(op["responses"])
+            if (method, path) == ("post", "/api/events/ml"):
+                assert {"400", "409", "413", "415"} <= codes
+            else:
+                assert not {"400", "409", "413", "415"} & codes, path
+        assert ("get", "/api/trials") in ops and "401" in ops[("get", "/api/trials")]["responses"]
+        # as documented, so checked: the bearer scheme and the header both open the routes
+        assert http.get("/api/trials").status_code == 401
+        for header in ({"authorization": f"Bearer {TOKEN}"}, {"x-thunderline-token": TOKEN}):
+            assert http.get("/api/trials", headers=header).status_code == 200
+    finally:
+        http.close()
+        app.state.writer.close()
+    tokenless = create_app(TrialStore(":memory:"))
+    spec = tokenless.openapi()
+    assert "securitySchemes" not in spec["components"]
+    assert all("security" not in op for item in spec["paths"].values() for op in item.values())
 
 
 def test_concurrent_requests_share_one_transaction(gw: AsgiClient, store: TrialStore) -> None:
@@ -1527,6 +1612,16 @@ def test_replay_sets_aside_a_torn_line_alone(store: TrialStore, tmp_path: Path) 
     client.close()
 
 
+def test_a_fresh_clients_flush_replays_the_spool(store: TrialStore, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    evs = study_events()[:4]
+    spool.write_text("".join(e.model_dump_json() + "\n" for e in evs))
+    client = EventClient("http://gw", transport=mock_gateway(store), spool=spool)
+    assert client.flush().accepted == 4
+    assert client.spooled() == 0 and store.counts()["events"] == 4
+    client.close()
+
+
 def test_background_rejection_is_set_aside_and_the_rest_delivered(
     store: TrialStore, tmp_path: Path
 ) -> None:
@@ -1628,6 +1723,210 @@ def test_client_reads_the_token_from_the_environment(
     client.close()
     assert seen == [f"Bearer {TOKEN}"]
     assert client.endpoint == "http://gw/api/events/ml"
+
+
+@pytest.mark.parametrize(
+    "url", ["127.0.0.1:18101", "htp://127.0.0.1:18101", "localhost:8765", "http://", "http://h:x"]
+)
+def test_client_refuses_a_url_it_could_never_reach(url: str, tmp_path: Path) -> None:
+    # without a scheme or host every attempt fails like a gateway that is down, and the
+    # events would be spooled without a word
+    with pytest.raises(GatewayError, match=re.escape(repr(url))) as err:
+        EventClient(url, spool=tmp_path / "s.jsonl")
+    if url != "http://h:x":
+        assert "http:// or https://" in str(err.value) and "host" in str(err.value)
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def _metric_records(n: int, run: str = "r") -> list[dict[str, Any]]:
+    return [
+        E.run_metric(
+            id=uuid.uuid5(NS, f"{run}-{i}").hex,
+            model_run_id=run,
+            trial_id="t1",
+            step=i,
+            metric_name="loss",
+            metric_value=1.0 / (i + 1),
+        ).model_dump(mode="json")
+        for i in range(n)
+    ]
+
+
+def test_send_rejection_names_the_callers_index_and_sends_the_other_batches(
+    store: TrialStore,
+) -> None:
+    evs = _metric_records(2500)
+    evs[1500]["payload"]["step"] = -5
+    evs[2400]["payload"]["step"] = -7
+    client = EventClient("http://gw", transport=mock_gateway(store), backoff=0.001)
+    with pytest.raises(SendError, match=r"record 1500: payload\.step") as err:
+        client.send(evs)
+    exc = err.value
+    assert exc.rejected == [1500, 2400]
+    assert [(e["index"], e["path"], e["status"]) for e in exc.errors] == [
+        (1500, "payload.step", 422),
+        (2400, "payload.step", 422),
+    ]
+    assert "record 2400: payload.step" in str(exc) and exc.unsent == []
+    # every valid event is stored, the valid ones of the refused batches included
+    assert (exc.result.sent, exc.result.accepted, exc.result.spooled) == (2498, 2498, 0)
+    assert exc.result.rejected == 2 == client.stats.rejected
+    stored = {e["id"] for e in store.events_after(0, 10_000)}
+    assert stored == {e["id"] for i, e in enumerate(evs) if i not in (1500, 2400)}
+    client.close()
+
+
+def test_send_rejection_after_a_413_split_names_the_callers_index(store: TrialStore) -> None:
+    evs = _metric_records(10)
+    evs[7]["payload"]["step"] = -1
+    client = EventClient("http://gw", transport=mock_gateway(store, max_events=3), batch_size=10)
+    with pytest.raises(SendError) as err:
+        client.send(evs)
+    assert err.value.rejected == [7] and err.value.errors[0]["index"] == 7
+    assert err.value.result.accepted == 9 == store.counts()["events"]
+    client.close()
+
+
+def test_send_spools_the_remaining_batches_once_the_gateway_is_down(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    evs = _metric_records(30)
+    evs[3]["payload"]["step"] = -1
+    calls: list[int] = []
+    inner = mock_gateway(store)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if store.counts()["events"] >= 9:  # down after the first batch
+            raise httpx.ConnectError("connection refused")
+        return inner.handle_request(request)
+
+    spool = tmp_path / "spool.jsonl"
+    client = EventClient(
+        "http://gw",
+        transport=httpx.MockTransport(handler),
+        spool=spool,
+        batch_size=10,
+        max_retries=1,
+        backoff=0.001,
+    )
+    with pytest.raises(SendError) as err:
+        client.send(evs)
+    assert err.value.rejected == [3] and err.value.unsent == []
+    assert (err.value.result.accepted, err.value.result.spooled) == (9, 20)
+    assert client.spooled() == 20
+    assert len(calls) == 2 + 2  # the refused batch twice, the next one with its retry
+    client._http.close()
+
+
+def test_send_without_spool_reports_what_it_could_not_send(store: TrialStore) -> None:
+    evs = _metric_records(25)
+    inner = mock_gateway(store)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if store.counts()["events"] >= 10:
+            raise httpx.ConnectError("connection refused")
+        return inner.handle_request(request)
+
+    client = EventClient(
+        "http://gw", transport=httpx.MockTransport(handler), batch_size=10, max_retries=0
+    )
+    with pytest.raises(SendError, match="unreachable") as err:
+        client.send(evs)
+    assert err.value.unsent == list(range(10, 25)) and err.value.rejected == []
+    assert err.value.result.accepted == 10
+    client._http.close()
+
+
+def test_send_with_a_refused_token_names_the_unsent_events(
+    store: TrialStore, tmp_path: Path
+) -> None:
+    evs = _metric_records(15)
+    client = EventClient(
+        "http://gw",
+        transport=mock_gateway(store, [401] * 10),
+        spool=tmp_path / "spool.jsonl",
+        batch_size=10,
+    )
+    with pytest.raises(SendError, match="refused the token") as err:
+        client.send(evs)
+    # not spooled: a wrong token is the caller's to fix, and it is told which events wait
+    assert err.value.unsent == list(range(15)) and err.value.rejected == []
+    assert err.value.result == SendResult() and client.spooled() == 0
+    client._http.close()
+
+
+def _deep_record(levels: int, trial: str = "deep") -> str:
+    """A trial.start event whose metadata nests ``levels`` objects (as JSON text: Python's
+    json cannot even write it)."""
+    ev = E.trial_start(
+        id=uuid.uuid5(NS, trial).hex, model_run_id="r", trial_id=trial, spectral_norm=True
+    )
+    text = ev.model_dump_json()
+    nested = '{"a":' * levels + "{}" + "}" * levels
+    return text.replace('"metadata":{}', '"metadata":' + nested)
+
+
+def test_replay_sets_aside_a_line_too_deep_to_read(store: TrialStore, tmp_path: Path) -> None:
+    spool = tmp_path / "spool.jsonl"
+    good = study_events()[:3]
+    deep = _deep_record(1200)
+    client = EventClient(
+        "http://gw",
+        transport=mock_gateway(store, [0] * 2),
+        spool=spool,
+        max_retries=1,
+        backoff=0.001,
+    )
+    assert client.send([good[0], deep]).spooled == 2  # the gateway is down
+    # back up: the deep line goes aside, the rest is replayed, again and again
+    result = client.send(good[1:])
+    assert result.accepted == 3 and client.spooled() == 0
+    assert (tmp_path / "spool.jsonl.rejected").read_text() == deep + "\n"
+    assert client.replay_spool() == SendResult()
+    client.close()
+
+
+def test_a_record_nested_too_deeply_in_an_array_is_a_422_naming_it(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    good = study_events()[0].model_dump_json()
+    for levels in (985, 5000):
+        resp = gw.post("/api/events/ml", content=f"[{good},{_deep_record(levels)}]")
+        assert resp.status_code == 422, resp.text
+        assert_names_fields(resp)
+        [error] = resp.json()["errors"]
+        assert (error["index"], error["path"], error["rule"]) == (
+            1,
+            "payload.metadata",
+            "json_depth",
+        )
+    # alone, the record is named too; the top level itself nested too deeply stays a 400
+    resp = gw.post("/api/events/ml", content=_deep_record(5000))
+    assert resp.status_code == 422 and resp.json()["errors"][0]["index"] == 0
+    resp = gw.post("/api/events/ml", content=f"[{good}," + "[" * 5000 + "]" * 5000 + "]")
+    assert resp.status_code == 400 and resp.json()["errors"][0]["index"] is None
+    assert store.counts()["events"] == 0
+
+
+def test_background_sender_sets_aside_only_the_record_nested_too_deeply(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    app = create_app(lab)
+    evs = study_events()[:5]
+    deep = _deep_record(985)
+    spool = tmp_path / "spool.jsonl"
+    with ServerThread(app) as server:
+        client = EventClient(server.url, spool=spool, batch_size=6, flush_interval=60)
+        for ev in evs[:3]:
+            client.emit(ev)
+        client.emit(deep)
+        for ev in evs[3:]:
+            client.emit(ev)
+        client.close()
+    assert (tmp_path / "spool.jsonl.rejected").read_text() == deep + "\n"
+    assert client.stats.rejected == 1 and client.stats.accepted == 5
+    with lab.store() as gateway_store:
+        assert gateway_store.counts()["events"] == 5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,3 +270,49 @@ def test_an_integer_too_long_to_read_names_its_record_and_field(jsonl: bool) -> 
     assert (err.index, err.path, err.rule) == (1, "payload.step", "number_too_long")
     assert err.source_line == (2 if jsonl else None)
     assert "events.jsonl" in str(info.value) and "5000 digits" in str(info.value)
+
+
+NAN_START = (
+    '{"id": "uf-15", "timestamp": "2026-12-04T00:00:00Z", "name": "ml.trial.start", '
+    '"payload": {"model_run_id": "uf", "trial_id": "t5", "spectral_norm": true, '
+    '"parameters": {"lr": NaN}, "metadata": {"x": Infinity}}}'
+)
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["document", "json-lines"])
+def test_nan_and_infinity_literals_are_refused_by_record_and_field(jsonl: bool) -> None:
+    # not JSON, but Python's json reads them; the store would write them as null (the
+    # models refuse them, in free-form fields too)
+    ok = json.dumps(SEED001_METRIC)
+    other = '{"event": "ml.run.start", "trial_id": "t", '
+    other += '"metadata": {"hyperparams": {"w": [1, -Infinity]}}}'
+    text = f"{ok}\n{NAN_START}\n{other}\n" if jsonl else f"[{ok}, {NAN_START}, {other}]"
+    with pytest.raises(EventValidationError) as info:
+        load_events(text, "events.jsonl")  # what ``thunderline-lab validate`` reads with
+    found = [(e.index, e.path, e.rule, e.source_line) for e in info.value.errors]
+    line = (lambda n: n) if jsonl else (lambda n: None)
+    assert sorted(found) == [
+        (1, "payload.metadata.x", "finite_number", line(2)),
+        (1, "payload.parameters.lr", "finite_number", line(2)),
+        (2, "payload.parameters.w[1]", "finite_number", line(3)),
+    ]
+    # a string that merely reads "NaN" is text, not a number
+    assert parse_json_records('{"name": "NaN", "x": "Infinity"}') == [
+        {"name": "NaN", "x": "Infinity"}
+    ]
+
+
+def test_a_record_nested_too_deeply_is_named_by_its_index_and_field() -> None:
+    ok = json.dumps(SEED001_METRIC)
+    deep = '{"event": "ml.run.start", "trial_id": "t", "metadata": {"m": ' + '{"a": ' * 5000
+    deep += "1" + "}" * 5000 + "}}"
+    with pytest.raises(EventValidationError) as info:
+        read_json_records(f"[{ok}, {ok}, {deep}]")
+    [err] = info.value.errors
+    assert (err.index, err.path, err.rule) == (2, "metadata.m", "json_depth")
+    # escaped quotes and brackets inside strings do not confuse the scan
+    tricky = '{"name": "a\\"[{", "payload": {"k,": ' + "[" * 5000 + "]" * 5000 + "}}"
+    with pytest.raises(EventValidationError) as info:
+        read_json_records(f'[{ok}, {{"x": "]}},"}}, {tricky}]')
+    [err] = info.value.errors
+    assert (err.index, err.path) == (2, "payload.k,")

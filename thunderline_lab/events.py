@@ -58,7 +58,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic.types import AllowInfNan, Strict
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticCustomError, PydanticSerializationError
 
 from thunderline_lab.errors import ThunderlineLabError
 
@@ -160,6 +160,49 @@ def _utc_representable(ts: datetime) -> datetime:
 
 
 Timestamp = Annotated[AwareDatetime, Field(strict=False), AfterValidator(_utc_representable)]
+
+_PLAIN_OR_FLOAT = frozenset((str, int, bool, float, type(None)))
+_IS_FLOAT = float.__instancecheck__
+
+
+def _non_finite_at(value: Mapping[str, Any] | list[Any]) -> str | None:
+    """Where a free-form value holds a NaN or an infinity (``.lr``, ``.a[0].b``), or None."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        entries = item.items() if isinstance(item, Mapping) else enumerate(item)
+        for key, sub in entries:
+            where = f"{path}.{key}" if isinstance(item, Mapping) else f"{path}[{key}]"
+            if isinstance(sub, float):
+                if not math.isfinite(sub):
+                    return where
+            elif isinstance(sub, Mapping | list | tuple):
+                stack.append((where, sub))
+    return None
+
+
+def _finite_free_form(value: dict[str, Any]) -> dict[str, Any]:
+    # NaN and infinity are not JSON: the store would write them as null without a word.
+    # Flat maps of plain values (the usual case) cost a pass over the types and the floats.
+    if not value:
+        return value
+    types = set(map(type, value.values()))
+    if types <= _PLAIN_OR_FLOAT and (
+        float not in types or all(map(math.isfinite, filter(_IS_FLOAT, value.values())))
+    ):
+        return value
+    where = _non_finite_at(value)
+    if where is not None:
+        raise PydanticCustomError(
+            "finite_number",
+            "must be a finite number (NaN and infinity are rejected)",
+            {"where": where},
+        )
+    return value
+
+
+# free-form maps (metadata, parameters, other events' payloads): any JSON, finite numbers
+FreeForm = Annotated[dict[str, Any], AfterValidator(_finite_free_form)]
 Priority = Literal["high", "normal", "low"]
 Pipeline = Literal["realtime", "batch"]
 
@@ -177,7 +220,7 @@ class _TrialRef(_Strict):
     model_run_id: Identifier
     trial_id: Identifier
     study: Identifier | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: FreeForm = Field(default_factory=dict)
 
 
 class RunStart(_TrialRef):
@@ -185,7 +228,7 @@ class RunStart(_TrialRef):
 
     spectral_norm: bool | None = None
     spectral_norm_coeff: Coeff | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: FreeForm = Field(default_factory=dict)
     mlflow_run_id: Identifier | None = None
 
 
@@ -194,8 +237,15 @@ def _metric_fault(
 ) -> str | None:
     """What is wrong with a metric event's metric fields, if anything (one rule, two paths)."""
     if (name is None) != (value is None):
-        missing = "metric_value" if value is None else "metric_name"
-        return f"{missing} is required when the other of metric_name/metric_value"
+        given, missing = (
+            ("metric_name", "metric_value")
+            if value is None
+            else (
+                "metric_value",
+                "metric_name",
+            )
+        )
+        return f"{missing} is required with {given} (give both, or neither and measurements)"
     if name is None and not measurements:
         return "no metric: give metric_name and metric_value, or measurements"
     return None
@@ -240,7 +290,7 @@ class TrialStart(_TrialRef):
 
     spectral_norm: bool
     spectral_norm_coeff: Coeff | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: FreeForm = Field(default_factory=dict)
     mlflow_run_id: Identifier | None = None
 
 
@@ -252,7 +302,7 @@ class TrialComplete(_TrialRef):
     status: Literal["completed", "pruned", "cancelled"] = "completed"
     mlflow_run_id: Identifier | None = None
     metrics: Metrics = Field(default_factory=dict)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: FreeForm = Field(default_factory=dict)
     artifact_uri: str | None = None
     duration_ms: DurationMs | None = None
     rank: Rank | None = None
@@ -267,7 +317,7 @@ class TrialFailed(_TrialRef):
     spectral_norm_coeff: Coeff | None = None
     mlflow_run_id: Identifier | None = None
     metrics: Metrics = Field(default_factory=dict)
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: FreeForm = Field(default_factory=dict)
     duration_ms: DurationMs | None = None
 
 
@@ -366,7 +416,7 @@ class GenericEvent(_Envelope):
         ),
     ]
     priority: Priority = "normal"
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: FreeForm = Field(default_factory=dict)
 
 
 MLEvent = Annotated[
@@ -534,6 +584,8 @@ def _details_from_pydantic(
             loc.pop(0)  # the discriminator's tag is not part of the field path
         path = ".".join(str(p) for p in (*prefix, *loc))
         rule = err["type"]
+        if rule == "finite_number" and "where" in err.get("ctx", {}):
+            path += str(err["ctx"]["where"])  # the key inside a free-form map
         message = _FRIENDLY.get(rule, err["msg"])
         if rule == "value_error":
             message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
@@ -547,6 +599,8 @@ def _details_from_pydantic(
         elif rule in _COMPARISONS:
             message = "must be " + err["msg"].removeprefix("Input should be ")
         value = err.get("input", _MISSING) if rule != "missing" else _MISSING
+        if rule == "finite_number" and "where" in err.get("ctx", {}):
+            value = _MISSING  # the input is the whole map
         out.append(ErrorDetail(idx, path, value, rule, message))
     return out
 
@@ -674,7 +728,7 @@ def validate_events_json(data: str | bytes) -> list[Event]:
 # rounds and pydantic truncates), is re-validated by the models, which name every fault.
 # ``tests/test_events.py`` checks on random inputs that both paths agree.
 
-_RECHECKED_IN_PYTHON = (_utc_representable, RunMetric._one_metric_at_least)
+_RECHECKED_IN_PYTHON = (_utc_representable, _finite_free_form, RunMetric._one_metric_at_least)
 _FLOAT_MAX = sys.float_info.max
 
 
@@ -838,13 +892,20 @@ def _nests_deeper(value: dict[str, Any], limit: int) -> bool:
 
 
 def _any_too_deep(maps: list[dict[str, Any]]) -> bool:
-    """Whether any free-form map nests deeper than ``_FREE_FORM_DEPTH``: one pass over all
-    the values' types first (flat maps, the usual case, cost no per-map Python call)."""
-    if not any(maps) or not _CONTAINERS.intersection(
-        map(type, chain.from_iterable(map(dict.values, maps)))
-    ):
+    """Whether any free-form map nests deeper than ``_FREE_FORM_DEPTH`` or holds a NaN or
+    an infinity (``_finite_free_form``): one pass over all the values' types first (flat
+    maps, the usual case, cost no per-map Python call)."""
+    if not any(maps):
         return False
-    return any(_nests_deeper(m, _FREE_FORM_DEPTH) for m in maps if m)
+    values = list(chain.from_iterable(map(dict.values, maps)))
+    types = set(map(type, values))
+    if float in types and not all(map(math.isfinite, filter(_IS_FLOAT, values))):
+        return True
+    if not _CONTAINERS.intersection(types):
+        return False
+    return any(
+        _nests_deeper(m, _FREE_FORM_DEPTH) or _non_finite_at(m) is not None for m in maps if m
+    )
 
 
 _CONTAINERS = frozenset((dict, list))

@@ -8,7 +8,8 @@ with :mod:`thunderline_lab.events` / :mod:`thunderline_lab.wire`, appends them t
 committed**::
 
     POST /api/events/ml[?model_run_id=NAME]   202 {"accepted", "duplicates", "ids", "last_seq"}
-                                              400 unparseable body, 401 token, 413 too large,
+                                              400 unparseable body (a record nested too
+                                              deeply is a 422 naming it), 401 token, 413 too large,
                                               403 another site's browser page, 415 compressed,
                                               422 {"detail", "errors": [{index, path, message,
                                               rule, value}]}, 409 an id already names another
@@ -84,7 +85,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import pydantic_core
@@ -140,6 +141,7 @@ __all__ = [
     "LoopbackHostOnly",
     "MetricCurve",
     "MetricHistory",
+    "SendError",
     "SendResult",
     "TrialsPage",
     "create_app",
@@ -169,6 +171,9 @@ _MAX_METRIC_NAMES = 100
 _INT_FIELDS = ("step", "duration_ms", "rank", "epochs")
 _BODY_ERRORS = {"json_invalid", "encoding", "empty", "json_depth"}
 _THREADPOOL_BODY = 256 * 1024  # parse bigger bodies off the event loop
+# GET /api/trials?status=: what a trial row can say (events.TERMINAL_STATUSES and running);
+# any other value is a 422 naming the allowed ones, not an empty list
+TrialStatus = Literal["running", "completed", "pruned", "cancelled", "failed"]
 GIL_SWITCH_INTERVAL = 0.0005  # seconds: serve()'s sys.setswitchinterval (Python's is 0.005)
 
 
@@ -785,7 +790,9 @@ def _validation_problem(exc: EventValidationError) -> _Problem:
     rules = {e.rule for e in exc.errors}
     if rules & {"batch_too_large"}:
         return _Problem(413, exc.errors[0].message, exc.errors)
-    if rules & _BODY_ERRORS:
+    if any(e.rule in _BODY_ERRORS and e.index is None for e in exc.errors):
+        # a record nested too deeply is named by its index (422): a client sets it aside
+        # alone; only a body that cannot be read at all, or by record, is a 400
         return _Problem(400, "the body is not parseable JSON", exc.errors)
     n = len(exc.errors)
     if isinstance(exc, EventConflictError):
@@ -1250,6 +1257,27 @@ def create_app(
             (503, "busy or the store is unavailable: retry later"),
         )
     }
+    # a read has no body: the ingest-only answers are documented on the POST alone
+    read_responses = {
+        code: spec for code, spec in problem_responses.items() if code not in (400, 409, 413, 415)
+    }
+    # as check_token reads it: "Authorization: Bearer TOKEN" or "X-Thunderline-Token: TOKEN"
+    security_schemes = {
+        "bearerToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "Authorization: Bearer TOKEN (the gateway's token)",
+        },
+        "tokenHeader": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-Thunderline-Token",
+            "description": "the gateway's token, in a header of its own",
+        },
+    }
+    secured: dict[str, Any] = (
+        {"security": [{"bearerToken": []}, {"tokenHeader": []}]} if token_bytes else {}
+    )
 
     @app.post(
         INGEST_PATH,
@@ -1258,13 +1286,14 @@ def create_app(
         responses=problem_responses,
         summary="Ingest ML events (canonical, arrays, JSON lines, seed 001/002 payloads)",
         openapi_extra={
+            **secured,
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/json": {"schema": body_schema},
                     "application/x-ndjson": {"schema": {"type": "string"}},
                 },
-            }
+            },
         },
     )
     async def ingest_events(
@@ -1285,8 +1314,9 @@ def create_app(
     @app.get(
         "/api/events",
         response_model=EventsPage,
-        responses=problem_responses,
+        responses=read_responses,
         dependencies=[Depends(require_token)],
+        openapi_extra=secured,
         summary="Logged events after a sequence",
     )
     def list_events(
@@ -1301,14 +1331,15 @@ def create_app(
     @app.get(
         "/api/trials",
         response_model=TrialsPage,
-        responses=problem_responses,
+        responses=read_responses,
         dependencies=[Depends(require_token)],
+        openapi_extra=secured,
         summary="Trials, optionally filtered",
     )
     def list_trials(
         study: str | None = Query(None, max_length=256),
         model_run_id: str | None = Query(None, max_length=256),
-        status: str | None = Query(None, max_length=32),
+        status: TrialStatus | None = None,
         spectral_norm: bool | None = None,
     ) -> Response:
         df = read_store.trials(
@@ -1399,8 +1430,9 @@ def create_app(
 
     @app.get(
         "/api/trials/{model_run_id}/{trial_id}",
-        responses=problem_responses,
+        responses=read_responses,
         dependencies=[Depends(require_token)],
+        openapi_extra=secured,
         summary="One trial",
     )
     def get_trial(request: Request, model_run_id: str, trial_id: str) -> Response:
@@ -1409,8 +1441,9 @@ def create_app(
     @app.get(
         "/api/trials/{model_run_id}/{trial_id}/metrics",
         response_model=MetricHistory,
-        responses=problem_responses,
+        responses=read_responses,
         dependencies=[Depends(require_token)],
+        openapi_extra=secured,
         summary="A trial's metric curves, downsampled (TrialStore.metric_history)",
     )
     def get_trial_metrics(
@@ -1425,8 +1458,9 @@ def create_app(
     # ids holding an encoded "/" reach the router as more segments (see at_trial_path)
     @app.get(
         "/api/trials/{ids:path}",
-        responses=problem_responses,
+        responses=read_responses,
         dependencies=[Depends(require_token)],
+        openapi_extra=secured,
         include_in_schema=False,
     )
     def get_trial_encoded(
@@ -1448,12 +1482,20 @@ def create_app(
             events_committed=writer.committed,
         )
 
+    # HEAD: monitors probe liveness without a body (the GET's headers, the body dropped);
+    # a route of its own, as one route for both would name two operations alike in OpenAPI
+    @app.head("/healthz", include_in_schema=False)
+    def healthz_head() -> Response:
+        return Response(healthz().model_dump_json(), media_type="application/json")
+
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = default_openapi()
             spec.setdefault("components", {}).setdefault("schemas", {}).update(_defs)
+            if token_bytes:
+                spec["components"]["securitySchemes"] = security_schemes
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -1687,8 +1729,55 @@ class SendResult:
         return self
 
 
+class SendError(GatewayError):
+    """:meth:`EventClient.send` could not deliver every event.
+
+    The other events were still sent (or spooled), so nothing but what is listed here is
+    left to the caller.
+
+    Attributes:
+        result: what the send did (sent, accepted, duplicates, spooled), failures aside.
+        rejected: the caller's indexes (positions in the events given to ``send``) of the
+            events the gateway refused (4xx): fix them and send them again.
+        errors: the gateway's error items about them (``index``, ``path``, ``message``,
+            ``rule``, ``status``), each ``index`` the caller's.
+        unsent: the caller's indexes of events neither delivered nor spooled (the gateway
+            unreachable and no spool, or a refused token): send them again later.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        result: SendResult,
+        rejected: Sequence[int] = (),
+        errors: Sequence[Mapping[str, Any]] = (),
+        unsent: Sequence[int] = (),
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.rejected = list(rejected)
+        self.errors = [dict(e) for e in errors]
+        self.unsent = list(unsent)
+
+
 class _Unreachable(Exception):
-    """The gateway did not answer usefully after every retry."""
+    """The gateway did not answer usefully after every retry.
+
+    ``done`` leading records of the batch were delivered before (``delivered``: a batch
+    split after a 413), the rest were not."""
+
+    def __init__(self, reason: str, done: int = 0, delivered: SendResult | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.done = done
+        self.delivered = delivered or SendResult()
+
+    def after(self, n: int, delivered: SendResult) -> _Unreachable:
+        """This failure of a batch's tail that follows ``n`` delivered records."""
+        total = SendResult()
+        total += delivered
+        total += self.delivered
+        return _Unreachable(self.reason, n + self.done, total)
 
 
 class _Undelivered(Exception):
@@ -1703,19 +1792,80 @@ class _Undelivered(Exception):
 def _is_json(line: str) -> bool:
     try:
         json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # torn by a crash, or nested too deeply to read
         return False
     return True
 
 
 class _Rejected(Exception):
-    def __init__(self, status: int, body: Any) -> None:
+    """A 4xx answer; ``done`` leading records were delivered before (as for
+    :class:`_Unreachable`), and the errors' indexes count from the batch's start."""
+
+    def __init__(
+        self, status: int, body: Any, done: int = 0, delivered: SendResult | None = None
+    ) -> None:
         super().__init__(status)
         self.status = status
         self.body = body
+        self.done = done
+        self.delivered = delivered or SendResult()
+
+    def after(self, n: int, delivered: SendResult) -> _Rejected:
+        """This rejection of a batch's tail that follows ``n`` delivered records."""
+        body = self.body
+        if isinstance(body, Mapping):
+            items = [
+                {**e, "index": e["index"] + n}
+                if isinstance(e, Mapping) and isinstance(e.get("index"), int)
+                else e
+                for e in body.get("errors") or []
+            ]
+            body = {**body, "errors": items}
+        total = SendResult()
+        total += delivered
+        total += self.delivered
+        return _Rejected(self.status, body, n + self.done, total)
+
+
+@dataclass
+class _Sorted:
+    """What posting one batch came to. Positions count in the batch.
+
+    ``refused``: the positions the gateway will not accept (4xx), and ``errors`` its error
+    items about them (``index`` a position, ``status`` the answer's); ``pending``: the
+    positions neither delivered nor refused, because the gateway became unreachable or
+    refused the token (``reason``, ``token_refused``)."""
+
+    result: SendResult = field(default_factory=lambda: SendResult())
+    refused: list[int] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    reason: str | None = None
+    token_refused: bool = False
 
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def _check_url(url: str) -> None:
+    """Refuse a gateway URL that could never be reached: without ``http://``/``https://`` or
+    a host, every attempt would fail like a gateway that is down, and events would be
+    spooled without a word (``127.0.0.1:8765`` parses as a scheme ``127.0.0.1``).
+
+    Raises:
+        GatewayError: naming the URL and what it lacks.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # a port that is not a number
+    except ValueError as exc:
+        raise GatewayError(f"bad gateway URL {url!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise GatewayError(
+            f"bad gateway URL {url!r}: it needs http:// or https:// and a host "
+            "(e.g. http://127.0.0.1:8765)"
+        )
 
 
 def _record_json(item: Event | Mapping[str, Any] | str) -> str:
@@ -1736,7 +1886,8 @@ class EventClient:
     fsynced) and replayed on the next successful contact, at :meth:`close`, or by
     :meth:`replay_spool`. Event ids are idempotency keys, so replays and retries can only
     make duplicates, which the gateway counts and ignores. Events the gateway rejects
-    (4xx) raise :class:`~thunderline_lab.errors.GatewayError` from :meth:`send`; during a
+    (4xx) raise :class:`SendError` from :meth:`send` (once, naming each by its index, after
+    the rest is sent); during a
     replay, and from the background sender, they are moved to ``<spool>.rejected`` (the
     reason is logged) so they cannot block the rest; a spooled line that is not JSON (torn
     by a crash) goes there too.
@@ -1770,6 +1921,7 @@ class EventClient:
         max_buffer: int = 200_000,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        _check_url(url)
         base = url.rstrip("/")
         self.endpoint = base if base.endswith(INGEST_PATH) else base + INGEST_PATH
         self.token = token if token is not None else os.environ.get(ENV_TOKEN) or None
@@ -1800,34 +1952,118 @@ class EventClient:
     def send(self, events: Iterable[Event | Mapping[str, Any] | str]) -> SendResult:
         """Send events now (in batches); spool what cannot be delivered.
 
+        Events the gateway rejects (4xx) do not stop the rest: every batch is sent, the
+        valid events of a batch that held rejected ones are sent again without them (event
+        ids are idempotency keys), and one :class:`SendError` at the end names each
+        rejected event by its index in ``events``. Once the gateway is unreachable, the
+        remaining batches are spooled without further attempts.
+
         Returns:
             Counts of sent / accepted / duplicate / spooled events.
 
         Raises:
-            GatewayError: the gateway rejected a batch (4xx: invalid events, wrong token),
-                or it is unreachable and there is no spool.
+            SendError: the gateway rejected events (4xx: invalid events, wrong token), or
+                it is unreachable and there is no spool; its ``result`` says what was
+                delivered, ``rejected`` and ``unsent`` which events (by index) were not.
         """
         records = [_record_json(e) for e in events]
         total = SendResult()
+        rejected: list[int] = []
+        errors: list[dict[str, Any]] = []
+        unsent: list[int] = []
+        reason: str | None = None  # why the gateway stopped taking events, if it did
         with self._send_lock:
-            for i in range(0, len(records), self.batch_size):
-                total += self._deliver(records[i : i + self.batch_size])
+            for start in range(0, len(records), self.batch_size):
+                batch = records[start : start + self.batch_size]
+                if reason is not None:
+                    if self.spool is not None and not unsent:
+                        total += self._spool_batch(batch)
+                    else:
+                        unsent.extend(range(start, start + len(batch)))
+                    continue
+                out = self._post_sorted(batch)
+                refused = SendResult(rejected=len(out.refused))
+                self.stats += refused
+                total += out.result
+                total += refused
+                rejected.extend(start + p for p in out.refused)
+                errors.extend({**e, "index": e["index"] + start} for e in out.errors)
+                if out.pending:
+                    reason = out.reason
+                    if self.spool is not None and not out.token_refused:
+                        total += self._spool_batch([batch[p] for p in out.pending])
+                    else:
+                        unsent.extend(start + p for p in out.pending)
             if total.sent and not total.spooled:
                 total += self._maybe_replay()
+        if rejected or unsent:
+            raise SendError(
+                _send_failure_message(self.endpoint, len(records), total, errors, unsent, reason),
+                total,
+                rejected,
+                errors,
+                unsent,
+            )
         return total
 
-    def _deliver(self, records: list[str], *, spool_on_failure: bool = True) -> SendResult:
-        try:
-            return self._post(records)
-        except _Unreachable as exc:
-            if self.spool is None or not spool_on_failure:
-                raise GatewayError(f"{self.endpoint}: gateway unreachable: {exc}") from None
-            self._append_spool(records)
-            result = SendResult(spooled=len(records))
-            self.stats += result
-            return result
-        except _Rejected as exc:
-            raise GatewayError(_rejection_message(self.endpoint, exc)) from None
+    def _spool_batch(self, records: list[str]) -> SendResult:
+        self._append_spool(records)
+        result = SendResult(spooled=len(records))
+        self.stats += result
+        return result
+
+    def _post_sorted(self, records: list[str]) -> _Sorted:
+        """POST one batch, sorting out what the gateway refuses.
+
+        Records a 409/422 names by index are taken out and the rest posted again (nothing of
+        a refused request is written); any other 4xx refuses every record still to send. A
+        refused token (401) and an unreachable gateway leave the records still to send
+        pending. Never raises for an answer of the gateway.
+        """
+        out = _Sorted()
+        todo = list(range(len(records)))
+        while todo:
+            try:
+                out.result += self._post([records[p] for p in todo])
+                return out
+            except _Unreachable as exc:
+                out.result += exc.delivered
+                out.pending = todo[exc.done :]
+                out.reason = f"gateway unreachable: {exc.reason}"
+                return out
+            except _Rejected as exc:
+                out.result += exc.delivered
+                rest = todo[exc.done :]
+                if exc.status == 401:
+                    out.pending = rest
+                    out.reason = "the gateway refused the token (HTTP 401)"
+                    out.token_refused = True
+                    return out
+                body = exc.body if isinstance(exc.body, Mapping) else {"detail": str(exc.body)}
+                detail = str(body.get("detail") or f"HTTP {exc.status}")
+                items = [dict(e) for e in body.get("errors") or [] if isinstance(e, Mapping)] or [
+                    {"index": None, "path": "<body>", "message": detail, "rule": "refused"}
+                ]
+                bad = {i for i in _rejected_indexes(body, len(todo)) if i >= exc.done}
+                if not bad or exc.status not in (409, 422):
+                    bad = set(range(exc.done, len(todo)))
+                    # refused as a whole: every record gets the request's errors
+                    per_record = {i: [e for e in items if e.get("index") in (None, i)] for i in bad}
+                else:
+                    per_record = {i: [e for e in items if e.get("index") == i] for i in bad}
+                for i in sorted(bad):
+                    out.refused.append(todo[i])
+                    for e in per_record[i]:
+                        out.errors.append({**e, "index": todo[i], "status": exc.status})
+                todo = [p for i, p in enumerate(todo) if i >= exc.done and i not in bad]
+        return out
+
+    def _log_refused(self, out: _Sorted, records: int) -> None:
+        if out.errors:
+            log.warning(
+                "%s",
+                _send_failure_message(self.endpoint, records, out.result, out.errors, [], None),
+            )
 
     def _post(self, records: list[str]) -> SendResult:
         """POST one batch with retries; split it if the gateway says it is too large."""
@@ -1852,7 +2088,10 @@ class EventClient:
                 if resp.status_code == 413 and len(records) > 1:
                     half = len(records) // 2
                     first = self._post(records[:half])
-                    first += self._post(records[half:])
+                    try:
+                        first += self._post(records[half:])
+                    except (_Rejected, _Unreachable) as exc:
+                        raise exc.after(half, first) from None
                     return first
                 if resp.status_code not in _RETRY_STATUS:
                     raise _Rejected(resp.status_code, _json_or_text(resp))
@@ -1949,11 +2188,13 @@ class EventClient:
                 if error is not None:
                     remaining.extend(batch)
                     continue
-                try:
-                    total += self._post_replay(batch, rejected)
-                except _Unreachable as exc:
-                    error = str(exc)
-                    remaining.extend(batch)
+                out = self._post_sorted(batch)
+                self._log_refused(out, len(batch))
+                total += out.result
+                rejected.extend(batch[p] for p in out.refused)
+                if out.pending:
+                    error = out.reason
+                    remaining.extend(batch[p] for p in out.pending)
             tmp = self.spool.with_name(self.spool.name + ".tmp")
             tmp.write_text("".join(r + "\n" for r in remaining), encoding="utf-8")
             os.replace(tmp, self.spool)
@@ -1969,24 +2210,6 @@ class EventClient:
                 f"kept in {self.spool}: {error}"
             )
         return total
-
-    def _post_replay(self, batch: list[str], rejected: list[str]) -> SendResult:
-        """POST ``batch``; the records the gateway rejects (4xx) are added to ``rejected``
-        and the rest sent again. A refused token (401) counts as unreachable: the events
-        are kept, not rejected."""
-        try:
-            return self._post(batch)
-        except _Rejected as exc:
-            if exc.status == 401:
-                raise _Unreachable("gateway refused the token (401)") from None
-            log.warning("%s", _rejection_message(self.endpoint, exc))
-            bad = _rejected_indexes(exc.body, len(batch))
-            if not bad or exc.status not in (409, 422):
-                rejected.extend(batch)  # the whole batch is unacceptable
-                return SendResult()
-            rejected.extend(batch[i] for i in sorted(bad))
-            rest = [r for i, r in enumerate(batch) if i not in bad]
-            return self._post_replay(rest, rejected) if rest else SendResult()
 
     def _set_aside(self, rejected: list[str]) -> SendResult:
         """Records the gateway will never accept: to ``<spool>.rejected`` (JSON lines, to
@@ -2006,23 +2229,17 @@ class EventClient:
     def _deliver_background(self, records: list[str]) -> SendResult:
         """Deliver buffered events: rejected ones are set aside so that they cannot block
         the rest; undeliverable ones (unreachable, refused token) go to the spool, or, with
-        none, raise :class:`GatewayError` for the caller to keep them buffered."""
-        rejected: list[str] = []
-        try:
-            result = self._post_replay(records, rejected)
-        except _Unreachable as exc:
-            sent = set(rejected)
-            kept = [r for r in records if r not in sent]
-            if rejected:
-                self._set_aside(rejected)
+        none, raise :class:`_Undelivered` for the caller to keep them buffered."""
+        out = self._post_sorted(records)
+        self._log_refused(out, len(records))
+        result = out.result
+        if out.refused:
+            result += self._set_aside([records[p] for p in out.refused])
+        if out.pending:
+            kept = [records[p] for p in out.pending]
             if self.spool is None:
-                raise _Undelivered(kept, f"{self.endpoint}: {exc}") from None
-            self._append_spool(kept)
-            spooled = SendResult(spooled=len(kept), rejected=len(rejected))
-            self.stats += SendResult(spooled=len(kept))
-            return spooled
-        if rejected:
-            result += self._set_aside(rejected)
+                raise _Undelivered(kept, f"{self.endpoint}: {out.reason}")
+            result += self._spool_batch(kept)
         return result
 
     # -- bus subscriber -----------------------------------------------------------------------
@@ -2079,7 +2296,8 @@ class EventClient:
                 return
 
     def flush(self) -> SendResult:
-        """Send everything buffered now.
+        """Send everything buffered now, and replay the spool (if it holds events) once
+        the gateway takes events again.
 
         Raises:
             GatewayError: as :meth:`send`; without a spool, undelivered events stay buffered.
@@ -2088,7 +2306,7 @@ class EventClient:
             with self._cond:
                 batch, self._buffer = self._buffer, []
             if not batch:
-                return self._maybe_replay() if self._subs or self._closed else SendResult()
+                return self._maybe_replay()
             total = SendResult()
             for i in range(0, len(batch), self.batch_size):
                 chunk = batch[i : i + self.batch_size]
@@ -2148,16 +2366,34 @@ def _json_or_text(resp: httpx.Response) -> Any:
         return resp.text[:500]
 
 
-def _rejection_message(endpoint: str, exc: _Rejected) -> str:
-    body = exc.body
-    if isinstance(body, Mapping):
-        lines = [str(body.get("detail", ""))]
-        for e in body.get("errors") or []:
-            if isinstance(e, Mapping):
-                where = f"record {e.get('index')}: " if e.get("index") is not None else ""
-                lines.append(f"{where}{e.get('path')}: {e.get('message')}")
-        return f"{endpoint}: HTTP {exc.status}: " + "; ".join(x for x in lines if x)
-    return f"{endpoint}: HTTP {exc.status}: {body}"
+def _send_failure_message(
+    endpoint: str,
+    n: int,
+    result: SendResult,
+    errors: Sequence[Mapping[str, Any]],
+    unsent: Sequence[int],
+    reason: str | None,
+) -> str:
+    """One line: which events were refused (the first errors, by record and field), which
+    were not sent, and what was delivered."""
+    parts = []
+    refused = {e.get("index") for e in errors}
+    if refused:
+        shown = []
+        for e in errors[:5]:
+            where = f"record {e.get('index')}: " if e.get("index") is not None else ""
+            shown.append(f"HTTP {e.get('status')}: {where}{e.get('path')}: {e.get('message')}")
+        more = f"; ... {len(errors) - 5} more errors" if len(errors) > 5 else ""
+        parts.append(f"{len(refused)} of {n} events rejected: " + "; ".join(shown) + more)
+    if unsent:
+        parts.append(
+            f"{reason}: {len(unsent)} events not sent (records {unsent[0]} to {unsent[-1]})"
+        )
+    done = (
+        f"{result.sent} sent ({result.accepted} accepted, {result.duplicates} duplicates), "
+        f"{result.spooled} spooled"
+    )
+    return f"{endpoint}: " + "; ".join(parts) + f" [{done}]"
 
 
 def _rejected_indexes(body: Any, n: int) -> set[int]:

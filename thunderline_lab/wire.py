@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -135,9 +136,7 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         doc = json.loads(text)
         return JsonInput(doc if isinstance(doc, list) else [doc], None, [])
     except RecursionError:
-        raise EventValidationError(
-            [ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP)], source
-        ) from None
+        raise EventValidationError(_depth_errors(text), source) from None
     except json.JSONDecodeError as whole_exc:
         # JSON lines are split on "\n" alone: str.splitlines would also split on U+2028
         # and other separators that JSON allows inside strings.
@@ -252,6 +251,66 @@ def _is_record_line(line: str) -> bool:
 
 
 _TOO_DEEP = "invalid JSON: nested too deeply"
+# A record nested deeper than this is refused by its index and field (slow path: only once
+# the body failed to parse for its depth); the store refuses free-form values nested more
+# than 255 levels anyway.
+_MAX_RECORD_DEPTH = 300
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]')
+
+
+def _depth_errors(text: str, limit: int = _MAX_RECORD_DEPTH) -> list[ErrorDetail]:
+    """Which records of a document too deep to parse nest deeper than ``limit``, each named
+    by its index and the field holding the depth (``payload.metadata``).
+
+    Only an object (a record), given alone or as an element of the top-level array, is
+    named; anything else (the top level itself nested too deeply) is one error about the
+    whole text, as is a text in which no record is found too deep.
+    """
+    errors: list[ErrorDetail] = []
+    # one frame per open container: [kind, key or element index, expecting a key]
+    stack: list[list[Any]] = []
+    top_array = False
+    flagged = -1  # the last record named
+    record = 0
+    for match in _JSON_TOKEN.finditer(text):
+        tok = match.group()
+        if tok[0] == '"':
+            if stack and stack[-1][0] == "{" and stack[-1][2]:
+                stack[-1][1] = tok[1:-1]
+                stack[-1][2] = False
+            continue
+        if tok in "{[":
+            if not stack:
+                top_array = tok == "["
+            stack.append([tok, None if tok == "{" else 0, tok == "{"])
+            inside = len(stack) - (1 if top_array else 0)  # levels inside the record
+            if inside > limit and record != flagged:
+                first = 1 if top_array else 0
+                if stack[first][0] == "{":
+                    keys = [str(f[1]) for f in stack[first:-1] if f[0] == "{"]
+                    flagged = record
+                    errors.append(
+                        ErrorDetail(
+                            record,
+                            ".".join(keys[:2]) or "<event>",
+                            _MISSING,
+                            "json_depth",
+                            f"nested too deeply (more than {limit} levels of objects and arrays)",
+                        )
+                    )
+        elif tok in "}]":
+            if stack:
+                stack.pop()
+        elif tok == "," and stack:
+            if stack[-1][0] == "{":
+                stack[-1][2] = True
+            else:
+                stack[-1][1] += 1
+                if len(stack) == 1:
+                    record += 1
+    if not errors:
+        errors.append(ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP))
+    return errors
 
 
 def parse_json_records(text: str | bytes, source: str = "<input>") -> list[Any]:
