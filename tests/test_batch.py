@@ -125,6 +125,33 @@ def test_broken_configs_name_file_and_key(tmp_path: Path, text: str, expected: s
     assert str(cfg) in str(info.value) and expected in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("dataset", "digitz", "'digitz' is not one of breast_cancer, digits, moons, wine"),
+        ("architecture", "cnnn", "'cnnn' is not one of mlp, cnn (did you mean 'cnn'?)"),
+        ("design", "pared", "'pared' is not one of paired, tpe (did you mean 'paired'?)"),
+    ],
+)
+def test_a_study_notebooks_choices_are_checked_with_the_config_and_overrides(
+    tmp_path: Path, key: str, value: str, expected: str
+) -> None:
+    extra = '\ndataset = "digits"\narchitecture = "mlp"\ndesign = "paired"'
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')", extra)
+    cfg = write_config(
+        tmp_path, f'[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\n{key} = "{value}"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_study_config(cfg)
+    assert f"{cfg}: parameters.{key}: {expected}" in str(info.value)
+    cfg = write_config(tmp_path, '[study]\nname = "a"\nnotebook = "nb.ipynb"\n')
+    result = CliRunner().invoke(
+        main, ["run", str(cfg), "--lab", str(tmp_path / "lab"), "-p", key, value]
+    )
+    assert result.exit_code == 1 and f"error: -p {key}: {expected}" in result.output
+    assert not (tmp_path / "lab").exists()
+
+
 def test_cli_reports_broken_config_in_one_clean_line(tmp_path: Path) -> None:
     make_notebook(tmp_path / "nb.ipynb", "pass")
     cfg = write_config(tmp_path, '[study]\nname = "a"\nnotebook = "nb.ipynb"\nbogus = true\n')

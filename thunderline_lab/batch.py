@@ -172,6 +172,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
         )
     for name, value in doc.parameters.items():
         _check_type(f"{p}: parameters.{name}", value, declared[name])
+        _check_choice(f"{p}: parameters.{name}", name, value)
     return StudyConfig(
         path=p.resolve(),
         name=doc.study.name,
@@ -208,6 +209,37 @@ _KINDS: tuple[tuple[type | tuple[type, ...], tuple[type, ...], str], ...] = (
     ((list, tuple), (list, tuple), "a list"),
     (dict, (dict,), "a table"),
 )
+
+
+def _parameter_choices(name: str) -> tuple[str, ...] | None:
+    """The values a study notebook's ``dataset``, ``architecture`` or ``design`` may take
+    (None for any other parameter): a typo is refused with the config, naming its file and
+    key, not by the notebook's fourth cell after a run folder was made."""
+    if name == "dataset":
+        from thunderline_lab.data import available_datasets
+
+        return tuple(available_datasets())
+    if name == "architecture":
+        from thunderline_lab.models import ARCHITECTURES
+
+        return tuple(ARCHITECTURES)
+    if name == "design":
+        from typing import get_args
+
+        from thunderline_lab.study import Design
+
+        return tuple(get_args(Design))
+    return None
+
+
+def _check_choice(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        return  # a wrong kind is _check_type's to say
+    choices = _parameter_choices(name)
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{where}: {value!r} is not one of {', '.join(choices)}{_did_you_mean(value, choices)}"
+        )
 
 
 def _check_type(where: str, value: Any, default_source: Any) -> None:
@@ -739,6 +771,7 @@ def run_batch(
                 f"{config.path.name}, the lab is --lab, worker_index counts the workers)"
             )
         _check_type(f"-p {name}", value, declared[name])
+        _check_choice(f"-p {name}", name, value)
     total = _n_trials(config, params, declared, overrides or {})
     gateway = params.get("gateway") or None
     if gateway is not None and not isinstance(gateway, str):
