@@ -134,6 +134,22 @@ def test_trials_without_store_is_a_clean_error(runner: CliRunner, tmp_path: Path
     assert result.exit_code != 0 and "no trial store" in result.output
 
 
+def test_trials_of_a_study_the_lab_lacks_is_an_error_naming_the_closest(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    f = tmp_path / "ev.jsonl"
+    ids = {"model_run_id": "smoke", "trial_id": "t0", "study": "smoke"}
+    f.write_text(E.trial_start(**ids, spectral_norm=True).model_dump_json() + "\n")
+    lab = str(tmp_path / "lab")
+    assert runner.invoke(main, ["ingest", str(f), "--lab", lab]).exit_code == 0
+    result = runner.invoke(main, ["trials", "--lab", lab, "--study", "smok"])
+    assert result.exit_code == 1
+    assert "no study 'smok' (did you mean 'smoke'?); studies in this lab: smoke" in result.output
+    # a study the lab has, with no trial matching the filters: "no trials", not an error
+    result = runner.invoke(main, ["trials", "--lab", lab, "--study", "smoke", "--status", "failed"])
+    assert result.exit_code == 0 and "no trials" in result.output
+
+
 def test_schema_is_json_schema(runner: CliRunner) -> None:
     result = runner.invoke(main, ["schema"])
     schema = json.loads(result.output)

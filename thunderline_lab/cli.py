@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from thunderline_lab.errors import ConfigError, StoreError, ThunderlineLabError
+from thunderline_lab.errors import ConfigError, StoreError, StudyError, ThunderlineLabError
 
 if TYPE_CHECKING:
     from thunderline_lab.wire import LoadedEvents
@@ -181,6 +181,16 @@ def trials(
         raise StoreError(f"no trial store at {lab.db_path}")
     with lab.store() as store:
         df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
+        known = store.studies() if df.empty and study is not None else []
+    if study is not None and df.empty and study not in known:  # a typo, not "no trials"
+        import difflib
+
+        close = difflib.get_close_matches(study, known, n=1, cutoff=0.6)
+        raise StudyError(
+            f"{lab.db_path}: no study {study!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; studies in this lab: {', '.join(known) or 'none'}"
+        )
     if fmt == "json":
         from thunderline_lab.store import trial_records
 
