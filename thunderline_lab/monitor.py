@@ -1393,6 +1393,7 @@ def render_curves_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     snapshot = state.curve_snapshot(max_trials)
     fig = Figure(figsize=size, dpi=dpi)
@@ -1415,8 +1416,9 @@ def render_curves_png(
                 lw=1.6 if running else 1.0,
                 ls="-" if row.status in ("running", "completed") else ":",
             )
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name if not state.study else f"{state.study} · {name}", fontsize=10)
         ax.set_xlabel("epoch", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no 0.25-epoch ticks
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.25)
     handles = [
