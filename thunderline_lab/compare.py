@@ -3431,12 +3431,15 @@ def fig_differences(res: ComparisonResult) -> Any:
                 continue
             if not _drawable(ax, d):
                 continue
-            _hist(ax, np.asarray(d), color="#888", alpha=0.7)
-            ax.axvline(0, color="k", lw=1)
+            _hist(ax, np.asarray(d), color="#888", alpha=0.7, label="pairs")
+            ax.axvline(0, color="k", lw=1, label="no difference")
             if rec.ci_low == rec.ci_low and rec.ci_high == rec.ci_high:
-                ax.axvspan(rec.ci_low, rec.ci_high, color="#ff7f0e", alpha=0.25)
+                ci = f"{_percent(res.confidence)} CI"
+                ax.axvspan(rec.ci_low, rec.ci_high, color="#ff7f0e", alpha=0.25, label=ci)
             if rec.diff == rec.diff:
-                ax.axvline(rec.diff, color="#ff7f0e", lw=2)
+                ax.axvline(rec.diff, color="#ff7f0e", lw=2, label="mean difference")
+            if ax is axes[0]:  # one key for every panel
+                ax.legend(fontsize=6, loc="best")
             ax.set_xlabel("SN − none (per pair)", fontsize=8)
             ax.set_ylabel("pairs", fontsize=8)
         else:
