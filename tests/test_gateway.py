@@ -2387,3 +2387,21 @@ def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
         assert total >= 10_000, statuses
         assert statuses[202] > 300 and statuses[422] > 1000 and statuses[400] > 30
         assert statuses[409] > 1000  # valid mutations under a logged id
+
+
+def test_a_json_lines_body_with_an_unreadable_line_names_every_broken_line(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    """One unreadable line used to hide the other lines' faults: the answer now names each
+    broken line (as ``thunderline-lab validate`` does) and nothing is stored."""
+    good = json.dumps(event_dict())
+    wrong_type = json.dumps(event_dict()).replace('"step": 1', '"step": "one"')
+    unknown = json.dumps({**event_dict(), "name": "ml.nope"})
+    body = "\n".join([good, good, wrong_type, "{bad", unknown])
+    resp = gw.post("/api/events/ml", content=body)
+    assert resp.status_code == 400, resp.text
+    found = [(e.get("line"), e["path"], e["rule"]) for e in resp.json()["errors"]]
+    assert found[1] == (None, "line 4", "json_invalid")
+    assert found[0][0] == 3 and found[0][1] == "payload.step"
+    assert found[2][0] == 5 and found[2][1] == "name"
+    assert store.counts()["events"] == 0

@@ -233,7 +233,7 @@ def parse_body(
                 [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
             ) from None
         if parsed.errors:
-            raise EventValidationError(parsed.errors, "<body>")
+            raise EventValidationError(_with_line_faults(parsed, default_model_run_id), "<body>")
         records, lines = parsed.records, parsed.lines
         _check_count(len(records), max_events)
         if _SURROGATE_ESCAPE.search(body):
@@ -257,6 +257,29 @@ def parse_body(
             at_lines(_wire_paths(errors, records, default_model_run_id), lines)
         )
     return events
+
+
+def _with_line_faults(parsed: Any, default_model_run_id: str) -> list[ErrorDetail]:
+    """A JSON-lines body's unreadable lines, and the faults of the lines that were read
+    (one answer names every broken line, as ``thunderline-lab validate`` does), in line
+    order; a JSON document's syntax error alone."""
+    errors = list(parsed.errors)
+    if parsed.lines is None or not parsed.records:
+        return errors
+    try:
+        to_events(parsed.records, default_model_run_id=default_model_run_id)
+    except EventValidationError as exc:
+        errors += at_lines(_name_missing(exc.errors, parsed.records), parsed.lines)
+    except RecursionError:  # a line nested too deeply: its own error is enough
+        pass
+
+    def line_of(e: ErrorDetail) -> int:
+        if e.source_line is not None:
+            return e.source_line
+        head, _, number = e.path.partition(" ")
+        return int(number) if head == "line" and number.isdigit() else 0
+
+    return sorted(errors, key=line_of)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
