@@ -1396,6 +1396,7 @@ def test_serve_refuses_a_busy_port_and_a_token_padded_with_spaces(tmp_path: Path
         port = taken.getsockname()[1]
         with pytest.raises(GatewayError, match=f"cannot listen on 127.0.0.1:{port}: .*in use"):
             serve(tmp_path / "lab", port=port)
+        assert not (tmp_path / "lab").exists()  # refused before the lab was created
         with pytest.raises(GatewayError, match="whitespace"):
             serve(tmp_path / "lab", port=port, token=" secret-token ")
         with pytest.raises(GatewayError, match="printable ASCII"):  # no HTTP client sends it

@@ -1673,12 +1673,16 @@ def serve(
         raise GatewayError(f"bad port {port}")
     root_path = "/" + root_path.strip("/") if root_path.strip("/") else ""
     resolved = lab if isinstance(lab, Lab) else Lab.resolve(lab)
-    app: Any = create_app(resolved, token, **app_options)
+    # Bound here, not by uvicorn: a busy port is refused before the lab is created or
+    # anything is said "on …", and port 0 is logged as the port the system chose.
+    sock = _listen(host, port)
+    try:
+        app: Any = create_app(resolved, token, **app_options)
+    except BaseException:
+        sock.close()
+        raise
     if token is None:
         app = LoopbackHostOnly(app, allowed_hosts)
-    # Bound here, not by uvicorn: a busy port is refused before saying "on …", and port 0
-    # is logged as the port the system chose.
-    sock = _listen(host, port)
     url_host = f"[{host}]" if ":" in host else host
     log.warning(
         "ThunderGate on http://%s:%d (lab %s, token %s%s)",
