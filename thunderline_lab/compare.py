@@ -3591,7 +3591,7 @@ def fig_layer_sigma(res: ComparisonResult) -> Any:
     for j, arm in enumerate(("SN", "none")):
         part = res.layer_sigma[res.layer_sigma["arm"] == arm].set_index("layer").reindex(layers)
         err = np.vstack([part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]])
-        ax.bar(
+        bars = ax.bar(
             x + (j - 0.5) * 0.38,
             part["mean"],
             width=0.38,
@@ -3601,11 +3601,19 @@ def fig_layer_sigma(res: ComparisonResult) -> Any:
             label=arm,
             alpha=0.85,
         )
+        # how many trials each bar averages: a layer few trials have shows it
+        counts = ["" if n != n else f"n={int(n)}" for n in part["n"].to_numpy(dtype=float)]
+        ax.bar_label(bars, labels=counts, fontsize=6, padding=2)
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.margins(y=0.12)  # room for the counts above the tallest bar
     ax.set_xticks(x, [_plain(layer) for layer in layers], rotation=30, fontsize=7)
     ax.set_ylabel("σ (largest singular value)", fontsize=8)
     ax.legend(fontsize=7)
-    ax.set_title(f"{_plain(res.study)}: per-layer σ", fontsize=9)
+    ax.set_title(
+        f"{_plain(res.study)}: per-layer σ (mean, {_percent(res.confidence)} CI from "
+        f"{_MIN_BAND_N} trials)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
