@@ -41,11 +41,14 @@ def _trial(
     status: str = "completed",
     study: str = STUDY,
     curve: Sequence[float] = (),
+    group: str | None = None,
 ) -> list[Any]:
     common = {"model_run_id": study, "trial_id": f"trial_{number:04d}", "study": study}
     params: dict[str, Any] = {"spectral_norm": sn}
     if pair is not None:
         params["pair_id"] = pair
+    if group is not None:
+        params["group_id"] = group
     out = [events.trial_start(**common, spectral_norm=sn, parameters=params)]
     out += [
         events.run_metric(**common, step=s, measurements={"val_accuracy": v, "train_loss": 1 - v})
@@ -2251,3 +2254,45 @@ def test_identical_twins_are_remembered_per_pair_through_refreshes_and_snapshots
     assert unchanged() == "3 of 4" and read == [6, 2]
     cmp.clear_cache(store)  # no snapshot: computed afresh, the same count
     assert unchanged() == "3 of 4" and read == [6, 2, 8]
+
+
+def test_the_seeds_of_one_configuration_are_one_pair_not_several() -> None:
+    """Paired twins on several seeds: the configuration (group_id) is the unit, each arm's
+    mean over its seeds is compared; 10 seeds of 2 configurations are 2 pairs, not 10."""
+    store = TrialStore(":memory:")
+    rng = np.random.default_rng(3)
+    evs, n = [], 0
+    per_config = {}
+    for g, base in (("g0000", 0.80), ("g0001", 0.90)):
+        diffs = []
+        for seed in range(5):
+            none, sn = base + rng.normal(0, 0.01), base + 0.01 + rng.normal(0, 0.01)
+            diffs.append(sn - none)
+            pair = f"{g}_s{seed}"
+            evs += _trial(n, False, {"acc": none}, pair=pair, group=g)
+            evs += _trial(n + 1, True, {"acc": sn}, pair=pair, group=g)
+            n += 2
+        per_config[g] = float(np.mean(diffs))
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert row["n_pairs"] == 2 and row["n_sn"] == 2 and row["n_none"] == 2
+    assert row["diff"] == pytest.approx(np.mean(list(per_config.values())))
+    assert sorted(res.pairs["acc"]) == pytest.approx(sorted(per_config.values()))
+    assert row["p_value"] >= 0.5  # two independent units: the rank test cannot say more
+    assert row["favours"] == "—"  # no side: the CI or the test does not exclude 0
+    assert any("n_pairs counts configurations" in note for note in res.notes)
+    # without group_id (another tool's study) the pair ids stay the unit
+    plain = TrialStore(":memory:")
+    plain.append(_strip_groups(evs))
+    row = compare_study(plain, STUDY, metrics=["acc"], details=False).headline.iloc[0]
+    assert row["n_pairs"] == 10
+
+
+def _strip_groups(evs: list[Any]) -> list[Any]:
+    out = []
+    for e in evs:
+        d = e.model_dump(mode="json")
+        d["payload"].get("parameters", {}).pop("group_id", None)
+        out.append(d)
+    return out

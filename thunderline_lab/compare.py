@@ -1054,6 +1054,18 @@ def _fetch_rows(
     return _fetch_rows_parsed(store, study, keys, subset, with_metrics_text, ids_only)
 
 
+# The pairing unit of a trial: its configuration (``group_id``) when it has a twin
+# (``pair_id``). A configuration run on several seeds is one unit, not one per seed: its
+# seeds share every hyperparameter, so their pairs are not independent samples, and counting
+# them as such would let 10 seeds of 1 configuration look like 10 pairs of evidence. Each
+# arm's mean over the seeds is taken first (:func:`_pair_means`). Studies that give no
+# ``group_id`` are paired by ``pair_id`` as they are.
+_UNIT_SQL = (
+    "CASE WHEN json_extract(parameters, '$.pair_id') IS NULL THEN NULL ELSE "
+    "COALESCE(json_extract(parameters, '$.group_id'), json_extract(parameters, '$.pair_id')) END"
+)
+
+
 def _fetch_rows_sql(
     store: TrialStore,
     study: str,
@@ -1068,7 +1080,7 @@ def _fetch_rows_sql(
             "model_run_id, trial_id, NULL, NULL, NULL, NULL"
             if ids_only
             else "model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
-            "json_extract(parameters, '$.pair_id')"
+            + _UNIT_SQL
         )
         + (", metrics" if with_metrics_text else "")
         + "".join(", json_extract(metrics, ?)" for _ in keys)
@@ -1147,8 +1159,12 @@ def _fetch_rows_parsed(
         if ids_only:
             head: tuple[Any, ...] = (run, trial, None, None, None, None)
         else:
-            pair = _json_value(_parse_json(store, params_text, run, trial, "parameters"), "pair_id")
+            params = _parse_json(store, params_text, run, trial, "parameters")
+            pair = _json_value(params, "pair_id")
+            group = _json_value(params, "group_id")
             pair = None if pair is _STORED_NAN else pair
+            if pair is not None and group is not None and group is not _STORED_NAN:
+                pair = group  # the pairing unit: the configuration (see _UNIT_SQL)
             head = (run, trial, status, sn, coeff, pair)
         metrics = _parse_json(store, metrics_text, run, trial, "metrics") if keys else None
         values = tuple(_json_value(metrics, k) for k in keys)
@@ -1449,8 +1465,9 @@ _log = logging.getLogger(__name__)
 # no Welch test of two constant arms; 4: non-finite values left out, extreme magnitudes
 # scaled, a note per row; 5: bootstrap indices drawn as uint32, so other resamples than
 # the rows remembered before; the details kept; 6: stored values that are no usable number
-# kept (``odd``), no Wilcoxon p from differences that are all zero; the identical twins known)
-SNAPSHOT_FORMAT = 6
+# kept (``odd``), no Wilcoxon p from differences that are all zero; the identical twins known;
+# 7: pairs are configurations, group_id, when the study gives one: see _UNIT_SQL)
+SNAPSHOT_FORMAT = 7
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
@@ -2283,8 +2300,10 @@ def _compare(
         )
     if design_paired and n_pairs_possible and arms.pair_rows is None:
         notes.append(
-            "some pairs have several trials in an arm (seeds, repeats): each arm's mean "
-            "within a pair is compared, and n counts pairs, not trials"
+            "some pairs have several trials in an arm: a configuration run on several seeds "
+            "is one pair (its group_id; the seeds share every hyperparameter, so they are "
+            "not independent samples), and each arm's mean over its seeds is compared; "
+            "n_pairs counts configurations, not seeds or trials"
         )
 
     rows, sources, pair_cols, values_by_metric = [], {}, {}, {}
