@@ -3590,7 +3590,7 @@ def fig_accuracy_vs_lipschitz(res: ComparisonResult, max_points: int = 5000) -> 
             label=f"{arm} (n={len(part)})",
         )
     ax.set_xscale("log")
-    ax.set_xlabel("Lipschitz upper bound (product of σ)", fontsize=8)
+    ax.set_xlabel("Lipschitz upper bound (product of per-layer bounds)", fontsize=8)
     ax.set_ylabel(acc, fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.25)

@@ -1402,12 +1402,14 @@ def render_curves_png(
     present = [n for n in names if any(n in curves for _, curves in snapshot)]
     panels = (present or [state.objective])[:2]
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    ended_early = False  # a pruned, failed or cancelled trial's curve drawn (dotted)
     for ax, name in zip(axes, panels, strict=True):
         for row, curves in snapshot:
             if name not in curves:
                 continue
             steps, values = curves[name]
             running = row.status == "running"
+            ended_early |= row.status not in ("running", "completed")
             ax.plot(
                 steps,
                 values,
@@ -1425,6 +1427,10 @@ def render_curves_png(
         Line2D([0], [0], color=ARM_COLORS["SN"], lw=2, label="SN"),
         Line2D([0], [0], color=ARM_COLORS["none"], lw=2, label="none"),
     ]
+    if ended_early:
+        handles.append(
+            Line2D([0], [0], color="#888", lw=1, ls=":", label="pruned / failed / cancelled")
+        )
     axes[0].legend(handles=handles, fontsize=8, loc="best")
     if not snapshot:
         axes[0].text(
