@@ -583,7 +583,8 @@ def _open_store(store: Any, *, create: bool = False) -> tuple[TrialStore, bool]:
     if not create and not db_path.exists():
         raise StoreError(
             f"no trial store at {db_path} (check the lab directory; a study's first events "
-            "create it: to watch a new lab before its first study starts, pass create=True)"
+            "create it: to watch a new lab before its first study starts, pass create=True; "
+            "in live_monitor.ipynb, -p new_lab True)"
         )
     return TrialStore(db_path), True
 
