@@ -1440,7 +1440,8 @@ def test_gateway_mirror_copies_the_log_and_then_reads_only_what_is_new(tmp_path:
         served.append(study[10:])
         asked = len(gw.app.events_afters())
         assert mirror.sync() == len(study) - 10
-        assert gw.app.events_afters()[asked] == position  # from where the last sync ended
+        # the event at its position checked (the same log?), then on from there
+        assert gw.app.events_afters()[asked : asked + 2] == [position - 1, position]
         assert mirror.sync() == 0
         with mirror.store() as copy:
             assert _trials(copy).equals(_trials(served))
@@ -1464,11 +1465,19 @@ def test_gateway_mirror_starts_again_when_the_gateway_serves_another_log(tmp_pat
         mirror.sync()
         with mirror.store() as copy:
             assert _trials(copy).equals(_trials(shorter))  # nothing of the first log is left
+    # a longer log of other events, served where the mirror's position is within it
+    longer = TrialStore(tmp_path / "longer.db")
+    longer.append(synthetic_study("third", n_pairs=4, epochs=4))
+    assert longer.last_seq() > shorter.last_seq()
+    with _Gateway(longer, port) as gw, GatewayMirror(lab, gw.url, GW_TOKEN) as mirror:
+        mirror.sync()
+        with mirror.store() as copy:
+            assert _trials(copy).equals(_trials(longer))  # nothing of "second" is left
     # a longer log that logs one of the mirror's ids with other content
     other = TrialStore(tmp_path / "other.db")
     filler = synthetic_study("filler", n_pairs=3, epochs=3)
     clash = events.trial_start(model_run_id="clash", trial_id="t", spectral_norm=True)
-    clash = clash.model_copy(update={"id": shorter.events_after(0, 1)[0]["id"]})
+    clash = clash.model_copy(update={"id": longer.events_after(0, 1)[0]["id"]})
     other.append([*filler, clash])
     with _Gateway(other, port) as gw, GatewayMirror(lab, gw.url, GW_TOKEN) as mirror:
         mirror.sync()

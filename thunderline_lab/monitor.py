@@ -456,9 +456,10 @@ class GatewayMirror:
     runner's progress read it as any lab's store. Ids are idempotency keys, so a sync
     interrupted anywhere (or two processes syncing at once) only re-reads a page.
 
-    Where it has reached is kept beside it (``.json``: the gateway's sequence number). A
-    gateway whose log now ends before that (restarted on another lab), or that logs an
-    event whose id the mirror holds with other content, is mirrored again from the start.
+    Where it has reached is kept beside it (``.json``: the gateway's sequence number and
+    the id of the event logged there). A gateway that no longer logs that event there
+    (restarted on another lab, whatever its log's length), or that logs an event whose id
+    the mirror holds with other content, is mirrored again from the start.
 
     Args:
         lab: the local lab the mirror belongs to.
@@ -497,17 +498,28 @@ class GatewayMirror:
         self.path = Path(lab.root) / "gateway-mirror" / f"{slug}.db"
         self.state_path = self.path.with_suffix(".json")
 
-    def _after(self) -> int:
+    def _position(self) -> tuple[int, str | None]:
+        """(the gateway's sequence number mirrored up to, the id of the event logged there)."""
         try:
             state = json.loads(self.state_path.read_text())
-            return int(state["after"]) if state.get("url") == self.url else 0
+            if state.get("url") != self.url:
+                return 0, None
+            return int(state["after"]), state.get("last_id")
         except (OSError, ValueError, KeyError, TypeError):
-            return 0  # no state (or a torn one): re-read from the start, duplicates skipped
+            return 0, None  # no state (or a torn one): re-read from the start, duplicates skipped
 
-    def _save_after(self, after: int) -> None:
+    def _save_position(self, after: int, last_id: Any) -> None:
         tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"url": self.url, "after": after}))
+        tmp.write_text(json.dumps({"url": self.url, "after": after, "last_id": last_id}))
         os.replace(tmp, self.state_path)
+
+    def _same_log(self, after: int, last_id: str | None) -> bool:
+        """Whether the gateway still logs, at ``after``, the event the mirror stopped at: a
+        gateway restarted on another lab has other events there (or none)."""
+        (page,) = self.source._get(
+            "/api/events", {"after": after - 1, "limit": 1}, "the mirror's position", "events"
+        )
+        return bool(page) and isinstance(page[0], Mapping) and page[0].get("id") == last_id
 
     def _reset(self) -> None:
         for p in (self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
@@ -517,11 +529,11 @@ class GatewayMirror:
     def sync(self) -> int:
         """Append what the gateway logged since the last sync; returns how many events
         were new to the mirror."""
-        after = self._after()
-        if after and self.source.last_seq() < after:
+        after, last_id = self._position()
+        if after and not self._same_log(after, last_id):
             log.warning(
-                "%s: its log ends before the mirror's position %d (restarted on another "
-                "lab?): mirroring it again from the start",
+                "%s: its log no longer holds, at sequence number %d, the event the mirror "
+                "stopped at (restarted on another lab?): mirroring it again from the start",
                 self.source.label,
                 after,
             )
@@ -540,7 +552,7 @@ class GatewayMirror:
                         added += store.append(
                             [{k: v for k, v in e.items() if k != "seq"} for e in page]
                         ).accepted
-                        self._save_after(self.source.after)
+                        self._save_position(self.source.after, page[-1].get("id"))
                         page = self.source.poll()
             except EventConflictError:
                 if attempt == 2:
