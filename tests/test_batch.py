@@ -618,3 +618,27 @@ def test_the_progress_counts_survive_a_nan_written_into_a_trial(tmp_path: Path) 
     with sqlite3.connect(tmp_path / "lab.db") as conn:  # out of band: the store refuses NaN
         conn.execute("UPDATE trials SET metrics = '{\"val_accuracy\": NaN}' WHERE trial_id = 't1'")
     assert _study_status(tmp_path / "lab.db", "s") == ({"completed": 2}, 0.5)
+
+
+def test_a_study_the_gateway_holds_from_another_lab_is_refused(tmp_path: Path) -> None:
+    """Two worker labs running one study name through one gateway: the second would start
+    its trial ids at 0 again and overwrite the first's trials at the gateway."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from thunderline_lab.batch import _check_same_study
+    from thunderline_lab.lab import Lab
+
+    mirror = TrialStore(tmp_path / "mirror.db")
+    ids = {"model_run_id": "s", "trial_id": "trial_0000", "study": "s"}
+    mirror.append([E.trial_start(**ids, spectral_norm=True)])
+    mirror.close()
+    lab = Lab.resolve(tmp_path / "worker").ensure()
+    with pytest.raises(ConfigError, match=r"already holds 1 trial.*never ran"):
+        _check_same_study(lab, "s", "http://gw", tmp_path / "mirror.db")
+    _check_same_study(lab, "other", "http://gw", tmp_path / "mirror.db")  # not at the gateway
+    # the lab that started it resumes it
+    storage = JournalStorage(JournalFileBackend(str(lab.optuna_journal)))
+    optuna.create_study(study_name="s", storage=storage).ask()
+    _check_same_study(lab, "s", "http://gw", tmp_path / "mirror.db")

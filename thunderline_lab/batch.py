@@ -411,6 +411,10 @@ class _Status:
             self.db_path = self.mirror.path
             try:
                 self.mirror.sync()  # unreachable, a refused token: said before any work
+                _check_same_study(lab, study, gateway, self.mirror.path)
+            except ConfigError:
+                self.mirror.close()
+                raise
             except GatewayError as exc:
                 self.mirror.close()
                 reason = str(exc).removeprefix(f"{self.mirror.source.label}: ")
@@ -433,6 +437,43 @@ class _Status:
     def close(self) -> None:
         if self.mirror is not None:
             self.mirror.close()
+
+
+def _check_same_study(lab: Lab, study: str, gateway: str, mirror: Path) -> None:
+    """Refuse to run a study through a gateway that already holds trials of that name which
+    this lab's Optuna study never ran (another worker lab, another machine): its trial ids
+    would start again at 0 and overwrite those trials at the gateway.
+
+    Raises:
+        ConfigError: naming the study, the gateway and what to do instead.
+    """
+    counts, _ = _study_status(mirror, study)
+    at_gateway = sum(counts.values())
+    if not at_gateway or _local_study_trials(lab, study):
+        return
+    raise ConfigError(
+        f"study {study}: the gateway {gateway} already holds {at_gateway} trial(s) of a study "
+        f"of that name, which this lab's Optuna study ({lab.optuna_journal}) never ran "
+        "(another worker lab or machine): running it here would overwrite them. Give this "
+        "study another name, run it from the lab that started it, or point every worker at "
+        "one shared Optuna storage (run_study(storage=...), docs/scaling-out.md)"
+    )
+
+
+def _local_study_trials(lab: Lab, study: str) -> int:
+    """How many trials the lab's Optuna journal holds for ``study`` (0 without one)."""
+    if not lab.optuna_journal.exists():
+        return 0
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        storage = JournalStorage(JournalFileBackend(str(lab.optuna_journal)))
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception:  # an unreadable journal: the study run will say what is wrong
+        return 1
+    return next((s.n_trials for s in summaries if s.study_name == study), 0)
 
 
 def _study_status(db_path: Path, study: str) -> tuple[dict[str, int], float | None]:
