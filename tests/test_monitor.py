@@ -1513,3 +1513,23 @@ def test_a_study_the_lab_has_no_trials_of_is_waited_for_with_the_closest_names(
     (notice,) = _warnings(caplog)
     assert "no trials of study 'smok' in this lab yet: waiting for them" in notice
     assert "did you mean 'smoke'?" in notice and "the lab's studies: smoke" in notice
+
+
+def test_a_gateway_source_takes_the_token_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from thunderline_lab import gateway
+    from thunderline_lab.monitor import ENV_TOKEN
+
+    assert ENV_TOKEN == gateway.ENV_TOKEN  # the one variable every part reads
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(SLASHED, n_pairs=1, epochs=1))
+    with _Gateway(store) as gw:
+        monkeypatch.delenv("THUNDERLINE_LAB_TOKEN", raising=False)
+        with pytest.raises(GatewayError, match="401"):
+            GatewaySource(gw.url).poll()
+        monkeypatch.setenv("THUNDERLINE_LAB_TOKEN", GW_TOKEN)  # as the notebooks get it
+        assert len(GatewaySource(gw.url).poll()) == store.last_seq()
+        mon = LiveMonitor.from_gateway(gw.url, study=SLASHED, mode="text")
+        assert mon.loaded_trials == 2
+        mon._release()

@@ -245,6 +245,9 @@ class StoreSource:
             self.store.close()
 
 
+ENV_TOKEN = "THUNDERLINE_LAB_TOKEN"  # the gateway's token (gateway.ENV_TOKEN)
+
+
 class GatewaySource:
     """Poll a gateway's ``GET /api/events?after=SEQ&limit=N`` (a lab on another machine).
 
@@ -254,7 +257,7 @@ class GatewaySource:
 
     Args:
         url: the gateway's base URL (``http://127.0.0.1:8765``).
-        token: sent as ``Authorization: Bearer TOKEN`` when given.
+        token: sent as ``Authorization: Bearer TOKEN``; default ``$THUNDERLINE_LAB_TOKEN``.
         client: an ``httpx.Client`` to use instead of a new one (tests pass a
             ``MockTransport`` client or FastAPI's ``TestClient``).
         log_check_interval: while nothing new arrives, every this many seconds the
@@ -291,6 +294,8 @@ class GatewaySource:
                     f"gateway URL {url!r}: expected an http:// or https:// URL with a host, "
                     "such as http://127.0.0.1:8765"
                 )
+        if token is None:  # as EventClient and the gateway itself
+            token = os.environ.get(ENV_TOKEN) or None
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._owned = client is None
         self.client: httpx.Client = client or httpx.Client(
@@ -483,9 +488,6 @@ class GatewayMirror:
         timeout: float = 30.0,
         client: Any = None,
     ) -> None:
-        from thunderline_lab.gateway import ENV_TOKEN
-
-        token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self.source = GatewaySource(
             url, token, limit=self.PAGE, max_pages=1, timeout=timeout, client=client
         )

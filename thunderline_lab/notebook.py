@@ -278,10 +278,7 @@ def start_study(
         bus = EventBus()
         options = dict(monitor_options or {})
         if gateway:  # every worker's trials, as the gateway logs them
-            from thunderline_lab.gateway import ENV_TOKEN
-
-            token = os.environ.get(ENV_TOKEN) or None
-            mon = LiveMonitor.from_gateway(gateway, token, name, bus=bus, **options)
+            mon = LiveMonitor.from_gateway(gateway, None, name, bus=bus, **options)
         else:
             mon = LiveMonitor.from_store(lab, name, bus=bus, create=True, **options)
         mon.start()
