@@ -568,3 +568,20 @@ def test_following_under_papermill_leaves_a_png_and_a_table(tmp_path: Path) -> N
     assert any(bytes(d.get("image/png", ""), "ascii")[:8] for d in data)
     assert any(d.get("text/html", "").count('class="tl-trial"') == 4 for d in data)
     assert any(d.get("text/plain") == "'finished'" for d in data)
+
+
+def test_results_of_a_gateway_study_while_the_gateway_is_down_say_where_the_events_wait(
+    tmp_path: Path,
+) -> None:
+    from test_monitor import _free_port
+
+    from thunderline_lab.errors import GatewayError
+
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing answers there
+    with pytest.raises(GatewayError, match="cannot fetch") as err:
+        results_store(lab, url)
+    assert "wait in" not in str(err.value)  # nothing spooled: the plain error
+    (lab.root / "gateway-spool.jsonl").write_text('{"a": 1}\n{"b": 2}\n')
+    with pytest.raises(GatewayError, match=r"2 event\(s\) of this lab's studies wait in"):
+        results_store(lab, url)

@@ -328,9 +328,8 @@ class GatewaySource:
             hint = ""
             if resp.status_code in (401, 403):
                 hint = " (a missing or wrong token: pass the one the gateway was started with)"
-            raise GatewayError(
-                f"{self.label}: GET {route} answered {resp.status_code}{hint}: {resp.text[:200]}"
-            )
+            body = "" if hint else f": {resp.text[:200]}"  # a refusal: the hint says it all
+            raise GatewayError(f"{self.label}: GET {route} answered {resp.status_code}{hint}{body}")
         try:
             body = resp.json()
             return [body[key] for key in keys]

@@ -311,10 +311,26 @@ def results_store(lab: Lab, gateway: str | None = None, token: str | None = None
     """
     if not gateway:
         return lab.store()
+    from thunderline_lab.errors import GatewayError
     from thunderline_lab.monitor import GatewayMirror
 
     with GatewayMirror(lab, gateway, token) as mirror:
-        mirror.sync()
+        try:
+            mirror.sync()
+        except GatewayError as exc:
+            spool = lab.root / "gateway-spool.jsonl"  # where run_study's client keeps them
+            try:
+                waiting = sum(1 for line in spool.open("rb") if line.strip())
+            except OSError:
+                waiting = 0
+            if not waiting:
+                raise
+            raise GatewayError(
+                f"{exc}; {waiting} event(s) of this lab's studies wait in {spool} for the "
+                "gateway: they are delivered when it answers again (run the study again, or "
+                "thunderline_lab.gateway.EventClient(URL, spool=that file).flush()), and the "
+                "results read back then"
+            ) from exc
         return mirror.store()
 
 
