@@ -549,9 +549,20 @@ def test_a_study_run_through_a_gateway_reports_there_and_reads_its_results_back(
             cwd=tmp_path,
             env={**os.environ, "THUNDERLINE_LAB_TOKEN": token},
         )
+        # reviewed from the worker lab afterwards: through the mirror, brought up to date
+        url, worker = f"http://127.0.0.1:{port}", str(tmp_path / "worker")
+        env = {"THUNDERLINE_LAB_TOKEN": token}
+        listed = CliRunner().invoke(
+            main, ["trials", "--lab", worker, "--study", "smoke", "--gateway", url], env=env
+        )
+        compared = CliRunner().invoke(
+            main, ["compare", "--lab", worker, "--study", "smoke", "--gateway", url], env=env
+        )
     finally:
         server.terminate()
         server.wait(30)
+    assert listed.exit_code == 0 and listed.output.count("smoke") == 4, listed.output
+    assert compared.exit_code == 0 and "val_accuracy" in compared.output, compared.output
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trials 4/4 (completed 4" in proc.stderr  # the progress line followed the gateway
     assert f"http://127.0.0.1:{port}/api/trials?study=smoke" in proc.stdout

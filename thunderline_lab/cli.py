@@ -35,6 +35,15 @@ lab_option = click.option(
 )
 
 
+gateway_option = click.option(
+    "--gateway",
+    metavar="URL",
+    default=None,
+    help="Read the study from this gateway's log (a study run with run --gateway), through "
+    "the lab's mirror of it; its token from $THUNDERLINE_LAB_TOKEN.",
+)
+
+
 def _clean_errors(fn: F) -> F:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -165,6 +174,7 @@ def replay(lab_dir: Path | None) -> None:
     default="table",
     show_default=True,
 )
+@gateway_option
 @_clean_errors
 def trials(
     lab_dir: Path | None,
@@ -172,14 +182,11 @@ def trials(
     status: str | None,
     spectral_norm: bool | None,
     fmt: str,
+    gateway: str | None,
 ) -> None:
     """List trials of the lab's store."""
-    from thunderline_lab.lab import Lab
-
-    lab = Lab.resolve(lab_dir)
-    if not lab.db_path.exists():
-        raise StoreError(f"no trial store at {lab.db_path}")
-    with lab.store() as store:
+    _, store = _study_store(lab_dir, gateway)
+    with store:
         df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
         known = store.studies() if df.empty and study is not None else []
     if study is not None and df.empty and study not in known:  # a typo, not "no trials"
@@ -187,7 +194,7 @@ def trials(
 
         close = difflib.get_close_matches(study, known, n=1, cutoff=0.6)
         raise StudyError(
-            f"{lab.db_path}: no study {study!r}"
+            f"{store.path}: no study {study!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; studies in this lab: {', '.join(known) or 'none'}"
         )
@@ -202,6 +209,20 @@ def trials(
         click.echo(out.to_csv(index=False), nl=False)
     else:
         click.echo(_trials_table(df))
+
+
+def _study_store(lab_dir: Path | None, gateway: str | None) -> tuple[Any, Any]:
+    """The lab and the store a study is read from: the lab's own, or its mirror of a
+    gateway's log brought up to date (``--gateway``)."""
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.notebook import results_store
+
+    lab = Lab.resolve(lab_dir)
+    if gateway:
+        return lab, results_store(lab, gateway)
+    if not lab.db_path.exists():
+        raise StoreError(f"no trial store at {lab.db_path}")
+    return lab, lab.store()
 
 
 def _trials_table(df: Any) -> str:
@@ -542,6 +563,7 @@ def dashboard(
     show_default=True,
     help="Bootstrap resamples.",
 )
+@gateway_option
 @_clean_errors
 def compare_cmd(
     study: str,
@@ -551,15 +573,13 @@ def compare_cmd(
     mode: str,
     seed: int,
     n_boot: int,
+    gateway: str | None,
 ) -> None:
     """SN vs none for a study: paired differences, bootstrap CIs, tests; report.md + PNGs."""
     from thunderline_lab.compare import compare_study, report_folder, write_report
-    from thunderline_lab.lab import Lab
 
-    lab = Lab.resolve(lab_dir)
-    if not lab.db_path.exists():
-        raise StoreError(f"no trial store at {lab.db_path}")
-    with lab.store() as store:
+    lab, store = _study_store(lab_dir, gateway)
+    with store:
         result = compare_study(
             store,
             study,
