@@ -1088,21 +1088,7 @@ def _fetch_rows_sql(
     paths = [_json_path(k) for k in keys]
     if subset is None:
         return _read(store, f"SELECT {columns} FROM trials WHERE study = ?", [*paths, study])
-    by_run: dict[str, list[str]] = {}
-    for run, trial in subset:
-        by_run.setdefault(run, []).append(trial)
-    out: list[tuple[Any, ...]] = []
-    for run, trials in by_run.items():  # primary-key lookups, not a scan of the study
-        for i in range(0, len(trials), 500):
-            chunk = trials[i : i + 500]
-            out += _read(
-                store,
-                f"SELECT rowid, {columns} FROM trials WHERE study = ? AND model_run_id = ? "
-                f"AND trial_id IN ({', '.join('?' * len(chunk))})",
-                [*paths, study, run, *chunk],
-            )
-    out.sort(key=itemgetter(0))
-    return [row[1:] for row in out]
+    return [row[1:] for row in _trial_rows(store, study, columns, subset, paths)]
 
 
 def _trial_rows(
@@ -1110,12 +1096,16 @@ def _trial_rows(
     study: str,
     columns: str,
     subset: Sequence[tuple[str, str]] | None,
+    params: Sequence[Any] = (),
 ) -> list[tuple[Any, ...]]:
-    """(rowid, ``columns``...) of the study's trials (``subset``: those (run, trial)), in
-    rowid order."""
+    """(rowid, ``columns``...) of the study's trials (``subset``: those (run, trial), by
+    primary-key lookups, not a scan of the study), in rowid order; ``params`` fill the
+    placeholders of ``columns``."""
     if subset is None:
         return _read(
-            store, f"SELECT rowid, {columns} FROM trials WHERE study = ? ORDER BY rowid", [study]
+            store,
+            f"SELECT rowid, {columns} FROM trials WHERE study = ? ORDER BY rowid",
+            [*params, study],
         )
     by_run: dict[str, list[str]] = {}
     for run, trial in subset:
@@ -1128,7 +1118,7 @@ def _trial_rows(
                 store,
                 f"SELECT rowid, {columns} FROM trials WHERE study = ? AND model_run_id = ? "
                 f"AND trial_id IN ({', '.join('?' * len(chunk))})",
-                [study, run, *chunk],
+                [*params, study, run, *chunk],
             )
     out.sort(key=itemgetter(0))
     return out
