@@ -2235,10 +2235,10 @@ def test_identical_twins_are_remembered_per_pair_through_refreshes_and_snapshots
     read: list[int] = []
     real = cmp._trial_rows
 
-    def counted(store: Any, study: str, columns: str, subset: Any) -> Any:
+    def counted(store: Any, study: str, columns: str, subset: Any, *params: Any) -> Any:
         if subset is not None and columns == "model_run_id, trial_id, metrics":
             read.append(len(subset))
-        return real(store, study, columns, subset)
+        return real(store, study, columns, subset, *params)
 
     monkeypatch.setattr(cmp, "_trial_rows", counted)
 
