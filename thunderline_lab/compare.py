@@ -1079,8 +1079,7 @@ def _fetch_rows_sql(
         (
             "model_run_id, trial_id, NULL, NULL, NULL, NULL"
             if ids_only
-            else "model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, "
-            + _UNIT_SQL
+            else "model_run_id, trial_id, status, spectral_norm, spectral_norm_coeff, " + _UNIT_SQL
         )
         + (", metrics" if with_metrics_text else "")
         + "".join(", json_extract(metrics, ?)" for _ in keys)
