@@ -592,6 +592,15 @@ def _execute(notebook: str, output: str, parameters: dict[str, Any], cwd: str) -
             super().__init__(**kwargs)
             _KERNELS.append(self)
 
+        async def _async_interrupt_kernel(self) -> None:
+            # jupyter_client interrupts a kernel before asking it to shut down; the idle
+            # kernel of a finished notebook then logs "[IPKernelApp] ERROR | KeyboardInterrupt
+            # caught in kernel." into every run's output, an error that is none. A kernel
+            # still busy at shutdown is killed after the shutdown request's grace time.
+            if getattr(self, "shutting_down", False):
+                return
+            await super()._async_interrupt_kernel()
+
     engine_options: dict[str, Any] = {"kernel_manager_class": TrackedKernelManager}
     try:
         papermill.execute_notebook(
