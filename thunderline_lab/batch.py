@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import difflib
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ import threading
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from thunderline_lab.errors import ConfigError, GatewayError, NotebookExecutionError
+from thunderline_lab.errors import ConfigError, GatewayError, NotebookExecutionError, did_you_mean
 from thunderline_lab.lab import Lab
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
             )
             if err["type"] == "extra_forbidden":
                 section = StudySection if loc[:1] == ["study"] else _StudyFile
-                msg += _did_you_mean(loc[-1], section.model_fields)
+                msg += did_you_mean(loc[-1], section.model_fields)
             elif err["type"] == "string_pattern_mismatch" and loc == ["study", "name"]:
                 msg = _NAME_RULE
             shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
@@ -167,7 +166,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
     if unknown:
         raise ConfigError(
             f"{p}: parameters.{unknown[0]}: not a parameter of {doc.study.notebook}"
-            f"{_did_you_mean(unknown[0], declared)} "
+            f"{did_you_mean(unknown[0], declared)} "
             f"(its parameters cell declares: {', '.join(sorted(declared))})"
         )
     for name, value in doc.parameters.items():
@@ -190,12 +189,6 @@ class _MultiConfigError(ConfigError):
 
     def lines(self) -> list[str]:
         return self.problems
-
-
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for a near miss among ``known``, else ``""``."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # What a value must be, judged by the notebook's default for it: the notebook's code was
@@ -238,7 +231,7 @@ def _check_choice(where: str, name: str, value: Any) -> None:
     choices = _parameter_choices(name)
     if choices is not None and value not in choices:
         raise ConfigError(
-            f"{where}: {value!r} is not one of {', '.join(choices)}{_did_you_mean(value, choices)}"
+            f"{where}: {value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
         )
 
 
@@ -808,7 +801,7 @@ def run_batch(
     if unknown:
         raise ConfigError(
             f"-p {unknown[0]}: not a parameter of {config.notebook.name}"
-            f"{_did_you_mean(unknown[0], declared)} "
+            f"{did_you_mean(unknown[0], declared)} "
             f"(its parameters cell declares: {', '.join(sorted(declared))})"
         )
     missing = [p for p in RUNNER_PARAMETERS if p not in declared]

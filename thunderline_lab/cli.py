@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from thunderline_lab.errors import ConfigError, StoreError, StudyError, ThunderlineLabError
+from thunderline_lab.errors import (
+    ConfigError,
+    StoreError,
+    StudyError,
+    ThunderlineLabError,
+    did_you_mean,
+)
 
 if TYPE_CHECKING:
     from thunderline_lab.wire import LoadedEvents
@@ -190,13 +196,9 @@ def trials(
         df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
         known = store.studies() if df.empty and study is not None else []
     if study is not None and df.empty and study not in known:  # a typo, not "no trials"
-        import difflib
-
-        close = difflib.get_close_matches(study, known, n=1, cutoff=0.6)
         raise StudyError(
-            f"{store.path}: no study {study!r}"
-            + (f" (did you mean {close[0]!r}?)" if close else "")
-            + f"; studies in this lab: {', '.join(known) or 'none'}"
+            f"{store.path}: no study {study!r}{did_you_mean(study, known)}; "
+            f"studies in this lab: {', '.join(known) or 'none'}"
         )
     if fmt == "json":
         from thunderline_lab.store import trial_records

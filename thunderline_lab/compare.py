@@ -2242,8 +2242,7 @@ def _compare(
             _probe_keys(store, study, frame, probe)
             _ensure_columns(store, study, frame, select(frame.keys))
     if frame.n == 0:
-        known = [r[0] for r in _read(store, "SELECT DISTINCT study FROM trials ORDER BY 1")]
-        known = [str(k) for k in known if k is not None]
+        known = store.studies()
         raise StudyError(
             f"no trials for study {study!r} in {store.path}"
             + (f" ({_known_names('studies', known, study)})" if known else " (the store is empty)")

@@ -20,6 +20,9 @@ boundary with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "ConfigError",
     "GatewayError",
@@ -30,6 +33,7 @@ __all__ = [
     "ThunderlineLabError",
     "TrackingError",
     "TrainingError",
+    "did_you_mean",
 ]
 
 
@@ -71,3 +75,10 @@ class GatewayError(ThunderlineLabError):
 
 class NotebookExecutionError(ThunderlineLabError):
     """A papermill run failed: names the notebook, the failing cell and the saved executed copy."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of ``name`` among ``known``, else ``""``:
+    the hint every "unknown name" error of the package ends with."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from thunderline_lab.errors import ConfigError, StudyError
+from thunderline_lab.errors import ConfigError, StudyError, did_you_mean
 from thunderline_lab.lab import Lab
 
 if TYPE_CHECKING:
@@ -398,8 +398,6 @@ def ensure_studies(lab: Lab, studies: str | Sequence[str], profile: str | None =
         ConfigError: a study has no trials in the lab (and the profile is not ``test``), or
             ``studies`` is not a name or a list of names (:func:`study_names`).
     """
-    import difflib
-
     studies = study_names(studies)
     test = effective_profile(profile) == "test"
     if not test and not lab.db_path.exists():  # a mistyped lab_dir: create nothing there
@@ -410,10 +408,7 @@ def ensure_studies(lab: Lab, studies: str | Sequence[str], profile: str | None =
         known = store.studies()
     missing = [s for s in studies if s not in known]
     if missing and not test:
-        close = {m: difflib.get_close_matches(m, known, n=1, cutoff=0.6) for m in missing}
-        names = ", ".join(
-            repr(m) + (f" (did you mean {close[m][0]!r}?)" if close[m] else "") for m in missing
-        )
+        names = ", ".join(repr(m) + did_you_mean(m, known) for m in missing)
         raise ConfigError(
             f"{lab.db_path}: no trials for {names} "
             f"(studies in this lab: {', '.join(known) or 'none'})"
