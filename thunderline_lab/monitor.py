@@ -542,6 +542,8 @@ class GatewayMirror:
             after = 0
         self.source.after = after
         page = self.source.poll()  # an unreachable gateway: nothing is created
+        if not page:  # nothing new (every progress tick of a batch run): the store unopened
+            return 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         added = 0
         for attempt in (1, 2):
