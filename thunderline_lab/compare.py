@@ -130,6 +130,7 @@ __all__ = [
 ]
 
 Mode = Literal["best", "final"]
+BootMethod = Literal["auto", "resample", "saddlepoint"]
 DEFAULT_METRICS: tuple[str, ...] = (
     "val_accuracy",
     "test_accuracy",
@@ -247,9 +248,24 @@ def bootstrap_mean_ci(
     seed: int = 0,
     name: str = "",
     max_draws: int = 10_000_000,
+    method: BootMethod = "auto",
 ) -> tuple[float, float, float, int]:
     """Percentile bootstrap CI of ``mean(x)`` (or ``mean(x) - mean(y)``, arms resampled
     independently): ``(estimate, low, high, resamples)``.
+
+    ``method`` says how the quantiles of the bootstrap distribution are found:
+    ``"resample"`` draws ``n_boot`` resamples (Monte Carlo); ``"saddlepoint"`` computes them
+    from the resampled mean's cumulant generating function (the Lugannani–Rice formula,
+    Davison & Hinkley 1988): no resample is drawn (``resamples`` 0), the result does not
+    depend on ``seed``, and it costs a few passes over the distinct values. ``"auto"`` (the
+    default) takes the saddlepoint from :data:`SADDLEPOINT_MIN` values per sample, where
+    2,000 resamples would cost ~n x 2,000 draws and still carry Monte-Carlo error
+    (≈ 0.2 standard errors on each bound at 200 resamples, the most a 10 M-draw budget
+    allows for 50,000 pairs), while the saddlepoint's error there is below 0.05 standard
+    errors (checked against 20,000 resamples of normal, exponential, lognormal, Pareto,
+    Cauchy, zero-inflated and lattice data). Samples with under 20 distinct values
+    (resampled as multinomial counts, which is cheap) or a CI level below 40% (whose
+    bounds sit where the formula cancels) are resampled whatever the size.
 
     A sample of one value says nothing about its spread: with fewer than two values in
     ``x`` (or in ``y``) the CI is ``(nan, nan)`` and no resample is drawn (``resamples`` 0),
@@ -277,14 +293,174 @@ def bootstrap_mean_ci(
     estimate = float(xa.mean()) - (0.0 if ya is None else float(ya.mean()))
     if len(xa) < 2 or (ya is not None and len(ya) < 2):
         return _unscaled(estimate, k), math.nan, math.nan, 0
+    alpha = (1 - confidence) / 2
+    if method != "resample":
+        samples = [(xa, 1.0)] if ya is None else [(xa, 1.0), (ya, -1.0)]
+        bounds = _saddlepoint_bounds(samples, alpha, forced=method == "saddlepoint")
+        if bounds is not None:
+            lo, hi = bounds
+            return _unscaled(estimate, k), _unscaled(lo, k), _unscaled(hi, k), 0
     means, b = _boot_means(xa, n_boot, _seed_seq(seed, name, 0), max_draws)
     if ya is not None:
         means_y, b_y = _boot_means(ya, n_boot, _seed_seq(seed, name, 1), max_draws)
         b = min(b, b_y)
         means = means[:b] - means_y[:b]
-    alpha = (1 - confidence) / 2
     lo, hi = np.quantile(means, [alpha, 1 - alpha])
     return _unscaled(estimate, k), _unscaled(float(lo), k), _unscaled(float(hi), k), b
+
+
+SADDLEPOINT_MIN = 2_000  # values per sample from which "auto" takes the saddlepoint
+_SADDLE_LEVELS = 20  # fewer distinct values: resampled (multinomial over levels, cheap)
+_SADDLE_MIN_Z = 0.5  # |z| of the bounds below which 1/w - 1/u cancels: resampled
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One sample of the statistic ``sum(sign * mean(resample))``: its distinct values
+    (centred on its mean) and their squares, their frequencies (None: each value once), its
+    size and sign."""
+
+    values: np.ndarray
+    squares: np.ndarray
+    freq: np.ndarray | None
+    n: int
+    sign: float
+
+
+def _saddlepoint_samples(
+    samples: Sequence[tuple[np.ndarray, float]], forced: bool
+) -> tuple[list[_Sample], float, float] | None:
+    """The samples as :class:`_Sample`, the statistic's centre (``sum(sign * mean)``) and
+    standard error; None when ``auto`` should resample them instead (too few values or
+    distinct values, no spread)."""
+    out, centre, var = [], 0.0, 0.0
+    for x, sign in samples:
+        n = len(x)
+        levels, counts = np.unique(x, return_counts=True)
+        mean = float(x.mean())
+        values = levels - mean
+        squares = values * values
+        freq = None if len(levels) == n else counts / n
+        sd = math.sqrt(float(squares.mean() if freq is None else freq @ squares))
+        if sd == 0 or not math.isfinite(sd):
+            return None
+        # The formula is for a continuous distribution; on a lattice of span h the
+        # resampled mean moves in steps of h / n against a standard error sd / sqrt(n),
+        # and a bound can be off by half a step. With 20 distinct values, two at most
+        # are within h of the mean, two more within 2h, ...: sd * sqrt(n) (the root of
+        # the sum of squared deviations) ≥ h * sqrt(2 * (1² + ... + 9²)) ≈ 24 h, so a step
+        # is ≤ 0.04 standard errors, at any n.
+        if not forced and (n < SADDLEPOINT_MIN or len(levels) < _SADDLE_LEVELS):
+            return None
+        out.append(_Sample(values, squares, freq, n, sign))
+        centre += sign * mean
+        var += sd * sd / n
+    return out, centre, math.sqrt(var)
+
+
+def _cgf(samples: Sequence[_Sample], t: float) -> tuple[float, float, float]:
+    """The statistic's cumulant generating function and its first two derivatives at
+    ``t``: ``K(t) = sum n * k(sign * t / n)`` with ``k(s) = log sum f exp(s v)`` the CGF of
+    one draw from a sample (log-sum-exp, so no exp overflows; values are centred, so
+    ``E[v²] - E[v]²`` loses nothing: the tilted mean is a few standard errors)."""
+    big_k = d1 = d2 = 0.0
+    for smp in samples:
+        c = smp.sign * t / smp.n
+        top = c * float(smp.values[-1] if c > 0 else smp.values[0])  # values are sorted
+        e = np.exp(c * smp.values - top)
+        if smp.freq is not None:
+            e *= smp.freq
+        z = float(e.sum())
+        k1 = float(e @ smp.values) / z
+        k2 = float(e @ smp.squares) / z - k1 * k1
+        if smp.freq is None:
+            z /= smp.n
+        big_k += smp.n * (top + math.log(z))
+        d1 += smp.sign * k1
+        d2 += k2 / smp.n
+    return big_k, d1, d2
+
+
+def _lugannani_rice(samples: Sequence[_Sample], t: float) -> tuple[float, float]:
+    """(P(statistic ≤ K'(t)), K'(t)) by the Lugannani–Rice formula, for ``t`` ≠ 0."""
+    big_k, d1, d2 = _cgf(samples, t)
+    w = math.copysign(math.sqrt(2 * max(0.0, t * d1 - big_k)), t)
+    u = t * math.sqrt(max(0.0, d2))
+    if w == 0 or u == 0:
+        raise ArithmeticError("saddlepoint at the centre")
+    density = math.exp(-w * w / 2) / math.sqrt(2 * math.pi)
+    return 0.5 * math.erfc(-w / math.sqrt(2)) + density * (1 / w - 1 / u), d1
+
+
+def _saddle_root(gap: Callable[[float], float], start: float, sign: float) -> float | None:
+    """The root of ``gap`` (increasing in ``tau``) on the side ``sign`` of 0, from
+    ``start`` (the normal approximation's): secant steps, which take 3-5 evaluations on
+    these smooth, nearly linear functions, else Brent's method in a bracket."""
+    from scipy import optimize
+
+    a, b = start, start * 1.02
+    fa, fb = gap(a), gap(b)
+    for _ in range(12):
+        if abs(fb) < 1e-12 or fb == fa:
+            break
+        c = b - fb * (b - a) / (fb - fa)
+        if not (c * sign > 0 and math.isfinite(c)):
+            break
+        a, fa, b = b, fb, c
+        fb = gap(b)
+        if abs(b - a) <= 1e-6 * max(1.0, abs(b)):
+            return b
+    near, far = sign * 1e-3, start
+    for _ in range(40):  # widen until the bracket holds the root
+        if gap(far) * sign > 0:
+            break
+        near, far = far, far + sign * max(1.0, abs(far))
+    else:
+        return None
+    while gap(near) * sign > 0:  # the near end past the root: towards 0
+        near /= 4
+        if abs(near) < 1e-9:
+            return None
+    return float(optimize.brentq(gap, min(near, far), max(near, far), xtol=1e-7))
+
+
+def _saddlepoint_bounds(
+    samples: Sequence[tuple[np.ndarray, float]], alpha: float, forced: bool = False
+) -> tuple[float, float] | None:
+    """The ``alpha`` and ``1 - alpha`` quantiles of the bootstrap distribution of
+    ``sum(sign * mean(resample of x))`` (samples resampled independently), by the
+    saddlepoint approximation; None when it does not apply (then: resample).
+
+    For each bound, the saddlepoint ``t`` whose tail probability is ``alpha`` is solved
+    for in units of 1 / standard error (``tau = t * se``), where the normal
+    approximation puts it at ``±z``."""
+    from scipy import special
+
+    z = float(special.ndtri(1 - alpha))
+    if not (forced and z > 0) and not z >= _SADDLE_MIN_Z:
+        return None
+    prepared = _saddlepoint_samples(samples, forced)
+    if prepared is None:
+        return None
+    smps, centre, se = prepared
+    bounds = []
+    try:
+        with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
+            for target, sign in ((alpha, -1.0), (1 - alpha, 1.0)):
+
+                def gap(tau: float, target: float = target) -> float:
+                    return _lugannani_rice(smps, tau / se)[0] - target
+
+                tau = _saddle_root(gap, sign * z, sign)
+                if tau is None:
+                    return None
+                bounds.append(centre + _lugannani_rice(smps, tau / se)[1])
+    except (ArithmeticError, ValueError, RuntimeError, FloatingPointError):
+        return None
+    lo, hi = bounds
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        return None
+    return lo, hi
 
 
 # Magnitudes beyond which values are handled in units of a power of two: squares (a
@@ -365,8 +541,11 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
         method = "auto"
     else:
         method = "approx"
-    res = stats.wilcoxon(d, method=method)
-    p = float(res.pvalue)
+    if method == "approx":
+        statistic, p = _signed_rank_normal(d, nonzero)
+    else:
+        res = stats.wilcoxon(d, method=method)
+        statistic, p = float(res.statistic), float(res.pvalue)
     if method == "approx":
         # The normal approximation is anti-conservative in the tail for few pairs with ties
         # (10 equal differences: p = 0.0016). Whatever the ties, no sign assignment of the
@@ -376,7 +555,24 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
         # towards the exact value, costs nothing, and is negligible beyond a few dozen
         # pairs; the permutation test itself costs 2**n (seconds by n = 12).
         p = max(p, min(1.0, 2.0 * 0.5 ** len(nonzero)))
-    return float(res.statistic), p, "permutation" if method == "auto" else method
+    return statistic, p, "permutation" if method == "auto" else method
+
+
+def _signed_rank_normal(d: np.ndarray, nonzero: np.ndarray) -> tuple[float, float]:
+    """``scipy.stats.wilcoxon(d, method="approx")``'s (statistic, p), from sorts instead of
+    scipy's stable argsort (4 ms for 50,000 differences; this costs a quarter of that):
+    zeros dropped, tied |d| given their average rank, the variance tie-corrected, no
+    continuity correction, two-sided."""
+    levels, counts = np.unique(np.abs(nonzero), return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2
+    up_levels, up_counts = np.unique(nonzero[nonzero > 0], return_counts=True)
+    r_plus = float(up_counts @ average_rank[np.searchsorted(levels, up_levels)])
+    n = float(len(nonzero))
+    r_minus = n * (n + 1) / 2 - r_plus
+    ties = counts.astype(float)
+    var = (n * (n + 1) * (2 * n + 1) - float(ties @ (ties * ties - 1)) / 2) / 24
+    z = (r_plus - n * (n + 1) / 4) / math.sqrt(var)
+    return min(r_plus, r_minus), min(1.0, math.erfc(abs(z) / math.sqrt(2)))
 
 
 def _welch(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -477,7 +673,7 @@ _ROW_SINK: contextvars.ContextVar[_RowSink | None] = contextvars.ContextVar(
 
 def _digest(*arrays: np.ndarray) -> bytes:
     """A digest of the arrays' dtypes, shapes and bytes."""
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()  # SHA-NI: twice blake2b's rate, and a comparison hashes 1.6 MB
     for a in arrays:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape};".encode())
@@ -538,6 +734,7 @@ def _compare_arrays(
         statistic=stat,
         p_value=p,
         n_boot=b,
+        ci_method="resampling" if b else ("saddlepoint" if lo == lo else ""),
         higher_is_better=hib,
         n_nonfinite=n_nonfinite,
         overflow=overflow,
@@ -1455,8 +1652,9 @@ _log = logging.getLogger(__name__)
 # scaled, a note per row; 5: bootstrap indices drawn as uint32, so other resamples than
 # the rows remembered before; the details kept; 6: stored values that are no usable number
 # kept (``odd``), no Wilcoxon p from differences that are all zero; the identical twins known;
-# 7: pairs are configurations, group_id, when the study gives one: see _UNIT_SQL)
-SNAPSHOT_FORMAT = 7
+# 7: pairs are configurations, group_id, when the study gives one: see _UNIT_SQL;
+# 8: large samples' CIs by the saddlepoint, a ci_method per row)
+SNAPSHOT_FORMAT = 8
 _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
@@ -2368,6 +2566,15 @@ def _compare(
             f"large study: {min(b for b in n_boot_used if b)} bootstrap resamples for some "
             f"metrics (n × resamples capped at {max_draws:,}); raise max_draws for more"
         )
+    saddle = headline.loc[headline["ci_method"] == "saddlepoint", "metric"].tolist()
+    if saddle:
+        notes.append(
+            f"{', '.join(saddle)}: {SADDLEPOINT_MIN:,}+ "
+            + ("pairs" if design_paired else "values per arm")
+            + ": the bootstrap distribution's quantiles are computed by the saddlepoint "
+            "approximation (Lugannani–Rice), not by drawing resamples: the same percentile "
+            "CI without Monte-Carlo error, and the seed does not enter"
+        )
     notes += arms.excluded
     notes += [f"{row['metric']}: {row['note']}" for row in rows if row.get("note")]
     same = _identical_twins(store, study, arms, pair_cols)
@@ -2580,6 +2787,7 @@ _HEADLINE_COLUMNS = (
     "p_value",
     "p_holm",
     "n_boot",
+    "ci_method",
     "higher_is_better",
     "favours",
     "note",
