@@ -353,6 +353,52 @@ def test_large_comparison_says_its_cis_come_from_the_saddlepoint() -> None:
     assert not any("saddlepoint" in n for n in small.notes)
 
 
+def test_auto_resamples_when_one_value_makes_the_bootstrap_distribution_lumpy() -> None:
+    """One diverged run (1e6 x the others) is drawn Poisson(1) times per resample: the
+    resampled mean moves in steps of ~1 standard error, which the saddlepoint smooths over
+    (its upper bound was 0.38 se above the resampled quantile). "auto" resamples then."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(1, 0.1, cmp.SADDLEPOINT_MIN)
+    x[0] = 1e6
+    se = x.std() / np.sqrt(len(x))
+    ref = bootstrap_mean_ci(x, n_boot=20_000, max_draws=10**9, method="resample")
+    forced = bootstrap_mean_ci(x, method="saddlepoint")
+    assert forced[3] == 0 and abs(forced[2] - ref[2]) > 0.25 * se  # why it is not taken
+    est, lo, hi, b = bootstrap_mean_ci(x)
+    assert b > 0 and (est, lo, hi, b) == bootstrap_mean_ci(x, method="resample")
+    several = rng.normal(1, 0.1, 3 * cmp.SADDLEPOINT_MIN)
+    several[:3] = 1e6  # three copies of the same value: one level, steps as lumpy
+    assert bootstrap_mean_ci(several, max_draws=10**8)[3] > 0
+    two = rng.normal(1, 0.1, cmp.SADDLEPOINT_MIN)
+    two[:2] = 1e6, 2e6  # the larger's step is 2x the smaller's spread, the smaller's huge
+    assert bootstrap_mean_ci(two)[3] > 0
+    # a second sample whose own spread smooths the steps out: the saddlepoint again
+    assert bootstrap_mean_ci(x, rng.normal(0, 2e4, cmp.SADDLEPOINT_MIN))[3] == 0
+    # heavy tails whose large values are many and distinct stay with the saddlepoint
+    assert bootstrap_mean_ci(rng.standard_cauchy(cmp.SADDLEPOINT_MIN))[3] == 0
+    assert bootstrap_mean_ci(rng.pareto(1.5, cmp.SADDLEPOINT_MIN))[3] == 0
+
+
+def test_auto_resamples_every_ci_level_under_40_percent() -> None:
+    x = np.random.default_rng(22).normal(size=cmp.SADDLEPOINT_MIN)
+    assert bootstrap_mean_ci(x, confidence=0.39)[3] == 2000
+    assert bootstrap_mean_ci(x, confidence=0.4)[3] == 0
+
+
+def test_report_header_names_the_seed_only_for_resampled_cis(tmp_path: Path) -> None:
+    rng = np.random.default_rng(23)
+    diffs = rng.normal(0.01, 0.02, cmp.SADDLEPOINT_MIN)
+    res = compare_study(_paired_store(diffs), STUDY, metrics=["acc"], details=False, seed=7)
+    assert res.headline.loc[0, "ci_method"] == "saddlepoint"
+    header = write_report(res, tmp_path / "big").read_text().splitlines()[2]
+    assert "saddlepoint" in header and "seed 7" not in header
+    assert "saddlepoint" in res.to_html(figures=False).split("</p>")[0]
+    assert not any("the same percentile CI" in n for n in res.notes)
+    small = compare_study(_paired_store(diffs[:50]), STUDY, metrics=["acc"], details=False)
+    header = write_report(small, tmp_path / "small").read_text().splitlines()[2]
+    assert "(seed 0)" in header and "saddlepoint" not in header
+
+
 @pytest.mark.parametrize(
     "d",
     [
