@@ -1695,6 +1695,40 @@ def _codes_recomputed(frame: cmp._Frame) -> tuple[list[int], list[str], list[int
         frame._pair_codes, frame._status_codes = pair_codes, status_codes
 
 
+def test_a_refresh_of_many_changed_trials_finds_them_without_indexing_every_trial(
+    tmp_path: Path,
+) -> None:
+    """More changed trials than a scan is for: the rows are found in one vectorised pass
+    (no dict of every trial of the study), patched where they exist and appended where
+    not, and the comparison equals one computed from scratch."""
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=12, epochs=2))
+    cmp.clear_cache()
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    trials = store.trials(study=STUDY)
+    redone = []
+    for k, rec in enumerate(trials.head(cmp._SCAN_ROWS + 2).itertuples()):
+        redone += _trial(
+            int(str(rec.trial_id).rsplit("_", 1)[1]),
+            bool(rec.spectral_norm),
+            {"test_accuracy": 0.3 + k / 100},
+            pair=json.loads(rec.parameters)["pair_id"]
+            if isinstance(rec.parameters, str)
+            else rec.parameters["pair_id"],
+        )
+    redone += _trial(900, True, {"test_accuracy": 0.9}, pair="new")
+    redone += _trial(901, False, {"test_accuracy": 0.8}, pair="new")
+    before = frame.n
+    store.append(redone)
+    res = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp._CACHE[cmp._store_key(store, STUDY)] is frame and frame._index is None
+    assert frame.n == before + 2
+    fresh = compare_study(store, STUDY, metrics=["test_accuracy"], details=False, use_cache=False)
+    pd.testing.assert_frame_equal(res.headline, fresh.headline)
+    pd.testing.assert_frame_equal(res.trials, fresh.trials)
+
+
 def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> None:
     """A live study's new trials extend the frame's pair and status codes instead of a
     recount of every trial; a change that would renumber them (a trial moving to another

@@ -1483,15 +1483,21 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         return None
     keys = sorted(frame.columns)
     rows = _fetch_rows(store, study, keys, [(r, t) for r, t in changed], with_metrics_text=True)
-    if frame._index is None and len(rows) <= _SCAN_ROWS:  # a few: scan, skip the 100k-key dict
+    if frame._index is not None:
+        locate = lambda run, trial: frame.index().get((run, trial))  # noqa: E731
+    elif len(rows) <= _SCAN_ROWS:  # a few: scan, skip the 100k-key dict
         trial_ids, run_ids = frame.trial, frame.run
 
         def locate(run: str, trial: str) -> int | None:
             hits = np.flatnonzero(trial_ids == trial)
             hits = hits[run_ids[hits] == run]
             return int(hits[0]) if len(hits) else None
-    else:
-        locate = lambda run, trial: frame.index().get((run, trial))  # noqa: E731
+    else:  # more: one vectorised pass for the changed ids (the dict of all 100k: 8x that)
+        wanted = pd.Series(frame.trial, copy=False).isin({row[1] for row in rows}).to_numpy()
+        hits = np.flatnonzero(wanted).tolist()
+        ids = zip(frame.run[hits].tolist(), frame.trial[hits].tolist(), strict=True)
+        where = dict(zip(ids, hits, strict=True))
+        locate = lambda run, trial: where.get((run, trial))  # noqa: E731
     new_keys: set[str] = set()
     patched: list[tuple[int, tuple[Any, ...]]] = []
     appended: list[tuple[Any, ...]] = []
