@@ -440,7 +440,7 @@ def _saddle_root(gap: Callable[[float], float], start: float, sign: float) -> fl
             break
         a, fa, b = b, fb, c
         fb = gap(b)
-        if abs(b - a) <= 1e-6 * max(1.0, abs(b)):
+        if abs(b - a) <= 1e-7 * max(1.0, abs(b)):  # tau: bounds to 1e-7 standard errors
             return b
     near, far = sign * 1e-3, start
     for _ in range(40):  # widen until the bracket holds the root
@@ -479,14 +479,20 @@ def _saddlepoint_bounds(
     try:
         with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
             for target, sign in ((alpha, -1.0), (1 - alpha, 1.0)):
+                tilted: dict[float, float] = {}  # tau -> K'(t): the root's is the bound
 
-                def gap(tau: float, target: float = target) -> float:
-                    return _lugannani_rice(smps, tau / se)[0] - target
+                def gap(
+                    tau: float, target: float = target, tilted: dict[float, float] = tilted
+                ) -> float:
+                    p, tilted[tau] = _lugannani_rice(smps, tau / se)
+                    return p - target
 
                 tau = _saddle_root(gap, sign * z, sign)
                 if tau is None:
                     return None
-                bounds.append(centre + _lugannani_rice(smps, tau / se)[1])
+                if tau not in tilted:
+                    gap(tau)
+                bounds.append(centre + tilted[tau])
     except (ArithmeticError, ValueError, RuntimeError, FloatingPointError):
         return None
     lo, hi = bounds
