@@ -345,6 +345,56 @@ def test_source_errors_do_not_stop_the_monitor() -> None:
     assert mon.state.summary()["n_done"] == 2
 
 
+def _seeded_pair_events(
+    study: str, group: str, seed: int, sn_acc: float, none_acc: float
+) -> list[Any]:
+    """A configuration's twins on one seed, as the study runner reports them."""
+    out: list[Any] = []
+    for sn, acc in ((True, sn_acc), (False, none_acc)):
+        ids = {"model_run_id": study, "study": study, "trial_id": f"{group}_s{seed}_{int(sn)}"}
+        params = {"group_id": group, "pair_id": f"{group}_s{seed}", "seed": seed}
+        out.append(events.trial_start(**ids, spectral_norm=sn, parameters=params))
+        out.append(
+            events.trial_complete(
+                **ids,
+                spectral_norm=sn,
+                status="completed",
+                metrics={"best_val_accuracy": acc},
+                parameters=params,
+            )
+        )
+    return out
+
+
+def test_paired_means_count_a_configuration_once_as_the_comparison_does() -> None:
+    # two configurations, each on two seeds: 2 pairs (each arm's mean over its seeds), not 4
+    evs = [
+        *_seeded_pair_events(STUDY, "g0000", 0, 0.90, 0.80),
+        *_seeded_pair_events(STUDY, "g0000", 1, 0.70, 0.80),
+        *_seeded_pair_events(STUDY, "g0002", 0, 0.95, 0.85),
+        *_seeded_pair_events(STUDY, "g0002", 1, 0.95, 0.85),
+    ]
+    paired = _fold(evs).summary()["paired"]
+    assert paired["n"] == 2
+    assert paired["mean"] == pytest.approx((0.0 + 0.10) / 2)
+    assert paired["se"] == pytest.approx(0.05)
+
+
+def test_paired_means_never_pair_trials_of_two_studies() -> None:
+    # every study numbers its configurations g0000, g0002, ...: following two studies at
+    # once (study=None), study a's g0000 is not study b's
+    state = MonitorState(None)
+    state.apply_many(
+        [
+            *_seeded_pair_events("a", "g0000", 0, 0.90, 0.80),
+            *_seeded_pair_events("b", "g0000", 0, 0.60, 0.80),
+        ]
+    )
+    paired = state.summary()["paired"]
+    assert paired["n"] == 2
+    assert paired["mean"] == pytest.approx((0.10 - 0.20) / 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Throttling, widgets, text mode, stop
 # ---------------------------------------------------------------------------------------------
@@ -1513,6 +1563,23 @@ def test_a_study_the_lab_has_no_trials_of_is_waited_for_with_the_closest_names(
     (notice,) = _warnings(caplog)
     assert "no trials of study 'smok' in this lab yet: waiting for them" in notice
     assert "did you mean 'smoke'?" in notice and "the lab's studies: smoke" in notice
+
+
+def test_a_study_the_gateway_has_no_trials_of_is_waited_for_with_the_closest_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study("smoke", n_pairs=1, epochs=2))
+    with (
+        _Gateway(store) as gw,
+        caplog.at_level("WARNING", logger="thunderline_lab.monitor"),
+    ):
+        LiveMonitor.from_gateway(gw.url, GW_TOKEN, "smok", mode="text")._release()
+        LiveMonitor.from_gateway(gw.url, GW_TOKEN, "smoke", mode="text")._release()  # known
+    (notice,) = _warnings(caplog)
+    assert "no trials of study 'smok' in this lab yet: waiting for them" in notice
+    assert "did you mean 'smoke'?" in notice and "the lab's studies: smoke" in notice
+    store.close()
 
 
 def test_a_gateway_source_takes_the_token_from_the_environment(

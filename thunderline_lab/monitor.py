@@ -387,6 +387,15 @@ class GatewaySource:
         (rows,) = self._get("/api/trials", params, "trials", "trials")
         return pd.DataFrame(rows, columns=None if rows else ["model_run_id", "trial_id"])
 
+    def studies(self) -> list[str]:
+        """The names of the studies the gateway's lab has trials of, sorted (as
+        ``TrialStore.studies``; read from ``GET /api/trials``)."""
+        (rows,) = self._get("/api/trials", {}, "trials", "trials")
+        try:
+            return sorted({str(r["study"]) for r in rows if r.get("study") is not None})
+        except (AttributeError, TypeError) as exc:
+            raise GatewayError(f"{self.label}: malformed /api/trials answer: {exc}") from exc
+
     def metric_history(
         self,
         model_run_id: str,
@@ -426,7 +435,7 @@ class GatewaySource:
             self.client.close()
 
 
-def _warn_unknown_study(store: TrialStore, study: str) -> None:
+def _warn_unknown_study(store: TrialStore | GatewaySource, study: str) -> None:
     """A study the lab has no trials of is waited for; when the lab has others, say so
     (with the closest names) rather than wait in silence for a mistyped name."""
     import difflib
@@ -749,6 +758,7 @@ class TrialRow:
     spectral_norm: bool | None = None
     coeff: float | None = None
     pair_id: Any = None
+    group_id: Any = None  # the configuration (its pairs on several seeds are one unit)
     epoch: int | None = None
     last: dict[str, float] = field(default_factory=dict)
     best: float | None = None
@@ -975,6 +985,8 @@ class MonitorState:
             row.spectral_norm = params["spectral_norm"]
         if params.get("pair_id") is not None:
             row.pair_id = params["pair_id"]
+        if params.get("group_id") is not None:
+            row.group_id = params["group_id"]
         if get("mlflow_run_id"):  # from the trial's events or the MLflow logger's link event
             row.mlflow_run_id = str(get("mlflow_run_id"))
             experiment = (get("metadata") or {}).get("mlflow_experiment_id")
@@ -1026,6 +1038,7 @@ class MonitorState:
             row.coeff = None if coeff is None or coeff != coeff else float(coeff)
             params, metrics = rec.get("parameters") or {}, rec.get("metrics") or {}
             row.pair_id = params.get("pair_id")
+            row.group_id = params.get("group_id")
             # the trainer's best_<objective> is final; a trial without it (pruned, failed)
             # gets its last value until load_history finds the best by the live rule
             best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
@@ -1164,7 +1177,9 @@ class MonitorState:
 
         Means are over completed trials (each trial's ``best``: :attr:`best_label`), with
         standard errors (``se``);
-        ``paired`` is the mean SN − none difference over complete pairs (by ``pair_id``).
+        ``paired`` is the mean SN − none difference over complete pairs, as the comparison
+        counts them: one per configuration of one study (its ``group_id``: a configuration run
+        on several seeds is one pair, each arm's mean over its seeds; else its ``pair_id``).
         """
         if self._summary_cache is not None and self._summary_cache[0] == self.lifecycle_version:
             out = dict(self._summary_cache[1])
@@ -1177,8 +1192,10 @@ class MonitorState:
             counts[row.status] = counts.get(row.status, 0) + 1
             if row.status == "completed" and row.best is not None and row.arm in arms:
                 arms[row.arm].append(row.best)
-                if row.pair_id is not None:
-                    pairs.setdefault(row.pair_id, {"SN": [], "none": []})[row.arm].append(row.best)
+                if row.pair_id is not None:  # a twin: its unit is its configuration
+                    unit = row.group_id if row.group_id is not None else row.pair_id
+                    key = (row.model_run_id, unit)  # another study's "g0000" is another pair
+                    pairs.setdefault(key, {"SN": [], "none": []})[row.arm].append(row.best)
         diffs = [
             sum(p["SN"]) / len(p["SN"]) - sum(p["none"]) / len(p["none"])
             for p in pairs.values()
@@ -1781,6 +1798,8 @@ class LiveMonitor:
                 after = source.last_seq()  # first: what the snapshot misses is tailed
                 mon._load_snapshot(source, study)
                 source.after = after
+                if bus is None and not mon.state.rows:  # a mistyped name: as from_store
+                    _warn_unknown_study(source, study)
 
             mon._attach = attach
             try:
@@ -2178,8 +2197,8 @@ class LiveMonitor:
         events = self.state.events
         if self.loaded_trials:
             seen = (
-                f"{self.loaded_trials} trials loaded from {self._loaded_from}, "
-                f"then {events} new events"
+                f"{self.loaded_trials} trial{'' if self.loaded_trials == 1 else 's'} loaded "
+                f"from {self._loaded_from}, then {events} new event{'' if events == 1 else 's'}"
             )
         else:
             seen = f"{events} events"
