@@ -1764,7 +1764,7 @@ def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> N
             True,
         ),
         (
-            "ten trials at once (ids looked up in a dict, not scanned)",
+            "ten trials at once (ids found in one vectorised pass, not scanned one by one)",
             [
                 ev
                 for k in range(10)
@@ -1796,10 +1796,8 @@ def test_codes_kept_through_refreshes_equal_recomputed_ones(tmp_path: Path) -> N
         store.append(evs)
         res = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
         assert cmp._CACHE[cmp._store_key(store, STUDY)] is frame, label  # refreshed in place
-        extended = frame._pair_lookup is not None and frame._pair_lookup[0] is frame._pair_codes
+        extended = frame._pair_extended is not None and frame._pair_extended is frame._pair_codes
         assert extended is pairs_kept, label
-        if "dict" in label:  # more new trials than a scan is for
-            assert frame._pair_lookup is not None and frame._pair_lookup[1] is not None
         assert (frame.status_codes()[0] is names_before) is statuses_kept, label
         names, codes = frame.status_codes()
         assert (frame.pair_codes().tolist(), names.tolist(), codes.tolist()) == _codes_recomputed(

@@ -376,7 +376,8 @@ def _saddlepoint_samples(
         var += sd * sd / n
         # the levels farthest from the mean (all copies of each): their steps in the
         # resampled mean, and their shares of the resampled mean's variance
-        far = np.argsort(squares)[-_SADDLE_FAR_LEVELS:]
+        k = min(_SADDLE_FAR_LEVELS, len(squares))
+        far = np.argpartition(squares, len(squares) - k)[-k:]  # O(n): no full sort
         shares = counts[far] * squares[far] / n**2
         steps += zip((np.abs(values[far]) / n).tolist(), shares.tolist(), strict=True)
     if not forced:
@@ -990,8 +991,7 @@ class _Frame:
     lock: threading.Lock = field(default_factory=threading.Lock)
     _index: dict[tuple[str, str], int] | None = None
     _pair_codes: np.ndarray | None = None
-    # (the pair codes, each id's code or None: not built, a few new rows scan for ids)
-    _pair_lookup: tuple[np.ndarray, dict[Any, int] | None] | None = None
+    _pair_extended: np.ndarray | None = None  # the pair codes a refresh last extended
     _status_codes: tuple[np.ndarray, np.ndarray] | None = None
     _str_codes: set[str] = field(default_factory=set)  # codes computed from str (and None)
     # metric-history fallbacks: (metric, mode) -> (watermark, values or None)
@@ -1063,15 +1063,16 @@ class _Frame:
         new = self.pair[start:].tolist()
         if not {str, type(None)}.issuperset(map(type, new)):
             return None
-        lookup = None
-        if self._pair_lookup is not None and self._pair_lookup[0] is codes:
-            lookup = self._pair_lookup[1]
-        if lookup is None and len(new) > _SCAN_ROWS:  # many new rows: one dict of every id
-            ids = self.pair[_first_rows(codes)].tolist()  # code k's id (first appearance)
-            lookup = {pid: k for k, pid in enumerate(ids)}
-        scan = lookup is None  # a few new rows: each new id is looked for among the known
-        found: dict[Any, int] = {} if lookup is None else lookup
         known = self.pair[:start]
+        found: dict[Any, int] = {}
+        scan = len(new) <= _SCAN_ROWS  # a few new rows: each id is looked for among the known
+        if not scan:
+            # many: the known rows holding their ids, in one vectorised pass (a dict of every
+            # id would cost 4x that at 50,000 pairs); the ids not found are new
+            wanted = {pid for pid in new if pid is not None}
+            hits = np.flatnonzero(pd.Series(known, copy=False).isin(wanted).to_numpy())
+            for i, code in zip(hits.tolist(), codes[hits].tolist(), strict=True):
+                found.setdefault(known[i], code)
         next_code = int(codes[:start].max(initial=-1)) + 1
         extra = np.empty(len(new), dtype=np.int64)
         for j, pid in enumerate(new):
@@ -1086,7 +1087,7 @@ class _Frame:
                 code, next_code = next_code, next_code + 1
             found[pid] = extra[j] = code
         out = np.concatenate([codes[:start], extra])
-        self._pair_lookup = (out, None if scan else found)
+        self._pair_extended = out
         return out
 
     def _extended_status_codes(
@@ -1835,6 +1836,10 @@ def _known_codes(frame: _Frame, name: str) -> tuple[str, np.ndarray, Sequence[An
         first = np.empty(len(names), dtype=np.intp)
         first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # each name's first row
         return "sorted", codes, values[first].tolist()  # the values, not their str copies
+    if name == "run" and _all_str(values):  # a study's few model runs (usually one)
+        codes, uniques = pd.factorize(values)
+        if len(uniques) * 4 <= len(values):  # codes, not 100,000 strings split on load
+            return "first", codes, list(uniques)
     return None
 
 
