@@ -224,6 +224,40 @@ def test_unpaired_fallback_uses_welch() -> None:
     assert forced.design == "unpaired"
 
 
+def test_unpaired_replicates_are_one_sample_per_configuration() -> None:
+    """A tpe study run on 3 seeds: a configuration's seeds share every hyperparameter, so
+    Welch's test compares the configurations' means (6 + 6), not 18 + 18 trials."""
+    store = TrialStore(":memory:")
+    rng = np.random.default_rng(8)
+    evs, means = [], {"SN": [], "none": []}
+    number = 0
+    for g in range(12):
+        sn = g % 2 == 1
+        level = float(rng.normal(0.82 if sn else 0.80, 0.02))  # the configuration's skill
+        seeds = [level + float(rng.normal(0, 0.002)) for _ in range(3)]
+        means["SN" if sn else "none"].append(np.mean(seeds))
+        for v in seeds:
+            evs += _trial(number, sn, {"acc": v}, group=f"g{g:04d}")
+            number += 1
+    evs += _trial(number, True, {"acc": 0.9})  # a trial of no configuration: its own sample
+    means["SN"].append(0.9)
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert res.design == "unpaired" and (row["n_sn"], row["n_none"]) == (7, 6)
+    ref = stats.ttest_ind(means["SN"], means["none"], equal_var=False)
+    assert row["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert row["diff"] == pytest.approx(np.mean(means["SN"]) - np.mean(means["none"]))
+    assert any("replicates" in n and "6 SN, 6 none" in n for n in res.notes)
+    # one trial per configuration: nothing to average, no note, the trials as they are
+    single = TrialStore(":memory:")
+    single.append(
+        [e for g in range(8) for e in _trial(g, g % 2 == 1, {"acc": 0.8 + g / 100}, group=f"g{g}")]
+    )
+    res1 = compare_study(single, STUDY, metrics=["acc"], details=False)
+    assert res1.headline.loc[0, "n_sn"] == 4 and not any("replicates" in n for n in res1.notes)
+
+
 def test_bootstrap_is_seeded_and_vectorised_paths_agree() -> None:
     rng = np.random.default_rng(1)
     discrete = rng.integers(0, 40, 4000) / 2000  # accuracies on a 2,000-example test set

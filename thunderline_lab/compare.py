@@ -9,7 +9,9 @@ unconstrained twins, metric by metric:
   approximation instead, with no resample and no seed: see :func:`bootstrap_mean_ci`) and
   the Wilcoxon signed-rank test (exact, permutation, or its normal approximation);
 * **unpaired** fall-back (no pair ids): difference of the arm means with a bootstrap CI
-  (each arm resampled; the saddlepoint from 2,000 values per arm) and Welch's t-test.
+  (each arm resampled; the saddlepoint from 2,000 values per arm) and Welch's t-test. A
+  configuration run on several seeds (``tpe`` with replicates: its ``group_id``) is one
+  value per arm, the mean over its seeds, as it is one pair in the paired design.
 
 Every metric is tested at once, so each p-value comes with ``p_holm``: adjusted by Holm's
 step-down method over the comparison's metrics that have a p-value (the family-wise error
@@ -2553,6 +2555,15 @@ def _compare(
             "n_pairs counts configurations, not seeds or trials"
         )
 
+    groups = None if design_paired or one_arm else _group_codes(store, study, frame)
+    if groups is not None:
+        n_cfg = [len(np.unique(groups[arm & (groups >= 0)])) for arm in (is_sn, is_none)]
+        notes.append(
+            "replicates: a configuration run on several seeds (its group_id) is one value per "
+            "arm, the mean over its seeds (they share every hyperparameter, so they are not "
+            f"independent samples); n counts configurations ({n_cfg[0]} SN, {n_cfg[1]} none, "
+            "plus any trial without a group_id), not trials"
+        )
     rows, sources, pair_cols, values_by_metric = [], {}, {}, {}
     skipped = []
     for metric in wanted:
@@ -2581,6 +2592,7 @@ def _compare(
             seed,
             max_draws,
             frame.odd.get(sources[metric]),
+            groups,
         )
         row["source"] = sources[metric]
         rows.append(row)
@@ -2619,6 +2631,7 @@ def _compare(
         confidence,
         seed,
         max_draws,
+        groups,
     )
     by_coeff.attrs["confidence"] = confidence
     n_boot_used = sorted(set(headline["n_boot"].tolist()))
@@ -3023,6 +3036,66 @@ def _paired_diffs(
         return m_sn[both], m_none[both], m_sn[both] - m_none[both], both
 
 
+def _group_means(values: np.ndarray, mask: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """The values of the rows in ``mask``, each configuration's (``groups`` code ≥ 0) as the
+    mean over its rows; rows without a configuration (-1) as they are. Means are taken in
+    units of a power of two for extreme magnitudes (no sum overflows)."""
+    v, g = values[mask], groups[mask]
+    single = g < 0
+    if not (~single).any():
+        return v
+    k = _exponent(v) or 0
+    scaled = np.ldexp(v[~single], -k) if k else v[~single]
+    _, inverse = np.unique(g[~single], return_inverse=True)
+    means = np.bincount(inverse, weights=scaled) / np.bincount(inverse)
+    return np.concatenate([v[single], np.ldexp(means, k) if k else means])
+
+
+def _group_codes(store: TrialStore, study: str, frame: _Frame) -> np.ndarray | None:
+    """Per frame row, the code of its configuration (``parameters["group_id"]``; -1
+    without one), for the unpaired design: a configuration run on several seeds (``tpe``
+    with replicates) is one sample, not one per seed. None when no configuration has two
+    trials (nothing to average: the comparison is as before). Kept with the frame until a
+    refresh changes a row."""
+    key = ("groups",)
+    if key in frame.derived:
+        cached: np.ndarray | None = frame.derived[key]
+        return cached
+    sql = (
+        "SELECT model_run_id, trial_id, json_extract(parameters, '$.group_id') FROM trials "
+        "WHERE study = ? AND json_extract(parameters, '$.group_id') IS NOT NULL"
+    )
+    try:
+        found = _read(store, sql, [study])
+    except Exception as exc:
+        if not _malformed_json(exc):
+            raise
+        found = []  # a NaN or broken JSON somewhere: parsed in Python (naming a broken row)
+        for _, run, trial, text in _trial_rows(
+            store, study, "model_run_id, trial_id, parameters", None
+        ):
+            group = _json_value(_parse_json(store, text, run, trial, "parameters"), "group_id")
+            if group is not None and group is not _STORED_NAN:
+                found.append((run, trial, group))
+    codes = np.full(frame.n, -1, dtype=np.int64)
+    if found:
+        index = frame.index()
+        rows, labels = [], []
+        for run, trial, group in found:
+            i = index.get((run, trial))
+            if i is not None:
+                rows.append(i)
+                labels.append(group if _hashable(group) else json.dumps(group, sort_keys=True))
+        if rows:
+            codes[rows] = pd.factorize(pd.Series(labels, dtype=object))[0]
+    members = codes[codes >= 0]
+    out = codes if len(members) and np.bincount(members).max() > 1 else None
+    if out is not None:
+        out.flags.writeable = False
+    frame.derived[key] = out
+    return out
+
+
 def _compare_metric(
     metric: str,
     values: np.ndarray,
@@ -3035,9 +3108,13 @@ def _compare_metric(
     seed: int,
     max_draws: int,
     rows: _PairRows | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
     """The metric's headline row, and in a paired design its pair differences with their
-    pair codes (the pairs where both arms report the metric)."""
+    pair codes (the pairs where both arms report the metric).
+
+    ``groups`` (unpaired design, :func:`_group_codes`): each configuration run on several
+    seeds is one value per arm, the mean over its seeds."""
     if paired:
         sn, none, d, both = _paired_diffs(values, codes, is_sn, is_none, rows)
         return (
@@ -3054,7 +3131,11 @@ def _compare_metric(
             (both, d),
         )
     finite = np.isfinite(values)  # NaN: no value; ±inf: left out (noted by _metric_row)
-    sn, none = values[is_sn & finite], values[is_none & finite]
+    if groups is None:
+        sn, none = values[is_sn & finite], values[is_none & finite]
+    else:
+        sn = _group_means(values, is_sn & finite, groups)
+        none = _group_means(values, is_none & finite, groups)
     row = compare_arrays(
         metric,
         sn,
@@ -3078,6 +3159,7 @@ def _metric_row(
     seed: int,
     max_draws: int,
     odd: Mapping[int, str] | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """:func:`_compare_metric` over ``arms``, kept with them: the same values (the frame's
     arrays are replaced or the arms dropped when a refresh changes a row) and arguments give
@@ -3086,7 +3168,7 @@ def _metric_row(
 
     ``odd``: the frame rows whose stored value is no usable number (:attr:`_Frame.odd` of
     the metric's key), for the note."""
-    key = (metric, paired, n_boot, confidence, seed, max_draws)
+    key = (metric, paired, n_boot, confidence, seed, max_draws, groups is None)
     hit = arms.rows.get(key)
     if hit is None or hit[0] is not values:
         row, diffs = _compare_metric(
@@ -3101,6 +3183,7 @@ def _metric_row(
             seed,
             max_draws,
             arms.pair_rows if paired else None,
+            None if paired else groups,
         )
         d = None
         if diffs is not None:
@@ -3301,7 +3384,9 @@ def _by_coeff(
     confidence: float,
     seed: int,
     max_draws: int,
+    configs: np.ndarray | None = None,
 ) -> pd.DataFrame:
+    """Headline rows per SN coefficient; ``configs``: :func:`_group_codes` (unpaired)."""
     known = is_sn & ~np.isnan(frame.coeff)
     coeffs = np.unique(frame.coeff[known])
     if len(coeffs) < 2:
@@ -3325,7 +3410,17 @@ def _by_coeff(
         group = []
         for metric, values in values_by_metric.items():
             row, _ = _compare_metric(
-                metric, values, codes, arm, is_none, paired, n_boot, confidence, seed, max_draws
+                metric,
+                values,
+                codes,
+                arm,
+                is_none,
+                paired,
+                n_boot,
+                confidence,
+                seed,
+                max_draws,
+                groups=configs,
             )
             group.append({"coeff": c, "coeff_range": label, **row, "source": sources[metric]})
         rows += _holm_rows(group, confidence)  # each coefficient's comparison: one family
