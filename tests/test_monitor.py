@@ -374,10 +374,15 @@ def test_paired_means_count_a_configuration_once_as_the_comparison_does() -> Non
         *_seeded_pair_events(STUDY, "g0002", 0, 0.95, 0.85),
         *_seeded_pair_events(STUDY, "g0002", 1, 0.95, 0.85),
     ]
-    paired = _fold(evs).summary()["paired"]
+    summary = _fold(evs).summary()
+    paired = summary["paired"]
     assert paired["n"] == 2
     assert paired["mean"] == pytest.approx((0.0 + 0.10) / 2)
     assert paired["se"] == pytest.approx(0.05)
+    # the arms' running means too: one value per configuration (its seeds' mean)
+    assert summary["arms"]["SN"]["n"] == 2
+    assert summary["arms"]["SN"]["mean"] == pytest.approx((0.80 + 0.95) / 2)
+    assert summary["arms"]["none"]["n"] == 2
 
 
 def test_paired_means_never_pair_trials_of_two_studies() -> None:

@@ -1176,7 +1176,8 @@ class MonitorState:
         """Study-level figures: counts by status, the best trial, SN-vs-none running means.
 
         Means are over completed trials (each trial's ``best``: :attr:`best_label`), with
-        standard errors (``se``);
+        standard errors (``se``), a configuration run on several seeds (its ``group_id``)
+        counting once, with its seeds' mean, as in the comparison;
         ``paired`` is the mean SN − none difference over complete pairs, as the comparison
         counts them: one per configuration of one study (its ``group_id``: a configuration run
         on several seeds is one pair, each arm's mean over its seeds; else its ``pair_id``).
@@ -1187,15 +1188,23 @@ class MonitorState:
             return out
         counts = {s: 0 for s in ("running", "completed", "pruned", "cancelled", "failed")}
         arms: dict[str, list[float]] = {"SN": [], "none": []}
+        configs: dict[Any, list[float]] = {}  # (run, group_id, arm) -> its seeds' values
         pairs: dict[Any, dict[str, list[float]]] = {}
         for row in self.rows.values():
             counts[row.status] = counts.get(row.status, 0) + 1
             if row.status == "completed" and row.best is not None and row.arm in arms:
-                arms[row.arm].append(row.best)
+                if row.group_id is None:
+                    arms[row.arm].append(row.best)
+                else:
+                    configs.setdefault((row.model_run_id, row.group_id, row.arm), []).append(
+                        row.best
+                    )
                 if row.pair_id is not None:  # a twin: its unit is its configuration
                     unit = row.group_id if row.group_id is not None else row.pair_id
                     key = (row.model_run_id, unit)  # another study's "g0000" is another pair
                     pairs.setdefault(key, {"SN": [], "none": []})[row.arm].append(row.best)
+        for (_, _, arm), values in configs.items():
+            arms[arm].append(sum(values) / len(values))
         diffs = [
             sum(p["SN"]) / len(p["SN"]) - sum(p["none"]) / len(p["none"])
             for p in pairs.values()
