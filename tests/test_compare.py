@@ -42,9 +42,10 @@ def _trial(
     study: str = STUDY,
     curve: Sequence[float] = (),
     group: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[Any]:
     common = {"model_run_id": study, "trial_id": f"trial_{number:04d}", "study": study}
-    params: dict[str, Any] = {"spectral_norm": sn}
+    params: dict[str, Any] = {"spectral_norm": sn, **(extra or {})}
     if pair is not None:
         params["pair_id"] = pair
     if group is not None:
@@ -256,6 +257,39 @@ def test_unpaired_replicates_are_one_sample_per_configuration() -> None:
     )
     res1 = compare_study(single, STUDY, metrics=["acc"], details=False)
     assert res1.headline.loc[0, "n_sn"] == 4 and not any("replicates" in n for n in res1.notes)
+
+
+def test_a_cnn_study_searching_the_sn_mode_is_also_compared_per_mode(tmp_path: Path) -> None:
+    """The SN arm pools operator and matrix mode; by_mode compares each mode's SN trials
+    with their own twins, and the report shows it."""
+    store = TrialStore(":memory:")
+    rng = np.random.default_rng(9)
+    evs, effect = [], {"operator": 0.05, "matrix": -0.02}
+    for i in range(16):
+        mode = "operator" if i % 2 else "matrix"
+        base = 0.8 + float(rng.normal(0, 0.01))
+        d = effect[mode] + float(rng.normal(0, 0.002))
+        evs += _trial(2 * i, False, {"acc": base}, pair=f"p{i}")
+        evs += _trial(
+            2 * i + 1, True, {"acc": base + d}, pair=f"p{i}", extra={"conv_sn_mode": mode}
+        )
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    by_mode = res.by_mode.set_index("sn_mode")
+    assert sorted(by_mode.index) == ["matrix", "operator"]
+    assert by_mode.loc["operator", "n_pairs"] == 8 and by_mode.loc["matrix", "n_pairs"] == 8
+    assert by_mode.loc["operator", "diff"] == pytest.approx(0.05, abs=0.003)
+    assert by_mode.loc["matrix", "diff"] == pytest.approx(-0.02, abs=0.003)
+    assert by_mode.loc["operator", "favours"] == "SN" and by_mode.loc["matrix", "favours"] == "none"
+    assert res.headline.loc[0, "n_pairs"] == 16  # the headline pools both modes
+    text = write_report(res, tmp_path / "r").read_text()
+    assert "## By conv SN mode" in text and "| operator" in text
+    assert "within each SN mode's comparison" in text
+    assert "By conv SN mode" in res.to_html(figures=False)
+    # one mode only (or an MLP study): no breakdown
+    assert compare_study(
+        _paired_store([0.01] * 6), STUDY, metrics=["acc"], details=False
+    ).by_mode.empty
 
 
 def test_bootstrap_is_seeded_and_vectorised_paths_agree() -> None:

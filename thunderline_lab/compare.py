@@ -888,7 +888,7 @@ def _families(table: pd.DataFrame) -> list[np.ndarray]:
     comparison, a row per metric), or each SN coefficient's rows of a per-coefficient table
     (each group is its own comparison of SN at that coefficient with none, adjusted as one
     family by :func:`_by_coeff`)."""
-    keys = [c for c in ("coeff", "coeff_range") if c in table.columns]
+    keys = [c for c in ("coeff", "coeff_range", "sn_mode") if c in table.columns]
     if not keys or table.empty:
         return [np.arange(len(table))]
     groups = table.groupby(keys, sort=False, dropna=False).indices
@@ -952,8 +952,11 @@ def _holm_note(table: pd.DataFrame) -> str:
     p = table["p_value"].to_numpy(dtype=float) if "p_value" in table.columns else np.array([])
     sizes = sorted({int(np.count_nonzero(~np.isnan(p[rows]))) for rows in _families(table)})
     sizes = [m for m in sizes if m] or [0]  # a coefficient without any test: no family
-    per_coeff = "coeff_range" in table.columns
-    where = "within each coefficient's comparison (not across them), " if per_coeff else ""
+    where = ""
+    if "coeff_range" in table.columns:
+        where = "within each coefficient's comparison (not across them), "
+    elif "sn_mode" in table.columns:
+        where = "within each SN mode's comparison (not across them), "
     if sizes[-1] == 0:
         return "p_holm: no metric has a p-value: nothing to adjust."
     if sizes[-1] == 1:
@@ -2246,6 +2249,8 @@ class ComparisonResult:
         by_coeff: headline rows per SN coefficient when the study uses a few fixed ones, or
             per tercile of a searched coefficient (``coeff`` the group's median,
             ``coeff_range`` its bounds); p_holm adjusts within each group's metrics.
+        by_mode: headline rows per ``conv_sn_mode`` (``sn_mode``: operator / matrix) when
+            the SN arm holds several (a CNN study searching the mode); empty otherwise.
         counts: trials by status and arm (all statuses).
         curves: group learning curves: arm, name, step, n, mean, ci_low, ci_high.
         layer_sigma: per-layer σ by arm: layer, arm, n, mean, ci_low, ci_high.
@@ -2267,6 +2272,7 @@ class ComparisonResult:
     sources: dict[str, str]
     notes: list[str]
     accuracy_metric: str | None = None
+    by_mode: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @functools.cached_property
     def trials(self) -> pd.DataFrame:
@@ -2303,6 +2309,11 @@ class ComparisonResult:
             shown.insert(0, "coeff", self.by_coeff["coeff_range"])
             parts += ["<p><b>By SN coefficient</b></p>", shown.to_html(index=False)]
             parts.append(f"<p>{_html(_holm_note(self.by_coeff))}</p>")
+        if not self.by_mode.empty:
+            shown = _headline_display(self.by_mode, self.confidence)
+            shown.insert(0, "SN mode", self.by_mode["sn_mode"])
+            parts += ["<p><b>By conv SN mode</b></p>", shown.to_html(index=False)]
+            parts.append(f"<p>{_html(_holm_note(self.by_mode))}</p>")
         parts.append(_counts_table(self.counts).to_html(index=False))
         if self.notes:
             parts.append("<ul>" + "".join(f"<li>{_html(n)}</li>" for n in self.notes) + "</ul>")
@@ -2634,6 +2645,21 @@ def _compare(
         groups,
     )
     by_coeff.attrs["confidence"] = confidence
+    by_mode = _by_mode(
+        values_by_metric,
+        sources,
+        codes,
+        is_sn,
+        is_none,
+        design_paired,
+        n_boot,
+        confidence,
+        seed,
+        max_draws,
+        None if one_arm else _sn_modes(store, study, frame),
+        groups,
+    )
+    by_mode.attrs["confidence"] = confidence
     n_boot_used = sorted(set(headline["n_boot"].tolist()))
     if any(b < n_boot for b in n_boot_used if b):
         notes.append(
@@ -2732,6 +2758,7 @@ def _compare(
         trial_columns=trials,
         pairs=pairs,
         by_coeff=by_coeff,
+        by_mode=by_mode,
         counts=counts,
         curves=curves,
         layer_sigma=layer_sigma,
@@ -3051,6 +3078,43 @@ def _group_means(values: np.ndarray, mask: np.ndarray, groups: np.ndarray) -> np
     return np.concatenate([v[single], np.ldexp(means, k) if k else means])
 
 
+def _param_rows(store: TrialStore, study: str, key: str) -> list[tuple[Any, Any, Any]]:
+    """(run, trial, value) of the study's trials whose ``parameters`` have ``key`` (not
+    null); JSON that SQLite refuses (a NaN written out of band) is parsed in Python, and
+    broken JSON is an error naming the trial."""
+    path = _json_path(key)
+    sql = (
+        "SELECT model_run_id, trial_id, json_extract(parameters, ?) FROM trials "
+        "WHERE study = ? AND json_extract(parameters, ?) IS NOT NULL"
+    )
+    try:
+        return _read(store, sql, [path, study, path])
+    except Exception as exc:
+        if not _malformed_json(exc):
+            raise
+    found = []
+    for _, run, trial, text in _trial_rows(
+        store, study, "model_run_id, trial_id, parameters", None
+    ):
+        value = _json_value(_parse_json(store, text, run, trial, "parameters"), key)
+        if value is not None and value is not _STORED_NAN:
+            found.append((run, trial, value))
+    return found
+
+
+def _per_row(frame: _Frame, found: Iterable[tuple[Any, Any, Any]]) -> tuple[list[int], list[Any]]:
+    """The frame rows of ``(run, trial, value)`` items and their values (hashable: a list
+    or object as its JSON), for the trials the frame has."""
+    index = frame.index()
+    rows, labels = [], []
+    for run, trial, value in found:
+        i = index.get((run, trial))
+        if i is not None:
+            rows.append(i)
+            labels.append(value if _hashable(value) else json.dumps(value, sort_keys=True))
+    return rows, labels
+
+
 def _group_codes(store: TrialStore, study: str, frame: _Frame) -> np.ndarray | None:
     """Per frame row, the code of its configuration (``parameters["group_id"]``; -1
     without one), for the unpaired design: a configuration run on several seeds (``tpe``
@@ -3061,37 +3125,47 @@ def _group_codes(store: TrialStore, study: str, frame: _Frame) -> np.ndarray | N
     if key in frame.derived:
         cached: np.ndarray | None = frame.derived[key]
         return cached
-    sql = (
-        "SELECT model_run_id, trial_id, json_extract(parameters, '$.group_id') FROM trials "
-        "WHERE study = ? AND json_extract(parameters, '$.group_id') IS NOT NULL"
-    )
-    try:
-        found = _read(store, sql, [study])
-    except Exception as exc:
-        if not _malformed_json(exc):
-            raise
-        found = []  # a NaN or broken JSON somewhere: parsed in Python (naming a broken row)
-        for _, run, trial, text in _trial_rows(
-            store, study, "model_run_id, trial_id, parameters", None
-        ):
-            group = _json_value(_parse_json(store, text, run, trial, "parameters"), "group_id")
-            if group is not None and group is not _STORED_NAN:
-                found.append((run, trial, group))
     codes = np.full(frame.n, -1, dtype=np.int64)
-    if found:
-        index = frame.index()
-        rows, labels = [], []
-        for run, trial, group in found:
-            i = index.get((run, trial))
-            if i is not None:
-                rows.append(i)
-                labels.append(group if _hashable(group) else json.dumps(group, sort_keys=True))
-        if rows:
-            codes[rows] = pd.factorize(pd.Series(labels, dtype=object))[0]
+    rows, labels = _per_row(frame, _param_rows(store, study, "group_id"))
+    if rows:
+        codes[rows] = pd.factorize(pd.Series(labels, dtype=object))[0]
     members = codes[codes >= 0]
     out = codes if len(members) and np.bincount(members).max() > 1 else None
     if out is not None:
         out.flags.writeable = False
+    frame.derived[key] = out
+    return out
+
+
+SN_MODE_PARAM = "conv_sn_mode"  # how a CNN's convolutions are normalised (models.py)
+
+
+def _sn_modes(store: TrialStore, study: str, frame: _Frame) -> np.ndarray | None:
+    """Per frame row, its ``conv_sn_mode`` parameter (``operator`` / ``matrix``; None
+    without one), or None when no trial of the study has one. The parameters of the first
+    and last 200 trials are looked at first, so studies without the parameter (every MLP
+    study) pay no scan of every trial's JSON. Kept with the frame until a refresh changes a
+    row."""
+    key = ("sn_modes",)
+    if key in frame.derived:
+        cached: np.ndarray | None = frame.derived[key]
+        return cached
+    out = None
+    sample = [
+        text
+        for order in ("ASC", "DESC")
+        for (text,) in _read(
+            store,
+            f"SELECT parameters FROM trials WHERE study = ? ORDER BY rowid {order} LIMIT 200",
+            [study],
+        )
+    ]
+    if any(isinstance(t, str) and SN_MODE_PARAM in t for t in sample):
+        rows, labels = _per_row(frame, _param_rows(store, study, SN_MODE_PARAM))
+        if rows:
+            out = np.full(frame.n, None, dtype=object)
+            out[rows] = [str(v) for v in labels]
+            out.flags.writeable = False
     frame.derived[key] = out
     return out
 
@@ -3424,6 +3498,52 @@ def _by_coeff(
             )
             group.append({"coeff": c, "coeff_range": label, **row, "source": sources[metric]})
         rows += _holm_rows(group, confidence)  # each coefficient's comparison: one family
+    return pd.DataFrame(rows)
+
+
+def _by_mode(
+    values_by_metric: Mapping[str, np.ndarray],
+    sources: Mapping[str, str],
+    codes: np.ndarray,
+    is_sn: np.ndarray,
+    is_none: np.ndarray,
+    paired: bool,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    max_draws: int,
+    modes: np.ndarray | None,
+    configs: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Headline rows per SN mode (``conv_sn_mode``: the convolution's true operator norm or
+    the reshaped kernel's) when the SN arm holds more than one: each mode's SN trials
+    against none (paired: the twins of that mode's SN trials), one family of tests per
+    mode. Empty when the study has one mode or none."""
+    if modes is None:
+        return pd.DataFrame()
+    present = sorted({m for m in modes[is_sn].tolist() if m is not None})
+    if len(present) < 2:
+        return pd.DataFrame()
+    rows = []
+    for mode in present:
+        arm = is_sn & (modes == mode)
+        group = []
+        for metric, values in values_by_metric.items():
+            row, _ = _compare_metric(
+                metric,
+                values,
+                codes,
+                arm,
+                is_none,
+                paired,
+                n_boot,
+                confidence,
+                seed,
+                max_draws,
+                groups=configs,
+            )
+            group.append({"sn_mode": mode, **row, "source": sources[metric]})
+        rows += _holm_rows(group, confidence)  # each mode's comparison: one family
     return pd.DataFrame(rows)
 
 
@@ -4026,6 +4146,13 @@ def report_folder(study: str) -> str:
     return f"{safe or 'study'}-{tag}"
 
 
+_MODE_SPLIT_NOTE = (
+    "The SN arm split by `conv_sn_mode`: `operator` bounds each convolution's true operator "
+    "norm, `matrix` the reshaped kernel's (torch's spectral_norm); each mode's SN trials "
+    "against none (paired: their own twins), each mode one family of tests."
+)
+
+
 def write_report(
     res: ComparisonResult, out_dir: str | Path, *, mlflow_links: pd.DataFrame | None = None
 ) -> Path:
@@ -4082,6 +4209,11 @@ def write_report(
         shown.insert(0, "coeff", res.by_coeff["coeff_range"])
         md += ["", "## By SN coefficient", "", _markdown_table(shown)]
         md += ["", _holm_note(res.by_coeff)]
+    if not res.by_mode.empty:
+        shown = _headline_display(res.by_mode, res.confidence)
+        shown.insert(0, "SN mode", res.by_mode["sn_mode"])
+        md += ["", "## By conv SN mode", "", _MODE_SPLIT_NOTE, "", _markdown_table(shown)]
+        md += ["", _holm_note(res.by_mode)]
     md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]
     if res.notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
