@@ -887,7 +887,7 @@ def _families(table: pd.DataFrame) -> list[np.ndarray]:
     """The rows of each family of tests in a table of comparison rows: the whole table (one
     comparison, a row per metric), or each SN coefficient's rows of a per-coefficient table
     (each group is its own comparison of SN at that coefficient with none, adjusted as one
-    family by :func:`_by_coeff`)."""
+    family by :func:`_subset_rows`)."""
     keys = [c for c in ("coeff", "coeff_range", "sn_mode") if c in table.columns]
     if not keys or table.empty:
         return [np.arange(len(table))]
@@ -2630,35 +2630,23 @@ def _compare(
     headline = pd.DataFrame(_holm_rows(rows, confidence))
     headline = headline[[c for c in _HEADLINE_COLUMNS if c in headline.columns]]
     headline.attrs["confidence"] = confidence  # format_headline names the CI column by it
-    by_coeff = _by_coeff(
-        frame,
-        values_by_metric,
-        sources,
-        codes,
-        is_sn,
-        is_none,
-        design_paired,
-        n_boot,
-        confidence,
-        seed,
-        max_draws,
-        groups,
+    per_subset = functools.partial(
+        _subset_rows,
+        values_by_metric=values_by_metric,
+        sources=sources,
+        codes=codes,
+        is_none=is_none,
+        paired=design_paired,
+        n_boot=n_boot,
+        confidence=confidence,
+        seed=seed,
+        max_draws=max_draws,
+        configs=groups,
     )
+    by_coeff = per_subset(_coeff_subsets(frame, is_sn))
     by_coeff.attrs["confidence"] = confidence
-    by_mode = _by_mode(
-        values_by_metric,
-        sources,
-        codes,
-        is_sn,
-        is_none,
-        design_paired,
-        n_boot,
-        confidence,
-        seed,
-        max_draws,
-        None if one_arm else _sn_modes(store, study, frame),
-        groups,
-    )
+    modes = None if one_arm else _sn_modes(store, study, frame)
+    by_mode = per_subset(_mode_subsets(modes, is_sn))
     by_mode.attrs["confidence"] = confidence
     n_boot_used = sorted(set(headline["n_boot"].tolist()))
     if any(b < n_boot for b in n_boot_used if b):
@@ -3446,32 +3434,21 @@ def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
     return arms
 
 
-def _by_coeff(
-    frame: _Frame,
-    values_by_metric: Mapping[str, np.ndarray],
-    sources: Mapping[str, str],
-    codes: np.ndarray,
-    is_sn: np.ndarray,
-    is_none: np.ndarray,
-    paired: bool,
-    n_boot: int,
-    confidence: float,
-    seed: int,
-    max_draws: int,
-    configs: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """Headline rows per SN coefficient; ``configs``: :func:`_group_codes` (unpaired)."""
+def _coeff_subsets(frame: _Frame, is_sn: np.ndarray) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """The SN arm per coefficient when the study uses a few fixed ones (each tried more than
+    once), or per tercile of a searched coefficient (``coeff`` the group's median,
+    ``coeff_range`` its bounds): ``(label columns, SN mask)``; none when one coefficient."""
     known = is_sn & ~np.isnan(frame.coeff)
     coeffs = np.unique(frame.coeff[known])
     if len(coeffs) < 2:
-        return pd.DataFrame()
+        return []
     groups: list[tuple[float, str, np.ndarray]] = []
     n_known = int(np.count_nonzero(known))
     if len(coeffs) <= _MAX_COEFF_LEVELS and n_known >= 2 * len(coeffs):
         # a few fixed coefficients, each tried more than once: one row each
         groups = [(float(c), f"{c:g}", is_sn & (frame.coeff == c)) for c in coeffs]
     elif n_known < 6:  # a few trials of a searched coefficient: one trial per row says nothing
-        return pd.DataFrame()
+        return []
     else:  # a searched (continuous) coefficient: terciles, not one trial per row
         edges = np.quantile(frame.coeff[known], [0.0, 1 / 3, 2 / 3, 1.0])
         for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
@@ -3479,54 +3456,26 @@ def _by_coeff(
             arm = known & (frame.coeff >= lo) & upper
             if arm.any():
                 groups.append((float(np.median(frame.coeff[arm])), f"{lo:.3g}–{hi:.3g}", arm))
-    rows = []
-    for c, label, arm in groups:
-        group = []
-        for metric, values in values_by_metric.items():
-            row, _ = _compare_metric(
-                metric,
-                values,
-                codes,
-                arm,
-                is_none,
-                paired,
-                n_boot,
-                confidence,
-                seed,
-                max_draws,
-                groups=configs,
-            )
-            group.append({"coeff": c, "coeff_range": label, **row, "source": sources[metric]})
-        rows += _holm_rows(group, confidence)  # each coefficient's comparison: one family
-    return pd.DataFrame(rows)
+    return [({"coeff": c, "coeff_range": label}, arm) for c, label, arm in groups]
 
 
-def _by_mode(
+def _subset_rows(
+    subsets: Sequence[tuple[Mapping[str, Any], np.ndarray]],
     values_by_metric: Mapping[str, np.ndarray],
     sources: Mapping[str, str],
     codes: np.ndarray,
-    is_sn: np.ndarray,
     is_none: np.ndarray,
     paired: bool,
     n_boot: int,
     confidence: float,
     seed: int,
     max_draws: int,
-    modes: np.ndarray | None,
-    configs: np.ndarray | None = None,
+    configs: np.ndarray | None,
 ) -> pd.DataFrame:
-    """Headline rows per SN mode (``conv_sn_mode``: the convolution's true operator norm or
-    the reshaped kernel's) when the SN arm holds more than one: each mode's SN trials
-    against none (paired: the twins of that mode's SN trials), one family of tests per
-    mode. Empty when the study has one mode or none."""
-    if modes is None:
-        return pd.DataFrame()
-    present = sorted({m for m in modes[is_sn].tolist() if m is not None})
-    if len(present) < 2:
-        return pd.DataFrame()
+    """Headline rows of each subset of the SN arm (``(label columns, SN mask)``) against
+    none: each subset's comparison is one family of tests (Holm within it)."""
     rows = []
-    for mode in present:
-        arm = is_sn & (modes == mode)
+    for labels, arm in subsets:
         group = []
         for metric, values in values_by_metric.items():
             row, _ = _compare_metric(
@@ -3542,9 +3491,23 @@ def _by_mode(
                 max_draws,
                 groups=configs,
             )
-            group.append({"sn_mode": mode, **row, "source": sources[metric]})
-        rows += _holm_rows(group, confidence)  # each mode's comparison: one family
+            group.append({**labels, **row, "source": sources[metric]})
+        rows += _holm_rows(group, confidence)
     return pd.DataFrame(rows)
+
+
+def _mode_subsets(
+    modes: np.ndarray | None, is_sn: np.ndarray
+) -> list[tuple[dict[str, Any], np.ndarray]]:
+    """The SN arm per SN mode (``conv_sn_mode``: the convolution's true operator norm or the
+    reshaped kernel's, :func:`_sn_modes`) when it holds more than one: ``(label columns, SN
+    mask)``; each mode's SN trials are then compared with none (paired: their own twins)."""
+    if modes is None:
+        return []
+    present = sorted({m for m in modes[is_sn].tolist() if m is not None})
+    if len(present) < 2:
+        return []
+    return [({"sn_mode": mode}, is_sn & (modes == mode)) for mode in present]
 
 
 _MAX_COEFF_LEVELS = 6
