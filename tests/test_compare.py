@@ -2528,3 +2528,91 @@ def _strip_groups(evs: list[Any]) -> list[Any]:
         d["payload"].get("parameters", {}).pop("group_id", None)
         out.append(d)
     return out
+
+
+def test_unpaired_replicates_note_counts_trials_without_a_value_not_seeds() -> None:
+    """A tpe study on 2 seeds where every trial has the metric: n counts configurations,
+    and no note claims that the other seeds' trials lack a value; a trial that does lack
+    one is still counted (in trials)."""
+    store = TrialStore(":memory:")
+    evs, number = [], 0
+    for g in range(6):
+        for s in range(2):
+            evs += _trial(number, g % 2 == 1, {"acc": 0.8 + g / 100 + s / 1000}, group=f"g{g}")
+            number += 1
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert (row["n_sn"], row["n_none"]) == (3, 3)
+    assert not any("lack" in n for n in res.notes), res.notes
+    assert "lack" not in row["note"]
+    store.append(_trial(number, True, {"other": 1.0}, group="g9"))  # no acc: one SN lacks it
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert any("1 of 7 SN trials lack a value" in n for n in res.notes), res.notes
+
+
+def test_report_header_names_the_seed_when_subgroup_cis_were_resampled(tmp_path: Path) -> None:
+    """The headline's CI by the saddlepoint (2,000+ pairs) but the per-coefficient and
+    per-mode rows (700 / 1,050 pairs) resampled with the seed: the header says so."""
+    rng = np.random.default_rng(31)
+    evs = []
+    n = cmp.SADDLEPOINT_MIN + 100
+    for i in range(n):
+        base = 0.8 + float(rng.normal(0, 0.01))
+        evs += _trial(2 * i, False, {"acc": base}, pair=f"p{i}")
+        evs += _trial(
+            2 * i + 1,
+            True,
+            {"acc": base + 0.01 + float(rng.normal(0, 0.02))},
+            pair=f"p{i}",
+            coeff=(0.5, 1.0, 2.0)[i % 3],
+            extra={"conv_sn_mode": "operator" if i % 2 else "matrix"},
+        )
+    store = TrialStore(":memory:")
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False, seed=7)
+    assert res.headline.loc[0, "ci_method"] == "saddlepoint"
+    assert set(res.by_coeff["ci_method"]) == set(res.by_mode["ci_method"]) == {"resampling"}
+    header = write_report(res, tmp_path / "r").read_text().splitlines()[2]
+    assert "seed 7" in header and "no resample drawn" not in header
+    html_header = res.to_html(figures=False).split("</p>")[0]
+    assert "seed 7" in html_header and "no resample drawn" not in html_header
+
+
+def test_by_coeff_rows_without_a_ci_say_why_in_the_notes() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i, (coeff, d) in enumerate([(0.5, 0.01), (0.5, 0.02), (0.5, 0.015), (1.0, 0.03)]):
+        evs += _trial(2 * i, False, {"acc": 0.8}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {"acc": 0.8 + d}, pair=f"p{i}", coeff=coeff)
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    one = res.by_coeff[res.by_coeff["coeff"] == 1.0].iloc[0]
+    assert one["n_pairs"] == 1 and one["ci_low"] != one["ci_low"]  # n/a
+    assert any(n.startswith("SN coefficient 1, acc: a single pair") for n in res.notes)
+
+
+def test_by_mode_rows_without_a_ci_say_why_in_the_notes(tmp_path: Path) -> None:
+    """The report's by-mode table has no note column, and its legend says the notes give
+    the reason for each n/a: a mode with a single pair, and a mode whose twins all failed,
+    are named there."""
+    evs = []
+    for i in range(4):
+        evs += _trial(2 * i, False, {"acc": 0.8 + i / 100}, pair=f"m{i}")
+        evs += _trial(
+            2 * i + 1, True, {"acc": 0.81 + i / 90}, pair=f"m{i}", extra={"conv_sn_mode": "matrix"}
+        )
+    evs += _trial(20, False, {"acc": 0.8}, pair="o0")
+    evs += _trial(21, True, {"acc": 0.85}, pair="o0", extra={"conv_sn_mode": "operator"})
+    evs += _trial(22, False, {"acc": 0.8}, pair="x0", status="failed")
+    evs += _trial(23, True, {"acc": 0.85}, pair="x0", extra={"conv_sn_mode": "other"})
+    store = TrialStore(":memory:")
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    by_mode = res.by_mode.set_index("sn_mode")
+    assert by_mode.loc["operator", "n_pairs"] == 1 and by_mode.loc["other", "n_pairs"] == 0
+    assert any(n.startswith("SN mode operator, acc: a single pair") for n in res.notes)
+    assert any(n.startswith("SN mode other, acc: no pair has a value") for n in res.notes)
+    assert not any(n.startswith("SN mode matrix") for n in res.notes)
+    text = write_report(res, tmp_path / "r").read_text()
+    assert "- SN mode operator, acc: a single pair" in text

@@ -934,10 +934,16 @@ def _with_holm(table: pd.DataFrame, confidence: float) -> pd.DataFrame:
     return out
 
 
-def _ci_text(table: pd.DataFrame, confidence: float, seed: int) -> str:
-    """How the table's CIs were computed, for a report's header: the seed only where
-    resamples were drawn, the saddlepoint where they were not."""
-    methods = set(table["ci_method"]) if "ci_method" in table.columns else {"resampling"}
+def _ci_text(tables: Sequence[pd.DataFrame], confidence: float, seed: int) -> str:
+    """How the tables' CIs were computed, for a report's header (every table the report
+    shows: the headline, by coefficient, by SN mode): the seed only where resamples were
+    drawn, the saddlepoint where they were not."""
+    methods: set[str] = set()
+    for table in tables:
+        if table.empty:
+            continue
+        methods |= set(table["ci_method"]) if "ci_method" in table.columns else {"resampling"}
+    methods = methods or {"resampling"}
     text = f"{_percent(confidence)} percentile bootstrap CI"
     if "saddlepoint" not in methods:
         return f"{text} (seed {seed})"
@@ -2274,6 +2280,10 @@ class ComparisonResult:
     accuracy_metric: str | None = None
     by_mode: pd.DataFrame = field(default_factory=pd.DataFrame)
 
+    def _ci_tables(self) -> list[pd.DataFrame]:
+        """The tables whose CIs the report and the HTML show (for their header)."""
+        return [self.headline, self.by_coeff, self.by_mode]
+
     @functools.cached_property
     def trials(self) -> pd.DataFrame:
         """The trials compared: arm, coeff, pair_id and one column per metric (built lazily)."""
@@ -2298,7 +2308,7 @@ class ComparisonResult:
         parts = [
             f'<div class="tl-comparison"><h4>{_html(self.study)}: SN − none</h4>'
             f"<p>{self.design} design · {self.mode} values ({_html(_MODE_TEXT[self.mode])}) · "
-            f"{_ci_text(self.headline, self.confidence, self.seed)} · "
+            f"{_ci_text(self._ci_tables(), self.confidence, self.seed)} · "
             + ("Wilcoxon signed-rank" if self.design == "paired" else "Welch's t-test")
             + "</p>",
             _headline_display(self.headline, self.confidence).to_html(index=False, escape=True),
@@ -2648,6 +2658,8 @@ def _compare(
     modes = None if one_arm else _sn_modes(store, study, frame)
     by_mode = per_subset(_mode_subsets(modes, is_sn))
     by_mode.attrs["confidence"] = confidence
+    notes += _subgroup_notes(by_coeff, "coeff_range", "SN coefficient")
+    notes += _subgroup_notes(by_mode, "sn_mode", "SN mode")
     n_boot_used = sorted(set(headline["n_boot"].tolist()))
     if any(b < n_boot for b in n_boot_used if b):
         notes.append(
@@ -3314,11 +3326,15 @@ def _study_row_note(
         verb = "lack" if n_lack > 1 else "lacks"
         why.append(f"{n_lack} of {arms.n_pairs} pairs {verb} {a_value} in an arm: left out")
     elif row["design"] == "unpaired" and row["n_sn"] and row["n_none"]:
-        lacking = [
-            f"{total - int(row[key])} of {total} {arm}"
-            for arm, key, total in (("SN", "n_sn", arms.n_sn), ("none", "n_none", arms.n_none))
-            if int(row[key]) < total
+        # trials with a value, not the row's n: with replicates n counts configurations
+        have = [
+            (arm, int(np.count_nonzero(np.isfinite(values[mask]))), total)
+            for arm, mask, total in (
+                ("SN", arms.is_sn, arms.n_sn),
+                ("none", arms.is_none, arms.n_none),
+            )
         ]
+        lacking = [f"{total - n} of {total} {arm}" for arm, n, total in have if n < total]
         if lacking:
             why.append(f"{' and '.join(lacking)} trials lack {a_value}: left out")
     rest = _row_note({**row, "n_nonfinite": 0})
@@ -3508,6 +3524,22 @@ def _mode_subsets(
     if len(present) < 2:
         return []
     return [({"sn_mode": mode}, is_sn & (modes == mode)) for mode in present]
+
+
+def _subgroup_notes(table: pd.DataFrame, key: str, label: str) -> list[str]:
+    """The notes of a per-group table's rows (why a CI or test is n/a), one line per group
+    and note text with the metrics it concerns: the report shows the table without its
+    note column."""
+    if table.empty or "note" not in table.columns:
+        return []
+    out = []
+    for group, rows in table.groupby(key, sort=False):
+        by_note: dict[str, list[str]] = {}
+        for metric, note in zip(rows["metric"], rows["note"], strict=True):
+            if isinstance(note, str) and note:
+                by_note.setdefault(note, []).append(str(metric))
+        out += [f"{label} {group}, {', '.join(m)}: {n}" for n, m in by_note.items()]
+    return out
 
 
 _MAX_COEFF_LEVELS = 6
@@ -4145,7 +4177,7 @@ def write_report(
         f"# SN vs none: {_md_text(res.study)}",
         "",
         f"Design: **{res.design}** · values: **{res.mode}** ({_MODE_TEXT[res.mode]}) · "
-        f"{_ci_text(res.headline, res.confidence, res.seed)} · test: "
+        f"{_ci_text(res._ci_tables(), res.confidence, res.seed)} · test: "
         + (
             "Wilcoxon signed-rank on per-pair differences"
             if res.design == "paired"
