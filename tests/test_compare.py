@@ -286,6 +286,16 @@ def test_a_cnn_study_searching_the_sn_mode_is_also_compared_per_mode(tmp_path: P
     assert "## By conv SN mode" in text and "| operator" in text
     assert "within each SN mode's comparison" in text
     assert "By conv SN mode" in res.to_html(figures=False)
+    # the CLI prints the per-mode table under the headline
+    lab = Lab(tmp_path / "lab")
+    with lab.store() as lab_store:
+        lab_store.append(evs)
+    out = CliRunner().invoke(
+        main, ["compare", "--study", STUDY, "--lab", str(lab.root), "--metric", "acc"]
+    )
+    assert out.exit_code == 0, out.output
+    printed = out.output.split("By conv SN mode", 1)[1]
+    assert printed.splitlines()[1].startswith("SN mode") and "operator" in printed
     # one mode only (or an MLP study): no breakdown
     assert compare_study(
         _paired_store([0.01] * 6), STUDY, metrics=["acc"], details=False

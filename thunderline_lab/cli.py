@@ -578,7 +578,12 @@ def compare_cmd(
     gateway: str | None,
 ) -> None:
     """SN vs none for a study: paired differences, bootstrap CIs, tests; report.md + PNGs."""
-    from thunderline_lab.compare import compare_study, report_folder, write_report
+    from thunderline_lab.compare import (
+        compare_study,
+        format_headline,
+        report_folder,
+        write_report,
+    )
 
     lab, store = _study_store(lab_dir, gateway)
     with store:
@@ -598,6 +603,13 @@ def compare_cmd(
         f"{result.confidence * 100:.4g}% bootstrap CI)"
     )
     click.echo(result.format_table())
+    for title, table in (
+        ("By SN coefficient", result.by_coeff),
+        ("By conv SN mode", result.by_mode),
+    ):
+        if not table.empty:
+            click.echo(f"\n{title}")
+            click.echo(format_headline(table, confidence=result.confidence))
     for note in result.notes:
         click.echo(f"note: {note}")
     click.echo(f"report: {report}")

@@ -2316,12 +2316,10 @@ class ComparisonResult:
         ]
         if not self.by_coeff.empty:
             shown = _headline_display(self.by_coeff, self.confidence)
-            shown.insert(0, "coeff", self.by_coeff["coeff_range"])
             parts += ["<p><b>By SN coefficient</b></p>", shown.to_html(index=False)]
             parts.append(f"<p>{_html(_holm_note(self.by_coeff))}</p>")
         if not self.by_mode.empty:
             shown = _headline_display(self.by_mode, self.confidence)
-            shown.insert(0, "SN mode", self.by_mode["sn_mode"])
             parts += ["<p><b>By conv SN mode</b></p>", shown.to_html(index=False)]
             parts.append(f"<p>{_html(_holm_note(self.by_mode))}</p>")
         parts.append(_counts_table(self.counts).to_html(index=False))
@@ -3785,6 +3783,9 @@ def _headline_display(headline: pd.DataFrame, confidence: float | None = None) -
             "favours": headline["favours"],
         }
     )
+    for column, title in (("coeff_range", "coeff"), ("sn_mode", "SN mode")):
+        if column in headline.columns:  # a per-coefficient or per-mode table: its groups
+            out.insert(0, title, headline[column].to_numpy())
     return out
 
 
@@ -4201,12 +4202,10 @@ def write_report(
     ]
     if not res.by_coeff.empty:
         shown = _headline_display(res.by_coeff, res.confidence)
-        shown.insert(0, "coeff", res.by_coeff["coeff_range"])
         md += ["", "## By SN coefficient", "", _markdown_table(shown)]
         md += ["", _holm_note(res.by_coeff)]
     if not res.by_mode.empty:
         shown = _headline_display(res.by_mode, res.confidence)
-        shown.insert(0, "SN mode", res.by_mode["sn_mode"])
         md += ["", "## By conv SN mode", "", _MODE_SPLIT_NOTE, "", _markdown_table(shown)]
         md += ["", _holm_note(res.by_mode)]
     md += ["", "## Trials", "", _markdown_table(_counts_table(res.counts))]
