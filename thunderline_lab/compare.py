@@ -575,19 +575,19 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
     if not np.any(d != 0):
         return math.nan, math.nan, "—"
     nonzero = d[d != 0]
-    ties = len(np.unique(np.abs(nonzero))) < len(nonzero) or len(nonzero) < len(d)
+    levels = np.unique(np.abs(nonzero), return_counts=True)  # |d|'s ranks, tied
+    ties = len(levels[0]) < len(nonzero) or len(nonzero) < len(d)
     if not ties and len(d) <= 50:
         method = "exact"
     elif ties and len(d) <= 8:
         method = "auto"
     else:
         method = "approx"
-    if method == "approx":
-        statistic, p = _signed_rank_normal(d, nonzero)
-    else:
+    if method != "approx":
         res = stats.wilcoxon(d, method=method)
         statistic, p = float(res.statistic), float(res.pvalue)
-    if method == "approx":
+    else:
+        statistic, p = _signed_rank_normal(nonzero, levels)
         # The normal approximation is anti-conservative in the tail for few pairs with ties
         # (10 equal differences: p = 0.0016). Whatever the ties, no sign assignment of the
         # n nonzero differences (zeros are dropped) is rarer than all n of one sign, which
@@ -599,12 +599,17 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
     return statistic, p, "permutation" if method == "auto" else method
 
 
-def _signed_rank_normal(d: np.ndarray, nonzero: np.ndarray) -> tuple[float, float]:
-    """``scipy.stats.wilcoxon(d, method="approx")``'s (statistic, p), from sorts instead of
-    scipy's stable argsort (4 ms for 50,000 differences; this costs a quarter of that):
-    zeros dropped, tied |d| given their average rank, the variance tie-corrected, no
-    continuity correction, two-sided."""
-    levels, counts = np.unique(np.abs(nonzero), return_counts=True)
+def _signed_rank_normal(
+    nonzero: np.ndarray, abs_levels: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[float, float]:
+    """``scipy.stats.wilcoxon(d, method="approx")``'s (statistic, p) for the nonzero
+    differences of ``d``, from sorts instead of scipy's stable argsort (4 ms for 50,000
+    differences; this costs a quarter of that): tied |d| given their average rank, the
+    variance tie-corrected, no continuity correction, two-sided. ``abs_levels``: the
+    distinct |d| and their counts, when the caller has them."""
+    if abs_levels is None:
+        abs_levels = np.unique(np.abs(nonzero), return_counts=True)
+    levels, counts = abs_levels
     average_rank = np.cumsum(counts) - (counts - 1) / 2
     up_levels, up_counts = np.unique(nonzero[nonzero > 0], return_counts=True)
     r_plus = float(up_counts @ average_rank[np.searchsorted(levels, up_levels)])
