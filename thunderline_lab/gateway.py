@@ -109,7 +109,7 @@ from thunderline_lab.events import (
     is_fast,
     to_event,
 )
-from thunderline_lab.lab import Lab
+from thunderline_lab.lab import ENV_TOKEN, Lab
 from thunderline_lab.store import PreparedBatch, TrialStore, trial_records
 from thunderline_lab.wire import (
     DEFAULT_MODEL_RUN_ID,
@@ -160,7 +160,6 @@ EVENTS_PAGE_BYTES = 8 * 1024 * 1024
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
-ENV_TOKEN = "THUNDERLINE_LAB_TOKEN"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_BATCH_EVENTS = 50_000
 MAX_PENDING_EVENTS = 400_000

@@ -24,9 +24,11 @@ from pathlib import Path
 from thunderline_lab.errors import ConfigError
 from thunderline_lab.store import TrialStore
 
-__all__ = ["ENV_LAB_HOME", "Lab"]
+__all__ = ["ENV_LAB_HOME", "ENV_TOKEN", "Lab"]
 
 ENV_LAB_HOME = "THUNDERLINE_LAB_HOME"
+# the gateway's token: read by `serve`, EventClient, GatewaySource and the batch runner
+ENV_TOKEN = "THUNDERLINE_LAB_TOKEN"
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ from thunderline_lab.errors import (
     ThunderlineLabError,
 )
 from thunderline_lab.events import Event, EventConflictError
+from thunderline_lab.lab import ENV_TOKEN
 from thunderline_lab.store import TrialStore
 
 __all__ = [
@@ -243,9 +244,6 @@ class StoreSource:
     def close(self) -> None:
         if self._owned:
             self.store.close()
-
-
-ENV_TOKEN = "THUNDERLINE_LAB_TOKEN"  # the gateway's token (gateway.ENV_TOKEN)
 
 
 class GatewaySource:
