@@ -2518,6 +2518,9 @@ def _compare(
         if details:
             keys |= {k for m in extra if (k := _source_key(m, mode, reported)) is not None}
             keys |= {"lipschitz_upper"} & reported
+            # the per-layer σ, read in the same pass over the trials (a second pass for them
+            # costs a whole scan of the study on a first read)
+            keys |= {k for k in reported if k.startswith("sigma/")}
         return keys
 
     frame = _get_frame(store, study, select, use_cache)
