@@ -3269,8 +3269,11 @@ def _metric_row(
         if diffs is not None:
             both, pair_d = diffs
             complete = np.flatnonzero(arms.complete)
-            d = np.full(len(complete), np.nan)
-            d[np.searchsorted(complete, both)] = pair_d  # both: a subset of the complete
+            if len(both) == len(complete) and np.array_equal(both, complete):
+                d = np.asarray(pair_d, dtype=float).copy()  # every complete pair has the metric
+            else:
+                d = np.full(len(complete), np.nan)
+                d[np.searchsorted(complete, both)] = pair_d  # both: a subset of the complete
         row["note"] = _study_row_note(arms, values, row, odd)
         hit = (values, row, d)
         arms.rows[key] = hit
