@@ -2531,6 +2531,49 @@ def test_the_seeds_of_one_configuration_are_one_pair_not_several() -> None:
     assert row["n_pairs"] == 10
 
 
+def test_a_seed_whose_twin_failed_is_left_out_of_its_configurations_pair() -> None:
+    """Replicates: each arm's mean over a configuration's seeds takes only the seeds whose
+    twin is in the other arm. Seed 1 scores 0.10 above seed 0 and SN changes nothing; when
+    SN's seed-0 run fails, the none arm's seed 0 must not pull its mean down (that made SN
+    look 0.05 better, with a verdict)."""
+    store = TrialStore(":memory:")
+    evs, n = [], 0
+    for g in range(8):
+        for seed in range(2):
+            acc = 0.75 + 0.10 * seed + 0.005 * g
+            pair, group = f"g{g}_s{seed}", f"g{g}"
+            status = "failed" if seed == 0 and g < 6 else "completed"
+            evs += _trial(n, False, {"acc": acc}, pair=pair, group=group)
+            evs += _trial(n + 1, True, {"acc": acc}, pair=pair, group=group, status=status)
+            n += 2
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    row = res.headline.iloc[0]
+    assert row["n_pairs"] == 8
+    assert row["diff"] == 0.0 and row["favours"] == "n/a"  # every seed-matched difference is 0
+    assert row["mean_sn"] == pytest.approx(row["mean_none"])
+    assert any(note.startswith("6 pairs have a twin in one arm only") for note in res.notes)
+    assert (
+        compare_study(store, STUDY, metrics=["acc"], use_cache=False).headline.iloc[0]["diff"]
+        == 0.0
+    )
+    # a real effect on the matched seeds is what is measured: +0.01 on every seed
+    effect = TrialStore(":memory:")
+    evs, n = [], 0
+    for g in range(6):
+        for seed in range(3):
+            acc = 0.70 + 0.05 * seed + 0.01 * g
+            pair, group = f"g{g}_s{seed}", f"g{g}"
+            status = "failed" if (g, seed) == (0, 0) else "completed"
+            evs += _trial(n, False, {"acc": acc}, pair=pair, group=group)
+            evs += _trial(n + 1, True, {"acc": acc + 0.01}, pair=pair, group=group, status=status)
+            n += 2
+    effect.append(evs)
+    res = compare_study(effect, STUDY, metrics=["acc"], details=False)
+    assert res.pairs["acc"].to_numpy() == pytest.approx(np.full(6, 0.01))
+    assert res.headline.iloc[0]["diff"] == pytest.approx(0.01)
+
+
 def _strip_groups(evs: list[Any]) -> list[Any]:
     out = []
     for e in evs:

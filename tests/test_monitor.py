@@ -385,6 +385,19 @@ def test_paired_means_count_a_configuration_once_as_the_comparison_does() -> Non
     assert summary["arms"]["none"]["n"] == 2
 
 
+def test_paired_means_leave_out_a_seed_whose_twin_did_not_complete() -> None:
+    # g0000: seed 1 scores 0.10 above seed 0, SN changes nothing; SN's seed 1 is still running
+    evs = [
+        *_seeded_pair_events(STUDY, "g0000", 0, 0.80, 0.80),
+        *_seeded_pair_events(STUDY, "g0000", 1, 0.90, 0.90)[2:],  # none's seed 1 only
+        *_seeded_pair_events(STUDY, "g0002", 0, 0.85, 0.84),
+    ]
+    state = _fold(evs)
+    paired = state.summary()["paired"]
+    assert paired["n"] == 2
+    assert paired["mean"] == pytest.approx((0.0 + 0.01) / 2)  # not (0.80 - 0.85 + 0.01) / 2
+
+
 def test_paired_means_never_pair_trials_of_two_studies() -> None:
     # every study numbers its configurations g0000, g0002, ...: following two studies at
     # once (study=None), study a's g0000 is not study b's

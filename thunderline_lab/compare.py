@@ -2540,7 +2540,7 @@ def _compare(
         _ensure_columns(store, study, frame, sigma_keys)
     notes: list[str] = []
     counts = _counts(frame)
-    arms = _arms(frame, statuses)
+    arms = _arms(frame, statuses, seeds=lambda: _seed_codes(store, study, frame))
     is_sn, is_none = arms.is_sn, arms.is_none
     if not (is_sn.any() or is_none.any()):
         by_status = counts.groupby("status", sort=True)["n"].sum()
@@ -2550,7 +2550,7 @@ def _compare(
             + ", ".join(f"{status} {n}" for status, n in by_status.items())
             + ")"
         )
-    codes = frame.pair_codes()
+    codes = arms.codes
     n_pairs_possible = arms.n_pairs
     design_paired = bool(n_pairs_possible > 0) if paired is None else paired
     one_arm = not (is_sn.any() and is_none.any())
@@ -2978,8 +2978,7 @@ def _identical_twins(
     key = cand.tobytes()
     if key in arms.twins:
         return arms.twins[key]
-    frame = arms.frame
-    codes = frame.pair_codes()
+    frame, codes = arms.frame, arms.codes
     member = np.flatnonzero((arms.is_sn | arms.is_none) & np.isin(codes, cand))
     known = frame.twins
     pids = frame.pair[member].tolist()
@@ -3143,6 +3142,23 @@ def _group_codes(store: TrialStore, study: str, frame: _Frame) -> np.ndarray | N
     return out
 
 
+def _seed_codes(store: TrialStore, study: str, frame: _Frame) -> np.ndarray:
+    """Per frame row, the code of its ``pair_id`` (-1 without one): a seed's own twin,
+    where the frame pairs by configuration (``group_id``, :data:`_UNIT_SQL`). Read only for
+    studies with replicates; kept with the frame until a refresh changes a row."""
+    key = ("seeds",)
+    cached: np.ndarray | None = frame.derived.get(key)
+    if cached is not None:
+        return cached
+    codes = np.full(frame.n, -1, dtype=np.int64)
+    rows, labels = _per_row(frame, _param_rows(store, study, "pair_id"))
+    if rows:
+        codes[rows] = pd.factorize(pd.Series(labels, dtype=object))[0]
+    codes.flags.writeable = False
+    frame.derived[key] = codes
+    return codes
+
+
 SN_MODE_PARAM = "conv_sn_mode"  # how a CNN's convolutions are normalised (models.py)
 
 
@@ -3254,7 +3270,7 @@ def _metric_row(
         row, diffs = _compare_metric(
             metric,
             values,
-            arms.frame.pair_codes(),
+            arms.codes,
             arms.is_sn,
             arms.is_none,
             paired,
@@ -3359,6 +3375,31 @@ def _first_rows(codes: np.ndarray) -> np.ndarray:
     return np.flatnonzero(codes > before)
 
 
+def _has_replicates(codes: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray) -> bool:
+    """Whether some pairing unit has several trials in an arm (seeds of a configuration)."""
+    for arm in (is_sn, is_none):
+        member = codes[arm & (codes >= 0)]
+        if len(member) and np.bincount(member).max() > 1:
+            return True
+    return False
+
+
+def _twinned(
+    codes: np.ndarray, seeds: np.ndarray, is_sn: np.ndarray, is_none: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """(``codes`` with -1 for every row whose seed twin, the same (unit, ``pair_id``) in
+    the other arm, is not there; how many seed pairs have a trial in one arm only)."""
+    both = (codes >= 0) & (seeds >= 0)
+    twin = np.full(len(codes), -1, dtype=np.int64)
+    if both.any():
+        key = codes[both].astype(np.int64) * (int(seeds.max()) + 1) + seeds[both]
+        twin[both] = np.unique(key, return_inverse=True)[1].reshape(-1)
+    has_twin, n_incomplete = _complete_pairs(twin, is_sn, is_none)
+    keep = both.copy()
+    keep[both] = has_twin[twin[both]]
+    return np.where(keep, codes, -1), n_incomplete
+
+
 @dataclass
 class _Arms:
     """The trials of each arm under one set of statuses, derived once per frame state."""
@@ -3366,6 +3407,9 @@ class _Arms:
     frame: _Frame
     is_sn: np.ndarray
     is_none: np.ndarray
+    # per frame row, its pairing unit's code (:meth:`_Frame.pair_codes`), -1 for a row in
+    # no pair; with replicates, also -1 for a seed whose own twin is not in the other arm
+    codes: np.ndarray
     complete: np.ndarray  # per pair code: both arms have a trial
     has_pair_ids: bool
     n_pairs: int
@@ -3387,7 +3431,7 @@ class _Arms:
     def pair_rows(self) -> _PairRows | None:
         """Each complete pair's code and its SN and none trials' rows, when no pair has two
         trials in one arm (the paired design's usual shape); else None (means by sums)."""
-        codes = self.frame.pair_codes()
+        codes = self.codes
         size = len(self.complete)
         found = []
         for arm in (self.is_sn, self.is_none):
@@ -3411,8 +3455,17 @@ class _Arms:
         return self._labels
 
 
-def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
-    """The arms of ``frame`` under ``statuses`` (cached with the frame until a refresh)."""
+def _arms(
+    frame: _Frame, statuses: Sequence[str], seeds: Callable[[], np.ndarray] | None = None
+) -> _Arms:
+    """The arms of ``frame`` under ``statuses`` (cached with the frame until a refresh).
+
+    ``seeds``: gives each row's seed-level ``pair_id`` code (:func:`_seed_codes`), asked for
+    only when a pairing unit (a configuration, ``group_id``) has several trials in an arm.
+    A seed whose twin (the same ``pair_id`` in the other arm) failed, was pruned or is
+    running is then left out of its configuration's pair, as a pair without its twin is:
+    else its arm's mean over the seeds would hold a seed that the other arm's lacks, and the
+    difference would mix the seeds' spread with SN's effect."""
     key = ("arms", tuple(statuses))
     arms: _Arms | None = frame.derived.get(key)
     if arms is not None:
@@ -3424,6 +3477,9 @@ def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
     codes = frame.pair_codes()
     has_pair_ids = bool((codes >= 0).any())
     complete, n_incomplete = _complete_pairs(codes, is_sn, is_none)
+    if seeds is not None and _has_replicates(codes, is_sn, is_none):
+        codes, n_incomplete = _twinned(codes, seeds(), is_sn, is_none)
+        complete, _ = _complete_pairs(codes, is_sn, is_none)
     sel = np.flatnonzero(is_sn | is_none)
     columns = {
         "model_run_id": frame.run[sel],
@@ -3439,12 +3495,15 @@ def _arms(frame: _Frame, statuses: Sequence[str]) -> _Arms:
         for status, n in zip(names.tolist(), n_status, strict=True)
         if status not in statuses and n
     ]
-    for arr in (is_sn, is_none, complete, sel, *columns.values()):
+    if codes is frame.pair_codes():
+        codes = codes.view()  # (the frame's own array stays as it is)
+    for arr in (is_sn, is_none, codes, complete, sel, *columns.values()):
         arr.flags.writeable = False  # shared by every result until the next refresh
     arms = _Arms(
         frame=frame,
         is_sn=is_sn,
         is_none=is_none,
+        codes=codes,
         complete=complete,
         has_pair_ids=has_pair_ids,
         n_pairs=int(complete.sum()) if has_pair_ids else 0,

@@ -1187,27 +1187,33 @@ class MonitorState:
         counts = {s: 0 for s in ("running", "completed", "pruned", "cancelled", "failed")}
         arms: dict[str, list[float]] = {"SN": [], "none": []}
         configs: dict[Any, list[float]] = {}  # (run, group_id, arm) -> its seeds' values
-        pairs: dict[Any, dict[str, list[float]]] = {}
+        # (run, unit) -> its seeds' twins: pair_id -> arm -> values
+        pairs: dict[Any, dict[Any, dict[str, list[float]]]] = {}
         for row in self.rows.values():
             counts[row.status] = counts.get(row.status, 0) + 1
             if row.status == "completed" and row.best is not None and row.arm in arms:
                 if row.group_id is None:
                     arms[row.arm].append(row.best)
                 else:
-                    configs.setdefault((row.model_run_id, row.group_id, row.arm), []).append(
-                        row.best
-                    )
+                    cfg = (row.model_run_id, _hashable_id(row.group_id), row.arm)
+                    configs.setdefault(cfg, []).append(row.best)
                 if row.pair_id is not None:  # a twin: its unit is its configuration
-                    unit = row.group_id if row.group_id is not None else row.pair_id
+                    unit = _hashable_id(row.group_id if row.group_id is not None else row.pair_id)
                     key = (row.model_run_id, unit)  # another study's "g0000" is another pair
-                    pairs.setdefault(key, {"SN": [], "none": []})[row.arm].append(row.best)
+                    seeds = pairs.setdefault(key, {})
+                    twins = seeds.setdefault(_hashable_id(row.pair_id), {"SN": [], "none": []})
+                    twins[row.arm].append(row.best)
         for (_, _, arm), values in configs.items():
             arms[arm].append(sum(values) / len(values))
-        diffs = [
-            sum(p["SN"]) / len(p["SN"]) - sum(p["none"]) / len(p["none"])
-            for p in pairs.values()
-            if p["SN"] and p["none"]
-        ]
+        diffs = []
+        for seeds in pairs.values():
+            # only the seeds with both twins, as the comparison pairs them: a seed whose twin
+            # failed or still runs would put its own spread into one arm's mean
+            both = [t for t in seeds.values() if t["SN"] and t["none"]]
+            sn = [v for t in both for v in t["SN"]]
+            none = [v for t in both for v in t["none"]]
+            if sn:
+                diffs.append(sum(sn) / len(sn) - sum(none) / len(none))
         best = self.best_row()
         out = {
             "study": self.study or ", ".join(sorted(self.studies_seen)) or "?",
@@ -1342,6 +1348,16 @@ def render_table_html(
 
 def _se_text(se: float | None) -> str:
     return f" ± {se:.4f} s.e." if se is not None else ""
+
+
+def _hashable_id(value: Any) -> Any:
+    """A ``pair_id`` / ``group_id`` as a dict key: as it is, or (a list or an object, which
+    free-form parameters allow) its JSON."""
+    try:
+        hash(value)
+    except TypeError:
+        return json.dumps(value, sort_keys=True, default=str)
+    return value
 
 
 def _paired_text(p: Mapping[str, Any], sep: str, label: str, pairs: str) -> str:
