@@ -820,6 +820,40 @@ def test_final_mode_reads_the_last_epoch_and_best_mode_the_best_one() -> None:
     assert detailed.trials["val_accuracy"].tolist() == final.trials["val_accuracy"].tolist()
 
 
+def test_a_trial_without_the_modes_value_takes_its_summary_value() -> None:
+    """best_<m> per trial, else the trial's summary value of m (as documented): a study
+    where half the pairs come from an older run without best_/final_ values compares every
+    pair, and says how many trials took the summary value."""
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(8):
+        for sn in (False, True):
+            acc = 0.80 + 0.01 * i + (0.02 if sn else 0.0)
+            m = {"val_accuracy": acc}
+            if i < 4:  # the newer runs: the best epoch's value differs from the summary
+                m |= {"best_val_accuracy": acc + 0.005, "final_val_accuracy": acc - 0.005}
+            evs += _trial(2 * i + sn, sn, m, pair=f"p{i}")
+    store.append(evs)
+    for mode in ("best", "final"):
+        res = compare_study(store, STUDY, metrics=["val_accuracy"], mode=mode, details=False)
+        row = res.headline.iloc[0]
+        assert row["n_pairs"] == 8, mode
+        assert row["diff"] == pytest.approx(0.02)
+        assert res.sources == {"val_accuracy": f"{mode}_val_accuracy"}
+        assert f"val_accuracy: 8 trials report no {mode}_val_accuracy" in " ".join(res.notes)
+        assert not any("lack a value" in n for n in res.notes)
+        got = res.trials.sort_values("trial_id")["val_accuracy"].to_numpy()
+        shift = 0.005 if mode == "best" else -0.005
+        expected = [
+            0.80 + 0.01 * (t // 2) + 0.02 * (t % 2) + (shift if t < 8 else 0.0) for t in range(16)
+        ]
+        assert got == pytest.approx(expected)
+    # every trial reports best_<m>: the summary column is never read
+    full = _paired_store([0.01] * 6)
+    res = compare_study(full, STUDY, metrics=["acc"], details=False)
+    assert not any("report no" in n for n in res.notes)
+
+
 def test_final_mode_of_trainer_results_is_the_last_epoch_trained() -> None:
     """End to end: the trainer stops early and restores its best epoch; ``final`` compares
     the last epoch's validation values, ``best`` the best epoch's, ``test_accuracy`` is

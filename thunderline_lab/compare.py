@@ -2205,6 +2205,37 @@ def _history_values(store: TrialStore, frame: _Frame, metric: str, mode: Mode) -
     return out if found else None
 
 
+def _with_summary(
+    store: TrialStore, study: str, frame: _Frame, mode_key: str, metric: str, member: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """(``mode_key``'s values with ``metric``'s where a row of ``member`` has no
+    ``mode_key`` value (not reported: a stored non-number stays as it is), how many rows
+    took ``metric``'s). The summary column is read only when such a row exists; the answer
+    is kept with the frame until a refresh changes a row (the same array each time, so the
+    statistics remembered for it are found again)."""
+    key = ("with_summary", mode_key, metric, member.tobytes())
+    cached: tuple[np.ndarray, int] | None = frame.derived.get(key)
+    if cached is not None:
+        return cached
+    values = frame.columns[mode_key]
+    gap = member & np.isnan(values)
+    for i in frame.odd.get(mode_key, {}):
+        gap[i] = False
+    out = (values, 0)
+    if gap.any():
+        _ensure_columns(store, study, frame, [metric])
+        summary = frame.columns.get(metric)
+        if summary is not None:
+            fill = gap & ~np.isnan(summary)
+            if fill.any():
+                merged = values.copy()
+                merged[fill] = summary[fill]
+                merged.flags.writeable = False
+                out = (merged, int(np.count_nonzero(fill)))
+    frame.derived[key] = out
+    return out
+
+
 def _source_key(metric: str, mode: Mode, reported: set[str]) -> str | None:
     """The summary key :func:`_resolve` reads for ``metric`` when ``reported`` are the keys
     the study's trials report (None: not summarised, the metric history is the source):
@@ -2216,16 +2247,41 @@ def _source_key(metric: str, mode: Mode, reported: set[str]) -> str | None:
 
 
 def _resolve(
-    store: TrialStore, frame: _Frame, metric: str, mode: Mode, *, history: bool
+    store: TrialStore,
+    frame: _Frame,
+    metric: str,
+    mode: Mode,
+    *,
+    history: bool,
+    study: str = "",
+    member: np.ndarray | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[str, np.ndarray] | None:
     """(source description, values per frame row) for ``metric`` under ``mode``.
+
+    ``<mode>_<metric>`` per trial, else the trial's summary value of ``metric``: a trial of
+    ``member`` (the rows compared) that lacks the first (a pruned trial, a study merged from
+    an older run) takes the second, and ``notes`` say how many did.
 
     Falls back to the metric history (a scan of the study's metric points, so only when
     ``history``; the answer is kept with the frame until new events arrive).
     """
     mode_key = f"{mode}_{metric}"  # best_<metric> / final_<metric>
     if mode_key in frame.columns:
-        return mode_key, frame.columns[mode_key]
+        values = frame.columns[mode_key]
+        if member is not None and metric in frame.keys:
+            values, n = _with_summary(store, study, frame, mode_key, metric, member)
+            if n and notes is not None:
+                notes.append(
+                    f"{metric}: {n} trial{'s' if n > 1 else ''} report no {mode_key}: "
+                    f"{'their' if n > 1 else 'its'} summary value of {metric} is used"
+                    + (
+                        " (measured on the restored best-epoch model, not at the last epoch)"
+                        if mode == "final" and metric in HISTORY_METRICS
+                        else ""
+                    )
+                )
+        return mode_key, values
     if metric in frame.columns:
         return metric, frame.columns[metric]
     if not history:
@@ -2595,7 +2651,14 @@ def _compare(
     skipped = []
     for metric in wanted:
         resolved = _resolve(
-            store, frame, metric, mode, history=metrics is not None or metric in HISTORY_METRICS
+            store,
+            frame,
+            metric,
+            mode,
+            history=metrics is not None or metric in HISTORY_METRICS,
+            study=study,
+            member=arms.is_sn | arms.is_none,
+            notes=notes,
         )
         if resolved is None:
             skipped.append(metric)
