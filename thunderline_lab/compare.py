@@ -2290,11 +2290,11 @@ def _resolve(
     if cached is None or cached[0] != frame.watermark or len(cached[1] or ()) not in (0, frame.n):
         cached = (frame.watermark, _history_values(store, frame, metric, mode))
         frame.history[(metric, mode)] = cached
-    values = cached[1]
-    if values is None:
+    found = cached[1]
+    if found is None:
         return None
     agg = ("max" if higher_is_better(metric) else "min") if mode == "best" else "last"
-    return f"history {agg}({metric})", values
+    return f"history {agg}({metric})", found
 
 
 # ---------------------------------------------------------------------------------------------
