@@ -736,6 +736,33 @@ def test_running_best_is_the_objective_at_the_lowest_val_loss() -> None:
     assert row.best == 0.80  # the trainer's best is the running one: it does not fall
 
 
+def test_an_objective_measured_once_after_training_is_the_summary_value() -> None:
+    """objective="test_accuracy" has no per-epoch value: the trial's summary value is its
+    best, whether the monitor is fed events or attaches to the store (with history)."""
+    evs = []
+    for trial, acc in (("t0", 0.79), ("t1", 0.84)):
+        common = {"model_run_id": STUDY, "trial_id": trial, "study": STUDY}
+        evs += _epochs(trial, [(0.70, 0.9), (0.80, 0.5), (0.82, 0.6)])
+        evs.append(
+            events.trial_complete(
+                **common, spectral_norm=True, metrics={"test_accuracy": acc, "test_nll": 1 - acc}
+            )
+        )
+    state = _fold(evs, objective="test_accuracy")
+    assert [state.rows[(STUDY, t)].best for t in ("t0", "t1")] == [0.79, 0.84]
+    assert state.summary()["best"]["value"] == 0.84
+    low = _fold(evs, objective="test_nll", direction="min")
+    assert low.summary()["best"]["trial_id"] == "t1"
+    store = TrialStore(":memory:")
+    store.append(evs)
+    attached = MonitorState(STUDY, objective="test_accuracy")
+    attached.load_trials(store.trials(study=STUDY))
+    attached.load_history(store, STUDY, ["t0", "t1"], max_points=1000)
+    assert _view(attached) == _view(state)
+    # an objective on the curves keeps the live rule: the value at the lowest val_loss
+    assert _fold(evs).rows[(STUDY, "t0")].best == 0.80
+
+
 def test_running_best_takes_metrics_reported_one_by_one_at_a_step() -> None:
     common = {"model_run_id": STUDY, "trial_id": "t", "study": STUDY}
 

@@ -997,7 +997,9 @@ class MonitorState:
                 if f"best_{self.objective}" in metrics:
                     self._set_best(row, float(best))  # the trainer's own word is final
                     row.best_final = True
-                elif row.best_loss is None:  # the final value only counts without a loss
+                elif row.best_loss is None or row.objective_step is None:
+                    # the final value counts without a loss, or when the objective has no
+                    # per-epoch value (test_accuracy: measured once, after training)
                     self._offer_best(row, float(best))
             if isinstance(metrics.get("lipschitz_upper"), int | float):
                 row.lipschitz = float(metrics["lipschitz_upper"])
@@ -1122,8 +1124,10 @@ class MonitorState:
                 n += 1
         for key, steps in epochs.items():
             row = self.rows[key]
-            if any(loss is not None for _objective, loss in steps.values()):
-                row.best = row.best_loss = row.best_step = None  # a last value, not the best
+            if any(loss is not None for _objective, loss in steps.values()) and any(
+                objective is not None for objective, _loss in steps.values()
+            ):  # the curves name the best epoch's objective: the summary's was a last value
+                row.best = row.best_loss = row.best_step = None
             for step in sorted(steps):
                 objective, loss = steps[step]
                 self._offer_epoch(row, step, objective, loss)
