@@ -2125,6 +2125,9 @@ def test_a_study_with_one_arm_says_there_is_nothing_to_compare() -> None:
     assert any("no completed trial without SN" in n for n in res.notes)
     assert not any("Welch" in n for n in res.notes)  # no design to speak of
     assert res.headline.loc[0, "note"] == "no value in the none arm: nothing to compare"
+    # the header names no test that was not run, on a design the study does not have
+    assert res.design == "one arm" and res.test_name.startswith("none")
+    assert "Welch" not in res.to_html(figures=False)
 
 
 def test_undefined_statistics_come_with_their_reason() -> None:

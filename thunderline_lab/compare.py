@@ -2322,6 +2322,9 @@ class ComparisonResult:
         curves: group learning curves: arm, name, step, n, mean, ci_low, ci_high.
         layer_sigma: per-layer σ by arm: layer, arm, n, mean, ci_low, ci_high.
         sources: which trial value each metric used (``best_val_accuracy``, ...).
+        design: ``paired`` (twins sharing a ``pair_id``: Wilcoxon signed-rank on the
+            differences), ``unpaired`` (Welch's t-test), or ``one arm`` (only SN or only
+            none trials: no test, nothing to compare with).
     """
 
     study: str
@@ -2340,6 +2343,15 @@ class ComparisonResult:
     notes: list[str]
     accuracy_metric: str | None = None
     by_mode: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def test_name(self) -> str:
+        """The test behind the p-values, as the report's header names it."""
+        if self.design == "paired":
+            return "Wilcoxon signed-rank on per-pair differences"
+        if self.design == "unpaired":
+            return "Welch's t-test"
+        return "none (one arm: nothing to compare it with)"
 
     def _ci_tables(self) -> list[pd.DataFrame]:
         """The tables whose CIs the report and the HTML show (for their header)."""
@@ -2370,7 +2382,7 @@ class ComparisonResult:
             f'<div class="tl-comparison"><h4>{_html(self.study)}: SN − none</h4>'
             f"<p>{self.design} design · {self.mode} values ({_html(_MODE_TEXT[self.mode])}) · "
             f"{_ci_text(self._ci_tables(), self.confidence, self.seed)} · "
-            + ("Wilcoxon signed-rank" if self.design == "paired" else "Welch's t-test")
+            + _html(self.test_name)
             + "</p>",
             _headline_display(self.headline, self.confidence).to_html(index=False, escape=True),
             f"<p>{_html(_holm_note(self.headline))}</p>",
@@ -2820,7 +2832,7 @@ def _compare(
     return ComparisonResult(
         study=study,
         mode=mode,
-        design="paired" if design_paired else "unpaired",
+        design="one arm" if one_arm else "paired" if design_paired else "unpaired",
         confidence=confidence,
         seed=seed,
         headline=headline,
@@ -4311,12 +4323,7 @@ def write_report(
         f"# SN vs none: {_md_text(res.study)}",
         "",
         f"Design: **{res.design}** · values: **{res.mode}** ({_MODE_TEXT[res.mode]}) · "
-        f"{_ci_text(res._ci_tables(), res.confidence, res.seed)} · test: "
-        + (
-            "Wilcoxon signed-rank on per-pair differences"
-            if res.design == "paired"
-            else "Welch's t-test"
-        ),
+        f"{_ci_text(res._ci_tables(), res.confidence, res.seed)} · test: {res.test_name}",
         "",
         _MODES_NOTE,
         "",
