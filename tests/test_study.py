@@ -495,9 +495,42 @@ def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
     result = _run(tmp_path, name="mp", n_trials=12, epochs=2)
     assert result.n_run == 0
     c = result.counts
-    assert 12 <= c["finished"] <= 13 and c["running"] == 0 and c["failed"] == 0
+    assert c["finished"] == 12 and c["running"] == 0 and c["failed"] == 0  # the budget, exactly
     df = result.trials
-    assert len(df) == c["finished"] and set(df["status"]) == {"completed"}
+    assert len(df) == 12 and set(df["status"]) == {"completed"}
+    _assert_whole_pairs(result.study)
+
+
+def _assert_whole_pairs(study: optuna.Study) -> None:
+    """Every completed trial has its twin: the same pair_id in the other arm."""
+    arms: dict[str, list[str]] = {}
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        arms.setdefault(t.user_attrs["pair_id"], []).append(t.user_attrs["arm"])
+    assert all(sorted(a) == ["sn_off", "sn_on"] for a in arms.values()), arms
+
+
+def test_more_workers_than_the_budget_run_the_budget_and_whole_pairs(tmp_path):
+    """Three workers asking for trials at the same instant, for a budget of 2: one pair
+    runs; a worker that finds the budget taken stands down (its Optuna trial, marked
+    surplus, is not part of the study: not counted, no event, no row in the store)."""
+    procs = [_worker(tmp_path, n=2, sleep=0.5, tag=str(i), wait=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready_{i}").exists() for i in range(3)):
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    result = _run(tmp_path, name="mp", n_trials=2, epochs=2)
+    assert result.n_run == 0
+    assert result.counts["finished"] == 2 and result.counts["stale"] == 0
+    assert len(result.trials) == 2  # the store: the pair, nothing of the surplus trials
+    _assert_whole_pairs(result.study)
+    surplus = [t for t in result.study.get_trials() if t.user_attrs.get("status") == "surplus"]
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in surplus)
+    assert len(result.study.get_trials()) == 2 + len(surplus)
 
 
 # -------------------------------------------------------------------------- storage, CLI

@@ -36,7 +36,10 @@ or its heartbeat is older than the grace period) is marked failed (``ml.trial.fa
 ``n_trials`` is the total number of finished trials the study should have: completed,
 pruned and failed trials count; stale and cancelled ones do not (they are retried). Re-running
 a finished study does nothing; N workers calling :func:`run_study` with the same arguments
-share the work. A budget that is not a multiple of the group size (2 × seeds paired, seeds
+share the work, and never run past the budget: a new configuration takes its part of the
+budget under the group lock, and a worker whose trial finds the budget taken by the others'
+running, waiting and finished trials stands down (Optuna keeps that trial as failed, marked
+``surplus``: no event, not counted). A budget that is not a multiple of the group size (2 × seeds paired, seeds
 unpaired) leaves the last group short; a resume with a larger ``n_trials`` first enqueues
 the members that group misses, then samples new configurations.
 
@@ -725,6 +728,8 @@ def count_trials(trials: Sequence[FrozenTrial]) -> dict[str, int]:
             out["waiting"] += 1
         elif t.state == TrialState.FAIL:
             status = t.user_attrs.get(_STATUS_ATTR)
+            if status == _SURPLUS:
+                continue  # never part of the study (see _plan_group)
             if status == "failed":
                 out["failed"] += 1
             elif status == "cancelled":
@@ -775,6 +780,14 @@ class _StopRequested(Exception):
 
 class _TrialFailed(Exception):
     """The trial failed on its own (diverged, error); recorded, the study goes on."""
+
+
+class _OverBudget(Exception):
+    """A new configuration's trial found the budget taken by other workers' trials: Optuna
+    marks it failed, it is marked :data:`_SURPLUS`, and its worker stops."""
+
+
+_SURPLUS = "surplus"  # _STATUS_ATTR of a trial that was never part of the study
 
 
 @dataclass
@@ -845,10 +858,24 @@ class _Context:
         return self.dataset if isinstance(self.dataset, str) else self.dataset.name
 
 
+def _budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """The trials that take part of ``n_trials``: finished, waiting, and running ones that
+    belong to a group (an enqueued member, or a new configuration that planned its group
+    under the group lock). A new configuration's trial that has not planned yet takes no
+    part: it checks the budget when it does, and stands down when nothing is left
+    (:func:`_plan_group`), so workers that start side by side do not each take a part."""
+    used = 0
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            used += "group_id" in t.user_attrs
+        elif t.state == TrialState.WAITING or _counts_toward_total(t):
+            used += 1
+    return used
+
+
 def _room(study: optuna.Study, n_trials: int) -> int:
-    """How many more trials may be enqueued (finished + running + waiting vs n_trials)."""
-    c = count_trials(study.get_trials(deepcopy=False))
-    return n_trials - (c["finished"] + c["running"] + c["waiting"])
+    """How many more trials may be enqueued (n_trials minus :func:`_budget_used`)."""
+    return n_trials - _budget_used(study.get_trials(deepcopy=False))
 
 
 def _arm(sn: bool) -> str:
@@ -885,22 +912,46 @@ def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -
     if "group_id" in attrs:  # an enqueued twin or replicate
         seed = int(attrs["seed"])
         if attrs.get("leader") and len(seeds) > 1:  # SN-on twin: its coefficient is known now
-            # A retried leader (stale, cancelled) finds the replicates its first run enqueued.
-            have = _group_states(study.get_trials(deepcopy=False)).get(attrs["group_id"])
-            for s in seeds[1:]:
-                if have is not None and (s, _arm(sn)) in have.members:
-                    continue
-                _enqueue(
-                    study,
-                    suggested,
-                    _member_attrs(attrs["group_id"], s, sn, ctx.design),
-                    ctx.n_trials,
-                )
+            with _group_lock(study._storage, study.study_name):  # (a budget check, then enqueue)
+                # A retried leader (stale, cancelled) finds the replicates its first run
+                # enqueued.
+                have = _group_states(study.get_trials(deepcopy=False)).get(attrs["group_id"])
+                for s in seeds[1:]:
+                    if have is not None and (s, _arm(sn)) in have.members:
+                        continue
+                    _enqueue(
+                        study,
+                        suggested,
+                        _member_attrs(attrs["group_id"], s, sn, ctx.design),
+                        ctx.n_trials,
+                    )
         return {**_member_attrs(attrs["group_id"], seed, sn, ctx.design), **_retry_attrs(attrs)}
 
     group_id = f"g{trial.number:04d}"
     seed = seeds[0]
-    members: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    with _group_lock(study._storage, study.study_name):
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        if _budget_used(others) >= ctx.n_trials:
+            # another worker's trials (running, waiting, finished) fill the budget: this one,
+            # asked for by a worker that started alongside them, is not part of the study
+            study._storage.set_trial_user_attr(trial._trial_id, _STATUS_ATTR, _SURPLUS)
+            raise _OverBudget(f"trial {trial.number}: the budget of {ctx.n_trials} is taken")
+        study._storage.set_trial_user_attr(trial._trial_id, "group_id", group_id)
+        _enqueue_group(ctx, trial, suggested, sn, group_id, seed)
+    return _member_attrs(group_id, seed, sn, ctx.design)
+
+
+def _enqueue_group(
+    ctx: _Context,
+    trial: optuna.Trial,
+    suggested: Mapping[str, Any],
+    sn: bool,
+    group_id: str,
+    seed: int,
+) -> None:
+    """Enqueue a new configuration's twin and replicate seeds (as many as the budget holds)."""
+    study, seeds = trial.study, ctx.seeds
+    members: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
     if ctx.design == "paired":
         twin_sn = not sn
         twin_leader = twin_sn and len(seeds) > 1
@@ -923,7 +974,6 @@ def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -
     for params, member_attrs in members:
         if not _enqueue(study, params, member_attrs, ctx.n_trials):
             break
-    return _member_attrs(group_id, seed, sn, ctx.design)
 
 
 @dataclass
@@ -1517,6 +1567,9 @@ class _EventCallback:
 
     def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
         ctx = self.ctx
+        if t.user_attrs.get(_STATUS_ATTR) == _SURPLUS:
+            study.stop()  # the budget is taken: nothing to report, nothing more to ask for
+            return
         result = ctx.results.pop(t.number, None)
         payload = _trial_payload(t)
         if t.number in ctx.parameters:
@@ -2004,7 +2057,7 @@ def run_study(
                     study.optimize(
                         _make_objective(ctx),
                         timeout=timeout,
-                        catch=(_TrialFailed, _StopRequested),
+                        catch=(_TrialFailed, _StopRequested, _OverBudget),
                         callbacks=[_TrialCallback(ctx, max_consecutive_errors)],
                         gc_after_trial=False,
                     )
