@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -149,6 +150,43 @@ def test_a_study_notebooks_choices_are_checked_with_the_config_and_overrides(
         main, ["run", str(cfg), "--lab", str(tmp_path / "lab"), "-p", key, value]
     )
     assert result.exit_code == 1 and f"error: -p {key}: {expected}" in result.output
+    assert not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('search_space = { lr = "fast" }', "parameters.search_space.lr: 'fast': lr must be"),
+        ("search_space = { dropout = [0.0, 5.0] }", "search_space.dropout: 5.0: ModelConfig"),
+        ("search_space = { depth = [1, 200] }", "depth: 200: ModelConfig.depth must be between"),
+        ('search_space = { depth = [1, "x"] }', "search_space.depth: 'x': ModelConfig.depth"),
+        ('conv_sn_modes = ["bogus"]', "parameters.conv_sn_modes: must be a list of 'operator'"),
+        ('seeds = ["a"]', "parameters.seeds: must be distinct integers"),
+        ("seeds = [0, 0]", "parameters.seeds: must be distinct integers"),
+        ("epochs = -1", "parameters.epochs: must be an integer >= 1, got -1"),
+    ],
+)
+def test_values_no_trial_could_run_with_are_refused_before_any_worker_starts(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    """Each would fail every trial (or the notebook) one by one, and tie the study's name to
+    a broken config: refused with the config, naming the file and the parameter."""
+    extra = "\nsearch_space = {}\nconv_sn_modes = None\nseeds = [0]\nepochs = 3"
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')", extra)
+    cfg = write_config(
+        tmp_path, f'[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\n{line}\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_study_config(cfg)
+    assert f"{cfg}: " in str(info.value) and expected in str(info.value)
+    key = line.split(" = ", 1)[0]
+    cfg = write_config(tmp_path, '[study]\nname = "a"\nnotebook = "nb.ipynb"\n')
+    as_json = json.dumps(tomllib.loads(line)[key])
+    result = CliRunner().invoke(
+        main, ["run", str(cfg), "--lab", str(tmp_path / "lab"), "-p", key, as_json]
+    )
+    assert result.exit_code == 1 and "error: -p " in result.output, result.output
+    assert expected.removeprefix("parameters.") in result.output
     assert not (tmp_path / "lab").exists()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,23 @@ def test_fixed_values_are_not_suggested():
     values = space.suggest(trial)
     assert values["depth"] == 2 and "depth" not in trial.params
     assert values["spectral_norm"] is True and "spectral_norm_coeff" in trial.params
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({"lr": "fast"}, "search_space.lr: 'fast': lr must be a finite number > 0"),
+        ({"batch_size": [0, 8]}, "search_space.batch_size: 0: batch_size must be an integer >= 1"),
+        ({"activation": ["relu", "swishy"]}, "search_space.activation: 'swishy': ModelConfig"),
+        ({"width": [8, 100000]}, "search_space.width: 100000: ModelConfig.width must be between"),
+    ],
+)
+def test_a_search_space_no_trial_could_run_with_is_refused_before_any_trial(
+    tmp_path, space, expected
+):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        _run(tmp_path, n_trials=2, search_space=space)
+    assert not (tmp_path / "lab").exists()  # nothing started, no study made
 
 
 # -------------------------------------------------------------------------- designs

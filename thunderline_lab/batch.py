@@ -172,6 +172,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
     for name, value in doc.parameters.items():
         _check_type(f"{p}: parameters.{name}", value, declared[name])
         _check_choice(f"{p}: parameters.{name}", name, value)
+    _check_study_values(f"{p}: parameters.", doc.parameters)
     return StudyConfig(
         path=p.resolve(),
         name=doc.study.name,
@@ -223,6 +224,18 @@ def _parameter_choices(name: str) -> tuple[str, ...] | None:
 
         return tuple(get_args(Design))
     return None
+
+
+def _check_study_values(where: str, params: Mapping[str, Any]) -> None:
+    """What the study notebook's :func:`~thunderline_lab.study.run_study` would refuse in
+    every worker (a search space no trial can run, seeds that are not integers), refused
+    here first; ``where`` prefixes the parameter's name (``studies/x.toml: parameters.``)."""
+    from thunderline_lab.study import check_study_parameters
+
+    try:
+        check_study_parameters(params)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def _check_choice(where: str, name: str, value: Any) -> None:
@@ -815,6 +828,8 @@ def run_batch(
             )
         _check_type(f"-p {name}", value, declared[name])
         _check_choice(f"-p {name}", name, value)
+    if overrides:
+        _check_study_values("-p ", params)
     total = _n_trials(config, params, declared, overrides or {})
     gateway = params.get("gateway") or None
     if gateway is not None and not isinstance(gateway, str):

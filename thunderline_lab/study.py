@@ -39,9 +39,9 @@ a finished study does nothing; N workers calling :func:`run_study` with the same
 share the work, and never run past the budget: a new configuration takes its part of the
 budget under the group lock, and a worker whose trial finds the budget taken by the others'
 running, waiting and finished trials stands down (Optuna keeps that trial as failed, marked
-``surplus``: no event, not counted). A budget that is not a multiple of the group size (2 × seeds paired, seeds
-unpaired) leaves the last group short; a resume with a larger ``n_trials`` first enqueues
-the members that group misses, then samples new configurations.
+``surplus``: no event, not counted). A budget that is not a multiple of the group size
+(2 × seeds paired, seeds unpaired) leaves the last group short; a resume with a larger
+``n_trials`` first enqueues the members that group misses, then samples new configurations.
 
 Example:
     >>> result = run_study("sn-demo", lab="/tmp/tl-demo-lab", n_trials=4, epochs=3)
@@ -57,6 +57,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import socket
@@ -91,6 +92,7 @@ __all__ = [
     "SearchSpace",
     "StudyResult",
     "TrainFn",
+    "check_study_parameters",
     "count_trials",
     "dashboard_command",
     "make_storage",
@@ -326,6 +328,44 @@ class SearchSpace:
                 raise ConfigError(f"search_space: unknown parameter {k!r}")
             data[k] = ParamSpec("fixed", value=v)
         return SearchSpace(**data)
+
+    def check(self, architecture: str = "mlp") -> None:
+        """Refuse values no trial could run with, before any trial runs: every fixed value,
+        choice and range bound is checked by the rules the model (``ModelConfig``) and the
+        trainer apply to a trial's own values (else each trial would fail on it, one by one).
+
+        Raises:
+            ConfigError: ``search_space.<name>: <value>: <the rule>``.
+
+        Example:
+            >>> try:
+            ...     SearchSpace.from_dict({"dropout": [0.0, 5.0]}).check()
+            ... except ConfigError as exc:
+            ...     print(exc)
+            search_space.dropout: 5.0: ModelConfig.dropout must be in [0, 1), got 5.0
+        """
+        from thunderline_lab.models import ModelConfig
+        from thunderline_lab.training import check_settings
+
+        trainer = {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 64}
+        for f in fields(self):
+            spec: ParamSpec = getattr(self, f.name)
+            if spec.kind == "fixed":
+                values: tuple[Any, ...] = (spec.value,)
+            elif spec.kind == "categorical":
+                values = spec.choices
+            else:
+                values = tuple({int(v) if spec.kind == "int" else v for v in (spec.low, spec.high)})
+            for value in values:
+                try:
+                    if f.name in trainer:
+                        check_settings(**{**trainer, f.name: value})
+                    else:
+                        ModelConfig(architecture=architecture, **{f.name: value})
+                except ConfigError as exc:
+                    raise ConfigError(f"search_space.{f.name}: {value!r}: {exc}") from None
+                except (TypeError, ValueError) as exc:  # (a value of a kind no rule names)
+                    raise ConfigError(f"search_space.{f.name}: {value!r}: {exc}") from None
 
     def suggest(self, trial: optuna.Trial, architecture: str = "mlp") -> dict[str, Any]:
         """Suggest every parameter; conditional ones only when they apply.
@@ -1792,6 +1832,52 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _check_seeds(seeds: Any) -> tuple[int, ...]:
+    """The seeds as ints: distinct integers, at least one."""
+    items = list(seeds) if isinstance(seeds, list | tuple) else None
+    if (
+        not items
+        or not all(isinstance(s, int | numbers.Integral) and not isinstance(s, bool) for s in items)
+        or len(set(items)) != len(items)
+    ):
+        raise ConfigError(f"seeds: must be distinct integers (at least one), got {seeds!r}")
+    return tuple(int(s) for s in items)
+
+
+def _with_conv_sn_modes(space: SearchSpace, modes: Sequence[str] | None) -> SearchSpace:
+    """``space`` with ``conv_sn_mode`` chosen among ``modes`` (a CNN study's SN modes)."""
+    if modes is None:
+        return space
+    from thunderline_lab.models import CONV_SN_MODES
+
+    items = list(modes) if isinstance(modes, list | tuple) else None
+    if not items or any(m not in CONV_SN_MODES for m in items):
+        raise ConfigError(
+            f"conv_sn_modes: must be a list of {', '.join(map(repr, CONV_SN_MODES))}, got {modes!r}"
+        )
+    return SearchSpace.from_dict({**space.to_dict(), "conv_sn_mode": {"choices": items}})
+
+
+def check_study_parameters(params: Mapping[str, Any]) -> None:
+    """Refuse, before any worker starts, what :func:`run_study` (and so each worker's
+    notebook) would: a study notebook's ``search_space``, ``conv_sn_modes``, ``seeds`` and
+    ``epochs``, as ``thunderline-lab run`` reads them from a study config and ``-p``.
+
+    Raises:
+        ConfigError: naming the parameter (``search_space.lr: 'fast': ...``, ``seeds: ...``).
+    """
+    architecture = params.get("architecture", "mlp")
+    if "search_space" in params or "conv_sn_modes" in params:
+        space = SearchSpace.from_dict(params.get("search_space") or None)
+        space = _with_conv_sn_modes(space, params.get("conv_sn_modes"))
+        space.check(architecture if architecture in ("mlp", "cnn") else "mlp")
+    if "seeds" in params:
+        _check_seeds(params["seeds"])
+    epochs = params.get("epochs", 1)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs: must be an integer >= 1, got {epochs!r}")
+
+
 def _check_design(
     name: str, design: str, seeds: Sequence[int], n_trials: int, epochs: int, space: SearchSpace
 ) -> tuple[int, ...]:
@@ -1803,9 +1889,7 @@ def _check_design(
         raise ConfigError(f"n_trials must be an integer >= 1, got {n_trials!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    out = tuple(int(s) for s in seeds)
-    if not out or len(set(out)) != len(out):
-        raise ConfigError(f"seeds must be distinct integers (at least one), got {list(seeds)}")
+    out = _check_seeds(seeds)
     if design == "paired" and space.spectral_norm.kind == "fixed":
         raise ConfigError(
             "the paired design flips spectral_norm: search_space.spectral_norm cannot be fixed "
@@ -1968,10 +2052,8 @@ def run_study(
         raise ConfigError(
             f"unknown dataset {dataset!r}; available: {', '.join(available_datasets())}"
         )
-    if conv_sn_modes is not None:
-        space = SearchSpace.from_dict(
-            {**space.to_dict(), "conv_sn_mode": {"choices": list(conv_sn_modes)}}
-        )
+    space = _with_conv_sn_modes(space, conv_sn_modes)
+    space.check(architecture)
     seeds_t = _check_design(name, design, seeds, n_trials, epochs, space)
     the_lab = lab if isinstance(lab, Lab) else Lab.resolve(lab)
     the_lab.root.mkdir(parents=True, exist_ok=True)

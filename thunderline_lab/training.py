@@ -71,6 +71,7 @@ __all__ = [
     "StopFlag",
     "TrialResult",
     "TrialStatus",
+    "check_settings",
     "max_sigma",
     "research_metrics",
     "seed_everything",
@@ -586,7 +587,7 @@ def _train_trial(
             f"dataset must be a Dataset, got {type(dataset).__name__} {dataset!r}; "
             "build one with thunderline_lab.data.load_dataset(name, seed=...)"
         )
-    _check_settings(
+    check_settings(
         epochs=epochs,
         lr=lr,
         weight_decay=weight_decay,
@@ -803,15 +804,21 @@ def _train_trial(
         emit.close(raise_errors=False)  # idempotent; stops the thread on any way out
 
 
-def _check_settings(
+def check_settings(
     *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    patience: int | None,
-    seed: int,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 64,
+    patience: int | None = None,
+    seed: int = 0,
 ) -> None:
+    """Refuse training settings :func:`train_trial` cannot run with (the settings not
+    given are valid defaults, so one setting can be checked on its own).
+
+    Raises:
+        ConfigError: every bad setting, named, in one message.
+    """
     problems = []
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         problems.append(f"epochs must be an integer >= 1, got {epochs!r}")
