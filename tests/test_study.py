@@ -436,13 +436,15 @@ _WORKER = textwrap.dedent(
     while {wait!r} and not go.exists():
         time.sleep(0.05)
     r = run_study("mp", lab={lab!r}, dataset=load_dataset("wine", seed=0), n_trials={n},
-                  epochs=2, trainer=slow, heartbeat_interval=1, grace_period=600)
+                  epochs=2, trainer=slow, heartbeat_interval={heartbeat!r}, grace_period=600)
     print("finished", r.counts["finished"], "ran", r.n_run, flush=True)
     """
 )
 
 
-def _worker(tmp_path: Path, n: int, sleep: float, tag: str, wait: bool = False) -> subprocess.Popen:
+def _worker(
+    tmp_path: Path, n: int, sleep: float, tag: str, wait: bool = False, heartbeat: float = 1
+) -> subprocess.Popen:
     script = tmp_path / f"worker_{tag}.py"
     script.write_text(
         _WORKER.format(
@@ -452,6 +454,7 @@ def _worker(tmp_path: Path, n: int, sleep: float, tag: str, wait: bool = False) 
             sleep=sleep,
             tag=tag,
             wait=wait,
+            heartbeat=heartbeat,
         )
     )
     return subprocess.Popen(
@@ -475,8 +478,14 @@ def _running_trials(tmp_path: Path) -> int:
     return sum("worker_pid" in t.user_attrs for t in running)  # its worker is on record
 
 
-def test_worker_killed_mid_trial_leaves_a_stale_trial_that_is_failed_and_retried(tmp_path):
-    proc = _worker(tmp_path, n=3, sleep=120, tag="victim")
+@pytest.mark.parametrize("heartbeat", [1, 3600], ids=["beating", "killed-before-a-beat"])
+def test_worker_killed_mid_trial_leaves_a_stale_trial_that_is_failed_and_retried(
+    tmp_path, heartbeat
+):
+    # killed before its first heartbeat, the trial's deferred attributes are never written:
+    # its worker's pid is written at once, so the next run knows it dead at once (the grace
+    # period is 600 s)
+    proc = _worker(tmp_path, n=3, sleep=120, tag="victim", heartbeat=heartbeat)
     deadline = time.monotonic() + 90
     while _running_trials(tmp_path) == 0:
         assert proc.poll() is None, proc.communicate()

@@ -1387,6 +1387,10 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
     study = trial.study
     number = trial.number
     trial_id = trial_id_for(number)
+    # who runs the trial, written at once (not with the deferred attributes below): a worker
+    # killed before its first heartbeat is then known dead by the next run on this host,
+    # instead of only after the grace period
+    _set_user_attrs(study, trial._trial_id, {"worker_host": _HOST, "worker_pid": os.getpid()})
     values = ctx.space.suggest(trial, ctx.architecture)
     group = _plan_group(ctx, trial, values)
     seed = int(group["seed"])
@@ -1408,8 +1412,6 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
             "trial_id": trial_id,
             "model_run_id": ctx.name,
             **{k: v for k, v in group.items() if k != "leader"},
-            "worker_host": _HOST,
-            "worker_pid": os.getpid(),
         },
         defer=True,  # written by the heartbeat thread (or with the first report), not here
     )
