@@ -281,3 +281,36 @@ def test_an_unreadable_input_is_an_error_line(runner: CliRunner, tmp_path: Path)
     latin.write_bytes(b'{"name": "caf\xe9"}')
     result = runner.invoke(main, ["validate", str(latin)])
     assert result.exit_code == 1 and f"error: {latin}: not UTF-8 text" in result.output
+
+
+def test_a_reader_that_stops_early_gets_no_error(tmp_path: Path) -> None:
+    """`thunderline-lab compare ... | head -1`: the closed pipe ends the command quietly
+    (it printed "error: Broken pipe" and exited 1)."""
+    import subprocess
+    import sys
+
+    store = TrialStore(tmp_path / "lab" / "lab.db")
+    evs = []
+    for i in range(8):
+        sn = bool(i % 2)
+        ids = {"model_run_id": "s", "trial_id": f"trial_{i:04d}", "study": "s"}
+        params = {"pair_id": f"p{i // 2}"}
+        evs.append(E.trial_start(**ids, spectral_norm=sn, parameters=params))
+        acc = 0.8 + 0.01 * i
+        evs.append(E.trial_complete(**ids, spectral_norm=sn, metrics={"val_accuracy": acc}))
+    store.append(evs)
+    store.close()
+    lab = str(tmp_path / "lab")
+    script = (
+        "import sys; from thunderline_lab.cli import main; "
+        f"sys.argv = ['thunderline-lab', 'compare', '--lab', {lab!r}, '--study', 's']; main()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line; the report's lines come later
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert b"SN" in first and "error" not in err.lower() and "Traceback" not in err

@@ -8,6 +8,7 @@ tracebacks for bad input.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -59,6 +60,10 @@ def _clean_errors(fn: F) -> F:
             for line in exc.lines():
                 click.echo(f"error: {line}", err=True)
             sys.exit(1)
+        except BrokenPipeError:  # `... | head`: the reader has all it wanted
+            # stdout's buffered rest would fail again at exit: point it at nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except OSError as exc:  # a path the user gave: a file in the way, no permission, ...
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
