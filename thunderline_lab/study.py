@@ -2294,10 +2294,26 @@ def _open_study(
         for k in _FIXED_ATTRS:  # (studies made before a key was kept do not have it)
             if k in have and have[k] != attrs[k]:
                 raise ConfigError(
-                    f"study {name!r} was made with {k}={have[k]!r}, not {attrs[k]!r}: its "
+                    f"study {name!r} was made with {_attr_change(k, have[k], attrs[k])}: its "
                     "trials would not be comparable; use another study name"
                 )
     return study
+
+
+def _attr_change(key: str, was: Any, now: Any) -> str:
+    """``key=was, not now``; for two mappings (the search space) only the entries that
+    differ, as ``key.sub: was, not now`` (two whole search spaces are a page of text)."""
+    if not (isinstance(was, Mapping) and isinstance(now, Mapping)):
+        return f"{key}={was!r}, not {now!r}"
+    parts = [
+        _attr_change(f"{key}.{sub}", was.get(sub, "(none)"), now.get(sub, "(none)"))
+        for sub in sorted(set(was) | set(now), key=str)
+        if was.get(sub, _MISSING_ATTR) != now.get(sub, _MISSING_ATTR)
+    ]
+    return "; ".join(parts) or f"{key}={was!r}, not {now!r}"
+
+
+_MISSING_ATTR = object()
 
 
 def studies(lab: str | os.PathLike[str] | Lab | None = None) -> pd.DataFrame:
