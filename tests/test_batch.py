@@ -693,3 +693,17 @@ def test_a_study_the_gateway_holds_from_another_lab_is_refused(tmp_path: Path) -
     storage = JournalStorage(JournalFileBackend(str(lab.optuna_journal)))
     optuna.create_study(study_name="s", storage=storage).ask()
     _check_same_study(lab, "s", "http://gw", tmp_path / "mirror.db")
+
+
+def test_a_budget_that_splits_a_pair_is_warned_about_on_the_command_line(tmp_path: Path) -> None:
+    """The worker's log says so inside its executed notebook only: run says it too."""
+    make_notebook(tmp_path / "nb.ipynb", "pass", '\nseeds = [0, 1]\ndesign = "paired"')
+    cfg = write_config(tmp_path, '[study]\nname = "a"\nnotebook = "nb.ipynb"\n')
+    args = ["run", str(cfg), "--lab", str(tmp_path / "lab"), "-p", "n_trials", "6"]
+    result = CliRunner().invoke(main, args)  # (its notebook runs no trial: no report)
+    assert (
+        "warning: study a: n_trials=6 is not a multiple of 4 (each configuration runs with SN "
+        "on and off for 2 seeds): the last configuration will miss 2 of its trials"
+    ) in result.output
+    whole = CliRunner().invoke(main, [*args[:-1], "8"])
+    assert "trials 0/8" in whole.output and "not a multiple" not in whole.output

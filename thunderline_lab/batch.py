@@ -226,6 +226,25 @@ def _parameter_choices(name: str) -> tuple[str, ...] | None:
     return None
 
 
+def _budget_split(params: Mapping[str, Any], declared: Mapping[str, Any], total: int) -> str | None:
+    """The warning of a budget that leaves the last group short (``budget_split``), for the
+    study's design and seeds as the config, the overrides or the notebook's defaults say."""
+    from thunderline_lab.study import budget_split
+
+    def value(name: str, default: Any) -> Any:
+        if name in params:
+            return params[name]
+        try:
+            return ast.literal_eval(str(declared[name]))
+        except (KeyError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return default
+
+    seeds, design = value("seeds", [0]), value("design", "paired")
+    if not total or not isinstance(seeds, list | tuple) or not seeds:
+        return None
+    return budget_split(str(design), seeds, total)
+
+
 def _check_study_values(where: str, params: Mapping[str, Any]) -> None:
     """What the study notebook's :func:`~thunderline_lab.study.run_study` would refuse in
     every worker (a search space no trial can run, seeds that are not integers), refused
@@ -840,7 +859,16 @@ def run_batch(
     lab_obj.ensure()  # only once the run is known to be acceptable
     try:
         return _run_workers(
-            config, lab_obj, params, n_workers, total, status, progress, stream, on_output
+            config,
+            lab_obj,
+            params,
+            n_workers,
+            total,
+            status,
+            progress,
+            stream,
+            on_output,
+            _budget_split(params, declared, total),
         )
     finally:
         status.close()
@@ -856,6 +884,7 @@ def _run_workers(
     progress: bool,
     stream: TextIO | None,
     on_output: Callable[[Path], None] | None,
+    split: str | None = None,
 ) -> BatchResult:
     params.update(study_name=config.name, lab_dir=str(lab_obj.root))
     out_dir = lab_obj.runs_dir / config.name
@@ -869,6 +898,8 @@ def _run_workers(
             f"resuming study {config.name}: {_done(counts_before)}{left} trials already "
             "finished are kept\n"
         )
+    if progress and total and split is not None:  # (each worker's log says so too)
+        out_stream.write(f"warning: study {config.name}: {split}\n")
     bar = (
         Progress(total, stream=out_stream, done_before=_done(counts_before))
         if progress and total

@@ -92,6 +92,7 @@ __all__ = [
     "SearchSpace",
     "StudyResult",
     "TrainFn",
+    "budget_split",
     "check_study_parameters",
     "count_trials",
     "dashboard_command",
@@ -1897,22 +1898,36 @@ def _check_design(
             "the paired design flips spectral_norm: search_space.spectral_norm cannot be fixed "
             "(use design='tpe' to study one arm)"
         )
-    group = (2 if design == "paired" else 1) * len(out)
-    if n_trials % group:
-        log.warning(
-            "study %r: n_trials=%d is not a multiple of %d (each configuration runs %s): the "
-            "last configuration will miss %d of its trials (a resume with a larger n_trials "
-            "runs them first); n_trials=%d keeps every group whole",
-            name,
-            n_trials,
-            group,
-            "with SN on and off" + (f" for {len(out)} seeds" if len(out) > 1 else "")
-            if design == "paired"
-            else f"for {len(out)} seeds",
-            group - n_trials % group,
-            n_trials + group - n_trials % group,
-        )
+    split = budget_split(design, out, n_trials)
+    if split is not None:
+        log.warning("study %r: %s", name, split)
     return out
+
+
+def budget_split(design: str, seeds: Sequence[int], n_trials: int) -> str | None:
+    """What a budget that is not a multiple of the group size (2 × seeds paired, seeds
+    unpaired) leaves short, said as a warning; None when every group is whole.
+
+    Example:
+        >>> budget_split("paired", [0], 4) is None
+        True
+        >>> budget_split("paired", [0], 3)[:40]
+        'n_trials=3 is not a multiple of 2 (each '
+    """
+    group = (2 if design == "paired" else 1) * len(seeds)
+    if not group or n_trials % group == 0:
+        return None
+    runs = (
+        "with SN on and off" + (f" for {len(seeds)} seeds" if len(seeds) > 1 else "")
+        if design == "paired"
+        else f"for {len(seeds)} seeds"
+    )
+    return (
+        f"n_trials={n_trials} is not a multiple of {group} (each configuration runs {runs}): "
+        f"the last configuration will miss {group - n_trials % group} of its trials (a resume "
+        f"with a larger n_trials runs them first); n_trials={n_trials + group - n_trials % group} "
+        "keeps every group whole"
+    )
 
 
 def _study_attrs(
