@@ -132,12 +132,13 @@ def test_broken_configs_name_file_and_key(tmp_path: Path, text: str, expected: s
         ("dataset", "digitz", "'digitz' is not one of breast_cancer, digits, moons, wine"),
         ("architecture", "cnnn", "'cnnn' is not one of mlp, cnn (did you mean 'cnn'?)"),
         ("design", "pared", "'pared' is not one of paired, tpe (did you mean 'paired'?)"),
+        ("profile", "tset", "'tset' is not one of full, test (did you mean 'test'?)"),
     ],
 )
 def test_a_study_notebooks_choices_are_checked_with_the_config_and_overrides(
     tmp_path: Path, key: str, value: str, expected: str
 ) -> None:
-    extra = '\ndataset = "digits"\narchitecture = "mlp"\ndesign = "paired"'
+    extra = '\ndataset = "digits"\narchitecture = "mlp"\ndesign = "paired"\nprofile = "full"'
     make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')", extra)
     cfg = write_config(
         tmp_path, f'[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\n{key} = "{value}"\n'

@@ -206,8 +206,8 @@ _KINDS: tuple[tuple[type | tuple[type, ...], tuple[type, ...], str], ...] = (
 
 
 def _parameter_choices(name: str) -> tuple[str, ...] | None:
-    """The values a study notebook's ``dataset``, ``architecture`` or ``design`` may take
-    (None for any other parameter): a typo is refused with the config, naming its file and
+    """The values a study notebook's ``dataset``, ``architecture``, ``design`` or ``profile``
+    may take (None for any other parameter): a typo is refused with the config, naming its file and
     key, not by the notebook's fourth cell after a run folder was made."""
     if name == "dataset":
         from thunderline_lab.data import available_datasets
@@ -223,6 +223,10 @@ def _parameter_choices(name: str) -> tuple[str, ...] | None:
         from thunderline_lab.study import Design
 
         return tuple(get_args(Design))
+    if name == "profile":
+        from thunderline_lab.notebook import PROFILES
+
+        return tuple(PROFILES)
     return None
 
 
