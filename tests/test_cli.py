@@ -314,3 +314,19 @@ def test_a_reader_that_stops_early_gets_no_error(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert b"SN" in first and "error" not in err.lower() and "Traceback" not in err
+
+
+def test_a_study_missing_from_a_lab_that_mirrors_a_gateway_points_to_gateway(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    lab = tmp_path / "lab"
+    TrialStore(lab / "lab.db").close()
+    hint = "read it with --gateway URL"
+    for args in (["trials", "--study", "smoke"], ["compare", "--study", "smoke"]):
+        plain = runner.invoke(main, [*args, "--lab", str(lab)])
+        assert plain.exit_code == 1 and hint not in plain.output
+    (lab / "gateway-mirror").mkdir()
+    (lab / "gateway-mirror" / "127.0.0.1-8765.db").touch()
+    for args in (["trials", "--study", "smoke"], ["compare", "--study", "smoke"]):
+        result = runner.invoke(main, [*args, "--lab", str(lab)])
+        assert result.exit_code == 1 and hint in result.output, result.output

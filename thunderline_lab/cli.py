@@ -196,7 +196,7 @@ def trials(
     gateway: str | None,
 ) -> None:
     """List trials of the lab's store."""
-    _, store = _study_store(lab_dir, gateway)
+    lab, store = _study_store(lab_dir, gateway)
     with store:
         df = store.trials(study=study, status=status, spectral_norm=spectral_norm)
         known = store.studies() if df.empty and study is not None else []
@@ -204,6 +204,7 @@ def trials(
         raise StudyError(
             f"{store.path}: no study {study!r}{did_you_mean(study, known)}; "
             f"studies in this lab: {', '.join(known) or 'none'}"
+            + ("" if gateway else _gateway_hint(lab))
         )
     if fmt == "json":
         from thunderline_lab.store import trial_records
@@ -216,6 +217,18 @@ def trials(
         click.echo(out.to_csv(index=False), nl=False)
     else:
         click.echo(_trials_table(df))
+
+
+def _gateway_hint(lab: Any) -> str:
+    """A hint for a study not in the lab's store when the lab mirrors a gateway's log (a
+    study run with ``run --gateway`` lives there): "" otherwise."""
+    mirrors = sorted((Path(lab.root) / "gateway-mirror").glob("*.db"))
+    if not mirrors:
+        return ""
+    return (
+        "; this lab also holds a mirror of a gateway's log (a study run with run --gateway "
+        "reports there): read it with --gateway URL"
+    )
 
 
 def _study_store(lab_dir: Path | None, gateway: str | None) -> tuple[Any, Any]:
@@ -592,14 +605,19 @@ def compare_cmd(
 
     lab, store = _study_store(lab_dir, gateway)
     with store:
-        result = compare_study(
-            store,
-            study,
-            metrics=list(metrics) or None,
-            mode=mode,  # type: ignore[arg-type]
-            seed=seed,
-            n_boot=n_boot,
-        )
+        try:
+            result = compare_study(
+                store,
+                study,
+                metrics=list(metrics) or None,
+                mode=mode,  # type: ignore[arg-type]
+                seed=seed,
+                n_boot=n_boot,
+            )
+        except StudyError as exc:
+            if gateway or not (hint := _gateway_hint(lab)) or study in store.studies():
+                raise
+            raise StudyError(f"{exc}{hint}") from None
         links = _mlflow_links(lab, store, study)
     folder = out_dir or lab.reports_dir / report_folder(study)
     report = write_report(result, folder, mlflow_links=links)
