@@ -738,6 +738,23 @@ def test_another_web_page_cannot_post_events_through_the_browser(
     assert store.counts()["events"] == 1
 
 
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "http://gateway:8080"])
+def test_a_page_of_another_origin_cannot_post_without_sec_fetch_site(
+    gw: AsgiClient, store: TrialStore, origin: str
+) -> None:
+    # an older browser sends no Sec-Fetch-Site, but every cross-origin POST has an Origin
+    body = study_events()[0].model_dump_json()
+    headers = {"content-type": "text/plain", "origin": origin}
+    resp = gw.post("/api/events/ml", content=body, headers=headers)
+    assert resp.status_code == 403, resp.text
+    assert store.counts()["events"] == 0
+    same = gw.post("/api/events/ml", content=body, headers={"origin": "http://gateway"})
+    assert same.status_code == 202  # the gateway's own /docs page
+    plain = gw.post("/api/events/ml", content=study_events()[1].model_dump_json())
+    assert plain.status_code == 202  # HTTP clients send no Origin
+    assert store.counts()["events"] == 2
+
+
 def test_header_errors_name_the_header_and_tokens_compare_as_sent_bytes(
     store: TrialStore,
 ) -> None:

@@ -40,7 +40,9 @@ of FastAPI (the FastAPI route documents it), which halves the CPU per request.
 **Security.** Binds ``127.0.0.1`` by default; :func:`serve` refuses any other address
 without a token. With a token, ``/api/*`` requires ``Authorization: Bearer TOKEN`` (or
 ``X-Thunderline-Token: TOKEN``). A browser request from another site (``Sec-Fetch-Site:
-cross-site``: any web page the user has open) cannot post events, token or not. SQL is
+cross-site``: any web page the user has open) cannot post events, token or not; without a
+token neither can a request whose ``Origin`` is another site's or ``null`` (browsers that
+send no ``Sec-Fetch-Site``). SQL is
 parameterised (the store's), bodies are limited (8 MiB) as are events per request (50,000)
 and events waiting for the writer, and error answers never carry stack traces.
 
@@ -1207,7 +1209,9 @@ def create_app(
     async def ingest(scope: Mapping[str, Any], receive: Any) -> IngestResult:
         """POST /api/events/ml: auth, bounded body, parse + validate, group commit."""
         headers = dict(scope["headers"])
-        if headers.get(b"sec-fetch-site", b"").strip().lower() == b"cross-site":
+        if headers.get(b"sec-fetch-site", b"").strip().lower() == b"cross-site" or (
+            token_bytes is None and _foreign_origin(headers)
+        ):
             raise cross_site_problem()
         check_token(headers)
         encoding = headers.get(b"content-encoding", b"").strip().lower()
@@ -1569,6 +1573,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _foreign_origin(headers: Mapping[bytes, bytes]) -> bool:
+    """Whether a request comes from a web page of another origin than the gateway's: an
+    ``Origin`` header (browsers send one with every cross-origin POST; HTTP clients none)
+    that is ``null`` or names another host and port than the request's ``Host``. For browsers
+    that do not send ``Sec-Fetch-Site``; only asked when the gateway has no token."""
+    origin = headers.get(b"origin")
+    if origin is None:
+        return False
+    text = origin.decode("latin-1").strip().lower()
+    if text == "null":
+        return True  # a sandboxed frame, a file:// page, a redirect across origins
+    parts = urllib.parse.urlsplit(text)
+    host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+    default = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
+    return not parts.netloc or parts.netloc.removesuffix(default) != host.removesuffix(default)
 
 
 class LoopbackHostOnly:
