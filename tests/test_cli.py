@@ -165,9 +165,9 @@ def test_readme_mentions_every_cli_command() -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda r: r["payload"].update(step=2**70), "record 0: payload.step: must be less than"),
-        (lambda r: r.update(timestamp="0001-01-01T00:00:00+05:00"), "record 0: timestamp: is out"),
-        (lambda r: r["payload"].update(metadata={"x": "\ud800"}), "record 0: cannot be written"),
+        (lambda r: r["payload"].update(step=2**70), "line 1: payload.step: must be less than"),
+        (lambda r: r.update(timestamp="0001-01-01T00:00:00+05:00"), "line 1: timestamp: is out"),
+        (lambda r: r["payload"].update(metadata={"x": "\ud800"}), "line 1: cannot be written"),
     ],
 )
 def test_unstorable_input_is_a_clean_error_naming_file_and_record(
@@ -186,6 +186,9 @@ def test_unstorable_input_is_a_clean_error_naming_file_and_record(
         assert result.exit_code == 1, result.output
         assert f"error: {f}: {expected}" in result.output
         assert "Traceback" not in result.output
+    f.write_text(json.dumps(record, indent=2))  # one record over many lines: said by index
+    result = runner.invoke(main, ["validate", str(f)])
+    assert f"error: {f}: record 0: {expected.removeprefix('line 1: ')}" in result.output
 
 
 def test_json_lines_errors_name_each_line_and_all_are_reported(

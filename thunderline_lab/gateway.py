@@ -248,9 +248,7 @@ def parse_body(
                 [ErrorDetail(None, "<body>", _MISSING, "json_depth", "JSON nested too deeply")]
             ) from None
         except EventValidationError as exc:
-            raise EventValidationError(
-                at_lines(_name_missing(exc.errors, records), lines)
-            ) from None
+            raise EventValidationError(at_lines(exc.errors, lines)) from None
     _check_count(len(events), max_events)
     errors = storage_errors(events)
     if errors:
@@ -270,7 +268,7 @@ def _with_line_faults(parsed: Any, default_model_run_id: str) -> list[ErrorDetai
     try:
         to_events(parsed.records, default_model_run_id=default_model_run_id)
     except EventValidationError as exc:
-        errors += at_lines(_name_missing(exc.errors, parsed.records), parsed.lines)
+        errors += at_lines(exc.errors, parsed.lines)
     except RecursionError:  # a line nested too deeply: its own error is enough
         pass
 
@@ -345,26 +343,6 @@ def _surrogate_errors(records: list[Any]) -> list[ErrorDetail]:
     for i, rec in enumerate(records):
         walk(rec, "", i)
     return errors
-
-
-_CANONICAL_KEYS = frozenset({"id", "timestamp", "payload", "source", "priority", "pipeline"})
-
-
-def _name_missing(errors: list[ErrorDetail], records: list[Any]) -> list[ErrorDetail]:
-    """A record shaped like a canonical event but without ``name``: say so, on ``name``."""
-    out = []
-    for e in errors:
-        rec = records[e.index] if e.index is not None and e.index < len(records) else None
-        if e.rule == "unknown_shape" and isinstance(rec, Mapping) and _CANONICAL_KEYS & set(rec):
-            e = ErrorDetail(
-                e.index,
-                "name",
-                _MISSING,
-                "missing",
-                "field required (the event name, e.g. ml.trial.complete)",
-            )
-        out.append(e)
-    return out
 
 
 def _check_count(n: int, max_events: int) -> None:

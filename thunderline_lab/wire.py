@@ -134,7 +134,11 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         )
     try:
         doc = json.loads(text)
-        return JsonInput(doc if isinstance(doc, list) else [doc], None, [])
+        if isinstance(doc, list):
+            return JsonInput(doc, None, [])
+        # one object: a JSON-lines file of one record is said by its line, as longer ones are
+        rows = [n for n, ln in enumerate(text.split("\n"), start=1) if ln.strip()]
+        return JsonInput([doc], rows if len(rows) == 1 else None, [])
     except RecursionError:
         raise EventValidationError(_depth_errors(text), source) from None
     except json.JSONDecodeError as whole_exc:
@@ -617,6 +621,11 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
     return out
 
 
+# The keys of a canonical event besides its name: a record with any of them and no name is
+# an event whose name is missing (not a record of another shape).
+_CANONICAL_KEYS = frozenset({"id", "timestamp", "payload", "source", "priority", "pipeline"})
+
+
 def translate_record(
     record: Any, index: int | None = None, *, default_model_run_id: str = DEFAULT_MODEL_RUN_ID
 ) -> list[Any]:
@@ -632,6 +641,18 @@ def translate_record(
             return _from_seed001(record, index, default_model_run_id)
         if "name" in record:
             return [record]
+        if _CANONICAL_KEYS & set(record):  # a canonical event without its name: say which
+            raise EventValidationError(
+                [
+                    ErrorDetail(
+                        index,
+                        "name",
+                        _MISSING,
+                        "missing",
+                        "field required (the event name, e.g. ml.trial.complete)",
+                    )
+                ]
+            )
     raise EventValidationError(
         [
             ErrorDetail(
