@@ -157,6 +157,29 @@ def test_seed002_error_paths_point_into_trials() -> None:
     assert errors([report]) == [(0, "trials[0].metrics.acc", "finite_number")]
 
 
+def test_seed002_names_every_fault_of_every_trial_at_once() -> None:
+    # a refused flag does not hide the NaN beside it, and a trial left out (its status
+    # unknown) does not shift the trials[...] of those after it
+    report = {
+        "trials": [
+            {
+                "trial_id": "t0",
+                "status": "succeeded",
+                "spectral_norm": "yes please",
+                "metrics": {"acc": float("nan")},
+            },
+            {"trial_id": "t1", "status": "skipped"},
+            {"trial_id": "t2", "status": "succeeded", "metrics": {"acc": float("inf")}},
+        ]
+    }
+    assert sorted(errors([report])) == [
+        (0, "trials[0].metrics.acc", "finite_number"),
+        (0, "trials[0].spectral_norm", "bool_type"),
+        (0, "trials[1].status", "unknown_status"),
+        (0, "trials[2].metrics.acc", "finite_number"),
+    ]
+
+
 def test_unknown_record_shape() -> None:
     assert errors([[1, 2]])[0][2] == "unknown_shape"
     assert errors([{"foo": 1}])[0][2] == "unknown_shape"

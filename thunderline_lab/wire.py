@@ -560,7 +560,8 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         )
     top_run = rec.get("run_id") or rec.get("model_run_id") or default_run
     _unknown_fields(errs, rec, _SEED002_REPORT_FIELDS, "")
-    out = []
+    out: list[dict[str, Any]] = []
+    position: list[int] = []  # each event's trial in the report
     for j, t in enumerate(trials):
         base = f"trials[{j}]"
         if not isinstance(t, Mapping):
@@ -600,24 +601,27 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
             payload["error_message"] = str(message or "trial failed")
             payload["error_type"] = str(t.get("error_type") or "trial_failed")
         out.append(_envelope(name, payload, _event_id(t, salt=str(top_run)), t.get("timestamp")))
-    if errs.items:
-        raise EventValidationError(errs.items)
-    # Field paths of the validated events must point back into the trials list.
+        position.append(j)
+    # Every fault of every trial at once: the events are validated even when a field was
+    # already refused above (it stands at its default there), with field paths that point
+    # back into the trials list.
+    errors = list(errs.items)
     try:
         validate_events(out)
     except EventValidationError as exc:
-        raise EventValidationError(
-            [
-                ErrorDetail(
-                    index,
-                    f"trials[{e.index}].{e.path.removeprefix('payload.')}",
-                    e.value,
-                    e.rule,
-                    e.message,
-                )
-                for e in exc.errors
-            ]
-        ) from None
+        errors += [
+            ErrorDetail(
+                index,
+                f"trials[{position[e.index] if e.index is not None else '?'}]."
+                f"{e.path.removeprefix('payload.')}",
+                e.value,
+                e.rule,
+                e.message,
+            )
+            for e in exc.errors
+        ]
+    if errors:
+        raise EventValidationError(errors)
     return out
 
 
