@@ -505,10 +505,12 @@ def test_worker_killed_mid_trial_leaves_a_stale_trial_that_is_failed_and_retried
     assert dead.params == retried[0].params
 
 
-def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
-    procs = [_worker(tmp_path, n=12, sleep=0.2, tag=str(i), wait=True) for i in range(2)]
+def _side_by_side(tmp_path: Path, workers: int, n: int, sleep: float) -> list[tuple[str, str]]:
+    """Worker processes that start their study at the same instant; each must exit 0.
+    Returns their (stdout, stderr)."""
+    procs = [_worker(tmp_path, n=n, sleep=sleep, tag=str(i), wait=True) for i in range(workers)]
     deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready_{i}").exists() for i in range(2)):
+    while not all((tmp_path / f"ready_{i}").exists() for i in range(workers)):
         assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -516,6 +518,12 @@ def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
+    return outs
+
+
+def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
+    outs = _side_by_side(tmp_path, workers=2, n=12, sleep=0.2)
+    for _out, err in outs:
         assert "locked" not in err.lower()
     ran = [int(out.split()[-1]) for out, _ in outs]
     assert all(r > 0 for r in ran), ran  # both did work
@@ -540,16 +548,7 @@ def test_more_workers_than_the_budget_run_the_budget_and_whole_pairs(tmp_path):
     """Three workers asking for trials at the same instant, for a budget of 2: one pair
     runs; a worker that finds the budget taken stands down (its Optuna trial, marked
     surplus, is not part of the study: not counted, no event, no row in the store)."""
-    procs = [_worker(tmp_path, n=2, sleep=0.5, tag=str(i), wait=True) for i in range(3)]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready_{i}").exists() for i in range(3)):
-        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    outs = [p.communicate(timeout=240) for p in procs]
-    for p, (_out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err
+    _side_by_side(tmp_path, workers=3, n=2, sleep=0.5)
     result = _run(tmp_path, name="mp", n_trials=2, epochs=2)
     assert result.n_run == 0
     assert result.counts["finished"] == 2 and result.counts["stale"] == 0
