@@ -708,3 +708,21 @@ def test_a_budget_that_splits_a_pair_is_warned_about_on_the_command_line(tmp_pat
     ) in result.output
     whole = CliRunner().invoke(main, [*args[:-1], "8"])
     assert "trials 0/8" in whole.output and "not a multiple" not in whole.output
+
+
+def test_a_trial_left_running_when_the_workers_stop_is_warned_about(tmp_path: Path) -> None:
+    """A dead worker's trial the run did not fail as stale (yet) stays "running": the run
+    ends as the budget is counted as taken, and says that trial is not its own."""
+    body = (
+        "from thunderline_lab import events as E\n"
+        "from thunderline_lab.lab import Lab\n"
+        "store = Lab.resolve(lab_dir).store()\n"
+        "ids = {'model_run_id': study_name, 'trial_id': 'trial_0000', 'study': study_name}\n"
+        "store.append([E.trial_start(**ids, spectral_norm=True)])\n"
+        "store.close()\n"
+    )
+    make_notebook(tmp_path / "nb.ipynb", body)
+    cfg = write_config(tmp_path, '[study]\nname = "a"\nnotebook = "nb.ipynb"\n')
+    result = CliRunner().invoke(main, ["run", str(cfg), "--lab", str(tmp_path / "lab")])
+    assert "running 1" in result.output, result.output
+    assert "warning: 1 trial is still running, not by this run's workers" in result.output

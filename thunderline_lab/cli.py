@@ -389,6 +389,15 @@ def run(
         f"finished in {result.elapsed_s:,.0f}s: {new}; study: "
         + ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
     )
+    if result.counts.get("running"):  # this run's workers have all stopped
+        n = result.counts["running"]
+        click.echo(
+            f"warning: {n} trial{'s are' if n > 1 else ' is'} still running, not by this "
+            "run's workers: another run's or machine's, or a dead worker's, which a later "
+            "run fails as stale and re-runs once its heartbeat is older than the grace period "
+            "(thunderline-lab trials --status running shows which)",
+            err=True,
+        )
     for out in result.outputs:
         click.echo(f"  executed notebook : {out}")
     if result.gateway:
