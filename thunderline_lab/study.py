@@ -1837,7 +1837,11 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
     """The seeds as ints: distinct integers, at least one."""
-    items = list(seeds) if isinstance(seeds, list | tuple) else None
+    items = (
+        list(seeds)
+        if isinstance(seeds, Iterable) and not isinstance(seeds, str | bytes | Mapping)
+        else None
+    )
     if (
         not items
         or not all(isinstance(s, int | numbers.Integral) and not isinstance(s, bool) for s in items)
@@ -1853,7 +1857,11 @@ def _with_conv_sn_modes(space: SearchSpace, modes: Sequence[str] | None) -> Sear
         return space
     from thunderline_lab.models import CONV_SN_MODES
 
-    items = list(modes) if isinstance(modes, list | tuple) else None
+    items = (
+        list(modes)
+        if isinstance(modes, Iterable) and not isinstance(modes, str | bytes | Mapping)
+        else None
+    )
     if not items or any(m not in CONV_SN_MODES for m in items):
         raise ConfigError(
             f"conv_sn_modes: must be a list of {', '.join(map(repr, CONV_SN_MODES))}, got {modes!r}"
