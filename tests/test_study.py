@@ -823,6 +823,61 @@ def _shared_storage(backend: str, tmp_path: Path) -> Any:
 _BACKENDS = ["journal", "sqlite", *_SERVER_PARAMS, "memory"]
 
 
+def test_a_new_configuration_reserves_its_whole_group_side_by_side_workers_stand_down():
+    """Two workers ask at the same instant (paired, seeds 0 and 1, a budget of one group).
+    The first to plan reserves all 4 of its group's trials, the replicate its SN leader
+    enqueues later included, so the second stands down (surplus); the leader then finds
+    its replicate's room. Both configurations taking part split both."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name="x")
+    ctx = _context(study, n_trials=4, seeds=(0, 1))
+    a, b = study.ask(), study.ask()
+    a.suggest_categorical("spectral_norm", [False, True])
+    study_module._plan_group(ctx, a, {"spectral_norm": False})
+    b.suggest_categorical("spectral_norm", [False, True])
+    with pytest.raises(study_module._OverBudget):
+        study_module._plan_group(ctx, b, {"spectral_norm": True})
+    study.tell(b, state=optuna.trial.TrialState.FAIL)  # (as Optuna does with the error)
+    assert study.get_trials()[b.number].user_attrs["status"] == "surplus"
+    leader = study.ask()  # the SN twin, which enqueues SN's seed-1 replicate
+    assert leader.user_attrs["leader"] is True
+    study_module._plan_group(ctx, leader, {"spectral_norm": True})
+    groups = study_module._group_states(study.get_trials())
+    assert sorted(groups) == ["g0000"]
+    # A's own seed and arm are written by its objective (not called here): its 3 members
+    assert sorted(groups["g0000"].members) == [(0, "sn_on"), (1, "sn_off"), (1, "sn_on")]
+
+
+def test_a_worker_does_not_stop_while_a_twin_waits():
+    """A's trial finished while B's new trial has not planned yet (it will stand down): the
+    budget counts B's trial only once it planned, so A stops only when no trial waits."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name="x")
+    ctx = _context(study, n_trials=2, seeds=(0,))
+    a, b = study.ask(), study.ask()
+    study_module._plan_group(ctx, a, {"spectral_norm": False})  # its twin waits
+    study.tell(a, 0.5)
+    stops: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(study, name)
+
+        def stop(self) -> None:
+            stops.append("stop")
+
+    stop_rule = study_module._StopCallback(ctx, 3)
+    stop_rule(Recording(), study.get_trials()[a.number])
+    assert stops == []  # the twin waits: A asks again
+    with pytest.raises(study_module._OverBudget):
+        study_module._plan_group(ctx, b, {"spectral_norm": True})
+    study.tell(b, state=optuna.trial.TrialState.FAIL)
+    twin = study.ask()
+    assert twin.user_attrs["arm"] == "sn_on"
+    study.tell(twin, 0.4)
+    stop_rule(Recording(), study.get_trials()[twin.number])
+    assert stops == ["stop"]
+    assert study_module.count_trials(study.get_trials())["finished"] == 2
+
+
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_workers_resuming_at_the_same_instant_enqueue_each_missing_member_once(
     tmp_path, monkeypatch, backend

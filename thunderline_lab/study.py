@@ -829,6 +829,9 @@ class _OverBudget(Exception):
 
 
 _SURPLUS = "surplus"  # _STATUS_ATTR of a trial that was never part of the study
+# A new configuration's part of the budget, set on its first trial when planned (its whole
+# group, or what the budget has left): its members yet to come count toward n_trials
+_GROUP_SIZE_ATTR = "group_size"
 
 
 @dataclass
@@ -900,23 +903,49 @@ class _Context:
 
 
 def _budget_used(trials: Sequence[FrozenTrial]) -> int:
-    """The trials that take part of ``n_trials``: finished, waiting, and running ones that
-    belong to a group (an enqueued member, or a new configuration that planned its group
-    under the group lock). A new configuration's trial that has not planned yet takes no
-    part: it checks the budget when it does, and stands down when nothing is left
-    (:func:`_plan_group`), so workers that start side by side do not each take a part."""
-    used = 0
+    """How much of ``n_trials`` is taken: per group, its members that finished, wait or run,
+    or the part of the budget it reserved when it was planned (:data:`_GROUP_SIZE_ATTR`:
+    its members yet to come, such as the replicates its SN leader enqueues later), whichever
+    is more; plus finished and waiting trials of no group. A new configuration's trial that
+    has not planned yet takes no part: it checks the budget when it does, and stands down
+    when nothing is left (:func:`_plan_group`), so workers starting side by side do not
+    each take a part."""
+    loose, members, reserved = _budget_parts(trials)
+    return loose + sum(max(members.get(g, 0), reserved.get(g, 0)) for g in members | reserved)
+
+
+def _budget_parts(
+    trials: Sequence[FrozenTrial],
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(trials of no group that count, members that count per group, reservation per group)."""
+    loose = 0
+    members: dict[str, int] = {}
+    reserved: dict[str, int] = {}
     for t in trials:
+        group = t.user_attrs.get("group_id")
+        size = t.user_attrs.get(_GROUP_SIZE_ATTR)
+        if group is not None and isinstance(size, int):
+            reserved[str(group)] = max(reserved.get(str(group), 0), size)
         if t.state == TrialState.RUNNING:
-            used += "group_id" in t.user_attrs
-        elif t.state == TrialState.WAITING or _counts_toward_total(t):
-            used += 1
-    return used
+            counts = group is not None
+        else:
+            counts = t.state == TrialState.WAITING or _counts_toward_total(t)
+        if not counts:
+            continue
+        if group is None:
+            loose += 1
+        else:
+            members[str(group)] = members.get(str(group), 0) + 1
+    return loose, members, reserved
 
 
-def _room(study: optuna.Study, n_trials: int) -> int:
-    """How many more trials may be enqueued (n_trials minus :func:`_budget_used`)."""
-    return n_trials - _budget_used(study.get_trials(deepcopy=False))
+def _group_room(study: optuna.Study, group_id: str | None, n_trials: int) -> int:
+    """How many more members ``group_id`` may enqueue: what is left of its own reservation,
+    plus what the budget has free (a resume with a larger n_trials completing a cut group)."""
+    loose, members, reserved = _budget_parts(study.get_trials(deepcopy=False))
+    used = loose + sum(max(members.get(g, 0), reserved.get(g, 0)) for g in members | reserved)
+    own = 0 if group_id is None else reserved.get(group_id, 0) - members.get(group_id, 0)
+    return max(own, 0) + max(n_trials - used, 0)
 
 
 def _arm(sn: bool) -> str:
@@ -937,7 +966,9 @@ def _params_for_arm(params: Mapping[str, Any], sn: bool) -> dict[str, Any]:
 def _enqueue(
     study: optuna.Study, params: Mapping[str, Any], attrs: Mapping[str, Any], n_trials: int
 ) -> bool:
-    if _room(study, n_trials) <= 0:
+    """Enqueue a member of ``attrs["group_id"]`` if its reservation or the budget has room."""
+    group = attrs.get("group_id")
+    if _group_room(study, None if group is None else str(group), n_trials) <= 0:
         return False
     study.enqueue_trial(dict(params), user_attrs=dict(attrs))
     return True
@@ -972,13 +1003,16 @@ def _plan_group(ctx: _Context, trial: optuna.Trial, values: Mapping[str, Any]) -
     seed = seeds[0]
     with _group_lock(study._storage, study.study_name):
         others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        if _budget_used(others) >= ctx.n_trials:
+        used = _budget_used(others)
+        if used >= ctx.n_trials:
             # another worker's trials (running, waiting, finished) fill the budget: this one,
             # asked for by a worker that started alongside them, is not part of the study
             study._storage.set_trial_user_attr(trial._trial_id, _STATUS_ATTR, _SURPLUS)
             raise _OverBudget(f"trial {trial.number}: the budget of {ctx.n_trials} is taken")
-        study._storage.set_trial_user_attr(trial._trial_id, "group_id", group_id)
-        _enqueue_group(ctx, trial, suggested, sn, group_id, seed)
+        # the whole group's part of the budget, or what is left of it (the last group)
+        size = min((2 if ctx.design == "paired" else 1) * len(seeds), ctx.n_trials - used)
+        _set_user_attrs(study, trial._trial_id, {"group_id": group_id, _GROUP_SIZE_ATTR: size})
+        _enqueue_group(ctx, trial, suggested, sn, group_id, seed, size)
     return _member_attrs(group_id, seed, sn, ctx.design)
 
 
@@ -989,8 +1023,11 @@ def _enqueue_group(
     sn: bool,
     group_id: str,
     seed: int,
+    size: int,
 ) -> None:
-    """Enqueue a new configuration's twin and replicate seeds (as many as the budget holds)."""
+    """Enqueue a new configuration's twin and replicate seeds, within its reservation of
+    ``size`` trials (itself and, in a paired study on several seeds with an SN-off first
+    trial, the replicates its SN twin enqueues once it knows its coefficient)."""
     study, seeds = trial.study, ctx.seeds
     members: list[tuple[Mapping[str, Any], dict[str, Any]]] = []
     if ctx.design == "paired":
@@ -1012,7 +1049,7 @@ def _enqueue_group(
     else:
         for s in seeds[1:]:
             members.append((suggested, _member_attrs(group_id, s, sn, ctx.design)))
-    for params, member_attrs in members:
+    for params, member_attrs in members[: max(size - 1, 0)]:  # (its reservation holds them)
         if not _enqueue(study, params, member_attrs, ctx.n_trials):
             break
 
@@ -1611,8 +1648,7 @@ class _EventCallback:
     def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
         ctx = self.ctx
         if t.user_attrs.get(_STATUS_ATTR) == _SURPLUS:
-            study.stop()  # the budget is taken: nothing to report, nothing more to ask for
-            return
+            return  # nothing to report (the stop rule then sees whether trials wait for it)
         result = ctx.results.pop(t.number, None)
         payload = _trial_payload(t)
         if t.number in ctx.parameters:
@@ -1659,7 +1695,8 @@ class _EventCallback:
 
 
 class _StopCallback:
-    """Optuna callback: stop at ``n_trials`` finished (+ running), on should_stop, on errors."""
+    """Optuna callback: stop once no trial waits and the budget is taken (finished, running
+    and reserved: :func:`_budget_used`), on should_stop, on errors."""
 
     def __init__(self, ctx: _Context, max_consecutive_errors: int) -> None:
         self.ctx = ctx
@@ -1677,8 +1714,9 @@ class _StopCallback:
             return
         if isinstance(study._storage, _LabJournalStorage):
             study._storage.fail_stale(study)  # (Optuna does this itself for RDB storages)
-        c = count_trials(study.get_trials(deepcopy=False))
-        if c["finished"] + c["running"] >= ctx.n_trials:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and _budget_used(trials) >= ctx.n_trials:  # nothing left to ask for
             study.stop()
 
 
@@ -2178,7 +2216,9 @@ def run_study(
                     ) from exc
             if timeout is not None and ctx.stopped == "done":
                 c = count_trials(study.get_trials(deepcopy=False))
-                if c["finished"] < n_trials and not ctx.stop_requested():
+                # (another worker's trials still running also leave finished < n_trials)
+                out_of_time = time.perf_counter() - started >= timeout
+                if c["finished"] < n_trials and not ctx.stop_requested() and out_of_time:
                     ctx.stopped = "timeout"
         if ctx.tracker is not None:
             _close_tracker(ctx)  # its run-id links land in the store before we read it
@@ -2255,7 +2295,7 @@ class _LabRecordedFailures(logging.Filter):
         if m is None:
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, _StopRequested | _TrialFailed):
+        if isinstance(exc, _StopRequested | _TrialFailed | _OverBudget):
             self._dropped.add(m.group(1))
             return False
         if m.group(1) in self._dropped and message.startswith(
