@@ -1086,3 +1086,30 @@ def test_dashboard_command_prints_the_optuna_dashboard_call(tmp_path):
     assert argv[argv.index("--port") + 1] == "8123"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[-2:] == ["JournalFileStorage", str(tmp_path / "lab" / "optuna.journal")]
+
+
+def test_one_waiting_trial_goes_to_one_worker_on_an_sqlite_file(tmp_path):
+    """Optuna takes a waiting trial with SELECT ... FOR UPDATE, which SQLite ignores: two
+    workers could both take it (and the second's tell fail). On an SQLite file the lab's
+    storage takes it under a lock file: each waiting trial goes to exactly one worker."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="pop", storage=make_storage(url))
+    workers = 4
+    studies = [
+        optuna.load_study(study_name="pop", storage=make_storage(url)) for _ in range(workers)
+    ]
+    for _round in range(15):
+        studies[0].enqueue_trial({"x": 1})
+        start = threading.Barrier(workers)
+        got: list[int | None] = []
+
+        def take(study: optuna.Study, start: threading.Barrier, got: list[int | None]) -> None:
+            start.wait()
+            got.append(study._pop_waiting_trial_id())
+
+        threads = [threading.Thread(target=take, args=(s, start, got)) for s in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(got) == workers and sum(g is not None for g in got) == 1, got

@@ -53,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -640,7 +641,36 @@ class _BatchingFileBackend(JournalFileBackend):
 
 
 class _LabRDBStorage(RDBStorage):
-    """Optuna's RDB storage whose stale check also fails trials of dead local workers."""
+    """Optuna's RDB storage whose stale check also fails trials of dead local workers, and
+    which on an SQLite file serialises taking a waiting trial.
+
+    Optuna takes a waiting trial by reading its state and writing RUNNING in one
+    transaction, ``FOR UPDATE``: a row lock on PostgreSQL and MariaDB, nothing on SQLite,
+    where two workers could both read WAITING and both run the trial (the second's tell then
+    fails: "Cannot tell a COMPLETE trial"). On an SQLite file that step takes a lock file next
+    to the database (``<db>.pop``), as the group lock does (:func:`_group_lock_for`).
+    """
+
+    @functools.cached_property
+    def _pop_lock_path(self) -> str | None:
+        url = self.engine.url
+        database = url.database or ":memory:"
+        if (
+            url.get_backend_name() != "sqlite"
+            or database == ":memory:"
+            or "mode=memory" in database
+        ):
+            return None
+        return os.path.abspath(database) + ".pop"
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        path = self._pop_lock_path if state == TrialState.RUNNING else None
+        if path is None:
+            return super().set_trial_state_values(trial_id, state, values)
+        with _file_lock(path):
+            return super().set_trial_state_values(trial_id, state, values)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = set(super()._get_stale_trial_ids(study_id))
