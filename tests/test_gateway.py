@@ -2419,7 +2419,7 @@ def test_a_json_lines_body_with_an_unreadable_line_names_every_broken_line(
     resp = gw.post("/api/events/ml", content=body)
     assert resp.status_code == 400, resp.text
     found = [(e.get("line"), e["path"], e["rule"]) for e in resp.json()["errors"]]
-    assert found[1] == (None, "line 4", "json_invalid")
+    assert found[1] == (4, "<body>", "json_invalid")  # the line as the other errors give it
     assert found[0][0] == 3 and found[0][1] == "payload.step"
     assert found[2][0] == 5 and found[2][1] == "name"
     assert store.counts()["events"] == 0

@@ -262,7 +262,7 @@ def test_json_lines_with_a_broken_first_line_report_every_line() -> None:
     with pytest.raises(EventValidationError) as info:
         load_events(text, "events.jsonl")
     found = [(e.source_line or e.path, e.rule) for e in info.value.errors]
-    assert ("line 1", "json_invalid") in found and ("line 3", "json_invalid") in found
+    assert (1, "json_invalid") in found and (3, "json_invalid") in found
     assert (4, "unknown_event") in found
 
 
@@ -273,7 +273,7 @@ def test_too_deep_json_is_a_clean_error_in_documents_and_lines() -> None:
     assert info.value.errors[0].rule == "json_depth"
     with pytest.raises(EventValidationError) as info:
         parse_json_records(json.dumps(SEED001_START) + "\n" + deep + "\n", "deep.jsonl")
-    assert [(e.path, e.rule) for e in info.value.errors] == [("line 2", "json_depth")]
+    assert [(e.source_line, e.path, e.rule) for e in info.value.errors] == [(2, "", "json_depth")]
 
 
 def test_a_byte_order_mark_is_ignored() -> None:

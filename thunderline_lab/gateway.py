@@ -273,10 +273,7 @@ def _with_line_faults(parsed: Any, default_model_run_id: str) -> list[ErrorDetai
         pass
 
     def line_of(e: ErrorDetail) -> int:
-        if e.source_line is not None:
-            return e.source_line
-        head, _, number = e.path.partition(" ")
-        return int(number) if head == "line" and number.isdigit() else 0
+        return e.source_line or 0
 
     return sorted(errors, key=line_of)
 

@@ -166,9 +166,9 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
             numbers.append(lineno)
         except json.JSONDecodeError as exc:
             message = f"invalid JSON: {exc.msg} (column {exc.colno})"
-            errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_invalid", message))
+            errors.append(ErrorDetail(None, "", _MISSING, "json_invalid", message, lineno))
         except RecursionError:
-            errors.append(ErrorDetail(None, f"line {lineno}", _MISSING, "json_depth", _TOO_DEEP))
+            errors.append(ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP, lineno))
         except ValueError:  # an integer longer than int() reads: not a JSON syntax error
             raise EventValidationError(_long_number_errors(text), source) from None
     return JsonInput(records, numbers, errors)
@@ -364,9 +364,7 @@ def load_events(
         EventValidationError: with every error, attributed to ``source``.
     """
     parsed = read_json_records(text, source)
-    found: list[tuple[int, ErrorDetail]] = [
-        (int(e.path.removeprefix("line ")), e) for e in parsed.errors
-    ]
+    found: list[tuple[int, ErrorDetail]] = [(e.source_line or 0, e) for e in parsed.errors]
     events, origin, errors = _translate(parsed.records, default_model_run_id)
     for e in errors:
         if e.index is not None:
