@@ -31,6 +31,11 @@ Measured, medians of ``--repeats`` interleaved runs:
     it and every remembered statistic dropped: what a comparison costs after a refresh
     changed rows);
 
+  - as this workbench's writers leave a study: no snapshot on disk, a pair appended, the
+    writer's snapshot keeper (:mod:`thunderline_lab.keeper`, run at idle or exit) brings the
+    snapshot up to the store, then a new process compares (headline, 8 metrics, details);
+    with the keeper's own cost, from scratch and after one more pair;
+
   against the store's own SQL aggregate ``mean_by_spectral_norm`` (``json_extract`` +
   ``GROUP BY``, no CI, no pairing), and against the floor of any first read of the trials'
   JSON: SQLite extracting the keys that first comparison read, of every trial, and summing
@@ -64,6 +69,7 @@ import numpy as np
 
 from thunderline_lab import compare as cmp
 from thunderline_lab import events as E
+from thunderline_lab import keeper
 from thunderline_lab.bus import EventBus
 from thunderline_lab.monitor import LiveMonitor, MonitorState
 from thunderline_lab.store import TrialStore
@@ -346,6 +352,11 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         "first_details",
         "snap_details",
         "warm_details",
+        "written",
+        "written_all",
+        "written_details",
+        "keep_first",
+        "keep_next",
     )
     t: dict[str, list[float]] = {k: [] for k in keys}
     used: dict[str, int] = {}
@@ -395,6 +406,29 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         t["snap_details"].append(dt)
         dt, _ = timed(lambda: compare_study(store, None, details=True))
         t["warm_details"].append(dt)
+        # As a writer of this workbench leaves the study: no snapshot on disk, then a writer
+        # appends a pair, and its keeper (at idle or exit, off the append path) brings the
+        # snapshot up to the store; the next process compares.
+        cmp.clear_cache(store)
+        with keeper.keeping(keeper.MIN_TRIALS):
+            append_pair(store)
+            dt, saved = timed(keeper.flush)
+        assert saved, "the keeper saved no snapshot"
+        t["keep_first"].append(dt)
+        for suffix, metrics, details in (
+            ("", headline, False),
+            ("_all", None, False),
+            ("_details", None, True),
+        ):
+            cmp.clear_cache()  # a new process
+            before = dict(cmp.snapshot_counts)
+            dt, _ = timed(lambda m=metrics, d=details: compare_study(store, m, d))
+            t["written" + suffix].append(dt)
+            used["written" + suffix] = cmp.snapshot_counts["loaded"] - before["loaded"]
+        with keeper.keeping(keeper.MIN_TRIALS):  # a live writer: one more pair, then idle
+            append_pair(store)
+            dt, _ = timed(keeper.flush)
+        t["keep_next"].append(dt)
     med = {k: statistics.median(v) for k, v in t.items()}
     goal = 0.100
 
@@ -428,6 +462,18 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
     line("+ details (curves of 400 trials, layer σ), cold, first ever", "first_details")
     line("+ details, cold, new process with snapshot", "snap_details")
     line("+ details, warm", "warm_details")
+    print(
+        "  as this workbench's writers leave a study (a pair appended to a lab with no snapshot;"
+        "\n  the writer's keeper brought the snapshot up to the store; then a new process):"
+    )
+    line("headline val_accuracy, first comparison after the writer", "written")
+    line(f"default {nm} metrics, first comparison after the writer", "written_all")
+    line("+ details, first comparison after the writer", "written_details")
+    print(
+        f"    {'the keeper in the writer (off the append path: idle or exit)':<56} "
+        f"{median_ms(t['keep_first'])} from scratch; {median_ms(t['keep_next'])} after one "
+        "more pair"
+    )
     print(
         "  snapshot loaded in the 'with snapshot' cases: "
         + ", ".join(f"{k} {v}/1" for k, v in used.items())
@@ -674,6 +720,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rate", type=int, default=10_000)
     args = ap.parse_args()
+    # the snapshot keeper runs only where a case asks for it (keeper.keeping), never behind
+    # another case's back
+    os.environ[keeper.ENV_KEEP] = "off"
     n_trials, epochs, long_steps = (10_000, 20, 5_000) if args.quick else (100_000, 20, 50_000)
     db = args.db if not args.quick else args.db.with_name("lab-quick.db")
     meta = db.with_suffix(".json")

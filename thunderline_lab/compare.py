@@ -130,6 +130,7 @@ __all__ = [
     "format_headline",
     "higher_is_better",
     "report_folder",
+    "update_snapshot",
     "write_report",
 ]
 
@@ -2171,6 +2172,62 @@ def flush_snapshots() -> int:
         except Exception as exc:  # a closed store at exit: the next process reads it afresh
             _log.debug("comparison snapshot of %r not flushed: %s", study, exc)
     return written
+
+
+def _written_snapshot(store: TrialStore, study: str) -> Path | None:
+    """The study's snapshot file, if there is one (a save may have failed)."""
+    path = _snapshot_path(store, study)
+    return path if path is not None and path.is_file() else None
+
+
+def update_snapshot(store: Any, study: str, *, unless_within: int | None = None) -> Path | None:
+    """Bring ``study``'s comparison snapshot up to the store now: run the default comparison
+    (what ``thunderline-lab compare`` and ``run``'s report compute, details included), so
+    the snapshot holds its columns and statistics, and save it at once instead of by the
+    save policy of :func:`compare_study`. What :mod:`thunderline_lab.keeper` runs after a
+    process wrote a large study, so that no comparison a user runs reads it from scratch.
+
+    An unchanged snapshot is not rewritten, nor one fewer than ``_SNAPSHOT_LAG`` events
+    behind whose rows did not change. ``unless_within``: for a study no append changed,
+    leave the snapshot this process last saved or loaded alone, without comparing, while it
+    is at most that many events behind the store (any new event moves the details' curves
+    on, so comparing again would recompute them). Returns the snapshot's path, or None when
+    there is none to keep: an in-memory store, an unwritable folder, or a study with nothing
+    to compare yet (no completed trial of a known arm).
+    """
+    store, owned = _as_store(store)
+    try:
+        if unless_within is not None:
+            with _CACHE_LOCK:
+                known = _CACHE.get(_store_key(store, study))
+            saved = None if known is None else known.saved
+            if saved is not None and store.last_seq() - saved[1] <= unless_within:
+                return _written_snapshot(store, study)
+        try:
+            compare_study(store, study)
+        except StudyError:
+            return None
+        with _CACHE_LOCK:
+            frame = _CACHE.get(_store_key(store, study))
+        if frame is None:
+            return None
+        with frame.lock:
+            saved = frame.saved
+            current = (
+                saved is not None
+                and saved[0] == frame.version
+                and not frame.memo_dirty
+                and frame.watermark - saved[1] <= _SNAPSHOT_LAG
+            )
+        if current:
+            return _written_snapshot(store, study)
+        path = _save_snapshot(store, study, frame)
+        with _PENDING_LOCK:
+            _PENDING.pop(id(frame), None)
+        return path
+    finally:
+        if owned:
+            store.close()
 
 
 # ---------------------------------------------------------------------------------------------

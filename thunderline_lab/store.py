@@ -712,6 +712,14 @@ class _Checkpointer:
             conn.close()
 
 
+def _tell_keeper(path: str, studies: set[str]) -> None:
+    """Tell the comparison snapshot keeper that ``studies`` of the store at ``path`` changed
+    (imported here: the keeper's comparison module imports this one)."""
+    from thunderline_lab import keeper
+
+    keeper.note(path, studies)
+
+
 class TrialStore:
     """The lab's SQLite trial store: append-only event log plus derived tables.
 
@@ -754,6 +762,9 @@ class TrialStore:
         self._lock = threading.RLock()
         self._checkpointer: _Checkpointer | None = None  # started by the first write
         self._since_nudge = 0
+        # studies whose trial rows the current append changed: told to the comparison
+        # snapshot keeper once it commits (thunderline_lab.keeper)
+        self._touched: set[str] = set()
 
     # -- connection plumbing --------------------------------------------------------------
 
@@ -864,11 +875,16 @@ class TrialStore:
                 ]
                 raise EventConflictError(sorted(errors, key=lambda e: e.index or 0)) from None
             self._after_commit(result.accepted)
+            if self._touched:
+                touched, self._touched = self._touched, set()
+                if self.path != ":memory:":
+                    _tell_keeper(self.path, touched)
             return result
 
     def _append_locked(
         self, pending: list[_Pending], n_in: int, variants: Sequence[_Variant] = ()
     ) -> AppendResult:
+        self._touched = set()  # a rolled-back attempt's studies are not told
         # INSERT OR IGNORE skips ids already logged; what this transaction added is exactly
         # the rows after the previous highest seq (the write lock is held).
         before = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
@@ -1001,6 +1017,7 @@ class TrialStore:
                 ).fetchone()
                 row["study"] = (known and known[0]) or run_id
             rows.append([row[c] for c in TRIAL_COLUMNS])
+            self._touched.add(row["study"])
         for chunk in _chunks(rows, _REFOLD_TRIALS):
             self.conn.execute(_upsert_trials_sql(len(chunk)), list(chain.from_iterable(chunk)))
 

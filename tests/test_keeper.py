@@ -1,0 +1,229 @@
+"""The comparison snapshot keeper: writers leave a current snapshot behind them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from thunderline_lab import compare as cmp
+from thunderline_lab import events as E
+from thunderline_lab import keeper
+from thunderline_lab.monitor import synthetic_study
+from thunderline_lab.store import TrialStore
+
+STUDY = "kept"
+
+
+@pytest.fixture(autouse=True)
+def quiet_keeper(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No refresh by the keeper's thread unless a test asks (flush() does the work), and
+    nothing left pending or cached for the next test."""
+    monkeypatch.setattr(keeper, "IDLE_SECONDS", 3600.0)
+    monkeypatch.setattr(keeper, "MAX_DELAY_SECONDS", 3600.0)
+    monkeypatch.delenv(keeper.ENV_KEEP, raising=False)
+    with keeper.keeping(10**9):
+        keeper.flush()  # other tests' stores: forgotten (no study is that large)
+    cmp.clear_cache()
+    yield
+    with keeper.keeping(10**9):
+        keeper.flush()
+    cmp.clear_cache()
+
+
+class _Reads:
+    """Counts the comparison's reads of a study's trials (every one) and its statistics."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.whole = 0
+        self.statistics = 0
+        fetch, stats_of = cmp._fetch_rows, cmp._compare_arrays
+
+        def spy_fetch(*args: Any, **kwargs: Any) -> Any:
+            subset = kwargs.get("subset", args[3] if len(args) > 3 else None)
+            self.whole += subset is None
+            return fetch(*args, **kwargs)
+
+        def spy_stats(*args: Any, **kwargs: Any) -> Any:
+            self.statistics += 1
+            return stats_of(*args, **kwargs)
+
+        monkeypatch.setattr(cmp, "_fetch_rows", spy_fetch)
+        monkeypatch.setattr(cmp, "_compare_arrays", spy_stats)
+
+
+def _same(a: cmp.ComparisonResult, b: cmp.ComparisonResult) -> None:
+    pd.testing.assert_frame_equal(a.headline, b.headline, check_exact=True)
+    pd.testing.assert_frame_equal(a.pairs, b.pairs, check_exact=True)
+    pd.testing.assert_frame_equal(a.curves, b.curves, check_exact=True)
+    pd.testing.assert_frame_equal(a.layer_sigma, b.layer_sigma, check_exact=True)
+    assert a.notes == b.notes
+
+
+def _snapshot(store: TrialStore, study: str = STUDY) -> Path:
+    path = cmp._snapshot_path(store, study)
+    assert path is not None
+    return path
+
+
+def test_a_written_study_is_compared_from_the_snapshot_its_writer_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    monkeypatch.setattr(cmp, "_ROW_MEMO_MIN", 0)  # remember test-sized statistics too
+    with keeper.keeping(min_trials=10):
+        store.append(synthetic_study(STUDY, n_pairs=8, epochs=3, pruned=1))
+        assert keeper.pending() == {str(tmp_path / "lab.db"): {STUDY}}
+        assert not _snapshot(store).exists()  # nothing done on the append path
+        saved = keeper.flush()
+    assert saved == [_snapshot(store)] and saved[0].is_file()
+    assert keeper.pending() == {}
+
+    cmp.clear_cache()  # the next process to compare
+    reads = _Reads(monkeypatch)
+    loaded = cmp.snapshot_counts["loaded"]
+    res = cmp.compare_study(store, STUDY)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+    assert reads.whole == 0  # no trial read from the store's JSON
+    assert reads.statistics == 0  # the default comparison's statistics were kept too
+    _same(res, cmp.compare_study(store, STUDY, use_cache=False))
+
+
+def test_the_keeper_catches_up_with_new_trials_and_leaves_a_current_snapshot_alone(
+    tmp_path: Path,
+) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    db = str(tmp_path / "lab.db")
+    with keeper.keeping(min_trials=0):
+        store.append(synthetic_study(STUDY, n_pairs=4, epochs=2))
+        (path,) = keeper.flush()
+        assert keeper.flush() == []  # nothing pending
+        point = E.run_metric(
+            model_run_id=STUDY, trial_id="trial_0000", step=99, metric_name="lr", metric_value=0.1
+        )
+        store.append([point])  # a metric point changes no trial row
+        assert keeper.pending() == {}
+        late = E.trial_start(
+            model_run_id=STUDY,
+            trial_id="late",
+            study=STUDY,
+            spectral_norm=True,
+            parameters={"pair_id": "late"},
+        )
+        store.append([late, *synthetic_study("other", n_pairs=1, epochs=1)])
+        assert keeper.pending() == {db: {"other", STUDY}}
+        stamp = path.stat().st_mtime_ns
+        assert path in keeper.flush()
+        assert path.stat().st_mtime_ns != stamp  # the study's rows changed: saved again
+        stamp = path.stat().st_mtime_ns
+        store.append(synthetic_study("other", n_pairs=1, epochs=1, seed=7))
+        assert keeper.pending() == {db: {"other"}}
+        assert path in keeper.flush()  # a study kept before is looked at again ...
+        assert path.stat().st_mtime_ns == stamp  # ... but current: not rewritten
+    cmp.clear_cache()
+    res = cmp.compare_study(store, STUDY)
+    assert res.counts is not None
+    _same(res, cmp.compare_study(store, STUDY, use_cache=False))
+
+
+def test_a_small_study_is_left_to_be_read_from_scratch(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    with keeper.keeping(min_trials=100):
+        store.append(synthetic_study(STUDY, n_pairs=4, epochs=2))
+        assert keeper.flush() == []
+    assert not _snapshot(store).exists()
+
+
+def test_the_keeper_is_switched_off_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(keeper.ENV_KEEP, "off")
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study(STUDY, n_pairs=2, epochs=1))
+    assert keeper.pending() == {}
+    monkeypatch.setenv(keeper.ENV_KEEP, "3")  # a number: the smallest study kept
+    store.append(synthetic_study("b", n_pairs=2, epochs=1))
+    assert keeper.flush() == [_snapshot(store, "b")]
+
+
+def test_a_refused_append_tells_the_keeper_nothing(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    first = synthetic_study(STUDY, n_pairs=1, epochs=1)
+    with keeper.keeping(min_trials=0):
+        store.append(first)
+        keeper.flush()
+        clash = json.loads(first[0].to_json())
+        clash["payload"]["spectral_norm"] = not clash["payload"]["spectral_norm"]
+        late = E.trial_start(model_run_id=STUDY, trial_id="x", study="never", spectral_norm=True)
+        with pytest.raises(E.EventConflictError):
+            store.append([late, clash])  # the same id, another event: nothing is written
+        assert keeper.pending() == {}
+
+
+def test_an_in_memory_store_and_a_deleted_lab_keep_nothing(tmp_path: Path) -> None:
+    with keeper.keeping(min_trials=0):
+        TrialStore(":memory:").append(synthetic_study(STUDY, n_pairs=2, epochs=1))
+        assert keeper.pending() == {}
+        db = tmp_path / "gone" / "lab.db"
+        store = TrialStore(db)
+        store.append(synthetic_study(STUDY, n_pairs=2, epochs=1))
+        store.close()
+        for f in db.parent.iterdir():
+            f.unlink()
+        db.parent.rmdir()
+        assert keeper.flush() == []
+    assert not db.parent.exists()  # not created again by the keeper
+
+
+def test_an_unwritable_cache_folder_is_no_error(tmp_path: Path) -> None:
+    store = TrialStore(tmp_path / "lab.db")
+    (tmp_path / "cache").write_text("a file where the cache folder goes")
+    with keeper.keeping(min_trials=0):
+        store.append(synthetic_study(STUDY, n_pairs=2, epochs=1))
+        assert keeper.flush() == []
+    assert cmp.compare_study(store, STUDY).design == "paired"
+
+
+def test_the_keepers_thread_refreshes_a_quiet_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keeper, "IDLE_SECONDS", 0.05)
+    store = TrialStore(tmp_path / "lab.db")
+    with keeper.keeping(min_trials=0):
+        store.append(synthetic_study(STUDY, n_pairs=2, epochs=1))
+        deadline = time.monotonic() + 60
+        while not _snapshot(store).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _snapshot(store).exists()
+        assert keeper.pending() == {}
+
+
+def test_a_cli_ingest_leaves_the_snapshot_at_exit(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(e.to_json() for e in synthetic_study(STUDY, n_pairs=5, epochs=2)))
+    env = {**os.environ, keeper.ENV_KEEP: "0"}
+    script = "from thunderline_lab.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "ingest", "--lab", str(lab), str(events)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    store = TrialStore(lab / "lab.db")
+    assert _snapshot(store).is_file()  # written as the ingest exited
+    loaded = cmp.snapshot_counts["loaded"]
+    res = cmp.compare_study(store, STUDY)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+    assert int(res.headline.loc[0, "n_pairs"]) == 5

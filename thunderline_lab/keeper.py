@@ -1,0 +1,296 @@
+"""Keeps the comparison snapshots of the large studies a process writes current.
+
+A comparison reads a study's values from a columnar snapshot beside the store
+(:mod:`thunderline_lab.compare`); without one it reads every trial's JSON, which takes
+0.4–0.9 s for 100,000 trials, mostly inside SQLite. So the writers keep it, as the store
+keeps its other projections: every :class:`~thunderline_lab.store.TrialStore` append that
+changes trial rows tells this module which studies changed (:func:`note`), and a thread of
+the writing process brings the snapshot of each such study of at least
+:data:`MIN_TRIALS` trials up to the store (:func:`thunderline_lab.compare.update_snapshot`:
+the default comparison, details included) once the study has been quiet for
+:data:`IDLE_SECONDS`, or at the latest :data:`MAX_DELAY_SECONDS` after its first change,
+and at exit for what is still pending. The work happens off the append path: an append
+only records the study's name.
+
+So a study written by ``thunderline-lab ingest``, the gateway, ``run``'s workers or a
+notebook is compared from its snapshot by the next process that asks, and a long-lived
+writer (the gateway) keeps it a few seconds behind the log at most. Smaller studies are
+left alone: they are read from scratch in well under 100 ms.
+
+The keeper reads the store through a connection of its own, so it only ever sees committed
+transactions, never an append's rows halfway. A keeper that fails (a deleted lab, an
+unwritable folder) logs at debug level and leaves the snapshot to the next comparison: a
+snapshot never changes a result, only its cost.
+
+Configuration: ``THUNDERLINE_LAB_KEEP_SNAPSHOTS`` = ``off`` disables the keeper; an integer
+sets :data:`MIN_TRIALS` (``0``: every study).
+
+Example:
+    >>> import tempfile
+    >>> from thunderline_lab.store import TrialStore
+    >>> from thunderline_lab.monitor import synthetic_study
+    >>> lab = tempfile.mkdtemp()
+    >>> store = TrialStore(f"{lab}/lab.db")
+    >>> with keeping(min_trials=0):
+    ...     _ = store.append(synthetic_study("ab", n_pairs=4, epochs=2))
+    ...     [p.parent.name for p in flush()]
+    ['compare']
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ENV_KEEP",
+    "IDLE_SECONDS",
+    "KEPT_LAG_EVENTS",
+    "MAX_DELAY_SECONDS",
+    "MIN_TRIALS",
+    "flush",
+    "keeping",
+    "note",
+    "pending",
+]
+
+_log = logging.getLogger(__name__)
+
+ENV_KEEP = "THUNDERLINE_LAB_KEEP_SNAPSHOTS"
+MIN_TRIALS = 5_000  # trials: a smaller study is compared from scratch in well under 100 ms
+IDLE_SECONDS = 2.0  # a study quiet this long has its snapshot brought up to the store
+MAX_DELAY_SECONDS = 30.0  # ... and a busy one at the latest this long after its first change
+KEPT_LAG_EVENTS = 100_000  # a kept study left alone is refreshed once this far behind
+_EXIT_TIMEOUT = 120.0  # seconds the exit waits for a refresh under way in the thread
+
+
+def _threshold() -> int | None:
+    """The minimum trials of a kept study, None when the keeper is off."""
+    raw = os.environ.get(ENV_KEEP, "").strip().lower()
+    if not raw:
+        return MIN_TRIALS
+    if raw in ("off", "no", "false", "never"):
+        return None
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        _log.warning(
+            "%s=%r is neither 'off' nor a number of trials; using %d", ENV_KEEP, raw, MIN_TRIALS
+        )
+        return MIN_TRIALS
+
+
+@dataclass
+class _Dirty:
+    """The studies of one store changed since its last refresh, and when."""
+
+    studies: set[str] = field(default_factory=set)
+    first: float = 0.0
+    last: float = 0.0
+
+
+class _Keeper:
+    """The process's keeper: the stores' pending studies and the thread that refreshes them."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.cond = threading.Condition()
+        self.dirty: dict[str, _Dirty] = {}
+        self.kept: dict[str, set[str]] = {}  # studies refreshed before, per store
+        self.thread: threading.Thread | None = None
+        self.busy = False
+        self.stopping = False
+        self.stores: dict[str, Any] = {}  # the keeper's own connection per store
+        self.min_trials_override: int | None = None
+
+    def min_trials(self) -> int | None:
+        if self.min_trials_override is not None:
+            return self.min_trials_override
+        return _threshold()
+
+    def note(self, path: str, studies: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self.cond:
+            entry = self.dirty.get(path)
+            if entry is None:
+                entry = self.dirty[path] = _Dirty(first=now)
+            entry.studies.update(studies)
+            entry.last = now
+            if self.stopping:
+                return  # exiting: flush() takes it
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(
+                    target=self._run, name="thunderline-snapshot-keeper", daemon=True
+                )
+                self.thread.start()
+            self.cond.notify_all()
+
+    def _due(self, now: float) -> tuple[list[tuple[str, set[str]]], float | None]:
+        """The stores due for a refresh (taken off the list), and how long until the next."""
+        due, wait = [], None
+        for path, entry in list(self.dirty.items()):
+            at = min(entry.last + IDLE_SECONDS, entry.first + MAX_DELAY_SECONDS)
+            if at <= now:
+                due.append((path, self.dirty.pop(path).studies))
+            else:
+                wait = at - now if wait is None else min(wait, at - now)
+        return due, wait
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    if self.stopping:
+                        return
+                    due, wait = self._due(time.monotonic())
+                    if due:
+                        self.busy = True
+                        break
+                    self.cond.wait(wait)
+            try:
+                for path, studies in due:
+                    self.refresh(path, studies)
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def flush(self, stop: bool = False) -> list[Path]:
+        """Refresh every pending study now, in the caller's thread, after any refresh under
+        way in the keeper's thread; ``stop`` ends that thread (at exit)."""
+        with self.cond:
+            self.stopping = self.stopping or stop
+            self.cond.notify_all()
+            deadline = time.monotonic() + _EXIT_TIMEOUT
+            while self.busy and time.monotonic() < deadline:
+                self.cond.wait(deadline - time.monotonic())
+            work = [(path, entry.studies) for path, entry in self.dirty.items()]
+            self.dirty.clear()
+        saved: list[Path] = []
+        for path, studies in work:
+            saved += self.refresh(path, studies)
+        if stop:
+            for store in self.stores.values():
+                with contextlib.suppress(Exception):
+                    store.close()
+            self.stores.clear()
+        return saved
+
+    def refresh(self, path: str, studies: set[str]) -> list[Path]:
+        """Bring the snapshots of ``studies`` (and of the studies kept before) of the store
+        at ``path`` up to it; the paths of those it saved or found current."""
+        threshold = self.min_trials()
+        if threshold is None or not Path(path).is_file():
+            return []
+        out: list[Path] = []
+        store = self.stores.pop(path, None)
+        kept = self.kept.get(path, set())
+        try:
+            from thunderline_lab import compare
+            from thunderline_lab.store import TrialStore
+
+            if store is None:
+                store = TrialStore(path)
+            for study in sorted(studies | kept):
+                (count,) = store.conn.execute(
+                    "SELECT count(*) FROM trials WHERE study = ?", (study,)
+                ).fetchone()
+                if count < threshold:
+                    kept.discard(study)
+                    continue
+                # a study kept before that no append touched: only when far behind the
+                # log, so its snapshot never falls past what a refresh reads incrementally
+                lag = None if study in studies else KEPT_LAG_EVENTS
+                saved = compare.update_snapshot(store, study, unless_within=lag)
+                if saved is not None:
+                    kept.add(study)
+                    out.append(saved)
+        except Exception as exc:  # the next comparison reads the store instead
+            _log.debug("comparison snapshots of %s not kept: %s: %s", path, type(exc).__name__, exc)
+        if kept and store is not None and not self.stopping:
+            self.kept[path] = kept
+            self.stores[path] = store  # kept open: its studies' frames stay warm
+        else:
+            self.kept.pop(path, None)
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    store.close()
+        return out
+
+
+_KEEPER = _Keeper()
+_KEEPER_LOCK = threading.Lock()
+
+
+def _keeper() -> _Keeper:
+    """The keeper of this process (a new one in a forked child: the parent's thread and
+    connections are not its own)."""
+    global _KEEPER
+    with _KEEPER_LOCK:
+        if _KEEPER.pid != os.getpid():
+            _KEEPER = _Keeper()
+        return _KEEPER
+
+
+def note(path: str, studies: Iterable[str]) -> None:
+    """Record that ``studies`` of the store at ``path`` changed (called by the store after
+    each append that changed trial rows); their snapshots are refreshed later, off the
+    caller's thread. Nothing happens when the keeper is off (:data:`ENV_KEEP`)."""
+    keeper = _keeper()
+    if keeper.min_trials() is None:
+        return
+    keeper.note(str(path), studies)
+    _register_exit()
+
+
+def pending() -> dict[str, set[str]]:
+    """The stores and studies waiting for a refresh (a copy)."""
+    keeper = _keeper()
+    with keeper.cond:
+        return {path: set(entry.studies) for path, entry in keeper.dirty.items()}
+
+
+def flush() -> list[Path]:
+    """Refresh every pending study's snapshot now (what the exit does); returns the paths
+    of the snapshots saved or found current."""
+    return _keeper().flush()
+
+
+@contextlib.contextmanager
+def keeping(min_trials: int) -> Iterator[None]:
+    """Keep the snapshots of studies of at least ``min_trials`` trials within the block,
+    whatever :data:`ENV_KEEP` says (tests, benchmarks)."""
+    keeper = _keeper()
+    before = keeper.min_trials_override
+    keeper.min_trials_override = min_trials
+    try:
+        yield
+    finally:
+        keeper.min_trials_override = before
+
+
+_EXIT_REGISTERED = False
+
+
+def _register_exit() -> None:
+    global _EXIT_REGISTERED
+    with _KEEPER_LOCK:
+        if _EXIT_REGISTERED:
+            return
+        _EXIT_REGISTERED = True
+    atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    try:
+        _keeper().flush(stop=True)
+    except Exception as exc:  # never fail an exit over a cache
+        _log.debug("comparison snapshot keeper at exit: %s", exc)
