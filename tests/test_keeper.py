@@ -97,7 +97,7 @@ def test_a_written_study_is_compared_from_the_snapshot_its_writer_left(
     _same(res, cmp.compare_study(store, STUDY, use_cache=False))
 
 
-def test_the_keeper_catches_up_with_new_trials_and_leaves_a_current_snapshot_alone(
+def test_the_keeper_catches_up_with_new_trials_and_a_current_snapshot_is_not_rewritten(
     tmp_path: Path,
 ) -> None:
     store = TrialStore(tmp_path / "lab.db")
@@ -124,13 +124,37 @@ def test_the_keeper_catches_up_with_new_trials_and_leaves_a_current_snapshot_alo
         assert path in keeper.flush()
         assert path.stat().st_mtime_ns != stamp  # the study's rows changed: saved again
         stamp = path.stat().st_mtime_ns
-        store.append(synthetic_study("other", n_pairs=1, epochs=1, seed=7))
-        assert keeper.pending() == {db: {"other"}}
-        assert path in keeper.flush()  # a study kept before is looked at again ...
-        assert path.stat().st_mtime_ns == stamp  # ... but current: not rewritten
+        assert keeper.flush() == []
+        assert cmp.update_snapshot(store, STUDY) == path  # current: not rewritten
+        assert path.stat().st_mtime_ns == stamp
     cmp.clear_cache()
     res = cmp.compare_study(store, STUDY)
     assert res.counts is not None
+    _same(res, cmp.compare_study(store, STUDY, use_cache=False))
+
+
+def test_the_keeper_refreshes_another_studys_snapshot_that_fell_far_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keeper, "KEPT_LAG_EVENTS", 40)
+    store = TrialStore(tmp_path / "lab.db")
+    with keeper.keeping(min_trials=0):
+        store.append(synthetic_study(STUDY, n_pairs=3, epochs=2))
+        (kept,) = keeper.flush()
+        watermark = cmp._CACHE[cmp._store_key(store, STUDY)].watermark
+        cmp.clear_cache()  # the keeper of another process: only the snapshot on disk
+        store.append(synthetic_study("b", n_pairs=2, epochs=3))  # 20 events: not far yet
+        assert kept not in keeper.flush()
+        assert cmp.snapshots_behind(store, 40) == []
+        store.append(synthetic_study("c", n_pairs=3, epochs=4))  # 36 more: 56 behind
+        assert cmp.snapshots_behind(store, 40) == [STUDY]
+        assert kept in keeper.flush()  # no append touched it, but it was far behind
+    assert cmp.snapshots_behind(store, 40) == []  # every snapshot's watermark moved on
+    cmp.clear_cache()
+    loaded = cmp.snapshot_counts["loaded"]
+    res = cmp.compare_study(store, STUDY)
+    assert cmp.snapshot_counts["loaded"] == loaded + 1
+    assert cmp._CACHE[cmp._store_key(store, STUDY)].watermark > watermark
     _same(res, cmp.compare_study(store, STUDY, use_cache=False))
 
 

@@ -130,6 +130,7 @@ __all__ = [
     "format_headline",
     "higher_is_better",
     "report_folder",
+    "snapshots_behind",
     "update_snapshot",
     "write_report",
 ]
@@ -2174,13 +2175,36 @@ def flush_snapshots() -> int:
     return written
 
 
+def snapshots_behind(store: TrialStore, events: int, min_rows: int = 0) -> list[str]:
+    """The studies whose comparison snapshot beside ``store`` is more than ``events`` events
+    behind its log and holds at least ``min_rows`` trials (only each file's small ``meta``
+    member is read). A snapshot far behind is read from scratch by the next comparison (a
+    refresh from the log stops at ``_REBUILD_EVENTS``); :mod:`thunderline_lab.keeper` brings
+    these up to the store first. Unreadable or foreign files are skipped."""
+    folder = _snapshot_dir(store.path)
+    if folder is None or not folder.is_dir():
+        return []
+    last, name, out = store.last_seq(), Path(store.path).name, []
+    for path in sorted(folder.glob("*.npz")):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(npz["meta"].tobytes())
+            if meta["format"] != SNAPSHOT_FORMAT or meta["store"] != name:
+                continue
+            if last - int(meta["watermark"]) > events and int(meta["n"]) >= min_rows:
+                out.append(str(meta["study"]))
+        except Exception as exc:  # a truncated or foreign file: the next comparison's miss
+            _log.debug("comparison snapshot %s not read: %s: %s", path, type(exc).__name__, exc)
+    return out
+
+
 def _written_snapshot(store: TrialStore, study: str) -> Path | None:
     """The study's snapshot file, if there is one (a save may have failed)."""
     path = _snapshot_path(store, study)
     return path if path is not None and path.is_file() else None
 
 
-def update_snapshot(store: Any, study: str, *, unless_within: int | None = None) -> Path | None:
+def update_snapshot(store: Any, study: str) -> Path | None:
     """Bring ``study``'s comparison snapshot up to the store now: run the default comparison
     (what ``thunderline-lab compare`` and ``run``'s report compute, details included), so
     the snapshot holds its columns and statistics, and save it at once instead of by the
@@ -2188,21 +2212,12 @@ def update_snapshot(store: Any, study: str, *, unless_within: int | None = None)
     process wrote a large study, so that no comparison a user runs reads it from scratch.
 
     An unchanged snapshot is not rewritten, nor one fewer than ``_SNAPSHOT_LAG`` events
-    behind whose rows did not change. ``unless_within``: for a study no append changed,
-    leave the snapshot this process last saved or loaded alone, without comparing, while it
-    is at most that many events behind the store (any new event moves the details' curves
-    on, so comparing again would recompute them). Returns the snapshot's path, or None when
-    there is none to keep: an in-memory store, an unwritable folder, or a study with nothing
-    to compare yet (no completed trial of a known arm).
+    behind whose rows did not change. Returns the snapshot's path, or None when there is
+    none to keep: an in-memory store, an unwritable folder, or a study with nothing to
+    compare yet (no completed trial of a known arm).
     """
     store, owned = _as_store(store)
     try:
-        if unless_within is not None:
-            with _CACHE_LOCK:
-                known = _CACHE.get(_store_key(store, study))
-            saved = None if known is None else known.saved
-            if saved is not None and store.last_seq() - saved[1] <= unless_within:
-                return _written_snapshot(store, study)
         try:
             compare_study(store, study)
         except StudyError:

@@ -10,7 +10,10 @@ the writing process brings the snapshot of each such study of at least
 the default comparison, details included) once the study has been quiet for
 :data:`IDLE_SECONDS`, or at the latest :data:`MAX_DELAY_SECONDS` after its first change,
 and at exit for what is still pending. The work happens off the append path: an append
-only records the study's name.
+only records the study's name. Other studies' events move every snapshot's watermark on,
+and a snapshot too far behind the log is read from scratch; so the keeper also refreshes
+the snapshot of any other large study of the lab once it is :data:`KEPT_LAG_EVENTS`
+behind.
 
 So a study written by ``thunderline-lab ingest``, the gateway, ``run``'s workers or a
 notebook is compared from its snapshot by the next process that asks, and a long-lived
@@ -48,7 +51,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "ENV_KEEP",
@@ -68,7 +70,7 @@ ENV_KEEP = "THUNDERLINE_LAB_KEEP_SNAPSHOTS"
 MIN_TRIALS = 5_000  # trials: a smaller study is compared from scratch in well under 100 ms
 IDLE_SECONDS = 2.0  # a study quiet this long has its snapshot brought up to the store
 MAX_DELAY_SECONDS = 30.0  # ... and a busy one at the latest this long after its first change
-KEPT_LAG_EVENTS = 100_000  # a kept study left alone is refreshed once this far behind
+KEPT_LAG_EVENTS = 100_000  # another large study's snapshot this far behind is refreshed too
 _EXIT_TIMEOUT = 120.0  # seconds the exit waits for a refresh under way in the thread
 
 
@@ -104,11 +106,10 @@ class _Keeper:
         self.pid = os.getpid()
         self.cond = threading.Condition()
         self.dirty: dict[str, _Dirty] = {}
-        self.kept: dict[str, set[str]] = {}  # studies refreshed before, per store
+        self.scanned: dict[str, int] = {}  # per store: its last seq when snapshots were scanned
         self.thread: threading.Thread | None = None
         self.busy = False
         self.stopping = False
-        self.stores: dict[str, Any] = {}  # the keeper's own connection per store
         self.min_trials_override: int | None = None
 
     def min_trials(self) -> int | None:
@@ -177,49 +178,41 @@ class _Keeper:
         saved: list[Path] = []
         for path, studies in work:
             saved += self.refresh(path, studies)
-        if stop:
-            for store in self.stores.values():
-                with contextlib.suppress(Exception):
-                    store.close()
-            self.stores.clear()
         return saved
 
     def refresh(self, path: str, studies: set[str]) -> list[Path]:
-        """Bring the snapshots of ``studies`` (and of the studies kept before) of the store
-        at ``path`` up to it; the paths of those it saved or found current."""
+        """Bring the snapshots of ``studies`` of the store at ``path`` up to it, and those of
+        its other large studies that fell :data:`KEPT_LAG_EVENTS` behind the log; the paths
+        of the snapshots saved or found current."""
         threshold = self.min_trials()
         if threshold is None or not Path(path).is_file():
             return []
         out: list[Path] = []
-        store = self.stores.pop(path, None)
-        kept = self.kept.get(path, set())
+        store = None
         try:
             from thunderline_lab import compare
             from thunderline_lab.store import TrialStore
 
-            if store is None:
-                store = TrialStore(path)
-            for study in sorted(studies | kept):
+            store = TrialStore(path)  # a connection of its own: committed rows only
+            last = store.last_seq()
+            behind: set[str] = set()
+            if last - self.scanned.get(path, -KEPT_LAG_EVENTS) >= KEPT_LAG_EVENTS // 4:
+                # other studies' events move every snapshot's watermark on: one that falls
+                # past what a refresh reads incrementally would be read from scratch
+                behind = set(compare.snapshots_behind(store, KEPT_LAG_EVENTS, threshold))
+                self.scanned[path] = last
+            for study in sorted(studies | behind):
                 (count,) = store.conn.execute(
                     "SELECT count(*) FROM trials WHERE study = ?", (study,)
                 ).fetchone()
                 if count < threshold:
-                    kept.discard(study)
                     continue
-                # a study kept before that no append touched: only when far behind the
-                # log, so its snapshot never falls past what a refresh reads incrementally
-                lag = None if study in studies else KEPT_LAG_EVENTS
-                saved = compare.update_snapshot(store, study, unless_within=lag)
+                saved = compare.update_snapshot(store, study)
                 if saved is not None:
-                    kept.add(study)
                     out.append(saved)
         except Exception as exc:  # the next comparison reads the store instead
             _log.debug("comparison snapshots of %s not kept: %s: %s", path, type(exc).__name__, exc)
-        if kept and store is not None and not self.stopping:
-            self.kept[path] = kept
-            self.stores[path] = store  # kept open: its studies' frames stay warm
-        else:
-            self.kept.pop(path, None)
+        finally:
             if store is not None:
                 with contextlib.suppress(Exception):
                     store.close()
