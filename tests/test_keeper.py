@@ -109,8 +109,8 @@ def test_the_keeper_catches_up_with_new_trials_and_a_current_snapshot_is_not_rew
         point = E.run_metric(
             model_run_id=STUDY, trial_id="trial_0000", step=99, metric_name="lr", metric_value=0.1
         )
-        store.append([point])  # a metric point changes no trial row
-        assert keeper.pending() == {}
+        store.append([point])  # a metric point changes no trial row: no study to refresh
+        assert keeper.pending() == {db: set()}
         late = E.trial_start(
             model_run_id=STUDY,
             trial_id="late",
@@ -251,3 +251,54 @@ def test_a_cli_ingest_leaves_the_snapshot_at_exit(tmp_path: Path) -> None:
     res = cmp.compare_study(store, STUDY)
     assert cmp.snapshot_counts["loaded"] == loaded + 1
     assert int(res.headline.loc[0, "n_pairs"]) == 5
+
+
+def test_a_comparison_while_the_keeper_compares_the_same_study_in_another_thread(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    store = TrialStore(tmp_path / "lab.db")
+    errors: list[BaseException] = []
+    with keeper.keeping(min_trials=0):
+        for seed in range(4):
+            store.append(synthetic_study(STUDY, n_pairs=6, epochs=3, seed=seed))
+
+            def keep() -> None:
+                try:
+                    keeper.flush()
+                except BaseException as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+            other = threading.Thread(target=keep)
+            other.start()
+            mine = cmp.compare_study(store, STUDY)
+            other.join()
+            assert not errors
+            _same(mine, cmp.compare_study(store, STUDY, use_cache=False))
+    assert _snapshot(store).is_file()
+
+
+def test_a_fast_stream_of_points_gets_the_snapshot_refreshed_before_the_quiet_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(keeper, "DUE_EVENTS", 30)  # IDLE and MAX_DELAY stay an hour
+    store = TrialStore(tmp_path / "lab.db")
+    with keeper.keeping(min_trials=0):
+        store.append(synthetic_study(STUDY, n_pairs=2, epochs=1))  # 12 events
+        assert not _snapshot(store).exists()
+        points = [
+            E.run_metric(
+                model_run_id=STUDY,
+                trial_id="trial_0000",
+                step=100 + i,
+                metric_name="lr",
+                metric_value=0.1,
+            )
+            for i in range(20)
+        ]
+        store.append(points)  # no trial row changed, but 32 events since the first change
+        deadline = time.monotonic() + 60
+        while not _snapshot(store).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _snapshot(store).exists()

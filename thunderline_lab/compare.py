@@ -1147,6 +1147,20 @@ _REBUILD_TRIALS = 20_000
 _SCAN_ROWS = 8  # up to this many changed trials a refresh scans for them (no 100k-key dict)
 
 
+_STUDY_LOCKS: dict[tuple[Any, ...], Any] = {}  # a few hundred bytes per study compared
+
+
+def _study_lock(store: TrialStore, study: str) -> Any:
+    """One comparison of a study at a time in this process (they share its frame): a user's
+    and the snapshot keeper's thread (:mod:`thunderline_lab.keeper`)."""
+    key = _store_key(store, study)
+    with _CACHE_LOCK:
+        lock = _STUDY_LOCKS.get(key)
+        if lock is None:
+            lock = _STUDY_LOCKS[key] = threading.RLock()
+        return lock
+
+
 def _store_key(store: TrialStore, study: str) -> tuple[Any, ...]:
     if store.path == ":memory:":
         return ("mem", id(store), study)
@@ -2570,21 +2584,22 @@ def compare_study(
     store, owned = _as_store(store)
     token = _ROW_SINK.set(_RowSink(use_memo=use_cache))
     try:
-        return _compare(
-            store,
-            study,
-            metrics,
-            mode,
-            paired,
-            statuses,
-            n_boot,
-            confidence,
-            seed,
-            max_draws,
-            details,
-            curve_trials,
-            use_cache,
-        )
+        with _study_lock(store, study):  # the keeper's thread may compare it too
+            return _compare(
+                store,
+                study,
+                metrics,
+                mode,
+                paired,
+                statuses,
+                n_boot,
+                confidence,
+                seed,
+                max_draws,
+                details,
+                curve_trials,
+                use_cache,
+            )
     finally:
         _ROW_SINK.reset(token)
         if owned:

@@ -8,8 +8,9 @@ changes trial rows tells this module which studies changed (:func:`note`), and a
 the writing process brings the snapshot of each such study of at least
 :data:`MIN_TRIALS` trials up to the store (:func:`thunderline_lab.compare.update_snapshot`:
 the default comparison, details included) once the study has been quiet for
-:data:`IDLE_SECONDS`, or at the latest :data:`MAX_DELAY_SECONDS` after its first change,
-and at exit for what is still pending. The work happens off the append path: an append
+:data:`IDLE_SECONDS`, or at the latest :data:`MAX_DELAY_SECONDS` after its first change or
+:data:`DUE_EVENTS` events later, and at exit for what is still pending. The work happens
+off the append path: an append
 only records the study's name. Other studies' events move every snapshot's watermark on,
 and a snapshot too far behind the log is read from scratch; so the keeper also refreshes
 the snapshot of any other large study of the lab once it is :data:`KEPT_LAG_EVENTS`
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DUE_EVENTS",
     "ENV_KEEP",
     "IDLE_SECONDS",
     "KEPT_LAG_EVENTS",
@@ -70,6 +72,9 @@ ENV_KEEP = "THUNDERLINE_LAB_KEEP_SNAPSHOTS"
 MIN_TRIALS = 5_000  # trials: a smaller study is compared from scratch in well under 100 ms
 IDLE_SECONDS = 2.0  # a study quiet this long has its snapshot brought up to the store
 MAX_DELAY_SECONDS = 30.0  # ... and a busy one at the latest this long after its first change
+# ... or once this many events came (a fast stream: a snapshot further behind than the
+# comparison's incremental refresh reads, 250,000 events, would be read from scratch)
+DUE_EVENTS = 150_000
 KEPT_LAG_EVENTS = 100_000  # another large study's snapshot this far behind is refreshed too
 _EXIT_TIMEOUT = 120.0  # seconds the exit waits for a refresh under way in the thread
 
@@ -95,6 +100,7 @@ class _Dirty:
     """The studies of one store changed since its last refresh, and when."""
 
     studies: set[str] = field(default_factory=set)
+    events: int = 0
     first: float = 0.0
     last: float = 0.0
 
@@ -117,14 +123,18 @@ class _Keeper:
             return self.min_trials_override
         return _threshold()
 
-    def note(self, path: str, studies: Iterable[str]) -> None:
+    def note(self, path: str, studies: Iterable[str], events: int) -> None:
         now = time.monotonic()
         with self.cond:
             entry = self.dirty.get(path)
+            fresh = entry is None
             if entry is None:
                 entry = self.dirty[path] = _Dirty(first=now)
             entry.studies.update(studies)
+            entry.events += events
             entry.last = now
+            if not fresh and entry.events < DUE_EVENTS:
+                return  # the thread already waits for this store's due time
             if self.stopping:
                 return  # exiting: flush() takes it
             if self.thread is None or not self.thread.is_alive():
@@ -139,7 +149,7 @@ class _Keeper:
         due, wait = [], None
         for path, entry in list(self.dirty.items()):
             at = min(entry.last + IDLE_SECONDS, entry.first + MAX_DELAY_SECONDS)
-            if at <= now:
+            if at <= now or entry.events >= DUE_EVENTS:
                 due.append((path, self.dirty.pop(path).studies))
             else:
                 wait = at - now if wait is None else min(wait, at - now)
@@ -233,14 +243,15 @@ def _keeper() -> _Keeper:
         return _KEEPER
 
 
-def note(path: str, studies: Iterable[str]) -> None:
-    """Record that ``studies`` of the store at ``path`` changed (called by the store after
-    each append that changed trial rows); their snapshots are refreshed later, off the
-    caller's thread. Nothing happens when the keeper is off (:data:`ENV_KEEP`)."""
+def note(path: str, studies: Iterable[str], events: int = 0) -> None:
+    """Record that ``studies`` of the store at ``path`` changed, with ``events`` new events
+    (called by the store after each append once one changed trial rows); their snapshots
+    are refreshed later, off the caller's thread. Nothing happens when the keeper is off
+    (:data:`ENV_KEEP`)."""
     keeper = _keeper()
     if keeper.min_trials() is None:
         return
-    keeper.note(str(path), studies)
+    keeper.note(str(path), studies, events)
     _register_exit()
 
 

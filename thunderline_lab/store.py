@@ -712,12 +712,13 @@ class _Checkpointer:
             conn.close()
 
 
-def _tell_keeper(path: str, studies: set[str]) -> None:
+def _tell_keeper(path: str, studies: set[str], events: int) -> None:
     """Tell the comparison snapshot keeper that ``studies`` of the store at ``path`` changed
-    (imported here: the keeper's comparison module imports this one)."""
+    with ``events`` new events (imported here: the keeper's comparison module imports this
+    one)."""
     from thunderline_lab import keeper
 
-    keeper.note(path, studies)
+    keeper.note(path, studies, events)
 
 
 class TrialStore:
@@ -765,6 +766,7 @@ class TrialStore:
         # studies whose trial rows the current append changed: told to the comparison
         # snapshot keeper once it commits (thunderline_lab.keeper)
         self._touched: set[str] = set()
+        self._told = False
 
     # -- connection plumbing --------------------------------------------------------------
 
@@ -875,10 +877,12 @@ class TrialStore:
                 ]
                 raise EventConflictError(sorted(errors, key=lambda e: e.index or 0)) from None
             self._after_commit(result.accepted)
-            if self._touched:
+            # the keeper hears of every append once one changed trial rows: a stream of
+            # metric points moves the snapshots' watermarks on too
+            if (self._touched or self._told) and self.path != ":memory:":
                 touched, self._touched = self._touched, set()
-                if self.path != ":memory:":
-                    _tell_keeper(self.path, touched)
+                self._told = True
+                _tell_keeper(self.path, touched, result.accepted)
             return result
 
     def _append_locked(
