@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,6 +69,12 @@ def _same(a: cmp.ComparisonResult, b: cmp.ComparisonResult) -> None:
     assert a.notes == b.notes
 
 
+def _meta(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as npz:
+        meta: dict[str, Any] = json.loads(npz["meta"].tobytes())
+    return meta
+
+
 def _snapshot(store: TrialStore, study: str = STUDY) -> Path:
     path = cmp._snapshot_path(store, study)
     assert path is not None
@@ -78,7 +85,6 @@ def test_a_written_study_is_compared_from_the_snapshot_its_writer_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = TrialStore(tmp_path / "lab.db")
-    monkeypatch.setattr(cmp, "_ROW_MEMO_MIN", 0)  # remember test-sized statistics too
     with keeper.keeping(min_trials=10):
         store.append(synthetic_study(STUDY, n_pairs=8, epochs=3, pruned=1))
         assert keeper.pending() == {str(tmp_path / "lab.db"): {STUDY}}
@@ -93,7 +99,6 @@ def test_a_written_study_is_compared_from_the_snapshot_its_writer_left(
     res = cmp.compare_study(store, STUDY)
     assert cmp.snapshot_counts["loaded"] == loaded + 1
     assert reads.whole == 0  # no trial read from the store's JSON
-    assert reads.statistics == 0  # the default comparison's statistics were kept too
     _same(res, cmp.compare_study(store, STUDY, use_cache=False))
 
 
@@ -141,8 +146,7 @@ def test_the_keeper_refreshes_another_studys_snapshot_that_fell_far_behind(
     with keeper.keeping(min_trials=0):
         store.append(synthetic_study(STUDY, n_pairs=3, epochs=2))
         (kept,) = keeper.flush()
-        watermark = cmp._CACHE[cmp._store_key(store, STUDY)].watermark
-        cmp.clear_cache()  # the keeper of another process: only the snapshot on disk
+        watermark = _meta(kept)["watermark"]
         store.append(synthetic_study("b", n_pairs=2, epochs=3))  # 20 events: not far yet
         assert kept not in keeper.flush()
         assert cmp.snapshots_behind(store, 40) == []
@@ -150,11 +154,11 @@ def test_the_keeper_refreshes_another_studys_snapshot_that_fell_far_behind(
         assert cmp.snapshots_behind(store, 40) == [STUDY]
         assert kept in keeper.flush()  # no append touched it, but it was far behind
     assert cmp.snapshots_behind(store, 40) == []  # every snapshot's watermark moved on
+    assert _meta(kept)["watermark"] == store.last_seq() > watermark
     cmp.clear_cache()
     loaded = cmp.snapshot_counts["loaded"]
     res = cmp.compare_study(store, STUDY)
     assert cmp.snapshot_counts["loaded"] == loaded + 1
-    assert cmp._CACHE[cmp._store_key(store, STUDY)].watermark > watermark
     _same(res, cmp.compare_study(store, STUDY, use_cache=False))
 
 
@@ -302,3 +306,17 @@ def test_a_fast_stream_of_points_gets_the_snapshot_refreshed_before_the_quiet_ti
         while not _snapshot(store).exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert _snapshot(store).exists()
+
+
+def test_the_keepers_child_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert keeper.main([]) == 2
+    assert "usage: python -m thunderline_lab.keeper DB STUDY" in capsys.readouterr().err
+    assert keeper.main([str(tmp_path / "none.db"), STUDY]) == 1
+    assert "none.db: no such trial store" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+    store = TrialStore(tmp_path / "lab.db")
+    with keeper.keeping(min_trials=10**9):  # this process's own keeper stays out of it
+        store.append(synthetic_study(STUDY, n_pairs=3, epochs=2))
+    assert keeper.main([store.path, STUDY, "no-such-study"]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == [str(_snapshot(store))]  # a study with nothing to compare: no snapshot

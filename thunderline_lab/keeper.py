@@ -4,27 +4,28 @@ A comparison reads a study's values from a columnar snapshot beside the store
 (:mod:`thunderline_lab.compare`); without one it reads every trial's JSON, which takes
 0.4–0.9 s for 100,000 trials, mostly inside SQLite. So the writers keep it, as the store
 keeps its other projections: every :class:`~thunderline_lab.store.TrialStore` append that
-changes trial rows tells this module which studies changed (:func:`note`), and a thread of
-the writing process brings the snapshot of each such study of at least
-:data:`MIN_TRIALS` trials up to the store (:func:`thunderline_lab.compare.update_snapshot`:
-the default comparison, details included) once the study has been quiet for
-:data:`IDLE_SECONDS`, or at the latest :data:`MAX_DELAY_SECONDS` after its first change or
-:data:`DUE_EVENTS` events later, and at exit for what is still pending. The work happens
-off the append path: an append
-only records the study's name. Other studies' events move every snapshot's watermark on,
+changes trial rows tells this module which studies changed (:func:`note`; an append only
+records their names), and a thread of the writing process has the snapshot of each such
+study of at least :data:`MIN_TRIALS` trials brought up to the store
+(:func:`thunderline_lab.compare.update_snapshot`: the default comparison, details
+included) once the study has been quiet for :data:`IDLE_SECONDS`, at the latest
+:data:`MAX_DELAY_SECONDS` after its first change or :data:`DUE_EVENTS` events later, and at
+exit for what is still pending. Other studies' events move every snapshot's watermark on,
 and a snapshot too far behind the log is read from scratch; so the keeper also refreshes
 the snapshot of any other large study of the lab once it is :data:`KEPT_LAG_EVENTS`
 behind.
+
+The comparison runs in a child process (``python -m thunderline_lab.keeper DB STUDY...``,
+:func:`main`), which the thread waits for: its imports (scipy), frames and CPU stay out of
+the writer, so a gateway's memory and request latency do not move. The child reads the
+store through a connection of its own, so it only ever sees committed transactions. A
+keeper that fails (a deleted lab, an unwritable folder) logs at debug level and leaves the
+snapshot to the next comparison: a snapshot never changes a result, only its cost.
 
 So a study written by ``thunderline-lab ingest``, the gateway, ``run``'s workers or a
 notebook is compared from its snapshot by the next process that asks, and a long-lived
 writer (the gateway) keeps it a few seconds behind the log at most. Smaller studies are
 left alone: they are read from scratch in well under 100 ms.
-
-The keeper reads the store through a connection of its own, so it only ever sees committed
-transactions, never an append's rows halfway. A keeper that fails (a deleted lab, an
-unwritable folder) logs at debug level and leaves the snapshot to the next comparison: a
-snapshot never changes a result, only its cost.
 
 Configuration: ``THUNDERLINE_LAB_KEEP_SNAPSHOTS`` = ``off`` disables the keeper; an integer
 sets :data:`MIN_TRIALS` (``0``: every study).
@@ -47,6 +48,8 @@ import atexit
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -76,7 +79,8 @@ MAX_DELAY_SECONDS = 30.0  # ... and a busy one at the latest this long after its
 # comparison's incremental refresh reads, 250,000 events, would be read from scratch)
 DUE_EVENTS = 150_000
 KEPT_LAG_EVENTS = 100_000  # another large study's snapshot this far behind is refreshed too
-_EXIT_TIMEOUT = 120.0  # seconds the exit waits for a refresh under way in the thread
+_EXIT_TIMEOUT = 660.0  # seconds the exit waits for a refresh under way in the thread
+_CHILD_TIMEOUT = 600.0  # seconds a child refreshing the snapshots may take
 
 
 def _threshold() -> int | None:
@@ -192,18 +196,24 @@ class _Keeper:
 
     def refresh(self, path: str, studies: set[str]) -> list[Path]:
         """Bring the snapshots of ``studies`` of the store at ``path`` up to it, and those of
-        its other large studies that fell :data:`KEPT_LAG_EVENTS` behind the log; the paths
-        of the snapshots saved or found current."""
+        its other large studies that fell :data:`KEPT_LAG_EVENTS` behind the log, in a
+        child process (:func:`main`); the paths of the snapshots saved or found current."""
         threshold = self.min_trials()
         if threshold is None or not Path(path).is_file():
             return []
-        out: list[Path] = []
-        store = None
         try:
-            from thunderline_lab import compare
-            from thunderline_lab.store import TrialStore
+            wanted = self._wanted(path, studies, threshold)
+        except Exception as exc:  # the next comparison reads the store instead
+            _log.debug("comparison snapshots of %s not kept: %s: %s", path, type(exc).__name__, exc)
+            return []
+        return _refresh_in_child(path, wanted) if wanted else []
 
-            store = TrialStore(path)  # a connection of its own: committed rows only
+    def _wanted(self, path: str, studies: set[str], threshold: int) -> list[str]:
+        """Which of ``studies`` (and of the lab's snapshots far behind) are large enough."""
+        from thunderline_lab import compare
+        from thunderline_lab.store import TrialStore
+
+        with TrialStore(path) as store:  # a connection of its own: committed rows only
             last = store.last_seq()
             behind: set[str] = set()
             if last - self.scanned.get(path, -KEPT_LAG_EVENTS) >= KEPT_LAG_EVENTS // 4:
@@ -211,22 +221,41 @@ class _Keeper:
                 # past what a refresh reads incrementally would be read from scratch
                 behind = set(compare.snapshots_behind(store, KEPT_LAG_EVENTS, threshold))
                 self.scanned[path] = last
+            wanted = []
             for study in sorted(studies | behind):
                 (count,) = store.conn.execute(
                     "SELECT count(*) FROM trials WHERE study = ?", (study,)
                 ).fetchone()
-                if count < threshold:
-                    continue
-                saved = compare.update_snapshot(store, study)
-                if saved is not None:
-                    out.append(saved)
-        except Exception as exc:  # the next comparison reads the store instead
-            _log.debug("comparison snapshots of %s not kept: %s: %s", path, type(exc).__name__, exc)
-        finally:
-            if store is not None:
-                with contextlib.suppress(Exception):
-                    store.close()
-        return out
+                if count >= threshold:
+                    wanted.append(study)
+        return wanted
+
+
+def _refresh_in_child(path: str, studies: list[str]) -> list[Path]:
+    """Run :func:`main` for ``studies`` of ``path`` in a new Python process and wait for it:
+    the comparison's imports, frames and CPU stay out of the writer (a gateway's memory and
+    request latency); only this thread waits. Returns the snapshots it reported."""
+    cmd = [sys.executable, "-m", "thunderline_lab.keeper", path, *studies]
+    try:
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            env={**os.environ, ENV_KEEP: "off"},
+            timeout=_CHILD_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        _log.debug("comparison snapshot keeper for %s did not run: %s", path, exc)
+        return []
+    if done.returncode != 0:
+        _log.debug(
+            "comparison snapshot keeper for %s exited %s: %s",
+            path,
+            done.returncode,
+            done.stderr.strip()[-2000:],
+        )
+    return [Path(line) for line in done.stdout.splitlines() if line.strip()]
 
 
 _KEEPER = _Keeper()
@@ -298,3 +327,36 @@ def _at_exit() -> None:
         _keeper().flush(stop=True)
     except Exception as exc:  # never fail an exit over a cache
         _log.debug("comparison snapshot keeper at exit: %s", exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m thunderline_lab.keeper DB STUDY...``: bring the comparison snapshots of
+    the studies of the store ``DB`` up to it (what a writer's keeper runs, in a process of
+    its own); prints the path of each snapshot saved or found current, one per line."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m thunderline_lab.keeper DB STUDY...", file=sys.stderr)
+        return 2
+    from thunderline_lab import compare
+    from thunderline_lab.store import TrialStore
+
+    db, studies = args[0], args[1:]
+    if not Path(db).is_file():
+        print(f"{db}: no such trial store", file=sys.stderr)
+        return 1
+    failed = 0
+    with TrialStore(db) as store:
+        for study in studies:
+            try:
+                saved = compare.update_snapshot(store, study)
+            except Exception as exc:
+                print(f"{db}: study {study!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
+            if saved is not None:
+                print(saved, flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
