@@ -149,11 +149,11 @@ def test_the_keeper_refreshes_another_studys_snapshot_that_fell_far_behind(
         watermark = _meta(kept)["watermark"]
         store.append(synthetic_study("b", n_pairs=2, epochs=3))  # 20 events: not far yet
         assert kept not in keeper.flush()
-        assert cmp.snapshots_behind(store, 40) == []
+        assert keeper.snapshots_behind(store, 40) == []
         store.append(synthetic_study("c", n_pairs=3, epochs=4))  # 36 more: 56 behind
-        assert cmp.snapshots_behind(store, 40) == [STUDY]
+        assert keeper.snapshots_behind(store, 40) == [STUDY]
         assert kept in keeper.flush()  # no append touched it, but it was far behind
-    assert cmp.snapshots_behind(store, 40) == []  # every snapshot's watermark moved on
+    assert keeper.snapshots_behind(store, 40) == []  # every snapshot's watermark moved on
     assert _meta(kept)["watermark"] == store.last_seq() > watermark
     cmp.clear_cache()
     loaded = cmp.snapshot_counts["loaded"]

@@ -70,7 +70,7 @@ its cost; ``use_cache=False`` neither reads nor writes it (nor any remembered st
 and ``clear_cache(store)`` deletes it.
 
 Example:
-    >>> from thunderline_lab.store import TrialStore
+    >>> from thunderline_lab.store import TrialStore, snapshot_dir
     >>> from thunderline_lab.monitor import synthetic_study
     >>> store = TrialStore(":memory:")
     >>> _ = store.append(synthetic_study("ab", n_pairs=8, epochs=5))
@@ -112,7 +112,7 @@ import pandas as pd
 
 from thunderline_lab.errors import StudyError
 from thunderline_lab.events import gc_paused
-from thunderline_lab.store import TrialStore
+from thunderline_lab.store import TrialStore, snapshot_dir
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -130,7 +130,6 @@ __all__ = [
     "format_headline",
     "higher_is_better",
     "report_folder",
-    "snapshots_behind",
     "update_snapshot",
     "write_report",
 ]
@@ -1763,10 +1762,7 @@ def _db_path(store: Any) -> str:
     return str(path if path.is_file() else Lab.resolve(path).db_path)
 
 
-def _snapshot_dir(db: str) -> Path | None:
-    if db == ":memory:" or not db:
-        return None
-    return Path(db).resolve().parent / "cache" / "compare"
+_snapshot_dir = snapshot_dir
 
 
 def _snapshot_file(db: str, study: str) -> Path:
@@ -2187,29 +2183,6 @@ def flush_snapshots() -> int:
         except Exception as exc:  # a closed store at exit: the next process reads it afresh
             _log.debug("comparison snapshot of %r not flushed: %s", study, exc)
     return written
-
-
-def snapshots_behind(store: TrialStore, events: int, min_rows: int = 0) -> list[str]:
-    """The studies whose comparison snapshot beside ``store`` is more than ``events`` events
-    behind its log and holds at least ``min_rows`` trials (only each file's small ``meta``
-    member is read). A snapshot far behind is read from scratch by the next comparison (a
-    refresh from the log stops at ``_REBUILD_EVENTS``); :mod:`thunderline_lab.keeper` brings
-    these up to the store first. Unreadable or foreign files are skipped."""
-    folder = _snapshot_dir(store.path)
-    if folder is None or not folder.is_dir():
-        return []
-    last, name, out = store.last_seq(), Path(store.path).name, []
-    for path in sorted(folder.glob("*.npz")):
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                meta = json.loads(npz["meta"].tobytes())
-            if meta["format"] != SNAPSHOT_FORMAT or meta["store"] != name:
-                continue
-            if last - int(meta["watermark"]) > events and int(meta["n"]) >= min_rows:
-                out.append(str(meta["study"]))
-        except Exception as exc:  # a truncated or foreign file: the next comparison's miss
-            _log.debug("comparison snapshot %s not read: %s: %s", path, type(exc).__name__, exc)
-    return out
 
 
 def _written_snapshot(store: TrialStore, study: str) -> Path | None:

@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DUE_EVENTS",
@@ -67,6 +68,7 @@ __all__ = [
     "keeping",
     "note",
     "pending",
+    "snapshots_behind",
 ]
 
 _log = logging.getLogger(__name__)
@@ -210,7 +212,6 @@ class _Keeper:
 
     def _wanted(self, path: str, studies: set[str], threshold: int) -> list[str]:
         """Which of ``studies`` (and of the lab's snapshots far behind) are large enough."""
-        from thunderline_lab import compare
         from thunderline_lab.store import TrialStore
 
         with TrialStore(path) as store:  # a connection of its own: committed rows only
@@ -219,7 +220,7 @@ class _Keeper:
             if last - self.scanned.get(path, -KEPT_LAG_EVENTS) >= KEPT_LAG_EVENTS // 4:
                 # other studies' events move every snapshot's watermark on: one that falls
                 # past what a refresh reads incrementally would be read from scratch
-                behind = set(compare.snapshots_behind(store, KEPT_LAG_EVENTS, threshold))
+                behind = set(snapshots_behind(store, KEPT_LAG_EVENTS, threshold))
                 self.scanned[path] = last
             wanted = []
             for study in sorted(studies | behind):
@@ -229,6 +230,36 @@ class _Keeper:
                 if count >= threshold:
                     wanted.append(study)
         return wanted
+
+
+def snapshots_behind(store: Any, events: int, min_rows: int = 0) -> list[str]:
+    """The studies whose comparison snapshot beside ``store`` (a
+    :class:`~thunderline_lab.store.TrialStore`) is more than ``events`` events behind its
+    log and holds at least ``min_rows`` trials. Only each file's small ``meta`` member is
+    read, without the comparison module (its imports stay out of the writer). A snapshot far
+    behind is read from scratch by the next comparison (a refresh from the log stops at
+    250,000 events). Unreadable or foreign files are skipped."""
+    import json
+
+    import numpy as np
+
+    from thunderline_lab.store import snapshot_dir
+
+    folder = snapshot_dir(store.path)
+    if folder is None or not folder.is_dir():
+        return []
+    last, name, out = store.last_seq(), Path(store.path).name, []
+    for path in sorted(folder.glob("*.npz")):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                meta = json.loads(npz["meta"].tobytes())
+            if meta["store"] != name:
+                continue
+            if last - int(meta["watermark"]) > events and int(meta["n"]) >= min_rows:
+                out.append(str(meta["study"]))
+        except Exception as exc:  # a truncated or foreign file: the next comparison's miss
+            _log.debug("comparison snapshot %s not read: %s: %s", path, type(exc).__name__, exc)
+    return out
 
 
 def _refresh_in_child(path: str, studies: list[str]) -> list[Path]:

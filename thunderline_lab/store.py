@@ -76,6 +76,7 @@ __all__ = [
     "TrialStore",
     "fold_trial",
     "format_ts",
+    "snapshot_dir",
     "trial_records",
 ]
 
@@ -710,6 +711,14 @@ class _Checkpointer:
                     log.debug("%s: checkpoint skipped: %s", self._path, exc)
         finally:
             conn.close()
+
+
+def snapshot_dir(db: str) -> Path | None:
+    """The folder of the comparison snapshots of the store at ``db``
+    (:mod:`thunderline_lab.compare`): ``cache/compare/`` beside it; None in memory."""
+    if db == ":memory:" or not db:
+        return None
+    return Path(db).resolve().parent / "cache" / "compare"
 
 
 def _tell_keeper(path: str, studies: set[str], events: int) -> None:
