@@ -66,6 +66,7 @@ __all__ = [
     "MIN_TRIALS",
     "flush",
     "keeping",
+    "main",
     "note",
     "pending",
     "snapshots_behind",
