@@ -437,7 +437,9 @@ def _saddle_root(gap: Callable[[float], float], start: float, sign: float) -> fl
     a, b = start, start * 1.02
     fa, fb = gap(a), gap(b)
     for _ in range(12):
-        if abs(fb) < 1e-12 or fb == fa:
+        if abs(fb) < 1e-10 and b * sign > 0:
+            return b  # on the root (it used to leave for the bracket: 9 evaluations more)
+        if fb == fa:
             break
         c = b - fb * (b - a) / (fb - fa)
         if not (c * sign > 0 and math.isfinite(c)):
@@ -479,6 +481,22 @@ def _saddlepoint_bounds(
     if prepared is None:
         return None
     smps, centre, se = prepared
+    # Each root is started where the Cornish-Fisher expansion puts it, not at the normal's
+    # ±z: a skewed statistic's tilt is off ±z by about -skew (2 z² + 1) / 6 (the first
+    # terms of K'(t) = se² t + K3 t² / 2 set equal to the skewed quantile), so the secant
+    # steps start within a few thousandths and take 2 evaluations fewer per bound.
+    third = sum(
+        smp.sign
+        * float(
+            (smp.values @ smp.squares) / smp.n
+            if smp.freq is None
+            else smp.freq @ (smp.values * smp.squares)
+        )
+        / smp.n**2
+        for smp in smps
+    )
+    skew = third / se**3
+    shift = -skew * (2 * z * z + 1) / 6 if math.isfinite(skew) and abs(skew) < 1 else 0.0
     bounds = []
     try:
         with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
@@ -491,7 +509,8 @@ def _saddlepoint_bounds(
                     p, tilted[tau] = _lugannani_rice(smps, tau / se)
                     return p - target
 
-                tau = _saddle_root(gap, sign * z, sign)
+                start = sign * z + shift
+                tau = _saddle_root(gap, start if start * sign > 0 else sign * z, sign)
                 if tau is None:
                     return None
                 if tau not in tilted:
