@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from test_compare import _Spy  # counts the comparison's reads of the trials
 
 from thunderline_lab import compare as cmp
 from thunderline_lab import events as E
@@ -40,33 +41,19 @@ def quiet_keeper(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     cmp.clear_cache()
 
 
-class _Reads:
-    """Counts the comparison's reads of a study's trials (every one) and its statistics."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.whole = 0
-        self.statistics = 0
-        fetch, stats_of = cmp._fetch_rows, cmp._compare_arrays
-
-        def spy_fetch(*args: Any, **kwargs: Any) -> Any:
-            subset = kwargs.get("subset", args[3] if len(args) > 3 else None)
-            self.whole += subset is None
-            return fetch(*args, **kwargs)
-
-        def spy_stats(*args: Any, **kwargs: Any) -> Any:
-            self.statistics += 1
-            return stats_of(*args, **kwargs)
-
-        monkeypatch.setattr(cmp, "_fetch_rows", spy_fetch)
-        monkeypatch.setattr(cmp, "_compare_arrays", spy_stats)
-
-
 def _same(a: cmp.ComparisonResult, b: cmp.ComparisonResult) -> None:
     pd.testing.assert_frame_equal(a.headline, b.headline, check_exact=True)
     pd.testing.assert_frame_equal(a.pairs, b.pairs, check_exact=True)
     pd.testing.assert_frame_equal(a.curves, b.curves, check_exact=True)
     pd.testing.assert_frame_equal(a.layer_sigma, b.layer_sigma, check_exact=True)
     assert a.notes == b.notes
+
+
+def _wait_for(path: Path) -> None:
+    """Until ``path`` exists (the keeper's thread at work), for a minute at most."""
+    deadline = time.monotonic() + 60
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _meta(path: Path) -> dict[str, Any]:
@@ -94,11 +81,11 @@ def test_a_written_study_is_compared_from_the_snapshot_its_writer_left(
     assert keeper.pending() == {}
 
     cmp.clear_cache()  # the next process to compare
-    reads = _Reads(monkeypatch)
+    spy = _Spy(monkeypatch)
     loaded = cmp.snapshot_counts["loaded"]
     res = cmp.compare_study(store, STUDY)
     assert cmp.snapshot_counts["loaded"] == loaded + 1
-    assert reads.whole == 0  # no trial read from the store's JSON
+    assert spy.bulk_reads == 0  # no trial read from the store's JSON
     _same(res, cmp.compare_study(store, STUDY, use_cache=False))
 
 
@@ -227,9 +214,7 @@ def test_the_keepers_thread_refreshes_a_quiet_study(
     store = TrialStore(tmp_path / "lab.db")
     with keeper.keeping(min_trials=0):
         store.append(synthetic_study(STUDY, n_pairs=2, epochs=1))
-        deadline = time.monotonic() + 60
-        while not _snapshot(store).exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for(_snapshot(store))
         assert _snapshot(store).exists()
         assert keeper.pending() == {}
 
@@ -302,9 +287,7 @@ def test_a_fast_stream_of_points_gets_the_snapshot_refreshed_before_the_quiet_ti
             for i in range(20)
         ]
         store.append(points)  # no trial row changed, but 32 events since the first change
-        deadline = time.monotonic() + 60
-        while not _snapshot(store).exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for(_snapshot(store))
         assert _snapshot(store).exists()
 
 
