@@ -303,3 +303,14 @@ def test_the_keepers_child_entry_point(tmp_path: Path, capsys: pytest.CaptureFix
     assert keeper.main([store.path, STUDY, "no-such-study"]) == 0
     out = capsys.readouterr().out.split()
     assert out == [str(_snapshot(store))]  # a study with nothing to compare: no snapshot
+
+
+def test_the_exit_never_fails_over_the_keeper(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(stop: bool = False) -> list[Path]:
+        raise KeyboardInterrupt  # Ctrl-C while the exit waits for the keeper's child
+
+    monkeypatch.setattr(keeper._keeper(), "flush", interrupted)
+    calls = []
+    monkeypatch.setattr(keeper._log, "debug", lambda *args: calls.append(args))
+    keeper._at_exit()  # no KeyboardInterrupt out of it: it gives up quietly
+    assert calls and "KeyboardInterrupt" in calls[0][0] % calls[0][1:]

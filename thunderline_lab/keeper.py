@@ -357,8 +357,8 @@ def _register_exit() -> None:
 def _at_exit() -> None:
     try:
         _keeper().flush(stop=True)
-    except Exception as exc:  # never fail an exit over a cache
-        _log.debug("comparison snapshot keeper at exit: %s", exc)
+    except (Exception, KeyboardInterrupt) as exc:  # never fail an exit over a cache
+        _log.debug("comparison snapshot keeper at exit: %r", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
