@@ -309,8 +309,9 @@ def test_the_exit_never_fails_over_the_keeper(monkeypatch: pytest.MonkeyPatch) -
     def interrupted(stop: bool = False) -> list[Path]:
         raise KeyboardInterrupt  # Ctrl-C while the exit waits for the keeper's child
 
-    monkeypatch.setattr(keeper._keeper(), "flush", interrupted)
     calls = []
-    monkeypatch.setattr(keeper._log, "debug", lambda *args: calls.append(args))
-    keeper._at_exit()  # no KeyboardInterrupt out of it: it gives up quietly
+    with monkeypatch.context() as patched:  # undone before the fixture's own flush
+        patched.setattr(keeper._keeper(), "flush", interrupted)
+        patched.setattr(keeper._log, "debug", lambda *args: calls.append(args))
+        keeper._at_exit()  # no KeyboardInterrupt out of it: it gives up quietly
     assert calls and "KeyboardInterrupt" in calls[0][0] % calls[0][1:]
