@@ -70,7 +70,7 @@ its cost; ``use_cache=False`` neither reads nor writes it (nor any remembered st
 and ``clear_cache(store)`` deletes it.
 
 Example:
-    >>> from thunderline_lab.store import TrialStore, snapshot_dir
+    >>> from thunderline_lab.store import TrialStore
     >>> from thunderline_lab.monitor import synthetic_study
     >>> store = TrialStore(":memory:")
     >>> _ = store.append(synthetic_study("ab", n_pairs=8, epochs=5))
@@ -1169,8 +1169,8 @@ _STUDY_LOCKS: dict[tuple[Any, ...], Any] = {}  # a few hundred bytes per study c
 
 
 def _study_lock(store: TrialStore, study: str) -> Any:
-    """One comparison of a study at a time in this process (they share its frame): a user's
-    and the snapshot keeper's thread (:mod:`thunderline_lab.keeper`)."""
+    """One comparison of a study at a time in this process: threads comparing it share its
+    frame (a notebook's cell and a background run's, a server's requests)."""
     key = _store_key(store, study)
     with _CACHE_LOCK:
         lock = _STUDY_LOCKS.get(key)
@@ -1728,7 +1728,7 @@ def clear_cache(store: Any = None, *, study: str | None = None) -> None:
     if store is None:
         return
     db = _db_path(store)
-    folder = _snapshot_dir(db)
+    folder = snapshot_dir(db)
     if folder is None:
         return
     doomed = (
@@ -1781,11 +1781,8 @@ def _db_path(store: Any) -> str:
     return str(path if path.is_file() else Lab.resolve(path).db_path)
 
 
-_snapshot_dir = snapshot_dir
-
-
 def _snapshot_file(db: str, study: str) -> Path:
-    folder = _snapshot_dir(db)
+    folder = snapshot_dir(db)
     assert folder is not None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", study).strip("._")[:48] or "study"
     tag = hashlib.blake2b(f"{Path(db).name}\0{study}".encode(), digest_size=6).hexdigest()
@@ -1794,7 +1791,7 @@ def _snapshot_file(db: str, study: str) -> Path:
 
 def _snapshot_path(store: TrialStore, study: str) -> Path | None:
     """Where ``study``'s snapshot of ``store`` lives (None: an in-memory store)."""
-    return None if _snapshot_dir(store.path) is None else _snapshot_file(store.path, study)
+    return None if snapshot_dir(store.path) is None else _snapshot_file(store.path, study)
 
 
 def _identity(store: TrialStore, study: str, watermark: int) -> dict[str, Any]:
@@ -2599,7 +2596,7 @@ def compare_study(
     store, owned = _as_store(store)
     token = _ROW_SINK.set(_RowSink(use_memo=use_cache))
     try:
-        with _study_lock(store, study):  # the keeper's thread may compare it too
+        with _study_lock(store, study):  # another thread may be comparing it
             return _compare(
                 store,
                 study,

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -342,15 +343,8 @@ def keeping(min_trials: int) -> Iterator[None]:
         keeper.min_trials_override = before
 
 
-_EXIT_REGISTERED = False
-
-
+@functools.cache
 def _register_exit() -> None:
-    global _EXIT_REGISTERED
-    with _KEEPER_LOCK:
-        if _EXIT_REGISTERED:
-            return
-        _EXIT_REGISTERED = True
     atexit.register(_at_exit)
 
 

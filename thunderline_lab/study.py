@@ -940,7 +940,12 @@ def _budget_used(trials: Sequence[FrozenTrial]) -> int:
     has not planned yet takes no part: it checks the budget when it does, and stands down
     when nothing is left (:func:`_plan_group`), so workers starting side by side do not
     each take a part."""
-    loose, members, reserved = _budget_parts(trials)
+    return _taken(*_budget_parts(trials))
+
+
+def _taken(loose: int, members: dict[str, int], reserved: dict[str, int]) -> int:
+    """The budget taken by :func:`_budget_parts`' parts: per group, the more of its members
+    and its reservation."""
     return loose + sum(max(members.get(g, 0), reserved.get(g, 0)) for g in members | reserved)
 
 
@@ -973,7 +978,7 @@ def _group_room(study: optuna.Study, group_id: str | None, n_trials: int) -> int
     """How many more members ``group_id`` may enqueue: what is left of its own reservation,
     plus what the budget has free (a resume with a larger n_trials completing a cut group)."""
     loose, members, reserved = _budget_parts(study.get_trials(deepcopy=False))
-    used = loose + sum(max(members.get(g, 0), reserved.get(g, 0)) for g in members | reserved)
+    used = _taken(loose, members, reserved)
     own = 0 if group_id is None else reserved.get(group_id, 0) - members.get(group_id, 0)
     return max(own, 0) + max(n_trials - used, 0)
 
@@ -1903,13 +1908,17 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _items(value: Any) -> list[Any] | None:
+    """A sequence's items as a list (a list, a tuple, a range, a numpy array); None for a
+    string, bytes, a mapping or anything not iterable."""
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes | Mapping):
+        return list(value)
+    return None
+
+
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
     """The seeds as ints: distinct integers, at least one."""
-    items = (
-        list(seeds)
-        if isinstance(seeds, Iterable) and not isinstance(seeds, str | bytes | Mapping)
-        else None
-    )
+    items = _items(seeds)
     if (
         not items
         or not all(isinstance(s, int | numbers.Integral) and not isinstance(s, bool) for s in items)
@@ -1925,11 +1934,7 @@ def _with_conv_sn_modes(space: SearchSpace, modes: Sequence[str] | None) -> Sear
         return space
     from thunderline_lab.models import CONV_SN_MODES
 
-    items = (
-        list(modes)
-        if isinstance(modes, Iterable) and not isinstance(modes, str | bytes | Mapping)
-        else None
-    )
+    items = _items(modes)
     if not items or any(m not in CONV_SN_MODES for m in items):
         raise ConfigError(
             f"conv_sn_modes: must be a list of {', '.join(map(repr, CONV_SN_MODES))}, got {modes!r}"
