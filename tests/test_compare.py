@@ -1683,6 +1683,113 @@ def test_use_cache_false_neither_reads_nor_writes_the_snapshot(tmp_path: Path) -
     assert cmp.snapshot_counts == counts
 
 
+def test_snapshot_files_are_npz_whose_arrays_are_mapped_in_place(tmp_path: Path) -> None:
+    arrays = {
+        "floats": np.array([0.5, np.nan, -np.inf, 1e300]),
+        "codes": np.arange(7, dtype=np.int32),
+        "text": np.frombuffer("a\0é".encode(), dtype=np.uint8),
+        "empty": np.zeros(0),
+        "grid": np.arange(6.0).reshape(2, 3),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "scalar": np.array(2.5),
+    }
+    path = tmp_path / "a.npz"
+    with path.open("wb") as f:
+        cmp._write_npz(f, arrays)
+    on_disk = path.read_bytes()
+    for read in (cmp._np_load(path), cmp._read_npz(path)):  # np.load reads it as well
+        assert sorted(read) == sorted(arrays)
+        for name, arr in arrays.items():
+            assert read[name].dtype == arr.dtype and read[name].shape == arr.shape
+            np.testing.assert_array_equal(read[name], arr)
+    mapped = cmp._read_npz(path)
+    for name in ("floats", "codes", "text", "grid"):  # views of the file's map, aligned
+        assert not mapped[name].flags.owndata and mapped[name].ctypes.data % 64 == 0
+    assert all(a.flags.writeable for a in mapped.values())
+    mapped["floats"][0] = 42.0  # a refresh patches in place: the file stays as it was
+    assert path.read_bytes() == on_disk and cmp._read_npz(path)["floats"][0] == 0.5
+
+    for save in (np.savez, np.savez_compressed):  # unaligned members copied; deflated: np.load
+        other = tmp_path / f"{save.__name__}.npz"
+        with other.open("wb") as f:
+            save(f, **arrays)
+        read = cmp._read_npz(other)
+        for name, arr in arrays.items():
+            np.testing.assert_array_equal(read[name], arr)
+            assert read[name].flags.aligned
+
+
+@pytest.mark.usefixtures("remember_small_rows")
+def test_a_loaded_snapshot_decodes_trial_and_pair_ids_only_when_they_are_read(
+    tmp_path: Path,
+) -> None:
+    store = _lab_store(tmp_path, n_pairs=8, epochs=3, pruned=1)
+    compare_study(store, STUDY, details=False)
+    cmp.clear_cache()
+    loaded = compare_study(store, STUDY, details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    assert set(frame.deferred) == {"trial", "pair"} and "trial" not in vars(frame)
+    fresh = _fresh(store, details=False)
+    _assert_same_result(loaded, fresh)  # its ids decoded for the result's tables only
+    assert set(frame.deferred) == {"trial", "pair"}
+
+    # saved again with its ids never decoded: they are copied as the snapshot held them
+    compare_study(store, STUDY, confidence=0.9, details=False)  # new statistic rows to keep
+    assert set(frame.deferred) == {"trial", "pair"}
+    saved = cmp.snapshot_counts["saved"]
+    cmp.clear_cache()
+    assert cmp.snapshot_counts["saved"] == saved + 1
+    again = compare_study(store, STUDY, confidence=0.9, details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    assert set(frame.deferred) == {"trial", "pair"}
+    _assert_same_result(again, _fresh(store, confidence=0.9, details=False))
+
+    unread = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    before = _fresh(store, metrics=["test_accuracy"], details=False)
+    # a refresh that patches a trial's pair id in place, and appends a pair
+    store.append(_trial(0, False, {"test_accuracy": 0.1}, pair="moved"))
+    store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
+    store.append(_trial(901, True, {"test_accuracy": 0.9}, pair="late"))
+    after = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert not frame.deferred and frame.pair[0] == "moved"  # decoded to be changed
+    _assert_same_result(after, _fresh(store, metrics=["test_accuracy"], details=False))
+    _assert_same_result(unread, before)  # the older result still shows what it compared
+    cmp.clear_cache()  # saved with its ids encoded again
+    again = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert cmp._CACHE[cmp._store_key(store, STUDY)].saved == (0, store.last_seq())  # loaded
+    _assert_same_result(again, _fresh(store, metrics=["test_accuracy"], details=False))
+
+
+@pytest.mark.parametrize("damage", ["count", "codes", "utf-8", "nul"])
+def test_a_snapshot_with_damaged_ids_is_rejected_when_loaded(tmp_path: Path, damage: str) -> None:
+    """Ids a snapshot leaves encoded are checked when it is loaded: a later decode of them
+    cannot fail in the middle of a comparison."""
+    store = _lab_store(tmp_path, n_pairs=6, epochs=3)
+    compare_study(store, STUDY, details=False)
+    path = _snapshot_file_of(store)
+    data = cmp._np_load(path)
+    meta = json.loads(data["meta"].tobytes())
+    assert meta["objects"]["pair"] == {"kind": "first", "count": 6, "text": "joined"}
+    assert meta["objects"]["trial"] == {"kind": "joined"}
+    if damage == "count":
+        meta["objects"]["pair"]["count"] = 7
+    elif damage == "codes":
+        data["pair.codes"] = data["pair.codes"].copy()
+        data["pair.codes"][3] = 6
+    elif damage == "utf-8":
+        data["trial.text"] = np.concatenate([data["trial.text"][:-1], [0xFF]]).astype(np.uint8)
+    else:
+        data["trial.text"] = np.concatenate([data["trial.text"], [0, 65]]).astype(np.uint8)
+    data["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with path.open("wb") as f:
+        cmp._write_npz(f, data)
+    cmp.clear_cache()
+    rejected = cmp.snapshot_counts["rejected"]
+    res = compare_study(store, STUDY, details=False)
+    assert cmp.snapshot_counts["rejected"] == rejected + 1
+    _assert_same_result(res, _fresh(store, details=False))
+
+
 def test_pair_ids_of_mixed_types_round_trip(tmp_path: Path) -> None:
     values = np.empty(9, dtype=object)
     values[:] = [3, "3", None, 1, 1.0, 2**40, "é/ü", 2.5, "3"]

@@ -86,17 +86,21 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
+import struct
 import threading
 import time
 import warnings
 import weakref
+import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -104,7 +108,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import numpy as np
@@ -1005,6 +1009,82 @@ def _holm_note(table: pd.DataFrame) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class _Encoded:
+    """An object column as a snapshot holds it (:func:`_encode_objects`): ``arrays`` its
+    members (views of the mapped file), ``how`` their encoding. Each :meth:`decode` gives a
+    new array, so a result's column decoded later shows the snapshot's values even after a
+    refresh patched the frame's own copy."""
+
+    name: str
+    how: Mapping[str, Any]
+    arrays: Mapping[str, np.ndarray]
+    n: int
+
+    def decode(self) -> np.ndarray:
+        return _decode_objects(self.name, self.how, self.arrays, self.n)[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The values of ``rows``: through the codes and the distinct values where the
+        column has them (only those decoded), else from the whole column decoded."""
+        if self.how["kind"] != "first":
+            return self.decode()[rows]
+        codes = self.arrays[f"{self.name}.codes"][rows]
+        return _code_table(self.name, self.how, self.arrays)[codes]
+
+    def check(self) -> bool:
+        """Whether the column can stay encoded: stored as NUL-joined text (``joined``
+        values, or ``first`` codes with joined distinct values) that is valid UTF-8 and
+        holds as many values as it says, with codes in range, so that a later decode
+        cannot fail (checked in ~1 ms, not decoded). False: decode it now."""
+        how, text = self.how, self.arrays.get(f"{self.name}.text")
+        if text is None:
+            return False
+        count: Any
+        if how["kind"] == "joined":
+            count = self.n
+        elif how["kind"] == "first" and how.get("text") == "joined":
+            count = how.get("count")
+            codes = self.arrays.get(f"{self.name}.codes")
+            if not isinstance(count, int) or codes is None or codes.shape != (self.n,):
+                return False
+            if self.n and (codes.min() < -1 or codes.max() >= count):
+                return False
+        else:
+            return False
+        raw = text.tobytes()
+        try:
+            raw.decode()
+        except UnicodeDecodeError:
+            return False
+        return raw.count(b"\0") == count - 1 if count else not raw
+
+    def uniques(self) -> np.ndarray | None:
+        """The distinct values in code order (code ``k``'s value is ``uniques()[k]``) of a
+        column stored as ``first`` codes, else None."""
+        if self.how["kind"] != "first":
+            return None
+        return _code_table(self.name, self.how, self.arrays)[:-1]
+
+
+class _Later:
+    """A result's column made when first read: ``make(*args)``, once (a snapshot's trial
+    and pair ids, decoded only if the result's trials table is asked for)."""
+
+    def __init__(self, make: Callable[..., np.ndarray], *args: Any) -> None:
+        self._make, self._args = make, args
+        self._value: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> np.ndarray:
+        with self._lock:
+            if self._value is None:
+                value = self._make(*self._args)
+                value.flags.writeable = False
+                self._value = value
+            return self._value
+
+
 @dataclass
 class _Frame:
     run: np.ndarray
@@ -1043,10 +1123,28 @@ class _Frame:
     saved_time: float = 0.0  # time.monotonic() of the last save or load
     memo: OrderedDict[tuple[Any, ...], dict[str, Any]] = field(default_factory=OrderedDict)
     memo_dirty: bool = False
+    # object columns a snapshot left encoded (trial ids, pair ids): decoded when first read
+    # (``frame.trial``); a comparison of an unchanged snapshot reads none of them
+    deferred: dict[str, _Encoded] = field(default_factory=dict, repr=False)
+
+    if not TYPE_CHECKING:  # (mypy still checks every attribute against the fields)
+
+        def __getattr__(self, name: str) -> Any:
+            encoded = self.__dict__.get("deferred", {}).get(name)
+            if encoded is None:
+                raise AttributeError(f"'_Frame' object has no attribute {name!r}")
+            value = self.__dict__[name] = encoded.decode()
+            self.deferred.pop(name, None)
+            return value
+
+    def defer(self, name: str, encoded: _Encoded) -> None:
+        """Leave the object column ``name`` encoded until it is first read."""
+        self.__dict__.pop(name, None)
+        self.deferred[name] = encoded
 
     @property
     def n(self) -> int:
-        return len(self.trial)
+        return len(self.sn)
 
     def index(self) -> dict[tuple[str, str], int]:
         if self._index is None:
@@ -1766,6 +1864,7 @@ _SNAPSHOT_ROWS = 128  # statistic rows kept per snapshot, most recently used
 _SNAPSHOT_LAG = 10_000  # events: a frame this far past its snapshot's watermark is saved again
 _SNAPSHOT_AGE = 60.0  # seconds: a changed frame whose snapshot is older is saved again
 _OBJECT_COLUMNS = ("run", "trial", "status", "pair")
+_LAZY_COLUMNS = ("trial", "pair")  # left encoded by a loaded snapshot until first read
 # what the snapshots did in this process (tests and benchmarks look)
 snapshot_counts: dict[str, int] = {"loaded": 0, "rejected": 0, "saved": 0, "unwritten": 0}
 
@@ -1820,23 +1919,36 @@ def _encode_objects(
     ``known``: (kind, codes, distinct values) the frame already computed for a column of
     strings and None: ``first`` codes in order of first appearance (-1: None), as the pair
     codes; ``sorted`` indices into the sorted distinct values, as the status codes. Either
-    is stored with the distinct strings as JSON, and restored as the codes. Otherwise
-    strings (run and trial ids) are joined by NUL, and anything else (pair ids of several
+    is stored with the distinct values, and restored as the codes. Strings (run and trial
+    ids, distinct pair ids) are joined by NUL, and anything else (pair ids of several
     types) is one JSON list, which keeps each value's type (3 stays 3, "3" "3", None None).
     """
-    items = values.tolist()
     if known is not None:
         kind, codes, uniques = known
         dtype = np.int32 if len(uniques) < 2**31 else np.int64
         arrays[f"{name}.codes"] = np.asarray(codes).astype(dtype)
-        text = json.dumps(list(uniques), ensure_ascii=False)
-    elif _all_str(items) and (text := "\0".join(items)).count("\0") == max(0, len(items) - 1):
-        kind = "joined"  # strings without NUL: joined by NUL (a few times quicker than JSON)
+        how: dict[str, Any] = {"kind": kind, "count": len(uniques)}
+        if (joined := _joined(uniques)) is not None:  # (split a few times quicker than JSON)
+            text, how["text"] = joined, "joined"
+        else:
+            text = json.dumps(list(uniques), ensure_ascii=False)
     else:
-        kind = "list"
-        text = json.dumps(items, ensure_ascii=False, allow_nan=True)
+        items = values.tolist()
+        if (joined := _joined(items)) is not None:
+            text, how = joined, {"kind": "joined"}
+        else:
+            text = json.dumps(items, ensure_ascii=False, allow_nan=True)
+            how = {"kind": "list"}
     arrays[f"{name}.text"] = np.frombuffer(text.encode(), dtype=np.uint8)
-    return {"kind": kind}
+    return how
+
+
+def _joined(items: Sequence[Any]) -> str | None:
+    """Strings none of which holds a NUL, joined by NUL; else None."""
+    if not _all_str(items):
+        return None
+    text = "\0".join(items)
+    return text if text.count("\0") == max(0, len(items) - 1) else None
 
 
 def _decode_objects(
@@ -1844,26 +1956,48 @@ def _decode_objects(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(the object column, its codes (as stored) or None)."""
     kind = how["kind"]
-    raw = data[f"{name}.text"].tobytes()
-    items = (raw.decode().split("\0") if n else []) if kind == "joined" else json.loads(raw)
-    if not isinstance(items, list):
-        raise ValueError(f"{name}: not a list")
     if kind in ("list", "joined"):
-        values = np.empty(len(items), dtype=object)
-        values[:] = items
+        values = _object_array(_text_items(name, how, data, n))
         codes = None
     elif kind in ("first", "sorted"):
         codes = data[f"{name}.codes"].astype(np.intp)
-        if len(codes) and (codes.min() < -1 or codes.max() >= len(items)):
-            raise ValueError(f"{name}: codes out of range")
-        table = np.empty(len(items) + 1, dtype=object)
-        table[: len(items)] = items  # code -1: None (the last slot)
-        values = table[codes]
+        values = _code_table(name, how, data)[codes]
     else:
         raise ValueError(f"{name}: unknown encoding {kind!r}")
     if len(values) != n:
         raise ValueError(f"{name}: {len(values)} values for {n} rows")
     return values, codes
+
+
+def _code_table(name: str, how: Mapping[str, Any], data: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A coded column's distinct values in code order, then None (code -1's slot); checks
+    that its codes are in range."""
+    items = _text_items(name, how, data, how.get("count"))
+    codes = data[f"{name}.codes"]
+    if len(codes) and (codes.min() < -1 or codes.max() >= len(items)):
+        raise ValueError(f"{name}: codes out of range")
+    return _object_array([*items, None])
+
+
+def _text_items(
+    name: str, how: Mapping[str, Any], data: Mapping[str, np.ndarray], count: int | None
+) -> list[Any]:
+    """The values of ``name``'s text member: strings joined by NUL (``count`` of them), or
+    a JSON list."""
+    raw = data[f"{name}.text"].tobytes()
+    if how["kind"] == "joined" or how.get("text") == "joined":
+        items: Any = raw.decode().split("\0") if count else []
+    else:
+        items = json.loads(raw)
+    if not isinstance(items, list) or (count is not None and len(items) != count):
+        raise ValueError(f"{name}: not a list of {count} values")
+    return items
+
+
+def _object_array(items: list[Any]) -> np.ndarray:
+    values = np.empty(len(items), dtype=object)
+    values[:] = items
+    return values
 
 
 def _known_codes(frame: _Frame, name: str) -> tuple[str, np.ndarray, Sequence[Any]] | None:
@@ -1899,10 +2033,15 @@ def _memo_key(item: Sequence[Any]) -> tuple[Any, ...]:
 def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, np.ndarray]:
     """The frame as arrays for ``np.savez`` (the caller holds the frame's lock)."""
     arrays: dict[str, np.ndarray] = {"sn": frame.sn, "coeff": frame.coeff}
-    objects = {
-        name: _encode_objects(name, getattr(frame, name), arrays, _known_codes(frame, name))
-        for name in _OBJECT_COLUMNS
-    }
+    objects = {}
+    for name in _OBJECT_COLUMNS:
+        encoded = frame.deferred.get(name)
+        if encoded is None:
+            known = _known_codes(frame, name)
+            objects[name] = _encode_objects(name, getattr(frame, name), arrays, known)
+        else:  # as the loaded snapshot stored it (not decoded to be encoded again)
+            arrays.update((m, a) for m, a in encoded.arrays.items() if m.startswith(f"{name}."))
+            objects[name] = dict(encoded.how)
     columns = sorted(frame.columns)
     for j, name in enumerate(columns):
         arrays[f"col{j}"] = frame.columns[name]
@@ -2040,7 +2179,7 @@ def _save_snapshot(store: TrialStore, study: str, frame: _Frame) -> Path | None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **members)
+                _write_npz(f, members)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -2054,6 +2193,82 @@ def _save_snapshot(store: TrialStore, study: str, frame: _Frame) -> Path | None:
     return path
 
 
+def _write_npz(f: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """``arrays`` as an uncompressed ``.npz`` that ``np.load`` reads, each array's data at
+    an offset that is a multiple of 64 in the file (a zip extra field pads each member's
+    local header, as Android's zipalign does), so :func:`_read_npz` maps it in place."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+            data = member.getvalue()
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            start = f.tell() + 30 + len(info.filename.encode()) + 4  # local header + extra's
+            pad = -start % _NPZ_ALIGN
+            info.extra = struct.pack("<HH", _ZIPALIGN_ID, pad) + bytes(pad)
+            zf.writestr(info, data)
+
+
+_NPZ_ALIGN = 64  # np.lib.format pads each .npy header to a multiple of 64 too
+_ZIPALIGN_ID = 0xD935  # the extra field id zipalign pads with (readers skip unknown ids)
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed ``.npz``, as views of one private (copy-on-write)
+    memory map of the file: no read or copy up front, only the pages used are read, and a
+    refresh may patch the arrays in place without touching the file. A 13 MB snapshot maps
+    in ~2 ms where ``np.load`` reads each member through ``zipfile`` with its CRC in ~23.
+    An array whose data is not aligned (a file ``np.savez`` wrote) is copied; a member this
+    cannot place (compressed, another ``.npy`` version) falls back to ``np.load``.
+
+    Snapshots are replaced (``os.replace``), never truncated in place, so a mapped file
+    stays whole while a frame uses it. A damaged file fails here or the store's checks;
+    either is only a cache miss."""
+    with open(path, "rb") as f:
+        infos = zipfile.ZipFile(f).infolist()
+        size = os.fstat(f.fileno()).st_size
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else bytearray()
+    out: dict[str, np.ndarray] = {}
+    for info in infos:
+        start = info.header_offset
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            or not info.filename.endswith(".npy")
+            or buf[start : start + 4] != b"PK\x03\x04"
+        ):
+            return _np_load(path)
+        name_len, extra_len = struct.unpack_from("<HH", buf, start + 26)
+        start += 30 + name_len + extra_len  # the local header, then the member's bytes
+        end = start + info.file_size
+        head = io.BytesIO(buf[start : min(end, start + 4096)])
+        try:
+            version = np.lib.format.read_magic(head)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+            else:
+                return _np_load(path)
+        except ValueError:
+            return _np_load(path)
+        count = math.prod(shape)
+        offset = start + head.tell()
+        if dtype.hasobject or offset + count * dtype.itemsize != end or end > size:
+            raise ValueError(f"{path}: member {info.filename} does not hold its array")
+        if count == 0:
+            arr = np.empty(shape, dtype=dtype)
+        else:
+            arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+            arr = arr.reshape(shape, order="F" if fortran else "C")
+        out[info.filename[:-4]] = arr if arr.flags.aligned else arr.copy()
+    return out
+
+
+def _np_load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
 def _load_snapshot(store: TrialStore, study: str) -> _Frame | None:
     """``study``'s frame from its snapshot, if there is one and it matches the store (the
     caller refreshes it from the event log); None otherwise."""
@@ -2061,9 +2276,7 @@ def _load_snapshot(store: TrialStore, study: str) -> _Frame | None:
     if path is None:
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {name: npz[name] for name in npz.files}
-        frame = _frame_from_snapshot(store, study, data)
+        frame = _frame_from_snapshot(store, study, _read_npz(path))
     except FileNotFoundError:
         return None
     except Exception as exc:  # a truncated, corrupt or foreign file: only a cache miss
@@ -2115,16 +2328,21 @@ def _frame_from_snapshot(
             raise ValueError(f"{name}: {a.dtype} {a.shape} for {n} rows")
         return a
 
+    encoded = {name: _Encoded(name, meta["objects"][name], data, n) for name in _OBJECT_COLUMNS}
+    lazy = {name for name in _LAZY_COLUMNS if encoded[name].check()}  # decoded when read
     objects = {
-        name: _decode_objects(name, meta["objects"][name], data, n) for name in _OBJECT_COLUMNS
+        name: _decode_objects(name, enc.how, data, n)
+        for name, enc in encoded.items()
+        if name not in lazy
     }
+    empty = (np.empty(0, dtype=object), None)
     frame = _Frame(
-        run=objects["run"][0],
-        trial=objects["trial"][0],
-        status=objects["status"][0],
+        run=objects.get("run", empty)[0],
+        trial=objects.get("trial", empty)[0],
+        status=objects.get("status", empty)[0],
         sn=floats("sn"),
         coeff=floats("coeff"),
-        pair=objects["pair"][0],
+        pair=objects.get("pair", empty)[0],
         columns={str(k): floats(f"col{j}") for j, k in enumerate(meta["columns"])},
         keys={str(k) for k in meta["keys"]},
         watermark=watermark,
@@ -2137,11 +2355,13 @@ def _frame_from_snapshot(
         saved=(0, watermark),
         saved_time=time.monotonic(),
     )
+    for name in lazy:
+        frame.defer(name, encoded[name])
     if meta["objects"]["pair"]["kind"] == "first":  # the codes pair_codes() computed
-        frame._pair_codes = objects["pair"][1]
+        frame._pair_codes = data["pair.codes"].astype(np.intp)
         frame._str_codes.add("pair")
     if meta["objects"]["status"]["kind"] == "sorted":  # status_codes(): (names, codes)
-        names = np.asarray(json.loads(data["status.text"].tobytes()), dtype=object).astype(str)
+        names = _code_table("status", meta["objects"]["status"], data)[:-1].astype(str)
         codes = objects["status"][1]
         assert codes is not None
         frame._status_codes = (names, codes)
@@ -2431,7 +2651,7 @@ class ComparisonResult:
     confidence: float
     seed: int
     headline: pd.DataFrame
-    trial_columns: dict[str, np.ndarray] = field(repr=False)
+    trial_columns: dict[str, np.ndarray | _Later] = field(repr=False)
     pairs: pd.DataFrame
     by_coeff: pd.DataFrame
     counts: pd.DataFrame
@@ -2458,7 +2678,9 @@ class ComparisonResult:
     @functools.cached_property
     def trials(self) -> pd.DataFrame:
         """The trials compared: arm, coeff, pair_id and one column per metric (built lazily)."""
-        return pd.DataFrame(self.trial_columns)
+        return pd.DataFrame(
+            {k: v() if isinstance(v, _Later) else v for k, v in self.trial_columns.items()}
+        )
 
     def format_table(self) -> str:
         """The headline as fixed-width text (what the CLI prints)."""
@@ -2869,7 +3091,8 @@ def _compare(
 
     sel = arms.sel
     arm = arms.columns["arm"]
-    trials: dict[str, np.ndarray] = dict(arms.columns)  # read-only arrays, shared
+    assert isinstance(arm, np.ndarray)
+    trials: dict[str, np.ndarray | _Later] = dict(arms.columns)  # read-only arrays, shared
     for metric, values in values_by_metric.items():
         trials[metric] = values[sel]
     accuracy_metric = None
@@ -2911,7 +3134,8 @@ def _compare(
             else:
                 frame.derived[details_key] = cached
         if cached is None:
-            layer_sigma = _layer_sigma(arm, {k: trials[k] for k in sigma_keys}, confidence)
+            sigmas = {k: v for k in sigma_keys if isinstance(v := trials[k], np.ndarray)}
+            layer_sigma = _layer_sigma(arm, sigmas, confidence)
             curves, sampled = _group_curves(
                 store, frame, is_sn, is_none, curve_trials, seed, confidence
             )
@@ -3597,7 +3821,7 @@ class _Arms:
     n_sn: int  # trials in each arm
     n_none: int
     sel: np.ndarray  # frame rows in either arm
-    columns: dict[str, np.ndarray]  # the trials table's id and arm columns over sel
+    columns: dict[str, np.ndarray | _Later]  # the trials table's id and arm columns over sel
     excluded: list[str]  # notes: trials of other statuses left out
     # (metric, design, n_boot, confidence, seed, max_draws) -> (values, row, differences)
     rows: dict[tuple[Any, ...], tuple[np.ndarray, dict[str, Any], np.ndarray | None]] = field(
@@ -3628,8 +3852,15 @@ class _Arms:
     def pair_labels(self) -> np.ndarray:
         """The pair id of each complete pair, in pair-code order."""
         if self._labels is None:
-            first = _first_rows(self.frame.pair_codes())
-            labels = np.asarray(self.frame.pair[first[np.flatnonzero(self.complete)]], dtype=object)
+            encoded = self.frame.deferred.get("pair")
+            uniques = None if encoded is None else encoded.uniques()
+            if uniques is not None:  # the snapshot's codes, unchanged: code k's id is uniques[k]
+                labels = uniques[np.flatnonzero(self.complete)]
+            else:
+                first = _first_rows(self.frame.pair_codes())
+                labels = np.asarray(
+                    self.frame.pair[first[np.flatnonzero(self.complete)]], dtype=object
+                )
             labels.flags.writeable = False
             self._labels = labels
         return self._labels
@@ -3661,13 +3892,18 @@ def _arms(
         codes, n_incomplete = _twinned(codes, seeds(), is_sn, is_none)
         complete, _ = _complete_pairs(codes, is_sn, is_none)
     sel = np.flatnonzero(is_sn | is_none)
-    columns = {
+
+    def ids(name: str) -> np.ndarray | _Later:
+        encoded = frame.deferred.get(name)  # a snapshot's ids: decoded if the table is read
+        return getattr(frame, name)[sel] if encoded is None else _Later(encoded.take, sel)
+
+    columns: dict[str, np.ndarray | _Later] = {
         "model_run_id": frame.run[sel],
-        "trial_id": frame.trial[sel],
+        "trial_id": ids("trial"),
         "status": frame.status[sel],
         "arm": np.where(frame.sn[sel] == 1.0, "SN", "none"),
         "spectral_norm_coeff": frame.coeff[sel],
-        "pair_id": frame.pair[sel],
+        "pair_id": ids("pair"),
     }
     n_status = np.bincount(status_code, minlength=len(names))
     excluded = [
@@ -3678,7 +3914,8 @@ def _arms(
     if codes is frame.pair_codes():
         codes = codes.view()  # (the frame's own array stays as it is)
     for arr in (is_sn, is_none, codes, complete, sel, *columns.values()):
-        arr.flags.writeable = False  # shared by every result until the next refresh
+        if isinstance(arr, np.ndarray):
+            arr.flags.writeable = False  # shared by every result until the next refresh
     arms = _Arms(
         frame=frame,
         is_sn=is_sn,
