@@ -1785,14 +1785,30 @@ def test_a_loaded_snapshot_decodes_trial_and_pair_ids_only_when_they_are_read(
     assert set(frame.deferred) == {"trial", "pair"}
     _assert_same_result(again, _fresh(store, confidence=0.9, details=False))
 
+    # a refresh that only appends (a new pair; a twin for the pruned trial of pair_0007), of
+    # trials reporting what the others do: the ids stay encoded, the new rows' beside them
+    (text,) = store.conn.execute(
+        "SELECT metrics FROM trials WHERE study = ? AND status = 'completed'", [STUDY]
+    ).fetchone()
+    reported = json.loads(text)
+    store.append(_trial(900, False, reported, pair="late"))
+    compare_study(store, STUDY, confidence=0.9, details=False)
+    store.append(_trial(901, True, {**reported, "val_accuracy": 0.9}, pair="late"))
+    store.append(_trial(902, False, {**reported, "val_accuracy": 0.7}, pair="pair_0007"))
+    appended = compare_study(store, STUDY, confidence=0.9, details=False)
+    assert set(frame.deferred) == {"trial", "pair"} and len(frame.deferred["pair"].tail) == 3
+    _assert_same_result(appended, _fresh(store, confidence=0.9, details=False))
+    assert "late" in set(appended.pairs["pair_id"])
+
     unread = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     before = _fresh(store, metrics=["test_accuracy"], details=False)
     # a refresh that patches a trial's pair id in place, and appends a pair
     store.append(_trial(0, False, {"test_accuracy": 0.1}, pair="moved"))
-    store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
-    store.append(_trial(901, True, {"test_accuracy": 0.9}, pair="late"))
+    store.append(_trial(903, False, {"test_accuracy": 0.5}, pair="later"))
+    store.append(_trial(904, True, {"test_accuracy": 0.9}, pair="later"))
     after = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
-    assert not frame.deferred and frame.pair[0] == "moved"  # decoded to be changed
+    assert "pair" not in frame.deferred  # decoded to be changed
+    assert frame.pair[0] == "moved" and frame.trial[0] == "trial_0000"
     _assert_same_result(after, _fresh(store, metrics=["test_accuracy"], details=False))
     _assert_same_result(unread, before)  # the older result still shows what it compared
     cmp.clear_cache()  # saved with its ids encoded again

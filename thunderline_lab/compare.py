@@ -1065,29 +1065,30 @@ def _holm_note(table: pd.DataFrame) -> str:
 @dataclass(eq=False)
 class _Encoded:
     """An object column as a snapshot holds it (:func:`_encode_objects`): ``arrays`` its
-    members (views of the mapped file), ``how`` their encoding. Each :meth:`decode` gives a
-    new array, so a result's column decoded later shows the snapshot's values even after a
-    refresh patched the frame's own copy."""
+    members (views of the mapped file), ``how`` their encoding, ``n`` its rows; ``tail``
+    the values of rows a refresh appended since (kept as they came). Each :meth:`decode`
+    gives a new array, so a result's column decoded later shows the values it compared
+    even after a refresh patched the frame's own copy. Only columns :meth:`check` accepts
+    are kept so: NUL-joined strings (``joined``: trial ids) or ``first`` codes over
+    NUL-joined distinct strings (pair ids)."""
 
     name: str
     how: Mapping[str, Any]
     arrays: Mapping[str, np.ndarray]
     n: int
+    tail: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
 
     def decode(self) -> np.ndarray:
-        return _decode_objects(self.name, self.how, self.arrays, self.n)[0]
+        head = _decode_objects(self.name, self.how, self.arrays, self.n)[0]
+        return np.concatenate([head, self.tail]) if len(self.tail) else head
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """The values of ``rows``: through the codes and the distinct values where the
-        column has them (only those decoded), else from the whole column decoded."""
-        if self.how["kind"] != "first":
-            return self.decode()[rows]
-        codes = self.arrays[f"{self.name}.codes"][rows]
-        return _code_table(self.name, self.how, self.arrays)[codes]
+    def extended(self, values: np.ndarray) -> _Encoded:
+        """The column with the rows of ``values`` appended."""
+        tail = np.concatenate([self.tail, values])
+        return _Encoded(self.name, self.how, self.arrays, self.n, tail)
 
     def check(self) -> bool:
-        """Whether the column can stay encoded: stored as NUL-joined text (``joined``
-        values, or ``first`` codes with joined distinct values) that is valid UTF-8 and
+        """Whether the column can stay encoded: NUL-joined text that is valid UTF-8 and
         holds as many values as it says, with codes in range, so that a later decode
         cannot fail (checked in ~1 ms, not decoded). False: decode it now."""
         how, text = self.how, self.arrays.get(f"{self.name}.text")
@@ -1112,12 +1113,74 @@ class _Encoded:
             return False
         return raw.count(b"\0") == count - 1 if count else not raw
 
-    def uniques(self) -> np.ndarray | None:
-        """The distinct values in code order (code ``k``'s value is ``uniques()[k]``) of a
-        column stored as ``first`` codes, else None."""
-        if self.how["kind"] != "first":
-            return None
-        return _code_table(self.name, self.how, self.arrays)[:-1]
+    @functools.cached_property
+    def _text(self) -> bytes:
+        """The joined text between two NULs: each value is then found as NUL value NUL."""
+        return b"\0" + self.arrays[f"{self.name}.text"].tobytes() + b"\0"
+
+    def _positions(self, value: Any) -> list[int]:
+        """Where ``value`` sits among the joined strings (row or code), found in the text
+        (a few rows' lookups cost less than decoding 100,000 strings)."""
+        if not isinstance(value, str) or "\0" in value:
+            return []
+        text, needle, found = self._text, b"\0" + value.encode() + b"\0", []
+        at = text.find(needle)
+        while at >= 0:
+            found.append(text.count(b"\0", 0, at + 1) - 1)  # the NULs before it, less one
+            at = text.find(needle, at + 1)
+        return found
+
+    def rows_of(self, value: Any) -> np.ndarray:
+        """The rows holding ``value`` (a ``joined`` column)."""
+        tail = np.flatnonzero(self.tail == value) + self.n if len(self.tail) else ()
+        return np.asarray([*self._positions(value), *tail], dtype=np.intp)
+
+    def code_of(self, value: Any, codes: np.ndarray) -> int | None:
+        """``value``'s code in ``codes`` (the frame's codes of a ``first`` column: the
+        stored ones, then those of the tail), or None when no row holds it."""
+        found = self._positions(value)
+        if found:
+            return found[0]
+        tail = self.tail[: len(codes) - self.n]  # (not the rows being coded)
+        hits = np.flatnonzero(tail == value)
+        return int(codes[self.n + hits[0]]) if len(hits) else None
+
+    def table(self, codes: np.ndarray) -> np.ndarray:
+        """Each code's value, in code order, then None (code -1's slot), for the frame's
+        ``codes`` of a ``first`` column: the stored distinct values, then the ids of new
+        codes the tail brought."""
+        table = _code_table(self.name, self.how, self.arrays)
+        tail_codes = np.asarray(codes[self.n :])
+        count = len(table) - 1
+        new = tail_codes >= count
+        if not new.any():
+            return table
+        extra = np.empty(int(tail_codes.max()) + 1 - count, dtype=object)
+        extra[tail_codes[new] - count] = self.tail[new]
+        return np.concatenate([table[:-1], extra, table[-1:]])
+
+    @functools.cached_property
+    def _nuls(self) -> np.ndarray:
+        """The positions of the NULs in :attr:`_text`: value ``k`` lies between the
+        ``k``-th and the next."""
+        return np.flatnonzero(np.frombuffer(self._text, dtype=np.uint8) == 0)
+
+    def take(self, rows: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+        """The values of ``rows``: through ``codes`` and the distinct values of a ``first``
+        column (only those decoded); a few rows of a ``joined`` column cut from its text;
+        else from the whole column decoded."""
+        if codes is not None and self.how["kind"] == "first":
+            return self.table(codes)[codes[rows]]
+        if self.how["kind"] != "joined" or len(rows) * 8 > self.n:
+            return self.decode()[rows]
+        text, nuls, out = self._text, self._nuls, np.empty(len(rows), dtype=object)
+        for j, row in enumerate(rows.tolist()):
+            out[j] = (
+                self.tail[row - self.n]
+                if row >= self.n
+                else text[nuls[row] + 1 : nuls[row + 1]].decode()
+            )
+        return out
 
 
 class _Later:
@@ -1190,6 +1253,13 @@ class _Frame:
             self.deferred.pop(name, None)
             return value
 
+    def values(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``getattr(self, name)[rows]``, without decoding a column left encoded."""
+        encoded = self.deferred.get(name)
+        if encoded is None:
+            return np.asarray(getattr(self, name)[rows])
+        return encoded.take(rows, self.pair_codes() if name == "pair" else None)
+
     def defer(self, name: str, encoded: _Encoded) -> None:
         """Leave the object column ``name`` encoded until it is first read."""
         self.__dict__.pop(name, None)
@@ -1243,17 +1313,21 @@ class _Frame:
         codes = self._pair_codes
         if codes is None or "pair" not in self._str_codes:
             return None  # not computed, or ids of mixed types (compared as their str)
-        if any(
+        encoded = None if patched else self.deferred.get("pair")
+        if encoded is not None:  # still the snapshot's text: the new rows end its tail
+            new = encoded.tail[start - encoded.n :].tolist()
+        elif any(
             type(self.pair[i]) is not type(old) or self.pair[i] != old for i, old in patched.items()
         ):
             return None  # a trial changed pair: codes after it would be renumbered
-        new = self.pair[start:].tolist()
+        else:
+            new = self.pair[start:].tolist()
         if not {str, type(None)}.issuperset(map(type, new)):
             return None
-        known = self.pair[:start]
         found: dict[Any, int] = {}
         scan = len(new) <= _SCAN_ROWS  # a few new rows: each id is looked for among the known
         if not scan:
+            known = self.pair[:start]
             # many: the known rows holding their ids, in one vectorised pass (a dict of every
             # id would cost 4x that at 50,000 pairs); the ids not found are new
             wanted = {pid for pid in new if pid is not None}
@@ -1267,8 +1341,10 @@ class _Frame:
                 extra[j] = -1
                 continue
             code = found.get(pid)
-            if code is None and scan:
-                hits = np.flatnonzero(known == pid)
+            if code is None and scan and encoded is not None:
+                code = encoded.code_of(pid, codes)
+            elif code is None and scan:
+                hits = np.flatnonzero(self.pair[:start] == pid)
                 code = int(codes[hits[0]]) if len(hits) else None
             if code is None:  # a new id takes the next code, as pd.factorize numbers them
                 code, next_code = next_code, next_code + 1
@@ -1691,8 +1767,16 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         return None
     keys = sorted(frame.columns)
     rows = _fetch_rows(store, study, keys, [(r, t) for r, t in changed], with_metrics_text=True)
+    encoded = frame.deferred.get("trial")
     if frame._index is not None:
         locate = lambda run, trial: frame.index().get((run, trial))  # noqa: E731
+    elif len(rows) <= _SCAN_ROWS and encoded is not None:  # a few, in the snapshot's text
+
+        def locate(run: str, trial: str) -> int | None:
+            assert encoded is not None
+            hits = encoded.rows_of(trial)
+            hits = hits[frame.run[hits] == run]
+            return int(hits[0]) if len(hits) else None
     elif len(rows) <= _SCAN_ROWS:  # a few: scan, skip the 100k-key dict
         trial_ids, run_ids = frame.trial, frame.run
 
@@ -1737,11 +1821,14 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
     if appended:
         extra = _frame_from_rows(appended, keys, set(), last)
         frame.run = np.concatenate([frame.run, extra.run])
-        frame.trial = np.concatenate([frame.trial, extra.trial])
         frame.status = np.concatenate([frame.status, extra.status])
         frame.sn = np.concatenate([frame.sn, extra.sn])
         frame.coeff = np.concatenate([frame.coeff, extra.coeff])
-        frame.pair = np.concatenate([frame.pair, extra.pair])
+        for name in _LAZY_COLUMNS:
+            if (still := frame.deferred.get(name)) is not None:  # kept encoded: a tail
+                frame.deferred[name] = still.extended(getattr(extra, name))
+            else:
+                setattr(frame, name, np.concatenate([getattr(frame, name), getattr(extra, name)]))
         for k in keys:
             frame.columns[k] = np.concatenate([frame.columns[k], extra.columns[k]])
         for k, found in extra.odd.items():
@@ -2089,7 +2176,7 @@ def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, 
     objects = {}
     for name in _OBJECT_COLUMNS:
         encoded = frame.deferred.get(name)
-        if encoded is None:
+        if encoded is None or len(encoded.tail):  # (rows appended since: decoded, encoded)
             known = _known_codes(frame, name)
             objects[name] = _encode_objects(name, getattr(frame, name), arrays, known)
         else:  # as the loaded snapshot stored it (not decoded to be encoded again)
@@ -3438,14 +3525,15 @@ def _identical_twins(
     frame, codes = arms.frame, arms.codes
     member = np.flatnonzero((arms.is_sn | arms.is_none) & np.isin(codes, cand))
     known = frame.twins
-    pids = frame.pair[member].tolist()
+    pids = frame.values("pair", member).tolist()
     cached = [_hashable(pid) and pid in known for pid in pids]
     n = len({pid for pid, hit in zip(pids, cached, strict=True) if hit and known[pid]})
     member = member[~np.asarray(cached, dtype=bool)]
     if not len(member):
         arms.twins[key] = n
         return n
-    subset = list(zip(frame.run[member].tolist(), frame.trial[member].tolist(), strict=True))
+    runs, trials = frame.run[member].tolist(), frame.values("trial", member).tolist()
+    subset = list(zip(runs, trials, strict=True))
     by_trial = {
         (run, trial): text
         for _, run, trial, text in _trial_rows(
@@ -3456,11 +3544,11 @@ def _identical_twins(
     wall: list[str] = []  # those that are wall-clock measurements (one regex per key)
     seen: dict[int, dict[str, Any]] = {}  # pair code -> the metrics of its first trial
     differ: set[int] = set()
-    for i in member.tolist():
+    for i, ids in zip(member.tolist(), subset, strict=True):
         code = int(codes[i])
         if code in differ:
             continue
-        text = by_trial.get((frame.run[i], frame.trial[i]))
+        text = by_trial.get(ids)
         try:
             obj = _JSON_OBJECT.decode(text) if isinstance(text, str | bytes) else None
         except msgspec.DecodeError:
@@ -3479,8 +3567,8 @@ def _identical_twins(
             obj.pop(k, None)
         if seen.setdefault(code, obj) != obj:
             differ.add(code)
-    for i in member.tolist():  # remembered per pair id, with the frame (and its snapshot)
-        pid = frame.pair[i]
+    # remembered per pair id, with the frame (and its snapshot)
+    for i, pid in zip(member.tolist(), frame.values("pair", member).tolist(), strict=True):
         if _hashable(pid):
             known[pid] = int(codes[i]) not in differ
     n += len({int(c) for c in codes[member].tolist()} - differ)
@@ -3906,9 +3994,8 @@ class _Arms:
         """The pair id of each complete pair, in pair-code order."""
         if self._labels is None:
             encoded = self.frame.deferred.get("pair")
-            uniques = None if encoded is None else encoded.uniques()
-            if uniques is not None:  # the snapshot's codes, unchanged: code k's id is uniques[k]
-                labels = uniques[np.flatnonzero(self.complete)]
+            if encoded is not None:  # each code's id from the snapshot's distinct ids
+                labels = encoded.table(self.frame.pair_codes())[np.flatnonzero(self.complete)]
             else:
                 first = _first_rows(self.frame.pair_codes())
                 labels = np.asarray(
@@ -3948,7 +4035,9 @@ def _arms(
 
     def ids(name: str) -> np.ndarray | _Later:
         encoded = frame.deferred.get(name)  # a snapshot's ids: decoded if the table is read
-        return getattr(frame, name)[sel] if encoded is None else _Later(encoded.take, sel)
+        if encoded is None:
+            return getattr(frame, name)[sel]
+        return _Later(encoded.take, sel, frame.pair_codes() if name == "pair" else None)
 
     columns: dict[str, np.ndarray | _Later] = {
         "model_run_id": frame.run[sel],
