@@ -2792,7 +2792,9 @@ class ComparisonResult:
     seed: int
     headline: pd.DataFrame
     trial_columns: dict[str, np.ndarray | _Later] = field(repr=False)
-    pairs: pd.DataFrame
+    # per pair, its SN - none per metric, and the pairs' ids (made when ``pairs`` is read)
+    pair_columns: dict[str, np.ndarray] = field(repr=False)
+    pair_ids: Callable[[], np.ndarray] = field(repr=False)
     by_coeff: pd.DataFrame
     counts: pd.DataFrame
     curves: pd.DataFrame
@@ -2814,6 +2816,14 @@ class ComparisonResult:
     def _ci_tables(self) -> list[pd.DataFrame]:
         """The tables whose CIs the report and the HTML show (for their header)."""
         return [self.headline, self.by_coeff, self.by_mode]
+
+    @functools.cached_property
+    def pairs(self) -> pd.DataFrame:
+        """Per pair, SN − none per metric, after its ``pair_id`` (built lazily)."""
+        pairs = pd.DataFrame(self.pair_columns)
+        if len(pairs):
+            pairs.insert(0, "pair_id", pd.Series(self.pair_ids(), dtype=object))  # no scan
+        return pairs
 
     @functools.cached_property
     def trials(self) -> pd.DataFrame:
@@ -3292,9 +3302,6 @@ def _compare(
                 f"learning curves: mean ± {_percent(confidence)} CI over a random sample of "
                 f"{curve_trials} trials per arm"
             )
-    pairs = pd.DataFrame(pair_cols)
-    if len(pairs):
-        pairs.insert(0, "pair_id", pd.Series(arms.pair_labels(), dtype=object))  # no string scan
     if use_cache:  # the frame and the statistics over it, for the next process
         _remember_rows(frame, _ROW_SINK.get())
         _maybe_save(store, study, frame)
@@ -3306,7 +3313,8 @@ def _compare(
         seed=seed,
         headline=headline,
         trial_columns=trials,
-        pairs=pairs,
+        pair_columns=pair_cols,
+        pair_ids=arms.later_labels(),
         by_coeff=by_coeff,
         by_mode=by_mode,
         counts=counts,
@@ -3995,7 +4003,7 @@ class _Arms:
         if self._labels is None:
             encoded = self.frame.deferred.get("pair")
             if encoded is not None:  # each code's id from the snapshot's distinct ids
-                labels = encoded.table(self.frame.pair_codes())[np.flatnonzero(self.complete)]
+                labels = _labels_of(encoded, self.frame.pair_codes(), self.complete)
             else:
                 first = _first_rows(self.frame.pair_codes())
                 labels = np.asarray(
@@ -4004,6 +4012,20 @@ class _Arms:
             labels.flags.writeable = False
             self._labels = labels
         return self._labels
+
+    def later_labels(self) -> Callable[[], np.ndarray]:
+        """:meth:`pair_labels` for a result to make when its pairs table is read: from the
+        ids and codes as they are now (a refresh may change the frame's before then)."""
+        encoded = self.frame.deferred.get("pair")
+        if self._labels is not None or encoded is None:
+            labels = self.pair_labels()
+            return lambda: labels
+        return _Later(_labels_of, encoded, self.frame.pair_codes(), self.complete)
+
+
+def _labels_of(encoded: _Encoded, codes: np.ndarray, complete: np.ndarray) -> np.ndarray:
+    """The id of each complete pair (``complete``: per code), from a snapshot's ids."""
+    return encoded.table(codes)[np.flatnonzero(complete)]
 
 
 def _arms(
