@@ -58,9 +58,11 @@ repeated comparison returns exactly what recomputing would.
 
 The frame also persists across processes (a restarted kernel, each ``thunderline-lab
 compare``): a columnar snapshot beside the store, ``cache/compare/<study>.<tag>.npz`` (numpy
-arrays, no pickles), with the statistic rows computed over its values. A new process loads
-it, checks it against the store (format, the event id at its watermark and the log's first
-one, the study's newest trials row) and refreshes it from the event log as above; a snapshot
+arrays, no pickles), with the statistic rows computed over its values. A new process maps
+it (copy-on-write: only the pages used are read), leaves its trial and pair ids encoded
+until something reads them (a comparison of an unchanged study reads none), checks it
+against the store (format, the event id at its watermark and the log's first one, the
+study's newest trials row) and refreshes it from the event log as above; a snapshot
 that does not match, or cannot be read, is ignored and rewritten. It is saved (atomically,
 last writer wins) after a read from scratch, and after changes (new trials, statistics) once
 it is a minute or 10,000 events behind, or when the process forgets the study or exits, so a
@@ -2003,7 +2005,9 @@ def clear_cache(store: Any = None, *, study: str | None = None) -> None:
 # ---------------------------------------------------------------------------------------------
 #
 # ``<folder of the store>/cache/compare/<study>.<tag>.npz``: the frame's columns (numpy
-# arrays; object columns as codes plus a JSON list of their distinct values, never pickles)
+# arrays, each member's data 64-byte aligned so that it is mapped in place; object columns
+# as NUL-joined strings, or codes plus their distinct values, with a CRC-32 lookup for the
+# trial and pair ids; never pickles)
 # and a JSON ``meta`` member: the format, the study, the store's identity (the watermark,
 # the id of the event logged at it, the log's first event id, the study's highest trials
 # rowid at a given last seq), the keys and columns, and the statistic rows computed over the
