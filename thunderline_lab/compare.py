@@ -351,6 +351,7 @@ class _Sample:
     freq: np.ndarray | None
     n: int
     sign: float
+    scratch: np.ndarray  # room for exp(c * values - top), reused by each evaluation
 
 
 def _saddlepoint_samples(
@@ -380,7 +381,7 @@ def _saddlepoint_samples(
         # is ≤ 0.04 standard errors, at any n.
         if not forced and (n < SADDLEPOINT_MIN or len(levels) < _SADDLE_LEVELS):
             return None
-        out.append(_Sample(values, squares, freq, n, sign))
+        out.append(_Sample(values, squares, freq, n, sign, np.empty_like(values)))
         centre += sign * mean
         var += sd * sd / n
         # the levels farthest from the mean (all copies of each): their steps in the
@@ -409,7 +410,9 @@ def _cgf(samples: Sequence[_Sample], t: float) -> tuple[float, float, float]:
     for smp in samples:
         c = smp.sign * t / smp.n
         top = c * float(smp.values[-1] if c > 0 else smp.values[0])  # values are sorted
-        e = np.exp(c * smp.values - top)
+        e = np.multiply(smp.values, c, out=smp.scratch)  # in place: no temporaries
+        e -= top
+        np.exp(e, out=e)
         if smp.freq is not None:
             e *= smp.freq
         z = float(e.sum())
