@@ -2731,6 +2731,46 @@ def test_identical_twins_are_remembered_per_pair_through_refreshes_and_snapshots
     assert unchanged() == "3 of 4" and read == [6, 2]
     cmp.clear_cache(store)  # no snapshot: computed afresh, the same count
     assert unchanged() == "3 of 4" and read == [6, 2, 8]
+    # verdicts alone (no new statistic) are saved too: the next process reads none again
+    compare_study(store, STUDY, metrics=["acc", "loss"], details=False)  # loss read too
+    cmp.clear_cache()
+    unchanged()
+    store.append(pair(4, 0.0))  # a new candidate pair: its verdict is the only change
+    assert unchanged() == "4 of 5" and read == [6, 2, 8, 2]
+    cmp.clear_cache()
+    assert unchanged() == "4 of 5" and read == [6, 2, 8, 2]
+
+
+def test_pairs_equal_in_the_compared_metric_but_not_in_another_value_are_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The twin check reads a pair's whole metrics only when its trials agree in every value
+    the frame holds, not only in the metrics compared (an accuracy alone ties often)."""
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(30):  # acc ties in every pair; loss differs except in the last two
+        loss = 0.5 + i / 100
+        for sn in (False, True):
+            other = loss + (0.01 if sn and i < 28 else 0.0)
+            evs += _trial(2 * i + sn, sn, {"acc": 0.8, "loss": other}, pair=f"p{i}")
+    store.append(evs)
+    compare_study(store, STUDY, metrics=["acc", "loss"], details=False)  # loss read too
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    frame.twins.clear()  # the verdicts that comparison found: found again below
+    frame.derived.clear()
+    read: list[int] = []
+    real = cmp._trial_rows
+
+    def counted(store: Any, study: str, columns: str, subset: Any, *params: Any) -> Any:
+        if subset is not None and columns == "model_run_id, trial_id, metrics":
+            read.append(len(subset))
+        return real(store, study, columns, subset, *params)
+
+    monkeypatch.setattr(cmp, "_trial_rows", counted)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert read == [4]  # the two pairs equal in loss too
+    assert any(n.startswith("2 of 30 pairs report the same value") for n in res.notes)
+    assert res.notes == _fresh(store, metrics=["acc"], details=False).notes
 
 
 def test_the_seeds_of_one_configuration_are_one_pair_not_several() -> None:
