@@ -475,8 +475,9 @@ def _running_trials(tmp_path: Path) -> int:
     except KeyError:
         return 0
     running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    # its worker is on record and its parameters are drawn: killed mid-trial (a kill between
-    # the two leaves nothing to retry with, and the retry draws afresh)
+    # its worker is on record and it has drawn parameters: killed mid-trial (a kill between
+    # the two leaves nothing to retry with, and the retry draws afresh; a kill between two
+    # suggestions leaves some, which the retry keeps, drawing the others)
     return sum("worker_pid" in t.user_attrs and bool(t.params) for t in running)
 
 
@@ -504,7 +505,7 @@ def test_worker_killed_mid_trial_leaves_a_stale_trial_that_is_failed_and_retried
     retried = [t for t in result.study.get_trials() if "retry_of" in t.user_attrs]
     assert len(retried) == 1
     dead = result.study.get_trials()[retried[0].user_attrs["retry_of"]]
-    assert dead.params == retried[0].params
+    assert dead.params and dead.params.items() <= retried[0].params.items()
 
 
 def _side_by_side(tmp_path: Path, workers: int, n: int, sleep: float) -> list[tuple[str, str]]:
