@@ -2694,6 +2694,20 @@ def test_odd_values_follow_the_trials_through_refreshes() -> None:
     assert "not a number" not in res.headline.loc[0, "note"]
 
 
+def _count_metrics_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets, for each read of some trials' whole metrics, how many were read."""
+    read: list[int] = []
+    real = cmp._trial_rows
+
+    def counted(store: Any, study: str, columns: str, subset: Any, *params: Any) -> Any:
+        if subset is not None and columns == "model_run_id, trial_id, metrics":
+            read.append(len(subset))
+        return real(store, study, columns, subset, *params)
+
+    monkeypatch.setattr(cmp, "_trial_rows", counted)
+    return read
+
+
 def test_identical_twins_are_remembered_per_pair_through_refreshes_and_snapshots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2709,15 +2723,7 @@ def test_identical_twins_are_remembered_per_pair_through_refreshes_and_snapshots
         )
 
     store.append([e for i, d in enumerate([0.0, 0.01, 0.0]) for e in pair(i, d)])
-    read: list[int] = []
-    real = cmp._trial_rows
-
-    def counted(store: Any, study: str, columns: str, subset: Any, *params: Any) -> Any:
-        if subset is not None and columns == "model_run_id, trial_id, metrics":
-            read.append(len(subset))
-        return real(store, study, columns, subset, *params)
-
-    monkeypatch.setattr(cmp, "_trial_rows", counted)
+    read = _count_metrics_reads(monkeypatch)
 
     def unchanged() -> str:
         res = compare_study(store, STUDY, metrics=["acc"], details=False)
@@ -2758,15 +2764,7 @@ def test_pairs_equal_in_the_compared_metric_but_not_in_another_value_are_not_rea
     frame = cmp._CACHE[cmp._store_key(store, STUDY)]
     frame.twins.clear()  # the verdicts that comparison found: found again below
     frame.derived.clear()
-    read: list[int] = []
-    real = cmp._trial_rows
-
-    def counted(store: Any, study: str, columns: str, subset: Any, *params: Any) -> Any:
-        if subset is not None and columns == "model_run_id, trial_id, metrics":
-            read.append(len(subset))
-        return real(store, study, columns, subset, *params)
-
-    monkeypatch.setattr(cmp, "_trial_rows", counted)
+    read = _count_metrics_reads(monkeypatch)
     res = compare_study(store, STUDY, metrics=["acc"], details=False)
     assert read == [4]  # the two pairs equal in loss too
     assert any(n.startswith("2 of 30 pairs report the same value") for n in res.notes)
