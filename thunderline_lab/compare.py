@@ -476,8 +476,8 @@ def _saddle_newton(
 
 def _saddle_root(gap: Callable[[float], float], start: float, sign: float) -> float | None:
     """The root of ``gap`` (increasing in ``tau``) on the side ``sign`` of 0, from
-    ``start`` (the normal approximation's): secant steps, which take 3-5 evaluations on
-    these smooth, nearly linear functions, else Brent's method in a bracket."""
+    ``start``: secant steps, which take 3-5 evaluations on these smooth, nearly linear
+    functions, else Brent's method in a bracket (where :func:`_saddle_newton` failed)."""
     from scipy import optimize
 
     a, b = start, start * 1.02
@@ -1794,7 +1794,7 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
     encoded = frame.deferred.get("trial")
     if frame._index is not None:
         locate = lambda run, trial: frame.index().get((run, trial))  # noqa: E731
-    elif len(rows) <= _TEXT_SCAN_ROWS and encoded is not None:  # found in the snapshot's text
+    elif len(rows) <= _TEXT_SCAN_ROWS and encoded is not None:  # found among the encoded ids
 
         def locate(run: str, trial: str) -> int | None:
             assert encoded is not None
