@@ -1088,9 +1088,14 @@ class _Encoded:
         return np.concatenate([head, self.tail]) if len(self.tail) else head
 
     def extended(self, values: np.ndarray) -> _Encoded:
-        """The column with the rows of ``values`` appended."""
+        """The column with the rows of ``values`` appended (what it derived from its
+        stored members kept: a live study's refreshes do not derive it again)."""
         tail = np.concatenate([self.tail, values])
-        return _Encoded(self.name, self.how, self.arrays, self.n, tail)
+        more = _Encoded(self.name, self.how, self.arrays, self.n, tail)
+        for cached in ("_text", "_nuls", "_stored"):
+            if cached in self.__dict__:
+                more.__dict__[cached] = self.__dict__[cached]
+        return more
 
     def check(self) -> bool:
         """Whether the column can stay encoded: NUL-joined text that is valid UTF-8 and
@@ -1169,7 +1174,7 @@ class _Encoded:
         """Each code's value, in code order, then None (code -1's slot), for the frame's
         ``codes`` of a ``first`` column: the stored distinct values, then the ids of new
         codes the tail brought."""
-        table = _code_table(self.name, self.how, self.arrays)
+        table = self._stored
         tail_codes = np.asarray(codes[self.n :])
         count = len(table) - 1
         new = tail_codes >= count
@@ -1178,6 +1183,14 @@ class _Encoded:
         extra = np.empty(int(tail_codes.max()) + 1 - count, dtype=object)
         extra[tail_codes[new] - count] = self.tail[new]
         return np.concatenate([table[:-1], extra, table[-1:]])
+
+    @functools.cached_property
+    def _stored(self) -> np.ndarray:
+        """The stored distinct values in code order, then None: decoded once (the pairs'
+        labels, a result's pair ids and the twin check each ask)."""
+        table = _code_table(self.name, self.how, self.arrays)
+        table.flags.writeable = False
+        return table
 
     @functools.cached_property
     def _nuls(self) -> np.ndarray:
