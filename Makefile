@@ -5,6 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 STUDY  ?= studies/spectral_norm_ab.toml
+# pytest-xdist workers for the unit tests (CI has 2 cores; tests/conftest.py schedules them)
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test lint bench clean
 .DEFAULT_GOAL := run
@@ -25,7 +27,7 @@ run: setup
 # throw-away lab; outputs are compared only where a cell asks for it, after sanitizing ids,
 # timestamps and durations.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 	lab=$$(mktemp -d); THUNDERLINE_LAB_PROFILE=test THUNDERLINE_LAB_HOME=$$lab \
 	  $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/; rc=$$?; rm -rf $$lab; exit $$rc

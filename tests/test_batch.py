@@ -258,6 +258,7 @@ def test_a_kernel_killed_mid_cell_fails_the_run_instead_of_hanging_it(
     assert "DeadKernelError" in str(info.value)
 
 
+@pytest.mark.slow
 def test_overrides_reach_the_notebook_and_unknown_ones_are_refused(tmp_path: Path) -> None:
     make_notebook(tmp_path / "nb.ipynb", "assert boom is True and n_trials == 7")
     cfg = load_study_config(
@@ -467,6 +468,7 @@ def test_a_worker_killed_outright_fails_the_run_with_a_clean_error(tmp_path: Pat
     assert "exit code -9" in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_notebook_failing_after_failed_trials_says_where_to_see_why(tmp_path: Path) -> None:
     make_notebook(
         tmp_path / "nb.ipynb",
@@ -486,6 +488,7 @@ def test_a_notebook_failing_after_failed_trials_says_where_to_see_why(tmp_path: 
     assert "--study f --status failed" in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -696,6 +699,7 @@ def test_a_study_the_gateway_holds_from_another_lab_is_refused(tmp_path: Path) -
     _check_same_study(lab, "s", "http://gw", tmp_path / "mirror.db")
 
 
+@pytest.mark.slow
 def test_a_budget_that_splits_a_pair_is_warned_about_on_the_command_line(tmp_path: Path) -> None:
     """The worker's log says so inside its executed notebook only: run says it too."""
     make_notebook(tmp_path / "nb.ipynb", "pass", '\nseeds = [0, 1]\ndesign = "paired"')

@@ -177,6 +177,7 @@ def _accept_kernel_dialog(page: Any) -> None:
         dialog.wait_for(state="detached", timeout=30_000)
 
 
+@pytest.mark.slow
 def test_live_monitor_renders_in_jupyterlab_and_stops_the_study(
     jupyterlab: dict[str, Any],
 ) -> None:

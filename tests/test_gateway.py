@@ -2327,6 +2327,7 @@ def _mutate(record: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[s
 _DELETE = object()
 
 
+@pytest.mark.slow
 def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
     store = TrialStore(":memory:")
     app = create_app(store, max_body_bytes=64 * 1024, max_batch_events=3)

@@ -125,6 +125,7 @@ def test_the_keeper_catches_up_with_new_trials_and_a_current_snapshot_is_not_rew
     _same(res, cmp.compare_study(store, STUDY, use_cache=False))
 
 
+@pytest.mark.slow
 def test_the_keeper_refreshes_another_studys_snapshot_that_fell_far_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,6 +243,7 @@ def test_a_cli_ingest_leaves_the_snapshot_at_exit(tmp_path: Path) -> None:
     assert int(res.headline.loc[0, "n_pairs"]) == 5
 
 
+@pytest.mark.slow
 def test_a_comparison_while_the_keeper_compares_the_same_study_in_another_thread(
     tmp_path: Path,
 ) -> None:

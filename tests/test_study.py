@@ -524,6 +524,7 @@ def _side_by_side(tmp_path: Path, workers: int, n: int, sleep: float) -> list[tu
     return outs
 
 
+@pytest.mark.slow
 def test_several_worker_processes_share_one_study_without_lock_errors(tmp_path):
     outs = _side_by_side(tmp_path, workers=2, n=12, sleep=0.2)
     for _out, err in outs:
@@ -547,6 +548,7 @@ def _assert_whole_pairs(study: optuna.Study) -> None:
     assert all(sorted(a) == ["sn_off", "sn_on"] for a in arms.values()), arms
 
 
+@pytest.mark.slow
 def test_more_workers_than_the_budget_run_the_budget_and_whole_pairs(tmp_path):
     """Three workers asking for trials at the same instant, for a budget of 2: one pair
     runs; a worker that finds the budget taken stands down (its Optuna trial, marked
