@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -2944,54 +2942,3 @@ def test_by_mode_rows_without_a_ci_say_why_in_the_notes(tmp_path: Path) -> None:
     assert not any(n.startswith("SN mode matrix") for n in res.notes)
     text = write_report(res, tmp_path / "r").read_text()
     assert "- SN mode operator, acc: a single pair" in text
-
-
-@pytest.mark.usefixtures("remember_small_rows")
-def test_metric_rows_computed_side_by_side_are_the_rows_computed_one_by_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = _lab_store(tmp_path, n_pairs=30, epochs=4, pruned=2, failed=1)
-    threads: dict[str, str] = {}
-    row_of = cmp._metric_row
-
-    def spy(arms: Any, metric: str, *args: Any, **kwargs: Any) -> Any:
-        threads[metric] = threading.current_thread().name
-        return row_of(arms, metric, *args, **kwargs)
-
-    monkeypatch.setattr(cmp, "_metric_row", spy)
-    monkeypatch.setattr(cmp, "_PARALLEL_ROW_VALUES", 10**9)  # one by one
-    serial = _fresh(store)
-    assert len(threads) > 2 and set(threads.values()) == {"MainThread"}
-
-    threads.clear()
-    monkeypatch.setattr(cmp, "_PARALLEL_ROW_VALUES", 1)  # every row on the pool's threads
-    monkeypatch.setattr(cmp.os, "cpu_count", lambda: 2)
-    side = compare_study(store, STUDY)
-    assert set(threads) == set(serial.headline["metric"])
-    assert all(name.startswith("thunderline-rows") for name in threads.values())
-    _assert_same_result(side, serial)
-    # the rows reached the comparison's sink from the threads: kept with the snapshot
-    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
-    assert {row["metric"] for row in frame.memo.values()} == set(serial.headline["metric"])
-
-    threads.clear()  # kept with the arms: asked again, nothing is computed
-    _assert_same_result(compare_study(store, STUDY), serial)
-    assert threads and all(name == "MainThread" for name in threads.values())
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
-def test_a_forked_child_gets_row_threads_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cmp.os, "cpu_count", lambda: 2)
-    parent = cmp._row_pool()
-    assert parent is not None and parent.submit(threading.get_ident).result(timeout=30)
-    pid = os.fork()
-    if pid == 0:  # the child: its parent's pool has no threads here; a new one answers
-        code = 1
-        try:
-            pool = cmp._row_pool()
-            code = 0 if pool is not parent and pool.submit(lambda: 7).result(timeout=30) == 7 else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert cmp._row_pool() is parent

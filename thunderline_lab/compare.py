@@ -3209,18 +3209,19 @@ def _compare(
             "not reported by any trial: "
             + ", ".join(m + (f" ({h})" if (h := _did_you_mean(m, names)) else "") for m in skipped)
         )
-    made = _metric_rows(
-        arms,
-        values_by_metric,
-        design_paired,
-        n_boot,
-        confidence,
-        seed,
-        max_draws,
-        {m: frame.odd.get(src) for m, src in sources.items()},
-        groups,
-    )
-    for metric, (row, d) in zip(values_by_metric, made, strict=True):
+    for metric, values in values_by_metric.items():
+        row, d = _metric_row(
+            arms,
+            metric,
+            values,
+            design_paired,
+            n_boot,
+            confidence,
+            seed,
+            max_draws,
+            frame.odd.get(sources[metric]),
+            groups,
+        )
         row["source"] = sources[metric]
         rows.append(row)
         if d is not None:
@@ -3930,73 +3931,6 @@ def _metric_row(
         hit = (values, row, d)
         arms.rows[key] = hit
     return dict(hit[1]), hit[2]
-
-
-# A metric's row over this many values or more is computed beside the others', on a
-# thread of its own: its work is numpy's (sorts, the saddlepoint's passes, the digest), which
-# lets go of the GIL, so 8 metrics of 50,000 pairs take about half as long on 2 cores.
-_PARALLEL_ROW_VALUES = 20_000
-_ROW_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
-_ROW_POOL_LOCK = threading.Lock()
-
-
-def _row_pool() -> ThreadPoolExecutor | None:
-    """The threads that compute metric rows side by side (one per core), made on first
-    use, and again in a forked child (which has none of its parent's threads); None on one
-    core."""
-    global _ROW_POOL
-    cores = os.cpu_count() or 1
-    if cores < 2:
-        return None
-    with _ROW_POOL_LOCK:
-        if _ROW_POOL is None or _ROW_POOL[0] != os.getpid():
-            pool = ThreadPoolExecutor(min(cores, 8), thread_name_prefix="thunderline-rows")
-            _ROW_POOL = (os.getpid(), pool)
-        return _ROW_POOL[1]
-
-
-def _metric_rows(
-    arms: _Arms,
-    values_by_metric: Mapping[str, np.ndarray],
-    paired: bool,
-    n_boot: int,
-    confidence: float,
-    seed: int,
-    max_draws: int,
-    odd: Mapping[str, Mapping[int, str] | None],
-    groups: np.ndarray | None = None,
-) -> list[tuple[dict[str, Any], np.ndarray | None]]:
-    """:func:`_metric_row` of each metric, in the order given. Rows to compute over large
-    arms (not kept with them) are computed side by side on :func:`_row_pool`'s threads,
-    each in a copy of the caller's context (the comparison's row sink); the rows are the
-    same as one by one."""
-
-    def one(metric: str) -> tuple[dict[str, Any], np.ndarray | None]:
-        return _metric_row(
-            arms,
-            metric,
-            values_by_metric[metric],
-            paired,
-            n_boot,
-            confidence,
-            seed,
-            max_draws,
-            odd.get(metric),
-            groups,
-        )
-
-    def kept(metric: str) -> bool:
-        hit = arms.rows.get((metric, paired, n_boot, confidence, seed, max_draws, groups is None))
-        return hit is not None and hit[0] is values_by_metric[metric]
-
-    todo = [m for m in values_by_metric if not kept(m)]
-    pool = _row_pool() if len(todo) > 1 and len(arms.is_sn) >= _PARALLEL_ROW_VALUES else None
-    if pool is None:
-        return [one(m) for m in values_by_metric]
-    if paired:
-        _ = arms.pair_rows  # derived once, here, not by two threads at once
-    futures = {m: pool.submit(contextvars.copy_context().run, one, m) for m in todo}
-    return [futures[m].result() if m in futures else one(m) for m in values_by_metric]
 
 
 def _study_row_note(
