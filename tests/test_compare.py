@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -2942,3 +2944,49 @@ def test_by_mode_rows_without_a_ci_say_why_in_the_notes(tmp_path: Path) -> None:
     assert not any(n.startswith("SN mode matrix") for n in res.notes)
     text = write_report(res, tmp_path / "r").read_text()
     assert "- SN mode operator, acc: a single pair" in text
+
+
+_FIRST_COMPARISON = """
+import sys
+from thunderline_lab.compare import compare_study
+from thunderline_lab.monitor import synthetic_study
+from thunderline_lab.store import TrialStore
+store = TrialStore(":memory:")
+store.append(synthetic_study("ab", n_pairs=2_000, epochs=1))
+assert "scipy.stats" not in sys.modules and "scipy.optimize" not in sys.modules
+res = compare_study(store, "ab", details=False, use_cache=False)
+assert res.design == "paired" and (res.headline["n_pairs"] == 2_000).all(), res.headline
+assert "saddlepoint" in set(res.headline["ci_method"]), res.headline
+print(" ".join(m for m in ("scipy.stats", "scipy.optimize", "scipy.special") if m in sys.modules))
+"""
+
+
+def test_a_new_processs_first_paired_comparison_does_not_import_scipy_stats() -> None:
+    # importing scipy.stats costs a new process ~1 s, ten times the comparison it served
+    # (a kernel or `thunderline-lab compare` run on a study past its snapshot). A large
+    # study's statistics need none of scipy: the saddlepoint CI, the Wilcoxon test's normal
+    # approximation (scipy's exact test serves 50 pairs or fewer)
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_COMPARISON], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy's, on a constant arm
+def test_welch_and_the_t_quantiles_agree_with_scipy_stats() -> None:
+    rng = np.random.default_rng(7)
+    for i in range(300):
+        n_a, n_b = (int(n) for n in rng.integers(2, 40, 2))
+        a = rng.normal(rng.normal(), rng.uniform(0.01, 3), n_a)
+        b = rng.normal(0, rng.uniform(0.01, 3), n_b)
+        if i % 10 == 0:
+            a[:] = a[0]  # one arm constant: its variance is 0
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        t, p = cmp._welch(a, b)
+        assert t == pytest.approx(ref.statistic, rel=1e-12)
+        assert p == pytest.approx(ref.pvalue, rel=1e-10, abs=1e-300)
+    n = np.array([1, 2, 3, 10, 400])
+    assert np.array_equal(cmp._t_crit(n, 0.9), stats.t.ppf(0.95, np.maximum(n - 1, 1)))
+    for q in (0.5, 0.8, 0.95, 0.975, 0.995, 1e-12):
+        assert cmp._normal_quantile(q) == pytest.approx(stats.norm.ppf(q), rel=1e-14, abs=1e-300)
