@@ -25,8 +25,10 @@ Measured, medians of ``--repeats`` interleaved runs:
     the event log and refreshed from it, the remembered statistics reused (study unchanged);
   - cold with snapshot after 1 new pair: the same, with one pair logged since the snapshot,
     both trials reporting every summary metric as the study's do (refreshed incrementally;
-    every asked metric's statistics recomputed, since its pairs changed); and after 25 new
-    pairs (more than a refresh scans for: found in one vectorised pass);
+    every asked metric's statistics recomputed, since its pairs changed), also timed inside a
+    real new Python process (imports not timed; first calls and lazily imported modules
+    are); and after 25 new pairs (more than a refresh scans for: found in one vectorised
+    pass);
   - warm (in-process columnar cache; the arms, counts and statistics derived from an
     unchanged frame are reused) and warm recomputed (the frame kept, everything derived from
     it and every remembered statistic dropped: what a comparison costs after a refresh
@@ -340,6 +342,7 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         "first",
         "snap",
         "snap_new",
+        "snap_new_proc",
         "snap_new25",
         "warm",
         "recomputed",
@@ -349,6 +352,7 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         "first_all",
         "snap_all",
         "snap_new_all",
+        "snap_new_proc_all",
         "snap_new25_all",
         "warm_all",
         "recomputed_all",
@@ -395,6 +399,9 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
             dt, res = timed(lambda m=metrics: compare_study(store, m, details=False))
             t["snap_new" + suffix].append(dt)
             used["snap_new" + suffix] = cmp.snapshot_counts["loaded"] - before["loaded"]
+            # the same in a real new Python process (its imports not timed): what a new
+            # kernel or `thunderline-lab compare` pays, first calls and lazy imports included
+            t["snap_new_proc" + suffix].append(new_process_compare(store.path, metrics, False))
             for _ in range(24):  # 25 pairs logged since the snapshot (a live study's minute)
                 append_pair(store)
             cmp.clear_cache()
@@ -460,6 +467,7 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
         )
         line(f"{what}, cold, new process with snapshot", "snap" + suffix)
         line(f"{what}, cold with snapshot after 1 new pair", "snap_new" + suffix)
+        line("  the same in a new Python process", "snap_new_proc" + suffix)
         line(f"{what}, cold with snapshot after 25 new pairs", "snap_new25" + suffix)
         line(f"{what}, warm", "warm" + suffix)
         line(f"{what}, warm recomputed", "recomputed" + suffix)
@@ -499,10 +507,12 @@ def bench_compare(store: TrialStore, repeats: int) -> None:
                 "first",
                 "snap",
                 "snap_new",
+                "snap_new_proc",
                 "snap_new25",
                 "first_all",
                 "snap_all",
                 "snap_new_all",
+                "snap_new_proc_all",
                 "snap_new25_all",
                 "written_proc",
                 "written_proc_all",
