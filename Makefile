@@ -27,7 +27,7 @@ run: setup
 # throw-away lab; outputs are compared only where a cell asks for it, after sanitizing ids,
 # timestamps and durations.
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 	lab=$$(mktemp -d); THUNDERLINE_LAB_PROFILE=test THUNDERLINE_LAB_HOME=$$lab \
 	  $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/; rc=$$?; rm -rf $$lab; exit $$rc
