@@ -13,7 +13,7 @@ import pytest
 _SERVER_MARKS = ("postgres", "mysql")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(m) for m in _SERVER_MARKS):
             item.add_marker(pytest.mark.xdist_group("database-servers"))
