@@ -537,6 +537,33 @@ def test_signed_rank_normal_approximation_is_scipys(d: np.ndarray) -> None:
     assert p == pytest.approx(float(ref.pvalue), rel=1e-9)
 
 
+@pytest.mark.parametrize(
+    "d",
+    [
+        np.random.default_rng(20).normal(size=3000),  # every level once
+        np.round(np.random.default_rng(21).normal(size=5000), 1),  # ties, both signs
+        np.r_[np.zeros(400), np.random.default_rng(22).integers(-3, 4, 2000)].astype(float),
+        # an accuracy's differences on 360 test points, with float noise: 0.85 - 0.84
+        (np.random.default_rng(23).integers(300, 340, 4000) / 360)
+        - (np.random.default_rng(24).integers(300, 340, 4000) / 360),
+        np.r_[np.full(60, 1e-12), np.zeros(10)],  # tiny, and zeros
+        np.zeros(80),  # no nonzero difference: no test
+        np.full(70, -0.25),  # one level
+    ],
+    ids=["continuous", "ties", "zeros", "accuracy", "tiny", "all zero", "one level"],
+)
+def test_wilcoxon_from_the_levels_is_the_test_from_the_differences(d: np.ndarray) -> None:
+    # the ranks found from np.unique's levels (the sort the saddlepoint CI already made)
+    # give the very statistic and p of the ranks found from the differences themselves
+    direct = cmp._wilcoxon(d)
+    from_levels = cmp._wilcoxon(d, cmp._levels(d))
+    assert from_levels[2] == direct[2]
+    np.testing.assert_array_equal(from_levels[:2], direct[:2])
+    if np.any(np.round(d, 12) != 0):
+        ref = stats.wilcoxon(np.round(d, 12), method="approx")
+        assert from_levels[0] == pytest.approx(float(ref.statistic), rel=1e-12)
+
+
 def test_first_rows_of_codes_in_order_of_appearance() -> None:
     ids = np.array([None, "b", "a", "b", None, "c", "a", "c", "d"], dtype=object)
     codes = np.full(len(ids), -1)

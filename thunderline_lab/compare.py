@@ -297,6 +297,32 @@ def bootstrap_mean_ci(
     """
     xa = np.asarray(x, dtype=float)
     ya = None if y is None else np.asarray(y, dtype=float)
+    return _bootstrap_ci(xa, ya, n_boot, confidence, seed, name, max_draws, method)
+
+
+_Levels = tuple[np.ndarray, np.ndarray]  # a sample's distinct values (sorted), their counts
+
+
+def _levels(x: np.ndarray) -> _Levels:
+    """``np.unique(x, return_counts=True)``: one sort, shared by the saddlepoint CI and the
+    Wilcoxon test of the same differences."""
+    levels, counts = np.unique(x, return_counts=True)
+    return levels, counts
+
+
+def _bootstrap_ci(
+    xa: np.ndarray,
+    ya: np.ndarray | None,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    name: str,
+    max_draws: int,
+    method: BootMethod,
+    known: _Levels | None = None,
+) -> tuple[float, float, float, int]:
+    """:func:`bootstrap_mean_ci` of float arrays; ``known``: :func:`_levels` of ``xa``
+    (one sample only), when the caller has them."""
     if len(xa) == 0 or (ya is not None and len(ya) == 0):
         return math.nan, math.nan, math.nan, 0
     arrays = (xa,) if ya is None else (xa, ya)
@@ -306,13 +332,16 @@ def bootstrap_mean_ci(
     if k:
         xa = np.ldexp(xa, -k)
         ya = None if ya is None else np.ldexp(ya, -k)
+        known = None  # of the unscaled values
     estimate = float(xa.mean()) - (0.0 if ya is None else float(ya.mean()))
     if len(xa) < 2 or (ya is not None and len(ya) < 2):
         return _unscaled(estimate, k), math.nan, math.nan, 0
     alpha = (1 - confidence) / 2
     if method != "resample":
         samples = [(xa, 1.0)] if ya is None else [(xa, 1.0), (ya, -1.0)]
-        bounds = _saddlepoint_bounds(samples, alpha, forced=method == "saddlepoint")
+        bounds = _saddlepoint_bounds(
+            samples, alpha, forced=method == "saddlepoint", known=None if ya is not None else known
+        )
         if bounds is not None:
             lo, hi = bounds
             return _unscaled(estimate, k), _unscaled(lo, k), _unscaled(hi, k), 0
@@ -355,17 +384,18 @@ class _Sample:
 
 
 def _saddlepoint_samples(
-    samples: Sequence[tuple[np.ndarray, float]], forced: bool
+    samples: Sequence[tuple[np.ndarray, float]], forced: bool, known: _Levels | None = None
 ) -> tuple[list[_Sample], float, float] | None:
     """The samples as :class:`_Sample`, the statistic's centre (``sum(sign * mean)``) and
     standard error; None when ``auto`` should resample them instead (too few values or
     distinct values, no spread, a value so far from the others that the bootstrap
-    distribution is lumpy: see :data:`_SADDLE_MAX_STEP`)."""
+    distribution is lumpy: see :data:`_SADDLE_MAX_STEP`). ``known``: :func:`_levels` of
+    the one sample, when the caller has them."""
     out, centre, var = [], 0.0, 0.0
     steps: list[tuple[float, float]] = []
     for x, sign in samples:
         n = len(x)
-        levels, counts = np.unique(x, return_counts=True)
+        levels, counts = known if known is not None and len(samples) == 1 else _levels(x)
         mean = float(x.mean())
         values = levels - mean
         squares = values * values
@@ -516,7 +546,10 @@ def _normal_quantile(p: float) -> float:
 
 
 def _saddlepoint_bounds(
-    samples: Sequence[tuple[np.ndarray, float]], alpha: float, forced: bool = False
+    samples: Sequence[tuple[np.ndarray, float]],
+    alpha: float,
+    forced: bool = False,
+    known: _Levels | None = None,
 ) -> tuple[float, float] | None:
     """The ``alpha`` and ``1 - alpha`` quantiles of the bootstrap distribution of
     ``sum(sign * mean(resample of x))`` (samples resampled independently), by the
@@ -528,7 +561,7 @@ def _saddlepoint_bounds(
     z = _normal_quantile(1 - alpha)
     if not (forced and z > 0) and not z >= _SADDLE_MIN_Z:
         return None
-    prepared = _saddlepoint_samples(samples, forced)
+    prepared = _saddlepoint_samples(samples, forced, known)
     if prepared is None:
         return None
     smps, centre, se = prepared
@@ -621,12 +654,14 @@ def _mean(x: np.ndarray) -> float:
     return _unscaled(float(np.ldexp(x, -k).mean()), k)
 
 
-def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
+def _wilcoxon(d: np.ndarray, known: _Levels | None = None) -> tuple[float, float, str]:
     """Wilcoxon signed-rank: (statistic, p, method).
 
     Exact without ties/zeros up to n = 50; with ties or zeros, scipy's permutation version
     up to n = 8 (its cost doubles per pair: seconds by n = 12), else the normal
-    approximation with tie correction.
+    approximation with tie correction. ``known``: :func:`_levels` of ``d``, when the
+    caller has them: beyond 50 differences the ranks are then found from the distinct
+    values (no second sort; a pass over the levels, few for an accuracy's differences).
 
     Differences that are all zero (up to float noise) leave the test undefined: zeros are
     dropped, and no signed rank is left to test (scipy's p = 1 would read as evidence of
@@ -639,12 +674,23 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float, str]:
         return math.nan, math.nan, "—"
     if k:  # 1e-300 or 1e300: ranks and signs are the same in units of 2**k
         d = np.ldexp(d, -k)
-    scale = float(np.max(np.abs(d)))
+        known = None  # of the unscaled values
+    if known is not None:
+        scale = max(abs(float(known[0][0])), abs(float(known[0][-1])))
+    else:
+        scale = float(np.max(np.abs(d)))
     if scale == 0:
         return math.nan, math.nan, "—"
     # Differences of floats carry rounding noise (0.85 - 0.84 != 0.01): keep 10 significant
     # digits so true zeros and ties are seen as such.
-    d = np.round(d, int(9 - math.floor(math.log10(scale))))
+    decimals = int(9 - math.floor(math.log10(scale)))
+    if known is not None and len(d) > 50:  # the normal approximation, whatever the ties
+        twice_r_plus, tied, n = _signed_ranks_of_levels(np.round(known[0], decimals), known[1])
+        if n == 0:
+            return math.nan, math.nan, "—"
+        statistic, p = _signed_rank_z(twice_r_plus, tied, n)
+        return statistic, max(p, min(1.0, 2.0 * 0.5**n)), "approx"  # the floor: see below
+    d = np.round(d, decimals)
     if not np.any(d != 0):
         return math.nan, math.nan, "—"
     nonzero = d[d != 0]
@@ -690,6 +736,41 @@ def _signed_ranks(nonzero: np.ndarray) -> tuple[int, np.ndarray]:
     return int((2 * starts + counts + 1) @ positive.astype(np.int64)), counts
 
 
+def _signed_ranks_of_levels(levels: np.ndarray, counts: np.ndarray) -> tuple[int, np.ndarray, int]:
+    """:func:`_signed_ranks` from the differences' distinct values (sorted, rounded as the
+    test rounds them, so neighbours may now be equal) and their counts, plus the number
+    of nonzero differences: zeros dropped, a level's |d| given its sign in the lowest bit,
+    the negative levels reversed (ascending |d|) and merged with the positive ones (a
+    stable sort of two sorted runs is one merge), each group of equal |d| then ranked
+    ``below + (size + 1) / 2``. O(levels), not O(differences)."""
+    if len(levels) > 1 and not (distinct := levels[1:] != levels[:-1]).all():
+        starts = np.flatnonzero(np.concatenate([[True], distinct]))
+        levels, counts = levels[starts], np.add.reduceat(counts, starts)
+    m = int(np.searchsorted(levels, 0.0))  # the negative levels come first
+    p = m + 1 if m < len(levels) and levels[m] == 0 else m  # zeros are dropped
+    keys = np.concatenate(
+        [np.abs(levels[:m][::-1]).view(np.uint64), levels[p:].view(np.uint64)]
+    ) << np.uint64(1)
+    keys[m:] |= np.uint64(1)
+    n = int(counts.sum()) - int(counts[m:p].sum())
+    if n == len(keys):  # each nonzero difference its own level (continuous values)
+        keys.sort(kind="stable")
+        magnitude = keys >> np.uint64(1)
+        if not len(keys) or (magnitude[1:] != magnitude[:-1]).all():  # no |d| tied: ranks 1..n
+            positive = (keys & np.uint64(1)).astype(np.float64)
+            r_plus = positive @ np.arange(1.0, n + 1.0)  # exact: an integer below 2**53
+            return 2 * int(r_plus), np.ones(n, dtype=np.int64), n
+    counts = np.concatenate([counts[:m][::-1], counts[p:]]).astype(np.int64, copy=False)
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    magnitude = keys >> np.uint64(1)
+    starts = np.flatnonzero(np.concatenate([[True], magnitude[1:] != magnitude[:-1]]))
+    tied = np.add.reduceat(counts, starts)
+    positive = np.add.reduceat(counts * (keys & np.uint64(1)).astype(np.int64), starts)
+    below = np.cumsum(tied) - tied
+    return int((2 * below + tied + 1) @ positive), tied, n
+
+
 def _signed_rank_normal(
     nonzero: np.ndarray, ranks: tuple[int, np.ndarray] | None = None
 ) -> tuple[float, float]:
@@ -699,8 +780,14 @@ def _signed_rank_normal(
     the variance tie-corrected, no continuity correction, two-sided. ``ranks``:
     :func:`_signed_ranks` of them, when the caller has it."""
     twice_r_plus, tied = _signed_ranks(nonzero) if ranks is None else ranks
+    return _signed_rank_z(twice_r_plus, tied, len(nonzero))
+
+
+def _signed_rank_z(twice_r_plus: int, tied: np.ndarray, n_nonzero: int) -> tuple[float, float]:
+    """(statistic, p) of the normal approximation from twice R+, the sizes of the groups of
+    tied |d| and the number of nonzero differences (see :func:`_signed_rank_normal`)."""
     r_plus = twice_r_plus / 2
-    n = float(len(nonzero))
+    n = float(n_nonzero)
     r_minus = n * (n + 1) / 2 - r_plus
     ties = tied.astype(float)
     var = (n * (n + 1) * (2 * n + 1) - float(ties @ (ties * ties - 1)) / 2) / 24
@@ -836,11 +923,13 @@ def _compare_arrays(
         if not np.isfinite(d).all():  # finite values whose difference is beyond float64
             k = _exponent(sn, none) or 0
             d = np.ldexp(sn, -k) - np.ldexp(none, -k)  # in units of 2**k: |d| <= 2
-        est, lo, hi, b = bootstrap_mean_ci(
-            d, n_boot=n_boot, confidence=confidence, seed=seed, name=metric, max_draws=max_draws
+        d = np.asarray(d, dtype=float)
+        known = _levels(d) if len(d) > 50 else None  # one sort for the CI and the test
+        est, lo, hi, b = _bootstrap_ci(
+            d, None, n_boot, confidence, seed, metric, max_draws, "auto", known
         )
         est, lo, hi = (_unscaled(v, k) for v in (est, lo, hi))
-        stat, p, method = _wilcoxon(d)  # ranks: the same in any unit
+        stat, p, method = _wilcoxon(d, known)  # ranks: the same in any unit
         row.update(
             n_pairs=len(d), n_sn=len(sn), n_none=len(none), test="wilcoxon", test_method=method
         )
@@ -3297,7 +3386,7 @@ def _compare(
             f"large study: {min(b for b in n_boot_used if b)} bootstrap resamples for some "
             f"metrics (n × resamples capped at {max_draws:,}); raise max_draws for more"
         )
-    saddle = headline.loc[headline["ci_method"] == "saddlepoint", "metric"].tolist()
+    saddle = [row["metric"] for row in rows if row.get("ci_method") == "saddlepoint"]
     if saddle:
         notes.append(
             f"{', '.join(saddle)}: {SADDLEPOINT_MIN:,}+ "
