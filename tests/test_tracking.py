@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -28,8 +29,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from thunderline_lab import events as E
+from thunderline_lab import tracking
 from thunderline_lab.bus import EventBus
 from thunderline_lab.cli import main
+from thunderline_lab.errors import TrackingError
 from thunderline_lab.lab import Lab
 from thunderline_lab.store import StoreWriter, TrialStore
 from thunderline_lab.tracking import (
@@ -556,6 +559,25 @@ def test_unreachable_mlflow_never_fails_or_stalls_training(tmp_path: Path) -> No
     assert out.exit_code == 1
     assert "error: MLflow sync stopped" in out.output and "stays pending" in out.output
     store.close()
+
+
+def test_sync_to_a_database_in_a_folder_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    # a mistyped --tracking-uri: MLflow would make the folder and an empty database in it,
+    # and push every trial there
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    lab.store().close()
+    typo = tmp_path / "mlfow" / "mlflow.db"
+    with pytest.raises(TrackingError, match=f"no folder {re.escape(str(typo.parent))}"):
+        sync(lab, tracking_uri=f"sqlite:///{typo}")
+    out = CliRunner().invoke(
+        main, ["mlflow-sync", "--lab", str(lab.root), "--tracking-uri", f"sqlite:///{typo}"]
+    )
+    assert out.exit_code == 1
+    assert "a mistyped path?" in out.output and "nothing was synced" in out.output
+    assert not typo.parent.exists()
+    assert tracking._missing_database_folder(f"sqlite:///{lab.mlflow_db}") is None
+    assert tracking._missing_database_folder("sqlite:///:memory:") is None
+    assert tracking._missing_database_folder("http://127.0.0.1:5000") is None
 
 
 def test_a_broken_lab_directory_cannot_reach_the_publisher(tmp_path: Path) -> None:

@@ -1073,6 +1073,18 @@ def _io_worker_main() -> None:
         out.flush()
 
 
+def _missing_database_folder(uri: str) -> Path | None:
+    """The folder a ``sqlite:///`` URI's database would be in, when there is no such folder
+    (MLflow would make it, and a new empty database, for a mistyped path); else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return None
+    folder = Path(path).expanduser().parent
+    return None if folder.is_dir() else folder
+
+
 def _open_backend(uri: str, *, isolate: bool = False) -> _Backend:
     """REST for servers; MlflowClient otherwise (in a child process when ``isolate``)."""
     if uri.startswith(("http://", "https://")):
@@ -2777,6 +2789,12 @@ def sync(
         TrackingError: when MLflow cannot be reached (nothing is lost: trials stay pending).
     """
     uri = _uri_key(tracking_uri or lab.mlflow_tracking_uri)
+    folder = _missing_database_folder(uri)
+    if folder is not None:  # before MLflow makes the folder and an empty database in it
+        raise TrackingError(
+            f"cannot reach MLflow at {uri}: no folder {folder} for its database (a mistyped "
+            "path? to start a new MLflow there, make the folder first); nothing was synced"
+        )
     own_store = store is None
     if store is None:
         store = lab.store()
