@@ -1095,10 +1095,17 @@ def test_cache_refreshes_from_new_events_only(tmp_path: Path) -> None:
     store.append(evs[:half])
     cmp.clear_cache()
     first = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    as_compared = compare_study(
+        store, STUDY, metrics=["test_accuracy"], details=False, use_cache=False
+    ).trials
     frame = cmp._CACHE[cmp._store_key(store, STUDY)]
     store.append(evs[half:])
     second = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     assert cmp._CACHE[cmp._store_key(store, STUDY)] is frame  # patched, not rebuilt
+    # the first result's trials table, made only now, holds the trials it compared (its
+    # run ids and arms made when read, from arrays the refresh did not change)
+    pd.testing.assert_frame_equal(first.trials, as_compared)
+    assert len(second.trials) > len(first.trials)
     assert first.headline.loc[0, "n_pairs"] < second.headline.loc[0, "n_pairs"] == 6
     fresh = compare_study(store, STUDY, metrics=["test_accuracy"], details=False, use_cache=False)
     cols = ["diff", "ci_low", "ci_high", "p_value", "n_pairs"]

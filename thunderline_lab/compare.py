@@ -3408,8 +3408,6 @@ def _compare(
         )
 
     sel = arms.sel
-    arm = arms.columns["arm"]
-    assert isinstance(arm, np.ndarray)
     trials: dict[str, np.ndarray | _Later] = dict(arms.columns)  # read-only arrays, shared
     for metric, values in values_by_metric.items():
         trials[metric] = values[sel]
@@ -3453,7 +3451,10 @@ def _compare(
                 frame.derived[details_key] = cached
         if cached is None:
             sigmas = {k: v for k in sigma_keys if isinstance(v := trials[k], np.ndarray)}
-            layer_sigma = _layer_sigma(arm, sigmas, confidence)
+            arm = arms.columns["arm"]
+            layer_sigma = _layer_sigma(
+                arm() if isinstance(arm, _Later) else arm, sigmas, confidence
+            )
             curves, sampled = _group_curves(
                 store, frame, is_sn, is_none, curve_trials, seed, confidence
             )
@@ -4220,6 +4221,11 @@ class _Arms:
         return _Later(_labels_of, encoded, self.frame.pair_codes(), self.complete)
 
 
+def _arm_labels(is_sn: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """The arm of each selected row: ``SN`` or ``none``."""
+    return np.where(is_sn[sel], "SN", "none")
+
+
 def _labels_of(encoded: _Encoded, codes: np.ndarray, complete: np.ndarray) -> np.ndarray:
     """The id of each complete pair (``complete``: per code), from a snapshot's ids."""
     return encoded.table(codes)[np.flatnonzero(complete)]
@@ -4258,11 +4264,14 @@ def _arms(
             return getattr(frame, name)[sel]
         return _Later(encoded.take, sel, frame.pair_codes() if name == "pair" else None)
 
+    # made when the trials table is read: the run ids (a refresh never changes a row's; it
+    # appends to a new array) and the arms (of is_sn, kept as it is); the statuses and
+    # coefficients are copied now (a refresh patches the frame's arrays in place)
     columns: dict[str, np.ndarray | _Later] = {
-        "model_run_id": frame.run[sel],
+        "model_run_id": _Later(frame.run.__getitem__, sel),
         "trial_id": ids("trial"),
         "status": frame.status[sel],
-        "arm": np.where(frame.sn[sel] == 1.0, "SN", "none"),
+        "arm": _Later(_arm_labels, is_sn, sel),
         "spectral_norm_coeff": frame.coeff[sel],
         "pair_id": ids("pair"),
     }
