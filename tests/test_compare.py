@@ -1129,7 +1129,9 @@ def test_repeated_comparisons_reuse_derived_state_until_a_refresh(tmp_path: Path
     pd.testing.assert_frame_equal(first.counts, second.counts)
     assert first.notes == second.notes
     # shared arrays are read-only; the trials table is the caller's own copy
-    assert not second.trial_columns["trial_id"].flags.writeable
+    trial_ids = second.trial_columns["trial_id"]
+    assert isinstance(trial_ids, cmp._Later)  # made when the trials table is read
+    assert not trial_ids().flags.writeable and trial_ids() is trial_ids()
     second.trials.loc[0, "arm"] = "edited"
     second.counts.loc[0, "n"] = -1
     third = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
@@ -1630,6 +1632,47 @@ def test_the_snapshot_is_refreshed_from_events_logged_after_it(
     again = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     assert spy.reads == 0 and spy.statistics == 0
     _assert_same_result(again, fresh)
+
+
+def test_refreshes_append_into_the_room_a_snapshot_keeps_after_its_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cmp, "_SPARE_ROWS", 3)  # room for 3 rows after each column
+    monkeypatch.setattr(cmp, "_NAN_ROOM", np.full(3, np.nan).tobytes())
+    store = _lab_store(tmp_path, n_pairs=8, epochs=3)
+    compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    cmp.clear_cache()  # the next comparison loads the snapshot
+    first = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    frame = cmp._CACHE[cmp._store_key(store, STUDY)]
+    column = frame.columns["test_accuracy"]
+    n = len(column)
+    assert len(frame.spare["col:test_accuracy"]) == n + 3
+    before = column.copy()
+    # a new pair: its two rows are written into the room, the rows before stay as they were
+    store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
+    store.append(_trial(901, True, {"test_accuracy": 0.9}, pair="late"))
+    second = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    grown = frame.columns["test_accuracy"]
+    assert len(grown) == n + 2 and np.shares_memory(grown, column)
+    assert np.shares_memory(frame.sn, frame.spare["sn"])
+    np.testing.assert_array_equal(grown[:n], before)
+    np.testing.assert_array_equal(column, before)  # a view of the old rows reads the same
+    assert list(grown[n:]) == [0.5, 0.9]
+    assert np.shares_memory(frame.pair_codes(), frame.spare["pair_codes"])
+    _assert_same_result(second, _fresh(store, metrics=["test_accuracy"], details=False))
+    assert second.headline.loc[0, "n_pairs"] == first.headline.loc[0, "n_pairs"] + 1
+    # the next pair does not fit: a new array, as before
+    store.append(_trial(902, False, {"test_accuracy": 0.4}, pair="later"))
+    store.append(_trial(903, True, {"test_accuracy": 0.8}, pair="later"))
+    third = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
+    assert len(frame.columns["test_accuracy"]) == n + 4
+    assert not np.shares_memory(frame.columns["test_accuracy"], column)
+    _assert_same_result(third, _fresh(store, metrics=["test_accuracy"], details=False))
+    # saved again (with its room) and read by the next process: the same result
+    cmp.clear_cache()
+    _assert_same_result(
+        compare_study(store, STUDY, metrics=["test_accuracy"], details=False), third
+    )
 
 
 def test_a_recreated_store_at_the_same_path_rejects_the_snapshot(tmp_path: Path) -> None:

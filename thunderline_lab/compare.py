@@ -1330,6 +1330,44 @@ class _Later:
             return self._value
 
 
+# Rows of room after each float column of a snapshot (NaN on disk) and after a loaded
+# frame's pair codes: a refresh appends its rows there (a live study's next hours) instead of
+# copying every 100,000-row column into a new array. The file is mapped copy-on-write, so
+# appending touches a page or two per column, not ~200 new ones.
+_SPARE_ROWS = 4096
+
+
+def _appended(frame: _Frame, name: str, arr: np.ndarray, more: np.ndarray) -> np.ndarray:
+    """``arr`` with the rows of ``more`` after it: written into the room after ``arr``
+    when it is the start of ``frame.spare[name]`` and that has room (the rows before are
+    not changed, so arrays that hold them still read the same), else a new array."""
+    full = frame.spare.get(name)
+    n, k = len(arr), len(more)
+    if (
+        full is not None
+        and n + k <= len(full)
+        and arr.dtype == full.dtype
+        and arr.ndim == full.ndim == 1
+        and arr.strides == full.strides
+        and arr.__array_interface__["data"][0] == full.__array_interface__["data"][0]
+        and full.flags.writeable
+    ):
+        full[n : n + k] = more
+        return full[: n + k]
+    frame.spare.pop(name, None)
+    return np.concatenate([arr, more])
+
+
+@dataclass(frozen=True)
+class _Room:
+    """A float column stored with :data:`_SPARE_ROWS` NaN rows after it (:func:`_write_npz`)."""
+
+    values: np.ndarray
+
+
+_NAN_ROOM = np.full(_SPARE_ROWS, np.nan).tobytes()
+
+
 @dataclass
 class _Frame:
     run: np.ndarray
@@ -1371,6 +1409,9 @@ class _Frame:
     # object columns a snapshot left encoded (trial ids, pair ids): decoded when first read
     # (``frame.trial``); a comparison of an unchanged snapshot reads none of them
     deferred: dict[str, _Encoded] = field(default_factory=dict, repr=False)
+    # column -> the buffer it is the first rows of, with room after them that a refresh
+    # appends its rows into (:func:`_appended`): a snapshot's float columns and pair codes
+    spare: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     if not TYPE_CHECKING:  # (mypy still checks every attribute against the fields)
 
@@ -1479,7 +1520,7 @@ class _Frame:
             if code is None:  # a new id takes the next code, as pd.factorize numbers them
                 code, next_code = next_code, next_code + 1
             found[pid] = extra[j] = code
-        out = np.concatenate([codes[:start], extra])
+        out = _appended(self, "pair_codes", codes[:start], extra)
         self._pair_extended = out
         return out
 
@@ -1955,15 +1996,15 @@ def _refresh(store: TrialStore, study: str, frame: _Frame) -> _Frame | None:
         extra = _frame_from_rows(appended, keys, set(), last)
         frame.run = np.concatenate([frame.run, extra.run])
         frame.status = np.concatenate([frame.status, extra.status])
-        frame.sn = np.concatenate([frame.sn, extra.sn])
-        frame.coeff = np.concatenate([frame.coeff, extra.coeff])
+        frame.sn = _appended(frame, "sn", frame.sn, extra.sn)
+        frame.coeff = _appended(frame, "coeff", frame.coeff, extra.coeff)
         for name in _LAZY_COLUMNS:
             if (still := frame.deferred.get(name)) is not None:  # kept encoded: a tail
                 frame.deferred[name] = still.extended(getattr(extra, name))
             else:
                 setattr(frame, name, np.concatenate([getattr(frame, name), getattr(extra, name)]))
         for k in keys:
-            frame.columns[k] = np.concatenate([frame.columns[k], extra.columns[k]])
+            frame.columns[k] = _appended(frame, f"col:{k}", frame.columns[k], extra.columns[k])
         for k, found in extra.odd.items():
             frame.odd.setdefault(k, {}).update((start + i, what) for i, what in found.items())
         if frame._index is not None:  # extend the index, not rebuild it
@@ -2321,9 +2362,10 @@ def _memo_key(item: Sequence[Any]) -> tuple[Any, ...]:
     return (metric, paired, n_boot, confidence, seed, max_draws, bytes.fromhex(digest))
 
 
-def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, np.ndarray]:
-    """The frame as arrays for ``np.savez`` (the caller holds the frame's lock)."""
-    arrays: dict[str, np.ndarray] = {"sn": frame.sn, "coeff": frame.coeff}
+def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, Any]:
+    """The frame as arrays for :func:`_write_npz` (the caller holds the frame's lock); its
+    float columns as :class:`_Room`, stored with room to grow."""
+    arrays: dict[str, Any] = {"sn": _Room(frame.sn), "coeff": _Room(frame.coeff)}
     objects = {}
     for name in _OBJECT_COLUMNS:
         encoded = frame.deferred.get(name)
@@ -2335,7 +2377,7 @@ def _snapshot_arrays(store: TrialStore, study: str, frame: _Frame) -> dict[str, 
             objects[name] = dict(encoded.how)
     columns = sorted(frame.columns)
     for j, name in enumerate(columns):
-        arrays[f"col{j}"] = frame.columns[name]
+        arrays[f"col{j}"] = _Room(frame.columns[name])
     rows = []
     for key, row in frame.memo.items():
         item = [_memo_key_json(key), row]
@@ -2484,14 +2526,26 @@ def _save_snapshot(store: TrialStore, study: str, frame: _Frame) -> Path | None:
     return path
 
 
-def _write_npz(f: Any, arrays: Mapping[str, np.ndarray]) -> None:
+def _write_npz(f: Any, arrays: Mapping[str, np.ndarray | _Room]) -> None:
     """``arrays`` as an uncompressed ``.npz`` that ``np.load`` reads, each array's data at
     an offset that is a multiple of 64 in the file (a zip extra field pads each member's
-    local header, as Android's zipalign does), so :func:`_read_npz` maps it in place."""
+    local header, as Android's zipalign does), so :func:`_read_npz` maps it in place. A
+    :class:`_Room` column is stored with :data:`_SPARE_ROWS` NaN rows after its values."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in arrays.items():
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+            if isinstance(arr, _Room):
+                values = np.ascontiguousarray(arr.values, dtype=np.float64)
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(values.dtype),
+                    "fortran_order": False,
+                    "shape": (len(values) + _SPARE_ROWS,),
+                }
+                np.lib.format.write_array_header_1_0(member, header)
+                member.write(values.data)
+                member.write(_NAN_ROOM)
+            else:
+                np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
             data = member.getvalue()
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             start = f.tell() + 30 + len(info.filename.encode()) + 4  # local header + extra's
@@ -2612,12 +2666,15 @@ def _frame_from_snapshot(
         _log.debug("comparison snapshot of %r rejected: %s", study, why)
         return None
     n = int(meta["n"])
+    spare: dict[str, np.ndarray] = {}
 
-    def floats(name: str) -> np.ndarray:
+    def floats(name: str, column: str) -> np.ndarray:
         a = data[name]
-        if a.dtype != np.float64 or a.shape != (n,):
+        if a.dtype != np.float64 or a.ndim != 1 or len(a) < n:
             raise ValueError(f"{name}: {a.dtype} {a.shape} for {n} rows")
-        return a
+        if len(a) > n:  # rows of room (NaN) after the column's own: see _SPARE_ROWS
+            spare[column] = a
+        return a[:n]
 
     encoded = {name: _Encoded(name, meta["objects"][name], data, n) for name in _OBJECT_COLUMNS}
     lazy = {name for name in _LAZY_COLUMNS if encoded[name].check()}  # decoded when read
@@ -2631,10 +2688,10 @@ def _frame_from_snapshot(
         run=objects.get("run", empty)[0],
         trial=objects.get("trial", empty)[0],
         status=objects.get("status", empty)[0],
-        sn=floats("sn"),
-        coeff=floats("coeff"),
+        sn=floats("sn", "sn"),
+        coeff=floats("coeff", "coeff"),
         pair=objects.get("pair", empty)[0],
-        columns={str(k): floats(f"col{j}") for j, k in enumerate(meta["columns"])},
+        columns={str(k): floats(f"col{j}", f"col:{k}") for j, k in enumerate(meta["columns"])},
         keys={str(k) for k in meta["keys"]},
         watermark=watermark,
         odd={
@@ -2645,11 +2702,15 @@ def _frame_from_snapshot(
         store_ref=weakref.ref(store),
         saved=(0, watermark),
         saved_time=time.monotonic(),
+        spare=spare,
     )
     for name in lazy:
         frame.defer(name, encoded[name])
     if meta["objects"]["pair"]["kind"] == "first":  # the codes pair_codes() computed
-        frame._pair_codes = data["pair.codes"].astype(np.intp)
+        room = np.empty(n + _SPARE_ROWS, dtype=np.intp)  # (a copy as intp anyway)
+        room[:n] = data["pair.codes"]
+        frame.spare["pair_codes"] = room
+        frame._pair_codes = room[:n]
         frame._str_codes.add("pair")
     if meta["objects"]["status"]["kind"] == "sorted":  # status_codes(): (names, codes)
         names = _code_table("status", meta["objects"]["status"], data)[:-1].astype(str)
@@ -4260,7 +4321,9 @@ def _arms(
 
     def ids(name: str) -> np.ndarray | _Later:
         encoded = frame.deferred.get(name)  # a snapshot's ids: decoded if the table is read
-        if encoded is None:
+        if encoded is None and name == "trial":  # no refresh changes a row's trial id
+            return _Later(frame.trial.__getitem__, sel)
+        if encoded is None:  # a refresh may patch a row's pair id in place: copied now
             return getattr(frame, name)[sel]
         return _Later(encoded.take, sel, frame.pair_codes() if name == "pair" else None)
 
