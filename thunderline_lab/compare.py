@@ -1212,11 +1212,14 @@ class _Encoded:
                 return False
         else:
             return False
-        raw = text.tobytes()
-        try:
-            raw.decode()
-        except UnicodeDecodeError:
+        if text.dtype != np.uint8 or text.ndim != 1:
             return False
+        top, nuls = _byte_max_and_nuls(text)
+        if top >= 0x80:  # not ASCII: valid UTF-8?
+            try:
+                text.tobytes().decode()
+            except UnicodeDecodeError:
+                return False
         if how.get("index") is not None:
             crc = self.arrays.get(f"{self.name}.crc")
             order = self.arrays.get(f"{self.name}.order")
@@ -1226,7 +1229,7 @@ class _Encoded:
                 return False
             if count and (order.min() < 0 or order.max() >= count or (crc[1:] < crc[:-1]).any()):
                 return False
-        return raw.count(b"\0") == count - 1 if count else not raw
+        return nuls == count - 1 if count else not len(text)
 
     @functools.cached_property
     def _text(self) -> bytes:
@@ -1239,9 +1242,12 @@ class _Encoded:
         if not isinstance(value, str) or "\0" in value:
             return []
         if self.how.get("index") == "crc32":  # the strings with its CRC: one of them, or none
-            crc, nuls, text = self.arrays[f"{self.name}.crc"], self._nuls, self._text
+            crc = self.arrays[f"{self.name}.crc"]
             key = np.uint32(zlib.crc32(value.encode()))
             lo, hi = np.searchsorted(crc, key, "left"), np.searchsorted(crc, key, "right")
+            if lo == hi:  # no string has its CRC (a new id): the text is not read
+                return []
+            nuls, text = self._nuls, self._text
             same = sorted(self.arrays[f"{self.name}.order"][lo:hi].tolist())
             return [k for k in same if text[nuls[k] + 1 : nuls[k + 1]].decode() == value]
         text, needle, found = self._text, b"\0" + value.encode() + b"\0", []
@@ -1310,6 +1316,17 @@ class _Encoded:
                 else text[nuls[row] + 1 : nuls[row + 1]].decode()
             )
         return out
+
+
+def _byte_max_and_nuls(text: np.ndarray, chunk: int = 1 << 18) -> tuple[int, int]:
+    """The largest byte of ``text`` (uint8) and how many are NUL, read a chunk at a time
+    (no copy of the text, no text-sized temporary)."""
+    top = nuls = 0
+    for start in range(0, len(text), chunk):
+        part = text[start : start + chunk]
+        top = max(top, int(part.max()))
+        nuls += len(part) - int(np.count_nonzero(part))
+    return top, nuls
 
 
 class _Later:
