@@ -4299,6 +4299,12 @@ class _Arms:
         return _Later(_labels_of, encoded, self.frame.pair_codes(), self.complete)
 
 
+def _status_labels(names: np.ndarray, codes: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """The status of each selected row, from the frame's status codes (:meth:`_Frame.status_codes`:
+    a refresh makes new arrays of them, never changes these)."""
+    return np.asarray(names, dtype=object)[codes[sel]]
+
+
 def _arm_labels(is_sn: np.ndarray, sel: np.ndarray) -> np.ndarray:
     """The arm of each selected row: ``SN`` or ``none``."""
     return np.where(is_sn[sel], "SN", "none")
@@ -4325,7 +4331,8 @@ def _arms(
     if arms is not None:
         return arms
     names, status_code = frame.status_codes()
-    mask = np.isin(status_code, np.flatnonzero(np.isin(names, list(statuses))))
+    wanted = np.isin(names, list(statuses))  # per status code
+    mask = wanted[status_code] if len(wanted) else np.zeros(len(status_code), dtype=bool)
     mask &= ~np.isnan(frame.sn)
     is_sn, is_none = mask & (frame.sn == 1.0), mask & (frame.sn == 0.0)
     codes = frame.pair_codes()
@@ -4345,12 +4352,16 @@ def _arms(
         return _Later(encoded.take, sel, frame.pair_codes() if name == "pair" else None)
 
     # made when the trials table is read: the run ids (a refresh never changes a row's; it
-    # appends to a new array) and the arms (of is_sn, kept as it is); the statuses and
-    # coefficients are copied now (a refresh patches the frame's arrays in place)
+    # appends to a new array), the arms (of is_sn, kept as it is) and the statuses (of
+    # their codes); the coefficients are copied now (a refresh patches them in place)
     columns: dict[str, np.ndarray | _Later] = {
         "model_run_id": _Later(frame.run.__getitem__, sel),
         "trial_id": ids("trial"),
-        "status": frame.status[sel],
+        "status": (
+            _Later(_status_labels, names, status_code, sel)
+            if "status" in frame._str_codes  # (else the codes are of the values' str)
+            else frame.status[sel]
+        ),
         "arm": _Later(_arm_labels, is_sn, sel),
         "spectral_norm_coeff": frame.coeff[sel],
         "pair_id": ids("pair"),
