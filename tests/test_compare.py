@@ -1638,7 +1638,6 @@ def test_refreshes_append_into_the_room_a_snapshot_keeps_after_its_columns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cmp, "_SPARE_ROWS", 3)  # room for 3 rows after each column
-    monkeypatch.setattr(cmp, "_NAN_ROOM", np.full(3, np.nan).tobytes())
     store = _lab_store(tmp_path, n_pairs=8, epochs=3)
     compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
     cmp.clear_cache()  # the next comparison loads the snapshot

@@ -1382,9 +1382,6 @@ class _Room:
     values: np.ndarray
 
 
-_NAN_ROOM = np.full(_SPARE_ROWS, np.nan).tobytes()
-
-
 @dataclass
 class _Frame:
     run: np.ndarray
@@ -2560,7 +2557,7 @@ def _write_npz(f: Any, arrays: Mapping[str, np.ndarray | _Room]) -> None:
                 }
                 np.lib.format.write_array_header_1_0(member, header)
                 member.write(values.data)
-                member.write(_NAN_ROOM)
+                member.write(np.full(_SPARE_ROWS, np.nan).data)
             else:
                 np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
             data = member.getvalue()
