@@ -115,6 +115,15 @@ def test_default_study_has_a_real_budget() -> None:
             '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\nn_trials = 2.5\n',
             "parameters.n_trials: must be a whole number",
         ),
+        # the runner sets these (as -p refuses them): a config's value was silently replaced
+        (
+            '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\nstudy_name = "b"\n',
+            "parameters.study_name: set by the runner",
+        ),
+        (
+            '[study]\nname = "a"\nnotebook = "nb.ipynb"\n[parameters]\nlab_dir = "/tmp"\n',
+            "parameters.lab_dir: set by the runner",
+        ),
     ],
 )
 def test_broken_configs_name_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -164,6 +173,8 @@ def test_a_study_notebooks_choices_are_checked_with_the_config_and_overrides(
         ('conv_sn_modes = ["bogus"]', "parameters.conv_sn_modes: must be a list of 'operator'"),
         ('seeds = ["a"]', "parameters.seeds: must be distinct integers"),
         ("seeds = [0, 0]", "parameters.seeds: must be distinct integers"),
+        # torch.manual_seed refuses it: every trial would fail in its worker
+        ("seeds = [18446744073709551616]", "parameters.seeds: 18446744073709551616 is out of"),
         ("epochs = -1", "parameters.epochs: must be an integer >= 1, got -1"),
     ],
 )

@@ -169,6 +169,12 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
             f"{did_you_mean(unknown[0], declared)} "
             f"(its parameters cell declares: {', '.join(sorted(declared))})"
         )
+    for name in RUNNER_PARAMETERS:
+        if name in doc.parameters:
+            raise ConfigError(
+                f"{p}: parameters.{name}: set by the runner (the study's name is study.name, "
+                "the lab is --lab, worker_index counts the workers)"
+            )
     for name, value in doc.parameters.items():
         _check_type(f"{p}: parameters.{name}", value, declared[name])
         _check_choice(f"{p}: parameters.{name}", name, value)

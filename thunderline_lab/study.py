@@ -1925,7 +1925,11 @@ def _check_seeds(seeds: Any) -> tuple[int, ...]:
         or len(set(items)) != len(items)
     ):
         raise ConfigError(f"seeds: must be distinct integers (at least one), got {seeds!r}")
-    return tuple(int(s) for s in items)
+    out = tuple(int(s) for s in items)
+    wild = [s for s in out if not -(2**63) <= s < 2**64]  # what torch.manual_seed takes
+    if wild:
+        raise ConfigError(f"seeds: {wild[0]} is out of range (-2**63 <= seed < 2**64)")
+    return out
 
 
 def _with_conv_sn_modes(space: SearchSpace, modes: Sequence[str] | None) -> SearchSpace:
