@@ -61,6 +61,25 @@ def test_validate_prints_one_line_per_error(runner: CliRunner, tmp_path: Path) -
     assert "Traceback" not in result.output
 
 
+def test_validate_refuses_what_ingest_would_an_id_naming_two_events(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # validate said "ok" of a file that ingest then refused
+    start = json.loads(E.trial_start(model_run_id="s", trial_id="t", spectral_norm=True).to_json())
+    other = {**start, "payload": {**start["payload"], "spectral_norm": False}}  # same id
+    f = tmp_path / "dup.json"
+    f.write_text(json.dumps([start, start, other]))  # a resend is fine, another event is not
+    result = runner.invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1, result.output
+    assert f"{f}: record 2: payload.spectral_norm: event id" in result.output
+    assert "[id_conflict]" in result.output
+    lab = tmp_path / "lab"
+    refused = runner.invoke(main, ["ingest", str(f), "--lab", str(lab)])
+    assert refused.exit_code == 1 and "record 2: payload.spectral_norm" in refused.output
+    f.write_text(json.dumps([start, start]))
+    assert runner.invoke(main, ["validate", str(f)]).exit_code == 0
+
+
 def test_validate_malformed_json_names_file(runner: CliRunner, tmp_path: Path) -> None:
     f = tmp_path / "broken.json"
     f.write_text('[{"name": ')

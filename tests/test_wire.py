@@ -125,7 +125,52 @@ def test_seed001_lenient_boolean_field_error_names_path() -> None:
 def test_seed001_nan_measurement_is_rejected_with_record_index() -> None:
     post = {**SEED001_METRIC, "measurements": {"train_loss": float("nan")}}
     errs = errors([SEED001_START, post])
-    assert errs == [(1, "payload.measurements.train_loss", "finite_number")]
+    assert errs == [(1, "measurements.train_loss", "finite_number")]
+
+
+@pytest.mark.parametrize(
+    ("post", "path"),
+    [
+        ({"event": "ml.run.metric", "metadata": {"epoch": "3"}}, "metadata.epoch"),
+        ({"event": "ml.run.metric", "metadata": {"step": -1}}, "metadata.step"),
+        ({"event": "ml.run.metric", "metadata": {"epoch": 1}, "measurements": {}}, "measurements"),
+        ({"event": "ml.trial.complete", "metadata": {"status": "done"}}, "metadata.status"),
+        ({"event": "ml.trial.complete", "metadata": {"rank": "first"}}, "metadata.rank"),
+        (
+            {"event": "ml.trial.start", "metadata": {"hyperparams": "lr=0.1"}},
+            "metadata.hyperparams",
+        ),
+        (
+            {"event": "ml.trial.start", "metadata": {"parameters": {"lr": float("inf")}}},
+            "metadata.parameters.lr",
+        ),
+        ({"event": "ml.trial.start", "metadata": {"note": float("nan")}}, "metadata.note"),
+        ({"event": "ml.trial.start", "trial_id": ""}, "trial_id"),
+        ({"event": "ml.trial.start", "metadata": {"model_run_id": 5}}, "metadata.model_run_id"),
+        ({"event": "ml.trial.complete", "measurements": {"acc": float("nan")}}, "measurements.acc"),
+    ],
+)
+def test_seed001_errors_name_the_posts_own_fields(post: dict[str, Any], path: str) -> None:
+    # the post's fields, not those of the canonical event it is translated into
+    # (payload.step, payload.measurements.x): what the user wrote is what is named
+    record: dict[str, Any] = {"trial_id": "t1", **post}
+    if post["event"] == "ml.run.metric":
+        record.setdefault("measurements", {"loss": 0.5})
+        if "step" not in post.get("metadata", {}):
+            record["metadata"] = {"epoch": 0, **post.get("metadata", {})}
+    found = errors([SEED001_START, record])
+    assert [p for i, p, _ in found if i == 1] == [path], found
+
+
+@pytest.mark.parametrize(
+    "key", ["spectral_nrom", "SpectralNorm", "spectral-norm", "use_spectral_norm"]
+)
+def test_seed001_a_misspelt_spectral_norm_is_refused_not_filed_as_no_sn(key: str) -> None:
+    post = {**SEED001_START, "metadata": {key: True}}
+    assert errors([post]) == [(0, f"metadata.{key}", "extra_forbidden")]
+    # free-form metadata stays free-form, and a longer name of its own is no misspelling
+    ok = {**SEED001_START, "metadata": {"spectral_norm": True, "spectral_norm_coeff": 2.0}}
+    assert to_events([ok])[0].payload.spectral_norm is True
 
 
 def test_seed002_report_maps_statuses_and_defaults() -> None:
@@ -317,7 +362,7 @@ def test_nan_and_infinity_literals_are_refused_by_record_and_field(jsonl: bool) 
     assert sorted(found) == [
         (1, "payload.metadata.x", "finite_number", line(2)),
         (1, "payload.parameters.lr", "finite_number", line(2)),
-        (2, "payload.parameters.w[1]", "finite_number", line(3)),
+        (2, "metadata.hyperparams.w[1]", "finite_number", line(3)),  # the post's own field
     ]
     # a string that merely reads "NaN" is text, not a number
     assert parse_json_records('{"name": "NaN", "x": "Infinity"}') == [

@@ -115,9 +115,13 @@ def validate(file: str, model_run: str) -> None:
     """
     from thunderline_lab.events import EventValidationError, dump_events
 
+    from thunderline_lab.store import TrialStore
+
     loaded = _load_events(file, model_run)
     try:
         dump_events(loaded.events)  # what the store would write: catches unserializable text
+        with TrialStore(":memory:") as scratch:  # what ingest would refuse: an id of the
+            scratch.append(loaded.events)  # file naming two different events, ...
     except EventValidationError as exc:
         raise loaded.locate(exc) from None
     n = len(loaded.events)

@@ -117,6 +117,7 @@ from thunderline_lab.wire import (
     DEFAULT_MODEL_RUN_ID,
     at_lines,
     read_json_records,
+    seed_field_path,
     to_events,
     translate_record,
 )
@@ -445,29 +446,8 @@ def _wire_paths(
             out.append(e)
             continue
         i, rec, j = origin[e.index]
-        out.append(ErrorDetail(i, _seed_path(rec, j, e.path), e.value, e.rule, e.message))
+        out.append(ErrorDetail(i, seed_field_path(rec, j, e.path), e.value, e.rule, e.message))
     return out
-
-
-def _seed_path(rec: Any, j: int, path: str) -> str:
-    if not isinstance(rec, Mapping) or "name" in rec:
-        return path
-    field_name = path.removeprefix("payload.")
-    if "trials" in rec:
-        return f"trials[{j}].{field_name}"
-    raw_meta = rec.get("metadata")
-    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
-    if path == "timestamp":
-        return "timestamp" if rec.get("timestamp") else "metadata.timestamp"
-    if field_name == "step":
-        return "metadata.epoch" if "epoch" in meta else "metadata.step"
-    if field_name == "duration_ms":
-        return "measurements.duration_ms"
-    if field_name == "metadata":
-        return "metadata"
-    if field_name == "parameters":
-        return "metadata.hyperparams" if "hyperparams" in meta else "metadata.parameters"
-    return f"metadata.{field_name}"
 
 
 # ---------------------------------------------------------------------------------------------

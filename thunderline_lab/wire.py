@@ -51,6 +51,7 @@ __all__ = [
     "load_events",
     "parse_json_records",
     "read_json_records",
+    "seed_field_path",
     "to_events",
     "translate_record",
 ]
@@ -426,6 +427,18 @@ def _unknown_fields(
         )
 
 
+def _misspelt(key: Any, name: str) -> bool:
+    """Whether ``key`` looks like ``name`` misspelt (``spectral_nrom``, ``SpectralNorm``,
+    ``spectral-norm``, ``use_spectral_norm``) without being it or a longer name of its own
+    (``spectral_norm_coeff``)."""
+    text = str(key)
+    if text == name:
+        return False
+    if re.sub(r"[^a-z0-9]", "", text.lower()) == name.replace("_", ""):
+        return True
+    return difflib.SequenceMatcher(None, text.lower(), name).ratio() >= 0.85
+
+
 def _bool_field(
     errs: _Errors, container: Mapping[str, Any], key: str, path: str, default: bool | None
 ) -> bool | None:
@@ -480,6 +493,16 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
         if not isinstance(val, Mapping):
             errs.add(key, val, "dict_type", "must be an object")
     _unknown_fields(errs, rec, _SEED001_FIELDS, "")
+    if isinstance(metadata, Mapping) and "spectral_norm" not in metadata:
+        for key in metadata:  # free-form, but a misspelt arm must not pass as "no SN"
+            if _misspelt(key, "spectral_norm"):
+                errs.add(
+                    f"metadata.{key}",
+                    metadata[key],
+                    "extra_forbidden",
+                    "unknown field (did you mean 'spectral_norm'?): the trial's arm is read "
+                    "from metadata.spectral_norm, and without it the trial is filed as no SN",
+                )
     if errs.items:
         raise EventValidationError(errs.items)
     meta = dict(metadata)
@@ -547,6 +570,43 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
             rec.get("timestamp") or meta.get("timestamp"),
         )
     ]
+
+
+def seed_field_path(rec: Any, j: int, path: str) -> str:
+    """The field of wire record ``rec`` that an error about ``path`` of the ``j``-th event
+    it was translated into is about: a seed 001 post's ``metadata.epoch`` or
+    ``measurements.loss``, a seed 002 report's ``trials[j].metrics.loss``; a canonical
+    event's own ``path``."""
+    if not isinstance(rec, Mapping) or "name" in rec:
+        return path
+    field_name = path.removeprefix("payload.")
+    if "trials" in rec:
+        return f"trials[{j}].{field_name}"
+    raw_meta = rec.get("metadata")
+    meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
+    if path == "timestamp":
+        return "timestamp" if rec.get("timestamp") else "metadata.timestamp"
+    if path == "payload":  # the payload as a whole: what it measured, or said
+        return "measurements" if rec.get("event") == "ml.run.metric" else "metadata"
+    if not path.startswith("payload."):
+        return path
+    head, dot, rest = field_name.partition(".")
+    tail = dot + rest
+    if head == "trial_id":
+        return "trial_id" + tail
+    if head == "model_run_id":
+        return ("metadata.model_run_id" if "model_run_id" in meta else "model_run_id") + tail
+    if head == "step":
+        return "metadata.epoch" if "epoch" in meta else "metadata.step"
+    if head in ("measurements", "metrics", "duration_ms"):
+        return "measurements" + (tail if head != "duration_ms" else ".duration_ms")
+    if head == "metadata":
+        return "metadata" + tail
+    if head == "parameters":
+        return ("metadata.hyperparams" if "hyperparams" in meta else "metadata.parameters") + tail
+    if head == "error_message" and "error_message" not in meta and "error" in meta:
+        return "metadata.error"
+    return f"metadata.{field_name}"
 
 
 def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -> list[dict]:
@@ -689,6 +749,7 @@ def _translate(
     """(events, each event's record index, errors by record index in record order)."""
     canonical: list[Any] = []
     origin: list[int] = []
+    first: dict[int, int] = {}  # record index -> the index of its first translated event
     errors: list[ErrorDetail] = []
     for i, rec in enumerate(records):
         try:
@@ -696,14 +757,19 @@ def _translate(
         except EventValidationError as exc:
             errors.extend(exc.errors)
             continue
+        first[i] = len(canonical)
         canonical.extend(translated)
         origin.extend([i] * len(translated))
     try:
         events = validate_events(canonical)
     except EventValidationError as exc:
-        errors.extend(
-            replace(e, index=None if e.index is None else origin[e.index]) for e in exc.errors
-        )
+        for e in exc.errors:
+            if e.index is None:
+                errors.append(e)
+                continue
+            i = origin[e.index]  # said by the posted record's own fields
+            path = seed_field_path(records[i], e.index - first[i], e.path)
+            errors.append(replace(e, index=i, path=path))
         events = []
     errors.sort(key=lambda e: e.index or 0)
     return (events, origin, []) if not errors else ([], [], errors)
