@@ -114,7 +114,6 @@ def validate(file: str, model_run: str) -> None:
     FILE holds JSON (one event or an array), JSON lines, or the seeds' Cerebros payloads.
     """
     from thunderline_lab.events import EventValidationError, dump_events
-
     from thunderline_lab.store import TrialStore
 
     loaded = _load_events(file, model_run)
