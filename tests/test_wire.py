@@ -162,6 +162,21 @@ def test_seed001_errors_name_the_posts_own_fields(post: dict[str, Any], path: st
     assert [p for i, p, _ in found if i == 1] == [path], found
 
 
+def test_seed001_epoch_and_step_that_disagree_are_refused_not_one_dropped() -> None:
+    both = {**SEED001_METRIC, "metadata": {"epoch": 3, "step": 300}}
+    assert errors([both]) == [(0, "metadata.step", "conflict")]
+    same = {**SEED001_METRIC, "metadata": {"epoch": 3, "step": 3}}
+    assert to_events([same])[0].payload.step == 3
+
+
+def test_seed001_a_null_error_message_is_no_message_not_the_text_none() -> None:
+    failed = {"event": "ml.trial.failed", "trial_id": "t", "metadata": {"error_message": None}}
+    payload = to_events([failed])[0].payload
+    assert (payload.error_message, payload.error_type) == ("trial failed", "trial_failed")
+    failed["metadata"] = {"error": "out of memory"}
+    assert to_events([failed])[0].payload.error_message == "out of memory"
+
+
 @pytest.mark.parametrize(
     "key", ["spectral_nrom", "SpectralNorm", "spectral-norm", "use_spectral_norm"]
 )

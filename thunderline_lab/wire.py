@@ -526,7 +526,15 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
     if params is not None and name not in ("ml.run.metric", "ml.run.stop"):
         payload["parameters"] = params
     if name == "ml.run.metric":
-        step = meta.pop("epoch", meta.pop("step", None))
+        epoch, step = meta.pop("epoch", None), meta.pop("step", None)
+        if epoch is not None and step is not None and epoch != step:
+            errs.add(
+                "metadata.step",
+                step,
+                "conflict",
+                f"metadata.epoch ({epoch!r}) is the step of these measurements: give one of them",
+            )
+        step = step if epoch is None else epoch
         if step is None:
             errs.add(
                 "metadata.epoch",
@@ -554,8 +562,10 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
             if key in meta:
                 payload[key] = meta.pop(key)
     elif name == "ml.trial.failed":
-        payload["error_message"] = str(meta.pop("error_message", meta.pop("error", "trial failed")))
-        payload["error_type"] = str(meta.pop("error_type", "trial_failed"))
+        message, error = meta.pop("error_message", None), meta.pop("error", None)
+        kind = meta.pop("error_type", None)
+        payload["error_message"] = str(message if message is not None else error or "trial failed")
+        payload["error_type"] = str(kind if kind is not None else "trial_failed")
         payload["metrics"] = meas
     elif meas:
         errs.add("measurements", meas, "extra_forbidden", f"{name} carries no measurements")
