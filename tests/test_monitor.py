@@ -1064,18 +1064,10 @@ def test_interrupting_the_wait_stops_the_study_cleanly(caplog: pytest.LogCapture
     mon.start(display=False)
     run = mon.run_in_background(_long_study(bus, mon))
     _wait_for(lambda: mon.state.summary()["n_running"] > 0)
-    # the kernel's interrupt (■) arrives while the cell waits: a real SIGINT. Python raises
-    # it in whatever runs on the main thread then; a garbage collection finalizing an
-    # earlier test's leaked object (a database connection, seen in CI) would swallow it
-    # ("Exception ignored in ..."), so no collection runs until the interrupt is taken.
-    gc.collect()
-    gc.disable()
-    try:
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
-            counts = run.wait(60)  # returns: the results cells can run on what finished
-    finally:
-        gc.enable()
+    # the kernel's interrupt (■) arrives while the cell waits: a real SIGINT
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        counts = run.wait(60)  # returns: the results cells can run on what finished
     assert mon.should_stop() and counts["cancelled"] <= 1 and sum(counts.values()) < 1000
     assert any("interrupted" in m for m in _warnings(caplog))
     assert "stopped" in mon._widgets["panel"].value
