@@ -337,6 +337,10 @@ def test_202_only_after_the_events_are_committed(gw: AsgiClient, store: TrialSto
     # the answer arrived, so the events are in the store (read on the same connection)
     stored = {e["id"] for e in store.events_after(0, 100)}
     assert stored == set(body["ids"])
+    # an empty batch writes nothing and says where the log is (it said last_seq 0)
+    empty = gw.post("/api/events/ml", content="[]")
+    assert empty.status_code == 202
+    assert empty.json() == {"accepted": 0, "duplicates": 0, "ids": [], "last_seq": 7}
 
 
 def test_one_event_an_array_and_duplicates(gw: AsgiClient, store: TrialStore) -> None:

@@ -130,6 +130,17 @@ def test_append_projects_trials(store: TrialStore) -> None:
     assert trials.loc["trial_0000", "started_at"] < trials.loc["trial_0000", "ended_at"]
 
 
+def test_a_trials_times_before_year_1000_are_fixed_width_as_the_logs(store: TrialStore) -> None:
+    # strftime's %Y wrote year 1 as "1-01-01T...": not a timestamp, and it sorted wrongly
+    start = json.loads(E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True).to_json())
+    start["timestamp"] = "0001-01-01T12:00:00+01:00"
+    store.append([start])
+    (row,) = store.trials().to_dict("records")
+    assert row["started_at"] == "0001-01-01T11:00:00.000000Z" == row["updated_at"]
+    (logged,) = store.conn.execute("SELECT timestamp FROM events").fetchone()
+    assert logged == row["started_at"]
+
+
 def test_duplicates_are_skipped_by_id(store: TrialStore) -> None:
     evs = study_events()
     store.append(evs)

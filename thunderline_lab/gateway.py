@@ -1194,8 +1194,8 @@ def create_app(
                 events, prepared = parse_and_prepare(body, default_run)
         except EventValidationError as exc:
             raise _validation_problem(exc) from None
-        if prepared is None:
-            return IngestResult(0, 0, [], 0)
+        if prepared is None:  # nothing to write ([]): the log's position as it is
+            return IngestResult(0, 0, [], await run_in_threadpool(read_store.last_seq))
         try:
             fut = writer.submit(events, prepared)
         except GatewayBusy as exc:

@@ -1337,7 +1337,8 @@ def _ts(body: Mapping[str, Any]) -> str:
     ts = body["timestamp"]
     if isinstance(ts, str) and ts.endswith("Z") and len(ts) == 27:
         return ts
-    return datetime.fromisoformat(ts).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = datetime.fromisoformat(ts).astimezone(UTC)  # (strftime's %Y does not pad year 1)
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _decode_trials(df: pd.DataFrame, *, expand: bool) -> pd.DataFrame:
