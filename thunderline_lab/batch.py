@@ -171,10 +171,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
         )
     for name in RUNNER_PARAMETERS:
         if name in doc.parameters:
-            raise ConfigError(
-                f"{p}: parameters.{name}: set by the runner (the study's name is study.name, "
-                "the lab is --lab, worker_index counts the workers)"
-            )
+            raise _set_by_runner(f"{p}: parameters.{name}", p.name)
     for name, value in doc.parameters.items():
         _check_type(f"{p}: parameters.{name}", value, declared[name])
         _check_choice(f"{p}: parameters.{name}", name, value)
@@ -253,6 +250,14 @@ def _budget_split(params: Mapping[str, Any], declared: Mapping[str, Any], total:
     if not total or not isinstance(seeds, list | tuple) or not seeds:
         return None
     return budget_split(str(design), seeds, total)
+
+
+def _set_by_runner(where: str, config_name: str) -> ConfigError:
+    """The error for a parameter of :data:`RUNNER_PARAMETERS` given in a config or by -p."""
+    return ConfigError(
+        f"{where}: set by the runner (the study's name is study.name in {config_name}, "
+        "the lab is --lab, worker_index counts the workers)"
+    )
 
 
 def _check_study_values(where: str, params: Mapping[str, Any]) -> None:
@@ -851,10 +856,7 @@ def run_batch(
         raise ConfigError(f"{config.notebook}: parameters cell must declare {', '.join(missing)}")
     for name, value in (overrides or {}).items():
         if name in RUNNER_PARAMETERS:
-            raise ConfigError(
-                f"-p {name}: set by the runner (the study's name is study.name in "
-                f"{config.path.name}, the lab is --lab, worker_index counts the workers)"
-            )
+            raise _set_by_runner(f"-p {name}", config.path.name)
         _check_type(f"-p {name}", value, declared[name])
         _check_choice(f"-p {name}", name, value)
     if overrides:
