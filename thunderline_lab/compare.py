@@ -722,24 +722,17 @@ def _wilcoxon(d: np.ndarray, known: _Levels | None = None) -> tuple[float, float
 
 def _signed_ranks(nonzero: np.ndarray) -> tuple[int, np.ndarray]:
     """(twice the sum of the positive differences' average ranks among all |d|, the size
-    of each group of tied |d|), from one sort of the |d| with each one's sign in its lowest
-    bit (the bits of a float ≥ 0 order as its value does): a level's average rank is
-    ``start + (count + 1) / 2``, so the sum is an exact integer over 2."""
-    keys = np.abs(nonzero).view(np.uint64)
-    keys <<= np.uint64(1)
-    keys |= nonzero > 0
-    keys.sort()
-    levels = keys >> np.uint64(1)
-    starts = np.flatnonzero(np.concatenate([[True], levels[1:] != levels[:-1]]))
-    counts = np.diff(starts, append=len(keys))
-    positive = np.add.reduceat(keys & np.uint64(1), starts) if len(keys) else counts
-    return int((2 * starts + counts + 1) @ positive.astype(np.int64)), counts
+    of each group of tied |d|): :func:`_signed_ranks_of_levels` of their distinct values
+    (the sum is an exact integer over 2)."""
+    twice_r_plus, tied, _ = _signed_ranks_of_levels(*_levels(nonzero))
+    return twice_r_plus, tied
 
 
 def _signed_ranks_of_levels(levels: np.ndarray, counts: np.ndarray) -> tuple[int, np.ndarray, int]:
-    """:func:`_signed_ranks` from the differences' distinct values (sorted, rounded as the
-    test rounds them, so neighbours may now be equal) and their counts, plus the number
-    of nonzero differences: zeros dropped, a level's |d| given its sign in the lowest bit,
+    """(twice the sum of the positive differences' average ranks among all |d|, the size
+    of each group of tied |d|, the number of nonzero differences) from the differences'
+    distinct values (sorted, rounded as the test rounds them, so neighbours may now be
+    equal) and their counts: zeros dropped, a level's |d| given its sign in the lowest bit,
     the negative levels reversed (ascending |d|) and merged with the positive ones (a
     stable sort of two sorted runs is one merge), each group of equal |d| then ranked
     ``below + (size + 1) / 2``. O(levels), not O(differences)."""
