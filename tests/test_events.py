@@ -286,6 +286,17 @@ def test_metric_name_must_be_mlflow_safe() -> None:
     assert err.path == "payload.metric_name"
 
 
+@pytest.mark.parametrize("key", ["", "val acc?", "x" * 251])
+def test_a_bad_metric_name_as_a_key_is_named_by_the_key(key: str) -> None:
+    # pydantic locates a refused key as (..., key, "[key]"): it was named
+    # "payload.measurements..[key]" with pydantic's own wording
+    record = canonical(metric_name=None, metric_value=None, measurements={"ok": 1.0, key: 2.0})
+    err = only_error(record)
+    assert err.path == f"payload.measurements[{json.dumps(key)}]"
+    assert err.message.startswith("not a metric name: 1 to 250 letters")
+    assert err.value == key
+
+
 def test_all_errors_of_all_records_are_reported_with_index() -> None:
     good = canonical()
     bad1 = canonical(step=-1, metric_value=math.nan) | {"id": "b1"}

@@ -148,6 +148,8 @@ def test_seed001_nan_measurement_is_rejected_with_record_index() -> None:
         ({"event": "ml.trial.start", "trial_id": ""}, "trial_id"),
         ({"event": "ml.trial.start", "metadata": {"model_run_id": 5}}, "metadata.model_run_id"),
         ({"event": "ml.trial.complete", "measurements": {"acc": float("nan")}}, "measurements.acc"),
+        ({"event": "ml.run.metric", "measurements": {"": 1.0}}, 'measurements[""]'),
+        ({"event": "ml.trial.complete", "measurements": {"a*b": 1.0}}, 'measurements["a*b"]'),
     ],
 )
 def test_seed001_errors_name_the_posts_own_fields(post: dict[str, Any], path: str) -> None:

@@ -137,6 +137,7 @@ DEFAULT_SOURCE = "thunderline_lab"
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 # MLflow's rule for metric names: alphanumerics, underscores, dashes, periods, spaces, slashes.
+_METRIC_NAME_RULE = "1 to 250 letters, digits, spaces or _ - . /"
 MetricName = Annotated[
     str, StringConstraints(min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_\-. /]+$")
 ]
@@ -582,12 +583,22 @@ def _details_from_pydantic(
             idx = int(loc.pop(0))
         if tagged and loc and isinstance(loc[0], str) and loc[0] in _EVENT_CLASSES:
             loc.pop(0)  # the discriminator's tag is not part of the field path
-        path = ".".join(str(p) for p in (*prefix, *loc))
         rule = err["type"]
+        key_error = bool(loc) and loc[-1] == "[key]"  # a map's key itself is refused
+        if key_error:
+            loc.pop()
+            key = loc.pop() if loc else ""
+            path = ".".join(str(p) for p in (*prefix, *loc)) + f"[{json.dumps(key)}]"
+        else:
+            path = ".".join(str(p) for p in (*prefix, *loc))
         if rule == "finite_number" and "where" in err.get("ctx", {}):
             path += str(err["ctx"]["where"])  # the key inside a free-form map
         message = _FRIENDLY.get(rule, err["msg"])
-        if rule == "value_error":
+        if key_error and rule.startswith("string_") and rule != "string_type":
+            message = f"not a metric name: {_METRIC_NAME_RULE}"  # the only keys with rules
+        elif key_error:
+            message = f"key: {message}"
+        elif rule == "value_error":
             message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
             rule = "constraint"
         elif rule == "union_tag_invalid":

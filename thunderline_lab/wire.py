@@ -600,8 +600,8 @@ def seed_field_path(rec: Any, j: int, path: str) -> str:
         return "measurements" if rec.get("event") == "ml.run.metric" else "metadata"
     if not path.startswith("payload."):
         return path
-    head, dot, rest = field_name.partition(".")
-    tail = dot + rest
+    split = min((i for i in (field_name.find("."), field_name.find("[")) if i >= 0), default=-1)
+    head, tail = (field_name, "") if split < 0 else (field_name[:split], field_name[split:])
     if head == "trial_id":
         return "trial_id" + tail
     if head == "model_run_id":
