@@ -350,11 +350,27 @@ def test_an_integer_too_long_to_read_names_its_record_and_field(jsonl: bool) -> 
     metric = '{"name": "ml.run.metric", "payload": {"step": ' + "9" * 5000 + "}}"
     text = f"{start}\n{metric}\n" if jsonl else f"[{start}, {metric}]"
     with pytest.raises(EventValidationError) as info:
-        read_json_records(text, "events.jsonl")
+        parse_json_records(text, "events.jsonl")
     (err,) = info.value.errors
     assert (err.index, err.path, err.rule) == (1, "payload.step", "number_too_long")
     assert err.source_line == (2 if jsonl else None)
     assert "events.jsonl" in str(info.value) and "5000 digits" in str(info.value)
+
+
+def test_an_integer_too_long_to_read_does_not_hide_the_other_lines_errors() -> None:
+    start = '{"name": "ml.run.start", "model_run_id": "r"}'
+    metric = '{"name": "ml.run.metric", "payload": {"step": ' + "9" * 5000 + "}}"
+    both = '{"name": "ml.run.metric", "payload": {"step": -' + "9" * 4400 + ', "x": [1, 2'
+    text = "\n".join([start, metric, "{bad", start, both, metric]) + "\n"
+    parsed = read_json_records(text, "events.jsonl")
+    assert len(parsed.records) == 2 and parsed.lines == [1, 4]
+    found = [(e.index, e.path, e.rule, e.source_line) for e in parsed.errors]
+    assert found == [
+        (1, "payload.step", "number_too_long", 2),
+        (None, "", "json_invalid", 3),
+        (None, "", "json_invalid", 5),  # its syntax error, found past its long number
+        (2, "payload.step", "number_too_long", 6),
+    ]
 
 
 NAN_START = (

@@ -102,7 +102,8 @@ class JsonInput:
         records: the parsed records, in order.
         lines: for JSON lines input, each record's 1-based line in the text; None for one
             JSON document (an object or an array).
-        errors: the lines of JSON lines input that are not JSON, one error each.
+        errors: the lines of JSON lines input that are not JSON, one error each (a line
+            with integers too long to read: one per such number, by field).
     """
 
     records: list[Any]
@@ -171,8 +172,25 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         except RecursionError:
             errors.append(ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP, lineno))
         except ValueError:  # an integer longer than int() reads: not a JSON syntax error
-            raise EventValidationError(_long_number_errors(text), source) from None
+            errors += _long_number_line_errors(line, len(records), lineno)
     return JsonInput(records, numbers, errors)
+
+
+def _long_number_line_errors(line: str, index: int, lineno: int) -> list[ErrorDetail]:
+    """The errors of one JSON line that ``json.loads`` refused for an integer too long to
+    read: each such number by field (the line is record ``index``), or the line's syntax
+    error found past it; the other lines are read on (one long number hid them all)."""
+    try:
+        record = json.loads(line, parse_int=_read_int)
+    except json.JSONDecodeError as exc:
+        message = f"invalid JSON: {exc.msg} (column {exc.colno})"
+        return [ErrorDetail(None, "", _MISSING, "json_invalid", message, lineno)]
+    except RecursionError:
+        return [ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP, lineno)]
+    found = _long_numbers(record, index) or [
+        ErrorDetail(index, "<event>", _MISSING, "number_too_long", "a number is too long to read")
+    ]
+    return [replace(e, source_line=lineno) for e in found]
 
 
 def at_lines(errors: Sequence[ErrorDetail], lines: list[int] | None) -> list[ErrorDetail]:
@@ -215,9 +233,19 @@ def _long_number_errors(text: str) -> list[ErrorDetail]:
                 with contextlib.suppress(ValueError, RecursionError):
                     records.append(json.loads(line, parse_int=_read_int))
                     lines.append(lineno)
+    errors = [e for i, rec in enumerate(records) for e in _long_numbers(rec, i)]
+    if not errors:
+        errors.append(
+            ErrorDetail(None, "<body>", _MISSING, "number_too_long", "a number is too long to read")
+        )
+    return at_lines(errors, lines)
+
+
+def _long_numbers(record: Any, index: int) -> list[ErrorDetail]:
+    """Each integer too long to read (:class:`_LongNumber`) in ``record``, by field."""
     errors: list[ErrorDetail] = []
 
-    def walk(value: Any, path: str, index: int) -> None:
+    def walk(value: Any, path: str) -> None:
         if isinstance(value, _LongNumber):
             n = len(value.lstrip("-"))
             errors.append(
@@ -231,18 +259,13 @@ def _long_number_errors(text: str) -> list[ErrorDetail]:
             )
         elif isinstance(value, Mapping):
             for key, sub in value.items():
-                walk(sub, f"{path}.{key}" if path else str(key), index)
+                walk(sub, f"{path}.{key}" if path else str(key))
         elif isinstance(value, list):
             for j, sub in enumerate(value):
-                walk(sub, f"{path}[{j}]", index)
+                walk(sub, f"{path}[{j}]")
 
-    for i, rec in enumerate(records):
-        walk(rec, "", i)
-    if not errors:
-        errors.append(
-            ErrorDetail(None, "<body>", _MISSING, "number_too_long", "a number is too long to read")
-        )
-    return at_lines(errors, lines)
+    walk(record, "")
+    return errors
 
 
 def _is_record_line(line: str) -> bool:
