@@ -242,6 +242,15 @@ def test_seed002_names_every_fault_of_every_trial_at_once() -> None:
     ]
 
 
+def test_seed002_a_missing_trial_id_is_one_error_not_two() -> None:
+    # it was also named "must be a string (got null)" by the translated event's check
+    report = {"trials": [{"status": "failed", "metrics": {"acc": "high"}}]}
+    assert sorted(errors([report])) == [
+        (0, "trials[0].metrics.acc", "float_type"),
+        (0, "trials[0].trial_id", "missing"),
+    ]
+
+
 def test_unknown_record_shape() -> None:
     assert errors([[1, 2]])[0][2] == "unknown_shape"
     assert errors([{"foo": 1}])[0][2] == "unknown_shape"

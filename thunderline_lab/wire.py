@@ -695,22 +695,18 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         position.append(j)
     # Every fault of every trial at once: the events are validated even when a field was
     # already refused above (it stands at its default there), with field paths that point
-    # back into the trials list.
+    # back into the trials list; a field refused above is not named twice (a missing
+    # trial_id is no "must be a string (got null)" as well).
     errors = list(errs.items)
+    refused = {e.path for e in errors}
     try:
         validate_events(out)
     except EventValidationError as exc:
-        errors += [
-            ErrorDetail(
-                index,
-                f"trials[{position[e.index] if e.index is not None else '?'}]."
-                f"{e.path.removeprefix('payload.')}",
-                e.value,
-                e.rule,
-                e.message,
-            )
-            for e in exc.errors
-        ]
+        for e in exc.errors:
+            trial = position[e.index] if e.index is not None else "?"
+            path = f"trials[{trial}].{e.path.removeprefix('payload.')}"
+            if path not in refused:
+                errors.append(ErrorDetail(index, path, e.value, e.rule, e.message))
     if errors:
         raise EventValidationError(errors)
     return out
