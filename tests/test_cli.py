@@ -134,6 +134,23 @@ def test_ingest_from_stdin_with_seed_payload(runner: CliRunner, tmp_path: Path) 
     assert "<stdin>: accepted 1" in result.output
 
 
+@pytest.mark.parametrize("command", ["validate", "ingest"])
+@pytest.mark.parametrize("model_run", ["", "r" * 257])
+def test_a_bad_model_run_option_is_named_as_the_option(
+    runner: CliRunner, tmp_path: Path, command: str, model_run: str
+) -> None:
+    # it was refused as each post's "model_run_id", a field the file does not have
+    post = {"event": "ml.trial.start", "trial_id": "t1", "metadata": {"spectral_norm": True}}
+    f = tmp_path / "post.json"
+    f.write_text(json.dumps(post))
+    lab = ["--lab", str(tmp_path / "lab")] if command == "ingest" else []
+    result = runner.invoke(main, [command, str(f), *lab, "--model-run", model_run])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--model-run': a model_run_id must be 1 to 256" in result.output
+    assert "post.json" not in result.output
+    assert not (tmp_path / "lab").exists()
+
+
 def test_bad_ingest_keeps_store_intact(runner: CliRunner, tmp_path: Path) -> None:
     f = tmp_path / "ev.jsonl"
     write_events(f)

@@ -96,10 +96,19 @@ def main() -> None:
     """thunderline-lab: a Jupyter-first workbench for studying spectral normalization."""
 
 
+def _model_run_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--model-run`` as an event's model_run_id takes it: 1 to 256 characters (an empty
+    one was refused only later, as each post's own ``model_run_id``)."""
+    if not 1 <= len(value) <= 256:
+        raise click.BadParameter("a model_run_id must be 1 to 256 characters", ctx, param)
+    return value
+
+
 model_run_option = click.option(
     "--model-run",
     default="cerebros",
     show_default=True,
+    callback=_model_run_id,
     help="model_run_id for seed 001 posts that carry none.",
 )
 
