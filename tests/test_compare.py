@@ -2331,8 +2331,70 @@ def test_an_unknown_study_is_refused_with_the_closest_names() -> None:
     assert "and 11 more" in str(err.value)  # 31 studies: 20 named, the rest counted
     with pytest.raises(StudyError, match=r"did you mean 'zz-07'"):
         compare_study(store, "zz_07")
-    with pytest.raises(StudyError, match=r"no complete trial .*\(trials by status: completed 1\)"):
+    with pytest.raises(StudyError, match=r"'complete' is no trial status \(did you mean 'comp"):
         compare_study(store, "cli/ab", statuses=["complete"])
+    with pytest.raises(StudyError, match=r"no failed trial .*\(trials by status: completed 1\)"):
+        compare_study(store, "cli/ab", statuses=["failed"])
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        # confidence 0 gave a CI that missed its own estimate and a verdict for every metric
+        ("confidence", 0.0),
+        ("confidence", -0.5),
+        ("confidence", 1.0),
+        ("confidence", 95),
+        ("confidence", math.nan),
+        ("confidence", "0.9"),
+        ("confidence", True),
+        ("seed", -1),  # numpy's SeedSequence refused it with its own ValueError
+        ("seed", 1.5),
+        ("seed", "a"),
+        ("n_boot", 0),
+        ("n_boot", -5),
+        ("n_boot", 199),
+        ("n_boot", 1.5),
+        ("n_boot", "200"),
+        ("max_draws", 0),
+        ("max_draws", -1),
+        ("curve_trials", -1),
+        ("curve_trials", 0),
+        ("paired", "no"),  # ran the paired design
+        ("statuses", ()),
+        ("statuses", ["done"]),
+        ("statuses", [None]),
+        ("statuses", 5),
+    ],
+)
+def test_an_argument_out_of_range_is_refused_by_name(
+    synthetic_store: TrialStore, option: str, value: Any
+) -> None:
+    with pytest.raises(StudyError, match=rf"^{option}: "):
+        compare_study(synthetic_store, STUDY, details=False, **{option: value})
+
+
+def test_the_study_must_be_named_by_text(synthetic_store: TrialStore) -> None:
+    for study in (None, 5):
+        with pytest.raises(StudyError, match=r"^study: a study's name \(text\)"):
+            compare_study(synthetic_store, study, details=False)  # type: ignore[arg-type]
+
+
+def test_statuses_read_as_metrics_are_one_name_or_a_comma_separated_string(
+    synthetic_store: TrialStore,
+) -> None:
+    # "completed" was read letter by letter: "no c/o/m/p/l/e/t/e/d trial"
+    ref = compare_study(synthetic_store, STUDY, details=False, n_boot=200)
+    for statuses in ("completed", " completed ", ["completed"], "completed,completed"):
+        got = compare_study(synthetic_store, STUDY, details=False, n_boot=200, statuses=statuses)
+        pd.testing.assert_frame_equal(got.headline, ref.headline)
+    both = compare_study(
+        synthetic_store, STUDY, details=False, n_boot=200, statuses="completed, failed"
+    )
+    listed = compare_study(
+        synthetic_store, STUDY, details=False, n_boot=200, statuses=["completed", "failed"]
+    )
+    pd.testing.assert_frame_equal(both.headline, listed.headline)
 
 
 def test_a_misspelled_metric_gets_the_closest_names(synthetic_store: TrialStore) -> None:

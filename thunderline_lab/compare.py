@@ -94,6 +94,7 @@ import json
 import logging
 import math
 import mmap
+import numbers
 import os
 import re
 import secrets
@@ -116,8 +117,8 @@ import msgspec
 import numpy as np
 import pandas as pd
 
-from thunderline_lab.errors import StudyError
-from thunderline_lab.events import gc_paused
+from thunderline_lab.errors import StudyError, did_you_mean
+from thunderline_lab.events import TERMINAL_STATUSES, gc_paused
 from thunderline_lab.store import TrialStore, snapshot_dir
 
 __all__ = [
@@ -192,6 +193,7 @@ def _seed_seq(seed: int, name: str, arm: int) -> np.random.SeedSequence:
 
 
 _BOOT_TASK = 128  # resamples per task; fixed, so results never depend on the thread count
+_MIN_BOOT = 200  # resamples: fewer leave the 2.5% tail of a 95% CI a handful of draws
 _PARALLEL_DRAWS = 2_000_000  # below this much work (index draws) one thread is quicker
 _CHUNK_DRAWS = 4_000_000  # indices drawn at once (memory bound per thread)
 
@@ -213,7 +215,7 @@ def _boot_means(
     n = len(x)
     levels, counts = np.unique(x, return_counts=True)
     multinomial = len(levels) * 16 <= n
-    b = n_boot if multinomial or n * n_boot <= max_draws else max(200, max_draws // n)
+    b = n_boot if multinomial or n * n_boot <= max_draws else max(_MIN_BOOT, max_draws // n)
     out = np.empty(b)
     tasks = [(start, min(b, start + _BOOT_TASK)) for start in range(0, b, _BOOT_TASK)]
     seeds = seed.spawn(len(tasks))
@@ -3154,7 +3156,7 @@ def compare_study(
     metrics: str | Sequence[str] | None = None,
     mode: Mode = "best",
     paired: bool | None = None,
-    statuses: Sequence[str] = ("completed",),
+    statuses: str | Sequence[str] = ("completed",),
     n_boot: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -3182,10 +3184,13 @@ def compare_study(
             the last step for ``final``). Metrics measured after training on the restored
             model (``test_*``, robustness, calibration) are the same in both modes.
         paired: force the design; default paired when twins share ``pair_id``.
-        statuses: trial statuses compared (default completed only).
-        n_boot: bootstrap resamples (fewer when ``n * n_boot > max_draws``, ≥ 200).
+        statuses: trial statuses compared (default completed only): a list, one status or
+            a comma-separated string, each of :data:`TRIAL_STATUSES`.
+        n_boot: bootstrap resamples, at least 200 (fewer when ``n * n_boot > max_draws``,
+            never under 200).
+        seed: the bootstrap's seed, a whole number ≥ 0.
         confidence: level of the CIs, the bands and the verdict (``favours`` needs
-            p_holm < 1 − confidence); tables and figures name it.
+            p_holm < 1 − confidence), strictly between 0 and 1; tables and figures name it.
         details: also compute learning curves, per-layer σ and the data behind the figures.
         curve_trials: learning curves use at most this many trials per arm (a seeded random
             sample; the figure says so when sampling happened).
@@ -3195,11 +3200,14 @@ def compare_study(
             first), no trial of ``statuses`` with a known arm (naming the statuses it
             has), none of ``metrics``, or a name in ``metrics`` that no trial reports and
             no known metric has (naming the closest ones it reports); ``metrics`` with an
-            empty or non-text name.
+            empty or non-text name; an argument out of its range or of the wrong type
+            (naming it: ``confidence``, ``n_boot``, ``seed``, ``statuses``, ...).
     """
     if mode not in ("best", "final"):
         raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
     metrics = _metric_list(metrics)
+    statuses = _status_list(statuses)
+    _check_options(study, paired, n_boot, confidence, seed, max_draws, curve_trials)
     store, owned = _as_store(store)
     _settle_allocator()
     token = _ROW_SINK.set(_RowSink(use_memo=use_cache))
@@ -3254,6 +3262,78 @@ def _metric_list(metrics: str | Sequence[str] | None) -> list[str] | None:
         if not isinstance(name, str) or not name.strip():
             raise StudyError(f"metrics: {name!r} is not a metric name (in {metrics!r})")
     return names
+
+
+# What a trial's status can be (the store's rows): running, then one of the terminal ones.
+TRIAL_STATUSES: tuple[str, ...] = ("running", *TERMINAL_STATUSES)
+
+
+def _status_list(statuses: str | Sequence[str]) -> tuple[str, ...]:
+    """The statuses ``statuses`` names: a list of names, one name, or several separated by
+    commas (as :func:`_metric_list` reads metrics; a string was read letter by letter).
+
+    Raises:
+        StudyError: none, an empty name, a name that is not text, or no trial status.
+    """
+    if isinstance(statuses, str):
+        names: list[Any] = [part.strip() for part in statuses.split(",")]
+    elif isinstance(statuses, Iterable) and not isinstance(statuses, bytes | Mapping):
+        names = list(statuses)
+    else:
+        raise StudyError(
+            f"statuses: a status, a comma-separated string or a list, not {statuses!r}"
+        )
+    if not names:
+        raise StudyError(f"statuses: no status given (known: {', '.join(TRIAL_STATUSES)})")
+    for name in names:
+        if name not in TRIAL_STATUSES:
+            hint = did_you_mean(name, TRIAL_STATUSES) if isinstance(name, str) else ""
+            raise StudyError(
+                f"statuses: {name!r} is no trial status{hint}; known: {', '.join(TRIAL_STATUSES)}"
+            )
+    return tuple(dict.fromkeys(names))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _check_options(
+    study: Any,
+    paired: Any,
+    n_boot: Any,
+    confidence: Any,
+    seed: Any,
+    max_draws: Any,
+    curve_trials: Any,
+) -> None:
+    """Refuse the arguments no comparison can take, naming each: they failed deep inside
+    numpy (a negative seed, ``n_boot=0``), or worse, gave a result (``confidence=0``: a CI
+    that missed its own estimate and a verdict for every metric, since p < 1 - 0 always).
+
+    Raises:
+        StudyError: naming the argument and the value given.
+    """
+    if not isinstance(study, str):
+        raise StudyError(f"study: a study's name (text), not {study!r}")
+    if paired is not None and not isinstance(paired, bool | np.bool_):
+        raise StudyError(f"paired: True, False or None (the study's design), not {paired!r}")
+    if not (
+        isinstance(confidence, numbers.Real)
+        and not isinstance(confidence, bool | np.bool_)
+        and 0 < float(confidence) < 1  # NaN is not
+    ):
+        raise StudyError(f"confidence: a number between 0 and 1 (0.95: 95%), not {confidence!r}")
+    if not (_is_int(n_boot) and n_boot >= _MIN_BOOT):
+        raise StudyError(
+            f"n_boot: a whole number of resamples, at least {_MIN_BOOT}, not {n_boot!r}"
+        )
+    if not (_is_int(seed) and seed >= 0):
+        raise StudyError(f"seed: a whole number, 0 or more, not {seed!r}")
+    if not (_is_int(max_draws) and max_draws >= 1):
+        raise StudyError(f"max_draws: a whole number of draws, 1 or more, not {max_draws!r}")
+    if not (_is_int(curve_trials) and curve_trials >= 1):
+        raise StudyError(f"curve_trials: a whole number of trials, 1 or more, not {curve_trials!r}")
 
 
 def _as_store(store: Any) -> tuple[TrialStore, bool]:
