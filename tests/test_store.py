@@ -16,12 +16,14 @@ import pytest
 
 from thunderline_lab import events as E
 from thunderline_lab.bus import EventBus
+from thunderline_lab.errors import StoreError
 from thunderline_lab.events import EventConflictError, EventValidationError
 from thunderline_lab.store import (
     SCHEMA_VERSION,
     PreparedBatch,
     StoreWriter,
     TrialStore,
+    _create_schema,
     format_ts,
 )
 
@@ -605,6 +607,12 @@ def test_a_writer_checkpoints_the_wal_in_the_background_and_stops_on_close(
     assert reopened.counts()["trials"] == 44
 
 
+# The log as labs made before the schema version was kept (user_version 0) hold it.
+OLD_EVENTS = """CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    timestamp TEXT NOT NULL, model_run_id TEXT, trial_id TEXT, body TEXT NOT NULL)"""
+
+
 def test_a_new_lab_has_8_kib_pages_and_an_older_lab_keeps_its_own(tmp_path: Path) -> None:
     new = TrialStore(tmp_path / "new.db")
     assert new.conn.execute("PRAGMA page_size").fetchone()[0] == 8192
@@ -613,7 +621,7 @@ def test_a_new_lab_has_8_kib_pages_and_an_older_lab_keeps_its_own(tmp_path: Path
     conn = sqlite3.connect(old_path)
     conn.execute("PRAGMA page_size = 4096")
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("CREATE TABLE placeholder (x)")
+    conn.execute(OLD_EVENTS)
     conn.close()
     old = TrialStore(old_path)
     assert old.conn.execute("PRAGMA page_size").fetchone()[0] == 4096
@@ -628,6 +636,7 @@ def test_opening_a_lab_waits_while_another_process_is_creating_it(tmp_path: Path
     path = tmp_path / "lab.db"
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
+    _create_schema(other, str(path))  # as the other process's store does
     other.execute("CREATE TABLE from_the_other_process (x)")
     releaser = threading.Timer(0.3, lambda: other.execute("COMMIT"))
     releaser.start()
@@ -667,3 +676,160 @@ def test_a_lab_of_an_older_schema_version_is_brought_up_to_date(tmp_path: Path) 
     with TrialStore(db) as store:
         assert store.counts()["artifacts"] == 0
         assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def sqlite_file(path: Path, script: str) -> Path:
+    conn = sqlite3.connect(path)
+    conn.executescript(script)
+    conn.close()
+    return path
+
+
+def file_state(path: Path) -> tuple[bytes, list[str]]:
+    """A database's bytes, and the files SQLite keeps beside it (journal, WAL, shared memory)."""
+    return path.read_bytes(), sorted(p.name for p in path.parent.glob(f"{path.name}-*"))
+
+
+@pytest.mark.parametrize(
+    ("script", "held"),
+    [
+        ("CREATE TABLE notes (t TEXT); INSERT INTO notes VALUES ('keep')", "tables notes"),
+        (  # a log of another shape: it used to fail half-way, switched to WAL
+            "CREATE TABLE events (id TEXT, body TEXT); INSERT INTO events VALUES ('e', 'x')",
+            "tables events; columns of events differ from the store's",
+        ),
+        (  # a lab's MLflow outbox beside a table no lab holds
+            "CREATE TABLE mlflow_outbox (x); CREATE TABLE runs (x); CREATE VIEW v AS SELECT 1",
+            "tables mlflow_outbox, runs, v",
+        ),
+        ("CREATE VIEW answer AS SELECT 42", "tables answer"),
+    ],
+)
+def test_a_sqlite_file_that_is_not_a_lab_is_refused_and_left_as_it_was(
+    tmp_path: Path, script: str, held: str
+) -> None:
+    path = sqlite_file(tmp_path / "lab.db", script)
+    before = file_state(path)
+    with pytest.raises(StoreError) as info:
+        TrialStore(path)
+    assert str(info.value) == (
+        f"{path}: not a thunderline-lab trial store (it holds {held}; user_version 0); "
+        "nothing was changed"
+    )
+    assert file_state(path) == before  # no schema, no WAL switch, no version, no side files
+
+
+def test_a_file_with_a_version_but_no_log_is_not_a_lab(tmp_path: Path) -> None:
+    path = sqlite_file(tmp_path / "app.db", "PRAGMA user_version = 1; CREATE TABLE t (x)")
+    before = file_state(path)
+    with pytest.raises(StoreError, match=r"not a thunderline-lab trial store .*user_version 1"):
+        TrialStore(path)
+    assert file_state(path) == before
+
+
+def test_a_lab_of_a_newer_version_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "lab.db"
+    with TrialStore(path) as store:
+        store.append(study_events())
+    sqlite_file(path, "PRAGMA user_version = 7")
+    before = file_state(path)
+    with pytest.raises(StoreError) as info:
+        TrialStore(path)
+    assert str(info.value) == (
+        f"{path}: written by a newer thunderline-lab (store format 7; this version reads "
+        f"{SCHEMA_VERSION}); nothing was changed"
+    )
+    assert file_state(path) == before
+
+
+def test_a_file_that_is_not_a_database_gets_a_clear_error_and_is_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lab.db"
+    path.write_text("trial,accuracy\n0,0.9\n" * 100)
+    before = file_state(path)
+    with pytest.raises(StoreError, match=r"cannot open the trial store: file is not a database"):
+        TrialStore(path)
+    assert file_state(path) == before
+
+
+@pytest.mark.parametrize("made", ["nothing", "an empty file", "the MLflow outbox"])
+def test_a_new_or_empty_file_becomes_a_lab(tmp_path: Path, made: str) -> None:
+    path = tmp_path / "lab.db"
+    if made == "an empty file":
+        path.touch()
+    elif made == "the MLflow outbox":  # tracking makes its tables on a connection of its own
+        sqlite_file(path, "CREATE TABLE mlflow_outbox (x); INSERT INTO mlflow_outbox VALUES (1)")
+    with TrialStore(path) as store:
+        store.append(study_events())
+        assert store.counts()["trials"] == 4
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        if made == "the MLflow outbox":
+            assert store.conn.execute("SELECT x FROM mlflow_outbox").fetchall() == [(1,)]
+
+
+def test_an_existing_lab_reopens_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "lab.db"
+    with TrialStore(path) as store:
+        store.append(study_events())
+        tables = snapshot(store)
+        store.conn.execute("CREATE TABLE notes (t TEXT)")  # a table of the user's own
+    with TrialStore(path) as store:
+        assert store.counts()["events"] == len(study_events())
+        assert_same(tables, snapshot(store))
+
+
+def test_a_lab_made_before_the_version_was_kept_is_brought_up_to_date_with_all_it_holds(
+    tmp_path: Path,
+) -> None:
+    path = sqlite_file(
+        tmp_path / "lab.db",
+        f"{OLD_EVENTS}; CREATE INDEX idx_events_trial ON events (model_run_id, trial_id, name);"
+        "CREATE TABLE mlflow_studies (study TEXT PRIMARY KEY); CREATE TABLE notes (t TEXT);"
+        "INSERT INTO notes VALUES ('keep')",
+    )
+    with TrialStore(path) as store:
+        store.append(study_events())
+        assert store.counts()["trials"] == 4
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert store.conn.execute("SELECT t FROM notes").fetchall() == [("keep",)]
+        indexes = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master")}
+        assert "idx_events_trial" not in indexes and "idx_events_lifecycle" in indexes
+
+
+@pytest.mark.parametrize("path", [None, 5, b"lab.db"])
+def test_a_path_that_is_not_a_file_path_is_refused_and_nothing_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: Any
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError) as info:
+        TrialStore(path)
+    assert str(info.value) == (
+        f"path must be a file path (str or os.PathLike) or ':memory:' (got {path!r})"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def _open_when_told(path: Path, start: threading.Barrier, opened: list[Any]) -> None:
+    start.wait()
+    try:
+        with TrialStore(path, timeout=30) as store:
+            opened.append(store.counts()["events"])
+    except Exception as exc:  # kept: an exception in a thread fails no test
+        opened.append(exc)
+
+
+def test_stores_opening_a_new_lab_at_once_all_open_it(tmp_path: Path) -> None:
+    # Each finds a new database, and each makes the schema under the write lock unless it
+    # finds that another just made it there: then that lab is its own.
+    for round_ in range(5):
+        path, start, opened = tmp_path / f"lab{round_}.db", threading.Barrier(3), []
+        threads = [
+            threading.Thread(target=_open_when_told, args=(path, start, opened)) for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert opened == [0, 0, 0]

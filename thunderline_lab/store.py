@@ -315,16 +315,84 @@ def _while_busy(action: Any, path: str, timeout: float) -> Any:
 
 # Bumped whenever _SCHEMA changes; a lab at this version is opened without a write.
 SCHEMA_VERSION = 1
+# Tables thunderline_lab.tracking keeps in the lab's file (its MLflow outbox). It makes
+# them on a connection of its own, so a lab's file may hold them before the store's.
+_OUTBOX_TABLES = frozenset({"mlflow_studies", "mlflow_outbox", "mlflow_artifacts"})
 
 
-def _create_schema(conn: sqlite3.Connection) -> None:
-    # Checked again under the write lock: another process may have just done it.
-    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-        return
+def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))]
+
+
+@functools.cache
+def _schema_columns() -> dict[str, list[str]]:
+    """Each table of ``_SCHEMA`` and its columns, as SQLite reads them (from a scratch
+    database: what a lab's file must hold is never written down twice)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        _run_schema(conn)
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {t: _columns(conn, t) for (t,) in tables.fetchall() if not t.startswith("sqlite_")}
+    finally:
+        conn.close()
+
+
+def _run_schema(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _needs_schema(conn: sqlite3.Connection, path: str) -> bool:
+    """Whether the lab's schema is to be made (a new database: no tables, or only the MLflow
+    outbox's) or brought up to date (a lab of an older version; 0: made before the version
+    was kept); False for a lab of this version. Only reads.
+
+    Anything else is refused before the store writes to it (the schema, the version and the
+    switch to WAL all write): a lab's path may name another application's SQLite file (an
+    MLflow database opened by mistake), and a newer thunderline-lab's lab must not be
+    stamped with this version.
+
+    Raises:
+        StoreError: not a lab, or a lab of a newer version.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    # (type, name, table): an index or trigger names the table it belongs to
+    found = [
+        row
+        for row in conn.execute("SELECT type, name, tbl_name FROM sqlite_master").fetchall()
+        if not row[1].startswith("sqlite_")  # SQLite's own: sequences, statistics
+    ]
+    tables = sorted({table for _, _, table in found})
+    expected = _schema_columns()
+    unlike = [t for t in tables if t in expected and _columns(conn, t) != expected[t]]
+    if version == SCHEMA_VERSION and "events" in tables and not unlike:
+        return False
+    # an old lab's log, or only tables a lab holds (none: a new database)
+    lab = "events" in tables or set(tables) <= expected.keys() | _OUTBOX_TABLES
+    if 0 <= version < SCHEMA_VERSION and lab and not unlike:
+        return True
+    if version > SCHEMA_VERSION and "events" in tables:
+        raise StoreError(
+            f"{path}: written by a newer thunderline-lab (store format {version}; this "
+            f"version reads {SCHEMA_VERSION}); nothing was changed"
+        )
+    held = f"tables {', '.join(tables[:8])}" if tables else "no tables"
+    if len(tables) > 8:
+        held += f", ... ({len(tables)} in all)"
+    if unlike:
+        held += f"; columns of {', '.join(unlike)} differ from the store's"
+    raise StoreError(
+        f"{path}: not a thunderline-lab trial store (it holds {held}; user_version "
+        f"{version}); nothing was changed"
+    )
+
+
+def _create_schema(conn: sqlite3.Connection, path: str) -> None:
+    # Checked again under the write lock: another process may have just done it.
+    if _needs_schema(conn, path):
+        _run_schema(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def format_ts(event: Event) -> str:
@@ -736,10 +804,22 @@ class TrialStore:
     Args:
         path: the database file (created with its parent folder), or ``":memory:"``.
         timeout: seconds a writer waits for another process's write lock before giving up.
+
+    Raises:
+        StoreError: ``path`` is not a path; or its file is not a lab of this version, nor
+            empty (another application's database, a newer lab's: it is left unchanged).
     """
 
-    def __init__(self, path: str | Path = ":memory:", *, timeout: float = 120.0) -> None:
-        self.path = str(path)
+    def __init__(
+        self, path: str | os.PathLike[str] = ":memory:", *, timeout: float = 120.0
+    ) -> None:
+        # (str() of anything is a file name: None would open a lab called ./None)
+        db = os.fspath(path) if isinstance(path, os.PathLike) else path
+        if not isinstance(db, str):
+            raise StoreError(
+                f"path must be a file path (str or os.PathLike) or ':memory:' (got {path!r})"
+            )
+        self.path = db
         self.timeout = timeout
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -747,24 +827,11 @@ class TrialStore:
             conn = sqlite3.connect(
                 self.path, timeout=timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            # 8 KiB pages for a new lab (an existing one keeps its own): half as many page
-            # splits and WAL frames per batch; about 1.2x the committed append rate here
-            # (benchmarks/bench_core.py), where 16 KiB measured no better.
-            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            if self.path != ":memory:":
-                # Switching a new lab to WAL needs its exclusive lock, and SQLite answers
-                # "locked" at once, without its busy timeout, while another process is
-                # still creating the lab's tables: wait for it like any writer.
-                _while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"), self.path, timeout)
-            conn.execute("PRAGMA synchronous = NORMAL")
-            # The WAL is copied back by a thread of this store's (``_Checkpointer``) after
-            # commits; the writer checkpoints itself only past 64 MB, if that thread lags.
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
-            # A lab whose schema is current is opened without taking the write lock, so
-            # reading (`trials`, a monitor, a report) never waits for a writer's commit.
-            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._with_write_lock(lambda: _create_schema(conn), conn)
+            try:
+                self._set_up(conn)
+            except BaseException:
+                conn.close()  # a refused file is not held open either
+                raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the trial store: {exc}") from exc
         self.conn = conn
@@ -776,6 +843,35 @@ class TrialStore:
         # snapshot keeper once it commits (thunderline_lab.keeper)
         self._touched: set[str] = set()
         self._told = False
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """Tune the connection, and make or update the lab's schema if it needs it.
+
+        Raises:
+            StoreError: the file is not a lab of this version (it is left as it was), or
+                another process kept it locked.
+        """
+        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        # 8 KiB pages for a new lab (an existing one keeps its own): half as many page
+        # splits and WAL frames per batch; about 1.2x the committed append rate here
+        # (benchmarks/bench_core.py), where 16 KiB measured no better.
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        # What the file holds is looked at before anything is written to it (the switch to
+        # WAL writes too), waiting like a writer while another process creates the lab.
+        needs_schema = _while_busy(lambda: _needs_schema(conn, self.path), self.path, self.timeout)
+        if self.path != ":memory:":
+            # Switching a new lab to WAL needs its exclusive lock, and SQLite answers
+            # "locked" at once, without its busy timeout, while another process is
+            # still creating the lab's tables: wait for it like any writer.
+            _while_busy(lambda: conn.execute("PRAGMA journal_mode = WAL"), self.path, self.timeout)
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # The WAL is copied back by a thread of this store's (``_Checkpointer``) after
+        # commits; the writer checkpoints itself only past 64 MB, if that thread lags.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        # A lab whose schema is current is opened without taking the write lock, so
+        # reading (`trials`, a monitor, a report) never waits for a writer's commit.
+        if needs_schema:
+            self._with_write_lock(lambda: _create_schema(conn, self.path), conn)
 
     # -- connection plumbing --------------------------------------------------------------
 
