@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import os
 import re
 import socket
@@ -1469,19 +1470,190 @@ def test_reading_the_state_while_the_pump_folds_sees_whole_batches() -> None:
     assert seen == [4]
 
 
+SECONDS = "expected a finite number of seconds"
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [
         ({"mode": "widgets"}, "mode: expected 'auto', 'widget' or 'text', got 'widgets'"),
         ({"direction": "maximize"}, "direction: expected 'max' or 'min', got 'maximize'"),
+        # each of these failed only at the first pump (a TypeError), deep in a float(), or
+        # never: a negative poll interval, no curve points, a table of -1 rows
+        ({"text_interval": "x"}, f"text_interval: {SECONDS} >= 0, got 'x'"),
+        ({"text_interval": math.nan}, f"text_interval: {SECONDS} >= 0, got nan"),
+        ({"min_interval": "x"}, f"min_interval: {SECONDS} >= 0, got 'x'"),
+        ({"min_interval": math.inf}, f"min_interval: {SECONDS} >= 0, got inf"),
+        ({"plot_interval": "x"}, f"plot_interval: {SECONDS} >= 0, got 'x'"),
+        ({"plot_interval": -0.5}, f"plot_interval: {SECONDS} >= 0, got -0.5"),
+        ({"poll_interval": "fast"}, f"poll_interval: {SECONDS} > 0, or None"),
+        (
+            {"poll_interval": -1},
+            f"poll_interval: {SECONDS} > 0, or None (the source's own pace), got -1",
+        ),
+        (
+            {"poll_interval": 0},
+            f"poll_interval: {SECONDS} > 0, or None (the source's own pace), got 0",
+        ),
+        (
+            {"poll_interval": True},
+            f"poll_interval: {SECONDS} > 0, or None (the source's own pace), got True",
+        ),
+        ({"curve_points": 0}, "curve_points: expected an integer >= 2, got 0"),
+        ({"curve_points": -5}, "curve_points: expected an integer >= 2, got -5"),
+        ({"max_table_rows": -1}, "max_table_rows: expected an integer >= 1, got -1"),
+        ({"max_table_rows": 2.5}, "max_table_rows: expected an integer >= 1, got 2.5"),
+        ({"max_plot_trials": 0}, "max_plot_trials: expected an integer >= 1, got 0"),
+        ({"max_curve_trials": True}, "max_curve_trials: expected an integer >= 1, got True"),
+        # a metric name cannot be checked before events arrive, but non-text or empty can
+        ({"objective": ""}, "objective: expected a metric name, got ''"),
+        ({"objective": 5}, "objective: expected a metric name, got 5"),
+        ({"selection_metric": 3}, "selection_metric: expected a metric name, or None, got 3"),
+        ({"snapshot_on_finish": "no"}, "snapshot_on_finish: expected True or False, got 'no'"),
+        ({"title": 5}, "title: expected a title (text), or None, got 5"),
     ],
 )
-def test_a_misspelt_monitor_option_is_a_config_error(options: dict[str, Any], words: str) -> None:
+@pytest.mark.parametrize("how", ["from_bus", "LiveMonitor"])
+def test_a_misspelt_monitor_option_is_a_config_error(
+    options: dict[str, Any], words: str, how: str
+) -> None:
     # mode="widgets" showed nothing at all, and did not wait under papermill either
     bus = EventBus()
     with pytest.raises(ConfigError, match=re.escape(words)):
-        LiveMonitor.from_bus(bus, STUDY, **options)
+        if how == "from_bus":
+            LiveMonitor.from_bus(bus, STUDY, **options)
+        else:
+            LiveMonitor(bus, STUDY, **options)
     assert not bus.subscriptions  # nothing left subscribed
+
+
+def test_a_misspelt_option_name_is_refused_and_options_at_their_bounds_are_taken() -> None:
+    # a TypeError from the constructor left the bus subscribed for nobody
+    bus = EventBus()
+    with pytest.raises(ConfigError, match=r"text_intervall: no option of LiveMonitor \(did yo"):
+        LiveMonitor.from_bus(bus, STUDY, text_intervall=1e9)
+    assert not bus.subscriptions
+    mon = LiveMonitor.from_bus(
+        bus, STUDY, mode="text", min_interval=0, text_interval=0, poll_interval=2, curve_points=2
+    )
+    assert (mon.min_interval, mon.text_interval, mon.poll_interval) == (0, 0, 2.0)
+    mon._release()
+    mon = LiveMonitor.from_bus(bus, STUDY, mode="text", poll_interval=None)
+    assert mon.poll_interval == BusSource.poll_interval  # None: the source's own pace
+    mon._release()
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"curve_points": 1}, "curve_points: expected an integer >= 2, got 1"),
+        ({"max_curve_trials": 0}, "max_curve_trials: expected an integer >= 1, got 0"),
+        ({"selection_metric": ""}, "selection_metric: expected a metric name, or None, got ''"),
+        ({"curve_metrics": "val_loss"}, "curve_metrics: expected a list of metric names"),
+        ({"direction": "up"}, "direction: expected 'max' or 'min', got 'up'"),
+    ],
+)
+def test_monitor_state_refuses_bad_options(options: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        MonitorState(STUDY, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Study names and sources as a notebook's parameters give them
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_study_named_by_a_number_is_followed_by_its_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # papermill -p study_name 2024 makes it the int 2024: it failed deep inside difflib
+    store = TrialStore(tmp_path / "lab.db")
+    store.append(synthetic_study("2024", n_pairs=1, epochs=2))
+    with caplog.at_level("WARNING", logger="thunderline_lab.monitor"):
+        mon = LiveMonitor.from_store(store, 2024, mode="text")
+        assert mon.state.study == "2024" and mon.loaded_trials == 2
+        mon._release()
+        LiveMonitor.from_store(store, 5, mode="text")._release()  # waited for, by its text
+    (notice,) = _warnings(caplog)
+    assert "no trials of study '5' in this lab yet" in notice
+    bus = EventBus()
+    mon = LiveMonitor.from_bus(bus, 2024, mode="text")
+    bus.publish_many(synthetic_study("2024", n_pairs=1, epochs=2))
+    mon.pump()
+    assert mon.state.summary()["n_done"] == 2 and mon.state.ignored == 0
+    mon._release()
+    assert MonitorState(7).study == "7"
+    store.close()
+
+
+@pytest.mark.parametrize("study", [2.5, True, ["a"], "", "  "])
+def test_a_study_that_is_no_name_is_refused(tmp_path: Path, study: Any) -> None:
+    TrialStore(tmp_path / "lab.db").close()
+    bus = EventBus()
+    words = "study: expected a study name (text; an integer is taken as its text), got "
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        LiveMonitor.from_bus(bus, study, mode="text")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        LiveMonitor.from_store(tmp_path, study, bus=bus, mode="text")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        LiveMonitor.from_gateway("http://127.0.0.1:1", "t", study, mode="text")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        MonitorState(study)
+    assert not bus.subscriptions
+
+
+NO_STORE = "store: expected a TrialStore, a Lab, a lab directory or a lab.db path"
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (
+            lambda: LiveMonitor.from_store(None, STUDY),
+            f"{NO_STORE}, got NoneType None",
+        ),
+        (
+            lambda: LiveMonitor.from_store(5, STUDY),
+            f"{NO_STORE}, got int 5",
+        ),
+        (
+            lambda: LiveMonitor(None, STUDY),
+            "source: expected an event source, an EventBus, a TrialStore",
+        ),
+        (lambda: as_source(5), "source: expected an event source, an EventBus, a TrialStore"),
+        (
+            lambda: LiveMonitor.from_bus("notabus", STUDY),
+            "bus: expected an EventBus, got str 'notabus'",
+        ),
+        (lambda: BusSource(None), "bus: expected an EventBus, got NoneType None"),
+        (
+            lambda: LiveMonitor.from_store(":memory:", STUDY, bus="b", create=True),
+            "bus: expected an EventBus, got str 'b'",
+        ),
+        (
+            lambda: LiveMonitor.from_gateway("http://127.0.0.1:1", "t", STUDY, bus=1),
+            "bus: expected an EventBus, got int 1",
+        ),
+    ],
+)
+def test_a_source_of_the_wrong_kind_is_named(make: Callable[[], Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        make()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8765", "localhost:8765/lab", "[::1]:8765"])
+def test_a_gateway_address_without_http_is_not_taken_for_a_lab_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    hint = f"(a gateway URL needs http://, as in 'http://{address}')"
+    with pytest.raises(StoreError, match=re.escape(hint)):
+        LiveMonitor(address, STUDY, mode="text")
+    with pytest.raises(StoreError, match=re.escape(hint)):
+        LiveMonitor.from_store(address, STUDY, mode="text")
+    assert not list(tmp_path.iterdir())  # nothing created
+    with pytest.raises(StoreError, match="pass create=True"):  # a lab path: the usual hint
+        LiveMonitor("no-such-lab", STUDY, mode="text")
 
 
 def test_a_gateway_whose_log_now_ends_before_the_position_is_followed_from_its_start(

@@ -25,6 +25,7 @@ from thunderline_lab.lab import Lab
 from thunderline_lab.monitor import LiveMonitor, simulate_study, synthetic_study
 from thunderline_lab.notebook import (
     apply_profile,
+    background_demo_study,
     ensure_studies,
     follow,
     results_store,
@@ -58,11 +59,13 @@ def test_study_names_accepts_a_name_or_a_list() -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        (3, "got int 3"),
+        (2.5, "got float 2.5"),
+        (True, "got bool True"),
         ({"a": 1}, "got dict"),
         (None, "got NoneType"),
         ([], "no study named"),
-        (["ok", 7], "non-empty string, got 7"),
+        (["ok", 7.0], "non-empty string (or an integer, taken as its text), got 7.0"),
+        (["ok", False], "non-empty string (or an integer, taken as its text), got False"),
         ([""], "non-empty string"),
         ('["unclosed"', "not a JSON list"),
         ('{"a": 1}', None),  # a string that is not a list: one (odd) name, kept as given
@@ -74,6 +77,36 @@ def test_study_names_rejects_everything_else_clearly(value: Any, words: str | No
         return
     with pytest.raises(ConfigError, match=re.escape(words)):
         study_names(value)
+
+
+def test_a_study_name_given_as_an_integer_is_taken_as_its_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # papermill -p studies 2024 (or -p study_name 2024) makes the int 2024: the study "2024"
+    assert study_names(2024) == ["2024"]
+    assert study_names([2024, "smoke", "2024"]) == ["2024", "smoke"]
+    assert study_names("[2024]") == ["2024"]
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("thunderline_lab.study.run_study", lambda name, **kw: calls.append(name))
+    lab = Lab.resolve(tmp_path / "lab")
+    start_study(2024, lab=lab, monitor=False).wait()
+    assert calls == ["2024"]  # as the monitor and the results cells name it
+    assert background_demo_study(lab, 2024, "full") is None
+
+
+@pytest.mark.parametrize("value", [2.5, True, None, ["a"], ""])
+def test_a_study_name_that_is_no_name_is_refused_naming_the_argument(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: Any
+) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr("thunderline_lab.study.run_study", lambda name, **kw: calls.append(name))
+    lab = Lab.resolve(tmp_path / "lab")
+    words = "expected a study name (text; an integer is taken as its text), got "
+    with pytest.raises(ConfigError, match=re.escape(f"name: {words}")):
+        start_study(value, lab=lab, monitor=False)
+    with pytest.raises(ConfigError, match=re.escape(f"study: {words}")):
+        background_demo_study(lab, value, "full")
+    assert not calls and not lab.root.exists()  # no study run, no lab created
 
 
 def test_ensure_studies_takes_a_single_name_as_one_study(tmp_path: Path) -> None:

@@ -42,12 +42,15 @@ from __future__ import annotations
 import contextvars
 import functools
 import html
+import inspect
 import io
 import json
 import logging
 import math
+import numbers
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -79,6 +82,7 @@ from thunderline_lab.errors import (
     StoreError,
     StudyError,
     ThunderlineLabError,
+    did_you_mean,
 )
 from thunderline_lab.events import Event, EventConflictError
 from thunderline_lab.lab import ENV_TOKEN
@@ -166,6 +170,7 @@ class BusSource:
         max_buffer: int = 500_000,
         label: str = "bus",
     ) -> None:
+        _check_bus(bus)
         self.bus = bus
         self.label = label
         self.max_buffer = max_buffer
@@ -188,6 +193,16 @@ class BusSource:
 
     def close(self) -> None:
         self.bus.unsubscribe(self._sub)
+
+
+def _check_bus(bus: Any) -> None:
+    """Refuse what is no bus here, not at its first use (``"notabus".subscribe``).
+
+    Raises:
+        ConfigError: naming ``bus`` and what it got.
+    """
+    if not isinstance(bus, EventBus):
+        raise ConfigError(f"bus: expected an EventBus, got {type(bus).__name__} {bus!r}")
 
 
 class StoreSource:
@@ -592,22 +607,41 @@ class GatewayMirror:
         self.close()
 
 
+# host:port (a gateway's address without its http://), which would be taken for a lab path
+_HOST_PORT = re.compile(r"(?:[\w.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}(?:/\S*)?")
+
+
 def _open_store(store: Any, *, create: bool = False) -> tuple[TrialStore, bool]:
+    """``store`` as an open trial store, and whether it was opened here (to close).
+
+    Raises:
+        ConfigError: ``store`` is no store, lab or path.
+        StoreError: no trial store at that path (unless ``create``).
+    """
     if isinstance(store, TrialStore):
         return store, False
     from thunderline_lab.lab import Lab
 
     if isinstance(store, Lab):
         db_path = store.db_path
-    else:
+    elif isinstance(store, str | os.PathLike):
         path = Path(store)
         db_path = Lab.resolve(path).db_path if path.is_dir() or path.suffix != ".db" else path
-    if not create and not db_path.exists():
-        raise StoreError(
-            f"no trial store at {db_path} (check the lab directory; a study's first events "
-            "create it: to watch a new lab before its first study starts, pass create=True; "
-            "in live_monitor.ipynb, -p new_lab True)"
+    else:
+        raise ConfigError(
+            "store: expected a TrialStore, a Lab, a lab directory or a lab.db path, "
+            f"got {type(store).__name__} {store!r}"
         )
+    if not create and not db_path.exists():
+        if isinstance(store, str) and _HOST_PORT.fullmatch(store):
+            hint = f"a gateway URL needs http://, as in 'http://{store}'"
+        else:
+            hint = (
+                "check the lab directory; a study's first events create it: to watch a new "
+                "lab before its first study starts, pass create=True; in live_monitor.ipynb, "
+                "-p new_lab True"
+            )
+        raise StoreError(f"no trial store at {db_path} ({hint})")
     return TrialStore(db_path), True
 
 
@@ -677,6 +711,13 @@ def as_source(obj: Any) -> EventSource:
         return BusSource(obj)
     if isinstance(obj, str) and obj.startswith(("http://", "https://")):
         return GatewaySource(obj)
+    from thunderline_lab.lab import Lab
+
+    if not isinstance(obj, TrialStore | Lab | str | os.PathLike):
+        raise ConfigError(
+            "source: expected an event source, an EventBus, a TrialStore, a Lab, a lab "
+            f"directory, a lab.db path or a gateway URL, got {type(obj).__name__} {obj!r}"
+        )
     return StoreSource(obj)
 
 
@@ -826,6 +867,10 @@ class MonitorState:
             objective value seen.
         curve_metrics: metric names kept as curves.
 
+    Raises:
+        ConfigError: an option of the wrong type or out of range, or a ``study`` that is no
+            name (an integer is taken as its text).
+
     Example:
         >>> st = MonitorState(study="demo")
         >>> st.apply_many(synthetic_study("demo", n_pairs=1, epochs=4))
@@ -844,7 +889,17 @@ class MonitorState:
         curve_points: int = 500,
         max_curve_trials: int = 100,
     ) -> None:
-        self.study = study
+        _check_options(
+            {
+                "objective": objective,
+                "direction": direction,
+                "selection_metric": selection_metric,
+                "curve_metrics": curve_metrics,
+                "curve_points": curve_points,
+                "max_curve_trials": max_curve_trials,
+            }
+        )
+        self.study = None if study is None else _study_name(study)
         self.objective = objective
         self.direction = direction
         self.selection_metric = selection_metric
@@ -1618,6 +1673,7 @@ class LiveMonitor:
             (:func:`detect_frontend`).
         min_interval: minimum seconds between redraws (0.25: at most 4 per second).
         plot_interval: minimum seconds between re-rendering the curves PNG.
+        poll_interval: seconds between polls of the source (None: the source's own pace).
         text_interval: minimum seconds between text lines in text mode (status changes
             such as a source outage included: one warning is logged per outage, one line
             when it recovers).
@@ -1625,6 +1681,12 @@ class LiveMonitor:
         selection_metric: a trial's ``best`` is the objective at the epoch with the lowest
             value of this metric, as the trainer's ``best_val_accuracy``
             (:class:`MonitorState`).
+
+    Raises:
+        ConfigError: an option of the wrong type or out of range (intervals are finite
+            numbers of seconds, counts integers), or a ``study`` that is no name (an
+            integer is taken as its text: papermill makes ``-p study_name 2024`` an int);
+            checked before the source is opened.
 
     Example (in a notebook; ``mode="auto"`` picks widgets or text lines)::
 
@@ -1648,7 +1710,7 @@ class LiveMonitor:
     def __init__(
         self,
         source: Any,
-        study: str | None = None,
+        study: str | int | None = None,
         *,
         mode: Mode = "auto",
         objective: str = "val_accuracy",
@@ -1665,7 +1727,9 @@ class LiveMonitor:
         title: str | None = None,
         selection_metric: str | None = "val_loss",
     ) -> None:
-        _check_options({"mode": mode, "direction": direction})
+        # every option (the parameters of this call), before the source is opened
+        _check_options({k: v for k, v in locals().items() if k in _monitor_options()})
+        study = None if study is None else _study_name(study)
         self.source = as_source(source)
         self.state = MonitorState(
             study,
@@ -1682,7 +1746,7 @@ class LiveMonitor:
         self.min_interval = min_interval
         self.plot_interval = plot_interval
         default_poll: float = getattr(self.source, "poll_interval", 0.25)
-        self.poll_interval = float(poll_interval) if poll_interval else default_poll
+        self.poll_interval = default_poll if poll_interval is None else float(poll_interval)
         self.text_interval = text_interval
         self.max_table_rows = max_table_rows
         self.max_plot_trials = max_plot_trials
@@ -1729,16 +1793,17 @@ class LiveMonitor:
     # -- constructors -------------------------------------------------------------------
 
     @classmethod
-    def from_bus(cls, bus: EventBus, study: str | None = None, **kwargs: Any) -> LiveMonitor:
+    def from_bus(cls, bus: EventBus, study: str | int | None = None, **kwargs: Any) -> LiveMonitor:
         """Monitor a study publishing on ``bus`` in this process."""
-        _check_options(kwargs)
+        _check_options(kwargs, _monitor_options())
+        study = None if study is None else _study_name(study)
         return cls(BusSource(bus), study, **kwargs)
 
     @classmethod
     def from_store(
         cls,
         store: Any,
-        study: str | None = None,
+        study: str | int | None = None,
         *,
         snapshot: bool = True,
         bus: EventBus | None = None,
@@ -1763,9 +1828,14 @@ class LiveMonitor:
             create: create the store if the lab has none (a study about to start here).
 
         Raises:
-            StoreError: no trial store at ``store`` (a mistyped lab path), unless ``create``.
+            StoreError: no trial store at ``store`` (a mistyped lab path), unless ``create``;
+                a ``host:port`` there is told it needs ``http://``.
+            ConfigError: ``store`` is no store, lab or path; ``bus`` no bus; a bad option.
         """
-        _check_options(kwargs)
+        _check_options(kwargs, _monitor_options())
+        study = None if study is None else _study_name(study)
+        if bus is not None:
+            _check_bus(bus)
         store_source = StoreSource(store, after=None if snapshot and study else 0, create=create)
         source: EventSource = store_source
         if bus is not None:
@@ -1782,7 +1852,7 @@ class LiveMonitor:
         cls,
         url: str,
         token: str | None = None,
-        study: str | None = None,
+        study: str | int | None = None,
         *,
         snapshot: bool = True,
         client: Any = None,
@@ -1813,7 +1883,10 @@ class LiveMonitor:
             GatewayError: ``url`` is no ``http(s)://`` URL, or (with a snapshot) the gateway
                 answers 401 or 403: a wrong or missing ``token``.
         """
-        _check_options(kwargs)
+        _check_options(kwargs, _monitor_options())
+        study = None if study is None else _study_name(study)
+        if bus is not None:
+            _check_bus(bus)
         source = GatewaySource(url, token, client=client)
         followed: EventSource = source
         if bus is not None:
@@ -2288,18 +2361,98 @@ class LiveMonitor:
 
 
 _CHOICES = {"mode": ("auto", "widget", "text"), "direction": ("max", "min")}
+# Durations in seconds, and the bound each must pass: a redraw or text interval may be 0
+# (every pump), a poll interval not (a busy loop); infinity is refused too (a forced redraw
+# would sleep out an infinite min_interval).
+_SECONDS = {"min_interval": ">= 0", "plot_interval": ">= 0", "text_interval": ">= 0"}
+# Counts and their least value: a curve needs two points (Curve keeps at least two).
+_COUNTS = {"max_table_rows": 1, "max_plot_trials": 1, "curve_points": 2, "max_curve_trials": 1}
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    """Refuse a misspelt ``mode`` or ``direction`` (before any source is opened).
+def _expected(name: str, value: Any) -> str | None:
+    """What option ``name`` accepts, if ``value`` is not that; None when it is fine (or
+    ``name`` is no option checked here)."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if name in _CHOICES:
+        choices = _CHOICES[name]
+        if isinstance(value, str) and value in choices:
+            return None
+        return " or ".join([", ".join(map(repr, choices[:-1])), repr(choices[-1])])
+    if name == "poll_interval":
+        if value is None or (number and math.isfinite(value) and value > 0):
+            return None  # None: the source's own pace
+        return "a finite number of seconds > 0, or None (the source's own pace)"
+    if name in _SECONDS:
+        if number and math.isfinite(value) and value >= 0:
+            return None
+        return f"a finite number of seconds {_SECONDS[name]}"
+    if name in _COUNTS:
+        least = _COUNTS[name]
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if integer and int(value) >= least:
+            return None
+        return f"an integer >= {least}"
+    if name in ("objective", "selection_metric"):
+        # a metric name: a misspelt one shows only once events arrive (any name may come)
+        if (isinstance(value, str) and value.strip()) or (
+            value is None and name == "selection_metric"
+        ):
+            return None
+        return "a metric name" + (", or None" if name == "selection_metric" else "")
+    if name == "curve_metrics":  # a lone string would be taken letter by letter
+        if isinstance(value, list | tuple) and all(isinstance(m, str) and m for m in value):
+            return None
+        return "a list of metric names"
+    if name == "snapshot_on_finish":
+        return None if isinstance(value, bool) else "True or False"
+    if name == "title":
+        return None if value is None or isinstance(value, str) else "a title (text), or None"
+    return None
+
+
+def _check_options(options: Mapping[str, Any], known: Sequence[str] | None = None) -> None:
+    """Refuse a monitor option that is misspelt, out of range or of the wrong type, and,
+    given the ``known`` names, an unknown one (``from_*`` check before opening a source:
+    a refused option leaves none subscribed or open).
 
     Raises:
         ConfigError: naming the option, what it accepts and what it got.
     """
-    for name, choices in _CHOICES.items():
-        if name in options and options[name] not in choices:
-            accepted = " or ".join([", ".join(map(repr, choices[:-1])), repr(choices[-1])])
-            raise ConfigError(f"{name}: expected {accepted}, got {options[name]!r}")
+    for name, value in options.items():
+        if known is not None and name not in known:
+            raise ConfigError(
+                f"{name}: no option of LiveMonitor{did_you_mean(name, known)} "
+                f"(its options: {', '.join(known)})"
+            )
+        expected = _expected(name, value)
+        if expected is not None:
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+@functools.cache
+def _monitor_options() -> tuple[str, ...]:
+    """The keyword-only options of :class:`LiveMonitor` (what ``from_*`` pass on to it)."""
+    params = inspect.signature(LiveMonitor.__init__).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def _study_name(value: Any, what: str = "study") -> str:
+    """A study name as a notebook parameter gives it: text, or an integer taken as its
+    text (papermill makes ``-p study_name 2024`` the int 2024; a study named "2024" is
+    legitimate).
+
+    Raises:
+        ConfigError: anything else (a float, a bool, None, a list, blank text), naming
+            ``what`` (the argument).
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(
+        f"{what}: expected a study name (text; an integer is taken as its text), "
+        f"got {type(value).__name__} {value!r}"
+    )
 
 
 def _release_monitor(halt: threading.Event, source: EventSource) -> None:

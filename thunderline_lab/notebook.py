@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import numbers
 import os
 import threading
 import time
@@ -175,7 +176,7 @@ def follow(
     return end
 
 
-def study_names(studies: str | Sequence[str]) -> list[str]:
+def study_names(studies: str | int | Sequence[str | int]) -> list[str]:
     """The study names a notebook parameter gives: a name, a comma-separated string of
     names, a list of names, or a JSON list.
 
@@ -183,18 +184,22 @@ def study_names(studies: str | Sequence[str]) -> list[str]:
     separated by commas (``-p studies smoke,spectral_norm_ab``; spaces around each are
     dropped), or, if it starts with ``[``, a JSON list of names; never a sequence of
     one-letter names. A list's names are kept as given (a name with a comma goes in a list).
+    An integer is a name too, as its text: papermill makes ``-p studies 2024`` the int 2024,
+    and the study's name is "2024" (as the monitor and :func:`start_study` take it).
 
     Raises:
-        ConfigError: anything else (a number, a mapping, None, an empty list, a non-string
-            or empty name).
+        ConfigError: anything else (a float, a bool, a mapping, None, an empty list, an
+            empty name).
 
     Example:
         >>> study_names("smoke"), study_names("a, b"), study_names(["a", "b"])
         (['smoke'], ['a', 'b'], ['a', 'b'])
-        >>> study_names('["a", "b"]')
-        ['a', 'b']
+        >>> study_names('["a", "b"]'), study_names(2024)
+        (['a', 'b'], ['2024'])
     """
-    value: Any = studies
+    from thunderline_lab.monitor import _study_name
+
+    value: Any = [studies] if _is_int(studies) else studies
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
@@ -209,16 +214,24 @@ def study_names(studies: str | Sequence[str]) -> list[str]:
             f"studies: expected a study name or a list of names, "
             f"got {type(value).__name__} {value!r}"
         )
-    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    bad = [v for v in value if not _is_int(v) and (not isinstance(v, str) or not v.strip())]
     if bad:
-        raise ConfigError(f"studies: every study name must be a non-empty string, got {bad[0]!r}")
+        raise ConfigError(
+            "studies: every study name must be a non-empty string (or an integer, taken as "
+            f"its text), got {bad[0]!r}"
+        )
     if not value:
         raise ConfigError("studies: no study named (expected a name or a list of names)")
-    return list(dict.fromkeys(value))  # each once, in the order given
+    return list(dict.fromkeys(_study_name(v, "studies") for v in value))  # each once, in order
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (a study name papermill parsed as a number); bool is not one here."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def start_study(
-    name: str,
+    name: str | int,
     *,
     lab: Lab,
     monitor: bool = True,
@@ -264,12 +277,14 @@ def start_study(
         **study_kwargs: passed to :func:`~thunderline_lab.study.run_study`.
 
     Raises:
+        ConfigError: ``name`` is no study name (text, or an integer: taken as its text).
         StudyError: a study this function started is still running in this kernel.
     """
     from thunderline_lab.bus import EventBus
-    from thunderline_lab.monitor import LiveMonitor
+    from thunderline_lab.monitor import LiveMonitor, _study_name
     from thunderline_lab.study import run_study
 
+    name = _study_name(name, "name")  # papermill -p study_name 2024 gives the int 2024
     reserved = _hold_kernel(name)  # refused while another study of ours runs
     try:
         if not monitor:
@@ -371,13 +386,20 @@ def _run_small_study(lab_root: str, study: str) -> None:
 
 
 def background_demo_study(
-    lab: Lab, study: str, profile: str | None = None
+    lab: Lab, study: str | int, profile: str | None = None
 ) -> mp.process.BaseProcess | None:
     """Under the test profile, run a small real study in another process to follow.
 
     Returns the process (``join()`` it), or None under other profiles, where the notebook
     follows whatever study is already running in the lab.
+
+    Raises:
+        ConfigError: ``study`` is no study name (text, or an integer: taken as its text),
+            or the profile is unknown.
     """
+    from thunderline_lab.monitor import _study_name
+
+    study = _study_name(study)  # as the monitor following it takes it
     if effective_profile(profile) != "test":
         return None
     lab.store().close()  # the lab exists before the monitor looks for it
@@ -388,7 +410,9 @@ def background_demo_study(
     return proc
 
 
-def ensure_studies(lab: Lab, studies: str | Sequence[str], profile: str | None = None) -> list[str]:
+def ensure_studies(
+    lab: Lab, studies: str | int | Sequence[str | int], profile: str | None = None
+) -> list[str]:
     """Under the test profile, run a small real study for each named study the lab lacks.
 
     Returns the names that had to be run. Under other profiles a missing study is an error,
