@@ -2374,10 +2374,16 @@ def test_an_argument_out_of_range_is_refused_by_name(
         compare_study(synthetic_store, STUDY, details=False, **{option: value})
 
 
-def test_the_study_must_be_named_by_text(synthetic_store: TrialStore) -> None:
-    for study in (None, 5):
-        with pytest.raises(StudyError, match=r"^study: a study's name \(text\)"):
+def test_the_study_must_be_named_by_text_or_an_integer(synthetic_store: TrialStore) -> None:
+    for study in (None, 5.0, True, ["a"]):
+        with pytest.raises(StudyError, match=r"^study: a study's name \(text"):
             compare_study(synthetic_store, study, details=False)  # type: ignore[arg-type]
+    # papermill makes -p study_name 2024 the int 2024: the study "2024"
+    store = _study_store(
+        *(_trial(i, i % 2 == 0, {"val_accuracy": 0.8 + i / 100}, study="2024") for i in range(8))
+    )
+    res = compare_study(store, 2024, details=False)  # type: ignore[arg-type]
+    assert res.study == "2024" and res.headline["n_sn"].sum() == 4
 
 
 def test_statuses_read_as_metrics_are_one_name_or_a_comma_separated_string(

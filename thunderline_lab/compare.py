@@ -3207,6 +3207,8 @@ def compare_study(
         raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
     metrics = _metric_list(metrics)
     statuses = _status_list(statuses)
+    if _is_int(study):  # papermill makes -p study_name 2024 the int 2024 (as the monitor reads)
+        study = str(int(study))
     _check_options(study, paired, n_boot, confidence, seed, max_draws, curve_trials)
     store, owned = _as_store(store)
     _settle_allocator()
@@ -3315,7 +3317,7 @@ def _check_options(
         StudyError: naming the argument and the value given.
     """
     if not isinstance(study, str):
-        raise StudyError(f"study: a study's name (text), not {study!r}")
+        raise StudyError(f"study: a study's name (text, or an integer: its text), not {study!r}")
     if paired is not None and not isinstance(paired, bool | np.bool_):
         raise StudyError(f"paired: True, False or None (the study's design), not {paired!r}")
     if not (
