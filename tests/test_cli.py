@@ -165,6 +165,23 @@ def test_bad_ingest_keeps_store_intact(runner: CliRunner, tmp_path: Path) -> Non
     assert len(rows) == 1
 
 
+def test_an_empty_report_folder_is_refused_naming_the_option(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # compare --out '' wrote report.md and the plots into the current folder
+    f = tmp_path / "ev.jsonl"
+    write_events(f)
+    lab = tmp_path / "lab"
+    assert runner.invoke(main, ["ingest", str(f), "--lab", str(lab)]).exit_code == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = runner.invoke(main, ["compare", "--lab", str(lab), "--study", "s", "--out", ""])
+    assert result.exit_code == 2
+    assert "Invalid value for '--out': is empty (for the current folder, give .)" in result.output
+    assert not any(work.iterdir())
+
+
 def test_trials_without_store_is_a_clean_error(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(main, ["trials", "--lab", str(tmp_path / "none")])
     assert result.exit_code != 0 and "no trial store" in result.output

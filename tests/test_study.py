@@ -1093,6 +1093,131 @@ def test_dashboard_command_prints_the_optuna_dashboard_call(tmp_path):
     assert argv[-2:] == ["JournalFileStorage", str(tmp_path / "lab" / "optuna.journal")]
 
 
+def _lab_with_a_store(root: Path) -> Lab:
+    from thunderline_lab import events as E
+
+    lab = Lab.resolve(root)
+    with lab.store() as store:
+        store.append([E.trial_start(model_run_id="s", trial_id="t0", spectral_norm=True)])
+    return lab
+
+
+def _tables_and_bytes(db: Path) -> tuple[set[str], bytes]:
+    import sqlite3
+
+    assert not Path(f"{db}-wal").exists()  # all of it in the file compared
+    conn = sqlite3.connect(f"{db.as_uri()}?immutable=1", uri=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    return tables, db.read_bytes()
+
+
+@pytest.fixture()
+def no_exec(monkeypatch):
+    """``dashboard`` would replace the test process by optuna-dashboard: record it instead."""
+    calls: list[list[str]] = []
+
+    def execvp(file: str, argv: list[str]) -> None:
+        calls.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execvp", execvp)
+    return calls
+
+
+def test_dashboard_on_a_trial_store_is_refused_and_writes_nothing(tmp_path, monkeypatch, no_exec):
+    # optuna-dashboard (and the reachability check before it) added Optuna's tables to lab.db
+    lab = _lab_with_a_store(tmp_path / "lab")
+    other = _lab_with_a_store(tmp_path / "other")  # any lab's store, in WAL mode, closed
+    (tmp_path / "link.db").symlink_to(lab.db_path)
+    monkeypatch.chdir(tmp_path)
+    before = _tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)
+    own = "that is the lab's trial store (lab.db), not an Optuna"
+    cases = {
+        f"sqlite:///{lab.db_path}": f"{own} storage",  # sqlite:////abs/lab/lab.db
+        "sqlite:///lab/lab.db": f"{own} storage",
+        "sqlite:///lab/../lab/lab.db": f"{own} storage",
+        "sqlite:///link.db": f"{own} storage",
+        "lab/lab.db": f"{own} journal file",
+        f"sqlite:///{other.db_path}": "that is a thunderline-lab trial store (its events table), "
+        "not an Optuna storage",
+    }
+    for storage, why in cases.items():
+        for extra in ([], ["--print-command"]):
+            out = CliRunner().invoke(
+                cli, ["dashboard", "--lab", "lab", "--storage", storage, "--port", "0", *extra]
+            )
+            assert out.exit_code == 1, (storage, out.output)
+            assert out.output == f"error: --storage {storage}: {why}; nothing was written\n"
+    assert not no_exec
+    with pytest.raises(StudyError, match="not an Optuna storage; nothing was written"):
+        make_storage(f"sqlite:///{other.db_path}")
+    with pytest.raises(StudyError, match=r"trial store \(lab.db\), not an Optuna journal file"):
+        run_study("s", lab=lab.root, storage="lab/lab.db", n_trials=1, trainer=fake_trainer)
+    assert (_tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)) == before
+    assert sorted(p.name for p in other.root.iterdir()) == ["lab.db"]  # no -wal, -shm made
+
+
+def test_dashboard_storage_must_be_a_url_or_a_journal_file(tmp_path, monkeypatch, no_exec):
+    # `--storage bogus` made an empty file ./bogus and ran optuna-dashboard on RDBStorage
+    # "bogus", which died in a traceback
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a journal\n")
+    import sqlite3
+
+    sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.close()
+    bad = {
+        "bogus": "not a URL (no ://) and no journal file",
+        "notes.txt": "is not an Optuna journal file",
+        "other.db": "it is an SQLite database, not an Optuna journal file",
+        "sqlite:///nothere.db": "no database file",
+        "sqlite:///other.db": "holds no Optuna storage",
+        f"sqlite:///{tmp_path}": "is a folder, not a database file",
+    }
+    for storage, why in bad.items():
+        for extra in ([], ["--print-command"]):
+            out = CliRunner().invoke(
+                cli, ["dashboard", "--storage", storage, "--port", "0", *extra]
+            )
+            assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+            assert out.output.startswith(f"error: --storage {storage}: ") and why in out.output
+            assert len(out.output.splitlines()) == 1
+    assert not no_exec
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "other.db"]
+    empty = CliRunner().invoke(cli, ["dashboard", "--storage", "", "--print-command"])
+    assert empty.exit_code == 2 and "Invalid value for '--storage': is empty" in empty.output
+    # what make_storage takes, the dashboard shows: a journal file, an Optuna database
+    journal = tmp_path / "studies.journal"
+    _run(tmp_path, n_trials=1, storage=str(journal))
+    optuna.create_study(study_name="x", storage=make_storage("sqlite:///optuna.db"))
+    for storage, tail in (
+        ("studies.journal", ["JournalFileStorage", str(journal)]),
+        ("sqlite:///optuna.db", ["RDBStorage", "sqlite:///optuna.db"]),
+    ):
+        out = CliRunner().invoke(cli, ["dashboard", "--storage", storage, "--print-command"])
+        assert out.exit_code == 0 and out.output.split()[-2:] == tail, out.output
+        out = CliRunner().invoke(cli, ["dashboard", "--storage", storage, "--port", "0"])
+        assert out.exit_code == 0 and no_exec[-1][-2:] == tail, out.output
+
+
+def test_dashboard_on_a_port_in_use_is_one_clean_line(tmp_path, no_exec):
+    # gunicorn logged "Connection in use" five times over seconds, then exited 1
+    import socket
+
+    lab = Lab.resolve(tmp_path / "lab")
+    lab.root.mkdir()
+    lab.optuna_journal.write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = CliRunner().invoke(cli, ["dashboard", "--lab", str(lab.root), "--port", str(port)])
+    assert out.exit_code == 1 and not no_exec
+    assert out.output == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
 def test_one_waiting_trial_goes_to_one_worker_on_an_sqlite_file(tmp_path):
     """Optuna takes a waiting trial with SELECT ... FOR UPDATE, which SQLite ignores: two
     workers could both take it (and the second's tell fail). On an SQLite file the lab's

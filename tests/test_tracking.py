@@ -580,6 +580,93 @@ def test_sync_to_a_database_in_a_folder_that_is_not_there_is_refused(tmp_path: P
     assert tracking._missing_database_folder("http://127.0.0.1:5000") is None
 
 
+def _tables_and_bytes(db: Path) -> tuple[set[str], bytes]:
+    assert not Path(f"{db}-wal").exists()  # all of it in the file compared
+    conn = sqlite3.connect(f"{db.as_uri()}?immutable=1", uri=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    return tables, db.read_bytes()
+
+
+def test_sync_to_a_trial_store_is_refused_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --tracking-uri sqlite:///.../lab.db: MLflow added experiments, runs, params, tags and
+    # alembic_version to the trial store, then failed ("duplicate column name: step")
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    other = Lab.resolve(tmp_path / "other")
+    for each in (lab, other):
+        with each.store() as store:
+            store.append([E.trial_start(model_run_id="s", trial_id="t", spectral_norm=True)])
+    (tmp_path / "link.db").symlink_to(lab.db_path)
+    monkeypatch.chdir(tmp_path)
+    before = _tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)
+    own = "that is the lab's trial store (lab.db), not an MLflow database; nothing was synced"
+    cases = {
+        f"sqlite:///{lab.db_path}": own,  # sqlite:////abs/lab/lab.db
+        "sqlite:///lab/lab.db": own,
+        "sqlite:///lab/../lab/lab.db": own,
+        "sqlite:///link.db": own,
+        f"sqlite:///{other.db_path}": "that is a thunderline-lab trial store (its events table), "
+        "not an MLflow database; nothing was synced",
+    }
+    for uri, why in cases.items():
+        out = CliRunner().invoke(main, ["mlflow-sync", "--lab", "lab", "--tracking-uri", uri])
+        assert out.exit_code == 1, out.output
+        assert out.output == f"error: --tracking-uri {uri}: {why}\n"
+        with pytest.raises(TrackingError, match=re.escape(f"cannot use MLflow at {uri}: {why}")):
+            sync(lab, tracking_uri=uri)
+    out = CliRunner().invoke(
+        main, ["mlflow-sync", "--lab", "lab"], env={"MLFLOW_TRACKING_URI": "sqlite:///lab/lab.db"}
+    )
+    assert out.exit_code == 1 and own in out.output
+    assert (_tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)) == before
+    # the logger (run --mlflow with such a $MLFLOW_TRACKING_URI) opens nothing there either
+    bus = EventBus()
+    logger = MLflowLogger(bus, lab=lab, study="s", tracking_uri="sqlite:///link.db", isolate=False)
+    bus.publish(E.trial_start(model_run_id="s", trial_id="t1", spectral_norm=True))
+    assert not logger.close(10)
+    assert any("trial store" in e for e in logger.errors), logger.errors
+    assert _tables_and_bytes(other.db_path) == before[1]
+    assert sorted(p.name for p in other.root.iterdir()) == ["lab.db"]  # no -wal, -shm made
+    tables = _tables_and_bytes(lab.db_path)[0]  # the logger's outbox tables, none of MLflow's
+    assert tables - before[0][0] <= {"mlflow_studies", "mlflow_outbox", "mlflow_artifacts"}
+
+
+def test_sync_to_a_folder_or_a_file_that_is_no_database_fails_at_once(tmp_path: Path) -> None:
+    # sqlite:////a/folder: MLflow retried for ~107 s (38 warning lines) before failing
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    lab.store().close()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    for target, why in (
+        (tmp_path, f"{tmp_path} is a folder, not a database file"),
+        (notes, f"{notes} is not an SQLite database"),
+    ):
+        uri = f"sqlite:///{target}"
+        out = CliRunner().invoke(
+            main, ["mlflow-sync", "--lab", str(lab.root), "--tracking-uri", uri]
+        )
+        assert out.exit_code == 1
+        assert out.output == f"error: --tracking-uri {uri}: {why}; nothing was synced\n"
+        with pytest.raises(TrackingError, match=re.escape(why)):
+            sync(lab, tracking_uri=uri)
+    assert notes.read_text() == "hello\n"
+
+
+@pytest.mark.parametrize("option", ["--tracking-uri", "--forget"])
+def test_an_empty_tracking_uri_is_refused_naming_the_option(tmp_path: Path, option: str) -> None:
+    # --tracking-uri '' synced to the default MLflow; --forget '' said "error: : not a ..."
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    lab.store().close()
+    out = CliRunner().invoke(main, ["mlflow-sync", "--lab", str(lab.root), option, ""])
+    assert out.exit_code == 2
+    assert f"Invalid value for '{option}': is empty" in out.output
+    assert not lab.mlflow_db.exists()
+
+
 def test_a_broken_lab_directory_cannot_reach_the_publisher(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")

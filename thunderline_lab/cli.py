@@ -23,6 +23,7 @@ from thunderline_lab.errors import (
     StoreError,
     StudyError,
     ThunderlineLabError,
+    TrackingError,
     did_you_mean,
 )
 
@@ -102,6 +103,23 @@ def _model_run_id(ctx: click.Context, param: click.Parameter, value: str) -> str
     if not 1 <= len(value) <= 256:
         raise click.BadParameter("a model_run_id must be 1 to 256 characters", ctx, param)
     return value
+
+
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An option given as "" (an unset variable in a script) is refused rather than taken as
+    its default."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty", ctx, param)
+    return value
+
+
+class _NonEmptyPath(click.Path):
+    """A :class:`click.Path` that refuses "", which ``Path`` would take as the current folder."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (for the current folder, give .)", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 model_run_option = click.option(
@@ -539,7 +557,9 @@ def serve(
 @click.option(
     "--storage",
     default=None,
-    help="Optuna storage URL instead of the lab's journal (e.g. postgresql+psycopg2://...).",
+    callback=_not_empty,
+    help="Optuna storage instead of the lab's journal: a URL (e.g. postgresql+psycopg2://..., "
+    "sqlite:///optuna.db) or an Optuna journal file.",
 )
 @click.option("--print-command", is_flag=True, help="Only print the optuna-dashboard command.")
 @_clean_errors
@@ -550,19 +570,23 @@ def dashboard(
     import os
     import shlex
 
-    from thunderline_lab.study import dashboard_command
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.study import dashboard_command, make_storage
 
-    argv = dashboard_command(lab_dir, host=host, port=port, storage=storage)
+    lab = Lab.resolve(lab_dir)
+    argv = dashboard_command(lab, host=host, port=port, storage=storage)
     if print_command:
         click.echo(shlex.join(argv))
         return
-    if storage:  # reachable? (else optuna-dashboard dies in a long traceback)
-        from thunderline_lab.study import make_storage
+    rdb = argv[-2] == "RDBStorage"
+    if rdb:  # reachable? (else optuna-dashboard dies in a long traceback)
+        make_storage(storage, lab=lab)  # StudyError: one line, the password redacted
+    # a port in use, an unknown host: one line now (gunicorn would retry for seconds and log)
+    from thunderline_lab.gateway import _listen
 
-        make_storage(storage)  # StudyError: one line, the password redacted
+    _listen(host, port).close()
     click.echo(
-        f"optuna-dashboard on http://{host}:{port}/ ({argv[-1] if not storage else 'RDB'})",
-        err=True,
+        f"optuna-dashboard on http://{host}:{port}/ ({'RDB' if rdb else argv[-1]})", err=True
     )
     os.execvp(argv[0], argv)
 
@@ -573,7 +597,7 @@ def dashboard(
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_NonEmptyPath(file_okay=False, path_type=Path),
     default=None,
     help="Report folder (default: LAB/reports/STUDY).",
 )
@@ -663,6 +687,7 @@ def compare_cmd(
 @click.option(
     "--tracking-uri",
     default=None,
+    callback=_not_empty,
     help="MLflow to sync with (default: $MLFLOW_TRACKING_URI, else the lab's lab/mlflow.db).",
 )
 @click.option("--push/--no-push", default=True, show_default=True, help="Send pending trials.")
@@ -677,6 +702,7 @@ def compare_cmd(
     "forget_uri",
     metavar="URI",
     default=None,
+    callback=_not_empty,
     help="Instead of syncing, forget this MLflow (a retired one): drop the lab's records of it "
     "and free the spooled artifacts the other MLflows hold. Syncing to it later starts afresh.",
 )
@@ -694,7 +720,12 @@ def mlflow_sync(
     With --forget URI it only forgets that MLflow (no sync in the same call).
     """
     from thunderline_lab.lab import Lab
-    from thunderline_lab.tracking import forget_tracking_uri, sync
+    from thunderline_lab.tracking import (
+        _sqlite_database_path,
+        _sqlite_database_problem,
+        forget_tracking_uri,
+        sync,
+    )
 
     if forget_uri is not None:
         ctx = click.get_current_context()
@@ -717,6 +748,10 @@ def mlflow_sync(
     lab = Lab.resolve(lab_dir)
     if not lab.db_path.exists():
         raise StoreError(f"no trial store at {lab.db_path}")
+    path = tracking_uri and _sqlite_database_path(tracking_uri)
+    problem = path and _sqlite_database_problem(path, lab=lab, role="an MLflow database")
+    if problem:  # sync says so too, but without naming the option
+        raise TrackingError(f"--tracking-uri {tracking_uri}: {problem}; nothing was synced")
     if forget_uri is not None:
         forgot = forget_tracking_uri(lab, forget_uri)
         click.echo(f"mlflow {forgot.tracking_uri}: {forgot.summary()}")

@@ -701,7 +701,10 @@ def make_storage(
         stale_callback: Called with ``(study, frozen_trial)`` for each trial failed as stale.
 
     Raises:
-        StudyError: The storage cannot be opened (e.g. PostgreSQL unreachable).
+        StudyError: The storage cannot be opened (e.g. PostgreSQL unreachable), or is no
+            Optuna storage: a trial store (Optuna would add its tables to it), an SQLite or
+            other file given as a journal (journal lines would corrupt it), a folder, "".
+            Nothing is written then.
 
     Example:
         >>> s = make_storage(lab=Lab.resolve("/tmp/tl-doc-lab"))  # doctest: +SKIP
@@ -711,8 +714,15 @@ def make_storage(
     if isinstance(storage, BaseStorage):
         return storage
     grace = grace_period if grace_period is not None else 6 * heartbeat_interval
+    if storage is not None and not str(storage).strip():
+        raise StudyError(f"the Optuna storage is empty: give {_STORAGE_FORMS}")
     if storage is None or "://" not in str(storage):
         path = Path(storage) if storage is not None else (lab or Lab.resolve()).optuna_journal
+        problem = _journal_problem(path, lab)
+        if problem is not None:
+            raise StudyError(
+                f"cannot open the Optuna journal {path}: {problem}; nothing was written"
+            )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             return _LabJournalStorage(
@@ -724,6 +734,11 @@ def make_storage(
         except OSError as exc:
             raise StudyError(f"cannot open the Optuna journal {path}: {exc}") from exc
     url = str(storage)
+    problem = _storage_url_problem(url, lab)
+    if problem is not None:
+        raise StudyError(
+            f"cannot open Optuna storage {_redact(url)}: {problem}; nothing was written"
+        )
     engine_kwargs: dict[str, Any] = {}
     if not url.startswith("sqlite"):
         engine_kwargs["pool_pre_ping"] = True
@@ -741,6 +756,53 @@ def make_storage(
             )
     except Exception as exc:
         raise StudyError(f"cannot open Optuna storage {_redact(url)}: {exc}") from exc
+
+
+def _sqlite_path(url: str) -> Path | None:
+    from thunderline_lab.tracking import _sqlite_database_path
+
+    return _sqlite_database_path(url)
+
+
+def _storage_url_problem(url: str, lab: Lab | None) -> str | None:
+    """Why the SQLAlchemy URL ``url`` must not be opened as an Optuna storage, or None: an
+    SQLite file that is a trial store (Optuna would add its tables to it, and its ``trials``
+    table clashes with the store's), a folder or not SQLite."""
+    from thunderline_lab.tracking import _sqlite_database_problem
+
+    path = _sqlite_path(url)
+    if path is None:
+        return None
+    return _sqlite_database_problem(path, lab=lab, role="an Optuna storage")
+
+
+def _journal_problem(path: Path, lab: Lab | None) -> str | None:
+    """Why ``path`` must not be opened as an Optuna journal file (journal lines appended to a
+    database, or to another file, would corrupt it), or None."""
+    from thunderline_lab.tracking import _is_sqlite_file, _trial_store_problem
+
+    problem = _trial_store_problem(path, lab=lab, role="an Optuna journal file")
+    if problem is not None or not path.is_file():
+        return problem
+    if _is_sqlite_file(path):
+        return (
+            "it is an SQLite database, not an Optuna journal file "
+            f"(as an Optuna RDB storage: sqlite:///{path.resolve()})"
+        )
+    try:
+        with path.open("rb") as f:
+            first = f.readline(1 << 16)  # a journal's first line creates a study: short
+    except OSError:
+        return None  # opening it says why
+    if not first.endswith(b"\n"):
+        return None  # empty, or a first line still being written: not to be judged
+    try:
+        op = json.loads(first)
+    except ValueError:
+        op = None
+    if isinstance(op, dict) and "op_code" in op:
+        return None
+    return f"{path.resolve()} is not an Optuna journal file (JSON lines of op_codes)"
 
 
 def _redact(url: str) -> str:
@@ -2443,10 +2505,16 @@ def dashboard_command(
     port: int = 8080,
     storage: str | None = None,
 ) -> list[str]:
-    """The ``optuna-dashboard`` command line for a lab's journal (or an RDB storage URL).
+    """The ``optuna-dashboard`` command line for a lab's journal, or for ``storage``: an
+    SQLAlchemy URL or an Optuna journal file (what :func:`make_storage` takes).
+
+    Nothing is created: the dashboard shows a storage that is there. A storage that is not
+    one (a trial store, which optuna-dashboard would add its tables to; a missing file) is
+    refused before optuna-dashboard could make it or die in a traceback.
 
     Raises:
-        StudyError: The lab has no Optuna journal yet (run a study first).
+        StudyError: The lab has no Optuna journal yet (run a study first), or ``storage`` is
+            no Optuna storage (the message names ``--storage``).
 
     Example:
         >>> dashboard_command("/tmp/lab")[-3:]  # doctest: +SKIP
@@ -2459,10 +2527,51 @@ def dashboard_command(
         Path(sys.executable).with_name("optuna-dashboard")
     )
     base = [exe, "--host", host, "--port", str(port)]
-    if storage:
-        return [*base, "--storage-class", "RDBStorage", storage]
     the_lab = lab if isinstance(lab, Lab) else Lab.resolve(lab)
+    if storage is not None:
+        return [*base, *_dashboard_storage(storage, the_lab)]
     journal = the_lab.optuna_journal
     if not journal.exists():
         raise StudyError(f"no Optuna journal at {journal}: run a study first (thunderline-lab run)")
     return [*base, "--storage-class", "JournalFileStorage", str(journal)]
+
+
+def _not_an_optuna_database(path: Path) -> str | None:
+    """Why the SQLite file ``path`` (a trial store already ruled out) is no Optuna storage to
+    show, or None: missing (a mistyped path?) or without Optuna's tables (another tool's)."""
+    from thunderline_lab.tracking import _table_columns
+
+    if not path.exists():
+        return f"no database file {path} (a mistyped path?)"
+    if "schema_version" not in _table_columns(path, "version_info"):
+        return f"{path} holds no Optuna storage (none of Optuna's tables)"
+    return None
+
+
+_STORAGE_FORMS = (
+    "an SQLAlchemy URL (postgresql+psycopg2://user@host/db, sqlite:///path/to.db) or an "
+    "Optuna journal file"
+)
+
+
+def _dashboard_storage(storage: str, lab: Lab) -> list[str]:
+    """optuna-dashboard's ``--storage-class`` and storage arguments for ``--storage``."""
+    label = f"--storage {_redact(storage)}"
+    if not storage.strip():
+        raise StudyError(f"--storage is empty: give {_STORAGE_FORMS}")
+    if "://" in storage:
+        problem = _storage_url_problem(storage, lab)
+        path = _sqlite_path(storage)
+        if problem is None and path is not None:  # optuna-dashboard would make the file, tables
+            problem = _not_an_optuna_database(path)
+        if problem is not None:
+            raise StudyError(f"{label}: {problem}; nothing was written")
+        return ["--storage-class", "RDBStorage", storage]
+    path = Path(storage).resolve()  # as make_storage takes it (a journal path, no URL)
+    problem = _journal_problem(path, lab)
+    if problem is not None:
+        raise StudyError(f"{label}: {problem}; nothing was written")
+    if not path.is_file():
+        what = f"{path} is not a file" if path.exists() else f"no journal file {path}"
+        raise StudyError(f"{label}: not a URL (no ://) and {what}; give {_STORAGE_FORMS}")
+    return ["--storage-class", "JournalFileStorage", str(path)]

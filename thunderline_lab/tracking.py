@@ -1085,8 +1085,102 @@ def _missing_database_folder(uri: str) -> Path | None:
     return None if folder.is_dir() else folder
 
 
+# A SQLite file whose ``events`` table has these columns (store.py's event log) is a lab's
+# trial store, whatever its name: MLflow or Optuna, given it, would add their tables to it.
+# These helpers are here rather than in the store because MLflow URIs (here) and Optuna
+# storage URLs (study.py) both need them.
+_TRIAL_STORE_EVENT_COLUMNS = frozenset(
+    {"seq", "id", "name", "timestamp", "model_run_id", "trial_id", "body"}
+)
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_database_path(url: str) -> Path | None:
+    """The database file (absolute) of an SQLAlchemy ``sqlite`` URL (``sqlite:///rel.db``,
+    ``sqlite:////abs.db``, ``sqlite+pysqlite:///...``), as SQLite would open it; None for
+    other URLs, in-memory databases and URLs SQLAlchemy cannot parse (left to the tool)."""
+    if not re.match(r"sqlite(\+\w+)?://", url):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(url).database
+    except (ArgumentError, ValueError):
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None  # file: URIs (uri=true) name their file their own way: left to SQLite
+    return Path(os.path.abspath(database))
+
+
+def _is_sqlite_file(path: Path) -> bool:
+    """Whether ``path`` starts with SQLite's header (False for an empty file: SQLite would
+    take it as a new database)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def _table_columns(path: Path, table: str) -> set[str]:
+    """The columns of ``table`` in the SQLite file ``path`` (empty: no such table, or not
+    SQLite), read without writing anything: ``immutable`` opens no -wal/-shm files
+    (``mode=ro`` would create them for a WAL database, and leave them); when a -wal file is
+    there (a writer has the database open) ``mode=ro`` reads it too, creating nothing new."""
+    if not _is_sqlite_file(path):
+        return set()
+    wal = Path(f"{path}-wal").exists()
+    try:
+        uri = f"{path.absolute().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return set()
+
+
+def _is_trial_store(path: Path) -> bool:
+    """Whether the SQLite file ``path`` holds a trial store's event log."""
+    return _table_columns(path, "events") >= _TRIAL_STORE_EVENT_COLUMNS
+
+
+def _trial_store_problem(path: Path, *, lab: Lab | None, role: str) -> str | None:
+    """Why ``path`` must not be opened as ``role`` (e.g. "an Optuna storage") because it is a
+    trial store: ``lab``'s own (in any spelling: relative, through a symlink) or any other
+    lab's. None if it is not one."""
+    real = path.resolve()
+    if lab is not None and real == lab.db_path.resolve():
+        return f"that is the lab's trial store ({lab.db_path.name}), not {role}"
+    if _is_trial_store(real):
+        return f"that is a thunderline-lab trial store (its events table), not {role}"
+    return None
+
+
+def _sqlite_database_problem(path: Path, *, lab: Lab | None = None, role: str) -> str | None:
+    """Why the SQLite database ``path`` must not be opened as ``role``, or None: a trial store
+    (see :func:`_trial_store_problem`), a folder or a file that is not SQLite (the tool would
+    fail only after minutes of retries, or in a traceback). A missing file is no problem here.
+    """
+    problem = _trial_store_problem(path, lab=lab, role=role)
+    if problem is not None:
+        return problem
+    real = path.resolve()
+    if real.is_dir():
+        return f"{real} is a folder, not a database file"
+    if real.is_file() and real.stat().st_size and not _is_sqlite_file(real):
+        return f"{real} is not an SQLite database"
+    return None
+
+
 def _open_backend(uri: str, *, isolate: bool = False) -> _Backend:
     """REST for servers; MlflowClient otherwise (in a child process when ``isolate``)."""
+    path = _sqlite_database_path(uri)
+    problem = path and _sqlite_database_problem(path, role="an MLflow database")
+    if problem:  # a safety net for the logger: sync refuses these before opening anything
+        raise _BackendError(f"{uri}: {problem}", transient=False)
     if uri.startswith(("http://", "https://")):
         return _RestBackend(uri)
     if isolate and os.name == "posix":
@@ -2786,7 +2880,9 @@ def sync(
         'pushed 3 runs (3 created), 120 metric points, ...'
 
     Raises:
-        TrackingError: when MLflow cannot be reached (nothing is lost: trials stay pending).
+        TrackingError: when MLflow cannot be reached (nothing is lost: trials stay pending),
+            or ``tracking_uri`` is an SQLite file that is no MLflow database: a trial store
+            (MLflow would add its tables to it), a folder, not SQLite (nothing is written).
     """
     uri = _uri_key(tracking_uri or lab.mlflow_tracking_uri)
     folder = _missing_database_folder(uri)
@@ -2795,6 +2891,10 @@ def sync(
             f"cannot reach MLflow at {uri}: no folder {folder} for its database (a mistyped "
             "path? to start a new MLflow there, make the folder first); nothing was synced"
         )
+    path = _sqlite_database_path(uri)
+    problem = path and _sqlite_database_problem(path, lab=lab, role="an MLflow database")
+    if problem:  # MLflow would add its tables to a trial store; a folder costs minutes of retries
+        raise TrackingError(f"cannot use MLflow at {uri}: {problem}; nothing was synced")
     own_store = store is None
     if store is None:
         store = lab.store()
