@@ -605,7 +605,8 @@ def dashboard(
     "--metric",
     "metrics",
     multiple=True,
-    help="A metric to compare (repeatable; default: the standard set it reports).",
+    help="A metric to compare (repeatable, or comma-separated; default: the standard set "
+    "it reports).",
 )
 @click.option(
     "--mode",
@@ -619,7 +620,9 @@ def dashboard(
         "both modes."
     ),
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Bootstrap seed."
+)
 @click.option(
     "--n-boot",
     type=click.IntRange(200, 1_000_000),
@@ -653,7 +656,8 @@ def compare_cmd(
             result = compare_study(
                 store,
                 study,
-                metrics=list(metrics) or None,
+                # "a,b" as the notebook's -p metrics and the API read it
+                metrics=",".join(metrics) or None,
                 mode=mode,  # type: ignore[arg-type]
                 seed=seed,
                 n_boot=n_boot,
