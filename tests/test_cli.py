@@ -182,6 +182,21 @@ def test_an_empty_report_folder_is_refused_naming_the_option(
     assert not any(work.iterdir())
 
 
+@pytest.mark.parametrize(
+    "command", [["trials"], ["replay"], ["compare", "--study", "s"], ["ingest", "ev.jsonl"]]
+)
+def test_an_empty_lab_folder_is_refused_naming_the_option(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # --lab '' (an unset variable in a script) was the current folder: ingest made ./lab.db
+    write_events(tmp_path / "ev.jsonl")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, [*command, "--lab", ""])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--lab': is empty (for the current folder, give .)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.jsonl"]
+
+
 def test_trials_without_store_is_a_clean_error(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(main, ["trials", "--lab", str(tmp_path / "none")])
     assert result.exit_code != 0 and "no trial store" in result.output

@@ -34,10 +34,20 @@ __all__ = ["main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class _NonEmptyPath(click.Path):
+    """A :class:`click.Path` that refuses "", which ``Path`` would take as the current folder."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty (for the current folder, give .)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 lab_option = click.option(
     "--lab",
     "lab_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_NonEmptyPath(file_okay=False, path_type=Path),
     default=None,
     help="Lab directory (default: $THUNDERLINE_LAB_HOME or ./lab).",
 )
@@ -111,15 +121,6 @@ def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if value is not None and not value.strip():
         raise click.BadParameter("is empty", ctx, param)
     return value
-
-
-class _NonEmptyPath(click.Path):
-    """A :class:`click.Path` that refuses "", which ``Path`` would take as the current folder."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and not value.strip():
-            self.fail("is empty (for the current folder, give .)", param, ctx)
-        return super().convert(value, param, ctx)
 
 
 model_run_option = click.option(
