@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -284,6 +285,37 @@ def test_spectral_norm_coeff_must_be_positive() -> None:
 def test_metric_name_must_be_mlflow_safe() -> None:
     err = only_error(canonical(metric_name="val acc?"))
     assert err.path == "payload.metric_name"
+
+
+def test_numpy_scalars_in_free_form_maps_are_taken_as_the_numbers_they_hold() -> None:
+    # a notebook's parameters are often numpy's (grid[i]): JSON has no type for them, and
+    # the store's writer failed on them later, unnamed
+    params = {"n": np.int64(3), "lr": np.float32(0.5), "on": np.bool_(True), "s": np.str_("a")}
+    params["nested"] = [np.int32(1), {"w": np.float64(0.25)}]
+    ev = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, parameters=params)
+    got = json.loads(ev.to_json())["payload"]["parameters"]
+    assert got == {"n": 3, "lr": 0.5, "on": True, "s": "a", "nested": [1, {"w": 0.25}]}
+    assert type(ev.payload.parameters["n"]) is int
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "rule"),
+    [
+        (float("nan"), "payload.parameters.x", "finite_number"),
+        (np.float32("nan"), "payload.parameters.x", "finite_number"),  # was let through
+        (np.arange(3), "payload.parameters.x", "json_type"),
+        (object(), "payload.parameters.x", "json_type"),
+        ([1, {"y": object()}], "payload.parameters.x[1].y", "json_type"),
+        (b"\xff", "payload.parameters.x", "json_type"),
+    ],
+)
+def test_a_free_form_value_json_cannot_hold_is_refused_by_field_at_construction(
+    value: Any, path: str, rule: str
+) -> None:
+    with pytest.raises(EventValidationError) as info:
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, parameters={"x": value})
+    (err,) = info.value.errors
+    assert (err.path, err.rule) == (path, rule)
 
 
 @pytest.mark.parametrize("key", ["", "val acc?", "x" * 251])

@@ -58,7 +58,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 from pydantic.types import AllowInfNan, Strict
-from pydantic_core import PydanticCustomError, PydanticSerializationError
+from pydantic_core import PydanticCustomError, PydanticSerializationError, to_json
 
 from thunderline_lab.errors import ThunderlineLabError
 
@@ -182,6 +182,54 @@ def _non_finite_at(value: Mapping[str, Any] | list[Any]) -> str | None:
     return None
 
 
+def _numpy_to_plain(value: Any, path: str = "") -> Any:
+    """``value`` with numpy's scalars as the Python numbers they hold (``np.int64(3)`` as 3,
+    ``np.float32(0.1)`` as the float it is, ``np.bool_`` as bool), the same object when it
+    holds none; a numpy array is refused (which list it stands for is the caller's to say).
+
+    numpy's scalars are what a notebook's parameters often are (``grid[i]``), and JSON (the
+    store's log) has no type for them: the writer failed on them later, unnamed."""
+    np = sys.modules.get("numpy")  # no numpy value exists before numpy is imported
+    if np is None:
+        return value
+    if isinstance(value, np.generic) and not isinstance(value, np.str_ | np.bytes_):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        raise PydanticCustomError(
+            "json_type",
+            "a numpy array is no JSON value (give a list: .tolist())",
+            {"where": path},
+        )
+    if isinstance(value, Mapping):
+        out = {k: _numpy_to_plain(v, f"{path}.{k}") for k, v in value.items()}
+        return value if all(out[k] is v for k, v in value.items()) else out
+    if isinstance(value, list | tuple):
+        items = [_numpy_to_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
+
+
+def _unserializable_at(value: Any, path: str = "") -> str | None:
+    """Where a free-form value holds something JSON cannot (an ``object()``, a set), or None."""
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            if (where := _unserializable_at(sub, f"{path}.{key}")) is not None:
+                return where
+        return None
+    if isinstance(value, list | tuple):
+        for i, sub in enumerate(value):
+            if (where := _unserializable_at(sub, f"{path}[{i}]")) is not None:
+                return where
+        return None
+    if type(value) in _PLAIN_OR_FLOAT:
+        return None
+    try:
+        to_json(value)
+    except (PydanticSerializationError, ValueError, TypeError):
+        return path
+    return None
+
+
 def _finite_free_form(value: dict[str, Any]) -> dict[str, Any]:
     # NaN and infinity are not JSON: the store would write them as null without a word.
     # Flat maps of plain values (the usual case) cost a pass over the types and the floats.
@@ -192,11 +240,19 @@ def _finite_free_form(value: dict[str, Any]) -> dict[str, Any]:
         float not in types or all(map(math.isfinite, filter(_IS_FLOAT, value.values())))
     ):
         return value
+    value = _numpy_to_plain(value)
     where = _non_finite_at(value)
     if where is not None:
         raise PydanticCustomError(
             "finite_number",
             "must be a finite number (NaN and infinity are rejected)",
+            {"where": where},
+        )
+    where = _unserializable_at(value)
+    if where is not None:  # found now, by field, not by the store's writer later
+        raise PydanticCustomError(
+            "json_type",
+            "no JSON value (text, number, bool, null, list or object)",
             {"where": where},
         )
     return value
@@ -572,6 +628,10 @@ _FRIENDLY = {
 }
 
 
+# rules a free-form map's check raises with the key they are about ("where": ".lr")
+_AT_KEY = frozenset({"finite_number", "json_type"})
+
+
 def _details_from_pydantic(
     exc: ValidationError, index: int | None, *, tagged: bool, prefix: tuple[Any, ...] = ()
 ) -> list[ErrorDetail]:
@@ -591,7 +651,7 @@ def _details_from_pydantic(
             path = ".".join(str(p) for p in (*prefix, *loc)) + f"[{json.dumps(key)}]"
         else:
             path = ".".join(str(p) for p in (*prefix, *loc))
-        if rule == "finite_number" and "where" in err.get("ctx", {}):
+        if rule in _AT_KEY and "where" in err.get("ctx", {}):
             path += str(err["ctx"]["where"])  # the key inside a free-form map
         message = _FRIENDLY.get(rule, err["msg"])
         if key_error and rule.startswith("string_") and rule != "string_type":
@@ -610,7 +670,7 @@ def _details_from_pydantic(
         elif rule in _COMPARISONS:
             message = "must be " + err["msg"].removeprefix("Input should be ")
         value = err.get("input", _MISSING) if rule != "missing" else _MISSING
-        if rule == "finite_number" and "where" in err.get("ctx", {}):
+        if rule in _AT_KEY and "where" in err.get("ctx", {}):
             value = _MISSING  # the input is the whole map
         out.append(ErrorDetail(idx, path, value, rule, message))
     return out
