@@ -833,3 +833,156 @@ def test_stores_opening_a_new_lab_at_once_all_open_it(tmp_path: Path) -> None:
         for t in threads:
             t.join()
         assert opened == [0, 0, 0]
+
+
+def _writer_batch(bad: str) -> tuple[list[E.Event], E.Event]:
+    """50 storable metric events and one the store refuses (``bad``), placed at index 25."""
+    good = [
+        E.run_metric(model_run_id="r", trial_id="t", step=i, metric_name="a", metric_value=1.0)
+        for i in range(50)
+    ]
+    if bad == "unserializable":
+        refused = E.run_metric(
+            model_run_id="r",
+            trial_id="t",
+            step=99,
+            metric_name="a",
+            metric_value=1.0,
+            metadata={"note": "\ud800"},  # a lone surrogate: no JSON text holds it
+        )
+    else:  # the id of an event earlier in the batch, with another payload
+        refused = good[3].model_copy(update={"payload": good[4].payload})
+    return [*good[:25], refused, *good[25:]], refused
+
+
+@pytest.mark.parametrize("bad", ["unserializable", "id_conflict"])
+@pytest.mark.parametrize("background", [False, True])
+def test_store_writer_keeps_every_storable_event_of_a_batch_with_a_bad_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str, background: bool
+) -> None:
+    store, bus = TrialStore(tmp_path / "lab.db"), EventBus()
+    # one batch, flushed by the background thread when the writer closes
+    writer = StoreWriter(store, bus, batch_size=10_000, interval=600, background=background)
+    batch, refused = _writer_batch(bad)
+    for ev in batch:
+        bus.publish(ev)
+    if background:
+        writer.close()
+    else:
+        assert writer.flush(raise_errors=False) == 50
+    assert store.counts()["events"] == 50 and store.counts()["metrics"] == 50
+    assert writer.appended == 50 and writer.errors == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "dropped 1 invalid events of 51" in message
+    assert "record 25: " in message and f"[{bad}]" in message and refused.id in message
+
+
+@pytest.mark.parametrize("bad", ["unserializable", "id_conflict"])
+def test_store_writer_raises_for_the_bad_event_only_after_appending_the_others(
+    tmp_path: Path, bad: str
+) -> None:
+    store, bus = TrialStore(tmp_path / "lab.db"), EventBus()
+    writer = StoreWriter(store, bus, background=False)
+    for ev in _writer_batch(bad)[0]:
+        bus.publish(ev)
+    with pytest.raises(EventValidationError) as info:
+        writer.flush()
+    assert [(e.index, e.rule) for e in info.value.errors] == [(25, bad)]
+    assert isinstance(info.value, EventConflictError) == (bad == "id_conflict")
+    assert store.counts()["events"] == 50 and writer.flush() == 0  # the bad one is gone
+
+
+def test_store_writer_drops_bad_events_found_at_each_stage_of_one_batch(tmp_path: Path) -> None:
+    store, bus = TrialStore(tmp_path / "lab.db"), EventBus()
+    writer = StoreWriter(store, bus, background=False)
+    batch, _ = _writer_batch("unserializable")  # refused as it is serialised (index 25)
+    clash = batch[3].model_copy(update={"payload": batch[4].payload})  # refused on writing
+    for ev in [*batch, clash]:
+        bus.publish(ev)
+    with pytest.raises(EventValidationError) as info:
+        writer.flush()
+    assert [(e.index, e.rule) for e in info.value.errors] == [
+        (25, "unserializable"),
+        (51, "id_conflict"),
+    ]
+    assert store.counts()["events"] == 50 and writer.appended == 50
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s: s.replay(batch_size=0), "batch_size: a whole number >= 1 (got 0)"),
+        (lambda s: s.replay(batch_size=True), "batch_size: a whole number >= 1 (got True)"),
+        (lambda s: s.iter_events(0), "batch_size: a whole number >= 1 (got 0)"),
+        (lambda s: s.iter_events(-1), "batch_size: a whole number >= 1 (got -1)"),
+        (lambda s: s.events_after(limit=0), "limit: a whole number >= 1 (got 0)"),
+        (lambda s: s.events_after(limit=-1), "limit: a whole number >= 1 (got -1)"),
+        (lambda s: s.events_after(0, None), "limit: a whole number >= 1 (got None)"),
+        (lambda s: s.events_after("a"), "seq: a whole number >= 0 (got 'a')"),
+        (lambda s: s.events_after(None), "seq: a whole number >= 0 (got None)"),
+        (lambda s: s.events_after(2**70), f"seq: a whole number <= {2**63 - 1} (got {2**70})"),
+        (lambda s: s.events_after(max_bytes="x"), "max_bytes: a whole number >= 1 (got 'x')"),
+        (
+            lambda s: s.metric_history("a", max_points=float("nan")),
+            "max_points: a whole number >= 2 (got nan)",
+        ),
+        (lambda s: s.metric_history("a", max_points="3"), "max_points: a whole number >= 2"),
+        (lambda s: s.metric_history("a", max_points=1), "max_points: a whole number >= 2"),
+        (lambda s: s.metric_history("a", name=5), "name: a string or a list of strings (got 5)"),
+        (lambda s: s.metric_history("a", trial_id=5), "trial_id: a string or a list of strings"),
+        (lambda s: s.metric_history("a", name=["x", 5]), "name: a string or a list of strings"),
+        (lambda s: s.metric_history(5), "model_run_id: a string (got 5)"),
+        (lambda s: s.trials(status=5), "status: a string or a list of strings (got 5)"),
+        (lambda s: s.trials(study=5), "study: a string (got 5)"),
+        (lambda s: s.trials(spectral_norm="false"), "spectral_norm: True, False or None"),
+        (lambda s: s.trials(spectral_norm=1), "spectral_norm: True, False or None (got 1)"),
+    ],
+)
+def test_a_wrong_argument_to_a_read_or_replay_is_named_and_nothing_changes(
+    store: TrialStore, call: Any, message: str
+) -> None:
+    store.append(study_events("a"))
+    before = snapshot(store)
+    with pytest.raises(StoreError) as info:
+        call(store)
+    assert str(info.value).startswith(message)
+    assert_same(before, snapshot(store))  # (replay(batch_size=0) emptied every projection)
+
+
+@pytest.mark.parametrize("timeout", ["x", None, True, -1, float("nan"), float("inf")])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_refused(timeout: Any) -> None:
+    with pytest.raises(StoreError) as info:
+        TrialStore(":memory:", timeout=timeout)
+    assert str(info.value) == f"timeout: a finite number of seconds >= 0 (got {timeout!r})"
+
+
+def test_a_timeout_past_sqlites_busy_timeout_still_waits() -> None:
+    # SQLite reads a busy timeout over 2**31 - 1 ms as 0: no wait at all
+    store = TrialStore(":memory:", timeout=10**8)
+    assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("events", "kind"),
+    [
+        (lambda: study_events()[0], "TrialStartEvent"),
+        (lambda: {"foo": 1}, "dict"),
+        (lambda: "abc", "str"),
+        (lambda: None, "NoneType"),
+        (lambda: 5, "int"),
+    ],
+)
+def test_append_takes_an_iterable_of_events_not_one_event(
+    store: TrialStore, events: Any, kind: str
+) -> None:
+    with pytest.raises(StoreError) as info:
+        store.append(events())
+    assert str(info.value) == f"append takes a list (an iterable) of events, got {kind}"
+    assert store.counts()["events"] == 0
+
+
+def test_append_takes_a_generator_of_events_or_records(store: TrialStore) -> None:
+    evs = study_events()
+    store.append(ev for ev in evs[:5])
+    store.append(json.loads(ev.to_json()) for ev in evs[5:])
+    assert store.counts()["events"] == len(evs)

@@ -33,7 +33,9 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
+import reprlib
 import sqlite3
 import threading
 import time
@@ -798,6 +800,54 @@ def _tell_keeper(path: str, studies: set[str], events: int) -> None:
     keeper.note(path, studies, events)
 
 
+_INT64_MAX = 2**63 - 1  # SQLite's largest integer
+
+
+def _whole(name: str, value: Any, least: int) -> int:
+    """``value``, a whole number from ``least`` up to SQLite's largest integer.
+
+    Checked before the query: SQLite compares a number with text or NULL without a word
+    (no rows), reads ``LIMIT 0`` as none and a negative LIMIT as no limit at all; and a bool
+    is no count.
+
+    Raises:
+        StoreError: naming the argument.
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+        if least <= number <= _INT64_MAX:
+            return number
+        if number > _INT64_MAX:
+            raise StoreError(f"{name}: a whole number <= {_INT64_MAX} (got {number})")
+    raise StoreError(f"{name}: a whole number >= {least} (got {reprlib.repr(value)})")
+
+
+def _string(name: str, value: Any) -> str:
+    """``value``, a string (a number would match no row without a word).
+
+    Raises:
+        StoreError: naming the argument.
+    """
+    if not isinstance(value, str):
+        raise StoreError(f"{name}: a string (got {reprlib.repr(value)})")
+    return value
+
+
+def _strings(name: str, value: Any) -> list[str]:
+    """One string, or an iterable of them, as a list (a query's ``IN (...)`` values).
+
+    Raises:
+        StoreError: naming the argument, for anything else (a number would match no row).
+    """
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, bytes | Mapping):
+        values = list(value)
+        if all(isinstance(v, str) for v in values):
+            return values
+    raise StoreError(f"{name}: a string or a list of strings (got {reprlib.repr(value)})")
+
+
 class TrialStore:
     """The lab's SQLite trial store: append-only event log plus derived tables.
 
@@ -806,8 +856,9 @@ class TrialStore:
         timeout: seconds a writer waits for another process's write lock before giving up.
 
     Raises:
-        StoreError: ``path`` is not a path; or its file is not a lab of this version, nor
-            empty (another application's database, a newer lab's: it is left unchanged).
+        StoreError: ``path`` is not a path, or ``timeout`` not a number of seconds; or its
+            file is not a lab of this version, nor empty (another application's database,
+            a newer lab's: it is left unchanged).
     """
 
     def __init__(
@@ -819,8 +870,11 @@ class TrialStore:
             raise StoreError(
                 f"path must be a file path (str or os.PathLike) or ':memory:' (got {path!r})"
             )
+        real = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
+        if not real or not 0 <= float(timeout) < math.inf:  # (NaN compares false)
+            raise StoreError(f"timeout: a finite number of seconds >= 0 (got {timeout!r})")
         self.path = db
-        self.timeout = timeout
+        self.timeout = float(timeout)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -851,7 +905,8 @@ class TrialStore:
             StoreError: the file is not a lab of this version (it is left as it was), or
                 another process kept it locked.
         """
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        # (SQLite takes a 32-bit count of ms and reads a larger one as 0: no wait at all)
+        conn.execute(f"PRAGMA busy_timeout = {min(int(self.timeout * 1000), 2**31 - 1)}")
         # 8 KiB pages for a new lab (an existing one keeps its own): half as many page
         # splits and WAL frames per batch; about 1.2x the committed append rate here
         # (benchmarks/bench_core.py), where 16 KiB measured no better.
@@ -927,7 +982,8 @@ class TrialStore:
             EventValidationError: if any event is invalid; nothing is written then.
             EventConflictError: an event's id already names another event (logged, or
                 earlier in the batch) with another name or payload; nothing is written.
-            StoreError: if the database cannot be written.
+            StoreError: ``events`` is not an iterable of events (one event, say), or the
+                database cannot be written.
         """
         return self.append_prepared(self.prepare(events))
 
@@ -939,7 +995,18 @@ class TrialStore:
 
         Raises:
             EventValidationError: if any event is invalid.
+            StoreError: ``events`` is not an iterable of events.
         """
+        # one event (a model iterates as its fields), a record (its keys) or text (its
+        # characters) would otherwise be taken as a batch and refused item by item
+        if (
+            isinstance(events, str | bytes | Mapping | Event)
+            or is_fast(events)
+            or not isinstance(events, Iterable)
+        ):
+            raise StoreError(
+                f"append takes a list (an iterable) of events, got {type(events).__name__}"
+            )
         items = list(events)
         with gc_paused():  # CPU-bound batch work only: never while waiting for the lock
             kinds = set(map(type, items))  # one C pass; ABC checks only for other types
@@ -1135,7 +1202,12 @@ class TrialStore:
 
         Returns:
             Row counts of the rebuilt tables.
+
+        Raises:
+            StoreError: ``batch_size`` is not a whole number >= 1 (nothing is changed), or
+                the database cannot be written.
         """
+        batch_size = _whole("batch_size", batch_size, 1)  # 0 would empty every projection
         with self._lock:
             try:
                 self._with_write_lock(lambda: self._replay_locked(batch_size))
@@ -1198,20 +1270,23 @@ class TrialStore:
         Args:
             expand: also add one column per metric (``metrics.NAME``) and parameter
                 (``params.NAME``).
+
+        Raises:
+            StoreError: a filter of the wrong type (it would match no row, or every one).
         """
         where: list[str] = []
         params: list[Any] = []
-        if study is not None:
-            where.append("study = ?")
-            params.append(study)
-        if model_run_id is not None:
-            where.append("model_run_id = ?")
-            params.append(model_run_id)
+        for column, value in (("study", study), ("model_run_id", model_run_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(_string(column, value))
         if status is not None:
-            statuses = [status] if isinstance(status, str) else list(status)
+            statuses = _strings("status", status)
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             params.extend(statuses)
         if spectral_norm is not None:
+            if not pd.api.types.is_bool(spectral_norm):
+                raise StoreError(f"spectral_norm: True, False or None (got {spectral_norm!r})")
             where.append("spectral_norm = ?")
             params.append(int(spectral_norm))
         sql = "SELECT * FROM trials"
@@ -1258,13 +1333,19 @@ class TrialStore:
             max_points: downsample each (trial, metric) curve to at most this many points,
                 evenly spaced in steps and always keeping the first and last; a long curve
                 is read by index seeks, so the cost grows with ``max_points``, not its length.
+
+        Raises:
+            StoreError: an argument of the wrong type (it would match no row), or
+                ``max_points`` not a whole number >= 2.
         """
         where: list[str] = ["model_run_id = ?"]
-        params: list[Any] = [model_run_id]
+        params: list[Any] = [_string("model_run_id", model_run_id)]
+        if max_points is not None:
+            max_points = _whole("max_points", max_points, 2)
         for column, value in (("trial_id", trial_id), ("name", name)):
             if value is None:
                 continue
-            values = [value] if isinstance(value, str) else list(value)
+            values = _strings(column, value)
             where.append(f"{column} IN ({','.join('?' * len(values))})")
             params.extend(values)
         cond = " AND ".join(where)
@@ -1274,8 +1355,6 @@ class TrialStore:
                 "ORDER BY trial_id, name, step",
                 params,
             )
-        if max_points < 2:
-            raise StoreError(f"max_points must be at least 2 (got {max_points})")
         with self._lock:
             curves = self.conn.execute(
                 f"SELECT trial_id, name, COUNT(*), MIN(step), MAX(step) FROM metrics "
@@ -1311,7 +1390,14 @@ class TrialStore:
         ``max_bytes`` bounds the page by the events' JSON size as well (a page of 10,000
         large events would otherwise all be held at once): the page ends with the event that
         reaches it, and holds at least one event.
+
+        Raises:
+            StoreError: ``seq`` is not a whole number >= 0, or ``limit`` or ``max_bytes``
+                not one >= 1 (SQLite would quietly answer no page, or every event).
         """
+        seq, limit = _whole("seq", seq, 0), _whole("limit", limit, 1)
+        if max_bytes is not None:
+            max_bytes = _whole("max_bytes", max_bytes, 1)
         with self._lock:
             cur = self.conn.execute(
                 "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
@@ -1326,7 +1412,15 @@ class TrialStore:
             return page
 
     def iter_events(self, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:
-        """Every logged event in sequence order."""
+        """Every logged event in sequence order, read ``batch_size`` at a time.
+
+        Raises:
+            StoreError: ``batch_size`` is not a whole number >= 1 (at the call, not at the
+                first event).
+        """
+        return self._iter_events(_whole("batch_size", batch_size, 1))
+
+    def _iter_events(self, batch_size: int) -> Iterator[dict[str, Any]]:
         after = 0
         while True:
             batch = self.events_after(after, batch_size)
@@ -1473,8 +1567,9 @@ class StoreWriter:
     Events are buffered and appended from a background thread every ``interval`` seconds
     (or when ``batch_size`` are waiting), so publishing costs the producer a list append.
     Call :meth:`flush` to commit everything buffered, :meth:`close` at the end. An append
-    failure is logged and the batch kept for the next attempt; events never get lost
-    silently while the process lives.
+    failure is logged and the batch kept for the next attempt; an event the store refuses
+    is dropped and logged alone, never its batch: events never get lost silently while the
+    process lives.
     """
 
     def __init__(
@@ -1520,30 +1615,85 @@ class StoreWriter:
                 return
 
     def flush(self, *, raise_errors: bool = True) -> int:
-        """Append everything buffered now; returns how many events were new."""
+        """Append everything buffered now; returns how many events were new.
+
+        An event the store refuses (invalid, not storable as JSON, or an id that names
+        another event) is dropped and reported on its own: the rest of its batch is
+        appended all the same.
+
+        Raises:
+            EventValidationError: (``raise_errors``) events were dropped; the errors name
+                each by its index in the flushed batch. The others were appended.
+            Exception: (``raise_errors``) the append failed; the batch is kept for the
+                next flush (less any events dropped, which are logged).
+        """
         with self._flush_lock:
             with self._cond:
                 batch, self._buffer = self._buffer, []
             if not batch:
                 return 0
+            refused: list[ErrorDetail] = []
             try:
-                result = self.store.append(batch)
-            except EventValidationError:
-                self.errors += 1
-                log.exception("store writer dropped %d invalid events", len(batch))
-                if raise_errors:
-                    raise
-                return 0
+                accepted = self._append_storable(batch, refused)
             except Exception:
                 self.errors += 1
+                dropped = {e.index for e in refused}
+                kept = [ev for i, ev in enumerate(batch) if i not in dropped]
                 with self._cond:
-                    self._buffer[:0] = batch  # keep them for the next attempt
-                log.exception("store writer could not append %d events; will retry", len(batch))
+                    self._buffer[:0] = kept  # keep them for the next attempt
+                if refused:
+                    self._report(batch, refused)
+                log.exception("store writer could not append %d events; will retry", len(kept))
                 if raise_errors:
                     raise
                 return 0
-            self.appended += result.accepted
-            return result.accepted
+            self.appended += accepted
+            if refused:
+                self.errors += 1
+                error = self._report(batch, refused)
+                if raise_errors:
+                    raise error
+            return accepted
+
+    def _append_storable(self, batch: list[Event], refused: list[ErrorDetail]) -> int:
+        """Append the events of ``batch`` that the store takes, in one transaction; returns
+        how many were new. Why each other one was refused is added to ``refused`` (indexed
+        in ``batch``).
+
+        A good batch costs one append; a refused one, another append per round of refusals
+        (the store's errors name the records to leave out), never one per event.
+        """
+        keep = list(range(len(batch)))  # the batch's index of each event still to append
+        while keep:
+            try:
+                return self.store.append([batch[i] for i in keep]).accepted
+            except EventValidationError as exc:
+                bad = {e.index for e in exc.errors}
+                if not bad or not bad <= set(range(len(keep))):  # not said which: one by one
+                    accepted = 0
+                    for i in keep:
+                        try:
+                            accepted += self.store.append([batch[i]]).accepted
+                        except EventValidationError as one:
+                            refused += [replace(e, index=i) for e in one.errors]
+                    return accepted
+                refused += [replace(e, index=keep[e.index or 0]) for e in exc.errors]
+                keep = [k for j, k in enumerate(keep) if j not in bad]
+        return 0
+
+    @staticmethod
+    def _report(batch: list[Event], refused: list[ErrorDetail]) -> EventValidationError:
+        """Log the events dropped from ``batch``, each by its index, what is wrong and its
+        id (the batch is gone after); the error to raise for them (an
+        :class:`EventConflictError` if only ids clashed)."""
+        log.error(
+            "store writer dropped %d invalid events of %d (the others were kept): %s",
+            len({e.index for e in refused}),
+            len(batch),
+            "; ".join(f"{e.line()} (event id {_item_id(batch[e.index or 0])})" for e in refused),
+        )
+        conflicts = all(e.rule == "id_conflict" for e in refused)
+        return (EventConflictError if conflicts else EventValidationError)(refused)
 
     def close(self) -> None:
         """Stop listening, flush what is buffered and end the background thread."""
