@@ -382,3 +382,17 @@ def test_loader_refuses_a_batch_size_that_is_not_an_integer(batch_size: object) 
     ds = load_dataset("wine", seed=0)
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         ds.loader(batch_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "y", [np.zeros((10, 2), dtype=int), np.zeros((10, 1), dtype=int), None, np.int64(3)]
+)
+def test_stratified_split_refuses_labels_that_are_not_one_per_sample(y: object) -> None:
+    with pytest.raises(ConfigError, match="y must be a 1-D array of class labels"):
+        stratified_split(y)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("image", ["no", 1, 0, None])
+def test_the_digits_image_flag_must_be_a_bool(image: object) -> None:
+    with pytest.raises(ConfigError, match="image must be True or False"):
+        load_dataset("digits", seed=0, image=image)

@@ -443,3 +443,36 @@ def test_evaluate_checks_its_arguments_before_computing_anything() -> None:
     np = pytest.importorskip("numpy")
     m = evaluate(model, ds, noise_sigmas=np.array([0.1]), fgsm_eps=torch.tensor([0.05]))
     assert {"noise_acc_0.1", "fgsm_acc_0.05"} <= set(m)
+
+
+@pytest.mark.parametrize("labels", [[0, 5], [0, -1]])
+def test_accuracy_refuses_labels_outside_the_classes_like_the_other_metrics(labels) -> None:
+    y = torch.tensor(labels)
+    for metric, scores in ((accuracy, torch.zeros(2, 2)), (nll, torch.zeros(2, 2))):
+        with pytest.raises(TrainingError, match=r"labels must lie in \[0, 2\)"):
+            metric(scores, y)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m, ds: predict(None, ds.x_test), TrainingError, "model must be a torch.nn.Module"),
+        (lambda m, ds: evaluate(None, ds), TrainingError, "model must be a torch.nn.Module"),
+        (lambda m, ds: evaluate(m, None), ConfigError, "dataset must be a Dataset"),
+        (lambda m, ds: fgsm_perturb(None, ds.x_test, ds.y_test, 0.1), TrainingError, "model must"),
+        (
+            lambda m, ds: predict(m, torch.zeros(4, 5)),
+            TrainingError,
+            r"inputs of shape \(4, 5\) \(its first layer takes input width 2, got 5\)",
+        ),
+        (
+            lambda m, ds: fgsm_perturb(m, torch.zeros(4, 5), torch.zeros(4, dtype=torch.long), 0.1),
+            TrainingError,
+            r"first layer takes input width 2, got 5",
+        ),
+    ],
+)
+def test_a_model_or_input_that_does_not_fit_is_refused_by_name(call, error, message) -> None:
+    ds = load_dataset("moons", seed=0)
+    with pytest.raises(error, match=message):
+        call(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)), ds)

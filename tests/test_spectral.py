@@ -888,3 +888,57 @@ class _WithUnusedConv(nn.Module):
 def test_a_conv_the_forward_never_runs_is_named_in_the_error() -> None:
     with pytest.raises(SpectralNormError, match=r"layer 'unused'.*did not run"):
         layer_sigmas(_WithUnusedConv(), input_shape=(1, 6, 6))
+
+
+def _diverged(value: float) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[2].weight[0, 0] = value
+    return net
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize(
+    ("call", "where"),
+    [
+        (lambda net: layer_sigmas(net), "layer_sigmas: layer '2' \\(linear\\)"),
+        (lambda net: operator_norm(net[2]), "operator_norm: the Linear's"),
+        (lambda net: spectral_norm(net[2]), "spectral_norm: the Linear's"),
+    ],
+)
+def test_non_finite_weights_are_refused_as_a_diverged_layer(call, where, value) -> None:
+    with pytest.raises(SpectralNormError, match=f"{where} weights are not finite.*diverged"):
+        call(_diverged(value))
+
+
+def test_a_spectral_normalised_layer_whose_weights_diverged_is_refused() -> None:
+    layer = spectral_norm(nn.Linear(3, 4))
+    with torch.no_grad():
+        layer.parametrizations.weight.original[0, 0] = math.nan
+    with pytest.raises(SpectralNormError, match="linear layer's weights are not finite"):
+        layer.eval()(torch.zeros(1, 3))
+    with pytest.raises(SpectralNormError, match="layer '' \\(linear\\) weights are not finite"):
+        layer_sigmas(layer)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: spectral_norm(nn.Linear(0, 3)), r"weight is empty \(shape \(3, 0\)\)"),
+        (lambda: spectral_norm(nn.Linear(3, 0)), r"weight is empty \(shape \(0, 3\)\)"),
+        (lambda: spectral_norm(None), "module must be an nn.Linear"),
+        (lambda: layer_sigmas(None), "layer_sigmas: model must be a torch.nn.Module"),
+        (lambda: export(None), "export: model must be a torch.nn.Module"),
+        (
+            lambda: spectral_norm(nn.Linear(3, 3), n_power_iterations=10**9),
+            r"n_power_iterations must be in \[1, 1000\]",
+        ),
+        (
+            lambda: spectral_norm(nn.Linear(3, 3), n_power_iterations=1001),
+            r"n_power_iterations must be in \[1, 1000\]",
+        ),
+    ],
+)
+def test_malformed_spectral_requests_are_refused_by_name(call, message) -> None:
+    with pytest.raises(SpectralNormError, match=message):
+        call()

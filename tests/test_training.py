@@ -299,6 +299,13 @@ def test_max_sigma_of_matrix_mode_sn_convs_is_their_operator_norm():
         {"seed": None},
         {"seed": 1.5},
         {"seed": "1"},
+        {"seed": 2**70},
+        {"lr": True},
+        {"weight_decay": True},
+        {"parameters": 5},
+        {"report": 5},
+        {"should_stop": 5},
+        {"evaluation": {"lipschitz": False}},
         {"threads": 0},
         {"threads": -1},
     ],
@@ -340,3 +347,53 @@ def test_threads_are_set_for_the_call_and_restored(wine):
     train_trial(_small(), wine, epochs=1, lr=1e-2, report=report, threads=1)
     assert seen == [1]
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "clashing"),
+    [
+        ({"lr": 99}, "lr"),
+        ({"seed": 7, "pair_id": "p"}, "seed"),
+        ({"depth": 3}, "depth"),  # a config field
+        ({"dataset": "digits"}, "dataset"),
+        ({"batchnorm": 0}, "batchnorm"),  # 0 is not False: a bool setting
+    ],
+)
+def test_extra_parameters_cannot_overwrite_the_recorded_settings(wine, extra, clashing):
+    bus = EventBus()
+    seen = _collect(bus)
+    with pytest.raises(
+        ConfigError, match=rf"overwrite the recorded training settings: {clashing}="
+    ):
+        train_trial(_small(), wine, bus=bus, lr=0.01, epochs=1, parameters=extra)
+    assert seen == []  # refused before the run started, so no ml.run.start with a wrong lr
+
+
+def test_extra_parameters_may_restate_a_setting_with_its_own_value(wine):
+    # studies pass their own record of the settings (the same values) as parameters
+    result = train_trial(
+        _small(),
+        wine,
+        lr=0.01,
+        epochs=1,
+        seed=0,
+        evaluation=EvalSettings(noise_sigmas=(), fgsm_eps=(), lipschitz=False, layer_sigmas=False),
+        parameters={"lr": 0.01, "seed": 0, "depth": 1, "dataset": "wine", "pair_id": "p"},
+    )
+    assert result.parameters["lr"] == 0.01 and result.parameters["pair_id"] == "p"
+    assert result.parameters["spectral_norm_coeff"] is None  # unused without SN
+
+
+@pytest.mark.parametrize("seed", ["a", None, 2**64, True])
+def test_seed_everything_refuses_a_non_seed(seed):
+    from thunderline_lab.training import seed_everything
+
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        seed_everything(seed)
+
+
+def test_max_sigma_refuses_a_non_module():
+    from thunderline_lab.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"max_sigma: model must be a torch\.nn\.Module"):
+        max_sigma(None)  # type: ignore[arg-type]

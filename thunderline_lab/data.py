@@ -94,6 +94,13 @@ def _check_count(what: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _check_flag(what: str, value: Any) -> bool:
+    """A yes/no option: ``"no"`` or ``0`` would pass as truthy or falsy by accident."""
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_real(what: str, value: Any, *, positive: bool = False) -> float:
     """A finite real ≥ 0 (> 0 if ``positive``)."""
     number = float(value) if isinstance(value, numbers.Real) else math.nan
@@ -557,7 +564,8 @@ def stratified_split(
         ``(train_idx, val_idx, test_idx)`` as sorted ``int64`` arrays.
 
     Raises:
-        ConfigError: Bad fractions or seed, or too few samples of some class to stratify.
+        ConfigError: ``y`` not 1-D, bad fractions or seed, or too few samples of some class
+            to stratify.
 
     Example:
         >>> tr, va, te = stratified_split(np.array([0, 1] * 50), seed=0)
@@ -566,7 +574,12 @@ def stratified_split(
     """
     seed = _check_seed(seed)
     f_train, f_val, f_test = _check_fractions(fractions)
-    labels = np.asarray(y.cpu().numpy() if isinstance(y, torch.Tensor) else y).reshape(-1)
+    labels = np.asarray(y.cpu().numpy() if isinstance(y, torch.Tensor) else y)
+    if y is None or labels.ndim != 1:  # flattening (n, k) labels would split n*k "samples"
+        raise ConfigError(
+            f"y must be a 1-D array of class labels (one per sample), got "
+            f"{type(y).__name__} of shape {labels.shape}"
+        )
     idx = np.arange(labels.shape[0])
     rs = _mix_seed(seed) % (2**32)
     try:
@@ -665,7 +678,7 @@ def load_digits_dataset(
 
     Args:
         seed: Split seed (the images themselves are fixed).
-        image: Return ``(1, 8, 8)`` images instead of flat ``(64,)`` vectors.
+        image: Return ``(1, 8, 8)`` images instead of flat ``(64,)`` vectors (a bool).
         fractions: Train, validation and test fractions.
 
     Returns:
@@ -676,6 +689,7 @@ def load_digits_dataset(
         >>> ds.input_shape, float(ds.x_train.max()) <= 1.0
         ((1, 8, 8), True)
     """
+    image = _check_flag("image", image)
     x, y = _digits_arrays()
     ds = _split_dataset(
         "digits",

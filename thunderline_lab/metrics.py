@@ -150,6 +150,33 @@ def _check_probs(probs: torch.Tensor) -> torch.Tensor:
     return p.clamp_min(0.0)
 
 
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TrainingError(
+            f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}"
+        )
+    return model
+
+
+def _forward(model: nn.Module, xb: torch.Tensor, x_shape: tuple[int, ...]) -> torch.Tensor:
+    """``model(xb)``; an input the model cannot take is refused naming what it expects."""
+    try:
+        return model(xb)
+    except RuntimeError as exc:
+        first = next(
+            (m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)),
+            None,
+        )
+        hint = ""
+        if isinstance(first, nn.Linear):
+            hint = f" (its first layer takes input width {first.in_features}, got {x_shape[-1]})"
+        elif isinstance(first, nn.Conv1d | nn.Conv2d) and len(x_shape) > 1:
+            hint = f" (its first layer takes {first.in_channels} channels, got {x_shape[1]})"
+        raise TrainingError(
+            f"the model cannot take inputs of shape {x_shape}{hint}: {exc}"
+        ) from exc
+
+
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode, restoring each submodule's mode on exit."""
@@ -183,12 +210,17 @@ def accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     Returns:
         Accuracy in ``[0, 1]``.
 
+    Raises:
+        TrainingError: Malformed shapes, NaN outputs, or labels outside ``[0, n_classes)``.
+
     Example:
         >>> accuracy(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
         0.5
     """
     _check_scores(outputs, "outputs")
-    y = _check_labels(_check_tensor(labels, "labels").to(outputs.device), outputs.shape[0])
+    n, n_classes = outputs.shape
+    # the class count too: a label outside [0, n_classes) is a bug, not a wrong answer
+    y = _check_labels(_check_tensor(labels, "labels").to(outputs.device), n, n_classes)
     return float((outputs.detach().argmax(dim=1) == y).double().mean())
 
 
@@ -409,21 +441,24 @@ def predict(
 
     Raises:
         ConfigError: ``batch_size`` is not an integer >= 1.
-        TrainingError: ``x`` is not a batch tensor, or the model's output is not 2-D or not
-            finite.
+        TrainingError: ``model`` is not a module, ``x`` is not a batch tensor or not an
+            input the model takes (e.g. the wrong width), or the model's output is not 2-D or
+            not finite.
 
     Example:
         >>> model = torch.nn.Linear(2, 3)
         >>> tuple(predict(model, torch.zeros(5, 2)).shape)
         (5, 3)
     """
+    model = _check_model(model)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
     x = _check_inputs(x)
     device = _device_of(model)
     outs: list[torch.Tensor] = []
     with _eval_mode(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            outs.append(model(x[start : start + batch_size].to(device)).detach().cpu())
+            xb = x[start : start + batch_size].to(device)
+            outs.append(_forward(model, xb, tuple(x.shape)).detach().cpu())
     if not outs:
         raise TrainingError("cannot predict on an empty input")
     logits = torch.cat(outs)
@@ -537,6 +572,7 @@ def fgsm_perturb(
         >>> bool((fgsm_perturb(model, x, y, 0.1) - x).abs().max() <= 0.1 + 1e-7)
         True
     """
+    model = _check_model(model)
     eps = _check_real("FGSM eps", eps)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
     clamp = _check_clamp(clamp)
@@ -552,7 +588,7 @@ def fgsm_perturb(
         for start in range(0, x.shape[0], batch_size):
             xb = x[start : start + batch_size].to(device).requires_grad_(True)
             yb = y[start : start + batch_size].to(device)
-            logits = model(xb)
+            logits = _forward(model, xb, tuple(x.shape))
             if (
                 not isinstance(logits, torch.Tensor)
                 or logits.ndim != 2
@@ -706,11 +742,11 @@ def evaluate(
         ``{metric_name: value}``; every value is a finite ``float``.
 
     Raises:
-        ConfigError: A malformed argument (``noise_sigmas`` / ``fgsm_eps`` not a sequence of
-            finite numbers >= 0, a non-integer ``seed``, ``n_bins`` or ``batch_size``, a bad
-            ``fgsm_clamp``), checked before any metric is computed; or two noise levels or
-            attack sizes that format to the same key.
-        TrainingError: The model output is malformed or not finite.
+        ConfigError: A malformed argument (``dataset`` not a Dataset, ``noise_sigmas`` /
+            ``fgsm_eps`` not a sequence of finite numbers >= 0, a non-integer ``seed``,
+            ``n_bins`` or ``batch_size``, a bad ``fgsm_clamp``), checked before any metric is
+            computed; or two noise levels or attack sizes that format to the same key.
+        TrainingError: ``model`` is not a module, or its output is malformed or not finite.
 
     Example:
         >>> from thunderline_lab.data import load_dataset
@@ -720,6 +756,14 @@ def evaluate(
         ['fgsm_acc_0.05', 'noise_acc_0.1']
     """
     # Check every argument first: a typo should not surface after minutes of evaluation.
+    from thunderline_lab.data import Dataset
+
+    _check_model(model)
+    if not isinstance(dataset, Dataset):
+        raise ConfigError(
+            f"dataset must be a Dataset, got {type(dataset).__name__} {dataset!r:.80}; "
+            "build one with thunderline_lab.data.load_dataset(name, seed=...)"
+        )
     levels: dict[str, list[float]] = {}
     for what, values in (("noise_sigmas", noise_sigmas), ("fgsm_eps", fgsm_eps)):
         try:

@@ -188,6 +188,25 @@ def _check_shape(input_shape: Any, what: str) -> tuple[int, ...] | None:
     return tuple(int(s) for s in input_shape)
 
 
+def _check_model(model: object, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise SpectralNormError(
+            f"{what}: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}"
+        )
+
+
+def _check_finite(weight: Tensor, layer: str) -> None:
+    """Refuse NaN/inf weights: their norm is undefined, and the solvers would fail with a raw
+    linear-algebra error (or blame something else)."""
+    if not isinstance(weight, nn.parameter.UninitializedParameter) and not bool(
+        torch.isfinite(weight.detach()).all()
+    ):
+        raise SpectralNormError(
+            f"{layer} weights are not finite (NaN/inf: a diverged model?); "
+            "their spectral norm is undefined"
+        )
+
+
 def _fingerprint(weight: Tensor) -> str:
     """Content hash of a weight (raw bytes, dtype and shape): tells eval mode it changed."""
     data = weight.detach().cpu().contiguous()
@@ -332,9 +351,12 @@ class SpectralNorm(nn.Module):
             raise SpectralNormError(
                 f"spectral_norm: n_power_iterations must be an int, got {n_power_iterations!r}"
             )
-        if n_power_iterations < 1:
+        from thunderline_lab.models import MAX_POWER_ITERATIONS  # models imports this module
+
+        if not 1 <= n_power_iterations <= MAX_POWER_ITERATIONS:
             raise SpectralNormError(
-                f"spectral_norm: n_power_iterations must be ≥ 1, got {n_power_iterations}"
+                f"spectral_norm: n_power_iterations must be in [1, {MAX_POWER_ITERATIONS}] "
+                f"(as ModelConfig), got {n_power_iterations}"
             )
         if mode not in ("operator", "matrix"):
             raise SpectralNormError(
@@ -353,6 +375,12 @@ class SpectralNorm(nn.Module):
                 " (transposed and lazy convolutions are not supported)"
             )
         weight = cast(Tensor, module.weight).detach()
+        if weight.numel() == 0:
+            raise SpectralNormError(
+                f"spectral_norm: the {base.__name__}'s weight is empty (shape "
+                f"{tuple(weight.shape)}): a layer without inputs or outputs has no spectral norm"
+            )
+        _check_finite(weight, f"spectral_norm: the {base.__name__}'s")
         self.coeff = float(coeff)
         self.n_power_iterations = n_power_iterations
         self.eps = eps
@@ -546,6 +574,7 @@ class SpectralNorm(nn.Module):
         """
         if self.mode == "operator" and self._in_shape is None:
             raise SpectralNormError(self._not_ready_message())
+        _check_finite(weight, f"the spectral-normalised {self.kind} layer's")
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         w = weight.detach().to(dtype)
         if self.mode == "matrix":
@@ -762,7 +791,8 @@ def spectral_norm(
     Args:
         module: An ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (not already parametrized on weight).
         coeff: The bound (> 0).
-        n_power_iterations: Power-iteration steps per training step (≥ 1).
+        n_power_iterations: Power-iteration steps per training step (1 to
+            :data:`~thunderline_lab.models.MAX_POWER_ITERATIONS`, as ``ModelConfig``).
         mode: For convolutions, ``"operator"`` (true operator norm at the input shape) or
             ``"matrix"`` (reshaped kernel, as torch). Ignored for Linear layers.
         input_shape: Per-sample input shape ``(C, *spatial)`` for operator mode. If omitted it
@@ -773,7 +803,8 @@ def spectral_norm(
         The same module, parametrized.
 
     Raises:
-        SpectralNormError: Unsupported layer or geometry, bad arguments, or already normalised.
+        SpectralNormError: Unsupported layer or geometry, bad arguments, an empty or
+            non-finite (diverged) weight, or already normalised.
 
     Example:
         >>> layer = spectral_norm(nn.Linear(20, 10), coeff=2.0)
@@ -781,6 +812,11 @@ def spectral_norm(
         >>> bool(torch.linalg.matrix_norm(layer.weight.detach(), 2) <= 2.0 * 1.01)
         True
     """
+    if not isinstance(module, nn.Module):
+        raise SpectralNormError(
+            f"spectral_norm: module must be an nn.Linear or nn.Conv1d/2d/3d, got "
+            f"{type(module).__name__} {module!r:.80}"
+        )
     if parametrize.is_parametrized(module, "weight"):
         raise SpectralNormError(
             f"{_base_type(module).__name__}.weight is already parametrized; spectral_norm must "
@@ -1116,7 +1152,8 @@ def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -
 
     Raises:
         SpectralNormError: Not a Linear/Conv/ConvTranspose layer, an uninitialised lazy
-            layer, or a conv input shape that is missing or that the layer cannot take.
+            layer, non-finite (diverged) weights, or a conv input shape that is missing or
+            that the layer cannot take.
 
     Example:
         >>> conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
@@ -1138,6 +1175,7 @@ def operator_norm(module: nn.Module, input_shape: Sequence[int] | None = None) -
     sn = get_spectral_norm(work)
     if shape is None and sn is not None:
         shape = sn.input_shape
+    _check_finite(_raw_weight(work), f"operator_norm: the {_base_type(module).__name__}'s")
     foreign = _foreign_weight(work)
     raw = _raw_weight(work) if foreign is None else foreign
     scale = sn.scale(raw) if sn is not None else 1.0
@@ -1444,7 +1482,8 @@ def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
         order.
 
     Raises:
-        SpectralNormError: A conv layer whose input shape cannot be determined, an
+        SpectralNormError: Not a module, a layer with non-finite (diverged) weights, a conv
+            layer whose input shape cannot be determined, an
             uninitialised lazy layer without ``input_shape``, or an ``input_shape`` that is
             not a shape or that the model cannot run on.
 
@@ -1453,6 +1492,12 @@ def layer_sigmas(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
         >>> list(layer_sigmas(net)[["layer", "kind", "clamp_active"]].itertuples(index=False))
         [Pandas(layer='0', kind='linear', clamp_active=True)]
     """
+    _check_model(model, "layer_sigmas")
+    for name, module in model.named_modules():  # before the copy's SN solves would fail
+        if _is_weighted(module) or issubclass(_base_type(module), nn.RNNBase):
+            for pname, param in module.named_parameters():
+                if "weight" in pname:
+                    _check_finite(param, f"layer_sigmas: layer {name!r} ({_layer_kind(module)})")
     shape = _resolve_input_shape(model, input_shape, "layer_sigmas")
     work = _eval_copy64(model)
     weighted = {n: m for n, m in work.named_modules() if _is_weighted(m)}
@@ -1795,7 +1840,8 @@ def export(model: M) -> M:
         The exported copy, in eval mode.
 
     Raises:
-        SpectralNormError: An operator-mode layer that never saw an input (no shape yet).
+        SpectralNormError: Not a module, or an operator-mode layer that never saw an input
+            (no shape yet).
 
     Example:
         >>> net = nn.Sequential(spectral_norm(nn.Linear(4, 4), coeff=0.5)).eval()
@@ -1804,6 +1850,7 @@ def export(model: M) -> M:
         >>> torch.equal(plain(x), net(x)), parametrize.is_parametrized(plain[0])
         (True, False)
     """
+    _check_model(model, "export")
     plain = _copy_module(model).eval()
     for module in plain.modules():
         for key, hook in list(module._forward_pre_hooks.items()):

@@ -162,7 +162,12 @@ def seed_everything(seed: int) -> None:
         >>> seed_everything(3); a = torch.rand(2)
         >>> seed_everything(3); bool(torch.equal(a, torch.rand(2)))
         True
+
+    Raises:
+        ConfigError: ``seed`` is not an integer in ``[-2**63, 2**63)`` (torch's range).
     """
+    check_settings(seed=seed)
+    seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -198,7 +203,14 @@ def max_sigma(model: nn.Module) -> float:
         ...     _ = net[0].weight.copy_(torch.eye(3, 4) * 2.0)
         >>> round(max_sigma(net), 4)
         2.0
+
+    Raises:
+        TrainingError: ``model`` is not a module.
     """
+    if not isinstance(model, nn.Module):
+        raise TrainingError(
+            f"max_sigma: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}"
+        )
     was_training = model.training
     model.eval()
     best = 0.0
@@ -424,6 +436,54 @@ class _Emitter:
             log.exception("run events of a failed run could not be published")
 
 
+def _check_callbacks(
+    parameters: object, report: object, should_stop: object, evaluation: object
+) -> None:
+    """Refuse, before any training, what would otherwise fail late or deep inside."""
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise ConfigError(
+            f"parameters must be None or a mapping of names to values, got "
+            f"{type(parameters).__name__} {parameters!r:.80}"
+        )
+    if report is not None and not callable(report):
+        raise ConfigError(
+            f"report must be None or a callable report(epoch, val_loss), got {report!r:.80}"
+        )
+    if should_stop is not None and not (
+        isinstance(should_stop, threading.Event) or callable(should_stop)
+    ):
+        raise ConfigError(
+            f"should_stop must be None, a threading.Event or a callable returning a bool, "
+            f"got {should_stop!r:.80}"
+        )
+    if evaluation is not None and not isinstance(evaluation, EvalSettings):
+        raise ConfigError(
+            f"evaluation must be None or an EvalSettings, got {type(evaluation).__name__} "
+            f"{evaluation!r:.80}; build one with EvalSettings(...)"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)
+
+
+def _extra_parameters(
+    parameters: Mapping[str, Any] | None, recorded: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The extra ``parameters`` to report, refused where they would overwrite a recorded
+    setting with another value (the record must say what the model trained with); restating
+    a setting with its own value (as studies do) is fine."""
+    extra = _jsonable(dict(parameters or {}))
+    clashes = sorted(k for k, v in extra.items() if k in recorded and not _same(v, recorded[k]))
+    if clashes:
+        listed = ", ".join(f"{k}={extra[k]!r} (trained with {recorded[k]!r})" for k in clashes)
+        raise ConfigError(
+            f"parameters would overwrite the recorded training settings: {listed}; pass the "
+            "setting itself (e.g. lr=...) or give the extra parameter another name"
+        )
+    return extra
+
+
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
 
@@ -491,7 +551,9 @@ def train_trial(
             never). The best epoch's weights are restored either way: the research metrics
             (``val_accuracy``, ``test_*``, robustness, calibration) describe the best epoch,
             ``final_<m>`` the last one trained.
-        parameters: Extra parameters reported in ``ml.run.start`` (e.g. ``pair_id``).
+        parameters: Extra parameters reported in ``ml.run.start`` (e.g. ``pair_id``); one
+            named like a recorded setting (``lr``, ``seed``, a config field, ``dataset``, ...)
+            must carry the value trained with.
         report: ``report(epoch, val_loss) -> should_prune`` after every epoch.
         should_stop: Checked between epochs; when set the trial ends as ``"cancelled"``.
         study: The ``study`` field of the events (defaults to none).
@@ -507,8 +569,10 @@ def train_trial(
         optimizer step that overflows float32 as an lr beyond ~1e37 does).
 
     Raises:
-        ConfigError: Bad training settings (epochs < 1, lr <= 0, a non-integer seed or
-            thread count, ...), or a config / dataset of the wrong type.
+        ConfigError: Bad training settings (epochs < 1, lr <= 0 or a bool, a non-integer seed
+            or thread count, ...), a config / dataset / evaluation of the wrong type, a
+            non-callable ``report`` / ``should_stop``, or ``parameters`` that are not a
+            mapping or would overwrite a recorded setting with another value.
         TrainingError: The model cannot be built for this dataset.
 
     Example:
@@ -595,12 +659,14 @@ def _train_trial(
         patience=patience,
         seed=seed,
     )
+    _check_callbacks(parameters, report, should_stop, evaluation)
     seed = int(seed)  # numpy integers too: random.seed() accepts only Python ints
     data = _dataset_for(config, dataset)
     sn_on = bool(getattr(config, "spectral_norm", False))
     coeff = getattr(config, "spectral_norm_coeff", None) if sn_on else None
     params: dict[str, Any] = {
-        **_jsonable(config.to_dict()),
+        # without SN the coefficient is unused: recorded as None, as the event field says
+        **_jsonable({**config.to_dict(), "spectral_norm_coeff": coeff}),
         "lr": float(lr),
         "weight_decay": float(weight_decay),
         "batch_size": int(batch_size),
@@ -608,8 +674,8 @@ def _train_trial(
         "patience": patience,
         "seed": int(seed),
         "dataset": data.name,
-        **_jsonable(dict(parameters or {})),
     }
+    params.update(_extra_parameters(parameters, params))
     run_ids = {"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}
 
     seed_everything(seed)
@@ -804,6 +870,10 @@ def _train_trial(
         emit.close(raise_errors=False)  # idempotent; stops the thread on any way out
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def check_settings(
     *,
     epochs: int = 1,
@@ -822,11 +892,10 @@ def check_settings(
     problems = []
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         problems.append(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+    # bools are not numbers here: lr=True would train at 1.0
+    if not (_number(lr) and math.isfinite(lr) and lr > 0):
         problems.append(f"lr must be a finite number > 0, got {lr!r}")
-    if not (
-        isinstance(weight_decay, int | float) and math.isfinite(weight_decay) and weight_decay >= 0
-    ):
+    if not (_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
         problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         problems.append(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -836,5 +905,7 @@ def check_settings(
         problems.append(f"patience must be None or an integer >= 1, got {patience!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         problems.append(f"seed must be an integer, got {seed!r}")
+    elif not -(2**63) <= int(seed) < 2**63:  # torch.manual_seed's range (with room for seed + i)
+        problems.append(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     if problems:
         raise ConfigError("; ".join(problems))
