@@ -1760,6 +1760,142 @@ def test_client_refuses_a_url_it_could_never_reach(url: str, tmp_path: Path) -> 
     assert not (tmp_path / "s.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (5, "url must be a str"),
+        (None, "url must be a str"),
+        (b"http://gw", "url must be a str"),
+        ("http://h:80/?x=1", "must not hold a query"),
+        ("http://h:80?x=1", "must not hold a query"),
+        ("http://h:80/#top", "or a fragment"),
+        ("http://h:80/?", "must not hold a query"),
+        ("http://ho st:80", "whitespace"),
+        ("http://h:80/a\nb", "control character"),
+    ],
+)
+def test_client_refuses_a_url_it_would_mangle(url: Any, says: str, tmp_path: Path) -> None:
+    # a query or fragment would have the ingest path appended to it, a host with a space
+    # cannot be looked up: every event would be spooled as if the gateway were down
+    with pytest.raises(GatewayError, match=re.escape(says)) as err:
+        EventClient(url, spool=tmp_path / "s.jsonl")
+    assert repr(url) in str(err.value)
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        (5, "token must be a str, not int"),
+        (b"abc", "token must be a str, not bytes"),
+        (["a"], "token must be a str, not list"),
+        ("a\nb", "token must be printable ASCII"),
+        ("tok\r", "token has leading or trailing whitespace"),
+        ("a\x00b", "token must be printable ASCII"),
+        ("jet\u00f3n", "token must be printable ASCII"),
+        (" tok ", "token has leading or trailing whitespace"),
+        ("tok ", "token has leading or trailing whitespace"),
+    ],
+)
+def test_client_refuses_a_token_it_could_not_send_as_given(
+    token: Any, says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sent anyway, it would end as `Bearer 5`, `Bearer b'abc'`, a broken header or a 401
+    # the user cannot explain; refused like serve() refuses them
+    with pytest.raises(GatewayError, match=re.escape(says)) as err:
+        EventClient("http://gw", token)
+    assert repr(token) not in str(err.value)  # a secret is not echoed
+    monkeypatch.setenv("THUNDERLINE_LAB_TOKEN", " tok ")
+    with pytest.raises(GatewayError, match=r"\$THUNDERLINE_LAB_TOKEN has leading or trailing"):
+        EventClient("http://gw")
+    # a good token is sent as given; "" sends none, whatever the environment says
+    assert EventClient("http://gw", TOKEN)._http.headers["authorization"] == f"Bearer {TOKEN}"
+    assert "authorization" not in EventClient("http://gw", "")._http.headers
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("spool", 5, "spool must be a file path (a str or a Path), not int"),
+        ("spool", b"s.jsonl", "spool must be a file path (a str or a Path), not bytes"),
+        ("spool", "TMP", "spool must name a file, not a folder"),
+        ("spool", "", "spool must name a file, not a folder"),
+        ("batch_size", "x", "batch_size must be an integer, not str"),
+        ("batch_size", 0, "batch_size must be at least 1, not 0"),
+        ("batch_size", 2.0, "batch_size must be an integer, not float"),
+        ("batch_size", True, "batch_size must be an integer, not bool"),
+        ("max_buffer", -1, "max_buffer must be at least 1, not -1"),
+        ("max_buffer", 0, "max_buffer must be at least 1, not 0"),
+        ("max_retries", -1, "max_retries must be at least 0, not -1"),
+        ("max_retries", None, "max_retries must be an integer, not NoneType"),
+        ("timeout", -1, "timeout must be a finite number of seconds, more than 0"),
+        ("timeout", 0, "timeout must be a finite number of seconds, more than 0"),
+        ("timeout", "30", "timeout must be a number of seconds, not str"),
+        ("timeout", float("nan"), "timeout must be a finite number of seconds"),
+        ("flush_interval", -0.5, "flush_interval must be a finite number of seconds"),
+        ("flush_interval", float("inf"), "flush_interval must be a finite number of seconds"),
+        ("flush_interval", False, "flush_interval must be a number of seconds, not bool"),
+        ("backoff", -0.1, "backoff must be a finite number of seconds, 0 or more"),
+        ("max_backoff", -1, "max_backoff must be a finite number of seconds, 0 or more"),
+    ],
+)
+def test_client_refuses_bad_settings_naming_them(
+    option: str, value: Any, says: str, tmp_path: Path
+) -> None:
+    if value == "TMP":
+        value = tmp_path  # a folder: every spooled batch would fail with IsADirectoryError
+    with pytest.raises(GatewayError, match=re.escape(says)):
+        EventClient("http://gw", **{option: value})
+    edges: dict[str, Any] = {
+        "spool": str(tmp_path / "s.jsonl"),
+        "batch_size": 1,
+        "max_buffer": 1,
+        "max_retries": 0,
+        "timeout": 1,
+        "flush_interval": 0.01,
+        "backoff": 0,
+        "max_backoff": 0,
+    }
+    EventClient("http://gw", **{option: edges[option]}).close()  # the edge of the range: taken
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        ("send one", "of events, not TrialStartEvent (to send one event, pass [event])"),
+        ("send dict", "events must be an iterable (a list) of events, not dict"),
+        ("send str", "events must be an iterable (a list) of events, not str"),
+        ("send int", "events must be an iterable (a list) of events, not int"),
+        ("send [ev, 5]", "events[1] must be an event (an Event, a dict"),
+        ("emit 5", "emit's event must be an event (an Event, a dict"),
+        ("emit None", "emit's event must be an event (an Event, a dict"),
+        ("attach None", "bus must be an EventBus, not NoneType"),
+        ("attach pattern", "pattern must be a str such as 'ml.*', not int"),
+    ],
+)
+def test_client_refuses_what_is_not_an_event_naming_what_it_takes(
+    call: str, says: str, store: TrialStore
+) -> None:
+    client = EventClient("http://gw", transport=mock_gateway(store))
+    ev = study_events()[0]
+    actions: dict[str, Any] = {
+        "send one": lambda: client.send(ev),
+        "send dict": lambda: client.send(ev.model_dump(mode="json")),
+        "send str": lambda: client.send(ev.model_dump_json()),
+        "send int": lambda: client.send(5),
+        "send [ev, 5]": lambda: client.send([ev, 5]),
+        "emit 5": lambda: client.emit(5),
+        "emit None": lambda: client.emit(None),
+        "attach None": lambda: client.attach(None),
+        "attach pattern": lambda: client.attach(EventBus(), 5),
+    }
+    with pytest.raises(GatewayError, match=re.escape(says)):
+        actions[call]()
+    assert client.stats == SendResult() and client._buffer == []  # nothing half-sent
+    client.close()
+    assert store.last_seq() == 0
+
+
 def _metric_records(n: int, run: str = "r") -> list[dict[str, Any]]:
     return [
         E.run_metric(

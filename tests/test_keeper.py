@@ -317,3 +317,28 @@ def test_the_exit_never_fails_over_the_keeper(monkeypatch: pytest.MonkeyPatch) -
         patched.setattr(keeper._log, "debug", lambda *args: calls.append(args))
         keeper._at_exit()  # no KeyboardInterrupt out of it: it gives up quietly
     assert calls and "KeyboardInterrupt" in calls[0][0] % calls[0][1:]
+
+
+@pytest.mark.parametrize("raw", ["-5", "-1", "abc", "5.0", "1e4"])
+def test_a_bad_setting_is_warned_about_once_and_the_default_kept(
+    raw: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # -5 was taken as 0 ("keep every study") without a word, and "abc" was warned about
+    # at every append
+    monkeypatch.setattr(keeper, "_WARNED", set(), raising=False)
+    monkeypatch.setenv(keeper.ENV_KEEP, raw)
+    caplog.set_level("WARNING", logger=keeper.__name__)
+    store = TrialStore(tmp_path / "lab.db")
+    for study in ("a", "b", "c"):
+        store.append(synthetic_study(study, n_pairs=1, epochs=1))
+    assert keeper.flush() == []  # the default: no study this small is kept
+    warned = [r.getMessage() for r in caplog.records if keeper.ENV_KEEP in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert f"{keeper.ENV_KEEP}={raw!r}" in warned[0]
+    assert "'off' or a number of trials of at least 0" in warned[0]
+    assert f"using {keeper.MIN_TRIALS}" in warned[0]
+    caplog.clear()
+    for good, kept in (("0", 0), ("3", 3), (" 7 ", 7), ("OFF", None)):  # taken, no warning
+        monkeypatch.setenv(keeper.ENV_KEEP, good)
+        assert keeper._threshold() == kept
+    assert not caplog.records

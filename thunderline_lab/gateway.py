@@ -74,6 +74,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -1849,14 +1850,24 @@ class _Sorted:
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: object) -> str:
     """Refuse a gateway URL that could never be reached: without ``http://``/``https://`` or
     a host, every attempt would fail like a gateway that is down, and events would be
-    spooled without a word (``127.0.0.1:8765`` parses as a scheme ``127.0.0.1``).
+    spooled without a word (``127.0.0.1:8765`` parses as a scheme ``127.0.0.1``). A query
+    or fragment is refused too (the ingest path would be appended after it), as is
+    whitespace or a control character (a host with a space in it cannot be looked up).
+
+    Returns:
+        ``url``, known to be a ``str``.
 
     Raises:
-        GatewayError: naming the URL and what it lacks.
+        GatewayError: naming the URL and what is wrong with it.
     """
+    if not isinstance(url, str):
+        raise GatewayError(
+            f"bad gateway URL {url!r}: url must be a str such as 'http://127.0.0.1:8765', "
+            f"not {type(url).__name__}"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
@@ -1868,14 +1879,112 @@ def _check_url(url: str) -> None:
             f"bad gateway URL {url!r}: it needs http:// or https:// and a host "
             "(e.g. http://127.0.0.1:8765)"
         )
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise GatewayError(
+            f"bad gateway URL {url!r}: it holds whitespace or a control character "
+            "(percent-encode them in a path, and a host cannot hold them)"
+        )
+    if parts.query or parts.fragment or url.rstrip("/").endswith(("?", "#")):
+        raise GatewayError(
+            f"bad gateway URL {url!r}: it must not hold a query (?...) or a fragment (#...): "
+            f"the client appends {INGEST_PATH} to it"
+        )
+    return url
 
 
-def _record_json(item: Event | Mapping[str, Any] | str) -> str:
+def _check_token(token: object, source: str) -> str:
+    """Refuse a token that could never be accepted, instead of sending it and leaving the
+    user to puzzle over a 401: not a ``str`` (``Bearer 5``, ``Bearer b'abc'``), not printable
+    ASCII (a newline would break or inject a header), or with leading or trailing
+    whitespace. Whitespace is refused, not stripped, as :func:`serve` refuses it: a padded
+    value is a copy-paste slip the user should see, and the token passed to both stays the
+    same string. ``source`` names where the token came from.
+
+    Raises:
+        GatewayError: naming ``source`` and what is wrong (never the token itself).
+    """
+    if not isinstance(token, str):
+        raise GatewayError(f"{source} must be a str, not {type(token).__name__}")
+    if token != token.strip():
+        raise GatewayError(
+            f"{source} has leading or trailing whitespace (a copy-paste slip? "
+            "the gateway would refuse it)"
+        )
+    if not (token.isascii() and token.isprintable()):
+        raise GatewayError(
+            f"{source} must be printable ASCII (it holds a control character such as a "
+            "newline, or a non-ASCII one)"
+        )
+    return token
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GatewayError(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise GatewayError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object, *, zero: bool) -> float:
+    """``value`` if it is a finite real number (not a ``bool``), positive (or 0 if ``zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GatewayError(
+            f"{name} must be a number of seconds, not {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise GatewayError(f"{name} must be a finite number of seconds, {least}, not {value}")
+    return float(value)
+
+
+def _check_spool(spool: object) -> Path | None:
+    """The spool file's path; refuse what is not a path, or names a folder (every spooled
+    batch would then fail with ``IsADirectoryError``)."""
+    if spool is None:
+        return None
+    if not isinstance(spool, str | os.PathLike) or isinstance(os.fspath(spool), bytes):
+        raise GatewayError(
+            f"spool must be a file path (a str or a Path), not {type(spool).__name__}"
+        )
+    path = Path(spool)
+    if str(spool) == "" or path.is_dir():
+        raise GatewayError(f"spool must name a file, not a folder: {str(spool)!r}")
+    return path
+
+
+_EVENT_KINDS = "an event (an Event, a dict in an accepted wire shape, or a JSON string)"
+
+
+def _record_json(item: object, what: str = "the event") -> str:
+    """One event as a JSON record; ``what`` names it in the error.
+
+    Raises:
+        GatewayError: ``item`` is not an event.
+    """
     if isinstance(item, str):
         return item
     if isinstance(item, Mapping):
         return json.dumps(item, default=str, separators=(",", ":"))
-    return item.model_dump_json()
+    if isinstance(item, Event):
+        return item.model_dump_json()
+    raise GatewayError(f"{what} must be {_EVENT_KINDS}, not {type(item).__name__}")
+
+
+def _records_json(events: object) -> list[str]:
+    """The JSON records of ``send``'s ``events``: an iterable of events, never one event
+    (iterating an event object yields its fields, a dict its keys, a string its letters).
+
+    Raises:
+        GatewayError: ``events`` is not an iterable of events, naming the first bad item.
+    """
+    if isinstance(events, str | bytes | Mapping | Event) or not isinstance(events, Iterable):
+        one = " (to send one event, pass [event])" if isinstance(events, Mapping | Event) else ""
+        raise GatewayError(
+            f"events must be an iterable (a list) of events, not {type(events).__name__}{one}"
+        )
+    return [_record_json(e, f"events[{i}]") for i, e in enumerate(events)]
 
 
 class EventClient:
@@ -1901,6 +2010,14 @@ class EventClient:
     ``max_buffer``) and are retried at the next flush, and rejected ones are dropped with an
     error logged.
 
+    The settings are checked at construction, and a bad one raises :class:`GatewayError`
+    naming it: the URL (``http://`` or ``https://``, a host, no query or fragment), the
+    token (a ``str`` of printable ASCII without surrounding whitespace: refused, not
+    stripped, as :func:`serve` refuses it; ``""`` sends none), the spool (a file path, not
+    a folder), the counts (``batch_size`` and ``max_buffer`` at least 1, ``max_retries`` at
+    least 0) and the seconds (``timeout`` and ``flush_interval`` above 0, ``backoff`` and
+    ``max_backoff`` at least 0); a ``bool`` is not a number.
+
     Example:
         >>> client = EventClient("http://127.0.0.1:8765", spool="lab/gateway-spool.jsonl")
         >>> # client.send([events.trial_start(...)])       # synchronous, returns SendResult
@@ -1923,17 +2040,21 @@ class EventClient:
         max_buffer: int = 200_000,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        _check_url(url)
-        base = url.rstrip("/")
+        base = _check_url(url).rstrip("/")
         self.endpoint = base if base.endswith(INGEST_PATH) else base + INGEST_PATH
-        self.token = token if token is not None else os.environ.get(ENV_TOKEN) or None
-        self.spool = Path(spool) if spool is not None else None
-        self.batch_size = max(1, batch_size)
-        self.flush_interval = flush_interval
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.max_buffer = max_buffer
+        if token is None:
+            env = os.environ.get(ENV_TOKEN) or None
+            self.token = _check_token(env, f"${ENV_TOKEN}") if env is not None else None
+        else:
+            self.token = _check_token(token, "token") if token != "" else token
+        self.spool = _check_spool(spool)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.flush_interval = _check_seconds("flush_interval", flush_interval, zero=False)
+        timeout = _check_seconds("timeout", timeout, zero=False)
+        self.max_retries = _check_int("max_retries", max_retries, 0)
+        self.backoff = _check_seconds("backoff", backoff, zero=True)
+        self.max_backoff = _check_seconds("max_backoff", max_backoff, zero=True)
+        self.max_buffer = _check_int("max_buffer", max_buffer, 1)
         headers = {"content-type": "application/json"}
         if self.token:
             headers["authorization"] = f"Bearer {self.token}"
@@ -1968,7 +2089,7 @@ class EventClient:
                 it is unreachable and there is no spool; its ``result`` says what was
                 delivered, ``rejected`` and ``unsent`` which events (by index) were not.
         """
-        records = [_record_json(e) for e in events]
+        records = _records_json(events)
         total = SendResult()
         rejected: list[int] = []
         errors: list[dict[str, Any]] = []
@@ -2250,9 +2371,10 @@ class EventClient:
         """Buffer one event for the background sender (the bus handler).
 
         Raises:
-            GatewayError: the buffer is full (no spool and the gateway is unreachable).
+            GatewayError: ``event`` is not an event, or the buffer is full (no spool and
+                the gateway is unreachable).
         """
-        record = _record_json(event)
+        record = _record_json(event, "emit's event")
         with self._cond:
             if self._closed:
                 raise GatewayError("the event client is closed")
@@ -2273,7 +2395,20 @@ class EventClient:
     __call__ = emit
 
     def attach(self, bus: EventBus, pattern: str = "ml.*") -> Subscription:
-        """Subscribe to ``bus`` so every matching event is reported through the gateway."""
+        """Subscribe to ``bus`` so every matching event is reported through the gateway.
+
+        Raises:
+            GatewayError: ``bus`` is not an :class:`~thunderline_lab.bus.EventBus`, or
+                ``pattern`` not a string.
+        """
+        from thunderline_lab.bus import EventBus
+
+        if not isinstance(bus, EventBus):
+            raise GatewayError(f"bus must be an EventBus, not {type(bus).__name__}")
+        if not isinstance(pattern, str):
+            raise GatewayError(
+                f"pattern must be a str such as 'ml.*', not {type(pattern).__name__}"
+            )
         sub = bus.subscribe(pattern, self.emit, name="EventClient")
         self._subs.append((bus, sub))
         return sub

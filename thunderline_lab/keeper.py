@@ -28,7 +28,8 @@ writer (the gateway) keeps it a few seconds behind the log at most. Smaller stud
 left alone: they are read from scratch in well under 100 ms.
 
 Configuration: ``THUNDERLINE_LAB_KEEP_SNAPSHOTS`` = ``off`` disables the keeper; an integer
-sets :data:`MIN_TRIALS` (``0``: every study).
+of at least 0 sets :data:`MIN_TRIALS` (``0``: every study); anything else is warned about
+once and :data:`MIN_TRIALS` kept.
 
 Example:
     >>> import tempfile
@@ -87,20 +88,38 @@ _EXIT_TIMEOUT = 660.0  # seconds the exit waits for a refresh under way in the t
 _CHILD_TIMEOUT = 600.0  # seconds a child refreshing the snapshots may take
 
 
+_WARNED: set[str] = set()  # the bad ENV_KEEP values already warned about in this process
+
+
 def _threshold() -> int | None:
-    """The minimum trials of a kept study, None when the keeper is off."""
+    """The minimum trials of a kept study, None when the keeper is off.
+
+    A value that is neither ``off`` nor an integer of at least 0 is warned about (once per
+    process and value: this runs at every append) and the default :data:`MIN_TRIALS` used.
+    It is not refused: this is read inside every store append, and a snapshot only changes
+    what a comparison costs, never its result, so a typo must not fail a writer.
+    """
     raw = os.environ.get(ENV_KEEP, "").strip().lower()
     if not raw:
         return MIN_TRIALS
     if raw in ("off", "no", "false", "never"):
         return None
     try:
-        return max(0, int(raw))
+        value = int(raw)
     except ValueError:
+        value = -1
+    if value >= 0:
+        return value
+    if raw not in _WARNED:
+        _WARNED.add(raw)
         _log.warning(
-            "%s=%r is neither 'off' nor a number of trials; using %d", ENV_KEEP, raw, MIN_TRIALS
+            "%s=%r is not valid: it takes 'off' or a number of trials of at least 0 "
+            "(0: every study); using %d",
+            ENV_KEEP,
+            raw,
+            MIN_TRIALS,
         )
-        return MIN_TRIALS
+    return MIN_TRIALS
 
 
 @dataclass
