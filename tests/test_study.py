@@ -1102,18 +1102,6 @@ def _lab_with_a_store(root: Path) -> Lab:
     return lab
 
 
-def _tables_and_bytes(db: Path) -> tuple[set[str], bytes]:
-    import sqlite3
-
-    assert not Path(f"{db}-wal").exists()  # all of it in the file compared
-    conn = sqlite3.connect(f"{db.as_uri()}?immutable=1", uri=True)
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    finally:
-        conn.close()
-    return tables, db.read_bytes()
-
-
 @pytest.fixture()
 def no_exec(monkeypatch):
     """``dashboard`` would replace the test process by optuna-dashboard: record it instead."""
@@ -1127,13 +1115,15 @@ def no_exec(monkeypatch):
     return calls
 
 
-def test_dashboard_on_a_trial_store_is_refused_and_writes_nothing(tmp_path, monkeypatch, no_exec):
+def test_dashboard_on_a_trial_store_is_refused_and_writes_nothing(
+    db_state, tmp_path, monkeypatch, no_exec
+):
     # optuna-dashboard (and the reachability check before it) added Optuna's tables to lab.db
     lab = _lab_with_a_store(tmp_path / "lab")
     other = _lab_with_a_store(tmp_path / "other")  # any lab's store, in WAL mode, closed
     (tmp_path / "link.db").symlink_to(lab.db_path)
     monkeypatch.chdir(tmp_path)
-    before = _tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)
+    before = db_state(lab.db_path), db_state(other.db_path)
     own = "that is the lab's trial store (lab.db), not an Optuna"
     cases = {
         f"sqlite:///{lab.db_path}": f"{own} storage",  # sqlite:////abs/lab/lab.db
@@ -1156,7 +1146,7 @@ def test_dashboard_on_a_trial_store_is_refused_and_writes_nothing(tmp_path, monk
         make_storage(f"sqlite:///{other.db_path}")
     with pytest.raises(StudyError, match=r"trial store \(lab.db\), not an Optuna journal file"):
         run_study("s", lab=lab.root, storage="lab/lab.db", n_trials=1, trainer=fake_trainer)
-    assert (_tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)) == before
+    assert (db_state(lab.db_path), db_state(other.db_path)) == before
     assert sorted(p.name for p in other.root.iterdir()) == ["lab.db"]  # no -wal, -shm made
 
 

@@ -580,18 +580,8 @@ def test_sync_to_a_database_in_a_folder_that_is_not_there_is_refused(tmp_path: P
     assert tracking._missing_database_folder("http://127.0.0.1:5000") is None
 
 
-def _tables_and_bytes(db: Path) -> tuple[set[str], bytes]:
-    assert not Path(f"{db}-wal").exists()  # all of it in the file compared
-    conn = sqlite3.connect(f"{db.as_uri()}?immutable=1", uri=True)
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    finally:
-        conn.close()
-    return tables, db.read_bytes()
-
-
 def test_sync_to_a_trial_store_is_refused_and_writes_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db_state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # --tracking-uri sqlite:///.../lab.db: MLflow added experiments, runs, params, tags and
     # alembic_version to the trial store, then failed ("duplicate column name: step")
@@ -602,7 +592,7 @@ def test_sync_to_a_trial_store_is_refused_and_writes_nothing(
             store.append([E.trial_start(model_run_id="s", trial_id="t", spectral_norm=True)])
     (tmp_path / "link.db").symlink_to(lab.db_path)
     monkeypatch.chdir(tmp_path)
-    before = _tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)
+    before = db_state(lab.db_path), db_state(other.db_path)
     own = "that is the lab's trial store (lab.db), not an MLflow database; nothing was synced"
     cases = {
         f"sqlite:///{lab.db_path}": own,  # sqlite:////abs/lab/lab.db
@@ -622,16 +612,16 @@ def test_sync_to_a_trial_store_is_refused_and_writes_nothing(
         main, ["mlflow-sync", "--lab", "lab"], env={"MLFLOW_TRACKING_URI": "sqlite:///lab/lab.db"}
     )
     assert out.exit_code == 1 and own in out.output
-    assert (_tables_and_bytes(lab.db_path), _tables_and_bytes(other.db_path)) == before
+    assert (db_state(lab.db_path), db_state(other.db_path)) == before
     # the logger (run --mlflow with such a $MLFLOW_TRACKING_URI) opens nothing there either
     bus = EventBus()
     logger = MLflowLogger(bus, lab=lab, study="s", tracking_uri="sqlite:///link.db", isolate=False)
     bus.publish(E.trial_start(model_run_id="s", trial_id="t1", spectral_norm=True))
     assert not logger.close(10)
     assert any("trial store" in e for e in logger.errors), logger.errors
-    assert _tables_and_bytes(other.db_path) == before[1]
+    assert db_state(other.db_path) == before[1]
     assert sorted(p.name for p in other.root.iterdir()) == ["lab.db"]  # no -wal, -shm made
-    tables = _tables_and_bytes(lab.db_path)[0]  # the logger's outbox tables, none of MLflow's
+    tables = db_state(lab.db_path)[0]  # the logger's outbox tables, none of MLflow's
     assert tables - before[0][0] <= {"mlflow_studies", "mlflow_outbox", "mlflow_artifacts"}
 
 
