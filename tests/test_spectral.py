@@ -939,6 +939,7 @@ def test_a_spectral_normalised_layer_whose_weights_diverged_is_refused() -> None
         ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 def test_malformed_spectral_requests_are_refused_by_name(call, message) -> None:
     with pytest.raises(SpectralNormError, match=message):
         call()
