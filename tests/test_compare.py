@@ -7,7 +7,7 @@ import math
 import subprocess
 import sys
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ from thunderline_lab.compare import (
     bootstrap_mean_ci,
     compare_arrays,
     compare_study,
+    format_headline,
     higher_is_better,
+    report_folder,
     write_report,
 )
-from thunderline_lab.errors import StudyError
+from thunderline_lab.errors import ConfigError, StudyError
 from thunderline_lab.lab import Lab
 from thunderline_lab.monitor import synthetic_study
 from thunderline_lab.store import TrialStore
@@ -2372,6 +2374,68 @@ def test_an_argument_out_of_range_is_refused_by_name(
 ) -> None:
     with pytest.raises(StudyError, match=rf"^{option}: "):
         compare_study(synthetic_store, STUDY, details=False, **{option: value})
+
+
+_X = [0.1, 0.2, 0.3, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: bootstrap_mean_ci(_X, confidence=1.5), "^confidence: "),  # numpy's ValueError
+        (lambda: bootstrap_mean_ci(_X, n_boot=0), "^n_boot: "),  # an IndexError
+        (lambda: bootstrap_mean_ci(_X, seed=-1), "^seed: "),
+        (lambda: bootstrap_mean_ci(_X, method="bogus"), "^method: "),  # was run as "auto"
+        (lambda: bootstrap_mean_ci(_X, max_draws=0), "^max_draws: "),  # was 200 resamples
+        (lambda: bootstrap_mean_ci(["a", "b"]), "^x: a 1-D sequence of numbers"),
+        (lambda: bootstrap_mean_ci(None), "^x: a 1-D sequence of numbers"),
+        (lambda: bootstrap_mean_ci(np.zeros((3, 2))), r"^x: .*shape \(3, 2\)"),
+        (lambda: bootstrap_mean_ci(_X, ["a"]), "^y: "),
+        (lambda: compare_arrays("acc", _X, _X, paired=True), None),  # lists: fine
+        (lambda: compare_arrays("acc", _X, _X[:3], paired=True), "^paired: sn and none must"),
+        (lambda: compare_arrays(None, _X, _X, paired=True), "^metric: "),  # type: ignore[arg-type]
+        (lambda: compare_arrays("acc", _X, _X, paired=False, confidence=0), "^confidence: "),
+        (lambda: higher_is_better(None), "^metric: "),  # type: ignore[arg-type]
+        (lambda: format_headline(None), "^headline: "),  # type: ignore[arg-type]
+        (lambda: format_headline(pd.DataFrame()), "^headline: "),  # a KeyError 'diff'
+        (lambda: report_folder(None), "^study: "),  # type: ignore[arg-type]
+    ],
+)
+def test_the_public_statistics_refuse_bad_arguments_by_name(
+    call: Callable[[], Any], message: str | None
+) -> None:
+    if message is None:
+        call()
+        return
+    with pytest.raises(StudyError, match=message):
+        call()
+
+
+def test_format_headline_refuses_a_confidence_it_would_print_as_200_percent(
+    synthetic_store: TrialStore,
+) -> None:
+    res = compare_study(synthetic_store, STUDY, details=False, n_boot=200)
+    assert "95% CI" in format_headline(res.headline)
+    for confidence in (2, math.nan, 0):
+        with pytest.raises(StudyError, match=r"^confidence: "):
+            format_headline(res.headline, confidence=confidence)
+
+
+def test_write_report_refuses_what_is_no_result_or_folder(
+    synthetic_store: TrialStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # write_report(res, "") wrote report.md and the figures into the current folder (and
+    # deleted stale figures there); report_folder("") was "" (the reports folder itself)
+    res = compare_study(synthetic_store, STUDY, details=False, n_boot=200)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^out_dir: a folder path"):
+        write_report(res, "")
+    with pytest.raises(StudyError, match=r"^res: a comparison"):
+        write_report(res.headline, tmp_path / "r")  # type: ignore[arg-type]
+    with pytest.raises(StudyError, match=r"^mlflow_links: "):
+        write_report(res, tmp_path / "r", mlflow_links=[1, 2])  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+    assert report_folder("").startswith("study-")
 
 
 def test_the_study_must_be_named_by_text_or_an_integer(synthetic_store: TrialStore) -> None:

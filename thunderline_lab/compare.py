@@ -117,7 +117,7 @@ import msgspec
 import numpy as np
 import pandas as pd
 
-from thunderline_lab.errors import StudyError, did_you_mean
+from thunderline_lab.errors import ConfigError, StudyError, did_you_mean
 from thunderline_lab.events import TERMINAL_STATUSES, gc_paused
 from thunderline_lab.store import TrialStore, snapshot_dir
 
@@ -179,6 +179,8 @@ def higher_is_better(metric: str) -> bool:
         >>> higher_is_better("test_accuracy"), higher_is_better("test_nll")
         (True, False)
     """
+    if not isinstance(metric, str):
+        raise StudyError(f"metric: a metric's name (text), not {metric!r}")
     return _LOWER_IS_BETTER.search(metric) is None
 
 
@@ -292,13 +294,21 @@ def bootstrap_mean_ci(
     (1e300, 1e-300) are resampled in units of a power of two, so no sum overflows; an
     estimate or bound beyond the float64 range itself is ±inf.
 
+    Raises:
+        StudyError: naming the argument: ``x`` or ``y`` no 1-D sequence of numbers, an
+            unknown ``method``, or ``n_boot`` (≥ 200), ``confidence`` (in (0, 1)), ``seed``
+            (≥ 0) or ``max_draws`` (≥ 1) out of range.
+
     Example:
         >>> est, lo, hi, b = bootstrap_mean_ci([0.1, 0.2, 0.15, 0.3, 0.25], seed=1)
         >>> lo < est < hi, b
         (True, 2000)
     """
-    xa = np.asarray(x, dtype=float)
-    ya = None if y is None else np.asarray(y, dtype=float)
+    _check_boot_options(n_boot, confidence, seed, max_draws)
+    if method not in ("auto", "saddlepoint", "resample"):
+        raise StudyError(f"method: 'auto', 'saddlepoint' or 'resample', not {method!r}")
+    xa = _sample("x", x)
+    ya = None if y is None else _sample("y", y)
     return _bootstrap_ci(xa, ya, n_boot, confidence, seed, name, max_draws, method)
 
 
@@ -836,12 +846,26 @@ def compare_arrays(
     and ``overflow`` is True when SN − none is beyond the float64 range (no estimate, no CI,
     no verdict; the rank or t test, being scale-free, still has its p).
 
+    Raises:
+        StudyError: naming the argument: a ``metric`` that is no text, arms that are no 1-D
+            sequences of numbers, paired arms of different lengths, or a bootstrap argument
+            out of range (as :func:`compare_study` says).
+
     Example:
         >>> row = compare_arrays("acc", np.array([.9, .8, .85]), np.array([.85, .8, .8]),
         ...                      paired=True)
         >>> row["test"], round(row["diff"], 4)
         ('wilcoxon', 0.0333)
     """
+    if not isinstance(metric, str):
+        raise StudyError(f"metric: a metric's name (text), not {metric!r}")
+    _check_boot_options(n_boot, confidence, seed, max_draws)
+    sn, none = _sample("sn", sn), _sample("none", none)
+    if paired and len(sn) != len(none):
+        raise StudyError(
+            f"paired: sn and none must hold one value per pair each, not {len(sn)} and "
+            f"{len(none)} values"
+        )
     key = None
     sink = _ROW_SINK.get()
     if len(sn) + len(none) >= _ROW_MEMO_MIN and (sink is None or sink.use_memo):
@@ -3320,12 +3344,28 @@ def _check_options(
         raise StudyError(f"study: a study's name (text, or an integer: its text), not {study!r}")
     if paired is not None and not isinstance(paired, bool | np.bool_):
         raise StudyError(f"paired: True, False or None (the study's design), not {paired!r}")
+    _check_boot_options(n_boot, confidence, seed, max_draws)
+    if not (_is_int(curve_trials) and curve_trials >= 1):
+        raise StudyError(f"curve_trials: a whole number of trials, 1 or more, not {curve_trials!r}")
+
+
+def _check_confidence(confidence: Any) -> None:
     if not (
         isinstance(confidence, numbers.Real)
         and not isinstance(confidence, bool | np.bool_)
         and 0 < float(confidence) < 1  # NaN is not
     ):
         raise StudyError(f"confidence: a number between 0 and 1 (0.95: 95%), not {confidence!r}")
+
+
+def _check_boot_options(n_boot: Any, confidence: Any, seed: Any, max_draws: Any) -> None:
+    """The bootstrap's arguments (:func:`compare_study`, :func:`compare_arrays`,
+    :func:`bootstrap_mean_ci`), refused by name.
+
+    Raises:
+        StudyError: naming the argument and the value given.
+    """
+    _check_confidence(confidence)
     if not (_is_int(n_boot) and n_boot >= _MIN_BOOT):
         raise StudyError(
             f"n_boot: a whole number of resamples, at least {_MIN_BOOT}, not {n_boot!r}"
@@ -3334,8 +3374,21 @@ def _check_options(
         raise StudyError(f"seed: a whole number, 0 or more, not {seed!r}")
     if not (_is_int(max_draws) and max_draws >= 1):
         raise StudyError(f"max_draws: a whole number of draws, 1 or more, not {max_draws!r}")
-    if not (_is_int(curve_trials) and curve_trials >= 1):
-        raise StudyError(f"curve_trials: a whole number of trials, 1 or more, not {curve_trials!r}")
+
+
+def _sample(name: str, values: Any) -> np.ndarray:
+    """``values`` as a 1-D float array (a list or an array of numbers).
+
+    Raises:
+        StudyError: naming ``name``: text, None, a table of several columns.
+    """
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise StudyError(f"{name}: a 1-D sequence of numbers, not {values!r:.80}") from None
+    if arr.ndim != 1:
+        raise StudyError(f"{name}: a 1-D sequence of numbers, not an array of shape {arr.shape}")
+    return arr
 
 
 def _as_store(store: Any) -> tuple[TrialStore, bool]:
@@ -4814,7 +4867,18 @@ def _headline_display(headline: pd.DataFrame, confidence: float | None = None) -
 def format_headline(headline: pd.DataFrame, *, confidence: float | None = None) -> str:
     """Fixed-width text of a headline table; its CI column is named by ``confidence``
     (default: the level :func:`compare_study` computed the headline at). A last line says
-    what ``p_holm`` adjusts for (the family of tests, the method)."""
+    what ``p_holm`` adjusts for (the family of tests, the method).
+
+    Raises:
+        StudyError: ``headline`` is no headline table (``res.headline``), or ``confidence``
+            is not in (0, 1)."""
+    if not isinstance(headline, pd.DataFrame) or not {"metric", "diff"} <= set(headline.columns):
+        raise StudyError(
+            "headline: a comparison's headline table (compare_study(...).headline), not "
+            f"{type(headline).__name__}"
+        )
+    if confidence is not None:
+        _check_confidence(confidence)
     shown = _headline_display(headline, confidence)
     widths = {c: max(len(c), *(len(str(v)) for v in shown[c])) for c in shown.columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in shown.columns)]
@@ -5156,9 +5220,11 @@ def report_folder(study: str) -> str:
     """
     import unicodedata
 
+    if not isinstance(study, str):
+        raise StudyError(f"study: a study's name (text), not {study!r}")
     name = unicodedata.normalize("NFC", study)
     safe = re.sub(r"[^\w.-]+", "_", name).strip("._")[:64]
-    if safe == study:
+    if safe and safe == study:  # "" too gets a name and a tag: never the reports folder
         return safe
     tag = hashlib.blake2b(study.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
     return f"{safe or 'study'}-{tag}"
@@ -5185,13 +5251,27 @@ def write_report(
     written atomically, ``report.md`` last.
 
     Raises:
-        ConfigError: ``out_dir`` cannot be made or written (a file in the way, no
-            permission); the message names the path at fault.
+        ConfigError: ``out_dir`` is empty, or cannot be made or written (a file in the way,
+            no permission); the message names the path at fault.
+        StudyError: ``res`` is no comparison, ``mlflow_links`` no links table.
 
     Example:
         >>> write_report(res, "lab/reports/ab")  # doctest: +SKIP
         PosixPath('lab/reports/ab/report.md')
     """
+    if not isinstance(res, ComparisonResult):
+        raise StudyError(f"res: a comparison (compare_study's result), not {type(res).__name__}")
+    if not isinstance(out_dir, str | os.PathLike) or not str(out_dir).strip():
+        raise ConfigError(
+            f"out_dir: a folder path (for the current folder, give '.'), not {out_dir!r}"
+        )
+    if mlflow_links is not None and not (
+        isinstance(mlflow_links, pd.DataFrame) and "mlflow_run_id" in mlflow_links.columns
+    ):
+        raise StudyError(
+            "mlflow_links: the table thunderline_lab.tracking.mlflow_links() gives, not "
+            f"{type(mlflow_links).__name__}"
+        )
     out = Path(out_dir)
     # everything is drawn before the folder is touched: a figure that cannot be drawn
     # leaves no half-written report
@@ -5267,7 +5347,6 @@ def _write_files(out: Path, files: Mapping[str, bytes], stale: Iterable[str]) ->
             permission), naming the path at fault; nothing is written when a target is
             a folder.
     """
-    from thunderline_lab.errors import ConfigError
 
     def unwritable(path: Any, exc: OSError) -> ConfigError:
         return ConfigError(f"report folder {out}: cannot write {path}: {exc.strerror or exc}")
