@@ -397,3 +397,20 @@ def test_max_sigma_refuses_a_non_module():
 
     with pytest.raises(TrainingError, match=r"max_sigma: model must be a torch\.nn\.Module"):
         max_sigma(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("lipschitz_samples", 0),  # silently measured one input
+        ("lipschitz_samples", -5),
+        ("lipschitz_samples", 2.5),
+        ("n_bins", 0),
+        ("n_bins", True),
+        ("lipschitz", "no"),  # a flag given as text was taken as set
+        ("layer_sigmas", 1),
+    ],
+)
+def test_eval_settings_out_of_range_are_refused_by_name(option: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^EvalSettings\.{option}: "):
+        EvalSettings(**{option: value})  # type: ignore[arg-type]

@@ -114,6 +114,18 @@ class EvalSettings:
     lipschitz_samples: int = 64
     layer_sigmas: bool = True
 
+    def __post_init__(self) -> None:
+        # lipschitz_samples=0 silently measured 1 input; a flag given as text was taken as set
+        for name in ("n_bins", "lipschitz_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"EvalSettings.{name}: a whole number >= 1, not {value!r}")
+        for name in ("lipschitz", "layer_sigmas"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"EvalSettings.{name}: True or False, not {getattr(self, name)!r}"
+                )
+
 
 @dataclass
 class TrialResult:
