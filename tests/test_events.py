@@ -755,3 +755,13 @@ def test_a_metric_name_without_its_value_is_named_plainly(
     assert err.message == (
         f"{missing} is required with {other} (give both, or neither and measurements)"
     )
+
+
+def test_an_empty_id_or_timestamp_given_is_validated_not_replaced() -> None:
+    # make_event(id="") and timestamp="" were silently replaced by a new id and "now"
+    for field in ({"id": ""}, {"timestamp": ""}):
+        with pytest.raises(EventValidationError) as info:
+            E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, **field)
+        assert [e.path for e in info.value.errors] == list(field)
+    ev = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, timestamp=0)
+    assert ev.timestamp == datetime(1970, 1, 1, tzinfo=UTC)  # Unix time 0, as given

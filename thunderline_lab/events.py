@@ -1245,9 +1245,10 @@ def make_event(
         EventValidationError: a missing or wrong-typed field, an unknown name.
     """
     record: dict[str, Any] = {
-        "id": id or new_event_id(),
+        # only None means "make one": id="" or timestamp=0 are validated (and refused) as given
+        "id": new_event_id() if id is None else id,
         "name": name,
-        "timestamp": timestamp or utcnow(),
+        "timestamp": utcnow() if timestamp is None else timestamp,
         "source": source,
         "correlation_id": correlation_id,
         "payload": payload,
