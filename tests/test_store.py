@@ -935,6 +935,7 @@ def test_store_writer_drops_bad_events_found_at_each_stage_of_one_batch(tmp_path
         (lambda s: s.trials(status=5), "status: a string or a list of strings (got 5)"),
         (lambda s: s.trials(study=5), "study: a string (got 5)"),
         (lambda s: s.trials(spectral_norm="false"), "spectral_norm: True, False or None"),
+        (lambda s: s.trials(expand="no"), "expand: True or False"),  # it expanded
         (lambda s: s.trials(spectral_norm=1), "spectral_norm: True, False or None (got 1)"),
     ],
 )

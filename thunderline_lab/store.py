@@ -1289,6 +1289,8 @@ class TrialStore:
                 raise StoreError(f"spectral_norm: True, False or None (got {spectral_norm!r})")
             where.append("spectral_norm = ?")
             params.append(int(spectral_norm))
+        if not pd.api.types.is_bool(expand):  # "no" would expand
+            raise StoreError(f"expand: True or False (got {expand!r})")
         sql = "SELECT * FROM trials"
         if where:
             sql += " WHERE " + " AND ".join(where)
