@@ -765,3 +765,12 @@ def test_an_empty_id_or_timestamp_given_is_validated_not_replaced() -> None:
         assert [e.path for e in info.value.errors] == list(field)
     ev = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, timestamp=0)
     assert ev.timestamp == datetime(1970, 1, 1, tzinfo=UTC)  # Unix time 0, as given
+
+
+def test_a_numpy_integer_in_a_typed_field_is_shown_as_what_it_is() -> None:
+    # it was shown as (got "3"): text, which the user had not given
+    with pytest.raises(EventValidationError) as info:
+        E.run_metric(
+            model_run_id="r", trial_id="t", step=np.int64(3), metric_name="a", metric_value=1.0
+        )
+    assert "payload.step: must be an integer (got np.int64(3))" in str(info.value)

@@ -563,10 +563,13 @@ def _show(value: Any) -> str | None:
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    try:
-        text = json.dumps(value, default=str)
-    except (TypeError, ValueError):
-        text = repr(value)
+    if not isinstance(value, str | int | float | list | tuple | dict | type(None)):
+        text = repr(value)  # np.int64(3), not "3" (as if text had been given)
+    else:
+        try:
+            text = json.dumps(value, default=repr)
+        except (TypeError, ValueError):
+            text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
