@@ -323,15 +323,15 @@ def test_a_file_in_the_way_of_the_lab_is_a_clean_error(
     write_events(f)
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    for args, env in (
-        (["--lab", str(afile / "sub")], None),
-        ([], str(afile)),
+    for args, env, said in (
+        (["--lab", str(afile / "sub")], None, "error: lab directory "),
+        ([], str(afile), f"error: $THUNDERLINE_LAB_HOME {afile}: a file, not a lab folder"),
     ):
         if env:
             monkeypatch.setenv("THUNDERLINE_LAB_HOME", env)
         result = runner.invoke(main, ["ingest", str(f), *args])
         assert result.exit_code == 1, result.output
-        assert result.output.startswith("error: lab directory ")
+        assert result.output.startswith(said), result.output
         assert "Traceback" not in result.output
         assert afile.read_text() == "not a folder"
 

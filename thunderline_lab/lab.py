@@ -39,9 +39,24 @@ class Lab:
 
     @classmethod
     def resolve(cls, path: str | os.PathLike[str] | None = None) -> Lab:
-        """``path``, else ``$THUNDERLINE_LAB_HOME``, else ``./lab`` (made absolute)."""
-        chosen = path or os.environ.get(ENV_LAB_HOME) or "lab"
-        return cls(Path(chosen).expanduser().resolve())
+        """``path``, else ``$THUNDERLINE_LAB_HOME``, else ``./lab`` (made absolute).
+
+        Raises:
+            ConfigError: ``path`` is no path (papermill makes ``-p lab_dir 5`` an int), or
+                names a file, not a lab folder (its ``lab.db``, or ``$THUNDERLINE_LAB_HOME``
+                set to a file): said here, naming where the path came from, rather than as
+                "no trial store at .../lab.db/lab.db" later.
+        """
+        if path is not None and not isinstance(path, str | os.PathLike):
+            raise ConfigError(f"lab directory: a folder path, not {type(path).__name__} {path!r}")
+        env = os.environ.get(ENV_LAB_HOME)
+        chosen = path or env or "lab"
+        root = Path(chosen).expanduser().resolve()
+        if root.is_file():
+            where = f"${ENV_LAB_HOME}" if not path and env else "lab directory"
+            hint = " (give the folder that holds it)" if root.name == "lab.db" else ""
+            raise ConfigError(f"{where} {root}: a file, not a lab folder{hint}")
+        return cls(root)
 
     @property
     def db_path(self) -> Path:
