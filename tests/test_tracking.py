@@ -661,9 +661,9 @@ def test_a_broken_lab_directory_cannot_reach_the_publisher(tmp_path: Path) -> No
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     bus = EventBus()
-    logger = MLflowLogger(
-        bus, lab=Lab.resolve(not_a_dir), study="s", tracking_uri=f"http://127.0.0.1:{_free_port()}"
-    )
+    # Lab.resolve refuses a file; a lab folder replaced by one after it was resolved:
+    lab = Lab(not_a_dir)
+    logger = MLflowLogger(bus, lab=lab, study="s", tracking_uri=f"http://127.0.0.1:{_free_port()}")
     ev = E.trial_start(model_run_id="s", trial_id="t", spectral_norm=True)
     assert bus.publish(ev) == 1
     logger.log_artifacts("t", sigma_table=pd.DataFrame({"sigma": [1.0]}))
