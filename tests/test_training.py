@@ -10,7 +10,7 @@ import torch
 
 from thunderline_lab.bus import EventBus
 from thunderline_lab.data import load_dataset
-from thunderline_lab.errors import ConfigError
+from thunderline_lab.errors import ConfigError, TrainingError
 from thunderline_lab.models import ModelConfig
 from thunderline_lab.training import (
     EPOCH_MEASUREMENTS,
@@ -393,8 +393,6 @@ def test_seed_everything_refuses_a_non_seed(seed):
 
 
 def test_max_sigma_refuses_a_non_module():
-    from thunderline_lab.errors import TrainingError
-
     with pytest.raises(TrainingError, match=r"max_sigma: model must be a torch\.nn\.Module"):
         max_sigma(None)  # type: ignore[arg-type]
 
@@ -414,3 +412,13 @@ def test_max_sigma_refuses_a_non_module():
 def test_eval_settings_out_of_range_are_refused_by_name(option: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"^EvalSettings\.{option}: "):
         EvalSettings(**{option: value})  # type: ignore[arg-type]
+
+
+def test_max_sigma_of_a_diverged_model_names_the_layer() -> None:
+    # torch's SVD raised its own _LinAlgError on the NaN
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"layer '2' \(Linear\): its weights are not finite"):
+        max_sigma(net)
+    assert net.training  # left as it was

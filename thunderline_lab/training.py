@@ -217,7 +217,7 @@ def max_sigma(model: nn.Module) -> float:
         2.0
 
     Raises:
-        TrainingError: ``model`` is not a module.
+        TrainingError: ``model`` is not a module, or a layer's weights are not finite.
     """
     if not isinstance(model, nn.Module):
         raise TrainingError(
@@ -228,8 +228,13 @@ def max_sigma(model: nn.Module) -> float:
     best = 0.0
     try:
         with torch.no_grad():
-            for _name, module in _weighted_layers(model):
+            for name, module in _weighted_layers(model):
                 weight = _weight_of(module)
+                if not bool(torch.isfinite(weight).all()):  # torch's SVD fails on them
+                    raise TrainingError(
+                        f"max_sigma: layer {name!r} ({type(module).__name__}): its weights are "
+                        "not finite (NaN/inf: a diverged model?)"
+                    )
                 if weight.ndim == 2:
                     sigma = float(torch.linalg.matrix_norm(weight.double(), ord=2))
                 else:
