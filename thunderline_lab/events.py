@@ -182,52 +182,43 @@ def _non_finite_at(value: Mapping[str, Any] | list[Any]) -> str | None:
     return None
 
 
-def _numpy_to_plain(value: Any, path: str = "") -> Any:
+def _plain_json(value: Any, np: Any, path: str = "") -> Any:
     """``value`` with numpy's scalars as the Python numbers they hold (``np.int64(3)`` as 3,
     ``np.float32(0.1)`` as the float it is, ``np.bool_`` as bool), the same object when it
-    holds none; a numpy array is refused (which list it stands for is the caller's to say).
+    holds none (``np``: the numpy module, None before it is imported: then none can exist).
 
     numpy's scalars are what a notebook's parameters often are (``grid[i]``), and JSON (the
-    store's log) has no type for them: the writer failed on them later, unnamed."""
-    np = sys.modules.get("numpy")  # no numpy value exists before numpy is imported
-    if np is None:
-        return value
-    if isinstance(value, np.generic) and not isinstance(value, np.str_ | np.bytes_):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        raise PydanticCustomError(
-            "json_type",
-            "a numpy array is no JSON value (give a list: .tolist())",
-            {"where": path},
-        )
+    store's log) has no type for them: the writer failed on them later, unnamed.
+
+    Raises:
+        PydanticCustomError: ``json_type`` where a value is none JSON can hold (a numpy
+            array, whose list is the caller's to say; an ``object()``), by its path.
+    """
+    if np is not None and isinstance(value, np.generic | np.ndarray):
+        if isinstance(value, np.ndarray):
+            raise PydanticCustomError(
+                "json_type",
+                "a numpy array is no JSON value (give a list: .tolist())",
+                {"where": path},
+            )
+        if not isinstance(value, np.str_ | np.bytes_):
+            return value.item()
     if isinstance(value, Mapping):
-        out = {k: _numpy_to_plain(v, f"{path}.{k}") for k, v in value.items()}
+        out = {k: _plain_json(v, np, f"{path}.{k}") for k, v in value.items()}
         return value if all(out[k] is v for k, v in value.items()) else out
     if isinstance(value, list | tuple):
-        items = [_numpy_to_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [_plain_json(v, np, f"{path}[{i}]") for i, v in enumerate(value)]
         return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    if type(value) not in _PLAIN_OR_FLOAT:
+        try:
+            to_json(value)
+        except (PydanticSerializationError, ValueError, TypeError):
+            raise PydanticCustomError(  # found now, by field, not by the store's writer later
+                "json_type",
+                "no JSON value (text, number, bool, null, list or object)",
+                {"where": path},
+            ) from None
     return value
-
-
-def _unserializable_at(value: Any, path: str = "") -> str | None:
-    """Where a free-form value holds something JSON cannot (an ``object()``, a set), or None."""
-    if isinstance(value, Mapping):
-        for key, sub in value.items():
-            if (where := _unserializable_at(sub, f"{path}.{key}")) is not None:
-                return where
-        return None
-    if isinstance(value, list | tuple):
-        for i, sub in enumerate(value):
-            if (where := _unserializable_at(sub, f"{path}[{i}]")) is not None:
-                return where
-        return None
-    if type(value) in _PLAIN_OR_FLOAT:
-        return None
-    try:
-        to_json(value)
-    except (PydanticSerializationError, ValueError, TypeError):
-        return path
-    return None
 
 
 def _finite_free_form(value: dict[str, Any]) -> dict[str, Any]:
@@ -240,19 +231,12 @@ def _finite_free_form(value: dict[str, Any]) -> dict[str, Any]:
         float not in types or all(map(math.isfinite, filter(_IS_FLOAT, value.values())))
     ):
         return value
-    value = _numpy_to_plain(value)
+    value = _plain_json(value, sys.modules.get("numpy"))
     where = _non_finite_at(value)
     if where is not None:
         raise PydanticCustomError(
             "finite_number",
             "must be a finite number (NaN and infinity are rejected)",
-            {"where": where},
-        )
-    where = _unserializable_at(value)
-    if where is not None:  # found now, by field, not by the store's writer later
-        raise PydanticCustomError(
-            "json_type",
-            "no JSON value (text, number, bool, null, list or object)",
             {"where": where},
         )
     return value
