@@ -758,19 +758,13 @@ def make_storage(
         raise StudyError(f"cannot open Optuna storage {_redact(url)}: {exc}") from exc
 
 
-def _sqlite_path(url: str) -> Path | None:
-    from thunderline_lab.tracking import _sqlite_database_path
-
-    return _sqlite_database_path(url)
-
-
 def _storage_url_problem(url: str, lab: Lab | None) -> str | None:
     """Why the SQLAlchemy URL ``url`` must not be opened as an Optuna storage, or None: an
     SQLite file that is a trial store (Optuna would add its tables to it, and its ``trials``
     table clashes with the store's), a folder or not SQLite."""
-    from thunderline_lab.tracking import _sqlite_database_problem
+    from thunderline_lab.tracking import _sqlite_database_path, _sqlite_database_problem
 
-    path = _sqlite_path(url)
+    path = _sqlite_database_path(url)
     if path is None:
         return None
     return _sqlite_database_problem(path, lab=lab, role="an Optuna storage")
@@ -2560,8 +2554,10 @@ def _dashboard_storage(storage: str, lab: Lab) -> list[str]:
     if not storage.strip():
         raise StudyError(f"--storage is empty: give {_STORAGE_FORMS}")
     if "://" in storage:
+        from thunderline_lab.tracking import _sqlite_database_path
+
         problem = _storage_url_problem(storage, lab)
-        path = _sqlite_path(storage)
+        path = _sqlite_database_path(storage)
         if problem is None and path is not None:  # optuna-dashboard would make the file, tables
             problem = _not_an_optuna_database(path)
         if problem is not None:
