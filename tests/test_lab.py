@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from thunderline_lab.compare import compare_study
 from thunderline_lab.errors import ConfigError
-from thunderline_lab.lab import ENV_LAB_HOME, Lab
+from thunderline_lab.lab import ENV_LAB_HOME, Lab, study_name
 from thunderline_lab.monitor import synthetic_study
 
 
@@ -46,3 +48,14 @@ def test_a_path_that_is_no_path_is_refused(path: object) -> None:
     # papermill makes -p lab_dir 5 the int 5: it was a TypeError from pathlib
     with pytest.raises(ConfigError, match=r"^lab directory: a folder path, not "):
         Lab.resolve(path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "name"), [(2024, "2024"), (np.int64(7), "7"), ("a b", "a b")])
+def test_study_name_takes_text_and_integers_as_their_text(value: Any, name: str) -> None:
+    assert study_name(value) == name
+
+
+@pytest.mark.parametrize("value", [2.5, True, None, ["a"], "", "  "])
+def test_study_name_refuses_anything_else_naming_the_argument(value: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^studies: expected a study name \(text; an integer"):
+        study_name(value, "studies")

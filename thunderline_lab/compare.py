@@ -119,6 +119,7 @@ import pandas as pd
 
 from thunderline_lab.errors import ConfigError, StudyError, did_you_mean
 from thunderline_lab.events import TERMINAL_STATUSES, gc_paused
+from thunderline_lab.lab import study_name
 from thunderline_lab.store import TrialStore, snapshot_dir
 
 __all__ = [
@@ -3231,8 +3232,8 @@ def compare_study(
         raise StudyError(f"mode must be 'best' or 'final', not {mode!r}")
     metrics = _metric_list(metrics)
     statuses = _status_list(statuses)
-    if _is_int(study):  # papermill makes -p study_name 2024 the int 2024 (as the monitor reads)
-        study = str(int(study))
+    if _is_int(study):  # papermill makes -p study_name 2024 the int 2024 (lab.study_name)
+        study = study_name(study)
     _check_options(study, paired, n_boot, confidence, seed, max_draws, curve_trials)
     store, owned = _as_store(store)
     _settle_allocator()

@@ -17,14 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from thunderline_lab.errors import ConfigError
 from thunderline_lab.store import TrialStore
 
-__all__ = ["ENV_LAB_HOME", "ENV_TOKEN", "Lab"]
+__all__ = ["ENV_LAB_HOME", "ENV_TOKEN", "Lab", "study_name"]
 
 ENV_LAB_HOME = "THUNDERLINE_LAB_HOME"
 # the gateway's token: read by `serve`, EventClient, GatewaySource and the batch runner
@@ -118,3 +120,26 @@ class Lab:
             raise ConfigError(
                 f"lab directory {self.root}: cannot create {d}: {exc.strerror or exc}"
             ) from None
+
+
+def study_name(value: Any, what: str = "study") -> str:
+    """A study name as a notebook parameter gives it: text, or an integer taken as its
+    text (papermill makes ``-p study_name 2024`` the int 2024; a study named "2024" is
+    legitimate). The monitor, the notebook helpers and the comparison all read names so.
+
+    Example:
+        >>> study_name(2024), study_name("sn-vs-none")
+        ('2024', 'sn-vs-none')
+
+    Raises:
+        ConfigError: anything else (a float, a bool, None, a list, blank text), naming
+            ``what`` (the argument).
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(
+        f"{what}: expected a study name (text; an integer is taken as its text), "
+        f"got {type(value).__name__} {value!r}"
+    )

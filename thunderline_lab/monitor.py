@@ -85,7 +85,7 @@ from thunderline_lab.errors import (
     did_you_mean,
 )
 from thunderline_lab.events import Event, EventConflictError
-from thunderline_lab.lab import ENV_TOKEN
+from thunderline_lab.lab import ENV_TOKEN, study_name
 from thunderline_lab.store import TrialStore
 
 __all__ = [
@@ -899,7 +899,7 @@ class MonitorState:
                 "max_curve_trials": max_curve_trials,
             }
         )
-        self.study = None if study is None else _study_name(study)
+        self.study = None if study is None else study_name(study)
         self.objective = objective
         self.direction = direction
         self.selection_metric = selection_metric
@@ -1729,7 +1729,7 @@ class LiveMonitor:
     ) -> None:
         # every option (the parameters of this call), before the source is opened
         _check_options({k: v for k, v in locals().items() if k in _monitor_options()})
-        study = None if study is None else _study_name(study)
+        study = None if study is None else study_name(study)
         self.source = as_source(source)
         self.state = MonitorState(
             study,
@@ -1796,7 +1796,7 @@ class LiveMonitor:
     def from_bus(cls, bus: EventBus, study: str | int | None = None, **kwargs: Any) -> LiveMonitor:
         """Monitor a study publishing on ``bus`` in this process."""
         _check_options(kwargs, _monitor_options())
-        study = None if study is None else _study_name(study)
+        study = None if study is None else study_name(study)
         return cls(BusSource(bus), study, **kwargs)
 
     @classmethod
@@ -1833,7 +1833,7 @@ class LiveMonitor:
             ConfigError: ``store`` is no store, lab or path; ``bus`` no bus; a bad option.
         """
         _check_options(kwargs, _monitor_options())
-        study = None if study is None else _study_name(study)
+        study = None if study is None else study_name(study)
         if bus is not None:
             _check_bus(bus)
         store_source = StoreSource(store, after=None if snapshot and study else 0, create=create)
@@ -1884,7 +1884,7 @@ class LiveMonitor:
                 answers 401 or 403: a wrong or missing ``token``.
         """
         _check_options(kwargs, _monitor_options())
-        study = None if study is None else _study_name(study)
+        study = None if study is None else study_name(study)
         if bus is not None:
             _check_bus(bus)
         source = GatewaySource(url, token, client=client)
@@ -2434,25 +2434,6 @@ def _monitor_options() -> tuple[str, ...]:
     """The keyword-only options of :class:`LiveMonitor` (what ``from_*`` pass on to it)."""
     params = inspect.signature(LiveMonitor.__init__).parameters.values()
     return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-
-def _study_name(value: Any, what: str = "study") -> str:
-    """A study name as a notebook parameter gives it: text, or an integer taken as its
-    text (papermill makes ``-p study_name 2024`` the int 2024; a study named "2024" is
-    legitimate).
-
-    Raises:
-        ConfigError: anything else (a float, a bool, None, a list, blank text), naming
-            ``what`` (the argument).
-    """
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, str) and value.strip():
-        return value
-    raise ConfigError(
-        f"{what}: expected a study name (text; an integer is taken as its text), "
-        f"got {type(value).__name__} {value!r}"
-    )
 
 
 def _release_monitor(halt: threading.Event, source: EventSource) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from thunderline_lab.errors import ConfigError, StudyError, did_you_mean
-from thunderline_lab.lab import Lab
+from thunderline_lab.lab import Lab, study_name
 
 if TYPE_CHECKING:
     from thunderline_lab.monitor import BackgroundRun, LiveMonitor
@@ -197,9 +197,8 @@ def study_names(studies: str | int | Sequence[str | int]) -> list[str]:
         >>> study_names('["a", "b"]'), study_names(2024)
         (['a', 'b'], ['2024'])
     """
-    from thunderline_lab.monitor import _study_name
-
-    value: Any = [studies] if _is_int(studies) else studies
+    integer = isinstance(studies, numbers.Integral) and not isinstance(studies, bool)
+    value: Any = [studies] if integer else studies
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
@@ -214,20 +213,18 @@ def study_names(studies: str | int | Sequence[str | int]) -> list[str]:
             f"studies: expected a study name or a list of names, "
             f"got {type(value).__name__} {value!r}"
         )
-    bad = [v for v in value if not _is_int(v) and (not isinstance(v, str) or not v.strip())]
-    if bad:
-        raise ConfigError(
-            "studies: every study name must be a non-empty string (or an integer, taken as "
-            f"its text), got {bad[0]!r}"
-        )
     if not value:
         raise ConfigError("studies: no study named (expected a name or a list of names)")
-    return list(dict.fromkeys(_study_name(v, "studies") for v in value))  # each once, in order
-
-
-def _is_int(value: Any) -> bool:
-    """An integer (a study name papermill parsed as a number); bool is not one here."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    names: list[str] = []
+    for v in value:
+        try:
+            names.append(study_name(v, "studies"))
+        except ConfigError:
+            raise ConfigError(
+                "studies: every study name must be a non-empty string (or an integer, taken "
+                f"as its text), got {v!r}"
+            ) from None
+    return list(dict.fromkeys(names))  # each once, in order
 
 
 def start_study(
@@ -281,10 +278,10 @@ def start_study(
         StudyError: a study this function started is still running in this kernel.
     """
     from thunderline_lab.bus import EventBus
-    from thunderline_lab.monitor import LiveMonitor, _study_name
+    from thunderline_lab.monitor import LiveMonitor
     from thunderline_lab.study import run_study
 
-    name = _study_name(name, "name")  # papermill -p study_name 2024 gives the int 2024
+    name = study_name(name, "name")  # papermill -p study_name 2024 gives the int 2024
     reserved = _hold_kernel(name)  # refused while another study of ours runs
     try:
         if not monitor:
@@ -397,9 +394,7 @@ def background_demo_study(
         ConfigError: ``study`` is no study name (text, or an integer: taken as its text),
             or the profile is unknown.
     """
-    from thunderline_lab.monitor import _study_name
-
-    study = _study_name(study)  # as the monitor following it takes it
+    study = study_name(study)  # as the monitor following it takes it
     if effective_profile(profile) != "test":
         return None
     lab.store().close()  # the lab exists before the monitor looks for it
