@@ -699,6 +699,28 @@ def test_model_run_id_in_the_query_is_read_as_utf8(store: TrialStore) -> None:
         app.state.writer.close()
 
 
+def test_a_query_parameter_given_twice_is_refused_not_read_as_its_last(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # ?after=5&after=0 was read as after=0; a POST's model_run_id as its last value
+    gw.post("/api/events/ml", content=study_events()[0].model_dump_json())
+    seed = '{"event": "ml.trial.start", "trial_id": "t", "metadata": {"spectral_norm": true}}'
+    for method, url, body in (
+        ("GET", "/api/events?after=5&limit=3&after=0", None),
+        ("GET", "/api/trials?study=a&study=b", None),
+        ("POST", "/api/events/ml?model_run_id=a&model_run_id=b", seed),
+    ):
+        resp = gw.request(method, url, content=body)
+        assert resp.status_code == 422, (url, resp.text)
+        assert_names_fields(resp)
+        (err,) = resp.json()["errors"]
+        name = url.split("?")[1].split("=")[0]
+        assert (err["path"], err["rule"]) == (f"query.{name}", "repeated")
+        assert "given 2 times" in err["message"]
+    assert store.counts()["events"] == 1  # the POST stored nothing
+    assert gw.get("/api/events?after=0&limit=3").status_code == 200  # distinct names: fine
+
+
 def test_a_compressed_body_is_refused_naming_the_header(gw: AsgiClient, store: TrialStore) -> None:
     import gzip
 

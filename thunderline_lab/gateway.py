@@ -862,6 +862,19 @@ class _ClientGone(Exception):
     """The client disconnected before sending its whole body."""
 
 
+def _repeated_query_names(query: bytes) -> dict[str, list[str]]:
+    """The parameters a query string gives more than once (name -> its values).
+
+    A parameter given twice (``?after=5&after=900``) is refused rather than read as its
+    last value, which a client that meant the first would never notice.
+    """
+    pairs = urllib.parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    seen: dict[str, list[str]] = {}
+    for name, value in pairs:
+        seen.setdefault(name, []).append(value)
+    return {name: values for name, values in seen.items() if len(values) > 1}
+
+
 class _IngestFastPath:
     """ASGI middleware answering ``POST /api/events/ml`` directly (see :func:`create_app`)."""
 
@@ -870,6 +883,25 @@ class _IngestFastPath:
         self.ingest = ingest
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and b"&" in scope.get("query_string", b""):
+            repeated = _repeated_query_names(scope["query_string"])
+            if repeated:
+                await _problem_response(
+                    422,
+                    f"{len(repeated)} invalid request parameter(s)",
+                    [
+                        ErrorDetail(
+                            None,
+                            f"query.{name}",
+                            values,
+                            "repeated",
+                            f"given {len(values)} times: give it once"
+                            + (" (several metrics: names=a,b)" if name == "names" else ""),
+                        )
+                        for name, values in repeated.items()
+                    ],
+                )(scope, receive, send)
+                return
         if not (
             scope["type"] == "http"
             and scope["method"] == "POST"
