@@ -620,6 +620,13 @@ def test_a_study_run_through_a_gateway_reports_there_and_reads_its_results_back(
     assert compared.exit_code == 0 and "val_accuracy" in compared.output, compared.output
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trials 4/4 (completed 4" in proc.stderr  # the progress line followed the gateway
+    # the run counts its own trials in the worker lab's Optuna journal, as without a gateway
+    assert ": 4 new trial(s); study: completed 4" in proc.stdout
+    from thunderline_lab.batch import _batch_counts
+    from thunderline_lab.lab import Lab
+
+    (batch_id,) = set(_batch_ids(tmp_path / "worker", "smoke"))
+    assert _batch_counts(Lab.resolve(tmp_path / "worker"), "smoke", batch_id) == {"completed": 4}
     assert f"http://127.0.0.1:{port}/api/trials?study=smoke" in proc.stdout
     served = TrialStore(tmp_path / "server" / "lab.db").trials(study="smoke")
     mirror = tmp_path / "worker" / "gateway-mirror" / f"127.0.0.1-{port}.db"
@@ -741,3 +748,185 @@ def test_a_trial_left_running_when_the_workers_stop_is_warned_about(tmp_path: Pa
     result = CliRunner().invoke(main, ["run", str(cfg), "--lab", str(tmp_path / "lab")])
     assert "running 1" in result.output, result.output
     assert "warning: 1 trial is still running, not by this run's workers" in result.output
+
+
+# A notebook cell running the lab's study with instant trainers; `another_run` runs trials
+# as another `thunderline-lab run` of the same study would, finishing while this one runs
+# (its trials land in the same store and Optuna journal, under that run's batch id).
+_STUDY_CELL = """\
+import os, pathlib, time
+from unittest import mock
+from thunderline_lab.study import BATCH_ENV, run_study
+from thunderline_lab.training import TrialResult
+
+def completed(config, dataset, **kw):
+    return TrialResult("completed", {"best_val_loss": 0.5, "val_accuracy": 0.9}, [], duration_ms=1)
+
+def diverged(config, dataset, **kw):
+    return TrialResult("failed", {}, error="nan", error_type="diverged", duration_ms=1)
+
+def study(n, trainer=completed):
+    return run_study(study_name, lab=lab_dir, dataset="wine", design="tpe", n_trials=n,
+                     epochs=1, trainer=trainer)
+
+def another_run(n, trainer=completed):
+    with mock.patch.dict(os.environ, {BATCH_ENV: "another-run"}):
+        study(n, trainer)
+"""
+
+
+def _batch_ids(lab: Path, study: str) -> list[str | None]:
+    """The batch id of each trial of ``study`` in the lab's Optuna journal, by number."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from thunderline_lab.study import BATCH_ATTR
+
+    storage = JournalStorage(JournalFileBackend(str(lab / "optuna.journal")))
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    return [t.user_attrs.get(BATCH_ATTR) for t in trials]
+
+
+def test_a_run_counts_its_own_trials_not_those_another_run_finished_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Two `run`s of one study at once each printed the other's trials as their own: the
+    count was the study's finished trials now less before."""
+    make_notebook(tmp_path / "nb.ipynb", _STUDY_CELL + "another_run(2)\nstudy(3)\n")
+    cfg = write_config(tmp_path, '[study]\nname = "c"\nnotebook = "nb.ipynb"\n')
+    args = ["run", str(cfg), "--lab", str(tmp_path / "lab"), "--no-report"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert ": 1 new trial(s); study: completed 3" in result.output
+    ids = _batch_ids(tmp_path / "lab", "c")
+    assert ids[:2] == ["another-run", "another-run"] and ids[2] not in (None, "another-run")
+
+
+def test_a_failed_run_counts_its_own_failed_trials_not_another_runs(tmp_path: Path) -> None:
+    make_notebook(
+        tmp_path / "nb.ipynb",
+        _STUDY_CELL + "another_run(2, diverged)\nstudy(3, diverged)\nraise KeyError('x')\n",
+    )
+    cfg = load_study_config(write_config(tmp_path, '[study]\nname = "f"\nnotebook = "nb.ipynb"\n'))
+    with pytest.raises(NotebookExecutionError) as info:
+        run_batch(cfg, lab=tmp_path / "lab", progress=False)
+    assert "; 1 trial(s) of this run failed: thunderline-lab trials" in str(info.value)
+
+
+_INTERRUPTED_RUN = """\
+import json, sys
+from thunderline_lab.batch import BatchInterrupted, load_study_config, run_batch
+if __name__ == "__main__":  # (the workers are spawned: they import this module)
+    try:
+        run_batch(load_study_config(sys.argv[1]), lab=sys.argv[2], progress=False)
+    except BatchInterrupted as stop:
+        r = stop.result
+        this_run = getattr(r, "this_run", None)
+        print(json.dumps({"done_now": r.done_now, "this_run": this_run, "counts": r.counts}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_an_interrupted_run_counts_its_own_trials(tmp_path: Path) -> None:
+    lab = tmp_path / "lab"
+    body = (
+        _STUDY_CELL
+        + "def hang_on_the_second(config, dataset, **kw):\n"
+        + "    if kw['trial_id'] == 'trial_0003':\n"
+        + "        pathlib.Path(lab_dir, 'hanging').touch()\n"
+        + "        time.sleep(300)\n"
+        + "    return completed(config, dataset, **kw)\n"
+        + "another_run(2)\n"
+        + "study(4, hang_on_the_second)\n"
+    )
+    make_notebook(tmp_path / "nb.ipynb", body)
+    cfg = write_config(tmp_path, '[study]\nname = "i"\nnotebook = "nb.ipynb"\n')
+    script = tmp_path / "run.py"
+    script.write_text(_INTERRUPTED_RUN)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(cfg), str(lab)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        while not (lab / "hanging").exists() and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    got = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+    assert got is not None, out + err
+    # its trial 2 completed, its trial 3 was cancelled (to be retried); the other run's two
+    # completed trials are the study's, not this run's
+    assert got["done_now"] == 1 and got["counts"]["completed"] == 3, got
+    assert got["this_run"] == {"completed": 1, "cancelled": 1}, got
+
+
+def test_a_runs_own_trials_are_counted_by_status_a_stale_one_apart_from_its_retry(
+    tmp_path: Path,
+) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState, create_trial
+
+    from thunderline_lab.batch import _batch_counts
+    from thunderline_lab.lab import Lab
+    from thunderline_lab.study import BATCH_ATTR
+
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    assert _batch_counts(lab, "s", "b1") is None  # no journal: the store's counts must do
+    storage = JournalStorage(JournalFileBackend(str(lab.optuna_journal)))
+    study = optuna.create_study(study_name="s", storage=storage)
+
+    def add(state: TrialState, batch: str | None, status: str | None = None) -> None:
+        attrs: dict[str, object] = {BATCH_ATTR: batch} if batch else {}
+        if status is not None:
+            attrs["status"] = status
+        value = 0.5 if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(state=state, value=value, user_attrs=attrs))
+
+    add(TrialState.COMPLETE, "b1")
+    add(TrialState.PRUNED, "b1")
+    add(TrialState.FAIL, "b1", "failed")  # diverged, an error: counts
+    add(TrialState.FAIL, "b1")  # failed as stale (its worker died): retried, by b2 ...
+    add(TrialState.COMPLETE, "b2")  # ... whose retry counts for b2 alone
+    add(TrialState.FAIL, "b1", "cancelled")  # Ctrl-C: retried
+    add(TrialState.FAIL, "b1", "surplus")  # stood down: never part of the study
+    add(TrialState.RUNNING, "b1")
+    add(TrialState.COMPLETE, None)  # run outside any batch run
+    assert _batch_counts(lab, "s", "b1") == {
+        "completed": 1,
+        "pruned": 1,
+        "failed": 1,
+        "stale": 1,
+        "cancelled": 1,
+        "running": 1,
+    }
+    assert _batch_counts(lab, "s", "b2") == {"completed": 1}
+    assert _batch_counts(lab, "s", "b3") == {}  # ran none
+    assert _batch_counts(lab, "other", "b1") is None  # kept in another Optuna storage
+
+
+def test_a_runs_result_counts_its_own_trials_when_known_else_the_stores_difference() -> None:
+    def result(this_run: dict[str, int] | None) -> BatchResult:
+        return BatchResult(
+            config=None,  # type: ignore[arg-type]
+            lab=None,  # type: ignore[arg-type]
+            outputs=[],
+            elapsed_s=1.0,
+            counts={"completed": 5, "failed": 3, "stale": 1},
+            counts_before={"completed": 1, "failed": 1},
+            this_run=this_run,
+        )
+
+    own = result({"completed": 1, "failed": 1, "stale": 1, "cancelled": 1})
+    assert (own.done_before, own.done_now, own.failed_now, own.done_total) == (2, 2, 1, 8)
+    unknown = result(None)
+    assert (unknown.done_now, unknown.failed_now, unknown.done_total) == (6, 2, 8)

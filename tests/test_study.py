@@ -330,6 +330,18 @@ def test_rerun_resumes_and_does_nothing_when_done(tmp_path):
     assert more.n_run == 2 and more.counts["finished"] == 6
 
 
+def test_trials_carry_the_batch_run_that_ran_them_only_under_one(tmp_path, monkeypatch):
+    """`thunderline-lab run` names its run in the kernel's environment; the run then counts
+    the trials carrying that id as its own (another run of the study may finish others)."""
+    monkeypatch.delenv(study_module.BATCH_ENV, raising=False)
+    _run(tmp_path, n_trials=2)  # a pair run from Python, not by a batch run
+    monkeypatch.setenv(study_module.BATCH_ENV, "3f2a")
+    result = _run(tmp_path, n_trials=4)
+    attrs = [t.user_attrs for t in result.study.get_trials()]
+    assert [a.get(study_module.BATCH_ATTR) for a in attrs] == [None, None, "3f2a", "3f2a"]
+    assert all(a["worker_pid"] == os.getpid() for a in attrs)
+
+
 def test_should_stop_ends_cleanly_and_the_next_run_resumes(tmp_path):
     stop = threading.Event()
     result = _run(

@@ -20,6 +20,8 @@ worker processes sharing one Optuna study, while a progress line (trials done/to
 far, ETA) follows the lab's trial store. A failed run raises
 :class:`~thunderline_lab.errors.NotebookExecutionError` naming the notebook, the failing
 cell and the saved executed copy. Re-running resumes: the study keeps its finished trials.
+Each trial records the batch run that ran it, so the result counts this run's trials apart
+from those another run of the same study finishes at the same time.
 
 Example:
     >>> cfg = load_study_config("studies/smoke.toml")  # doctest: +SKIP
@@ -40,6 +42,7 @@ import sys
 import threading
 import time
 import tomllib
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -352,6 +355,10 @@ class BatchResult:
     total: int = 0
     gateway: str | None = None  # the study reported through this gateway
     store_path: Path | None = None  # the store its results are in (a gateway's: the mirror)
+    batch_id: str | None = None  # this run's trials carry it (Optuna user attr "batch_id")
+    # this run's trials by status (as ``counts``), from the lab's Optuna journal; None when
+    # unknown (no journal, or the notebook keeps its study elsewhere)
+    this_run: dict[str, int] | None = None
 
     @property
     def done_before(self) -> int:
@@ -359,9 +366,27 @@ class BatchResult:
         return _done(self.counts_before)
 
     @property
+    def done_total(self) -> int:
+        """Trials the study has finished: before this run, by it, and by any other run."""
+        return _done(self.counts)
+
+    @property
     def done_now(self) -> int:
-        """Trials this run finished (0: the study had nothing left to run)."""
-        return max(_done(self.counts) - self.done_before, 0)
+        """Trials this run finished (0: the study had nothing left to run).
+
+        Its own trials (``this_run``), not those another run of the same study finished
+        meanwhile; when they are unknown, the study's finished trials now less before.
+        """
+        if self.this_run is not None:
+            return _done(self.this_run)
+        return max(self.done_total - self.done_before, 0)
+
+    @property
+    def failed_now(self) -> int:
+        """Trials this run finished as failed (diverged, errors), counted as :attr:`done_now`."""
+        if self.this_run is not None:
+            return self.this_run.get("failed", 0)
+        return max(self.counts.get("failed", 0) - self.counts_before.get("failed", 0), 0)
 
 
 class BatchInterrupted(KeyboardInterrupt):
@@ -514,6 +539,39 @@ def _local_study_trials(lab: Lab, study: str) -> int:
     except Exception:  # an unreadable journal: the study run will say what is wrong
         return 1
     return next((s.n_trials for s in summaries if s.study_name == study), 0)
+
+
+def _batch_counts(lab: Lab, study: str, batch_id: str) -> dict[str, int] | None:
+    """The trials of ``study`` that the batch run ``batch_id`` ran, by status as
+    :func:`_study_status` counts them, from the lab's Optuna journal (each trial carries the
+    batch id of the run that ran it: :data:`~thunderline_lab.study.BATCH_ATTR`).
+
+    A trial failed as stale (its worker died) counts as ``stale``, not ``failed``: its retry is
+    a trial of its own, counted for the run that ran it, so no trial is counted twice. A
+    study that reports through a gateway keeps its Optuna study in the lab's journal too.
+
+    Returns:
+        The counts (statuses with none left out), or None when the journal cannot be read or
+        does not hold the study (a notebook that keeps it in another Optuna storage).
+    """
+    if not lab.optuna_journal.exists():
+        return None
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from thunderline_lab.study import BATCH_ATTR, count_trials
+
+    try:
+        storage = JournalStorage(JournalFileBackend(str(lab.optuna_journal)))
+        trials = storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False)
+    except KeyError:  # not in the journal: the study lives in another storage
+        return None
+    except Exception as exc:  # unreadable: the store's counts must do
+        log.warning("cannot count this run's trials in %s: %s", lab.optuna_journal, exc)
+        return None
+    counts = count_trials([t for t in trials if t.user_attrs.get(BATCH_ATTR) == batch_id])
+    counts.pop("finished")  # (a sum of three statuses, not a status)
+    return {status: n for status, n in counts.items() if n}
 
 
 def _study_status(db_path: Path, study: str) -> tuple[dict[str, int], float | None]:
@@ -723,8 +781,18 @@ def _interrupt_kernel(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _worker(conn: Any, notebook: str, output: str, parameters: dict[str, Any], cwd: str) -> None:
+def _worker(
+    conn: Any,
+    notebook: str,
+    output: str,
+    parameters: dict[str, Any],
+    cwd: str,
+    env: Mapping[str, str],
+) -> None:
     """A worker process: run :func:`_execute` and send its result to the runner.
+
+    ``env`` is added to the worker's environment, which the kernel papermill starts
+    inherits (the batch run's id: :data:`~thunderline_lab.study.BATCH_ENV`).
 
     The worker leaves the runner's process group, so a Ctrl-C in the terminal reaches the
     runner alone, which passes it on once to every worker (papermill then shuts its kernel
@@ -747,6 +815,7 @@ def _worker(conn: Any, notebook: str, output: str, parameters: dict[str, Any], c
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_when_orphaned, daemon=True).start()
+    os.environ.update(env)
     try:
         result = _execute(notebook, output, parameters, cwd)
     except KeyboardInterrupt:  # stopped before papermill took the signal over
@@ -919,6 +988,11 @@ def _run_workers(
     )
     cwd = str(config.notebook.parent)
     started = time.monotonic()
+    from thunderline_lab.study import BATCH_ENV
+
+    # Each trial the workers run carries this id, so the run tells its own trials from those
+    # of another run of the study at the same time (whose trials the store's counts hold too).
+    batch_id = uuid.uuid4().hex
 
     def result_so_far() -> BatchResult:
         counts, best = status.read()
@@ -933,6 +1007,8 @@ def _run_workers(
             total=total,
             gateway=params.get("gateway") or None,
             store_path=status.db_path,
+            batch_id=batch_id,
+            this_run=_batch_counts(lab_obj, config.name, batch_id),
         )
 
     from multiprocessing.connection import wait
@@ -948,7 +1024,14 @@ def _run_workers(
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_worker,
-                    args=(send, str(config.notebook), str(out), {**params, "worker_index": i}, cwd),
+                    args=(
+                        send,
+                        str(config.notebook),
+                        str(out),
+                        {**params, "worker_index": i},
+                        cwd,
+                        {BATCH_ENV: batch_id},
+                    ),
                     name=f"{config.name}-w{i}",
                 )
                 proc.start()
@@ -1004,7 +1087,7 @@ def _run_workers(
                 where = f"cell {res['source_index']}"
                 if res.get("first_line"):
                     where += f" ({res['first_line']!r})"
-            failed = result.counts.get("failed", 0) - counts_before.get("failed", 0)
+            failed = result.failed_now
             trials = (
                 f"; {failed} trial(s) of this run failed: thunderline-lab trials --lab "
                 f"{lab_obj.root} --study {config.name} --status failed --format json shows why"

@@ -401,7 +401,7 @@ def run(
         got = stop.result
         click.echo(
             f"interrupted after {got.elapsed_s:,.0f}s: study {config.name} keeps its "
-            f"{got.done_before + got.done_now} finished trial(s)"
+            f"{got.done_total} finished trial(s)"
             + "".join(f", {k} {v}" for k, v in sorted(got.counts.items()))
             + "; run the same command again to resume",
             err=True,

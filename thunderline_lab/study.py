@@ -22,8 +22,9 @@ Bookkeeping: ``model_run_id`` = ``study`` = the study name; ``trial_id`` =
 ``completed`` / ``pruned`` / ``cancelled``) and ``ml.trial.failed`` (``error_type``
 ``diverged``, ``stale``, or the exception class); the objective publishes ``ml.trial.start``
 and :func:`train_trial` the ``ml.run.*`` events. Trial user attributes carry ``trial_id``,
-``model_run_id``, ``pair_id``, ``seed``, ``arm``, every research metric and
-``mlflow_run_id`` (when MLflow logging is on), so optuna-dashboard shows them.
+``model_run_id``, ``pair_id``, ``seed``, ``arm``, every research metric,
+``mlflow_run_id`` (when MLflow logging is on) and ``batch_id`` (run by ``thunderline-lab
+run``: :data:`BATCH_ATTR`), so optuna-dashboard shows them.
 
 Storage: by default the lab's ``optuna.journal`` (Optuna's ``JournalStorage`` on a
 ``JournalFileBackend``), safe for many local worker processes without SQLite lock errors and
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
     from thunderline_lab.data import Dataset
 
 __all__ = [
+    "BATCH_ATTR",
+    "BATCH_ENV",
     "DEFAULT_SEARCH_SPACE",
     "Design",
     "ParamSpec",
@@ -111,6 +114,14 @@ TrainFn = Callable[..., TrialResult]
 
 _STATUS_ATTR = "status"  # our own verdict on a trial, kept in its user attrs
 _HOST = socket.gethostname()
+
+BATCH_ENV = "THUNDERLINE_LAB_BATCH"
+"""The environment variable naming the batch run (``thunderline-lab run``) whose worker
+runs the study: :func:`~thunderline_lab.batch.run_batch` sets it for each worker's kernel."""
+BATCH_ATTR = "batch_id"
+"""The user attribute of a trial holding :data:`BATCH_ENV` of the process that ran it (only
+when set): a batch run counts its own trials by it, not those another run of the same study
+finished meanwhile (two terminals, two machines sharing a lab)."""
 
 
 def trial_id_for(number: int) -> str:
@@ -1519,7 +1530,11 @@ def _run_objective(ctx: _Context, trial: optuna.Trial) -> float:
     # who runs the trial, written at once (not with the deferred attributes below): a worker
     # killed before its first heartbeat is then known dead by the next run on this host,
     # instead of only after the grace period
-    _set_user_attrs(study, trial._trial_id, {"worker_host": _HOST, "worker_pid": os.getpid()})
+    who: dict[str, Any] = {"worker_host": _HOST, "worker_pid": os.getpid()}
+    batch = os.environ.get(BATCH_ENV)
+    if batch:  # (its retry, if any, carries the batch of the run that retries it)
+        who[BATCH_ATTR] = batch
+    _set_user_attrs(study, trial._trial_id, who)
     values = ctx.space.suggest(trial, ctx.architecture)
     group = _plan_group(ctx, trial, values)
     seed = int(group["seed"])
