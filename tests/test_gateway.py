@@ -1333,6 +1333,30 @@ def test_409_when_an_id_already_names_another_event(gw: AsgiClient, store: Trial
     assert store.counts()["events"] == 1  # evs[1] was not written either
 
 
+def test_409_when_an_event_would_rewrite_a_finished_trial(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # a new ml.trial.complete for a finished trial, pruned and with the other arm, was a 202
+    # that rewrote the trial (and took its pair out of the comparison)
+    evs = [ev for ev in study_events() if ev.payload.trial_id == "trial_0000"]
+    first = gw.post("/api/events/ml", json=[e.model_dump(mode="json") for e in evs])
+    assert first.status_code == 202, first.text
+    before = store.trials().to_json()
+    done = next(e for e in evs if e.name == "ml.trial.complete").model_dump(mode="json")
+    again = {**done, "id": "another-outcome"}
+    again["payload"] = {**done["payload"], "spectral_norm": False, "status": "pruned"}
+    resp = gw.post("/api/events/ml", json=again)
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["detail"] == "2 events contradict what is stored"
+    assert_names_fields(resp)
+    rules = {(e["path"], e["rule"]) for e in resp.json()["errors"]}
+    assert rules == {
+        ("payload.spectral_norm", "trial_conflict"),
+        ("payload.status", "trial_finished"),
+    }
+    assert store.trials().to_json() == before
+
+
 def test_a_conflicting_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore) -> None:
     evs = study_events()[:3]
     bodies = [evs[0].model_dump_json(), json.dumps(_restated(evs[0])), evs[1].model_dump_json()]
@@ -2542,8 +2566,11 @@ def test_fuzz_10000_requests_no_5xx_and_every_4xx_names_the_field() -> None:
     )
     def mutated(record: dict[str, Any], picks: list[int]) -> None:
         # an id of its own (derandomized draws repeat ids): a mutation that stays valid
-        # under the same id is a conflict (409), as it should be
-        record = {**record, "id": f"fuzz-{next(ids):06d}"}
+        # under the same id is a conflict (409), as it should be; and a trial of its own
+        # (a second outcome for a finished trial, or another arm, is a 409 too)
+        n = next(ids)
+        payload = {**record["payload"], "trial_id": f"t-{n:06d}"}
+        record = {**record, "id": f"fuzz-{n:06d}", "payload": payload}
         assert post(json.dumps(record).encode()).status_code == 202
         for path in _leaf_paths(record):
             for value in (_DELETE, *(_BAD_VALUES[i] for i in picks)):

@@ -253,7 +253,19 @@ def test_a_comparison_while_the_keeper_compares_the_same_study_in_another_thread
     errors: list[BaseException] = []
     with keeper.keeping(min_trials=0):
         for seed in range(4):
-            store.append(synthetic_study(STUDY, n_pairs=6, epochs=3, seed=seed))
+            # each round's trials are new ones (a finished trial keeps its arm and outcome)
+            store.append(
+                [
+                    e.model_copy(
+                        update={
+                            "payload": e.payload.model_copy(
+                                update={"trial_id": f"{e.payload.trial_id}-{seed}"}
+                            )
+                        }
+                    )
+                    for e in synthetic_study(STUDY, n_pairs=6, epochs=3, seed=seed)
+                ]
+            )
 
             def keep() -> None:
                 try:

@@ -809,9 +809,10 @@ def test_snapshot_of_a_running_trial_uses_the_same_rule(tmp_path: Path) -> None:
 
 def test_snapshot_of_a_pruned_trial_agrees_with_a_replay(tmp_path: Path) -> None:
     common = {"model_run_id": STUDY, "trial_id": "p", "study": STUDY, "spectral_norm": False}
+    points = [(0.70, 0.9), (0.80, 0.5), (0.85, 0.6)]
     evs = [
         events.trial_start(**common),
-        *_epochs("p", [(0.70, 0.9), (0.80, 0.5), (0.85, 0.6)]),
+        *_epochs("p", points)[1:],  # (its own start says SN on)
         # pruned: the trainer reports what it trained, no best_val_accuracy
         events.trial_complete(**common, status="pruned", metrics={"val_accuracy": 0.85}),
     ]
@@ -820,10 +821,15 @@ def test_snapshot_of_a_pruned_trial_agrees_with_a_replay(tmp_path: Path) -> None
     mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text")
     assert mon.state.rows[(STUDY, "p")].best == _fold(evs).rows[(STUDY, "p")].best == 0.80
     mon.close()
-    trained = [*evs[:-1], events.trial_complete(**common, metrics={"best_val_accuracy": 0.75})]
-    store.append(trained[-1:])  # a trainer's own best is final, whatever the curve says
+    q = {**common, "trial_id": "q"}  # the same curve, completed by a trainer with its best
+    trained = [
+        events.trial_start(**q),
+        *_epochs("q", points)[1:],
+        events.trial_complete(**q, metrics={"best_val_accuracy": 0.75}),
+    ]
+    store.append(trained)  # a trainer's own best is final, whatever the curve says
     mon = LiveMonitor.from_store(tmp_path, STUDY, mode="text")
-    assert mon.state.rows[(STUDY, "p")].best == 0.75
+    assert mon.state.rows[(STUDY, "q")].best == _fold(trained).rows[(STUDY, "q")].best == 0.75
     mon.close()
     store.close()
 
@@ -1193,7 +1199,7 @@ def test_from_gateway_attaches_like_from_store_without_replaying_the_log(
             for e in synthetic_study(SLASHED, n_pairs=4, epochs=3, seed=7)
             if e.payload.trial_id in ("trial_0006", "trial_0007")
         ]
-        store.append([*more, *synthetic_study("other-study", n_pairs=1, epochs=2, seed=9)])
+        store.append([*more, *synthetic_study("third-study", n_pairs=1, epochs=2, seed=9)])
         mon.pump()
         local.pump()
         assert gw.app.events_afters() == [attached_at, attached_at]

@@ -238,6 +238,132 @@ def test_an_id_that_names_another_event_is_refused_and_nothing_is_written(
         assert_same(before, snapshot(store))  # the fresh events of the batch are not written
 
 
+def test_a_finished_trials_outcome_does_not_change_and_nothing_is_written(
+    store: TrialStore,
+) -> None:
+    # a new ml.trial.failed (new id) for the completed trial_0000 was accepted and turned it
+    # into a failure (and a completion of the failed trial_0003 into a success)
+    evs = study_events()
+    store.append(evs)
+    before = snapshot(store)
+    later = T0 + timedelta(hours=1)
+    changed = [
+        (
+            E.trial_failed(
+                model_run_id="study-a",
+                trial_id="trial_0000",
+                error_type="stale",
+                error_message="no heartbeat",
+                timestamp=later,
+            ),
+            "name",
+            "completed",
+        ),
+        (
+            E.trial_complete(
+                model_run_id="study-a",
+                trial_id="trial_0003",
+                spectral_norm=False,
+                timestamp=later,
+                metrics={"val_accuracy": 0.99},
+            ),
+            "payload.status",
+            "failed",
+        ),
+    ]
+    fresh = study_events("other")[:3]
+    for ev, path, was in changed:
+        for batch in ([*fresh, ev], [*fresh, ev.model_dump(mode="json")]):
+            with pytest.raises(EventConflictError) as info:
+                store.append(batch)
+            (err,) = info.value.errors
+            assert (err.index, err.path, err.rule) == (3, path, "trial_finished")
+            trial = ev.payload.trial_id
+            assert err.message.startswith(f"trial study-a/{trial} already finished as {was}")
+            assert_same(before, snapshot(store))  # nothing of the batch is written
+    # the same outcome resent (its id) is a duplicate, as ever; the same status with other
+    # metrics (a late evaluation) is a correction
+    assert store.append([evs[-1]]).duplicates == 1
+    correction = E.trial_complete(
+        model_run_id="study-a",
+        trial_id="trial_0000",
+        spectral_norm=True,
+        timestamp=later,
+        metrics={"test_accuracy": 0.5},
+    )
+    assert store.append([correction]).accepted == 1
+    row = store.trial("study-a", "trial_0000")
+    assert row is not None and row["status"] == "completed"
+    assert row["metrics"]["test_accuracy"] == 0.5
+
+
+def test_an_event_moving_a_trial_to_the_other_arm_is_refused(store: TrialStore) -> None:
+    evs = study_events()
+    store.append(evs[:2])  # trial_0000 started with SN on, coefficient 2.0 (parameters)
+    before = snapshot(store)
+    at = T0 + timedelta(minutes=5)
+    moved = [
+        (
+            "spectral_norm",
+            False,
+            E.run_start(
+                model_run_id="study-a", trial_id="trial_0000", spectral_norm=False, timestamp=at
+            ),
+        ),
+        (
+            "study",
+            "study-b",
+            E.trial_start(
+                model_run_id="study-a",
+                trial_id="trial_0000",
+                spectral_norm=True,
+                study="study-b",
+                timestamp=at,
+            ),
+        ),
+    ]
+    for key, value, ev in moved:
+        with pytest.raises(EventConflictError) as info:
+            store.append([ev])
+        (err,) = info.value.errors
+        assert (err.index, err.path, err.rule, err.value) == (
+            0,
+            f"payload.{key}",
+            "trial_conflict",
+            value,
+        )
+        assert f"trial study-a/trial_0000 is logged with {key} = " in err.message
+        assert_same(before, snapshot(store))
+    # restating what the trial is, and finishing it once, are accepted
+    assert store.append(evs[2:]).accepted == len(evs) - 2
+    assert store.trials()["spectral_norm"].tolist()[0] == 1
+
+
+def test_a_contradiction_in_one_batch_is_refused_too(store: TrialStore) -> None:
+    start, run_start = study_events()[:2]
+    other = E.run_start(
+        model_run_id="study-a", trial_id="trial_0000", spectral_norm=False, timestamp=T0
+    )
+    with pytest.raises(EventConflictError) as info:
+        store.append([start, run_start, other])
+    assert [(e.index, e.rule) for e in info.value.errors] == [(2, "trial_conflict")]
+    assert store.counts()["events"] == 0
+
+
+def test_a_log_holding_contradictions_still_replays(store: TrialStore) -> None:
+    # a lab written before they were refused: replay folds whatever the log holds
+    evs = study_events()
+    store.append(evs)
+    store.conn.execute(
+        "UPDATE events SET body = json_set(body, '$.payload.spectral_norm', json('false')) "
+        "WHERE id = ?",
+        (evs[-1].id,),
+    )
+    store.conn.commit()
+    store.replay()
+    assert store.counts()["trials"] == 4
+
+
 def test_a_resent_event_restamped_or_encoded_otherwise_is_a_duplicate(store: TrialStore) -> None:
     evs = study_events()
     store.append(evs)

@@ -590,12 +590,18 @@ class EventValidationError(ThunderlineLabError):
 
 
 class EventConflictError(EventValidationError):
-    """An event id already names another event (logged, or earlier in the same batch).
+    """Events valid alone that contradict what the store holds; nothing of the batch is
+    written then. Rules:
 
-    An id is the event's idempotency key: sending the same event again is harmless and
-    counted as a duplicate, but the same id with another name or payload is a second,
-    different event that would otherwise be dropped without a word. Nothing of the batch
-    is written then. The timestamp does not count: a retried post may be stamped anew.
+    * ``id_conflict``: an event id already names another event (logged, or earlier in the
+      same batch). An id is the event's idempotency key: sending the same event again is
+      harmless and counted as a duplicate, but the same id with another name or payload is
+      a second, different event that would otherwise be dropped without a word. The
+      timestamp does not count: a retried post may be stamped anew.
+    * ``trial_finished``: an outcome (``ml.trial.complete``/``ml.trial.failed``) with another
+      status than the one the trial finished with, which would silently rewrite it.
+    * ``trial_conflict``: a trial's ``spectral_norm``, ``spectral_norm_coeff`` or ``study``
+      stated otherwise than its earlier events did (a trial moved to the other arm).
     """
 
 

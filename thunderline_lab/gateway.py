@@ -13,7 +13,9 @@ committed**::
                                               403 another site's browser page, 415 compressed,
                                               422 {"detail", "errors": [{index, path, message,
                                               rule, value}]}, 409 an id already names another
-                                              event (same body), 503 busy / store unavailable
+                                              event, or an event contradicts its trial (a
+                                              changed outcome, another arm; same body), 503
+                                              busy / store unavailable
     GET  /api/events?after=SEQ&limit=N        {"events": [{"seq", ...event}], "next_after"}
     GET  /api/trials[?study=&model_run_id=&status=&spectral_norm=]   {"trials": [...]}
     GET  /api/trials/{model_run_id}/{trial_id}                       one trial, or 404
@@ -776,13 +778,15 @@ def _validation_problem(exc: EventValidationError) -> _Problem:
         return _Problem(400, "the body is not parseable JSON", exc.errors)
     n = len(exc.errors)
     if isinstance(exc, EventConflictError):
-        return _Problem(
-            409,
-            "1 event id already names another event"
-            if n == 1
-            else f"{n} event ids already name other events",
-            exc.errors,
-        )
+        if all(e.rule == "id_conflict" for e in exc.errors):
+            detail = (
+                "1 event id already names another event"
+                if n == 1
+                else f"{n} event ids already name other events"
+            )
+        else:  # a finished trial's changed outcome, a trial moved to the other arm
+            detail = f"{n} event{'s contradict' if n != 1 else ' contradicts'} what is stored"
+        return _Problem(409, detail, exc.errors)
     return _Problem(422, f"{n} invalid field{'s' if n != 1 else ''}", exc.errors)
 
 
@@ -1262,8 +1266,9 @@ def create_app(
             (403, "a browser request from another site (Sec-Fetch-Site: cross-site)"),
             (
                 409,
-                "an event id already names another event (its content differs): nothing "
-                "of the request is written",
+                "an event id already names another event (its content differs), or an "
+                "event contradicts its trial (id_conflict, trial_finished, trial_conflict): "
+                "nothing of the request is written",
             ),
             (413, "body or batch too large"),
             (415, "a compressed body (Content-Encoding): send it uncompressed"),

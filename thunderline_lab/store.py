@@ -186,7 +186,7 @@ def _lifecycle_sql(n: int) -> str:
     """The lifecycle events of ``n`` trials (2n parameters: run, trial), by index seeks."""
     keys = ", ".join(["(?, ?)"] * n)
     return (
-        f"SELECT e.model_run_id, e.trial_id, e.body FROM (VALUES {keys}) k JOIN events e "
+        f"SELECT e.model_run_id, e.trial_id, e.body, e.seq FROM (VALUES {keys}) k JOIN events e "
         f"ON e.model_run_id = k.column1 AND e.trial_id = k.column2 "
         f"AND e.name IN ({_LIFECYCLE_NAMES})"
     )
@@ -621,6 +621,93 @@ class _Conflicts(Exception):
         self.found = found
 
 
+class _TrialConflicts(Exception):
+    """Events of a batch that contradict what their trial's logged events state:
+    (event id, path, the value given, the rule, the message)."""
+
+    def __init__(self, found: list[tuple[str, str, Any, str, str]]) -> None:
+        super().__init__(f"{len(found)} events contradict their trials")
+        self.found = found
+
+
+# What a trial is, stated by its lifecycle events: once stated, a later event of the trial
+# may repeat it but not change it (a trial does not change arm, SN coefficient or study).
+CONFLICT_RULES = frozenset({"id_conflict", "trial_conflict", "trial_finished"})
+"""The rules of an :class:`~thunderline_lab.events.EventConflictError`: events that are
+valid alone but contradict what the store holds (HTTP 409 at the gateway)."""
+_TRIAL_IDENTITY = ("spectral_norm", "spectral_norm_coeff", "study")
+_TERMINAL_TRIAL_EVENTS = frozenset({"ml.trial.complete", "ml.trial.failed"})
+
+
+def _same_stated(a: Any, b: Any) -> bool:
+    if _both_numbers(a, b):  # (not bools: True is no coefficient of 1)
+        return float(a) == float(b)
+    return type(a) is type(b) and bool(a == b)
+
+
+def _trial_conflicts(
+    bodies: Mapping[tuple[str, str], list[tuple[int, dict[str, Any]]]], after_seq: int
+) -> list[tuple[str, str, Any, str, str]]:
+    """The events logged after ``after_seq`` (this append's) that contradict an earlier
+    logged event of their trial, each trial's events taken in log order:
+
+    * ``trial_finished``: a ``ml.trial.complete``/``ml.trial.failed`` with another status
+      than the trial finished with (completed, then failed; failed, then completed): the
+      outcome of a trial does not change. The same status again with other values (a late
+      evaluation's metrics) is a correction, folded in as any later event;
+    * ``trial_conflict``: a stated ``spectral_norm``, ``spectral_norm_coeff`` or
+      ``study`` other than the one an earlier event stated.
+
+    The log itself is never judged again: a replay folds whatever it holds.
+    """
+    found: list[tuple[str, str, Any, str, str]] = []
+    for (run_id, trial_id), events in bodies.items():
+        if all(seq <= after_seq for seq, _ in events):
+            continue
+        stated: dict[str, tuple[Any, str]] = {}
+        finished: tuple[str, str] | None = None  # (status, event id)
+        for seq, body in sorted(events, key=lambda e: e[0]):
+            p, name, ev_id = body["payload"], body["name"], body["id"]
+            fresh = seq > after_seq
+            where = f"trial {run_id}/{trial_id}"
+            for key in _TRIAL_IDENTITY:
+                value = p.get(key)
+                if value is None:
+                    continue
+                if key not in stated:
+                    stated[key] = (value, ev_id)
+                elif fresh and not _same_stated(stated[key][0], value):
+                    before, by = stated[key]
+                    found.append(
+                        (
+                            ev_id,
+                            f"payload.{key}",
+                            value,
+                            "trial_conflict",
+                            f"{where} is logged with {key} = {_shown(before)} (event {by}): "
+                            "a trial keeps what it was started with; log another setting as "
+                            "a new trial",
+                        )
+                    )
+            if name in _TERMINAL_TRIAL_EVENTS:
+                status = p.get("status", "completed") if name == "ml.trial.complete" else "failed"
+                if finished is None:
+                    finished = (status, ev_id)
+                elif fresh and status != finished[0]:
+                    found.append(
+                        (
+                            ev_id,
+                            "name" if name == "ml.trial.failed" else "payload.status",
+                            name if name == "ml.trial.failed" else status,
+                            "trial_finished",
+                            f"{where} already finished as {finished[0]} (event "
+                            f"{finished[1]}): its outcome does not change to {status}; run "
+                            "it again as a new trial",
+                        )
+                    )
+    return found
+
+
 def _body_content(body: str) -> dict[str, Any]:
     event = json.loads(body)
     return {"name": event.get("name"), "payload": event.get("payload")}
@@ -1048,6 +1135,13 @@ class TrialStore:
                     for i, ev_id, found, where in exc.found
                 ]
                 raise EventConflictError(sorted(errors, key=lambda e: e.index or 0)) from None
+            except _TrialConflicts as exc:  # rolled back: nothing of the batch is written
+                ids = list(map(_item_id, items))
+                errors = [
+                    ErrorDetail(ids.index(ev_id), path, value, rule, message)
+                    for ev_id, path, value, rule, message in exc.found
+                ]
+                raise EventConflictError(sorted(errors, key=lambda e: e.index or 0)) from None
             self._after_commit(result.accepted)
             # the keeper hears of every append once one changed trial rows: a stream of
             # metric points moves the snapshots' watermarks on too
@@ -1077,7 +1171,16 @@ class TrialStore:
             self._check_duplicates([p[0] for p in pending if p[0][0] not in added], variants)
         last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
         with gc_paused():
-            self._project([p[1] for p in fresh if p[1] is not None], before, last_seq)
+            rows = [p[1] for p in fresh if p[1] is not None]
+            # the lifecycle events of the trials this append gives one: checked against what
+            # their trials' logged events state, then folded (read once for both)
+            lifecycle = self._lifecycle_bodies(
+                list(dict.fromkeys((r[3], r[4]) for r in rows if r[1] in LIFECYCLE_EVENTS))
+            )
+            conflicts = _trial_conflicts(lifecycle, before)
+            if conflicts:
+                raise _TrialConflicts(conflicts)  # rolled back with the whole transaction
+            self._project(rows, before, last_seq, lifecycle)
         ids = [p[0][0] for p in fresh]
         return AppendResult(len(fresh), n_in - len(fresh), ids, last_seq)
 
@@ -1132,11 +1235,19 @@ class TrialStore:
         if found:
             raise _Conflicts(found)
 
-    def _project(self, rows: Sequence[_Row], after_seq: int, upto_seq: int) -> None:
+    def _project(
+        self,
+        rows: Sequence[_Row],
+        after_seq: int,
+        upto_seq: int,
+        lifecycle: Mapping[tuple[str, str], list[tuple[int, dict[str, Any]]]] | None = None,
+    ) -> None:
         """Project logged events into the derived tables (shared by append and replay).
 
         ``rows`` are the ``ml.*`` events logged with sequence numbers in
         ``(after_seq, upto_seq]``; their metric points are projected in SQL from the log.
+        ``lifecycle`` holds the logged lifecycle events of trials already read
+        (:meth:`_lifecycle_bodies`), which are not read again.
         """
         runs: dict[str, list[Any]] = {}
         # trials in order of first appearance: a new trial's row is created (its rowid
@@ -1173,20 +1284,34 @@ class TrialStore:
         if artifact_rows:
             self.conn.executemany(_UPSERT_ARTIFACT, artifact_rows)
         if trials:
-            self._refold_trials(list(trials))
+            self._refold_trials(list(trials), lifecycle or {})
 
-    def _refold_trials(self, keys: Sequence[tuple[str, str]]) -> None:
-        """Fold each trial's logged lifecycle events into its row, in the order given (a new
-        trial's row is created in that order). A few statements for many trials, not a few
-        per trial (sqlite3 lets go of the GIL once per statement)."""
-        bodies: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in keys}
+    def _lifecycle_bodies(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], list[tuple[int, dict[str, Any]]]]:
+        """The logged lifecycle events of each trial of ``keys``: (seq, parsed body). A few
+        statements for many trials, not a few per trial (sqlite3 lets go of the GIL once
+        per statement)."""
+        bodies: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {k: [] for k in keys}
         for chunk in _chunks(keys, _REFOLD_TRIALS):
             cur = self.conn.execute(_lifecycle_sql(len(chunk)), list(chain.from_iterable(chunk)))
-            for run_id, trial_id, body in cur:
-                bodies[run_id, trial_id].append(json.loads(body))
+            for run_id, trial_id, body, seq in cur:
+                bodies[run_id, trial_id].append((seq, json.loads(body)))
+        return bodies
+
+    def _refold_trials(
+        self,
+        keys: Sequence[tuple[str, str]],
+        lifecycle: Mapping[tuple[str, str], list[tuple[int, dict[str, Any]]]],
+    ) -> None:
+        """Fold each trial's logged lifecycle events into its row, in the order given (a new
+        trial's row is created in that order); ``lifecycle``: trials' events already read."""
+        read = self._lifecycle_bodies([k for k in keys if k not in lifecycle])
         rows = []
-        for (run_id, _), found in bodies.items():
-            row = fold_trial(found)
+        for key in keys:
+            run_id = key[0]
+            found = lifecycle[key] if key in lifecycle else read[key]
+            row = fold_trial(body for _, body in found)
             if row["study"] is None:
                 known = self.conn.execute(
                     "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
@@ -1694,7 +1819,7 @@ class StoreWriter:
             len(batch),
             "; ".join(f"{e.line()} (event id {_item_id(batch[e.index or 0])})" for e in refused),
         )
-        conflicts = all(e.rule == "id_conflict" for e in refused)
+        conflicts = all(e.rule in CONFLICT_RULES for e in refused)
         return (EventConflictError if conflicts else EventValidationError)(refused)
 
     def close(self) -> None:
