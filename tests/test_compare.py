@@ -1611,12 +1611,19 @@ def test_a_snapshot_with_malformed_details_recomputes_them(tmp_path: Path) -> No
 def test_the_snapshot_is_refreshed_from_events_logged_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = _lab_store(tmp_path, n_pairs=8, epochs=3)
+    evs = synthetic_study(STUDY, n_pairs=8, epochs=3)
+    (outcome,) = [
+        e for e in evs if e.name == "ml.trial.complete" and e.payload.trial_id == "trial_0000"
+    ]
+    store = TrialStore(tmp_path / "lab.db")
+    store.append([e for e in evs if e is not outcome])  # trial_0000 still running
+    cmp.clear_cache(store)
     before = compare_study(store, STUDY, metrics=["test_accuracy"], details=False)
-    # a new pair and a trial whose status changes, logged after the snapshot
+    # a new pair, and the running trial ending pruned, logged after the snapshot
     store.append(_trial(900, False, {"test_accuracy": 0.5}, pair="late"))
     store.append(_trial(901, True, {"test_accuracy": 0.9}, pair="late"))
-    store.append(_trial(0, False, {"test_accuracy": 0.1}, pair="pair_0000", status="pruned"))
+    pruned = outcome.payload.model_copy(update={"status": "pruned"})
+    store.append([outcome.model_copy(update={"payload": pruned})])
     cmp.clear_cache()
     spy = _Spy(monkeypatch)
     loaded = cmp.snapshot_counts["loaded"]
@@ -1625,7 +1632,7 @@ def test_the_snapshot_is_refreshed_from_events_logged_after_it(
     assert spy.bulk_reads == 0 and spy.reads == 1  # only the trials with new events
     fresh = _fresh(store, metrics=["test_accuracy"], details=False)
     _assert_same_result(after, fresh)
-    assert after.headline.loc[0, "n_pairs"] == before.headline.loc[0, "n_pairs"]  # +1 -1
+    assert after.headline.loc[0, "n_pairs"] == before.headline.loc[0, "n_pairs"] + 1
     assert "late" in set(after.pairs["pair_id"]) and "pair_0000" not in set(after.pairs["pair_id"])
     assert any("1 pruned" in n for n in after.notes)
     # the refreshed frame was saved: the next process reads nothing from the store
@@ -2480,15 +2487,58 @@ def test_a_misspelled_metric_gets_the_closest_names(synthetic_store: TrialStore)
             details=False,
         )
     assert str(err.value).startswith(
-        f"study {STUDY!r}: no trial reports the metrics 'test_acurracy' (did you mean "
-        "'test_accuracy'?), 'test_ecce' (did you mean 'test_ece'?), and no known metric has "
-        "those names; it reports: "
+        f"study {STUDY!r}: no trial reports the metrics 'test_acurracy' and 'test_ecce', and "
+        "no known metric has those names (did you mean 'test_accuracy' for 'test_acurracy'; "
+        "'test_ece' for 'test_ecce'?); the study reports: test_accuracy, test_ece, epochs, "
     )
     # best_/final_ variants resolve as before; a layer's σ is matched by name
     res = compare_study(synthetic_store, STUDY, metrics=["best_val_accuracy"], details=False)
     assert res.headline["metric"].tolist() == ["best_val_accuracy"]
     with pytest.raises(StudyError, match=r"did you mean 'sigma/net.2'"):
         compare_study(synthetic_store, STUDY, metrics=["sigma/net.2", "sigma/net2"])
+
+
+def test_a_metric_named_by_its_start_gets_the_names_it_begins_listed_first(
+    synthetic_store: TrialStore,
+) -> None:
+    # "val_acc" got no suggestion, and the list of the study's names, cut alphabetically at
+    # 20, never showed val_accuracy; a suggestion read "'x' (did you mean 'y'?), and no ..."
+    with pytest.raises(StudyError) as err:
+        compare_study(synthetic_store, STUDY, metrics=["val_acc"], details=False)
+    assert str(err.value).startswith(
+        f"study {STUDY!r}: no trial reports the metric 'val_acc', and no known metric has "
+        "that name (did you mean 'val_accuracy'?); the study reports: val_accuracy, epochs, "
+    )
+    assert str(err.value).endswith(" and 4 more")  # 24 names: the close one is never cut
+    with pytest.raises(StudyError) as err:
+        compare_study(synthetic_store, STUDY, metrics=["sigma"], details=False)
+    assert "(did you mean 'sigma/net.0' or 'sigma/net.2' or 'sigma/net.4'?)" in str(err.value)
+    # a known metric no trial reports: the names it begins lead the list too
+    many = {f"m{j:02d}": 0.5 for j in range(25)}
+    store = _study_store(*(_trial(i, i % 2 == 0, {**many, "val_nll_mean": 0.3}) for i in range(4)))
+    with pytest.raises(StudyError) as err:
+        compare_study(store, STUDY, metrics=["val_nll"], details=False)
+    assert str(err.value).startswith(
+        f"study {STUDY!r}: none of the metrics val_nll is reported (did you mean "
+        "'val_nll_mean'?); it reports: val_nll_mean, m00, m01, "
+    )
+    # a study's name past the first 20 listed: the closest leads the list
+    store = _study_store(*(_trial(i, True, {"acc": 0.8}, study=f"zz-{i:02d}") for i in range(30)))
+    with pytest.raises(StudyError) as err:
+        compare_study(store, "zz_29")
+    assert "(did you mean 'zz-29'? studies: zz-29, zz-00, zz-01, " in str(err.value)
+    assert str(err.value).endswith(" and 10 more)")
+
+
+def test_cli_compare_suggests_the_metric_a_prefix_begins(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study(STUDY, n_pairs=4, epochs=3))
+    args = ["compare", "--lab", str(lab.root), "--study", STUDY, "--metric", "val_acc"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "(did you mean 'val_accuracy'?); the study reports: val_accuracy, " in result.output
+    assert "report:" not in result.output
 
 
 def test_cli_compare_refuses_a_misspelled_metric(tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ import msgspec
 import numpy as np
 import pandas as pd
 
-from thunderline_lab.errors import ConfigError, StudyError, did_you_mean
+from thunderline_lab.errors import ConfigError, StudyError, closest_names, did_you_mean
 from thunderline_lab.events import TERMINAL_STATUSES, gc_paused
 from thunderline_lab.lab import study_name
 from thunderline_lab.store import TrialStore, snapshot_dir
@@ -3554,10 +3554,11 @@ def _compare(
     if not rows:
         names = _metric_names(store, frame)
         hints = [h for m in wanted if (h := _did_you_mean(m, names))]
+        lead = [c for m in wanted for c in _closest(m, names)]  # listed first, never cut
         raise StudyError(
             f"study {study!r}: none of the metrics {', '.join(wanted)} is reported"
             + (f" ({'; '.join(hints)})" if hints else "")
-            + (f"; {_known_names('it reports', sorted(names), '')}" if names else "")
+            + (f"; {_known_names('it reports', sorted(names), '', first=lead)}" if names else "")
         )
     # the metrics' p-values as one family (Holm), over the rows as remembered: the
     # adjustment is never cached, so no remembered row or snapshot lacks it
@@ -3746,43 +3747,58 @@ def _refuse_unknown_metrics(study: str, skipped: Sequence[str], reported: set[st
     unknown = [m for m in skipped if not _is_known_metric(m)]
     if not unknown:
         return
-    described = []
+    hints, lead = [], []
     for m in unknown:
-        hint = _did_you_mean(m, reported) or _did_you_mean(m, KNOWN_METRICS)
-        described.append(f"{m!r}" + (f" ({hint})" if hint else ""))
+        close = _closest(m, reported) or _closest(m, KNOWN_METRICS)
+        lead += [c for c in close if c in reported]
+        if close:
+            shown = " or ".join(map(repr, close))
+            hints.append(shown + (f" for {m!r}" if len(unknown) > 1 else ""))
+    asked = ", ".join(map(repr, unknown[:-1])) + (" and " if len(unknown) > 1 else "")
+    asked += repr(unknown[-1])
     raise StudyError(
         f"study {study!r}: no trial reports the metric{'s' if len(unknown) > 1 else ''} "
-        + ", ".join(described)
+        + asked
         + (
             ", and no known metric has that name"
             if len(unknown) == 1
             else ", and no known metric has those names"
         )
-        + (f"; {_known_names('it reports', sorted(reported), '')}" if reported else "")
+        + (f" (did you mean {'; '.join(hints)}?)" if hints else "")
+        + (
+            f"; {_known_names('the study reports', sorted(reported), '', first=lead)}"
+            if reported
+            else ""
+        )
     )
+
+
+def _closest(name: str, known: Iterable[str]) -> list[str]:
+    """The (at most three) names of ``known`` closest to ``name``
+    (:func:`~thunderline_lab.errors.closest_names`): same name but for case or punctuation
+    first, then by similarity, then the names ``name`` begins or is a word of."""
+    return closest_names(name, known, n=3, cutoff=0.75)
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
     """``did you mean 'x'?`` naming the known names closest to ``name`` ("" if none is
-    close): same name but for case or punctuation first, then by similarity."""
-    import difflib
-
-    known = sorted(set(known))
-
-    def squash(s: str) -> str:
-        return re.sub(r"[\W_]+", "", s.casefold())
-
-    close = [k for k in known if squash(k) == squash(name) and k != name]
-    close += difflib.get_close_matches(name, known, n=3, cutoff=0.75)
-    close = list(dict.fromkeys(close))[:3]
+    close): :func:`_closest`."""
+    close = _closest(name, known)
     return f"did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
-def _known_names(what: str, known: Sequence[str], asked: str, limit: int = 20) -> str:
+def _known_names(
+    what: str, known: Sequence[str], asked: str, limit: int = 20, first: Iterable[str] = ()
+) -> str:
     """``what: a, b, c`` (the first ``limit``, then how many more), with a did-you-mean
-    for ``asked`` first."""
-    hint = _did_you_mean(asked, known) if asked else ""
-    shown = ", ".join(known[:limit])
+    for ``asked`` first; the names it suggests, then ``first``, lead the list (a cut never
+    hides them), the rest follow in their order."""
+    close = _closest(asked, known) if asked else []
+    hint = f"did you mean {' or '.join(map(repr, close))}?" if close else ""
+    names = set(known)
+    lead = [k for k in dict.fromkeys([*close, *first]) if k in names]
+    ordered = lead + [k for k in known if k not in lead]  # (a few names)
+    shown = ", ".join(ordered[:limit])
     more = f" and {len(known) - limit} more" if len(known) > limit else ""
     return (f"{hint} " if hint else "") + f"{what}: {shown}{more}"
 

@@ -21,6 +21,7 @@ boundary with ``raise ... from exc``.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ThunderlineLabError",
     "TrackingError",
     "TrainingError",
+    "closest_names",
     "did_you_mean",
 ]
 
@@ -77,8 +79,54 @@ class NotebookExecutionError(ThunderlineLabError):
     """A papermill run failed: names the notebook, the failing cell and the saved executed copy."""
 
 
-def did_you_mean(name: str, known: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for a near miss of ``name`` among ``known``, else ``""``:
-    the hint every "unknown name" error of the package ends with."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def closest_names(name: str, known: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The names of ``known`` closest to ``name``, closest first and at most ``n``: the same
+    name but for case or punctuation, then near misses (``difflib``, similarity >= ``cutoff``),
+    then the names ``name`` begins (``val_acc`` -> ``val_accuracy``), then those with a word
+    that ``name`` begins (``nll`` -> ``test_nll``); the two last shortest first, and only for
+    a ``name`` of two letters or more. Ties go by name (among near misses, the same letters in
+    another order first). ``name`` itself is never among them.
+
+    Example:
+        >>> closest_names("val_acc", ["epochs", "test_accuracy", "val_accuracy"])
+        ['val_accuracy']
+        >>> closest_names("nll", ["lr", "test_nll", "train_nll"])
+        ['test_nll', 'train_nll']
+    """
+    known = sorted({k for k in known if k != name})
+
+    def squash(s: str) -> str:
+        return re.sub(r"[\W_]+", "", s.casefold())
+
+    def by_length(names: Iterable[str]) -> list[str]:
+        return sorted(names, key=lambda k: (len(k), k))
+
+    asked = squash(name)
+    close = [k for k in known if squash(k) == asked]
+    near = difflib.get_close_matches(name, known, n=len(known) or 1, cutoff=cutoff)
+    close += sorted(  # as similar: the same letters in another order (lwo -> low, not log)
+        near,
+        key=lambda k: (
+            -difflib.SequenceMatcher(None, name, k).ratio(),
+            sorted(k) != sorted(name),
+            k,
+        ),
+    )
+    if len(asked) >= 2:
+        close += by_length(k for k in known if squash(k).startswith(asked))
+        word = re.compile(r"(?:^|(?<=[\W_]))" + re.escape(name.casefold()))
+        close += by_length(k for k in known if word.search(k.casefold()))
+    return list(dict.fromkeys(close))[:n]
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 1) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of ``name`` among ``known`` (the ``n``
+    closest, :func:`closest_names`: ``'x' or 'y'``), else ``""``: the hint every "unknown
+    name" error of the package ends with.
+
+    Example:
+        >>> did_you_mean("val_acc", ["epochs", "val_accuracy"])
+        " (did you mean 'val_accuracy'?)"
+    """
+    close = closest_names(name, known, n=n)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
