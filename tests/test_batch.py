@@ -930,3 +930,84 @@ def test_a_runs_result_counts_its_own_trials_when_known_else_the_stores_differen
     assert (own.done_before, own.done_now, own.failed_now, own.done_total) == (2, 2, 1, 8)
     unknown = result(None)
     assert (unknown.done_now, unknown.failed_now, unknown.done_total) == (6, 2, 8)
+
+
+# The study notebook's parameters that make a study's settings (what a resume must keep).
+_SETTINGS_PARAMS = (
+    '\ndataset = "wine"\narchitecture = "mlp"\ndesign = "tpe"\nseeds = [0]\nsearch_space = {}'
+    '\nconv_sn_modes = None\nepochs = 1\nprofile = "full"'
+)
+
+
+def test_resuming_a_study_with_other_settings_is_refused_before_any_worker_starts(
+    tmp_path: Path,
+) -> None:
+    """A study made with epochs=2 and run again with the config's 3 said "resuming study",
+    then failed inside the notebook on run_study's refusal, leaving a failed executed copy."""
+    from thunderline_lab.study import run_study
+    from thunderline_lab.training import TrialResult
+
+    def completed(config: object, dataset: object, **kw: object) -> TrialResult:
+        return TrialResult("completed", {"best_val_loss": 0.5}, [], duration_ms=1)
+
+    lab = tmp_path / "lab"
+    run_study("s", lab=lab, dataset="wine", design="tpe", epochs=2, n_trials=1, trainer=completed)
+    make_notebook(tmp_path / "nb.ipynb", "pass", _SETTINGS_PARAMS)
+    cfg = write_config(
+        tmp_path, '[study]\nname = "s"\nnotebook = "nb.ipynb"\n[parameters]\nepochs = 3\n'
+    )
+    made_with = "study 's' was made with {}: its trials would not be comparable; use another"
+    args = ["run", str(cfg), "--lab", str(lab), "--no-report"]
+    for more, expected in [
+        ([], f"{cfg.resolve()}: parameters.epochs: {made_with.format('epochs=2, not 3')}"),
+        (["-p", "epochs", "4"], f"-p epochs: {made_with.format('epochs=2, not 4')}"),
+        (
+            ["-p", "epochs", "2", "-p", "seeds", "[1]"],
+            f"-p seeds: {made_with.format('seeds=[0], not [1]')}",
+        ),
+    ]:
+        result = CliRunner().invoke(main, [*args, *more])
+        assert result.exit_code == 1, result.output
+        assert f"error: {expected}" in result.output, result.output
+        assert "resuming study" not in result.output and "study s:" not in result.output
+        assert not (lab / "runs").exists()  # no worker started, no executed copy
+    # the settings it was made with: resumed (nothing left to run)
+    result = CliRunner().invoke(main, [*args, "-p", "epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert "nothing left to run" in result.output
+
+
+def test_a_missing_study_config_names_the_closest_and_lists_the_studies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run studies/smok.toml` and `run smoke` said only "no such study config"."""
+    make_notebook(tmp_path / "nb.ipynb", "pass")
+    (tmp_path / "studies").mkdir()
+    for name in ("smoke", "two_moons"):
+        (tmp_path / "studies" / f"{name}.toml").write_text("")
+    (tmp_path / "pyproject.toml").write_text("")  # not a study config
+    monkeypatch.chdir(tmp_path)
+    listed = "; study configs found: studies/smoke.toml, studies/two_moons.toml"
+    for given in ("studies/smok.toml", "smoke", "studies/smoke"):
+        with pytest.raises(ConfigError) as info:
+            load_study_config(given)
+        assert str(info.value) == (
+            f"{given}: no such study config (did you mean 'studies/smoke.toml'?){listed}"
+        )
+
+
+def test_a_notebook_not_found_says_where_its_relative_path_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config copied out of the repo said only "notebook not found: notebooks/x.ipynb"."""
+    (tmp_path / "copied").mkdir()
+    cfg = tmp_path / "copied" / "study.toml"
+    cfg.write_text('[study]\nname = "c"\nnotebook = "notebooks/x.ipynb"\n')
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError) as info:
+        load_study_config(cfg)
+    assert str(info.value) == (
+        f"{cfg}: study.notebook: notebook not found: notebooks/x.ipynb (a relative path is "
+        f"looked for in {tmp_path / 'elsewhere'}, {tmp_path / 'copied'}, {tmp_path})"
+    )

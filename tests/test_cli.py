@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -401,3 +402,80 @@ def test_a_study_missing_from_a_lab_that_mirrors_a_gateway_points_to_gateway(
     for args in (["trials", "--study", "smoke"], ["compare", "--study", "smoke"]):
         result = runner.invoke(main, [*args, "--lab", str(lab)])
         assert result.exit_code == 1 and hint in result.output, result.output
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fake_run(trials: dict[str, str]) -> Any:
+    """A ``run_batch`` that runs nothing: the study ``smoke`` gets a completed trial per entry
+    of ``trials``, logged to MLflow (its outbox) as the entry says: synced or pending."""
+    from thunderline_lab.batch import BatchResult
+    from thunderline_lab.tracking import _Outbox
+
+    def run_batch(config: Any, *, lab: Any, on_start: Any = None, **kw: Any) -> BatchResult:
+        lab.ensure()
+        with lab.store() as store:
+            outbox = _Outbox(lab.db_path, store, lab.mlflow_tracking_uri)
+            outbox.mark_study("smoke", lab.mlflow_tracking_uri)
+            for tid, state in trials.items():
+                key = {"model_run_id": "smoke", "trial_id": tid}
+                store.append(
+                    [
+                        E.trial_start(**key, spectral_norm=True, study="smoke"),
+                        E.trial_complete(**key, spectral_norm=True, metrics={"val_loss": 0.1}),
+                    ]
+                )
+                if state == "synced":
+                    outbox.mark_synced(("smoke", tid), "smoke", f"run-{tid}", 2)
+                else:
+                    outbox.mark_pending(("smoke", tid), "smoke", error="MLflow is down")
+            outbox.close()
+        n = len(trials)
+        return BatchResult(config, lab, [], 1.0, {"completed": n}, total=n)
+
+    return run_batch
+
+
+def test_run_says_which_trials_are_still_waiting_for_mlflow(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trials a worker's MLflow logger could not send stayed in the outbox while the summary
+    printed the `mlflow ui` line as if MLflow had them all."""
+    lab = tmp_path / "lab"
+    args = ["run", str(ROOT / "studies" / "smoke.toml"), "--lab", str(lab), "--no-report"]
+    trials = {"trial_0000": "synced", "trial_0001": "pending", "trial_0002": "pending"}
+    monkeypatch.setattr("thunderline_lab.batch.run_batch", _fake_run(trials))
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: 2 trial(s) of study smoke not yet in MLflow (waiting in the lab's MLflow "
+        f"outbox, {lab / 'lab.db'}): thunderline-lab mlflow-sync --lab {lab} pushes them"
+    ) in result.output
+    monkeypatch.setattr("thunderline_lab.batch.run_batch", _fake_run({"trial_0003": "synced"}))
+    args[3] = str(tmp_path / "lab2")
+    result = runner.invoke(main, args)  # all of them in MLflow: nothing to say
+    assert result.exit_code == 0 and "not yet in MLflow" not in result.output, result.output
+
+
+def test_a_parameter_missing_its_value_before_an_option_is_named(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """`-p epochs --lab L` took --lab as the value of epochs and failed with "Got unexpected
+    extra argument (L)", naming neither the -p nor the value it lacked."""
+    lab = tmp_path / "lab"
+    smoke = str(ROOT / "studies" / "smoke.toml")
+    for args, expected in [
+        (["-p", "epochs", "--lab", str(lab)], "-p epochs: missing value (got the option --lab;"),
+        (["-p", "epochs", f"--lab={lab}"], f"-p epochs: missing value (got the option --lab={lab}"),
+        (["--parameter", "epochs", "--workers", "2"], "--parameter epochs: missing value (got"),
+        (["-p", "--lab", str(lab)], "-p: missing name and value (got the option --lab; write -p"),
+        (["--lab", str(lab), "-p", "epochs"], "-p epochs: missing value (write -p epochs VALUE)"),
+    ]:
+        result = runner.invoke(main, ["run", smoke, *args])
+        assert result.exit_code == 2, result.output
+        assert f"Error: {expected}" in result.output and "extra argument" not in result.output
+    assert not lab.exists()
+    # a value that only starts with '-' is a value: here one the study refuses
+    result = runner.invoke(main, ["run", smoke, "-p", "epochs", "-1", "--lab", str(lab)])
+    assert result.exit_code == 1 and "error: -p epochs" in result.output, result.output

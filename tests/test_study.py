@@ -37,6 +37,7 @@ from thunderline_lab.study import (
     _group_lock,
     _member_attrs,
     _retry,
+    check_study_parameters,
     make_storage,
     run_study,
     trial_id_for,
@@ -133,6 +134,58 @@ def test_search_space_from_toml_and_unknown_names(tmp_path):
     bad.write_text("[search_space]\nlr = [0, 1]\n")
     with pytest.raises(ConfigError, match=r"bad\.toml"):
         SearchSpace.from_toml(bad)
+
+
+KNOWN_PARAMETERS = (
+    "activation, batch_size, batchnorm, conv_sn_mode, depth, dropout, lr, n_power_iterations, "
+    "spectral_norm, spectral_norm_coeff, weight_decay, width"
+)
+
+
+def test_a_misspelt_search_space_name_gets_a_did_you_mean():
+    # "search_space: unknown parameter(s) ['depht']; known: [...]", with no hint
+    with pytest.raises(ConfigError) as err:
+        check_study_parameters({"search_space": {"depht": [1, 3]}})
+    assert str(err.value) == (
+        f"search_space.depht: unknown parameter (did you mean 'depth'?); known: {KNOWN_PARAMETERS}"
+    )
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.from_dict({"wdth": 64, "depht": 2})
+    assert str(err.value).startswith(
+        "search_space.depht: unknown parameter (did you mean 'depth'?); "
+        "search_space.wdth: unknown parameter (did you mean 'width'?); known: activation, "
+    )
+    with pytest.raises(ConfigError) as err:
+        SearchSpace().with_fixed(spectral_nrom=True)
+    assert str(err.value).startswith(
+        "search_space.spectral_nrom: unknown parameter (did you mean 'spectral_norm'?); known: "
+    )
+    with pytest.raises(ConfigError) as err:
+        ParamSpec.parse("lr", {"lwo": 1e-4, "high": 1e-2})
+    assert str(err.value) == (
+        "search_space.lr.lwo: unknown key (did you mean 'low'?); "
+        "known: choices, high, log, low, value"
+    )
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        # "search_space.lr: 'fast': lr must be a finite number > 0, got 'fast'"
+        ({"lr": "fast"}, "search_space.lr: 'fast': lr must be a finite number > 0"),
+        ({"batch_size": [0, 8]}, "search_space.batch_size: 0: batch_size must be an integer >= 1"),
+        # as the model holds the value: 5 -> 5.0, 200.0 -> 200
+        ({"dropout": 5}, "search_space.dropout: 5: ModelConfig.dropout must be in [0, 1)"),
+        ({"depth": 200.0}, "search_space.depth: 200.0: ModelConfig.depth must be between 1 and"),
+        ({"activation": "swishy"}, "search_space.activation: 'swishy': ModelConfig.activation"),
+    ],
+)
+def test_a_search_space_value_no_trial_could_run_with_is_said_once(space, expected):
+    with pytest.raises(ConfigError) as err:
+        check_study_parameters({"search_space": space})
+    assert str(err.value).startswith(expected)
+    value = str(err.value).split(": ")[1]
+    assert str(err.value).count(value) == 1 and ", got " not in str(err.value), str(err.value)
 
 
 @pytest.mark.parametrize("architecture", ["mlp", "cnn"])

@@ -1344,3 +1344,48 @@ def test_a_tracking_uri_that_is_not_mlflow_is_a_clean_error(tmp_path: Path) -> N
     assert out.exception is None or isinstance(out.exception, SystemExit), out.exception
     assert "error: MLflow sync stopped" in out.output
     assert f"is {url} an MLflow tracking server?" in out.output
+
+
+# Opens a new MLflow database once told to (a line on stdin), as a study worker's logger
+# does; everything MLflow imports on the way is imported before, so the openers start at once.
+_OPEN_WHEN_TOLD = """\
+import sys
+import alembic.command, mlflow, mlflow.store.tracking.sqlalchemy_store
+from thunderline_lab.tracking import _ClientBackend
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    _ClientBackend(sys.argv[1]).list_experiments()
+    print("ok")
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}".splitlines()[0])
+"""
+
+
+def test_processes_opening_a_new_mlflow_database_at_once_all_get_its_tables(
+    tmp_path: Path,
+) -> None:
+    """`run --workers 2` on a new lab: both workers' loggers opened lab/mlflow.db at once and
+    both ran MLflow's migrations; one failed half-way ("duplicate column name: step", "table
+    trace_info already exists") and its trials could stay in the outbox."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_WHEN_TOLD, uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for proc in procs:  # every one imported: then all at once
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    outputs = [proc.communicate(timeout=300)[0].strip() for proc in procs]
+    assert outputs == ["ok"] * 3
+    assert (tmp_path / "mlflow.db.lock").exists()  # the lock beside the database

@@ -110,14 +110,43 @@ class StudyConfig:
     workers: int = 1
 
 
+def _notebook_folders(config_path: Path) -> list[Path]:
+    """The folders a config's relative ``study.notebook`` is looked for in, in order: the
+    current folder, the config's and its parent (a repo's ``studies/x.toml`` naming
+    ``notebooks/y.ipynb``)."""
+    return [Path("."), config_path.parent, config_path.parent.parent]
+
+
 def _resolve_notebook(config_path: Path, notebook: str) -> Path | None:
     candidates = [Path(notebook)]
     if not Path(notebook).is_absolute():
-        candidates += [config_path.parent / notebook, config_path.parent.parent / notebook]
+        candidates = [folder / notebook for folder in _notebook_folders(config_path)]
     for c in candidates:
         if c.is_file():
             return c.resolve()
     return None
+
+
+def _missing_config_hint(path: Path) -> str:
+    """A did-you-mean for a study config that does not exist (``studies/smok.toml``, or
+    ``smoke`` for ``studies/smoke.toml``), and the configs of the folder it names and of the
+    ``studies/`` there (not the current folder's other TOML files: ``pyproject.toml``);
+    "" when there are none."""
+    folders = [path.parent / "studies"]
+    if path.parent != Path("."):
+        folders.append(path.parent)
+    configs = sorted({c for f in folders if f.is_dir() for c in f.glob("*.toml")})
+    if not configs:
+        return ""
+    # a name without its folder or suffix (`run smoke`): the config of that name
+    same = [c for c in configs if c.stem == path.name.removesuffix(path.suffix or "\0")]
+    hint = (
+        f" (did you mean {str(same[0])!r}?)"
+        if same
+        else did_you_mean(str(path), [str(c) for c in configs])
+    )
+    listed = ", ".join(str(c) for c in configs[:10]) + (", ..." if len(configs) > 10 else "")
+    return f"{hint}; study configs found: {listed}"
 
 
 def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
@@ -131,7 +160,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{p}: no such study config") from None
+        raise ConfigError(f"{p}: no such study config{_missing_config_hint(p)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -156,7 +185,11 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
         raise _MultiConfigError(problems) from None
     notebook = _resolve_notebook(p, doc.study.notebook)
     if notebook is None:
-        raise ConfigError(f"{p}: study.notebook: notebook not found: {doc.study.notebook}")
+        looked = ""
+        if not Path(doc.study.notebook).is_absolute():  # (a config copied elsewhere)
+            folders = dict.fromkeys(str(f.resolve()) for f in _notebook_folders(p))
+            looked = f" (a relative path is looked for in {', '.join(folders)})"
+        raise ConfigError(f"{p}: study.notebook: notebook not found: {doc.study.notebook}{looked}")
     if notebook.suffix != ".ipynb":
         raise ConfigError(
             f"{p}: study.notebook: {doc.study.notebook} is not a Jupyter notebook (.ipynb)"
@@ -523,6 +556,95 @@ def _check_same_study(lab: Lab, study: str, gateway: str, mirror: Path) -> None:
         "study another name, run it from the lab that started it, or point every worker at "
         "one shared Optuna storage (run_study(storage=...), docs/scaling-out.md)"
     )
+
+
+# The study notebook's parameters that run_study keeps as the study's settings (Optuna user
+# attrs), and refuses to change when it resumes the study.
+_SETTING_PARAMETERS = (
+    "dataset",
+    "architecture",
+    "design",
+    "seeds",
+    "search_space",
+    "conv_sn_modes",
+    "epochs",
+)
+
+
+def _check_study_settings(
+    config: StudyConfig,
+    lab: Lab,
+    params: Mapping[str, Any],
+    declared: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+) -> None:
+    """Refuse, before any worker starts, to resume a study with other settings than it was
+    made with (``epochs``, ``dataset``, ...), as each worker's ``run_study`` would: it raised
+    in the notebook after the "resuming" line, leaving a failed executed copy in ``runs/``.
+
+    The study's settings are read from the lab's Optuna journal. Only a notebook declaring
+    every parameter run_study makes them from (the study notebook's) is checked: how another
+    notebook calls run_study is its own.
+
+    Raises:
+        ConfigError: naming where the changed value came from (``-p epochs``, the config's
+            ``parameters.epochs``), with run_study's own message.
+    """
+    if not lab.optuna_journal.exists() or not set(_SETTING_PARAMETERS) <= set(declared):
+        return
+    from thunderline_lab.study import settings_change, study_settings
+
+    values = dict(params)
+    try:
+        for name in _SETTING_PARAMETERS:
+            if name not in values:  # the notebook's default, as the source text papermill read
+                values[name] = ast.literal_eval(str(declared[name]))
+        epochs, profiled = values["epochs"], ""
+        if "profile" in declared:  # the notebook runs its profile's epochs (apply_profile)
+            from thunderline_lab.notebook import apply_profile, effective_profile
+
+            profile = values.get("profile", ast.literal_eval(str(declared["profile"])))
+            epochs = apply_profile({"epochs": epochs}, profile)["epochs"]
+            if epochs != values["epochs"]:
+                profiled = f" (the {effective_profile(profile)} profile runs epochs={epochs})"
+        # as the study notebook passes them on to run_study, and run_study keeps them
+        now = study_settings(
+            dataset=values["dataset"],
+            architecture=values["architecture"],
+            design=values["design"],
+            seeds=values["seeds"],
+            search_space=values["search_space"],
+            conv_sn_modes=values["conv_sn_modes"],
+            epochs=epochs,
+        )
+    except (ValueError, SyntaxError, ConfigError):
+        return  # a default that is an expression, a bad value: the notebook decides
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        storage = JournalStorage(JournalFileBackend(str(lab.optuna_journal)))
+        have = storage.get_study_user_attrs(storage.get_study_id_from_name(config.name))
+    except KeyError:  # a new study
+        return
+    except Exception as exc:  # unreadable: the study run will say what is wrong
+        log.warning(
+            "cannot read study %s's settings in %s: %s", config.name, lab.optuna_journal, exc
+        )
+        return
+    change = settings_change(config.name, have, now)  # the rule of run_study's resume
+    if change is not None:
+        key, message = change
+        # the parameters the setting is made from, by where they were given
+        names = ("search_space", "conv_sn_modes") if key == "search_space" else (key,)
+        where = next(
+            (f"-p {n}" for n in names if n in overrides),
+            next(
+                (f"{config.path}: parameters.{n}" for n in names if n in config.parameters),
+                f"{config.notebook.name}: {names[0]}",  # (the notebook's default)
+            ),
+        ) + (profiled if key == "epochs" else "")
+        raise ConfigError(f"{where}: {message}")
 
 
 def _local_study_trials(lab: Lab, study: str) -> int:
@@ -934,6 +1056,7 @@ def run_batch(
     gateway = params.get("gateway") or None
     if gateway is not None and not isinstance(gateway, str):
         raise ConfigError(f"gateway = {gateway!r}: expected a URL such as http://127.0.0.1:8765")
+    _check_study_settings(config, lab_obj, params, declared, overrides or {})
     status = _Status(lab_obj, config.name, gateway)
     if on_start is not None:
         on_start()

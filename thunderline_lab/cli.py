@@ -310,9 +310,29 @@ class _RunCommand(click.Command):
     two-value option then took the next ``-p`` as the value and failed on the rest with
     "Got unexpected extra argument". A parameter name never holds ``=``, so the first ``=``
     of the word after ``-p`` can only separate name and value.
+
+    A value forgotten before the next option (``-p epochs --lab /tmp/x``) made click take
+    ``--lab`` as the value and fail on ``/tmp/x`` ("Got unexpected extra argument"): a NAME
+    or VALUE that is one of the command's options, or missing at the end, is refused naming
+    the ``-p`` at fault. Other words starting with ``-`` stay values (``-p lr -0.5``).
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        options = {
+            opt
+            for param in self.get_params(ctx)
+            if isinstance(param, click.Option)
+            for opt in (*param.opts, *param.secondary_opts)
+        }
+
+        def refuse_option(word: str | None, said: str, placeholder: str) -> None:
+            if word is None or word.split("=", 1)[0] in options:
+                missing = placeholder.lower().replace(" ", " and ")
+                got = "" if word is None else f"got the option {word}; "
+                raise click.UsageError(
+                    f"{said}: missing {missing} ({got}write {said} {placeholder})", ctx
+                )
+
         split: list[str] = []
         words = iter(args)
         for word in words:
@@ -322,15 +342,16 @@ class _RunCommand(click.Command):
                 break
             if word in ("-p", "--parameter"):
                 name = next(words, None)
-                if name is None:
-                    break
+                refuse_option(name, word, "NAME VALUE")
+                assert name is not None
                 if "=" in name:
                     split.extend(name.split("=", 1))
                 else:  # NAME VALUE: the value is passed as it is, '=' and all
                     split.append(name)
                     value = next(words, None)
-                    if value is not None:
-                        split.append(value)
+                    refuse_option(value, f"{word} {name}", "VALUE")
+                    assert value is not None
+                    split.append(value)
         return super().parse_args(ctx, split)
 
 
@@ -442,6 +463,15 @@ def run(
     click.echo(f"  optuna dashboard  : thunderline-lab dashboard --lab {lab.root}")
     if lab.mlflow_db.exists():  # the study logged to MLflow (its `mlflow` parameter)
         click.echo(f"  mlflow ui         : mlflow ui --backend-store-uri {lab.mlflow_tracking_uri}")
+    # (a study run through a gateway has its trials there, not in the lab's store)
+    waiting = 0 if result.gateway else _mlflow_pending(lab, config.name)
+    if waiting:  # MLflow was down or busy: the workers' loggers left them to the outbox
+        click.echo(
+            f"warning: {waiting} trial(s) of study {config.name} not yet in MLflow (waiting "
+            f"in the lab's MLflow outbox, {lab.db_path}): thunderline-lab mlflow-sync --lab "
+            f"{lab.root} pushes them",
+            err=True,
+        )
     if not no_report:
         report = _write_report(lab, config.name, result.store_path)
         if report is not None:
@@ -464,6 +494,20 @@ def _write_report(lab: Any, study: str, db_path: Path | None = None) -> Path | N
         result, lab.reports_dir / compare.report_folder(study), mlflow_links=links
     )
     return Path(out)
+
+
+def _mlflow_pending(lab: Any, study: str) -> int:
+    """How many trials of ``study`` in the lab's store its MLflow outbox holds as not yet in
+    MLflow (0 for a study run without MLflow logging)."""
+    if not lab.db_path.exists():
+        return 0
+    try:
+        from thunderline_lab.tracking import mlflow_links
+
+        links = mlflow_links(lab, study=study)
+    except (ImportError, ThunderlineLabError):
+        return 0
+    return int((links["sync_state"] == "pending").sum())
 
 
 def _mlflow_links(lab: Any, store: Any, study: str) -> Any:

@@ -80,7 +80,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from thunderline_lab import events
 from thunderline_lab.bus import EventBus
-from thunderline_lab.errors import ConfigError, StudyError, ThunderlineLabError, TrackingError
+from thunderline_lab.errors import (
+    ConfigError,
+    StudyError,
+    ThunderlineLabError,
+    TrackingError,
+    did_you_mean,
+)
 from thunderline_lab.lab import Lab
 from thunderline_lab.training import EvalSettings, StopFlag, TrialResult, train_trial
 
@@ -102,7 +108,9 @@ __all__ = [
     "dashboard_command",
     "make_storage",
     "run_study",
+    "settings_change",
     "studies",
+    "study_settings",
     "trial_id_for",
 ]
 
@@ -140,6 +148,37 @@ def trial_id_for(number: int) -> str:
 
 _LOG_BY_DEFAULT = {"lr", "weight_decay", "spectral_norm_coeff", "width"}
 _INT_PARAMS = {"depth", "width", "batch_size", "n_power_iterations", "kernel_size"}
+
+
+# The keys of a search-space parameter given as a table (:meth:`ParamSpec.parse`).
+_SPEC_KEYS = ("low", "high", "log", "choices", "value")
+
+
+def _unknown_names(
+    where: str, unknown: Sequence[str], what: str, known: Iterable[str]
+) -> ConfigError:
+    """``<where><name>: unknown <what> (did you mean 'x'?)`` for each unknown name, then
+    ``known: a, b, ...``: the error of a misspelt search-space parameter or key."""
+    known = list(known)
+    said = [f"{where}{name}: unknown {what}{did_you_mean(name, known)}" for name in unknown]
+    return ConfigError("; ".join(said) + f"; known: {', '.join(sorted(known))}")
+
+
+def _without_got(rule: str, value: Any) -> str:
+    """``rule`` (a model or trainer check's message) without its closing ``, got <value>``:
+    the search-space error names the value before it, once."""
+    shown = {repr(value), str(value)}
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # as the model holds it: a float (dropout 5 -> 5.0) or an int (depth 200.0 -> 200)
+        with contextlib.suppress(OverflowError):  # (an int too large for a float)
+            number = float(value)
+            shown.add(str(number))
+            if number.is_integer():
+                shown.add(str(int(number)))
+    for got in sorted(shown, key=len, reverse=True):
+        if rule.endswith(f", got {got}"):
+            return rule[: -len(f", got {got}")]
+    return rule
 
 
 @dataclass(frozen=True)
@@ -181,9 +220,9 @@ class ParamSpec:
             return spec
         want_int = name in _INT_PARAMS
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"low", "high", "log", "choices", "value"}
+            unknown = sorted(str(k) for k in spec if k not in _SPEC_KEYS)
             if unknown:
-                raise ConfigError(f"search_space.{name}: unknown key(s) {sorted(unknown)}")
+                raise _unknown_names(f"search_space.{name}.", unknown, "key", _SPEC_KEYS)
             if "value" in spec:
                 return cls("fixed", value=spec["value"])
             if "choices" in spec:
@@ -304,12 +343,10 @@ class SearchSpace:
             ConfigError: Unknown names or malformed specs.
         """
         data = dict(data or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted({str(k) for k in data} - set(known))
         if unknown:
-            raise ConfigError(
-                f"search_space: unknown parameter(s) {unknown}; known: {sorted(known)}"
-            )
+            raise _unknown_names("search_space.", unknown, "parameter", known)
         return cls(**{k: ParamSpec.parse(k, v) for k, v in data.items()})
 
     @classmethod
@@ -338,7 +375,7 @@ class SearchSpace:
         data: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in values.items():
             if k not in data:
-                raise ConfigError(f"search_space: unknown parameter {k!r}")
+                raise _unknown_names("search_space.", [k], "parameter", data)
             data[k] = ParamSpec("fixed", value=v)
         return SearchSpace(**data)
 
@@ -348,14 +385,14 @@ class SearchSpace:
         trainer apply to a trial's own values (else each trial would fail on it, one by one).
 
         Raises:
-            ConfigError: ``search_space.<name>: <value>: <the rule>``.
+            ConfigError: ``search_space.<name>: <value>: <the rule>`` (the value said once).
 
         Example:
             >>> try:
             ...     SearchSpace.from_dict({"dropout": [0.0, 5.0]}).check()
             ... except ConfigError as exc:
             ...     print(exc)
-            search_space.dropout: 5.0: ModelConfig.dropout must be in [0, 1), got 5.0
+            search_space.dropout: 5.0: ModelConfig.dropout must be in [0, 1)
         """
         from thunderline_lab.models import ModelConfig
         from thunderline_lab.training import check_settings
@@ -376,7 +413,9 @@ class SearchSpace:
                     else:
                         ModelConfig(architecture=architecture, **{f.name: value})
                 except ConfigError as exc:
-                    raise ConfigError(f"search_space.{f.name}: {value!r}: {exc}") from None
+                    raise ConfigError(
+                        f"search_space.{f.name}: {value!r}: {_without_got(str(exc), value)}"
+                    ) from None
                 except (TypeError, ValueError) as exc:  # (a value of a kind no rule names)
                     raise ConfigError(f"search_space.{f.name}: {value!r}: {exc}") from None
 
@@ -2464,13 +2503,56 @@ def _open_study(
             for k, v in attrs.items():
                 study.set_user_attr(k, v)
     else:
-        for k in _FIXED_ATTRS:  # (studies made before a key was kept do not have it)
-            if k in have and have[k] != attrs[k]:
-                raise ConfigError(
-                    f"study {name!r} was made with {_attr_change(k, have[k], attrs[k])}: its "
-                    "trials would not be comparable; use another study name"
-                )
+        change = settings_change(name, have, attrs)
+        if change is not None:
+            raise ConfigError(change[1])
     return study
+
+
+def study_settings(
+    *,
+    dataset: str,
+    architecture: str,
+    design: str,
+    seeds: Any,
+    search_space: SearchSpace | Mapping[str, Any] | None,
+    conv_sn_modes: Sequence[str] | None,
+    epochs: int,
+) -> dict[str, Any]:
+    """The settings :func:`run_study` keeps with a study (its Optuna user attrs), made from
+    the arguments it would be given: what a resume of the study must keep
+    (:func:`settings_change`). The batch runner checks them before any worker starts.
+
+    Raises:
+        ConfigError: a search space or seeds that run_study would refuse.
+    """
+    space = (
+        search_space
+        if isinstance(search_space, SearchSpace)
+        else SearchSpace.from_dict(search_space or None)
+    )
+    space = _with_conv_sn_modes(space, conv_sn_modes)
+    return _study_attrs(dataset, architecture, design, _check_seeds(seeds), space, epochs)
+
+
+def settings_change(
+    name: str, have: Mapping[str, Any], now: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    """The first setting study ``name`` was made with (``have``) that ``now`` changes, and
+    the message refusing the resume; None when a resume keeps them (a study made before a
+    setting was kept does not have it).
+
+    Example:
+        >>> settings_change("s", {"epochs": 2}, {"epochs": 3, "dataset": "digits"})[0]
+        'epochs'
+    """
+    for k in _FIXED_ATTRS:
+        if k in have and have[k] != now.get(k):
+            return k, (
+                f"study {name!r} was made with {_attr_change(k, have[k], now.get(k))}: its "
+                "trials would not be comparable; use another study name"
+            )
+    return None
 
 
 def _attr_change(key: str, was: Any, now: Any) -> str:

@@ -23,6 +23,9 @@ Where MLflow lives: by default a SQLite backend inside the lab, no server needed
     lab/mlflow.db          tracking backend        lab/mlartifacts/   artifacts
     mlflow ui --backend-store-uri sqlite:///lab/mlflow.db      # browse it
 
+(``lab/mlflow.db.lock`` lets one process at a time open a SQLite backend, so that
+processes logging at once to a new one do not all create its tables: :func:`_schema_lock`.)
+
 ``MLFLOW_TRACKING_URI=http://host:5000`` (or ``tracking_uri=``) switches to a tracking server.
 
 Logging (:class:`MLflowLogger`) subscribes to ``ml.*`` on the bus. The bus handler only
@@ -772,18 +775,66 @@ class _RestBackend(_Backend):
                 raise _BackendError(f"artifact upload to {uri}: {exc}", transient=True) from exc
 
 
+# How long a process waits for another to finish creating an MLflow database's tables.
+_SCHEMA_LOCK_TIMEOUT_S = 300.0
+
+
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Hold ``<database>.lock``, beside a ``sqlite`` URI's database, while MLflow opens it.
+
+    MLflow's SQL store creates its tables on first use after checking, without a lock,
+    whether they exist: processes opening a new database at once (the workers of
+    ``run --workers 2``, each logging its trials) all run the migrations, and all but one
+    fail half-way ("duplicate column name: step", "table trace_info already exists"),
+    leaving their trials to the outbox. Under this lock one process makes the tables and
+    the next finds them made. Other URIs (servers, file stores, other databases): no lock.
+
+    Raises:
+        _BackendError: (transient) another process held the lock for
+            ``_SCHEMA_LOCK_TIMEOUT_S`` seconds.
+    """
+    path = _sqlite_database_path(uri)
+    lock = None
+    if path is not None and os.name == "posix" and path.parent.is_dir():
+        with contextlib.suppress(OSError):  # a read-only folder: MLflow cannot make tables
+            lock = open(f"{path}.lock", "a")  # noqa: SIM115 (closed below, releasing it)
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with lock:
+        deadline = time.monotonic() + _SCHEMA_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _BackendError(
+                        f"{uri}: {path}.lock: another process has been creating MLflow's "
+                        f"tables for {_SCHEMA_LOCK_TIMEOUT_S:.0f}s",
+                        transient=True,
+                    ) from None
+                time.sleep(0.05)
+        yield  # (closing the file releases the lock)
+
+
 class _ClientBackend(_Backend):
     """MlflowClient for non-HTTP URIs (the lab's SQLite backend, databases, file stores)."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
         _silence_mlflow_logging()
-        try:
-            from mlflow import MlflowClient
+        # MlflowClient opens its store (a new database: creates its tables) at once
+        with _schema_lock(uri):
+            try:
+                from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=uri)
-        except Exception as exc:
-            raise _BackendError(f"{uri}: {exc}", transient=True) from exc
+                self._client = MlflowClient(tracking_uri=uri)
+            except Exception as exc:
+                raise _BackendError(f"{uri}: {exc}", transient=True) from exc
 
     def wants_artifact_location(self) -> bool:
         return True
