@@ -1357,6 +1357,20 @@ def test_409_when_an_event_would_rewrite_a_finished_trial(
     assert store.trials().to_json() == before
 
 
+def test_a_409_for_a_json_lines_body_names_each_records_line(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # the 422 of a JSON-lines body named each record's line; its 409 named only the index
+    evs = study_events()
+    assert gw.post("/api/events/ml", content=evs[0].model_dump_json()).status_code == 202
+    body = evs[1].model_dump_json() + "\n\n" + json.dumps(_restated(evs[0])) + "\n"
+    resp = gw.post("/api/events/ml", content=body)
+    assert resp.status_code == 409, resp.text
+    (err,) = resp.json()["errors"]
+    assert (err["index"], err["line"], err["rule"]) == (1, 3, "id_conflict")
+    assert store.counts()["events"] == 1
+
+
 def test_a_conflicting_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore) -> None:
     evs = study_events()[:3]
     bodies = [evs[0].model_dump_json(), json.dumps(_restated(evs[0])), evs[1].model_dump_json()]

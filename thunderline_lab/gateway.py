@@ -346,6 +346,18 @@ def _surrogate_errors(records: list[Any]) -> list[ErrorDetail]:
     return errors
 
 
+def _with_body_lines(exc: EventValidationError, body: bytes) -> EventValidationError:
+    """``exc`` (refused at commit, its errors indexed by record) with each record's line
+    when the body is JSON lines, as the errors of parsing carry them (read again only on
+    this error path)."""
+    if body.lstrip()[:1] == b"[" or body.strip().count(b"\n") == 0:
+        return exc
+    parsed = read_json_records(body, "<body>")
+    if parsed.errors or not parsed.lines:
+        return exc
+    return type(exc)(at_lines(exc.errors, parsed.lines))
+
+
 def _check_count(n: int, max_events: int) -> None:
     if n > max_events:
         raise EventValidationError(
@@ -1241,8 +1253,8 @@ def create_app(
             raise _Problem(503, str(exc), headers={"Retry-After": "2"}) from None
         try:
             return await asyncio.wrap_future(fut)
-        except EventValidationError as exc:
-            raise _validation_problem(exc) from None
+        except EventValidationError as exc:  # refused at commit (a conflict)
+            raise _validation_problem(_with_body_lines(exc, body)) from None
         except StoreError:
             log.exception("gateway could not commit %d events", len(events))
             raise _Problem(
