@@ -375,6 +375,26 @@ def test_smoke_study_with_two_workers(tmp_path: Path) -> None:
     assert "optuna dashboard" in proc.stdout and "mlflow ui" in proc.stdout
 
 
+def test_a_config_value_of_the_wrong_kind_is_shown_as_toml_writes_it(tmp_path: Path) -> None:
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')")
+    cfg = write_config(
+        tmp_path,
+        '[study]\nname = "o"\nnotebook = "nb.ipynb"\n[parameters]\nn_trials = true\n',
+    )
+    result = CliRunner().invoke(main, ["run", str(cfg), "--lab", str(tmp_path / "lab")])
+    assert result.exit_code == 1, result.output
+    assert (
+        "parameters.n_trials: must be a whole number, as the notebook's default 1 (got true)"
+        in (result.output)
+    )
+    bad_name = write_config(tmp_path, '[study]\nname = 5\nnotebook = "nb.ipynb"\n')
+    result = CliRunner().invoke(main, ["run", str(bad_name), "--lab", str(tmp_path / "lab")])
+    assert "study.name: " in result.output and "(got 5)" in result.output
+    quoted = write_config(tmp_path, '[study]\nname = "o"\nnotebook = "nb.ipynb"\nworkers = "2"\n')
+    result = CliRunner().invoke(main, ["run", str(quoted), "--lab", str(tmp_path / "lab")])
+    assert "study.workers: " in result.output and '(got "2")' in result.output, result.output
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -382,6 +402,15 @@ def test_smoke_study_with_two_workers(tmp_path: Path) -> None:
         (["-p", "n_trials", "NaN"], "-p n_trials: must be a whole number"),  # was a traceback
         (["-p", "n_trials", "Infinity"], "-p n_trials: must be a whole number"),
         (["-p", "boom", "maybe"], "-p boom: must be true or false"),  # was silently true
+        # values shown as written (JSON/TOML), not as Python's True / 'x'
+        (
+            ["-p", "n_trials", "true"],
+            "-p n_trials: must be a whole number, as the notebook's default 1 (got true)",
+        ),
+        (
+            ["-p", "boom", "[1, 2]"],
+            "-p boom: must be true or false, as the notebook's default False (got [1, 2])",
+        ),
         (["-p", "n_trails=2"], "-p n_trails: not a parameter of nb.ipynb (did you mean"),
         (["-p", "study_name=other"], "-p study_name: set by the runner"),
     ],

@@ -110,6 +110,16 @@ class StudyConfig:
     workers: int = 1
 
 
+def _shown(value: Any) -> str:
+    """A value of a study config or a ``-p`` as the user wrote it: JSON (``true``,
+    ``"fast"``, ``[1, 2]``), which TOML's values and ``-p``'s read as, not Python's repr
+    (``True``, ``'fast'``)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):  # (a mapping with keys JSON cannot hold)
+        return repr(value)
+
+
 def _notebook_folders(config_path: Path) -> list[Path]:
     """The folders a config's relative ``study.notebook`` is looked for in, in order: the
     current folder, the config's and its parent (a repo's ``studies/x.toml`` naming
@@ -180,7 +190,7 @@ def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
                 msg += did_you_mean(loc[-1], section.model_fields)
             elif err["type"] == "string_pattern_mismatch" and loc == ["study", "name"]:
                 msg = _NAME_RULE
-            shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+            shown = "" if err["type"] == "missing" else f" (got {_shown(err.get('input'))})"
             problems.append(f"{p}: {key}: {msg}{shown}")
         raise _MultiConfigError(problems) from None
     notebook = _resolve_notebook(p, doc.study.notebook)
@@ -342,7 +352,7 @@ def _check_type(where: str, value: Any, default_source: Any) -> None:
                 )
                 raise ConfigError(
                     f"{where}: must be {label}, as the notebook's default {default_source} "
-                    f"(got {value!r}{hint})"
+                    f"(got {_shown(value)}{hint})"
                 )
             return
 
@@ -869,7 +879,7 @@ def _n_trials(
     # an int only: floats (1e300, NaN) are refused by the notebook's study, or break int()
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         where = "-p n_trials" if "n_trials" in overrides else f"{config.path}: parameters.n_trials"
-        raise ConfigError(f"{where}: must be a whole number of trials >= 1 (got {value!r})")
+        raise ConfigError(f"{where}: must be a whole number of trials >= 1 (got {_shown(value)})")
     if "profile" in declared:
         from thunderline_lab.notebook import apply_profile
 
