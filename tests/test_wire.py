@@ -284,6 +284,19 @@ def test_a_broken_multiline_document_is_reported_at_its_own_line() -> None:
     assert line.startswith("pretty.json: line 4: invalid JSON: Expecting ','")
 
 
+def test_records_run_together_on_one_line_are_told_to_keep_their_newlines() -> None:
+    # `curl -d @events.jsonl` strips the newlines: the gateway said only "Extra data"
+    text = '{"event": "ml.run.start"} {"event": "ml.run.stop"}'
+    with pytest.raises(EventValidationError) as info:
+        read_json_records(text, source="<body>")
+    (err,) = info.value.errors
+    assert err.message.startswith("invalid JSON: Extra data")
+    assert "a newline between them" in err.message and "--data-binary @file" in err.message
+    with pytest.raises(EventValidationError) as other:  # not for other broken documents
+        read_json_records('{"event": "ml.run.start",}', source="<body>")
+    assert "newline" not in other.value.errors[0].message
+
+
 def test_json_lines_keep_each_record_line_and_every_malformed_line() -> None:
     text = '\n{"a": 1}\n{"b": \n\n{"c": "x\u2028y"}\nnope\n'
     parsed = read_json_records(text, source="posts.jsonl")

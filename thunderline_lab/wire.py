@@ -151,9 +151,16 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         # must not hide the others); else one document, broken where the parser says
         if not any(_is_record_line(ln) for ln in lines if ln.strip()):
             where = f"line {whole_exc.lineno}" if "\n" in text.strip() else ""
+            message = f"invalid JSON: {whole_exc}"
+            if whole_exc.msg == "Extra data" and "\n" not in text.strip():
+                # records run together on one line: JSON lines whose newlines were lost
+                message += (
+                    "; records one after another need a newline between them (JSON lines) "
+                    "or an array around them (curl -d drops a file's newlines: use "
+                    "--data-binary @file)"
+                )
             raise EventValidationError(
-                [ErrorDetail(None, where, _MISSING, "json_invalid", f"invalid JSON: {whole_exc}")],
-                source,
+                [ErrorDetail(None, where, _MISSING, "json_invalid", message)], source
             ) from None
     except ValueError:  # an integer longer than int() reads: not a JSON syntax error
         raise EventValidationError(_long_number_errors(text), source) from None
