@@ -1356,17 +1356,20 @@ def test_report_lists_mlflow_runs(tmp_path: Path) -> None:
     res = compare_study(store, "links", metrics=["val_accuracy"], details=False)
     links = pd.DataFrame(
         {
-            "trial_id": ["trial_0000", "trial_0001"],
-            "mlflow_run_id": ["abc123", None],
-            "run_url": ["http://127.0.0.1:5000/#/experiments/1/runs/abc123", None],
-            "artifacts_uri": ["file:///lab/mlartifacts/x", None],
-            "sync_state": ["synced", "not mirrored"],
+            "trial_id": ["trial_0000", "trial_0001", "trial_0002"],
+            "mlflow_run_id": ["abc123", None, None],
+            "run_url": ["http://127.0.0.1:5000/#/experiments/1/runs/abc123", None, None],
+            "artifacts_uri": ["file:///lab/mlartifacts/x", None, None],
+            "sync_state": ["synced", "not mirrored", "pending"],
         }
     )
     text = write_report(res, tmp_path, mlflow_links=links).read_text()
     assert "## MLflow runs" in text
-    assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in text
-    assert "trial_0001" not in text.split("## MLflow runs")[1]  # runs without MLflow are left out
+    runs = text.split("## MLflow runs")[1]
+    assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in runs
+    assert "trial_0001" not in runs  # runs without MLflow are left out
+    # a trial still in the outbox was left out too, as if MLflow never had it
+    assert "| trial_0002 | (none yet) | | pending: `thunderline-lab mlflow-sync` |" in runs
 
 
 def test_searched_coefficient_is_grouped_in_terciles() -> None:

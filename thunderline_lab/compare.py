@@ -5326,7 +5326,10 @@ def write_report(
     if res.notes:
         md += ["", "## Notes", ""] + [f"- {n}" for n in res.notes]
     if mlflow_links is not None and len(mlflow_links):
-        runs = mlflow_links[mlflow_links["mlflow_run_id"].notna()]
+        # trials with a run, and those still waiting in the outbox (no run yet): a trial
+        # left out would read as one MLflow never had
+        linked = mlflow_links["mlflow_run_id"].notna()
+        runs = mlflow_links[linked | (mlflow_links.get("sync_state") == "pending")]
         md += ["", "## MLflow runs", ""]
         md += [
             "| trial | run | artifacts | sync |",
@@ -5334,6 +5337,8 @@ def write_report(
             *(
                 f"| {r.trial_id} | [{r.mlflow_run_id}]({r.run_url}) | `{r.artifacts_uri}` "
                 f"| {r.sync_state} |"
+                if isinstance(r.mlflow_run_id, str)
+                else f"| {r.trial_id} | (none yet) | | pending: `thunderline-lab mlflow-sync` |"
                 for r in runs.itertuples()
             ),
         ]
