@@ -6,6 +6,7 @@ defaults, zero servers::
     lab/lab.db            the trial store (event log + projections), SQLite WAL
     lab/optuna.journal    Optuna storage (JournalFileStorage: safe for many local workers)
     lab/mlflow.db         MLflow tracking backend (SQLite); artifacts in lab/mlartifacts/
+                          (lab/mlflow.db.lock: one process at a time creates its tables)
     lab/runs/             executed notebooks (papermill)
     lab/reports/          SN-vs-none comparison reports
 
