@@ -23,14 +23,17 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/thunderline-lab run $(STUDY)
 
-# nbval executes every notebook with the test profile (small budgets, same code paths) in a
-# throw-away lab; outputs are compared only where a cell asks for it, after sanitizing ids,
-# timestamps and durations.
+# nbval executes every notebook with the test profile (small budgets, same code paths), each in
+# a throw-away lab of its own: in one shared lab the study notebook found the study another
+# notebook had made and trained nothing. Outputs are compared only where a cell asks for it,
+# after sanitizing ids, timestamps and durations.
 test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
-	lab=$$(mktemp -d); THUNDERLINE_LAB_PROFILE=test THUNDERLINE_LAB_HOME=$$lab \
+	rc=0; for nb in notebooks/*.ipynb; do \
+	  lab=$$(mktemp -d); THUNDERLINE_LAB_PROFILE=test THUNDERLINE_LAB_HOME=$$lab \
 	  $(BIN)/python -m pytest -p no:cacheprovider --nbval-lax --nbval-current-env \
-	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks/; rc=$$?; rm -rf $$lab; exit $$rc
+	  --nbval-sanitize-with notebooks/nbval_sanitize.cfg $$nb || rc=1; rm -rf $$lab; \
+	done; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check thunderline_lab tests benchmarks
