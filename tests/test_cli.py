@@ -219,6 +219,24 @@ def test_trials_of_a_study_the_lab_lacks_is_an_error_naming_the_closest(
     assert result.exit_code == 0 and "no trials" in result.output
 
 
+def test_the_trials_table_leaves_a_missing_metric_blank(runner: CliRunner, tmp_path: Path) -> None:
+    # a cancelled trial (no metrics) showed "nan" under val_accuracy, a blank duration
+    from thunderline_lab.monitor import synthetic_study
+
+    evs = [
+        e
+        for e in synthetic_study("s", n_pairs=1, epochs=1)
+        if not (e.name == "ml.trial.complete" and e.payload.trial_id == "trial_0001")
+    ]
+    (tmp_path / "ev.jsonl").write_text("".join(e.model_dump_json() + "\n" for e in evs))
+    ingested = runner.invoke(main, ["ingest", str(tmp_path / "ev.jsonl"), "--lab", str(tmp_path)])
+    assert ingested.exit_code == 0, ingested.output
+    table = runner.invoke(main, ["trials", "--lab", str(tmp_path)]).output
+    assert "nan" not in table.lower(), table
+    running = next(line for line in table.splitlines() if "trial_0001" in line)
+    assert "running" in running and "0." not in running, table  # no value for it
+
+
 def test_schema_is_json_schema(runner: CliRunner) -> None:
     result = runner.invoke(main, ["schema"])
     schema = json.loads(result.output)

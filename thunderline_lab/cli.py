@@ -286,7 +286,9 @@ def _trials_table(df: Any) -> str:
     for metric in ("val_accuracy", "test_accuracy", "val_loss"):
         values = df["metrics"].map(lambda m, k=metric: m.get(k))
         if values.notna().any():
-            shown[metric] = values.map(lambda v: "" if v is None else f"{v:.4f}")
+            # (a trial without the metric: NaN once pandas holds the column, shown blank as
+            # a missing duration is, not as "nan")
+            shown[metric] = values.map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     shown["spectral_norm"] = shown["spectral_norm"].map({True: "on", False: "off", None: "?"})
     shown["spectral_norm_coeff"] = shown["spectral_norm_coeff"].map(
         lambda v: "" if pd.isna(v) else f"{v:.3g}"
