@@ -684,6 +684,10 @@ def test_executed_notebook_keeps_text_lines_and_a_static_snapshot(tmp_path: Path
     data = [o["data"] for o in outputs if o["output_type"] == "display_data"]
     assert any("image/png" in d for d in data)
     assert any('class="tl-trial"' in d.get("text/html", "") for d in data)
+    # the picture says what it shows (nbconvert's HTML export warned of an image without it)
+    (png,) = [o for o in outputs if "image/png" in o.get("data", {})]
+    alt = png["metadata"]["image/png"]["alt"]
+    assert alt.startswith("learning curves of study nb-study per epoch, coloured by SN arm: ")
 
 
 def test_trial_table_links_to_the_mlflow_run() -> None:

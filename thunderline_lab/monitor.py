@@ -2340,9 +2340,12 @@ class LiveMonitor:
 
         from IPython.display import HTML, Image, display
 
+        # what the picture shows, for readers who cannot see it (and nbconvert's HTML export,
+        # which warns of an image without it)
+        alt = html.escape(self._curves_alt(), quote=True)
         snap_html = (
             '<div class="tl-monitor-snapshot">'
-            f'<img class="tl-monitor-curves" src="data:image/png;base64,'
+            f'<img class="tl-monitor-curves" alt="{alt}" src="data:image/png;base64,'
             f'{base64.b64encode(png).decode()}"/>{page}</div>'
         )
         if self._display is not None:
@@ -2355,9 +2358,17 @@ class LiveMonitor:
                     "text/plain": render_text_line(self.state, self._status),
                 },
                 raw=True,
+                metadata={"image/png": {"alt": self._curves_alt()}},
             )
         else:
-            display(Image(data=png, format="png"), HTML(page))
+            display(Image(data=png, format="png", alt=self._curves_alt()), HTML(page))
+
+    def _curves_alt(self) -> str:
+        """The alt text of the curves' picture: what it plots, of which study."""
+        state = self.state
+        of = f" of study {state.study}" if state.study else ""
+        names = [state.objective] + [m for m in state.curve_metrics if m != state.objective]
+        return f"learning curves{of} per epoch, coloured by SN arm: {', '.join(names)}"
 
 
 _CHOICES = {"mode": ("auto", "widget", "text"), "direction": ("max", "min")}
