@@ -473,6 +473,21 @@ def test_rerunning_a_finished_study_says_it_resumed_and_had_nothing_left(tmp_pat
     assert "nothing left to run" in result.output
 
 
+def test_the_eta_is_paced_from_the_first_finished_trial_not_the_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("thunderline_lab.batch.time.monotonic", lambda: clock[0])
+    out = io.StringIO()
+    bar = Progress(total=24, stream=out, every_s=0.0)
+    clock[0] = 110.0  # 10 s of kernel start-up and imports, then the first trial
+    bar.update({"completed": 1}, 0.9)
+    assert out.getvalue().splitlines()[-1].endswith("ETA -")  # was "ETA 230s"
+    clock[0] = 112.0  # the next one 2 s later: 22 left at 2 s each
+    bar.update({"completed": 2}, 0.9)
+    assert out.getvalue().splitlines()[-1].endswith("| elapsed 12s | ETA 44s")
+
+
 def test_resumed_progress_and_result_count_this_runs_trials_apart() -> None:
     out = io.StringIO()
     bar = Progress(total=4, stream=out, every_s=0.0, done_before=3)
