@@ -24,13 +24,17 @@ from thunderline_lab.errors import ConfigError, StudyError
 from thunderline_lab.lab import Lab
 from thunderline_lab.monitor import LiveMonitor, simulate_study, synthetic_study
 from thunderline_lab.notebook import (
+    TRIAL_TABLE_COLUMNS,
     apply_profile,
+    arm_means,
     background_demo_study,
     ensure_studies,
+    flag,
     follow,
     results_store,
     start_study,
     study_names,
+    trials_table,
 )
 from thunderline_lab.training import TrialResult
 
@@ -109,6 +113,55 @@ def test_a_study_name_that_is_no_name_is_refused_naming_the_argument(
     assert not calls and not lab.root.exists()  # no study run, no lab created
 
 
+# ---------------------------------------------------------------------------------------------
+# flag: papermill's -p monitor false is the text 'false', which is truthy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (
+            "false",
+            "got the text 'false' (papermill: -p monitor False, capitalised, "
+            "or -y 'monitor: false')",
+        ),
+        (
+            "true",
+            "got the text 'true' (papermill: -p monitor True, capitalised, or -y 'monitor: true')",
+        ),
+        (0, "got the int 0 (papermill: -p monitor False"),
+        (None, "got None (papermill: -p monitor False"),
+    ],
+)
+def test_flag_refuses_anything_but_true_or_false_saying_how_to_pass_it(
+    value: Any, said: str
+) -> None:
+    assert flag("monitor", True) is True and flag("monitor", False) is False
+    with pytest.raises(ConfigError, match=re.escape(f"monitor: expected True or False, {said}")):
+        flag("monitor", value)
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        ({"monitor": "false"}, "monitor: expected True or False, got the text 'false'"),
+        ({"monitor": False, "mlflow": "false"}, "mlflow: expected True or False, got the text"),
+        ({"mlflow": "False "}, "mlflow: expected True or False, got the text 'False '"),
+    ],
+)
+def test_start_study_refuses_a_monitor_or_mlflow_flag_that_is_not_a_bool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: dict[str, Any], said: str
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr("thunderline_lab.study.run_study", _fake_run_study(calls))
+    lab = Lab.resolve(tmp_path / "lab")
+    with pytest.raises(ConfigError, match=re.escape(said)) as err:
+        start_study("s", lab=lab, **given)
+    assert "(papermill: -p " in str(err.value)
+    assert not calls and not lab.root.exists()  # no study run, no monitor, no lab
+
+
 def test_ensure_studies_takes_a_single_name_as_one_study(tmp_path: Path) -> None:
     lab = Lab.resolve(tmp_path / "lab")
     with lab.store() as store:
@@ -152,6 +205,34 @@ def test_follow_keeps_following_a_running_trial_until_the_timeout(
     bus.publish_many(synthetic_study("f", n_pairs=1, epochs=2)[:-1])  # a trial still runs
     assert follow(mon, timeout=0.3, quiet=0.0, poll=0.01) == "timeout"
     assert "stopped following after 0.3 s (the study may still run)" in capsys.readouterr().out
+    mon.close()
+
+
+def test_following_a_study_none_of_whose_trials_appears_ends_in_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # live_monitor.ipynb -p study_name audit_mediun: waited, then ended as if all was well
+    lab = Lab.resolve(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study("audit_medium", n_pairs=1, epochs=1))
+        store.append(synthetic_study("smoke", n_pairs=1, epochs=1))
+    mon = LiveMonitor.from_store(lab, "audit_mediun", mode="text", text_interval=1e9)
+    with pytest.raises(ConfigError) as err:
+        follow(mon, timeout=0.2, quiet=0.0, poll=0.01)
+    assert str(err.value) == (
+        "no trial of study 'audit_mediun' appeared in 0.2 s (did you mean 'audit_medium'?); "
+        "studies in this lab: audit_medium, smoke"
+    )
+    assert mon._finished  # the final line says why, then the error
+    assert "no trial of the study appeared" in capsys.readouterr().out
+    mon.close()
+
+
+def test_following_a_study_on_a_bus_that_never_shows_ends_in_an_error() -> None:
+    mon = _text_monitor(EventBus(), "nothing")
+    with pytest.raises(ConfigError) as err:
+        follow(mon, timeout=0.1, quiet=0.0, poll=0.01, finish=False)
+    assert str(err.value) == "no trial of study 'nothing' appeared in 0.1 s"  # no lab to list
     mon.close()
 
 
@@ -352,6 +433,104 @@ def test_in_jupyterlab_the_stop_button_shows_and_stops_the_running_study(
 
 
 # ---------------------------------------------------------------------------------------------
+# trials_table, arm_means: the study notebook's results, computed by the package
+# ---------------------------------------------------------------------------------------------
+
+
+def _results_store(tmp_path: Path) -> Any:
+    lab = Lab.resolve(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(synthetic_study("r", n_pairs=3, epochs=2, failed=1))
+        store.append(synthetic_study("other", n_pairs=4, epochs=1, seed=1))
+    return lab.store()
+
+
+def test_trials_table_is_the_studys_trials_best_first(tmp_path: Path) -> None:
+    with _results_store(tmp_path) as store:
+        table = trials_table(store, "r", top=4)
+        trials = store.trials(study="r", expand=True)
+    assert list(table.columns) == [c for c in TRIAL_TABLE_COLUMNS if c in trials]
+    assert "metrics.val_accuracy" in table and "params.pair_id" in table
+    assert len(trials) == 6 and len(table) == 4  # the first 4 of the study's 6
+    scores = trials["metrics.val_accuracy"].dropna().sort_values(ascending=False).tolist()
+    assert table["metrics.val_accuracy"].tolist() == scores[:4]  # best first
+
+
+def test_trials_table_puts_trials_without_a_score_last_and_top_none_keeps_all(
+    tmp_path: Path,
+) -> None:
+    with _results_store(tmp_path) as store:
+        table = trials_table(store, "r", top=None)
+    assert len(table) == 6
+    failed = table["status"] == "failed"
+    assert failed.any() and failed.tolist()[-int(failed.sum()) :] == [True] * int(failed.sum())
+
+
+def test_trials_table_of_a_study_with_no_completed_trial_is_by_trial_id(tmp_path: Path) -> None:
+    lab = Lab.resolve(tmp_path / "lab")
+    with lab.store() as store:
+        for i in (2, 0, 1):
+            ids = {"model_run_id": "run", "trial_id": f"trial_{i:04d}", "study": "run"}
+            store.append([events.trial_start(**ids, spectral_norm=bool(i % 2))])
+        table = trials_table(store, "run")
+    assert table["trial_id"].tolist() == ["trial_0000", "trial_0001", "trial_0002"]
+    assert "metrics.val_accuracy" not in table
+
+
+@pytest.mark.parametrize("top", [0, -1, 2.5, True, "20"])
+def test_trials_table_refuses_a_top_that_is_no_number_of_rows(tmp_path: Path, top: Any) -> None:
+    with (
+        _results_store(tmp_path) as store,
+        pytest.raises(ConfigError, match=re.escape("top: expected a number of rows >= 1")),
+    ):
+        trials_table(store, "r", top=top)
+
+
+def test_arm_means_puts_each_metric_of_the_arms_side_by_side(tmp_path: Path) -> None:
+    with _results_store(tmp_path) as store:
+        means = arm_means(store, "r")
+        val = store.mean_by_spectral_norm("val_accuracy", study="r")
+        test = store.mean_by_spectral_norm("test_accuracy", study="r")
+    assert list(means.columns) == [
+        "spectral_norm",
+        "n",
+        "mean_val_accuracy",
+        "std_val_accuracy",
+        "mean_test_accuracy",
+        "std_test_accuracy",
+    ]
+    assert means["spectral_norm"].tolist() == [False, True]
+    expected = val.merge(test.drop(columns="n"), on="spectral_norm")
+    assert means.equals(expected)
+
+
+def test_arm_means_keeps_an_arm_whose_metrics_have_different_counts(tmp_path: Path) -> None:
+    # merged on (spectral_norm, n), an arm where some trial lacks test_accuracy vanished
+    with _results_store(tmp_path) as store:
+        ids = {"model_run_id": "r", "trial_id": "trial_0100", "study": "r"}
+        store.append(
+            [
+                events.trial_start(**ids, spectral_norm=True),
+                events.trial_complete(**ids, spectral_norm=True, metrics={"val_accuracy": 0.5}),
+            ]
+        )
+        means = arm_means(store, "r", metrics=["val_accuracy", "test_accuracy"])
+    assert means["spectral_norm"].tolist() == [False, True]  # both arms
+    assert "n" not in means
+    assert means["n_val_accuracy"].tolist() == [means["n_test_accuracy"][0], 3]
+    assert means["n_test_accuracy"].tolist()[1] == 2
+
+
+@pytest.mark.parametrize("metrics", [[], None, ["val_accuracy", 3], ""])
+def test_arm_means_refuses_metrics_that_are_no_names(tmp_path: Path, metrics: Any) -> None:
+    with (
+        _results_store(tmp_path) as store,
+        pytest.raises(ConfigError, match="metrics: expected a metric name or a list of names"),
+    ):
+        arm_means(store, "r", metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------------
 # The notebooks: thin, saved clean, calling the real API
 # ---------------------------------------------------------------------------------------------
 
@@ -402,12 +581,59 @@ def test_the_study_notebook_runs_the_study_in_the_background_and_waits_later() -
     assert given <= accepted, given - accepted
 
 
+def test_the_study_notebooks_results_cells_are_calls_of_the_package() -> None:
+    code = [_source(c) for c in _cells("spectral_norm_study.ipynb") if c["cell_type"] == "code"]
+    assert any(_calls(src, "trials_table") for src in code)
+    assert any(_calls(src, "arm_means") for src in code)
+    for method in ("sort_values", "merge", "head", "mean_by_spectral_norm"):  # no munging
+        assert not any(_calls(src, method) for src in code), method
+
+
 def test_the_compare_notebook_normalises_its_studies_parameter() -> None:
     code = [_source(c) for c in _cells("compare_constraints.ipynb") if c["cell_type"] == "code"]
     first_use = next(i for i, src in enumerate(code) if "ensure_studies(" in src)
     assert "studies = study_names(studies)" in code[first_use]
     # a mistyped lab_dir is refused by ensure_studies before lab.store() could create it
     assert code[first_use].index("ensure_studies(") < code[first_use].index("lab.store()")
+
+
+def _unchecked_flags(name: str) -> set[str]:
+    """The notebook's on/off parameters (a bool default) that reach its code unchecked: not
+    through flag(), nor passed as start_study's monitor or mlflow (which it checks)."""
+    cells = [c for c in _cells(name) if c["cell_type"] == "code"]
+    (params,) = [c for c in cells if "parameters" in c["metadata"].get("tags", [])]
+    flags = {
+        node.targets[0].id
+        for node in ast.parse(_source(params)).body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, bool)
+    }
+    code = "\n".join(_source(c) for c in cells if c is not params)
+    checked = {
+        call.args[0].value
+        for call in _calls(code, "flag")
+        if isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[1], ast.Name)
+        and call.args[1].id == call.args[0].value
+    }
+    checked |= {
+        k.arg
+        for call in _calls(code, "start_study")
+        for k in call.keywords
+        if k.arg in ("monitor", "mlflow") and isinstance(k.value, ast.Name) and k.value.id == k.arg
+    }
+    assert flags, name
+    return flags - checked
+
+
+def test_every_on_off_parameter_of_the_notebooks_is_checked_to_be_a_bool() -> None:
+    # papermill -p write_reports false gives the text 'false', which `if write_reports:` and
+    # create=new_lab take as on
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    unchecked = {name: _unchecked_flags(name) for name in names}
+    assert not any(unchecked.values()), unchecked
 
 
 def test_the_live_monitor_notebook_follows_until_the_study_finishes() -> None:

@@ -1131,6 +1131,41 @@ def test_unknown_dataset_is_refused_before_any_trial_runs(tmp_path):
     assert not (tmp_path / "lab" / "optuna.journal").exists()
 
 
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [("false", "the text 'false'"), (0, "the int 0"), (None, "None")],
+)
+def test_an_mlflow_flag_that_is_not_a_bool_is_refused_before_anything_runs(tmp_path, value, got):
+    # papermill's -p mlflow false is the text "false": truthy, it would log to MLflow anyway
+    with pytest.raises(ConfigError) as err:
+        _run(tmp_path, n_trials=2, mlflow=value)
+    assert str(err.value) == f"mlflow: expected True or False, got {got}"
+    assert not (tmp_path / "lab").exists()
+
+
+@pytest.mark.parametrize(
+    ("seeds", "got"),
+    [
+        (0, "the int 0"),  # papermill -p seeds 0
+        ("[0,1]", "the text '[0,1]'"),  # papermill -p seeds "[0,1]"
+        (None, "None"),
+        ({"a": 0}, "the dict {'a': 0}"),
+    ],
+)
+def test_seeds_that_are_not_a_list_say_a_list_is_expected_and_how_to_give_one(tmp_path, seeds, got):
+    said = (
+        f"seeds: expected a list of distinct integers such as [0, 1], got {got} "
+        "(papermill: -y 'seeds: [0, 1]'; thunderline-lab run: -p seeds '[0, 1]')"
+    )
+    with pytest.raises(ConfigError) as err:
+        _run(tmp_path, n_trials=2, seeds=seeds)
+    assert str(err.value) == said
+    assert not (tmp_path / "lab").exists()
+    with pytest.raises(ConfigError) as err:
+        check_study_parameters({"seeds": seeds})
+    assert str(err.value) == said
+
+
 def test_dashboard_with_an_unreachable_storage_is_one_clean_line(tmp_path):
     url = "postgresql+psycopg2://u:pw@127.0.0.1:9/x"
     out = CliRunner().invoke(cli, ["dashboard", "--storage", url, "--port", "8124"])

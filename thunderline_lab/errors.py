@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "ConfigError",
@@ -36,6 +37,7 @@ __all__ = [
     "TrainingError",
     "closest_names",
     "did_you_mean",
+    "value_text",
 ]
 
 
@@ -130,3 +132,13 @@ def did_you_mean(name: str, known: Iterable[str], n: int = 1) -> str:
     """
     close = closest_names(name, known, n=n)
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def value_text(value: Any) -> str:
+    """A value as an error names what it got: ``the text 'false'``, ``the int 0``, ``None``
+    (a notebook parameter papermill passed as text is told apart from the bool it meant)."""
+    if value is None:
+        return "None"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    return f"the {type(value).__name__} {value!r}"

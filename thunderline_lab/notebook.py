@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import numbers
@@ -20,24 +21,36 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from thunderline_lab.errors import ConfigError, StudyError, did_you_mean
+from thunderline_lab.errors import (
+    ConfigError,
+    StudyError,
+    ThunderlineLabError,
+    did_you_mean,
+    value_text,
+)
 from thunderline_lab.lab import Lab, study_name
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from thunderline_lab.monitor import BackgroundRun, LiveMonitor
     from thunderline_lab.store import TrialStore
 
 __all__ = [
     "PROFILES",
     "PROFILE_ENV",
+    "TRIAL_TABLE_COLUMNS",
     "apply_profile",
+    "arm_means",
     "background_demo_study",
     "effective_profile",
     "ensure_studies",
+    "flag",
     "follow",
     "results_store",
     "start_study",
     "study_names",
+    "trials_table",
 ]
 
 PROFILE_ENV = "THUNDERLINE_LAB_PROFILE"
@@ -82,6 +95,32 @@ def apply_profile(params: Mapping[str, Any], profile: str | None = None) -> dict
         )
     overrides = PROFILES[effective_profile(profile)]
     return {k: overrides.get(k, v) for k, v in params.items()}
+
+
+def flag(name: str, value: Any) -> bool:
+    """A notebook's on/off parameter ``name``, refused unless it is True or False.
+
+    Papermill turns only the words ``True`` and ``False`` into booleans: ``-p monitor false``
+    gives the text ``'false'``, which ``if monitor:`` would take as on.
+
+    Raises:
+        ConfigError: ``value`` is not a bool; the message names ``name`` and how to pass it.
+
+    Example:
+        >>> flag("monitor", False)
+        False
+        >>> flag("monitor", "false")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        thunderline_lab.errors.ConfigError: monitor: expected True or False, got the text ...
+    """
+    if isinstance(value, bool):
+        return value
+    meant = str(value).strip().casefold() in ("true", "yes", "on", "1")
+    raise ConfigError(
+        f"{name}: expected True or False, got {value_text(value)} (papermill: -p {name} {meant}, "
+        f"capitalised, or -y '{name}: {str(meant).lower()}')"
+    )
 
 
 FollowEnd = Literal["finished", "timeout", "interrupted"]
@@ -134,7 +173,10 @@ def follow(
 
     Raises:
         ConfigError: ``timeout`` or ``quiet`` is not a number >= 0 (``timeout`` may be
-            None), ``poll`` not a number > 0, or ``until`` not callable.
+            None), ``poll`` not a number > 0, or ``until`` not callable; or the timeout
+            passed without a single trial of the study (a misspelt study name: the error
+            names the closest of the lab's studies, and lists them), where a headless run
+            would otherwise wait it out and end as if all was well.
 
     Example:
         >>> from thunderline_lab.bus import EventBus
@@ -165,15 +207,43 @@ def follow(
             time.sleep(poll)
     except KeyboardInterrupt:
         end = "interrupted"
+    never = end == "timeout" and not monitor.state.summary()["n_trials"]
     if finish:
-        if end == "timeout":
+        if never:
+            status = f"stopped following after {timeout:g} s: no trial of the study appeared"
+        elif end == "timeout":
             status = f"stopped following after {timeout:g} s (the study may still run)"
         elif end == "interrupted":
             status = "stopped following (interrupted; the study may still run)"
         else:
             status = "finished"
         monitor.finish(status)
+    if never:
+        raise ConfigError(_no_trial_appeared(monitor, timeout))
     return end
+
+
+def _no_trial_appeared(monitor: LiveMonitor, timeout: float | None) -> str:
+    """What :func:`follow` says of a study none of whose trials appeared: the closest of the
+    studies its source (the lab's store, a gateway) knows, and those studies."""
+    study = monitor.state.study
+    known: list[str] | None = None
+    for source in getattr(monitor.source, "sources", [monitor.source]):  # a CombinedSource's
+        reader = getattr(source, "store", source)  # a StoreSource's store; a GatewaySource
+        if callable(getattr(reader, "studies", None)):
+            try:
+                known = list(reader.studies())
+            except ThunderlineLabError:  # (a gateway gone away) the hint only is left out
+                continue
+            break
+    what = "no trial" if study is None else f"no trial of study {study!r}"
+    said = f"{what} appeared in {timeout:g} s"
+    if study is not None and known:
+        said += did_you_mean(study, known, n=3)
+    if known is not None:
+        shown = ", ".join(known[:20]) + (f", … ({len(known)} in all)" if len(known) > 20 else "")
+        said += f"; studies in this lab: {shown or 'none'}"
+    return said
 
 
 def study_names(studies: str | int | Sequence[str | int]) -> list[str]:
@@ -274,7 +344,9 @@ def start_study(
         **study_kwargs: passed to :func:`~thunderline_lab.study.run_study`.
 
     Raises:
-        ConfigError: ``name`` is no study name (text, or an integer: taken as its text).
+        ConfigError: ``name`` is no study name (text, or an integer: taken as its text);
+            ``monitor`` or ``mlflow`` is not True or False (:func:`flag`: papermill's
+            ``-p monitor false`` is the text 'false').
         StudyError: a study this function started is still running in this kernel.
     """
     from thunderline_lab.bus import EventBus
@@ -282,6 +354,9 @@ def start_study(
     from thunderline_lab.study import run_study
 
     name = study_name(name, "name")  # papermill -p study_name 2024 gives the int 2024
+    monitor = flag("monitor", monitor)  # refused with papermill's way of passing it
+    if "mlflow" in study_kwargs:
+        study_kwargs["mlflow"] = flag("mlflow", study_kwargs["mlflow"])
     reserved = _hold_kernel(name)  # refused while another study of ours runs
     try:
         if not monitor:
@@ -344,6 +419,80 @@ def results_store(lab: Lab, gateway: str | None = None, token: str | None = None
                 "results read back then"
             ) from exc
         return mirror.store()
+
+
+# The trial table's columns, those a study has: what a researcher reads first.
+TRIAL_TABLE_COLUMNS = (
+    "trial_id",
+    "status",
+    "spectral_norm",
+    "spectral_norm_coeff",
+    "params.pair_id",
+    "metrics.val_accuracy",
+    "metrics.test_accuracy",
+    "metrics.test_ece",
+    "metrics.fgsm_acc_0.05",
+    "metrics.lipschitz_upper",
+    "duration_ms",
+)
+
+
+def trials_table(store: TrialStore, study: str | int, top: int | None = 20) -> pd.DataFrame:
+    """The study's trials, best first: the columns of :data:`TRIAL_TABLE_COLUMNS` it has,
+    sorted by validation accuracy (highest first, trials without one last; by trial id while
+    no trial has completed), the first ``top`` (None: all).
+
+    Raises:
+        ConfigError: ``study`` is no study name, or ``top`` is not an integer >= 1 or None.
+    """
+    study = study_name(study, "study")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ConfigError(f"top: expected a number of rows >= 1 (or None: all), got {top!r}")
+    trials = store.trials(study=study, expand=True)
+    columns = [c for c in TRIAL_TABLE_COLUMNS if c in trials]
+    if "metrics.val_accuracy" in trials:  # (no completed trial: none has the metric)
+        trials = trials.sort_values("metrics.val_accuracy", ascending=False, kind="stable")
+    else:
+        trials = trials.sort_values("trial_id", kind="stable")
+    return trials[columns] if top is None else trials[columns].head(top)
+
+
+def arm_means(
+    store: TrialStore,
+    study: str | int,
+    metrics: str | Sequence[str] = ("val_accuracy", "test_accuracy"),
+) -> pd.DataFrame:
+    """Seed 001's aggregate: the mean and std of each metric over the study's completed
+    trials, by SN arm (:meth:`~thunderline_lab.store.TrialStore.mean_by_spectral_norm`), side
+    by side, one row per arm.
+
+    ``n`` counts the trials of an arm; where the metrics' counts differ (a metric some
+    trials lack), each has its own ``n_<metric>`` instead, and no arm is left out.
+
+    Raises:
+        ConfigError: ``study`` is no study name, or ``metrics`` is not a metric name or a
+            non-empty list of names.
+    """
+    study = study_name(study, "study")
+    names = [metrics] if isinstance(metrics, str) else metrics
+    if (
+        not isinstance(names, Sequence)
+        or not names
+        or not all(isinstance(m, str) and m for m in names)
+    ):
+        raise ConfigError(
+            f"metrics: expected a metric name or a list of names, got {value_text(metrics)}"
+        )
+    names = list(dict.fromkeys(names))
+    frames = [
+        store.mean_by_spectral_norm(name, study=study).rename(columns={"n": f"n_{name}"})
+        for name in names
+    ]
+    out = functools.reduce(lambda a, b: a.merge(b, on="spectral_norm", how="outer"), frames)
+    counts = [f"n_{name}" for name in names]
+    if all(out[c].equals(out[counts[0]]) for c in counts):  # one count of trials per arm
+        out = out.drop(columns=counts[1:]).rename(columns={counts[0]: "n"})
+    return out.sort_values("spectral_norm", kind="stable").reset_index(drop=True)
 
 
 # The study start_study runs in this kernel, as (name, run): one at a time.

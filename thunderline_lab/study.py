@@ -86,6 +86,7 @@ from thunderline_lab.errors import (
     ThunderlineLabError,
     TrackingError,
     did_you_mean,
+    value_text,
 )
 from thunderline_lab.lab import Lab
 from thunderline_lab.training import EvalSettings, StopFlag, TrialResult, train_trial
@@ -164,7 +165,7 @@ def _unknown_names(
     return ConfigError("; ".join(said) + f"; known: {', '.join(sorted(known))}")
 
 
-def _without_got(rule: str, value: Any) -> str:
+def _withoutvalue_text(rule: str, value: Any) -> str:
     """``rule`` (a model or trainer check's message) without its closing ``, got <value>``:
     the search-space error names the value before it, once."""
     shown = {repr(value), str(value)}
@@ -414,7 +415,7 @@ class SearchSpace:
                         ModelConfig(architecture=architecture, **{f.name: value})
                 except ConfigError as exc:
                     raise ConfigError(
-                        f"search_space.{f.name}: {value!r}: {_without_got(str(exc), value)}"
+                        f"search_space.{f.name}: {value!r}: {_withoutvalue_text(str(exc), value)}"
                     ) from None
                 except (TypeError, ValueError) as exc:  # (a value of a kind no rule names)
                     raise ConfigError(f"search_space.{f.name}: {value!r}: {exc}") from None
@@ -2029,6 +2030,11 @@ def _items(value: Any) -> list[Any] | None:
 def _check_seeds(seeds: Any) -> tuple[int, ...]:
     """The seeds as ints: distinct integers, at least one."""
     items = _items(seeds)
+    if items is None:  # papermill's -p seeds 0 (an int) or -p seeds "[0, 1]" (text)
+        raise ConfigError(
+            f"seeds: expected a list of distinct integers such as [0, 1], got {value_text(seeds)} "
+            "(papermill: -y 'seeds: [0, 1]'; thunderline-lab run: -p seeds '[0, 1]')"
+        )
     if (
         not items
         or not all(isinstance(s, int | numbers.Integral) and not isinstance(s, bool) for s in items)
@@ -2209,7 +2215,8 @@ def run_study(
             (unless ``gateway`` is given).
         gateway: Report events through ``thunderline_lab.gateway.EventClient`` to this URL
             (token from ``$THUNDERLINE_LAB_TOKEN``) instead of the local store.
-        mlflow: Attach ``thunderline_lab.tracking``'s MLflow logger to the bus.
+        mlflow: Attach ``thunderline_lab.tracking``'s MLflow logger to the bus (True or
+            False; anything else, such as the text ``'false'``, is refused).
         should_stop: Checked between trials and between epochs; when set the running trial
             is recorded as cancelled (and re-enqueued for the next run) and the call returns.
         pruning: Prune on the intermediate validation loss (median rule by default).
@@ -2250,6 +2257,8 @@ def run_study(
         2
     """
     started = time.perf_counter()
+    if not isinstance(mlflow, bool):  # "false" (papermill's -p mlflow false) would log
+        raise ConfigError(f"mlflow: expected True or False, got {value_text(mlflow)}")
     space = (
         search_space
         if isinstance(search_space, SearchSpace)
