@@ -242,6 +242,21 @@ def test_seed002_names_every_fault_of_every_trial_at_once() -> None:
     ]
 
 
+def test_seed002_a_trial_with_an_unknown_status_has_its_other_faults_named_too() -> None:
+    # only the status was reported; the flag and duration beside it came to light on the
+    # next attempt, one at a time
+    report = {
+        "trials": [
+            {"trial_id": "t", "status": "crashed", "spectral_norm": "maybe", "duration_ms": "slow"}
+        ]
+    }
+    assert sorted(errors([report])) == [
+        (0, "trials[0].duration_ms", "int_type"),
+        (0, "trials[0].spectral_norm", "bool_type"),
+        (0, "trials[0].status", "unknown_status"),
+    ]
+
+
 def test_seed002_a_missing_trial_id_is_one_error_not_two() -> None:
     # it was also named "must be a string (got null)" by the translated event's check
     report = {"trials": [{"status": "failed", "metrics": {"acc": "high"}}]}

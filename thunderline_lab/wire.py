@@ -668,6 +668,10 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         _unknown_fields(errs, t, _SEED002_TRIAL_FIELDS, f"{base}.")
         if t.get("trial_id") is None:
             errs.add(f"{base}.trial_id", _MISSING, "missing", "field required")
+        # the fields read here are checked before the status, so that a trial with an
+        # unknown status also has its other faults named (one line per broken rule)
+        sn = _bool_field(errs, t, "spectral_norm", f"{base}.spectral_norm", False)
+        duration = _duration(errs, t.get("duration_ms"), f"{base}.duration_ms")
         raw_status = t.get("status")
         status = _STATUS.get(str(raw_status).lower()) if isinstance(raw_status, str) else None
         if status is None:
@@ -681,11 +685,11 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         payload: dict[str, Any] = {
             "model_run_id": t.get("run_id") or t.get("model_run_id") or top_run,
             "trial_id": t.get("trial_id"),
-            "spectral_norm": _bool_field(errs, t, "spectral_norm", f"{base}.spectral_norm", False),
+            "spectral_norm": sn,
             "mlflow_run_id": t.get("mlflow_run_id"),
             "metrics": t.get("metrics") or {},
             "parameters": t.get("parameters") or {},
-            "duration_ms": _duration(errs, t.get("duration_ms"), f"{base}.duration_ms"),
+            "duration_ms": duration,
         }
         if status == "completed":
             name = "ml.trial.complete"
