@@ -570,7 +570,7 @@ def test_text_mode_prints_occasional_lines_and_a_final_table(
     out = capsys.readouterr().out.splitlines()
     lines = [ln for ln in out if ln.startswith(f"[monitor {STUDY}]")]
     assert 3 <= len(lines) <= 5  # start, ~every 10 s, final
-    assert "8/8 done" in lines[-1] and "finished" in lines[-1]
+    assert "8 trials so far: 8 done" in lines[-1] and "finished" in lines[-1]
     assert any(ln.startswith("trial") and "lipschitz" in ln for ln in out)  # final table
 
 
@@ -594,7 +594,9 @@ def test_renderers_escape_and_describe_the_state() -> None:
     table = render_table_html(state)
     assert "&lt;b&gt;x&lt;/b&gt;" in table and "<b>x</b>" not in table
     assert "on (c=0.5)" in table
-    assert render_text_line(state).startswith(f"[monitor {STUDY}] 0/1 done, 1 running")
+    assert render_text_line(state).startswith(
+        f"[monitor {STUDY}] 1 trial so far: 0 done, 1 running"
+    )
     assert render_curves_png(state).startswith(b"\x89PNG")
 
 

@@ -333,7 +333,7 @@ def test_start_study_follows_every_workers_trials(
     )
     assert len(ids) == 8 and mon.state.summary()["n_done"] == 8
     final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[monitor")][-1]
-    assert "8/8 done" in final and "4 trials loaded from the store" in final
+    assert "8 trials so far: 8 done" in final and "4 trials loaded from the store" in final
 
 
 def _fake_run_study(calls: list[dict[str, Any]]) -> Any:
@@ -822,7 +822,7 @@ def test_following_under_papermill_leaves_a_png_and_a_table(tmp_path: Path) -> N
     text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
     lines = text.splitlines()
     assert "text" in lines  # headless: text lines, no widget
-    assert lines[-1].startswith("[monitor pm] 4/4 done") and "finished" in lines[-1]
+    assert lines[-1].startswith("[monitor pm] 4 trials so far: 4 done") and "finished" in lines[-1]
     data = [o["data"] for o in outputs if o["output_type"] in ("display_data", "execute_result")]
     assert any(bytes(d.get("image/png", ""), "ascii")[:8] for d in data)
     assert any(d.get("text/html", "").count('class="tl-trial"') == 4 for d in data)

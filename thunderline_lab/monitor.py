@@ -1468,7 +1468,10 @@ def render_text_line(state: MonitorState, status: str = "") -> str:
     paired = _paired_text(s["paired"], " | ", "paired Δ", "")
     tail = f" [{status}]" if status else ""
     return (
-        f"[monitor {s['study']}] {s['n_done']}/{s['n_trials']} done, {s['n_running']} running"
+        # trials seen so far, not the study's budget (which a follower does not know): "2/3
+        # done" read as 2 of a 3-trial study
+        f"[monitor {s['study']}] {s['n_trials']} trial{'' if s['n_trials'] == 1 else 's'} so "
+        f"far: {s['n_done']} done, {s['n_running']} running"
         f" | best trial ({state.best_label}) {best_txt}"
         f" | {_arm_text(s, 'SN')} | {_arm_text(s, 'none')}{paired}{tail}"
     )

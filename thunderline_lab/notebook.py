@@ -186,7 +186,7 @@ def follow(
         >>> mon = mon.start(display=False, thread=False)
         >>> _ = bus.publish_many(synthetic_study("demo", n_pairs=1, epochs=2))
         >>> mon.pump()  # doctest: +ELLIPSIS
-        [monitor demo] 2/2 done, 0 running ...
+        [monitor demo] 2 trials so far: 2 done, 0 running ...
         >>> follow(mon, quiet=0.0, finish=False)  # no trial runs, nothing new for 0 s
         'finished'
     """
