@@ -580,6 +580,23 @@ def test_sync_to_a_database_in_a_folder_that_is_not_there_is_refused(tmp_path: P
     assert tracking._missing_database_folder("http://127.0.0.1:5000") is None
 
 
+def test_sync_of_a_lab_no_study_of_which_logs_to_mlflow_makes_no_database(
+    tmp_path: Path,
+) -> None:
+    # a lab fed only by a gateway: mlflow-sync quietly left an empty lab/mlflow.db behind
+    from thunderline_lab.monitor import synthetic_study
+
+    lab = Lab.resolve(tmp_path / "lab").ensure()
+    with lab.store() as store:
+        store.append(synthetic_study("gw", n_pairs=1, epochs=2))
+    report = sync(lab)
+    assert report.summary().startswith("nothing to sync: no study of this lab logs to MLflow")
+    assert not lab.mlflow_db.exists()
+    out = CliRunner().invoke(main, ["mlflow-sync", "--lab", str(lab.root)])
+    assert out.exit_code == 0 and "nothing to sync" in out.output, out.output
+    assert not lab.mlflow_db.exists()
+
+
 def test_sync_to_a_trial_store_is_refused_and_writes_nothing(
     db_state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2860,9 +2860,12 @@ class SyncReport:
     still_pending: int = 0
     conflicts: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    nothing: str | None = None  # why there was nothing to sync (nothing was opened)
 
     def summary(self) -> str:
         """One line for the CLI."""
+        if self.nothing is not None:
+            return f"nothing to sync: {self.nothing}"
         return (
             f"pushed {self.pushed_runs} runs ({self.created_runs} created), "
             f"{self.pushed_points} metric points, {self.pushed_params} params, "
@@ -2951,6 +2954,23 @@ def sync(
         store = lab.store()
     outbox = _Outbox(lab.db_path, store, uri)
     report = SyncReport(uri)
+    if (
+        path is not None
+        and not path.exists()
+        and not all_studies
+        and not experiments
+        and not outbox.studies()
+    ):
+        # no study of the lab logs to MLflow, and no database to pull from: opening it would
+        # only leave an empty MLflow database in the lab (a lab fed by a gateway, say)
+        outbox.close()
+        if own_store:
+            store.close()
+        report.nothing = (
+            f"no study of this lab logs to MLflow and {path} does not exist (--all-studies "
+            "pushes every study)"
+        )
+        return report
     try:
         backend = _open_backend(uri)
     except _BackendError as exc:
