@@ -1371,6 +1371,29 @@ def test_a_409_for_a_json_lines_body_names_each_records_line(
     assert store.counts()["events"] == 1
 
 
+def test_a_409_for_a_seed_report_names_its_record_trial_and_line(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # a seed 002 record is one event per trial: the 409 named event 3 of a 2-record body
+    def report(*trials: tuple[str, str]) -> str:
+        return json.dumps({"trials": [{"trial_id": t, "status": st} for t, st in trials]})
+
+    first = report(("a", "succeeded"), ("b", "succeeded"), ("c", "succeeded"))
+    assert gw.post("/api/events/ml?model_run_id=r", content=first).status_code == 202
+    body = report(("d", "succeeded"), ("e", "succeeded"), ("f", "succeeded"))
+    body += "\n" + report(("c", "failed"))
+    resp = gw.post("/api/events/ml?model_run_id=r", content=body)
+    assert resp.status_code == 409, resp.text
+    (err,) = resp.json()["errors"]
+    assert (err["index"], err["path"], err["line"], err["rule"]) == (
+        1,
+        "trials[0].status",
+        2,
+        "trial_finished",
+    )
+    assert store.counts()["trials"] == 3
+
+
 def test_a_conflicting_request_does_not_fail_its_group(gw: AsgiClient, store: TrialStore) -> None:
     evs = study_events()[:3]
     bodies = [evs[0].model_dump_json(), json.dumps(_restated(evs[0])), evs[1].model_dump_json()]

@@ -346,16 +346,19 @@ def _surrogate_errors(records: list[Any]) -> list[ErrorDetail]:
     return errors
 
 
-def _with_body_lines(exc: EventValidationError, body: bytes) -> EventValidationError:
-    """``exc`` (refused at commit, its errors indexed by record) with each record's line
-    when the body is JSON lines, as the errors of parsing carry them (read again only on
-    this error path)."""
-    if body.lstrip()[:1] == b"[" or body.strip().count(b"\n") == 0:
+def _at_records(exc: EventValidationError, body: bytes, default_run: str) -> EventValidationError:
+    """``exc`` (refused at commit, its errors indexed by translated event) with each error
+    pointed back at its posted record, field and, for JSON lines, line, as the errors of
+    parsing are (:func:`_wire_paths`: a seed 002 record is several events). The body is read
+    again only on this error path."""
+    try:
+        parsed = read_json_records(body, "<body>")
+    except EventValidationError:
         return exc
-    parsed = read_json_records(body, "<body>")
-    if parsed.errors or not parsed.lines:
+    if parsed.errors:
         return exc
-    return type(exc)(at_lines(exc.errors, parsed.lines))
+    errors = _wire_paths(list(exc.errors), parsed.records, default_run)
+    return type(exc)(at_lines(errors, parsed.lines))
 
 
 def _check_count(n: int, max_events: int) -> None:
@@ -1254,7 +1257,7 @@ def create_app(
         try:
             return await asyncio.wrap_future(fut)
         except EventValidationError as exc:  # refused at commit (a conflict)
-            raise _validation_problem(_with_body_lines(exc, body)) from None
+            raise _validation_problem(_at_records(exc, body, default_run)) from None
         except StoreError:
             log.exception("gateway could not commit %d events", len(events))
             raise _Problem(

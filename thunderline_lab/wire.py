@@ -621,7 +621,10 @@ def seed_field_path(rec: Any, j: int, path: str) -> str:
         return path
     field_name = path.removeprefix("payload.")
     if "trials" in rec:
-        return f"trials[{j}].{field_name}"
+        # a report's event name and outcome both come from the trial's status
+        return f"trials[{j}].{'status' if field_name == 'name' else field_name}"
+    if path == "name":  # a post's event name
+        return "event"
     raw_meta = rec.get("metadata")
     meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
     if path == "timestamp":
