@@ -639,12 +639,6 @@ _TRIAL_IDENTITY = ("spectral_norm", "spectral_norm_coeff", "study")
 _TERMINAL_TRIAL_EVENTS = frozenset({"ml.trial.complete", "ml.trial.failed"})
 
 
-def _same_stated(a: Any, b: Any) -> bool:
-    if _both_numbers(a, b):  # (not bools: True is no coefficient of 1)
-        return float(a) == float(b)
-    return type(a) is type(b) and bool(a == b)
-
-
 def _trial_conflicts(
     bodies: Mapping[tuple[str, str], list[tuple[int, dict[str, Any]]]], after_seq: int
 ) -> list[tuple[str, str, Any, str, str]]:
@@ -662,21 +656,20 @@ def _trial_conflicts(
     """
     found: list[tuple[str, str, Any, str, str]] = []
     for (run_id, trial_id), events in bodies.items():
-        if all(seq <= after_seq for seq, _ in events):
-            continue
+        where = f"trial {run_id}/{trial_id}"
         stated: dict[str, tuple[Any, str]] = {}
         finished: tuple[str, str] | None = None  # (status, event id)
         for seq, body in sorted(events, key=lambda e: e[0]):
             p, name, ev_id = body["payload"], body["name"], body["id"]
             fresh = seq > after_seq
-            where = f"trial {run_id}/{trial_id}"
             for key in _TRIAL_IDENTITY:
                 value = p.get(key)
                 if value is None:
                     continue
                 if key not in stated:
                     stated[key] = (value, ev_id)
-                elif fresh and not _same_stated(stated[key][0], value):
+                elif fresh and _difference(stated[key][0], value) is not None:
+                    # (the comparison of an id's resend: 2 and 2.0 agree, True and 1 do not)
                     before, by = stated[key]
                     found.append(
                         (
@@ -1284,7 +1277,10 @@ class TrialStore:
         if artifact_rows:
             self.conn.executemany(_UPSERT_ARTIFACT, artifact_rows)
         if trials:
-            self._refold_trials(list(trials), lifecycle or {})
+            keys = list(trials)
+            if lifecycle is None:  # (a replay: read here; an append read them to check them)
+                lifecycle = self._lifecycle_bodies(keys)
+            self._refold_trials(keys, lifecycle)
 
     def _lifecycle_bodies(
         self, keys: Sequence[tuple[str, str]]
@@ -1304,14 +1300,13 @@ class TrialStore:
         keys: Sequence[tuple[str, str]],
         lifecycle: Mapping[tuple[str, str], list[tuple[int, dict[str, Any]]]],
     ) -> None:
-        """Fold each trial's logged lifecycle events into its row, in the order given (a new
-        trial's row is created in that order); ``lifecycle``: trials' events already read."""
-        read = self._lifecycle_bodies([k for k in keys if k not in lifecycle])
+        """Fold each trial's logged lifecycle events (``lifecycle``: of every key, as
+        :meth:`_lifecycle_bodies` reads them) into its row, in the order given (a new trial's
+        row is created in that order)."""
         rows = []
         for key in keys:
             run_id = key[0]
-            found = lifecycle[key] if key in lifecycle else read[key]
-            row = fold_trial(body for _, body in found)
+            row = fold_trial(body for _, body in lifecycle[key])
             if row["study"] is None:
                 known = self.conn.execute(
                     "SELECT study FROM model_runs WHERE model_run_id = ?", (run_id,)
