@@ -236,6 +236,16 @@ def test_following_a_study_on_a_bus_that_never_shows_ends_in_an_error() -> None:
     mon.close()
 
 
+def test_following_a_study_that_ended_without_a_trial_ends_in_an_error() -> None:
+    # the test profile's demo study dying before its first trial: follow said "finished"
+    # over an empty monitor, and the notebook passed having checked nothing
+    mon = _text_monitor(EventBus(), "died")
+    with pytest.raises(ConfigError) as err:
+        follow(mon, quiet=0.0, poll=0.01, until=lambda: True, finish=False)
+    assert str(err.value) == "no trial of study 'died' appeared before the study ended"
+    mon.close()
+
+
 def test_follow_until_wins_over_the_quiet_rule() -> None:
     bus = EventBus()
     mon = _text_monitor(bus)

@@ -217,9 +217,11 @@ def follow(
             status = "stopped following (interrupted; the study may still run)"
         else:
             status = "finished"
-        monitor.finish(status)
-    if never:
-        raise ConfigError(_no_trial_appeared(monitor, timeout))
+        monitor.finish(status)  # (drains what the source still holds)
+    if end != "interrupted" and not monitor.state.summary()["n_trials"]:
+        # timed out, or the study it waited for (``until``) ended, without a single trial:
+        # a misspelt study, or a study that died before its first trial
+        raise ConfigError(_no_trial_appeared(monitor, timeout if end == "timeout" else None))
     return end
 
 
@@ -237,7 +239,9 @@ def _no_trial_appeared(monitor: LiveMonitor, timeout: float | None) -> str:
                 continue
             break
     what = "no trial" if study is None else f"no trial of study {study!r}"
-    said = f"{what} appeared in {timeout:g} s"
+    said = f"{what} appeared" + (
+        f" in {timeout:g} s" if timeout is not None else " before the study ended"
+    )
     if study is not None and known:
         said += did_you_mean(study, known, n=3)
     if known is not None:
