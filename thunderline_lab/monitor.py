@@ -1496,6 +1496,14 @@ def render_table_text(state: MonitorState, max_rows: int = 25) -> str:
     return "\n".join(lines)
 
 
+def _curve_panels(state: MonitorState, snapshot: Sequence[tuple[Any, Any]]) -> list[str]:
+    """The metrics :func:`render_curves_png` draws a panel of: the objective, then the
+    first curve metric the snapshot's trials report (at most two)."""
+    names = [state.objective] + [m for m in state.curve_metrics if m != state.objective]
+    present = [n for n in names if any(n in curves for _, curves in snapshot)]
+    return (present or [state.objective])[:2]
+
+
 def render_curves_png(
     state: MonitorState,
     *,
@@ -1516,9 +1524,7 @@ def render_curves_png(
     snapshot = state.curve_snapshot(max_trials)
     fig = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(fig)
-    names = [state.objective] + [m for m in state.curve_metrics if m != state.objective]
-    present = [n for n in names if any(n in curves for _, curves in snapshot)]
-    panels = (present or [state.objective])[:2]
+    panels = _curve_panels(state, snapshot)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     ended_early = False  # a pruned, failed or cancelled trial's curve drawn (dotted)
     for ax, name in zip(axes, panels, strict=True):
@@ -2345,7 +2351,8 @@ class LiveMonitor:
 
         # what the picture shows, for readers who cannot see it (and nbconvert's HTML export,
         # which warns of an image without it)
-        alt = html.escape(self._curves_alt(), quote=True)
+        alt_text = self._curves_alt()
+        alt = html.escape(alt_text, quote=True)
         snap_html = (
             '<div class="tl-monitor-snapshot">'
             f'<img class="tl-monitor-curves" alt="{alt}" src="data:image/png;base64,'
@@ -2361,17 +2368,18 @@ class LiveMonitor:
                     "text/plain": render_text_line(self.state, self._status),
                 },
                 raw=True,
-                metadata={"image/png": {"alt": self._curves_alt()}},
+                metadata={"image/png": {"alt": alt_text}},
             )
         else:
-            display(Image(data=png, format="png", alt=self._curves_alt()), HTML(page))
+            display(Image(data=png, format="png", alt=alt_text), HTML(page))
 
     def _curves_alt(self) -> str:
         """The alt text of the curves' picture: what it plots, of which study."""
         state = self.state
         of = f" of study {state.study}" if state.study else ""
-        names = [state.objective] + [m for m in state.curve_metrics if m != state.objective]
-        return f"learning curves{of} per epoch, coloured by SN arm: {', '.join(names)}"
+        with self._lock:  # the panels the picture draws (snapshot() drew it just now)
+            panels = _curve_panels(state, state.curve_snapshot(self.max_plot_trials))
+        return f"learning curves{of} per epoch, coloured by SN arm: {', '.join(panels)}"
 
 
 _CHOICES = {"mode": ("auto", "widget", "text"), "direction": ("max", "min")}
