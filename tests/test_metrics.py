@@ -476,3 +476,12 @@ def test_a_model_or_input_that_does_not_fit_is_refused_by_name(call, error, mess
     ds = load_dataset("moons", seed=0)
     with pytest.raises(error, match=message):
         call(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)), ds)
+
+
+def test_a_fault_past_the_first_layer_is_not_blamed_on_the_input_width() -> None:
+    # the hint said "its first layer takes input width 2, got 2" for a wrong second layer
+    broken = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(TrainingError) as err:
+        predict(broken, torch.zeros(4, 2))
+    assert "first layer" not in str(err.value)
+    assert str(err.value).startswith("the model cannot take inputs of shape (4, 2): ")

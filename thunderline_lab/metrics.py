@@ -167,10 +167,14 @@ def _forward(model: nn.Module, xb: torch.Tensor, x_shape: tuple[int, ...]) -> to
             (m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)),
             None,
         )
-        hint = ""
-        if isinstance(first, nn.Linear):
+        hint = ""  # only where the first layer's width is what differs (not a deeper fault)
+        if isinstance(first, nn.Linear) and first.in_features != x_shape[-1]:
             hint = f" (its first layer takes input width {first.in_features}, got {x_shape[-1]})"
-        elif isinstance(first, nn.Conv1d | nn.Conv2d) and len(x_shape) > 1:
+        elif (
+            isinstance(first, nn.Conv1d | nn.Conv2d)
+            and len(x_shape) > 1
+            and first.in_channels != x_shape[1]
+        ):
             hint = f" (its first layer takes {first.in_channels} channels, got {x_shape[1]})"
         raise TrainingError(
             f"the model cannot take inputs of shape {x_shape}{hint}: {exc}"
