@@ -2340,7 +2340,16 @@ def run_study(
             sampler,
             sampler_seed,
             pruner,
-            _study_attrs(ctx.dataset_name, architecture, design, seeds_t, space, epochs),
+            # (the batch runner's pre-check makes them with the same function: one rule)
+            study_settings(
+                dataset=ctx.dataset_name,
+                architecture=architecture,
+                design=design,
+                seeds=seeds_t,
+                search_space=search_space,
+                conv_sn_modes=conv_sn_modes,
+                epochs=epochs,
+            ),
         )
         ctx.study = study
         _fail_stale(study)  # trials of dead workers: failed, reported and re-enqueued
