@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
+import pandas as pd
 import pytest
 
 from thunderline_lab import events
@@ -600,6 +601,46 @@ def test_renderers_escape_and_describe_the_state() -> None:
     assert render_curves_png(state).startswith(b"\x89PNG")
 
 
+def test_the_table_counts_epochs_trained_of_those_planned() -> None:
+    """A study's trials give their planned epochs: the table says 4/20 after the fourth epoch
+    (step 3), not 3; a trial without the parameter shows its last step as reported."""
+    planned = {"model_run_id": STUDY, "trial_id": "planned", "study": STUDY}
+    bare = {"model_run_id": STUDY, "trial_id": "bare", "study": STUDY}
+    evs: list[Any] = [
+        events.trial_start(**planned, spectral_norm=True, parameters={"epochs": 20}),
+        events.trial_start(**bare, spectral_norm=False, parameters={"epochs": True}),
+    ]
+    for step in range(4):
+        evs.append(
+            events.run_metric(**planned, step=step, metric_name="val_loss", metric_value=1.0)
+        )
+        evs.append(events.run_metric(**bare, step=step, metric_name="val_loss", metric_value=1.0))
+    state = _fold(evs)
+    table = render_table_html(state)
+    assert "<td" in table and ">4/20</td>" in table
+    cells = re.findall(r'data-trial="bare".*?</tr>', table, flags=re.S)[0]
+    assert ">3</td>" in cells and "/" not in re.sub(r"</\w+>", "", cells)
+    assert "planned epochs" in table  # the column says what it counts
+    text = {line.split()[0]: line.split() for line in render_table_text(state).splitlines()}
+    assert text["planned"][4] == "4/20" and text["bare"][4] == "3"
+    # a trial seeded from the store (attaching to a running study) knows its plan too
+    store_rows = pd.DataFrame(
+        [
+            {
+                "model_run_id": STUDY,
+                "trial_id": "loaded",
+                "status": "completed",
+                "spectral_norm": True,
+                "spectral_norm_coeff": 1.0,
+                "parameters": {"epochs": 30},
+                "metrics": {"epochs": 12},  # stopped early
+            }
+        ]
+    )
+    state.load_trials(store_rows)
+    assert ">12/30</td>" in render_table_html(state)
+
+
 def test_save_snapshot_writes_png_and_html(tmp_path: Path) -> None:
     bus = EventBus()
     mon = LiveMonitor.from_bus(bus, STUDY, mode="text")
@@ -635,6 +676,10 @@ def _fake_ipython(monkeypatch: pytest.MonkeyPatch, shell: Any) -> None:
 
 
 def test_detect_frontend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # imported before IPython is faked below (ipywidgets imports IPython): otherwise this test
+    # passed only when an earlier test of the same worker had imported it
+    import ipywidgets  # noqa: F401
+
     monkeypatch.delenv("THUNDERLINE_MONITOR", raising=False)
     _fake_ipython(monkeypatch, None)
     assert detect_frontend()[0] == "text"

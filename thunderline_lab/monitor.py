@@ -798,7 +798,8 @@ class TrialRow:
     coeff: float | None = None
     pair_id: Any = None
     group_id: Any = None  # the configuration (its pairs on several seeds are one unit)
-    epoch: int | None = None
+    epoch: int | None = None  # the last step reported (an epoch index, from 0)
+    planned_epochs: int | None = None  # the trial's ``epochs`` parameter, when it gives one
     last: dict[str, float] = field(default_factory=dict)
     best: float | None = None
     best_loss: float | None = None
@@ -815,6 +816,31 @@ class TrialRow:
     def arm(self) -> str:
         """``SN``, ``none`` or ``?`` (not known yet)."""
         return "?" if self.spectral_norm is None else ("SN" if self.spectral_norm else "none")
+
+
+def _planned_epochs(params: Any, known: int | None) -> int | None:
+    """A trial's planned epochs: its ``epochs`` parameter (what :mod:`thunderline_lab.study`
+    gives every trial) when that is a whole number of at least 1, else what was known."""
+    planned = params.get("epochs") if isinstance(params, Mapping) else None
+    if isinstance(planned, int) and not isinstance(planned, bool) and planned >= 1:
+        return planned
+    return known
+
+
+def _epoch_cell(row: TrialRow) -> str:
+    """The table's epoch: epochs trained of those planned (``4/20``: the step reported is
+    the epoch's index, from 0), or the last step as reported when no plan is known."""
+    if row.epoch is None:
+        return "—"
+    if row.planned_epochs is None:
+        return str(row.epoch)
+    return f"{row.epoch + 1}/{row.planned_epochs}"
+
+
+_EPOCH_HELP = (
+    "epochs trained of the trial's planned epochs (an early stop or a pruned trial ends "
+    "short of them); the last step reported when the trial's parameters give no epochs"
+)
 
 
 def _finite(value: Any) -> TypeGuard[float]:
@@ -1040,6 +1066,7 @@ class MonitorState:
             row.pair_id = params["pair_id"]
         if params.get("group_id") is not None:
             row.group_id = params["group_id"]
+        row.planned_epochs = _planned_epochs(params, row.planned_epochs)
         if get("mlflow_run_id"):  # from the trial's events or the MLflow logger's link event
             row.mlflow_run_id = str(get("mlflow_run_id"))
             experiment = (get("metadata") or {}).get("mlflow_experiment_id")
@@ -1094,6 +1121,7 @@ class MonitorState:
             params, metrics = rec.get("parameters") or {}, rec.get("metrics") or {}
             row.pair_id = params.get("pair_id")
             row.group_id = params.get("group_id")
+            row.planned_epochs = _planned_epochs(params, row.planned_epochs)
             # the trainer's best_<objective> is final; a trial without it (pruned, failed)
             # gets its last value until load_history finds the best by the live rule
             best = metrics.get(f"best_{self.objective}", metrics.get(self.objective))
@@ -1370,7 +1398,9 @@ def render_table_html(
     )
     head = (
         f"<tr>{th}trial</th>{th}status</th>{th}SN</th>"
-        f"{th_best}{html.escape(state.best_label)}</th>{th}epoch</th>"
+        f"{th_best}{html.escape(state.best_label)}</th>"
+        f'<th style="padding:2px 8px;text-align:right" title="{html.escape(_EPOCH_HELP)}">'
+        "epoch</th>"
         f"{th}Lipschitz bound</th>{th}σ<sub>max</sub></th>{th}MLflow</th></tr>"
     )
     body = []
@@ -1386,7 +1416,7 @@ def render_table_html(
             f"{html.escape(row.status)}</td>"
             f'<td style="{_TD};color:{color};font-weight:600">{_arm_label(row)}</td>'
             f"{td}{_fmt(row.best)}</td>"
-            f"{td}{'—' if row.epoch is None else row.epoch}</td>"
+            f"{td}{_epoch_cell(row)}</td>"
             f"{td}{_fmt(row.lipschitz, 3)}</td>"
             f"{td}{_fmt(row.last.get('max_sigma'), 3)}</td>"
             f"{td}{_mlflow_cell(row, mlflow_ui)}</td></tr>"
@@ -1479,12 +1509,12 @@ def render_text_line(state: MonitorState, status: str = "") -> str:
 
 def render_table_text(state: MonitorState, max_rows: int = 25) -> str:
     """The trial table as fixed-width text (for terminals), with a note on ``best``."""
-    lines = [f"{'trial':<14}{'status':<11}{'SN':<12}{'best*':>8}{'epoch':>7}{'lipschitz':>11}"]
+    lines = [f"{'trial':<14}{'status':<11}{'SN':<12}{'best*':>8}{'epoch':>9}{'lipschitz':>11}"]
     rows = state.table_rows(max_rows)
     for row in rows:
         lines.append(
             f"{row.trial_id:<14}{row.status:<11}{_arm_label(row):<12}{_fmt(row.best):>8}"
-            f"{'—' if row.epoch is None else row.epoch:>7}{_fmt(row.lipschitz, 3):>11}"
+            f"{_epoch_cell(row):>9}{_fmt(row.lipschitz, 3):>11}"
         )
     more = len(state.rows) - len(rows)
     if more > 0:
@@ -2518,6 +2548,7 @@ def _trial_events(
         "seed": pair,
         "pair_id": f"pair_{pair:04d}",
         "arm": "sn" if sn else "none",
+        "epochs": epochs,  # planned, as a study's trials give it
     }
     common = {"model_run_id": study, "trial_id": trial_id, "study": study}
     yield ev_mod.trial_start(
