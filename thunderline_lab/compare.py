@@ -4689,7 +4689,13 @@ def _value_range(metric: str) -> tuple[float, float]:
 
 
 def _mean_ci_table(
-    df: pd.DataFrame, by: list[str], confidence: float, *, metric: str = "", metric_col: str = ""
+    df: pd.DataFrame,
+    by: list[str],
+    confidence: float,
+    *,
+    metric: str = "",
+    metric_col: str = "",
+    labels: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """Per group of ``by``: n, mean and a t-interval (ci_low, ci_high) of ``value``.
 
@@ -4697,7 +4703,11 @@ def _mean_ci_table(
     metric (``metric``, or each group's ``metric_col``): an accuracy band stays in [0, 1].
     Non-finite values are left out; a group of extreme magnitude (1e300, 1e-300) is
     summarised in units of a power of two of its own, so its variance neither overflows
-    (a band to infinity) nor underflows (a band of zero width)."""
+    (a band to infinity) nor underflows (a band of zero width).
+
+    ``labels``: columns of ``by`` given as integer codes into these labels (grouping
+    100,000s of rows by integers, not text, and no text column built), decoded in the
+    result, whose rows are then in the codes' order."""
     values = df["value"].to_numpy(dtype=float)
     if not np.isfinite(values).all():
         df, values = df[np.isfinite(values)], values[np.isfinite(values)]
@@ -4713,6 +4723,8 @@ def _mean_ci_table(
     grouped = df.groupby(by, sort=True)
     g = grouped["value"].agg(["count", "mean", "std"]).reset_index()
     g = g.rename(columns={"count": "n"})
+    for col, names in (labels or {}).items():
+        g[col] = np.asarray(names, dtype=object)[g[col].to_numpy()]
     if extreme:
         exps = grouped["_exp"].first().to_numpy()
         g["mean"] = np.ldexp(g["mean"].to_numpy(), exps)
@@ -4737,14 +4749,23 @@ def _layer_sigma(
 ) -> pd.DataFrame:
     if not columns:
         return pd.DataFrame(columns=["layer", "arm", "n", "mean", "ci_low", "ci_high"])
-    long = pd.concat(
-        [
-            pd.DataFrame({"layer": key.removeprefix("sigma/"), "arm": arm, "value": values})
-            for key, values in columns.items()
-        ],
-        ignore_index=True,
+    # grouped by codes (no text column of a row per trial and layer), decoded in the result
+    arm_names, arm_codes = np.unique(np.asarray(arm), return_inverse=True)
+    long = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(len(columns)), len(arm_codes)),
+            "arm": np.tile(arm_codes, len(columns)),
+            "value": np.concatenate([np.asarray(v, dtype=float) for v in columns.values()]),
+        }
     )
-    out = _mean_ci_table(long, ["layer", "arm"], confidence, metric="sigma")  # finite values
+    layers = [key.removeprefix("sigma/") for key in columns]
+    out = _mean_ci_table(  # (finite values)
+        long,
+        ["layer", "arm"],
+        confidence,
+        metric="sigma",
+        labels={"layer": layers, "arm": arm_names.tolist()},
+    )
     order = {k: i for i, k in enumerate(_natural_sorted(out["layer"].unique()))}
     return out.sort_values(
         ["layer", "arm"], key=lambda s: s.map(order) if s.name == "layer" else s
@@ -4758,6 +4779,10 @@ def _natural_sorted(items: Iterable[str]) -> list[str]:
     return sorted(items, key=key)
 
 
+# a curve point as _group_curves reads it: (metric's code, step, value); steps up to 2**63
+_CURVE_ROW = np.dtype([("name", np.int64), ("step", np.int64), ("value", np.float64)])
+
+
 def _group_curves(
     store: TrialStore,
     frame: _Frame,
@@ -4768,38 +4793,51 @@ def _group_curves(
     confidence: float,
 ) -> tuple[pd.DataFrame, bool]:
     rng = np.random.default_rng([seed, 7])
-    picked, sampled = [], False
-    for arm, mask in (("SN", is_sn), ("none", is_none)):
+    arms = ("SN", "none")  # sorted, as the table's rows are by arm, name and step
+    names = sorted(CURVE_METRICS)
+    # each row's metric as its index in names, so no row brings a text into Python
+    name_code = "CASE name " + " ".join(f"WHEN ? THEN {i}" for i in range(len(names))) + " END"
+    parts: list[tuple[int, np.ndarray]] = []
+    sampled = False
+    for a, mask in enumerate((is_sn, is_none)):
         idx = np.flatnonzero(mask)
         if len(idx) > per_arm:
             idx = np.sort(rng.choice(idx, per_arm, replace=False))
             sampled = True
-        picked += [(arm, int(i)) for i in idx]
-    arm_of = {(frame.run[i], frame.trial[i]): arm for arm, i in picked}
-    parts = []
-    by_run: dict[str, list[str]] = {}
-    for run, trial in arm_of:
-        by_run.setdefault(run, []).append(trial)
-    names = list(CURVE_METRICS)
-    for run, trial_ids in by_run.items():
-        for i in range(0, len(trial_ids), 400):
-            chunk = trial_ids[i : i + 400]
-            sql = (
-                "SELECT trial_id, name, step, value FROM metrics WHERE model_run_id = ? "
-                f"AND trial_id IN ({','.join('?' * len(chunk))}) "
-                f"AND name IN ({','.join('?' * len(names))})"
-            )
-            rows = _read(store, sql, [run, *chunk, *names])
-            if rows:
-                part = pd.DataFrame(rows, columns=["trial_id", "name", "step", "value"])
-                part["arm"] = [arm_of[(run, t)] for t in part["trial_id"]]
-                parts.append(part)
+        by_run: dict[str, list[str]] = {}
+        for row in idx:
+            by_run.setdefault(frame.run[row], []).append(frame.trial[row])
+        for run, trial_ids in by_run.items():
+            for i in range(0, len(trial_ids), 400):
+                chunk = trial_ids[i : i + 400]
+                sql = (
+                    f"SELECT {name_code}, step, value FROM metrics WHERE model_run_id = ? "
+                    f"AND trial_id IN ({','.join('?' * len(chunk))}) "
+                    f"AND name IN ({','.join('?' * len(names))})"
+                )
+                rows = _read(store, sql, [*names, run, *chunk, *names])
+                if rows:
+                    parts.append((a, np.array(rows, dtype=_CURVE_ROW)))
     if not parts:
         return pd.DataFrame(
             columns=["arm", "name", "step", "n", "mean", "ci_low", "ci_high"]
         ), False
-    long = pd.concat(parts, ignore_index=True)
-    table = _mean_ci_table(long, ["arm", "name", "step"], confidence, metric_col="name")
+    data = np.concatenate([rows for _, rows in parts])
+    long = pd.DataFrame(
+        {
+            "arm": np.concatenate([np.full(len(rows), a) for a, rows in parts]),
+            "name": data["name"],
+            "step": data["step"],
+            "value": data["value"],
+        }
+    )
+    table = _mean_ci_table(
+        long,
+        ["arm", "name", "step"],
+        confidence,
+        metric_col="name",
+        labels={"arm": arms, "name": names},
+    )
     return table, sampled
 
 

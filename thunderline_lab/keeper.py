@@ -25,7 +25,9 @@ snapshot to the next comparison: a snapshot never changes a result, only its cos
 So a study written by ``thunderline-lab ingest``, the gateway, ``run``'s workers or a
 notebook is compared from its snapshot by the next process that asks, and a long-lived
 writer (the gateway) keeps it a few seconds behind the log at most. Smaller studies are
-left alone: they are read from scratch in well under 100 ms.
+left alone: one of 5,000 trials is read from scratch in about 45 ms (headline), 60 ms (the
+default 8 metrics) or 120 ms (details included) on a 2-core machine, once: that comparison
+writes the snapshot the next one reads.
 
 Configuration: ``THUNDERLINE_LAB_KEEP_SNAPSHOTS`` = ``off`` disables the keeper; an integer
 of at least 0 sets :data:`MIN_TRIALS` (``0``: every study); anything else is warned about
@@ -77,7 +79,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 ENV_KEEP = "THUNDERLINE_LAB_KEEP_SNAPSHOTS"
-MIN_TRIALS = 5_000  # trials: a smaller study is compared from scratch in well under 100 ms
+MIN_TRIALS = 5_000  # trials: a smaller study is compared from scratch in ~45-120 ms
 IDLE_SECONDS = 2.0  # a study quiet this long has its snapshot brought up to the store
 MAX_DELAY_SECONDS = 30.0  # ... and a busy one at the latest this long after its first change
 # ... or once this many events came (a fast stream: a snapshot further behind than the
