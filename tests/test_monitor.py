@@ -601,6 +601,22 @@ def test_renderers_escape_and_describe_the_state() -> None:
     assert render_curves_png(state).startswith(b"\x89PNG")
 
 
+def test_a_monitor_told_the_budget_shows_it_beside_the_trials_seen() -> None:
+    bus = EventBus()
+    common = {"model_run_id": STUDY, "trial_id": "t0", "study": STUDY}
+    with LiveMonitor.from_bus(bus, STUDY, mode="text", budget=24) as mon:
+        bus.publish(events.trial_start(**common, spectral_norm=True))
+        mon.pump()
+        assert render_text_line(mon.state).startswith(
+            f"[monitor {STUDY}] 1 trial so far (budget 24): 0 done, 1 running"
+        )
+        assert "1 trial so far (budget 24): 0 done" in render_panel_html(mon.state)
+        assert mon.state.summary()["budget"] == 24
+    for bad in (0, True, "24", 2.5):
+        with pytest.raises(ConfigError, match=r"^budget: expected the study's number of trials"):
+            LiveMonitor.from_bus(EventBus(), STUDY, mode="text", budget=bad)
+
+
 def test_the_table_counts_epochs_trained_of_those_planned() -> None:
     """A study's trials give their planned epochs: the table says 4/20 after the fourth epoch
     (step 3), not 3; a trial without the parameter shows its last step as reported."""

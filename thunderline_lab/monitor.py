@@ -926,6 +926,7 @@ class MonitorState:
             }
         )
         self.study = None if study is None else study_name(study)
+        self.budget: int | None = None  # the study's n_trials, when the monitor is told it
         self.objective = objective
         self.direction = direction
         self.selection_metric = selection_metric
@@ -1306,6 +1307,7 @@ class MonitorState:
             "study": self.study or ", ".join(sorted(self.studies_seen)) or "?",
             "objective": self.objective,
             "n_trials": len(self.rows),
+            "budget": self.budget,
             **{f"n_{k}": v for k, v in counts.items()},
             "n_done": len(self.rows) - counts["running"],
             "best": None
@@ -1478,7 +1480,7 @@ def render_panel_html(state: MonitorState, status: str = "") -> str:
     return (
         '<div class="tl-monitor-panel" style="font-size:13px;line-height:1.5">'
         f"<b>{html.escape(str(s['study']))}</b> · "
-        f'<span class="tl-monitor-progress">{s["n_done"]} done '
+        f'<span class="tl-monitor-progress">{_trials_seen(s)}: {s["n_done"]} done '
         f"({s['n_completed']} completed, {s['n_pruned']} pruned, {s['n_failed']} failed"
         f"{', ' + str(s['n_cancelled']) + ' cancelled' if s['n_cancelled'] else ''}), "
         f'{s["n_running"]} running</span> · <span title="{helptext}">best trial '
@@ -1490,6 +1492,15 @@ def render_panel_html(state: MonitorState, status: str = "") -> str:
     )
 
 
+def _trials_seen(s: Mapping[str, Any]) -> str:
+    """``5 trials so far (budget 24)``, the budget when known: the trials seen are not a
+    fraction of it ("2/3 done" read as 2 of a 3-trial study), since trials the lab retries
+    (stale, cancelled) are seen but not counted toward it."""
+    n, budget = s["n_trials"], s.get("budget")
+    seen = f"{n} trial{'' if n == 1 else 's'} so far"
+    return seen if budget is None else f"{seen} (budget {budget})"
+
+
 def render_text_line(state: MonitorState, status: str = "") -> str:
     """One line for logs and headless runs."""
     s = state.summary()
@@ -1498,10 +1509,7 @@ def render_text_line(state: MonitorState, status: str = "") -> str:
     paired = _paired_text(s["paired"], " | ", "paired Δ", "")
     tail = f" [{status}]" if status else ""
     return (
-        # trials seen so far, not the study's budget (which a follower does not know): "2/3
-        # done" read as 2 of a 3-trial study
-        f"[monitor {s['study']}] {s['n_trials']} trial{'' if s['n_trials'] == 1 else 's'} so "
-        f"far: {s['n_done']} done, {s['n_running']} running"
+        f"[monitor {s['study']}] {_trials_seen(s)}: {s['n_done']} done, {s['n_running']} running"
         f" | best trial ({state.best_label}) {best_txt}"
         f" | {_arm_text(s, 'SN')} | {_arm_text(s, 'none')}{paired}{tail}"
     )
@@ -1720,6 +1728,9 @@ class LiveMonitor:
         selection_metric: a trial's ``best`` is the objective at the epoch with the lowest
             value of this metric, as the trainer's ``best_val_accuracy``
             (:class:`MonitorState`).
+        budget: the study's number of trials (its ``n_trials``), shown beside the trials
+            seen (``5 trials so far (budget 24)``); None when not known, as for a monitor
+            following a study started elsewhere (the events do not say it).
 
     Raises:
         ConfigError: an option of the wrong type or out of range (intervals are finite
@@ -1765,6 +1776,7 @@ class LiveMonitor:
         snapshot_on_finish: bool = True,
         title: str | None = None,
         selection_metric: str | None = "val_loss",
+        budget: int | None = None,
     ) -> None:
         # every option (the parameters of this call), before the source is opened
         _check_options({k: v for k, v in locals().items() if k in _monitor_options()})
@@ -1778,6 +1790,7 @@ class LiveMonitor:
             curve_points=curve_points,
             max_curve_trials=max(max_curve_trials, max_plot_trials),
         )
+        self.state.budget = None if budget is None else int(budget)
         if mode == "auto":
             self.mode, self.mode_reason = detect_frontend()
         else:
@@ -2459,6 +2472,11 @@ def _expected(name: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else "True or False"
     if name == "title":
         return None if value is None or isinstance(value, str) else "a title (text), or None"
+    if name == "budget":
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if value is None or (integer and int(value) >= 1):
+            return None
+        return "the study's number of trials (an integer >= 1), or None (not known)"
     return None
 
 

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import multiprocessing as mp
 import numbers
@@ -301,6 +302,10 @@ def study_names(studies: str | int | Sequence[str | int]) -> list[str]:
     return list(dict.fromkeys(names))  # each once, in order
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def start_study(
     name: str | int,
     *,
@@ -368,6 +373,10 @@ def start_study(
             return reserved
         bus = EventBus()
         options = dict(monitor_options or {})
+        default = inspect.signature(run_study).parameters.get("n_trials")
+        n_trials = study_kwargs.get("n_trials", None if default is None else default.default)
+        if _is_count(n_trials):  # the monitor shows "(budget 24)"; run_study checks it
+            options.setdefault("budget", n_trials)
         if gateway:  # every worker's trials, as the gateway logs them
             mon = LiveMonitor.from_gateway(gateway, None, name, bus=bus, **options)
         else:
