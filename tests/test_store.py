@@ -339,6 +339,41 @@ def test_an_event_moving_a_trial_to_the_other_arm_is_refused(store: TrialStore) 
     assert store.trials()["spectral_norm"].tolist()[0] == 1
 
 
+def test_a_finished_trial_logged_without_a_study_or_coeff_is_not_moved_later(
+    store: TrialStore,
+) -> None:
+    """A trial whose events never stated a study (filed under its run's) or a coefficient
+    cannot be given one once it finished: that too would move it after the fact."""
+    ids = {"model_run_id": "r1", "trial_id": "t1"}
+    at = T0 + timedelta(minutes=5)
+    store.append(
+        [
+            E.trial_start(**ids, spectral_norm=True, timestamp=T0),
+            E.trial_complete(
+                **ids, spectral_norm=True, metrics={"val_accuracy": 0.9}, timestamp=T0
+            ),
+        ]
+    )
+    before = snapshot(store)
+    for key, value in (("study", "other"), ("spectral_norm_coeff", 2.0)):
+        late = E.trial_complete(**ids, spectral_norm=True, timestamp=at, **{key: value})
+        with pytest.raises(EventConflictError) as info:
+            store.append([late])
+        (err,) = info.value.errors
+        assert (err.path, err.rule, err.value) == (f"payload.{key}", "trial_conflict", value)
+        assert "trial r1/t1 finished (event " in err.message
+        assert_same(before, snapshot(store))
+    assert store.studies() == ["r1"]
+    # while it runs, a later event may still state them (events may arrive out of order)
+    other = {"model_run_id": "r1", "trial_id": "t2"}
+    store.append([E.trial_start(**other, spectral_norm=True, timestamp=T0)])
+    store.append(
+        [E.trial_complete(**other, spectral_norm=True, spectral_norm_coeff=2.0, timestamp=at)]
+    )
+    row = store.trial("r1", "t2")
+    assert row is not None and row["spectral_norm_coeff"] == 2.0
+
+
 def test_a_contradiction_in_one_batch_is_refused_too(store: TrialStore) -> None:
     start, run_start = study_events()[:2]
     other = E.run_start(

@@ -650,7 +650,9 @@ def _trial_conflicts(
       outcome of a trial does not change. The same status again with other values (a late
       evaluation's metrics) is a correction, folded in as any later event;
     * ``trial_conflict``: a stated ``spectral_norm``, ``spectral_norm_coeff`` or
-      ``study`` other than the one an earlier event stated.
+      ``study`` other than the one an earlier event stated; or, once the trial finished, a
+      ``study`` or ``spectral_norm_coeff`` its events had not stated (a finished trial is
+      filed under its run's study, with its parameters' coefficient or none).
 
     The log itself is never judged again: a replay folds whatever it holds.
     """
@@ -658,7 +660,8 @@ def _trial_conflicts(
     for (run_id, trial_id), events in bodies.items():
         where = f"trial {run_id}/{trial_id}"
         stated: dict[str, tuple[Any, str]] = {}
-        finished: tuple[str, str] | None = None  # (status, event id)
+        finished: tuple[str, str, str] | None = None  # (status, event id, its timestamp)
+        params_coeff: Any = None  # the coefficient the trial's parameters give, if any
         for seq, body in sorted(events, key=lambda e: e[0]):
             p, name, ev_id = body["payload"], body["name"], body["id"]
             fresh = seq > after_seq
@@ -668,6 +671,33 @@ def _trial_conflicts(
                     continue
                 if key not in stated:
                     stated[key] = (value, ev_id)
+                    moved = (
+                        value != run_id
+                        if key == "study"
+                        else key == "spectral_norm_coeff"
+                        and _difference(params_coeff, value) is not None
+                    )
+                    if fresh and moved and finished is not None and _ts(body) > finished[2]:
+                        # a finished trial filed without it (under its run's study, with
+                        # no coefficient or its parameters'): stating it in an event after
+                        # the finish would move the trial after the fact (an event from
+                        # before it, delivered late, is only out of order)
+                        found.append(
+                            (
+                                ev_id,
+                                f"payload.{key}",
+                                value,
+                                "trial_conflict",
+                                f"{where} finished (event {finished[1]}) without "
+                                + (
+                                    "a study: it is filed under its run's study"
+                                    if key == "study"
+                                    else "this spectral_norm_coeff"
+                                )
+                                + "; a finished trial keeps what it was logged with; log "
+                                "another setting as a new trial",
+                            )
+                        )
                 elif fresh and _difference(stated[key][0], value) is not None:
                     # (the comparison of an id's resend: 2 and 2.0 agree, True and 1 do not)
                     before, by = stated[key]
@@ -682,10 +712,13 @@ def _trial_conflicts(
                             "a new trial",
                         )
                     )
+            parameters = p.get("parameters")
+            if isinstance(parameters, Mapping) and params_coeff is None:
+                params_coeff = parameters.get("spectral_norm_coeff")
             if name in _TERMINAL_TRIAL_EVENTS:
                 status = p.get("status", "completed") if name == "ml.trial.complete" else "failed"
                 if finished is None:
-                    finished = (status, ev_id)
+                    finished = (status, ev_id, _ts(body))
                 elif fresh and status != finished[0]:
                     found.append(
                         (
