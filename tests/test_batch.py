@@ -171,6 +171,8 @@ def test_a_study_notebooks_choices_are_checked_with_the_config_and_overrides(
         ("search_space = { depth = [1, 200] }", "depth: 200: ModelConfig.depth must be between"),
         ('search_space = { depth = [1, "x"] }', "search_space.depth: 'x': ModelConfig.depth"),
         ('conv_sn_modes = ["bogus"]', "parameters.conv_sn_modes: must be a list of 'operator'"),
+        # an MLP's trials would be logged with a mode they never used, kept with the study
+        ('conv_sn_modes = ["operator"]', "parameters.conv_sn_modes: only for a CNN study"),
         ('seeds = ["a"]', "parameters.seeds: must be distinct integers"),
         ("seeds = [0, 0]", "parameters.seeds: must be distinct integers"),
         # torch.manual_seed refuses it: every trial would fail in its worker
@@ -299,6 +301,36 @@ def test_a_trial_budget_that_is_not_a_number_is_refused_before_anything_runs(
     with pytest.raises(ConfigError, match=f"{where}: must be a whole number"):
         cfg = load_study_config(write_config(tmp_path, text))
         run_batch(cfg, lab=tmp_path / "lab", overrides=overrides, progress=False)
+    assert not (tmp_path / "lab").exists()  # refused before the lab was laid out
+
+
+@pytest.mark.parametrize(
+    ("source", "value", "problem"),
+    [
+        ("config", "5", "url must be a str"),
+        ("config", '"notaurl"', "it needs http:// or https:// and a host"),
+        ("override", "notaurl", "it needs http:// or https:// and a host"),
+        ("override", "http://h:8765/?x=1", "must not hold a query"),
+    ],
+)
+def test_a_bad_gateway_url_is_refused_naming_where_it_was_set(
+    tmp_path: Path, source: str, value: str, problem: str
+) -> None:
+    make_notebook(tmp_path / "nb.ipynb", "raise RuntimeError('must not run')", "\ngateway = None")
+    text = '[study]\nname = "o"\nnotebook = "nb.ipynb"\n'
+    overrides = {}
+    if source == "config":
+        text += f"[parameters]\ngateway = {value}\n"
+    else:
+        overrides = {"gateway": value}
+    cfg_path = write_config(tmp_path, text)
+    where = (
+        "-p gateway (or --gateway)" if source == "override" else f"{cfg_path}: parameters.gateway"
+    )
+    with pytest.raises(ConfigError) as info:
+        run_batch(load_study_config(cfg_path), lab=tmp_path / "lab", overrides=overrides)
+    assert str(info.value).startswith(f"{where}: bad gateway URL ")
+    assert problem in str(info.value)
     assert not (tmp_path / "lab").exists()  # refused before the lab was laid out
 
 

@@ -1073,8 +1073,18 @@ def run_batch(
         _check_study_values("-p ", params)
     total = _n_trials(config, params, declared, overrides or {})
     gateway = params.get("gateway") or None
-    if gateway is not None and not isinstance(gateway, str):
-        raise ConfigError(f"gateway = {gateway!r}: expected a URL such as http://127.0.0.1:8765")
+    if gateway is not None:  # before any worker, named where it was set
+        from thunderline_lab.gateway import _check_url
+
+        try:
+            _check_url(gateway)
+        except GatewayError as exc:
+            where = (
+                "-p gateway (or --gateway)"
+                if "gateway" in (overrides or {})
+                else f"{config.path}: parameters.gateway"
+            )
+            raise ConfigError(f"{where}: {exc}") from None
     _check_study_settings(config, lab_obj, params, declared, overrides or {})
     status = _Status(lab_obj, config.name, gateway)
     if on_start is not None:

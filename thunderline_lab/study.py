@@ -2048,8 +2048,16 @@ def _check_seeds(seeds: Any) -> tuple[int, ...]:
     return out
 
 
-def _with_conv_sn_modes(space: SearchSpace, modes: Sequence[str] | None) -> SearchSpace:
-    """``space`` with ``conv_sn_mode`` chosen among ``modes`` (a CNN study's SN modes)."""
+def _with_conv_sn_modes(
+    space: SearchSpace, modes: Sequence[str] | None, architecture: str
+) -> SearchSpace:
+    """``space`` with ``conv_sn_mode`` chosen among ``modes`` (a CNN study's SN modes).
+
+    Raises:
+        ConfigError: ``modes`` given for another architecture than ``cnn`` (an MLP's
+            trials would be logged with a mode they never used, kept with the study), or
+            not a list of known modes.
+    """
     if modes is None:
         return space
     from thunderline_lab.models import CONV_SN_MODES
@@ -2058,6 +2066,11 @@ def _with_conv_sn_modes(space: SearchSpace, modes: Sequence[str] | None) -> Sear
     if not items or any(m not in CONV_SN_MODES for m in items):
         raise ConfigError(
             f"conv_sn_modes: must be a list of {', '.join(map(repr, CONV_SN_MODES))}, got {modes!r}"
+        )
+    if architecture != "cnn":
+        raise ConfigError(
+            f"conv_sn_modes: only for a CNN study (the SN mode of its convolutions); this "
+            f"study's architecture is {architecture!r}: leave conv_sn_modes None (got {modes!r})"
         )
     return SearchSpace.from_dict({**space.to_dict(), "conv_sn_mode": {"choices": items}})
 
@@ -2073,7 +2086,7 @@ def check_study_parameters(params: Mapping[str, Any]) -> None:
     architecture = params.get("architecture", "mlp")
     if "search_space" in params or "conv_sn_modes" in params:
         space = SearchSpace.from_dict(params.get("search_space") or None)
-        space = _with_conv_sn_modes(space, params.get("conv_sn_modes"))
+        space = _with_conv_sn_modes(space, params.get("conv_sn_modes"), architecture)
         space.check(architecture if architecture in ("mlp", "cnn") else "mlp")
     if "seeds" in params:
         _check_seeds(params["seeds"])
@@ -2273,7 +2286,7 @@ def run_study(
         raise ConfigError(
             f"unknown dataset {dataset!r}; available: {', '.join(available_datasets())}"
         )
-    space = _with_conv_sn_modes(space, conv_sn_modes)
+    space = _with_conv_sn_modes(space, conv_sn_modes, architecture)
     space.check(architecture)
     seeds_t = _check_design(name, design, seeds, n_trials, epochs, space)
     the_lab = lab if isinstance(lab, Lab) else Lab.resolve(lab)
@@ -2549,7 +2562,7 @@ def study_settings(
         if isinstance(search_space, SearchSpace)
         else SearchSpace.from_dict(search_space or None)
     )
-    space = _with_conv_sn_modes(space, conv_sn_modes)
+    space = _with_conv_sn_modes(space, conv_sn_modes, architecture)
     return _study_attrs(dataset, architecture, design, _check_seeds(seeds), space, epochs)
 
 
