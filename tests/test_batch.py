@@ -520,6 +520,25 @@ def test_the_eta_is_paced_from_the_first_finished_trial_not_the_start_up(
     assert out.getvalue().splitlines()[-1].endswith("| elapsed 12s | ETA 44s")
 
 
+def test_the_eta_pace_starts_at_the_first_finish_even_when_that_update_is_not_printed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Piped output prints a line at most every every_s: the first finish fell in a quiet
+    update, the pace started at the next printed line, and 12-trial runs read "ETA -" to
+    the end."""
+    clock = [100.0]
+    monkeypatch.setattr("thunderline_lab.batch.time.monotonic", lambda: clock[0])
+    out = io.StringIO()  # not a terminal
+    bar = Progress(total=10, stream=out, every_s=10.0)
+    bar.update({"running": 1}, None)  # printed: the first line
+    clock[0] = 106.0
+    bar.update({"completed": 1}, 0.9)  # the first finish, 6 s after the last line: quiet
+    assert len(out.getvalue().splitlines()) == 1
+    clock[0] = 116.0  # 10 s later, the second finish: 8 left at 10 s each
+    bar.update({"completed": 2}, 0.9)
+    assert out.getvalue().splitlines()[-1].endswith("| elapsed 16s | ETA 80s")
+
+
 def test_resumed_progress_and_result_count_this_runs_trials_apart() -> None:
     out = io.StringIO()
     bar = Progress(total=4, stream=out, every_s=0.0, done_before=3)

@@ -476,6 +476,8 @@ class Progress:
     def update(self, counts: Mapping[str, int], best: float | None, *, final: bool = False) -> None:
         done = _done(counts)
         now = time.monotonic()
+        if self._first is None and done > self.done_before:  # (a line printed or not)
+            self._first = (now, done)
         tty = self.stream.isatty()
         if (
             not final
@@ -484,8 +486,6 @@ class Progress:
         ):
             return
         elapsed = now - self._start
-        if self._first is None and done > self.done_before:
-            self._first = (now, done)
         rate = 0.0  # no pace yet: until a second trial of this run finishes
         if self._first is not None and done > self._first[1] and now > self._first[0]:
             rate = (done - self._first[1]) / (now - self._first[0])
