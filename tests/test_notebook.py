@@ -477,6 +477,24 @@ def test_trials_table_puts_trials_without_a_score_last_and_top_none_keeps_all(
     assert failed.any() and failed.tolist()[-int(failed.sum()) :] == [True] * int(failed.sum())
 
 
+def test_trials_table_ranks_a_pruned_trial_by_its_best_epoch(tmp_path: Path) -> None:
+    """A pruned trial reports only best_val_accuracy: it was shown without a score, last."""
+    lab = Lab.resolve(tmp_path / "lab")
+    ids = {"model_run_id": "run", "study": "run", "spectral_norm": False}
+    with lab.store() as store:
+        store.append(
+            [
+                events.trial_complete(**ids, trial_id="low", metrics={"val_accuracy": 0.4}),
+                events.trial_complete(
+                    **ids, trial_id="cut", status="pruned", metrics={"best_val_accuracy": 0.51}
+                ),
+            ]
+        )
+        table = trials_table(store, "run")
+    assert table["trial_id"].tolist() == ["cut", "low"]
+    assert table["metrics.val_accuracy"].tolist() == [0.51, 0.4]
+
+
 def test_trials_table_of_a_study_with_no_completed_trial_is_by_trial_id(tmp_path: Path) -> None:
     lab = Lab.resolve(tmp_path / "lab")
     with lab.store() as store:

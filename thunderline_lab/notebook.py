@@ -462,6 +462,12 @@ def trials_table(store: TrialStore, study: str | int, top: int | None = 20) -> p
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise ConfigError(f"top: expected a number of rows >= 1 (or None: all), got {top!r}")
     trials = store.trials(study=study, expand=True)
+    if "metrics.best_val_accuracy" in trials:
+        # a pruned trial reports only best_val_accuracy: its best epoch's value, which a
+        # completed trial's val_accuracy is too (its best epoch's weights are restored)
+        best = trials["metrics.best_val_accuracy"]
+        own = trials.get("metrics.val_accuracy")
+        trials["metrics.val_accuracy"] = best if own is None else own.fillna(best)
     columns = [c for c in TRIAL_TABLE_COLUMNS if c in trials]
     if "metrics.val_accuracy" in trials:  # (no completed trial: none has the metric)
         trials = trials.sort_values("metrics.val_accuracy", ascending=False, kind="stable")
