@@ -497,3 +497,42 @@ def test_a_parameter_missing_its_value_before_an_option_is_named(
     # a value that only starts with '-' is a value: here one the study refuses
     result = runner.invoke(main, ["run", smoke, "-p", "epochs", "-1", "--lab", str(lab)])
     assert result.exit_code == 1 and "error: -p epochs" in result.output, result.output
+
+
+def test_a_parameter_given_twice_is_refused(runner: CliRunner, tmp_path: Path) -> None:
+    """`-p epochs 2 -p epochs 1` ran with epochs 1 and no word: the last one won."""
+    lab = tmp_path / "lab"
+    smoke = str(ROOT / "studies" / "smoke.toml")
+    for args in (
+        ["-p", "epochs", "2", "-p", "epochs", "1"],
+        ["-p", "epochs=2", "-p", "epochs", "1"],
+    ):
+        result = runner.invoke(main, ["run", smoke, "--lab", str(lab), *args])
+        assert result.exit_code == 2, result.output
+        assert "Error: -p epochs given twice (2 and 1): give it once" in result.output
+    assert not lab.exists()
+
+
+def test_the_trials_table_shows_a_pruned_trials_best_epoch_value(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    """A pruned trial reports best_val_accuracy only: the table left val_accuracy blank,
+    though compare and the monitor use that value."""
+    lab = tmp_path / "lab"
+    ids = {"model_run_id": "s", "spectral_norm": False}
+    with TrialStore(lab / "lab.db") as store:
+        store.append(
+            [
+                E.trial_complete(**ids, trial_id="done", metrics={"val_accuracy": 0.9}),
+                E.trial_complete(
+                    **ids,
+                    trial_id="cut",
+                    status="pruned",
+                    metrics={"best_val_accuracy": 0.5111, "best_val_loss": 1.25},
+                ),
+            ]
+        )
+    out = runner.invoke(main, ["trials", "--lab", str(lab)])
+    assert out.exit_code == 0, out.output
+    cut = next(line for line in out.output.splitlines() if " cut " in line)
+    assert "0.5111" in cut and "1.2500" in cut

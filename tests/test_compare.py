@@ -1382,7 +1382,7 @@ def test_searched_coefficient_is_grouped_in_terciles() -> None:
     store.append(evs)
     res = compare_study(store, STUDY, metrics=["acc"], details=False)
     assert len(res.by_coeff) == 3 and list(res.by_coeff["n_pairs"]) == [3, 3, 3]
-    assert res.by_coeff["coeff_range"].iloc[0].startswith("0.5–")
+    assert res.by_coeff["coeff_range"].iloc[0].startswith("[0.5, ")
     assert list(res.by_coeff["diff"]) == pytest.approx([0.01, 0.04, 0.07])
 
 
@@ -3271,3 +3271,257 @@ def test_welch_and_the_t_quantiles_agree_with_scipy_stats() -> None:
     assert np.array_equal(cmp._t_crit(n, 0.9), stats.t.ppf(0.95, np.maximum(n - 1, 1)))
     for q in (0.5, 0.8, 0.95, 0.975, 0.995, 1e-12):
         assert cmp._normal_quantile(q) == pytest.approx(stats.norm.ppf(q), rel=1e-14, abs=1e-300)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the report and figures say about themselves (audit findings)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layer_sigma_title_states_the_band_rule_not_a_sample_size() -> None:
+    # the bars average 3 trials each, but the title read "CI from 3 trials" whatever n was
+    res = compare_study(_curve_store(4, 0.2), STUDY, metrics=["acc"])
+    assert set(res.layer_sigma["n"]) == {4}
+    title = cmp.fig_layer_sigma(res).axes[0].get_title()
+    assert "95% CI where n ≥ 3" in title and "from 3 trials" not in title
+
+
+def test_the_statuses_compared_are_stated_in_the_report(
+    synthetic_store: TrialStore, tmp_path: Path
+) -> None:
+    res = compare_study(synthetic_store, STUDY, statuses="completed,pruned", n_boot=200)
+    assert res.statuses == ("completed", "pruned")
+    text = write_report(res, tmp_path / "r").read_text()
+    header = next(ln for ln in text.splitlines() if ln.startswith("Design:"))
+    assert "trials: **completed, pruned**" in header
+    assert "trials: completed, pruned" in res.to_html(figures=False)
+    assert any(n.startswith("trials of status completed, pruned compared") for n in res.notes)
+    default = compare_study(synthetic_store, STUDY, details=False, n_boot=200)
+    assert default.statuses == ("completed",)
+    text = write_report(default, tmp_path / "d").read_text()
+    assert "trials: **completed**" in text
+    assert not any(n.startswith("trials of status") for n in default.notes)
+
+
+def _cli_lab(tmp_path: Path, evs: Sequence[Any] | None = None) -> list[str]:
+    lab = Lab(tmp_path / "lab")
+    with lab.store() as store:
+        store.append(
+            list(evs) if evs is not None else synthetic_study(STUDY, n_pairs=6, epochs=3, pruned=1)
+        )
+    return ["compare", "--lab", str(lab.root), "--study", STUDY, "--out", str(tmp_path / "r")]
+
+
+def test_cli_compare_takes_statuses_and_confidence(tmp_path: Path) -> None:
+    args = _cli_lab(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(
+        main, [*args, "--statuses", "completed,pruned", "--confidence", "0.9", "--n-boot", "200"]
+    )
+    assert result.exit_code == 0, result.output
+    headline = result.output.splitlines()[0]
+    assert "90% bootstrap CI" in headline and "completed, pruned trials" in headline
+    assert "90% CI" in result.output
+    assert "trials: **completed, pruned**" in (tmp_path / "r" / "report.md").read_text()
+    result = runner.invoke(main, [*args, "--n-boot", "200"])
+    assert result.exit_code == 0 and "completed trials" in result.output.splitlines()[0]
+    for option, value, expected in [
+        ("--statuses", "complete", "'complete' is no trial status (did you mean 'completed'?)"),
+        ("--statuses", "completed,,pruned", "'' is no trial status"),
+        ("--statuses", "", "'' is no trial status"),
+        ("--confidence", "1.5", "1.5 is not in the range 0<x<1"),
+        ("--confidence", "0", "0.0 is not in the range 0<x<1"),
+        ("--confidence", "high", "'high' is not a valid float"),
+    ]:
+        result = runner.invoke(main, [*args, option, value])
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '{option}'" in result.output and expected in result.output
+
+
+def test_cli_compare_refuses_an_empty_metric(tmp_path: Path) -> None:
+    # --metric '' (an unset variable in a script) ran the default 8-metric comparison
+    args = _cli_lab(tmp_path)
+    for value in ("", "  "):
+        result = CliRunner().invoke(main, [*args, "--metric", value])
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--metric': is empty" in result.output
+    result = CliRunner().invoke(main, [*args, "--metric", "val_accuracy", "--metric", ""])
+    assert result.exit_code == 2 and "is empty" in result.output
+    result = CliRunner().invoke(main, [*args, "--metric", "val_accuracy,"])
+    assert result.exit_code == 1 and "error: metrics: '' is not a metric name" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def _replicate_store(same: Sequence[str], seeds: int = 2) -> TrialStore:
+    """Paired twins of 3 configurations on ``seeds`` seeds; the configurations in ``same``:
+    SN changed nothing (every metric equal between a seed's twins, wall-clock aside)."""
+    store = TrialStore(":memory:")
+    evs, n = [], 0
+    for g in range(3):
+        group = f"g{g:04d}"
+        for seed in range(seeds):
+            none = {"acc": 0.8 + g / 100 + seed / 50, "loss": 0.5 - seed / 10, "step_time_ms": 3.0}
+            sn = {**none, "step_time_ms": 4.0 + seed}
+            if group not in same:
+                sn["acc"] += 0.01
+            pair = f"{group}_s{seed}"
+            evs += _trial(n, False, none, pair=pair, group=group)
+            evs += _trial(n + 1, True, sn, pair=pair, group=group)
+            n += 2
+    store.append(evs)
+    return store
+
+
+def test_identical_twins_of_a_configuration_run_on_several_seeds_are_pointed_out() -> None:
+    store = _replicate_store(["g0000"])
+    for _ in range(2):  # and the count kept with the arms gives the same note
+        res = compare_study(store, STUDY, metrics=["acc", "loss"], details=False)
+        assert res.headline.loc[0, "n_pairs"] == 3
+        (note,) = [n for n in res.notes if "SN left those trials unchanged" in n]
+        assert note.startswith("1 of 3 pairs report the same value in both arms")
+    # every seed of every configuration unchanged
+    store = _replicate_store(["g0000", "g0001", "g0002"], seeds=3)
+    res = compare_study(store, STUDY, metrics="acc", details=False)
+    assert any(n.startswith("3 of 3 pairs report the same") for n in res.notes), res.notes
+    # seeds that differ from each other but each seed's twin changed: no note
+    res = compare_study(_replicate_store([]), STUDY, metrics=["acc"], details=False)
+    assert not [n for n in res.notes if "unchanged" in n]
+
+
+def test_the_replicates_note_needs_several_trials_of_a_configuration_in_an_arm() -> None:
+    # a paired study on one seed compared unpaired: each group_id holds one SN and one none
+    # trial, nothing is averaged, and no note says n counts configurations
+    store = _replicate_store([], seeds=1)
+    res = compare_study(store, STUDY, paired=False, metrics="acc", details=False)
+    row = res.headline.iloc[0]
+    assert res.design == "unpaired" and (row["n_sn"], row["n_none"]) == (3, 3)
+    assert not any("replicates" in n for n in res.notes), res.notes
+    # on two seeds, each arm's configuration holds two trials: averaged, and said so
+    res = compare_study(_replicate_store([]), STUDY, paired=False, metrics="acc", details=False)
+    row = res.headline.iloc[0]
+    assert (row["n_sn"], row["n_none"]) == (3, 3)
+    assert any("replicates" in n and "3 SN, 3 none" in n for n in res.notes), res.notes
+
+
+def test_difference_and_distribution_figures_name_the_mode_and_the_value_read(
+    synthetic_store: TrialStore,
+) -> None:
+    titles, labels = {}, {}
+    for mode in ("best", "final"):
+        res = compare_study(synthetic_store, STUDY, mode=mode, metrics="val_accuracy")  # type: ignore[arg-type]
+        fig = cmp.fig_differences(res)
+        titles[mode] = fig.get_suptitle()
+        labels[mode] = fig.axes[0].get_xlabel()
+        assert f"{mode} values" in titles[mode]
+        dist = cmp.fig_distributions(res)
+        assert STUDY in dist.get_suptitle() and f"{mode} values" in dist.get_suptitle()
+        # the key read: best_val_accuracy; final: the summary (no final_val_accuracy here)
+        assert dist.axes[0].get_ylabel() == res.sources["val_accuracy"]
+        assert res.sources["val_accuracy"] in labels[mode]
+    assert titles["best"] != titles["final"]
+    assert "best_val_accuracy" in labels["best"] and "best" not in labels["final"]
+
+
+def _early_stop_store(n_per_arm: int = 8) -> TrialStore:
+    """Paired trials whose curves end early: all train 3 epochs, 3 per arm go on to epoch
+    4, and 2 of those to epoch 5 (the late means rest on few trials)."""
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(n_per_arm):
+        length = 6 if i < 2 else 5 if i < 3 else 3
+        for sn in (False, True):
+            curve = [0.2 + 0.1 * s + 0.01 * i + 0.02 * sn for s in range(length)]
+            evs += _trial(2 * i + sn, sn, {"acc": 0.8 + 0.01 * i}, pair=f"p{i}", curve=curve)
+    store.append(evs)
+    return store
+
+
+def test_learning_curves_show_how_few_trials_the_late_epochs_rest_on() -> None:
+    res = compare_study(_early_stop_store(), STUDY, metrics=["acc"])
+    sn = res.curves[(res.curves["name"] == "val_accuracy") & (res.curves["arm"] == "SN")]
+    assert sn["n"].tolist() == [8, 8, 8, 3, 3, 2]
+    fig = cmp.fig_learning_curves(res)
+    ax = next(a for a in fig.axes if a.get_title() == "val_accuracy")
+    lines = [ln for ln in ax.get_lines() if ln.get_color() == cmp.ARM_COLORS["SN"]]
+    drawn = sorted({float(x) for ln in lines for x in ln.get_xdata()})
+    assert drawn == [0, 1, 2, 3, 4]  # epoch 5 (2 trials): no mean drawn
+    dashed = [ln for ln in lines if ln.get_linestyle() == "--"]
+    assert dashed and sorted(float(x) for x in dashed[0].get_xdata()) == [2, 3, 4]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "SN (n 8→2)" in labels  # from the most trials to those of the last epoch
+    caption = " ".join(fig.get_suptitle().split())  # (wrapped to the figure's width)
+    assert "dashed: fewer than half of the arm's trials" in caption
+    assert "no mean nor band where fewer than 3 trials remain" in caption
+    assert "clipped" not in caption
+    # bands clipped to the metric's range are said to be
+    clipped = compare_study(_curve_store(3, 0.45), STUDY, metrics=["acc"])
+    caption = " ".join(cmp.fig_learning_curves(clipped).get_suptitle().split())
+    assert "bands clipped to the metric's range" in caption
+
+
+def test_report_and_cli_say_which_direction_counts_as_better(
+    synthetic_store: TrialStore, tmp_path: Path
+) -> None:
+    res = compare_study(synthetic_store, STUDY, n_boot=200, details=False)
+    text = write_report(res, tmp_path / "r").read_text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("Better:")]
+    assert "higher is better for val_accuracy, test_accuracy" in line
+    assert "lower is better for generalization_gap, test_nll, test_ece" in line
+    assert "lipschitz_upper" in line.split("lower is better", 1)[1]
+    assert "SN bounds lipschitz_upper by construction" in line
+    args = _cli_lab(tmp_path / "cli")
+    result = CliRunner().invoke(main, [*args, "--n-boot", "200"])
+    assert result.exit_code == 0, result.output
+    assert any(ln.startswith("Better: higher is better for") for ln in result.output.splitlines())
+
+
+def test_an_unpaired_difference_figure_says_so() -> None:
+    store = TrialStore(":memory:")
+    store.append([e for i in range(8) for e in _trial(i, i % 2 == 1, {"acc": 0.8 + i / 100})])
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert res.design == "unpaired" and "paired_differences" in res.figures()
+    fig = cmp.fig_differences(res)
+    assert "unpaired: difference of the arm means" in fig.get_suptitle()
+    assert all(p.get_edgecolor()[3] > 0 for p in fig.axes[0].patches)  # bars have edges
+
+
+def test_difference_figure_keeps_zero_inside_and_its_key_off_the_bars() -> None:
+    # two pairs, both below zero: the "no difference" line sat on the axis' right edge
+    res = compare_study(_paired_store([-0.03, -0.01]), STUDY, metrics=["acc"], details=False)
+    fig = cmp.fig_differences(res)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    assert hi >= 0.1 * (hi - lo) and lo < -0.03
+    assert ax.get_legend() is None and len(fig.legends) == 1  # one key, outside the panels
+    assert all(p.get_edgecolor()[3] > 0 for p in ax.patches)
+
+
+def test_coefficient_groups_are_labelled_half_open_with_three_digits() -> None:
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(4):
+        evs += _trial(3 * i, False, {"acc": 0.8}, pair=f"p{i}")
+        evs += _trial(3 * i + 1, True, {"acc": 0.82}, pair=f"p{i}", coeff=0.586854)
+        evs += _trial(3 * i + 2, True, {"acc": 0.78}, pair=f"p{i}", coeff=1.234567)
+    store.append(evs)
+    res = compare_study(store, STUDY, metrics=["acc"], details=False)
+    assert res.by_coeff["coeff_range"].tolist() == ["0.587", "1.23"]
+    store = TrialStore(":memory:")
+    evs = []
+    for i in range(9):
+        evs += _trial(2 * i, False, {"acc": 0.8}, pair=f"p{i}")
+        evs += _trial(2 * i + 1, True, {"acc": 0.81}, pair=f"p{i}", coeff=0.5 + i / 3)
+    store.append(evs)
+    labels = compare_study(store, STUDY, metrics=["acc"], details=False).by_coeff["coeff_range"]
+    assert labels.tolist() == ["[0.5, 1.39)", "[1.39, 2.28)", "[2.28, 3.17]"]
+
+
+def test_p_values_share_one_format() -> None:
+    assert [cmp._p(v) for v in (0.0001, 8.8e-05, 0.00123, 0.5, 1e-20)] == [
+        "1.0e-04",
+        "8.8e-05",
+        "0.001",
+        "0.500",
+        "<1e-16",
+    ]

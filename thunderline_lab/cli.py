@@ -284,7 +284,11 @@ def _trials_table(df: Any) -> str:
         ["study", "trial_id", "status", "spectral_norm", "spectral_norm_coeff", "duration_ms"]
     ].copy()
     for metric in ("val_accuracy", "test_accuracy", "val_loss"):
-        values = df["metrics"].map(lambda m, k=metric: m.get(k))
+        # a pruned trial reports only best_<metric>: the value at its best epoch, which is
+        # what a completed trial's <metric> is too (its best epoch's weights are restored)
+        values = df["metrics"].map(
+            lambda m, k=metric: m.get(k) if m.get(k) is not None else m.get(f"best_{k}")
+        )
         if values.notna().any():
             # (a trial without the metric: NaN once pandas holds the column, shown blank as
             # a missing duration is, not as "nan")
@@ -408,6 +412,13 @@ def run(
 
     config = load_study_config(study_toml)
     lab = Lab.resolve(lab_dir)
+    given: dict[str, str] = {}
+    for name, value in overrides:  # a repeated -p is a slip, not "the last one wins"
+        if name in given:
+            raise click.UsageError(
+                f"-p {name} given twice ({given[name]} and {value}): give it once"
+            )
+        given[name] = value
     params = dict(parse_override(name, value) for name, value in overrides)
     if gateway is not None:
         if params.get("gateway", gateway) != gateway:
@@ -677,6 +688,19 @@ def dashboard(
     show_default=True,
     help="Bootstrap resamples.",
 )
+@click.option(
+    "--confidence",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.95,
+    show_default=True,
+    help="Level of the CIs, the bands and the verdict (favours needs p_holm < 1 - confidence).",
+)
+@click.option(
+    "--statuses",
+    default="completed",
+    show_default=True,
+    help="Trial statuses compared (comma-separated: completed, pruned, failed, ...).",
+)
 @gateway_option
 @_clean_errors
 def compare_cmd(
@@ -687,16 +711,30 @@ def compare_cmd(
     mode: str,
     seed: int,
     n_boot: int,
+    confidence: float,
+    statuses: str,
     gateway: str | None,
 ) -> None:
     """SN vs none for a study: paired differences, bootstrap CIs, tests; report.md + PNGs."""
     from thunderline_lab.compare import (
+        _direction_note,
+        _status_list,
         compare_study,
         format_headline,
         report_folder,
         write_report,
     )
 
+    # refused before the store is opened: --metric '' (an unset variable in a script) ran
+    # the default set of metrics
+    if any(not m.strip() for m in metrics):
+        raise click.BadParameter("is empty", param_hint="'--metric'")
+    try:
+        status_list = _status_list(statuses)
+    except StudyError as exc:
+        raise click.BadParameter(
+            str(exc).removeprefix("statuses: "), param_hint="'--statuses'"
+        ) from None
     lab, store = _study_store(lab_dir, gateway)
     with store:
         try:
@@ -708,6 +746,8 @@ def compare_cmd(
                 mode=mode,  # type: ignore[arg-type]
                 seed=seed,
                 n_boot=n_boot,
+                confidence=confidence,
+                statuses=status_list,
             )
         except StudyError as exc:
             if gateway or not (hint := _gateway_hint(lab)) or study in store.studies():
@@ -718,9 +758,10 @@ def compare_cmd(
     report = write_report(result, folder, mlflow_links=links)
     click.echo(
         f"{study}: SN − none ({result.design} design, {mode} values, "
-        f"{result.confidence * 100:.4g}% bootstrap CI)"
+        f"{result.confidence * 100:.4g}% bootstrap CI, {', '.join(result.statuses)} trials)"
     )
     click.echo(result.format_table())
+    click.echo(_direction_note(result.headline))
     for title, table in (
         ("By SN coefficient", result.by_coeff),
         ("By conv SN mode", result.by_mode),

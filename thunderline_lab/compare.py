@@ -1178,6 +1178,32 @@ def _holm_note(table: pd.DataFrame) -> str:
     )
 
 
+# what SN bounds by construction: a verdict for SN on these is the constraint at work
+_BOUNDED_BY_SN = re.compile(r"(lipschitz_upper|sigma)", re.IGNORECASE)
+
+
+def _direction_note(table: pd.DataFrame) -> str:
+    """One line saying which direction of each metric of ``table`` counts as better (what
+    ``favours`` is read by: :func:`higher_is_better`), and which metrics SN bounds by
+    construction (the Lipschitz upper bound, σ), where favouring SN is no better model."""
+    metrics = list(dict.fromkeys(str(m) for m in table["metric"])) if "metric" in table else []
+    if not metrics:
+        return "Better: no metric compared."
+    higher = [m for m in metrics if higher_is_better(m)]
+    lower = [m for m in metrics if not higher_is_better(m)]
+    parts = [f"higher is better for {', '.join(higher)}"] if higher else []
+    if lower:
+        parts.append(f"lower is better for {', '.join(lower)}")
+    text = f"Better: {'; '.join(parts)} (favours names the arm better in that direction)."
+    bounded = [m for m in metrics if _BOUNDED_BY_SN.search(m)]
+    if bounded:
+        text += (
+            f" SN bounds {', '.join(bounded)} by construction (each layer's σ is held to its "
+            "coefficient): favouring SN there shows the constraint at work, not a better model."
+        )
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # Columnar, incrementally refreshed view of a study's trials
 # ---------------------------------------------------------------------------------------------
@@ -3029,6 +3055,8 @@ class ComparisonResult:
         design: ``paired`` (twins sharing a ``pair_id``: Wilcoxon signed-rank on the
             differences), ``unpaired`` (Welch's t-test), or ``one arm`` (only SN or only
             none trials: no test, nothing to compare with).
+        statuses: the trial statuses compared (``("completed",)`` by default); the report's
+            header names them.
     """
 
     study: str
@@ -3049,6 +3077,7 @@ class ComparisonResult:
     notes: list[str]
     accuracy_metric: str | None = None
     by_mode: pd.DataFrame = field(default_factory=pd.DataFrame)
+    statuses: tuple[str, ...] = ("completed",)
 
     @property
     def test_name(self) -> str:
@@ -3096,12 +3125,14 @@ class ComparisonResult:
 
         parts = [
             f'<div class="tl-comparison"><h4>{_html(self.study)}: SN − none</h4>'
-            f"<p>{self.design} design · {self.mode} values ({_html(_MODE_TEXT[self.mode])}) · "
+            f"<p>{self.design} design · trials: {_html(', '.join(self.statuses))} · "
+            f"{self.mode} values ({_html(_MODE_TEXT[self.mode])}) · "
             f"{_ci_text(self._ci_tables(), self.confidence, self.seed)} · "
             + _html(self.test_name)
             + "</p>",
             _headline_display(self.headline, self.confidence).to_html(index=False, escape=True),
             f"<p>{_html(_holm_note(self.headline))}</p>",
+            f"<p>{_html(_direction_note(self.headline))}</p>",
         ]
         if not self.by_coeff.empty:
             shown = _headline_display(self.by_coeff, self.confidence)
@@ -3450,6 +3481,15 @@ def _compare(
         sigma_keys = sorted(k for k in frame.keys if k.startswith("sigma/"))
         _ensure_columns(store, study, frame, sigma_keys)
     notes: list[str] = []
+    if tuple(statuses) != ("completed",):  # the header says so too; a mean moved by it
+        notes.append(
+            f"trials of status {', '.join(statuses)} compared, not only completed ones"
+            + (
+                ": a pruned trial's values are those it reached when it was stopped early"
+                if "pruned" in statuses
+                else ""
+            )
+        )
     counts = _counts(frame)
     arms = _arms(frame, statuses, seeds=lambda: _seed_codes(store, study, frame))
     is_sn, is_none = arms.is_sn, arms.is_none
@@ -3494,6 +3534,9 @@ def _compare(
         )
 
     groups = None if design_paired or one_arm else _group_codes(store, study, frame)
+    if groups is not None and not _has_replicates(groups, is_sn, is_none):
+        # a paired study's twins share their group_id: one trial per arm is no replicate
+        groups = None
     if groups is not None:
         n_cfg = [len(np.unique(groups[arm & (groups >= 0)])) for arm in (is_sn, is_none)]
         notes.append(
@@ -3697,6 +3740,7 @@ def _compare(
         sources=sources,
         notes=notes,
         accuracy_metric=accuracy_metric,
+        statuses=tuple(statuses),
     )
 
 
@@ -3905,7 +3949,8 @@ def _identical_twins(
 ) -> int:
     """How many complete pairs are identical twins: every trial of the pair reports the
     same summary metrics with the same values (wall-clock times aside), so SN changed
-    nothing in them.
+    nothing in them. A pair that is a configuration run on several seeds (its
+    ``group_id``) is one when each seed's twins are (seeds differ from each other by design).
 
     The metrics compared are only a first filter: the ones named (``n_params``, ``lr``)
     may be equal between twins by design while the others differ. Only the pairs equal in
@@ -3936,6 +3981,9 @@ def _identical_twins(
     if not len(member):
         arms.twins[key] = n
         return n
+    # with replicates, each seed's twins (their pair_id) are compared, not every trial of
+    # the configuration with the first one
+    seeds = None if arms.pair_rows is not None else _seed_codes(store, study, frame)[member]
     runs, trials = frame.run[member].tolist(), frame.values("trial", member).tolist()
     subset = list(zip(runs, trials, strict=True))
     by_trial = {
@@ -3946,9 +3994,9 @@ def _identical_twins(
     }
     keys: set[str] = set()  # every key met so far
     wall: list[str] = []  # those that are wall-clock measurements (one regex per key)
-    seen: dict[int, dict[str, Any]] = {}  # pair code -> the metrics of its first trial
+    seen: dict[tuple[int, int], dict[str, Any]] = {}  # (pair, seed) -> its first trial's
     differ: set[int] = set()
-    for i, ids in zip(member.tolist(), subset, strict=True):
+    for at, (i, ids) in enumerate(zip(member.tolist(), subset, strict=True)):
         code = int(codes[i])
         if code in differ:
             continue
@@ -3969,7 +4017,7 @@ def _identical_twins(
             wall += [k for k in new if _WALL_CLOCK.search(str(k))]
         for k in wall:
             obj.pop(k, None)
-        if seen.setdefault(code, obj) != obj:
+        if seen.setdefault((code, -1 if seeds is None else int(seeds[at])), obj) != obj:
             differ.add(code)
     # remembered per pair id, with the frame (and its snapshot: saved with the next save)
     for i, pid in zip(member.tolist(), frame.values("pair", member).tolist(), strict=True):
@@ -4550,17 +4598,32 @@ def _coeff_subsets(frame: _Frame, is_sn: np.ndarray) -> list[tuple[dict[str, Any
     n_known = int(np.count_nonzero(known))
     if len(coeffs) <= _MAX_COEFF_LEVELS and n_known >= 2 * len(coeffs):
         # a few fixed coefficients, each tried more than once: one row each
-        groups = [(float(c), f"{c:g}", is_sn & (frame.coeff == c)) for c in coeffs]
+        text = _coeff_texts(coeffs)
+        groups = [(float(c), text[c], is_sn & (frame.coeff == c)) for c in coeffs]
     elif n_known < 6:  # a few trials of a searched coefficient: one trial per row says nothing
         return []
     else:  # a searched (continuous) coefficient: terciles, not one trial per row
         edges = np.quantile(frame.coeff[known], [0.0, 1 / 3, 2 / 3, 1.0])
+        text = _coeff_texts(edges)
         for k, (lo, hi) in enumerate(itertools.pairwise(edges)):
-            upper = frame.coeff <= hi if k == len(edges) - 2 else frame.coeff < hi
+            last = k == len(edges) - 2
+            upper = frame.coeff <= hi if last else frame.coeff < hi
             arm = known & (frame.coeff >= lo) & upper
-            if arm.any():
-                groups.append((float(np.median(frame.coeff[arm])), f"{lo:.3g}–{hi:.3g}", arm))
+            if arm.any():  # half-open, the last closed: which group an edge belongs to
+                label = f"[{text[lo]}, {text[hi]}{']' if last else ')'}"
+                groups.append((float(np.median(frame.coeff[arm])), label, arm))
     return [({"coeff": c, "coeff_range": label}, arm) for c, label, arm in groups]
+
+
+def _coeff_texts(values: Iterable[float]) -> dict[float, str]:
+    """Each value as text to 3 significant digits (as the trials table shows them), or
+    as many more as tell distinct values apart (0.5001 and 0.5002 are not both 0.5)."""
+    distinct = sorted({float(v) for v in values})
+    for digits in range(3, 18):
+        text = {v: f"{v:.{digits}g}" for v in distinct}
+        if len(set(text.values())) == len(distinct):
+            return text
+    return {v: repr(v) for v in distinct}
 
 
 def _subset_rows(
@@ -4857,9 +4920,11 @@ def _num(v: Any, digits: int = 4) -> str:
 
 
 def _p(v: Any) -> str:
+    """A p-value as text: 3 decimals, below 0.001 two significant digits in scientific
+    notation (``8.8e-05``, ``1.0e-04``: never ``0.0001`` beside ``8.8e-05``)."""
     if v is None or v != v:
         return "n/a"
-    return "<1e-16" if v < 1e-16 else (f"{v:.2g}" if v < 0.001 else f"{v:.3f}")
+    return "<1e-16" if v < 1e-16 else (f"{v:.1e}" if v < 0.001 else f"{v:.3f}")
 
 
 def _percent(confidence: float) -> str:
@@ -4982,7 +5047,9 @@ def _grid(n: int, cols: int = 3) -> tuple[int, int]:
 def _hist(ax: Any, values: np.ndarray, **style: Any) -> None:
     """A histogram of ``values``; values equal up to float noise (two pairs' differences
     of 0.0111 and 0.0111000000001) are one bar, where equal-width bins cannot be made. The
-    bar is 2% of the value wide (±0.01 around zero: no ×1e-14 axis for all-zero values)."""
+    bar is 2% of the value wide (±0.01 around zero: no ×1e-14 axis for all-zero values).
+    Bars are outlined, so adjacent ones (and two arms' overlapping ones) stay apart."""
+    style = {"edgecolor": "#333", "linewidth": 0.6, **style}
     lo, hi = float(np.min(values)), float(np.max(values))
     scale = max(abs(lo), abs(hi))
     if hi - lo <= max(scale * 1e-9, 1e-12):
@@ -5038,13 +5105,57 @@ def _few_ticks() -> Any:
     return MaxNLocator(nbins=5)
 
 
+def _trials_text(res: ComparisonResult) -> str:
+    """The statuses compared, for a figure's title: ``completed trials``."""
+    return f"{', '.join(res.statuses)} trials"
+
+
+def _value_text(res: ComparisonResult, metric: str) -> str:
+    """The key a metric's values were read from (``best_val_accuracy``), for an axis."""
+    return _plain(res.sources.get(metric, metric))
+
+
+def _figure_legend(fig: Any, axes: Sequence[Any], height: float) -> float:
+    """One key for every panel, below them (a key inside a panel covered its bars): the
+    distinct labels of ``axes``' artists; returns the fraction of the figure's height
+    (``height`` inches) it takes, for ``tight_layout``'s ``rect``."""
+    found: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            found.setdefault(label, handle)
+    if not found:
+        return 0.0
+    fig.legend(
+        list(found.values()),
+        list(found),
+        loc="lower center",
+        ncol=len(found),
+        fontsize=7,
+        frameon=False,
+    )
+    return min(0.3, 0.35 / height)
+
+
+def _zero_inside(ax: Any) -> None:
+    """Widen the x axis so that 0 (the "no difference" line) sits inside it, a tenth of
+    the span from the edge at least, not on the frame (two pairs of one sign put it there)."""
+    lo, hi = ax.get_xlim()
+    pad = 0.125 * (max(hi, 0.0) - min(lo, 0.0))
+    if pad > 0 and math.isfinite(pad):
+        ax.set_xlim(min(lo, -pad), max(hi, pad))
+
+
 def fig_differences(res: ComparisonResult) -> Any:
-    """Per metric: the paired differences (or both arms) with the mean and its CI."""
+    """Per metric: the paired differences (or both arms) with the mean and its CI.
+
+    The figure's file keeps its name (``paired_differences.png``) in an unpaired study; its
+    title then says it shows each arm's values and the difference of the arm means."""
     metrics = res.headline["metric"].tolist()
     if not metrics:
         return None
     rows, cols = _grid(len(metrics))
-    fig = _new_figure(4.2 * cols, 2.8 * rows)
+    height = 2.8 * rows + 0.35
+    fig = _new_figure(4.2 * cols, height)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     several = int(res.headline["p_value"].notna().sum()) > 1  # p_holm differs from p
     for ax, rec in zip(axes, res.headline.itertuples(), strict=False):
@@ -5067,9 +5178,8 @@ def fig_differences(res: ComparisonResult) -> Any:
                 ax.axvspan(rec.ci_low, rec.ci_high, color="#ff7f0e", alpha=0.25, label=ci)
             if rec.diff == rec.diff:
                 ax.axvline(rec.diff, color="#ff7f0e", lw=2, label="mean difference")
-            if ax is axes[0]:  # one key for every panel
-                ax.legend(fontsize=6, loc="best")
-            ax.set_xlabel("SN − none (per pair)", fontsize=8)
+            _zero_inside(ax)
+            ax.set_xlabel(f"SN − none per pair ({_value_text(res, rec.metric)})", fontsize=8)
             ax.set_ylabel("pairs", fontsize=8)
         else:
             drawn = False
@@ -5086,19 +5196,26 @@ def fig_differences(res: ComparisonResult) -> Any:
             if not drawn:
                 _no_data(ax, "no values")
                 continue
-            ax.legend(fontsize=7)
-            ax.set_xlabel("value by arm", fontsize=8)
+            ax.set_xlabel(f"{_value_text(res, rec.metric)} by arm", fontsize=8)
             ax.set_ylabel("trials", fontsize=8)
         ax.yaxis.set_major_locator(_integer_ticks())  # counts
         ax.xaxis.set_major_locator(_few_ticks())  # readable labels on a 4-inch axis
         ax.tick_params(labelsize=7)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
+    what = (
+        "SN − none, unpaired: difference of the arm means"
+        if res.design == "unpaired"
+        else f"SN − none ({res.design}"
+    )
+    details = f"{res.mode} values, {_trials_text(res)}, {_percent(res.confidence)} CI"
     fig.suptitle(
-        f"{_plain(res.study)}: SN − none ({res.design}, {_percent(res.confidence)} CI)",
+        f"{_plain(res.study)}: {what}"
+        + (f" ({details})" if res.design == "unpaired" else f", {details})"),
         fontsize=10,
     )
-    fig.tight_layout()
+    bottom = _figure_legend(fig, axes[: len(metrics)], height)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fig
 
 
@@ -5108,12 +5225,13 @@ def fig_distributions(res: ComparisonResult, max_points: int = 2000) -> Any:
     if not metrics:
         return None
     rows, cols = _grid(len(metrics), 4)
-    fig = _new_figure(3.0 * cols, 2.8 * rows)
+    fig = _new_figure(3.0 * cols, 2.8 * rows + 0.3)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     rng = np.random.default_rng(res.seed)
     for ax, metric in zip(axes, metrics, strict=False):
         data = [_finite(res.trials.loc[res.trials["arm"] == arm, metric]) for arm in ("SN", "none")]
         ax.set_title(_plain(metric), fontsize=9)
+        ax.set_ylabel(_value_text(res, metric), fontsize=8)
         if not _drawable(ax, *data):
             continue
         if any(len(d) for d in data):
@@ -5133,44 +5251,103 @@ def fig_distributions(res: ComparisonResult, max_points: int = 2000) -> Any:
         ax.tick_params(labelsize=7)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
+    fig.suptitle(
+        f"{_plain(res.study)}: values by arm ({res.mode} values, {_trials_text(res)}; box: "
+        "quartiles and 1.5 IQR whiskers, dots: trials)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
 
+def _masked_run(steps: np.ndarray, values: np.ndarray, mask: np.ndarray) -> tuple[Any, Any]:
+    """``steps`` and ``values`` from the first to the last point of ``mask``, NaN where it
+    is False (a gap in the line, not a segment drawn across it)."""
+    at = np.flatnonzero(mask)
+    if not len(at):
+        return steps[:0], values[:0]
+    part = slice(int(at[0]), int(at[-1]) + 1)
+    return steps[part], np.where(mask[part], values[part], np.nan)
+
+
+def _clipped(c: pd.DataFrame, name: str) -> bool:
+    """Whether a band of curve ``c`` (of metric ``name``) was clipped to the metric's range."""
+    low, high = _value_range(name)
+    lo, hi, mean = (c[k].to_numpy(dtype=float) for k in ("ci_low", "ci_high", "mean"))
+    return bool((((lo == low) & (mean > low)) | ((hi == high) & (mean < high))).any())
+
+
 def fig_learning_curves(res: ComparisonResult) -> Any:
     """Group learning curves: per arm mean ± CI band for each curve metric (no band where
-    fewer than three trials reach an epoch; bands clipped to the metric's range)."""
+    fewer than three trials reach an epoch; bands clipped to the metric's range).
+
+    Early stopping thins the arms at late epochs, and the few trials left (the slow ones)
+    move the mean: the mean is dashed where fewer than half of the arm's trials reach the
+    epoch and not drawn where fewer than ``_MIN_BAND_N`` do (an arm that never has as many
+    is drawn throughout); the legend gives each arm's n at its largest and at the last
+    epoch (``SN (n 20→3)``), and the title says what was left out or clipped."""
     if res.curves.empty:
         return None
     names = [n for n in CURVE_METRICS if n in set(res.curves["name"])]
     missing_bands = bool(res.curves["ci_low"].isna().any())
-    fig = _new_figure(4.2 * len(names), 3.0)
+    any_dashed = any_hidden = any_clipped = False
+    fig = _new_figure(4.2 * len(names), 3.3)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names, strict=True):
         for arm in ("SN", "none"):
             c = res.curves[(res.curves["name"] == name) & (res.curves["arm"] == arm)]
             if c.empty:
                 continue
-            ax.plot(
-                c["step"],
-                c["mean"],
-                color=ARM_COLORS[arm],
-                lw=1.8,
-                label=f"{arm} (n≤{int(c['n'].max())})",
-            )
+            steps, mean = c["step"].to_numpy(), c["mean"].to_numpy(dtype=float)
+            n = c["n"].to_numpy(dtype=int)
+            n_max = int(n.max())
+            shown = n >= min(_MIN_BAND_N, n_max)
+            solid = shown & (2 * n >= n_max)
+            dashed = shown & ~solid
+            # the dashed part starts at the solid point before it: one unbroken curve
+            joined = dashed | (solid & np.append(dashed[1:], False))
+            any_hidden |= not shown.all()
+            any_dashed |= bool(dashed.any())
+            any_clipped |= _clipped(c, name)
+            n_last = int(n[-1])  # at the last epoch any trial reached, drawn or not
+            label = f"{arm} (n={n_max})" if (n == n_max).all() else f"{arm} (n {n_max}→{n_last})"
+            ax.plot(*_masked_run(steps, mean, solid), color=ARM_COLORS[arm], lw=1.8, label=label)
+            if dashed.any():
+                ax.plot(*_masked_run(steps, mean, joined), color=ARM_COLORS[arm], lw=1.2, ls="--")
             ax.fill_between(
-                c["step"], c["ci_low"], c["ci_high"], color=ARM_COLORS[arm], alpha=0.2, lw=0
+                steps,
+                c["ci_low"],
+                c["ci_high"],
+                where=shown,
+                color=ARM_COLORS[arm],
+                alpha=0.2,
+                lw=0,
             )
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.25)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
+    caption = []
+    if any_dashed:
+        caption.append(
+            "dashed: fewer than half of the arm's trials reach the epoch (early stopping)"
+        )
+    if any_hidden:
+        caption.append(f"no mean nor band where fewer than {_MIN_BAND_N} trials remain")
+    elif missing_bands:
+        caption.append(f"no band below {_MIN_BAND_N} trials")
+    if any_clipped:
+        caption.append("bands clipped to the metric's range")
+    if caption:  # wrapped to the figure's width (about 13 characters an inch at 9 pt)
+        import textwrap
+
+        caption = textwrap.wrap("; ".join(caption), width=max(40, int(13 * 4.2 * len(names))))
     fig.suptitle(
-        f"{_plain(res.study)}: mean ± {_percent(res.confidence)} CI by arm"
-        + (f" (no band below {_MIN_BAND_N} trials)" if missing_bands else ""),
-        fontsize=10,
+        f"{_plain(res.study)}: mean ± {_percent(res.confidence)} CI by arm ({_trials_text(res)})"
+        + "".join(f"\n{line}" for line in caption),
+        fontsize=10 if not caption else 9,
     )
     fig.tight_layout()
     return fig
@@ -5239,8 +5416,8 @@ def fig_layer_sigma(res: ComparisonResult) -> Any:
     ax.set_ylabel("σ (largest singular value)", fontsize=8)
     ax.legend(fontsize=7)
     ax.set_title(
-        f"{_plain(res.study)}: per-layer σ (mean, {_percent(res.confidence)} CI from "
-        f"{_MIN_BAND_N} trials)",
+        f"{_plain(res.study)}: per-layer σ (mean, {_percent(res.confidence)} CI where "
+        f"n ≥ {_MIN_BAND_N})",
         fontsize=9,
     )
     fig.tight_layout()
@@ -5334,7 +5511,8 @@ def write_report(
     md = [
         f"# SN vs none: {_md_text(res.study)}",
         "",
-        f"Design: **{res.design}** · values: **{res.mode}** ({_MODE_TEXT[res.mode]}) · "
+        f"Design: **{res.design}** · trials: **{', '.join(res.statuses)}** · "
+        f"values: **{res.mode}** ({_MODE_TEXT[res.mode]}) · "
         f"{_ci_text(res._ci_tables(), res.confidence, res.seed)} · test: {res.test_name}",
         "",
         _MODES_NOTE,
@@ -5351,6 +5529,8 @@ def write_report(
         f"Holm's adjustment (p_holm < {1 - res.confidence:.2g}); — otherwise; n/a when there "
         "is no CI or no test (a single pair or value per arm, two constant arms, an arm "
         "without values: the notes say which, metric by metric).",
+        "",
+        _direction_note(res.headline),
     ]
     if not res.by_coeff.empty:
         shown = _headline_display(res.by_coeff, res.confidence)
