@@ -591,7 +591,8 @@ def test_the_fast_path_accepts_every_canonical_event() -> None:
         canonical() | {"timestamp": "2026-11-22 12:34:56Z"},
         canonical() | {"timestamp": "2026-11-22T12:34Z"},
         canonical() | {"timestamp": "2026-11-22T12:34:56"},  # no timezone
-        canonical() | {"timestamp": 1764000000},  # unix time: the models' lax reading
+        canonical() | {"timestamp": 1764000000},  # a Unix time: refused by both
+        canonical() | {"timestamp": "1764000000"},
         canonical() | {"timestamp": "9999-12-31T23:59:59-05:00"},  # overflows in UTC
         canonical(metric_value=1),  # an int where a float belongs: accepted as 1.0
         canonical(metric_value=True),
@@ -759,12 +760,10 @@ def test_a_metric_name_without_its_value_is_named_plainly(
 
 def test_an_empty_id_or_timestamp_given_is_validated_not_replaced() -> None:
     # make_event(id="") and timestamp="" were silently replaced by a new id and "now"
-    for field in ({"id": ""}, {"timestamp": ""}):
+    for field in ({"id": ""}, {"timestamp": ""}, {"timestamp": 0}):  # 0: not a Unix time
         with pytest.raises(EventValidationError) as info:
             E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, **field)
         assert [e.path for e in info.value.errors] == list(field)
-    ev = E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, timestamp=0)
-    assert ev.timestamp == datetime(1970, 1, 1, tzinfo=UTC)  # Unix time 0, as given
 
 
 def test_a_numpy_integer_in_a_typed_field_is_shown_as_what_it_is() -> None:
@@ -774,3 +773,73 @@ def test_a_numpy_integer_in_a_typed_field_is_shown_as_what_it_is() -> None:
             model_run_id="r", trial_id="t", step=np.int64(3), metric_name="a", metric_value=1.0
         )
     assert "payload.step: must be an integer (got np.int64(3))" in str(info.value)
+
+
+def _nested_lists(levels: int) -> list[Any]:
+    """``levels`` arrays one inside the other (as parsed JSON: Python's json reads them)."""
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("levels", [E._FREE_FORM_MAX_LEVELS + 1, 299, 480, 490, 980])
+def test_a_free_form_value_nested_too_deeply_is_one_clean_error_by_field(levels: int) -> None:
+    # metadata {"a": <levels - 1 arrays>} nests ``levels`` levels: it was a RecursionError
+    # (490 and more), or "cannot be written as JSON" with no field once validated
+    record = canonical("ml.trial.start", metadata={"a": _nested_lists(levels - 1)})
+    err = only_error(record)
+    assert (err.path, err.rule) == ("payload.metadata", "json_depth")
+    assert err.line() == (
+        f"payload.metadata: nested too deeply (more than {E._FREE_FORM_MAX_LEVELS} levels "
+        "of objects and arrays) [json_depth]"
+    )
+    with pytest.raises(EventValidationError) as info:  # the ingest fast path's models
+        E.validate_records([canonical(), record])
+    assert [(e.index, e.path, e.rule) for e in info.value.errors] == [
+        (1, "payload.metadata", "json_depth")
+    ]
+    with pytest.raises(EventValidationError) as info:  # a generic event's payload
+        E.make_event("system.note", deep=_nested_lists(levels - 1))
+    assert [(e.path, e.rule) for e in info.value.errors] == [("payload", "json_depth")]
+
+
+def test_a_free_form_value_at_the_depth_limit_is_accepted_and_can_be_written() -> None:
+    deep = {"a": _nested_lists(E._FREE_FORM_MAX_LEVELS - 1)}  # the limit, itself included
+    record = canonical("ml.trial.start", parameters=deep)
+    ev = E.validate_event(record)
+    assert E.dump_events([ev]) == [ev.to_json()]  # the store's writer takes it
+    assert E.validate_records([record])[0]["payload"]["parameters"] == deep
+
+
+@pytest.mark.parametrize(
+    "stamp", [5, 0, -1, 1700000000000, 5.5, True, "5", "-1", "1700000000000", "yesterday"]
+)
+def test_a_timestamp_must_be_date_time_text_not_a_unix_time(stamp: Any) -> None:
+    # numbers (and numeric text) were read as Unix times: 5 as 1970-01-01T00:00:05Z
+    record = canonical() | {"timestamp": stamp}
+    err = only_error(record)
+    assert err.line() == (
+        "timestamp: must be an RFC 3339 date-time string (e.g. 2026-11-22T12:34:56Z) "
+        f"(got {json.dumps(stamp)}) [datetime_type]"
+    )
+    assert E.fast_events([record]) is None
+    for validate in (E.validate_records, lambda r: E.validate_events_json(json.dumps(r))):
+        with pytest.raises(EventValidationError) as info:
+            validate([canonical(), record])
+        assert [(e.index, e.path, e.rule) for e in info.value.errors] == [
+            (1, "timestamp", "datetime_type")
+        ]
+    with pytest.raises(EventValidationError) as info:
+        E.trial_start(model_run_id="r", trial_id="t", spectral_norm=True, timestamp=stamp)
+    assert [(e.path, e.rule) for e in info.value.errors] == [("timestamp", "datetime_type")]
+
+
+def test_a_timestamp_as_a_datetime_or_date_time_text_is_still_read() -> None:
+    at = datetime(2026, 11, 22, 12, 34, 56, tzinfo=UTC)
+    for stamp in (at, "2026-11-22T12:34:56Z", "2026-11-22T13:34:56+01:00"):
+        assert E.validate_event(canonical() | {"timestamp": stamp}).timestamp == at
+        assert E.validate_records([canonical() | {"timestamp": stamp}])[0]["timestamp"] == at
+    assert only_error(canonical() | {"timestamp": "2026-11-22T12:34:56"}).rule == ("timezone_aware")
+    schema = E.event_json_schema()["$defs"]["RunMetricEvent"]["properties"]["timestamp"]
+    assert schema == {"format": "date-time", "title": "Timestamp", "type": "string"}

@@ -2650,3 +2650,160 @@ def test_a_json_lines_body_with_an_unreadable_line_names_every_broken_line(
     assert found[0][0] == 3 and found[0][1] == "payload.step"
     assert found[2][0] == 5 and found[2][1] == "name"
     assert store.counts()["events"] == 0
+
+
+@pytest.mark.parametrize("levels", [257, 300, 500, 980, 5000])
+def test_a_record_nested_too_deeply_is_a_422_naming_line_and_field_at_every_depth(
+    gw: AsgiClient, store: TrialStore, levels: int
+) -> None:
+    # 257-480 levels were refused only by the store's writer ("nested too deeply to
+    # store", [unstorable]) and 490-980 reached Python's recursion limit
+    good = study_events()[0].model_dump_json()
+    deep = _deep_record(levels - 1)  # metadata: levels - 1 objects around {}
+    for body, index, line in ((deep, 0, 1), (f"[{good},{deep}]", 1, None)):
+        resp = gw.post("/api/events/ml", content=body)
+        assert resp.status_code == 422, resp.text
+        assert_names_fields(resp)
+        [error] = resp.json()["errors"]
+        assert (error["index"], error["path"], error["rule"]) == (
+            index,
+            "payload.metadata",
+            "json_depth",
+        )
+        assert error.get("line") == line
+        assert error["message"] == (
+            "nested too deeply (more than 256 levels of objects and arrays)"
+        )
+    assert store.counts()["events"] == 0
+
+
+def test_a_misspelt_query_parameter_is_refused_not_ignored(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # ?model_run=myrun was ignored: the post was filed under the default run "cerebros"
+    seed = '{"event": "ml.trial.start", "trial_id": "t", "metadata": {"spectral_norm": true}}'
+    resp = gw.post("/api/events/ml?model_run=myrun", content=seed)
+    assert resp.status_code == 422, resp.text
+    assert_names_fields(resp)
+    assert resp.json()["errors"] == [
+        {
+            "index": None,
+            "path": "query.model_run",
+            "message": "unknown parameter (did you mean 'model_run_id'?); expected model_run_id",
+            "rule": "extra_forbidden",
+            "value": '"myrun"',
+        }
+    ]
+    assert store.counts()["events"] == 0
+    assert gw.post("/api/events/ml?model_run_id=myrun", content=seed).status_code == 202
+    for url, name, hint in (
+        ("/api/events?afer=5", "afer", "after"),
+        ("/api/events?after=0&limt=5", "limt", "limit"),
+        ("/api/trials?stauts=failed", "stauts", "status"),
+        ("/api/trials?spectral=true", "spectral", "spectral_norm"),
+        ("/api/trials/myrun/t/metrics?name=loss", "name", "names"),
+        ("/api/trials/my%2Frun/t/metrics?max_point=3", "max_point", "max_points"),
+    ):
+        resp = gw.get(url)
+        assert resp.status_code == 422, (url, resp.text)
+        assert_names_fields(resp)
+        [err] = resp.json()["errors"]
+        assert (err["path"], err["rule"]) == (f"query.{name}", "extra_forbidden"), url
+        assert err["message"].startswith(f"unknown parameter (did you mean '{hint}'?); expected ")
+    # a trial itself takes no parameter (names= asks for metrics: /metrics)
+    for url in ("/api/trials/myrun/t?names=loss", "/api/trials/my%2Frun/t?names=loss"):
+        resp = gw.get(url)
+        assert resp.status_code == 422, (url, resp.text)
+        [err] = resp.json()["errors"]
+        assert (err["path"], err["message"]) == (
+            "query.names",
+            "unknown parameter: this endpoint takes none",
+        )
+    for url in (
+        "/api/events?after=0&limit=5",
+        "/api/trials?status=running&spectral_norm=false&study=s&model_run_id=myrun",
+        "/api/trials/myrun/t",
+        "/api/trials/myrun/t/metrics?names=loss&max_points=3",
+        "/healthz?probe=1",  # liveness probes may add what they like
+    ):
+        assert gw.get(url).status_code == 200, url
+
+
+def test_a_refused_query_parameter_is_named_only_once_the_token_is_right(
+    store: TrialStore,
+) -> None:
+    app = create_app(store, token=TOKEN)
+    gw = AsgiClient(app)
+    try:
+        assert gw.get("/api/trials?stauts=failed").status_code == 401
+        assert gw.post("/api/events/ml?model_run=x", content=b"{}").status_code == 401
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        assert gw.get("/api/trials?stauts=failed", headers=auth).status_code == 422
+    finally:
+        gw.close()
+        app.state.writer.close()
+
+
+def test_an_empty_model_run_id_in_a_seed_post_is_a_422_not_the_default_run(
+    gw: AsgiClient, store: TrialStore
+) -> None:
+    # both were filed under the default run "cerebros"
+    for body, path in (
+        (
+            {
+                "event": "ml.run.start",
+                "trial_id": "t",
+                "metadata": {"spectral_norm": True, "model_run_id": ""},
+            },
+            "metadata.model_run_id",
+        ),
+        (
+            {"trials": [{"trial_id": "t", "status": "succeeded", "model_run_id": ""}]},
+            "trials[0].model_run_id",
+        ),
+    ):
+        resp = gw.post("/api/events/ml?model_run_id=myrun", content=json.dumps(body))
+        assert resp.status_code == 422, resp.text
+        [err] = resp.json()["errors"]
+        assert (err["index"], err["path"], err["rule"]) == (0, path, "string_too_short")
+        assert err["message"] == (
+            "must be 1 to 256 characters (an empty one is not replaced by the default run)"
+        )
+    canonical = json.loads(study_events()[0].model_dump_json())
+    canonical["payload"]["model_run_id"] = ""
+    resp = gw.post("/api/events/ml", content=json.dumps(canonical))
+    assert resp.status_code == 422 and resp.json()["errors"][0]["path"] == "payload.model_run_id"
+    assert store.counts()["events"] == 0
+
+
+@pytest.mark.parametrize("stamp", [5, -1, "5", 1700000000000, 0])
+def test_a_numeric_timestamp_is_a_422_not_a_unix_time(
+    gw: AsgiClient, store: TrialStore, stamp: Any
+) -> None:
+    # 5 was stored as 1970-01-01T00:00:05Z (and a seed post's 0 as the time of ingest)
+    canonical = json.loads(study_events()[0].model_dump_json()) | {"timestamp": stamp}
+    seed = {"event": "ml.trial.start", "trial_id": "t", "timestamp": stamp}
+    for body, index, path in (
+        (json.dumps(canonical), 0, "timestamp"),
+        (json.dumps([study_events()[1].model_dump(mode="json"), canonical]), 1, "timestamp"),
+        (json.dumps(seed), 0, "timestamp"),
+    ):
+        resp = gw.post("/api/events/ml", content=body)
+        assert resp.status_code == 422, resp.text
+        [err] = resp.json()["errors"]
+        assert (err["index"], err["path"], err["rule"]) == (index, path, "datetime_type")
+        assert err["message"] == "must be an RFC 3339 date-time string (e.g. 2026-11-22T12:34:56Z)"
+    assert store.counts()["events"] == 0
+
+
+def test_a_fractional_seed_duration_is_a_422_not_rounded(gw: AsgiClient, store: TrialStore) -> None:
+    body = {"trials": [{"trial_id": "t", "status": "succeeded", "duration_ms": 2.7}]}
+    resp = gw.post("/api/events/ml", content=json.dumps(body))
+    assert resp.status_code == 422, resp.text
+    [err] = resp.json()["errors"]
+    assert (err["path"], err["rule"], err["value"]) == (
+        "trials[0].duration_ms",
+        "int_from_float",
+        "2.7",
+    )
+    assert store.counts()["events"] == 0

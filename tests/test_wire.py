@@ -454,3 +454,127 @@ def test_a_record_nested_too_deeply_is_named_by_its_index_and_field() -> None:
         read_json_records(f'[{ok}, {{"x": "]}},"}}, {tricky}]')
     [err] = info.value.errors
     assert (err.index, err.path) == (2, "payload.k,")
+
+
+def _deep_line(levels: int, trial: str = "tdeep") -> str:
+    """A canonical trial.start on one line whose metadata.a nests ``levels`` arrays."""
+    return (
+        '{"id": "deep", "name": "ml.trial.start", "timestamp": "2026-11-22T12:00:00Z", '
+        f'"payload": {{"model_run_id": "r1", "trial_id": "{trial}", "spectral_norm": true, '
+        f'"metadata": {{"a": {"[" * levels}{"]" * levels}}}}}}}'
+    )
+
+
+@pytest.mark.parametrize("levels", [299, 480, 490, 980, 990, 5000])
+def test_a_json_lines_record_nested_too_deeply_is_named_by_line_and_field(levels: int) -> None:
+    # 490-980 levels were a RecursionError traceback, 299-480 "cannot be written as JSON"
+    # with no field, and from 990 on the line was "record 0"
+    with pytest.raises(EventValidationError) as info:
+        load_events(_deep_line(levels) + "\n", "deep.jsonl")
+    assert info.value.lines() == [
+        "deep.jsonl: line 1: payload.metadata: nested too deeply (more than 256 levels of "
+        "objects and arrays) [json_depth]"
+    ]
+
+
+@pytest.mark.parametrize("levels", [490, 5000])
+def test_a_deep_line_does_not_hide_the_other_lines_errors(levels: int) -> None:
+    bad = json.dumps({**SEED001_START, "event": "ml.nope"})
+    for text, deep_at, bad_at in (
+        (f"{_deep_line(levels)}\n{bad}\n", 1, 2),
+        (f"{json.dumps(SEED001_START)}\n{_deep_line(levels)}\n\n{bad}\n", 2, 4),
+    ):
+        with pytest.raises(EventValidationError) as info:
+            load_events(text, "deep.jsonl")
+        found = [(e.source_line, e.path, e.rule) for e in info.value.errors]
+        assert found == [
+            (deep_at, "payload.metadata", "json_depth"),
+            (bad_at, "event", "unknown_event"),
+        ]
+
+
+def _messages(records: list[Any]) -> list[str]:
+    with pytest.raises(EventValidationError) as info:
+        to_events(records)
+    return [e.line() for e in info.value.errors]
+
+
+_EMPTY_RUN = (
+    'must be 1 to 256 characters (an empty one is not replaced by the default run) (got "")'
+    " [string_too_short]"
+)
+
+
+@pytest.mark.parametrize(
+    ("record", "path"),
+    [
+        (
+            {
+                "event": "ml.run.start",
+                "trial_id": "t",
+                "metadata": {"spectral_norm": True, "model_run_id": ""},
+            },
+            "metadata.model_run_id",
+        ),
+        ({"event": "ml.trial.start", "trial_id": "t", "model_run_id": ""}, "model_run_id"),
+        (
+            {"trials": [{"trial_id": "t", "status": "succeeded", "model_run_id": ""}]},
+            "trials[0].model_run_id",
+        ),
+        ({"trials": [{"trial_id": "t", "status": "failed", "run_id": ""}]}, "trials[0].run_id"),
+        ({"run_id": "", "trials": [{"trial_id": "t", "status": "succeeded"}]}, "run_id"),
+        ({"model_run_id": "", "trials": [{"trial_id": "t", "status": "failed"}]}, "model_run_id"),
+    ],
+)
+def test_an_empty_model_run_id_in_a_seed_payload_is_refused_not_defaulted(
+    record: dict[str, Any], path: str
+) -> None:
+    # it was filed under the default run ("cerebros"), as if none had been given
+    assert _messages([SEED001_START, record]) == [f"record 1: {path}: {_EMPTY_RUN}"]
+
+
+def test_a_seed_run_id_given_as_null_is_none_given() -> None:
+    post = {**SEED001_METRIC, "model_run_id": None, "metadata": {"epoch": 1, "model_run_id": None}}
+    report = {"run_id": None, "trials": [{"trial_id": "t", "status": "failed", "run_id": None}]}
+    evs = to_events([post, report], default_model_run_id="exp-9")
+    assert [ev.payload.model_run_id for ev in evs] == ["exp-9", "exp-9"]
+
+
+@pytest.mark.parametrize("stamp", [5, 0, -1, "5", "1700000000000", 1700000000000, ""])
+def test_a_seed_timestamp_must_be_date_time_text_not_a_unix_time(stamp: Any) -> None:
+    # numbers were read as Unix times, and 0 or "" replaced by the time of ingest
+    got = f"(got {json.dumps(stamp)})"
+    for record, path in (
+        ({**SEED001_START, "timestamp": stamp}, "timestamp"),
+        ({**SEED001_START, "metadata": {"timestamp": stamp}}, "metadata.timestamp"),
+        (
+            {"trials": [{"trial_id": "t", "status": "succeeded", "timestamp": stamp}]},
+            "trials[0].timestamp",
+        ),
+    ):
+        [line] = _messages([record])
+        assert line.startswith(f"record 0: {path}: ")
+        assert line.endswith(f"{got} [datetime_type]")
+        assert "must be an RFC 3339 date-time string (e.g. 2026-11-22T12:34:56Z)" in line
+    ok = {**SEED001_START, "timestamp": "2026-11-22T12:00:00Z"}
+    assert to_events([ok])[0].timestamp.isoformat() == "2026-11-22T12:00:00+00:00"
+
+
+@pytest.mark.parametrize("duration", [1999.9, 2.7, 0.5, -0.5])
+def test_a_fractional_seed_duration_is_refused_not_rounded(duration: float) -> None:
+    # seed 001's measurements.duration_ms 1999.9 was stored as 2000, seed 002's 2.7 as 3;
+    # the seeds send whole milliseconds (45000), as a canonical event must
+    stop = {**SEED001_STOP, "measurements": {"duration_ms": duration}}
+    report = {"trials": [{"trial_id": "t", "status": "succeeded", "duration_ms": duration}]}
+    message = f"must be a whole number of milliseconds (got {duration}) [int_from_float]"
+    assert _messages([stop, report]) == [
+        f"record 0: measurements.duration_ms: {message}",
+        f"record 1: trials[0].duration_ms: {message}",
+    ]
+
+
+def test_a_whole_seed_duration_given_as_a_float_is_read_as_its_integer() -> None:
+    stop = {**SEED001_STOP, "measurements": {"duration_ms": 2000.0}}
+    report = {"trials": [{"trial_id": "t", "status": "succeeded", "duration_ms": 3.0}]}
+    got = [ev.payload.duration_ms for ev in to_events([stop, report])]
+    assert got == [2000, 3] and all(type(d) is int for d in got)

@@ -51,14 +51,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     StringConstraints,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
 from pydantic.types import AllowInfNan, Strict
-from pydantic_core import PydanticCustomError, PydanticSerializationError, to_json
+from pydantic_core import PydanticCustomError, PydanticSerializationError, core_schema, to_json
 
 from thunderline_lab.errors import ThunderlineLabError
 
@@ -160,10 +163,47 @@ def _utc_representable(ts: datetime) -> datetime:
     return ts
 
 
-Timestamp = Annotated[AwareDatetime, Field(strict=False), AfterValidator(_utc_representable)]
+class _DateTimeText:
+    """A timestamp's gate: a datetime, or text that begins as an RFC 3339 date does
+    (``2026-11-22``). The models read text laxly, and pydantic's lax reading also takes a
+    number or numeric text (``5``, ``"5"``, ``1700000000000``) as a Unix time, in seconds or
+    milliseconds by its size: a guess the schema (``format: date-time``) does not promise.
+    Checked in pydantic-core (no Python call per event); msgspec, the fast path's reader,
+    takes only RFC 3339 text already.
+    """
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        text = core_schema.str_schema(pattern=r"^[0-9]{4}-", strict=True)
+        gate = core_schema.json_or_python_schema(
+            json_schema=text,
+            python_schema=core_schema.union_schema(
+                [core_schema.is_instance_schema(datetime), text]
+            ),
+        )
+        return core_schema.chain_schema(
+            [core_schema.custom_error_schema(gate, "datetime_type"), handler(source)]
+        )
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(schema["steps"][1])  # the datetime's: a string, format date-time
+
+
+Timestamp = Annotated[
+    AwareDatetime, Field(strict=False), AfterValidator(_utc_representable), _DateTimeText()
+]
 
 _PLAIN_OR_FLOAT = frozenset((str, int, bool, float, type(None)))
 _IS_FLOAT = float.__instancecheck__
+# A free-form value may nest this many levels of objects and arrays, itself included:
+# pydantic's serializer (the store's writer) refuses a deeper one.
+_FREE_FORM_MAX_LEVELS = 256
+_NESTED_TOO_DEEPLY = (
+    f"nested too deeply (more than {_FREE_FORM_MAX_LEVELS} levels of objects and arrays)"
+)
 
 
 def _non_finite_at(value: Mapping[str, Any] | list[Any]) -> str | None:
@@ -182,7 +222,7 @@ def _non_finite_at(value: Mapping[str, Any] | list[Any]) -> str | None:
     return None
 
 
-def _plain_json(value: Any, np: Any, path: str = "") -> Any:
+def _plain_json(value: Any, np: Any, path: str = "", level: int = 1) -> Any:
     """``value`` with numpy's scalars as the Python numbers they hold (``np.int64(3)`` as 3,
     ``np.float32(0.1)`` as the float it is, ``np.bool_`` as bool), the same object when it
     holds none (``np``: the numpy module, None before it is imported: then none can exist).
@@ -192,7 +232,9 @@ def _plain_json(value: Any, np: Any, path: str = "") -> Any:
 
     Raises:
         PydanticCustomError: ``json_type`` where a value is none JSON can hold (a numpy
-            array, whose list is the caller's to say; an ``object()``), by its path.
+            array, whose list is the caller's to say; an ``object()``), by its path;
+            ``json_depth`` for objects and arrays nested more than ``_FREE_FORM_MAX_LEVELS``
+            levels (``level``: the level of ``value``), which the store could not write.
     """
     if np is not None and isinstance(value, np.generic | np.ndarray):
         if isinstance(value, np.ndarray):
@@ -204,10 +246,14 @@ def _plain_json(value: Any, np: Any, path: str = "") -> Any:
         if not isinstance(value, np.str_ | np.bytes_):
             return value.item()
     if isinstance(value, Mapping):
-        out = {k: _plain_json(v, np, f"{path}.{k}") for k, v in value.items()}
+        if level > _FREE_FORM_MAX_LEVELS:  # said of the field: a path inside is too long
+            raise PydanticCustomError("json_depth", _NESTED_TOO_DEEPLY)
+        out = {k: _plain_json(v, np, f"{path}.{k}", level + 1) for k, v in value.items()}
         return value if all(out[k] is v for k, v in value.items()) else out
     if isinstance(value, list | tuple):
-        items = [_plain_json(v, np, f"{path}[{i}]") for i, v in enumerate(value)]
+        if level > _FREE_FORM_MAX_LEVELS:
+            raise PydanticCustomError("json_depth", _NESTED_TOO_DEEPLY)
+        items = [_plain_json(v, np, f"{path}[{i}]", level + 1) for i, v in enumerate(value)]
         return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     if type(value) not in _PLAIN_OR_FLOAT:
         try:
@@ -618,6 +664,7 @@ _FRIENDLY = {
     "string_type": "must be a string",
     "dict_type": "must be an object",
     "timezone_aware": "must carry a timezone (e.g. 2026-11-22T12:34:56Z)",
+    "datetime_type": "must be an RFC 3339 date-time string (e.g. 2026-11-22T12:34:56Z)",
 }
 
 
@@ -663,7 +710,7 @@ def _details_from_pydantic(
         elif rule in _COMPARISONS:
             message = "must be " + err["msg"].removeprefix("Input should be ")
         value = err.get("input", _MISSING) if rule != "missing" else _MISSING
-        if rule in _AT_KEY and "where" in err.get("ctx", {}):
+        if rule == "json_depth" or (rule in _AT_KEY and "where" in err.get("ctx", {})):
             value = _MISSING  # the input is the whole map
         out.append(ErrorDetail(idx, path, value, rule, message))
     return out
@@ -847,6 +894,8 @@ def _fast_type(
             pass  # a datetime may be given as text
         elif isinstance(m, AfterValidator) and m.func in _RECHECKED_IN_PYTHON:
             pass
+        elif isinstance(m, _DateTimeText) and tp is AwareDatetime:
+            pass  # msgspec reads a datetime from RFC 3339 text alone (no number)
         else:
             raise TypeError(f"the fast path cannot translate {m!r} on {tp!r}")
     origin = get_origin(tp)
@@ -939,7 +988,8 @@ _ENVELOPE_KEYS = {name: tuple(cls.model_fields) for name, cls in _EVENT_CLASSES.
 
 
 # Free-form values (``metadata``, ``parameters``) nested deeper than this are left to the
-# models: their serializer stops at 255 levels, and msgspec's would write what they refuse.
+# models: they refuse more than _FREE_FORM_MAX_LEVELS (their serializer's limit), and
+# msgspec's encoder would write what they refuse.
 _FREE_FORM_DEPTH = 200
 
 

@@ -24,6 +24,9 @@ committed**::
     GET  /healthz                              liveness + last sequence number (no token)
     GET  /docs, /openapi.json                  OpenAPI (the request body schema included)
 
+A query parameter an endpoint does not take (``?model_run=NAME``), or one given twice, is
+a 422 naming it (``query.model_run``, with the closest parameter the endpoint takes).
+
 ``ids`` lists every event id of the request (new and duplicate alike): all of them are in
 the store when the answer arrives. Event ids are idempotency keys, so a client may resend a
 batch whose answer it never got.
@@ -101,7 +104,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from thunderline_lab.errors import GatewayError, StoreError
+from thunderline_lab.errors import GatewayError, StoreError, did_you_mean
 from thunderline_lab.events import (
     _MISSING,
     ErrorDetail,
@@ -170,6 +173,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_BATCH_EVENTS = 50_000
 MAX_PENDING_EVENTS = 400_000
 INGEST_PATH = "/api/events/ml"
+_INGEST_QUERY = ("model_run_id",)  # the query parameters of POST INGEST_PATH
 _INT64_MAX = 2**63 - 1
 _MAX_METRIC_POINTS = 10_000  # per curve of GET .../metrics: a bounded answer for any curve
 _MAX_METRIC_NAMES = 100
@@ -894,6 +898,38 @@ def _repeated_query_names(query: bytes) -> dict[str, list[str]]:
     return {name: values for name, values in seen.items() if len(values) > 1}
 
 
+def _unknown_query_names(query: bytes, known: Iterable[str]) -> list[ErrorDetail]:
+    """The parameters of a query string that an endpoint does not take, each named with the
+    closest one it does: a misspelt ``?model_run=x`` was ignored, and the events were filed
+    under the default run (``?stauts=failed`` listed every trial)."""
+    known = sorted(known)
+    expected = f"; expected {', '.join(known)}" if known else ": this endpoint takes none"
+    errors: list[ErrorDetail] = []
+    for name, value in urllib.parse.parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name not in known and all(e.path != f"query.{name}" for e in errors):
+            hint = did_you_mean(name, known)
+            message = f"unknown parameter{hint}{expected}"
+            errors.append(ErrorDetail(None, f"query.{name}", value, "extra_forbidden", message))
+    return errors
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a FastAPI endpoint declares (its own and its dependencies')."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def _check_query(scope: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Refuse (422) the query parameters the endpoint does not take, by name."""
+    query = scope.get("query_string", b"")
+    if query:
+        unknown = _unknown_query_names(query, known)
+        if unknown:
+            raise _Problem(422, f"{len(unknown)} invalid request parameter(s)", unknown)
+
+
 class _IngestFastPath:
     """ASGI middleware answering ``POST /api/events/ml`` directly (see :func:`create_app`)."""
 
@@ -1087,6 +1123,14 @@ def create_app(
     async def require_token(request: Request) -> None:
         check_token(dict(request.scope["headers"]))
 
+    async def known_query_only(request: Request) -> None:
+        """Refuse a query parameter the route does not declare (after the token check)."""
+        route = request.scope.get("route")
+        if request.scope.get("query_string") and route is not None:
+            _check_query(request.scope, _query_names(route.dependant))
+
+    api_dependencies = [Depends(require_token), Depends(known_query_only)]
+
     @app.exception_handler(_Problem)
     async def _on_problem(_request: Request, exc: _Problem) -> JSONResponse:
         return _problem_response(exc.status, exc.detail, exc.errors, exc.headers)
@@ -1237,6 +1281,7 @@ def create_app(
                     )
                 ],
             )
+        _check_query(scope, _INGEST_QUERY)
         default_run = run_id_from(scope.get("query_string", b""))
         body = await read_body(headers, receive)
         try:
@@ -1349,7 +1394,7 @@ def create_app(
         "/api/events",
         response_model=EventsPage,
         responses=read_responses,
-        dependencies=[Depends(require_token)],
+        dependencies=api_dependencies,
         openapi_extra=secured,
         summary="Logged events after a sequence",
     )
@@ -1366,7 +1411,7 @@ def create_app(
         "/api/trials",
         response_model=TrialsPage,
         responses=read_responses,
-        dependencies=[Depends(require_token)],
+        dependencies=api_dependencies,
         openapi_extra=secured,
         summary="Trials, optionally filtered",
     )
@@ -1447,6 +1492,8 @@ def create_app(
         run, trial = parts
         if metrics:
             return trial_metrics(run, trial, names, max_points)
+        # names= and max_points= are the metrics' (the route of encoded ids takes them)
+        _check_query(scope, ())
         return one_trial(run, trial)
 
     names_query = Query(
@@ -1465,7 +1512,7 @@ def create_app(
     @app.get(
         "/api/trials/{model_run_id}/{trial_id}",
         responses=read_responses,
-        dependencies=[Depends(require_token)],
+        dependencies=api_dependencies,
         openapi_extra=secured,
         summary="One trial",
     )
@@ -1476,7 +1523,7 @@ def create_app(
         "/api/trials/{model_run_id}/{trial_id}/metrics",
         response_model=MetricHistory,
         responses=read_responses,
-        dependencies=[Depends(require_token)],
+        dependencies=api_dependencies,
         openapi_extra=secured,
         summary="A trial's metric curves, downsampled (TrialStore.metric_history)",
     )
@@ -1493,7 +1540,7 @@ def create_app(
     @app.get(
         "/api/trials/{ids:path}",
         responses=read_responses,
-        dependencies=[Depends(require_token)],
+        dependencies=api_dependencies,
         openapi_extra=secured,
         include_in_schema=False,
     )

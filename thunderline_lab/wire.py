@@ -14,7 +14,7 @@ Attribution of seed 001 posts: they carry no ``model_run_id``. A post is attribu
 ``metadata.model_run_id`` (or a top-level ``model_run_id``) when present, else to the
 ``default_model_run_id`` the caller names (``thunderline-lab ingest --model-run NAME``, the
 gateway's ``?model_run_id=``), which defaults to ``"cerebros"``. Seed 002 reports use their
-``run_id`` the same way.
+``run_id`` the same way. An empty run id given is refused, not taken as none given.
 
 Translated events get deterministic ids (a UUID5 of the record's content), so posting the
 same payload twice is a harmless duplicate.
@@ -34,6 +34,7 @@ from typing import Any
 
 from thunderline_lab.events import (
     _MISSING,
+    _NESTED_TOO_DEEPLY,
     ML_EVENT_NAMES,
     ErrorDetail,
     Event,
@@ -142,7 +143,14 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         rows = [n for n, ln in enumerate(text.split("\n"), start=1) if ln.strip()]
         return JsonInput([doc], rows if len(rows) == 1 else None, [])
     except RecursionError:
-        raise EventValidationError(_depth_errors(text), source) from None
+        lines = [ln.removesuffix("\r") for ln in text.split("\n")]
+        rows = [n for n, ln in enumerate(lines, start=1) if ln.strip()]
+        if len(rows) == 1 or not any(_is_record_line(lines[n - 1]) for n in rows):
+            deep = _depth_errors(text)
+            if len(rows) == 1 and text.lstrip()[:1] == "{":  # one record: said by its line
+                deep = [e if e.index is None else replace(e, source_line=rows[0]) for e in deep]
+            raise EventValidationError(deep, source) from None
+        # JSON lines whose first record is nested too deeply: each line is read below
     except json.JSONDecodeError as whole_exc:
         # JSON lines are split on "\n" alone: str.splitlines would also split on U+2028
         # and other separators that JSON allows inside strings.
@@ -176,8 +184,9 @@ def read_json_records(text: str | bytes, source: str = "<input>") -> JsonInput:
         except json.JSONDecodeError as exc:
             message = f"invalid JSON: {exc.msg} (column {exc.colno})"
             errors.append(ErrorDetail(None, "", _MISSING, "json_invalid", message, lineno))
-        except RecursionError:
-            errors.append(ErrorDetail(None, "", _MISSING, "json_depth", _TOO_DEEP, lineno))
+        except RecursionError:  # named by its field, as the models name a line they read;
+            # no index: like a line that is not JSON, it is no record
+            errors += [replace(e, index=None, source_line=lineno) for e in _depth_errors(line)]
         except ValueError:  # an integer longer than int() reads: not a JSON syntax error
             errors += _long_number_line_errors(line, len(records), lineno)
     return JsonInput(records, numbers, errors)
@@ -280,15 +289,32 @@ def _is_record_line(line: str) -> bool:
     a line of a pretty-printed document hardly ever is)."""
     try:
         value = json.loads(line)
-    except (ValueError, RecursionError):
+    except ValueError:
         return False
+    except RecursionError:  # a record nested too deeply to read, if it closes on its line
+        return line.lstrip()[:1] in ("{", "[") and _closes(line)
     return isinstance(value, dict | list) and len(value) > 0
+
+
+def _closes(text: str) -> bool:
+    """Whether every object and array opened in ``text`` closes in it, none too early."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        tok = match.group()
+        if tok in ("{", "["):
+            depth += 1
+        elif tok in ("}", "]"):
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 _TOO_DEEP = "invalid JSON: nested too deeply"
 # A record nested deeper than this is refused by its index and field (slow path: only once
-# the body failed to parse for its depth); the store refuses free-form values nested more
-# than 255 levels anyway.
+# the body failed to parse for its depth). The field named then nests more than the 256
+# levels a free-form value may (events._FREE_FORM_MAX_LEVELS), which is what the error
+# says: the same words as the models' for a record Python could read.
 _MAX_RECORD_DEPTH = 300
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]')
 
@@ -330,7 +356,7 @@ def _depth_errors(text: str, limit: int = _MAX_RECORD_DEPTH) -> list[ErrorDetail
                             ".".join(keys[:2]) or "<event>",
                             _MISSING,
                             "json_depth",
-                            f"nested too deeply (more than {limit} levels of objects and arrays)",
+                            _NESTED_TOO_DEEPLY,
                         )
                     )
         elif tok in "}]":
@@ -483,6 +509,9 @@ def _bool_field(
 
 
 def _duration(errs: _Errors, value: Any, path: str) -> int | None:
+    """A seed's duration: whole milliseconds, given as an int or a whole float (2000.0); a
+    fraction is refused, not rounded (the seeds send whole ones, and rounding would change
+    the value without a word)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -491,14 +520,41 @@ def _duration(errs: _Errors, value: Any, path: str) -> int | None:
     if isinstance(value, float) and not math.isfinite(value):
         errs.add(path, value, "finite_number", "must be a finite number")
         return None
-    return round(value)
+    if isinstance(value, float) and not value.is_integer():
+        errs.add(path, value, "int_from_float", "must be a whole number of milliseconds")
+        return None
+    return int(value)
+
+
+def _given_run(errs: _Errors, value: Any, path: str) -> Any:
+    """A run id as a seed payload gives it (None: none given); an empty one is refused
+    rather than taken as none given (the post would be filed under the default run)."""
+    if value == "":
+        errs.add(
+            path,
+            value,
+            "string_too_short",
+            "must be 1 to 256 characters (an empty one is not replaced by the default run)",
+        )
+        return None
+    return value
+
+
+def _first_given(container: Mapping[str, Any], keys: Sequence[str]) -> tuple[str, Any]:
+    """The first of ``keys`` whose value ``container`` gives (not None), and that value;
+    else the last key and None."""
+    for key in keys:
+        if container.get(key) is not None:
+            return key, container[key]
+    return keys[-1], None
 
 
 def _envelope(name: str, payload: dict[str, Any], ev_id: str, timestamp: Any) -> dict[str, Any]:
     return {
         "id": ev_id,
         "name": name,
-        "timestamp": timestamp or utcnow(),
+        # only None means "now": a timestamp given (0, "") is validated, and refused
+        "timestamp": utcnow() if timestamp is None else timestamp,
         "source": "cerebros",
         "payload": payload,
     }
@@ -537,8 +593,15 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
         raise EventValidationError(errs.items)
     meta = dict(metadata)
     meas = dict(measurements)
-    own_run = meta.pop("model_run_id", None) or rec.get("model_run_id")
-    payload: dict[str, Any] = {"model_run_id": own_run or default_run, "trial_id": trial_id}
+    own_run = meta.pop("model_run_id", None)
+    if own_run is not None:
+        own_run = _given_run(errs, own_run, "metadata.model_run_id")
+    else:
+        own_run = _given_run(errs, rec.get("model_run_id"), "model_run_id")
+    payload: dict[str, Any] = {
+        "model_run_id": default_run if own_run is None else own_run,
+        "trial_id": trial_id,
+    }
     # A post that names no run of its own is told apart by the run it is ingested into
     # (every Cerebros run has a trial_0); the default run keeps the unsalted id, so logs
     # ingested before stay idempotent.
@@ -607,7 +670,7 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
             str(name),
             payload,
             rec.get("id") or _event_id(rec, salt),
-            rec.get("timestamp") or meta.get("timestamp"),
+            rec["timestamp"] if rec.get("timestamp") is not None else meta.get("timestamp"),
         )
     ]
 
@@ -628,7 +691,7 @@ def seed_field_path(rec: Any, j: int, path: str) -> str:
     raw_meta = rec.get("metadata")
     meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
     if path == "timestamp":
-        return "timestamp" if rec.get("timestamp") else "metadata.timestamp"
+        return "timestamp" if rec.get("timestamp") is not None else "metadata.timestamp"
     if path == "payload":  # the payload as a whole: what it measured, or said
         return "measurements" if rec.get("event") == "ml.run.metric" else "metadata"
     if not path.startswith("payload."):
@@ -659,7 +722,10 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         raise EventValidationError(
             [ErrorDetail(index, "trials", trials, "list_type", "must be a list of trial reports")]
         )
-    top_run = rec.get("run_id") or rec.get("model_run_id") or default_run
+    top_key, given_top = _first_given(rec, ("run_id", "model_run_id"))
+    top_run = _given_run(errs, given_top, top_key)
+    if top_run is None:
+        top_run = default_run
     _unknown_fields(errs, rec, _SEED002_REPORT_FIELDS, "")
     out: list[dict[str, Any]] = []
     position: list[int] = []  # each event's trial in the report
@@ -675,6 +741,8 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
         # unknown status also has its other faults named (one line per broken rule)
         sn = _bool_field(errs, t, "spectral_norm", f"{base}.spectral_norm", False)
         duration = _duration(errs, t.get("duration_ms"), f"{base}.duration_ms")
+        run_key, given_run = _first_given(t, ("run_id", "model_run_id"))
+        run = _given_run(errs, given_run, f"{base}.{run_key}")
         raw_status = t.get("status")
         status = _STATUS.get(str(raw_status).lower()) if isinstance(raw_status, str) else None
         if status is None:
@@ -686,7 +754,7 @@ def _from_seed002(rec: Mapping[str, Any], index: int | None, default_run: str) -
             )
             continue
         payload: dict[str, Any] = {
-            "model_run_id": t.get("run_id") or t.get("model_run_id") or top_run,
+            "model_run_id": top_run if run is None else run,
             "trial_id": t.get("trial_id"),
             "spectral_norm": sn,
             "mlflow_run_id": t.get("mlflow_run_id"),
