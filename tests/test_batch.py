@@ -750,7 +750,10 @@ def test_a_study_run_through_a_gateway_reports_there_and_reads_its_results_back(
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("127.0.0.1:8765", "expected an http:// or https:// URL with a host"),
+        (
+            "127.0.0.1:8765",
+            "-p gateway (or --gateway): bad gateway URL '127.0.0.1:8765': it needs http://",
+        ),
         ("http://127.0.0.1:{port}", "Connection refused"),
     ],
 )
