@@ -578,3 +578,11 @@ def test_a_whole_seed_duration_given_as_a_float_is_read_as_its_integer() -> None
     report = {"trials": [{"trial_id": "t", "status": "succeeded", "duration_ms": 3.0}]}
     got = [ev.payload.duration_ms for ev in to_events([stop, report])]
     assert got == [2000, 3] and all(type(d) is int for d in got)
+
+
+def test_an_empty_id_in_a_seed_post_is_refused_not_replaced() -> None:
+    # an empty id was replaced by a generated one, as if none had been given
+    (message,) = _messages([{**SEED001_START, "id": ""}])
+    assert message.startswith("record 0: id: ")
+    evs = to_events([{**SEED001_START, "id": None}])  # null: none given, one is made
+    assert evs[0].id

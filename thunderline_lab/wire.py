@@ -669,7 +669,7 @@ def _from_seed001(rec: Mapping[str, Any], index: int | None, default_run: str) -
         _envelope(
             str(name),
             payload,
-            rec.get("id") or _event_id(rec, salt),
+            rec["id"] if rec.get("id") is not None else _event_id(rec, salt),
             rec["timestamp"] if rec.get("timestamp") is not None else meta.get("timestamp"),
         )
     ]
