@@ -1040,14 +1040,21 @@ def test_unknown_metrics_are_noted_and_unknown_studies_refused(
         compare_study(TrialStore(":memory:"), "missing")
 
 
-def test_multiple_coefficients_get_their_own_rows() -> None:
+def _coeff_store(n_pairs: int, coeffs: tuple[float, float]) -> TrialStore:
+    """Each pair: a none trial (acc 0.8) and two SN trials, acc 0.82 at ``coeffs[0]`` and
+    0.78 at ``coeffs[1]``."""
     store = TrialStore(":memory:")
     evs = []
-    for i in range(8):
+    for i in range(n_pairs):
         evs += _trial(3 * i, False, {"acc": 0.8}, pair=f"p{i}")
-        evs += _trial(3 * i + 1, True, {"acc": 0.82}, pair=f"p{i}", coeff=1.0)
-        evs += _trial(3 * i + 2, True, {"acc": 0.78}, pair=f"p{i}", coeff=4.0)
+        evs += _trial(3 * i + 1, True, {"acc": 0.82}, pair=f"p{i}", coeff=coeffs[0])
+        evs += _trial(3 * i + 2, True, {"acc": 0.78}, pair=f"p{i}", coeff=coeffs[1])
     store.append(evs)
+    return store
+
+
+def test_multiple_coefficients_get_their_own_rows() -> None:
+    store = _coeff_store(8, (1.0, 4.0))
     res = compare_study(store, STUDY, metrics=["acc"], details=False)
     assert res.headline.loc[0, "diff"] == pytest.approx(0.0)  # SN arm: mean within each pair
     by = res.by_coeff.set_index("coeff")["diff"]
@@ -3498,13 +3505,7 @@ def test_difference_figure_keeps_zero_inside_and_its_key_off_the_bars() -> None:
 
 
 def test_coefficient_groups_are_labelled_half_open_with_three_digits() -> None:
-    store = TrialStore(":memory:")
-    evs = []
-    for i in range(4):
-        evs += _trial(3 * i, False, {"acc": 0.8}, pair=f"p{i}")
-        evs += _trial(3 * i + 1, True, {"acc": 0.82}, pair=f"p{i}", coeff=0.586854)
-        evs += _trial(3 * i + 2, True, {"acc": 0.78}, pair=f"p{i}", coeff=1.234567)
-    store.append(evs)
+    store = _coeff_store(4, (0.586854, 1.234567))
     res = compare_study(store, STUDY, metrics=["acc"], details=False)
     assert res.by_coeff["coeff_range"].tolist() == ["0.587", "1.23"]
     store = TrialStore(":memory:")
